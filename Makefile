@@ -1,0 +1,28 @@
+# Two commands for a fresh machine (see README):
+#   make run    set up, then build the embedded default dataset (python -m flows.multimodal)
+#   make test   set up, then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+
+.PHONY: setup run run-aerial test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(PY) -m flows.multimodal
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/bench_postprocess.py
+
+clean:
+	rm -rf output bench_out .prefect

@@ -1,0 +1,1 @@
+"""Prefect flows: one module per dataset kind, each runnable with python -m flows.<name>."""

@@ -1,0 +1,224 @@
+"""MMEarth multimodal dataset flow.
+
+Stages: sample tiles -> fetch a stack per tile -> pack partitions (parallel:
+read, convert, compress, statistics) -> assemble NAME.h5 (one writer) ->
+band statistics, splits, tile_info -> report.
+
+Local run on the embedded default (synthetic source, shipped regions)::
+
+    python -m flows.multimodal
+    python -m flows.multimodal --config mmearth64 --set n_tiles=500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+
+from tasks.common.atomic import remove_partials
+from tasks.common.report import RunReport, tiles_map_png
+from tasks.common.runtime import local_prefect_server, make_task_runner
+from tasks.multimodal import convert, stacks, tiles as tiles_mod
+from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
+from tasks.multimodal.sources import make_source
+from tasks.multimodal.tasks import assemble_h5_task, fetch_batch_task, pack_partition_task
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+class _Progress:
+    """Progress line in the terminal/logs plus a Prefect progress artifact."""
+
+    def __init__(self, logger, stage: str, total: int):
+        self.logger, self.stage, self.total, self.done = logger, stage, max(total, 1), 0
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.artifact = create_progress_artifact(0.0, description=f"{stage}: 0/{total}")
+
+    def advance(self, n: int, extra: str = "") -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= 1.0 or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            self.logger.info("%s: %d/%d (%.0f%%, %.1f/s) %s", self.stage, self.done, self.total,
+                             100.0 * self.done / self.total, rate, extra)
+            update_progress_artifact(self.artifact, 100.0 * self.done / self.total,
+                                     description=f"{self.stage}: {self.done}/{self.total}")
+
+
+@flow(name="multimodal", task_runner=make_task_runner(), log_prints=True)
+def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, Any]:
+    """Build an MMEarth-compatible dataset into ``config.output_dir/config.name``."""
+    logger = get_run_logger()
+    out = config.dataset_dir
+    paths = stacks.dataset_paths(out)
+    for p in paths.values():
+        p.mkdir(parents=True, exist_ok=True)
+    for folder in (out, paths["tiles"], paths["tile_info"], paths["parts"]):
+        remove_partials(folder)
+    report = RunReport(title=f"multimodal dataset {config.name}")
+
+    # 1. tiles -------------------------------------------------------------
+    regions_path = Path(config.regions) if config.regions else tiles_mod.DEFAULT_REGIONS
+    regions, skipped_regions = tiles_mod.load_regions(regions_path)
+    for r in skipped_regions:
+        report.notes.append(f"region {r} skipped: its biome is not sampled by MMEarth")
+    eco_index = tiles_mod.eco_region_index(regions, config.eco_labels)
+    tiles_path = out / f"{config.name}_tiles.geojson"
+    if config.tiles_geojson:
+        tiles = tiles_mod.read_tiles_geojson(config.tiles_geojson)
+        missing = sorted({t.eco_region for t in tiles} - set(eco_index))
+        if missing:
+            raise ValueError(f"{config.tiles_geojson}: ecoregion(s) {missing[:5]} have no index; "
+                             "pass eco_labels with a {name: index} mapping")
+    else:
+        tiles = tiles_mod.sample_tiles(regions, eco_index, config.n_tiles, config.sampling_mode,
+                                       tile_size_m=config.tile_size_m, seed=config.seed, batch=config.batch)
+    tiles_mod.write_tiles_geojson(tiles, tiles_path)
+    logger.info("%d tiles -> %s", len(tiles), tiles_path)
+    report.counts["tiles sampled"] = len(tiles)
+
+    # 2. stacks ------------------------------------------------------------
+    source = make_source(config.source, config.source_options, eco_index)
+    source.check()
+    fetch = fetch_batch_task.with_options(retries=config.fetch_retries)
+    batches = _chunks(tiles, config.fetch_batch_size)
+    futures = {fetch.submit(b, source, str(out), config.stack_compress): b for b in batches}
+    progress = _Progress(logger, "stacks", len(tiles))
+    reasons: dict[str, str] = {}
+    for fut in as_completed(list(futures)):
+        batch = futures[fut]
+        try:
+            for o in fut.result():
+                if o.status == "failed":
+                    reasons[o.tile_id] = o.reason
+        except Exception as exc:  # retries exhausted: the batch's unfinished tiles fail
+            for t in batch:
+                reasons.setdefault(t.tile_id, f"{type(exc).__name__}: {exc}")
+        progress.advance(len(batch))
+    states = stacks.scan_tiles(tiles, source, out)
+    done_ids = [t.tile_id for t in tiles if states[t.tile_id] == "done"]
+    no_data = [tid for tid, s in states.items() if s == "no_data"]
+    failed = [tid for tid, s in states.items() if s == "missing"]
+    for tid in failed:
+        report.problem(tid, "fetch", reasons.get(tid, "stack missing after fetching"))
+    tile_info = stacks.load_tile_info([t.tile_id for t in tiles], out)
+    for tid in no_data:
+        report.problem(tid, "fetch", f"no data: {tile_info.get(tid, {}).get('NO_DATA_REASON', '')}")
+    report.counts.update({"stacks done": len(done_ids), "no data": len(no_data), "fetch failed": len(failed)})
+
+    # 3. pack partitions (parallel) and assemble the h5 (one writer) ------
+    compression = convert.Compression(config.compression_codec, config.compression_level)
+    specs = convert.make_partitions(done_ids, config.part_size)
+    pack_futs = [
+        pack_partition_task.submit(spec, str(paths["tiles"]), {t: tile_info[t] for t in spec.tile_ids},
+                                   str(paths["parts"]), config.image_size, compression)
+        for spec in specs
+    ]
+    progress = _Progress(logger, "pack", len(done_ids))
+    parts: list[convert.PartResult] = []
+    spec_of = dict(zip(pack_futs, specs))
+    for fut in as_completed(pack_futs):
+        spec = spec_of[fut]
+        try:
+            parts.append(fut.result())
+        except Exception as exc:
+            for tid in spec.tile_ids:
+                report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
+        progress.advance(len(spec.tile_ids))
+    parts.sort(key=lambda p: p.index)
+    for p in parts:
+        for tid, reason in p.problems.items():
+            report.problem(tid, "convert", reason)
+    keep = {Path(p.path).name for p in parts}
+    for stale in paths["parts"].glob("part_*.npz"):
+        if stale.name not in keep:
+            stale.unlink()
+
+    h5_path = out / f"{config.name}.h5"
+    manifest = paths["parts"].parent / "h5_manifest.json"
+    keys = [convert.read_part_key(p.path) for p in parts] + [f"size={config.image_size}"]
+    if convert.h5_is_current(h5_path, manifest, keys):
+        n_rows = sum(p.n_rows for p in parts)
+        logger.info("%s is up to date (%d rows); not rewritten", h5_path, n_rows)
+    else:
+        n_rows = assemble_h5_task(parts, str(h5_path), config.image_size, compression)
+        convert.write_manifest(h5_path, manifest, keys)
+
+    # 4. statistics, splits, tile_info ------------------------------------
+    band_stats, empty_keys = convert.merge_part_stats(parts).band_stats()
+    for k in empty_keys:
+        report.notes.append(f"band_stats[{k}] is NaN: no tile with valid values of this kind")
+    splits = convert.make_splits(n_rows, config.split_fractions, config.split_seed)
+    files = convert.write_dataset_jsons(out, config.name, tile_info, band_stats, splits)
+    report.counts.update({"rows in h5": n_rows, "convert failed": sum(len(p.problems) for p in parts),
+                          "train": len(splits["train"]), "val": len(splits["val"]), "test": len(splits["test"])})
+    report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(tiles_path)})
+
+    # 5. report --------------------------------------------------------------
+    png = tiles_map_png([(t.lon, t.lat, t.biome) for t in tiles], [r.geometry for r in regions],
+                        title=f"{config.name}: {len(tiles)} tiles")
+    report.write(out, png)
+    report.publish(key=config.name.replace("_", "-").lower(), map_png=png)
+    logger.info("dataset %s: %s", out, json.dumps(report.counts))
+    return {"dataset_dir": str(out), **report.to_dict()}
+
+
+# --------------------------------------------------------------------------
+# Local entry point
+# --------------------------------------------------------------------------
+def _parse_value(v: str) -> Any:
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
+    ap = argparse.ArgumentParser(prog="python -m flows.multimodal", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="default", choices=sorted(CONFIGS), help="named configuration")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field (VALUE parsed as JSON when possible), e.g. n_tiles=500 or dask.n_workers=4")
+    args = ap.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        if "=" not in item:
+            ap.error(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        node = overrides
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = _parse_value(value)
+    return get_config(args.config, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    with local_prefect_server() as server:
+        print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
+        runner = make_task_runner(config.dask.to_runtime())
+        result = multimodal_flow.with_options(task_runner=runner)(config=config)
+    counts = result["counts"]
+    print(f"\nDataset written to {result['dataset_dir']}")
+    for k, v in counts.items():
+        print(f"  {k:>16}: {v}")
+    if result["problems"]:
+        print(f"  {len(result['problems'])} problem(s); see {Path(result['dataset_dir']) / 'report.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Domain code of the dataset factory: plain functions plus thin Prefect task wrappers."""

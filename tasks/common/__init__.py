@@ -1,0 +1,1 @@
+"""What both flows use: runtime (Prefect server, Dask), atomic writes, reports."""

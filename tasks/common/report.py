@@ -1,0 +1,119 @@
+"""Run reports: a counts table, a list of problems, a PNG map, Prefect artifacts.
+
+The report is written to the output folder as JSON (``report.json``), so
+it is there for local runs and for users without the UI, and published as
+Prefect artifacts (table + markdown with the map) when running in a flow.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tasks.common.atomic import write_bytes_atomic, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunReport:
+    title: str
+    counts: dict[str, int] = field(default_factory=dict)
+    problems: list[dict[str, str]] = field(default_factory=list)  # {"item", "stage", "reason"}
+    notes: list[str] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def problem(self, item: str, stage: str, reason: str) -> None:
+        self.problems.append({"item": item, "stage": stage, "reason": reason})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"title": self.title, "counts": self.counts, "problems": self.problems,
+                "notes": self.notes, "outputs": self.outputs}
+
+    def table_rows(self) -> list[dict[str, Any]]:
+        return [{"what": k, "count": v} for k, v in self.counts.items()]
+
+    def markdown(self, map_png: bytes | None = None, max_problems: int = 200) -> str:
+        lines = [f"# {self.title}", "", "| what | count |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in self.counts.items()]
+        if self.notes:
+            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
+        if self.problems:
+            lines += ["", f"## Problems ({len(self.problems)})", "", "| item | stage | reason |", "|---|---|---|"]
+            for p in self.problems[:max_problems]:
+                reason = p["reason"].replace("|", "\\|").replace("\n", " ")
+                lines.append(f"| {p['item']} | {p['stage']} | {reason} |")
+            if len(self.problems) > max_problems:
+                lines.append(f"| ... | | {len(self.problems) - max_problems} more in report.json |")
+        if self.outputs:
+            lines += ["", "## Outputs", ""] + [f"- {k}: `{v}`" for k, v in self.outputs.items()]
+        if map_png:
+            b64 = base64.b64encode(map_png).decode()
+            lines += ["", "## Map", "", f"![map of the tiles](data:image/png;base64,{b64})"]
+        return "\n".join(lines)
+
+    def write(self, folder: Path, map_png: bytes | None = None) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        if map_png:
+            write_bytes_atomic(folder / "tiles_map.png", map_png)
+            self.outputs.setdefault("map", str(folder / "tiles_map.png"))
+        write_json_atomic(folder / "report.json", self.to_dict(), indent=1)
+        return folder / "report.json"
+
+    def publish(self, key: str, map_png: bytes | None = None) -> None:
+        """Create the Prefect artifacts (no-op outside a flow run)."""
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.context import FlowRunContext
+
+        if FlowRunContext.get() is None:
+            return
+        create_table_artifact(self.table_rows(), key=f"{key}-counts", description=self.title)
+        if self.problems:
+            create_table_artifact(self.problems[:1000], key=f"{key}-problems",
+                                  description=f"{len(self.problems)} problem(s)")
+        create_markdown_artifact(self.markdown(map_png), key=f"{key}-report", description=self.title)
+
+
+def tiles_map_png(
+    points: Sequence[tuple[float, float, str]],
+    regions: Iterable[Any] = (),
+    title: str = "",
+) -> bytes:
+    """PNG of tile centres (lon, lat, label) over region outlines (shapely geometries)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=100)
+    try:
+        for geom in regions:
+            polys = getattr(geom, "geoms", [geom])
+            for p in polys:
+                x, y = p.exterior.xy
+                ax.fill(x, y, color="#dddddd", edgecolor="#888888", linewidth=0.6)
+        labels = sorted({p[2] for p in points})
+        cmap = plt.get_cmap("tab20", max(len(labels), 1))
+        for i, lab in enumerate(labels):
+            xs = [p[0] for p in points if p[2] == lab]
+            ys = [p[1] for p in points if p[2] == lab]
+            ax.scatter(xs, ys, s=9, color=cmap(i), label=f"{lab} ({len(xs)})", zorder=3)
+        ax.set_xlim(-180, 180)
+        ax.set_ylim(-90, 90)
+        ax.set_aspect("equal")
+        ax.grid(True, linewidth=0.3)
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+        ax.set_title(title or f"{len(points)} tiles")
+        if labels:
+            ax.legend(fontsize=6, loc="lower left", framealpha=0.8)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", bbox_inches="tight")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)

@@ -1,0 +1,1 @@
+"""MMEarth-style multimodal Earth-observation dataset: tiles, stacks, HDF5 packing."""

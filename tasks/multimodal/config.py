@@ -1,0 +1,89 @@
+"""Configuration of the multimodal flow, with named presets (as hloc's confs).
+
+A :class:`MultimodalConfig` is the single parameter of the flow, so the
+Prefect UI renders it as a form and deployments store it as JSON. Named
+presets live in :data:`CONFIGS`; ``python -m flows.multimodal --config NAME``
+picks one and ``--set key=value`` overrides fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+from tasks.multimodal import schema
+
+
+class DaskSettings(BaseModel):
+    """Where tasks run (see tasks.common.runtime.DaskConfig)."""
+
+    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
+    adapt_kwargs: dict[str, Any] | None = None
+    n_workers: int | None = Field(None, description="local workers (default: CPU count)")
+    threads_per_worker: int = 1
+    memory_limit: str | None = None
+    gpus_per_worker: int | None = Field(None, description="Dask GPU resource per worker (default: detect)")
+
+    def to_runtime(self):
+        from tasks.common.runtime import DaskConfig
+
+        return DaskConfig(**self.model_dump())
+
+
+class MultimodalConfig(BaseModel):
+    """Everything the MMEarth flow needs to build one dataset."""
+
+    name: str = Field("data_embedded_v001", description="dataset name; must start with data_")
+    output_dir: str = Field("output", description="parent folder; the dataset goes to OUTPUT_DIR/NAME")
+    # tiles
+    regions: str | None = Field(None, description="ecoregion polygons GeoJSON (default: the embedded regions)")
+    eco_labels: str | None = Field(None, description="{ecoregion name: index} JSON (default: derived from the regions)")
+    tiles_geojson: str | None = Field(None, description="use this tiles GeoJSON instead of sampling")
+    n_tiles: int = Field(256, ge=1)
+    sampling_mode: Literal[0, 1, 2] = Field(0, description="0: biome equal, ecoregion by area; 1: biome equal, ecoregion equal; 2: ecoregion equal")
+    tile_size_m: float = Field(1300.0, gt=0)
+    seed: int = 0
+    batch: int = 0
+    # stacks
+    source: Literal["synthetic"] = "synthetic"
+    source_options: dict[str, Any] = Field(default_factory=dict)
+    fetch_batch_size: int = Field(16, ge=1, description="tiles per fetch task")
+    fetch_retries: int = Field(3, ge=0)
+    stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
+    # post-processing
+    image_size: int = Field(128, ge=8, description="128, or 64 for the MMEarth64 variant")
+    part_size: int = Field(64, ge=1, description="tiles per packing partition")
+    compression_codec: Literal["isal", "zlib"] = "isal"
+    compression_level: int = Field(1, ge=0, le=9)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_seed: int = 42
+    dask: DaskSettings = Field(default_factory=DaskSettings)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        return schema.check_dataset_name(v)
+
+    @property
+    def dataset_dir(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    # The embedded default: synthetic source over the shipped regions.
+    "default": {},
+    # MMEarth64: 64 px images.
+    "mmearth64": {"name": "data_embedded_v001_64", "image_size": 64},
+    # A few tiles, for a quick look.
+    "smoke": {"name": "data_smoke", "n_tiles": 24, "fetch_batch_size": 4, "part_size": 8},
+}
+
+
+def get_config(name: str = "default", **overrides: Any) -> MultimodalConfig:
+    if name not in CONFIGS:
+        raise KeyError(f"unknown configuration {name!r}; choose one of {sorted(CONFIGS)}")
+    return MultimodalConfig(**{**CONFIGS[name], **overrides})

@@ -1,0 +1,399 @@
+"""Post-processing: GeoTIFF stacks -> ``NAME.h5`` rows, statistics and splits.
+
+Streaming and parallel in two steps:
+
+1. :func:`pack_partition` (runs on any Dask worker, one contiguous slice of
+   the tile list): read each stack once, centre-crop, map bands to the h5
+   datasets, gzip-compress every row as one HDF5 chunk, and update mergeable
+   statistics. Writes ``work/parts/part_NNNNN.npz`` (compressed chunks,
+   offsets, tile ids, per-tile problems, statistics) atomically. A part whose
+   inputs did not change (same tiles, same stack files, same tile_info, same
+   settings) is re-used by later runs.
+2. :func:`assemble_h5` (one writer): creates ``NAME.h5`` with the exact schema
+   and appends every part's pre-compressed chunks with
+   ``write_direct_chunk``, so compression ran on all workers and the writer
+   only copies bytes. Memory is bounded by one part, whatever N is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from tasks.common.atomic import atomic_path, write_json_atomic
+from tasks.multimodal import schema
+from tasks.multimodal.schema import H5_DATASETS, METADATA_DTYPE, N_BIOMES, N_ECOREGIONS
+from tasks.multimodal.sources.base import StackReadError, read_stack
+from tasks.multimodal.stats import StatsAccumulator
+
+log = logging.getLogger(__name__)
+
+PART_FORMAT = 3  # bump when the part content changes, so old parts are stale
+
+try:  # ISA-L deflate: zlib-compatible streams, ~10x faster than zlib level 4
+    from isal import isal_zlib as _isal_zlib
+except ImportError:  # pragma: no cover - isal is a declared dependency
+    _isal_zlib = None
+
+
+@dataclass(frozen=True)
+class Compression:
+    """How chunks are gzip(deflate)-compressed. Any codec yields standard zlib
+    streams that HDF5's gzip filter (and so every reader) decodes."""
+
+    codec: str = "isal"  # "isal" or "zlib"
+    level: int = 1  # isal: 0..3, zlib: 1..9
+
+    def compressor(self):
+        if self.codec == "isal" and _isal_zlib is not None:
+            level = min(max(self.level, 0), 3)
+            return lambda b: _isal_zlib.compress(b, level)
+        level = min(max(self.level, 1), 9)
+        return lambda b: zlib.compress(b, level)
+
+    @property
+    def h5_level(self) -> int:
+        """compression_opts recorded in the file (informational for readers)."""
+        return min(max(self.level, 1), 9)
+
+
+class TileProblem(Exception):
+    """A stack that does not match its tile_info; reported, never silently dropped."""
+
+
+# --------------------------------------------------------------------------
+# One tile
+# --------------------------------------------------------------------------
+def _centre_crop(data: np.ndarray, size: int) -> np.ndarray:
+    _, h, w = data.shape
+    if h < size or w < size:
+        raise TileProblem(f"stack is {h}x{w} pixels, smaller than the image size {size}")
+    y0, x0 = (h - size) // 2, (w - size) // 2
+    return data[:, y0:y0 + size, x0:x0 + size]
+
+
+def _to_dtype(x: np.ndarray, dtype: np.dtype, fill: float | int) -> np.ndarray:
+    """Cast float pixels to ``dtype``: NaN -> ``fill``; integers rounded and clipped."""
+    nan = np.isnan(x)
+    if dtype.kind == "f":
+        out = x.astype(dtype)
+        if nan.any():
+            out[nan] = fill
+        return out
+    info = np.iinfo(dtype)
+    out = np.clip(np.rint(np.where(nan, 0, x)), info.min, info.max).astype(dtype)
+    if nan.any():
+        out[nan] = fill
+    return out
+
+
+def tile_rows(
+    data: np.ndarray, names: list[str], info: dict[str, Any], tile_id: str, image_size: int,
+) -> dict[str, np.ndarray]:
+    """Map one stack (B, H, W float32) and its tile_info entry to one row per h5 dataset.
+
+    Raises :class:`TileProblem` when the stack does not match the bands its
+    tile_info declares.
+    """
+    bands = info.get("BANDS")
+    if not isinstance(bands, dict):
+        raise TileProblem("tile_info has no BANDS dictionary")
+    s2_type = info.get("S2_type")
+    if s2_type not in schema.S2_TYPES:
+        raise TileProblem(f"tile_info S2_type is {s2_type!r}, expected 'l2a' or 'l1c'")
+    expected = schema.stack_band_descriptions(bands)
+    if data.shape[0] != len(expected):
+        raise TileProblem(f"stack has {data.shape[0]} bands but tile_info BANDS declares {len(expected)}")
+    if any(names) and names != expected:
+        bad = next(i for i, (a, b) in enumerate(zip(names, expected)) if a != b)
+        raise TileProblem(
+            f"band {bad + 1} of the stack is {names[bad]!r} but tile_info BANDS declares {expected[bad]!r}"
+        )
+    data = _centre_crop(data, image_size)
+    S = image_size
+    index = {name: i for i, name in enumerate(expected)}
+
+    def band(group: str, name: str) -> np.ndarray | None:
+        i = index.get(schema.band_description(group, name))
+        return None if i is None else data[i]
+
+    rows: dict[str, np.ndarray] = {}
+    spec = schema.H5_BY_NAME
+
+    s2 = np.zeros((13, S, S), np.uint16)
+    for c, name in enumerate(schema.S2_SPECTRAL):
+        b = band("sentinel2", name)
+        if b is not None:
+            s2[c] = _to_dtype(b, spec["sentinel2"].dtype, 0)
+    rows["sentinel2"] = s2
+    for ds, name in (("sentinel2_cloudmask", "QA60"), ("sentinel2_cloudprod", "MSK_CLDPRB"), ("sentinel2_scl", "SCL")):
+        d = spec[ds]
+        b = band("sentinel2", name)
+        rows[ds] = (np.full((1, S, S), d.fill, d.dtype) if b is None else _to_dtype(b, d.dtype, d.fill)[None])
+
+    s1 = np.full((8, S, S), -np.inf, np.float32)
+    for o, orbit in enumerate(("asc", "desc")):
+        for pol in bands.get(f"sentinel1_{orbit}") or ():
+            if pol not in schema.S1_POLARISATIONS:
+                raise TileProblem(f"sentinel1_{orbit} band {pol!r} is not one of {schema.S1_POLARISATIONS}")
+            s1[4 * o + schema.S1_POLARISATIONS.index(pol)] = _to_dtype(band(f"sentinel1_{orbit}", pol), np.dtype("float32"), -np.inf)
+    rows["sentinel1"] = s1
+
+    for ds, group, names_ in (
+        ("aster", "aster", schema.ASTER_BANDS),
+        ("canopy_height_eth", "canopy_height_eth", schema.CANOPY_BANDS),
+    ):
+        d = spec[ds]
+        out = np.full((d.channels, S, S), d.fill, d.dtype)
+        for c, name in enumerate(names_):
+            b = band(group, name)
+            if b is not None:
+                out[c] = _to_dtype(b, d.dtype, d.fill)
+        rows[ds] = out
+    dw = band("dynamic_world", "label")
+    rows["dynamic_world"] = (np.zeros((1, S, S), np.uint8) if dw is None
+                             else _to_dtype(dw + 1.0, np.dtype("uint8"), 0)[None])  # label + 1, 0 = no data
+    wc = band("esa_worldcover", "Map")
+    rows["esa_worldcover"] = (np.zeros((1, S, S), np.uint8) if wc is None
+                              else _to_dtype(wc, np.dtype("uint8"), 0)[None])
+
+    era5 = info.get("era5") or {}
+    vec = []
+    for part in ("month1", "month2", "year"):
+        v = era5.get(part)
+        vec.extend(v if isinstance(v, list) and len(v) == 4 else [math.nan] * 4)
+    rows["era5"] = np.array([math.nan if x is None else x for x in vec], np.float32)
+
+    try:
+        lat, lon = float(info["lat"]), float(info["lon"])
+        year, month, _ = (int(p) for p in str(info["S2_DATE"]).split("-"))
+        biome, eco = int(info["biome"]), int(info["eco_region"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TileProblem(f"tile_info field missing or malformed: {exc}") from exc
+    if not 1 <= month <= 12:
+        raise TileProblem(f"tile_info S2_DATE {info['S2_DATE']!r} has no valid month")
+    if not 0 <= biome < N_BIOMES:
+        raise TileProblem(f"tile_info biome index {biome} outside 0..{N_BIOMES - 1}")
+    if not 0 <= eco < N_ECOREGIONS:
+        raise TileProblem(f"tile_info eco_region index {eco} outside 0..{N_ECOREGIONS - 1}")
+    rows["lat"] = np.array([math.sin(math.radians(lat)), math.cos(math.radians(lat))], np.float32)
+    rows["lon"] = np.array([math.sin(math.radians(lon)), math.cos(math.radians(lon))], np.float32)
+    rows["month"] = np.array([math.sin(2 * math.pi * month / 12), math.cos(2 * math.pi * month / 12)], np.float32)
+    one = np.zeros(N_BIOMES, np.uint8)
+    one[biome] = 1
+    rows["biome"] = one
+    eco_one = np.zeros(N_ECOREGIONS, np.uint16)
+    eco_one[eco] = 1
+    rows["eco_region"] = eco_one
+    return rows
+
+
+# --------------------------------------------------------------------------
+# Partitions
+# --------------------------------------------------------------------------
+@dataclass
+class PartSpec:
+    """One contiguous slice of the dataset's tile list."""
+
+    index: int
+    tile_ids: list[str]
+
+
+@dataclass
+class PartResult:
+    index: int
+    path: str
+    n_rows: int
+    problems: dict[str, str] = field(default_factory=dict)  # tile_id -> reason
+    reused: bool = False
+
+
+def _file_sig(path: Path) -> list[Any]:
+    try:
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+    except FileNotFoundError:
+        return [None, None]
+
+
+def part_key(spec: PartSpec, tiles_dir: Path, tile_info: dict[str, Any], image_size: int,
+             compression: Compression) -> str:
+    """Hash of everything a part's content depends on."""
+    h = hashlib.sha256()
+    h.update(json.dumps([PART_FORMAT, image_size, compression.codec, compression.level]).encode())
+    for tid in spec.tile_ids:
+        h.update(json.dumps([tid, _file_sig(tiles_dir / f"{tid}.tif"), tile_info.get(tid)],
+                            sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def pack_partition(
+    spec: PartSpec, tiles_dir: str | Path, tile_info: dict[str, Any], parts_dir: str | Path,
+    image_size: int = 128, compression: Compression = Compression(),
+) -> PartResult:
+    """Convert one slice of tiles into compressed h5 rows + statistics (see module doc)."""
+    tiles_dir, parts_dir = Path(tiles_dir), Path(parts_dir)
+    path = parts_dir / f"part_{spec.index:05d}.npz"
+    key = part_key(spec, tiles_dir, tile_info, image_size, compression)
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if str(z["key"]) == key:
+                    problems = json.loads(str(z["problems"]))
+                    return PartResult(spec.index, str(path), int(z["n_rows"]), problems, reused=True)
+        except Exception as exc:  # unreadable part: rebuild it
+            log.warning("part %s unreadable (%s); rebuilding", path, exc)
+
+    compress = compression.compressor()
+    names = [d.name for d in H5_DATASETS]
+    chunks: dict[str, list[bytes]] = {n: [] for n in names + ["metadata"]}
+    ids: list[str] = []
+    problems: dict[str, str] = {}
+    acc = StatsAccumulator()
+    for tid in spec.tile_ids:
+        info = tile_info.get(tid)
+        if info is None:
+            problems[tid] = "no tile_info entry"
+            continue
+        try:
+            data, descs = read_stack(tiles_dir / f"{tid}.tif")
+            rows = tile_rows(data, descs, info, tid, image_size)
+        except (StackReadError, TileProblem) as exc:
+            problems[tid] = str(exc)
+            continue
+        acc.add_row(rows, info["S2_type"])
+        for n in names:
+            chunks[n].append(compress(np.ascontiguousarray(rows[n]).tobytes()))
+        meta = np.array([(tid.encode(), info["S2_type"].encode())], METADATA_DTYPE)
+        chunks["metadata"].append(compress(meta.tobytes()))
+        ids.append(tid)
+
+    arrays: dict[str, np.ndarray] = {}
+    for n, blobs in chunks.items():
+        sizes = np.array([len(b) for b in blobs], np.int64)
+        arrays[f"off_{n}"] = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        arrays[f"data_{n}"] = np.frombuffer(b"".join(blobs), np.uint8)
+    arrays.update(acc.to_npz_dict())
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, key=np.array(key), n_rows=np.array(len(ids)), tile_ids=np.array(ids, dtype="U100"),
+                     problems=np.array(json.dumps(problems)), **arrays)
+    return PartResult(spec.index, str(path), len(ids), problems)
+
+
+def make_partitions(tile_ids: list[str], part_size: int) -> list[PartSpec]:
+    part_size = max(1, int(part_size))
+    return [PartSpec(i, tile_ids[s:s + part_size]) for i, s in enumerate(range(0, len(tile_ids), part_size))]
+
+
+# --------------------------------------------------------------------------
+# The single writer
+# --------------------------------------------------------------------------
+def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 128,
+                compression: Compression = Compression()) -> int:
+    """Write ``NAME.h5`` from parts (in index order) with direct chunk writes. Returns N."""
+    parts = sorted(parts, key=lambda p: p.index)
+    n = sum(p.n_rows for p in parts)
+    S = image_size
+    h5_path = Path(h5_path)
+    with atomic_path(h5_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            dsets: dict[str, h5py.Dataset] = {}
+            for d in H5_DATASETS:
+                shape = (n, d.channels, S, S) if d.spatial else (n, d.channels)
+                dsets[d.name] = f.create_dataset(
+                    d.name, shape=shape, dtype=d.dtype, chunks=(1,) + shape[1:],
+                    compression="gzip", compression_opts=compression.h5_level,
+                    **({"fillvalue": d.fill} if d.fill is not None else {}),
+                )
+            dsets["metadata"] = f.create_dataset(
+                "metadata", shape=(n,), dtype=METADATA_DTYPE, chunks=(1,),
+                compression="gzip", compression_opts=compression.h5_level,
+            )
+            row = 0
+            for p in parts:
+                with np.load(p.path, allow_pickle=False) as z:
+                    k = int(z["n_rows"])
+                    for name, ds in dsets.items():
+                        off, data = z[f"off_{name}"], z[f"data_{name}"]
+                        tail = (0,) * (ds.ndim - 1)
+                        for i in range(k):
+                            ds.id.write_direct_chunk((row + i,) + tail, data[off[i]:off[i + 1]].tobytes(), 0)
+                row += k
+    return n
+
+
+def merge_part_stats(parts: list[PartResult]) -> StatsAccumulator:
+    acc = StatsAccumulator()
+    for p in sorted(parts, key=lambda p: p.index):
+        with np.load(p.path, allow_pickle=False) as z:
+            acc = acc.merge(StatsAccumulator.from_npz(z))
+    return acc
+
+
+def part_tile_ids(parts: list[PartResult]) -> list[str]:
+    out: list[str] = []
+    for p in sorted(parts, key=lambda p: p.index):
+        with np.load(p.path, allow_pickle=False) as z:
+            out.extend(str(t) for t in z["tile_ids"])
+    return out
+
+
+# --------------------------------------------------------------------------
+# Splits and the small JSON outputs
+# --------------------------------------------------------------------------
+def make_splits(n: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), seed: int = 42) -> dict[str, list[int]]:
+    """Random train/val/test row indices (each sorted), as the original's splits.json."""
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"split fractions {fractions} must be three non-negative numbers summing to 1")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_train = int(fractions[0] * n)
+    n_val = int(fractions[1] * n)
+    return {
+        "train": sorted(int(i) for i in perm[:n_train]),
+        "val": sorted(int(i) for i in perm[n_train:n_train + n_val]),
+        "test": sorted(int(i) for i in perm[n_train + n_val:]),
+    }
+
+
+def write_dataset_jsons(out_dir: Path, name: str, tile_info: dict[str, Any], band_stats: dict[str, Any],
+                        splits: dict[str, list[int]]) -> dict[str, Path]:
+    paths = {
+        "tile_info": out_dir / f"{name}_tile_info.json",
+        "band_stats": out_dir / f"{name}_band_stats.json",
+        "splits": out_dir / f"{name}_splits.json",
+    }
+    write_json_atomic(paths["tile_info"], tile_info)
+    write_json_atomic(paths["band_stats"], band_stats)  # NaN written as NaN, as json.dump does
+    write_json_atomic(paths["splits"], splits)
+    return paths
+
+
+def h5_is_current(h5_path: Path, manifest_path: Path, keys: list[str]) -> bool:
+    """True when ``h5_path`` exists and was built from exactly the parts ``keys``."""
+    if not h5_path.exists() or not manifest_path.exists():
+        return False
+    try:
+        m = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return m.get("parts") == keys and m.get("h5_size") == h5_path.stat().st_size
+
+
+def write_manifest(h5_path: Path, manifest_path: Path, keys: list[str]) -> None:
+    write_json_atomic(manifest_path, {"parts": keys, "h5_size": os.path.getsize(h5_path)})
+
+
+def read_part_key(path: str | Path) -> str:
+    with np.load(path, allow_pickle=False) as z:
+        return str(z["key"])

@@ -1,0 +1,125 @@
+"""Exact, numerically stable, mergeable per-channel statistics.
+
+Each partition of tiles keeps, per statistics key and channel, the count of
+valid values, their mean, the sum of squared deviations from the mean (M2),
+min and max. Partitions merge with Chan et al.'s pairwise update, so the
+result does not depend on how tiles were split over Dask workers (up to
+floating-point rounding) and never suffers from E[x^2]-E[x]^2 cancellation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tasks.multimodal.schema import H5_BY_NAME, STATS_KEYS
+
+
+@dataclass
+class ChannelStats:
+    count: np.ndarray  # float64 (C,)
+    mean: np.ndarray
+    m2: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+
+    @classmethod
+    def empty(cls, channels: int) -> "ChannelStats":
+        return cls(
+            count=np.zeros(channels), mean=np.zeros(channels), m2=np.zeros(channels),
+            min=np.full(channels, np.inf), max=np.full(channels, -np.inf),
+        )
+
+    @classmethod
+    def of(cls, x: np.ndarray, valid: np.ndarray) -> "ChannelStats":
+        """Statistics of ``x`` (C, P) over the entries where ``valid`` (C, P) is True."""
+        x = np.asarray(x, dtype=np.float64)
+        n = valid.sum(axis=1).astype(np.float64)
+        xs = np.where(valid, x, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(n > 0, xs.sum(axis=1) / np.maximum(n, 1), 0.0)
+        d = np.where(valid, x - mean[:, None], 0.0)
+        m2 = np.einsum("ij,ij->i", d, d)
+        mn = np.where(valid, x, np.inf).min(axis=1)
+        mx = np.where(valid, x, -np.inf).max(axis=1)
+        return cls(count=n, mean=mean, m2=m2, min=mn, max=mx)
+
+    def merge(self, other: "ChannelStats") -> "ChannelStats":
+        n = self.count + other.count
+        with np.errstate(invalid="ignore", divide="ignore"):
+            delta = other.mean - self.mean
+            frac = np.where(n > 0, other.count / np.maximum(n, 1), 0.0)
+            mean = self.mean + delta * frac
+            m2 = self.m2 + other.m2 + delta * delta * self.count * frac
+        return ChannelStats(
+            count=n, mean=mean, m2=m2,
+            min=np.minimum(self.min, other.min), max=np.maximum(self.max, other.max),
+        )
+
+    def to_json(self) -> dict[str, list[float]]:
+        """The band_stats entry: population std, NaN where no valid value was seen."""
+        seen = self.count > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            std = np.sqrt(np.maximum(self.m2, 0.0) / self.count)
+
+        def fl(a: np.ndarray) -> list[float]:
+            return [float(v) if s else math.nan for v, s in zip(a, seen)]
+
+        return {"mean": fl(self.mean), "std": fl(std), "min": fl(self.min), "max": fl(self.max)}
+
+    def to_arrays(self) -> np.ndarray:
+        return np.stack([self.count, self.mean, self.m2, self.min, self.max])
+
+    @classmethod
+    def from_arrays(cls, a: np.ndarray) -> "ChannelStats":
+        return cls(*[np.asarray(r, dtype=np.float64) for r in a])
+
+
+def valid_mask(key: str, x: np.ndarray) -> np.ndarray:
+    """Where ``x`` (values of the dataset behind ``key``) is not no-data."""
+    _, nodata = STATS_KEYS[key]
+    if isinstance(nodata, float) and math.isnan(nodata):
+        return ~np.isnan(x)
+    valid = x != nodata
+    if x.dtype.kind == "f":
+        valid &= np.isfinite(x)
+    return valid
+
+
+class StatsAccumulator:
+    """Per-key :class:`ChannelStats` for a stream of converted rows."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, ChannelStats] = {
+            key: ChannelStats.empty(H5_BY_NAME[ds].channels) for key, (ds, _) in STATS_KEYS.items()
+        }
+
+    def add_row(self, rows: dict[str, np.ndarray], s2_type: str) -> None:
+        """Add one tile's converted rows (dataset name -> array (C, ...))."""
+        for key, (ds, _) in STATS_KEYS.items():
+            if ds == "sentinel2" and key != f"sentinel2_{s2_type}":
+                continue
+            arr = rows[ds]
+            x = arr.reshape(arr.shape[0], -1)
+            self.stats[key] = self.stats[key].merge(ChannelStats.of(x, valid_mask(key, x)))
+
+    def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
+        out = StatsAccumulator()
+        out.stats = {k: self.stats[k].merge(other.stats[k]) for k in self.stats}
+        return out
+
+    def to_npz_dict(self, prefix: str = "stats_") -> dict[str, np.ndarray]:
+        return {prefix + k: v.to_arrays() for k, v in self.stats.items()}
+
+    @classmethod
+    def from_npz(cls, npz, prefix: str = "stats_") -> "StatsAccumulator":
+        out = cls()
+        out.stats = {k: ChannelStats.from_arrays(npz[prefix + k]) for k in STATS_KEYS}
+        return out
+
+    def band_stats(self) -> tuple[dict[str, dict[str, list[float]]], list[str]]:
+        """The NAME_band_stats.json content and the keys for which nothing was seen."""
+        empty = [k for k, s in self.stats.items() if not np.any(s.count > 0)]
+        return {k: s.to_json() for k, s in self.stats.items()}, empty

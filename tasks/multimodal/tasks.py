@@ -1,0 +1,50 @@
+"""Prefect task wrappers of the multimodal stages: retries, tags, logging; no logic.
+
+The plain functions they call are tested without Prefect.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.multimodal import convert, stacks
+from tasks.multimodal.sources.base import Source, Tile
+
+
+@task(name="fetch-stacks", cache_policy=NO_CACHE, tags=["multimodal", "fetch"],
+      retries=3, retry_delay_seconds=[2, 8, 30], retry_jitter_factor=0.5)
+def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: str | None = None) -> list[stacks.TileOutcome]:
+    """Fetch a batch of tiles. Tiles failing transiently raise, so Prefect retries the
+    batch; tiles already written are skipped on the retry."""
+    logger = get_run_logger()
+    outcomes = stacks.fetch_batch(tiles, source, Path(out_dir), compress)
+    counts: dict[str, int] = {}
+    for o in outcomes:
+        counts[o.status] = counts.get(o.status, 0) + 1
+        if o.status in ("failed", "no_data"):
+            logger.warning("tile %s: %s (%s)", o.tile_id, o.status, o.reason)
+    logger.info("batch of %d tiles: %s", len(tiles), counts)
+    return outcomes
+
+
+@task(name="pack-partition", cache_policy=NO_CACHE, tags=["multimodal", "pack"], retries=1)
+def pack_partition_task(spec: convert.PartSpec, tiles_dir: str, tile_info: dict[str, Any], parts_dir: str,
+                        image_size: int, compression: convert.Compression) -> convert.PartResult:
+    logger = get_run_logger()
+    res = convert.pack_partition(spec, tiles_dir, tile_info, parts_dir, image_size, compression)
+    logger.info("part %d: %d rows%s, %d problem(s)", spec.index, res.n_rows,
+                " (re-used)" if res.reused else "", len(res.problems))
+    return res
+
+
+@task(name="assemble-h5", cache_policy=NO_CACHE, tags=["multimodal", "write"])
+def assemble_h5_task(parts: list[convert.PartResult], h5_path: str, image_size: int,
+                     compression: convert.Compression) -> int:
+    logger = get_run_logger()
+    n = convert.assemble_h5(parts, h5_path, image_size, compression)
+    logger.info("wrote %s with %d rows", h5_path, n)
+    return n

@@ -1,0 +1,260 @@
+"""Conversion of GeoTIFF stacks into the MMEarth h5, statistics and splits."""
+
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+from affine import Affine
+
+from tasks.multimodal import convert, schema
+from tasks.multimodal.sources.base import TileStack, write_stack
+from tasks.multimodal.stats import StatsAccumulator, valid_mask
+
+SIZE = 20  # stack pixels
+IMG = 16  # image size in the h5
+
+
+def make_stack(tile_id, s2_type="l2a", asc=("VV", "VH"), desc=None, seed=0, nan_rows=0):
+    rng = np.random.default_rng(seed)
+    bands = {
+        "sentinel2": list(schema.S2_BANDS_L2A if s2_type == "l2a" else schema.S2_BANDS_L1C),
+        "sentinel1_asc": list(asc) if asc else None,
+        "sentinel1_desc": list(desc) if desc else None,
+        "aster": ["elevation", "slope"],
+        "dynamic_world": ["label"],
+        "canopy_height_eth": ["height", "std"],
+        "esa_worldcover": ["Map"],
+    }
+    names = schema.stack_band_descriptions(bands)
+    data = np.zeros((len(names), SIZE, SIZE), np.float32)
+    for i, n in enumerate(names):
+        group, band = n.split("/")
+        if group == "sentinel2":
+            if band == "SCL":
+                data[i] = rng.integers(0, 12, (SIZE, SIZE))
+            elif band == "QA60":
+                data[i] = rng.choice([0, 1024, 2048], (SIZE, SIZE))
+            elif band == "MSK_CLDPRB":
+                data[i] = rng.integers(0, 101, (SIZE, SIZE))
+            else:
+                data[i] = rng.uniform(1, 10000, (SIZE, SIZE))
+        elif group.startswith("sentinel1"):
+            data[i] = rng.uniform(-25, 0, (SIZE, SIZE))
+        elif band == "elevation":
+            data[i] = rng.uniform(0, 3000, (SIZE, SIZE))
+        elif band == "slope":
+            data[i] = rng.uniform(0, 60, (SIZE, SIZE))
+        elif band == "label":
+            data[i] = rng.integers(0, 9, (SIZE, SIZE))
+        elif band in ("height", "std"):
+            data[i] = rng.uniform(0, 40, (SIZE, SIZE))
+        elif band == "Map":
+            data[i] = rng.choice(schema.WORLDCOVER_CLASSES, (SIZE, SIZE))
+    if nan_rows:
+        data[: len(bands["sentinel2"]), :nan_rows + 2, :] = np.nan
+    info = {
+        "S2_DATE": "2019-03-15", "S2_type": s2_type, "CRS": "EPSG:32633", "lat": 45.0 + seed, "lon": 10.0 - seed,
+        "biome": seed % 14, "eco_region": (seed * 37) % 846, "NO_DATA": False, "BANDS": bands,
+        "era5": {"month1": [270.0, 260.0, 280.0, 0.05], "month2": [275.0, 265.0, 285.0, 0.04],
+                 "year": [280.0, 250.0, 300.0, 0.9]},
+        "SOURCE": "test",
+    }
+    return TileStack(tile_id, data, "EPSG:32633", Affine(10, 0, 500000, 0, -10, 5000000), info), data, names
+
+
+@pytest.fixture
+def tiles_dir(tmp_path):
+    d = tmp_path / "tiles"
+    d.mkdir()
+    return d
+
+
+def _write(tiles_dir, stacks):
+    info = {}
+    for st, _, _ in stacks:
+        write_stack(tiles_dir / f"{st.tile_id}.tif", st)
+        info[st.tile_id] = st.info
+    return info
+
+
+def test_tile_rows_maps_every_band(tiles_dir):
+    st, data, names = make_stack("a", "l2a", asc=("VV", "VH"), desc=("HH",), nan_rows=1)
+    rows = convert.tile_rows(data, names, st.info, "a", IMG)
+    off = (SIZE - IMG) // 2
+    crop = data[:, off:off + IMG, off:off + IMG]
+    idx = {n: i for i, n in enumerate(names)}
+    for d in schema.H5_DATASETS:
+        assert rows[d.name].dtype == d.dtype, d.name
+        assert rows[d.name].shape == ((d.channels, IMG, IMG) if d.spatial else (d.channels,)), d.name
+    b4 = crop[idx["sentinel2/B4"]]
+    exp = np.where(np.isnan(b4), 0, np.rint(np.nan_to_num(b4))).astype(np.uint16)
+    assert np.array_equal(rows["sentinel2"][3], exp)
+    assert not rows["sentinel2"][10].any()  # L2A has no B10: zeros
+    assert rows["sentinel2"][0, 0].max() == 0  # NaN row became no-data 0
+    scl = crop[idx["sentinel2/SCL"]]
+    assert np.array_equal(rows["sentinel2_scl"][0], np.where(np.isnan(scl), 255, np.nan_to_num(scl)).astype(np.uint8))
+    # sentinel1: asc VV VH present, asc HH HV -inf, desc HH present, others -inf
+    s1 = rows["sentinel1"]
+    assert np.allclose(s1[0], crop[idx["sentinel1_asc/VV"]])
+    assert np.all(np.isneginf(s1[2])) and np.all(np.isneginf(s1[3]))
+    assert np.allclose(s1[6], crop[idx["sentinel1_desc/HH"]])
+    assert np.all(np.isneginf(s1[4])) and np.all(np.isneginf(s1[5])) and np.all(np.isneginf(s1[7]))
+    assert np.array_equal(rows["dynamic_world"][0], np.rint(crop[idx["dynamic_world/label"]]).astype(np.uint8) + 1)
+    assert rows["dynamic_world"].min() >= 1
+    assert np.array_equal(rows["esa_worldcover"][0], crop[idx["esa_worldcover/Map"]].astype(np.uint8))
+    assert rows["era5"].tolist() == pytest.approx([270, 260, 280, 0.05, 275, 265, 285, 0.04, 280, 250, 300, 0.9])
+    assert rows["lat"].tolist() == pytest.approx([math.sin(math.radians(45)), math.cos(math.radians(45))], rel=1e-6)
+    assert rows["month"].tolist() == pytest.approx([math.sin(2 * math.pi * 3 / 12), math.cos(2 * math.pi * 3 / 12)], abs=1e-6)
+    assert rows["biome"].sum() == 1 and rows["biome"][0] == 1
+    assert rows["eco_region"].sum() == 1 and rows["eco_region"][0] == 1
+
+
+def test_l1c_has_no_cloudprod_or_scl():
+    st, data, names = make_stack("b", "l1c", asc=None, desc=None)
+    rows = convert.tile_rows(data, names, st.info, "b", IMG)
+    assert np.all(rows["sentinel2_cloudprod"] == 65535)
+    assert np.all(rows["sentinel2_scl"] == 255)
+    assert rows["sentinel2"][10].any()  # B10 present in L1C
+    assert np.all(np.isneginf(rows["sentinel1"]))
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda d, n, i: (d[:-1], n[:-1], i), "bands but tile_info BANDS declares"),
+    (lambda d, n, i: (d, n[:3] + ["sentinel2/B99"] + n[4:], i), "B99"),
+    (lambda d, n, i: (d[:, :8, :8], n, i), "smaller than the image size"),
+    (lambda d, n, i: (d, n, {**i, "S2_type": "l3"}), "S2_type"),
+    (lambda d, n, i: (d, n, {**i, "S2_DATE": "2019-13-01"}), "S2_DATE"),
+])
+def test_mismatch_raises_tile_problem(break_it, message):
+    st, data, names = make_stack("c")
+    d, n, i = break_it(data, list(names), st.info)
+    with pytest.raises(convert.TileProblem, match=message):
+        convert.tile_rows(d, n, i, "c", IMG)
+
+
+def _build(tmp_path, tiles_dir, stacks, part_size=2, info_override=None):
+    info = _write(tiles_dir, stacks)
+    if info_override:
+        info.update(info_override)
+    ids = [s[0].tile_id for s in stacks]
+    parts = [convert.pack_partition(spec, tiles_dir, info, tmp_path / "parts", IMG)
+             for spec in convert.make_partitions(ids, part_size)]
+    h5 = tmp_path / "data_t.h5"
+    n = convert.assemble_h5(parts, h5, IMG)
+    return parts, h5, n, info
+
+
+def test_pack_and_assemble_exact_schema(tmp_path, tiles_dir):
+    stacks = [make_stack(f"t{i}", "l2a" if i % 2 else "l1c", seed=i,
+                         asc=("VV", "VH") if i % 3 else None, nan_rows=i % 2) for i in range(5)]
+    parts, h5, n, info = _build(tmp_path, tiles_dir, stacks)
+    assert n == 5
+    with h5py.File(h5, "r") as f:
+        assert set(f.keys()) == {d.name for d in schema.H5_DATASETS} | {"metadata"}
+        for d in schema.H5_DATASETS:
+            ds = f[d.name]
+            assert ds.dtype == d.dtype
+            assert ds.shape == ((5, d.channels, IMG, IMG) if d.spatial else (5, d.channels))
+            assert ds.chunks == (1,) + ds.shape[1:]
+            assert ds.compression == "gzip"
+        meta = f["metadata"]
+        assert meta.dtype == schema.METADATA_DTYPE and meta.chunks == (1,) and meta.compression == "gzip"
+        for row, (st, data, names) in enumerate(stacks):
+            assert meta[row]["tile_id"].decode() == st.tile_id
+            assert meta[row]["S2_type"].decode() == st.info["S2_type"]
+            rows = convert.tile_rows(data, names, st.info, st.tile_id, IMG)
+            for d in schema.H5_DATASETS:
+                np.testing.assert_array_equal(f[d.name][row], rows[d.name], err_msg=f"{d.name} row {row}")
+
+
+def test_stats_match_numpy_over_h5(tmp_path, tiles_dir):
+    stacks = [make_stack(f"s{i}", "l2a" if i < 3 else "l1c", seed=10 + i, nan_rows=1) for i in range(6)]
+    parts, h5, n, info = _build(tmp_path, tiles_dir, stacks, part_size=4)
+    js, empty = convert.merge_part_stats(parts).band_stats()
+    assert set(js) == set(schema.STATS_KEYS)
+    with h5py.File(h5, "r") as f:
+        types = [m["S2_type"].decode() for m in f["metadata"][:]]
+        for key, (ds, _) in schema.STATS_KEYS.items():
+            arr = f[ds][:]
+            if key.startswith("sentinel2_l"):
+                arr = arr[[t == key[-3:] for t in types]]
+            x = np.moveaxis(arr, 1, 0).reshape(arr.shape[1], -1).astype(np.float64)
+            valid = valid_mask(key, x)
+            for c in range(x.shape[0]):
+                v = x[c][valid[c]]
+                if v.size == 0:
+                    assert math.isnan(js[key]["mean"][c])
+                    continue
+                assert js[key]["mean"][c] == pytest.approx(v.mean(), rel=1e-9, abs=1e-9), (key, c)
+                assert js[key]["std"][c] == pytest.approx(v.std(), rel=1e-7, abs=1e-9), (key, c)
+                assert js[key]["min"][c] == v.min() and js[key]["max"][c] == v.max()
+
+
+def test_mismatched_and_corrupt_tiles_are_reported_not_dropped(tmp_path, tiles_dir):
+    stacks = [make_stack(f"m{i}", seed=i) for i in range(4)]
+    info = _write(tiles_dir, stacks)
+    # m1: tile_info declares one more S1 band than the file has
+    info["m1"] = {**info["m1"], "BANDS": {**info["m1"]["BANDS"], "sentinel1_desc": ["VV"]}}
+    # m2: truncated GeoTIFF
+    p = tiles_dir / "m2.tif"
+    p.write_bytes(p.read_bytes()[:2000])
+    # m3: no tif at all
+    (tiles_dir / "m3.tif").unlink()
+    res = convert.pack_partition(convert.PartSpec(0, ["m0", "m1", "m2", "m3"]), tiles_dir, info, tmp_path / "p", IMG)
+    assert res.n_rows == 1
+    assert set(res.problems) == {"m1", "m2", "m3"}
+    assert "declares" in res.problems["m1"]
+    assert "m2.tif" in res.problems["m2"] and "m3.tif" in res.problems["m3"]
+
+
+def test_part_reuse_and_staleness(tmp_path, tiles_dir):
+    stacks = [make_stack(f"r{i}", seed=i) for i in range(3)]
+    info = _write(tiles_dir, stacks)
+    spec = convert.PartSpec(0, ["r0", "r1", "r2"])
+    a = convert.pack_partition(spec, tiles_dir, info, tmp_path / "p", IMG)
+    b = convert.pack_partition(spec, tiles_dir, info, tmp_path / "p", IMG)
+    assert not a.reused and b.reused
+    # a changed stack makes the part stale
+    st, _, _ = make_stack("r1", seed=99)
+    write_stack(tiles_dir / "r1.tif", st)
+    c = convert.pack_partition(spec, tiles_dir, info, tmp_path / "p", IMG)
+    assert not c.reused
+    # other image size: stale too
+    d = convert.pack_partition(spec, tiles_dir, info, tmp_path / "p", 8)
+    assert not d.reused
+
+
+def test_zlib_and_isal_both_readable(tmp_path, tiles_dir):
+    stacks = [make_stack("z0", seed=3)]
+    info = _write(tiles_dir, stacks)
+    for codec in ("zlib", "isal"):
+        comp = convert.Compression(codec, 1)
+        res = convert.pack_partition(convert.PartSpec(0, ["z0"]), tiles_dir, info, tmp_path / codec, IMG, comp)
+        h5 = tmp_path / f"data_{codec}.h5"
+        convert.assemble_h5([res], h5, IMG, comp)
+        with h5py.File(h5, "r") as f:
+            rows = convert.tile_rows(stacks[0][1], stacks[0][2], info["z0"], "z0", IMG)
+            np.testing.assert_array_equal(f["sentinel2"][0], rows["sentinel2"])
+
+
+def test_splits_partition_rows_deterministically():
+    s = convert.make_splits(103, (0.8, 0.1, 0.1), seed=5)
+    assert len(s["train"]) == 82 and len(s["val"]) == 10 and len(s["test"]) == 11
+    allrows = s["train"] + s["val"] + s["test"]
+    assert sorted(allrows) == list(range(103))
+    assert s == convert.make_splits(103, (0.8, 0.1, 0.1), seed=5)
+    assert s != convert.make_splits(103, (0.8, 0.1, 0.1), seed=6)
+    assert convert.make_splits(10, (1.0, 0.0, 0.0))["train"] == list(range(10))
+    with pytest.raises(ValueError):
+        convert.make_splits(10, (0.5, 0.1, 0.1))
+
+
+def test_dataset_jsons_are_named_for_the_glob(tmp_path):
+    paths = convert.write_dataset_jsons(tmp_path, "data_x", {"a": {}}, StatsAccumulator().band_stats()[0],
+                                        convert.make_splits(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "data_x_band_stats.json", "data_x_splits.json", "data_x_tile_info.json"]
+    stats = json.loads(paths["band_stats"].read_text())
+    assert set(stats) == set(schema.STATS_KEYS)

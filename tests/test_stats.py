@@ -1,0 +1,84 @@
+import math
+
+import numpy as np
+import pytest
+
+from tasks.multimodal.stats import ChannelStats, StatsAccumulator, valid_mask
+
+
+def _reference(x, valid):
+    out = []
+    for c in range(x.shape[0]):
+        v = x[c][valid[c]].astype(np.float64)
+        out.append((v.size, v.mean(), v.std(), v.min(), v.max()))
+    return out
+
+
+@pytest.mark.parametrize("splits", [1, 2, 7])
+def test_channel_stats_merge_matches_numpy(splits):
+    rng = np.random.default_rng(0)
+    x = rng.normal(1000.0, 250.0, size=(3, 5000))
+    valid = rng.random((3, 5000)) > 0.2
+    valid[2, :] = False
+    valid[2, 17] = True  # one valid value: std 0
+    parts = np.array_split(np.arange(x.shape[1]), splits)
+    acc = ChannelStats.empty(3)
+    for idx in parts:
+        acc = acc.merge(ChannelStats.of(x[:, idx], valid[:, idx]))
+    for c, (n, mean, std, mn, mx) in enumerate(_reference(x, valid)):
+        assert acc.count[c] == n
+        assert acc.mean[c] == pytest.approx(mean, rel=1e-12)
+        assert math.sqrt(acc.m2[c] / acc.count[c]) == pytest.approx(std, rel=1e-9, abs=1e-12)
+        assert acc.min[c] == mn and acc.max[c] == mx
+
+
+def test_stable_for_large_offset():
+    # E[x^2]-E[x]^2 loses all digits here; the merged M2 must not.
+    rng = np.random.default_rng(1)
+    x = (1e9 + rng.normal(0, 1.0, size=(1, 20000)))
+    valid = np.ones_like(x, bool)
+    acc = ChannelStats.empty(1)
+    for idx in np.array_split(np.arange(x.shape[1]), 13):
+        acc = acc.merge(ChannelStats.of(x[:, idx], valid[:, idx]))
+    assert acc.to_json()["std"][0] == pytest.approx(x.std(), rel=1e-6)
+
+
+def test_empty_channel_is_nan():
+    acc = ChannelStats.empty(2)
+    js = acc.to_json()
+    assert all(math.isnan(v) for v in js["mean"] + js["std"] + js["min"] + js["max"])
+
+
+def test_valid_mask_nodata_rules():
+    s1 = np.array([[-np.inf, -10.0, np.nan]], np.float32)
+    assert valid_mask("sentinel1", s1).tolist() == [[False, True, False]]
+    era = np.array([[np.nan, 280.0]], np.float32)
+    assert valid_mask("era5", era).tolist() == [[False, True]]
+    s2 = np.array([[0, 5, 10000]], np.uint16)
+    assert valid_mask("sentinel2_l2a", s2).tolist() == [[False, True, True]]
+    ch = np.array([[-1, 0, 30]], np.int8)
+    assert valid_mask("canopy_height_eth", ch).tolist() == [[False, True, True]]
+
+
+def test_accumulator_splits_sentinel2_by_type_and_roundtrips():
+    from tasks.multimodal.schema import H5_BY_NAME
+
+    rng = np.random.default_rng(2)
+
+    def rows(val):
+        r = {}
+        for d in H5_BY_NAME.values():
+            shape = (d.channels, 4, 4) if d.spatial else (d.channels,)
+            r[d.name] = np.full(shape, val, d.dtype)
+        return r
+
+    a = StatsAccumulator()
+    a.add_row(rows(5), "l2a")
+    a.add_row(rows(7), "l1c")
+    js, empty = a.band_stats()
+    assert js["sentinel2_l2a"]["mean"][0] == 5 and js["sentinel2_l1c"]["mean"][0] == 7
+    assert js["aster"]["mean"][0] == 6
+    assert empty == []
+    b = StatsAccumulator.from_npz(a.to_npz_dict())
+    assert b.band_stats()[0] == js
+    del rng
