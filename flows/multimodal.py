@@ -57,6 +57,36 @@ class _Progress:
                                      description=f"{self.stage}: {self.done}/{self.total}")
 
 
+def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], paths: dict[str, Path],
+                       tile_info: dict[str, Any], h5_path: Path, compression: convert.Compression,
+                       report: RunReport) -> list[dict[str, Any]]:
+    """Pack every partition on the Dask workers, then write the h5 with one writer."""
+    logger = get_run_logger()
+    futs = [
+        pack_partition_task.submit(spec, str(paths["tiles"]), {t: tile_info[t] for t in spec.tile_ids},
+                                   str(paths["parts"]), config.image_size, compression)
+        for spec in specs
+    ]
+    spec_of = dict(zip(futs, specs))
+    progress = _Progress(logger, "pack", sum(len(s.tile_ids) for s in specs))
+    parts: list[convert.PartResult] = []
+    for fut in as_completed(futs):
+        spec = spec_of[fut]
+        try:
+            parts.append(fut.result())
+        except Exception as exc:  # the part's tiles are reported, the rest goes on
+            for tid in spec.tile_ids:
+                report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
+        progress.advance(len(spec.tile_ids))
+    parts.sort(key=lambda p: p.index)
+    keep = {Path(p.path).name for p in parts}
+    for stale in paths["parts"].glob("part_*.npz"):
+        if stale.name not in keep:
+            stale.unlink()
+    assemble_h5_task(parts, str(h5_path), config.image_size, compression)
+    return [convert.part_summary(p) for p in parts]
+
+
 @flow(name="multimodal", task_runner=make_task_runner(), log_prints=True)
 def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, Any]:
     """Build an MMEarth-compatible dataset into ``config.output_dir/config.name``."""
@@ -71,9 +101,9 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
 
     # 1. tiles -------------------------------------------------------------
     regions_path = Path(config.regions) if config.regions else tiles_mod.DEFAULT_REGIONS
-    regions, skipped_regions = tiles_mod.load_regions(regions_path)
+    regions, skipped_regions = tiles_mod.load_regions_split(regions_path)
     for r in skipped_regions:
-        report.notes.append(f"region {r} skipped: its biome is not sampled by MMEarth")
+        report.notes.append(f"region {r.eco_region} ({r.biome}) skipped: its biome is not sampled by MMEarth")
     eco_index = tiles_mod.eco_region_index(regions, config.eco_labels)
     tiles_path = out / f"{config.name}_tiles.geojson"
     if config.tiles_geojson:
@@ -121,48 +151,30 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     # 3. pack partitions (parallel) and assemble the h5 (one writer) ------
     compression = convert.Compression(config.compression_codec, config.compression_level)
     specs = convert.make_partitions(done_ids, config.part_size)
-    pack_futs = [
-        pack_partition_task.submit(spec, str(paths["tiles"]), {t: tile_info[t] for t in spec.tile_ids},
-                                   str(paths["parts"]), config.image_size, compression)
-        for spec in specs
-    ]
-    progress = _Progress(logger, "pack", len(done_ids))
-    parts: list[convert.PartResult] = []
-    spec_of = dict(zip(pack_futs, specs))
-    for fut in as_completed(pack_futs):
-        spec = spec_of[fut]
-        try:
-            parts.append(fut.result())
-        except Exception as exc:
-            for tid in spec.tile_ids:
-                report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
-        progress.advance(len(spec.tile_ids))
-    parts.sort(key=lambda p: p.index)
-    for p in parts:
-        for tid, reason in p.problems.items():
-            report.problem(tid, "convert", reason)
-    keep = {Path(p.path).name for p in parts}
-    for stale in paths["parts"].glob("part_*.npz"):
-        if stale.name not in keep:
-            stale.unlink()
-
+    keys = [convert.part_key(spec, paths["tiles"], tile_info, config.image_size, compression) for spec in specs]
     h5_path = out / f"{config.name}.h5"
-    manifest = paths["parts"].parent / "h5_manifest.json"
-    keys = [convert.read_part_key(p.path) for p in parts] + [f"size={config.image_size}"]
-    if convert.h5_is_current(h5_path, manifest, keys):
-        n_rows = sum(p.n_rows for p in parts)
-        logger.info("%s is up to date (%d rows); not rewritten", h5_path, n_rows)
+    manifest = out / "work" / "h5_manifest.json"
+    summaries = convert.read_manifest(h5_path, manifest, keys)
+    if summaries is not None:
+        logger.info("%s is up to date (%d parts); not rewritten", h5_path, len(summaries))
     else:
-        n_rows = assemble_h5_task(parts, str(h5_path), config.image_size, compression)
-        convert.write_manifest(h5_path, manifest, keys)
+        summaries = _pack_and_assemble(config, specs, paths, tile_info, h5_path, compression, report)
+        convert.write_manifest(h5_path, manifest, summaries)
+        if not config.keep_parts:
+            for p in paths["parts"].glob("part_*.npz"):
+                p.unlink()
+    n_rows = sum(s["n_rows"] for s in summaries)
+    for s in summaries:
+        for tid, reason in s["problems"].items():
+            report.problem(tid, "convert", reason)
 
     # 4. statistics, splits, tile_info ------------------------------------
-    band_stats, empty_keys = convert.merge_part_stats(parts).band_stats()
-    for k in empty_keys:
-        report.notes.append(f"band_stats[{k}] is NaN: no tile with valid values of this kind")
+    band_stats, empty = convert.merge_stats(summaries).band_stats()
+    for k, channels in empty.items():
+        report.notes.append(f"band_stats[{k}] is NaN for channel(s) {channels}: no valid value of this kind")
     splits = convert.make_splits(n_rows, config.split_fractions, config.split_seed)
     files = convert.write_dataset_jsons(out, config.name, tile_info, band_stats, splits)
-    report.counts.update({"rows in h5": n_rows, "convert failed": sum(len(p.problems) for p in parts),
+    report.counts.update({"rows in h5": n_rows, "convert failed": sum(len(s["problems"]) for s in summaries),
                           "train": len(splits["train"]), "val": len(splits["val"]), "test": len(splits["test"])})
     report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(tiles_path)})
 
@@ -209,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     with local_prefect_server() as server:
         print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
-        runner = make_task_runner(config.dask.to_runtime())
+        runner = make_task_runner(config.dask_settings().to_runtime())
         result = multimodal_flow.with_options(task_runner=runner)(config=config)
     counts = result["counts"]
     print(f"\nDataset written to {result['dataset_dir']}")

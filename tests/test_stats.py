@@ -78,7 +78,7 @@ def test_accumulator_splits_sentinel2_by_type_and_roundtrips():
     js, empty = a.band_stats()
     assert js["sentinel2_l2a"]["mean"][0] == 5 and js["sentinel2_l1c"]["mean"][0] == 7
     assert js["aster"]["mean"][0] == 6
-    assert empty == []
+    assert empty == {}
     b = StatsAccumulator.from_npz(a.to_npz_dict())
     assert b.band_stats()[0] == js
     del rng

@@ -191,11 +191,25 @@ def local_prefect_server(
             with _prefect_settings(url, str(home_path)):
                 yield PrefectServer(url=url, process=proc, home=home_path, log_path=log_path)
     finally:
+        _drain_prefect_queues()
         _stop_process_group(proc)
         _restore_env(old)
         with contextlib.suppress(OSError):
             if log_path.stat().st_size == 0:
                 log_path.unlink()
+
+
+def _drain_prefect_queues(timeout: float = 10.0) -> None:
+    """Send queued logs and events while the server is still up; otherwise their
+    workers retry against a dead server at interpreter exit."""
+    with contextlib.suppress(Exception):
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=timeout)
+    with contextlib.suppress(Exception):
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -267,11 +281,23 @@ class DaskConfig:
         return kwargs
 
 
+def dask_config_from_env() -> DaskConfig:
+    """Defaults for flows started by a deployment: ``FACTORY_DASK_ADDRESS``,
+    ``FACTORY_DASK_CLUSTER_CLASS`` and ``FACTORY_DASK_CLUSTER_KWARGS`` (JSON)."""
+    import json
+
+    return DaskConfig(
+        address=os.environ.get("FACTORY_DASK_ADDRESS") or None,
+        cluster_class=os.environ.get("FACTORY_DASK_CLUSTER_CLASS") or None,
+        cluster_kwargs=json.loads(os.environ.get("FACTORY_DASK_CLUSTER_KWARGS") or "{}"),
+    )
+
+
 def make_task_runner(cfg: DaskConfig | None = None):
-    """Build the ``DaskTaskRunner`` every flow uses."""
+    """Build the ``DaskTaskRunner`` every flow uses (``cfg`` None: from the environment)."""
     from prefect_dask import DaskTaskRunner
 
-    cfg = cfg or DaskConfig()
+    cfg = cfg or dask_config_from_env()
     if cfg.address:
         return DaskTaskRunner(address=cfg.address)
     if cfg.cluster_class:

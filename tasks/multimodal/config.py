@@ -57,11 +57,20 @@ class MultimodalConfig(BaseModel):
     # post-processing
     image_size: int = Field(128, ge=8, description="128, or 64 for the MMEarth64 variant")
     part_size: int = Field(64, ge=1, description="tiles per packing partition")
+    keep_parts: bool = Field(False, description="keep packed partitions after the h5 is written (uses as much disk again)")
     compression_codec: Literal["isal", "zlib"] = "isal"
     compression_level: int = Field(1, ge=0, le=9)
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_seed: int = 42
     dask: DaskSettings = Field(default_factory=DaskSettings)
+    dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
+
+    def dask_settings(self) -> DaskSettings:
+        if self.dask_block:
+            from blocks.dask_cluster import DaskCluster
+
+            return DaskCluster.load(self.dask_block).to_settings()
+        return self.dask
 
     @field_validator("name")
     @classmethod

@@ -333,20 +333,49 @@ def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 
     return n
 
 
-def merge_part_stats(parts: list[PartResult]) -> StatsAccumulator:
+def part_summary(part: PartResult) -> dict[str, Any]:
+    """What the dataset needs from a part once its chunks are in the h5."""
+    with np.load(part.path, allow_pickle=False) as z:
+        stats = StatsAccumulator.from_npz(z)
+        return {
+            "index": part.index, "key": str(z["key"]), "n_rows": int(z["n_rows"]),
+            "tile_ids": [str(t) for t in z["tile_ids"]], "problems": json.loads(str(z["problems"])),
+            "stats": {k: v.to_arrays().tolist() for k, v in stats.stats.items()},
+        }
+
+
+def merge_stats(summaries: list[dict[str, Any]]) -> StatsAccumulator:
+    """Merge the statistics of part summaries (in part order)."""
     acc = StatsAccumulator()
-    for p in sorted(parts, key=lambda p: p.index):
-        with np.load(p.path, allow_pickle=False) as z:
-            acc = acc.merge(StatsAccumulator.from_npz(z))
+    for s in sorted(summaries, key=lambda s: s["index"]):
+        acc = acc.merge(StatsAccumulator.from_npz({f"stats_{k}": np.array(v) for k, v in s["stats"].items()}))
     return acc
 
 
-def part_tile_ids(parts: list[PartResult]) -> list[str]:
-    out: list[str] = []
-    for p in sorted(parts, key=lambda p: p.index):
-        with np.load(p.path, allow_pickle=False) as z:
-            out.extend(str(t) for t in z["tile_ids"])
-    return out
+def merge_part_stats(parts: list[PartResult]) -> StatsAccumulator:
+    return merge_stats([part_summary(p) for p in parts])
+
+
+def read_manifest(h5_path: Path, manifest_path: Path, keys: list[str]) -> list[dict[str, Any]] | None:
+    """The part summaries ``h5_path`` was built from, if it was built from exactly
+    the parts ``keys`` and is unchanged since; else None."""
+    if not h5_path.exists() or not manifest_path.exists():
+        return None
+    try:
+        m = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    parts = m.get("parts") or []
+    if [p.get("key") for p in parts] != keys or m.get("h5_size") != h5_path.stat().st_size \
+            or m.get("h5_mtime_ns") != h5_path.stat().st_mtime_ns:
+        return None
+    return parts
+
+
+def write_manifest(h5_path: Path, manifest_path: Path, summaries: list[dict[str, Any]]) -> None:
+    st = h5_path.stat()
+    write_json_atomic(manifest_path, {"h5_size": st.st_size, "h5_mtime_ns": st.st_mtime_ns,
+                                      "parts": sorted(summaries, key=lambda s: s["index"])})
 
 
 # --------------------------------------------------------------------------
@@ -377,23 +406,3 @@ def write_dataset_jsons(out_dir: Path, name: str, tile_info: dict[str, Any], ban
     write_json_atomic(paths["band_stats"], band_stats)  # NaN written as NaN, as json.dump does
     write_json_atomic(paths["splits"], splits)
     return paths
-
-
-def h5_is_current(h5_path: Path, manifest_path: Path, keys: list[str]) -> bool:
-    """True when ``h5_path`` exists and was built from exactly the parts ``keys``."""
-    if not h5_path.exists() or not manifest_path.exists():
-        return False
-    try:
-        m = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return m.get("parts") == keys and m.get("h5_size") == h5_path.stat().st_size
-
-
-def write_manifest(h5_path: Path, manifest_path: Path, keys: list[str]) -> None:
-    write_json_atomic(manifest_path, {"parts": keys, "h5_size": os.path.getsize(h5_path)})
-
-
-def read_part_key(path: str | Path) -> str:
-    with np.load(path, allow_pickle=False) as z:
-        return str(z["key"])

@@ -59,7 +59,7 @@ def dataset_paths(out_dir: Path) -> dict[str, Path]:
 def fetch_key(source: Source, tile: Tile, grid: Grid) -> str:
     """What a tile's stack depends on: the source and its settings, the tile, the grid."""
     blob = json.dumps(
-        [source.name, getattr(source, "cache_key", lambda: "")(), tile.tile_id, tile.geometry,
+        [source.name, source.cache_key(), tile.tile_id, tile.geometry,
          tile.biome, tile.eco_region, grid.crs, list(grid.transform)[:6], grid.size],
         sort_keys=True, default=str,
     )

@@ -119,7 +119,8 @@ class StatsAccumulator:
         out.stats = {k: ChannelStats.from_arrays(npz[prefix + k]) for k in STATS_KEYS}
         return out
 
-    def band_stats(self) -> tuple[dict[str, dict[str, list[float]]], list[str]]:
-        """The NAME_band_stats.json content and the keys for which nothing was seen."""
-        empty = [k for k, s in self.stats.items() if not np.any(s.count > 0)]
-        return {k: s.to_json() for k, s in self.stats.items()}, empty
+    def band_stats(self) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[int]]]:
+        """The NAME_band_stats.json content, and per key the channels with no valid value
+        (their statistics are NaN)."""
+        empty = {k: [int(c) for c in np.flatnonzero(s.count == 0)] for k, s in self.stats.items()}
+        return {k: s.to_json() for k, s in self.stats.items()}, {k: v for k, v in empty.items() if v}

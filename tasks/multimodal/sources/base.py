@@ -101,6 +101,11 @@ class Source(abc.ABC):
     def check(self) -> None:
         """Fail fast before any tile is attempted (credentials, configuration)."""
 
+    def cache_key(self) -> str:
+        """Settings besides the tile that change what :meth:`fetch` returns; a tile
+        fetched under another key is fetched again."""
+        return ""
+
     @abc.abstractmethod
     def fetch(self, tile: Tile, grid: "Grid") -> TileStack:
         """Return the stack of one tile on ``grid`` or raise a :class:`SourceError`."""

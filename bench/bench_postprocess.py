@@ -1,0 +1,128 @@
+"""Benchmark: post-processing alone (stacks -> NAME.h5 + band stats + splits).
+
+Builds N synthetic 130x130 float32 stacks with the embedded synthetic source
+(once, cached in the work folder), then times exactly what the flow runs after
+fetching: ``pack_partition`` on every Dask worker (read, convert, compress,
+statistics), ``assemble_h5`` (one writer, direct chunk writes), merged
+statistics, splits and the JSON files. Prints tiles/s, MB/s written and the
+peak resident memory of the whole process tree (this process + Dask workers).
+
+    python bench/bench_postprocess.py                 # N=2000, 128 px
+    python bench/bench_postprocess.py --n 500 --workers 2
+    python bench/bench_postprocess.py --codec zlib --level 4   # plain zlib, for comparison
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import psutil  # noqa: E402
+
+from tasks.multimodal import convert, stacks, tiles as tiles_mod  # noqa: E402
+from tasks.multimodal.sources.synthetic import SyntheticSource  # noqa: E402
+
+
+class PeakRSS:
+    """Samples the summed RSS of this process and its children every 20 ms."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me] + me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total)
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def build_stacks(work: Path, n: int) -> tuple[list[str], dict]:
+    regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
+    eco = tiles_mod.eco_region_index(regions)
+    tiles = tiles_mod.sample_tiles(regions, eco, n, 0, seed=123)
+    source = SyntheticSource(seed=123, eco_index=eco)
+    t0 = time.perf_counter()
+    for i, t in enumerate(tiles):
+        stacks.fetch_tile(t, source, work)
+        if (i + 1) % 500 == 0:
+            print(f"  built {i + 1}/{n} stacks ({time.perf_counter() - t0:.0f}s)", flush=True)
+    ids = [t.tile_id for t in tiles]
+    return ids, stacks.load_tile_info(ids, work)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--image-size", type=int, default=128)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--part-size", type=int, default=64)
+    ap.add_argument("--codec", default="isal", choices=["isal", "zlib"])
+    ap.add_argument("--level", type=int, default=1)
+    ap.add_argument("--work", default="bench_out/postprocess")
+    args = ap.parse_args()
+
+    from distributed import Client, LocalCluster
+
+    work = Path(args.work).resolve() / f"n{args.n}"
+    print(f"stacks: {work / 'tiles'}")
+    ids, info = build_stacks(work, args.n)
+    parts_dir = work / "work" / "bench_parts"
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    h5 = work / "data_bench.h5"
+    comp = convert.Compression(args.codec, args.level)
+    tif_bytes = sum((work / "tiles" / f"{t}.tif").stat().st_size for t in ids)
+
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(lambda: None)  # workers up before the clock starts
+        with PeakRSS() as mem:
+            t0 = time.perf_counter()
+            specs = convert.make_partitions(ids, args.part_size)
+            futs = [
+                client.submit(convert.pack_partition, s, str(work / "tiles"), {t: info[t] for t in s.tile_ids},
+                              str(parts_dir), args.image_size, comp, pure=False)
+                for s in specs
+            ]
+            parts = client.gather(futs)
+            t_pack = time.perf_counter() - t0
+            n = convert.assemble_h5(parts, h5, args.image_size, comp)
+            t_asm = time.perf_counter() - t0 - t_pack
+            band_stats, _ = convert.merge_part_stats(parts).band_stats()
+            splits = convert.make_splits(n)
+            convert.write_dataset_jsons(work, "data_bench", info, band_stats, splits)
+            elapsed = time.perf_counter() - t0
+    h5_mb = h5.stat().st_size / 1e6
+    print(f"\nN={n} tiles, {args.image_size} px, {args.workers} workers, codec {args.codec} level {args.level}")
+    print(f"input stacks: {tif_bytes / 1e6:.0f} MB; h5 written: {h5_mb:.0f} MB")
+    print(f"pack (parallel): {t_pack:.1f}s; assemble (one writer): {t_asm:.1f}s; total {elapsed:.1f}s")
+    print(f"throughput: {n / elapsed:.1f} tiles/s, {h5_mb / elapsed:.1f} MB/s written, "
+          f"{tif_bytes / 1e6 / elapsed:.1f} MB/s read")
+    print(f"peak RSS (this process + workers): {mem.peak / 1e6:.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Scheduled deployments of the flows (``python -m deployments.serve``)."""

@@ -1,0 +1,61 @@
+"""Serve the flows as scheduled deployments from this machine.
+
+    python -m deployments.serve                 # uses PREFECT_API_URL, or starts a local server
+    python -m deployments.serve --list          # show what would be served
+
+Each deployment is a flow plus parameters plus a schedule; runs appear in the
+Prefect UI and can also be started from there ("Run" / "Custom run").
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from prefect.deployments.runner import RunnerDeployment
+
+
+def build_deployments() -> list[RunnerDeployment]:
+    from flows.multimodal import multimodal_flow
+    from tasks.multimodal.config import get_config
+
+    return [
+        multimodal_flow.to_deployment(
+            name="embedded-default",
+            description="The embedded default dataset (synthetic source); weekly smoke of the whole pipeline.",
+            parameters={"config": get_config("default").model_dump(mode="json")},
+            cron="0 3 * * 1",
+            tags=["multimodal", "embedded"],
+        ),
+        multimodal_flow.to_deployment(
+            name="mmearth64-embedded",
+            description="MMEarth64 variant (64 px) of the embedded default; on demand.",
+            parameters={"config": get_config("mmearth64").model_dump(mode="json")},
+            tags=["multimodal", "embedded"],
+        ),
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--list", action="store_true", help="print the deployments and exit")
+    args = ap.parse_args(argv)
+    deployments = build_deployments()
+    if args.list:
+        for d in deployments:
+            sched = ", ".join(str(s.schedule.cron) for s in (d.schedules or []) if hasattr(s.schedule, "cron"))
+            print(f"{d.flow_name}/{d.name}  schedule: {sched or 'none'}  tags: {d.tags}")
+        return 0
+    from prefect import serve
+
+    from tasks.common.runtime import local_prefect_server
+
+    with local_prefect_server() as server:
+        print(f"Prefect UI: {server.ui_url}", flush=True)
+        serve(*deployments)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
