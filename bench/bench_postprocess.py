@@ -35,6 +35,8 @@ class PeakRSS:
 
     def __init__(self) -> None:
         self.peak = 0
+        self.peak_main = 0
+        self.peak_child = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
@@ -44,9 +46,14 @@ class PeakRSS:
             total = 0
             for p in [me] + me.children(recursive=True):
                 try:
-                    total += p.memory_info().rss
+                    rss = p.memory_info().rss
                 except psutil.Error:
-                    pass
+                    continue
+                total += rss
+                if p.pid == me.pid:
+                    self.peak_main = max(self.peak_main, rss)
+                else:
+                    self.peak_child = max(self.peak_child, rss)
             self.peak = max(self.peak, total)
             time.sleep(0.02)
 
@@ -120,7 +127,8 @@ def main() -> int:
     print(f"pack (parallel): {t_pack:.1f}s; assemble (one writer): {t_asm:.1f}s; total {elapsed:.1f}s")
     print(f"throughput: {n / elapsed:.1f} tiles/s, {h5_mb / elapsed:.1f} MB/s written, "
           f"{tif_bytes / 1e6 / elapsed:.1f} MB/s read")
-    print(f"peak RSS (this process + workers): {mem.peak / 1e6:.0f} MB")
+    print(f"peak RSS: {mem.peak / 1e6:.0f} MB in all (this process + workers); "
+          f"writer process {mem.peak_main / 1e6:.0f} MB, largest worker {mem.peak_child / 1e6:.0f} MB")
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from pydantic import ValidationError
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
@@ -127,10 +128,12 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     futures = {fetch.submit(b, source, str(out), config.stack_compress): b for b in batches}
     progress = _Progress(logger, "stacks", len(tiles))
     reasons: dict[str, str] = {}
+    fetched = 0
     for fut in as_completed(list(futures)):
         batch = futures[fut]
         try:
             for o in fut.result():
+                fetched += o.status == "fetched"
                 if o.status == "failed":
                     reasons[o.tile_id] = o.reason
         except Exception as exc:  # retries exhausted: the batch's unfinished tiles fail
@@ -146,7 +149,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     tile_info = stacks.load_tile_info([t.tile_id for t in tiles], out)
     for tid in no_data:
         report.problem(tid, "fetch", f"no data: {tile_info.get(tid, {}).get('NO_DATA_REASON', '')}")
-    report.counts.update({"stacks done": len(done_ids), "no data": len(no_data), "fetch failed": len(failed)})
+    report.counts.update({"stacks done": len(done_ids), "fetched this run": fetched, "no data": len(no_data),
+                          "fetch failed": len(failed)})
 
     # 3. pack partitions (parallel) and assemble the h5 (one writer) ------
     compression = convert.Compression(config.compression_codec, config.compression_level)
@@ -214,7 +218,10 @@ def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = _parse_value(value)
-    return get_config(args.config, **overrides)
+    try:
+        return get_config(args.config, **overrides)
+    except ValidationError as exc:
+        ap.error(f"invalid configuration: {exc}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,3 +82,22 @@ def test_accumulator_splits_sentinel2_by_type_and_roundtrips():
     b = StatsAccumulator.from_npz(a.to_npz_dict())
     assert b.band_stats()[0] == js
     del rng
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint8", "int16", "int8"])
+def test_integer_path_is_exact(dtype):
+    rng = np.random.default_rng(3)
+    info = np.iinfo(dtype)
+    x = rng.integers(info.min, info.max, size=(4, 3000), endpoint=True).astype(dtype)
+    valid = rng.random((4, 3000)) > 0.3
+    valid[3] = False
+    acc = ChannelStats.empty(4)
+    for idx in np.array_split(np.arange(3000), 5):
+        acc = acc.merge(ChannelStats.of(x[:, idx], valid[:, idx]))
+    js = acc.to_json()
+    for c in range(3):
+        v = x[c][valid[c]].astype(np.float64)
+        assert js["mean"][c] == pytest.approx(v.mean(), rel=1e-12)
+        assert js["std"][c] == pytest.approx(v.std(), rel=1e-10)
+        assert js["min"][c] == v.min() and js["max"][c] == v.max()
+    assert math.isnan(js["mean"][3]) and math.isnan(js["min"][3])

@@ -92,7 +92,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def get_config(name: str = "default", **overrides: Any) -> MultimodalConfig:
-    if name not in CONFIGS:
-        raise KeyError(f"unknown configuration {name!r}; choose one of {sorted(CONFIGS)}")
-    return MultimodalConfig(**{**CONFIGS[name], **overrides})
+def get_config(preset: str = "default", **overrides: Any) -> MultimodalConfig:
+    """The named configuration ``preset`` with ``overrides`` applied (nested dicts merge)."""
+    if preset not in CONFIGS:
+        raise KeyError(f"unknown configuration {preset!r}; choose one of {sorted(CONFIGS)}")
+    merged = dict(CONFIGS[preset])
+    for k, v in overrides.items():
+        merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return MultimodalConfig(**merged)

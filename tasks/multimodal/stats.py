@@ -34,16 +34,38 @@ class ChannelStats:
 
     @classmethod
     def of(cls, x: np.ndarray, valid: np.ndarray) -> "ChannelStats":
-        """Statistics of ``x`` (C, P) over the entries where ``valid`` (C, P) is True."""
-        x = np.asarray(x, dtype=np.float64)
-        n = valid.sum(axis=1).astype(np.float64)
-        xs = np.where(valid, x, 0.0)
+        """Statistics of ``x`` (C, P) over the entries where ``valid`` (C, P) is True.
+
+        Integer data: exact sums in int64 and M2 = (n*S2 - S1^2)/n in Python
+        integers, so there is no rounding at all before the final division.
+        Float data: two passes (mean, then squared deviations) in float64.
+        """
+        n_int = valid.sum(axis=1)
+        n = n_int.astype(np.float64)
+        if x.dtype.kind in "ui" and x.dtype.itemsize <= 4:
+            info = np.iinfo(x.dtype)
+            xi = np.where(valid, x, 0).astype(np.int64)
+            s1 = xi.sum(axis=1)
+            s2 = np.einsum("ij,ij->i", xi, xi)
+            mean = np.zeros(len(n))
+            m2 = np.zeros(len(n))
+            for c in range(len(n)):
+                k = int(n_int[c])
+                if k:
+                    a, b = int(s1[c]), int(s2[c])
+                    mean[c] = a / k
+                    m2[c] = (k * b - a * a) / k
+            mn = np.min(x, axis=1, where=valid, initial=info.max).astype(np.float64)
+            mx = np.max(x, axis=1, where=valid, initial=info.min).astype(np.float64)
+            mn[n_int == 0], mx[n_int == 0] = np.inf, -np.inf
+            return cls(count=n, mean=mean, m2=m2, min=mn, max=mx)
+        xs = np.sum(x, axis=1, where=valid, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(n > 0, xs.sum(axis=1) / np.maximum(n, 1), 0.0)
+            mean = np.where(n > 0, xs / np.maximum(n, 1), 0.0)
         d = np.where(valid, x - mean[:, None], 0.0)
         m2 = np.einsum("ij,ij->i", d, d)
-        mn = np.where(valid, x, np.inf).min(axis=1)
-        mx = np.where(valid, x, -np.inf).max(axis=1)
+        mn = np.min(x, axis=1, where=valid, initial=np.inf).astype(np.float64)
+        mx = np.max(x, axis=1, where=valid, initial=-np.inf).astype(np.float64)
         return cls(count=n, mean=mean, m2=m2, min=mn, max=mx)
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":

@@ -1,0 +1,259 @@
+"""The whole multimodal flow through a real local Prefect server and a real Dask
+LocalCluster, then the output checked exactly against the contract."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import psutil
+import pytest
+import rasterio
+
+from tasks.common.runtime import DaskConfig, PROJECT_ROOT, make_task_runner
+from tasks.multimodal import convert, schema
+from tasks.multimodal.config import MultimodalConfig
+from tests.mmearth_reader import Reader
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def _run(cfg: MultimodalConfig, runner=None):
+    from flows.multimodal import multimodal_flow
+
+    runner = runner or make_task_runner(DaskConfig(n_workers=2))
+    return multimodal_flow.with_options(task_runner=runner)(config=cfg)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("flow")
+    cfg = MultimodalConfig(
+        name="data_flowtest", output_dir=str(out), n_tiles=14, fetch_batch_size=3, part_size=4,
+        source_options={"no_data_rate": 0.15, "missing_orbit_rate": 0.4, "seed": 7},
+    )
+    result = _run(cfg)
+    return cfg, result
+
+
+def test_flow_counts_and_report(built):
+    cfg, result = built
+    counts = result["counts"]
+    assert counts["tiles sampled"] == 14
+    assert counts["stacks done"] + counts["no data"] + counts["fetch failed"] == 14
+    assert counts["no data"] >= 1, "no_data_rate 0.15 over 14 tiles should hit at least one tile"
+    assert counts["rows in h5"] == counts["stacks done"] and counts["convert failed"] == 0
+    no_data_items = {p["item"] for p in result["problems"] if p["reason"].startswith("no data")}
+    assert len(no_data_items) == counts["no data"]
+    report = json.loads((cfg.dataset_dir / "report.json").read_text())
+    assert report["counts"] == counts
+    png = (cfg.dataset_dir / "tiles_map.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_h5_exact_schema_and_alignment(built):
+    cfg, result = built
+    out = cfg.dataset_dir
+    n = result["counts"]["rows in h5"]
+    tile_info = json.loads((out / f"{cfg.name}_tile_info.json").read_text())
+    S = cfg.image_size
+    with h5py.File(out / f"{cfg.name}.h5", "r") as f:
+        assert set(f) == {d.name for d in schema.H5_DATASETS} | {"metadata"}
+        for d in schema.H5_DATASETS:
+            ds = f[d.name]
+            assert ds.shape == ((n, d.channels, S, S) if d.spatial else (n, d.channels)), d.name
+            assert ds.dtype == d.dtype, d.name
+            assert ds.chunks == (1,) + ds.shape[1:] and ds.compression == "gzip", d.name
+        meta = f["metadata"][:]
+        assert meta.dtype == schema.METADATA_DTYPE
+        ids = [m["tile_id"].decode() for m in meta]
+        assert len(set(ids)) == n
+        for row, tid in enumerate(ids):
+            info = tile_info[tid]
+            assert not info["NO_DATA"]
+            assert meta[row]["S2_type"].decode() == info["S2_type"]
+            lat, lon = math.radians(info["lat"]), math.radians(info["lon"])
+            np.testing.assert_allclose(f["lat"][row], [math.sin(lat), math.cos(lat)], rtol=1e-6)
+            np.testing.assert_allclose(f["lon"][row], [math.sin(lon), math.cos(lon)], rtol=1e-6, atol=1e-7)
+            m = int(info["S2_DATE"][5:7])
+            np.testing.assert_allclose(f["month"][row], [math.sin(2 * math.pi * m / 12), math.cos(2 * math.pi * m / 12)], atol=1e-6)
+            assert f["biome"][row].argmax() == info["biome"] and f["biome"][row].sum() == 1
+            assert f["eco_region"][row].argmax() == info["eco_region"] and f["eco_region"][row].sum() == 1
+            era = info["era5"]
+            np.testing.assert_allclose(f["era5"][row], era["month1"] + era["month2"] + era["year"], rtol=1e-6)
+            # no-data handling per the contract
+            s1 = f["sentinel1"][row]
+            for o, orbit in enumerate(("asc", "desc")):
+                present = info["BANDS"][f"sentinel1_{orbit}"] or []
+                for p, pol in enumerate(schema.S1_POLARISATIONS):
+                    assert np.all(np.isneginf(s1[4 * o + p])) == (pol not in present), (tid, orbit, pol)
+            if info["S2_type"] == "l1c":
+                assert np.all(f["sentinel2_cloudprod"][row] == 65535)
+                assert np.all(f["sentinel2_scl"][row] == 255)
+            else:
+                assert not f["sentinel2"][row, 10].any()  # no B10 in L2A
+            dw = f["dynamic_world"][row]
+            assert dw.min() >= 1 and dw.max() <= 9
+            assert set(np.unique(f["esa_worldcover"][row])) <= set(schema.WORLDCOVER_CLASSES)
+            # the row is the centre crop of the tile's own GeoTIFF
+            with rasterio.open(out / "tiles" / f"{tid}.tif") as src:
+                data, names = src.read(), list(src.descriptions)
+            rows = convert.tile_rows(data, names, info, tid, S)
+            for d in schema.H5_DATASETS:
+                np.testing.assert_array_equal(f[d.name][row], rows[d.name], err_msg=f"{tid} {d.name}")
+            nan_s2 = np.isnan(data[:13]).any()
+            if nan_s2:  # missing S2 pixels are the no-data value 0, and excluded from stats
+                assert (f["sentinel2"][row] == 0).any()
+
+
+def test_splits_stats_and_training_reader(built):
+    cfg, result = built
+    out = cfg.dataset_dir
+    n = result["counts"]["rows in h5"]
+    splits = json.loads((out / f"{cfg.name}_splits.json").read_text())
+    assert sorted(splits["train"] + splits["val"] + splits["test"]) == list(range(n))
+    stats = json.loads((out / f"{cfg.name}_band_stats.json").read_text())
+    assert set(stats) == set(schema.STATS_KEYS)
+    for key, (ds, _) in schema.STATS_KEYS.items():
+        for field in ("mean", "std", "min", "max"):
+            assert len(stats[key][field]) == schema.H5_BY_NAME[ds].channels
+    for split in ("train", "val", "test"):
+        reader = Reader(out, split)
+        for i in range(len(reader)):
+            item = reader[i]
+            s2 = item["sentinel2"]
+            assert s2.shape == (13, cfg.image_size, cfg.image_size)
+            l2a = reader.tile_info[item["id"]]["S2_type"] == "l2a"
+            valid = np.delete(s2, 10, axis=0) if l2a else s2
+            assert np.isfinite(valid).mean() > 0.9
+            assert np.isfinite(item["aster"]).all() and np.isfinite(item["era5"]).all()
+            assert item["dynamic_world"].min() >= 0 and item["esa_worldcover"].min() >= 0
+
+
+def test_prefect_artifacts_published(built, prefect_server):
+    import httpx
+
+    keys = ["data-flowtest-counts", "data-flowtest-report"]
+    resp = httpx.post(f"{prefect_server.url}/artifacts/filter", timeout=10,
+                      json={"artifacts": {"key": {"any_": keys}}, "limit": 50, "sort": "CREATED_DESC"})
+    resp.raise_for_status()
+    kinds = {a["key"]: a for a in resp.json()}
+    assert set(keys) <= set(kinds)
+    assert "data:image/png;base64," in kinds["data-flowtest-report"]["data"]
+    rows = json.loads(kinds["data-flowtest-counts"]["data"])
+    assert {"what": "tiles sampled", "count": 14} in rows
+
+
+def test_rerun_skips_everything_and_keeps_h5(built):
+    cfg, result = built
+    h5 = cfg.dataset_dir / f"{cfg.name}.h5"
+    before = h5.stat().st_mtime_ns
+    again = _run(cfg)
+    assert again["counts"]["fetched this run"] == 0
+    assert again["counts"]["rows in h5"] == result["counts"]["rows in h5"]
+    assert h5.stat().st_mtime_ns == before
+
+
+def test_corrupt_geotiff_in_tiles_folder_is_fetched_again(tmp_path):
+    cfg = MultimodalConfig(name="data_corrupt", output_dir=str(tmp_path), n_tiles=6, fetch_batch_size=3, part_size=3)
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    first = _run(cfg, ThreadPoolTaskRunner(max_workers=2))
+    tif = sorted((cfg.dataset_dir / "tiles").glob("*.tif"))[0]
+    tif.write_bytes(tif.read_bytes()[: tif.stat().st_size // 3])  # truncated
+    second = _run(cfg, ThreadPoolTaskRunner(max_workers=2))
+    assert second["counts"]["fetched this run"] == 1
+    assert second["counts"]["rows in h5"] == first["counts"]["rows in h5"] == 6
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda p: p.write_text("{ not json"), "regions.geojson"),
+    (lambda p: p.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [0, 0]},
+         "properties": {"biome": "Tundra", "eco_region": "x"}}]})), "Point"),
+    (lambda p: p.write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]},
+         "properties": {"biome": "Moon Dust", "eco_region": "x"}}]})), "Moon Dust"),
+])
+def test_bad_regions_fail_with_file_and_field(tmp_path, mutate, message):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    p = tmp_path / "regions.geojson"
+    mutate(p)
+    cfg = MultimodalConfig(name="data_bad", output_dir=str(tmp_path / "o"), regions=str(p), n_tiles=2)
+    with pytest.raises(Exception, match=message):
+        _run(cfg, ThreadPoolTaskRunner(max_workers=1))
+
+
+@pytest.mark.parametrize("tile_id", ["../evil", "a/b"])
+def test_unsafe_tile_id_in_tiles_file_is_refused(tmp_path, tile_id):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    tiles = {"type": "FeatureCollection", "features": [{
+        "type": "Feature",
+        "geometry": {"type": "Polygon", "coordinates": [[[8.5, 50.5], [8.52, 50.5], [8.52, 50.51], [8.5, 50.51], [8.5, 50.5]]]},
+        "properties": {"tile_id": tile_id, "biome": "Temperate Broadleaf & Mixed Forests",
+                       "eco_region": "Western European broadleaf forests"}}]}
+    p = tmp_path / "tiles.geojson"
+    p.write_text(json.dumps(tiles))
+    cfg = MultimodalConfig(name="data_bad", output_dir=str(tmp_path / "o"), tiles_geojson=str(p))
+    with pytest.raises(Exception, match="tile_id"):
+        _run(cfg, ThreadPoolTaskRunner(max_workers=1))
+    assert not list((tmp_path / "o").rglob("*.tif"))
+    assert not (tmp_path / "evil").exists()
+
+
+def _h5_arrays(path: Path) -> dict[str, np.ndarray]:
+    with h5py.File(path, "r") as f:
+        return {k: f[k][:] for k in f}
+
+
+def test_interrupted_run_resumes_without_redoing_work(tmp_path, prefect_server):
+    """Ctrl-C a local run mid-fetch, run again: same dataset as an uninterrupted run,
+    and no tile fetched twice."""
+    common = ["--set", "n_tiles=24", "--set", "fetch_batch_size=2", "--set", "part_size=6",
+              "--set", "dask.n_workers=2"]
+    env = dict(os.environ, PREFECT_API_URL=prefect_server.url, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "flows.multimodal", "--set", "name=data_resume",
+           "--set", f"output_dir={tmp_path / 'a'}", *common]
+    proc = subprocess.Popen(cmd + ["--set", 'source_options={"latency_s": 0.3}'], cwd=PROJECT_ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    info_dir = tmp_path / "a" / "data_resume" / "work" / "tile_info"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if info_dir.is_dir() and len(list(info_dir.glob("*.json"))) >= 6:
+            break
+        time.sleep(0.1)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C goes to the terminal's whole process group
+    proc.wait(timeout=90)
+    psutil.wait_procs(children, timeout=30)
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], "left running"
+    done_before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "data_resume" / "tiles").glob("*.tif")}
+    assert 0 < len(done_before) < 24, "interrupt should land mid-fetch"
+    assert not (tmp_path / "a" / "data_resume" / "data_resume.h5").exists()
+
+    from flows.multimodal import parse_args
+
+    resumed = _run(parse_args(["--set", "name=data_resume", "--set", f"output_dir={tmp_path / 'a'}", *common]))
+    assert resumed["counts"]["fetched this run"] == 24 - len(done_before)
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "a" / "data_resume" / "tiles").glob("*.tif")}
+    assert all(after[k] == v for k, v in done_before.items()), "a finished tile was fetched again"
+
+    clean = _run(parse_args(["--set", "name=data_resume", "--set", f"output_dir={tmp_path / 'b'}", *common]))
+    assert clean["counts"] == resumed["counts"] | {"fetched this run": 24}
+    a, b = tmp_path / "a" / "data_resume", tmp_path / "b" / "data_resume"
+    ha, hb = _h5_arrays(a / "data_resume.h5"), _h5_arrays(b / "data_resume.h5")
+    assert ha.keys() == hb.keys()
+    for k in ha:
+        np.testing.assert_array_equal(ha[k], hb[k], err_msg=k)
+    for suffix in ("_tile_info.json", "_band_stats.json", "_splits.json"):
+        assert (a / f"data_resume{suffix}").read_text() == (b / f"data_resume{suffix}").read_text(), suffix
