@@ -25,6 +25,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
 from tasks.common.atomic import remove_partials
+from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunReport, tiles_map_png
 from tasks.common.runtime import local_prefect_server, make_task_runner
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
@@ -122,10 +123,14 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
 
     # 2. stacks ------------------------------------------------------------
     source = make_source(config.source, config.source_options, eco_index)
-    source.check()
+    if config.source == "earthengine":
+        # every Earth Engine request of every task holds a slot of this limit
+        ensure_limit(config.request_limit_name, config.request_ceiling)
+        source.limit_name = config.request_limit_name
+    source.check()  # credentials, project: fail before any tile
     fetch = fetch_batch_task.with_options(retries=config.fetch_retries)
     batches = _chunks(tiles, config.fetch_batch_size)
-    futures = {fetch.submit(b, source, str(out), config.stack_compress): b for b in batches}
+    futures = {fetch.submit(b, source, str(out), config.stack_compress, config.fetch_threads): b for b in batches}
     progress = _Progress(logger, "stacks", len(tiles))
     reasons: dict[str, str] = {}
     fetched = 0

@@ -49,9 +49,15 @@ class MultimodalConfig(BaseModel):
     seed: int = 0
     batch: int = 0
     # stacks
-    source: Literal["synthetic"] = "synthetic"
-    source_options: dict[str, Any] = Field(default_factory=dict)
+    source: Literal["synthetic", "earthengine"] = "synthetic"
+    source_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="source settings; earthengine: project, credentials_block or secret_block, url, timeout_s "
+                    "(never put a key here: flow parameters are stored by Prefect)")
+    request_ceiling: int = Field(40, ge=1, description="Earth Engine concurrent requests allowed for the project")
+    request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name")
     fetch_batch_size: int = Field(16, ge=1, description="tiles per fetch task")
+    fetch_threads: int = Field(1, ge=1, description="tiles fetched concurrently inside one fetch task")
     fetch_retries: int = Field(3, ge=0)
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
@@ -72,6 +78,16 @@ class MultimodalConfig(BaseModel):
             return DaskCluster.load(self.dask_block).to_settings()
         return self.dask
 
+    @field_validator("source_options")
+    @classmethod
+    def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        bad = [k for k in v if any(w in k.lower() for w in ("key", "secret", "token", "password", "credential"))
+               and k not in ("credentials_block", "secret_block")]
+        if bad:
+            raise ValueError(f"source_options {bad} look like credentials; flow parameters are stored and shown by "
+                             "Prefect: save the key in an EarthEngineCredentials block and pass credentials_block")
+        return v
+
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
@@ -87,6 +103,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     # MMEarth64: 64 px images.
     "mmearth64": {"name": "data_embedded_v001_64", "image_size": 64},
+    # Real Earth Engine: one request slot per fetching thread, up to the ceiling.
+    "earthengine": {"name": "data_ee_v001", "source": "earthengine", "fetch_batch_size": 20, "fetch_threads": 20,
+                    "dask": {"n_workers": 2, "threads_per_worker": 1}},
     # A few tiles, for a quick look.
     "smoke": {"name": "data_smoke", "n_tiles": 24, "fetch_batch_size": 4, "part_size": 8},
 }

@@ -10,18 +10,21 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from tasks.multimodal import convert, stacks
 from tasks.multimodal.sources.base import Source, Tile
 
 
 @task(name="fetch-stacks", cache_policy=NO_CACHE, tags=["multimodal", "fetch"],
-      retries=3, retry_delay_seconds=[2, 8, 30], retry_jitter_factor=0.5)
-def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: str | None = None) -> list[stacks.TileOutcome]:
+      retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=4), retry_jitter_factor=0.5)
+def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: str | None = None,
+                     threads: int = 1) -> list[stacks.TileOutcome]:
     """Fetch a batch of tiles. Tiles failing transiently raise, so Prefect retries the
-    batch; tiles already written are skipped on the retry."""
+    batch (exponential backoff with jitter); tiles already written or recorded as
+    no-data are skipped on the retry, so only the failed ones are fetched again."""
     logger = get_run_logger()
-    outcomes = stacks.fetch_batch(tiles, source, Path(out_dir), compress)
+    outcomes = stacks.fetch_batch(tiles, source, Path(out_dir), compress, threads)
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1

@@ -8,7 +8,7 @@ from tasks.multimodal.sources.base import (  # noqa: F401
     Grid, NoDataError, Source, SourceError, Tile, TileStack, TransientSourceError,
 )
 
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "earthengine")
 
 
 def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dict[str, int] | None = None) -> Source:
@@ -18,4 +18,48 @@ def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dic
         from tasks.multimodal.sources.synthetic import SyntheticSource
 
         return SyntheticSource(eco_index=eco_index, **options)
+    if name == "earthengine":
+        return _earthengine(options, eco_index)
     raise ValueError(f"unknown source {name!r}; choose one of {SOURCES}")
+
+
+def _earthengine(options: dict[str, Any], eco_index: dict[str, int] | None) -> Source:
+    """Earth Engine source; credentials from (in order) ``credentials_block`` (an
+    EarthEngineCredentials block), ``secret_block`` (a Prefect Secret holding the
+    key JSON), ``EE_SERVICE_ACCOUNT_KEY`` (JSON text or file path), else the
+    persistent credentials of ``earthengine authenticate``. The project from
+    ``project``, the block, or ``EE_PROJECT``."""
+    import json
+    import os
+
+    from tasks.multimodal.sources.earthengine import EarthEngineAuthError, EarthEngineSource, credentials_from_env
+
+    key = None
+    project = options.pop("project", None)
+    block_name = options.pop("credentials_block", None)
+    secret_name = options.pop("secret_block", None)
+    if block_name:
+        from blocks.earthengine import EarthEngineCredentials
+
+        try:
+            block = EarthEngineCredentials.load(block_name)
+        except ValueError as exc:
+            raise EarthEngineAuthError(f"EarthEngineCredentials block {block_name!r} not found ({exc}); "
+                                       "save one first (see blocks/earthengine.py)") from None
+        key = block.key_info()
+        project = project or block.project
+    elif secret_name:
+        from prefect.blocks.system import Secret
+
+        try:
+            value = Secret.load(secret_name).get()
+        except ValueError as exc:
+            raise EarthEngineAuthError(f"Prefect Secret {secret_name!r} not found ({exc})") from None
+        key = value if isinstance(value, dict) else json.loads(value)
+    else:
+        key = credentials_from_env()
+    project = project or os.environ.get("EE_PROJECT") or (key or {}).get("project_id")
+    if not project:
+        raise EarthEngineAuthError("no Earth Engine Cloud project: set source_options.project, the block's "
+                                   "project, or EE_PROJECT")
+    return EarthEngineSource(project=project, credentials=key, eco_index=eco_index, **options)
