@@ -102,18 +102,35 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     report = RunReport(title=f"multimodal dataset {config.name}")
 
     # 1. tiles -------------------------------------------------------------
+    t0 = time.monotonic()
     regions_path = Path(config.regions) if config.regions else tiles_mod.DEFAULT_REGIONS
     regions, skipped_regions = tiles_mod.load_regions_split(regions_path)
     for r in skipped_regions:
         report.notes.append(f"region {r.eco_region} ({r.biome}) skipped: its biome is not sampled by MMEarth")
     eco_index = tiles_mod.eco_region_index(regions, config.eco_labels)
     tiles_path = out / f"{config.name}_tiles.geojson"
+    source = make_source(config.source, config.source_options, eco_index)
+    if config.source == "earthengine":
+        # every Earth Engine request of every task holds a slot of this limit
+        ensure_limit(config.request_limit_name, config.request_ceiling)
+        source.limit_name = config.request_limit_name
+    source.check()  # credentials, project: fail before any tile
     if config.tiles_geojson:
         tiles = tiles_mod.read_tiles_geojson(config.tiles_geojson)
         missing = sorted({t.eco_region for t in tiles} - set(eco_index))
         if missing:
             raise ValueError(f"{config.tiles_geojson}: ecoregion(s) {missing[:5]} have no index; "
                              "pass eco_labels with a {name: index} mapping")
+    elif config.tile_sampler == "earthengine":
+        if config.source != "earthengine":
+            raise ValueError("tile_sampler=earthengine needs source=earthengine (its credentials and project)")
+        from tasks.multimodal.tiles_ee import sample_tiles_ee
+
+        labels = tiles_mod.load_eco_index(config.eco_labels) if config.eco_labels else None
+        tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode, labels,
+                                           config.tile_size_m, config.seed, config.batch)
+        source.eco_index = eco_index
+        regions = []
     else:
         tiles = tiles_mod.sample_tiles(regions, eco_index, config.n_tiles, config.sampling_mode,
                                        tile_size_m=config.tile_size_m, seed=config.seed, batch=config.batch)
@@ -121,30 +138,31 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     logger.info("%d tiles -> %s", len(tiles), tiles_path)
     report.counts["tiles sampled"] = len(tiles)
 
+    report.timings["tiles"] = time.monotonic() - t0
     # 2. stacks ------------------------------------------------------------
-    source = make_source(config.source, config.source_options, eco_index)
-    if config.source == "earthengine":
-        # every Earth Engine request of every task holds a slot of this limit
-        ensure_limit(config.request_limit_name, config.request_ceiling)
-        source.limit_name = config.request_limit_name
-    source.check()  # credentials, project: fail before any tile
-    fetch = fetch_batch_task.with_options(retries=config.fetch_retries)
-    batches = _chunks(tiles, config.fetch_batch_size)
+    t0 = time.monotonic()
+    before = stacks.scan_tiles(tiles, source, out)
+    fetch = fetch_batch_task.with_options(
+        retries=config.fetch_retries, retry_jitter_factor=0.5,
+        retry_delay_seconds=[config.fetch_retry_delay_s * 2**i for i in range(max(config.fetch_retries, 1))])
+    todo = [t for t in tiles if before[t.tile_id] == "missing"]  # done or no-data tiles are never refetched
+    logger.info("%d of %d tiles to fetch (%d already done)", len(todo), len(tiles), len(tiles) - len(todo))
+    batches = _chunks(todo, config.fetch_batch_size)
     futures = {fetch.submit(b, source, str(out), config.stack_compress, config.fetch_threads): b for b in batches}
-    progress = _Progress(logger, "stacks", len(tiles))
+    progress = _Progress(logger, "stacks", len(todo))
     reasons: dict[str, str] = {}
-    fetched = 0
     for fut in as_completed(list(futures)):
         batch = futures[fut]
         try:
             for o in fut.result():
-                fetched += o.status == "fetched"
                 if o.status == "failed":
                     reasons[o.tile_id] = o.reason
         except Exception as exc:  # retries exhausted: the batch's unfinished tiles fail
             for t in batch:
                 reasons.setdefault(t.tile_id, f"{type(exc).__name__}: {exc}")
         progress.advance(len(batch))
+    report.timings["fetch"] = time.monotonic() - t0
+    t0 = time.monotonic()
     states = stacks.scan_tiles(tiles, source, out)
     done_ids = [t.tile_id for t in tiles if states[t.tile_id] == "done"]
     no_data = [tid for tid, s in states.items() if s == "no_data"]
@@ -154,6 +172,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     tile_info = stacks.load_tile_info([t.tile_id for t in tiles], out)
     for tid in no_data:
         report.problem(tid, "fetch", f"no data: {tile_info.get(tid, {}).get('NO_DATA_REASON', '')}")
+    fetched = sum(1 for t in tiles if before[t.tile_id] == "missing" and states[t.tile_id] != "missing")
     report.counts.update({"stacks done": len(done_ids), "fetched this run": fetched, "no data": len(no_data),
                           "fetch failed": len(failed)})
 
@@ -187,6 +206,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
                           "train": len(splits["train"]), "val": len(splits["val"]), "test": len(splits["test"])})
     report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(tiles_path)})
 
+    report.timings["pack, write, statistics"] = time.monotonic() - t0
     # 5. report --------------------------------------------------------------
     png = tiles_map_png([(t.lon, t.lat, t.biome) for t in tiles], [r.geometry for r in regions],
                         title=f"{config.name}: {len(tiles)} tiles")

@@ -47,7 +47,7 @@ def make_stack(tile_id, s2_type="l2a", asc=("VV", "VH"), desc=None, seed=0, nan_
         elif band == "slope":
             data[i] = rng.uniform(0, 60, (SIZE, SIZE))
         elif band == "label":
-            data[i] = rng.integers(0, 9, (SIZE, SIZE))
+            data[i] = rng.integers(1, 10, (SIZE, SIZE))  # label + 1, as exported
         elif band in ("height", "std"):
             data[i] = rng.uniform(0, 40, (SIZE, SIZE))
         elif band == "Map":
@@ -101,7 +101,7 @@ def test_tile_rows_maps_every_band(tiles_dir):
     assert np.all(np.isneginf(s1[2])) and np.all(np.isneginf(s1[3]))
     assert np.allclose(s1[6], crop[idx["sentinel1_desc/HH"]])
     assert np.all(np.isneginf(s1[4])) and np.all(np.isneginf(s1[5])) and np.all(np.isneginf(s1[7]))
-    assert np.array_equal(rows["dynamic_world"][0], np.rint(crop[idx["dynamic_world/label"]]).astype(np.uint8) + 1)
+    assert np.array_equal(rows["dynamic_world"][0], np.rint(crop[idx["dynamic_world/label"]]).astype(np.uint8))
     assert rows["dynamic_world"].min() >= 1
     assert np.array_equal(rows["esa_worldcover"][0], crop[idx["esa_worldcover/Map"]].astype(np.uint8))
     assert rows["era5"].tolist() == pytest.approx([270, 260, 280, 0.05, 275, 265, 285, 0.04, 280, 250, 300, 0.9])

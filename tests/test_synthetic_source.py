@@ -162,8 +162,8 @@ def test_value_ranges_and_consistency(sample: list[tuple[Tile, TileStack]]) -> N
         wc = b["esa_worldcover/Map"]
         assert np.all(np.isin(wc, wc_classes))
         dw = b["dynamic_world/label"]
-        assert dw.min() >= 0 and dw.max() <= 8
-        assert np.array_equal(dw, dw_of_wc[wc.astype(int)])
+        assert dw.min() >= 1 and dw.max() <= 9  # label + 1, as the original's stacks
+        assert np.array_equal(dw - 1, dw_of_wc[wc.astype(int)])
         h, sd = b["canopy_height_eth/height"], b["canopy_height_eth/std"]
         assert h.min() >= 0 and h.max() <= 50 and sd.min() >= 0 and sd.max() <= 10
         assert np.all(h[~np.isin(wc, [10, 20, 95])] == 0)

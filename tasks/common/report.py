@@ -27,13 +27,14 @@ class RunReport:
     problems: list[dict[str, str]] = field(default_factory=list)  # {"item", "stage", "reason"}
     notes: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
     def problem(self, item: str, stage: str, reason: str) -> None:
         self.problems.append({"item": item, "stage": stage, "reason": reason})
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "counts": self.counts, "problems": self.problems,
-                "notes": self.notes, "outputs": self.outputs}
+                "notes": self.notes, "outputs": self.outputs, "timings": self.timings}
 
     def table_rows(self) -> list[dict[str, Any]]:
         return [{"what": k, "count": v} for k, v in self.counts.items()]
@@ -41,6 +42,8 @@ class RunReport:
     def markdown(self, map_png: bytes | None = None, max_problems: int = 200) -> str:
         lines = [f"# {self.title}", "", "| what | count |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in self.counts.items()]
+        if self.timings:
+            lines += ["", "| stage | seconds |", "|---|---|"] + [f"| {k} | {v:.1f} |" for k, v in self.timings.items()]
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         if self.problems:

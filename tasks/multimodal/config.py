@@ -43,6 +43,8 @@ class MultimodalConfig(BaseModel):
     regions: str | None = Field(None, description="ecoregion polygons GeoJSON (default: the embedded regions)")
     eco_labels: str | None = Field(None, description="{ecoregion name: index} JSON (default: derived from the regions)")
     tiles_geojson: str | None = Field(None, description="use this tiles GeoJSON instead of sampling")
+    tile_sampler: Literal["local", "earthengine"] = Field(
+        "local", description="local: points in the regions GeoJSON; earthengine: randomPoints in RESOLVE/ECOREGIONS/2017")
     n_tiles: int = Field(256, ge=1)
     sampling_mode: Literal[0, 1, 2] = Field(0, description="0: biome equal, ecoregion by area; 1: biome equal, ecoregion equal; 2: ecoregion equal")
     tile_size_m: float = Field(1300.0, gt=0)
@@ -58,7 +60,8 @@ class MultimodalConfig(BaseModel):
     request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name")
     fetch_batch_size: int = Field(16, ge=1, description="tiles per fetch task")
     fetch_threads: int = Field(1, ge=1, description="tiles fetched concurrently inside one fetch task")
-    fetch_retries: int = Field(3, ge=0)
+    fetch_retries: int = Field(3, ge=0, description="Prefect retries of a fetch task whose tiles failed transiently")
+    fetch_retry_delay_s: float = Field(4.0, ge=0, description="first retry delay; doubles each retry, with jitter")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
     image_size: int = Field(128, ge=8, description="128, or 64 for the MMEarth64 variant")

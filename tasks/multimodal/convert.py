@@ -161,8 +161,9 @@ def tile_rows(
                 out[c] = _to_dtype(b, d.dtype, d.fill)
         rows[ds] = out
     dw = band("dynamic_world", "label")
+    # the stack already holds label + 1 (shifted on Earth Engine, as the original); 0 = no data
     rows["dynamic_world"] = (np.zeros((1, S, S), np.uint8) if dw is None
-                             else _to_dtype(dw + 1.0, np.dtype("uint8"), 0)[None])  # label + 1, 0 = no data
+                             else _to_dtype(dw, np.dtype("uint8"), 0)[None])
     wc = band("esa_worldcover", "Map")
     rows["esa_worldcover"] = (np.zeros((1, S, S), np.uint8) if wc is None
                               else _to_dtype(wc, np.dtype("uint8"), 0)[None])

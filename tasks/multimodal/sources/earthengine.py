@@ -373,6 +373,14 @@ class EarthEngineSource(Source):
                 raise EarthEngineAuthError(
                     f"the Earth Engine service-account key is not valid ({type(exc).__name__}); save the full JSON "
                     "key of the service account in the EarthEngineCredentials block or the Prefect Secret") from None
+        adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or os.path.expanduser(
+            "~/.config/gcloud/application_default_credentials.json")
+        if not os.path.exists(ee.oauth.get_credentials_path()) and not os.path.exists(adc):
+            # nothing on disk: say so now, rather than let google-auth probe the network for credentials
+            raise EarthEngineAuthError(
+                f"no Earth Engine credentials: {ee.oauth.get_credentials_path()} does not exist. Run "
+                "`earthengine authenticate` on this machine, or save a service-account key in an "
+                "EarthEngineCredentials block and pass source_options.credentials_block")
         try:
             return ee.data.get_persistent_credentials()
         except ee.EEException as exc:
@@ -390,16 +398,20 @@ class EarthEngineSource(Source):
             if _initialized.get(key):
                 return
             creds = self._credentials()
+            if self.url:
+                # A custom endpoint (a private deployment, or the tests' fake): the client
+                # must not fetch Google's deprecated-asset catalogue from storage.googleapis.com.
+                ee.deprecation._FetchDataCatalogStac = lambda: {}
             with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
                 try:
                     ee.Initialize(credentials=creds, project=self.project, url=self.url)
+                    ee.data.setMaxRetries(0)  # one attempt = one request; Prefect retries tiles
+                    ee.data.setDeadline(int(self.timeout_s * 1000))  # rebuilds the client: inside the slot
                 except Exception as exc:
                     if is_transient(exc):
                         raise TransientSourceError("-", f"Earth Engine initialisation failed: {exc}") from None
                     raise EarthEngineAuthError(f"Earth Engine rejected the credentials or project "
                                                f"{self.project!r}: {exc}") from None
-            ee.data.setMaxRetries(0)  # one attempt = one request; Prefect retries tiles
-            ee.data.setDeadline(int(self.timeout_s * 1000))
             _initialized.clear()
             _initialized[key] = True
 

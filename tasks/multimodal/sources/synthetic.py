@@ -10,7 +10,7 @@ MMEarth pipeline produced for one tile (see ``shared/contracts/mmearth.md``,
   base level, and the slope computed from it (``np.gradient`` at the pixel
   size, degrees) so the two are exactly consistent;
 * a patchy land-cover field (biome mixture + elevation + smooth noise) from
-  which ESA WorldCover, Dynamic World (raw label 0..8), Sentinel-2 spectra,
+  which ESA WorldCover, Dynamic World (label + 1, i.e. 1..9, as the original's stacks), Sentinel-2 spectra,
   the L2A scene classification, Sentinel-1 backscatter and canopy height are
   all derived, so every modality agrees with every other;
 * ERA5-Land-like monthly aggregates following latitude, season, hemisphere,
@@ -485,7 +485,8 @@ class SyntheticSource(Source):
         layers: dict[str, dict[str, np.ndarray]] = {
             "sentinel2": s2,
             "aster": {"elevation": elevation, "slope": slope},
-            "dynamic_world": {"label": _DW_LUT[cls]},
+            # as the original's export: the yearly label shifted by +1 on Earth Engine (1..9, 0 = no data)
+            "dynamic_world": {"label": _DW_LUT[cls] + 1.0},
             "canopy_height_eth": {"height": height, "std": std},
             "esa_worldcover": {"Map": _WC_LUT[cls]},
         }

@@ -1,0 +1,270 @@
+"""The Earth Engine source with the real earthengine-api client against a loopback
+fake server, a real Prefect server and a real Dask cluster."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import pytest
+
+from tasks.common.runtime import DaskConfig, make_task_runner
+from tasks.multimodal import schema
+from tasks.multimodal.config import MultimodalConfig
+from tasks.multimodal.sources.base import Tile
+from tasks.multimodal.sources.earthengine import (
+    Choices, EarthEngineAuthError, TileMeta, choose, is_transient, s2_window, stack_grid,
+)
+from tests.dataset_checks import check_dataset
+from tests.fake_ee import FakeEarthEngine
+
+
+def _tile(tid="t1", lon=8.5, lat=50.5):
+    d = 0.006
+    ring = [[lon - d, lat - d], [lon + d, lat - d], [lon + d, lat + d], [lon - d, lat + d], [lon - d, lat - d]]
+    return Tile(tid, "Temperate Broadleaf & Mixed Forests", "Western European broadleaf forests", lon, lat,
+                {"type": "Polygon", "coordinates": [ring]})
+
+
+# --------------------------------------------------------------------------
+# plain functions
+# --------------------------------------------------------------------------
+def test_choices_are_seeded_per_tile_like_the_original():
+    a, b = choose(_tile()), choose(_tile("other-id"))
+    assert a == b  # the seed is the tile centre, not its id
+    c = choose(_tile(lon=8.6))
+    assert isinstance(a, Choices) and 2017 <= a.year <= 2020 and a.prefer in ("l2a", "l1c") and 0 <= a.u < 1
+    assert (a.start, a.end) == s2_window(a.year)
+    assert {choose(_tile(lon=8.5 + i / 100)).year for i in range(40)} == {2017, 2018, 2019, 2020}
+    del c
+
+
+def test_s2_windows():
+    assert s2_window(2018) == ("2018-01-01", "2018-11-30")
+    assert s2_window(2019) == ("2018-12-01", "2019-12-31")
+    assert s2_window(2017) == ("2017-01-01", "2017-12-31")
+
+
+def test_transient_classification():
+    import ee
+
+    assert is_transient(ee.EEException("Too many concurrent requests."))
+    assert is_transient(ee.EEException("An internal error has occurred."))
+    assert is_transient(ee.EEException("The service is currently unavailable."))
+    assert is_transient(ConnectionError("RemoteDisconnected"))
+    assert is_transient(TimeoutError("read timed out"))
+    assert not is_transient(ee.EEException("Image.load: Image asset 'x' not found."))
+    assert not is_transient(ee.EEException("Geometry.Polygon: LinearRing requires at least 3 points."))
+
+
+def test_stack_bands_and_grid_follow_the_s2_image():
+    meta = TileMeta("l2a", "COPERNICUS/S2_SR_HARMONIZED/x", "2019-06-01",
+                    [b for b in schema.S2_BANDS_L2A if b != "MSK_CLDPRB"] + ["AOT"], "EPSG:32632",
+                    [10, 0, 399960, 0, -10, 5600040], {"asc": {"id": "a", "bands": ["VV", "VH", "angle"]}, "desc": None},
+                    0, {})
+    bands = meta.stack_bands()
+    assert "MSK_CLDPRB" not in bands["sentinel2"] and bands["sentinel2"][-2:] == ["SCL", "QA60"]
+    assert bands["sentinel1_asc"] == ["VV", "VH"] and bands["sentinel1_desc"] is None
+    assert bands["dynamic_world"] is None  # no Dynamic World image that year
+    grid = stack_grid(_tile(), meta)
+    assert grid.crs == "EPSG:32632" and grid.size == 130
+    assert (grid.transform.c - 399960) % 10 == 0 and (grid.transform.f - 5600040) % 10 == 0
+
+
+def test_secrets_are_refused_as_flow_parameters():
+    with pytest.raises(ValueError, match="credentials"):
+        MultimodalConfig(source="earthengine", source_options={"service_account_key": "{...}"})
+
+
+# --------------------------------------------------------------------------
+# through Prefect, Dask and the fake
+# --------------------------------------------------------------------------
+
+
+def _save_block(name: str, fake: FakeEarthEngine, info: dict | None = None) -> None:
+    from blocks import EarthEngineCredentials
+
+    EarthEngineCredentials(project=fake.project,
+                           service_account_key=json.dumps(info or fake.service_account_info())).save(name, overwrite=True)
+
+
+def _run(cfg: MultimodalConfig, n_workers: int = 2):
+    from flows.multimodal import multimodal_flow
+
+    return multimodal_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=n_workers)))(config=cfg)
+
+
+def _ee_config(tmp_path, fake, block, **kw) -> MultimodalConfig:
+    base = dict(name="data_ee", output_dir=str(tmp_path), n_tiles=12, source="earthengine",
+                source_options={"credentials_block": block, "url": fake.url},
+                fetch_batch_size=3, fetch_threads=3, fetch_retry_delay_s=0.05, request_ceiling=6, part_size=5)
+    base.update(kw)
+    return MultimodalConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def ee_run(tmp_path_factory, prefect_server):
+    """One full run with faults: retried transient ones, a permanent no-data tile."""
+    out = tmp_path_factory.mktemp("ee")
+    from tasks.multimodal import tiles as tiles_mod
+
+    regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
+    tiles = tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 12, 0)
+    ids = [t.tile_id for t in tiles]
+    faults = {ids[0]: ["429", "500"], ids[1]: ["drop"], ids[2]: ["503"]}
+    with FakeEarthEngine(latency={"value": 0.02, "pixels": 0.05}, no_data_tiles={ids[3]}, faults=faults) as fake:
+        _save_block("ee-test", fake)
+        cfg = _ee_config(out, fake, "ee-test")
+        result = _run(cfg)
+        snapshot = fake.snapshot()
+        secret = fake.service_account_info()
+    return cfg, result, snapshot, ids, secret
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_full_flow_same_format_as_synthetic(ee_run):
+    cfg, result, snap, ids, _ = ee_run
+    counts = result["counts"]
+    assert counts["tiles sampled"] == 12 and counts["no data"] == 1 and counts["fetch failed"] == 0
+    assert counts["rows in h5"] == 11
+    check_dataset(cfg.dataset_dir, cfg.name, 11, cfg.image_size)
+    info = json.loads((cfg.dataset_dir / f"{cfg.name}_tile_info.json").read_text())
+    assert info[ids[3]]["NO_DATA"] is True and "Sentinel-2" in info[ids[3]]["NO_DATA_REASON"]
+    done = [t for t in info if not info[t]["NO_DATA"]]
+    assert all(info[t]["SOURCE"] == "earthengine" and info[t]["S2_IMAGEID"].startswith("COPERNICUS/S2") for t in done)
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
+    cfg, result, snap, ids, _ = ee_run
+    per_tile = snap["requests_by_tile"]
+    faulted = {ids[0]: 2, ids[1]: 1, ids[2]: 1}
+    for tid in ids:
+        got = per_tile[tid]
+        if tid == ids[3]:  # permanent: one metadata request, never retried, no pixels
+            assert got.get("value") == 1 and not got.get("pixels"), got
+        elif tid in faulted:  # each injected fault costs exactly one more metadata request
+            assert got == {"value": 1 + faulted[tid], "pixels": 1}, (tid, got)
+        else:
+            assert got == {"value": 1, "pixels": 1}, (tid, got)
+    assert {f[2] for f in snap["faults_injected"]} == {"429", "500", "drop", "503"}
+    no_data = [p for p in result["problems"] if p["item"] == ids[3]]
+    assert len(no_data) == 1 and no_data[0]["reason"].startswith("no data")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_credentials_never_in_logs_or_artifacts(ee_run, prefect_server):
+    cfg, result, snap, ids, secret = ee_run
+    key_body = secret["private_key"].split("-----")[2].strip().splitlines()[3]
+    needles = [key_body, secret["private_key_id"]]
+    texts = [json.dumps(result), (cfg.dataset_dir / "report.json").read_text(), json.dumps(snap["log"], default=str),
+             (cfg.dataset_dir / f"{cfg.name}_tile_info.json").read_text()]
+    api = prefect_server.url
+    runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 200, "sort": "EXPECTED_START_TIME_DESC"}, timeout=10).json()
+    for run in runs:
+        texts.append(json.dumps(run.get("parameters")))
+        logs = httpx.post(f"{api}/logs/filter", timeout=30, json={
+            "logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200, "sort": "TIMESTAMP_ASC"}).json()
+        texts.extend(entry["message"] for entry in logs)
+    arts = httpx.post(f"{api}/artifacts/filter", json={"limit": 200, "sort": "CREATED_DESC"}, timeout=10).json()
+    texts.extend(json.dumps(a.get("data")) for a in arts)
+    assert len(texts) > 10
+    for text in texts:
+        for needle in needles:
+            assert needle not in text
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_requests_in_flight_never_exceed_the_limit(tmp_path):
+    from tasks.common.concurrency import read_limit
+
+    with FakeEarthEngine(latency={"value": 0.05, "pixels": 0.12}) as fake:
+        _save_block("ee-ceiling", fake)
+        cfg = _ee_config(tmp_path, fake, "ee-ceiling", n_tiles=40, request_ceiling=4, fetch_batch_size=5,
+                         fetch_threads=4, request_limit_name="ee-ceiling-test", part_size=20)
+        result = _run(cfg, n_workers=4)
+        assert result["counts"]["stacks done"] == 40
+        assert fake.max_admitted_in_flight <= 4 and fake.max_in_flight <= 4
+        assert fake.max_in_flight == 4, "16 fetchers over 40 tiles should fill all 4 slots"
+        assert fake.total.get("rejected", 0) == 0
+    assert read_limit("ee-ceiling-test") == 4
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_missing_limit_is_an_error_not_unlimited():
+    from tasks.common.concurrency import MissingConcurrencyLimit, slot
+
+    with pytest.raises(MissingConcurrencyLimit, match="no-such-limit"):
+        with slot("no-such-limit"):
+            pass
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_missing_persistent_credentials_fail_before_any_tile(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EE_SERVICE_ACCOUNT_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
+    with FakeEarthEngine() as fake:
+        cfg = MultimodalConfig(name="data_ee_nocreds", output_dir=str(tmp_path), n_tiles=3, source="earthengine",
+                               source_options={"project": fake.project, "url": fake.url})
+        with pytest.raises(EarthEngineAuthError, match="earthengine authenticate"):
+            _run(cfg)
+        assert fake.total.get("value", 0) == 0 and fake.total.get("pixels", 0) == 0
+    assert not list(tmp_path.rglob("*.tif"))
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_bad_service_account_key_fails_before_any_tile(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    with FakeEarthEngine() as fake:
+        info = dict(fake.service_account_info())
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        info["private_key"] = other.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()).decode()
+        _save_block("ee-bad", fake, info)
+        cfg = _ee_config(tmp_path, fake, "ee-bad", n_tiles=3)
+        with pytest.raises(EarthEngineAuthError):
+            _run(cfg)
+        assert fake.total.get("value", 0) == 0 and fake.total.get("pixels", 0) == 0
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_rerun_fetches_exactly_the_failed_tiles(tmp_path):
+    from tasks.multimodal import tiles as tiles_mod
+
+    regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
+    ids = [t.tile_id for t in tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 8, 0)]
+    broken = {ids[1]: ["500"] * 3, ids[5]: ["503"] * 3}  # outlast 1 retry
+    with FakeEarthEngine(faults=broken, no_data_tiles={ids[2]}) as fake:
+        _save_block("ee-rerun", fake)
+        cfg = _ee_config(tmp_path, fake, "ee-rerun", n_tiles=8, fetch_retries=1, fetch_batch_size=2, fetch_threads=2)
+        first = _run(cfg)
+        assert first["counts"]["fetch failed"] == 2 and first["counts"]["no data"] == 1
+        failed = {p["item"] for p in first["problems"] if p["stage"] == "fetch" and not p["reason"].startswith("no data")}
+        assert failed == {ids[1], ids[5]}
+        fake.reset_counters()
+        second = _run(cfg)
+        assert set(fake.requests_by_tile) == {ids[1], ids[5]}, fake.requests_by_tile
+        assert second["counts"]["fetch failed"] == 0 and second["counts"]["rows in h5"] == 7
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_tiles_sampled_on_earth_engine(tmp_path):
+    from shapely.geometry import Point
+
+    from tasks.multimodal import tiles as tiles_mod
+
+    with FakeEarthEngine() as fake:
+        _save_block("ee-sampler", fake)
+        cfg = _ee_config(tmp_path, fake, "ee-sampler", n_tiles=10, tile_sampler="earthengine", sampling_mode=2)
+        result = _run(cfg)
+        assert result["counts"]["tiles sampled"] == 10 and result["counts"]["stacks done"] == 10
+        points = [e for e in fake.log if e["kind"] == "value" and (e["tile_id"] or "").startswith("__points__")]
+        assert len(points) == 10  # one randomPoints request per ecoregion (10 ecoregions, 1 tile each)
+    regions = {r.eco_region: r.geometry for r in tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)}
+    for t in tiles_mod.read_tiles_geojson(cfg.dataset_dir / f"{cfg.name}_tiles.geojson"):
+        assert regions[t.eco_region].contains(Point(t.lon, t.lat))
+        assert math.isclose(t.tile_size_m, 1300, rel_tol=0.02)
