@@ -114,6 +114,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
         # every Earth Engine request of every task holds a slot of this limit
         ensure_limit(config.request_limit_name, config.request_ceiling)
         source.limit_name = config.request_limit_name
+        source.ceiling = config.request_ceiling
     source.check()  # credentials, project: fail before any tile
     if config.tiles_geojson:
         tiles = tiles_mod.read_tiles_geojson(config.tiles_geojson)
@@ -148,7 +149,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     todo = [t for t in tiles if before[t.tile_id] == "missing"]  # done or no-data tiles are never refetched
     logger.info("%d of %d tiles to fetch (%d already done)", len(todo), len(tiles), len(tiles) - len(todo))
     batches = _chunks(todo, config.fetch_batch_size)
-    futures = {fetch.submit(b, source, str(out), config.stack_compress, config.fetch_threads): b for b in batches}
+    futures = {fetch.submit(b, source, str(out), config.stack_compress, config.fetch_threads, config.fetch_slots): b
+               for b in batches}
     progress = _Progress(logger, "stacks", len(todo))
     reasons: dict[str, str] = {}
     for fut in as_completed(list(futures)):

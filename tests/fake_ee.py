@@ -299,10 +299,51 @@ def extract_request(body: Any) -> dict[str, Any] | None:
     {"tile_id": {"constantValue": "t1"}, ...}}}``, value references resolved)
     or plain.
     """
+    fast = _scan_request(body)
+    if fast is not None:
+        return copy.deepcopy(fast)
     values = _expression_values(body)
     decoded = _decode_node(body, values)
     found = _find_request(decoded)
     return copy.deepcopy(found) if found is not None else None
+
+
+def _scan_request(body: Any) -> dict[str, Any] | None:
+    """Linear fast path of :func:`extract_request`: one pass over the raw JSON (no value
+    references resolved, which expands a shared graph into a tree), looking for the
+    request as a plain/constant dict or as a dictionaryValue of constants."""
+    table = _expression_values(body)
+
+    def constant(node: Any) -> tuple[bool, Any]:
+        for _ in range(50):  # follow value references to a constant
+            if isinstance(node, dict) and set(node) == {"valueReference"} and node["valueReference"] in table:
+                node = table[node["valueReference"]]
+            else:
+                break
+        if isinstance(node, dict) and set(node) == {"constantValue"}:
+            return True, node["constantValue"]
+        return False, None
+
+    stack = [body]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, dict):
+            if _is_request(obj):
+                return obj
+            dv = obj.get("dictionaryValue")
+            if isinstance(dv, dict) and isinstance(dv.get("values"), dict) and "tile_id" in dv["values"] \
+                    and "kind" in dv["values"]:
+                plain = {}
+                for k, v in dv["values"].items():
+                    ok, value = constant(v)
+                    if ok:
+                        plain[k] = value
+                if _is_request(plain) and len(plain) == len(dv["values"]):
+                    return plain
+            stack.extend(obj.values())
+        elif isinstance(obj, list):
+            stack.extend(obj)
+    return None
 
 
 def constant_result(body: Any) -> Any:
@@ -500,10 +541,14 @@ def metadata_answer(request: dict[str, Any], no_data: bool = False) -> dict[str,
 
 
 def _smooth_field(seed: int, height: int, width: int, scale: float = 40.0, octaves: int = 4) -> np.ndarray:
-    """A smooth deterministic field in [0, 1] of shape (height, width)."""
+    """A smooth deterministic field in [0, 1] of shape (height, width).
+
+    Sum of plane waves; each wave sin(fx*x + fy*y + p) is built from 1-D sines and
+    cosines (sin(a+b) = sin a cos b + cos a sin b) so no 2-D trigonometry is needed:
+    the fake must stay cheap next to the code it serves."""
     rng = np.random.default_rng(seed)
-    yy = np.arange(height, dtype=np.float64)[:, None]
-    xx = np.arange(width, dtype=np.float64)[None, :]
+    yy = np.arange(height, dtype=np.float64)
+    xx = np.arange(width, dtype=np.float64)
     total = np.zeros((height, width), dtype=np.float64)
     weight = 0.0
     for k in range(octaves):
@@ -512,7 +557,9 @@ def _smooth_field(seed: int, height: int, width: int, scale: float = 40.0, octav
         angle = rng.uniform(0.0, 2.0 * math.pi)
         phase = rng.uniform(0.0, 2.0 * math.pi)
         fx, fy = math.cos(angle) / s, math.sin(angle) / s
-        total += amp * np.sin(2.0 * math.pi * (fx * xx + fy * yy) + phase)
+        ax = 2.0 * math.pi * fx * xx
+        by = 2.0 * math.pi * fy * yy + phase
+        total += amp * (np.outer(np.cos(by), np.sin(ax)) + np.outer(np.sin(by), np.cos(ax)))
         weight += amp
     return (total / weight + 1.0) / 2.0
 
@@ -848,6 +895,7 @@ class FakeEarthEngine:
             self.max_admitted_in_flight = 0
             self.faults_injected: list[tuple[str | None, str, str]] = []
             self.slot_seconds = 0.0
+            self.tile_window: list[float] = []  # [first start, last end] of value/pixels requests (monotonic)
             self.log: list[dict[str, Any]] = []
 
     def snapshot(self) -> dict[str, Any]:
@@ -863,6 +911,7 @@ class FakeEarthEngine:
                     "max_admitted_in_flight": self.max_admitted_in_flight,
                     "faults_injected": self.faults_injected,
                     "slot_seconds": self.slot_seconds,
+                    "tile_window_s": (self.tile_window[1] - self.tile_window[0]) if self.tile_window else 0.0,
                     "log": self.log,
                 }
             )
@@ -896,6 +945,15 @@ class FakeEarthEngine:
                 entry["kind"] = "token"
                 self._count("token")
                 self._token(h, body, entry)
+                return
+            if method == "GET" and path == "/__stats__":  # counters, for a fake running in another process
+                snap = self.snapshot()
+                durations: dict[str, list[float]] = {}
+                for e in snap.pop("log", []):
+                    if e.get("duration_s") is not None:
+                        durations.setdefault(e["kind"], []).append(e["duration_s"])
+                snap["mean_duration_s"] = {k: sum(v) / len(v) for k, v in durations.items()}
+                self._send_json(h, 200, snap, entry)
                 return
             if method == "GET" and path == "/$discovery/rest":
                 entry["kind"] = "discovery"
@@ -990,6 +1048,10 @@ class FakeEarthEngine:
                 if api:
                     self.in_flight -= 1
                     self.slot_seconds += elapsed
+                    if entry.get("kind") in ("value", "pixels") and entry.get("tile_id"):
+                        end = t0 + elapsed
+                        self.tile_window = [min(self.tile_window[0], t0), max(self.tile_window[1], end)] \
+                            if self.tile_window else [t0, end]
                 if admitted:
                     self.admitted_in_flight -= 1
                 self.log.append(entry)
@@ -1187,3 +1249,28 @@ __all__ = [
     "pixels_array",
     "utm_epsg",
 ]
+
+
+def _serve_main(argv: list[str] | None = None) -> int:
+    """Run a fake in its own process (benchmarks: the fake must not share a GIL with
+    the code it measures). Prints one JSON line {url, project, service_account_info},
+    serves until stdin closes; counters at GET /__stats__."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m tests.fake_ee")
+    ap.add_argument("--latency-value", type=float, default=0.0)
+    ap.add_argument("--latency-pixels", type=float, default=0.0)
+    ap.add_argument("--max-concurrent", type=int, default=None)
+    ap.add_argument("--missing-fraction", type=float, default=0.1)
+    args = ap.parse_args(argv)
+    with FakeEarthEngine(latency={"value": args.latency_value, "pixels": args.latency_pixels},
+                         max_concurrent=args.max_concurrent, missing_fraction=args.missing_fraction) as fake:
+        print(json.dumps({"url": fake.url, "project": fake.project,
+                          "service_account_info": fake.service_account_info()}), flush=True)
+        sys.stdin.read()  # until the parent closes our stdin (or dies)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_serve_main())

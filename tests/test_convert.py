@@ -258,3 +258,11 @@ def test_dataset_jsons_are_named_for_the_glob(tmp_path):
         "data_x_band_stats.json", "data_x_splits.json", "data_x_tile_info.json"]
     stats = json.loads(paths["band_stats"].read_text())
     assert set(stats) == set(schema.STATS_KEYS)
+
+
+def test_empty_dataset_still_has_the_schema(tmp_path):
+    h5 = tmp_path / "data_empty.h5"
+    assert convert.assemble_h5([], h5, IMG) == 0
+    with h5py.File(h5, "r") as f:
+        assert f["sentinel2"].shape == (0, 13, IMG, IMG) and f["metadata"].shape == (0,)
+        assert f["sentinel2"].compression == "gzip"

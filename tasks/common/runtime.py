@@ -268,7 +268,7 @@ class DaskConfig:
             "n_workers": n,
             "threads_per_worker": self.threads_per_worker,
             "processes": True,
-            "dashboard_address": None,
+            "dashboard_address": ":0",  # a free port: several clusters may run at once
         }
         if self.memory_limit:
             kwargs["memory_limit"] = self.memory_limit

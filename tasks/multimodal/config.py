@@ -60,6 +60,9 @@ class MultimodalConfig(BaseModel):
     request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name")
     fetch_batch_size: int = Field(16, ge=1, description="tiles per fetch task")
     fetch_threads: int = Field(1, ge=1, description="tiles fetched concurrently inside one fetch task")
+    fetch_slots: int | None = Field(
+        None, ge=1, description="request slots a fetch task leases (default fetch_threads, at most request_ceiling); "
+                                "fetch tasks running at once x fetch_slots should not exceed request_ceiling")
     fetch_retries: int = Field(3, ge=0, description="Prefect retries of a fetch task whose tiles failed transiently")
     fetch_retry_delay_s: float = Field(4.0, ge=0, description="first retry delay; doubles each retry, with jitter")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
@@ -107,8 +110,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # MMEarth64: 64 px images.
     "mmearth64": {"name": "data_embedded_v001_64", "image_size": 64},
     # Real Earth Engine: one request slot per fetching thread, up to the ceiling.
-    "earthengine": {"name": "data_ee_v001", "source": "earthengine", "fetch_batch_size": 20, "fetch_threads": 20,
-                    "dask": {"n_workers": 2, "threads_per_worker": 1}},
+    # (2 workers x 1 fetch task x 20 slots = the default ceiling of 40; 28 threads keep 20 slots busy)
+    "earthengine": {"name": "data_ee_v001", "source": "earthengine", "fetch_batch_size": 200, "fetch_threads": 28,
+                    "fetch_slots": 20, "dask": {"n_workers": 2, "threads_per_worker": 1}},
     # A few tiles, for a quick look.
     "smoke": {"name": "data_smoke", "n_tiles": 24, "fetch_batch_size": 4, "part_size": 8},
 }

@@ -314,11 +314,12 @@ def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 
                 shape = (n, d.channels, S, S) if d.spatial else (n, d.channels)
                 dsets[d.name] = f.create_dataset(
                     d.name, shape=shape, dtype=d.dtype, chunks=(1,) + shape[1:],
+                    maxshape=None if n else (None,) + shape[1:],  # an empty dataset still opens
                     compression="gzip", compression_opts=compression.h5_level,
                     **({"fillvalue": d.fill} if d.fill is not None else {}),
                 )
             dsets["metadata"] = f.create_dataset(
-                "metadata", shape=(n,), dtype=METADATA_DTYPE, chunks=(1,),
+                "metadata", shape=(n,), dtype=METADATA_DTYPE, chunks=(1,), maxshape=None if n else (None,),
                 compression="gzip", compression_opts=compression.h5_level,
             )
             row = 0

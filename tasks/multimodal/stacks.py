@@ -134,16 +134,19 @@ def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None =
 
 
 def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str | None = None,
-                threads: int = 1) -> list[TileOutcome]:
+                threads: int = 1, slots: int | None = None) -> list[TileOutcome]:
     """Fetch a batch of tiles (``threads`` at a time); raise :class:`TransientTilesError`
     if any failed transiently, after every tile of the batch was tried."""
-    if threads > 1 and len(tiles) > 1:
-        from concurrent.futures import ThreadPoolExecutor
+    threads = max(1, min(threads, len(tiles)))
+    with source.session(threads, slots) as bind:
+        if threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(max_workers=min(threads, len(tiles)), thread_name_prefix="fetch") as pool:
-            outcomes = list(pool.map(lambda t: fetch_tile(t, source, out_dir, compress), tiles))
-    else:
-        outcomes = [fetch_tile(t, source, out_dir, compress) for t in tiles]
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch", initializer=bind) as pool:
+                outcomes = list(pool.map(lambda t: fetch_tile(t, source, out_dir, compress), tiles))
+        else:
+            bind()
+            outcomes = [fetch_tile(t, source, out_dir, compress) for t in tiles]
     transient = [o for o in outcomes if o.status == "transient"]
     if transient:
         raise TransientTilesError(transient)

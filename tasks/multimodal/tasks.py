@@ -19,12 +19,12 @@ from tasks.multimodal.sources.base import Source, Tile
 @task(name="fetch-stacks", cache_policy=NO_CACHE, tags=["multimodal", "fetch"],
       retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=4), retry_jitter_factor=0.5)
 def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: str | None = None,
-                     threads: int = 1) -> list[stacks.TileOutcome]:
+                     threads: int = 1, slots: int | None = None) -> list[stacks.TileOutcome]:
     """Fetch a batch of tiles. Tiles failing transiently raise, so Prefect retries the
     batch (exponential backoff with jitter); tiles already written or recorded as
     no-data are skipped on the retry, so only the failed ones are fetched again."""
     logger = get_run_logger()
-    outcomes = stacks.fetch_batch(tiles, source, Path(out_dir), compress, threads)
+    outcomes = stacks.fetch_batch(tiles, source, Path(out_dir), compress, threads, slots)
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1

@@ -106,6 +106,15 @@ class Source(abc.ABC):
         fetched under another key is fetched again."""
         return ""
 
+    def session(self, threads: int, slots: int | None = None):
+        """Context for fetching a batch with ``threads`` threads, at most ``slots`` of them
+        in a request at once (e.g. leasing request slots once for the whole batch). It
+        yields ``bind``, a callable each fetching thread calls once before fetching.
+        Default: nothing to set up."""
+        import contextlib
+
+        return contextlib.nullcontext(lambda: None)
+
     @abc.abstractmethod
     def fetch(self, tile: Tile, grid: "Grid") -> TileStack:
         """Return the stack of one tile on ``grid`` or raise a :class:`SourceError`."""

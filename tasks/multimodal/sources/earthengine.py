@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import contextlib
 import http.client
 import json
 import logging
@@ -333,6 +334,8 @@ def pixels_expression(tile: Tile, meta: TileMeta):
 # --------------------------------------------------------------------------
 _init_lock = threading.Lock()
 _initialized: dict[str, bool] = {}
+#: per thread: the semaphore of the batch session the thread works for (its share of leased slots)
+_local = threading.local()
 
 
 @dataclass
@@ -351,6 +354,7 @@ class EarthEngineSource(Source):
     limit_name: str = EE_LIMIT_NAME
     timeout_s: float = 120.0
     slot_timeout_s: float | None = None
+    ceiling: int | None = None  # the limit's size, to cap a batch's lease
     eco_index: dict[str, int] | None = field(default=None, repr=False)
     name: str = "earthengine"
 
@@ -390,7 +394,8 @@ class EarthEngineSource(Source):
                 "EarthEngineCredentials block and pass its name (source_options.credentials_block)") from exc
 
     def initialize(self) -> None:
-        """``ee.Initialize`` once per process (under one concurrency slot)."""
+        """``ee.Initialize`` once per process, holding one request slot (one of the batch's
+        leased slots when called inside a batch session, else its own Prefect slot)."""
         import ee
 
         key = f"{self.url}|{self.project}|{hashlib.sha256(json.dumps(self.credentials, sort_keys=True).encode()).hexdigest() if self.credentials else 'persistent'}"
@@ -402,7 +407,7 @@ class EarthEngineSource(Source):
                 # A custom endpoint (a private deployment, or the tests' fake): the client
                 # must not fetch Google's deprecated-asset catalogue from storage.googleapis.com.
                 ee.deprecation._FetchDataCatalogStac = lambda: {}
-            with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
+            with self._request_slot():
                 try:
                     ee.Initialize(credentials=creds, project=self.project, url=self.url)
                     ee.data.setMaxRetries(0)  # one attempt = one request; Prefect retries tiles
@@ -429,8 +434,38 @@ class EarthEngineSource(Source):
             except Exception as exc:
                 raise EarthEngineAuthError(f"Earth Engine request with project {self.project!r} failed: {exc}") from None
 
+    @contextlib.contextmanager
+    def session(self, threads: int, slots: int | None = None):
+        """Lease request slots for a batch: ``slots`` (default ``threads``, at most the
+        ceiling) slots of the Prefect limit for the batch's duration (2 API calls to
+        Prefect per batch, not 4 per tile), shared by the batch's threads through a local
+        semaphore: each request holds one of them while in flight, so the global ceiling
+        bounds every request. More threads than slots keep the slots busy while some
+        threads do local work (decoding, writing the GeoTIFF)."""
+        occupy = max(1, min(slots or threads, self.ceiling or threads))
+        sem = threading.BoundedSemaphore(occupy)
+
+        def bind() -> None:  # run by each thread of the batch
+            _local.semaphore = sem
+
+        with slot(self.limit_name, occupy=occupy, timeout_seconds=self.slot_timeout_s):
+            try:
+                yield bind
+            finally:
+                _local.semaphore = None  # the calling thread, if it fetched itself
+
+    @contextlib.contextmanager
+    def _request_slot(self):
+        sem = getattr(_local, "semaphore", None)
+        if sem is None:  # outside a batch session: one Prefect slot per request
+            with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
+                yield
+        else:
+            with sem:
+                yield
+
     def _call(self, tile: Tile, what: str, fn):
-        with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
+        with self._request_slot():
             try:
                 return fn()
             except (NoDataError, TransientSourceError):
