@@ -81,6 +81,8 @@ def main() -> int:
     finally:
         fake_proc.stdin.close()
         fake_proc.wait(timeout=30)
+        if not args.out:  # a temporary dataset: GBs of stacks
+            shutil.rmtree(out, ignore_errors=True)
 
     fetch_s = result["timings"]["fetch"]
     n = result["counts"]["stacks done"]

@@ -28,6 +28,14 @@ def build_deployments() -> list[RunnerDeployment]:
             tags=["multimodal", "embedded"],
         ),
         multimodal_flow.to_deployment(
+            name="earthengine",
+            description="Real Earth Engine (needs an EarthEngineCredentials block named 'ee', "
+                        "see `python -m blocks.earthengine`); run from the UI with your n_tiles and name.",
+            parameters={"config": get_config("earthengine", source_options={"credentials_block": "ee"})
+                        .model_dump(mode="json")},
+            tags=["multimodal", "earthengine"],
+        ),
+        multimodal_flow.to_deployment(
             name="mmearth64-embedded",
             description="MMEarth64 variant (64 px) of the embedded default; on demand.",
             parameters={"config": get_config("mmearth64").model_dump(mode="json")},

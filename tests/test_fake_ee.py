@@ -81,6 +81,7 @@ def make_fake() -> Iterator[Callable[..., FakeEarthEngine]]:
     def _make(**kwargs: Any) -> FakeEarthEngine:
         fake = FakeEarthEngine(**kwargs).start()
         fakes.append(fake)
+        ee.Reset()  # another test may have initialized the global client (and cached the algorithms)
         initialize_ee(fake, max_retries=0)
         return fake
 

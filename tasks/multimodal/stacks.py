@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,19 +135,30 @@ def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None =
 
 
 def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str | None = None,
-                threads: int = 1, slots: int | None = None) -> list[TileOutcome]:
+                threads: int = 1, slots: int | None = None, progress=None) -> list[TileOutcome]:
     """Fetch a batch of tiles (``threads`` at a time); raise :class:`TransientTilesError`
     if any failed transiently, after every tile of the batch was tried."""
     threads = max(1, min(threads, len(tiles)))
+    done = [0]
+    lock = threading.Lock()
+
+    def one(t: Tile) -> TileOutcome:
+        o = fetch_tile(t, source, out_dir, compress)
+        if progress is not None:
+            with lock:
+                done[0] += 1
+                progress(done[0], len(tiles))
+        return o
+
     with source.session(threads, slots) as bind:
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch", initializer=bind) as pool:
-                outcomes = list(pool.map(lambda t: fetch_tile(t, source, out_dir, compress), tiles))
+                outcomes = list(pool.map(one, tiles))
         else:
             bind()
-            outcomes = [fetch_tile(t, source, out_dir, compress) for t in tiles]
+            outcomes = [one(t) for t in tiles]
     transient = [o for o in outcomes if o.status == "transient"]
     if transient:
         raise TransientTilesError(transient)

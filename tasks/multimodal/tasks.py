@@ -5,6 +5,7 @@ The plain functions they call are tested without Prefect.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,15 @@ def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: 
     batch (exponential backoff with jitter); tiles already written or recorded as
     no-data are skipped on the retry, so only the failed ones are fetched again."""
     logger = get_run_logger()
-    outcomes = stacks.fetch_batch(tiles, source, Path(out_dir), compress, threads, slots)
+    last = [time.monotonic()]
+
+    def progress(done: int, total: int) -> None:  # a line every 30 s inside long batches
+        now = time.monotonic()
+        if now - last[0] >= 30 and done < total:
+            last[0] = now
+            logger.info("batch progress: %d/%d tiles", done, total)
+
+    outcomes = stacks.fetch_batch(tiles, source, Path(out_dir), compress, threads, slots, progress)
     counts: dict[str, int] = {}
     for o in outcomes:
         counts[o.status] = counts.get(o.status, 0) + 1
