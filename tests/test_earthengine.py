@@ -167,6 +167,8 @@ def test_credentials_never_in_logs_or_artifacts(ee_run, prefect_server):
         logs = httpx.post(f"{api}/logs/filter", timeout=30, json={
             "logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200, "sort": "TIMESTAMP_ASC"}).json()
         texts.extend(entry["message"] for entry in logs)
+    task_runs = httpx.post(f"{api}/task_runs/filter", json={"limit": 200}, timeout=30).json()
+    texts.append(json.dumps(task_runs))
     arts = httpx.post(f"{api}/artifacts/filter", json={"limit": 200, "sort": "CREATED_DESC"}, timeout=10).json()
     texts.extend(json.dumps(a.get("data")) for a in arts)
     assert len(texts) > 10

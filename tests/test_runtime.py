@@ -49,8 +49,8 @@ def test_existing_api_url_is_used_as_is(monkeypatch, tmp_path):
     assert not list(tmp_path.iterdir())  # nothing started, nothing written
 
 
-def test_ctrl_c_leaves_nothing_running(tmp_path):
-    """SIGINT to a process holding a local server: the server goes with it."""
+def _start_holder(tmp_path):
+    """A child process holding a local Prefect server; returns (process, server port)."""
     script = textwrap.dedent(f"""
         import os, sys, time
         sys.path.insert(0, {str(runtime.PROJECT_ROOT)!r})
@@ -62,35 +62,30 @@ def test_ctrl_c_leaves_nothing_running(tmp_path):
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     url = proc.stdout.readline().strip()
-    port = int(url.split(":")[2].split("/")[0])
+    return proc, int(url.split(":")[2].split("/")[0])
+
+
+def _gone(port: int, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while _server_pids(port) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not _server_pids(port)
+
+
+def test_ctrl_c_leaves_nothing_running(tmp_path):
+    """SIGINT to a process holding a local server: the server goes with it."""
+    proc, port = _start_holder(tmp_path)
     assert _server_pids(port)
     proc.send_signal(2)  # SIGINT, as Ctrl-C
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while _server_pids(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _server_pids(port)
+    assert _gone(port)
 
 
 def test_sigkill_of_parent_takes_server_down(tmp_path):
-    script = textwrap.dedent(f"""
-        import os, sys, time
-        sys.path.insert(0, {str(runtime.PROJECT_ROOT)!r})
-        os.environ.pop("PREFECT_API_URL", None)
-        from tasks.common.runtime import local_prefect_server
-        with local_prefect_server(home={str(tmp_path / 'h')!r}) as s:
-            print(s.url, flush=True)
-            time.sleep(120)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    url = proc.stdout.readline().strip()
-    port = int(url.split(":")[2].split("/")[0])
+    proc, port = _start_holder(tmp_path)
     proc.kill()
     proc.wait(timeout=10)
-    deadline = time.monotonic() + 20
-    while _server_pids(port) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _server_pids(port)
+    assert _gone(port)
 
 
 def test_dask_config_local_cluster_kwargs(monkeypatch):
