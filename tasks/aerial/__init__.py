@@ -1,0 +1,1 @@
+"""Aerial-ground scenes (AerialMegaDepth): Earth Studio ingest, MegaDepth preprocessing, registration."""
