@@ -1,0 +1,512 @@
+"""MegaDepth (v1) preprocessing: stage 2 of the aerial contract (shared/contracts/aerial.md).
+
+For every image of a scene list entry ``(scene, subscene, [names])`` this reads
+
+* the sparse model ``<md>/MegaDepth_v1_SfM/<scene>/sparse/manhattan/<subscene>/`` (COLMAP
+  text, SIMPLE_RADIAL cameras, world-to-camera poses),
+* the dense image ``<md>/phoenix/S6/zl548/MegaDepth_v1/<scene>/dense<subscene>/imgs/<name>``,
+* the depth ``.../dense<subscene>/depths/<stem>.h5`` (dataset ``depth``, 0 = unknown),
+
+and writes ``<out>/<scene>/<subscene>/<name>.jpg`` (RGB JPEG, quality 95),
+``<name>.exr`` (float32 depth, same size) and ``<name>.npz`` (``intrinsics`` 3x3,
+``cam2world`` 4x4), as DUSt3R's ``datasets_preprocess/preprocess_megadepth.py`` does for
+AerialMegaDepth.
+
+Geometry (pixel convention: COLMAP's, i.e. pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``
+and its centre is at ``(j + 0.5, i + 0.5)``; the image centre is ``(W/2, H/2)``):
+
+1. ``K`` is the sparse camera's calibration matrix (``f, cx, cy``); the SIMPLE_RADIAL ``k``
+   is ignored because the dense images are already undistorted. ``cam2world`` is the
+   inverse of the image's world-to-camera pose.
+2. Symmetric crop around the principal point: half-sizes
+   ``hw = floor(min(cx, W - cx))``, ``hh = floor(min(cy, H - cy))``, window origin
+   ``x0 = round(cx - hw)``, ``y0 = round(cy - hh)``, size ``2hw x 2hh``. The new principal
+   point is set to exactly the centre of the window (``hw, hh``); this moves it by at most
+   half a source pixel when ``cx``/``cy`` are not whole or half-whole numbers (for MegaDepth
+   they are ``W/2, H/2`` and nothing moves).
+3. Downscale (never upscale) so that the result fits in 800x600 (landscape, ``w >= h``) or
+   600x800 (portrait), keeping the aspect: ``s = min(1, 800/w, 600/h)`` (swapped for
+   portrait), new size ``round(w s) x round(h s)``. The image is resized with
+   ``cv2.INTER_AREA``; the depth by exact nearest-neighbour sampling of pixel centres
+   (output pixel ``j`` takes source pixel ``floor((j + 0.5) w / w')``), so depth values are
+   never blended. The intrinsics are scaled per axis by ``w'/w`` and ``h'/h`` (so ``fx`` and
+   ``fy`` may differ by the rounding of the size), and ``cx = w'/2``, ``cy = h'/2`` exactly.
+
+Every output file is written atomically (temporary name in the same folder, then
+``os.replace``), the npz last: an image is done when its npz loads and the jpg and exr exist.
+Problems of one image (missing files, image absent from the sparse model, depth size
+different from the image) give an :class:`ImageResult` with status ``"failed"`` and a reason
+naming the file; nothing is raised for them.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Literal, NamedTuple
+
+import cv2
+import h5py
+import numpy as np
+
+#: Output size limits (long side, short side).
+MAX_LONG_SIDE = 800
+MAX_SHORT_SIDE = 600
+JPEG_QUALITY = 95
+
+Status = Literal["done", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class SceneEntry:
+    """One entry of the scene list: a MegaDepth scene, its sub-model and image names."""
+
+    scene: str
+    subscene: str
+    images: list[str] = field(default_factory=list)
+
+
+class ModelEntry(NamedTuple):
+    """What the sparse model says about one image (picklable)."""
+
+    K: np.ndarray  # 3x3 float64, COLMAP pixel convention
+    cam2world: np.ndarray  # 4x4 float64
+    size: tuple[int, int]  # (W, H) of the camera
+
+
+@dataclass
+class ImageResult:
+    """Outcome of preprocessing one image."""
+
+    scene: str
+    subscene: str
+    name: str
+    status: Status
+    reason: str = ""
+    size: tuple[int, int] | None = None  # (w, h) of the written image
+    outputs: tuple[str, str, str] | None = None  # (jpg, exr, npz)
+
+
+# --------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------
+
+
+def sparse_model_dir(md_root: str | os.PathLike, scene: str, subscene: str) -> Path:
+    """``<md>/MegaDepth_v1_SfM/<scene>/sparse/manhattan/<subscene>``."""
+    return Path(md_root) / "MegaDepth_v1_SfM" / scene / "sparse" / "manhattan" / subscene
+
+
+def dense_dir(md_root: str | os.PathLike, scene: str, subscene: str) -> Path:
+    """``<md>/phoenix/S6/zl548/MegaDepth_v1/<scene>/dense<subscene>``."""
+    return Path(md_root) / "phoenix" / "S6" / "zl548" / "MegaDepth_v1" / scene / f"dense{subscene}"
+
+
+def raw_image_path(md_root: str | os.PathLike, scene: str, subscene: str, name: str) -> Path:
+    """Path of a raw dense MegaDepth image."""
+    return dense_dir(md_root, scene, subscene) / "imgs" / name
+
+
+def raw_depth_path(md_root: str | os.PathLike, scene: str, subscene: str, name: str) -> Path:
+    """Path of a raw MegaDepth depth map (``depths/<stem>.h5``)."""
+    return dense_dir(md_root, scene, subscene) / "depths" / (Path(name).stem + ".h5")
+
+
+def output_paths(out_dir: str | os.PathLike, scene: str, subscene: str, name: str) -> tuple[Path, Path, Path]:
+    """``(<name>.jpg, <name>.exr, <name>.npz)`` under ``<out>/<scene>/<subscene>/``."""
+    folder = Path(out_dir) / scene / subscene
+    return folder / f"{name}.jpg", folder / f"{name}.exr", folder / f"{name}.npz"
+
+
+# --------------------------------------------------------------------------------------
+# Scene list
+# --------------------------------------------------------------------------------------
+
+
+def _norm_scene(value: Any) -> str:
+    """MegaDepth scene ids are 4-digit folder names; integers get zero-padded."""
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return f"{int(value):04d}"
+    text = str(value).strip()
+    if not text:
+        raise ValueError("empty scene id")
+    return text
+
+
+def _norm_subscene(value: Any) -> str:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return str(int(value))
+    text = str(value).strip()
+    if not text:
+        raise ValueError("empty subscene id")
+    return text
+
+
+def _norm_images(value: Any) -> list[str]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"expected a list of image names, got {type(value).__name__}")
+    names = []
+    for item in value:
+        if isinstance(item, bytes):
+            item = item.decode()
+        if not isinstance(item, (str, np.str_)) or not str(item).strip():
+            raise ValueError(f"bad image name {item!r}")
+        names.append(str(item))
+    return names
+
+
+def _entries_from_mapping(data: Any, path: Path) -> list[SceneEntry]:
+    entries = []
+    for scene, subs in data.items():
+        if not isinstance(subs, dict):
+            raise ValueError(f"{path}: scene {scene!r}: expected a mapping subscene -> image list")
+        for sub, images in subs.items():
+            where = f"{path}: entry {scene!r}/{sub!r}"
+            try:
+                entries.append(SceneEntry(_norm_scene(scene), _norm_subscene(sub), _norm_images(images)))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+    return entries
+
+
+def _entries_from_list(data: list, path: Path) -> list[SceneEntry]:
+    entries = []
+    for i, item in enumerate(data):
+        where = f"{path}: entry #{i}"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where}: expected an object with scene, subscene, images")
+        missing = [k for k in ("scene", "subscene", "images") if k not in item]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+        try:
+            entries.append(
+                SceneEntry(_norm_scene(item["scene"]), _norm_subscene(item["subscene"]),
+                           _norm_images(item["images"]))
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from exc
+    return entries
+
+
+def load_scene_list(path: str | os.PathLike) -> list[SceneEntry]:
+    """Load a scene list in any of the accepted forms, in the file's order.
+
+    * the original ``megadepth_image_list_v0.npz``: ``np.load(path, allow_pickle=True)['data']
+      .item()`` is ``{(scene_id, subscene_id): [image names]}``;
+    * JSON (or YAML) list ``[{"scene": "0001", "subscene": "0", "images": [...]}]``;
+    * JSON or YAML mapping ``{"0001": {"0": [...]}}``.
+
+    Integer scene ids are zero-padded to 4 digits, subscene ids become ``str(int)``. YAML is
+    read with every scalar as a string so ids like ``0010`` keep their digits.
+    Raises ``FileNotFoundError``/``ValueError`` naming the file (and the entry).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"scene list not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=True) as npz:
+                if "data" not in npz.files:
+                    raise ValueError(f"{path}: no 'data' array (has {npz.files})")
+                data = npz["data"].item()
+        except ValueError:
+            raise
+        except Exception as exc:  # corrupt archive, unpickling error
+            raise ValueError(f"{path}: cannot read scene list npz: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: 'data' is a {type(data).__name__}, expected a dict")
+        entries = []
+        for key, images in data.items():
+            where = f"{path}: entry {key!r}"
+            if not isinstance(key, tuple) or len(key) != 2:
+                raise ValueError(f"{where}: key must be (scene_id, subscene_id)")
+            try:
+                entries.append(SceneEntry(_norm_scene(key[0]), _norm_subscene(key[1]), _norm_images(images)))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from exc
+        return entries
+
+    text = path.read_text()
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: invalid JSON: {exc}") from exc
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.load(text, Loader=yaml.BaseLoader)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+    else:
+        raise ValueError(f"{path}: unknown scene list format (expected .npz, .json, .yaml or .yml)")
+    if isinstance(data, list):
+        return _entries_from_list(data, path)
+    if isinstance(data, dict):
+        return _entries_from_mapping(data, path)
+    raise ValueError(f"{path}: expected a list or a mapping at the top level, got {type(data).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# Sparse model
+# --------------------------------------------------------------------------------------
+
+
+def read_sparse_model(md_root: str | os.PathLike, scene: str, subscene: str) -> dict[str, ModelEntry]:
+    """Read a scene's sparse model: image name -> ``ModelEntry(K, cam2world, (W, H))``.
+
+    ``K`` is the camera's calibration matrix (distortion ignored), ``cam2world`` the inverse
+    of the image's world-to-camera pose. Raises ``FileNotFoundError`` when the folder or its
+    files are missing, ``ValueError`` when pycolmap cannot parse them.
+    """
+    import pycolmap
+
+    folder = sparse_model_dir(md_root, scene, subscene)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"sparse model folder not found: {folder}")
+    try:
+        rec = pycolmap.Reconstruction(str(folder))
+    except Exception as exc:
+        raise ValueError(f"cannot read sparse model {folder}: {exc}") from exc
+    out: dict[str, ModelEntry] = {}
+    for image in rec.images.values():
+        if not image.has_pose:
+            continue
+        cam = rec.cameras[image.camera_id]
+        pose = image.cam_from_world
+        pose = pose() if callable(pose) else pose
+        w2c = np.eye(4)
+        w2c[:3, :4] = np.asarray(pose.matrix(), dtype=np.float64)
+        c2w = np.eye(4)
+        c2w[:3, :3] = w2c[:3, :3].T
+        c2w[:3, 3] = -w2c[:3, :3].T @ w2c[:3, 3]
+        K = np.asarray(cam.calibration_matrix(), dtype=np.float64)
+        out[image.name] = ModelEntry(K, c2w, (int(cam.width), int(cam.height)))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------
+
+
+def crop_window(K: np.ndarray, width: int, height: int) -> tuple[int, int, int, int]:
+    """Symmetric window ``(x0, y0, w, h)`` around the principal point (see module doc)."""
+    cx, cy = float(K[0, 2]), float(K[1, 2])
+    hw = int(math.floor(min(cx, width - cx) + 1e-9))
+    hh = int(math.floor(min(cy, height - cy) + 1e-9))
+    if hw <= 0 or hh <= 0:
+        raise ValueError(f"principal point ({cx}, {cy}) is on or outside the {width}x{height} image border")
+    x0 = min(max(int(round(cx - hw)), 0), width - 2 * hw)
+    y0 = min(max(int(round(cy - hh)), 0), height - 2 * hh)
+    return x0, y0, 2 * hw, 2 * hh
+
+
+def target_size(width: int, height: int) -> tuple[int, int]:
+    """Size fitting 800x600 (landscape) or 600x800 (portrait), aspect kept, never upscaled."""
+    if width >= height:
+        s = min(1.0, MAX_LONG_SIDE / width, MAX_SHORT_SIDE / height)
+    else:
+        s = min(1.0, MAX_SHORT_SIDE / width, MAX_LONG_SIDE / height)
+    return max(1, int(round(width * s))), max(1, int(round(height * s)))
+
+
+def processed_intrinsics(K: np.ndarray, crop_size: tuple[int, int], new_size: tuple[int, int]) -> np.ndarray:
+    """Intrinsics after the centred crop (size ``crop_size``) and the resize to ``new_size``."""
+    (w, h), (nw, nh) = crop_size, new_size
+    sx, sy = nw / w, nh / h
+    K2 = np.array(K, dtype=np.float64, copy=True)
+    K2[0, 0] *= sx
+    K2[0, 1] *= sx
+    K2[1, 1] *= sy
+    K2[0, 2] = nw / 2.0
+    K2[1, 2] = nh / 2.0
+    return K2
+
+
+def resize_nearest(array: np.ndarray, new_size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize sampling source pixel centres (values are never blended)."""
+    h, w = array.shape[:2]
+    nw, nh = new_size
+    xs = np.minimum(((np.arange(nw) + 0.5) * (w / nw)).astype(np.int64), w - 1)
+    ys = np.minimum(((np.arange(nh) + 0.5) * (h / nh)).astype(np.int64), h - 1)
+    return array[ys[:, None], xs[None, :]]
+
+
+# --------------------------------------------------------------------------------------
+# Per image
+# --------------------------------------------------------------------------------------
+
+
+def _load_npz_ok(path: Path) -> bool:
+    try:
+        with np.load(path) as npz:
+            return (np.asarray(npz["intrinsics"]).shape == (3, 3)
+                    and np.asarray(npz["cam2world"]).shape == (4, 4))
+    except Exception:
+        return False
+
+
+def is_done(out_dir: str | os.PathLike, scene: str, subscene: str, name: str) -> bool:
+    """True when the npz loads and the jpg and exr exist."""
+    jpg, exr, npz = output_paths(out_dir, scene, subscene, name)
+    return npz.is_file() and jpg.is_file() and exr.is_file() and _load_npz_ok(npz)
+
+
+def _partial(path: Path) -> Path:
+    """Temporary sibling keeping the extension that cv2 needs: ``.<name>.partial.<ext>``."""
+    stem, ext = path.name.rsplit(".", 1)
+    return path.with_name(f".{stem}.partial.{ext}")
+
+
+def _write_cv2(path: Path, array: np.ndarray, params: list[int]) -> None:
+    tmp = _partial(path)
+    try:
+        if not cv2.imwrite(str(tmp), array, params):
+            raise OSError(f"cv2.imwrite failed for {tmp}")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _write_npz(path: Path, **arrays: np.ndarray) -> None:
+    tmp = _partial(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _read_depth(path: Path) -> np.ndarray:
+    with h5py.File(path, "r") as f:
+        if "depth" not in f:
+            raise KeyError(f"no dataset 'depth' in {path}")
+        depth = np.asarray(f["depth"][()], dtype=np.float32)
+    if depth.ndim == 3 and depth.shape[-1] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2:
+        raise ValueError(f"depth in {path} has shape {depth.shape}, expected 2-D")
+    depth[~np.isfinite(depth)] = 0.0
+    return depth
+
+
+def preprocess_image(
+    md_root: str | os.PathLike,
+    scene: str,
+    subscene: str,
+    name: str,
+    model_entry: ModelEntry | tuple | None,
+    out_dir: str | os.PathLike,
+) -> ImageResult:
+    """Preprocess one MegaDepth image (picklable arguments; safe to run on Dask workers).
+
+    ``model_entry`` is the image's :class:`ModelEntry` from :func:`read_sparse_model`, or
+    ``None`` when the image is not in the sparse model (reported as failed). Returns status
+    ``"done"``, ``"skipped"`` (outputs already complete) or ``"failed"`` with a reason.
+    """
+    jpg, exr, npz = output_paths(out_dir, scene, subscene, name)
+    res = ImageResult(scene, subscene, name, "failed", outputs=(str(jpg), str(exr), str(npz)))
+    if is_done(out_dir, scene, subscene, name):
+        res.status = "skipped"
+        return res
+    if model_entry is None:
+        res.reason = (f"image {name} not in sparse model "
+                      f"{sparse_model_dir(md_root, scene, subscene)}")
+        return res
+    K, cam2world, _ = ModelEntry(*model_entry)
+    img_path = raw_image_path(md_root, scene, subscene, name)
+    depth_path = raw_depth_path(md_root, scene, subscene, name)
+    if not img_path.is_file():
+        res.reason = f"missing image {img_path}"
+        return res
+    if not depth_path.is_file():
+        res.reason = f"missing depth {depth_path}"
+        return res
+    # EXIF orientation must not be applied: the depth and the model use the stored layout.
+    image = cv2.imread(str(img_path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        res.reason = f"cannot decode image {img_path}"
+        return res
+    try:
+        depth = _read_depth(depth_path)
+    except Exception as exc:
+        res.reason = f"cannot read depth {depth_path}: {exc}"
+        return res
+    H, W = image.shape[:2]
+    if depth.shape != (H, W):
+        res.reason = f"depth {depth_path} has size {depth.shape[1]}x{depth.shape[0]}, image {img_path} is {W}x{H}"
+        return res
+    try:
+        x0, y0, w, h = crop_window(K, W, H)
+    except ValueError as exc:
+        res.reason = f"{img_path}: {exc}"
+        return res
+    image = image[y0:y0 + h, x0:x0 + w]
+    depth = depth[y0:y0 + h, x0:x0 + w]
+    nw, nh = target_size(w, h)
+    if (nw, nh) != (w, h):
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+        depth = resize_nearest(depth, (nw, nh))
+    K2 = processed_intrinsics(K, (w, h), (nw, nh))
+    try:
+        jpg.parent.mkdir(parents=True, exist_ok=True)
+        _write_cv2(jpg, np.ascontiguousarray(image), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+        _write_cv2(exr, np.ascontiguousarray(depth, dtype=np.float32),
+                   [cv2.IMWRITE_EXR_TYPE, cv2.IMWRITE_EXR_TYPE_FLOAT])
+        _write_npz(npz, intrinsics=K2, cam2world=np.asarray(cam2world, dtype=np.float64))
+    except Exception as exc:
+        res.reason = f"cannot write outputs for {name} in {jpg.parent}: {exc}"
+        return res
+    res.status = "done"
+    res.size = (nw, nh)
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# Per scene
+# --------------------------------------------------------------------------------------
+
+
+def image_jobs(
+    md_root: str | os.PathLike, entry: SceneEntry, out_dir: str | os.PathLike,
+    model: dict[str, ModelEntry] | None = None,
+) -> list[tuple[str, str, str, str, ModelEntry | None, str]]:
+    """Picklable argument tuples for :func:`preprocess_image`, one per image of ``entry``.
+
+    Reads the sparse model once (unless given); meant for fanning out on Dask.
+    """
+    if model is None:
+        model = read_sparse_model(md_root, entry.scene, entry.subscene)
+    return [(str(md_root), entry.scene, entry.subscene, name, model.get(name), str(out_dir))
+            for name in entry.images]
+
+
+def preprocess_scene(
+    md_root: str | os.PathLike, entry: SceneEntry, out_dir: str | os.PathLike, workers: int | None = None,
+) -> list[ImageResult]:
+    """Preprocess all images of one scene list entry, in order.
+
+    ``workers`` > 1 uses a thread pool (OpenCV and h5py release the GIL); the default is a
+    plain loop. A missing or unreadable sparse model fails every image with that reason.
+    """
+    try:
+        jobs = image_jobs(md_root, entry, out_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        return [ImageResult(entry.scene, entry.subscene, name, "failed", reason=str(exc)) for name in entry.images]
+    if workers is not None and workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            return list(pool.map(lambda job: preprocess_image(*job), jobs))
+    return [preprocess_image(*job) for job in jobs]
