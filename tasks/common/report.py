@@ -60,11 +60,11 @@ class RunReport:
             lines += ["", "## Map", "", f"![map of the tiles](data:image/png;base64,{b64})"]
         return "\n".join(lines)
 
-    def write(self, folder: Path, map_png: bytes | None = None) -> Path:
+    def write(self, folder: Path, map_png: bytes | None = None, png_name: str = "tiles_map.png") -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         if map_png:
-            write_bytes_atomic(folder / "tiles_map.png", map_png)
-            self.outputs.setdefault("map", str(folder / "tiles_map.png"))
+            write_bytes_atomic(folder / png_name, map_png)
+            self.outputs.setdefault("picture", str(folder / png_name))
         write_json_atomic(folder / "report.json", self.to_dict(), indent=1)
         return folder / "report.json"
 

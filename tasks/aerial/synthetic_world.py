@@ -1,0 +1,665 @@
+"""Deterministic synthetic aerial-ground place, written in the real input formats.
+
+A seeded little city block (ground plane with streets and 6-10 textured box
+buildings) anchored at a real latitude/longitude is rendered by exact,
+vectorised numpy ray casting and written as (shared/contracts/aerial.md):
+
+1. an Earth Studio export: ``downloaded_data/<scene>.mp4`` and ``<scene>.json``;
+2. a raw MegaDepth tree (COLMAP text model in a non-metric similarity frame,
+   JPEG photos, HDF5 depths in the same frame's units);
+3. ``megadepth/scene_list.json``;
+4. ground truth apart: ``ground_truth/<scene>/sparse`` (COLMAP text, metric ENU of
+   the first aerial frame) and ``ground_truth/<scene>/depths/<stem>.h5`` (metres).
+
+Conventions: cameras follow COLMAP (x right, y down, z forward; pixel ``(i, j)``
+has its centre at ``(i + 0.5, j + 0.5)``); depth is the distance along the camera
+z axis, 0 where no surface.  Rendering happens in a "world" ENU frame anchored at
+``(lat0, lon0, alt0)`` with the ground at ``z = 0``; the ground truth is expressed
+in the ENU frame of the first aerial frame, related by the rigid map
+``x_first = A @ x_world + b``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tasks.aerial.geometry import (
+    cam2world_rotation,
+    enu_to_ecef,
+    enu_to_geodetic,
+    euler_from_cam2world,
+    focal_from_fov,
+    look_at,
+    r_ecef_to_enu,
+)
+
+os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
+
+FOV_VERTICAL_DEG = 50.0
+FRAME_RATE = 10.0
+CELL = 40.0  # city grid pitch (m); street centre lines at x, y = 20 + 40 k
+STREET_HALF = 5.0
+SIDEWALK_HALF = 7.0
+MARKER = ".world_complete"
+INFO_NAME = "world_info.json"
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class Box:
+    """Axis-aligned building ``lo <= x <= hi`` (ENU metres, world frame)."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    colour: np.ndarray  # base wall colour, RGB in [0, 1]
+    roof: np.ndarray  # roof colour
+    window_dx: float
+    window_dz: float
+    brick: float
+
+
+@dataclass
+class View:
+    """A pinhole camera in the world frame (COLMAP axes)."""
+
+    r_c2w: np.ndarray
+    centre: np.ndarray
+    f: float
+    cx: float
+    cy: float
+    width: int
+    height: int
+
+
+@dataclass
+class WorldInfo:
+    """Where everything of a generated world lies, and how it was made."""
+
+    root: Path
+    scene: str
+    seed: int
+    origin: tuple[float, float, float]  # (lat0, lon0, alt0) of the rendering world frame
+    first_frame_origin: tuple[float, float, float]  # (lat, lon, alt) of aerial frame 0 = GT frame origin
+    width: int
+    height: int
+    n_frames: int
+    n_photos: int
+    video_path: Path
+    json_path: Path
+    megadepth_root: Path
+    sfm_dir: Path  # megadepth/MegaDepth_v1_SfM/<scene>/sparse/manhattan/0
+    images_dir: Path  # .../dense0/imgs
+    depths_dir: Path  # .../dense0/depths
+    scene_list_path: Path
+    gt_sparse_dir: Path
+    gt_depths_dir: Path
+    photo_names: list[str]
+    frame_names: list[str]
+    sim_scale: float  # world_md = s * R @ x_gt + t  (x_gt: metric ENU of the first frame)
+    sim_rotation: list[list[float]]
+    sim_translation: list[float]
+    render_seconds: float
+    total_seconds: float
+    params: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """JSON-serialisable dict (paths relative to ``root``)."""
+        out = asdict(self)
+        for k, v in out.items():
+            if isinstance(v, Path):
+                out[k] = str(v) if k == "root" else str(Path(v).relative_to(self.root))
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, root: Path) -> WorldInfo:
+        """Inverse of :meth:`to_json`, paths re-anchored at ``root``."""
+        d = dict(d)
+        d["root"] = Path(root)
+        for k in ("video_path", "json_path", "megadepth_root", "sfm_dir", "images_dir", "depths_dir",
+                  "scene_list_path", "gt_sparse_dir", "gt_depths_dir"):
+            d[k] = Path(root) / d[k]
+        d["origin"] = tuple(d["origin"])
+        d["first_frame_origin"] = tuple(d["first_frame_origin"])
+        return cls(**d)
+
+    def sim_transform(self, x_gt: np.ndarray) -> np.ndarray:
+        """Map metric GT points (N, 3) into the MegaDepth similarity frame."""
+        r = np.asarray(self.sim_rotation)
+        return self.sim_scale * np.asarray(x_gt) @ r.T + np.asarray(self.sim_translation)
+
+
+# ----------------------------------------------------------------------------- noise
+
+
+def _hash(ix: np.ndarray, iy: np.ndarray, seed: int) -> np.ndarray:
+    """Integer lattice hash to [0, 1)."""
+    h = (ix.astype(np.int64) * 374761393 + iy.astype(np.int64) * 668265263 + seed * 2246822519) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * 1274126177) & 0xFFFFFFFF
+    h = h ^ (h >> 16)
+    return (h & 0xFFFFFF).astype(np.float64) / float(0x1000000)
+
+
+def _vnoise(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
+    """Smooth value noise in [0, 1) with unit lattice."""
+    xf, yf = np.floor(x), np.floor(y)
+    fx, fy = x - xf, y - yf
+    fx = fx * fx * (3 - 2 * fx)
+    fy = fy * fy * (3 - 2 * fy)
+    ix, iy = xf.astype(np.int64), yf.astype(np.int64)
+    a = _hash(ix, iy, seed)
+    b = _hash(ix + 1, iy, seed)
+    c = _hash(ix, iy + 1, seed)
+    d = _hash(ix + 1, iy + 1, seed)
+    return (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
+
+
+def _fade(period: float, footprint: np.ndarray) -> np.ndarray:
+    """Weight of a pattern of spatial period ``period`` (m) given the pixel footprint (m):
+    1 when well resolved, fading to 0 when it would alias."""
+    return np.clip(period / (3.0 * footprint) - 0.5, 0.0, 1.0)
+
+
+def _fbm(u: np.ndarray, v: np.ndarray, seed: int, foot: np.ndarray, scales=(16.0, 6.0, 2.0, 0.7)) -> np.ndarray:
+    """Band-limited fractal noise in about [-0.5, 0.5]."""
+    out = np.zeros_like(u)
+    amp = 0.5
+    for i, s in enumerate(scales):
+        out += amp * _fade(s, foot) * (_vnoise(u / s, v / s, seed + 17 * i) - 0.5)
+        amp *= 0.7
+    return out
+
+
+# ----------------------------------------------------------------------------- scene
+
+
+def _make_city(rng: np.random.Generator) -> list[Box]:
+    """6-10 buildings in 40 m city blocks centred at (40 i, 40 j); streets run between blocks."""
+    cells = [(i, j) for i in range(-1, 2) for j in range(-1, 2)]
+    cells += [(-2, 0), (2, 0), (0, -2), (0, 2), (2, 2), (-2, -2)]
+    n = int(rng.integers(6, 11))
+    chosen = rng.choice(len(cells), size=n, replace=False)
+    boxes = []
+    for k in chosen:
+        ci, cj = cells[k]
+        cx, cy = ci * CELL, cj * CELL
+        half = CELL / 2 - SIDEWALK_HALF - 0.5  # max half extent inside the block
+        hx = rng.uniform(0.55, 1.0) * half
+        hy = rng.uniform(0.55, 1.0) * half
+        ox = rng.uniform(-(half - hx), half - hx)
+        oy = rng.uniform(-(half - hy), half - hy)
+        h = rng.uniform(8.0, 40.0)
+        hue = rng.uniform(0, 1)
+        base = np.array([0.55 + 0.35 * math.cos(2 * math.pi * hue), 0.55 + 0.35 * math.cos(2 * math.pi * (hue - 1 / 3)),
+                         0.55 + 0.35 * math.cos(2 * math.pi * (hue - 2 / 3))])
+        roof = rng.uniform(0.25, 0.6, 3)
+        boxes.append(Box(lo=np.array([cx + ox - hx, cy + oy - hy, 0.0]), hi=np.array([cx + ox + hx, cy + oy + hy, h]),
+                         colour=base, roof=roof, window_dx=float(rng.uniform(2.2, 3.5)),
+                         window_dz=float(rng.uniform(3.0, 3.8)), brick=float(rng.uniform(0.25, 0.4))))
+    return boxes
+
+
+def _inside_any(p: np.ndarray, boxes: list[Box], margin: float = 0.5) -> bool:
+    return any(np.all(p > b.lo - margin) and np.all(p < b.hi + margin) for b in boxes)
+
+
+# ----------------------------------------------------------------------------- ray casting
+
+
+def _rays(view: View) -> np.ndarray:
+    """World ray directions (H*W, 3) scaled so that the camera-z component is 1."""
+    u = (np.arange(view.width) + 0.5 - view.cx) / view.f
+    v = (np.arange(view.height) + 0.5 - view.cy) / view.f
+    uu, vv = np.meshgrid(u, v)
+    d_cam = np.stack([uu.ravel(), vv.ravel(), np.ones(uu.size)], axis=1)
+    return d_cam @ view.r_c2w.T
+
+
+def cast(view: View, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+    """Ray cast every pixel: returns (depth (H*W,), face id (H*W,)).
+
+    Face ids: -2 sky, -1 ground, ``6 * box + k`` with k in (-x, +x, -y, +y, -z, +z).
+    Depth is the ray parameter of the camera-z-normalised direction, i.e. the
+    distance along the camera z axis."""
+    d = _rays(view)
+    o = view.centre
+    n = d.shape[0]
+    t_best = np.full(n, np.inf)
+    fid = np.full(n, -2, dtype=np.int64)
+    if o[2] > 0:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tg = -o[2] / d[:, 2]
+        ok = (d[:, 2] < 0) & (tg > 0)
+        t_best[ok] = tg[ok]
+        fid[ok] = -1
+    dd = np.where(np.abs(d) < 1e-12, 1e-12, d)
+    inv = 1.0 / dd
+    for bi, b in enumerate(boxes):
+        # cheap culling: all corners behind the camera
+        corners = np.array([[x, y, z] for x in (b.lo[0], b.hi[0]) for y in (b.lo[1], b.hi[1]) for z in (b.lo[2], b.hi[2])])
+        zc = (corners - o) @ view.r_c2w[:, 2]
+        if np.all(zc <= 0):
+            continue
+        t1 = (b.lo - o) * inv
+        t2 = (b.hi - o) * inv
+        tmin = np.minimum(t1, t2)
+        tnear = tmin.max(axis=1)
+        tfar = np.maximum(t1, t2).min(axis=1)
+        hit = (tnear <= tfar) & (tnear > 1e-9) & (tnear < t_best)
+        if not hit.any():
+            continue
+        axis = tmin[hit].argmax(axis=1)
+        positive = d[hit, axis] < 0  # ray going -axis enters through the +axis face
+        t_best[hit] = tnear[hit]
+        fid[hit] = 6 * bi + 2 * axis + positive.astype(np.int64)
+    depth = np.where(fid == -2, 0.0, t_best)
+    return depth, fid
+
+
+def _shade(view: View, boxes: list[Box], depth: np.ndarray, fid: np.ndarray, sun: np.ndarray,
+           seed: int, sky_tint: np.ndarray) -> np.ndarray:
+    """Procedural colour (H*W, 3) in [0, 1] of the cast rays."""
+    d = _rays(view)
+    n = d.shape[0]
+    col = np.zeros((n, 3))
+    foot = np.maximum(depth * np.linalg.norm(d, axis=1) / view.f, 1e-3)  # metres per pixel
+    # sky
+    sky = fid == -2
+    if sky.any():
+        el = d[sky, 2] / np.linalg.norm(d[sky], axis=1)
+        t = np.clip(el, 0, 1)[:, None]
+        col[sky] = (1 - t) * np.array([0.85, 0.9, 0.95]) + t * np.array([0.35, 0.55, 0.9])
+        col[sky] *= sky_tint
+    p = view.centre + d * depth[:, None]
+    # ground
+    g = fid == -1
+    if g.any():
+        col[g] = _ground_colour(p[g, 0], p[g, 1], foot[g], seed) * (0.55 + 0.45 * max(sun[2], 0.0))
+    # buildings
+    for bi, b in enumerate(boxes):
+        for k in range(6):
+            m = fid == 6 * bi + k
+            if not m.any():
+                continue
+            axis, positive = divmod(k, 2)
+            normal = np.zeros(3)
+            normal[axis] = 1.0 if positive else -1.0
+            q = p[m]
+            if axis == 2:
+                c = _roof_colour(q[:, 0], q[:, 1], foot[m], b, seed + 1000 * bi)
+            else:
+                u = q[:, 1 - axis] * (1 if positive else -1) + 1000.0 * k
+                c = _wall_colour(u, q[:, 2], foot[m], b, seed + 1000 * bi + 7 * k, b.hi[2])
+            col[m] = c * (0.45 + 0.55 * max(float(normal @ sun), 0.0))
+    return np.clip(col, 0, 1)
+
+
+def _ground_colour(x: np.ndarray, y: np.ndarray, foot: np.ndarray, seed: int) -> np.ndarray:
+    dx = np.abs(np.mod(x, CELL) - CELL / 2)  # distance to the nearest street centre line
+    dy = np.abs(np.mod(y, CELL) - CELL / 2)
+    dist = np.minimum(dx, dy)
+    noise = _fbm(x, y, seed + 1, foot)
+    out = np.empty((x.size, 3))
+    city = (np.abs(x) < 100) & (np.abs(y) < 100)
+    # fields outside the city: large coloured patches
+    pf = _vnoise(x / 35.0, y / 35.0, seed + 2)
+    field_col = np.stack([0.35 + 0.3 * pf, 0.45 + 0.25 * _vnoise(x / 23.0, y / 23.0, seed + 3), 0.2 + 0.15 * pf], 1)
+    out[:] = field_col + 0.25 * noise[:, None]
+    street = city & (dist < STREET_HALF)
+    out[street] = (0.33 + 0.3 * noise[street])[:, None] * np.array([1.0, 1.0, 1.05])
+    # lane markings (dashed) and crosswalks
+    along = np.where(dx < dy, y, x)
+    lane = street & (dist < 0.15 + 0.3 * (1 - _fade(1.0, foot))) & (np.mod(along, 6.0) < 3.0) & (np.maximum(dx, dy) > SIDEWALK_HALF)
+    out[lane] = np.array([0.95, 0.92, 0.7])
+    inter = street & (np.maximum(dx, dy) < SIDEWALK_HALF + 3.0) & (np.maximum(dx, dy) > SIDEWALK_HALF)
+    stripes = inter & (np.mod(np.where(dx < dy, x, y), 1.2) < 0.6)
+    out[stripes] = 0.9
+    walk = city & (dist >= STREET_HALF) & (dist < SIDEWALK_HALF)
+    tiles = np.mod(np.floor(x / 0.8) + np.floor(y / 0.8), 2) * 0.08 * _fade(1.6, foot)
+    out[walk] = (0.62 + tiles[walk] + 0.25 * noise[walk])[:, None] * np.array([1.0, 0.95, 0.88])
+    block = city & (dist >= SIDEWALK_HALF)
+    grass = _vnoise(x / 9.0, y / 9.0, seed + 4)
+    out[block] = np.stack([0.25 + 0.2 * grass, 0.5 + 0.2 * grass, 0.2 + 0.1 * grass], 1)[block] + 0.3 * noise[block, None]
+    # scattered coloured markers (cars / kiosks) for distinctiveness
+    cell = _hash(np.floor(x / 3.0).astype(np.int64), np.floor(y / 3.0).astype(np.int64), seed + 5)
+    spot = city & (cell > 0.93)
+    hue = _hash(np.floor(x / 3.0).astype(np.int64), np.floor(y / 3.0).astype(np.int64), seed + 6)
+    out[spot] = np.stack([hue, 1 - hue, 0.5 + 0.5 * np.sin(6 * hue)], 1)[spot] * 0.9
+    return out
+
+
+def _wall_colour(u: np.ndarray, z: np.ndarray, foot: np.ndarray, b: Box, seed: int, height: float) -> np.ndarray:
+    noise = _fbm(u, z, seed, foot)
+    tint = 0.85 + 0.3 * _vnoise(u / 11.0, z / 11.0, seed + 3)
+    # bricks
+    row = np.floor(z / b.brick)
+    bu = u / (2 * b.brick) + 0.5 * np.mod(row, 2)
+    mortar = (np.mod(z, b.brick) < 0.05) | (np.mod(bu, 1.0) < 0.05 / (2 * b.brick))
+    brick_var = _hash(np.floor(bu).astype(np.int64), row.astype(np.int64), seed + 9) - 0.5
+    wb = _fade(b.brick, foot)
+    shade = 1.0 + wb * (0.25 * brick_var - 0.3 * mortar)
+    out = (b.colour * tint[:, None] + 0.3 * noise[:, None]) * shade[:, None]
+    # windows
+    wu = np.mod(u, b.window_dx) / b.window_dx
+    wz = np.mod(z, b.window_dz) / b.window_dz
+    floor_ix = np.floor(z / b.window_dz)
+    win = (wu > 0.25) & (wu < 0.75) & (wz > 0.3) & (wz < 0.8) & (floor_ix >= 1) & (z < height - 1.0)
+    lit = _hash(np.floor(u / b.window_dx).astype(np.int64), floor_ix.astype(np.int64), seed + 11)
+    wcol = np.stack([0.1 + 0.6 * lit * (lit > 0.7), 0.15 + 0.5 * lit * (lit > 0.7), 0.25 + 0.2 * lit], 1)
+    frame = (wu > 0.2) & (wu < 0.8) & (wz > 0.25) & (wz < 0.85) & ~win & (floor_ix >= 1) & (z < height - 1.0)
+    out[frame] = 0.9
+    out[win] = wcol[win]
+    # ground-floor shop front / door + big poster per face section
+    door = (z < 2.6) & (np.mod(u, 9.0) < 2.0)
+    out[door] = np.array([0.35, 0.2, 0.1]) + 0.2 * noise[door, None]
+    sec = np.floor(u / 13.0).astype(np.int64)
+    poster_h = _hash(sec, np.full_like(sec, 3), seed + 13)
+    poster = (np.mod(u, 13.0) > 4.0) & (np.mod(u, 13.0) < 8.5) & (z > 2.8) & (z < 3.0 + 3.0 * poster_h) & (poster_h > 0.4)
+    pc = np.stack([poster_h, _hash(sec, np.full_like(sec, 5), seed), 1 - poster_h], 1)
+    stripes = 0.7 + 0.3 * np.sin(u * 3.0 + z * 2.0)
+    out[poster] = (pc * stripes[:, None])[poster]
+    return out
+
+
+def _roof_colour(x: np.ndarray, y: np.ndarray, foot: np.ndarray, b: Box, seed: int) -> np.ndarray:
+    noise = _fbm(x, y, seed + 21, foot)
+    out = b.roof[None, :] + 0.35 * noise[:, None]
+    # roof units (AC boxes) as darker/lighter squares
+    ix, iy = np.floor(x / 4.0).astype(np.int64), np.floor(y / 4.0).astype(np.int64)
+    h = _hash(ix, iy, seed + 23)
+    unit = (h > 0.75) & (np.mod(x, 4.0) > 1.0) & (np.mod(y, 4.0) > 1.0)
+    out[unit] = 0.85 - 0.5 * h[unit, None]
+    edge = (np.minimum(x - b.lo[0], b.hi[0] - x) < 0.6) | (np.minimum(y - b.lo[1], b.hi[1] - y) < 0.6)
+    out[edge] = 0.8
+    return out
+
+
+def render(view: View, boxes: list[Box], sun: np.ndarray, seed: int, sky_tint=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """Render ``view``: (RGB float image (H, W, 3) in [0, 1], depth (H, W) in metres)."""
+    depth, fid = cast(view, boxes)
+    col = _shade(view, boxes, depth, fid, np.asarray(sun, float), seed, np.asarray(sky_tint, float))
+    return col.reshape(view.height, view.width, 3), depth.reshape(view.height, view.width)
+
+
+# ----------------------------------------------------------------------------- poses
+
+
+def _aerial_pose(s: float, rng_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Position and look-at target (world ENU) along a descending two-turn spiral, s in [0, 1]."""
+    alt = 300.0 * (40.0 / 300.0) ** s  # 300 m -> 40 m, geometric
+    radius = 380.0 - 250.0 * s
+    ang = 2.0 * math.pi * 2.0 * s + 0.3
+    pos = np.array([radius * math.cos(ang), radius * math.sin(ang), alt])
+    k = rng_offsets
+    target = np.array([25.0 * math.sin(3.1 * ang + k[0]), 25.0 * math.cos(2.3 * ang + k[1]), 8.0 + 6.0 * math.sin(ang + k[2])])
+    return pos, target
+
+
+def _rigid_world_to_first(lat0: float, lon0: float, alt0: float, first_enu_world: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """(A, b, first geodetic) with ``x_first = A @ x_world + b``."""
+    lat_f, lon_f, alt_f = (float(v) for v in enu_to_geodetic(first_enu_world, lat0, lon0, alt0))
+    r0 = r_ecef_to_enu(lat0, lon0)
+    rf = r_ecef_to_enu(lat_f, lon_f)
+    a = rf @ r0.T
+    e0 = enu_to_ecef(np.zeros(3), lat0, lon0, alt0)
+    ef = enu_to_ecef(np.asarray(first_enu_world, float), lat0, lon0, alt0)
+    b = rf @ (e0 - ef)
+    return a, b, (lat_f, lon_f, alt_f)
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] *= -1
+    return q
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _to_u8_bgr(rgb: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray((np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8)[:, :, ::-1])
+
+
+def _write_depth(path: Path, depth: np.ndarray) -> None:
+    import h5py
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("depth", data=depth.astype(np.float32), compression="gzip", compression_opts=1)
+
+
+def _write_model(out_dir: Path, cams: list[tuple[int, str, int, int, list[float]]],
+                 images: list[tuple[int, str, np.ndarray, np.ndarray, list[tuple[float, float, int]]]],
+                 points: list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]) -> None:
+    """COLMAP text model via pycolmap. images: (id, name, R_w2c, t_w2c, points2D [(x, y, _)]);
+    points: (xyz, rgb uint8, track [(image_id, point2D_idx)])."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction()
+    for cid, model, w, h, params in cams:
+        rec.add_camera_with_trivial_rig(pycolmap.Camera(model=model, width=w, height=h, params=params, camera_id=cid))
+    for iid, name, r, t, pts in images:
+        im = pycolmap.Image(name=name, camera_id=iid, image_id=iid,
+                            points2D=[pycolmap.Point2D(np.array([x, y], float)) for x, y, _ in pts])
+        rec.add_image_with_trivial_frame(im, pycolmap.Rigid3d(pycolmap.Rotation3d(r), np.asarray(t, float)))
+    for xyz, rgb, track in points:
+        tr = pycolmap.Track()
+        for iid, idx in track:
+            tr.add_element(iid, idx)
+        rec.add_point3D(np.asarray(xyz, float), tr, np.asarray(rgb, np.uint8))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rec.write_text(str(out_dir))
+
+
+# ----------------------------------------------------------------------------- main entry
+
+
+def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float = 47.3769, lon0: float = 8.5417,
+                   alt0: float = 408.0, n_aerial: int = 48, n_ground: int = 16,
+                   size: tuple[int, int] = (640, 480)) -> WorldInfo:
+    """Generate the synthetic place under ``root`` (see module docstring); returns its :class:`WorldInfo`."""
+    import cv2
+
+    t_start = time.perf_counter()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / MARKER).unlink(missing_ok=True)
+    params = dict(scene=scene, seed=seed, lat0=lat0, lon0=lon0, alt0=alt0, n_aerial=n_aerial, n_ground=n_ground,
+                  size=list(size))
+    rng = np.random.default_rng(seed)
+    boxes = _make_city(rng)
+    width, height = int(size[0]), int(size[1])
+    render_s = 0.0
+
+    # ---- aerial poses (world frame)
+    offs = rng.uniform(0, 2 * math.pi, 3)
+    f_aerial = focal_from_fov(height, FOV_VERTICAL_DEG)
+    aer_pos, aer_rot = [], []
+    for k in range(n_aerial + 1):
+        pos, target = _aerial_pose(k / max(n_aerial, 1), offs)
+        aer_pos.append(pos)
+        aer_rot.append(look_at(pos, target))
+    a_wf, b_wf, first_geo = _rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
+    lat_f, lon_f, _ = first_geo
+
+    # ---- Earth Studio export
+    dl = root / "downloaded_data"
+    dl.mkdir(parents=True, exist_ok=True)
+    video_path = dl / f"{scene}.mp4"
+    json_path = dl / f"{scene}.json"
+    frames_json = []
+    for pos, r in zip(aer_pos, aer_rot):
+        geo = enu_to_geodetic(pos, lat0, lon0, alt0)
+        ecef = enu_to_ecef(pos, lat0, lon0, alt0)
+        euler = euler_from_cam2world(a_wf @ r, lat_f, lon_f)
+        frames_json.append({
+            "position": {"x": float(ecef[0]), "y": float(ecef[1]), "z": float(ecef[2])},
+            "rotation": {"x": float(euler[0]), "y": float(euler[1]), "z": float(euler[2])},
+            "coordinate": {"latitude": float(geo[0]), "longitude": float(geo[1]), "altitude": float(geo[2])},
+            "fovVertical": FOV_VERTICAL_DEG,
+        })
+    es = {"name": scene, "width": width, "height": height, "numFrames": n_aerial, "frameRate": FRAME_RATE,
+          "durationSeconds": n_aerial / FRAME_RATE, "cameraFrames": frames_json}
+
+    sun_aerial = np.array([0.4, -0.3, 0.87])
+    sun_aerial /= np.linalg.norm(sun_aerial)
+    gt_depths = root / "ground_truth" / scene / "depths"
+    frame_names = [f"{scene}_{k:0{max(3, len(str(n_aerial - 1)))}d}.jpeg" for k in range(n_aerial)]
+    tmp_video = dl / f".{scene}.tmp.mp4"
+    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
+    if not writer.isOpened():
+        raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
+    gt_images = []
+    gt_cams = []
+    for k in range(n_aerial):
+        view = View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height)
+        t0 = time.perf_counter()
+        rgb, depth = render(view, boxes, sun_aerial, seed)
+        render_s += time.perf_counter() - t0
+        writer.write(_to_u8_bgr(rgb))
+        _write_depth(gt_depths / f"{Path(frame_names[k]).stem}.h5", depth)
+        r_first = a_wf @ aer_rot[k]
+        c_first = a_wf @ aer_pos[k] + b_wf
+        iid = n_ground + 1 + k
+        gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [f_aerial, width / 2.0, height / 2.0]))
+        gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
+    writer.release()
+    os.replace(tmp_video, video_path)
+    json_path.write_text(json.dumps(es, indent=2))
+
+    # ---- ground photos
+    sim_s = float(rng.uniform(0.05, 0.5))
+    sim_r = _random_rotation(rng)
+    sim_t = rng.uniform(-50, 50, 3)
+    md_root = root / "megadepth"
+    sfm_dir = md_root / "MegaDepth_v1_SfM" / scene / "sparse" / "manhattan" / "0"
+    dense = md_root / "phoenix" / "S6" / "zl548" / "MegaDepth_v1" / scene / "dense0"
+    img_dir, md_depth_dir = dense / "imgs", dense / "depths"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    md_depth_dir.mkdir(parents=True, exist_ok=True)
+    photo_names: list[str] = []
+    photos = []  # (view, depth)
+    for j in range(n_ground):
+        while True:
+            along = rng.uniform(-75, 75)
+            line = CELL / 2 * rng.choice([-3, -1, 1, 3])
+            lateral = line + rng.uniform(-STREET_HALF + 1, STREET_HALF - 1)
+            xy = (lateral, along) if rng.uniform() < 0.5 else (along, lateral)
+            pos = np.array([xy[0], xy[1], rng.uniform(1.5, 2.0)])
+            if not _inside_any(pos, boxes, 1.0):
+                break
+        heading = rng.uniform(0, 2 * math.pi)
+        pitch = math.radians(rng.uniform(2.0, 20.0))
+        target = pos + np.array([math.cos(heading) * math.cos(pitch), math.sin(heading) * math.cos(pitch), math.sin(pitch)])
+        r_c2w = look_at(pos, target)
+        fov = rng.uniform(55.0, 70.0) if rng.uniform() < 0.6 else rng.uniform(22.0, 40.0)  # some zoomed
+        f = focal_from_fov(height, fov)
+        cx = width / 2.0 + rng.choice([-1, 1]) * rng.uniform(3.0, 20.0)
+        cy = height / 2.0 + rng.choice([-1, 1]) * rng.uniform(3.0, 20.0)
+        view = View(r_c2w, pos, f, cx, cy, width, height)
+        sun = np.array([math.cos(1.0 + j), math.sin(1.0 + j), 0.6])
+        sun /= np.linalg.norm(sun)
+        t0 = time.perf_counter()
+        rgb, depth = render(view, boxes, sun, seed, sky_tint=(1.0, 0.95, 0.85))
+        render_s += time.perf_counter() - t0
+        gamma = rng.uniform(0.7, 1.4)
+        cast_ = rng.uniform(0.85, 1.15, 3)
+        bright = rng.uniform(0.75, 1.2)
+        rgb = np.clip(bright * cast_ * rgb, 0, 1) ** gamma
+        name = f"{int(rng.integers(10**9, 10**10)):010d}_{int(rng.integers(0, 16**10)):010x}_o.jpg"
+        photo_names.append(name)
+        cv2.imwrite(str(img_dir / name), _to_u8_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        _write_depth(gt_depths / f"{Path(name).stem}.h5", depth)
+        _write_depth(md_depth_dir / f"{Path(name).stem}.h5", sim_s * depth)
+        photos.append((view, depth, rgb))
+
+    # ---- 3D points with tracks among the ground photos (GT first-frame ENU)
+    pts2d: list[list[tuple[float, float, int]]] = [[] for _ in range(n_ground)]
+    points = []
+    per_photo = max(1, 400 // max(n_ground, 1))
+    for j, (view, depth, rgb) in enumerate(photos):
+        vv, uu = np.nonzero(depth > 0)
+        if vv.size == 0:
+            continue
+        pick = rng.choice(vv.size, size=min(per_photo, vv.size), replace=False)
+        for p in pick:
+            u, v = uu[p] + 0.5, vv[p] + 0.5
+            dz = depth[vv[p], uu[p]]
+            x_w = view.centre + view.r_c2w @ np.array([(u - view.cx) / view.f, (v - view.cy) / view.f, 1.0]) * dz
+            track = []
+            for i2, (v2, d2, _) in enumerate(photos):
+                xc = v2.r_c2w.T @ (x_w - v2.centre)
+                if xc[2] <= 0.1:
+                    continue
+                u2 = v2.f * xc[0] / xc[2] + v2.cx
+                y2 = v2.f * xc[1] / xc[2] + v2.cy
+                if not (0 <= u2 < v2.width and 0 <= y2 < v2.height):
+                    continue
+                if abs(d2[int(y2), int(u2)] - xc[2]) > 0.01 * xc[2] + 0.05:
+                    continue
+                track.append((i2 + 1, len(pts2d[i2])))
+                pts2d[i2].append((float(u2), float(y2), 0))
+            colour = (np.clip(rgb[vv[p], uu[p]], 0, 1) * 255).astype(np.uint8)
+            points.append((a_wf @ x_w + b_wf, colour, track))
+
+    md_cams, md_images, gt_photo_cams, gt_photo_images = [], [], [], []
+    for j, (view, _, _) in enumerate(photos):
+        iid = j + 1
+        params_ = [view.f, view.cx, view.cy, 0.0]
+        md_cams.append((iid, "SIMPLE_RADIAL", width, height, params_))
+        gt_photo_cams.append((iid, "SIMPLE_RADIAL", width, height, params_))
+        r_first = a_wf @ view.r_c2w
+        c_first = a_wf @ view.centre + b_wf
+        r_w2c, t_w2c = r_first.T, -r_first.T @ c_first
+        gt_photo_images.append((iid, photo_names[j], r_w2c, t_w2c, pts2d[j]))
+        r_md = r_w2c @ sim_r.T
+        t_md = sim_s * t_w2c - r_md @ sim_t
+        md_images.append((iid, photo_names[j], r_md, t_md, pts2d[j]))
+    md_points = [(sim_s * sim_r @ x + sim_t, c, tr) for x, c, tr in points]
+    if sfm_dir.exists():
+        shutil.rmtree(sfm_dir)
+    _write_model(sfm_dir, md_cams, md_images, md_points)
+    gt_sparse = root / "ground_truth" / scene / "sparse"
+    if gt_sparse.exists():
+        shutil.rmtree(gt_sparse)
+    _write_model(gt_sparse, gt_photo_cams + gt_cams, gt_photo_images + gt_images, points)
+
+    scene_list = md_root / "scene_list.json"
+    scene_list.write_text(json.dumps([{"scene": scene, "subscene": "0", "images": photo_names}], indent=2))
+
+    info = WorldInfo(
+        root=root, scene=scene, seed=seed, origin=(lat0, lon0, alt0), first_frame_origin=first_geo,
+        width=width, height=height, n_frames=n_aerial, n_photos=n_ground, video_path=video_path, json_path=json_path,
+        megadepth_root=md_root, sfm_dir=sfm_dir, images_dir=img_dir, depths_dir=md_depth_dir,
+        scene_list_path=scene_list, gt_sparse_dir=gt_sparse, gt_depths_dir=gt_depths, photo_names=photo_names,
+        frame_names=frame_names, sim_scale=sim_s, sim_rotation=sim_r.tolist(), sim_translation=sim_t.tolist(),
+        render_seconds=render_s, total_seconds=time.perf_counter() - t_start, params=params)
+    (root / INFO_NAME).write_text(json.dumps(info.to_json(), indent=2))
+    (root / MARKER).write_text("ok\n")
+    return info
+
+
+def ensure_world(root: Path, **kw) -> WorldInfo:
+    """Generate the world unless a complete one with the same parameters is already there."""
+    root = Path(root)
+    scene = kw.get("scene", "0001")
+    info_path = root / INFO_NAME
+    if (root / "downloaded_data" / f"{scene}.json").exists() and (root / MARKER).exists() and info_path.exists():
+        info = WorldInfo.from_json(json.loads(info_path.read_text()), root)
+        wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
+        if all(info.params.get(k) == v for k, v in wanted.items()):
+            return info
+    return generate_world(root, **kw)
+
+
+__all__ = ["WorldInfo", "Box", "View", "cast", "render", "generate_world", "ensure_world", "cam2world_rotation"]

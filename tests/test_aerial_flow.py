@@ -1,0 +1,83 @@
+"""The aerial flow end to end on a tiny synthetic scene, through a real local Prefect
+server and a Dask cluster."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tasks.common.runtime import DaskConfig, make_task_runner
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture(scope="module")
+def aerial_run(tmp_path_factory):
+    from flows.aerial import AerialConfig, aerial_flow
+
+    root = tmp_path_factory.mktemp("aerial")
+    cfg = AerialConfig(root=str(root), world_options={"n_aerial": 8, "n_ground": 5}, image_batch=2)
+    result = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=2)))(config=cfg)
+    return cfg, root, result
+
+
+def test_stages_ran_and_counts(aerial_run):
+    cfg, root, result = aerial_run
+    rep = result["scenes"]["0001"]
+    assert rep["counts"]["frames"] == 8 and rep["counts"]["video frames"] == 8
+    assert rep["counts"]["camera entries"] == 9  # numFrames + 1, the extra one reported
+    assert rep["counts"]["megadepth done"] == 5
+    png = (root / "data" / "0001" / "overview.png").read_bytes()
+    assert png[:4] == b"\x89PNG"
+    report = json.loads((root / "data" / "0001" / "report.json").read_text())
+    assert report["counts"] == rep["counts"]
+    assert any("has no video frame" in p["reason"] for p in report["problems"])  # the numFrames+1 entry
+
+
+def test_reference_poses_match_ground_truth(aerial_run):
+    import pycolmap
+
+    cfg, root, result = aerial_run
+    gt = pycolmap.Reconstruction(str(root / "ground_truth" / "0001" / "sparse"))
+    ref = pycolmap.Reconstruction(str(root / "data" / "0001" / "sfm_output_localization" / "reference_empty"))
+    assert ref.num_images() == 8
+    for image in ref.images.values():
+        g = gt.find_image_with_name(image.name)
+        assert g is not None, image.name
+        np.testing.assert_allclose(image.cam_from_world().matrix(), g.cam_from_world().matrix(), atol=1e-5)
+
+
+def test_megadepth_outputs_consistent_with_ground_truth(aerial_run):
+    import os
+
+    os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
+    import cv2
+
+    cfg, root, result = aerial_run
+    out = root / "megadepth_processed" / "0001" / "0"
+    npzs = sorted(out.glob("*.npz"))
+    assert len(npzs) == 5
+    for npz in npzs:
+        z = np.load(npz)
+        assert z["intrinsics"].shape == (3, 3) and z["cam2world"].shape == (4, 4)
+        name = npz.name[: -len(".npz")]
+        img = cv2.imread(str(out / f"{name}.jpg"))
+        depth = cv2.imread(str(out / f"{name}.exr"), cv2.IMREAD_UNCHANGED)
+        assert img.shape[:2] == depth.shape and depth.dtype == np.float32
+        h, w = depth.shape
+        assert max(w, h) <= 800 and min(w, h) <= 600
+        assert z["intrinsics"][0, 2] == pytest.approx(w / 2) and z["intrinsics"][1, 2] == pytest.approx(h / 2)
+        assert (depth > 0).mean() > 0.2  # street-level photos: sky has no depth
+
+
+def test_rerun_skips_done_work(aerial_run):
+    from flows.aerial import aerial_flow
+
+    cfg, root, result = aerial_run
+    again = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=2)))(config=cfg)
+    counts = again["scenes"]["0001"]["counts"]
+    assert counts.get("megadepth skipped") == 5 and "megadepth done" not in counts
+    meta = json.loads((root / "data" / "0001" / "0001.json").read_text())
+    assert len(meta["frames"]) == 8
