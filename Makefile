@@ -18,6 +18,9 @@ setup: $(VENV)/.installed
 run: setup
 	$(PY) -m flows.multimodal
 
+run-aerial: setup
+	$(PY) -m flows.aerial
+
 test: setup
 	$(PY) -m pytest -q
 
