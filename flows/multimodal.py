@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 
-from tasks.common.atomic import remove_partials
+from tasks.common.atomic import remove_partials, write_json_atomic
 from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunReport, tiles_map_png
 from tasks.common.runtime import local_prefect_server, make_task_runner
@@ -127,9 +127,20 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
             raise ValueError("tile_sampler=earthengine needs source=earthengine (its credentials and project)")
         from tasks.multimodal.tiles_ee import sample_tiles_ee
 
-        labels = tiles_mod.load_eco_index(config.eco_labels) if config.eco_labels else None
-        tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode, labels,
-                                           config.tile_size_m, config.seed, config.batch)
+        key_path = out / "work" / "ee_tiles_key.json"
+        key = {"n_tiles": config.n_tiles, "mode": config.sampling_mode, "tile_size_m": config.tile_size_m,
+               "seed": config.seed, "batch": config.batch, "eco_labels": config.eco_labels}
+        previous = json.loads(key_path.read_text()) if key_path.exists() else None
+        if tiles_path.exists() and previous and previous.get("key") == key:
+            # the same deterministic sample as last time: no need to ask Earth Engine again
+            tiles, eco_index = tiles_mod.read_tiles_geojson(tiles_path), previous["eco_index"]
+            logger.info("re-using the Earth Engine tile sample in %s", tiles_path)
+        else:
+            labels = tiles_mod.load_eco_index(config.eco_labels) if config.eco_labels else None
+            tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode, labels,
+                                               config.tile_size_m, config.seed, config.batch)
+            tiles_mod.write_tiles_geojson(tiles, tiles_path)
+            write_json_atomic(key_path, {"key": key, "eco_index": eco_index})
         source.eco_index = eco_index
         regions = []
     else:

@@ -266,6 +266,10 @@ def test_tiles_sampled_on_earth_engine(tmp_path):
         assert result["counts"]["tiles sampled"] == 10 and result["counts"]["stacks done"] == 10
         points = [e for e in fake.log if e["kind"] == "value" and (e["tile_id"] or "").startswith("__points__")]
         assert len(points) == 10  # one randomPoints request per ecoregion (10 ecoregions, 1 tile each)
+        fake.reset_counters()
+        again = _run(cfg)  # same settings: the sample is re-used, nothing is asked again
+        assert again["counts"]["tiles sampled"] == 10 and again["counts"]["fetched this run"] == 0
+        assert not any((e["tile_id"] or "").startswith("__") for e in fake.log if e["kind"] == "value")
     regions = {r.eco_region: r.geometry for r in tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)}
     for t in tiles_mod.read_tiles_geojson(cfg.dataset_dir / f"{cfg.name}_tiles.geojson"):
         assert regions[t.eco_region].contains(Point(t.lon, t.lat))
