@@ -389,13 +389,25 @@ def render(view: View, boxes: list[Box], sun: np.ndarray, seed: int, sky_tint=(1
     return col.reshape(view.height, view.width, 3), depth.reshape(view.height, view.width)
 
 
+def _render_many(jobs: list[tuple[View, np.ndarray, tuple]], boxes: list[Box], seed: int,
+                 workers: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Render (view, sun, sky_tint) jobs in order, on up to 2 threads (numpy releases the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    if workers == 1 or len(jobs) < 2:
+        return [render(v, boxes, sun, seed, tint) for v, sun, tint in jobs]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(lambda j: render(j[0], boxes, j[1], seed, j[2]), jobs))
+
+
 # ----------------------------------------------------------------------------- poses
 
 
 def _aerial_pose(s: float, rng_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Position and look-at target (world ENU) along a descending two-turn spiral, s in [0, 1]."""
     alt = 300.0 * (40.0 / 300.0) ** s  # 300 m -> 40 m, geometric
-    radius = 380.0 - 250.0 * s
+    radius = 260.0 - 110.0 * s
     ang = 2.0 * math.pi * 2.0 * s + 0.3
     pos = np.array([radius * math.cos(ang), radius * math.sin(ang), alt])
     k = rng_offsets
@@ -521,11 +533,11 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
     gt_images = []
     gt_cams = []
-    for k in range(n_aerial):
-        view = View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height)
-        t0 = time.perf_counter()
-        rgb, depth = render(view, boxes, sun_aerial, seed)
-        render_s += time.perf_counter() - t0
+    aer_views = [View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height) for k in range(n_aerial)]
+    t0 = time.perf_counter()
+    aer_renders = _render_many([(v, sun_aerial, (1.0, 1.0, 1.0)) for v in aer_views], boxes, seed)
+    render_s += time.perf_counter() - t0
+    for k, (rgb, depth) in enumerate(aer_renders):
         writer.write(_to_u8_bgr(rgb))
         _write_depth(gt_depths / f"{Path(frame_names[k]).stem}.h5", depth)
         r_first = a_wf @ aer_rot[k]
@@ -548,7 +560,9 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     img_dir.mkdir(parents=True, exist_ok=True)
     md_depth_dir.mkdir(parents=True, exist_ok=True)
     photo_names: list[str] = []
-    photos = []  # (view, depth)
+    photos = []  # (view, depth, rgb)
+    jobs: list[tuple[View, np.ndarray, tuple]] = []
+    grades: list[tuple] = []
     for j in range(n_ground):
         while True:
             along = rng.uniform(-75, 75)
@@ -569,15 +583,17 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         view = View(r_c2w, pos, f, cx, cy, width, height)
         sun = np.array([math.cos(1.0 + j), math.sin(1.0 + j), 0.6])
         sun /= np.linalg.norm(sun)
-        t0 = time.perf_counter()
-        rgb, depth = render(view, boxes, sun, seed, sky_tint=(1.0, 0.95, 0.85))
-        render_s += time.perf_counter() - t0
-        gamma = rng.uniform(0.7, 1.4)
-        cast_ = rng.uniform(0.85, 1.15, 3)
-        bright = rng.uniform(0.75, 1.2)
-        rgb = np.clip(bright * cast_ * rgb, 0, 1) ** gamma
+        grade = (rng.uniform(0.7, 1.4), rng.uniform(0.85, 1.15, 3), rng.uniform(0.75, 1.2))  # gamma, cast, brightness
         name = f"{int(rng.integers(10**9, 10**10)):010d}_{int(rng.integers(0, 16**10)):010x}_o.jpg"
         photo_names.append(name)
+        jobs.append((view, sun, (1.0, 0.95, 0.85)))
+        grades.append(grade)
+    t0 = time.perf_counter()
+    ground_renders = _render_many(jobs, boxes, seed)
+    render_s += time.perf_counter() - t0
+    for j, ((rgb, depth), (gamma, cast_, bright)) in enumerate(zip(ground_renders, grades)):
+        view, name = jobs[j][0], photo_names[j]
+        rgb = np.clip(bright * cast_ * rgb, 0, 1) ** gamma
         cv2.imwrite(str(img_dir / name), _to_u8_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, 95])
         _write_depth(gt_depths / f"{Path(name).stem}.h5", depth)
         _write_depth(md_depth_dir / f"{Path(name).stem}.h5", sim_s * depth)
