@@ -404,14 +404,46 @@ def _render_many(jobs: list[tuple[View, np.ndarray, tuple]], boxes: list[Box], s
 # ----------------------------------------------------------------------------- poses
 
 
+RING = CELL / 2  # the low pass and the ground photos use the streets around the central block
+SPIRAL_FRACTION = 0.5
+
+
+def _ring_point(u: float) -> tuple[np.ndarray, np.ndarray]:
+    """Point and unit travel direction on the square street loop x, y = +-RING, u in [0, 1)."""
+    corners = [np.array(c, float) for c in ((RING, -RING), (RING, RING), (-RING, RING), (-RING, -RING))]
+    side = int(u * 4) % 4
+    t = u * 4 - int(u * 4)
+    a, b = corners[side], corners[(side + 1) % 4]
+    d = (b - a) / np.linalg.norm(b - a)
+    return a + t * (b - a), d
+
+
 def _aerial_pose(s: float, rng_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Position and look-at target (world ENU) along a descending two-turn spiral, s in [0, 1]."""
-    alt = 300.0 * (40.0 / 300.0) ** s  # 300 m -> 40 m, geometric
-    radius = 260.0 - 110.0 * s
-    ang = 2.0 * math.pi * 2.0 * s + 0.3
-    pos = np.array([radius * math.cos(ang), radius * math.sin(ang), alt])
+    """Position and look-at target (world ENU), s in [0, 1].
+
+    The first ``SPIRAL_FRACTION`` of the path is a descending two-turn spiral
+    (300 m -> 40 m above the ground) looking at the city centre; the rest is a
+    low pass (5 m -> 2.5 m) along the streets around the central block, looking
+    ahead and slightly down, as the near-ground part of an Earth Studio
+    trajectory that the ground photos can be matched against."""
     k = rng_offsets
-    target = np.array([25.0 * math.sin(3.1 * ang + k[0]), 25.0 * math.cos(2.3 * ang + k[1]), 8.0 + 6.0 * math.sin(ang + k[2])])
+    if s <= SPIRAL_FRACTION:
+        q = s / SPIRAL_FRACTION
+        alt = 300.0 * (40.0 / 300.0) ** q  # 300 m -> 40 m, geometric
+        radius = 260.0 - 110.0 * q
+        ang = 2.0 * math.pi * 2.0 * q + 0.3
+        pos = np.array([radius * math.cos(ang), radius * math.sin(ang), alt])
+        target = np.array([25.0 * math.sin(3.1 * ang + k[0]), 25.0 * math.cos(2.3 * ang + k[1]),
+                           8.0 + 6.0 * math.sin(ang + k[2])])
+        return pos, target
+    q = (s - SPIRAL_FRACTION) / (1.0 - SPIRAL_FRACTION)
+    xy, d = _ring_point((0.9 * q + k[0] / (2 * math.pi)) % 1.0)
+    alt = 5.0 - 2.5 * q
+    yaw = math.radians(25.0 * math.sin(2 * math.pi * 3.0 * q + k[1]))
+    d = np.array([d[0] * math.cos(yaw) - d[1] * math.sin(yaw), d[0] * math.sin(yaw) + d[1] * math.cos(yaw)])
+    pitch = math.radians(-4.0 + 6.0 * q)
+    pos = np.array([xy[0], xy[1], alt])
+    target = pos + np.array([d[0] * math.cos(pitch), d[1] * math.cos(pitch), math.sin(pitch)])
     return pos, target
 
 
@@ -564,16 +596,15 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     jobs: list[tuple[View, np.ndarray, tuple]] = []
     grades: list[tuple] = []
     for j in range(n_ground):
-        while True:
-            along = rng.uniform(-75, 75)
-            line = CELL / 2 * rng.choice([-3, -1, 1, 3])
-            lateral = line + rng.uniform(-STREET_HALF + 1, STREET_HALF - 1)
-            xy = (lateral, along) if rng.uniform() < 0.5 else (along, lateral)
+        while True:  # on the streets around the central block, looking along them
+            xy, d = _ring_point(rng.uniform(0, 1))
+            side = np.array([-d[1], d[0]])
+            xy = xy + side * rng.uniform(-STREET_HALF + 1, STREET_HALF - 1)
             pos = np.array([xy[0], xy[1], rng.uniform(1.5, 2.0)])
             if not _inside_any(pos, boxes, 1.0):
                 break
-        heading = rng.uniform(0, 2 * math.pi)
-        pitch = math.radians(rng.uniform(2.0, 20.0))
+        heading = math.atan2(d[1], d[0]) + math.radians(rng.uniform(-35, 35))  # the way the low pass flies
+        pitch = math.radians(rng.uniform(2.0, 15.0))
         target = pos + np.array([math.cos(heading) * math.cos(pitch), math.sin(heading) * math.cos(pitch), math.sin(pitch)])
         r_c2w = look_at(pos, target)
         fov = rng.uniform(55.0, 70.0) if rng.uniform() < 0.6 else rng.uniform(22.0, 40.0)  # some zoomed
@@ -581,9 +612,9 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         cx = width / 2.0 + rng.choice([-1, 1]) * rng.uniform(3.0, 20.0)
         cy = height / 2.0 + rng.choice([-1, 1]) * rng.uniform(3.0, 20.0)
         view = View(r_c2w, pos, f, cx, cy, width, height)
-        sun = np.array([math.cos(1.0 + j), math.sin(1.0 + j), 0.6])
+        sun = sun_aerial + 0.3 * np.array([math.cos(1.0 + j), math.sin(1.0 + j), 0.0])  # another time of day
         sun /= np.linalg.norm(sun)
-        grade = (rng.uniform(0.7, 1.4), rng.uniform(0.85, 1.15, 3), rng.uniform(0.75, 1.2))  # gamma, cast, brightness
+        grade = (rng.uniform(0.8, 1.25), rng.uniform(0.9, 1.1, 3), rng.uniform(0.8, 1.15))  # gamma, cast, brightness
         name = f"{int(rng.integers(10**9, 10**10)):010d}_{int(rng.integers(0, 16**10)):010x}_o.jpg"
         photo_names.append(name)
         jobs.append((view, sun, (1.0, 0.95, 0.85)))

@@ -1,0 +1,430 @@
+"""Reference triangulation and query localization with pycolmap, in-process.
+
+Stage 1 and 2 of "What the original pipeline did per scene" (shared/contracts/aerial.md):
+
+1. :func:`triangulate_reference`: a COLMAP database from the empty reference model
+   (Earth Studio poses), the reference features and matches imported from hloc-layout
+   HDF5 files, two-view geometry *from the known poses* (a match is kept when its
+   epipolar distance is below ``ref_max_epipolar_error`` pixels in both images, as
+   hloc's ``triangulation.geometric_verification``), then ``pycolmap.triangulate_points``
+   with the poses held fixed.
+2. :func:`localize_queries`: the ground photos are added to a copy of that database
+   (SIMPLE_PINHOLE cameras from the processed intrinsics), their matches to the
+   reference and to each other imported and geometrically verified
+   (``pycolmap.verify_matches``), then the incremental mapper is resumed from the
+   triangulated reference with the existing frames fixed and the intrinsics not
+   refined (``localized_model_mapper_metric`` in the original), so every registered
+   photo gets a pose in the reference's metric ENU frame.
+
+Every stage writes into a temporary folder and renames it when complete; a rerun
+skips a stage whose output folder is complete (see :func:`model_complete`).
+Keypoints in the hloc files have their origin at the centre of the top-left pixel;
+COLMAP's at its corner, hence the +0.5 on import (as hloc).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import h5py
+import numpy as np
+import pycolmap
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SfMConfig:
+    """Settings of the reference triangulation and the query localization."""
+
+    ref_max_epipolar_error: float = 4.0  # px, match kept when consistent with the known poses
+    ref_min_matches: int = 15  # pairs with fewer pose-consistent matches are dropped
+    min_tri_angle: float = 1.5  # deg, triangulation / filtering
+    verify_min_inliers: int = 15  # query pairs: geometric verification
+    verify_max_error: float = 4.0  # px, RANSAC threshold of the verification
+    abs_pose_min_num_inliers: int = 15  # registration of a photo
+    abs_pose_max_error: float = 12.0  # px
+    max_reg_trials: int = 5
+    num_threads: int = -1
+    seed: int = 0
+
+
+@dataclass
+class StageResult:
+    """What a stage did: counts, seconds, and per-item problems."""
+
+    output: Path
+    counts: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    skipped: bool = False
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- hloc files
+# (features.py / matching.py write them; read here with the same helpers)
+from tasks.aerial.features import read_keypoints as _read_kp  # noqa: E402
+from tasks.aerial.matching import names_to_pair, read_matches as _read_matches, read_pairs  # noqa: E402,F401
+
+
+def read_keypoints(feature_path: Path, name: str) -> np.ndarray:
+    """Keypoints (N, 2) in hloc's convention (origin at the centre of the top-left pixel)."""
+    return np.asarray(_read_kp(feature_path, name), dtype=np.float64).reshape(-1, 2)
+
+
+def read_matches(match_path: Path, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
+    m, s = _read_matches(match_path, name0, name1)
+    return np.asarray(m, dtype=np.int64).reshape(-1, 2), np.asarray(s, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def fingerprint(config: Any, *inputs: Path) -> str:
+    """What a stage's output depends on: its settings and its input files (name, size, mtime)."""
+    h = hashlib.sha256(json.dumps(asdict(config) if is_dataclass(config) else config, sort_keys=True,
+                                  default=str).encode())
+    for p in inputs:
+        p = Path(p)
+        files = sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p]
+        for f in files:
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:32]
+
+
+def model_complete(path: Path, fp: str | None = None) -> bool:
+    """A model folder written by this module is complete when its marker exists (and,
+    given ``fp``, records the same fingerprint: inputs and settings unchanged)."""
+    marker = Path(path) / ".complete"
+    if not marker.exists() or not any((Path(path) / f"images{e}").exists() for e in (".bin", ".txt")):
+        return False
+    return fp is None or marker.read_text().strip() == fp
+
+
+def _finish_dir(tmp: Path, out: Path, fp: str = "ok") -> Path:
+    """Move the files of ``tmp`` into ``out`` (keeping ``out``'s other subfolders: the
+    triangulated reference folder holds the later stages), marker last."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".complete").unlink(missing_ok=True)
+    for item in sorted(tmp.iterdir()):
+        target = out / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        os.replace(item, target)
+    tmp.rmdir()
+    (out / ".complete").write_text(fp + "\n")
+    return out
+
+
+def _fresh_dir(out: Path) -> Path:
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _cam_from_world(image: pycolmap.Image) -> np.ndarray:
+    return image.cam_from_world().matrix()
+
+
+def centre(image: pycolmap.Image) -> np.ndarray:
+    return np.asarray(image.projection_center(), dtype=np.float64)
+
+
+def write_database_from_model(rec: pycolmap.Reconstruction, db_path: Path) -> dict[str, int]:
+    """A new COLMAP database with the model's cameras, rigs, frames and images (same ids)."""
+    db_path.unlink(missing_ok=True)
+    db = pycolmap.Database.open(str(db_path))
+    try:
+        for cam in rec.cameras.values():
+            db.write_camera(cam, use_camera_id=True)
+        for rig in rec.rigs.values():
+            db.write_rig(rig, use_rig_id=True)
+        for frame in rec.frames.values():
+            db.write_frame(frame, use_frame_id=True)
+        for image in rec.images.values():
+            db.write_image(image, use_image_id=True)
+    finally:
+        db.close()
+    return {im.name: im.image_id for im in rec.images.values()}
+
+
+def import_keypoints(db: pycolmap.Database, name_to_id: dict[str, int], feature_path: Path,
+                     names: Iterable[str] | None = None) -> int:
+    n = 0
+    with h5py.File(feature_path, "r") as f:
+        for name in (names if names is not None else name_to_id):
+            if name not in f:
+                raise KeyError(f"{feature_path}: no features for image {name}; rerun the feature stage")
+            kp = np.asarray(f[name]["keypoints"], dtype=np.float32) + 0.5  # hloc -> COLMAP origin
+            db.write_keypoints(name_to_id[name], kp)
+            n += 1
+    return n
+
+
+def _fundamental(rec: pycolmap.Reconstruction, im0: pycolmap.Image, im1: pycolmap.Image) -> np.ndarray:
+    k0 = rec.cameras[im0.camera_id].calibration_matrix()
+    k1 = rec.cameras[im1.camera_id].calibration_matrix()
+    p0, p1 = _cam_from_world(im0), _cam_from_world(im1)
+    r = p1[:, :3] @ p0[:, :3].T
+    t = p1[:, 3] - r @ p0[:, 3]
+    tx = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
+    return np.linalg.inv(k1).T @ tx @ r @ np.linalg.inv(k0)
+
+
+def epipolar_errors(f_mat: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (px) of x1 to the epipolar lines of x0 and of x0 to those of x1."""
+    h0 = np.concatenate([x0, np.ones((len(x0), 1))], axis=1)
+    h1 = np.concatenate([x1, np.ones((len(x1), 1))], axis=1)
+    l1 = h0 @ f_mat.T
+    l0 = h1 @ f_mat
+    d1 = np.abs(np.sum(l1 * h1, axis=1)) / np.linalg.norm(l1[:, :2], axis=1).clip(1e-12)
+    d0 = np.abs(np.sum(l0 * h0, axis=1)) / np.linalg.norm(l0[:, :2], axis=1).clip(1e-12)
+    return d0, d1
+
+
+# ----------------------------------------------------------------------------- stage 1
+
+
+def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: Path, match_path: Path,
+                          pairs_path: Path, out_dir: Path, config: SfMConfig = SfMConfig(),
+                          overwrite: bool = False) -> StageResult:
+    """Triangulate the reference frames' matches with their Earth Studio poses held fixed.
+
+    Writes ``out_dir`` (binary model + ``database.db``, the database the localization
+    starts from)."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    fp = fingerprint(config, reference_empty, feature_path, match_path, pairs_path)
+    if not overwrite and model_complete(out_dir, fp):
+        rec = pycolmap.Reconstruction(str(out_dir))
+        return StageResult(out_dir, {"reference images": rec.num_reg_images(), "reference points": rec.num_points3D()},
+                           skipped=True)
+    rec = pycolmap.Reconstruction(str(reference_empty))
+    tmp = _fresh_dir(out_dir)
+    db_path = tmp / "database.db"
+    name_to_id = write_database_from_model(rec, db_path)
+    pairs = read_pairs(pairs_path)
+    kps: dict[str, np.ndarray] = {}
+    kept_pairs = 0
+    kept_matches = 0
+    db = pycolmap.Database.open(str(db_path))
+    try:
+        import_keypoints(db, name_to_id, feature_path)
+        for name in name_to_id:
+            kps[name] = read_keypoints(feature_path, name) + 0.5
+        seen: set[tuple[int, int]] = set()
+        for a, b in pairs:
+            if a not in name_to_id or b not in name_to_id:
+                raise KeyError(f"{pairs_path}: pair {a} {b} names an image that is not in {reference_empty}")
+            ia, ib = name_to_id[a], name_to_id[b]
+            key = (min(ia, ib), max(ia, ib))
+            if ia == ib or key in seen:
+                continue
+            seen.add(key)
+            m, _ = read_matches(match_path, a, b)
+            db.write_matches(ia, ib, m.astype(np.uint32))
+            if len(m) == 0:
+                continue
+            f_mat = _fundamental(rec, rec.images[ia], rec.images[ib])
+            d0, d1 = epipolar_errors(f_mat, kps[a][m[:, 0]], kps[b][m[:, 1]])
+            inl = m[(d0 < config.ref_max_epipolar_error) & (d1 < config.ref_max_epipolar_error)]
+            if len(inl) < config.ref_min_matches:
+                continue
+            tvg = pycolmap.TwoViewGeometry()
+            tvg.config = pycolmap.TwoViewGeometryConfiguration.CALIBRATED
+            tvg.F = f_mat
+            tvg.inlier_matches = inl.astype(np.uint32)
+            db.write_two_view_geometry(ia, ib, tvg)
+            kept_pairs += 1
+            kept_matches += len(inl)
+    finally:
+        db.close()
+    opts = _pipeline_options(config)
+    opts.fix_existing_frames = True
+    tri = pycolmap.triangulate_points(rec, str(db_path), str(image_dir), str(tmp), clear_points=True,
+                                      options=opts, refine_intrinsics=False)
+    tri.write(str(tmp))
+    _finish_dir(tmp, out_dir, fp)
+    errors = [p.error for p in tri.points3D.values()]
+    return StageResult(out_dir, {
+        "reference images": tri.num_reg_images(), "reference pairs": len(seen),
+        "reference pairs verified": kept_pairs, "reference matches verified": kept_matches,
+        "reference points": tri.num_points3D(),
+        "reference reprojection error px": float(np.mean(errors)) if errors else float("nan"),
+    }, seconds=time.perf_counter() - t0)
+
+
+def _pipeline_options(config: SfMConfig) -> pycolmap.IncrementalPipelineOptions:
+    opts = pycolmap.IncrementalPipelineOptions()
+    opts.num_threads = config.num_threads
+    opts.random_seed = config.seed
+    opts.ba_refine_focal_length = False
+    opts.ba_refine_principal_point = False
+    opts.ba_refine_extra_params = False
+    opts.mapper.filter_min_tri_angle = config.min_tri_angle
+    opts.triangulation.min_angle = config.min_tri_angle
+    opts.extract_colors = True
+    return opts
+
+
+# ----------------------------------------------------------------------------- stage 2
+
+
+@dataclass
+class Query:
+    """A ground photo to localize: its name in the model and its pinhole intrinsics."""
+
+    name: str
+    width: int
+    height: int
+    K: np.ndarray  # 3x3
+
+
+def query_camera(q: Query, camera_id: int) -> pycolmap.Camera:
+    """SIMPLE_PINHOLE (the contract's five numbers): f is the mean of fx and fy, which the
+    preprocessing makes differ only by the rounding of the downscaled size."""
+    fx, fy = float(q.K[0, 0]), float(q.K[1, 1])
+    if abs(fx - fy) > 0.01 * max(fx, fy):
+        raise ValueError(f"{q.name}: intrinsics fx={fx:.2f} fy={fy:.2f} differ by more than 1 %; "
+                         "SIMPLE_PINHOLE cannot represent them (re-run the MegaDepth preprocessing)")
+    return pycolmap.Camera(model="SIMPLE_PINHOLE", width=q.width, height=q.height,
+                           params=[(fx + fy) / 2.0, float(q.K[0, 2]), float(q.K[1, 2])], camera_id=camera_id)
+
+
+def localize_queries(reference: Path, queries: list[Query], image_dir: Path, feature_path: Path, match_path: Path,
+                     pairs_path: Path, out_dir: Path, config: SfMConfig = SfMConfig(),
+                     overwrite: bool = False) -> StageResult:
+    """Register the ground photos into the triangulated reference (its frames fixed).
+
+    ``pairs_path`` lists query-reference and query-query pairs. Writes ``out_dir``:
+    the merged model (binary) in the reference's metric frame and its database."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    fp = fingerprint({"sfm": asdict(config), "queries": [[q.name, q.width, q.height, np.asarray(q.K).tolist()]
+                                                         for q in queries]},
+                     Path(reference) / ".complete", feature_path, match_path, pairs_path)
+    if not overwrite and model_complete(out_dir, fp):
+        rec = pycolmap.Reconstruction(str(out_dir))
+        return StageResult(out_dir, _localization_counts(rec, queries), skipped=True)
+    ref = pycolmap.Reconstruction(str(reference))
+    tmp = _fresh_dir(out_dir)
+    db_path = tmp / "database.db"
+    shutil.copyfile(Path(reference) / "database.db", db_path)
+    problems: dict[str, str] = {}
+    name_to_id = {im.name: im.image_id for im in ref.images.values()}
+    next_cam = max(ref.cameras) + 1 if ref.cameras else 1
+    next_id = max(name_to_id.values()) + 1 if name_to_id else 1
+    next_rig = max(ref.rigs) + 1 if ref.rigs else 1
+    next_frame = max(ref.frames) + 1 if ref.frames else 1
+    db = pycolmap.Database.open(str(db_path))
+    q_names = []
+    try:
+        with h5py.File(feature_path, "r") as ff:
+            for q in queries:
+                if q.name in name_to_id:
+                    raise ValueError(f"query {q.name} has the name of a reference image; rename it")
+                if q.name not in ff:
+                    problems[q.name] = f"no features in {feature_path.name} (unreadable image?)"
+                    continue
+                cam = query_camera(q, next_cam)
+                db.write_camera(cam, use_camera_id=True)
+                rig = pycolmap.Rig(rig_id=next_rig)
+                rig.add_ref_sensor(cam.sensor_id)
+                db.write_rig(rig, use_rig_id=True)
+                frame = pycolmap.Frame(frame_id=next_frame, rig_id=next_rig)
+                frame.add_data_id(pycolmap.data_t(cam.sensor_id, next_id))
+                db.write_frame(frame, use_frame_id=True)
+                image = pycolmap.Image(name=q.name, camera_id=next_cam, image_id=next_id, frame_id=next_frame)
+                db.write_image(image, use_image_id=True)
+                name_to_id[q.name] = next_id
+                q_names.append(q.name)
+                next_cam, next_id, next_rig, next_frame = next_cam + 1, next_id + 1, next_rig + 1, next_frame + 1
+        import_keypoints(db, name_to_id, feature_path, q_names)
+        seen: set[tuple[int, int]] = set()
+        valid_pairs = []
+        for a, b in read_pairs(pairs_path):
+            if a not in name_to_id or b not in name_to_id:
+                continue  # an image without features: reported above
+            ia, ib = name_to_id[a], name_to_id[b]
+            key = (min(ia, ib), max(ia, ib))
+            if ia == ib or key in seen:
+                continue
+            seen.add(key)
+            m, _ = read_matches(match_path, a, b)
+            db.write_matches(ia, ib, m.astype(np.uint32))
+            valid_pairs.append((a, b))
+    finally:
+        db.close()
+    pairs_tmp = tmp / "pairs-verify.txt"
+    pairs_tmp.write_text("".join(f"{a} {b}\n" for a, b in valid_pairs))
+    t_verify = time.perf_counter()
+    vopts = pycolmap.TwoViewGeometryOptions()
+    vopts.min_num_inliers = config.verify_min_inliers
+    vopts.ransac.max_error = config.verify_max_error
+    vopts.ransac.random_seed = config.seed
+    pycolmap.verify_matches(str(db_path), str(pairs_tmp), options=vopts)
+    t_verify = time.perf_counter() - t_verify
+
+    opts = _pipeline_options(config)
+    opts.fix_existing_frames = True
+    opts.multiple_models = False
+    opts.min_model_size = 1
+    opts.mapper.abs_pose_min_num_inliers = config.abs_pose_min_num_inliers
+    opts.mapper.abs_pose_max_error = config.abs_pose_max_error
+    opts.mapper.max_reg_trials = config.max_reg_trials
+    opts.mapper.abs_pose_refine_focal_length = False
+    opts.mapper.abs_pose_refine_extra_params = False
+    work = tmp / "mapper"
+    work.mkdir()
+    t_map = time.perf_counter()
+    models = pycolmap.incremental_mapping(str(db_path), str(image_dir), str(work), options=opts,
+                                          input_path=str(reference))
+    t_map = time.perf_counter() - t_map
+    if not models:
+        raise RuntimeError(f"{out_dir}: the mapper returned no model (reference {reference})")
+    rec = max(models.values(), key=lambda r: r.num_reg_images())
+    rec.write(str(tmp))
+    shutil.rmtree(work)
+    _check_reference_fixed(ref, rec)
+    registered = {im.name for im in rec.images.values() if im.has_pose}
+    for name in q_names:
+        if name not in registered:
+            problems[name] = "not registered (too few verified matches to the reference or to registered photos)"
+    _finish_dir(tmp, out_dir, fp)
+    counts = _localization_counts(rec, queries)
+    counts.update({"verification seconds": t_verify, "mapper seconds": t_map, "query pairs": len(valid_pairs)})
+    return StageResult(out_dir, counts, seconds=time.perf_counter() - t0, problems=problems)
+
+
+def _localization_counts(rec: pycolmap.Reconstruction, queries: list[Query]) -> dict[str, float]:
+    names = {q.name for q in queries}
+    reg = [im for im in rec.images.values() if im.has_pose and im.name in names]
+    errors = [p.error for p in rec.points3D.values()]
+    return {"photos attempted": len(names), "photos registered": len(reg),
+            "points": rec.num_points3D(),
+            "mean reprojection error px": float(np.mean(errors)) if errors else float("nan")}
+
+
+def _check_reference_fixed(ref: pycolmap.Reconstruction, rec: pycolmap.Reconstruction, tol: float = 1e-6) -> None:
+    by_name = {im.name: im for im in rec.images.values()}
+    for im in ref.images.values():
+        new = by_name.get(im.name)
+        if new is None or not new.has_pose:
+            raise RuntimeError(f"reference frame {im.name} lost its pose in the localization")
+        if not np.allclose(_cam_from_world(im), _cam_from_world(new), atol=tol * max(1.0, np.abs(centre(im)).max())):
+            raise RuntimeError(f"reference frame {im.name} moved in the localization (frames must stay fixed)")
+
+
+__all__ = ["SfMConfig", "StageResult", "Query", "triangulate_reference", "localize_queries", "model_complete",
+           "read_pairs", "read_matches", "read_keypoints", "names_to_pair", "write_database_from_model",
+           "query_camera", "epipolar_errors"]
