@@ -1,9 +1,13 @@
-"""Aerial-ground scenes flow (AerialMegaDepth), part 1: inputs and first stages.
+"""Aerial-ground scenes flow (AerialMegaDepth).
 
-Stages so far: synthetic world (embedded default, only when no data is given)
--> Earth Studio ingest per scene (frames, aligned metadata, empty reference
-model) -> MegaDepth preprocessing per image (parallel on Dask) -> a report per
-scene. Registration and dense reconstruction are the next stages.
+Stages: synthetic world (embedded default, only when no data is given)
+-> Earth Studio ingest per scene -> MegaDepth preprocessing per image
+-> features (fanned out) -> pairs (poses, retrieval) -> matches (fanned out)
+-> reference triangulation -> localization of the photos -> dense depth
+(GPU PatchMatch on GPU-tagged workers, else the CPU backend, per image)
+-> export of ``localized_dense_metric/`` -> accuracy (when ground truth exists)
+-> a report per scene. Scenes run side by side; every stage is skipped on a
+rerun when its outputs are complete.
 
     python -m flows.aerial                                   # the embedded synthetic world
     python -m flows.aerial --root /data/aerial --megadepth /data/MegaDepth \\
@@ -25,6 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from pydantic import BaseModel, Field
 
+from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
 from tasks.common.runtime import DaskConfig, local_prefect_server, make_task_runner
 
@@ -42,6 +47,12 @@ class AerialConfig(BaseModel):
     world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings "
                                           "(seed, n_aerial, n_ground, size, ...)")
     image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
+    pipeline: str = Field("sift+mnn", description="named configuration of the SfM/dense stages "
+                                                  "(tasks.aerial.pipeline.CONFS)")
+    pipeline_options: dict[str, Any] = Field(default_factory=dict, description="overrides of that configuration, "
+                                             "e.g. {'dense': {'backend': 'cpu'}, 'retrieval_num': 30}")
+    dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
+    fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
     n_workers: int | None = None
 
     def paths(self) -> dict[str, Path]:
@@ -86,6 +97,307 @@ def megadepth_task(md_root: str, scene: str, subscene: str, names: list[str], mo
 
     return [megadepth.preprocess_image(Path(md_root), scene, subscene, n, model.get(n), Path(out_dir))
             for n in names]
+
+
+@task(name="collect-images", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=1)
+def collect_task(paths):
+    from tasks.aerial import pipeline as PL
+
+    return PL.collect_images(paths)
+
+
+@task(name="features", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=2)
+def features_task(paths, cfg, names: list[str], part: tuple[int, int] | None):
+    from tasks.aerial import pipeline as PL
+
+    t0 = time.monotonic()
+    PL.extract(paths, cfg, names, part)
+    return time.monotonic() - t0
+
+
+@task(name="merge-features", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=1)
+def merge_features_task(paths, n_parts: int):
+    from tasks.aerial import pipeline as PL
+
+    return PL.merge_feature_parts(paths, n_parts)
+
+
+@task(name="pairs", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=1)
+def pairs_task(paths, cfg, info):
+    from tasks.aerial import pipeline as PL
+
+    return PL.make_pairs(paths, cfg, info)
+
+
+@task(name="matches", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=2)
+def matches_task(paths, cfg, part: tuple[int, int] | None):
+    from tasks.aerial import pipeline as PL
+
+    t0 = time.monotonic()
+    PL.match(paths, cfg, part)
+    return time.monotonic() - t0
+
+
+@task(name="merge-matches", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=1)
+def merge_matches_task(paths, n_parts: int):
+    from tasks.aerial import pipeline as PL
+
+    return PL.merge_match_parts(paths, n_parts)
+
+
+@task(name="reference-triangulation", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=1)
+def reference_task(paths, cfg):
+    from tasks.aerial import pipeline as PL
+
+    res = PL.reference(paths, cfg)
+    get_run_logger().info("scene %s reference: %s%s", paths.scene, res.counts, " (up to date)" if res.skipped else "")
+    return res
+
+
+@task(name="localization", cache_policy=NO_CACHE, tags=["aerial", "sfm"], retries=1)
+def localize_task(paths, cfg, info):
+    from tasks.aerial import pipeline as PL
+
+    res = PL.localize(paths, cfg, info)
+    get_run_logger().info("scene %s localization: %s%s", paths.scene, res.counts,
+                          " (up to date)" if res.skipped else "")
+    return res
+
+
+@task(name="dense-prepare", cache_policy=NO_CACHE, tags=["aerial", "dense"], retries=1)
+def dense_prepare_task(paths, cfg):
+    from tasks.aerial import pipeline as PL
+
+    return PL.prepare_dense(paths, cfg)
+
+
+@task(name="dense-cpu", cache_policy=NO_CACHE, tags=["aerial", "dense", "cpu"], retries=1)
+def dense_cpu_task(paths, cfg, names: list[str]):
+    from tasks.aerial import pipeline as PL
+
+    return {**PL.dense_depths_cpu(paths, cfg, names), "worker": _worker_address()}
+
+
+@task(name="dense-gpu", cache_policy=NO_CACHE, tags=["aerial", "dense", "gpu"], retries=1)
+def dense_gpu_task(paths, cfg, names: list[str]):
+    from tasks.aerial import pipeline as PL
+
+    return {**PL.dense_depths_gpu(paths, cfg, names), "worker": _worker_address()}
+
+
+@task(name="dense-fuse", cache_policy=NO_CACHE, tags=["aerial", "dense"], retries=1)
+def fuse_task(paths, cfg):
+    from tasks.aerial import pipeline as PL
+
+    return str(PL.fuse_cpu(paths, cfg))
+
+
+@task(name="export", cache_policy=NO_CACHE, tags=["aerial"], retries=1)
+def export_task(paths):
+    from tasks.aerial import pipeline as PL
+
+    return PL.export_product(paths)
+
+
+@task(name="evaluate", cache_policy=NO_CACHE, tags=["aerial"])
+def evaluate_task(paths, queries: list[str]):
+    from tasks.aerial.evaluate import evaluate_scene
+
+    return evaluate_scene(paths.product, paths.ground_truth, queries)
+
+
+def _worker_address() -> str | None:
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:  # noqa: BLE001 - not on a Dask worker
+        return None
+
+
+def gpu_workers() -> list[str]:
+    """Addresses of the Dask workers that declare the resource ``GPU`` (none when the
+    flow does not run on a Dask task runner)."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    client = getattr(getattr(ctx, "task_runner", None), "client", None) if ctx else None
+    if client is None:
+        return []
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) >= 1)
+
+
+def resolve_dense_backend(requested: str, gpus: list[str]) -> tuple[str, str]:
+    """(backend, why). A GPU task is only ever submitted when a worker offers ``GPU``,
+    so it can never wait for a worker that does not exist."""
+    if requested == "cpu":
+        return "cpu", "CPU backend requested"
+    if gpus:
+        return "gpu", f"GPU backend: {len(gpus)} worker(s) declare GPU ({', '.join(gpus)})"
+    why = "no Dask worker declares the resource GPU"
+    if requested == "gpu":
+        return "cpu", f"GPU backend requested but {why}: CPU backend instead"
+    return "cpu", f"CPU backend: {why}"
+
+
+def _results(futs: dict, reports: dict, stage: str) -> dict:
+    """Wait for ``{future: scene}``; failures become problems of their scene."""
+    out: dict = {}
+    for fut in as_completed(list(futs)):
+        s = futs[fut]
+        try:
+            out.setdefault(s, []).append(fut.result())
+        except Exception as exc:  # noqa: BLE001 - one scene never sinks the others
+            reports[s].problem(s, stage, f"{type(exc).__name__}: {exc}")
+            out.setdefault(s, []).append(exc)
+    return out
+
+
+def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports: dict) -> dict[str, Any]:
+    """Features -> ... -> evaluation for every scene, scenes side by side."""
+    import dask
+
+    from tasks.aerial import pipeline as PL
+
+    logger = get_run_logger()
+    cfg = PL.get_config(config.pipeline, **config.pipeline_options)
+    if cfg.backend == "hloc" and not PL.hloc_available():
+        raise RuntimeError(f"pipeline {cfg.name!r} needs hloc (pip install from "
+                           "https://github.com/cvg/Hierarchical-Localization); use 'sift+mnn' without it")
+    paths = {s: PL.scene_paths(p["root"], s, p["megadepth_out"], cfg) for s in scenes}
+    alive = [s for s in scenes if (paths[s].reference_empty / "images.txt").exists()]
+    parts = config.fan_out or max(1, len(gpu_workers()) + _n_workers())
+
+    def failed(s, res):
+        return any(isinstance(r, Exception) for r in res.get(s, []))
+
+    def timed(stage, fn):
+        t0 = time.monotonic()
+        out = fn()
+        for s in alive:
+            reports[s].timings[stage] = time.monotonic() - t0
+        return out
+
+    # images
+    res = timed("collect", lambda: _results({collect_task.submit(paths[s]): s for s in alive}, reports, "collect"))
+    infos = {s: res[s][0] for s in alive if not failed(s, res)}
+    for s, info in infos.items():
+        reports[s].counts["photos to localize"] = len(info["queries"])
+        for name, why in info["problems"].items():
+            reports[s].problem(name, "collect", why)
+    alive = list(infos)
+
+    # features, fanned out
+    def features():
+        futs = {}
+        for s in alive:
+            names = PL.missing_features(paths[s], infos[s]["reference"] + sorted(infos[s]["queries"]))
+            n = max(1, min(parts, len(names) // 8)) if cfg.backend == "builtin" else 1
+            if not names:
+                continue
+            if n == 1:
+                futs[features_task.submit(paths[s], cfg, names, None)] = s
+            else:
+                fs = [features_task.submit(paths[s], cfg, names, (i, n)) for i in range(n)]
+                futs[merge_features_task.submit(paths[s], n, wait_for=fs)] = s
+        return _results(futs, reports, "features")
+    res = timed("features", features)
+    alive = [s for s in alive if not failed(s, res)]
+    for s in alive:
+        missing = PL.missing_features(paths[s], sorted(infos[s]["queries"]))
+        for name in missing:
+            reports[s].problem(name, "features", "no features (unreadable image)")
+
+    res = timed("pairs", lambda: _results({pairs_task.submit(paths[s], cfg, infos[s]): s for s in alive},
+                                          reports, "pairs"))
+    alive = [s for s in alive if not failed(s, res)]
+    for s in alive:
+        reports[s].counts.update(res[s][0])
+
+    def matches():
+        futs = {}
+        for s in alive:
+            n = parts if cfg.backend == "builtin" else 1
+            if n == 1:
+                futs[matches_task.submit(paths[s], cfg, None)] = s
+            else:
+                fs = [matches_task.submit(paths[s], cfg, (i, n)) for i in range(n)]
+                futs[merge_matches_task.submit(paths[s], n, wait_for=fs)] = s
+        return _results(futs, reports, "matches")
+    res = timed("matches", matches)
+    alive = [s for s in alive if not failed(s, res)]
+
+    res = timed("reference", lambda: _results({reference_task.submit(paths[s], cfg): s for s in alive},
+                                              reports, "reference"))
+    alive = [s for s in alive if not failed(s, res)]
+    for s in alive:
+        reports[s].counts.update(res[s][0].counts)
+
+    res = timed("localization", lambda: _results({localize_task.submit(paths[s], cfg, infos[s]): s for s in alive},
+                                                 reports, "localization"))
+    alive = [s for s in alive if not failed(s, res)]
+    for s in alive:
+        r = res[s][0]
+        reports[s].counts.update({k: v for k, v in r.counts.items() if "seconds" not in k})
+        for name, why in r.problems.items():
+            reports[s].problem(name, "localization", why)
+
+    # dense: the backend follows the cluster
+    backend, why = resolve_dense_backend(cfg.dense.backend, gpu_workers())
+    logger.info(why)
+    res = timed("dense-prepare", lambda: _results({dense_prepare_task.submit(paths[s], cfg): s for s in alive},
+                                                  reports, "dense"))
+    alive = [s for s in alive if not failed(s, res)]
+    dense_names = {s: res[s][0] for s in alive}
+
+    def dense():
+        futs = {}
+        for s in alive:
+            reports[s].notes.append(why)
+            reports[s].counts["dense backend"] = backend
+            names = dense_names[s]
+            if backend == "gpu":
+                with dask.annotate(resources={"GPU": 1}):
+                    futs[dense_gpu_task.submit(paths[s], cfg, names)] = s
+            else:
+                for i in range(0, len(names), config.dense_batch):
+                    futs[dense_cpu_task.submit(paths[s], cfg, names[i:i + config.dense_batch])] = s
+        return _results(futs, reports, "dense")
+    res = timed("dense", dense)
+    workers_used: dict[str, set] = {}
+    for s in alive:
+        ok = [r for r in res.get(s, []) if not isinstance(r, Exception)]
+        failures = {k: v for r in ok for k, v in r.get("failures", {}).items()}
+        for name, why_ in failures.items():
+            reports[s].problem(name, "dense", why_)
+        reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in ok) - len(failures)
+        workers_used[s] = {r.get("worker") for r in ok}
+    alive = [s for s in alive if not failed(s, res)]
+    if backend == "cpu":
+        res = timed("fusion", lambda: _results({fuse_task.submit(paths[s], cfg): s for s in alive}, reports, "fusion"))
+    res = timed("export", lambda: _results({export_task.submit(paths[s]): s for s in alive}, reports, "export"))
+    alive = [s for s in alive if not failed(s, res)]
+    for s in alive:
+        reports[s].counts.update(res[s][0])
+        reports[s].outputs["product"] = str(paths[s].product)
+
+    with_gt = [s for s in alive if (paths[s].ground_truth / "sparse").is_dir()]
+    res = timed("evaluate", lambda: _results({evaluate_task.submit(paths[s], sorted(infos[s]["queries"])): s
+                                              for s in with_gt}, reports, "evaluate"))
+    accuracy = {s: res[s][0] for s in with_gt if not failed(s, res)}
+    return {"paths": paths, "accuracy": accuracy, "backend": backend, "dense workers": workers_used,
+            "config": cfg.name}
+
+
+def _n_workers() -> int:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    client = getattr(getattr(ctx, "task_runner", None), "client", None) if ctx else None
+    if client is None:
+        return 1
+    return max(1, len(client.scheduler_info(n_workers=-1)["workers"]))
 
 
 # --------------------------------------------------------------------------
@@ -160,23 +472,43 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     for r in reports.values():
         r.timings["megadepth"] = time.monotonic() - t0
 
-    # 3. report per scene: counts and a picture
-    out: dict[str, Any] = {"root": str(p["root"]), "scenes": {}}
+    # 3. features -> pairs -> matches -> reference -> localization -> dense -> export -> accuracy
+    staged = run_scene_stages(config, p, list(ingested), reports)
+
+    # 4. report per scene: counts, accuracy and a picture
+    from tasks.aerial.evaluate import summary_rows
+
+    out: dict[str, Any] = {"root": str(p["root"]), "scenes": {}, "dense backend": staged["backend"],
+                           "pipeline": staged["config"]}
     for s, report in reports.items():
-        png = scene_picture(p, s)
+        acc = staged["accuracy"].get(s)
+        table = None
+        if acc:
+            table = [{"metric": m, "value": v, "goal": g} for m, v, g in summary_rows(acc)]
+            report.notes.append("accuracy against ground truth:\n" + "\n".join(
+                f"  {m}: {v} (goal {g})" for m, v, g in summary_rows(acc)))
+            write_json_atomic(p["root"] / "data" / s / "accuracy.json",
+                              {k: v for k, v in acc.items()}, indent=1)
+        png = scene_picture(p, s, staged["paths"].get(s))
         folder = p["root"] / "data" / s
         report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{s}.json"),
                                "reference model": str(folder / "sfm_output_localization" / "reference_empty"),
                                "megadepth": str(p["megadepth_out"] / s)})
         report.write(folder, png, png_name="overview.png")
         report.publish(key=f"aerial-{s}", map_png=png)
-        out["scenes"][s] = report.to_dict()
+        if table:
+            from prefect.artifacts import create_table_artifact
+
+            create_table_artifact(key=f"aerial-{s}-accuracy", table=table,
+                                  description=f"scene {s}: accuracy against ground truth")
+        out["scenes"][s] = {**report.to_dict(), "accuracy": acc}
         logger.info("scene %s: %s", s, json.dumps(report.counts))
     return out
 
 
-def scene_picture(p: dict[str, Path], scene: str) -> bytes | None:
-    """An aerial frame, a processed ground photo and a top-down plot of the reference cameras."""
+def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
+    """A ground photo, its depth map, and the registered photos' cameras over the reference
+    cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,27 +520,60 @@ def scene_picture(p: dict[str, Path], scene: str) -> bytes | None:
         return None
     meta = json.loads(meta_path.read_text())
     frames = meta.get("frames") or []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6), dpi=90)
+    product = sp.product if sp is not None else None
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=90)
     try:
-        if frames:
-            img = plt.imread(p["root"] / "data" / scene / "footage" / frames[len(frames) // 2]["name"])
-            axes[0].imshow(img)
-            axes[0].set_title(f"aerial {frames[len(frames) // 2]['name']}")
-        photos = sorted((p["megadepth_out"] / scene).glob("*/*.jpg"))
-        photos = [x for x in photos if x.suffixes[-2:] != [".jpg", ".exr"]]
-        if photos:
-            axes[1].imshow(plt.imread(photos[0]))
-            axes[1].set_title(f"ground {photos[0].name}")
+        photo = depth = None
+        model = None
+        if product is not None and (product / "sparse-txt" / "images.txt").exists():
+            import pycolmap
+
+            from tasks.aerial.dense import depth_path, read_depth_h5
+
+            model = pycolmap.Reconstruction(str(product / "sparse-txt"))
+            ref = {f["name"] for f in frames}
+            photos = sorted(im.name for im in model.images.values() if im.name not in ref)
+            for name in photos:
+                if depth_path(product / "depths", name).exists():
+                    photo, depth = product / "images" / name, read_depth_h5(depth_path(product / "depths", name))
+                    break
+        if photo is not None:
+            axes[0].imshow(plt.imread(photo))
+            axes[0].set_title(f"ground photo {photo.name}")
+            d = np.where(depth > 0, depth, np.nan)
+            im = axes[1].imshow(d, cmap="turbo")
+            axes[1].set_title("its depth (m); white: unknown")
+            fig.colorbar(im, ax=axes[1], shrink=0.8)
+        else:
+            photos = sorted((p["megadepth_out"] / scene).glob("*/*.jpg"))
+            photos = [x for x in photos if x.suffixes[-2:] != [".jpg", ".exr"]]
+            if photos:
+                axes[0].imshow(plt.imread(photos[0]))
+                axes[0].set_title(f"ground {photos[0].name}")
+            if frames:
+                img = plt.imread(p["root"] / "data" / scene / "footage" / frames[len(frames) // 2]["name"])
+                axes[1].imshow(img)
+                axes[1].set_title(f"aerial {frames[len(frames) // 2]['name']}")
         if frames:
             pos = np.array([f["position_enu"] for f in frames])
             fwd = np.array([np.array(f["cam2world"])[:3, 2] for f in frames])
-            sc = axes[2].scatter(pos[:, 0], pos[:, 1], c=pos[:, 2], cmap="viridis", s=14)
-            axes[2].quiver(pos[:, 0], pos[:, 1], fwd[:, 0], fwd[:, 1], angles="xy", scale=25, width=0.003)
-            axes[2].set_aspect("equal")
-            axes[2].set_xlabel("east (m)")
-            axes[2].set_ylabel("north (m)")
-            axes[2].set_title("reference cameras (colour: up, m)")
-            fig.colorbar(sc, ax=axes[2], shrink=0.8)
+            axes[2].scatter(pos[:, 0], pos[:, 1], c="tab:blue", s=12, label="reference (Earth Studio)")
+            axes[2].quiver(pos[:, 0], pos[:, 1], fwd[:, 0], fwd[:, 1], angles="xy", scale=25, width=0.003,
+                           color="tab:blue")
+        if model is not None:
+            ref = {f["name"] for f in frames}
+            reg = [im for im in model.images.values() if im.name not in ref and im.has_pose]
+            if reg:
+                c = np.array([im.projection_center() for im in reg])
+                z = np.array([im.cam_from_world().rotation.matrix()[2] for im in reg])
+                axes[2].scatter(c[:, 0], c[:, 1], c="tab:red", s=18, label=f"registered photos ({len(reg)})")
+                axes[2].quiver(c[:, 0], c[:, 1], z[:, 0], z[:, 1], angles="xy", scale=25, width=0.004,
+                               color="tab:red")
+        axes[2].set_aspect("equal")
+        axes[2].set_xlabel("east (m)")
+        axes[2].set_ylabel("north (m)")
+        axes[2].set_title("cameras, top-down")
+        axes[2].legend(loc="best", fontsize=8)
         for ax in axes[:2]:
             ax.axis("off")
         buf = io.BytesIO()
@@ -227,10 +592,14 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     ap.add_argument("--scene-list")
     ap.add_argument("--scenes", nargs="*")
     ap.add_argument("--workers", type=int)
+    ap.add_argument("--pipeline", default="sift+mnn", help="sift+mnn (default, CPU) or superpoint+superglue (hloc)")
+    ap.add_argument("--dense-backend", choices=["auto", "cpu", "gpu"], default="auto",
+                    help="auto: GPU PatchMatch when a Dask worker declares GPU, else CPU")
     ap.add_argument("--no-synthetic", action="store_true", help="never generate the synthetic world")
     a = ap.parse_args(argv)
     return AerialConfig(root=a.root, megadepth=a.megadepth, megadepth_out=a.megadepth_out, scene_list=a.scene_list,
-                        scenes=a.scenes or None, synthetic=not a.no_synthetic, n_workers=a.workers)
+                        scenes=a.scenes or None, synthetic=not a.no_synthetic, n_workers=a.workers,
+                        pipeline=a.pipeline, pipeline_options={"dense": {"backend": a.dense_backend}})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,9 +609,19 @@ def main(argv: list[str] | None = None) -> int:
         runner = make_task_runner(DaskConfig(n_workers=config.n_workers))
         result = aerial_flow.with_options(task_runner=runner)(config=config)
     print(f"\nAerial outputs under {result['root']}")
+    print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
+    from tasks.aerial.evaluate import summary_rows
+
     for scene, rep in result["scenes"].items():
         print(f"  scene {scene}: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items()))
-        print(f"    {Path(result['root']) / 'data' / scene}")
+        if rep.get("outputs", {}).get("product"):
+            print(f"    product: {rep['outputs']['product']}")
+        for prob in rep.get("problems", [])[:10]:
+            print(f"    problem: {prob['item']} ({prob['stage']}): {prob['reason']}")
+        if rep.get("accuracy"):
+            print("    accuracy against ground truth:")
+            for m, v, g in summary_rows(rep["accuracy"]):
+                print(f"      {m:<34} {v:<60} goal {g}")
     return 0
 
 

@@ -201,7 +201,7 @@ def test_megadepth_model(world: WorldInfo) -> None:
         d_gt = _depth(world.gt_depths_dir / f"{Path(name).stem}.h5")
         assert d_md.dtype == np.float32 and d_gt.dtype == np.float32
         assert np.allclose(d_md, s * d_gt.astype(np.float64), rtol=1e-6, atol=1e-7)
-        assert (d_gt == 0).any() and (d_gt > 0).mean() > 0.3
+        assert (d_gt == 0).any() and (d_gt > 0).mean() > 0.2  # street views: sky above
         img = cv2.imread(str(world.images_dir / name))
         assert img is not None and img.shape == (cam.height, cam.width, 3)
         assert img.std() > 10

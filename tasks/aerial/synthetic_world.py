@@ -49,6 +49,7 @@ CELL = 40.0  # city grid pitch (m); street centre lines at x, y = 20 + 40 k
 STREET_HALF = 5.0
 SIDEWALK_HALF = 7.0
 MARKER = ".world_complete"
+WORLD_VERSION = 2  # bump when the generator's output changes: ensure_world regenerates
 INFO_NAME = "world_info.json"
 
 # ----------------------------------------------------------------------------- data
@@ -518,7 +519,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
-    params = dict(scene=scene, seed=seed, lat0=lat0, lon0=lon0, alt0=alt0, n_aerial=n_aerial, n_ground=n_ground,
+    params = dict(version=WORLD_VERSION, scene=scene, seed=seed, lat0=lat0, lon0=lon0, alt0=alt0, n_aerial=n_aerial, n_ground=n_ground,
                   size=list(size))
     rng = np.random.default_rng(seed)
     boxes = _make_city(rng)
@@ -704,7 +705,7 @@ def ensure_world(root: Path, **kw) -> WorldInfo:
     if (root / "downloaded_data" / f"{scene}.json").exists() and (root / MARKER).exists() and info_path.exists():
         info = WorldInfo.from_json(json.loads(info_path.read_text()), root)
         wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
-        if all(info.params.get(k) == v for k, v in wanted.items()):
+        if info.params.get("version") == WORLD_VERSION and all(info.params.get(k) == v for k, v in wanted.items()):
             return info
     return generate_world(root, **kw)
 

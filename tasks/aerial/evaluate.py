@@ -1,0 +1,168 @@
+"""Accuracy of a localized, dense scene against ground truth (the synthetic world's).
+
+Ground truth layout (``tasks/aerial/synthetic_world.py``): ``ground_truth/<scene>/sparse``
+(COLMAP text, metric ENU of the first aerial frame: the reference frame of the product)
+and ``ground_truth/<scene>/depths/<stem>.h5`` (z-depth in metres, 0 = no surface) at the
+raw image geometry. The product's ground photos are the processed ones (cropped around
+the principal point, downscaled): a product pixel is mapped to the raw image through
+both intrinsics (same rotation, pinhole), so no resampling of the estimate happens.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+
+from tasks.aerial.dense import image_stem, read_depth_h5
+
+
+def _rotation_error_deg(r_est: np.ndarray, r_gt: np.ndarray) -> float:
+    c = (np.trace(r_est.T @ r_gt) - 1.0) / 2.0
+    return math.degrees(math.acos(float(np.clip(c, -1.0, 1.0))))
+
+
+def scene_extent(gt: pycolmap.Reconstruction, trim: float = 5.0) -> float:
+    """Diagonal of the bounding box of the ground-truth 3D points between the ``trim`` and
+    ``100 - trim`` percentiles per axis (a few points near the horizon would otherwise
+    make it kilometres), in metres; of the camera centres when there are no points."""
+    pts = np.array([p.xyz for p in gt.points3D.values()]) if gt.num_points3D() else \
+        np.array([im.projection_center() for im in gt.images.values()])
+    if not len(pts):
+        return float("nan")
+    lo, hi = np.percentile(pts, trim, axis=0), np.percentile(pts, 100 - trim, axis=0)
+    return float(np.linalg.norm(hi - lo))
+
+
+def pose_accuracy(model: pycolmap.Reconstruction, gt: pycolmap.Reconstruction, queries: list[str]) -> dict[str, Any]:
+    """Registered fraction, rotation / centre errors and metric scale of the photos."""
+    gt_by = {im.name: im for im in gt.images.values()}
+    est_by = {im.name: im for im in model.images.values() if im.has_pose}
+    per: dict[str, dict[str, float]] = {}
+    for name in queries:
+        if name not in est_by or name not in gt_by:
+            continue
+        e, g = est_by[name], gt_by[name]
+        per[name] = {
+            "rotation_deg": _rotation_error_deg(e.cam_from_world().rotation.matrix(),
+                                                g.cam_from_world().rotation.matrix()),
+            "centre_m": float(np.linalg.norm(np.asarray(e.projection_center()) - np.asarray(g.projection_center()))),
+        }
+    names = sorted(per)
+    ratios = []
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            d_gt = np.linalg.norm(np.asarray(gt_by[a].projection_center()) - np.asarray(gt_by[b].projection_center()))
+            if d_gt > 1.0:  # metres; closer pairs make the ratio noise
+                d_est = np.linalg.norm(np.asarray(est_by[a].projection_center())
+                                       - np.asarray(est_by[b].projection_center()))
+                ratios.append(d_est / d_gt)
+    extent = scene_extent(gt)
+    rot = [v["rotation_deg"] for v in per.values()]
+    cen = [v["centre_m"] for v in per.values()]
+    return {
+        "photos attempted": len(queries),
+        "photos registered": len(per),
+        "registered fraction": len(per) / len(queries) if queries else float("nan"),
+        "median rotation error deg": float(np.median(rot)) if rot else float("nan"),
+        "max rotation error deg": float(np.max(rot)) if rot else float("nan"),
+        "median centre error m": float(np.median(cen)) if cen else float("nan"),
+        "max centre error m": float(np.max(cen)) if cen else float("nan"),
+        "scene extent m": extent,
+        "median centre error / extent": float(np.median(cen)) / extent if cen else float("nan"),
+        "scale ratio median": float(np.median(ratios)) if ratios else float("nan"),
+        "scale ratio max deviation": float(np.max(np.abs(np.array(ratios) - 1.0))) if ratios else float("nan"),
+        "per photo": per,
+    }
+
+
+def gt_depth_on_grid(gt_depth: np.ndarray, k_raw: np.ndarray, k_est: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Ground-truth depth sampled (nearest) at the pixel centres of an image of ``shape``
+    with intrinsics ``k_est``, from a raw image with intrinsics ``k_raw`` (same camera
+    rotation and centre). Outside the raw image: 0."""
+    h, w = shape
+    u, v = np.meshgrid(np.arange(w) + 0.5, np.arange(h) + 0.5)
+    rays = np.linalg.inv(k_est) @ np.stack([u.ravel(), v.ravel(), np.ones(u.size)])
+    raw = k_raw @ rays
+    x = np.floor(raw[0] / raw[2]).astype(np.int64)
+    y = np.floor(raw[1] / raw[2]).astype(np.int64)
+    ok = (x >= 0) & (x < gt_depth.shape[1]) & (y >= 0) & (y < gt_depth.shape[0])
+    out = np.zeros(u.size, np.float32)
+    out[ok] = gt_depth[y[ok], x[ok]]
+    return out.reshape(h, w)
+
+
+def depth_metrics(est: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    known = gt > 0
+    both = known & (est > 0)
+    n = int(both.sum())
+    if n == 0:
+        return {"pixels": 0, "coverage": 0.0, "absrel": float("nan"), "within_1.25": float("nan")}
+    e, g = est[both].astype(np.float64), gt[both].astype(np.float64)
+    return {"pixels": n, "coverage": n / max(int(known.sum()), 1), "absrel": float(np.mean(np.abs(e - g) / g)),
+            "within_1.25": float(np.mean(np.maximum(e / g, g / e) < 1.25))}
+
+
+def depth_accuracy(product: Path, model: pycolmap.Reconstruction, gt: pycolmap.Reconstruction, gt_depths: Path,
+                   queries: set[str]) -> dict[str, Any]:
+    """AbsRel, within-1.25x and coverage of ``product/depths`` against the ground truth,
+    over pixels with an estimate; per group (aerial frames, ground photos) and per image."""
+    gt_by = {im.name: im for im in gt.images.values()}
+    per: dict[str, dict[str, float]] = {}
+    groups: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"aerial": [], "photos": []}
+    for im in model.images.values():
+        path = Path(product) / "depths" / f"{image_stem(im.name)}.h5"
+        g_im = gt_by.get(im.name)
+        gt_path = Path(gt_depths) / f"{Path(im.name).stem}.h5"
+        if not path.exists() or g_im is None or not gt_path.exists():
+            continue
+        est = read_depth_h5(path)
+        gt_raw = read_depth_h5(gt_path)
+        k_est = model.cameras[im.camera_id].calibration_matrix()
+        k_raw = gt.cameras[g_im.camera_id].calibration_matrix()
+        gt_grid = gt_depth_on_grid(gt_raw, k_raw, k_est, est.shape)
+        per[im.name] = depth_metrics(est, gt_grid)
+        groups["photos" if im.name in queries else "aerial"].append((est, gt_grid))
+    out: dict[str, Any] = {"per image": per}
+    for group, items in list(groups.items()) + [("all", groups["aerial"] + groups["photos"])]:
+        if not items:
+            continue
+        est = np.concatenate([e.ravel() for e, _ in items])
+        g = np.concatenate([x.ravel() for _, x in items])
+        out[group] = {**depth_metrics(est, g), "images": len(items)}
+    return out
+
+
+def evaluate_scene(product: Path, gt_dir: Path, queries: list[str]) -> dict[str, Any]:
+    """Pose and depth accuracy of ``product`` (``sparse-txt`` and ``depths``)."""
+    model = pycolmap.Reconstruction(str(Path(product) / "sparse-txt"))
+    gt = pycolmap.Reconstruction(str(Path(gt_dir) / "sparse"))
+    return {"poses": pose_accuracy(model, gt, queries),
+            "depth": depth_accuracy(product, model, gt, Path(gt_dir) / "depths", set(queries))}
+
+
+def summary_rows(acc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, value, goal) rows for the report and the terminal."""
+    p, d = acc["poses"], acc["depth"]
+    rows = [
+        ("photos registered", f"{p['photos registered']}/{p['photos attempted']}", "all"),
+        ("median rotation error", f"{p['median rotation error deg']:.3f} deg", "< 0.5 deg"),
+        ("median centre error", f"{p['median centre error m']:.3f} m ({100 * p['median centre error / extent']:.2f} %"
+                                f" of {p['scene extent m']:.0f} m)", "< 1 % of the extent"),
+        ("metric scale (distance ratio)", f"{p['scale ratio median']:.4f} (max dev {p['scale ratio max deviation']:.4f})",
+         "within 1 %"),
+    ]
+    for group in ("aerial", "photos", "all"):
+        if group in d:
+            g = d[group]
+            rows.append((f"depth {group} ({g['images']} images)",
+                         f"AbsRel {g['absrel']:.4f}, within 1.25x {100 * g['within_1.25']:.1f} %, "
+                         f"coverage {100 * g['coverage']:.1f} %", "AbsRel < 0.05, >= 90 %"))
+    return rows
+
+
+__all__ = ["evaluate_scene", "pose_accuracy", "depth_accuracy", "depth_metrics", "gt_depth_on_grid", "scene_extent",
+           "summary_rows"]

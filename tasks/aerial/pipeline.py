@@ -1,0 +1,461 @@
+"""Per-scene stages after the ingest: features -> pairs -> matches -> reference
+triangulation -> localization -> dense -> export -> evaluation.
+
+hloc's shape: each stage is a function taking a :class:`ScenePaths` (where things are)
+and a :class:`PipelineConfig` (named configuration, see :data:`CONFS`), writing files
+that the next stage reads, re-runnable (a stage whose outputs are complete is
+skipped). The Prefect flow (``flows/aerial.py``) calls them; nothing here needs Prefect.
+
+Layout under ``<root>/data/<scene>/sfm_output_localization/`` (shared/contracts/aerial.md)::
+
+    reference_empty/                    # part 1: Earth Studio poses, no points
+    images/                             # links: frames and processed photos by model name
+    feats-<features>.h5                 # hloc layout (reference frames and photos)
+    global-feats-<retrieval>.h5         # hloc layout global descriptors
+    pairs-reference-poses.txt           # reference-reference, from the Earth Studio poses
+    pairs-query-retrieval.txt           # photo-reference, image retrieval
+    pairs-query-poses.txt               # photo-photo, from MegaDepth's own poses
+    matches-<features>+<matcher>.h5     # hloc layout, every pair above
+    sfm_<features>+<matcher>/           # triangulated reference (+ database.db)
+        localized_model_mapper_metric/  # reference + registered photos, metric ENU
+        dense/                          # dense workspace (images/, sparse/, depths)
+        localized_dense_metric/         # the product: images/ depths/ sparse-txt/
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.aerial import features as F
+from tasks.aerial import matching as M
+from tasks.aerial import pairs as P
+from tasks.aerial import retrieval as R
+from tasks.aerial import dense as D
+from tasks.aerial.dense import DenseConfig
+from tasks.aerial.reconstruction import Query, SfMConfig, StageResult, localize_queries, model_complete, \
+    triangulate_reference
+from tasks.common.atomic import write_json_atomic
+
+
+@dataclass
+class PipelineConfig:
+    """A named configuration of the per-scene stages."""
+
+    name: str = "sift+mnn"
+    backend: str = "builtin"  # "builtin" (pycolmap SIFT, numpy matcher, VLAD) | "hloc"
+    features: str = "sift-colmap"  # FEATURE_CONFS key (builtin) or hloc.extract_features.confs key
+    matcher: str = "NN-ratio"  # MATCHER_CONFS key (builtin) or hloc.match_features.confs key
+    retrieval: str = "vlad"  # "vlad" (builtin) or an hloc retrieval conf ("netvlad")
+    ref_pairs_num: int = 50  # reference pairs: nearest frames ...
+    ref_pairs_max_angle: float = 75.0  # ... whose principal axes are within this angle (deg)
+    retrieval_num: int = 50  # photo -> reference pairs by retrieval
+    query_pairs_num: int = 20  # photo -> photo pairs from MegaDepth's poses ...
+    query_pairs_max_angle: float = 75.0
+    vlad_words: int = 64
+    sfm: SfMConfig = field(default_factory=SfMConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _conf(**kw) -> PipelineConfig:
+    return PipelineConfig(**kw)
+
+
+#: Named configurations. "sift+mnn" is the default (offline, CPU); "superpoint+superglue"
+#: is the paper's and needs hloc installed from its repository (and its weights).
+CONFS: dict[str, PipelineConfig] = {
+    "sift+mnn": _conf(),
+    "superpoint+superglue": _conf(name="superpoint+superglue", backend="hloc", features="superpoint_max",
+                                  matcher="superglue", retrieval="netvlad"),
+}
+
+
+def get_config(name: str = "sift+mnn", **overrides) -> PipelineConfig:
+    if name not in CONFS:
+        raise KeyError(f"unknown aerial pipeline configuration {name!r}; choose one of {sorted(CONFS)}")
+    cfg = PipelineConfig(**{**asdict(CONFS[name]), "sfm": SfMConfig(**asdict(CONFS[name].sfm)),
+                            "dense": DenseConfig(**asdict(CONFS[name].dense))})
+    for k, v in overrides.items():
+        if k == "sfm" and isinstance(v, dict):
+            cfg.sfm = SfMConfig(**{**asdict(cfg.sfm), **v})
+        elif k == "dense" and isinstance(v, dict):
+            cfg.dense = DenseConfig(**{**asdict(cfg.dense), **v})
+        elif hasattr(cfg, k):
+            setattr(cfg, k, v)
+        else:
+            raise KeyError(f"unknown aerial pipeline setting {k!r}")
+    return cfg
+
+
+def hloc_available() -> bool:
+    try:
+        import hloc  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+@dataclass
+class ScenePaths:
+    root: Path
+    scene: str
+    megadepth_out: Path
+    config_name: str
+    features_out: str = "feats-sift"
+    retrieval_out: str = "global-feats-vlad"
+
+    @property
+    def scene_dir(self) -> Path:
+        return self.root / "data" / self.scene
+
+    @property
+    def work(self) -> Path:
+        return self.scene_dir / "sfm_output_localization"
+
+    @property
+    def reference_empty(self) -> Path:
+        return self.work / "reference_empty"
+
+    @property
+    def images(self) -> Path:
+        return self.work / "images"
+
+    @property
+    def image_list(self) -> Path:
+        return self.work / "images.json"
+
+    @property
+    def features(self) -> Path:
+        return self.work / f"{self.features_out}.h5"
+
+    @property
+    def global_features(self) -> Path:
+        return self.work / f"{self.retrieval_out}.h5"
+
+    @property
+    def pairs_reference(self) -> Path:
+        return self.work / "pairs-reference-poses.txt"
+
+    @property
+    def pairs_retrieval(self) -> Path:
+        return self.work / "pairs-query-retrieval.txt"
+
+    @property
+    def pairs_query(self) -> Path:
+        return self.work / "pairs-query-poses.txt"
+
+    @property
+    def pairs_all(self) -> Path:
+        return self.work / "pairs-all.txt"
+
+    @property
+    def matches(self) -> Path:
+        return self.work / f"matches-{self.config_name}_{self.features_out}.h5"
+
+    @property
+    def sfm(self) -> Path:
+        return self.work / f"sfm_{self.config_name}"
+
+    @property
+    def localized(self) -> Path:
+        return self.sfm / "localized_model_mapper_metric"
+
+    @property
+    def dense(self) -> Path:
+        return self.sfm / "dense"
+
+    @property
+    def product(self) -> Path:
+        return self.sfm / "localized_dense_metric"
+
+    @property
+    def ground_truth(self) -> Path:
+        return self.root / "ground_truth" / self.scene
+
+
+def scene_paths(root: Path, scene: str, megadepth_out: Path, config: PipelineConfig) -> ScenePaths:
+    feats = F.FEATURE_CONFS[config.features]["output"] if config.backend == "builtin" else config.features
+    return ScenePaths(Path(root), scene, Path(megadepth_out), config.name, features_out=feats,
+                      retrieval_out=f"global-feats-{config.retrieval}")
+
+
+# ----------------------------------------------------------------------------- stage: images
+
+
+def _link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        if dst.is_symlink() and Path(os.readlink(dst)) == src:
+            return
+        dst.unlink()
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    os.symlink(src, tmp)
+    os.replace(tmp, dst)
+
+
+def collect_images(paths: ScenePaths) -> dict[str, Any]:
+    """Link the reference frames and the processed photos into ``images/`` under their
+    model names (frames: ``<scene>_<NNN>.jpeg``; photos: the MegaDepth name) and write
+    ``images.json``: reference names, queries (intrinsics, size, MegaDepth cam2world)
+    and photos that cannot be used, with the reason."""
+    import cv2
+    import pycolmap
+
+    if not (paths.reference_empty / "images.txt").exists():
+        raise FileNotFoundError(f"{paths.reference_empty}: no reference model; run the Earth Studio ingest first")
+    ref = pycolmap.Reconstruction(str(paths.reference_empty))
+    paths.images.mkdir(parents=True, exist_ok=True)
+    reference = sorted(im.name for im in ref.images.values())
+    footage = paths.scene_dir / "footage"
+    for name in reference:
+        if not (footage / name).exists():
+            raise FileNotFoundError(f"{footage / name}: reference frame missing; rerun the ingest")
+        _link((footage / name).resolve(), paths.images / name)
+    queries: dict[str, dict[str, Any]] = {}
+    problems: dict[str, str] = {}
+    md_scene = paths.megadepth_out / paths.scene
+    for npz in sorted(md_scene.glob("*/*.npz")):
+        name = npz.name[: -len(".npz")]
+        jpg = npz.with_name(name + ".jpg")
+        if name in queries or name in reference:
+            problems[f"{npz.parent.name}/{name}"] = "duplicate image name in the scene: only the first is used"
+            continue
+        try:
+            with np.load(npz) as z:
+                k, c2w = np.asarray(z["intrinsics"], float), np.asarray(z["cam2world"], float)
+            if k.shape != (3, 3) or c2w.shape != (4, 4) or not np.isfinite(k).all() or not np.isfinite(c2w).all():
+                raise ValueError("intrinsics must be 3x3 and cam2world 4x4, finite")
+        except Exception as exc:  # noqa: BLE001 - reported per photo
+            problems[name] = f"{npz}: unreadable ({exc}); rerun the MegaDepth preprocessing"
+            continue
+        img = cv2.imread(str(jpg), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            problems[name] = f"{jpg}: not a readable image; rerun the MegaDepth preprocessing for it"
+            continue
+        _link(jpg.resolve(), paths.images / name)
+        queries[name] = {"subscene": npz.parent.name, "width": int(img.shape[1]), "height": int(img.shape[0]),
+                         "intrinsics": k.tolist(), "cam2world": c2w.tolist()}
+    info = {"reference": reference, "queries": queries, "problems": problems}
+    write_json_atomic(paths.image_list, info, indent=1)
+    return info
+
+
+def load_images(paths: ScenePaths) -> dict[str, Any]:
+    return json.loads(paths.image_list.read_text())
+
+
+def queries_of(info: dict[str, Any]) -> list[Query]:
+    return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"])) for n, q in sorted(info["queries"].items())]
+
+
+# ----------------------------------------------------------------------------- stage: features
+
+
+def extract(paths: ScenePaths, config: PipelineConfig, names: list[str], part: tuple[int, int] | None = None) -> Path:
+    """Features of ``names`` into the scene's features file; ``part=(i, n)`` writes the i-th
+    of n part files instead (fan-out over workers; :func:`merge_feature_parts` joins them)."""
+    if config.backend == "hloc":
+        return _hloc_extract(paths, config, names)
+    conf = F.FEATURE_CONFS[config.features]
+    if part is None:
+        return F.extract_features(conf, paths.images, names, paths.features)
+    F.extract_features_parts(conf, paths.images, names, paths.features, part[1], part_index=part[0])
+    return F.part_paths(paths.features, part[1])[part[0]]
+
+
+def merge_feature_parts(paths: ScenePaths, n_parts: int) -> Path:
+    return F.merge_features(F.part_paths(paths.features, n_parts), paths.features, remove_parts=True)
+
+
+def missing_features(paths: ScenePaths, names: list[str]) -> list[str]:
+    have = set(F.list_names(paths.features)) if paths.features.exists() else set()
+    return [n for n in names if n not in have]
+
+
+# ----------------------------------------------------------------------------- stage: pairs
+
+
+def make_pairs(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) -> dict[str, int]:
+    """Reference pairs from the Earth Studio poses, photo-reference pairs by retrieval,
+    photo-photo pairs from MegaDepth's poses; ``pairs-all.txt`` is their union."""
+    reference = info["reference"]
+    qnames = [n for n in sorted(info["queries"]) if n not in set(missing_features(paths, sorted(info["queries"])))]
+    ref_c2w = P.cam2world_from_model(paths.reference_empty)
+    ref_pairs = P.pairs_from_poses({n: ref_c2w[n] for n in reference}, config.ref_pairs_num,
+                                   config.ref_pairs_max_angle)
+    if qnames:
+        if config.backend == "hloc":
+            _hloc_global(paths, config, reference + qnames)
+        else:
+            R.vlad_global_features(paths.features, reference + qnames, paths.global_features, db_names=reference,
+                                   n_words=config.vlad_words, seed=config.sfm.seed)
+        ret_pairs = P.pairs_from_retrieval(paths.global_features, qnames, reference,
+                                           min(config.retrieval_num, len(reference)))
+        md_c2w = {n: np.asarray(info["queries"][n]["cam2world"]) for n in qnames}
+        q_pairs = P.pairs_from_poses(md_c2w, config.query_pairs_num, config.query_pairs_max_angle)
+    else:
+        ret_pairs, q_pairs = [], []
+    for path, pairs in ((paths.pairs_reference, ref_pairs), (paths.pairs_retrieval, ret_pairs),
+                        (paths.pairs_query, q_pairs), (paths.pairs_all, P.dedupe_pairs(ref_pairs + ret_pairs + q_pairs))):
+        _write_pairs_if_changed(path, pairs)
+    return {"reference pairs": len(ref_pairs), "retrieval pairs": len(ret_pairs), "photo pairs": len(q_pairs)}
+
+
+def _write_pairs_if_changed(path: Path, pairs: list[tuple[str, str]]) -> None:
+    """Keep an identical pair file untouched: later stages fingerprint their inputs."""
+    if path.exists() and M.read_pairs(path) == list(pairs):
+        return
+    M.write_pairs(path, pairs)
+
+
+# ----------------------------------------------------------------------------- stage: matches
+
+
+def match(paths: ScenePaths, config: PipelineConfig, part: tuple[int, int] | None = None) -> Path:
+    if config.backend == "hloc":
+        return _hloc_match(paths, config)
+    conf = M.MATCHER_CONFS[config.matcher]
+    if part is None:
+        return M.match_features(conf, paths.pairs_all, paths.features, paths.matches)
+    M.match_features_parts(conf, paths.pairs_all, paths.features, paths.matches, part[1], part_index=part[0])
+    return F.part_paths(paths.matches, part[1])[part[0]]
+
+
+def merge_match_parts(paths: ScenePaths, n_parts: int) -> Path:
+    return M.merge_matches(F.part_paths(paths.matches, n_parts), paths.matches, remove_parts=True)
+
+
+# ----------------------------------------------------------------------------- stage: sfm
+
+
+def reference(paths: ScenePaths, config: PipelineConfig) -> StageResult:
+    return triangulate_reference(paths.reference_empty, paths.images, paths.features, paths.matches,
+                                 paths.pairs_reference, paths.sfm, config.sfm)
+
+
+def localize(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) -> StageResult:
+    pairs = M.read_pairs(paths.pairs_retrieval) + M.read_pairs(paths.pairs_query)
+    qpairs = paths.work / "pairs-query-all.txt"
+    _write_pairs_if_changed(qpairs, pairs)
+    return localize_queries(paths.sfm, queries_of(info), paths.images, paths.features, paths.matches, qpairs,
+                            paths.localized, config.sfm)
+
+
+# ----------------------------------------------------------------------------- stage: dense
+
+
+def registered_names(paths: ScenePaths) -> list[str]:
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(paths.localized))
+    return sorted(im.name for im in rec.images.values() if im.has_pose)
+
+
+def prepare_dense(paths: ScenePaths, config: PipelineConfig) -> list[str]:
+    """The dense workspace (``dense/images``, ``dense/sparse``) of the registered images.
+    Our cameras carry no distortion (Earth Studio frames are pinhole, the processed photos
+    are undistorted), so "undistortion" is the identity: images are linked, not resampled."""
+    names = registered_names(paths)
+    D.prepare_workspace(paths.localized, paths.images, paths.dense, image_names=names)
+    return names
+
+
+def dense_depths_cpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
+    return D.run_dense(paths.dense, names, config.dense, paths.dense / "depths")
+
+
+def dense_depths_gpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
+    return D.dense_gpu(paths.dense, config.dense, paths.dense / "depths", image_names=names)
+
+
+def fuse_cpu(paths: ScenePaths, config: PipelineConfig) -> Path:
+    return D.fused_point_cloud_cpu(paths.dense, paths.dense / "depths", paths.dense / "fused.ply")
+
+
+# ----------------------------------------------------------------------------- stage: export
+
+
+def _hardlink_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def export_product(paths: ScenePaths) -> dict[str, int]:
+    """``localized_dense_metric/``: ``sparse-txt`` (COLMAP's text writer; SIMPLE_PINHOLE),
+    ``images/`` (files, not links) and ``depths/<stem>.h5`` of every registered image.
+    Built under a temporary name and renamed, so the product is complete or absent."""
+    import pycolmap
+
+    rec = pycolmap.Reconstruction(str(paths.dense / "sparse"))
+    for cam in rec.cameras.values():
+        if cam.model_name != "SIMPLE_PINHOLE":
+            raise ValueError(f"{paths.dense / 'sparse'}: camera {cam.camera_id} is {cam.model_name}; the product "
+                             "needs SIMPLE_PINHOLE (five numbers after the model name)")
+    tmp = paths.product.with_name(paths.product.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    (tmp / "sparse-txt").mkdir(parents=True)
+    (tmp / "images").mkdir()
+    (tmp / "depths").mkdir()
+    rec.write_text(str(tmp / "sparse-txt"))
+    n_img = n_depth = 0
+    for im in rec.images.values():
+        if not im.has_pose:
+            continue
+        src = (paths.dense / "images" / im.name).resolve()
+        if src.exists():
+            _hardlink_or_copy(src, tmp / "images" / im.name)
+            n_img += 1
+        dsrc = D.depth_path(paths.dense / "depths", im.name)
+        if dsrc.exists():
+            _hardlink_or_copy(dsrc, tmp / "depths" / dsrc.name)
+            n_depth += 1
+    if paths.product.exists():
+        shutil.rmtree(paths.product)
+    os.replace(tmp, paths.product)
+    return {"product images": n_img, "product depths": n_depth}
+
+
+# ----------------------------------------------------------------------------- hloc backend
+
+
+def _hloc_extract(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> Path:
+    from hloc import extract_features
+
+    conf = extract_features.confs[config.features]
+    return extract_features.main(conf, paths.images, image_list=names, feature_path=paths.features)
+
+
+def _hloc_global(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> Path:
+    from hloc import extract_features
+
+    conf = extract_features.confs[config.retrieval]
+    return extract_features.main(conf, paths.images, image_list=names, feature_path=paths.global_features)
+
+
+def _hloc_match(paths: ScenePaths, config: PipelineConfig) -> Path:
+    from hloc import match_features
+
+    conf = match_features.confs[config.matcher]
+    return match_features.main(conf, paths.pairs_all, features=paths.features, matches=paths.matches)
+
+
+__all__ = ["PipelineConfig", "CONFS", "get_config", "ScenePaths", "scene_paths", "collect_images", "load_images",
+           "queries_of", "extract", "merge_feature_parts", "missing_features", "make_pairs", "match",
+           "merge_match_parts", "reference", "localize", "registered_names", "prepare_dense", "dense_depths_cpu",
+           "dense_depths_gpu", "fuse_cpu", "export_product", "hloc_available", "model_complete", "time", "shutil"]
