@@ -175,6 +175,7 @@ def dense_prepare_task(paths, cfg):
 def dense_cpu_task(paths, cfg, names: list[str]):
     from tasks.aerial import pipeline as PL
 
+    _match_worker_threads()
     return {**PL.dense_depths_cpu(paths, cfg, names), "worker": _worker_address()}
 
 
@@ -204,6 +205,19 @@ def evaluate_task(paths, queries: list[str]):
     from tasks.aerial.evaluate import evaluate_scene
 
     return evaluate_scene(paths.product, paths.ground_truth, queries)
+
+
+def _match_worker_threads() -> None:
+    """OpenCV's thread pool as wide as this Dask worker's thread count: with one worker
+    process per core, one OpenCV thread each, so concurrent tasks do not oversubscribe
+    the cores."""
+    try:
+        import cv2
+        from distributed import get_worker
+
+        cv2.setNumThreads(max(1, int(get_worker().state.nthreads)))
+    except Exception:  # noqa: BLE001 - not on a Dask worker: leave OpenCV's default
+        pass
 
 
 def _worker_address() -> str | None:
@@ -267,7 +281,7 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
                            "https://github.com/cvg/Hierarchical-Localization); use 'sift+mnn' without it")
     paths = {s: PL.scene_paths(p["root"], s, p["megadepth_out"], cfg) for s in scenes}
     alive = [s for s in scenes if (paths[s].reference_empty / "images.txt").exists()]
-    parts = config.fan_out or max(1, len(gpu_workers()) + _n_workers())
+    parts = config.fan_out or _n_workers()
 
     def failed(s, res):
         return any(isinstance(r, Exception) for r in res.get(s, []))
@@ -371,7 +385,7 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
         failures = {k: v for r in ok for k, v in r.get("failures", {}).items()}
         for name, why_ in failures.items():
             reports[s].problem(name, "dense", why_)
-        reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in ok) - len(failures)
+        reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in ok)
         workers_used[s] = {r.get("worker") for r in ok}
     alive = [s for s in alive if not failed(s, res)]
     if backend == "cpu":

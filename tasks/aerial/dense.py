@@ -7,13 +7,16 @@ Two backends behind one interface, both starting from a workspace made by
   pycolmap (needs a CUDA build, ``pycolmap-cuda12``), exactly what the original pipeline ran;
   :func:`dense_gpu` then converts each ``stereo/depth_maps/<name>.geometric.bin`` to
   ``depths/<stem>.h5``.
-* **cpu**: plane-sweep-free, honest multi-view stereo built from OpenCV pieces
-  (:func:`depth_cpu`). For a reference image and each of its source views
-  (:func:`select_sources`): the pair is rectified from the known relative pose, disparities come
-  from ``cv2.StereoSGBM`` with a left-right consistency check, they are converted to metric depth
-  in the rectified frame and mapped back onto the reference pixel grid; the per-source depth maps
-  are then fused (per pixel: the median of the estimates that agree within ``rel_tolerance``, kept
-  only where at least ``min_consistent`` agree).
+* **cpu**: honest multi-view stereo built from OpenCV pieces (:func:`depth_cpu`). For a
+  reference image and each of its source views (:func:`select_sources`): when the epipole lies
+  well outside the reference view (sideways motion, e.g. an orbiting aerial camera) the pair is
+  rectified from the known relative pose, disparities come from ``cv2.StereoSGBM`` with a
+  left-right consistency check, they are converted to metric depth in the rectified frame and
+  mapped back onto the reference pixel grid (the depth along the reference z axis, not the
+  rectified one); otherwise (forward motion, e.g. a low pass along a street) a multi-direction
+  plane sweep (fronto-parallel and ground planes, NCC, winner-take-all) gives the estimate. The
+  per-source depth maps are then fused: per pixel the median of the estimates that agree within
+  ``rel_tolerance``, kept only where at least ``min_consistent`` agree.
 
 Geometry conventions: COLMAP's (``x_cam = R x_world + t``; camera x right, y down, z forward;
 the centre of pixel ``(row i, column j)`` is at ``(j + 0.5, i + 0.5)``). OpenCV functions take
@@ -38,11 +41,11 @@ endian with ``x y z`` float and ``red green blue`` uchar vertices.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -101,14 +104,15 @@ class DenseConfig:
     min_texture: float = 0.0  # local grey std (5x5) below which a pixel is not matched (0: off)
     max_rect_factor: float = 1.6  # rectified extent cap, in units of the working image's long side
     sweep_fallback: bool = True  # plane sweep for pairs that cannot be rectified (forward motion)
-    sweep_max_size: int = 640  # plane sweep (forward-motion pairs): working long side
-    sweep_window: int = 7  # NCC window (pixels)
+    sweep_max_size: int = 480  # plane sweep (forward-motion pairs): working long side
+    sweep_window: int = 9  # NCC window (pixels)
     sweep_step_px: float = 1.0  # plane spacing: at most this pixel motion between planes
-    sweep_max_planes: int = 192
+    sweep_max_planes: int = 128
     sweep_ground: bool = True  # also sweep horizontal (ground) planes
     sweep_min_ncc: float = 0.6
     sweep_min_margin: float = 0.1  # best NCC minus the best NCC of clearly different depths
     sweep_min_std: float = 2.0  # grey-level std in the window below which NCC is not trusted
+    sweep_min_center_std: float = 1.0  # 3x3 grey std a pixel needs (0: off)
     sweep_sigma_px: float = 0.5  # assumed matching precision (pixels) for the conditioning test
     sweep_max_rel_error: float = 0.02  # drop pixels whose depth would be less precise than this
     depth_min: float | None = None  # optional manual depth range (both backends)
@@ -374,6 +378,11 @@ class _Cam:
         return self.R[2]
 
 
+def _posed_ids(rec: pycolmap.Reconstruction) -> list[int]:
+    """Ids of the images with a pose (registered), sorted."""
+    return sorted(i for i, im in rec.images.items() if im.has_pose)
+
+
 def _cam(rec: pycolmap.Reconstruction, image_id: int) -> _Cam:
     im = rec.images[image_id]
     cam = rec.cameras[im.camera_id]
@@ -409,17 +418,17 @@ def _depth_prior(rec: pycolmap.Reconstruction, c: _Cam, min_points: int = 10) ->
 
 
 def _all_points(rec: pycolmap.Reconstruction) -> np.ndarray:
-    key = id(rec)
-    hit = _POINTS_CACHE.get(key)
-    if hit is not None and hit[0] is rec:
-        return hit[1]
+    """All 3D points of ``rec`` (Nx3), cached for the last model seen."""
+    key = (id(rec), rec.num_points3D())
+    hit = _POINTS_CACHE.get("last")
+    if hit is not None and hit[0] == key and hit[1] is rec:
+        return hit[2]
     xyz = np.array([p.xyz for p in rec.points3D.values()], float).reshape(-1, 3)
-    _POINTS_CACHE.clear()
-    _POINTS_CACHE[key] = (rec, xyz)
+    _POINTS_CACHE["last"] = (key, rec, xyz)
     return xyz
 
 
-_POINTS_CACHE: dict[int, tuple[pycolmap.Reconstruction, np.ndarray]] = {}
+_POINTS_CACHE: dict[str, tuple] = {}
 
 
 def select_sources(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angle_deg: float = 3.0,
@@ -482,7 +491,7 @@ def select_sources(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angl
     f_ref = float(np.sqrt(ref.K[0, 0] * ref.K[1, 1]))
     d_ref = np.linalg.norm(pts - ref.centre, axis=1)
     cands = []
-    for j in sorted(rec.images):
+    for j in _posed_ids(rec):
         if j in excluded or j in chosen:
             continue
         cj = _cam(rec, j)
@@ -513,7 +522,7 @@ def _scene_points(rec: pycolmap.Reconstruction, ref: _Cam, max_points: int = 300
     if xyz is not None and len(xyz):
         step = max(1, len(xyz) // max_points)
         return xyz[::step]
-    others = [_cam(rec, j) for j in sorted(rec.images) if j != ref.image_id]
+    others = [_cam(rec, j) for j in _posed_ids(rec) if j != ref.image_id]
     if not others:
         return None
     depths = []
@@ -550,21 +559,25 @@ class _Workspace:
         if not sparse.is_dir():
             raise FileNotFoundError(f"{sparse}: no sparse model; run prepare_workspace first")
         self.rec = pycolmap.Reconstruction(str(sparse))
-        self.by_name = {im.name: iid for iid, im in self.rec.images.items()}
+        self.by_name = {self.rec.images[iid].name: iid for iid in _posed_ids(self.rec)}
         self.up = _up_vector(self.rec)
+        self._lock = threading.Lock()
         self._images: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
 
     def image(self, name: str, max_size: int) -> tuple[np.ndarray, float]:
         """(BGR uint8 image at working size, scale) of a workspace image; raises when unreadable."""
         c = _cam(self.rec, self.by_name[name])
         scale = min(1.0, max_size / max(c.width, c.height))
-        key = (name, max_size)
-        if key in self._images:
-            self._images.move_to_end(key)
-            return self._images[key], scale
         path = self.path / "images" / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: image missing from the workspace")
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: image missing from the workspace") from None
+        key = (name, max_size, st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if key in self._images:
+                self._images.move_to_end(key)
+                return self._images[key], scale
         img = cv2.imread(str(path), cv2.IMREAD_COLOR)
         if img is None:
             raise DenseError(f"{path}: cannot decode the image (corrupt or unsupported)")
@@ -573,26 +586,32 @@ class _Workspace:
         if scale < 1.0:
             size = (max(1, round(c.width * scale)), max(1, round(c.height * scale)))
             img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
-        self._images[key] = img
-        while len(self._images) > 24:
-            self._images.popitem(last=False)
+        with self._lock:
+            self._images[key] = img
+            while len(self._images) > 24:
+                self._images.popitem(last=False)
         return img, scale
 
 
 _WS_CACHE: dict[str, tuple[float, _Workspace]] = {}
+_WS_LOCK = threading.Lock()
 
 
 def _workspace(path: Path) -> _Workspace:
+    """The cached :class:`_Workspace` of ``path`` (reloaded when its sparse model changes)."""
     path = Path(path)
     key = str(path.resolve())
     sparse = path / "sparse"
     stamp = max((p.stat().st_mtime_ns for p in sparse.glob("*")), default=0) if sparse.is_dir() else 0
-    hit = _WS_CACHE.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
+    with _WS_LOCK:
+        hit = _WS_CACHE.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
     ws = _Workspace(path)
-    _WS_CACHE.clear()
-    _WS_CACHE[key] = (stamp, ws)
+    with _WS_LOCK:
+        while len(_WS_CACHE) >= 4:
+            _WS_CACHE.pop(next(iter(_WS_CACHE)))
+        _WS_CACHE[key] = (stamp, ws)
     return ws
 
 
@@ -804,7 +823,7 @@ def _to_full_grid(est: np.ndarray, ref: _Cam) -> np.ndarray:
 def _up_vector(rec: pycolmap.Reconstruction) -> np.ndarray:
     """World up direction: the mean of the cameras' up axes (-y; photos and video are taken
     upright), which for a metric ENU model is close to +z."""
-    ups = [-_cam(rec, j).R[1] for j in rec.images]
+    ups = [-_cam(rec, j).R[1] for j in _posed_ids(rec)]
     u = np.sum(ups, axis=0)
     n = float(np.linalg.norm(u))
     return u / n if n > 1e-9 else np.array([0.0, 0.0, 1.0])
@@ -948,6 +967,10 @@ def _pair_depth_sweep(ws: _Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, pr
 
     best = np.full((h, w), -np.inf, np.float32)
     depth = np.full((h, w), np.nan, np.float32)
+    if cfg.sweep_min_center_std > 0:  # against foreground fattening onto untextured background (sky)
+        m3 = cv2.blur(gr, (3, 3))
+        flat = (cv2.blur(gr * gr, (3, 3)) - m3 * m3) < cfg.sweep_min_center_std ** 2
+        best[flat] = np.inf  # nothing can win there
     planes = {}
     for name, n_ref, w_lo, w_hi in families:
         B = Ks @ np.outer(t_sr, n_ref) @ Kr_inv
@@ -1009,7 +1032,7 @@ def depth_cpu(workspace: Path, image_name: str, config: DenseConfig | None = Non
     rec = ws.rec
     ref = _cam(rec, ws.by_name[image_name])
     ws.image(image_name, cfg.cpu_size())  # raises for a missing / corrupt reference
-    unusable = {iid for iid, im in rec.images.items() if not (ws.path / "images" / im.name).is_file()}
+    unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
     cands = select_sources(rec, ref.image_id, max(1, cfg.num_sources) * max(1, cfg.candidate_factor),
                            cfg.min_triangulation_angle, cfg.max_triangulation_angle, cfg.max_view_angle,
                            cfg.max_scale_ratio, exclude=unusable)
@@ -1025,7 +1048,7 @@ def depth_cpu(workspace: Path, image_name: str, config: DenseConfig | None = Non
             if est is None and cfg.sweep_fallback:
                 pinfo["rectify"] = pinfo.pop("reason", "not rectifiable")
                 est = _pair_depth_sweep(ws, ref, src, cfg, prior, pinfo)
-        except (FileNotFoundError, DenseError) as exc:  # a bad source only loses that pair
+        except (FileNotFoundError, DenseError, cv2.error) as exc:  # a bad source only loses that pair
             pinfo["reason"] = str(exc)
             est = None
         pairs.append(pinfo)
@@ -1156,8 +1179,9 @@ def write_stereo_config(workspace: Path, config: DenseConfig | None = None,
     workspace = Path(workspace)
     ws = _workspace(workspace)
     rec = ws.rec
-    present = {iid for iid, im in rec.images.items() if (workspace / "images" / im.name).is_file()}
-    absent = set(rec.images) - present
+    posed = _posed_ids(rec)
+    present = {iid for iid in posed if (workspace / "images" / rec.images[iid].name).is_file()}
+    absent = set(posed) - present
     names = sorted(ws.by_name) if image_names is None else list(image_names)
     problems: dict[str, list[str]] = {}
     for name in names:
@@ -1189,7 +1213,7 @@ def _global_depth_range(rec: pycolmap.Reconstruction, cfg: DenseConfig) -> tuple
     if cfg.depth_min and cfg.depth_max:
         return float(cfg.depth_min), float(cfg.depth_max)
     lo, hi = math.inf, 0.0
-    for iid in rec.images:
+    for iid in _posed_ids(rec):
         pr = _depth_prior(rec, _cam(rec, iid))
         if pr.size:
             a, b = np.percentile(pr, [1, 99])
@@ -1260,15 +1284,22 @@ def dense_gpu(workspace: Path, config: DenseConfig | None, depth_dir: Path,
             raise DenseError("the model has images without sparse points and no depth range: set "
                              "DenseConfig.depth_min / depth_max")
         opts.depth_min, opts.depth_max = rng
+    opts.allow_missing_files = True  # a source without maps (PatchMatch failed on it) is skipped, not fatal
     t0 = time.perf_counter()
     pycolmap.patch_match_stereo(str(workspace), options=opts)
+    kind = "geometric" if cfg.geom_consistency else "photometric"
+    maps = workspace / "stereo"
+    done = [n for n in problems if (maps / "depth_maps" / f"{n}.{kind}.bin").is_file()
+            and (maps / "normal_maps" / f"{n}.{kind}.bin").is_file()]
+    with atomic_path(maps / "fusion.cfg", suffix=".cfg") as tmp:  # fusion reads every listed map
+        tmp.write_text("".join(f"{n}\n" for n in done))
     fopts = pycolmap.StereoFusionOptions()
     fopts.max_image_size = int(cfg.max_image_size)
     fopts.min_num_pixels = int(min(cfg.fusion_min_num_pixels, len(problems) + 1))
-    pycolmap.stereo_fusion(str(workspace / "fused.ply"), str(workspace), input_type="geometric", options=fopts,
-                           output_type="ply")
+    if done:
+        pycolmap.stereo_fusion(str(workspace / "fused.ply"), str(workspace), input_type=kind, options=fopts,
+                               output_type="ply")
     seconds = time.perf_counter() - t0
-    kind = "geometric" if cfg.geom_consistency else "photometric"
     out = export_colmap_depths(workspace, depth_dir, list(problems), kind=kind)
     per = seconds / max(1, len(problems))
     for s in out["stats"].values():

@@ -365,6 +365,11 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
             valid_pairs.append((a, b))
     finally:
         db.close()
+    if not q_names:  # nothing to register: the merged model is the reference
+        ref.write(str(tmp))
+        _finish_dir(tmp, out_dir, fp)
+        return StageResult(out_dir, _localization_counts(ref, queries), seconds=time.perf_counter() - t0,
+                           problems=problems)
     pairs_tmp = tmp / "pairs-verify.txt"
     pairs_tmp.write_text("".join(f"{a} {b}\n" for a, b in valid_pairs))
     t_verify = time.perf_counter()

@@ -1,0 +1,236 @@
+"""Aerial part 2: every stage of tasks.aerial.pipeline on the synthetic demo scene,
+against its ground truth, without Prefect (the flow tests are in test_aerial_flow.py)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pycolmap
+import pytest
+
+from tasks.aerial import pipeline as PL
+from tasks.aerial.earthstudio import ingest_scene
+from tasks.aerial.evaluate import depth_metrics, evaluate_scene, gt_depth_on_grid
+from tasks.aerial.megadepth import load_scene_list, preprocess_scene
+from tasks.aerial.synthetic_world import ensure_world
+
+
+def _prepare(root: Path, **world) -> PL.ScenePaths:
+    info = ensure_world(root, **world)
+    ingest_scene(root, info.scene)
+    for entry in load_scene_list(info.scene_list_path):
+        preprocess_scene(root / "megadepth", entry, root / "megadepth_processed")
+    return PL.scene_paths(root, info.scene, root / "megadepth_processed", PL.get_config())
+
+
+def _run(paths: PL.ScenePaths, cfg: PL.PipelineConfig, dense_names=None) -> dict:
+    info = PL.collect_images(paths)
+    PL.extract(paths, cfg, info["reference"] + sorted(info["queries"]))
+    PL.make_pairs(paths, cfg, info)
+    PL.match(paths, cfg)
+    ref = PL.reference(paths, cfg)
+    loc = PL.localize(paths, cfg, info)
+    names = PL.prepare_dense(paths, cfg)
+    dense = PL.dense_depths_cpu(paths, cfg, dense_names(names) if dense_names else names)
+    PL.fuse_cpu(paths, cfg)
+    export = PL.export_product(paths)
+    return {"info": info, "reference": ref, "localization": loc, "dense": dense, "export": export}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The embedded demo scene (default world: 48 frames, 16 photos, 640x480). Dense
+    depth for every photo and every third frame (keeps the suite fast on 2 cores)."""
+    root = tmp_path_factory.mktemp("aerial_demo")
+    paths = _prepare(root)
+    cfg = PL.get_config()
+
+    def subset(names):
+        frames = [n for n in names if n.endswith(".jpeg")]
+        return [n for n in names if not n.endswith(".jpeg")] + frames[::3]
+
+    out = _run(paths, cfg, subset)
+    out["paths"] = paths
+    out["cfg"] = cfg
+    out["accuracy"] = evaluate_scene(paths.product, paths.ground_truth, sorted(out["info"]["queries"]))
+    return out
+
+
+def test_demo_registration_accuracy(demo):
+    poses = demo["accuracy"]["poses"]
+    assert poses["photos attempted"] == 16
+    assert poses["photos registered"] == 16, demo["localization"].problems
+    assert poses["median rotation error deg"] < 0.5
+    assert poses["max rotation error deg"] < 2.0
+    assert poses["median centre error / extent"] < 0.01
+    assert poses["median centre error m"] < 0.5
+    assert abs(poses["scale ratio median"] - 1.0) < 0.01
+    loc = demo["localization"].counts
+    assert loc["mean reprojection error px"] < 1.5
+
+
+def test_demo_depth_accuracy(demo):
+    depth = demo["accuracy"]["depth"]
+    aerial, photos = depth["aerial"], depth["photos"]
+    assert aerial["images"] >= 16 and photos["images"] == 16
+    assert aerial["absrel"] < 0.05 and aerial["within_1.25"] >= 0.9
+    assert aerial["coverage"] > 0.1
+    assert photos["within_1.25"] >= 0.9
+    assert photos["absrel"] < 0.1
+    assert photos["coverage"] > 0.03
+    assert depth["all"]["absrel"] < 0.05
+
+
+def test_reference_triangulation(demo):
+    paths = demo["paths"]
+    ref = pycolmap.Reconstruction(str(paths.sfm))
+    empty = pycolmap.Reconstruction(str(paths.reference_empty))
+    assert ref.num_reg_images() == empty.num_reg_images() == 48
+    assert ref.num_points3D() > 300
+    by_name = {im.name: im for im in ref.images.values()}
+    for im in empty.images.values():  # poses held fixed
+        assert np.allclose(by_name[im.name].cam_from_world().matrix(), im.cam_from_world().matrix(), atol=1e-9)
+    errors = [p.error for p in ref.points3D.values()]
+    assert np.mean(errors) < 1.5
+    counts = demo["reference"].counts
+    assert counts["reference pairs verified"] > 40
+
+
+def test_pairs_and_hloc_files(demo):
+    paths = demo["paths"]
+    from tasks.aerial.matching import read_pairs
+
+    ref_pairs = read_pairs(paths.pairs_reference)
+    ret = read_pairs(paths.pairs_retrieval)
+    qq = read_pairs(paths.pairs_query)
+    queries = set(demo["info"]["queries"])
+    reference = set(demo["info"]["reference"])
+    assert ref_pairs and all(a in reference and b in reference for a, b in ref_pairs)
+    assert ret and all(a in queries and b in reference for a, b in ret)
+    assert qq and all(a in queries and b in queries for a, b in qq)
+    # retrieval scales: not all query-reference pairs
+    assert len(ret) < len(queries) * len(reference)
+    with h5py.File(paths.features, "r") as f:
+        for name in list(queries)[:3] + list(reference)[:3]:
+            g = f[name]
+            assert g["keypoints"].shape[1] == 2 and g["descriptors"].shape[0] == 128
+            assert g["descriptors"].shape[1] == g["keypoints"].shape[0]
+            assert set(g) >= {"keypoints", "descriptors", "scores", "image_size"}
+    with h5py.File(paths.matches, "r") as f:
+        a, b = ret[0]
+        key = f"{a}/{b}" if f"{a}/{b}" in f else f"{b}/{a}"
+        assert {"matches0", "matching_scores0"} <= set(f[key])
+    assert paths.sfm.name == "sfm_sift+mnn"
+
+
+def test_product_layout(demo):
+    """What DUSt3R/AerialMegaDepth loaders read: five numbers per camera line, COLMAP's
+    headers, real image files, depths as float32 metres with gzip."""
+    product = demo["paths"].product
+    assert product.name == "localized_dense_metric" and product.parent.name == "sfm_sift+mnn"
+    lines = (product / "sparse-txt" / "cameras.txt").read_text().splitlines()
+    assert all(x.startswith("#") for x in lines[:3]) and not lines[3].startswith("#")
+    for line in lines[3:]:
+        parts = line.split()
+        assert parts[1] == "SIMPLE_PINHOLE" and len(parts) == 2 + 5
+    img_lines = (product / "sparse-txt" / "images.txt").read_text().splitlines()
+    assert all(x.startswith("#") for x in img_lines[:4]) and not img_lines[4].startswith("#")
+    assert (product / "sparse-txt" / "points3D.txt").exists()
+    model = pycolmap.Reconstruction(str(product / "sparse-txt"))
+    assert model.num_reg_images() == 48 + 16
+    images = sorted(p.name for p in (product / "images").iterdir())
+    assert images == sorted(im.name for im in model.images.values())
+    assert not any((product / "images" / n).is_symlink() for n in images)
+    depths = sorted((product / "depths").glob("*.h5"))
+    assert len(depths) == demo["export"]["product depths"] == 16 + 16
+    with h5py.File(depths[0], "r") as f:
+        d = f["depth"]
+        assert d.dtype == np.float32 and d.compression == "gzip"
+    # a photo's depth has the photo's size
+    photo = next(n for n in images if not n.endswith(".jpeg"))
+    import cv2
+
+    img = cv2.imread(str(product / "images" / photo))
+    with h5py.File(product / "depths" / f"{Path(photo).stem}.h5", "r") as f:
+        assert f["depth"].shape == img.shape[:2]
+    assert (demo["paths"].dense / "fused.ply").stat().st_size > 1000
+
+
+def test_rerun_skips_complete_stages(demo):
+    paths, cfg = demo["paths"], demo["cfg"]
+    info = PL.collect_images(paths)
+    mtimes = {p: p.stat().st_mtime_ns for p in (paths.features, paths.matches, paths.pairs_all)}
+    PL.extract(paths, cfg, info["reference"] + sorted(info["queries"]))
+    PL.make_pairs(paths, cfg, info)
+    PL.match(paths, cfg)
+    assert PL.reference(paths, cfg).skipped
+    assert PL.localize(paths, cfg, info).skipped
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    # a changed setting invalidates the stage (and only then)
+    changed = PL.get_config(sfm={"ref_max_epipolar_error": 3.0})
+    res = PL.reference(paths, changed)
+    assert not res.skipped
+    assert PL.reference(paths, changed).skipped
+    assert not PL.reference(paths, cfg).skipped  # back to the demo's settings
+
+
+def test_gt_depth_mapping_identity_and_crop():
+    gt = np.arange(12 * 16, dtype=np.float32).reshape(12, 16) + 1
+    k = np.array([[10.0, 0, 8], [0, 10.0, 6], [0, 0, 1]])
+    assert np.array_equal(gt_depth_on_grid(gt, k, k, gt.shape), gt)
+    # a centred crop of 8x6 starting at (4, 3)
+    k_crop = np.array([[10.0, 0, 4], [0, 10.0, 3], [0, 0, 1]])
+    assert np.array_equal(gt_depth_on_grid(gt, k, k_crop, (6, 8)), gt[3:9, 4:12])
+    m = depth_metrics(np.array([1.0, 2.0, 0.0, 4.0]), np.array([1.0, 2.5, 3.0, 0.0]))
+    assert m["pixels"] == 2 and abs(m["absrel"] - 0.1) < 1e-9 and m["within_1.25"] == 1.0
+    assert abs(m["coverage"] - 2 / 3) < 1e-9
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aerial_small")
+    return _prepare(root, n_aerial=24, n_ground=5, seed=0)
+
+
+def test_corrupt_and_unregistrable_photos_are_reported(small):
+    import cv2
+
+    paths = small
+    cfg = PL.get_config()
+    md = sorted((paths.megadepth_out / paths.scene).glob("*/*.jpg.jpg"))
+    corrupt, noise = md[0], md[1]
+    corrupt.write_bytes(b"not a jpeg at all")
+    rng = np.random.default_rng(0)
+    img = cv2.imread(str(md[2]))
+    cv2.imwrite(str(noise), (rng.uniform(0, 255, img.shape)).astype(np.uint8))
+    out = _run(paths, cfg, dense_names=lambda names: [n for n in names if not n.endswith(".jpeg")][:2])
+    info, loc = out["info"], out["localization"]
+    corrupt_name = corrupt.name[: -len(".jpg")]
+    noise_name = noise.name[: -len(".jpg")]
+    assert corrupt_name in info["problems"] and "not a readable image" in info["problems"][corrupt_name]
+    assert noise_name in loc.problems and "not registered" in loc.problems[noise_name]
+    assert loc.counts["photos attempted"] == 4
+    assert loc.counts["photos registered"] >= 2
+    assert out["export"]["product images"] == 24 + loc.counts["photos registered"]
+
+
+def test_query_camera_rejects_anisotropic_intrinsics():
+    from tasks.aerial.reconstruction import Query, query_camera
+
+    q = Query("x.jpg", 800, 600, np.array([[500.0, 0, 400], [0, 520.0, 300], [0, 0, 1]]))
+    with pytest.raises(ValueError, match="x.jpg"):
+        query_camera(q, 1)
+    cam = query_camera(Query("y.jpg", 800, 600, np.array([[500.0, 0, 400], [0, 500.4, 300], [0, 0, 1]])), 3)
+    assert cam.model.name == "SIMPLE_PINHOLE" and abs(cam.params[0] - 500.2) < 1e-9
+
+
+def test_unknown_configuration_is_named():
+    with pytest.raises(KeyError, match="sift\\+mnn"):
+        PL.get_config("nope")
+    with pytest.raises(KeyError, match="bogus"):
+        PL.get_config(bogus=1)
+    assert PL.get_config(dense={"backend": "cpu"}).dense.backend == "cpu"
+    assert os.path.basename(str(PL.get_config("superpoint+superglue").name)) == "superpoint+superglue"
