@@ -493,7 +493,8 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     from tasks.aerial.evaluate import summary_rows
 
     out: dict[str, Any] = {"root": str(p["root"]), "scenes": {}, "dense backend": staged["backend"],
-                           "pipeline": staged["config"]}
+                           "pipeline": staged["config"],
+                           "dense workers": {s: sorted(w for w in ws if w) for s, ws in staged["dense workers"].items()}}
     for s, report in reports.items():
         acc = staged["accuracy"].get(s)
         table = None
@@ -501,8 +502,9 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
             table = [{"metric": m, "value": v, "goal": g} for m, v, g in summary_rows(acc)]
             report.notes.append("accuracy against ground truth:\n" + "\n".join(
                 f"  {m}: {v} (goal {g})" for m, v, g in summary_rows(acc)))
-            write_json_atomic(p["root"] / "data" / s / "accuracy.json",
-                              {k: v for k, v in acc.items()}, indent=1)
+            write_json_atomic(p["root"] / "data" / s / "accuracy.json", acc, indent=1)
+            report.extra["accuracy"] = {"poses": {k: v for k, v in acc["poses"].items() if k != "per photo"},
+                                        "depth": {k: v for k, v in acc["depth"].items() if k != "per image"}}
         png = scene_picture(p, s, staged["paths"].get(s))
         folder = p["root"] / "data" / s
         report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{s}.json"),
@@ -535,7 +537,7 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
     meta = json.loads(meta_path.read_text())
     frames = meta.get("frames") or []
     product = sp.product if sp is not None else None
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=90)
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=90, layout="constrained")
     try:
         photo = depth = None
         model = None
@@ -547,16 +549,19 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
             model = pycolmap.Reconstruction(str(product / "sparse-txt"))
             ref = {f["name"] for f in frames}
             photos = sorted(im.name for im in model.images.values() if im.name not in ref)
-            for name in photos:
+            best = -1.0
+            for name in photos:  # the photo with the most depth
                 if depth_path(product / "depths", name).exists():
-                    photo, depth = product / "images" / name, read_depth_h5(depth_path(product / "depths", name))
-                    break
+                    d = read_depth_h5(depth_path(product / "depths", name))
+                    if (d > 0).mean() > best:
+                        best, photo, depth = float((d > 0).mean()), product / "images" / name, d
         if photo is not None:
             axes[0].imshow(plt.imread(photo))
             axes[0].set_title(f"ground photo {photo.name}")
             d = np.where(depth > 0, depth, np.nan)
-            im = axes[1].imshow(d, cmap="turbo")
-            axes[1].set_title("its depth (m); white: unknown")
+            lo, hi = np.nanpercentile(d, [2, 98]) if np.isfinite(d).any() else (0.0, 1.0)
+            im = axes[1].imshow(d, cmap="turbo", vmin=lo, vmax=hi)
+            axes[1].set_title(f"its depth (m), {100 * best:.0f} % of pixels; white: unknown")
             fig.colorbar(im, ax=axes[1], shrink=0.8)
         else:
             photos = sorted((p["megadepth_out"] / scene).glob("*/*.jpg"))

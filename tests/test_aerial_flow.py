@@ -18,7 +18,7 @@ def aerial_run(tmp_path_factory):
     from flows.aerial import AerialConfig, aerial_flow
 
     root = tmp_path_factory.mktemp("aerial")
-    cfg = AerialConfig(root=str(root), world_options={"n_aerial": 16, "n_ground": 5, "size": [480, 360]},
+    cfg = AerialConfig(root=str(root), world_options={"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
                        image_batch=2, dense_batch=8)
     result = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=2)))(config=cfg)
     return cfg, root, result
@@ -27,8 +27,8 @@ def aerial_run(tmp_path_factory):
 def test_stages_ran_and_counts(aerial_run):
     cfg, root, result = aerial_run
     rep = result["scenes"]["0001"]
-    assert rep["counts"]["frames"] == 16 and rep["counts"]["video frames"] == 16
-    assert rep["counts"]["camera entries"] == 17  # numFrames + 1, the extra one reported
+    assert rep["counts"]["frames"] == 24 and rep["counts"]["video frames"] == 24
+    assert rep["counts"]["camera entries"] == 25  # numFrames + 1, the extra one reported
     assert rep["counts"]["megadepth done"] == 5
     png = (root / "data" / "0001" / "overview.png").read_bytes()
     assert png[:4] == b"\x89PNG"
@@ -43,7 +43,7 @@ def test_reference_poses_match_ground_truth(aerial_run):
     cfg, root, result = aerial_run
     gt = pycolmap.Reconstruction(str(root / "ground_truth" / "0001" / "sparse"))
     ref = pycolmap.Reconstruction(str(root / "data" / "0001" / "sfm_output_localization" / "reference_empty"))
-    assert ref.num_images() == 16
+    assert ref.num_images() == 24
     for image in ref.images.values():
         g = gt.find_image_with_name(image.name)
         assert g is not None, image.name
@@ -81,7 +81,7 @@ def test_rerun_skips_done_work(aerial_run):
     counts = again["scenes"]["0001"]["counts"]
     assert counts.get("megadepth skipped") == 5 and "megadepth done" not in counts
     meta = json.loads((root / "data" / "0001" / "0001.json").read_text())
-    assert len(meta["frames"]) == 16
+    assert len(meta["frames"]) == 24
     assert again["scenes"]["0001"]["counts"]["photos registered"] == counts["photos registered"]
 
 
@@ -97,8 +97,8 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
     assert (product / "sparse-txt" / "cameras.txt").exists()
     n_reg = rep["counts"]["photos registered"]
     assert n_reg >= 3
-    assert len(list((product / "images").iterdir())) == 16 + n_reg
-    assert rep["counts"]["depth maps"] == 16 + n_reg == len(list((product / "depths").glob("*.h5")))
+    assert len(list((product / "images").iterdir())) == 24 + n_reg
+    assert rep["counts"]["depth maps"] == 24 + n_reg == len(list((product / "depths").glob("*.h5")))
     acc = rep["accuracy"]["poses"]
     assert acc["photos registered"] == n_reg and acc["median rotation error deg"] < 1.0
     assert json.loads((root / "data" / "0001" / "accuracy.json").read_text())["poses"]["photos registered"] == n_reg
@@ -120,7 +120,7 @@ def test_dense_tasks_land_on_the_gpu_worker(aerial_run, monkeypatch):
     """A cluster with one plain worker and one declaring GPU: the GPU backend is chosen and
     its task runs on the GPU worker. (The workers run in this process so that the GPU
     backend, which needs pycolmap built with CUDA, can be replaced by the CPU one here.)"""
-    from distributed import LocalCluster, Worker
+    from distributed import Scheduler, SpecCluster, Worker
 
     from flows.aerial import aerial_flow
     from tasks.aerial import pipeline as PL
@@ -135,15 +135,15 @@ def test_dense_tasks_land_on_the_gpu_worker(aerial_run, monkeypatch):
 
     monkeypatch.setattr(PL, "dense_depths_gpu", fake_gpu)
     cfg, root, result = aerial_run
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=":0") as cluster:
-        gpu = Worker(cluster.scheduler_address, nthreads=1, resources={"GPU": 1})
-        cluster.sync(gpu.start)
-        try:
-            runner = make_task_runner(DaskConfig(address=cluster.scheduler_address))
-            again = aerial_flow.with_options(task_runner=runner)(config=cfg)
-        finally:
-            cluster.sync(gpu.close)
+    host = {"host": "127.0.0.1"}
+    with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", **host}},
+                     workers={"cpu": {"cls": Worker, "options": {"nthreads": 2, **host}},
+                              "gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}, **host}}},
+                     ) as cluster:
+        gpu = cluster.workers["gpu"]
+        runner = make_task_runner(DaskConfig(address=cluster.scheduler_address))
+        again = aerial_flow.with_options(task_runner=runner)(config=cfg)
     assert again["dense backend"] == "gpu"
     assert calls == [gpu.address]
-    assert again["dense workers"]["0001"] == {gpu.address}
+    assert again["dense workers"]["0001"] == [gpu.address]
     assert any("declare GPU" in n for n in again["scenes"]["0001"]["notes"])

@@ -177,6 +177,40 @@ def test_rerun_skips_complete_stages(demo):
     assert not PL.reference(paths, cfg).skipped  # back to the demo's settings
 
 
+def test_resume_after_interruption(demo):
+    """A run killed during localization (its temporary folder left behind) and during the
+    dense stage (some depth maps missing, the product not exported) resumes: finished work
+    is kept, only the missing pieces are computed."""
+    from tasks.aerial import dense as D
+
+    paths, cfg, info = demo["paths"], demo["cfg"], demo["info"]
+    depth_dir = paths.dense / "depths"
+    done = sorted(depth_dir.glob("*.h5"))
+    lost = done[:2]
+    kept = {p: p.stat().st_mtime_ns for p in done[2:]}
+    for p in lost:
+        p.unlink()
+    partial = paths.localized.with_name(paths.localized.name + ".partial")
+    partial.mkdir()
+    (partial / "junk").write_text("half-written")
+    (paths.localized / ".complete").unlink()  # the stage had not finished
+    import shutil
+
+    shutil.rmtree(paths.product)
+    loc = PL.localize(paths, cfg, info)
+    assert not loc.skipped and loc.counts["photos registered"] == 16
+    assert not partial.exists()
+    names = [p.name for p in lost]
+    todo = [n for n in PL.registered_names(paths) if D.depth_path(depth_dir, n).name in names]
+    res = PL.dense_depths_cpu(paths, cfg, todo + [n for n in PL.registered_names(paths)
+                                                  if D.depth_path(depth_dir, n) in kept][:3])
+    assert sorted(n for n, st in res["stats"].items() if not st.get("skipped")) == sorted(todo)
+    assert all(p.exists() for p in lost)
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
+    out = PL.export_product(paths)
+    assert out["product depths"] == len(done)
+
+
 def test_gt_depth_mapping_identity_and_crop():
     gt = np.arange(12 * 16, dtype=np.float32).reshape(12, 16) + 1
     k = np.array([[10.0, 0, 8], [0, 10.0, 6], [0, 0, 1]])
@@ -184,8 +218,9 @@ def test_gt_depth_mapping_identity_and_crop():
     # a centred crop of 8x6 starting at (4, 3)
     k_crop = np.array([[10.0, 0, 4], [0, 10.0, 3], [0, 0, 1]])
     assert np.array_equal(gt_depth_on_grid(gt, k, k_crop, (6, 8)), gt[3:9, 4:12])
-    m = depth_metrics(np.array([1.0, 2.0, 0.0, 4.0]), np.array([1.0, 2.5, 3.0, 0.0]))
-    assert m["pixels"] == 2 and abs(m["absrel"] - 0.1) < 1e-9 and m["within_1.25"] == 1.0
+    m = depth_metrics(np.array([1.0, 2.0, 0.0, 4.0]), np.array([1.0, 2.2, 3.0, 0.0]))
+    assert m["pixels"] == 2 and abs(m["absrel"] - 0.1 / 2.2) < 1e-9 and m["within_1.25"] == 1.0
+    assert depth_metrics(np.array([2.0]), np.array([2.5]))["within_1.25"] == 0.0  # exactly 1.25x is out
     assert abs(m["coverage"] - 2 / 3) < 1e-9
 
 
@@ -234,3 +269,9 @@ def test_unknown_configuration_is_named():
         PL.get_config(bogus=1)
     assert PL.get_config(dense={"backend": "cpu"}).dense.backend == "cpu"
     assert os.path.basename(str(PL.get_config("superpoint+superglue").name)) == "superpoint+superglue"
+    # the sfm folder follows the features and matcher actually used
+    assert PL.get_config().tag == "sift+mnn"
+    assert PL.get_config("superpoint+superglue").tag == "superpoint+superglue"
+    assert PL.get_config(backend="hloc", features="disk", matcher="disk+lightglue").tag == "disk+lightglue"
+    paths = PL.scene_paths(Path("/r"), "0001", Path("/md"), PL.get_config("superpoint+superglue"))
+    assert paths.sfm == Path("/r/data/0001/sfm_output_localization/sfm_superpoint+superglue")

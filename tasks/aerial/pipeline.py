@@ -66,6 +66,16 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def tag(self) -> str:
+        """``<features>+<matcher>`` as actually used: names the ``sfm_<tag>/`` folder."""
+        if self.backend == "builtin":
+            return "sift+mnn"
+        feats = self.features.split("_")[0].split("-")[0]
+        m = self.matcher
+        matcher = "mnn" if m.startswith("NN") else m.split("+")[-1].split("-")[0].split("_")[0]
+        return f"{feats}+{matcher}"
+
 
 def _conf(**kw) -> PipelineConfig:
     return PipelineConfig(**kw)
@@ -188,7 +198,7 @@ class ScenePaths:
 
 def scene_paths(root: Path, scene: str, megadepth_out: Path, config: PipelineConfig) -> ScenePaths:
     feats = F.FEATURE_CONFS[config.features]["output"] if config.backend == "builtin" else config.features
-    return ScenePaths(Path(root), scene, Path(megadepth_out), config.name, features_out=feats,
+    return ScenePaths(Path(root), scene, Path(megadepth_out), config.tag, features_out=feats,
                       retrieval_out=f"global-feats-{config.retrieval}")
 
 

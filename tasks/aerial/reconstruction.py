@@ -274,6 +274,9 @@ def _pipeline_options(config: SfMConfig) -> pycolmap.IncrementalPipelineOptions:
     opts.mapper.filter_min_tri_angle = config.min_tri_angle
     opts.triangulation.min_angle = config.min_tri_angle
     opts.extract_colors = True
+    # every image of the database, also those without verified pairs: the models we
+    # resume from hold them, and the mapper's cache must know every image they hold
+    opts.load_all_images = True
     return opts
 
 

@@ -28,13 +28,14 @@ class RunReport:
     notes: list[str] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    extra: dict[str, Any] = field(default_factory=dict)  # further JSON sections (e.g. accuracy)
 
     def problem(self, item: str, stage: str, reason: str) -> None:
         self.problems.append({"item": item, "stage": stage, "reason": reason})
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.title, "counts": self.counts, "problems": self.problems,
-                "notes": self.notes, "outputs": self.outputs, "timings": self.timings}
+                "notes": self.notes, "outputs": self.outputs, "timings": self.timings, **self.extra}
 
     def table_rows(self) -> list[dict[str, Any]]:
         return [{"what": k, "count": v} for k, v in self.counts.items()]
