@@ -16,6 +16,7 @@ from prefect.deployments.runner import RunnerDeployment
 
 
 def build_deployments() -> list[RunnerDeployment]:
+    from flows.aerial import AerialConfig, aerial_flow
     from flows.multimodal import multimodal_flow
     from tasks.multimodal.config import get_config
 
@@ -40,6 +41,22 @@ def build_deployments() -> list[RunnerDeployment]:
             description="MMEarth64 variant (64 px) of the embedded default; on demand.",
             parameters={"config": get_config("mmearth64").model_dump(mode="json")},
             tags=["multimodal", "embedded"],
+        ),
+        aerial_flow.to_deployment(
+            name="aerial-demo",
+            description="The embedded synthetic aerial-ground scene end to end, with its accuracy "
+                        "against ground truth; weekly, to catch regressions.",
+            parameters={"config": AerialConfig().model_dump(mode="json")},
+            cron="0 4 * * 1",
+            tags=["aerial", "embedded"],
+        ),
+        aerial_flow.to_deployment(
+            name="aerial-scenes",
+            description="Real scenes: set root (Earth Studio exports in ROOT/downloaded_data), megadepth, "
+                        "scene_list and scenes in a custom run. Dense depth runs on GPU workers when the "
+                        "cluster has them.",
+            parameters={"config": AerialConfig(synthetic=False).model_dump(mode="json")},
+            tags=["aerial"],
         ),
     ]
 

@@ -50,6 +50,10 @@ def test_deployments_are_built_with_valid_parameters():
     deps = {d.name: d for d in build_deployments()}
     assert {"embedded-default", "earthengine", "mmearth64-embedded"} <= set(deps)
     assert deps["embedded-default"].schedules and deps["embedded-default"].schedules[0].schedule.cron == "0 3 * * 1"
-    for d in deps.values():
-        MultimodalConfig(**d.parameters["config"])  # the stored parameters validate
+    from flows.aerial import AerialConfig
+
+    assert {"aerial-demo", "aerial-scenes"} <= set(deps)
+    for d in deps.values():  # the stored parameters validate
+        (AerialConfig if d.flow_name == "aerial" else MultimodalConfig)(**d.parameters["config"])
+    assert deps["aerial-scenes"].parameters["config"]["synthetic"] is False
     assert deps["earthengine"].parameters["config"]["source_options"] == {"credentials_block": "ee"}
