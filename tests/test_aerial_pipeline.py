@@ -361,3 +361,21 @@ def test_hloc_backend_calls_hloc_api_and_consumes_its_files(small, monkeypatch, 
     assert paths.sfm.name == "sfm_superpoint+superglue" and paths.localized.is_dir()
     assert ref.counts["reference points"] > 50
     assert loc.counts["photos registered"] >= 2
+
+
+def test_scene_without_photos_still_gives_the_aerial_product(small, tmp_path):
+    """No MegaDepth photos for a scene: the reference frames alone go through every stage."""
+    import shutil
+
+    root = tmp_path / "noground"
+    shutil.copytree(small.root / "data", root / "data", ignore=shutil.ignore_patterns("sfm_output_localization"))
+    shutil.copytree(small.root / "downloaded_data", root / "downloaded_data")
+    ingest_scene(root, small.scene, force=True)
+    cfg = PL.get_config()
+    paths = PL.scene_paths(root, small.scene, root / "megadepth_processed", cfg)
+    out = _run(paths, cfg, dense_names=lambda names: names[-2:])
+    assert out["info"]["queries"] == {}
+    assert out["localization"].counts["photos attempted"] == 0
+    model = pycolmap.Reconstruction(str(paths.product / "sparse-txt"))
+    assert model.num_reg_images() == 24
+    assert out["export"]["product depths"] == 2
