@@ -26,13 +26,17 @@ def _prepare(root: Path, **world) -> PL.ScenePaths:
     return PL.scene_paths(root, info.scene, root / "megadepth_processed", PL.get_config())
 
 
-def _run(paths: PL.ScenePaths, cfg: PL.PipelineConfig, dense_names=None) -> dict:
+def _sfm(paths: PL.ScenePaths, cfg: PL.PipelineConfig):
+    """collect -> features -> pairs -> matches -> reference -> localization."""
     info = PL.collect_images(paths)
     PL.extract(paths, cfg, info["reference"] + sorted(info["queries"]))
     PL.make_pairs(paths, cfg, info)
     PL.match(paths, cfg)
-    ref = PL.reference(paths, cfg)
-    loc = PL.localize(paths, cfg, info)
+    return info, PL.reference(paths, cfg), PL.localize(paths, cfg, info)
+
+
+def _run(paths: PL.ScenePaths, cfg: PL.PipelineConfig, dense_names=None) -> dict:
+    info, ref, loc = _sfm(paths, cfg)
     names = PL.prepare_dense(paths, cfg)
     dense = PL.dense_depths_cpu(paths, cfg, dense_names(names) if dense_names else names)
     PL.fuse_cpu(paths, cfg)
@@ -351,12 +355,7 @@ def test_hloc_backend_calls_hloc_api_and_consumes_its_files(small, monkeypatch, 
     assert PL.hloc_available()
     cfg = PL.get_config("superpoint+superglue")
     paths = PL.scene_paths(root, small.scene, root / "megadepth_processed", cfg)
-    info = PL.collect_images(paths)
-    PL.extract(paths, cfg, info["reference"] + sorted(info["queries"]))
-    PL.make_pairs(paths, cfg, info)
-    PL.match(paths, cfg)
-    ref = PL.reference(paths, cfg)
-    loc = PL.localize(paths, cfg, info)
+    _, ref, loc = _sfm(paths, cfg)
     assert [c[0] for c in calls] == ["extract", "extract", "match"]
     assert paths.sfm.name == "sfm_superpoint+superglue" and paths.localized.is_dir()
     assert ref.counts["reference points"] > 50

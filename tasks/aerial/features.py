@@ -305,6 +305,18 @@ def chunk_glob(path: Path) -> list[Path]:
     return sorted(path.parent.glob(f".{path.name}.chunk-*.h5"))
 
 
+def resume_chunks(path: Path, overwrite: bool) -> list[Path]:
+    """Start a resumable writer of ``path``: clear dead writers' temporaries, then the
+    chunk files a previous run left (to reuse; deleted instead when ``overwrite``)."""
+    clean_stale_tmp(path)
+    leftovers = chunk_glob(path)
+    if overwrite:
+        for p in leftovers:
+            p.unlink(missing_ok=True)
+        return []
+    return leftovers
+
+
 def chunk_path(path: Path, keys: Sequence[str]) -> Path:
     digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
     return path.with_name(f".{path.name}.chunk-{digest}.h5")
@@ -509,12 +521,8 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
     """
     feature_path = Path(feature_path)
     names = _unique(names)
-    clean_stale_tmp(feature_path)
-    leftovers = chunk_glob(feature_path)
+    leftovers = resume_chunks(feature_path, overwrite)
     if overwrite:
-        for p in leftovers:
-            p.unlink(missing_ok=True)
-        leftovers = []
         done: set[str] = set()
     else:
         done = set(h5_names(feature_path))

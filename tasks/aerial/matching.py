@@ -41,13 +41,12 @@ from tasks.aerial.features import (
     _fsync,
     _tmp_path,
     atomic_h5,
-    chunk_glob,
     chunk_path,
-    clean_stale_tmp,
     ensure_h5,
     h5_names,
     merge_h5,
     part_paths,
+    resume_chunks,
     split_even,
 )
 
@@ -292,12 +291,8 @@ def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], f
     name = conf.get("model", {}).get("name", "nearest_neighbor")
     if name != "nearest_neighbor":
         raise ValueError(f"Unsupported matcher {name!r} (only nearest_neighbor)")
-    clean_stale_tmp(match_path)
-    leftovers = chunk_glob(match_path)
+    leftovers = resume_chunks(match_path, overwrite)
     if overwrite:
-        for p in leftovers:
-            p.unlink(missing_ok=True)
-        leftovers = []
         todo = unique_new_pairs(pairs)
     else:
         todo = unique_new_pairs(pairs, match_path, [*leftovers, *skip_paths])

@@ -38,6 +38,10 @@ import h5py
 import numpy as np
 import pycolmap
 
+# hloc-layout files are written by features.py / matching.py and read with the same helpers
+from tasks.aerial.matching import names_to_pair, read_pairs  # noqa: F401
+from tasks.aerial.matching import read_matches as _read_matches
+
 log = logging.getLogger(__name__)
 
 
@@ -69,14 +73,6 @@ class StageResult:
 
 
 # ----------------------------------------------------------------------------- hloc files
-# (features.py / matching.py write them; read here with the same helpers)
-from tasks.aerial.features import read_keypoints as _read_kp  # noqa: E402
-from tasks.aerial.matching import names_to_pair, read_matches as _read_matches, read_pairs  # noqa: E402,F401
-
-
-def read_keypoints(feature_path: Path, name: str) -> np.ndarray:
-    """Keypoints (N, 2) in hloc's convention (origin at the centre of the top-left pixel)."""
-    return np.asarray(_read_kp(feature_path, name), dtype=np.float64).reshape(-1, 2)
 
 
 def read_matches(match_path: Path, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
@@ -159,16 +155,41 @@ def write_database_from_model(rec: pycolmap.Reconstruction, db_path: Path) -> di
 
 
 def import_keypoints(db: pycolmap.Database, name_to_id: dict[str, int], feature_path: Path,
-                     names: Iterable[str] | None = None) -> int:
-    n = 0
+                     names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Write the keypoints of ``names`` (default: all of ``name_to_id``) into ``db``;
+    returns them, in COLMAP's pixel convention."""
+    out: dict[str, np.ndarray] = {}
     with h5py.File(feature_path, "r") as f:
         for name in (names if names is not None else name_to_id):
             if name not in f:
                 raise KeyError(f"{feature_path}: no features for image {name}; rerun the feature stage")
-            kp = np.asarray(f[name]["keypoints"], dtype=np.float32) + 0.5  # hloc -> COLMAP origin
+            kp = np.asarray(f[name]["keypoints"], dtype=np.float32).reshape(-1, 2) + 0.5  # hloc -> COLMAP origin
             db.write_keypoints(name_to_id[name], kp)
-            n += 1
-    return n
+            out[name] = kp
+    return out
+
+
+def import_matches(db: pycolmap.Database, pairs: Iterable[tuple[str, str]], name_to_id: dict[str, int],
+                   match_path: Path, unknown: str | None = None) -> list[tuple[str, str, int, int, np.ndarray]]:
+    """Write the matches of every distinct pair into ``db``; returns ``(a, b, id_a, id_b,
+    matches)`` per pair written. A pair naming an image not in ``name_to_id`` raises with
+    ``unknown`` as the explanation, or is skipped when ``unknown`` is None."""
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for a, b in pairs:
+        if a not in name_to_id or b not in name_to_id:
+            if unknown is not None:
+                raise KeyError(f"pair {a} {b}: {unknown}")
+            continue
+        ia, ib = name_to_id[a], name_to_id[b]
+        key = (min(ia, ib), max(ia, ib))
+        if ia == ib or key in seen:
+            continue
+        seen.add(key)
+        m, _ = read_matches(match_path, a, b)
+        db.write_matches(ia, ib, m.astype(np.uint32))
+        out.append((a, b, ia, ib, m))
+    return out
 
 
 def _fundamental(rec: pycolmap.Reconstruction, im0: pycolmap.Image, im1: pycolmap.Image) -> np.ndarray:
@@ -214,25 +235,14 @@ def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: 
     db_path = tmp / "database.db"
     name_to_id = write_database_from_model(rec, db_path)
     pairs = read_pairs(pairs_path)
-    kps: dict[str, np.ndarray] = {}
     kept_pairs = 0
     kept_matches = 0
     db = pycolmap.Database.open(str(db_path))
     try:
-        import_keypoints(db, name_to_id, feature_path)
-        for name in name_to_id:
-            kps[name] = read_keypoints(feature_path, name) + 0.5
-        seen: set[tuple[int, int]] = set()
-        for a, b in pairs:
-            if a not in name_to_id or b not in name_to_id:
-                raise KeyError(f"{pairs_path}: pair {a} {b} names an image that is not in {reference_empty}")
-            ia, ib = name_to_id[a], name_to_id[b]
-            key = (min(ia, ib), max(ia, ib))
-            if ia == ib or key in seen:
-                continue
-            seen.add(key)
-            m, _ = read_matches(match_path, a, b)
-            db.write_matches(ia, ib, m.astype(np.uint32))
+        kps = import_keypoints(db, name_to_id, feature_path)
+        written = import_matches(db, pairs, name_to_id, match_path,
+                                 unknown=f"in {pairs_path}, names an image that is not in {reference_empty}")
+        for a, b, ia, ib, m in written:
             if len(m) == 0:
                 continue
             f_mat = _fundamental(rec, rec.images[ia], rec.images[ib])
@@ -257,7 +267,7 @@ def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: 
     _finish_dir(tmp, out_dir, fp)
     errors = [p.error for p in tri.points3D.values()]
     return StageResult(out_dir, {
-        "reference images": tri.num_reg_images(), "reference pairs": len(seen),
+        "reference images": tri.num_reg_images(), "reference pairs": len(written),
         "reference pairs verified": kept_pairs, "reference matches verified": kept_matches,
         "reference points": tri.num_points3D(),
         "reference reprojection error px": float(np.mean(errors)) if errors else float("nan"),
@@ -353,19 +363,8 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
                 q_names.append(q.name)
                 next_cam, next_id, next_rig, next_frame = next_cam + 1, next_id + 1, next_rig + 1, next_frame + 1
         import_keypoints(db, name_to_id, feature_path, q_names)
-        seen: set[tuple[int, int]] = set()
-        valid_pairs = []
-        for a, b in read_pairs(pairs_path):
-            if a not in name_to_id or b not in name_to_id:
-                continue  # an image without features: reported above
-            ia, ib = name_to_id[a], name_to_id[b]
-            key = (min(ia, ib), max(ia, ib))
-            if ia == ib or key in seen:
-                continue
-            seen.add(key)
-            m, _ = read_matches(match_path, a, b)
-            db.write_matches(ia, ib, m.astype(np.uint32))
-            valid_pairs.append((a, b))
+        # pairs with an image without features are skipped: reported above
+        valid_pairs = [(a, b) for a, b, *_ in import_matches(db, read_pairs(pairs_path), name_to_id, match_path)]
     finally:
         db.close()
     if not q_names:  # nothing to register: the merged model is the reference
@@ -434,5 +433,5 @@ def _check_reference_fixed(ref: pycolmap.Reconstruction, rec: pycolmap.Reconstru
 
 
 __all__ = ["SfMConfig", "StageResult", "Query", "triangulate_reference", "localize_queries", "model_complete",
-           "read_pairs", "read_matches", "read_keypoints", "names_to_pair", "write_database_from_model",
+           "read_pairs", "read_matches", "names_to_pair", "import_keypoints", "import_matches", "write_database_from_model",
            "query_camera", "epipolar_errors"]
