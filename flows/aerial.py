@@ -173,10 +173,29 @@ def dense_prepare_task(paths, cfg):
 
 @task(name="dense-cpu", cache_policy=NO_CACHE, tags=["aerial", "dense", "cpu"], retries=1)
 def dense_cpu_task(paths, cfg, names: list[str]):
+    """SGBM backend (depth h5 directly)."""
     from tasks.aerial import pipeline as PL
 
     _match_worker_threads()
     return {**PL.dense_depths_cpu(paths, cfg, names), "worker": _worker_address()}
+
+
+@task(name="dense-patchmatch", cache_policy=NO_CACHE, tags=["aerial", "dense", "cpu"], retries=1)
+def dense_patch_match_task(paths, cfg, names: list[str], phase: str):
+    from tasks.aerial import pipeline as PL
+
+    _match_worker_threads()
+    return {**PL.dense_patch_match(paths, cfg, names, phase), "worker": _worker_address()}
+
+
+@task(name="dense-finish", cache_policy=NO_CACHE, tags=["aerial", "dense"], retries=1)
+def dense_finish_task(paths, cfg, names: list[str]):
+    """Fusion (pycolmap.stereo_fusion) and export of the CPU PatchMatch maps to depths/<stem>.h5."""
+    from tasks.aerial import pipeline as PL
+
+    out = PL.dense_finish(paths, cfg, names)
+    get_run_logger().info("scene %s fusion: %s", paths.scene, out.get("fusion"))
+    return {**out, "finish": True}
 
 
 @task(name="dense-gpu", cache_policy=NO_CACHE, tags=["aerial", "dense", "gpu"], retries=1)
@@ -245,8 +264,8 @@ def gpu_workers() -> list[str]:
 def resolve_dense_backend(requested: str, gpus: list[str]) -> tuple[str, str]:
     """(backend, why). A GPU task is only ever submitted when a worker offers ``GPU``,
     so it can never wait for a worker that does not exist."""
-    if requested == "cpu":
-        return "cpu", "CPU backend requested"
+    if requested in ("cpu", "sgbm"):
+        return "cpu", f"CPU backend requested ({'PatchMatch' if requested == 'cpu' else 'SGBM'})"
     if gpus:
         return "gpu", f"GPU backend: {len(gpus)} worker(s) declare GPU ({', '.join(gpus)})"
     why = "no Dask worker declares the resource GPU"
@@ -371,12 +390,20 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
             reports[s].notes.append(why)
             reports[s].counts["dense backend"] = backend
             names = dense_names[s]
+            batches = [names[i:i + config.dense_batch] for i in range(0, len(names), config.dense_batch)]
             if backend == "gpu":
                 with dask.annotate(resources={"GPU": 1}):
                     futs[dense_gpu_task.submit(paths[s], cfg, names)] = s
-            else:
-                for i in range(0, len(names), config.dense_batch):
-                    futs[dense_cpu_task.submit(paths[s], cfg, names[i:i + config.dense_batch])] = s
+            elif cfg.dense.backend == "sgbm":
+                for b in batches:
+                    futs[dense_cpu_task.submit(paths[s], cfg, b)] = s
+            else:  # PatchMatch: photometric maps of all, then the geometric pass, then fusion + export
+                phot = [dense_patch_match_task.submit(paths[s], cfg, b, "photometric") for b in batches]
+                geom = [dense_patch_match_task.submit(paths[s], cfg, b, "geometric", wait_for=phot)
+                        for b in batches] if cfg.dense.pm_geom_iterations > 0 else phot
+                for f in phot + (geom if geom is not phot else []):
+                    futs[f] = s
+                futs[dense_finish_task.submit(paths[s], cfg, names, wait_for=geom)] = s
         return _results(futs, reports, "dense")
     res = timed("dense", dense)
     workers_used: dict[str, set] = {}
@@ -385,10 +412,11 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
         failures = {k: v for r in ok for k, v in r.get("failures", {}).items()}
         for name, why_ in failures.items():
             reports[s].problem(name, "dense", why_)
-        reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in ok)
-        workers_used[s] = {r.get("worker") for r in ok}
+        done = [r for r in ok if r.get("finish")] or ok  # PatchMatch: the export's stats count
+        reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in done)
+        workers_used[s] = {r.get("worker") for r in ok} - {None}
     alive = [s for s in alive if not failed(s, res)]
-    if backend == "cpu":
+    if backend == "cpu" and cfg.dense.backend == "sgbm":
         res = timed("fusion", lambda: _results({fuse_task.submit(paths[s], cfg): s for s in alive}, reports, "fusion"))
     res = timed("export", lambda: _results({export_task.submit(paths[s]): s for s in alive}, reports, "export"))
     alive = [s for s in alive if not failed(s, res)]
@@ -612,7 +640,7 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     ap.add_argument("--scenes", nargs="*")
     ap.add_argument("--workers", type=int)
     ap.add_argument("--pipeline", default="sift+mnn", help="sift+mnn (default, CPU) or superpoint+superglue (hloc)")
-    ap.add_argument("--dense-backend", choices=["auto", "cpu", "gpu"], default="auto",
+    ap.add_argument("--dense-backend", choices=["auto", "cpu", "sgbm", "gpu"], default="auto",
                     help="auto: GPU PatchMatch when a Dask worker declares GPU, else CPU")
     ap.add_argument("--no-synthetic", action="store_true", help="never generate the synthetic world")
     a = ap.parse_args(argv)

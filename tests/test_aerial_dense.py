@@ -140,8 +140,14 @@ def test_colmap_bin_round_trip(tmp_path: Path) -> None:
     p3 = dense.write_colmap_array(tmp_path / "n.bin", n)
     raw3 = p3.read_bytes()
     assert raw3.startswith(b"6&4&3&")
-    np.testing.assert_array_equal(np.frombuffer(raw3[6:], "<f4"), np.moveaxis(n, 2, 0).ravel())
+    # pycolmap 4 (COLMAP's own writer) gives the same bytes: channels interleaved per pixel
+    pycolmap.NormalMap.from_array(n).write(str(tmp_path / "n_colmap.bin"))
+    assert (tmp_path / "n_colmap.bin").read_bytes() == raw3
+    np.testing.assert_array_equal(np.frombuffer(raw3[6:], "<f4"), n.ravel())
     np.testing.assert_array_equal(dense.read_colmap_array(p3), n)
+    back = pycolmap.NormalMap()
+    back.read(str(p3))
+    np.testing.assert_array_equal(back.to_array(), n)
     (tmp_path / "bad.bin").write_bytes(b"7&5&1&" + b"\0" * 12)
     with pytest.raises(ValueError, match="truncated"):
         dense.read_colmap_array(tmp_path / "bad.bin")
