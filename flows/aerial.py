@@ -518,7 +518,7 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     staged = run_scene_stages(config, p, list(ingested), reports)
 
     # 4. report per scene: counts, accuracy and a picture
-    from tasks.aerial.evaluate import summary_rows
+    from tasks.aerial.evaluate import summary_rows, summary_table
 
     out: dict[str, Any] = {"root": str(p["root"]), "scenes": {}, "dense backend": staged["backend"],
                            "pipeline": staged["config"],
@@ -527,13 +527,13 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         acc = staged["accuracy"].get(s)
         table = None
         if acc:
-            table = [{"metric": m, "value": v, "goal": g} for m, v, g in summary_rows(acc)]
+            table = summary_table(acc)
             report.notes.append("accuracy against ground truth:\n" + "\n".join(
                 f"  {m}: {v} (goal {g})" for m, v, g in summary_rows(acc)))
             write_json_atomic(p["root"] / "data" / s / "accuracy.json", acc, indent=1)
             report.extra["accuracy"] = {"poses": {k: v for k, v in acc["poses"].items() if k != "per photo"},
                                         "depth": {k: v for k, v in acc["depth"].items() if k != "per image"}}
-        png = scene_picture(p, s, staged["paths"].get(s))
+        png = scene_picture(p, s, staged["paths"].get(s), acc)
         folder = p["root"] / "data" / s
         report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{s}.json"),
                                "reference model": str(folder / "sfm_output_localization" / "reference_empty"),
@@ -550,9 +550,17 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     return out
 
 
-def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
+def _misses(per: dict) -> list[str]:
+    from tasks.aerial.evaluate import DEPTH_GOALS, _depth_misses
+
+    return _depth_misses(per, DEPTH_GOALS["photos"]) if per.get("pixels") else ["no depth"]
+
+
+def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = None) -> bytes | None:
     """A ground photo, its depth map, and the registered photos' cameras over the reference
-    cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth."""
+    cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth. With
+    the accuracy (``acc``), the depth's title gives its coverage of the true surface next to its
+    accuracy and says which goals are missed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -589,7 +597,14 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
             d = np.where(depth > 0, depth, np.nan)
             lo, hi = np.nanpercentile(d, [2, 98]) if np.isfinite(d).any() else (0.0, 1.0)
             im = axes[1].imshow(d, cmap="turbo", vmin=lo, vmax=hi)
-            axes[1].set_title(f"its depth (m), {100 * best:.0f} % of pixels; white: unknown")
+            title = f"its depth (m), {100 * best:.0f} % of pixels; white: unknown"
+            per = ((acc or {}).get("depth") or {}).get("per image", {}).get(photo.name)
+            miss = _misses(per) if per else []
+            if per and per.get("pixels"):
+                title = (f"its depth (m): coverage {100 * per['coverage']:.0f} % of the true surface, AbsRel "
+                         f"{per['absrel']:.3f}, {100 * per['within_1.25']:.0f} % within 1.25x\n"
+                         + ("goals met" if not miss else "MISSED: " + "; ".join(miss)) + "; white: unknown")
+            axes[1].set_title(title, fontsize=9, color="firebrick" if miss else "black")
             fig.colorbar(im, ax=axes[1], shrink=0.8)
         else:
             photos = sorted((p["megadepth_out"] / scene).glob("*/*.jpg"))

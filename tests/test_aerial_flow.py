@@ -104,6 +104,14 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
     assert json.loads((root / "data" / "0001" / "accuracy.json").read_text())["poses"]["photos registered"] == n_reg
     for stage in ("features", "matches", "reference", "localization", "dense", "export"):
         assert stage in rep["timings"]
+    # dense depth (CPU PatchMatch, fused and exported) against the ground truth
+    depth = rep["accuracy"]["depth"]
+    print("FLOWDEPTH", depth)
+    assert depth["aerial"]["images"] == 24 and depth["photos"]["images"] == n_reg
+    assert depth["aerial"]["coverage"] > 0.1 and depth["photos"]["coverage"] > 0.1
+    assert depth["aerial"]["absrel"] < 0.05 and depth["photos"]["absrel"] < 0.1
+    assert depth["all"]["within_1.25"] > 0.9
+    assert (product.parent / "dense" / "fused.ply").stat().st_size > 1000
 
 
 def test_resolve_dense_backend_never_waits_for_a_missing_gpu():

@@ -34,12 +34,12 @@ class DenseConfig:
     pm_perturbation: float = 0.2  # relative depth / normal perturbation of the first refinement
     pm_far_pad: float = 1.5  # depth range: farthest sparse depth times this
     pm_min_std: float = 0.01  # reference window grey std below which a pixel gets no depth
-    pm_min_ncc: float = 0.5  # filter: NCC a consistent source needs
+    pm_min_ncc: float = 0.3  # filter: NCC a consistent source needs
     pm_min_consistent: int = 2  # filter: consistent sources a pixel needs
     pm_min_triangulation_angle: float = 1.0  # filter: degrees
     pm_geom_weight: float = 0.3  # geometric pass: weight of the reprojection error (pixels) in the cost
     pm_geom_max_cost: float = 3.0  # ... capped at this many pixels
-    pm_geom_max_error: float = 1.0  # filter: forward-backward error a consistent source may have (pixels)
+    pm_geom_max_error: float = 2.0  # filter: forward-backward error a consistent source may have (pixels)
     pm_seed: int = 0
     pm_threads: int = 0  # numba threads per task (0: numba's default, all cores)
     # --- SGBM CPU backend (tasks/aerial/dense/sgbm.py)
