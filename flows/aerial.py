@@ -227,16 +227,20 @@ def evaluate_task(paths, queries: list[str]):
 
 
 def _match_worker_threads() -> None:
-    """OpenCV's thread pool as wide as this Dask worker's thread count: with one worker
-    process per core, one OpenCV thread each, so concurrent tasks do not oversubscribe
-    the cores."""
+    """OpenCV's and numba's thread pools as wide as this Dask worker's thread count: with one
+    worker process per core, one thread each, so concurrent tasks do not oversubscribe the
+    cores."""
     try:
         import cv2
         from distributed import get_worker
 
-        cv2.setNumThreads(max(1, int(get_worker().state.nthreads)))
-    except Exception:  # noqa: BLE001 - not on a Dask worker: leave OpenCV's default
-        pass
+        n = max(1, int(get_worker().state.nthreads))
+    except Exception:  # noqa: BLE001 - not on a Dask worker: leave the defaults
+        return
+    cv2.setNumThreads(n)
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def _worker_address() -> str | None:

@@ -279,7 +279,7 @@ def test_run_dense_resume_and_failures(world: WorldInfo, workspace: Path, tmp_pa
 
 
 def test_dense_gpu_needs_cuda(workspace: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(dense.pycolmap, "has_cuda", False)  # also on a CUDA build: the check itself
+    monkeypatch.setattr(pycolmap, "has_cuda", False)  # also on a CUDA build: the check itself
     with pytest.raises(RuntimeError, match="pycolmap is built without CUDA: install pycolmap-cuda12 on GPU workers"):
         dense.dense_gpu(workspace, dense.DenseConfig(backend="gpu"), tmp_path / "depths")
 
