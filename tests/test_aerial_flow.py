@@ -106,7 +106,6 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
         assert stage in rep["timings"]
     # dense depth (CPU PatchMatch, fused and exported) against the ground truth
     depth = rep["accuracy"]["depth"]
-    print("FLOWDEPTH", depth)
     assert depth["aerial"]["images"] == 24 and depth["photos"]["images"] == n_reg
     assert depth["aerial"]["coverage"] > 0.1 and depth["photos"]["coverage"] > 0.1
     assert depth["aerial"]["absrel"] < 0.05 and depth["photos"]["absrel"] < 0.1

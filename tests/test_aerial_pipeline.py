@@ -80,16 +80,17 @@ def test_demo_registration_accuracy(demo):
 
 def test_demo_depth_accuracy(demo):
     depth = demo["accuracy"]["depth"]
-    print("DEPTH", {g: {k: v for k, v in depth[g].items()} for g in ("aerial", "photos", "all")})
-    print("PER", {n: (round(m["coverage"], 3), round(m["absrel"], 4)) for n, m in depth["per image"].items()})
     aerial, photos = depth["aerial"], depth["photos"]
     assert aerial["images"] >= 16 and photos["images"] == 16
-    assert aerial["absrel"] < 0.05 and aerial["within_1.25"] >= 0.9
-    assert aerial["coverage"] > 0.1
-    assert photos["within_1.25"] >= 0.9
-    assert photos["absrel"] < 0.1
-    assert photos["coverage"] > 0.03
-    assert depth["all"]["absrel"] < 0.05
+    # CPU PatchMatch (docs/benchmarks.md, issue 14 section), measured per image on this world with
+    # ground-truth poses: photos coverage 0.50, AbsRel 0.026, 97.9 % within 1.25x; aerial frames
+    # coverage 0.32, AbsRel 0.008, 98.7 %. Margins: AbsRel about 2x, coverage about half (frames at
+    # the ends of the 16 lose sources; estimated poses), outside 1.25x about 2x.
+    assert aerial["absrel"] < 0.02 and aerial["within_1.25"] >= 0.96
+    assert aerial["coverage"] > 0.15
+    assert photos["absrel"] < 0.05 and photos["within_1.25"] >= 0.95
+    assert photos["coverage"] > 0.25
+    assert depth["all"]["absrel"] < 0.04
 
 
 def test_reference_triangulation(demo):
