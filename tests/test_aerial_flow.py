@@ -19,7 +19,9 @@ def aerial_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("aerial")
     cfg = AerialConfig(root=str(root), world_options={"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
-                       image_batch=2, dense_batch=8)
+                       image_batch=2, dense_batch=8,
+                       # the CPU PatchMatch at 192 px (default 320) keeps this wiring test cheap
+                       pipeline_options={"dense": {"pm_max_image_size": 192}})
     result = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=2)))(config=cfg)
     return cfg, root, result
 
