@@ -5,12 +5,9 @@ exactly what the original pipeline ran; its maps then go through the shared fusi
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pycolmap
 
 from tasks.aerial.dense.config import CUDA_MESSAGE, DenseConfig, DenseError

@@ -18,11 +18,10 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pycolmap
 
 from tasks.aerial.dense.config import DenseConfig, DenseError
 from tasks.aerial.dense.io import depth_path, read_depth_h5, write_depth_h5, write_ply_points
-from tasks.aerial.dense.views import _Cam, _angle, _cam, _posed_ids, _prior_points, _project, select_sources
+from tasks.aerial.dense.views import _Cam, _angle, _cam, _posed_ids, _prior_points, select_sources
 from tasks.aerial.dense.workspace import Workspace, open_workspace
 
 log = logging.getLogger(__name__)
