@@ -9,10 +9,11 @@ symmetric (a close-up photo can lie entirely inside a wide aerial view, and not 
 reverse); ``-1`` marks pairs that were not computed because an image has no depth.
 
 Where depth maps have holes, that fraction is at most ``j``'s coverage. Alongside it,
-``known[i, j]`` leaves out of the count the pixels of ``i`` that land inside ``j`` on a
-hole of ``j`` (visibility unknown): an estimate of the covisibility the full surfaces
+``known[i, j]`` = (fraction of ``i``'s pixels landing inside ``j``) x (fraction of those
+landing on a known depth of ``j`` that agree): the pixels landing on a hole of ``j``
+(visibility unknown) are left out, an estimate of the covisibility the full surfaces
 would give when holes are spread evenly. Both come from the same counts (per pair and
-direction: pixels of ``i`` with depth, agreeing, landing on a hole).
+direction: pixels of ``i`` with depth, agreeing, landing on a hole, landing inside).
 
 Cost grows with the number of *candidate* pairs, not with images squared:
 
@@ -129,7 +130,7 @@ def backproject(depth: np.ndarray, K: np.ndarray, w2c: np.ndarray, stride: int =
 @numba.njit(cache=True, nogil=True)
 def _count_agreeing(depth_i, K_i, depth_j, K_j, R, t, stride, tol):  # pragma: no cover - numba
     """(pixels of i with depth, pixels agreeing in j, pixels landing inside j where j has
-    no depth) for the relative pose (R, t) from camera i to camera j."""
+    no depth, pixels landing inside j) for the relative pose (R, t) from camera i to j."""
     h_i, w_i = depth_i.shape
     h_j, w_j = depth_j.shape
     fx, fy, cx, cy = K_i[0, 0], K_i[1, 1], K_i[0, 2], K_i[1, 2]
@@ -137,6 +138,7 @@ def _count_agreeing(depth_i, K_i, depth_j, K_j, R, t, stride, tol):  # pragma: n
     n_valid = 0
     n_ok = 0
     n_hole = 0
+    n_in = 0
     for r in range(0, h_i, stride):
         for c in range(0, w_i, stride):
             z = depth_i[r, c]
@@ -154,12 +156,13 @@ def _count_agreeing(depth_i, K_i, depth_j, K_j, R, t, stride, tol):  # pragma: n
             v = gy * yj / zj + dy
             if u < 0 or v < 0 or u >= w_j or v >= h_j:
                 continue
+            n_in += 1
             dj = depth_j[int(v), int(u)]
             if dj <= 0:
                 n_hole += 1
             elif abs(zj - dj) <= tol * dj:
                 n_ok += 1
-    return n_valid, n_ok, n_hole
+    return n_valid, n_ok, n_hole, n_in
 
 
 def relative_pose(a: View, b: View) -> tuple[np.ndarray, np.ndarray]:
@@ -170,9 +173,9 @@ def relative_pose(a: View, b: View) -> tuple[np.ndarray, np.ndarray]:
 
 def pair_counts(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_tolerance: float = 0.1,
                 stride: int = 1) -> np.ndarray:
-    """Counts of a pair, int64 2x3: rows a->b and b->a; columns pixels with depth,
-    agreeing, landing on a hole."""
-    out = np.zeros((2, 3), np.int64)
+    """Counts of a pair, int64 2x4: rows a->b and b->a; columns pixels with depth,
+    agreeing, landing on a hole, landing inside."""
+    out = np.zeros((2, 4), np.int64)
     for k, (v1, d1, v2, d2) in enumerate(((a, da, b, db), (b, db, a, da))):
         R, t = relative_pose(v1, v2)
         out[k] = _count_agreeing(np.ascontiguousarray(d1, np.float32), np.ascontiguousarray(v1.K),
@@ -182,11 +185,11 @@ def pair_counts(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_tolerance:
 
 
 def fractions(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(covisibility, known) from counts (..., 3)."""
-    n, ok, hole = (np.asarray(counts, np.float64)[..., k] for k in range(3))
+    """(covisibility, known) from counts (..., 4)."""
+    n, ok, hole, inside = (np.asarray(counts, np.float64)[..., k] for k in range(4))
     with np.errstate(divide="ignore", invalid="ignore"):
         cov = np.where(n > 0, ok / n, 0.0)
-        known = np.where(n - hole > 0, ok / (n - hole), 0.0)
+        known = np.where((n > 0) & (inside - hole > 0), ok / (inside - hole) * inside / n, 0.0)
     return cov, known
 
 
@@ -305,7 +308,7 @@ def block_path(work: Path, index: int) -> Path:
 def compute_block(views: list[View], pairs: list[tuple[int, int]], config: CovisibilityConfig, out: Path,
                   key: str = "") -> Path:
     """Counts of ``pairs`` (both directions) into ``out`` (``pairs`` int32 Mx2, ``counts``
-    int64 Mx2x3, see :func:`pair_counts`; ``key``: the inputs' fingerprint). Skipped when
+    int64 Mx2x4, see :func:`pair_counts`; ``key``: the inputs' fingerprint). Skipped when
     ``out`` exists with the same key."""
     out = Path(out)
     if block_done(out, key, len(pairs)):
@@ -319,7 +322,7 @@ def compute_block(views: list[View], pairs: list[tuple[int, int]], config: Covis
             cache[k] = read_depth_h5(views[k].depth_file)
         return cache[k]
 
-    counts = np.zeros((len(pairs), 2, 3), np.int64)
+    counts = np.zeros((len(pairs), 2, 4), np.int64)
     for m, (i, j) in enumerate(pairs):
         counts[m] = pair_counts(views[i], depth(i), views[j], depth(j), config.rel_tolerance, config.stride)
     with atomic_path(out, suffix=".npz") as tmp:
