@@ -5,7 +5,8 @@ Stages: synthetic world (embedded default, only when no data is given)
 -> features (fanned out) -> pairs (poses, retrieval) -> matches (fanned out)
 -> reference triangulation -> localization of the photos -> dense depth
 (GPU PatchMatch on GPU-tagged workers, else the CPU backend, per image)
--> export of ``localized_dense_metric/`` -> accuracy (when ground truth exists)
+-> export of ``localized_dense_metric/`` -> training exports (covisibility blocks over
+the workers, scene info, pair lists, index) -> accuracy (when ground truth exists)
 -> a report per scene. Scenes run side by side; every stage is skipped on a
 rerun when its outputs are complete.
 

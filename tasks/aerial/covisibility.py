@@ -266,7 +266,7 @@ def candidate_pairs(views: list[View], config: CovisibilityConfig) -> tuple[list
             continue
         allpts, _ = backproject(d, v.K, v.w2c, stride=max(1, int(math.sqrt(d.size / 20000))))
         allpts = np.vstack([allpts, pts])
-        grow = tol * float(valid.max())
+        grow = 1.5 * tol * float(valid.max())  # 1.5: off-axis rays are longer than their z
         info[k] = (pts, (float(valid.min()), float(valid.max())), allpts.min(0) - grow, allpts.max(0) + grow)
     ids = sorted(info)
     lo = np.array([info[k][2] for k in ids]).reshape(-1, 3)
