@@ -420,9 +420,10 @@ def test_training_covisibility_against_ground_truth(demo, training):
     keep = gt[i, j] >= 0
     diff = np.abs(est[i, j] - gt[i, j])[keep]
     assert keep.sum() > 50
-    # measured on the demo: mean 0.0116 / p90 0.018 (small world); thresholds 2x measured
-    assert diff.mean() < 0.025, diff.mean()
-    assert np.percentile(diff, 90) < 0.05
+    # measured on the demo: mean 0.0077, p90 0.0199 (docs/benchmarks.md); thresholds 2x measured.
+    # A 1 degree rotation error in every product pose gives mean 0.07 / p90 0.20 (fails).
+    assert diff.mean() < 0.016, diff.mean()
+    assert np.percentile(diff, 90) < 0.04
     # pairs the product calls overlapping overlap in truth, and the reverse
     assert np.corrcoef(est[i, j][keep], gt[i, j][keep])[0, 1] > 0.9
 
