@@ -13,6 +13,7 @@ Two parts:
 
     nice -n 10 python bench/bench_exports.py --root output/aerial
     nice -n 10 python bench/bench_exports.py --synthetic 50,100,200,400
+    nice -n 10 python bench/bench_exports.py --root output/aerial --pose-error 0.5   # must fail the test's thresholds
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _warm() -> None:
                       np.zeros(3), 1, 0.1)
 
 
-def bench_product(root: Path, scene: str, export: Path | None) -> dict:
+def bench_product(root: Path, scene: str, export: Path | None, pose_error_deg: float = 0.0) -> dict:
     from tasks.aerial import pipeline as PL
 
     paths = PL.scene_paths(root, scene, root / "megadepth_processed", PL.get_config())
@@ -48,6 +49,15 @@ def bench_product(root: Path, scene: str, export: Path | None) -> dict:
     t0 = time.perf_counter()
     plan = C.plan(paths.product, T.covisibility_work(export, scene), cfg.covisibility)
     t_plan = time.perf_counter() - t0
+    if pose_error_deg:  # a deliberate regression: every product pose rotated about a random axis
+        from scipy.spatial.transform import Rotation
+
+        rng = np.random.default_rng(0)
+        for v in plan.views:
+            ax = rng.normal(size=3)
+            v.w2c[:3, :3] = Rotation.from_rotvec(np.radians(pose_error_deg) * ax / np.linalg.norm(ax)).as_matrix() \
+                @ v.w2c[:3, :3]
+        plan.key += f"-pose-error-{pose_error_deg}"
     t0 = time.perf_counter()
     for k in plan.missing_blocks():
         C.run_block(plan, k, cfg.covisibility)
@@ -127,9 +137,11 @@ def main(argv=None) -> int:
     ap.add_argument("--scene", default="0001")
     ap.add_argument("--export", type=Path, help="export root (default: a temporary folder)")
     ap.add_argument("--synthetic", help="comma-separated image counts")
+    ap.add_argument("--pose-error", type=float, default=0.0,
+                    help="degrees of rotation error added to every product pose (a deliberate regression)")
     a = ap.parse_args(argv)
     if a.root:
-        print(json.dumps(bench_product(a.root.resolve(), a.scene, a.export), indent=1))
+        print(json.dumps(bench_product(a.root.resolve(), a.scene, a.export, a.pose_error), indent=1))
     if a.synthetic:
         bench_synthetic([int(x) for x in a.synthetic.split(",")])
     return 0
