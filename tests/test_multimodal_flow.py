@@ -4,7 +4,6 @@ LocalCluster, then the output checked exactly against the contract."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -16,10 +15,9 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-import rasterio
 
 from tasks.common.runtime import DaskConfig, PROJECT_ROOT, make_task_runner
-from tasks.multimodal import convert, schema
+from tasks.multimodal import schema
 from tasks.multimodal.config import MultimodalConfig
 from tests.dataset_checks import check_dataset
 from tests.mmearth_reader import OUT_MODALITIES, Reader
