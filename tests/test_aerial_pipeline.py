@@ -73,7 +73,7 @@ REGISTRATION_LIMITS = {
     "median centre error m": (0.0754, 0.15),
     "max centre error m": (0.1926, 0.4),
     "median centre error / extent": (0.00049, 0.001),
-    "scale ratio median deviation": (0.00032, 0.001),
+    "scale ratio median deviation": (0.00032, 0.0008),
     "scale ratio max deviation": (0.0305, 0.06),
     "mean reprojection error px": (0.485, 0.75),
 }
