@@ -358,7 +358,8 @@ def sweep(color, it, depth, normal, cost, P, d_min, d_max, min_var, seed, pert):
 def consistency(depth, normal, P, min_ncc, geom_max_px, min_angle_cos, min_consistent, min_var):
     """COLMAP's PatchMatch filter: a pixel keeps its depth when at least ``min_consistent`` sources
     see it with NCC >= ``min_ncc``, a triangulation angle whose cosine is <= ``min_angle_cos`` and,
-    for sources with a depth map (geometric pass), a forward-backward error <= ``geom_max_px``.
+    in the geometric pass, a forward-backward error <= ``geom_max_px`` through the source's depth
+    map (a source without a map does not count).
     Returns the number of consistent sources per pixel (depths of the others are set to 0)."""
     (Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth,
      sdwh) = P
@@ -406,7 +407,9 @@ def consistency(depth, normal, P, min_ncc, geom_max_px, min_angle_cos, min_consi
                 cs = _ncc_cost(hm, u, v, srcs, s, swh[s, 0], swh[s, 1], wn, rcw, var[i, j], i, j, half, step)
                 if 1.0 - cs < min_ncc:
                     continue
-                if geom and sdwh[s, 0] > 0:
+                if geom:
+                    if sdwh[s, 0] == 0:  # no photometric map of this source: it cannot confirm the depth
+                        continue
                     if _geom_error(X0, X1, X2, u, v, s, R, t, Ks, Ksi, Kr, sdepth, sdwh[s, 0], sdwh[s, 1],
                                    gmax) > geom_max_px:
                         continue

@@ -18,7 +18,7 @@ Per reference image, at a working size of ``pm_max_image_size`` (long side):
 4. **Filter** (both passes, COLMAP's ``filter``): a pixel keeps its depth when at least
    ``pm_min_consistent`` sources see it with NCC >= ``pm_min_ncc``, a triangulation angle of at
    least ``pm_min_triangulation_angle`` and (geometric pass) a forward-backward error of at most
-   ``pm_geom_max_error`` pixels.
+   ``pm_geom_max_error`` pixels (a source without a photometric map does not count there).
 
 The maps are COLMAP's (``pycolmap.DepthMap`` / ``NormalMap`` read them), at the working size, so
 fusion (``pycolmap.stereo_fusion``) and the export to ``depths/<stem>.h5`` are the same code for
