@@ -22,7 +22,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -32,6 +32,11 @@ from pydantic import BaseModel, Field
 from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
 from tasks.common.runtime import DaskConfig, local_prefect_server, make_task_runner
+
+
+#: Named pipeline configurations (tasks.aerial.pipeline.CONFS) and dense backends, as form choices.
+PipelineName = Literal["sift+mnn", "superpoint+superglue"]
+DenseBackend = Literal["auto", "cpu", "gpu"]
 
 
 class AerialConfig(BaseModel):
@@ -47,13 +52,19 @@ class AerialConfig(BaseModel):
     world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings "
                                           "(seed, n_aerial, n_ground, size, ...)")
     image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
-    pipeline: str = Field("sift+mnn", description="named configuration of the SfM/dense stages "
-                                                  "(tasks.aerial.pipeline.CONFS)")
-    pipeline_options: dict[str, Any] = Field(default_factory=dict, description="overrides of that configuration, "
-                                             "e.g. {'dense': {'backend': 'cpu'}, 'retrieval_num': 30}")
+    pipeline: PipelineName = Field(
+        "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
+        "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
+        "SuperPoint, SuperGlue, NetVLAD through hloc, which must be installed with its weights)")
+    dense_backend: DenseBackend = Field(
+        "auto", description="depth maps: auto (GPU PatchMatch when a Dask worker declares the resource GPU, "
+        "else CPU), cpu (OpenCV semi-global matching) or gpu (PatchMatch; falls back to CPU, saying so, "
+        "when no worker has a GPU)")
+    pipeline_options: dict[str, Any] = Field(default_factory=dict, description="overrides of the pipeline's "
+                                             "settings, e.g. {\"retrieval_num\": 30, \"dense\": {\"num_sources\": 6}}")
     dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
     fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
-    n_workers: int | None = None
+    n_workers: int | None = Field(None, ge=1, description="local Dask worker processes (default: CPU count)")
 
     def paths(self) -> dict[str, Path]:
         root = Path(self.root).expanduser().resolve()
@@ -275,7 +286,9 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
     from tasks.aerial import pipeline as PL
 
     logger = get_run_logger()
-    cfg = PL.get_config(config.pipeline, **config.pipeline_options)
+    options = dict(config.pipeline_options)
+    options["dense"] = {"backend": config.dense_backend, **(options.get("dense") or {})}
+    cfg = PL.get_config(config.pipeline, **options)
     if cfg.backend == "hloc" and not PL.hloc_available():
         raise RuntimeError(f"pipeline {cfg.name!r} needs hloc (pip install from "
                            "https://github.com/cvg/Hierarchical-Localization); use 'sift+mnn' without it")
@@ -618,7 +631,7 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     a = ap.parse_args(argv)
     return AerialConfig(root=a.root, megadepth=a.megadepth, megadepth_out=a.megadepth_out, scene_list=a.scene_list,
                         scenes=a.scenes or None, synthetic=not a.no_synthetic, n_workers=a.workers,
-                        pipeline=a.pipeline, pipeline_options={"dense": {"backend": a.dense_backend}})
+                        pipeline=a.pipeline, dense_backend=a.dense_backend)
 
 
 def main(argv: list[str] | None = None) -> int:

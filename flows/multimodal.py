@@ -128,7 +128,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
         from tasks.multimodal.tiles_ee import sample_tiles_ee
 
         key_path = out / "work" / "ee_tiles_key.json"
-        key = {"n_tiles": config.n_tiles, "mode": config.sampling_mode, "tile_size_m": config.tile_size_m,
+        key = {"n_tiles": config.n_tiles, "mode": config.sampling_mode_index, "tile_size_m": config.tile_size_m,
                "seed": config.seed, "batch": config.batch, "eco_labels": config.eco_labels}
         previous = json.loads(key_path.read_text()) if key_path.exists() else None
         if tiles_path.exists() and previous and previous.get("key") == key:
@@ -137,14 +137,14 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
             logger.info("re-using the Earth Engine tile sample in %s", tiles_path)
         else:
             labels = tiles_mod.load_eco_index(config.eco_labels) if config.eco_labels else None
-            tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode, labels,
+            tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode_index, labels,
                                                config.tile_size_m, config.seed, config.batch)
             tiles_mod.write_tiles_geojson(tiles, tiles_path)
             write_json_atomic(key_path, {"key": key, "eco_index": eco_index})
         source.eco_index = eco_index
         regions = []
     else:
-        tiles = tiles_mod.sample_tiles(regions, eco_index, config.n_tiles, config.sampling_mode,
+        tiles = tiles_mod.sample_tiles(regions, eco_index, config.n_tiles, config.sampling_mode_index,
                                        tile_size_m=config.tile_size_m, seed=config.seed, batch=config.batch)
     tiles_mod.write_tiles_geojson(tiles, tiles_path)
     logger.info("%d tiles -> %s", len(tiles), tiles_path)

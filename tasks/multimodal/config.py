@@ -14,19 +14,27 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator
 
 from tasks.multimodal import schema
+from tasks.multimodal import tiles as tiles_mod
+
+#: The sampling modes by name (the form shows these) and MMEarth's number of each.
+SAMPLING_MODE_INDEX: dict[str, int] = {"biome-area": 0, "biome-equal": 1, "ecoregion-equal": 2}
+SamplingModeName = Literal["biome-area", "biome-equal", "ecoregion-equal"]
 
 
 class DaskSettings(BaseModel):
-    """Where tasks run (see tasks.common.runtime.DaskConfig)."""
+    """Where the tasks run: an existing scheduler (address), a cluster class, or a local cluster."""
 
-    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
-    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
-    cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
-    adapt_kwargs: dict[str, Any] | None = None
-    n_workers: int | None = Field(None, description="local workers (default: CPU count)")
-    threads_per_worker: int = 1
-    memory_limit: str | None = None
-    gpus_per_worker: int | None = Field(None, description="Dask GPU resource per worker (default: detect)")
+    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786 (wins over the rest)")
+    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster "
+                                                        "or dask_kubernetes.operator.KubeCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of that class, e.g. "
+                                           '{"cores": 8, "memory": "32GB", "queue": "cpu"} for SLURMCluster')
+    adapt_kwargs: dict[str, Any] | None = Field(None, description='adaptive scaling, e.g. {"minimum": 1, '
+                                                '"maximum": 40}; empty: a fixed size')
+    n_workers: int | None = Field(None, description="local cluster: worker processes (default: CPU count)")
+    threads_per_worker: int = Field(1, description="local cluster: threads per worker process")
+    memory_limit: str | None = Field(None, description="local cluster: memory per worker, e.g. 4GB (default: Dask's)")
+    gpus_per_worker: int | None = Field(None, description="local cluster: Dask GPU resource per worker (default: detect)")
 
     def to_runtime(self):
         from tasks.common.runtime import DaskConfig
@@ -45,13 +53,16 @@ class MultimodalConfig(BaseModel):
     tiles_geojson: str | None = Field(None, description="use this tiles GeoJSON instead of sampling")
     tile_sampler: Literal["local", "earthengine"] = Field(
         "local", description="local: points in the regions GeoJSON; earthengine: randomPoints in RESOLVE/ECOREGIONS/2017")
-    n_tiles: int = Field(256, ge=1)
-    sampling_mode: Literal[0, 1, 2] = Field(0, description="0: biome equal, ecoregion by area; 1: biome equal, ecoregion equal; 2: ecoregion equal")
-    tile_size_m: float = Field(1300.0, gt=0)
-    seed: int = 0
-    batch: int = 0
+    n_tiles: int = Field(256, ge=1, description="tiles to sample")
+    sampling_mode: SamplingModeName = Field(
+        "biome-area", description="how tiles are shared out (MMEarth's modes 0, 1, 2): "
+        + "; ".join(f"{name} ({i}): {tiles_mod.SAMPLING_MODES[i]}" for name, i in SAMPLING_MODE_INDEX.items()))
+    tile_size_m: float = Field(1300.0, gt=0, description="side of a square tile in metres (128 px at 10 m: 1280)")
+    seed: int = Field(0, description="random seed of the tile sampling")
+    batch: int = Field(0, ge=0, description="sampling batch: another seed stream for adding tiles to a dataset")
     # stacks
-    source: Literal["synthetic", "earthengine"] = "synthetic"
+    source: Literal["synthetic", "earthengine"] = Field(
+        "synthetic", description="where stacks come from: synthetic (embedded, offline) or earthengine (real data)")
     source_options: dict[str, Any] = Field(
         default_factory=dict,
         description="source settings; earthengine: project, credentials_block or secret_block, url, timeout_s "
@@ -70,11 +81,12 @@ class MultimodalConfig(BaseModel):
     image_size: int = Field(128, ge=8, description="128, or 64 for the MMEarth64 variant")
     part_size: int = Field(64, ge=1, description="tiles per packing partition")
     keep_parts: bool = Field(False, description="keep packed partitions after the h5 is written (uses as much disk again)")
-    compression_codec: Literal["isal", "zlib"] = "isal"
-    compression_level: int = Field(1, ge=0, le=9)
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 42
-    dask: DaskSettings = Field(default_factory=DaskSettings)
+    compression_codec: Literal["isal", "zlib"] = Field(
+        "isal", description="gzip encoder of the h5 rows: isal (same gzip streams, ~10x faster) or zlib")
+    compression_level: int = Field(1, ge=0, le=9, description="gzip level of the h5 rows")
+    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test fractions")
+    split_seed: int = Field(42, description="random seed of the splits")
+    dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
     dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
 
     def dask_settings(self) -> DaskSettings:
@@ -83,6 +95,24 @@ class MultimodalConfig(BaseModel):
 
             return DaskCluster.load(self.dask_block).to_settings()
         return self.dask
+
+    @field_validator("sampling_mode", mode="before")
+    @classmethod
+    def _mode_name(cls, v: Any) -> Any:
+        """MMEarth's numbers (0, 1, 2) are accepted and stored by name."""
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            names = {i: n for n, i in SAMPLING_MODE_INDEX.items()}
+            if v not in names:
+                raise ValueError(f"sampling_mode {v} must be one of {sorted(names)} or a name {list(SAMPLING_MODE_INDEX)}")
+            return names[v]
+        return v
+
+    @property
+    def sampling_mode_index(self) -> int:
+        """The sampling mode as MMEarth's number (0, 1, 2)."""
+        return SAMPLING_MODE_INDEX[self.sampling_mode]
 
     @field_validator("source_options")
     @classmethod
