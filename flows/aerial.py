@@ -27,11 +27,12 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
 from tasks.common.runtime import DaskConfig, local_prefect_server, make_task_runner
+from tasks.common.forms import grouped_titles
 
 
 #: Named pipeline configurations (tasks.aerial.pipeline.CONFS) and dense backends, as form choices.
@@ -42,6 +43,13 @@ DenseBackend = Literal["auto", "cpu", "gpu"]
 class AerialConfig(BaseModel):
     """Where the inputs are and where the outputs go (paths as the contract's layout)."""
 
+    model_config = ConfigDict(field_title_generator=grouped_titles({
+        "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
+        "Synthetic world": ["synthetic", "world_options"],
+        "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],
+        "Cluster": ["image_batch", "dense_batch", "fan_out", "n_workers", "dask", "dask_block"],
+    }))
+
     root: str = Field("output/aerial", description="Earth Studio root: downloaded_data/ in, data/<scene>/ out")
     megadepth: str | None = Field(None, description="raw MegaDepth root (default ROOT/megadepth)")
     megadepth_out: str | None = Field(None, description="processed MegaDepth (default ROOT/megadepth_processed)")
@@ -51,7 +59,6 @@ class AerialConfig(BaseModel):
     synthetic: bool = Field(True, description="generate the embedded synthetic world into ROOT if it has no data")
     world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings "
                                           "(seed, n_aerial, n_ground, size, ...)")
-    image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
     pipeline: PipelineName = Field(
         "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
         "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
@@ -62,6 +69,7 @@ class AerialConfig(BaseModel):
         "when no worker has a GPU)")
     pipeline_options: dict[str, Any] = Field(default_factory=dict, description="overrides of the pipeline's "
                                              "settings, e.g. {\"retrieval_num\": 30, \"dense\": {\"num_sources\": 6}}")
+    image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
     dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
     fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
     n_workers: int | None = Field(None, ge=1, description="local Dask worker processes (default: CPU count)")

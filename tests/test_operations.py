@@ -44,8 +44,9 @@ def smoke_multimodal(out: Path, name: str = "data_demo_api", n_tiles: int = 8) -
 
 
 def smoke_aerial(root: Path) -> dict:
+    # the smallest world that registers (as tests/test_aerial_flow.py); dense at 240 px
     return {"root": str(root), "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
-            "image_batch": 2, "dense_batch": 8}
+            "image_batch": 2, "dense_batch": 8, "pipeline_options": {"dense": {"cpu_max_image_size": 240}}}
 
 
 def wait_for_runs(ids, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> dict:
@@ -119,6 +120,7 @@ def test_blocks_registered_by_the_documented_command(prefect_server):
             assert schema is not None and schema.fields["properties"]
 
 
+@pytest.mark.timeout(1800)  # two flow runs in worker subprocesses; ~3 min on 2 idle cores
 def test_worker_runs_both_demos_triggered_through_the_api(prefect_server, worker, tmp_path):
     from prefect import get_client
     from prefect.deployments import run_deployment
@@ -133,7 +135,7 @@ def test_worker_runs_both_demos_triggered_through_the_api(prefect_server, worker
     mm = run_deployment("multimodal/embedded-default", timeout=0,
                         parameters={"config": smoke_multimodal(tmp_path / "mm")})
     ae = run_deployment("aerial/aerial-demo", timeout=0, parameters={"config": smoke_aerial(tmp_path / "aerial")})
-    runs = wait_for_runs([mm.id, ae.id], timeout=900, proc=proc, log=log)
+    runs = wait_for_runs([mm.id, ae.id], timeout=1700, proc=proc, log=log)
     for r in runs.values():
         assert r.state.type.value == "COMPLETED", f"{r.name}: {r.state.name} {r.state.message}\n{_tail(log)}"
         assert r.work_pool_name == POOL
@@ -150,6 +152,7 @@ def test_worker_runs_both_demos_triggered_through_the_api(prefect_server, worker
     assert {"aerial-0001", "aerial-0001-accuracy"} <= artifact_keys(ae.id)
 
 
+@pytest.mark.timeout(900)
 def test_interval_schedule_fires_without_anyone_triggering(prefect_server, worker, tmp_path):
     from prefect import get_client
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, \

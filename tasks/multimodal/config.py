@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from tasks.common.forms import grouped_titles
 from tasks.multimodal import schema
 from tasks.multimodal import tiles as tiles_mod
 
@@ -44,6 +45,17 @@ class DaskSettings(BaseModel):
 
 class MultimodalConfig(BaseModel):
     """Everything the MMEarth flow needs to build one dataset."""
+
+    model_config = ConfigDict(field_title_generator=grouped_titles({
+        "Dataset": ["name", "output_dir"],
+        "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
+                  "tile_size_m", "seed", "batch"],
+        "Stacks": ["source", "source_options", "request_ceiling", "request_limit_name", "fetch_batch_size",
+                   "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "stack_compress"],
+        "Packing": ["image_size", "part_size", "keep_parts", "compression_codec", "compression_level"],
+        "Splits": ["split_fractions", "split_seed"],
+        "Cluster": ["dask", "dask_block"],
+    }))
 
     name: str = Field("data_embedded_v001", description="dataset name; must start with data_")
     output_dir: str = Field("output", description="parent folder; the dataset goes to OUTPUT_DIR/NAME")
