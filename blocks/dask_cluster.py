@@ -23,18 +23,14 @@ class DaskCluster(Block):
     _block_type_name = "Dask Cluster"
     _description = "Dask cluster used by the dataset factory's flows (address, cluster class or local sizing)."
 
-    address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786 (wins over the rest)")
-    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster "
-                                                        "or dask_kubernetes.operator.KubeCluster")
-    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of that class, e.g. "
-                                           '{"queue": "cpu", "cores": 8, "memory": "32GB"} for SLURMCluster')
-    adapt_kwargs: dict[str, Any] | None = Field(None, description='adaptive scaling, e.g. {"minimum": 1, '
-                                                '"maximum": 40}; empty: a fixed size')
-    n_workers: int | None = Field(None, description="local cluster: worker processes (default: CPU count)")
-    threads_per_worker: int = Field(1, description="local cluster: threads per worker process")
-    memory_limit: str | None = Field(None, description="local cluster: memory per worker, e.g. 4GB")
-    gpus_per_worker: int | None = Field(None, description="local cluster: Dask GPU resource per worker "
-                                                          "(default: detect)")
+    address: str | None = Field(None, description="existing scheduler, e.g. tcp://host:8786")
+    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
+    adapt_kwargs: dict[str, Any] | None = None
+    n_workers: int | None = None
+    threads_per_worker: int = 1
+    memory_limit: str | None = None
+    gpus_per_worker: int | None = None
 
     def to_settings(self):
         from tasks.multimodal.config import DaskSettings

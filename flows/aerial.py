@@ -59,6 +59,7 @@ class AerialConfig(BaseModel):
     synthetic: bool = Field(True, description="generate the embedded synthetic world into ROOT if it has no data")
     world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings "
                                           "(seed, n_aerial, n_ground, size, ...)")
+    image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
     pipeline: PipelineName = Field(
         "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
         "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
@@ -69,10 +70,9 @@ class AerialConfig(BaseModel):
         "when no worker has a GPU)")
     pipeline_options: dict[str, Any] = Field(default_factory=dict, description="overrides of the pipeline's "
                                              "settings, e.g. {\"retrieval_num\": 30, \"dense\": {\"num_sources\": 6}}")
-    image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
     dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
     fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
-    n_workers: int | None = Field(None, ge=1, description="local Dask worker processes (default: CPU count)")
+    n_workers: int | None = Field(None, description="local Dask worker processes (default: CPU count)")
 
     def paths(self) -> dict[str, Path]:
         root = Path(self.root).expanduser().resolve()

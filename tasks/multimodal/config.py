@@ -23,19 +23,16 @@ SamplingModeName = Literal["biome-area", "biome-equal", "ecoregion-equal"]
 
 
 class DaskSettings(BaseModel):
-    """Where the tasks run: an existing scheduler (address), a cluster class, or a local cluster."""
+    """Where tasks run (see tasks.common.runtime.DaskConfig)."""
 
-    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786 (wins over the rest)")
-    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster "
-                                                        "or dask_kubernetes.operator.KubeCluster")
-    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of that class, e.g. "
-                                           '{"cores": 8, "memory": "32GB", "queue": "cpu"} for SLURMCluster')
-    adapt_kwargs: dict[str, Any] | None = Field(None, description='adaptive scaling, e.g. {"minimum": 1, '
-                                                '"maximum": 40}; empty: a fixed size')
-    n_workers: int | None = Field(None, description="local cluster: worker processes (default: CPU count)")
-    threads_per_worker: int = Field(1, description="local cluster: threads per worker process")
-    memory_limit: str | None = Field(None, description="local cluster: memory per worker, e.g. 4GB (default: Dask's)")
-    gpus_per_worker: int | None = Field(None, description="local cluster: Dask GPU resource per worker (default: detect)")
+    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of cluster_class")
+    adapt_kwargs: dict[str, Any] | None = Field(None, description="cluster.adapt() arguments, e.g. minimum, maximum")
+    n_workers: int | None = Field(None, description="local workers (default: CPU count)")
+    threads_per_worker: int = Field(1, description="threads per local worker")
+    memory_limit: str | None = Field(None, description="memory limit per local worker, e.g. 4GB")
+    gpus_per_worker: int | None = Field(None, description="Dask GPU resource per worker (default: detect)")
 
     def to_runtime(self):
         from tasks.common.runtime import DaskConfig
@@ -71,7 +68,7 @@ class MultimodalConfig(BaseModel):
         + "; ".join(f"{name} ({i}): {tiles_mod.SAMPLING_MODES[i]}" for name, i in SAMPLING_MODE_INDEX.items()))
     tile_size_m: float = Field(1300.0, gt=0, description="side of a square tile in metres (128 px at 10 m: 1280)")
     seed: int = Field(0, description="random seed of the tile sampling")
-    batch: int = Field(0, ge=0, description="sampling batch: another seed stream for adding tiles to a dataset")
+    batch: int = Field(0, description="sampling batch: another seed stream for adding tiles to a dataset")
     # stacks
     source: Literal["synthetic", "earthengine"] = Field(
         "synthetic", description="where stacks come from: synthetic (embedded, offline) or earthengine (real data)")
