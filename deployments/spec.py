@@ -91,5 +91,6 @@ def to_runner_deployment(spec: DeploymentSpec):
                                            limit.get("collision_strategy", "ENQUEUE")))
     return load_flow(spec.entrypoint).to_deployment(
         name=spec.name, description=spec.description, tags=spec.tags, parameters=spec.parameters,
-        schedules=[to_schedule(s) for s in spec.schedules], concurrency_limit=limit,
-        job_variables=(spec.work_pool or {}).get("job_variables"))
+        schedules=[to_schedule(s) for s in spec.schedules], concurrency_limit=limit)
+    # (no job variables: they configure a work pool's infrastructure; served runs are
+    # subprocesses of serve and inherit its environment)
