@@ -287,6 +287,16 @@ def _results(futs: dict, reports: dict, stage: str) -> dict:
     return out
 
 
+def pipeline_settings(config: "AerialConfig"):
+    """The named pipeline configuration with the run's overrides; ``dense_backend`` sets the
+    dense backend unless ``pipeline_options.dense.backend`` names one explicitly."""
+    from tasks.aerial import pipeline as PL
+
+    options = dict(config.pipeline_options)
+    options["dense"] = {"backend": config.dense_backend, **(options.get("dense") or {})}
+    return PL.get_config(config.pipeline, **options)
+
+
 def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports: dict) -> dict[str, Any]:
     """Features -> ... -> evaluation for every scene, scenes side by side."""
     import dask
@@ -294,9 +304,7 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
     from tasks.aerial import pipeline as PL
 
     logger = get_run_logger()
-    options = dict(config.pipeline_options)
-    options["dense"] = {"backend": config.dense_backend, **(options.get("dense") or {})}
-    cfg = PL.get_config(config.pipeline, **options)
+    cfg = pipeline_settings(config)
     if cfg.backend == "hloc" and not PL.hloc_available():
         raise RuntimeError(f"pipeline {cfg.name!r} needs hloc (pip install from "
                            "https://github.com/cvg/Hierarchical-Localization); use 'sift+mnn' without it")

@@ -246,3 +246,15 @@ def test_forms_have_named_choices_and_descriptions():
     ae = AerialConfig.model_json_schema()["properties"]
     assert ae["pipeline"]["enum"] == sorted(CONFS) == ["sift+mnn", "superpoint+superglue"]
     assert ae["dense_backend"]["enum"] == ["auto", "cpu", "gpu"]
+
+
+def test_dense_backend_choice_reaches_the_pipeline():
+    from flows.aerial import AerialConfig, parse_args, pipeline_settings
+
+    assert pipeline_settings(AerialConfig()).dense.backend == "auto"
+    assert pipeline_settings(parse_args(["--dense-backend", "cpu"])).dense.backend == "cpu"
+    cfg = pipeline_settings(AerialConfig(dense_backend="gpu", pipeline_options={"dense": {"num_sources": 6}}))
+    assert cfg.dense.backend == "gpu" and cfg.dense.num_sources == 6
+    assert pipeline_settings(AerialConfig(pipeline_options={"dense": {"backend": "cpu"}})).dense.backend == "cpu"
+    with pytest.raises(ValueError, match="dense_backend"):
+        AerialConfig(dense_backend="tpu")
