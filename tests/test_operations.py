@@ -143,13 +143,13 @@ def test_worker_runs_both_demos_triggered_through_the_api(prefect_server, worker
     out = tmp_path / "mm" / "data_demo_api"
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["rows in h5"] == 8 and (out / "data_demo_api.h5").stat().st_size > 0
-    assert "data-demo-api" in artifact_keys(mm.id)
+    assert {"data-demo-api-report", "data-demo-api-counts"} <= artifact_keys(mm.id)
     # the aerial demo's product and accuracy
     scene = tmp_path / "aerial" / "data" / "0001"
     assert (scene / "accuracy.json").exists() and (scene / "overview.png").exists()
     product = scene / "sfm_output_localization" / "sfm_sift+mnn" / "localized_dense_metric"
     assert any((product / "depths").glob("*.h5")) and (product / "sparse-txt" / "images.txt").exists()
-    assert {"aerial-0001", "aerial-0001-accuracy"} <= artifact_keys(ae.id)
+    assert {"aerial-0001-report", "aerial-0001-accuracy"} <= artifact_keys(ae.id)
 
 
 @pytest.mark.timeout(900)

@@ -127,7 +127,7 @@ def test_custom_run_from_the_ui_completes_with_artifacts(prefect_server, served_
             page.reload()
             expect(page.get_by_text("Completed").first).to_be_visible()
             page.get_by_role("tab", name="Artifacts").click()
-            expect(page.get_by_text("data-ui-demo").first).to_be_visible()
+            expect(page.get_by_text("data-ui-demo-report").first).to_be_visible()
             _shot(page, "run_artifacts")
         finally:
             browser.close()
