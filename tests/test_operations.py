@@ -258,3 +258,12 @@ def test_dense_backend_choice_reaches_the_pipeline():
     assert pipeline_settings(AerialConfig(pipeline_options={"dense": {"backend": "cpu"}})).dense.backend == "cpu"
     with pytest.raises(ValueError, match="dense_backend"):
         AerialConfig(dense_backend="tpu")
+
+
+def test_local_server_ui_points_at_its_own_api(prefect_server):
+    """The UI asks /ui-settings where the API is; on a free port (not 4200) it must say that port."""
+    import httpx
+
+    assert not prefect_server.url.startswith("http://127.0.0.1:4200/")
+    settings = httpx.get(f"{prefect_server.ui_url}/ui-settings", timeout=30).json()
+    assert settings["api_url"] == prefect_server.url
