@@ -27,7 +27,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 def _env(server) -> dict[str, str]:
     env = dict(os.environ)
     env.update(PREFECT_API_URL=server.url, PYTHONPATH=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="2",
-               PREFECT_WORKER_PREFETCH_SECONDS="5")
+               PREFECT_WORKER_PREFETCH_SECONDS="5", COLUMNS="200")  # the CLI's tables truncate names at 80
     return env
 
 
