@@ -33,6 +33,23 @@ def build_deployments(path: str | Path = PREFECT_FILE, names: list[str] | None =
     return [to_runner_deployment(s) for s in specs]
 
 
+def deployed_to_pools(deployments: list[RunnerDeployment]) -> list[str]:
+    """``flow/name (pool)`` of those ``deployments`` already on the server for a work pool."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    out = []
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            try:
+                existing = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                out.append(f"{d.flow_name}/{d.name} ({existing.work_pool_name})")
+    return out
+
+
 def _schedule_text(d: RunnerDeployment) -> str:
     out = []
     for s in d.schedules or []:
@@ -61,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
 
     with local_prefect_server() as server:
         register_blocks()
+        clashes = deployed_to_pools(deployments)
+        if clashes:
+            print("These deployments exist on this server for a work pool (`prefect deploy`); serving them "
+                  "under the same name would leave them broken for both: " + "; ".join(clashes)
+                  + ". Delete them first (prefect deployment delete NAME), or run them with a worker.",
+                  file=sys.stderr)
+            return 2
         print(f"Prefect UI: {server.ui_url}  (API {server.url})", flush=True)
         print("Serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
               + ". Stopping this process pauses these deployments.", flush=True)

@@ -52,6 +52,20 @@ def _shot(page, name: str) -> None:
         page.screenshot(path=str(SHOTS / f"{name}.png"))
 
 
+def _delete_worker_deployment(name: str) -> None:
+    """As an operator switching to serve does: serve refuses a name deployed to a work pool."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return
+        if dep.work_pool_name:
+            client.delete_deployment(dep.id)
+
+
 @pytest.fixture
 def served_demo(prefect_server, tmp_path):
     """The project's demo deployment, its output redirected to tmp, served by deployments.serve."""
@@ -63,6 +77,7 @@ def served_demo(prefect_server, tmp_path):
     path = tmp_path / "prefect.yaml"
     path.write_text(yaml.safe_dump({"deployments": [demo]}))
     log = tmp_path / "serve.log"
+    _delete_worker_deployment("multimodal/embedded-default")
     env = dict(os.environ, PREFECT_API_URL=prefect_server.url, PYTHONPATH=str(ROOT))
     with open(log, "wb") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--prefect-file", str(path)],
