@@ -103,6 +103,7 @@ def served_demo(prefect_server, tmp_path):
 def test_custom_run_from_the_ui_completes_with_artifacts(prefect_server, served_demo):
     from playwright.sync_api import expect, sync_playwright
     from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
 
     proc, log, out = served_demo
     with sync_playwright() as p:
@@ -124,22 +125,27 @@ def test_custom_run_from_the_ui_completes_with_artifacts(prefect_server, served_
             page.get_by_role("option", name="ecoregion-equal").click()
             expect(mode).to_have_text("ecoregion-equal")
             _shot(page, "custom_run_form")
+            with get_client(sync_client=True) as client:
+                dep = client.read_deployment_by_name("multimodal/embedded-default")
             page.get_by_role("button", name="Submit").click()
-            page.wait_for_url("**/flow-runs/flow-run/**")
-            run_id = page.url.split("/flow-runs/flow-run/")[1].split("?")[0].split("/")[0]
+            page.wait_for_url(f"**/deployments/deployment/{dep.id}**")  # back on the deployment's page
             deadline = time.monotonic() + 900
             while True:
                 with get_client(sync_client=True) as client:
-                    run = client.read_flow_run(run_id)
-                if run.state and run.state.is_final():
+                    runs = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(
+                        id=DeploymentFilterId(any_=[dep.id]))) if not r.auto_scheduled]
+                assert len(runs) <= 1, [r.name for r in runs]
+                run = runs[0] if runs else None
+                if run and run.state and run.state.is_final():
                     break
                 assert proc.poll() is None, f"serve exited:\n{log.read_text()[-4000:]}"
-                assert time.monotonic() < deadline, f"run {run_id} still {run.state.name}\n{log.read_text()[-4000:]}"
+                assert time.monotonic() < deadline, f"run still {run and run.state.name}\n{log.read_text()[-4000:]}"
                 time.sleep(3)
             assert run.state.is_completed(), f"{run.state.name}: {run.state.message}\n{log.read_text()[-4000:]}"
             assert run.parameters["config"]["n_tiles"] == 4
             assert run.parameters["config"]["sampling_mode"] == "ecoregion-equal"
-            page.reload()
+            page.reload()  # the deployment's page lists the run: open it
+            page.get_by_role("link", name=run.name).first.click()
             expect(page.get_by_text("Completed").first).to_be_visible()
             page.get_by_role("tab", name="Artifacts").click()
             expect(page.get_by_text("data-ui-demo-report").first).to_be_visible()
