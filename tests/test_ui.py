@@ -147,7 +147,7 @@ def test_custom_run_from_the_ui_completes_with_artifacts(prefect_server, served_
             page.reload()  # the deployment's page lists the run: open it
             page.get_by_role("link", name=run.name).first.click()
             expect(page.get_by_text("Completed").first).to_be_visible()
-            page.get_by_role("tab", name="Artifacts").click()
+            page.get_by_text("Artifacts", exact=True).first.click()  # the run page's tab
             expect(page.get_by_text("data-ui-demo-report").first).to_be_visible()
             _shot(page, "run_artifacts")
         finally:
