@@ -107,8 +107,11 @@ def place_from_dict(d: Any, where: str) -> Place:
     return Place(scene, values["latitude"], values["longitude"], values["ground_altitude"], values["radius"])
 
 
-def load_places(path: str | Path) -> list[Place]:
-    """Places from a JSON or YAML file: a list of places, or one place."""
+def load_places(path: str | Path, errors: list[tuple[str, str]] | None = None) -> list[Place]:
+    """Places from a JSON or YAML file: a list of places, or one place.
+
+    With ``errors`` given, a bad place is appended there as ``(scene or "place <i>", why)``
+    and the others are still returned; otherwise the first bad place raises :class:`PlanError`."""
     path = Path(path)
     if not path.is_file():
         raise PlanError(f"places file not found: {path}")
@@ -123,12 +126,21 @@ def load_places(path: str | Path) -> list[Place]:
     except Exception as exc:  # noqa: BLE001 - JSON or YAML syntax
         raise PlanError(f"{path}: cannot parse ({exc}); expected a JSON/YAML list of places") from None
     items = doc if isinstance(doc, list) else [doc]
-    places = [place_from_dict(d, f"{path}: place {i}") for i, d in enumerate(items)]
+    places: list[Place] = []
     seen: set[str] = set()
-    for p in places:
-        if p.scene in seen:
-            raise PlanError(f"{path}: scene {p.scene} is planned twice")
+    for i, d in enumerate(items):
+        try:
+            p = place_from_dict(d, f"{path}: place {i}")
+            if p.scene in seen:
+                raise PlanError(f"{path}: place {i}: scene {p.scene} is planned twice")
+        except PlanError as exc:
+            if errors is None:
+                raise
+            label = str(d.get("scene")) if isinstance(d, dict) and d.get("scene") is not None else f"place {i}"
+            errors.append((label, str(exc)))
+            continue
         seen.add(p.scene)
+        places.append(p)
     return places
 
 
