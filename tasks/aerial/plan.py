@@ -441,8 +441,7 @@ def compare_with_export(plan: Plan, track) -> dict[str, Any]:
         enu = geometry.geodetic_to_enu(f.latitude, f.longitude, f.altitude, lat0, lon0, alt0)
         dpos.append(float(np.linalg.norm(enu - c.position_enu)))
         r = geometry.cam2world_rotation(f.rotation_deg, lat0, lon0)
-        cosang = (np.trace(r.T @ c.cam2world_enu) - 1.0) / 2.0
-        drot.append(math.degrees(math.acos(max(-1.0, min(1.0, cosang)))))
+        drot.append(math.degrees(geometry.Rotation.from_matrix(r.T @ c.cam2world_enu).magnitude()))
         dfov.append(abs(f.fov_vertical - c.fov_vertical))
     return {"cameras compared": len(dpos), "planned cameras": len(plan.cameras),
             "max position difference m": max(dpos, default=float("nan")),
