@@ -449,10 +449,10 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     logger = get_run_logger()
     p = config.paths()
     plans = run_planning(config, p["root"]) if config.places else {}
+    plan_failed = {s: f"plan: {r['error']}" for s, r in plans.items() if "error" in r}
     if config.plan_only:
-        return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": sorted(s for s, r in plans.items()
-                                                                                      if "error" in r)}
-    if config.synthetic and not (p["root"] / "downloaded_data").is_dir():
+        return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": plan_failed}
+    if config.synthetic and not config.places and not (p["root"] / "downloaded_data").is_dir():
         world_task(str(p["root"]), config.world_options)
     exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
     scenes = [s for s in exports if not config.scenes or s in config.scenes]
@@ -460,6 +460,8 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     for s in waiting:
         logger.info("scene %s is planned but not rendered yet: import %s in Earth Studio, render, and put "
                     "%s.mp4 and %s.json in %s", s, plans[s]["esp"], s, s, p["root"] / "downloaded_data")
+    if not scenes and plans:  # planned, nothing rendered yet: the plans are the result
+        return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": plan_failed}
     if not scenes:
         raise FileNotFoundError(f"{p['root'] / 'downloaded_data'}: no Earth Studio export (<scene>.json + .mp4)")
     reports: dict[str, RunReport] = {s: RunReport(title=f"aerial scene {s}") for s in scenes}
@@ -548,7 +550,8 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
             for path in mark_stale(p["root"], s, why, ingest_failed=s not in ingested, current=current):
                 report.problem(path, "stale", "made by an earlier run and marked STALE: this run failed for the "
                                               "scene, so it does not reflect the current inputs")
-    out["failed"] = failed
+    out["failed"] = {**plan_failed, **failed}
+    out["plans"] = plans
     for s, report in reports.items():
         acc = staged["accuracy"].get(s)
         table = None
@@ -758,11 +761,11 @@ def main(argv: list[str] | None = None) -> int:
     for scene, r in sorted(result.get("plans", {}).items()):
         print(f"  plan {scene}: " + (f"NOT PLANNED: {r['error']}" if "error" in r else
                                      f"{r['cameras']} cameras, Earth Studio project {r['esp']}"))
-    if config.plan_only:
+    if not result["scenes"]:
         if result.get("plans"):
             print("Import each .esp in Earth Studio (File > Import > Earth Studio Project), check the first one by "
                   "eye, render the video and the 3D camera tracking JSON (Global), put <scene>.mp4 and <scene>.json "
-                  f"in {Path(result['root']) / 'downloaded_data'}, and run again without --plan-only.")
+                  f"in {Path(result['root']) / 'downloaded_data'}, and run the flow again (without --plan-only).")
         return 1 if result["failed"] else 0
     print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
     from tasks.aerial.evaluate import summary_rows
