@@ -359,3 +359,32 @@ def test_video_cut_before_its_index_is_a_clear_error(tmp_path):
     video.write_bytes(video.read_bytes()[:-200])
     with pytest.raises(EarthStudioError, match=r"0001\.mp4: cannot open the video"):
         ingest_scene(tmp_path, "0001")
+
+
+_A = math.sqrt(0.5)
+
+
+@pytest.mark.parametrize("lat, lon, ecef_cols, enu_cols", [
+    # (0, 0): east = +Y, north = +Z, up = +X; level, facing north
+    (0.0, 0.0, [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], [[1, 0, 0], [0, 0, -1], [0, 1, 0]]),
+    # (0, 90): east = -X, north = +Z, up = +Y; level, facing east (image right = south)
+    (0.0, 90.0, [[0, 0, -1], [0, -1, 0], [-1, 0, 0]], [[0, -1, 0], [0, 0, -1], [1, 0, 0]]),
+    # north pole on lon 0: east = +Y, north = -X, up = +Z; facing north, 45 deg down
+    (90.0, 0.0, [[0, 1, 0], [_A, 0, -_A], [-_A, 0, -_A]], [[1, 0, 0], [0, -_A, -_A], [0, _A, -_A]]),
+])
+def test_export_rotation_convention_hand_derived(lat, lon, ecef_cols, enu_cols):
+    """An export's Euler angles ('XYZ' of the ECEF camera-to-world matrix) give the hand-derived
+    ENU camera-to-world matrix, through the project's and through the original's formulation."""
+    from scipy.spatial.transform import Rotation
+
+    ecef = np.array(ecef_cols, float).T
+    euler = Rotation.from_matrix(ecef).as_euler("XYZ", degrees=True)
+    expected = np.array(enu_cols, float).T
+    np.testing.assert_allclose(geometry.cam2world_rotation(euler, lat, lon), expected, atol=1e-12)
+    lamb, phi = np.deg2rad(lon), np.deg2rad(lat)
+    rot = np.array([[-np.sin(lamb), np.cos(lamb), 0],
+                    [-np.sin(phi) * np.cos(lamb), -np.sin(phi) * np.sin(lamb), np.cos(phi)],
+                    [np.cos(phi) * np.cos(lamb), np.cos(phi) * np.sin(lamb), np.sin(phi)]])
+    np.testing.assert_allclose(rot @ Rotation.from_euler("XYZ", euler, degrees=True).as_matrix(), expected,
+                               atol=1e-12)
+    np.testing.assert_allclose(geometry.euler_from_cam2world(expected, lat, lon), euler, atol=1e-9)
