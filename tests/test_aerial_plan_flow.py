@@ -21,9 +21,18 @@ PLACES = """\
 """
 
 
-def _main_on_test_server(monkeypatch, server):
-    """flows.aerial.main with its server start replaced by the session's test server."""
+def _main_on_test_server(monkeypatch, server, printed):
+    """flows.aerial.main with its server start replaced by the session's test server, and what it
+    prints collected in ``printed`` (``(text, to_stderr)``; not through pytest's capture, whose
+    stream Prefect's log handler would keep after the test)."""
+    import sys
+
     import flows.aerial as fa
+
+    def fake_print(*args, file=None, **kw):
+        printed.append((" ".join(str(a) for a in args), file is sys.stderr))
+
+    monkeypatch.setattr(fa, "print", fake_print, raising=False)
 
     @contextlib.contextmanager
     def same_server(*a, **k):
@@ -33,17 +42,17 @@ def _main_on_test_server(monkeypatch, server):
     return fa.main
 
 
-def test_plan_only_writes_projects_for_good_places_and_exits_1_for_the_bad_one(tmp_path, monkeypatch, capsys,
-                                                                                prefect_server):
+def test_plan_only_writes_projects_for_good_places_and_exits_1_for_the_bad_one(tmp_path, monkeypatch, prefect_server):
     from tasks.aerial import esp
     from tasks.aerial.plan import read_plan
 
     places = tmp_path / "places.yaml"
     places.write_text(PLACES)
-    main = _main_on_test_server(monkeypatch, prefect_server)
+    printed: list = []
+    main = _main_on_test_server(monkeypatch, prefect_server, printed)
     rc = main(["--root", str(tmp_path / "out"), "--places", str(places), "--plan-only", "--workers", "1",
                "--trajectory-options", '{"frames": 20}'])
-    out = capsys.readouterr().out
+    out = "\n".join(t for t, _ in printed)
     assert rc == 1
     assert "plan 0102: NOT PLANNED" in out and "no 'latitude'" in out
     assert "plan 0101: 21 cameras" in out and "check the first one by eye" in out
@@ -73,7 +82,7 @@ def test_impossible_trajectory_is_a_clear_error_for_every_place(tmp_path):
     assert "pass_altitudes" in res["plans"]["0101"]["error"] and "below ground" in res["plans"]["0101"]["error"]
 
 
-def test_failed_scene_exits_1_and_marks_the_earlier_product_stale(tmp_path, monkeypatch, capsys, prefect_server):
+def test_failed_scene_exits_1_and_marks_the_earlier_product_stale(tmp_path, monkeypatch, prefect_server):
     root = tmp_path / "root"
     dl = root / "downloaded_data"
     dl.mkdir(parents=True)
@@ -88,17 +97,21 @@ def test_failed_scene_exits_1_and_marks_the_earlier_product_stale(tmp_path, monk
     (product / "sparse-txt" / "images.txt").write_text("# from an earlier run\n")
     (scene / "accuracy.json").write_text(json.dumps({"poses": {"photos registered": 5}}))
     (scene / "ingest.json").write_text(json.dumps({"scene": "0001", "signature": "old", "frames": []}))
-    main = _main_on_test_server(monkeypatch, prefect_server)
+    (scene / "footage").mkdir()
+    (scene / "footage" / "0001_000.jpeg").write_bytes(b"old frame")
+    printed: list = []
+    main = _main_on_test_server(monkeypatch, prefect_server, printed)
     rc = main(["--root", str(root), "--no-synthetic", "--workers", "1"])
-    captured = capsys.readouterr()
     assert rc == 1
-    assert "FAILED scene 0001: ingest: EarthStudioError" in captured.err and "0001.mp4" in captured.err
+    err = "\n".join(t for t, to_err in printed if to_err)
+    assert "FAILED scene 0001: ingest: EarthStudioError" in err and "0001.mp4" in err
     # nothing lost, nothing looks current
     assert (product / "sparse-txt" / "images.txt").read_text() == "# from an earlier run\n"
     assert "STALE: scene 0001 failed" in (product / "STALE.txt").read_text()
     acc = json.loads((scene / "accuracy.json").read_text())
     assert acc["poses"] == {"photos registered": 5} and acc["stale"].startswith("STALE: scene 0001 failed")
     assert "footage/" in (scene / "STALE.txt").read_text()
+    assert (scene / "footage" / "0001_000.jpeg").read_bytes() == b"old frame"
     report = json.loads((scene / "report.json").read_text())
     stale = {p["item"] for p in report["problems"] if p["stage"] == "stale"}
     assert stale == {str(product), str(scene / "accuracy.json"), str(scene / "footage")}
@@ -117,3 +130,18 @@ def test_scene_failure_rules():
     assert "video ends after 24 of 48" in scene_failure("0001", r)  # damaged input: exit 1
     r2 = RunReport(title="y")
     assert scene_failure("0002", r2) == "no product was made"
+
+
+def test_mark_stale_skips_this_runs_product_and_clear_removes_markers(tmp_path):
+    from tasks.aerial.stale import MARKER, clear_stale, mark_stale
+
+    scene = tmp_path / "data" / "0001"
+    old = scene / "sfm_output_localization" / "sfm_superpoint+superglue" / "localized_dense_metric"
+    new = scene / "sfm_output_localization" / "sfm_sift+mnn" / "localized_dense_metric"
+    old.mkdir(parents=True)
+    new.mkdir(parents=True)
+    marked = mark_stale(tmp_path, "0001", "evaluate: KeyError", current=[new])
+    assert marked == [str(old)] and (old / MARKER).exists() and not (new / MARKER).exists()
+    assert not (scene / MARKER).exists()  # the ingest did not fail
+    clear_stale(old)
+    assert not (old / MARKER).exists()

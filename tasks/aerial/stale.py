@@ -53,7 +53,7 @@ def mark_stale(root: str | Path, scene: str, reason: str, ingest_failed: bool = 
                 doc["stale"] = text.strip()
                 write_json_atomic(p, doc, indent=1)
         marked.append(str(p))
-    if ingest_failed and (folder / "ingest.json").exists():
+    if ingest_failed and ((folder / "footage").is_dir() or (folder / f"{scene}.json").exists()):
         write_text_atomic(folder / MARKER, f"STALE: the Earth Studio ingest of scene {scene} failed in the run of "
                                            f"{when} ({reason}); footage/, {scene}.json, ingest.json and the "
                                            "reference model are from an earlier export.\n")
