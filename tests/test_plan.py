@@ -28,6 +28,9 @@ OLD_POSITIONS = {
     37: [20.0, -8.220309629962728, 3.645833333333333],
     48: [-17.77969037003725, 20.0, 2.5],
 }
+OLD_ROTATION_10 = [[0.6773578584687142, 0.42041984738207683, -0.6036832642188357],
+                   [0.7356536763795022, -0.38710428102796607, 0.5558452518814424],
+                   [-0.0, -0.8206079621457817, -0.5714915331507084]]
 OLD_ROTATION_37 = [[0.9234817698377688, 0.005021722660720003, -0.3836094408103393],
                    [0.3836423083776116, -0.01208800288468593, 0.9234026529141864],
                    [-0.0, -0.9999143275740071, -0.013089595571344597]]
@@ -38,7 +41,8 @@ def test_default_plan_is_the_former_synthetic_trajectory():
     assert len(plan.cameras) == 49 and plan.num_frames == 48
     for k, pos in OLD_POSITIONS.items():
         np.testing.assert_array_equal(plan.cameras[k].position_enu, pos)  # bit for bit
-    np.testing.assert_array_equal(plan.cameras[37].cam2world_enu, OLD_ROTATION_37)
+    np.testing.assert_array_equal(plan.cameras[10].cam2world_enu, OLD_ROTATION_10)  # spiral: look-at rule
+    np.testing.assert_array_equal(plan.cameras[37].cam2world_enu, OLD_ROTATION_37)  # street pass
     np.testing.assert_allclose([c.time for c in plan.cameras], np.arange(49) / 48)
 
 
