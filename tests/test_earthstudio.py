@@ -224,8 +224,8 @@ def test_metadata_file_read_by_the_originals_reader_gives_the_reference_poses(tm
                                                                        if k != "cameraFrames"}
     record = json.loads(res.record.read_text())
     assert record["signature"] and record["metadata_file"] == "0001.json"
-    assert record["alignment"] == ["cameraFrames cut from 8 to 7 entries: the video holds 7 complete frames; "
-                                   "entry i is frame 0001_<i>.jpeg"]
+    assert record["alignment"] == [("cameraFrames cut from 8 to 7 entries: the video holds 7 complete frames; "
+                                    "entry i is frame 0001_<i>.jpeg")]
     images = _original_json_to_empty_colmap_model(res.metadata)
     footage = tmp_path / "data" / "0001" / "footage"
     assert sorted(images) == sorted(p.name for p in footage.glob("*.jpeg"))  # every image has its frame
