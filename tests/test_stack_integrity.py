@@ -26,7 +26,17 @@ def world():
     regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
     eco = tiles_mod.eco_region_index(regions)
     tiles = tiles_mod.sample_tiles(regions, eco, 5, 0, tile_size_m=300.0, seed=3)
-    return tiles, SyntheticSource(seed=3, eco_index=eco)
+    return tiles, SyntheticSource(seed=3, eco_index=eco, missing_orbit_rate=0.0)
+
+
+def _same_layout_pair(out: Path, ids: list[str]) -> tuple[str, str]:
+    """Two tiles whose stacks have the same bands: a copy is then a valid stack for both."""
+    bands = {tid: json.dumps(stacks.read_tile_info(tid, out)["BANDS"], sort_keys=True) for tid in ids}
+    for a in ids:
+        for b in ids:
+            if a != b and bands[a] == bands[b]:
+                return a, b
+    raise AssertionError("no two tiles with the same bands")
 
 
 def _fetch_all(tiles, source, out):
@@ -94,23 +104,26 @@ def test_4k_overwritten_mid_file_is_caught_by_pack_then_by_the_full_check(tmp_pa
 def test_another_tiles_geotiff_copied_over_is_caught(tmp_path, world):
     tiles, source = world
     entries = _fetch_all(tiles, source, tmp_path)
-    src, dst = (tmp_path / "tiles" / f"{tiles[i].tile_id}.tif" for i in (0, 3))
+    a, b = _same_layout_pair(tmp_path, [t.tile_id for t in tiles])
+    src, dst = (tmp_path / "tiles" / f"{tid}.tif" for tid in (a, b))
     st = dst.stat()
     shutil.copyfile(src, dst)
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
     # a valid GeoTIFF with the right bands: only the record tells it is another place
-    assert stacks.stack_is_complete(dst, stacks.read_tile_info(tiles[3].tile_id, tmp_path)["BANDS"], 30) is None
-    if dst.stat().st_size == st.st_size:  # stat cannot tell: packing must
-        res = _pack(tiles, tmp_path, entries)
-        assert set(res.integrity) == {tiles[3].tile_id}
-        assert "another tile" in res.integrity[tiles[3].tile_id]
+    assert stacks.stack_is_complete(dst, stacks.read_tile_info(b, tmp_path)["BANDS"], 30) is None
+    # packing checks the grid and the digest (the index is bypassed here: same-size copies exist)
+    res = _pack(tiles, tmp_path, entries)
+    assert set(res.integrity) == {b}
+    assert "another tile" in res.integrity[b]
     why: dict[str, str] = {}
+    stacks.index_path(tmp_path).unlink()
     states, _, _ = stacks.decide(tiles, source, tmp_path, why)
-    assert states[tiles[3].tile_id] == "missing" and list(why) == [tiles[3].tile_id]
+    assert states[b] == "missing" and list(why) == [b]
     # refetching restores exactly the bytes that were recorded
-    assert stacks.fetch_tile(tiles[3], source, tmp_path).status == "fetched"
+    bt = next(t for t in tiles if t.tile_id == b)
+    assert stacks.fetch_tile(bt, source, tmp_path).status == "fetched"
     states, entries2, _ = stacks.decide(tiles, source, tmp_path)
-    assert set(states.values()) == {"done"} and entries2[tiles[3].tile_id].digest == entries[tiles[3].tile_id].digest
+    assert set(states.values()) == {"done"} and entries2[b].digest == entries[b].digest
 
 
 def test_rerun_decides_from_the_index_without_opening_stacks(tmp_path, world, monkeypatch):
@@ -174,7 +187,8 @@ def test_flow_refetches_damaged_stacks_and_rebuilds_the_same_h5(tmp_path):
     from tasks.multimodal.config import MultimodalConfig
 
     cfg = MultimodalConfig(name="data_integrity", output_dir=str(tmp_path), n_tiles=6, fetch_batch_size=2,
-                           part_size=3, tile_size_m=300.0, image_size=IMG, tasks_in_flight=2)
+                           part_size=3, tile_size_m=300.0, image_size=IMG, tasks_in_flight=2,
+                           source_options={"missing_orbit_rate": 0.0})
 
     def run():
         return multimodal_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(config=cfg)
@@ -183,14 +197,19 @@ def test_flow_refetches_damaged_stacks_and_rebuilds_the_same_h5(tmp_path):
     h5 = cfg.dataset_dir / f"{cfg.name}.h5"
     with h5py.File(h5) as f:
         before = {k: f[k][:] for k in f}
-    tifs = sorted((cfg.dataset_dir / "tiles").glob("*.tif"))
-    _overwrite_4k_keep_mtime(tifs[1])  # only packing can see this one
-    shutil.copyfile(tifs[0], tifs[4])  # another tile's valid GeoTIFF
+    tiles_dir = cfg.dataset_dir / "tiles"
+    a, b = _same_layout_pair(cfg.dataset_dir, sorted(p.stem for p in tiles_dir.glob("*.tif")))
+    c = next(p.stem for p in sorted(tiles_dir.glob("*.tif")) if p.stem not in (a, b))
+    _overwrite_4k_keep_mtime(tiles_dir / f"{c}.tif")  # only packing can see this one
+    shutil.copyfile(tiles_dir / f"{a}.tif", tiles_dir / f"{b}.tif")  # another tile's valid GeoTIFF
+    # the h5 is vouched for by its manifest and is not rebuilt from stacks that did not
+    # change on record; a damaged stack matters (and is caught) when the h5 is rebuilt
+    h5.unlink()
     second = run()
     assert second["counts"]["fetched this run"] == 2
     assert second["counts"]["rows in h5"] == first["counts"]["rows in h5"] == 6
     integrity = {p["item"]: p["reason"] for p in second["problems"] if p["stage"] == "integrity"}
-    assert set(integrity) == {tifs[1].stem, tifs[4].stem}
+    assert set(integrity) == {b, c}
     assert all("fetched again" in r for r in integrity.values())
     with h5py.File(h5) as f:
         for k in before:

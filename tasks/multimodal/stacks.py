@@ -333,9 +333,11 @@ def scan_tiles(tiles: list[Tile], source: Source, out_dir: Path) -> dict[str, st
     return states
 
 
-def decide(tiles: Iterable[Tile], source: Source, out_dir: Path) -> tuple[dict[str, str], dict[str, Entry], dict[str, int]]:
+def decide(tiles: Iterable[Tile], source: Source, out_dir: Path,
+           why: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, Entry], dict[str, int]]:
     """What to fetch: ``(states, entries, counts)``. ``states`` maps every tile to 'done',
-    'no_data' or 'missing'; ``entries`` holds the index entry of each finished tile.
+    'no_data' or 'missing'; ``entries`` holds the index entry of each finished tile;
+    ``why`` receives, for each tile whose stack failed the check, the reason.
 
     One pass over the index plus one ``stat`` per done tile; the full check
     (:func:`tile_check`) only for tiles the index does not vouch for. The index is
