@@ -141,6 +141,7 @@ def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], 
 
         run_windowed(submit, batch, config.tasks_in_flight, on_done)
 
+    t0 = time.monotonic()
     run(specs, defer=True)
     refetched = 0
     if mismatched:
@@ -169,7 +170,10 @@ def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], 
     for stale in paths["parts"].glob("part_*.npz"):
         if stale.name not in keep:
             stale.unlink()
+    report.timings["pack"] = time.monotonic() - t0
+    t0 = time.monotonic()
     assemble_h5_task(done_parts, str(h5_path), config.image_size, compression)
+    report.timings["assemble"] = time.monotonic() - t0
     return [convert.part_summary(p) for p in done_parts], refetched
 
 
