@@ -50,7 +50,12 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
             seq += 1
         if not in_flight:
             return stats
-        k = finished.get()
+        while True:  # a timed wait, so Ctrl-C / cancellation reach this thread promptly
+            try:
+                k = finished.get(timeout=1.0)
+                break
+            except queue.Empty:
+                continue
         item, fut = in_flight.pop(k)
         on_done(item, fut)
         del item, fut
