@@ -85,6 +85,9 @@ class MultimodalConfig(BaseModel):
                                 "fetch tasks running at once x fetch_slots should not exceed request_ceiling")
     fetch_retries: int = Field(3, ge=0, description="Prefect retries of a fetch task whose tiles failed transiently")
     fetch_retry_delay_s: float = Field(4.0, ge=0, description="first retry delay; doubles each retry, with jitter")
+    tasks_in_flight: int = Field(
+        32, ge=1, description="fetch (and pack) tasks submitted at once; the flow holds at most this many futures "
+                              "(a bounded window), so its memory does not grow with the tiles")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
     image_size: int = Field(128, ge=8, description="128, or 64 for the MMEarth64 variant")
