@@ -18,7 +18,7 @@ import psutil
 import pytest
 import rasterio
 
-from tasks.common.runtime import DaskConfig, PROJECT_ROOT, make_task_runner
+from tasks.common.runtime import DaskSettings, PROJECT_ROOT, make_task_runner
 from tasks.multimodal import convert, schema
 from tasks.multimodal.config import MultimodalConfig
 from tests.dataset_checks import check_dataset
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 def _run(cfg: MultimodalConfig, runner=None):
     from flows.multimodal import multimodal_flow
 
-    runner = runner or make_task_runner(DaskConfig(n_workers=2))
+    runner = runner or make_task_runner(DaskSettings(n_workers=2))
     return multimodal_flow.with_options(task_runner=runner)(config=cfg)
 
 

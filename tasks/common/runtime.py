@@ -23,18 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prefect_dask import DaskTaskRunner
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -240,27 +245,63 @@ def detect_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-@dataclass
-class DaskConfig:
-    """How to get a Dask cluster.
+class DaskSettings(BaseModel):
+    """Where a flow's tasks run: the one Dask configuration of the project.
+
+    Used by both flow configurations (field ``dask``), the ``DaskCluster``
+    block and the CLI (``--set dask.n_workers=2``).
 
     * ``address``: connect to an existing scheduler (``tcp://host:8786``).
     * ``cluster_class`` (+ ``cluster_kwargs``, ``adapt_kwargs``): any Dask
-      cluster class by import path, e.g. ``dask_jobqueue.SLURMCluster``.
+      cluster class by import path, e.g. ``dask_jobqueue.SLURMCluster`` or
+      ``dask_kubernetes.operator.KubeCluster``; the kwargs go to it unchanged.
     * neither: a ``LocalCluster`` sized to this machine: ``n_workers``
-      processes (default: CPU count) with ``threads_per_worker`` threads.
-    ``gpus_per_worker``: Dask ``GPU`` resource per worker; ``None`` detects
-    (local: the machine's GPUs spread over workers).
+      processes (default: CPU count) with ``threads_per_worker`` threads,
+      listening on 127.0.0.1 only, its dashboard on ``dashboard_address``.
+    ``gpus_per_worker``: Dask ``GPU`` resource per local worker; ``None``
+    detects (the machine's GPUs spread over the workers).
     """
 
-    address: str | None = None
-    cluster_class: str | None = None
-    cluster_kwargs: dict[str, Any] = field(default_factory=dict)
-    adapt_kwargs: dict[str, Any] | None = None
-    n_workers: int | None = None
-    threads_per_worker: int = 1
-    memory_limit: str | None = None
-    gpus_per_worker: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of cluster_class "
+                                           "(or extra LocalCluster arguments)")
+    adapt_kwargs: dict[str, Any] | None = Field(None, description="cluster.adapt() arguments, e.g. minimum, maximum")
+    n_workers: int | None = Field(None, ge=1, description="local workers (default: CPU count)")
+    threads_per_worker: int = Field(1, ge=1, description="threads per local worker")
+    memory_limit: str | None = Field(None, description="memory limit per local worker, e.g. 4GB")
+    gpus_per_worker: int | None = Field(None, ge=0, description="Dask GPU resource per local worker (default: detect)")
+    dashboard_address: str | None = Field("127.0.0.1:0", description="local dashboard (host:port, port 0 = a free "
+                                          "one); empty = no dashboard. Loopback unless you choose otherwise")
+
+    @field_validator("dashboard_address")
+    @classmethod
+    def _dashboard(cls, v: str | None) -> str | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "DaskSettings":
+        if self.address and self.cluster_class:
+            raise ValueError("dask.address and dask.cluster_class exclude each other: give one")
+        if self.address and not re.match(r"^[a-z0-9+]+://", self.address):
+            raise ValueError(f"dask.address {self.address!r} needs a protocol, e.g. tcp://host:8786")
+        if self.cluster_class:
+            module, _, name = self.cluster_class.rpartition(".")
+            if not module or not name:
+                raise ValueError(f"dask.cluster_class {self.cluster_class!r} must be an import path "
+                                 "such as dask_jobqueue.SLURMCluster")
+        return self
+
+    def describe(self) -> str:
+        if self.address:
+            return f"existing Dask scheduler {self.address}"
+        if self.cluster_class:
+            return f"{self.cluster_class}({json.dumps(self.cluster_kwargs, default=str)})"
+        kw = self.local_cluster_kwargs()
+        return (f"LocalCluster: {kw['n_workers']} worker(s) x {kw['threads_per_worker']} thread(s)"
+                f"{', GPU ' + str(kw['resources']['GPU']) + ' per worker' if kw['resources'] else ''}")
 
     def local_cluster_kwargs(self) -> dict[str, Any]:
         n = self.n_workers or max(1, os.cpu_count() or 1)
@@ -268,7 +309,8 @@ class DaskConfig:
             "n_workers": n,
             "threads_per_worker": self.threads_per_worker,
             "processes": True,
-            "dashboard_address": ":0",  # a free port: several clusters may run at once
+            "host": "127.0.0.1",  # scheduler, workers and nannies on loopback only
+            "dashboard_address": self.dashboard_address,  # None: no dashboard
         }
         if self.memory_limit:
             kwargs["memory_limit"] = self.memory_limit
@@ -280,13 +322,32 @@ class DaskConfig:
         kwargs.update(self.cluster_kwargs)
         return kwargs
 
+    def runner_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``prefect_dask.DaskTaskRunner`` for these settings."""
+        if self.address:
+            return {"address": self.address}
+        if self.cluster_class:
+            return {"cluster_class": self.cluster_class, "cluster_kwargs": dict(self.cluster_kwargs),
+                    "adapt_kwargs": dict(self.adapt_kwargs or {})}
+        return {"cluster_class": "distributed.LocalCluster", "cluster_kwargs": self.local_cluster_kwargs(),
+                "adapt_kwargs": dict(self.adapt_kwargs or {})}
 
-def dask_config_from_env() -> DaskConfig:
-    """Defaults for flows started by a deployment: ``FACTORY_DASK_ADDRESS``,
-    ``FACTORY_DASK_CLUSTER_CLASS`` and ``FACTORY_DASK_CLUSTER_KWARGS`` (JSON)."""
-    import json
 
-    return DaskConfig(
+def load_dask_block(name: str) -> DaskSettings:
+    """The settings saved in the ``DaskCluster`` block ``name`` (needs the Prefect API)."""
+    from blocks.dask_cluster import DaskCluster
+
+    try:
+        return DaskCluster.load(name).to_settings()
+    except ValueError as exc:
+        raise ValueError(f"dask_block {name!r}: no DaskCluster block of that name ({exc}); save one "
+                         f"(see blocks/dask_cluster.py) or remove dask_block to use the dask settings") from exc
+
+
+def dask_settings_from_env() -> DaskSettings:
+    """Settings for a runner with nothing else to go on: ``FACTORY_DASK_ADDRESS``,
+    ``FACTORY_DASK_CLUSTER_CLASS`` and ``FACTORY_DASK_CLUSTER_KWARGS`` (JSON), else a local cluster."""
+    return DaskSettings(
         address=os.environ.get("FACTORY_DASK_ADDRESS") or None,
         cluster_class=os.environ.get("FACTORY_DASK_CLUSTER_CLASS") or None,
         cluster_kwargs=json.loads(os.environ.get("FACTORY_DASK_CLUSTER_KWARGS") or "{}"),
@@ -307,17 +368,77 @@ def keep_malloc_defaults() -> None:
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
-def make_task_runner(cfg: DaskConfig | None = None):
-    """Build the ``DaskTaskRunner`` every flow uses (``cfg`` None: from the environment)."""
-    from prefect_dask import DaskTaskRunner
+def make_task_runner(settings: DaskSettings | None = None,
+                     settings_from: Callable[[dict[str, Any]], DaskSettings] | None = None):
+    """The ``DaskTaskRunner`` every flow uses.
 
+    ``settings``: a fixed cluster (tests, benchmarks). ``settings_from``: a
+    function of the flow run's parameters, called when the run submits its
+    first task, so a run started by a deployment, a schedule or the UI uses the
+    ``dask``/``dask_block`` of its own parameters exactly as a local run does.
+    Neither: :func:`dask_settings_from_env`.
+    """
     keep_malloc_defaults()
-    cfg = cfg or dask_config_from_env()
-    if cfg.address:
-        return DaskTaskRunner(address=cfg.address)
-    if cfg.cluster_class:
-        kwargs: dict[str, Any] = {"cluster_class": cfg.cluster_class, "cluster_kwargs": dict(cfg.cluster_kwargs)}
-        if cfg.adapt_kwargs:
-            kwargs["adapt_kwargs"] = cfg.adapt_kwargs
-        return DaskTaskRunner(**kwargs)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cfg.local_cluster_kwargs())
+    return FlowDaskTaskRunner(settings=settings, settings_from=settings_from)
+
+
+def _flow_run_parameters() -> dict[str, Any]:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return dict(ctx.parameters or {}) if ctx is not None else {}
+
+
+class FlowDaskTaskRunner(DaskTaskRunner):
+    """A ``DaskTaskRunner`` that picks its cluster when the flow run first needs it."""
+
+    def __init__(self, settings: DaskSettings | None = None,
+                 settings_from: Callable[[dict[str, Any]], DaskSettings] | None = None, **_: Any):
+        self.settings_from = settings_from
+        self.settings: DaskSettings | None = None
+        super().__init__()
+        if settings is not None:
+            self._use(settings)
+
+    def _use(self, settings: DaskSettings) -> None:
+        kw = settings.runner_kwargs()
+        self.settings = settings
+        self.address = kw.get("address")
+        self.cluster_class = kw.get("cluster_class")
+        self.resolved_cluster_class = None
+        if self.cluster_class:
+            from prefect.utilities.importtools import from_qualified_name
+
+            self.resolved_cluster_class = from_qualified_name(self.cluster_class)
+        self.cluster_kwargs = dict(kw.get("cluster_kwargs") or {})
+        self.adapt_kwargs = dict(kw.get("adapt_kwargs") or {})
+
+    @property
+    def client(self):
+        if self._client is None:
+            if self.settings is None:
+                params = _flow_run_parameters()
+                settings = self.settings_from(params) if self.settings_from else dask_settings_from_env()
+                self._use(settings)
+            first = True
+        else:
+            first = False
+        client = DaskTaskRunner.client.fget(self)
+        if first:
+            link = client.dashboard_link if self.settings.dashboard_address or self.address else None
+            msg = f"Dask: {self.settings.describe()}; dashboard: {link or 'off'}"
+            log.info(msg)
+            with contextlib.suppress(Exception):
+                from prefect import get_run_logger
+
+                get_run_logger().info(msg)
+        return client
+
+    def duplicate(self):
+        return type(self)(settings=self.settings, settings_from=self.settings_from)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, FlowDaskTaskRunner) and self.settings == other.settings
+                and self.settings_from == other.settings_from)
+
+    __hash__ = object.__hash__
