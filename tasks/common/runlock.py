@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import time
+import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,12 +159,16 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
 def exclusive_output(folder_of: Callable[..., str | os.PathLike], what: str = "output folder"):
     """Decorator for a flow function: hold ``folder_of(*args, **kwargs)`` while the body runs."""
 
+    lock = output_lock
+
     def wrap(fn):
-        @functools.wraps(fn)
         def inner(*args, **kwargs):
-            with output_lock(folder_of(*args, **kwargs), what):
+            with lock(folder_of(*args, **kwargs), what):
                 return fn(*args, **kwargs)
 
-        return inner
+        # the wrapper lives in the flow's module namespace (only closure variables used above), so that
+        # Prefect resolves the flow's parameter annotations against the flow module's globals
+        inner = types.FunctionType(inner.__code__, fn.__globals__, fn.__name__, None, inner.__closure__)
+        return functools.wraps(fn)(inner)
 
     return wrap

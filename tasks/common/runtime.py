@@ -38,7 +38,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import distributed
 from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
@@ -226,6 +228,36 @@ def _prefect_settings(url: str, home: str | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def keep_signal_handlers(*signums: int) -> Iterator[None]:
+    """Restore the C-level handlers of ``signums`` after the block (works in any thread).
+
+    pycolmap (glog's failure handler) installs a SIGTERM handler at import that
+    turns the SIGTERM of a cancellation into an abort with a stack trace; a
+    process keeps its own handling (Prefect's in the flow process, the default
+    in a Dask worker) when pycolmap is imported inside this block."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = {}
+    for sig in signums or (signal.SIGTERM, signal.SIGINT):
+        buf = ctypes.create_string_buffer(512)  # >= sizeof(struct sigaction) on every Linux ABI
+        if libc.sigaction(int(sig), None, buf) == 0:
+            saved[int(sig)] = buf
+    try:
+        yield
+    finally:
+        for sig, buf in saved.items():
+            libc.sigaction(sig, buf, None)
+
+
+def import_pycolmap():
+    """``import pycolmap`` without its SIGTERM handler (see :func:`keep_signal_handlers`)."""
+    if "pycolmap" in sys.modules:
+        return sys.modules["pycolmap"]
+    with keep_signal_handlers(signal.SIGTERM, signal.SIGINT):
+        import pycolmap
+    return pycolmap
+
+
 # --------------------------------------------------------------------------
 # Dask
 # --------------------------------------------------------------------------
@@ -310,8 +342,11 @@ class DaskSettings(BaseModel):
             "threads_per_worker": self.threads_per_worker,
             "processes": True,
             "host": "127.0.0.1",  # scheduler, workers and nannies on loopback only
-            "dashboard_address": self.dashboard_address,  # None: no dashboard
+            # the scheduler's HTTP server (health, metrics; the dashboard unless off) on a free loopback port
+            "dashboard_address": self.dashboard_address or "127.0.0.1:0",
         }
+        if not self.dashboard_address:
+            kwargs["scheduler_kwargs"] = {"dashboard": False}
         if self.memory_limit:
             kwargs["memory_limit"] = self.memory_limit
         gpus = self.gpus_per_worker
@@ -389,6 +424,59 @@ def _flow_run_parameters() -> dict[str, Any]:
     return dict(ctx.parameters or {}) if ctx is not None else {}
 
 
+def _mark_task_run_crashed(task_run_id, exc: BaseException) -> None:
+    """Give a task run whose Dask task died with its worker(s) a final state (PrefectHQ/prefect#21638:
+    without it the run stays RUNNING forever)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    msg = f"the Dask task was lost with its worker: {type(exc).__name__}: {exc}"
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.read_task_run(task_run_id)
+            if run.state is None or not run.state.is_final():
+                client.set_task_run_state(task_run_id, Crashed(message=msg[:2000]), force=True)
+    except Exception as api_exc:  # noqa: BLE001 - reporting must not hide the original error
+        log.warning("could not mark task run %s crashed: %s", task_run_id, api_exc)
+
+
+class CrashAwareDaskFuture(PrefectDaskFuture):
+    """A ``PrefectDaskFuture`` whose Dask-level failure (``KilledWorker``: every worker that tried the
+    task died) marks its task run ``Crashed`` before the error reaches the flow."""
+
+    def _dask_result(self, timeout):
+        try:
+            return self._wrapped_future.result(timeout=timeout)
+        except distributed.TimeoutError:
+            raise
+        except Exception as exc:  # the task engine returns states, so this is the infrastructure failing
+            _mark_task_run_crashed(self.task_run_id, exc)
+            raise
+
+    def wait(self, timeout: float | None = None) -> None:
+        try:
+            result = self._dask_result(timeout)
+        except Exception:  # noqa: BLE001 - as the base class: failed or timed out
+            return
+        from prefect.states import State
+
+        if isinstance(result, State):
+            self._final_state = result
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True):
+        if not self._final_state:
+            from prefect.states import State
+
+            try:
+                res = self._dask_result(timeout)
+            except distributed.TimeoutError as exc:
+                raise TimeoutError(f"Task run {self.task_run_id} did not complete within {timeout} seconds") from exc
+            if not isinstance(res, State):
+                return res
+            self._final_state = res
+        return self._final_state.result(raise_on_failure=raise_on_failure, _sync=True)
+
+
 class FlowDaskTaskRunner(DaskTaskRunner):
     """A ``DaskTaskRunner`` that picks its cluster when the flow run first needs it."""
 
@@ -425,14 +513,20 @@ class FlowDaskTaskRunner(DaskTaskRunner):
             first = False
         client = DaskTaskRunner.client.fget(self)
         if first:
+            info = client.scheduler_info(n_workers=-1)
             link = client.dashboard_link if self.settings.dashboard_address or self.address else None
-            msg = f"Dask: {self.settings.describe()}; dashboard: {link or 'off'}"
+            n = len(info.get("workers", {}))
+            msg = f"Dask: {self.settings.describe()}; {n} worker(s) connected; dashboard: {link or 'off'}"
             log.info(msg)
             with contextlib.suppress(Exception):
                 from prefect import get_run_logger
 
                 get_run_logger().info(msg)
         return client
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        fut = super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+        return CrashAwareDaskFuture(wrapped_future=fut.wrapped_future, task_run_id=fut.task_run_id)
 
     def duplicate(self):
         return type(self)(settings=self.settings, settings_from=self.settings_from)
