@@ -143,15 +143,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def local_prefect_server(
     home: str | os.PathLike | None = None,
     port: int | None = None,
-    start_timeout: float = 120.0,
+    start_timeout: float | None = None,
 ) -> Iterator[PrefectServer]:
     """Use ``PREFECT_API_URL`` if set, else run a loopback Prefect server for the block.
 
     Sets ``PREFECT_API_URL`` (and ``PREFECT_HOME``) in ``os.environ`` for the
     duration so that this process and every process it starts (Dask workers)
     talk to the same server; restores the environment and stops the server on
-    exit, including on KeyboardInterrupt and SIGTERM.
+    exit, including on KeyboardInterrupt and SIGTERM. ``start_timeout``: seconds to wait for the
+    server to answer (default ``FACTORY_PREFECT_START_TIMEOUT`` or 300: a busy machine is slow).
     """
+    start_timeout = start_timeout or float(os.environ.get("FACTORY_PREFECT_START_TIMEOUT") or 300)
     url = os.environ.get("PREFECT_API_URL")
     if url:
         old = _apply_env(dict(_QUIET_ENV))
