@@ -242,7 +242,7 @@ def test_second_run_on_the_same_folder_stops_with_a_clear_message(tmp_path):
     from tasks.common.runlock import OutputBusy
     from tasks.multimodal.config import MultimodalConfig
 
-    params = smoke(tmp_path, n_tiles=12)
+    params = smoke(tmp_path, n_tiles=12, source_options={"latency_s": 0.5})  # busy for 6 s at least
     first = _start_flow_process(params, tmp_path / "first.log")
     holder = _wait(lambda: _lock_record(tmp_path / "data_rt"), 300, "the first run to hold the folder")
     tiles_before = set((tmp_path / "data_rt" / "tiles").glob("*"))
@@ -265,7 +265,7 @@ def test_killed_flow_process_is_marked_crashed_and_the_rerun_resumes(tmp_path):
     from flows.multimodal import multimodal_flow
     from tasks.multimodal.config import MultimodalConfig
 
-    params = smoke(tmp_path, n_tiles=16)
+    params = smoke(tmp_path, n_tiles=16, source_options={"latency_s": 0.3})
     proc = _start_flow_process(params, tmp_path / "killed.log")
     out = tmp_path / "data_rt"
     holder = _wait(lambda: _lock_record(out), 300, "the run to hold the folder")
@@ -297,12 +297,13 @@ def test_killed_worker_task_retried_same_output(tmp_path):
     from flows.multimodal import multimodal_flow
     from tasks.multimodal.config import MultimodalConfig
 
-    ref = multimodal_flow(config=MultimodalConfig(**smoke(tmp_path / "ref", n_tiles=12)["config"]))
+    ref = multimodal_flow(config=MultimodalConfig(**smoke(tmp_path / "ref", n_tiles=12,
+                                                          source_options={"latency_s": 0.3})["config"]))
     with LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster, \
             Client(cluster) as client:
         pids = client.run(os.getpid)
-        cfg = MultimodalConfig(**smoke(tmp_path / "hit", n_tiles=12, dask={"address": cluster.scheduler_address})
-                               ["config"])
+        cfg = MultimodalConfig(**smoke(tmp_path / "hit", n_tiles=12, dask={"address": cluster.scheduler_address},
+                                       source_options={"latency_s": 0.3})["config"])
         import threading
 
         box = {}
@@ -428,7 +429,7 @@ def test_cancel_multimodal_then_rerun(tmp_path, served):
     from tasks.common.atomic import remove_partials
     from tasks.multimodal.config import MultimodalConfig
 
-    params = smoke(tmp_path, n_tiles=40)
+    params = smoke(tmp_path, n_tiles=40, source_options={"latency_s": 0.3})
     _cancel_mid_run(served, "multimodal/rt-cancel", params, n_done=3)
     out = tmp_path / "data_rt"
     assert not (out / "data_rt.h5").exists()
