@@ -16,12 +16,15 @@ or an existing scheduler: ``DaskCluster(address="tcp://host:8786").save("lab")``
 from __future__ import annotations
 
 from prefect.blocks.core import Block
+from pydantic import ConfigDict
 
 from tasks.common.runtime import DaskSettings
 
 
 class DaskCluster(Block, DaskSettings):
     """Where the flows' tasks run: an existing scheduler, a cluster class with its kwargs, or a local cluster."""
+
+    model_config = ConfigDict(extra="allow")  # as every Block (stored documents carry block metadata)
 
     _block_type_name = "Dask Cluster"
     _description = "Dask cluster used by the dataset factory's flows (address, cluster class or local sizing)."

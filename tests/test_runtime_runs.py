@@ -159,6 +159,8 @@ def external_cluster(tmp_path_factory, prefect_server):
 def _records(cluster) -> dict[str, list[dict]]:
     out = {}
     for f in Path(cluster["records"]).glob("*.jsonl"):
+        if f.stem not in cluster["workers"]:
+            continue  # the GPU stand-in's own record
         out[f.stem] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
     return out
 
@@ -176,7 +178,7 @@ def test_multimodal_on_external_cluster_by_address_and_by_block(tmp_path, extern
     assert result["counts"]["stacks done"] + result["counts"]["no data"] == 8
     after = {k: len(v) for k, v in _records(external_cluster).items()}
     ran = sum(after.get(k, 0) - before.get(k, 0) for k in ("cpu", "gpu"))
-    assert ran >= 4 + 2 + 1  # fetch batches, pack partitions, assemble
+    assert ran >= 4 + 1  # four fetch batches and at least one packing partition ran there
     # by a saved block, in a deployment run
     DaskCluster(address=external_cluster["address"]).save("rt-external", overwrite=True)
     _apply(multimodal_flow, "rt-block", smoke(tmp_path / "b", dask_block="rt-external", dask={"n_workers": 3}))
@@ -187,7 +189,7 @@ def test_multimodal_on_external_cluster_by_address_and_by_block(tmp_path, extern
     assert f"Dask: existing Dask scheduler {external_cluster['address']}; 2 worker(s) connected" in logs
     assert "LocalCluster" not in logs
     final = {k: len(v) for k, v in _records(external_cluster).items()}
-    assert sum(final.get(k, 0) - after.get(k, 0) for k in ("cpu", "gpu")) >= 7
+    assert sum(final.get(k, 0) - after.get(k, 0) for k in ("cpu", "gpu")) >= 4 + 1
 
 
 def test_aerial_on_external_cluster_gpu_tasks_only_on_the_gpu_worker(tmp_path, external_cluster):
@@ -311,10 +313,8 @@ def test_killed_worker_task_retried_same_output(tmp_path):
         t.start()
 
         def busy():
-            for addr, keys in client.processing().items():
-                if keys and addr in pids:
-                    return addr
-            return None
+            running = client.run(lambda dask_worker: len(dask_worker.state.executing))
+            return next((addr for addr, n in running.items() if n and addr in pids), None)
 
         victim = _wait(busy, 300, "a worker running a task", step=0.05)
         os.kill(pids[victim], signal.SIGKILL)
@@ -348,6 +348,7 @@ def test_task_whose_workers_all_die_is_crashed_not_left_running(monkeypatch):
 
     @task(name="kills-its-worker")
     def die():
+        time.sleep(3)  # running for a while (its RUNNING state recorded), then the worker process dies
         os._exit(1)
 
     @flow(name="rt-killed-worker", task_runner=make_task_runner(DaskSettings(n_workers=1, dashboard_address="")))

@@ -432,14 +432,58 @@ def _mark_task_run_crashed(task_run_id, exc: BaseException) -> None:
     from prefect.client.orchestration import get_client
     from prefect.states import Crashed
 
+    from prefect.exceptions import ObjectNotFound
+
     msg = f"the Dask task was lost with its worker: {type(exc).__name__}: {exc}"
     try:
         with get_client(sync_client=True) as client:
-            run = client.read_task_run(task_run_id)
+            run = None
+            for _ in range(20):  # the run's own events may still be on their way to the server
+                try:
+                    run = client.read_task_run(task_run_id)
+                    break
+                except ObjectNotFound:
+                    time.sleep(0.5)
+            if run is None:
+                return  # never recorded: nothing is left RUNNING
             if run.state is None or not run.state.is_final():
                 client.set_task_run_state(task_run_id, Crashed(message=msg[:2000]), force=True)
     except Exception as api_exc:  # noqa: BLE001 - reporting must not hide the original error
         log.warning("could not mark task run %s crashed: %s", task_run_id, api_exc)
+
+
+def _settle_task_runs(futures: list) -> None:
+    """After the cluster is closed, no task run of this flow run may stay RUNNING or PENDING.
+
+    When a Dask worker dies, Dask reruns the tasks it held, including ones that had completed
+    (their results lived in that worker's memory); the flow has their results already and drops
+    the rerun, whose task run then stays RUNNING forever (PrefectHQ/prefect#21638). Such a run
+    gets the final state the flow received; one the flow never received is marked Crashed."""
+    if not futures:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+    from prefect.states import Completed, Crashed
+
+    by_id = {f.task_run_id: f for f in futures}
+    try:
+        with get_client(sync_client=True) as client:
+            ids = list(by_id)
+            for i in range(0, len(ids), 200):
+                runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids[i:i + 200])))
+                for run in runs:
+                    if run.state is not None and run.state.is_final():
+                        continue
+                    seen = by_id[run.id]._final_state
+                    if seen is not None and seen.is_completed():
+                        new = Completed(message="completed; a rerun Dask started after a worker died was dropped")
+                    else:
+                        why = seen.message if seen is not None else "the flow ended before this task finished"
+                        new = Crashed(message=f"left unfinished by Dask: {why}"[:2000])
+                    client.set_task_run_state(run.id, new, force=True)
+                    log.warning("task run %s (%s) was left %s; set to %s", run.id, run.name, run.state.name, new.name)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must not hide the flow's own outcome
+        log.warning("could not check this run's task runs: %s", exc)
 
 
 class CrashAwareDaskFuture(PrefectDaskFuture):
@@ -528,7 +572,19 @@ class FlowDaskTaskRunner(DaskTaskRunner):
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         fut = super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
-        return CrashAwareDaskFuture(wrapped_future=fut.wrapped_future, task_run_id=fut.task_run_id)
+        fut = CrashAwareDaskFuture(wrapped_future=fut.wrapped_future, task_run_id=fut.task_run_id)
+        self._submitted.append(fut)
+        return fut
+
+    def __enter__(self):
+        self._submitted: list[CrashAwareDaskFuture] = []
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        try:
+            super().__exit__(*args)
+        finally:
+            _settle_task_runs(getattr(self, "_submitted", []))
 
     def duplicate(self):
         return type(self)(settings=self.settings, settings_from=self.settings_from)
