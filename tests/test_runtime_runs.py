@@ -73,7 +73,12 @@ def _wait(pred, timeout: float, what: str, step: float = 0.5):
 
 
 def _apply(flow, name: str, parameters: dict):
-    return flow.to_deployment(name=name, parameters=parameters).apply()
+    """Register a deployment whose entrypoint is the flow's module path (``flows.multimodal:...``): a
+    file-path entrypoint is loaded as a top-level module (``multimodal``) that the processes of an
+    external Dask cluster cannot import when they unpickle the run's context."""
+    from prefect.deployments.runner import EntrypointType
+
+    return flow.to_deployment(name=name, parameters=parameters, entrypoint_type=EntrypointType.MODULE_PATH).apply()
 
 
 def _execute(run_id, timeout: float = 600) -> subprocess.CompletedProcess:
