@@ -82,7 +82,8 @@ def test_rerun_skips_done_work(aerial_run):
     assert counts.get("megadepth skipped") == 5 and "megadepth done" not in counts
     meta = json.loads((root / "data" / "0001" / "0001.json").read_text())
     assert len(meta["frames"]) == 24
-    assert again["scenes"]["0001"]["counts"]["photos registered"] == counts["photos registered"]
+    # the rerun re-uses the registration of the first run: same photos, same count
+    assert counts["photos registered"] == result["scenes"]["0001"]["counts"]["photos registered"]
 
 
 def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
@@ -96,11 +97,15 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
     product = root / "data" / "0001" / "sfm_output_localization" / "sfm_sift+mnn" / "localized_dense_metric"
     assert (product / "sparse-txt" / "cameras.txt").exists()
     n_reg = rep["counts"]["photos registered"]
-    assert n_reg >= 3
+    # this small world (24 frames, 5 photos, 480x360) registers 4 of 5 photos with a median
+    # rotation error of 0.38 deg (max 0.71) and centre error 0.31 m (pipeline run directly,
+    # the same stages); limits about 2x the measured figures
+    assert n_reg >= 4
     assert len(list((product / "images").iterdir())) == 24 + n_reg
     assert rep["counts"]["depth maps"] == 24 + n_reg == len(list((product / "depths").glob("*.h5")))
     acc = rep["accuracy"]["poses"]
-    assert acc["photos registered"] == n_reg and acc["median rotation error deg"] < 1.0
+    assert acc["photos registered"] == n_reg and acc["median rotation error deg"] < 0.75
+    assert acc["max rotation error deg"] < 1.4 and acc["median centre error m"] < 0.6
     assert json.loads((root / "data" / "0001" / "accuracy.json").read_text())["poses"]["photos registered"] == n_reg
     for stage in ("features", "matches", "reference", "localization", "dense", "export"):
         assert stage in rep["timings"]
