@@ -311,10 +311,12 @@ def test_killed_worker_task_retried_same_output(tmp_path):
         pids = client.run(os.getpid)
         cfg = MultimodalConfig(**smoke(tmp_path / "hit", n_tiles=12, dask={"address": cluster.scheduler_address},
                                        source_options={"latency_s": 0.3})["config"])
+        import contextvars
         import threading
 
         box = {}
-        t = threading.Thread(target=lambda: box.setdefault("r", multimodal_flow(config=cfg)))
+        ctx = contextvars.copy_context()  # the Prefect settings (API URL) of this test's server
+        t = threading.Thread(target=lambda: box.setdefault("r", ctx.run(multimodal_flow, config=cfg)))
         t.start()
 
         def busy():
