@@ -1,17 +1,23 @@
 """Aerial-ground scenes flow (AerialMegaDepth).
 
-Stages: synthetic world (embedded default, only when no data is given)
+Stages: planning (camera paths for the places given: ``plans/<scene>.esp`` to render in
+Earth Studio and ``plans/<scene>.plan.json``) -> synthetic world (embedded default,
+rendered from its own plan, only when no data is given)
 -> Earth Studio ingest per scene -> MegaDepth preprocessing per image
 -> features (fanned out) -> pairs (poses, retrieval) -> matches (fanned out)
 -> reference triangulation -> localization of the photos -> dense depth
 (GPU PatchMatch on GPU-tagged workers, else the CPU backend, per image)
--> export of ``localized_dense_metric/`` -> accuracy (when ground truth exists)
+-> export of ``localized_dense_metric/`` -> training exports (covisibility blocks over
+the workers, scene info, pair lists, index) -> accuracy (when ground truth exists)
 -> a report per scene. Scenes run side by side; every stage is skipped on a
 rerun when its outputs are complete.
 
     python -m flows.aerial                                   # the embedded synthetic world
     python -m flows.aerial --root /data/aerial --megadepth /data/MegaDepth \\
         --scene-list megadepth_image_list_v0.npz --scenes 0001 0002
+    python -m flows.aerial --root /data/aerial --places places.yaml --plan-only   # plans only
+
+A scene that fails makes the command exit with status 1 after the other scenes finish.
 """
 
 from __future__ import annotations
@@ -57,6 +63,16 @@ class AerialConfig(BaseModel):
                                              "e.g. {'dense': {'backend': 'cpu'}, 'retrieval_num': 30}")
     dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
     fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
+    places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
+                                                 "ground_altitude, radius): writes ROOT/plans/<scene>.esp and .plan.json")
+    trajectory: str = Field("spiral+streets", description="named trajectory configuration of the planning stage "
+                                                          "(tasks.aerial.plan.TRAJECTORIES)")
+    trajectory_options: dict[str, Any] = Field(default_factory=dict, description="overrides of that trajectory, "
+                                               "e.g. {'frames': 150, 'fov': 40, 'spiral_altitudes': [400, 60]}")
+    plan_only: bool = Field(False, description="only plan: render the .esp projects in Earth Studio, then rerun")
+    exports: dict[str, Any] = Field(default_factory=dict, description="training exports settings "
+                                    "(tasks.aerial.training_export.ExportConfig), e.g. {'root': '/data/train', "
+                                    "'covisibility': {'rel_tolerance': 0.1}}")
     dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
     dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
 
@@ -85,7 +101,7 @@ class AerialConfig(BaseModel):
 
         p = self.paths()
         has_data = (p["root"] / "downloaded_data").is_dir()
-        if not has_data and not self.synthetic:
+        if not has_data and not self.synthetic and not self.places:
             raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
                               "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
         if has_data:
@@ -128,6 +144,16 @@ def world_task(root: str, options: dict[str, Any]) -> str:
     return str(info.scene) if hasattr(info, "scene") else "0001"
 
 
+@task(name="plan", cache_policy=NO_CACHE, tags=["aerial", "plan"])
+def plan_task(root: str, place, trajectory):
+    from tasks.aerial.plan import plan_scene
+
+    res = plan_scene(Path(root), place, trajectory)
+    get_run_logger().info("scene %s: plan of %d cameras%s: %s", place.scene, res.cameras,
+                          " (up to date)" if res.skipped else "", res.esp)
+    return res
+
+
 @task(name="earth-studio-ingest", cache_policy=NO_CACHE, tags=["aerial", "ingest"], retries=1)
 def ingest_task(root: str, scene: str):
     from tasks.aerial.earthstudio import ingest_scene
@@ -136,8 +162,11 @@ def ingest_task(root: str, scene: str):
     logger = get_run_logger()
     logger.info("scene %s: %d frames%s, %d skipped", scene, res.frames_written,
                 " (up to date)" if res.skipped_scene else "", len(res.frames_skipped))
-    for idx, reason in sorted(res.frames_skipped.items(), key=lambda kv: int(kv[0]))[:20]:
-        logger.warning("scene %s frame %s: %s", scene, idx, reason)
+    problems = res.problems()  # a damaged video once, not once per missing frame
+    for item, reason in problems[:20]:
+        logger.warning("scene %s %s: %s", scene, item, reason)
+    if len(problems) > 20:
+        logger.warning("scene %s: %d more problems in the report", scene, len(problems) - 20)
     return res
 
 
@@ -248,6 +277,37 @@ def export_task(paths):
     from tasks.aerial import pipeline as PL
 
     return PL.export_product(paths)
+
+
+@task(name="covisibility-plan", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def covis_plan_task(product: str, work: str, ecfg):
+    from tasks.aerial import covisibility as C
+
+    return C.plan(Path(product), Path(work), ecfg.covisibility)
+
+
+@task(name="covisibility-block", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def covis_block_task(plan, index: int, ecfg):
+    from tasks.aerial import covisibility as C
+
+    t0 = time.monotonic()
+    C.run_block(plan, index, ecfg.covisibility)
+    return time.monotonic() - t0
+
+
+@task(name="training-export-scene", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def training_scene_task(export: str, paths, plan, ecfg, features: dict):
+    from tasks.aerial import training_export as T
+
+    return T.export_scene(Path(export), paths.scene, paths.product, T.reference_names(paths.scene_dir), plan,
+                          ecfg, features)
+
+
+@task(name="training-export-index", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def training_index_task(export: str, ecfg):
+    from tasks.aerial import training_export as T
+
+    return T.export_dataset(Path(export), None, ecfg)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, tags=["aerial"])
@@ -446,12 +506,50 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
         reports[s].counts.update(res[s][0])
         reports[s].outputs["product"] = str(paths[s].product)
 
+    run_training_exports(config, p, paths, alive, reports, cfg)
+
     with_gt = [s for s in alive if (paths[s].ground_truth / "sparse").is_dir()]
     res = timed("evaluate", lambda: _results({evaluate_task.submit(paths[s], sorted(infos[s]["queries"])): s
                                               for s in with_gt}, reports, "evaluate"))
     accuracy = {s: res[s][0] for s in with_gt if not failed(s, res)}
     return {"paths": paths, "accuracy": accuracy, "backend": backend, "dense workers": workers_used,
             "config": cfg.name}
+
+
+def run_training_exports(config: "AerialConfig", p: dict, paths: dict, scenes: list[str], reports: dict, cfg) -> None:
+    """Scene info, dense covisibility (candidate pairs in blocks over the workers), pair
+    lists and layouts per scene, then the dataset index (tasks/aerial/training_export.py)."""
+    from tasks.aerial import training_export as T
+
+    ecfg = T.export_config(**config.exports)
+    export = Path(ecfg.root).expanduser().resolve() if ecfg.root else p["root"] / "training"
+    features = {"pipeline": cfg.name, "features": cfg.features, "matcher": cfg.matcher,
+                "retrieval": cfg.retrieval, "sfm folder": paths[scenes[0]].sfm.name if scenes else None,
+                "dense backend": reports[scenes[0]].counts.get("dense backend") if scenes else None}
+    t0 = time.monotonic()
+    plans = _results({covis_plan_task.submit(str(paths[s].product), str(T.covisibility_work(export, s)), ecfg): s
+                      for s in scenes}, reports, "covisibility")
+    plans = {s: r[0] for s, r in plans.items() if not isinstance(r[0], Exception)}
+    futs = {covis_block_task.submit(pl, k, ecfg): s for s, pl in plans.items() for k in pl.missing_blocks()}
+    blocks = _results(futs, reports, "covisibility")
+    ok = [s for s in plans if not any(isinstance(r, Exception) for r in blocks.get(s, []))]
+    for s in ok:
+        reports[s].counts.update({f"covisibility {k}": v for k, v in plans[s].counts.items()})
+        reports[s].timings["covisibility"] = time.monotonic() - t0
+    t1 = time.monotonic()
+    done = _results({training_scene_task.submit(str(export), paths[s], plans[s], ecfg, features): s for s in ok},
+                    reports, "training export")
+    for s, r in done.items():
+        if not isinstance(r[0], Exception):
+            reports[s].timings["training export"] = time.monotonic() - t1
+            reports[s].outputs["training export"] = str(export)
+            reports[s].counts.update({f"pairs {k}": v["pairs"] for k, v in r[0]["ranges"].items()})
+    if done:
+        try:
+            training_index_task(str(export), ecfg)
+        except Exception as exc:  # noqa: BLE001 - the scenes' files stay; the index is rebuilt next run
+            for s in done:
+                reports[s].problem("index.json", "training export", f"{type(exc).__name__}: {exc}")
 
 
 def _n_workers() -> int:
@@ -482,10 +580,20 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
 
     logger = get_run_logger()
     p = config.paths()
-    if config.synthetic and not (p["root"] / "downloaded_data").is_dir():
+    plans = run_planning(config, p["root"]) if config.places else {}
+    plan_failed = {s: f"plan: {r['error']}" for s, r in plans.items() if "error" in r}
+    if config.plan_only:
+        return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": plan_failed}
+    if config.synthetic and not config.places and not (p["root"] / "downloaded_data").is_dir():
         world_task(str(p["root"]), config.world_options)
     exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
     scenes = [s for s in exports if not config.scenes or s in config.scenes]
+    waiting = sorted(s for s, r in plans.items() if "error" not in r and s not in exports)
+    for s in waiting:
+        logger.info("scene %s is planned but not rendered yet: import %s in Earth Studio, render, and put "
+                    "%s.mp4 and %s.json in %s", s, plans[s]["esp"], s, s, p["root"] / "downloaded_data")
+    if not scenes and plans:  # planned, nothing rendered yet: the plans are the result
+        return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": plan_failed}
     if not scenes:
         raise FileNotFoundError(f"{p['root'] / 'downloaded_data'}: no Earth Studio export (<scene>.json + .mp4)")
     reports: dict[str, RunReport] = {s: RunReport(title=f"aerial scene {s}") for s in scenes}
@@ -505,8 +613,12 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         ingested[s] = res
         reports[s].counts.update({"video frames": res.video_frames, "camera entries": res.camera_entries,
                                   "frames": res.frames_written, "frames skipped": len(res.frames_skipped)})
-        for idx, reason in res.frames_skipped.items():
-            reports[s].problem(f"frame {idx}", "ingest", reason)
+        for item, reason in res.problems():
+            reports[s].problem(f"{s} video" if item == "video" else item, "ingest", reason)
+        if res.plan_check:
+            reports[s].notes.append(plan_check_note(res.plan_check))
+            if not plan_check_ok(res.plan_check):
+                reports[s].problem(f"{s} plan", "ingest", plan_check_note(res.plan_check))
     for r in reports.values():
         r.timings["ingest"] = time.monotonic() - t0
 
@@ -554,6 +666,24 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     out: dict[str, Any] = {"root": str(p["root"]), "scenes": {}, "dense backend": staged["backend"],
                            "pipeline": staged["config"],
                            "dense workers": {s: sorted(w for w in ws if w) for s, ws in staged["dense workers"].items()}}
+    from tasks.aerial.stale import clear_stale, mark_stale
+
+    failed: dict[str, str] = {}
+    for s, report in reports.items():
+        why = scene_failure(s, report)
+        product = report.outputs.get("product")
+        if product:
+            clear_stale(product)
+        if s in ingested:
+            clear_stale(p["root"] / "data" / s)
+        if why:
+            failed[s] = why
+            current = [Path(product)] if product else []
+            for path in mark_stale(p["root"], s, why, ingest_failed=s not in ingested, current=current):
+                report.problem(path, "stale", "made by an earlier run and marked STALE: this run failed for the "
+                                              "scene, so it does not reflect the current inputs")
+    out["failed"] = {**plan_failed, **failed}
+    out["plans"] = plans
     for s, report in reports.items():
         acc = staged["accuracy"].get(s)
         table = None
@@ -567,6 +697,7 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         png = scene_picture(p, s, staged["paths"].get(s))
         folder = p["root"] / "data" / s
         report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{s}.json"),
+                               "ingest record": str(folder / "ingest.json"),
                                "reference model": str(folder / "sfm_output_localization" / "reference_empty"),
                                "megadepth": str(p["megadepth_out"] / s)})
         report.write(folder, png, png_name="overview.png")
@@ -581,6 +712,65 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     return out
 
 
+def run_planning(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
+    """The planning stage for every place: ``{scene: {"esp", "plan", "cameras"} or {"error"}}``.
+    A bad place or trajectory is reported for its scene; the other places are still planned."""
+    from tasks.aerial import plan as planning
+
+    logger = get_run_logger()
+    errors: list[tuple[str, str]] = []
+    places = planning.load_places(config.places, errors=errors)
+    out: dict[str, dict[str, Any]] = {scene: {"error": why} for scene, why in errors}
+    try:
+        trajectory = planning.get_trajectory(config.trajectory, **config.trajectory_options)
+    except planning.PlanError as exc:
+        for pl in places:
+            out[pl.scene] = {"error": str(exc)}
+        places = []
+    futs = {plan_task.submit(str(root), pl, trajectory): pl.scene for pl in places}
+    for fut in as_completed(list(futs)):
+        scene = futs[fut]
+        try:
+            res = fut.result()
+            out[scene] = {"esp": str(res.esp), "plan": str(res.plan), "cameras": res.cameras}
+        except Exception as exc:  # noqa: BLE001 - one bad place never sinks the others
+            out[scene] = {"error": f"{type(exc).__name__}: {exc}"}
+    for scene, r in sorted(out.items()):
+        if "error" in r:
+            logger.error("scene %s: not planned: %s", scene, r["error"])
+    return out
+
+
+def plan_check_ok(check: dict[str, Any], position_m: float = 1.0, rotation_deg: float = 0.2) -> bool:
+    """An export lies on its plan: every camera within ``position_m`` and ``rotation_deg``."""
+    if "error" in check or not check.get("cameras compared"):
+        return False
+    return (check["max position difference m"] <= position_m and check["max rotation difference deg"] <= rotation_deg
+            and check["max fov difference deg"] <= 0.01)
+
+
+def plan_check_note(check: dict[str, Any]) -> str:
+    if "error" in check:
+        return f"the scene's plan could not be read: {check['error']}"
+    verdict = "matches" if plan_check_ok(check) else "DIFFERS FROM"
+    return (f"Earth Studio export {verdict} its plan: {check['cameras compared']} of {check['planned cameras']} "
+            f"planned cameras compared, worst {check['max position difference m']:.3g} m, "
+            f"{check['max rotation difference deg']:.3g} deg, fov {check['max fov difference deg']:.3g} deg"
+            + ("" if plan_check_ok(check) else "; check the Earth Studio import (altitudes, camera target) by eye"))
+
+
+def scene_failure(scene: str, report: RunReport) -> str | None:
+    """Why a scene counts as failed (exit status 1), None when it did not: a stage failed for
+    the whole scene, no product was made, or its video is damaged."""
+    whole = [f"{p['stage']}: {p['reason']}" for p in report.problems
+             if p["item"] in (scene, f"{scene} video")]
+    if whole:
+        return "; ".join(whole)
+    if not report.outputs.get("product"):
+        return "no product was made"
+    return None
+
+
 def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
     """A ground photo, its depth map, and the registered photos' cameras over the reference
     cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth."""
@@ -590,10 +780,11 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    meta_path = p["root"] / "data" / scene / f"{scene}.json"
-    if not meta_path.exists():
+    from tasks.aerial.earthstudio import read_record
+
+    meta = read_record(p["root"], scene)
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
     frames = meta.get("frames") or []
     product = sp.product if sp is not None else None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=90, layout="constrained")
@@ -675,14 +866,25 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     ap.add_argument("--dense-backend", choices=["auto", "cpu", "gpu"], default="auto",
                     help="auto: GPU PatchMatch when a Dask worker declares GPU, else CPU")
     ap.add_argument("--no-synthetic", action="store_true", help="never generate the synthetic world")
+    ap.add_argument("--places", help="places to plan (JSON/YAML list: scene, latitude, longitude, ground_altitude, "
+                                     "radius): writes ROOT/plans/<scene>.esp and <scene>.plan.json")
+    ap.add_argument("--trajectory", default="spiral+streets",
+                    help="named trajectory configuration: spiral+streets (default), spiral, orbit, streets")
+    ap.add_argument("--trajectory-options", type=json.loads, default={},
+                    help='JSON overrides of the trajectory, e.g. \'{"frames": 150, "fov": 40}\'')
+    ap.add_argument("--plan-only", action="store_true",
+                    help="only the planning stage: render the plans in Earth Studio, then run again")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any field (VALUE parsed as JSON when possible), e.g. dask.n_workers=2 "
                          "or dask_block=slurm")
     a = ap.parse_args(argv)
+    if a.plan_only and not a.places:
+        ap.error("--plan-only needs --places")
     values: dict[str, Any] = {
         "root": a.root, "megadepth": a.megadepth, "megadepth_out": a.megadepth_out, "scene_list": a.scene_list,
         "scenes": a.scenes or None, "synthetic": not a.no_synthetic, "pipeline": a.pipeline,
-        "pipeline_options": {"dense": {"backend": a.dense_backend}}}
+        "pipeline_options": {"dense": {"backend": a.dense_backend}}, "places": a.places,
+        "trajectory": a.trajectory, "trajectory_options": a.trajectory_options, "plan_only": a.plan_only}
     if a.workers is not None:
         values["dask"] = {"n_workers": a.workers}
     return build(AerialConfig, merge(values, parse_sets(a.set)))
@@ -703,6 +905,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BUSY
     print(f"\nAerial outputs under {result['root']}")
+    for scene, r in sorted(result.get("plans", {}).items()):
+        print(f"  plan {scene}: " + (f"NOT PLANNED: {r['error']}" if "error" in r else
+                                     f"{r['cameras']} cameras, Earth Studio project {r['esp']}"))
+    if not result["scenes"]:
+        if result.get("plans"):
+            print("Import each .esp in Earth Studio (File > Import > Earth Studio Project), check the first one by "
+                  "eye, render the video and the 3D camera tracking JSON (Global), put <scene>.mp4 and <scene>.json "
+                  f"in {Path(result['root']) / 'downloaded_data'}, and run the flow again (without --plan-only).")
+        return 1 if result["failed"] else 0
     print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
     from tasks.aerial.evaluate import summary_rows
 
@@ -716,7 +927,9 @@ def main(argv: list[str] | None = None) -> int:
             print("    accuracy against ground truth:")
             for m, v, g in summary_rows(rep["accuracy"]):
                 print(f"      {m:<34} {v:<60} goal {g}")
-    return 0
+    for scene, why in result.get("failed", {}).items():
+        print(f"FAILED scene {scene}: {why}", file=sys.stderr)
+    return 1 if result.get("failed") else 0
 
 
 if __name__ == "__main__":

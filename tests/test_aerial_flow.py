@@ -80,8 +80,9 @@ def test_rerun_skips_done_work(aerial_run):
     again = aerial_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=2)))(config=cfg)
     counts = again["scenes"]["0001"]["counts"]
     assert counts.get("megadepth skipped") == 5 and "megadepth done" not in counts
-    meta = json.loads((root / "data" / "0001" / "0001.json").read_text())
+    meta = json.loads((root / "data" / "0001" / "ingest.json").read_text())  # the project's own record
     assert len(meta["frames"]) == 24
+    assert len(json.loads((root / "data" / "0001" / "0001.json").read_text())["cameraFrames"]) == 24
     # the rerun re-uses the registration of the first run: same photos, same count
     assert counts["photos registered"] == result["scenes"]["0001"]["counts"]["photos registered"]
 
@@ -152,3 +153,23 @@ def test_dense_tasks_land_on_the_gpu_worker(aerial_run, monkeypatch):
     assert calls == [gpu.address]
     assert again["dense workers"]["0001"] == [gpu.address]
     assert any("declare GPU" in n for n in again["scenes"]["0001"]["notes"])
+
+
+def test_flow_writes_training_exports(aerial_run):
+    """The flow's training exports (covisibility blocks over the Dask workers, then the
+    scene files and the dataset index) load as the readers load them."""
+    from tasks.aerial.training_export import export_config
+    from tests.test_aerial_exports import check_pair_files, check_scene_info
+
+    cfg, root, result = aerial_run
+    rep = result["scenes"]["0001"]
+    export = root / "training"
+    assert rep["outputs"]["training export"] == str(export)
+    assert rep["counts"]["covisibility candidate pairs"] <= rep["counts"]["covisibility all pairs"]
+    assert "covisibility" in rep["timings"] and "training export" in rep["timings"]
+    product = root / "data" / "0001" / "sfm_output_localization" / "sfm_sift+mnn" / "localized_dense_metric"
+    check_scene_info(export, "0001", product)
+    check_pair_files(export, "0001", export_config())
+    index = json.loads((export / "index.json").read_text())
+    assert index["features used"][0]["pipeline"] == "sift+mnn"
+    assert index["features used"][0]["sfm folder"] == "sfm_sift+mnn"

@@ -380,3 +380,68 @@ def test_scene_without_photos_still_gives_the_aerial_product(small, tmp_path):
     model = pycolmap.Reconstruction(str(paths.product / "sparse-txt"))
     assert model.num_reg_images() == 24
     assert out["export"]["product depths"] == 2
+
+
+# ----------------------------------------------------------------------------- training exports (issue 15)
+
+
+@pytest.fixture(scope="module")
+def training(demo, tmp_path_factory):
+    """The training exports of the demo scene (tasks/aerial/training_export.py)."""
+    from tests.test_aerial_exports import run_exports
+
+    export = tmp_path_factory.mktemp("training")
+    return {"export": export, **run_exports(export, demo["paths"])}
+
+
+def test_training_files_load_as_the_readers_load_them(demo, training):
+    from tests.test_aerial_exports import check_pair_files, check_scene_info
+
+    export, paths = training["export"], demo["paths"]
+    info = check_scene_info(export, paths.scene, paths.product)
+    assert len(info["image_paths"]) == 48 + 16
+    # the demo has depth for every photo and every third frame: the others are None
+    assert sum(d is not None for d in info["depth_paths"]) == training["entry"]["images with depth"] >= 24
+    out = check_pair_files(export, paths.scene, training["config"])
+    assert out["aerial-ground"] > 0  # aerial-ground pairs exist and are marked
+    assert (export / "pictures" / f"{paths.scene}_covisibility.png").read_bytes()[:4] == b"\x89PNG"
+    assert training["entry"]["picture pair"]["score"] > 0.1
+
+
+def test_training_covisibility_against_ground_truth(demo, training):
+    """The covisibility of every candidate pair against the same quantity recomputed from
+    the true poses and the true depths (on the pixels where the product has depth, so
+    that coverage, which the dense stage owns, is not what is measured here)."""
+    from tasks.aerial import covisibility as C
+
+    plan, cfg = training["plan"], training["config"].covisibility
+    est, _ = C.matrices(plan)
+    gt, _ = C.ground_truth_matrices(plan, demo["paths"].ground_truth, cfg, on_estimate_support=True)
+    ij = np.array(plan.pairs)
+    i, j = np.r_[ij[:, 0], ij[:, 1]], np.r_[ij[:, 1], ij[:, 0]]
+    keep = gt[i, j] >= 0
+    diff = np.abs(est[i, j] - gt[i, j])[keep]
+    assert keep.sum() > 50
+    # measured on the demo: mean 0.0077, p90 0.0199 (docs/benchmarks.md); thresholds 2x measured.
+    # A 0.5 degree rotation error added to every product pose gives mean 0.040 / p90 0.13 (fails).
+    assert diff.mean() < 0.016, diff.mean()
+    assert np.percentile(diff, 90) < 0.04
+    # pairs the product calls overlapping overlap in truth, and the reverse
+    assert np.corrcoef(est[i, j][keep], gt[i, j][keep])[0, 1] > 0.9
+
+
+def test_training_export_resumes(demo, training):
+    from tasks.aerial import covisibility as C
+    from tests.test_aerial_exports import run_exports
+
+    export, plan = training["export"], training["plan"]
+    files = plan.block_files()
+    mtimes = {f: f.stat().st_mtime_ns for f in files}
+    again = C.plan(demo["paths"].product, plan.work, training["config"].covisibility)
+    assert again.key == plan.key and again.pairs == plan.pairs and not again.missing_blocks()
+    files[0].unlink()  # a run killed during the blocks: only that block is computed again
+    assert again.missing_blocks() == [0]
+    out = run_exports(export, demo["paths"])
+    assert out["entry"].get("skipped")  # same product and settings: the scene files are kept
+    assert {f: f.stat().st_mtime_ns for f in files[1:]} == {f: mtimes[f] for f in files[1:]}
+    np.testing.assert_array_equal(C.matrices(out["plan"])[0], C.matrices(plan)[0])
