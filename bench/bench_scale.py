@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import shutil
 import subprocess
@@ -115,7 +114,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the output folder")
     args = ap.parse_args()
 
-    from tasks.common.runtime import DaskConfig, local_prefect_server, make_task_runner
+    from tasks.common.runtime import DaskSettings, local_prefect_server, make_task_runner
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_scale_"))
     shutil.rmtree(out, ignore_errors=True)
@@ -152,7 +151,7 @@ def main() -> int:
             for label in ("first run", "rerun, all done"):
                 c0, w0 = _self_cpu(), mem.cpu_of("dask")
                 t0 = time.perf_counter()
-                runner = make_task_runner(DaskConfig(n_workers=args.workers, threads_per_worker=1))
+                runner = make_task_runner(DaskSettings(n_workers=args.workers, threads_per_worker=1))
                 result = multimodal_flow.with_options(task_runner=runner)(config=cfg)
                 wall = time.perf_counter() - t0
                 time.sleep(1.0)  # a last CPU sample of the workers before they are gone

@@ -33,11 +33,13 @@ from typing import Any, Literal
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
-from tasks.common.runtime import DaskConfig, local_prefect_server, make_task_runner
+from tasks.common.cli import EXIT_CONFIG, ConfigError, build, merge, parse_sets
+from tasks.common.runlock import EXIT_BUSY, OutputBusy, exclusive_output
+from tasks.common.runtime import DaskSettings, load_dask_block, local_prefect_server, make_task_runner
 from tasks.common.forms import grouped_titles
 
 
@@ -49,11 +51,12 @@ DenseBackend = Literal["auto", "cpu", "gpu"]
 class AerialConfig(BaseModel):
     """Where the inputs are and where the outputs go (paths as the contract's layout)."""
 
-    model_config = ConfigDict(field_title_generator=grouped_titles({
+    # a misspelt key is an error, never silently ignored; form labels read "Group · field"
+    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
         "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
         "Synthetic world": ["synthetic", "world_options"],
         "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],
-        "Cluster": ["image_batch", "dense_batch", "fan_out", "n_workers", "dask", "dask_block"],
+        "Cluster": ["image_batch", "dense_batch", "fan_out", "dask", "dask_block"],
         "Planning": ["places", "trajectory", "trajectory_options", "plan_only"],
         "Training exports": ["exports"],
     }))
@@ -80,7 +83,6 @@ class AerialConfig(BaseModel):
                                              "settings, e.g. {\"retrieval_num\": 30, \"dense\": {\"num_sources\": 6}}")
     dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
     fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
-    n_workers: int | None = Field(None, description="local Dask worker processes (default: CPU count)")
     places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
                                                  "ground_altitude, radius): writes ROOT/plans/<scene>.esp and .plan.json")
     trajectory: str = Field("spiral+streets", description="named trajectory configuration of the planning stage "
@@ -91,6 +93,53 @@ class AerialConfig(BaseModel):
     exports: dict[str, Any] = Field(default_factory=dict, description="training exports settings "
                                     "(tasks.aerial.training_export.ExportConfig), e.g. {'root': '/data/train', "
                                     "'covisibility': {'rel_tolerance': 0.1}}")
+    dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
+    dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
+
+    def dask_settings(self) -> DaskSettings:
+        """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
+        return load_dask_block(self.dask_block) if self.dask_block else self.dask
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "AerialConfig":
+        from tasks.aerial import pipeline as PL
+
+        try:
+            PL.get_config(self.pipeline, **self.pipeline_options)
+        except (KeyError, TypeError, ValueError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(f"pipeline {self.pipeline!r} with pipeline_options {self.pipeline_options}: {msg}") from None
+        if self.scenes is not None and not all(isinstance(x, str) and x.strip() for x in self.scenes):
+            raise ValueError(f"scenes {self.scenes} must be non-empty scene ids such as '0001'")
+        return self
+
+    def check_inputs(self) -> None:
+        """Check the root, MegaDepth folder and scene list this configuration names; raise one
+        :class:`ConfigError` naming the path on the first mistake. Cheap: run it before starting any
+        server or cluster."""
+        from tasks.aerial import megadepth
+
+        p = self.paths()
+        has_data = (p["root"] / "downloaded_data").is_dir()
+        if not has_data and not self.synthetic and not self.places:
+            raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
+                              "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
+        if has_data:
+            exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
+            unknown = sorted(set(self.scenes or []) - set(exports))
+            if unknown:
+                raise ConfigError(f"scenes {unknown} have no Earth Studio export in {p['root'] / 'downloaded_data'}"
+                                  f" (exports: {exports[:10]}); fix scenes or the root")
+        if self.megadepth and not p["megadepth"].is_dir():
+            raise ConfigError(f"megadepth {p['megadepth']}: not a folder; give the raw MegaDepth root")
+        if self.scene_list or p["scene_list"].exists():
+            try:
+                entries = megadepth.load_scene_list(p["scene_list"])
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"scene_list: {exc}") from None
+            if self.scenes and has_data and not {e.scene for e in entries} & set(self.scenes):
+                raise ConfigError(f"scene_list {p['scene_list']} has no entry for scenes {self.scenes}; "
+                                  "check the scene ids")
 
     def paths(self) -> dict[str, Path]:
         root = Path(self.root).expanduser().resolve()
@@ -546,7 +595,16 @@ def _n_workers() -> int:
 # --------------------------------------------------------------------------
 # the flow
 # --------------------------------------------------------------------------
-@flow(name="aerial", task_runner=make_task_runner(), log_prints=True)
+def _dask_settings(parameters: dict[str, Any]) -> DaskSettings:
+    """The cluster of a run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
+    config = parameters.get("config")
+    if not isinstance(config, AerialConfig):
+        config = AerialConfig.model_validate(config or {})
+    return config.dask_settings()
+
+
+@flow(name="aerial", task_runner=make_task_runner(settings_from=_dask_settings), log_prints=True)
+@exclusive_output(lambda config=None: (config or AerialConfig()).paths()["root"], "aerial root")
 def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     from tasks.aerial import megadepth
 
@@ -825,6 +883,7 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
 
 
 def parse_args(argv: list[str] | None = None) -> AerialConfig:
+    """The configuration from the flags and ``--set`` overrides (raises :class:`ConfigError`)."""
     ap = argparse.ArgumentParser(prog="python -m flows.aerial", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="output/aerial")
@@ -832,7 +891,7 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     ap.add_argument("--megadepth-out")
     ap.add_argument("--scene-list")
     ap.add_argument("--scenes", nargs="*")
-    ap.add_argument("--workers", type=int)
+    ap.add_argument("--workers", type=int, help="local Dask workers (as --set dask.n_workers=N)")
     ap.add_argument("--pipeline", default="sift+mnn", help="sift+mnn (default, CPU) or superpoint+superglue (hloc)")
     ap.add_argument("--dense-backend", choices=["auto", "cpu", "gpu"], default="auto",
                     help="auto: GPU PatchMatch when a Dask worker declares GPU, else CPU")
@@ -845,22 +904,36 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
                     help='JSON overrides of the trajectory, e.g. \'{"frames": 150, "fov": 40}\'')
     ap.add_argument("--plan-only", action="store_true",
                     help="only the planning stage: render the plans in Earth Studio, then run again")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any field (VALUE parsed as JSON when possible), e.g. dask.n_workers=2 "
+                         "or dask_block=slurm")
     a = ap.parse_args(argv)
     if a.plan_only and not a.places:
         ap.error("--plan-only needs --places")
-    return AerialConfig(root=a.root, megadepth=a.megadepth, megadepth_out=a.megadepth_out, scene_list=a.scene_list,
-                        scenes=a.scenes or None, synthetic=not a.no_synthetic, n_workers=a.workers,
-                        pipeline=a.pipeline, dense_backend=a.dense_backend,
-                        places=a.places, trajectory=a.trajectory, trajectory_options=a.trajectory_options,
-                        plan_only=a.plan_only)
+    values: dict[str, Any] = {
+        "root": a.root, "megadepth": a.megadepth, "megadepth_out": a.megadepth_out, "scene_list": a.scene_list,
+        "scenes": a.scenes or None, "synthetic": not a.no_synthetic, "pipeline": a.pipeline,
+        "dense_backend": a.dense_backend, "places": a.places,
+        "trajectory": a.trajectory, "trajectory_options": a.trajectory_options, "plan_only": a.plan_only}
+    if a.workers is not None:
+        values["dask"] = {"n_workers": a.workers}
+    return build(AerialConfig, merge(values, parse_sets(a.set)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    try:  # every setting and input path checked before any server or cluster starts
+        config = parse_args(argv)
+        config.check_inputs()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     with local_prefect_server() as server:
         print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
-        runner = make_task_runner(DaskConfig(n_workers=config.n_workers))
-        result = aerial_flow.with_options(task_runner=runner)(config=config)
+        try:
+            result = aerial_flow(config=config)
+        except OutputBusy as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BUSY
     print(f"\nAerial outputs under {result['root']}")
     for scene, r in sorted(result.get("plans", {}).items()):
         print(f"  plan {scene}: " + (f"NOT PLANNED: {r['error']}" if "error" in r else

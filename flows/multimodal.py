@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import ValidationError
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.common.atomic import remove_partials, write_json_atomic
 from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunReport, tiles_map_png
+from tasks.common.cli import EXIT_CONFIG, ConfigError, parse_sets
+from tasks.common.runlock import EXIT_BUSY, OutputBusy, exclusive_output
 from tasks.common.runtime import local_prefect_server, make_task_runner
 from tasks.common.window import run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
@@ -177,7 +178,16 @@ def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], 
     return [convert.part_summary(p) for p in done_parts], refetched
 
 
-@flow(name="multimodal", task_runner=make_task_runner(), log_prints=True)
+def _dask_settings(parameters: dict[str, Any]):
+    """The cluster of a run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
+    config = parameters.get("config")
+    if not isinstance(config, MultimodalConfig):
+        config = MultimodalConfig.model_validate(config or {})
+    return config.dask_settings()
+
+
+@flow(name="multimodal", task_runner=make_task_runner(settings_from=_dask_settings), log_prints=True)
+@exclusive_output(lambda config=None: (config or MultimodalConfig()).dataset_dir, "dataset folder")
 def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, Any]:
     """Build an MMEarth-compatible dataset into ``config.output_dir/config.name``."""
     logger = get_run_logger()
@@ -320,42 +330,31 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
 # --------------------------------------------------------------------------
 # Local entry point
 # --------------------------------------------------------------------------
-def _parse_value(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
 def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
+    """The configuration named by ``--config`` with ``--set`` overrides (raises :class:`ConfigError`)."""
     ap = argparse.ArgumentParser(prog="python -m flows.multimodal", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="default", choices=sorted(CONFIGS), help="named configuration")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field (VALUE parsed as JSON when possible), e.g. n_tiles=500 or dask.n_workers=4")
     args = ap.parse_args(argv)
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        node = overrides
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _parse_value(value)
-    try:
-        return get_config(args.config, **overrides)
-    except ValidationError as exc:
-        ap.error(f"invalid configuration: {exc}")
+    return get_config(args.config, **parse_sets(args.set))
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    try:  # every setting and input file checked before any server or cluster starts
+        config = parse_args(argv)
+        config.check_inputs()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     with local_prefect_server() as server:
         print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
-        runner = make_task_runner(config.dask_settings().to_runtime())
-        result = multimodal_flow.with_options(task_runner=runner)(config=config)
+        try:
+            result = multimodal_flow(config=config)
+        except OutputBusy as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BUSY
     counts = result["counts"]
     print(f"\nDataset written to {result['dataset_dir']}")
     for k, v in counts.items():

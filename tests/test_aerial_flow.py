@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from tasks.common.runtime import DaskConfig, make_task_runner
+from tasks.common.runtime import DaskSettings, make_task_runner
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -20,7 +20,7 @@ def aerial_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("aerial")
     cfg = AerialConfig(root=str(root), world_options={"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
                        image_batch=2, dense_batch=8)
-    result = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=2)))(config=cfg)
+    result = aerial_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=2)))(config=cfg)
     return cfg, root, result
 
 
@@ -77,7 +77,7 @@ def test_rerun_skips_done_work(aerial_run):
     from flows.aerial import aerial_flow
 
     cfg, root, result = aerial_run
-    again = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=2)))(config=cfg)
+    again = aerial_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=2)))(config=cfg)
     counts = again["scenes"]["0001"]["counts"]
     assert counts.get("megadepth skipped") == 5 and "megadepth done" not in counts
     meta = json.loads((root / "data" / "0001" / "ingest.json").read_text())  # the project's own record
@@ -147,7 +147,7 @@ def test_dense_tasks_land_on_the_gpu_worker(aerial_run, monkeypatch):
                               "gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}, **host}}},
                      ) as cluster:
         gpu = cluster.workers["gpu"]
-        runner = make_task_runner(DaskConfig(address=cluster.scheduler_address))
+        runner = make_task_runner(DaskSettings(address=cluster.scheduler_address))
         again = aerial_flow.with_options(task_runner=runner)(config=cfg)
     assert again["dense backend"] == "gpu"
     assert calls == [gpu.address]

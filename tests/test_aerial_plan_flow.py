@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 
-from tasks.common.runtime import DaskConfig, make_task_runner
+from tasks.common.runtime import DaskSettings, make_task_runner
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -77,7 +77,7 @@ def test_impossible_trajectory_is_a_clear_error_for_every_place(tmp_path):
     places.write_text(PLACES)
     cfg = AerialConfig(root=str(tmp_path / "out"), places=str(places), plan_only=True,
                        trajectory_options={"pass_altitudes": [3, -1]})
-    res = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=1)))(config=cfg)
+    res = aerial_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=1)))(config=cfg)
     assert sorted(res["failed"]) == ["0101", "0102", "0103"]
     assert "pass_altitudes" in res["plans"]["0101"]["error"] and "below ground" in res["plans"]["0101"]["error"]
 

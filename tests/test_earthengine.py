@@ -9,7 +9,7 @@ import math
 import httpx
 import pytest
 
-from tasks.common.runtime import DaskConfig, make_task_runner
+from tasks.common.runtime import DaskSettings, make_task_runner
 from tasks.multimodal import schema
 from tasks.multimodal.config import MultimodalConfig
 from tasks.multimodal.sources.base import Tile
@@ -92,7 +92,7 @@ def _save_block(name: str, fake: FakeEarthEngine, info: dict | None = None) -> N
 def _run(cfg: MultimodalConfig, n_workers: int = 2):
     from flows.multimodal import multimodal_flow
 
-    return multimodal_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=n_workers)))(config=cfg)
+    return multimodal_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=n_workers)))(config=cfg)
 
 
 def _ee_config(tmp_path, fake, block, **kw) -> MultimodalConfig:

@@ -11,9 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.common.cli import ConfigError, build, merge
 from tasks.common.forms import grouped_titles
+from tasks.common.runtime import DaskSettings, load_dask_block
 from tasks.multimodal import schema
 from tasks.multimodal import tiles as tiles_mod
 
@@ -21,29 +23,16 @@ from tasks.multimodal import tiles as tiles_mod
 SAMPLING_MODE_INDEX: dict[str, int] = {"biome-area": 0, "biome-equal": 1, "ecoregion-equal": 2}
 SamplingModeName = Literal["biome-area", "biome-equal", "ecoregion-equal"]
 
+STACK_RESOLUTION_M = 10.0  # metres per pixel of every stack (sources.base.Grid.for_tile)
 
-class DaskSettings(BaseModel):
-    """Where tasks run (see tasks.common.runtime.DaskConfig)."""
-
-    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
-    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
-    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of cluster_class")
-    adapt_kwargs: dict[str, Any] | None = Field(None, description="cluster.adapt() arguments, e.g. minimum, maximum")
-    n_workers: int | None = Field(None, description="local workers (default: CPU count)")
-    threads_per_worker: int = Field(1, description="threads per local worker")
-    memory_limit: str | None = Field(None, description="memory limit per local worker, e.g. 4GB")
-    gpus_per_worker: int | None = Field(None, description="Dask GPU resource per worker (default: detect)")
-
-    def to_runtime(self):
-        from tasks.common.runtime import DaskConfig
-
-        return DaskConfig(**self.model_dump())
+__all__ = ["CONFIGS", "ConfigError", "DaskSettings", "MultimodalConfig", "get_config"]
 
 
 class MultimodalConfig(BaseModel):
     """Everything the MMEarth flow needs to build one dataset."""
 
-    model_config = ConfigDict(field_title_generator=grouped_titles({
+    # a misspelt key is an error, never silently ignored; form labels read "Group · field"
+    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
         "Dataset": ["name", "output_dir"],
         "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
                   "tile_size_m", "seed", "batch"],
@@ -102,11 +91,45 @@ class MultimodalConfig(BaseModel):
     dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
 
     def dask_settings(self) -> DaskSettings:
-        if self.dask_block:
-            from blocks.dask_cluster import DaskCluster
+        """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
+        return load_dask_block(self.dask_block) if self.dask_block else self.dask
 
-            return DaskCluster.load(self.dask_block).to_settings()
-        return self.dask
+    @model_validator(mode="after")
+    def _cross_field(self) -> "MultimodalConfig":
+        fr = self.split_fractions
+        if any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions {list(fr)} must be three non-negative fractions (train, val, "
+                             f"test) that sum to 1 (they sum to {sum(fr):g})")
+        pixels = int(round(self.tile_size_m / STACK_RESOLUTION_M))
+        if self.image_size > pixels:
+            raise ValueError(f"image_size {self.image_size} px does not fit a tile of {self.tile_size_m:g} m "
+                             f"({pixels} px at {STACK_RESOLUTION_M:g} m/px): raise tile_size_m to at least "
+                             f"{self.image_size * STACK_RESOLUTION_M:g} or lower image_size")
+        if self.tile_sampler == "earthengine" and self.source != "earthengine":
+            raise ValueError("tile_sampler=earthengine needs source=earthengine (its credentials and project)")
+        if self.fetch_slots is not None and self.fetch_slots > self.request_ceiling:
+            raise ValueError(f"fetch_slots {self.fetch_slots} exceeds request_ceiling {self.request_ceiling}: "
+                             "one fetch task would wait forever for slots that do not exist")
+        return self
+
+    def check_inputs(self) -> None:
+        """Read the input files this configuration names (regions, eco_labels, tiles) and raise one
+        :class:`ConfigError` naming the file and field on the first mistake. Cheap: run it before
+        starting any server or cluster."""
+        from tasks.multimodal import tiles as tiles_mod
+
+        try:
+            regions, _ = tiles_mod.load_regions_split(Path(self.regions) if self.regions
+                                                      else tiles_mod.DEFAULT_REGIONS)
+            eco_index = tiles_mod.eco_region_index(regions, self.eco_labels)
+            if self.tiles_geojson:
+                missing = sorted({t.eco_region for t in tiles_mod.read_tiles_geojson(self.tiles_geojson)}
+                                 - set(eco_index))
+                if missing and self.tile_sampler != "earthengine":
+                    raise ConfigError(f"{self.tiles_geojson}: ecoregion(s) {missing[:5]} have no index; "
+                                      "pass eco_labels with a {name: index} mapping")
+        except (ValueError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
 
     @field_validator("sampling_mode", mode="before")
     @classmethod
@@ -163,8 +186,5 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def get_config(preset: str = "default", **overrides: Any) -> MultimodalConfig:
     """The named configuration ``preset`` with ``overrides`` applied (nested dicts merge)."""
     if preset not in CONFIGS:
-        raise KeyError(f"unknown configuration {preset!r}; choose one of {sorted(CONFIGS)}")
-    merged = dict(CONFIGS[preset])
-    for k, v in overrides.items():
-        merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return MultimodalConfig(**merged)
+        raise ConfigError(f"unknown configuration {preset!r}; choose one of {sorted(CONFIGS)}")
+    return build(MultimodalConfig, merge(CONFIGS[preset], overrides))

@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
