@@ -76,7 +76,9 @@ def test_aerial_settings_and_inputs_checked_early(tmp_path, capsys, no_server):
     rc, err = _main(flows.aerial, ["--set", 'pipeline_options={"retrieval_nm": 3}'], capsys)
     assert rc == EXIT_CONFIG and "unknown aerial pipeline setting 'retrieval_nm'" in err
     rc, err = _main(flows.aerial, ["--pipeline", "sift+nn"], capsys)
-    assert rc == EXIT_CONFIG and "unknown aerial pipeline configuration 'sift+nn'" in err
+    # the pipeline is a choice of the form: the message names the field and the valid names
+    assert rc == EXIT_CONFIG and "pipeline: Input should be 'sift+mnn' or 'superpoint+superglue'" in err
+    assert "(got 'sift+nn')" in err
     rc, err = _main(flows.aerial, ["--root", str(tmp_path / "none"), "--no-synthetic"], capsys)
     assert rc == EXIT_CONFIG and "no downloaded_data/ folder" in err
     root = tmp_path / "root"
