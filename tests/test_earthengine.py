@@ -3,19 +3,25 @@ fake server, a real Prefect server and a real Dask cluster."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import hashlib
 import json
 import math
+import random
 
 import httpx
 import pytest
+import shapely.geometry
 
 from tasks.common.runtime import DaskConfig, make_task_runner
 from tasks.multimodal import schema
 from tasks.multimodal.config import MultimodalConfig
-from tasks.multimodal.sources.base import Tile
+from tasks.multimodal.sources.base import NoDataError, Tile, TransientSourceError
 from tasks.multimodal.sources.earthengine import (
-    Choices, EarthEngineAuthError, TileMeta, choose, is_transient, s2_window, stack_grid,
+    Choices, EarthEngineAuthError, TileMeta, choose, is_transient, permanent_reason, s2_window, stack_grid,
 )
+from tests import fake_ee
 from tests.dataset_checks import check_dataset
 from tests.fake_ee import FakeEarthEngine
 
@@ -274,3 +280,246 @@ def test_tiles_sampled_on_earth_engine(tmp_path):
     for t in tiles_mod.read_tiles_geojson(cfg.dataset_dir / f"{cfg.name}_tiles.geojson"):
         assert regions[t.eco_region].contains(Point(t.lon, t.lat))
         assert math.isclose(t.tile_size_m, 1300, rel_tol=0.02)
+
+
+# --------------------------------------------------------------------------
+# The selection, held to the original's rules (ee_utils/ee_data.py of MMEarth-data)
+# --------------------------------------------------------------------------
+def _original_draws(lat: float, lon: float):
+    """The original's client side, written out plainly: seed, year and window, product.
+    Returns (window, l2a first?, a function n -> image index) with the global
+    ``random`` state left where the original leaves it before the index draw."""
+    random.seed(int(hashlib.sha256(f"{lat}_{lon}".encode("utf-8")).hexdigest(), 16) % 10**5)
+    rnd_year = random.randint(2017, 2020)
+    if rnd_year == 2018:
+        window = ("2018-01-01", "2018-11-30")
+    elif rnd_year in (2017, 2020):
+        window = (f"{rnd_year}-01-01", f"{rnd_year}-12-31")
+    else:
+        window = ("2018-12-01", "2019-12-31")
+    l2a = random.randint(0, 1) == 0
+    state = random.getstate()
+
+    def index(n: int) -> int:
+        random.setstate(state)
+        return random.randint(0, n - 1)
+    return window, l2a, index
+
+
+def _ms(date: str) -> float:
+    return dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc).timestamp() * 1000
+
+
+def _grown(tile, metres: float):
+    """The tile's bounding box grown by ``metres`` (the tiles here are lon/lat squares and
+    the fake's footprints boxes 3 km or 100 m around them: containment of the buffered
+    tile is containment of this box)."""
+    minx, miny, maxx, maxy = shapely.geometry.shape(tile.geometry).bounds
+    lat = (miny + maxy) / 2
+    dx, dy = metres / (111_320.0 * math.cos(math.radians(lat))), metres / 110_574.0
+    return shapely.geometry.box(minx - dx, miny - dy, maxx + dx, maxy + dy)
+
+
+def _expected(fake: FakeEarthEngine, tile, name: str, year_months: int = 13) -> dict:
+    """What the original would have picked for ``tile`` from the fake's known scenes."""
+    poly = shapely.geometry.shape(tile.geometry)
+    scenes = fake.catalogue.scenes(name, poly)
+    (start, end), l2a, index = _original_draws(tile.lat, tile.lon)
+
+    def s2(coll):
+        return [im for im in scenes[coll] if im.footprint.intersects(poly)
+                and _ms(start) <= im.props["system:time_start"] < _ms(end)
+                and im.props["CLOUDY_PIXEL_PERCENTAGE"] < 10]
+    cands, s2_type = s2(fake_ee.S2_COLLECTIONS[0]), "l2a"
+    if not l2a or not cands:
+        cands, s2_type = s2(fake_ee.S2_COLLECTIONS[1]), "l1c"
+    cands = [im for im in cands if im.footprint.contains(_grown(tile, 200))]
+    if not cands:
+        return {"n": 0}
+    pick = cands[index(len(cands))]
+    when = dt.datetime.fromtimestamp(pick.props["system:time_start"] / 1000, dt.timezone.utc)
+    day = when.strftime("%Y-%m-%d")
+    s1 = {}
+    for orbit in ("ASCENDING", "DESCENDING"):
+        ok = [im for im in scenes[fake_ee.S1_COLLECTION]
+              if _ms("2017-01-01") <= im.props["system:time_start"] < _ms("2020-12-31")
+              and im.footprint.contains(_grown(tile, 200)) and im.props["instrumentMode"] == "IW"
+              and im.props["orbitProperties_pass"] == orbit]
+        ok.sort(key=lambda im: abs(im.props["system:time_start"] - _ms(day)))
+        s1[orbit[:3].lower() if orbit == "ASCENDING" else "desc"] = ok[0].props["system:id"] if ok else None
+    c = poly.centroid
+    y, m = when.year, when.month
+    months = [((y * 12 + m - 1 - k) // 12, (y * 12 + m - 1 - k) % 12 + 1) for k in range(year_months - 1, -1, -1)]
+    rows = [fake_ee.era5_month_values(c.y, c.x, yy, mm) for yy, mm in months]
+    prev = ((y * 12 + m - 2) // 12, (y * 12 + m - 2) % 12 + 1)
+    return {
+        "n": len(cands), "s2_type": s2_type, "s2_id": pick.props["system:id"], "s2_date": day, "s1": s1,
+        "month1": fake_ee.era5_month_values(c.y, c.x, *prev), "month2": rows[-1],
+        "year": [sum(r[0] for r in rows) / len(rows), min(r[1] for r in rows), max(r[2] for r in rows),
+                 sum(r[3] for r in rows)],
+        "era5_names": [f"{yy}{mm:02d}_{b}" for yy, mm in (prev, (y, m)) for b in schema.ERA5_BANDS]
+        + ["0_temperature_2m_mean", "1_temperature_2m_min_min", "2_temperature_2m_max_max",
+           "3_total_precipitation_sum_sum"],
+    }
+
+
+def _selection_tiles(k: int = 36):
+    """Tiles in both hemispheres whose lat/lon are the geodesic centroid (as lat/lon copied
+    from an original tile_info are Earth Engine's centroid)."""
+    from tasks.multimodal.sources.earthengine import geodesic_centroid
+
+    out = []
+    for i in range(k):
+        lat = -55.0 + (i * 37.3) % 120.0
+        lon = -170.0 + (i * 71.9) % 340.0
+        t = _tile(f"sel{i:02d}", lon=lon, lat=lat)
+        clon, clat = geodesic_centroid(t.geometry)
+        out.append(Tile(t.tile_id, t.biome, t.eco_region, clon, clat, t.geometry))
+    return out
+
+
+@pytest.fixture
+def ee_direct(monkeypatch):
+    """The source against a fake, without Prefect slots (the selection is what is tested)."""
+    import contextlib
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    monkeypatch.setattr(ee_mod, "slot", lambda *a, **k: contextlib.nullcontext())
+    ee_mod._initialized.clear()
+    fakes = []
+
+    def make(**kw):
+        fake = FakeEarthEngine(**kw).start()
+        fakes.append(fake)
+        ee_mod._initialized.clear()
+        return fake, ee_mod.EarthEngineSource(project=fake.project, credentials=fake.service_account_info(),
+                                              url=fake.url)
+    yield make
+    for f in fakes:
+        f.stop()
+    ee_mod._initialized.clear()
+
+
+def _compare(fake, src, tiles, year_months=13):
+    seen_n, mismatches = [], []
+    for t in tiles:
+        exp = _expected(fake, t, t.tile_id, year_months)
+        try:
+            _, meta = src.select(t)
+        except NoDataError as exc:
+            if exp["n"] != 0:
+                mismatches.append((t.tile_id, "no data", str(exc)))
+            seen_n.append(0)
+            continue
+        got = {"s2_type": meta.s2_type, "s2_id": meta.s2_id, "s2_date": meta.s2_date,
+               "s1": {o: (meta.s1[o] or {}).get("id") for o in ("asc", "desc")}}
+        want = {k: exp.get(k) for k in got}
+        if got != want:
+            mismatches.append((t.tile_id, got, want))
+        for part in ("month1", "month2", "year"):
+            if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(meta.era5[part], exp[part])):
+                mismatches.append((t.tile_id, part, meta.era5[part], exp[part]))
+        if meta.stack_bands()["era5"] != exp["era5_names"]:
+            mismatches.append((t.tile_id, "era5 names", meta.stack_bands()["era5"]))
+        seen_n.append(exp["n"])
+    return seen_n, mismatches
+
+
+def test_selection_matches_the_original(ee_direct):
+    """Chosen S2 image (id, product, date), S1 per orbit and ERA5 windows equal what the
+    original's rules pick from the fake's known candidate lists, for 36 tiles in both
+    hemispheres with n from 1 to several hundred."""
+    tiles = _selection_tiles()
+    fake, src = ee_direct(tiles=tiles, s2_counts=(1, 6000), no_data_tiles={"sel05"})
+    seen_n, mismatches = _compare(fake, src, tiles)
+    assert not mismatches, mismatches[:3]
+    positive = [n for n in seen_n if n]
+    assert min(positive) <= 3 and max(positive) >= 200, sorted(seen_n)
+    assert seen_n[5] == 0  # the cloud filter leaves no candidate: an empty collection, no data
+    assert {t.lat > 0 for t in tiles} == {True, False}
+
+
+def _mutate(monkeypatch, module, name: str, old: str, new: str) -> None:
+    """Replace ``module.name`` by its own source with ``old`` replaced by ``new``."""
+    import inspect
+    import textwrap
+
+    src = textwrap.dedent(inspect.getsource(getattr(module, name)))
+    assert old in src
+    namespace = dict(vars(module))
+    exec(compile(src.replace(old, new), f"<mutated {name}>", "exec"), namespace)
+    monkeypatch.setattr(module, name, namespace[name])
+
+
+@pytest.mark.parametrize("change", ["cloud filter dropped", "no containment buffer", "timestamp, not midnight",
+                                    "a day added to windows", "floor(u*n) index", "precipitation mean",
+                                    "12-month year"])
+def test_selection_test_catches_a_regression(ee_direct, monkeypatch, change):
+    """Each deviation of issue 12's table, put back into the source, fails the selection check."""
+    import ee
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    tiles = _selection_tiles(12)
+    fake, src = ee_direct(tiles=tiles, s2_counts=(20, 3000))
+    if change == "cloud filter dropped":
+        monkeypatch.setattr(ee_mod, "CLOUD_THRESHOLD", 1000)
+    elif change == "no containment buffer":
+        monkeypatch.setattr(ee_mod, "S2_BUFFER_M", 0)
+        monkeypatch.setattr(ee_mod, "S1_BUFFER_M", 0)
+    elif change == "timestamp, not midnight":
+        _mutate(monkeypatch, ee_mod, "metadata_expression",
+                'day = ee.Date(date.format("YYYY-MM-dd"))', "day = date")
+    elif change == "a day added to windows":
+        monkeypatch.setattr(ee_mod, "s2_window", lambda y: tuple(
+            (dt.date.fromisoformat(d) + dt.timedelta(days=i)).isoformat()
+            for i, d in enumerate(s2_window(y))))
+    elif change == "floor(u*n) index":
+        real_choose = ee_mod.choose
+
+        def floor_choose(tile, table_size=ee_mod.INDEX_TABLE_SIZE):
+            ch = real_choose(tile, table_size)
+            u = random.Random(ee_mod.tile_seed(ch.lat, ch.lon)).random()
+            return dataclasses.replace(ch, table=tuple(int(u * n) for n in range(1, table_size + 1)))
+        monkeypatch.setattr(ee_mod, "choose", floor_choose)
+    elif change == "precipitation mean":
+        monkeypatch.setattr(ee_mod, "ERA5_YEAR_REDUCERS", ee_mod.ERA5_YEAR_REDUCERS[:3]
+                            + (("total_precipitation_sum", "mean"),))
+    elif change == "12-month year":
+        src.era5_year_months = 12
+    _, mismatches = _compare(fake, src, tiles)
+    assert mismatches, f"{change}: the selection check did not notice"
+
+
+def test_corrected_era5_year_is_an_option(ee_direct):
+    tiles = _selection_tiles(4)
+    fake, src = ee_direct(tiles=tiles)
+    src.era5_year_months = 12
+    _, mismatches = _compare(fake, src, tiles, year_months=12)
+    assert not mismatches, mismatches[:2]
+    with pytest.raises(ValueError, match="era5_year_months"):
+        type(src)(project="p", era5_year_months=11)
+
+
+def test_missing_s2_band_is_a_per_tile_error(ee_direct):
+    tiles = _selection_tiles(16)
+    fake, src = ee_direct(tiles=tiles, missing_band=1.0)
+    errors = []
+    for t in tiles:
+        try:
+            src.select(t)
+        except NoDataError as exc:
+            errors.append(exc.reason)
+    l2a = [r for r in errors if "missing Sentinel-2 band" in r]
+    assert l2a and all("B8A" in r for r in l2a), errors
+
+
+def test_wrong_collection_id_fails(ee_direct, monkeypatch):
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    tiles = _selection_tiles(2)
+    fake, src = ee_direct(tiles=tiles)
+    monkeypatch.setattr(ee_mod, "S1_GRD", "COPERNICUS/S1")
+    with pytest.raises(TransientSourceError, match="not found"):  # an unknown error: retried, never NO_DATA
+        src.select(tiles[0])

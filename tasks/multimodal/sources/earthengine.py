@@ -112,7 +112,7 @@ ERA5_YEAR_REDUCERS: tuple[tuple[str, str], ...] = (
 INDEX_TABLE_SIZE = 1024
 #: How close (degrees) a tile's lat/lon must be to its geodesic centroid to be taken as
 #: Earth Engine's centroid (lat/lon copied from an original tile_info) for the seed.
-SEED_LATLON_TOLERANCE_DEG = 1e-6
+SEED_LATLON_TOLERANCE_DEG = 1e-8
 #: pixels EE returns for masked data (unmasked with this, turned into NaN here)
 MASK_VALUE = -3.0e38
 
@@ -673,7 +673,8 @@ class EarthEngineSource(Source):
                 raise TransientSourceError(tile.tile_id, f"{what}: {type(exc).__name__}: {exc}") from None
 
     # -- one tile ------------------------------------------------------------
-    def fetch(self, tile: Tile, grid: Grid) -> TileStack:
+    def select(self, tile: Tile) -> tuple[Choices, TileMeta]:
+        """Request 1: the tile's choices and what the server found for them."""
         import ee
 
         try:
@@ -691,7 +692,12 @@ class EarthEngineSource(Source):
             ch = choose(tile, table_size=n)
             result = self._call(tile, "computeValue", lambda: ee.data.computeValue(
                 metadata_expression(tile, ch, self.era5_year_months)))
-        meta = parse_metadata(tile, ch, result)
+        return ch, parse_metadata(tile, ch, result)
+
+    def fetch(self, tile: Tile, grid: Grid) -> TileStack:
+        import ee
+
+        ch, meta = self.select(tile)
         grid = stack_grid(tile, meta)
         image, names = pixels_expression(tile, meta)
         t = grid.transform
