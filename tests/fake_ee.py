@@ -533,6 +533,7 @@ class Evaluator:
         self.result = expression.get("result")
         self.catalogue = catalogue
         self.memo: dict[str, Any] = {}
+        self._purity: dict[str, bool] = {}
         self.calls: list[str] = []  # function names, in evaluation order (tests read them)
         self.tile_name: str | None = None
         self.polygons: list[tuple[str, Any]] = []  # the tile polygons of the expression
@@ -565,11 +566,33 @@ class Evaluator:
             self.tile_name = self.tile_name or name
         return self.eval_ref(self.result, {})
 
+    def _pure(self, ref: str) -> bool:
+        """Whether ``ref`` uses no function argument (then one value serves every call)."""
+        got = self._purity.get(ref)
+        if got is None:
+            self._purity[ref] = True  # (graphs are acyclic)
+            refs, stack, pure = [], [self.values[ref]], True
+            while stack and pure:
+                node = stack.pop()
+                if isinstance(node, dict):
+                    if "argumentReference" in node:
+                        pure = False
+                    elif "valueReference" in node:
+                        refs.append(node["valueReference"])
+                    else:
+                        stack.extend(node.values())
+                elif isinstance(node, list):
+                    stack.extend(node)
+            got = pure and all(self._pure(r) for r in refs)
+            self._purity[ref] = got
+        return got
+
     def eval_ref(self, ref: str, scope: dict[str, Any]) -> Any:
-        if not scope and ref in self.memo:
+        if ref in self.memo:
             return self.memo[ref]
-        out = self.eval_node(self.values[ref], scope)
-        if not scope:
+        pure = not scope or self._pure(ref)
+        out = self.eval_node(self.values[ref], {} if pure else scope)
+        if pure:
             self.memo[ref] = out
         return out
 
@@ -1037,29 +1060,51 @@ _WINDOW_EDGES = ("2017-01-01", "2017-12-31", "2018-01-01", "2018-11-30", "2018-1
                  "2020-01-01", "2020-12-31")
 
 
-def _box_around(poly: Any, margin_m: float, shift: tuple[float, float] = (0.0, 0.0)) -> Any:
-    import shapely
+class Box:
+    """A lon/lat box footprint (cheap: the catalogue makes thousands per tile)."""
 
-    minx, miny, maxx, maxy = poly.bounds
+    __slots__ = ("bounds",)
+
+    def __init__(self, minx: float, miny: float, maxx: float, maxy: float):
+        self.bounds = (minx, miny, maxx, maxy)
+
+    def contains(self, geom: Any) -> bool:  # a box contains a geometry iff it contains its bounds
+        a, b = self.bounds, geom.bounds
+        return a[0] <= b[0] and a[1] <= b[1] and b[2] <= a[2] and b[3] <= a[3]
+
+    def intersects(self, geom: Any) -> bool:  # bounds overlap (exact for the boxes and squares used here)
+        a, b = self.bounds, geom.bounds
+        return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
+
+    @property
+    def shape(self) -> Any:
+        import shapely
+
+        return shapely.box(*self.bounds)
+
+
+def _box_around(poly: Any, margin_m: float, shift: tuple[float, float] = (0.0, 0.0),
+                bounds: tuple[float, float, float, float] | None = None) -> Box:
+    minx, miny, maxx, maxy = bounds or poly.bounds
     kx, ky = _metres_to_deg((miny + maxy) / 2, 1.0)
     if margin_m <= -5000:  # misses: a box beside the tile, still within filterBounds' reach of nothing
         w = maxx - minx
-        return shapely.box(maxx + w * 0.5, miny, maxx + w * 3, maxy)
+        return Box(maxx + w * 0.5, miny, maxx + w * 3, maxy)
     if margin_m < 0:  # overlaps: shifted by half a tile
         w = maxx - minx
-        return shapely.box(minx + w / 2, miny - 1000 * ky, maxx + 5000 * kx, maxy + 1000 * ky)
-    return shapely.box(minx - margin_m * kx + shift[0] * kx, miny - margin_m * ky + shift[1] * ky,
+        return Box(minx + w / 2, miny - 1000 * ky, maxx + 5000 * kx, maxy + 1000 * ky)
+    return Box(minx - margin_m * kx + shift[0] * kx, miny - margin_m * ky + shift[1] * ky,
                        maxx + margin_m * kx + shift[0] * kx, maxy + margin_m * ky + shift[1] * ky)
 
 
-def _footprint(rng: random.Random, poly: Any) -> tuple[str, Any]:
+def _footprint(rng: random.Random, poly: Any, bounds: tuple[float, float, float, float] | None = None) -> tuple[str, Any]:
     u, acc = rng.random(), 0.0
     for kind, margin, p in FOOTPRINTS:
         acc += p
         if u < acc:
             break
     shift = (rng.uniform(-0.4, 0.4) * margin, rng.uniform(-0.4, 0.4) * margin) if margin > 1000 else (0.0, 0.0)
-    return kind, _box_around(poly, margin, shift)
+    return kind, _box_around(poly, margin, shift, bounds)
 
 
 def era5_month_values(lat: float, lon: float, year: int, month: int) -> list[float]:
@@ -1140,6 +1185,12 @@ class Catalogue:
         epsg = utm_epsg(lat, lon)
         lo, hi = self.s2_counts
         t0, t1 = _ms(_S2_SPAN[0]), _ms(_S2_SPAN[1])
+        mgrs = _mgrs_name(lat, lon, name)
+        pb = poly.bounds
+        origins = {}
+        for z in (epsg, epsg + 1):
+            x, y = _project(lat, lon, z)
+            origins[z] = [10, 0, int(100000 * math.floor(x / 100000.0)), 0, -10, int(100000 * math.ceil(y / 100000.0))]
         for coll in S2_COLLECTIONS:
             rng = random.Random(_seed(name, coll))
             total = int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))
@@ -1152,43 +1203,48 @@ class Catalogue:
                 when = _from_ms(t)
                 if no_l2a_before and when.year < 2019:
                     continue
-                kind, fp = _footprint(rng, poly)
+                kind, fp = _footprint(rng, poly, pb)
                 cloud = rng.uniform(0.0, 16.0) if name not in self.no_data_tiles else rng.uniform(10.0, 80.0)
                 zone_epsg = epsg + (1 if rng.random() < 0.1 and epsg % 100 < 60 else 0)
-                x, y = _project(lat, lon, zone_epsg)
                 l2a = coll == S2_COLLECTIONS[0]
                 bands = list(S2_BANDS_L2A if l2a else S2_BANDS_L1C)
                 if l2a and rng.random() < P_NO_CLDPRB:
                     bands.remove("MSK_CLDPRB")
                 if l2a and rng.random() < self.missing_band:
                     bands.remove("B8A")
-                index = (f"{when:%Y%m%dT%H%M%S}_{when + dt.timedelta(seconds=rng.randint(60, 600)):%Y%m%dT%H%M%S}"
-                         f"_T{_mgrs_name(lat, lon, name)}_{h}{len(scenes):04d}")
+                index = (f"{when:%Y%m%dT%H%M%S}_{when + dt.timedelta(seconds=60 + int(540 * rng.random())):%Y%m%dT%H%M%S}"
+                         f"_T{mgrs}_{h}{len(scenes):04d}")
                 scenes.append(FImage(
                     (lambda bands, coll: lambda: [FBand(b, (lambda b: lambda ctx: band_values(
                         ctx["tile"], f"sentinel2__{b}", *ctx["shape"]))(b), (coll, b)) for b in bands])(bands, coll),
                     {"system:time_start": int(t), "system:index": index, "system:id": f"{coll}/{index}",
                      "CLOUDY_PIXEL_PERCENTAGE": round(cloud, 4), "fake:footprint": kind},
-                    fp, f"EPSG:{zone_epsg}",
-                    [10, 0, int(100000 * math.floor(x / 100000.0)), 0, -10, int(100000 * math.ceil(y / 100000.0))]))
+                    fp, f"EPSG:{zone_epsg}", origins[zone_epsg]))
             out[coll] = scenes
         rng = random.Random(_seed(name, "s1"))
         s1 = []
-        n_s1 = 0 if rng.random() < 0.1 else int(math.exp(rng.uniform(0, math.log(300))))
-        for k in range(n_s1):
-            t = rng.uniform(_ms(dt.datetime(2016, 6, 1, tzinfo=dt.timezone.utc)), _ms(_S2_SPAN[1]))
-            when = _from_ms(t)
-            orbit = "ASCENDING" if rng.random() < 0.5 else "DESCENDING"
-            pols = ["HH", "HV"] if abs(lat) > 70 else (["VV"] if rng.random() < 0.1 else ["VV", "VH"])
+        # per orbit pass a regular revisit (6 or 12 days) at a fixed time of day, 2016-06..2021-06
+        for orbit in ("ASCENDING", "DESCENDING"):
+            if rng.random() < 0.1:
+                continue  # no scene of this pass here
+            period = rng.choice((6, 12)) * MS_PER_DAY
+            t = _ms(dt.datetime(2016, 6, 1, tzinfo=dt.timezone.utc)) + rng.uniform(0, period)
             group = "sentinel1_asc" if orbit == "ASCENDING" else "sentinel1_desc"
-            index = f"S1A_IW_GRDH_1SDV_{when:%Y%m%dT%H%M%S}_{h}{k:04d}"
-            kind, fp = _footprint(rng, poly)
-            s1.append(FImage(
-                [FBand(b, (lambda b, g: lambda ctx: band_values(ctx["tile"], f"{g}__{b}", *ctx["shape"]))(b, group),
-                       (S1_COLLECTION, b)) for b in [*pols, "angle"]],
-                {"system:time_start": int(t), "system:index": index, "system:id": f"{S1_COLLECTION}/{index}",
-                 "instrumentMode": "IW" if rng.random() < 0.9 else "EW", "orbitProperties_pass": orbit,
-                 "fake:footprint": kind}, fp))
+            kind, fp = _footprint(rng, poly, pb)
+            while t < _ms(_S2_SPAN[1]):
+                when = _from_ms(t)
+                pols = ["HH", "HV"] if abs(lat) > 70 else (["VV"] if rng.random() < 0.1 else ["VV", "VH"])
+                index = f"S1A_IW_GRDH_1SDV_{when:%Y%m%dT%H%M%S}_{h}{len(s1):04d}"
+                if rng.random() < 0.3:
+                    kind, fp = _footprint(rng, poly, pb)
+                s1.append(FImage(
+                    (lambda pols, group: lambda: [FBand(b, (lambda b: lambda ctx: band_values(
+                        ctx["tile"], f"{group}__{b}", *ctx["shape"]))(b), (S1_COLLECTION, b))
+                        for b in [*pols, "angle"]])(pols, group),
+                    {"system:time_start": int(t), "system:index": index, "system:id": f"{S1_COLLECTION}/{index}",
+                     "instrumentMode": "IW" if rng.random() < 0.9 else "EW", "orbitProperties_pass": orbit,
+                     "fake:footprint": kind}, fp))
+                t += period + rng.uniform(-600_000, 600_000)
         out[S1_COLLECTION] = sorted(s1, key=lambda im: im.props["system:index"])
         dw = []
         for year in range(2016, 2022):

@@ -20,6 +20,7 @@ from tasks.multimodal.config import MultimodalConfig
 from tasks.multimodal.sources.base import NoDataError, Tile, TransientSourceError
 from tasks.multimodal.sources.earthengine import (
     Choices, EarthEngineAuthError, TileMeta, choose, is_transient, permanent_reason, s2_window, stack_grid,
+    tile_seed,
 )
 from tests import fake_ee
 from tests.dataset_checks import check_dataset
@@ -39,11 +40,71 @@ def _tile(tid="t1", lon=8.5, lat=50.5):
 def test_choices_are_seeded_per_tile_like_the_original():
     a, b = choose(_tile()), choose(_tile("other-id"))
     assert a == b  # the seed is the tile centre, not its id
-    c = choose(_tile(lon=8.6))
-    assert isinstance(a, Choices) and 2017 <= a.year <= 2020 and a.prefer in ("l2a", "l1c") and 0 <= a.u < 1
-    assert (a.start, a.end) == s2_window(a.year)
-    assert {choose(_tile(lon=8.5 + i / 100)).year for i in range(40)} == {2017, 2018, 2019, 2020}
-    del c
+    assert isinstance(a, Choices) and 2017 <= a.year <= 2020 and a.prefer in ("l2a", "l1c")
+    assert (a.start, a.end) == s2_window(a.year) and len(a.table) == 1024
+    moved = [choose(_tile(lon=8.5 + i / 100)) for i in range(40)]
+    assert {c.year for c in moved} == {2017, 2018, 2019, 2020} and {c.prefer for c in moved} == {"l2a", "l1c"}
+    # every tile centre gives its own seed, and the draws follow it (a seed that ignored the centre would repeat)
+    assert len({tile_seed(c.lat, c.lon) for c in moved}) == 40
+    for c in moved[:5]:
+        (start, _), l2a, index = _original_draws(c.lat, c.lon)
+        assert (c.start, c.prefer, c.index(100)) == (start, "l2a" if l2a else "l1c", index(100))
+    (start, end), l2a, index = _original_draws(a.lat, a.lon)
+    assert (a.start, a.end, a.prefer) == (start, end, "l2a" if l2a else "l1c")
+    assert [a.index(n) for n in (1, 2, 7, 40, 333, 1024)] == [index(n) for n in (1, 2, 7, 40, 333, 1024)]
+
+
+def test_index_table_is_randint_for_every_n():
+    from tasks.multimodal.sources.earthengine import index_table
+
+    for seed in range(20):
+        rng = random.Random(seed)
+        rng.randint(2017, 2020)
+        table = index_table(rng, 700)
+        state = rng.getstate()
+        for n in range(1, 701):
+            rng.setstate(state)
+            assert table[n - 1] == rng.randint(0, n - 1), (seed, n)
+        rng.setstate(state)
+        assert index_table(rng, 700) == table and rng.getstate() == state  # rng left unchanged
+
+
+def test_seed_centroid_geodesic_and_tile_info_lat_lon():
+    """The seed uses the geodesic centroid (checked against a fine subdivision of the spherical
+    polygon); lat/lon within 1e-8 degrees of it (copied from an original tile_info) are kept
+    digit for digit."""
+    import numpy as np
+
+    from tasks.multimodal.sources.earthengine import geodesic_centroid, seed_lat_lon
+
+    def subdivided(ring, levels=5):  # sum of flat sub-triangle area x centroid, on the sphere
+        def vec(p):
+            lo, la = np.radians(p)
+            return np.array([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)])
+        v = [vec(p) for p in ring[:-1]]
+        tris = [(v[0], v[i], v[i + 1]) for i in range(1, len(v) - 1)]
+        for _ in range(levels):
+            nxt = []
+            for a, b, c in tris:
+                ab, bc, ca = [(x + y) / np.linalg.norm(x + y) for x, y in ((a, b), (b, c), (c, a))]
+                nxt += [(a, ab, ca), (ab, b, bc), (ca, bc, c), (ab, bc, ca)]
+            tris = nxt
+        total = sum(np.linalg.norm(np.cross(b - a, c - a)) / 2 * (a + b + c) / 3 for a, b, c in tris)
+        x, y, z = total
+        return math.degrees(math.atan2(y, x)), math.degrees(math.atan2(z, math.hypot(x, y)))
+
+    for lon, lat, d in ((8.5, 50.5, 0.006), (-70.2, -33.4, 0.2), (150.0, 69.0, 1.0)):
+        base = _tile(lon=lon, lat=lat)
+        ring = [[lon - d, lat - d], [lon + d, lat - d], [lon + d, lat + d], [lon - d, lat + d], [lon - d, lat - d]]
+        t = Tile("t", base.biome, base.eco_region, lon, lat, {"type": "Polygon", "coordinates": [ring]})
+        glon, glat = geodesic_centroid(t.geometry)
+        slon, slat = subdivided(ring)
+        assert abs(glon - slon) < 1e-9 * max(1, d) and abs(glat - slat) < 1e-7 * d, (glon, slon, glat, slat)
+        if d >= 0.2:  # great-circle edges: the centroid is not the lon/lat centre
+            assert abs(glat - lat) > 1e-6
+            assert seed_lat_lon(t) == (glat, glon)
+        copied = Tile("t", t.biome, t.eco_region, glon + 3e-9, glat - 3e-9, t.geometry)
+        assert seed_lat_lon(copied) == (glat - 3e-9, glon + 3e-9)
 
 
 def test_s2_windows():
@@ -55,6 +116,12 @@ def test_s2_windows():
 def test_transient_classification():
     import ee
 
+    # only errors known to be permanent are permanent; unknown ones (this CPython race) retry
+    assert permanent_reason(SystemError("AST constructor recursion depth mismatch (before=48, after=47)")) is None
+    assert permanent_reason(ee.EEException("Image.load: Image asset 'x' not found.")) is None
+    assert permanent_reason(ee.EEException("Geometry.Polygon: LinearRing requires at least 3 points.")) \
+        == "invalid tile geometry"
+    assert permanent_reason(ee.EEException("Too many concurrent requests.")) is None
     assert is_transient(ee.EEException("Too many concurrent requests."))
     assert is_transient(ee.EEException("An internal error has occurred."))
     assert is_transient(ee.EEException("The service is currently unavailable."))
@@ -68,9 +135,13 @@ def test_stack_bands_and_grid_follow_the_s2_image():
     meta = TileMeta("l2a", "COPERNICUS/S2_SR_HARMONIZED/x", "2019-06-01",
                     [b for b in schema.S2_BANDS_L2A if b != "MSK_CLDPRB"] + ["AOT"], "EPSG:32632",
                     [10, 0, 399960, 0, -10, 5600040], {"asc": {"id": "a", "bands": ["VV", "VH", "angle"]}, "desc": None},
-                    0, {})
+                    0, {}, ["202905_temperature_2m"])
     bands = meta.stack_bands()
     assert "MSK_CLDPRB" not in bands["sentinel2"] and bands["sentinel2"][-2:] == ["SCL", "QA60"]
+    assert bands["aster"] == ["b1", "slope"] and bands["era5"] == ["202905_temperature_2m"]  # the original's names
+    assert not meta.missing_s2_bands()
+    short = dataclasses.replace(meta, s2_bands=[b for b in meta.s2_bands if b != "B8A"])
+    assert short.missing_s2_bands() == ["B8A"]
     assert bands["sentinel1_asc"] == ["VV", "VH"] and bands["sentinel1_desc"] is None
     assert bands["dynamic_world"] is None  # no Dynamic World image that year
     grid = stack_grid(_tile(), meta)
@@ -119,7 +190,8 @@ def ee_run(tmp_path_factory, prefect_server):
     tiles = tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 12, 0)
     ids = [t.tile_id for t in tiles]
     faults = {ids[0]: ["429", "500"], ids[1]: ["drop"], ids[2]: ["503"]}
-    with FakeEarthEngine(latency={"value": 0.02, "pixels": 0.05}, no_data_tiles={ids[3]}, faults=faults) as fake:
+    with FakeEarthEngine(latency={"value": 0.02, "pixels": 0.05}, no_data_tiles={ids[3]}, faults=faults,
+                         tiles=tiles) as fake:
         _save_block("ee-test", fake)
         cfg = _ee_config(out, fake, "ee-test")
         result = _run(cfg)
@@ -244,9 +316,10 @@ def test_rerun_fetches_exactly_the_failed_tiles(tmp_path):
     from tasks.multimodal import tiles as tiles_mod
 
     regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
-    ids = [t.tile_id for t in tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 8, 0)]
+    tiles = tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 8, 0)
+    ids = [t.tile_id for t in tiles]
     broken = {ids[1]: ["500"] * 3, ids[5]: ["503"] * 3}  # outlast 1 retry
-    with FakeEarthEngine(faults=broken, no_data_tiles={ids[2]}) as fake:
+    with FakeEarthEngine(faults=broken, no_data_tiles={ids[2]}, tiles=tiles) as fake:
         _save_block("ee-rerun", fake)
         cfg = _ee_config(tmp_path, fake, "ee-rerun", n_tiles=8, fetch_retries=1, fetch_batch_size=2, fetch_threads=2)
         first = _run(cfg)
@@ -461,8 +534,8 @@ def test_selection_test_catches_a_regression(ee_direct, monkeypatch, change):
 
     import tasks.multimodal.sources.earthengine as ee_mod
 
-    tiles = _selection_tiles(12)
-    fake, src = ee_direct(tiles=tiles, s2_counts=(20, 3000))
+    tiles = _selection_tiles(16 if change == "timestamp, not midnight" else 8)
+    fake, src = ee_direct(tiles=tiles, s2_counts=(20, 800))
     if change == "cloud filter dropped":
         monkeypatch.setattr(ee_mod, "CLOUD_THRESHOLD", 1000)
     elif change == "no containment buffer":
