@@ -762,8 +762,14 @@ def _polygon(ev, coordinates, evenOdd=True, proj=None, geodesic=None, maxError=N
 
 _FUNCTIONS["Feature"] = lambda ev, geometry, metadata=None: FFeature(geometry, metadata)
 _FUNCTIONS["Geometry.buffer"] = lambda ev, geometry, distance, maxError=None, proj=None: _buffer(geometry, distance)
-_FUNCTIONS["Collection.geometry"] = lambda ev, collection, maxError=None: __import__("shapely").MultiPoint(
-    [(_geometry_of(e).x, _geometry_of(e).y) for e in collection.elements])
+@_fn("Collection.geometry")
+def _collection_geometry(ev, collection, maxError=None):
+    import shapely
+
+    geoms = [_geometry_of(e) for e in collection.elements]
+    if geoms and all(g.geom_type == "Point" for g in geoms):
+        return shapely.MultiPoint([(g.x, g.y) for g in geoms])  # in collection order
+    return shapely.unary_union(geoms)
 
 
 @_fn("Geometry.coordinates")
@@ -821,6 +827,9 @@ def _ic_load(ev, id, version=None):  # noqa: A002
 @_fn("FeatureCollection.load")
 def _fc_load(ev, tableId, geometryColumn=None, version=None):
     return ev.catalogue.collection(tableId, ev)
+
+
+_FUNCTIONS["Collection.loadTable"] = _fc_load
 
 
 _FUNCTIONS["Collection.filter"] = lambda ev, collection, filter: FCollection(  # noqa: A002
@@ -888,7 +897,7 @@ def _random_points(ev, region, points=1000, seed=0, maxError=None):
     minx, miny, maxx, maxy = geom.bounds
     s0, s1 = math.sin(math.radians(miny)), math.sin(math.radians(maxy))
     out: list[FFeature] = []
-    prepared = shapely.prepared.prep(geom)
+    prepared = __import__("shapely.prepared").prepared.prep(geom)
     while len(out) < int(points):
         p = shapely.Point(rng.uniform(minx, maxx), math.degrees(math.asin(rng.uniform(s0, s1))))
         if prepared.contains(p):
@@ -1132,7 +1141,7 @@ class Catalogue:
     ``missing_band``: fraction of L2A scenes lacking B8A (not MSK_CLDPRB).
     ``tiles``: tile name -> GeoJSON geometry, to name tiles (else "lon,lat" of the centroid)."""
 
-    def __init__(self, s2_counts: tuple[int, int] = (1, 600), no_data_tiles: Iterable[str] = (),
+    def __init__(self, s2_counts: tuple[int, int] = (100, 600), no_data_tiles: Iterable[str] = (),
                  missing_band: float = 0.0, tiles: dict[str, Any] | None = None, regions_path: str | None = None):
         self.s2_counts = s2_counts
         self.no_data_tiles = set(no_data_tiles)
@@ -1196,8 +1205,9 @@ class Catalogue:
             total = int(math.exp(rng.uniform(math.log(lo), math.log(hi + 1))))
             no_l2a_before = coll == S2_COLLECTIONS[0] and rng.random() < 0.2  # L2A not yet produced here
             times = [rng.uniform(t0, t1) for _ in range(total)]
-            times += [_ms(dt.datetime.fromisoformat(d).replace(hour=10, minute=30, tzinfo=dt.timezone.utc))
-                      for d in _WINDOW_EDGES if rng.random() < 0.5]
+            edges = {_ms(dt.datetime.fromisoformat(d).replace(hour=10, minute=30, tzinfo=dt.timezone.utc))
+                     for d in _WINDOW_EDGES}  # a clear scene on every window edge: end exclusive matters
+            times += sorted(edges)
             scenes = []
             for t in sorted(times):
                 when = _from_ms(t)
@@ -1205,6 +1215,9 @@ class Catalogue:
                     continue
                 kind, fp = _footprint(rng, poly, pb)
                 cloud = rng.uniform(0.0, 16.0) if name not in self.no_data_tiles else rng.uniform(10.0, 80.0)
+                if t in edges:
+                    kind, fp = "contains", _box_around(poly, 3000.0, bounds=pb)
+                    cloud = min(cloud, 5.0) if name not in self.no_data_tiles else cloud
                 zone_epsg = epsg + (1 if rng.random() < 0.1 and epsg % 100 < 60 else 0)
                 l2a = coll == S2_COLLECTIONS[0]
                 bands = list(S2_BANDS_L2A if l2a else S2_BANDS_L1C)
@@ -1448,7 +1461,7 @@ class FakeEarthEngine:
         missing_fraction: float = 0.1,
         token_lifetime_s: int = 3600,
         tiles: Any = None,
-        s2_counts: tuple[int, int] = (1, 600),
+        s2_counts: tuple[int, int] = (100, 600),
         missing_band: float = 0.0,
     ) -> None:
         for tile_faults in (faults or {}).values():
