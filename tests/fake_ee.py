@@ -816,6 +816,8 @@ _FUNCTIONS["Filter.equals"] = lambda ev, leftField=None, rightValue=None: (
 _FUNCTIONS["Filter.inList"] = lambda ev, leftField=None, rightValue=None: (
     lambda el: _field(el, leftField) in rightValue)
 _FUNCTIONS["Filter.not"] = lambda ev, filter: (lambda el: not filter(el))  # noqa: A002
+_FUNCTIONS["Filter.listContains"] = lambda ev, leftValue=None, rightField=None, leftField=None, rightValue=None: (
+    lambda el: (_field(el, rightField) in leftValue) if rightField is not None else (rightValue in _field(el, leftField)))
 
 
 # ---- collections
@@ -869,6 +871,9 @@ def _reduce_columns(ev, collection, reducer, selectors, weightSelectors=None):
 _FUNCTIONS["Reducer.toList"] = lambda ev, numOptional=None, tupleSize=None: ("toList", tupleSize)
 for _r in ("mean", "min", "max", "sum", "mode"):
     _FUNCTIONS[f"Reducer.{_r}"] = (lambda r: lambda ev, **kw: r)(_r)
+
+
+_FUNCTIONS["ErrorMargin"] = lambda ev, value=None, unit=None: value
 
 
 @_fn("Feature.geometry")
