@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -185,6 +186,9 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     tile_info = stacks.load_tile_info([t.tile_id for t in tiles], out)
     for tid in no_data:
         report.problem(tid, "fetch", f"no data: {tile_info.get(tid, {}).get('NO_DATA_REASON', '')}")
+    by_reason = Counter(str(tile_info.get(tid, {}).get("NO_DATA_REASON", "")).split(":")[0] for tid in no_data)
+    for why, k in sorted(by_reason.items()):  # permanent outcomes by reason: a wrong one is visible
+        report.notes.append(f"no data (permanent, never fetched again): {k} tile(s): {why or 'no reason recorded'}")
     fetched = sum(1 for t in tiles if before[t.tile_id] == "missing" and states[t.tile_id] != "missing")
     report.counts.update({"stacks done": len(done_ids), "fetched this run": fetched, "no data": len(no_data),
                           "fetch failed": len(failed)})

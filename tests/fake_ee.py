@@ -1958,9 +1958,12 @@ def _serve_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-pixels", type=float, default=0.0)
     ap.add_argument("--max-concurrent", type=int, default=None)
     ap.add_argument("--missing-fraction", type=float, default=0.1)
+    ap.add_argument("--s2-scenes", type=int, nargs=2, default=(60, 200), metavar=("LOW", "HIGH"),
+                    help="scenes per Sentinel-2 collection and tile (log-uniform; small keeps the fake cheap)")
     args = ap.parse_args(argv)
     with FakeEarthEngine(latency={"value": args.latency_value, "pixels": args.latency_pixels},
-                         max_concurrent=args.max_concurrent, missing_fraction=args.missing_fraction) as fake:
+                         max_concurrent=args.max_concurrent, missing_fraction=args.missing_fraction,
+                         s2_counts=tuple(args.s2_scenes)) as fake:
         print(json.dumps({"url": fake.url, "project": fake.project,
                           "service_account_info": fake.service_account_info()}), flush=True)
         sys.stdin.read()  # until the parent closes our stdin (or dies)

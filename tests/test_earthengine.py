@@ -211,6 +211,12 @@ def test_full_flow_same_format_as_synthetic(ee_run):
     assert info[ids[3]]["NO_DATA"] is True and "Sentinel-2" in info[ids[3]]["NO_DATA_REASON"]
     done = [t for t in info if not info[t]["NO_DATA"]]
     assert all(info[t]["SOURCE"] == "earthengine" and info[t]["S2_IMAGEID"].startswith("COPERNICUS/S2") for t in done)
+    assert all(info[t]["BANDS"]["aster"] == ["b1", "slope"] and len(info[t]["BANDS"]["era5"]) == 12
+               and info[t]["ERA5_YEAR_MONTHS"] == 13 for t in done)
+    import h5py
+
+    with h5py.File(cfg.dataset_dir / f"{cfg.name}.h5") as h5:  # the original's b1 lands in the elevation channel
+        assert (h5["aster"][:, 0] != -32768).mean() > 0.9
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -228,7 +234,9 @@ def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
             assert got == {"value": 1, "pixels": 1}, (tid, got)
     assert {f[2] for f in snap["faults_injected"]} == {"429", "500", "drop", "503"}
     no_data = [p for p in result["problems"] if p["item"] == ids[3]]
-    assert len(no_data) == 1 and no_data[0]["reason"].startswith("no data")
+    assert len(no_data) == 1 and no_data[0]["reason"].startswith("no data: no Sentinel-2 image")
+    # permanent outcomes listed by reason in the report
+    assert "no data (permanent, never fetched again): 1 tile(s): no Sentinel-2 image" in result["notes"]
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -596,3 +604,35 @@ def test_wrong_collection_id_fails(ee_direct, monkeypatch):
     monkeypatch.setattr(ee_mod, "S1_GRD", "COPERNICUS/S1")
     with pytest.raises(TransientSourceError, match="not found"):  # an unknown error: retried, never NO_DATA
         src.select(tiles[0])
+
+
+def test_bad_key_from_the_environment_names_the_variable(monkeypatch, tmp_path):
+    from tasks.multimodal.sources import make_source
+    from tasks.multimodal.sources.earthengine import credentials_from_env
+
+    monkeypatch.setenv("EE_SERVICE_ACCOUNT_KEY", "{not json")
+    with pytest.raises(EarthEngineAuthError, match="EE_SERVICE_ACCOUNT_KEY.*not valid JSON"):
+        credentials_from_env()
+    monkeypatch.setenv("EE_SERVICE_ACCOUNT_KEY", str(tmp_path / "missing.json"))
+    with pytest.raises(EarthEngineAuthError, match="EE_SERVICE_ACCOUNT_KEY names a key file"):
+        credentials_from_env()
+    bad = {"type": "service_account", "project_id": "p", "private_key": "nope", "client_email": "a@b"}
+    monkeypatch.setenv("EE_SERVICE_ACCOUNT_KEY", json.dumps(bad))
+    src = make_source("earthengine", {}, None)
+    with pytest.raises(EarthEngineAuthError, match="from the environment variable EE_SERVICE_ACCOUNT_KEY"):
+        src._credentials()
+
+
+def test_initialisation_failure_message(ee_direct):
+    """A temporary initialisation failure says so (not "tile -: ..."); a tile fetch retries it."""
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    fake, _ = ee_direct()
+    src = ee_mod.EarthEngineSource(project=fake.project, credentials=fake.service_account_info(),
+                                   url="http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ee_mod.EarthEngineInitError) as info:
+        src.initialize()
+    assert str(info.value).startswith("Earth Engine initialisation at http://127.0.0.1:9 failed (temporary")
+    with pytest.raises(TransientSourceError) as tile_error:
+        src.select(_tile("t9"))
+    assert str(tile_error.value).startswith("tile t9: Earth Engine initialisation")
