@@ -332,10 +332,10 @@ def metadata_expression(tile: Tile, ch: Choices, era5_year_months: int = 13):
           .map(lambda im: im.set("date_difference", im.date().difference(day, "day").abs()))
           .sort("date_difference"))
 
-    def s1_pick(orbit: str):
-        first = s1.filterMetadata("orbitProperties_pass", "equals", orbit).toList(1)
-        return first.map(lambda im: ee.Dictionary({"id": ee.Image(im).get("system:id"),
-                                                  "bands": ee.Image(im).bandNames()}))
+    def s1_pick(orbit: str):  # ids: [] or [the closest scene]; bands: the placeholder's when there is none
+        first = s1.filterMetadata("orbitProperties_pass", "equals", orbit).limit(1)
+        return ee.Dictionary({"ids": first.aggregate_array("system:id"),
+                              "bands": ee.Image(first.toList(1).add(placeholder).get(0)).bandNames()})
 
     # ERA5-Land: dates as the original writes them, end exclusive
     month_start = ee.Date.fromYMD(date.get("year"), date.get("month"), 1)
@@ -343,7 +343,8 @@ def metadata_expression(tile: Tile, ch: Choices, era5_year_months: int = 13):
     era = ee.ImageCollection(ERA5_MONTHLY)
     monthly = era.filterDate(month_start.advance(-1, "month"), month_last).select(list(schema.ERA5_BANDS)).toBands()
     year_coll = era.filterDate(month_start.advance(-(era5_year_months - 1), "month"), month_last)
-    yearly = ee.ImageCollection([year_coll.select(b).reduce(getattr(ee.Reducer, r)())
+    # per band its reducer ("<band>_<reducer>"; Image.select, not a client-side map per band)
+    yearly = ee.ImageCollection([year_coll.reduce(getattr(ee.Reducer, r)()).select([f"{b}_{r}"])
                                  for b, r in ERA5_YEAR_REDUCERS]).toBands().float()
     combined = ee.Image.cat([monthly, yearly])
     era5 = ee.Dictionary({"names": combined.bandNames(),
@@ -401,9 +402,10 @@ class TileMeta:
 
 
 def _one(value: Any) -> dict[str, Any] | None:
-    if isinstance(value, list):
-        return value[0] if value else None
-    return value
+    """A Sentinel-1 pick of the metadata answer: {"ids": [id] or [], "bands": [...]}."""
+    if not isinstance(value, dict) or not value.get("ids"):
+        return None
+    return {"id": value["ids"][0], "bands": list(value.get("bands") or [])}
 
 
 def parse_metadata(tile: Tile, ch: Choices, result: Any) -> TileMeta:
