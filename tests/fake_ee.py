@@ -662,6 +662,10 @@ _FUNCTIONS["List.map"] = lambda ev, list, baseAlgorithm, dropNulls=False: [  # n
 _FUNCTIONS["List.remove"] = lambda ev, list, element: (  # noqa: A002
     [x for i, x in enumerate(list) if i != list.index(element)] if element in list else list)
 _FUNCTIONS["Dictionary"] = lambda ev, input=None: dict(input or {})
+_FUNCTIONS["String"] = lambda ev, input: str(input)
+_FUNCTIONS["String.split"] = lambda ev, string, regex, flags=None: re.split(regex, string)
+_FUNCTIONS["Number.parse"] = lambda ev, input, radix=10: (int(input) if re.fullmatch(r"-?\d+", input.strip())
+                                                         else float(input))
 _FUNCTIONS["Dictionary.get"] = lambda ev, dictionary, key: dictionary[key]
 
 
