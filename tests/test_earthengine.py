@@ -636,3 +636,19 @@ def test_initialisation_failure_message(ee_direct):
     with pytest.raises(TransientSourceError) as tile_error:
         src.select(_tile("t9"))
     assert str(tile_error.value).startswith("tile t9: Earth Engine initialisation")
+
+
+def test_more_candidates_than_the_index_table(ee_direct, monkeypatch):
+    """Above the table's bound the metadata is asked once more with a table reaching n: the
+    pick is still the original's (a third request for that tile only)."""
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    real = ee_mod.choose
+    monkeypatch.setattr(ee_mod, "choose", lambda tile, table_size=8: real(tile, table_size))
+    tiles = _selection_tiles(6)
+    fake, src = ee_direct(tiles=tiles, s2_counts=(200, 800))
+    seen_n, mismatches = _compare(fake, src, tiles)
+    assert not mismatches, mismatches[:2]
+    for t, n in zip(tiles, seen_n):
+        assert fake.requests_by_tile[t.tile_id]["value"] == (2 if n > 8 else 1), (t.tile_id, n)
+    assert max(seen_n) > 8
