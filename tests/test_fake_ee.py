@@ -139,7 +139,9 @@ def test_metadata_request(make_fake: Callable[..., FakeEarthEngine]) -> None:
     transform = result["crs_transform"]
     assert transform[:2] == [10, 0] and transform[3:5] == [0, -10] and transform[2] % 10 == 0
     for orbit in ("s1_asc", "s1_desc"):
-        assert all(p["id"].startswith("COPERNICUS/S1_GRD/") and p["bands"][-1] == "angle" for p in result[orbit])
+        pick = result[orbit]  # {"ids": [] or [the closest scene], "bands": its bands}
+        assert len(pick["ids"]) <= 1 and all(i.startswith("COPERNICUS/S1_GRD/") for i in pick["ids"])
+        assert not pick["ids"] or pick["bands"][-1] == "angle"
     names, values = result["era5"]["names"], result["era5"]["values"]
     assert len(names) == 12 and set(values) == set(names)
     assert names[8:] == ["0_temperature_2m_mean", "1_temperature_2m_min_min", "2_temperature_2m_max_max",

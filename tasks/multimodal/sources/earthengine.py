@@ -321,7 +321,9 @@ def metadata_expression(tile: Tile, ch: Choices, era5_year_months: int = 13):
     # the table travels as one string (a list of 1024 numbers costs the client ~10 ms to encode)
     table = ee.String(",".join(map(str, ch.table))).split(",")
     idx = ee.Number.parse(table.get(n.min(len(ch.table)).max(1).subtract(1)))
-    placeholder = ee.Image.constant(0).rename("B4").set("system:time_start", 0, "system:id", "")
+    # stands in when there is no candidate: a date inside every collection's coverage (2019-06-01), so that
+    # each later part (S1, ERA5 windows, Dynamic World) stays valid; the client ignores it (n = 0)
+    placeholder = ee.Image.constant(0).rename("B4").set("system:time_start", 1_559_347_200_000, "system:id", "")
     img = ee.Image(contained.toList(n).add(placeholder).get(idx))
     date = ee.Date(img.get("system:time_start"))
     day = ee.Date(date.format("YYYY-MM-dd"))  # midnight UTC of the S2 day, as the original's date string
