@@ -5,7 +5,8 @@ Stages: synthetic world (embedded default, only when no data is given)
 -> features (fanned out) -> pairs (poses, retrieval) -> matches (fanned out)
 -> reference triangulation -> localization of the photos -> dense depth
 (GPU PatchMatch on GPU-tagged workers, else the CPU backend, per image)
--> export of ``localized_dense_metric/`` -> accuracy (when ground truth exists)
+-> export of ``localized_dense_metric/`` -> training exports (covisibility blocks over
+the workers, scene info, pair lists, index) -> accuracy (when ground truth exists)
 -> a report per scene. Scenes run side by side; every stage is skipped on a
 rerun when its outputs are complete.
 
@@ -54,6 +55,9 @@ class AerialConfig(BaseModel):
     dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
     fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
     n_workers: int | None = None
+    exports: dict[str, Any] = Field(default_factory=dict, description="training exports settings "
+                                    "(tasks.aerial.training_export.ExportConfig), e.g. {'root': '/data/train', "
+                                    "'covisibility': {'rel_tolerance': 0.1}}")
 
     def paths(self) -> dict[str, Path]:
         root = Path(self.root).expanduser().resolve()
@@ -198,6 +202,37 @@ def export_task(paths):
     from tasks.aerial import pipeline as PL
 
     return PL.export_product(paths)
+
+
+@task(name="covisibility-plan", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def covis_plan_task(product: str, work: str, ecfg):
+    from tasks.aerial import covisibility as C
+
+    return C.plan(Path(product), Path(work), ecfg.covisibility)
+
+
+@task(name="covisibility-block", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def covis_block_task(plan, index: int, ecfg):
+    from tasks.aerial import covisibility as C
+
+    t0 = time.monotonic()
+    C.run_block(plan, index, ecfg.covisibility)
+    return time.monotonic() - t0
+
+
+@task(name="training-export-scene", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def training_scene_task(export: str, paths, plan, ecfg, features: dict):
+    from tasks.aerial import training_export as T
+
+    return T.export_scene(Path(export), paths.scene, paths.product, T.reference_names(paths.scene_dir), plan,
+                          ecfg, features)
+
+
+@task(name="training-export-index", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
+def training_index_task(export: str, ecfg):
+    from tasks.aerial import training_export as T
+
+    return T.export_dataset(Path(export), None, ecfg)
 
 
 @task(name="evaluate", cache_policy=NO_CACHE, tags=["aerial"])
@@ -396,12 +431,50 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
         reports[s].counts.update(res[s][0])
         reports[s].outputs["product"] = str(paths[s].product)
 
+    run_training_exports(config, p, paths, alive, reports, cfg)
+
     with_gt = [s for s in alive if (paths[s].ground_truth / "sparse").is_dir()]
     res = timed("evaluate", lambda: _results({evaluate_task.submit(paths[s], sorted(infos[s]["queries"])): s
                                               for s in with_gt}, reports, "evaluate"))
     accuracy = {s: res[s][0] for s in with_gt if not failed(s, res)}
     return {"paths": paths, "accuracy": accuracy, "backend": backend, "dense workers": workers_used,
             "config": cfg.name}
+
+
+def run_training_exports(config: "AerialConfig", p: dict, paths: dict, scenes: list[str], reports: dict, cfg) -> None:
+    """Scene info, dense covisibility (candidate pairs in blocks over the workers), pair
+    lists and layouts per scene, then the dataset index (tasks/aerial/training_export.py)."""
+    from tasks.aerial import training_export as T
+
+    ecfg = T.export_config(**config.exports)
+    export = Path(ecfg.root).expanduser().resolve() if ecfg.root else p["root"] / "training"
+    features = {"pipeline": cfg.name, "features": cfg.features, "matcher": cfg.matcher,
+                "retrieval": cfg.retrieval, "sfm folder": paths[scenes[0]].sfm.name if scenes else None,
+                "dense backend": reports[scenes[0]].counts.get("dense backend") if scenes else None}
+    t0 = time.monotonic()
+    plans = _results({covis_plan_task.submit(str(paths[s].product), str(T.covisibility_work(export, s)), ecfg): s
+                      for s in scenes}, reports, "covisibility")
+    plans = {s: r[0] for s, r in plans.items() if not isinstance(r[0], Exception)}
+    futs = {covis_block_task.submit(pl, k, ecfg): s for s, pl in plans.items() for k in pl.missing_blocks()}
+    blocks = _results(futs, reports, "covisibility")
+    ok = [s for s in plans if not any(isinstance(r, Exception) for r in blocks.get(s, []))]
+    for s in ok:
+        reports[s].counts.update({f"covisibility {k}": v for k, v in plans[s].counts.items()})
+        reports[s].timings["covisibility"] = time.monotonic() - t0
+    t1 = time.monotonic()
+    done = _results({training_scene_task.submit(str(export), paths[s], plans[s], ecfg, features): s for s in ok},
+                    reports, "training export")
+    for s, r in done.items():
+        if not isinstance(r[0], Exception):
+            reports[s].timings["training export"] = time.monotonic() - t1
+            reports[s].outputs["training export"] = str(export)
+            reports[s].counts.update({f"pairs {k}": v["pairs"] for k, v in r[0]["ranges"].items()})
+    if done:
+        try:
+            training_index_task(str(export), ecfg)
+        except Exception as exc:  # noqa: BLE001 - the scenes' files stay; the index is rebuilt next run
+            for s in done:
+                reports[s].problem("index.json", "training export", f"{type(exc).__name__}: {exc}")
 
 
 def _n_workers() -> int:

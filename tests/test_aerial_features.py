@@ -500,11 +500,16 @@ def test_tiny_world_frames_and_photos(tmp_path):
     footage = tmp_path / "data" / info.scene / "footage"
     frames = sorted(p.name for p in footage.glob("*.jpeg"))
     assert len(frames) == 6
-    image_dir = {**{n: footage for n in frames}, **{n: info.images_dir for n in info.photo_names}}
+    # a featureless photo (a clear sky, one flat colour) next to the world's photos
+    import cv2
+
+    cv2.imwrite(str(info.images_dir / "zz_clear_sky.jpg"), np.full((240, 320, 3), (235, 206, 135), np.uint8))
+    photos = info.photo_names + ["zz_clear_sky.jpg"]
+    image_dir = {**{n: footage for n in frames}, **{n: info.images_dir for n in photos}}
     work = tmp_path / "data" / info.scene / "sfm_output_localization"
-    fp = F.extract_features(SIFT, image_dir, frames + info.photo_names, work / "feats-sift.h5")
-    assert F.list_names(fp) == sorted(frames + info.photo_names)
-    sizes = {n: len(F.read_keypoints(fp, n)) for n in frames + info.photo_names}
+    fp = F.extract_features(SIFT, image_dir, frames + photos, work / "feats-sift.h5")
+    assert F.list_names(fp) == sorted(frames + photos)
+    sizes = {n: len(F.read_keypoints(fp, n)) for n in frames + photos}
     for n in frames[:1] + info.photo_names[:1]:
         assert F.read_image_size(fp, n) == (320, 240)
     assert min(sizes[n] for n in frames) > 50
@@ -519,7 +524,8 @@ def test_tiny_world_frames_and_photos(tmp_path):
         assert len(np.unique(m[:, 1])) == len(m)  # mutual: one-to-one
         assert (m[:, 0] < sizes[a]).all() and (m[:, 1] < sizes[b]).all()
     # a photo of the sky has no keypoints: stored empty, matched to nothing
-    blank = [n for n in info.photo_names if sizes[n] == 0]
+    blank = [n for n in photos if sizes[n] == 0]
+    assert blank == ["zz_clear_sky.jpg"]
     for n in blank:
         assert F.read_descriptors(fp, n).shape == (128, 0)
         M.write_pairs(work / "pairs-blank.txt", [(n, frames[0]), (frames[0], n)])
@@ -529,5 +535,5 @@ def test_tiny_world_frames_and_photos(tmp_path):
                                 n_words=16)
     loc = P.pairs_from_retrieval(gp, info.photo_names, frames, 3)
     assert {q for q, _ in loc} <= set(info.photo_names) and all(b in frames for _, b in loc)
-    assert not [p for p in work.iterdir() if p.name.startswith(".")]
-    assert os.listdir(work)
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert {"feats-sift.h5", "matches.h5", "global-feats-vlad.h5"} <= set(os.listdir(work))

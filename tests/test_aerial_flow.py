@@ -82,7 +82,8 @@ def test_rerun_skips_done_work(aerial_run):
     assert counts.get("megadepth skipped") == 5 and "megadepth done" not in counts
     meta = json.loads((root / "data" / "0001" / "0001.json").read_text())
     assert len(meta["frames"]) == 24
-    assert again["scenes"]["0001"]["counts"]["photos registered"] == counts["photos registered"]
+    # the rerun re-uses the registration of the first run: same photos, same count
+    assert counts["photos registered"] == result["scenes"]["0001"]["counts"]["photos registered"]
 
 
 def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
@@ -96,11 +97,15 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
     product = root / "data" / "0001" / "sfm_output_localization" / "sfm_sift+mnn" / "localized_dense_metric"
     assert (product / "sparse-txt" / "cameras.txt").exists()
     n_reg = rep["counts"]["photos registered"]
-    assert n_reg >= 3
+    # this small world (24 frames, 5 photos, 480x360) registers 4 of 5 photos with a median
+    # rotation error of 0.38 deg (max 0.71) and centre error 0.31 m (pipeline run directly,
+    # the same stages); limits about 2x the measured figures
+    assert n_reg >= 4
     assert len(list((product / "images").iterdir())) == 24 + n_reg
     assert rep["counts"]["depth maps"] == 24 + n_reg == len(list((product / "depths").glob("*.h5")))
     acc = rep["accuracy"]["poses"]
-    assert acc["photos registered"] == n_reg and acc["median rotation error deg"] < 1.0
+    assert acc["photos registered"] == n_reg and acc["median rotation error deg"] < 0.75
+    assert acc["max rotation error deg"] < 1.4 and acc["median centre error m"] < 0.6
     assert json.loads((root / "data" / "0001" / "accuracy.json").read_text())["poses"]["photos registered"] == n_reg
     for stage in ("features", "matches", "reference", "localization", "dense", "export"):
         assert stage in rep["timings"]
@@ -147,3 +152,23 @@ def test_dense_tasks_land_on_the_gpu_worker(aerial_run, monkeypatch):
     assert calls == [gpu.address]
     assert again["dense workers"]["0001"] == [gpu.address]
     assert any("declare GPU" in n for n in again["scenes"]["0001"]["notes"])
+
+
+def test_flow_writes_training_exports(aerial_run):
+    """The flow's training exports (covisibility blocks over the Dask workers, then the
+    scene files and the dataset index) load as the readers load them."""
+    from tasks.aerial.training_export import export_config
+    from tests.test_aerial_exports import check_pair_files, check_scene_info
+
+    cfg, root, result = aerial_run
+    rep = result["scenes"]["0001"]
+    export = root / "training"
+    assert rep["outputs"]["training export"] == str(export)
+    assert rep["counts"]["covisibility candidate pairs"] <= rep["counts"]["covisibility all pairs"]
+    assert "covisibility" in rep["timings"] and "training export" in rep["timings"]
+    product = root / "data" / "0001" / "sfm_output_localization" / "sfm_sift+mnn" / "localized_dense_metric"
+    check_scene_info(export, "0001", product)
+    check_pair_files(export, "0001", export_config())
+    index = json.loads((export / "index.json").read_text())
+    assert index["features used"][0]["pipeline"] == "sift+mnn"
+    assert index["features used"][0]["sfm folder"] == "sfm_sift+mnn"

@@ -115,4 +115,5 @@ def test_ensure_world_is_idempotent(tmp_path):
     mtime = a.json_path.stat().st_mtime_ns
     b = ensure_world(tmp_path, n_aerial=3, n_ground=2)
     assert b.json_path.stat().st_mtime_ns == mtime
-    assert geometry.focal_from_fov(480, 50.0) > 0
+    # f = h / (2 tan(fov / 2)), worked by hand: 240 / tan(25 deg) = 514.6817...
+    assert geometry.focal_from_fov(480, 50.0) == pytest.approx(514.6817, abs=1e-3)

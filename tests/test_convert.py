@@ -11,12 +11,15 @@ from affine import Affine
 from tasks.multimodal import convert, schema
 from tasks.multimodal.sources.base import TileStack, write_stack
 from tasks.multimodal.stats import StatsAccumulator, valid_mask
+from tests.contract_rows import NO_DATA, assert_rows_equal, expected_rows
 
 SIZE = 20  # stack pixels
 IMG = 16  # image size in the h5
 
 
-def make_stack(tile_id, s2_type="l2a", asc=("VV", "VH"), desc=None, seed=0, nan_rows=0):
+def make_stack(tile_id, s2_type="l2a", asc=("VV", "VH"), desc=None, seed=0, nan_rows=0, holes=False):
+    """A stack as a source writes it; ``holes``: every band has its own NaN pixels
+    inside the image crop (no-data in every modality)."""
     rng = np.random.default_rng(seed)
     bands = {
         "sentinel2": list(schema.S2_BANDS_L2A if s2_type == "l2a" else schema.S2_BANDS_L1C),
@@ -54,6 +57,10 @@ def make_stack(tile_id, s2_type="l2a", asc=("VV", "VH"), desc=None, seed=0, nan_
             data[i] = rng.choice(schema.WORLDCOVER_CLASSES, (SIZE, SIZE))
     if nan_rows:
         data[: len(bands["sentinel2"]), :nan_rows + 2, :] = np.nan
+    if holes:
+        off = (SIZE - IMG) // 2
+        for i in range(len(names)):
+            data[i, off + i % IMG, off + (3 * i) % (IMG - 3):off + (3 * i) % (IMG - 3) + 3] = np.nan
     info = {
         "S2_DATE": "2019-03-15", "S2_type": s2_type, "CRS": "EPSG:32633", "lat": 45.0 + seed, "lon": 10.0 - seed,
         "biome": seed % 14, "eco_region": (seed * 37) % 846, "NO_DATA": False, "BANDS": bands,
@@ -111,6 +118,65 @@ def test_tile_rows_maps_every_band(tiles_dir):
     assert rows["eco_region"].sum() == 1 and rows["eco_region"][0] == 1
 
 
+@pytest.mark.parametrize("s2_type, asc, desc, seed", [
+    ("l2a", ("VV", "VH"), ("HH",), 0), ("l1c", None, ("VV", "VH", "HH", "HV"), 1), ("l2a", None, None, 2),
+    ("l1c", ("HH", "HV"), None, 3),
+])
+def test_tile_rows_match_the_contract_reference(s2_type, asc, desc, seed):
+    """The converter against a plain re-implementation of the format, on stacks with
+    missing pixels in every modality and missing orbits/polarisations."""
+    st, data, names = make_stack("r", s2_type, asc=asc, desc=desc, seed=seed, holes=True)
+    rows = convert.tile_rows(data, names, st.info, "r", IMG)
+    exp = expected_rows(data, names, st.info, IMG)
+    assert_rows_equal(rows, exp, "r")
+    # the holes really are the no-data value of each modality
+    off = (SIZE - IMG) // 2
+    crop = data[:, off:off + IMG, off:off + IMG]
+    seen = set()
+    for i, name in enumerate(names):
+        group, b = name.split("/")
+        hole = np.isnan(crop[i])
+        assert hole.sum() == 3
+        if group == "sentinel2":
+            if b in ("MSK_CLDPRB", "SCL", "QA60"):
+                ds, ch = {"MSK_CLDPRB": "sentinel2_cloudprod", "SCL": "sentinel2_scl", "QA60": "sentinel2_cloudmask"}[b], 0
+            else:
+                ds, ch = "sentinel2", schema.S2_SPECTRAL.index(b)
+        elif group.startswith("sentinel1"):
+            ds, ch = "sentinel1", 4 * (group.endswith("desc")) + schema.S1_POLARISATIONS.index(b)
+        else:
+            ds = group
+            ch = {"elevation": 0, "slope": 1, "height": 0, "std": 1}.get(b, 0)
+        fill = NO_DATA[ds][1]
+        got = rows[ds][ch][hole]
+        assert (np.isneginf(got).all() if np.isinf(fill) else (got == fill).all()), (name, got, fill)
+        seen.add(ds)
+    absent = ({"sentinel2_cloudprod", "sentinel2_scl"} if s2_type == "l1c" else set()) | \
+        (set() if asc or desc else {"sentinel1"})
+    assert seen == set(NO_DATA) - absent
+    if s2_type == "l2a":
+        np.testing.assert_array_equal(rows["sentinel2_cloudprod"][0][~np.isnan(crop[names.index("sentinel2/MSK_CLDPRB")])],
+                                      np.round(crop[names.index("sentinel2/MSK_CLDPRB")])[
+                                          ~np.isnan(crop[names.index("sentinel2/MSK_CLDPRB")])])
+    # a west longitude: sin negative
+    assert rows["lon"][0] == pytest.approx(math.sin(math.radians(st.info["lon"])), abs=1e-7)
+
+
+def test_the_reference_would_catch_a_wrong_converter():
+    """The reference is not a copy of the converter: a converter that forgot one
+    modality's no-data value (here canopy height written as 0) is told apart."""
+    st, data, names = make_stack("w", "l2a", holes=True)
+    rows = convert.tile_rows(data, names, st.info, "w", IMG)
+    bad = dict(rows)
+    bad["canopy_height_eth"] = np.where(rows["canopy_height_eth"] == -1, 0, rows["canopy_height_eth"]).astype(np.int8)
+    with pytest.raises(AssertionError, match="canopy_height_eth"):
+        assert_rows_equal(bad, expected_rows(data, names, st.info, IMG))
+    bad = dict(rows)
+    bad["aster"] = np.where(rows["aster"] == -32768, 0, rows["aster"]).astype(np.int16)
+    with pytest.raises(AssertionError, match="aster"):
+        assert_rows_equal(bad, expected_rows(data, names, st.info, IMG))
+
+
 def test_l1c_has_no_cloudprod_or_scl():
     st, data, names = make_stack("b", "l1c", asc=None, desc=None)
     rows = convert.tile_rows(data, names, st.info, "b", IMG)
@@ -148,7 +214,7 @@ def _build(tmp_path, tiles_dir, stacks, part_size=2, info_override=None):
 
 def test_pack_and_assemble_exact_schema(tmp_path, tiles_dir):
     stacks = [make_stack(f"t{i}", "l2a" if i % 2 else "l1c", seed=i,
-                         asc=("VV", "VH") if i % 3 else None, nan_rows=i % 2) for i in range(5)]
+                         asc=("VV", "VH") if i % 3 else None, nan_rows=i % 2, holes=i % 2 == 0) for i in range(5)]
     parts, h5, n, info = _build(tmp_path, tiles_dir, stacks)
     assert n == 5
     with h5py.File(h5, "r") as f:
@@ -164,9 +230,9 @@ def test_pack_and_assemble_exact_schema(tmp_path, tiles_dir):
         for row, (st, data, names) in enumerate(stacks):
             assert meta[row]["tile_id"].decode() == st.tile_id
             assert meta[row]["S2_type"].decode() == st.info["S2_type"]
-            rows = convert.tile_rows(data, names, st.info, st.tile_id, IMG)
-            for d in schema.H5_DATASETS:
-                np.testing.assert_array_equal(f[d.name][row], rows[d.name], err_msg=f"{d.name} row {row}")
+            # against the independent reference, not the product's own converter
+            assert_rows_equal({d.name: f[d.name][row] for d in schema.H5_DATASETS},
+                              expected_rows(data, names, st.info, IMG), f"row {row}")
 
 
 def test_stats_match_numpy_over_h5(tmp_path, tiles_dir):

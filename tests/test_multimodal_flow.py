@@ -4,7 +4,6 @@ LocalCluster, then the output checked exactly against the contract."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -16,13 +15,12 @@ import h5py
 import numpy as np
 import psutil
 import pytest
-import rasterio
 
 from tasks.common.runtime import DaskConfig, PROJECT_ROOT, make_task_runner
-from tasks.multimodal import convert, schema
+from tasks.multimodal import schema
 from tasks.multimodal.config import MultimodalConfig
 from tests.dataset_checks import check_dataset
-from tests.mmearth_reader import Reader
+from tests.mmearth_reader import OUT_MODALITIES, Reader
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -76,17 +74,48 @@ def test_splits_stats_and_training_reader(built):
     for key, (ds, _) in schema.STATS_KEYS.items():
         for field in ("mean", "std", "min", "max"):
             assert len(stats[key][field]) == schema.H5_BY_NAME[ds].channels
-    for split in ("train", "val", "test"):
-        reader = Reader(out, split)
-        for i in range(len(reader)):
-            item = reader[i]
-            s2 = item["sentinel2"]
-            assert s2.shape == (13, cfg.image_size, cfg.image_size)
-            l2a = reader.tile_info[item["id"]]["S2_type"] == "l2a"
-            valid = np.delete(s2, 10, axis=0) if l2a else s2
-            assert np.isfinite(valid).mean() > 0.9
-            assert np.isfinite(item["aster"]).all() and np.isfinite(item["era5"]).all()
-            assert item["dynamic_world"].min() >= 0 and item["esa_worldcover"].min() >= 0
+    import h5py
+
+    norm = {"sentinel2_l2a": [], "sentinel2_l1c": [], "sentinel1": []}
+    with h5py.File(out / f"{cfg.name}.h5", "r") as f:
+        for split in ("train", "val", "test"):
+            reader = Reader(out, split)  # MMEarth's own reader, every modality it can load
+            for i in range(len(reader)):
+                item = reader[i]
+                row = splits[split][i]
+                s2 = item["sentinel2"]
+                assert s2.shape == (13, cfg.image_size, cfg.image_size) and s2.dtype == np.float32
+                l2a = reader.tile_info[item["id"]]["S2_type"] == "l2a"
+                raw = f["sentinel2"][row]
+                norm["sentinel2_l2a" if l2a else "sentinel2_l1c"].append(
+                    [s2[c][raw[c] != 0] for c in range(13)])
+                # sentinel1: exactly the -inf pixels of the h5 are missing (NaN) for the reader
+                s1 = item["sentinel1"]
+                np.testing.assert_array_equal(np.isnan(s1), np.isneginf(f["sentinel1"][row]))
+                norm["sentinel1"].append([s1[c][np.isfinite(s1[c])] for c in range(8)])
+                assert np.isfinite(item["aster"]).all() and np.isfinite(item["era5"]).all()
+                # classes as the reader remaps them: DW label+1 -> label, 0 -> -1; WorldCover
+                # 10..100 -> 0..10 and then its no-data test (== 0) also turns tree cover into -1
+                dw = f["dynamic_world"][row].astype(np.int64)
+                np.testing.assert_array_equal(item["dynamic_world"], np.where(dw == 0, -1, dw - 1))
+                wc = f["esa_worldcover"][row]
+                classes = list(schema.WORLDCOVER_CLASSES)
+                exp = np.vectorize(lambda v: -1 if v in (0, 10) else classes.index(v))(wc)
+                np.testing.assert_array_equal(item["esa_worldcover"], exp)
+                assert item["biome"].argmax() == reader.tile_info[item["id"]]["biome"]
+                # the pretraining targets: 12 S2 bands (no B10)
+            item = Reader(out, split, OUT_MODALITIES)[0] if len(reader) else None
+            if item is not None:
+                assert item["sentinel2"].shape == (12, cfg.image_size, cfg.image_size)
+    # statistics over all tiles normalise the valid pixels to mean 0, std 1 per channel
+    for key, per_tile in norm.items():
+        if not per_tile:
+            continue
+        for c in range(len(per_tile[0])):
+            v = np.concatenate([t[c] for t in per_tile]).astype(np.float64)
+            if key == "sentinel2_l2a" and c == 10 or v.size < 2:
+                continue  # L2A has no B10
+            assert abs(v.mean()) < 1e-3 and abs(v.std() - 1) < 1e-3, (key, c, v.mean(), v.std())
 
 
 def test_prefect_artifacts_published(built, prefect_server):

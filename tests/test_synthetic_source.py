@@ -6,7 +6,6 @@ import datetime as dt
 import json
 import math
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -365,16 +364,3 @@ def test_unknown_biome_and_ecoregion() -> None:
         fetch(src, make_tile("eco2", eco_region="Eco B"))
     with pytest.raises(ValueError):
         SyntheticSource(missing_orbit_rate=1.5)
-
-
-def test_timing() -> None:
-    """Report the per-tile cost (not asserted: CI machines vary)."""
-    src = SyntheticSource(seed=0)
-    tiles = [make_tile(f"tm{i}", schema.BIOMES[i % schema.N_BIOMES], -120.0 + 4.0 * i, -60.0 + 2.4 * i)
-             for i in range(50)]
-    grids = [Grid.for_tile(t) for t in tiles]
-    start = time.perf_counter()
-    for tile, grid in zip(tiles, grids):
-        src.fetch(tile, grid)
-    per_tile_ms = (time.perf_counter() - start) / len(tiles) * 1000.0
-    print(f"synthetic fetch: {per_tile_ms:.2f} ms per {grids[0].size}x{grids[0].size} tile")

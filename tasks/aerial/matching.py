@@ -357,7 +357,6 @@ def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path
     return out
 
 
-match_pairs_parts = match_features_parts  # alias
 
 
 def merge_matches(parts: Sequence[Path], match_path: Path, overwrite: bool = False,

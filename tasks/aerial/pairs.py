@@ -101,14 +101,6 @@ def cam2world_from_model(model_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def pairs_exhaustive(names: Sequence[str], ref_names: Sequence[str] | None = None) -> list[tuple[str, str]]:
-    """hloc's ``pairs_from_exhaustive``: all unordered pairs of ``names``, or every
-    (name, ref) pair when ``ref_names`` is given."""
-    if ref_names is None:
-        return [(names[i], names[j]) for i in range(len(names)) for j in range(i + 1, len(names))]
-    return dedupe_pairs([(a, b) for a in names for b in ref_names])
-
-
 def _read_global(paths: Sequence[Path], names: Sequence[str], key: str = "global_descriptor") -> np.ndarray:
     handles = [h5py.File(str(p), "r", libver="latest") for p in paths]
     try:

@@ -24,10 +24,8 @@ Layout under ``<root>/data/<scene>/sfm_output_localization/`` (shared/contracts/
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,10 +261,6 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
     return info
 
 
-def load_images(paths: ScenePaths) -> dict[str, Any]:
-    return json.loads(paths.image_list.read_text())
-
-
 def queries_of(info: dict[str, Any]) -> list[Query]:
     return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"])) for n, q in sorted(info["queries"].items())]
 
@@ -465,7 +459,7 @@ def _hloc_match(paths: ScenePaths, config: PipelineConfig) -> Path:
     return match_features.main(conf, paths.pairs_all, features=paths.features, matches=paths.matches)
 
 
-__all__ = ["PipelineConfig", "CONFS", "get_config", "ScenePaths", "scene_paths", "collect_images", "load_images",
+__all__ = ["PipelineConfig", "CONFS", "get_config", "ScenePaths", "scene_paths", "collect_images",
            "queries_of", "extract", "merge_feature_parts", "missing_features", "make_pairs", "match",
            "merge_match_parts", "reference", "localize", "registered_names", "prepare_dense", "dense_depths_cpu",
-           "dense_depths_gpu", "fuse_cpu", "export_product", "hloc_available", "model_complete", "time", "shutil"]
+           "dense_depths_gpu", "fuse_cpu", "export_product", "hloc_available", "model_complete"]

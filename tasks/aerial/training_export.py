@@ -1,0 +1,531 @@
+"""Training-ready files from the scene products: what matcher and 3D-model training code
+reads next to MegaDepth-style data (see ``docs/training_exports.md`` for the layout and
+which reader opens which file).
+
+Per scene (:func:`export_scene`), from ``localized_dense_metric/`` (``images/``,
+``depths/<stem>.h5``, ``sparse-txt/``) and the dense covisibility
+(``tasks/aerial/covisibility.py``), under the export root ``EXPORT`` (default
+``<root>/training``); every path stored in a file is relative to ``EXPORT``:
+
+* ``scene_info/<scene>.npz``: D2-Net's scene info as glue-factory's MegaDepth dataset
+  reads it (``np.load(..., allow_pickle=True)``);
+* ``covisibility/<scene>.npz``: the dense covisibility matrix and its settings;
+* ``pair_infos/<scene>_<lo>_<hi>.npz``: LoFTR/DKM-style scene info with ``pair_infos``;
+* ``images/<scene>/<name>``, ``depths/<scene>/<stem>.h5``: the product's files (hard
+  links), the layout glue-factory and D2-Net read (``image_subpath``/``depth_subpath``);
+* ``aerialmegadepth/<scene>/sfm_output_localization/sfm_superpoint+superglue/
+  localized_dense_metric``: a link to the product under the folder name that
+  AerialMegaDepth's ``preprocess_aerialmegadepth.py`` has fixed in its code;
+* ``dust3r/<scene>/0/<name>.jpg|.exr|.npz``: DUSt3R's MegaDepth layout;
+* ``pictures/<scene>_covisibility.png``.
+
+Dataset level (:func:`export_dataset`): ``index.json``, ``dust3r/all_metadata.npz``
+(plain arrays) and ``aerialmegadepth_pairs.npz`` (the ``--precomputed_pairs`` file).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.aerial import covisibility as C
+from tasks.aerial.dense import image_stem, read_depth_h5
+from tasks.common.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+
+#: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
+AMD_SFM_FOLDER = "sfm_superpoint+superglue"
+#: Pair kinds, as stored next to every pair list.
+KINDS = {0: "aerial-aerial", 1: "aerial-ground", 2: "ground-ground"}
+DUST3R_SUBSCENE = "0"  # one model per scene: MegaDepth's first (and only) sub-model
+
+
+@dataclass
+class ExportConfig:
+    """Settings of the training exports (flow: ``--set``-style ``exports`` overrides)."""
+
+    root: str | None = None  # export root; default <aerial root>/training
+    covisibility: C.CovisibilityConfig = field(default_factory=C.CovisibilityConfig)
+    ranges: tuple[tuple[float, float], ...] = ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7))
+    #: symmetric pair score from the two directions of the dense covisibility: min, mean or max
+    pair_score: str = "min"
+    #: which matrix the score comes from: "covisibility" (the definition) or "known"
+    #: (pixels landing on holes of the other depth map left out; see covisibility.py)
+    score_matrix: str = "covisibility"
+    dust3r: bool = True  # write the DUSt3R layout (jpg/exr/npz per image)
+    dust3r_max_depth: float = 2000.0  # depth beyond this set to 0, as AerialMegaDepth's preprocessing
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def export_config(**overrides) -> ExportConfig:
+    cfg = ExportConfig()
+    for k, v in overrides.items():
+        if k == "covisibility" and isinstance(v, dict):
+            cfg.covisibility = C.CovisibilityConfig(**{**asdict(cfg.covisibility), **v})
+        elif hasattr(cfg, k):
+            setattr(cfg, k, tuple(tuple(r) for r in v) if k == "ranges" else v)
+        else:
+            raise KeyError(f"unknown export setting {k!r}; choose one of {sorted(asdict(cfg))}")
+    if cfg.pair_score not in ("min", "mean", "max"):
+        raise ValueError(f"export setting pair_score={cfg.pair_score!r}: use min, mean or max")
+    if cfg.score_matrix not in ("covisibility", "known"):
+        raise ValueError(f"export setting score_matrix={cfg.score_matrix!r}: use covisibility or known")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- scene info (D2-Net)
+
+
+def _object_array(items: list) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)
+    for k, x in enumerate(items):
+        out[k] = x
+    return out
+
+
+def scene_info(product: Path, views: list[C.View], image_paths: list[str | None],
+               depth_paths: list[str | None]) -> dict[str, np.ndarray]:
+    """D2-Net's scene info (``megadepth_utils/preprocess_scene.py``) of the product's
+    images, in ``views`` order:
+
+    * ``overlap_matrix``: |shared 3D points| / min(#points of i, #points of j), symmetric,
+      -1 where either image lacks image or depth (``preprocess_scene.py``'s definition);
+    * ``scale_ratio_matrix``: sqrt(area_i / area_j) of the bounding boxes of the shared
+      observations, -1 where undefined;
+    * ``angles``: degrees between the principal axes (third rows of R);
+    * ``n_points3D``, ``points3D_id_to_2D`` ({id: [x, y]}), ``points3D_id_to_ndepth``
+      ({id: z / mean focal}), as D2-Net's undistorted-MegaDepth variant that glue-factory's
+      released scene info comes from; ``fact_x``/``fact_y`` are 1 (images as stored).
+    """
+    import pycolmap
+    import scipy.sparse as sp
+
+    rec = pycolmap.Reconstruction(str(Path(product) / "sparse-txt"))
+    by_name = {im.name: im for im in rec.images.values()}
+    n = len(views)
+    id2d: list[dict[int, list[float]]] = []
+    ndepth: list[dict[int, float]] = []
+    axes = np.zeros((n, 3))
+    for k, v in enumerate(views):
+        im = by_name[v.name]
+        obs = {int(p.point3D_id): [float(p.xy[0]), float(p.xy[1])] for p in im.points2D if p.has_point3D()}
+        id2d.append(obs)
+        R, t = v.w2c[:3, :3], v.w2c[:3, 3]
+        f = 0.5 * (v.K[0, 0] + v.K[1, 1])
+        nd = {}
+        for pid in obs:
+            nd[pid] = float((R[2] @ rec.points3D[pid].xyz + t[2]) / f)
+        ndepth.append(nd)
+        axes[k] = R[2]
+    angles = np.rad2deg(np.arccos(np.clip(axes @ axes.T, -1, 1)))
+    # shared points of every pair through the image x point incidence matrix
+    pids = sorted({p for o in id2d for p in o})
+    col = {p: c for c, p in enumerate(pids)}
+    rows = [k for k, o in enumerate(id2d) for _ in o]
+    cols = [col[p] for o in id2d for p in o]
+    A = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, max(1, len(pids))))
+    shared = (A @ A.T).tocoo()
+    counts = np.array([len(o) for o in id2d])
+    usable = np.array([image_paths[k] is not None and depth_paths[k] is not None for k in range(n)])
+    overlap = np.full((n, n), -1.0)
+    scale = np.full((n, n), -1.0)
+    overlap[np.ix_(usable, usable)] = 0.0
+    np.fill_diagonal(overlap, -1.0)  # D2-Net leaves the diagonal at -1
+    for i, j, s in zip(shared.row, shared.col, shared.data):
+        if i >= j or not (usable[i] and usable[j]):
+            continue
+        denom = min(counts[i], counts[j])
+        overlap[i, j] = overlap[j, i] = s / denom if denom else 0.0
+        common = id2d[i].keys() & id2d[j].keys()
+        p1 = np.array([id2d[i][q] for q in common])
+        p2 = np.array([id2d[j][q] for q in common])
+        a1 = np.ptp(p1[:, 0]) * np.ptp(p1[:, 1])
+        a2 = np.ptp(p2[:, 0]) * np.ptp(p2[:, 1])
+        if a1 > 0 and a2 > 0:
+            scale[i, j] = np.sqrt(a1 / a2)
+            scale[j, i] = np.sqrt(a2 / a1)
+    return {
+        "image_paths": _object_array(list(image_paths)),
+        "depth_paths": _object_array(list(depth_paths)),
+        "intrinsics": _object_array([v.K.copy() for v in views]),
+        "poses": _object_array([v.w2c.copy() for v in views]),
+        "overlap_matrix": overlap,
+        "scale_ratio_matrix": scale,
+        "angles": angles,
+        "n_points3D": np.array(counts, dtype=np.int64),
+        "points3D_id_to_2D": _object_array(id2d),
+        "points3D_id_to_ndepth": _object_array(ndepth),
+        "fact_x": _object_array([1.0] * n),
+        "fact_y": _object_array([1.0] * n),
+    }
+
+
+def _savez(path: Path, **arrays) -> Path:
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def pair_scores(cov: np.ndarray, how: str = "min") -> np.ndarray:
+    """Symmetric score per pair from the two directions (``-1`` stays ``-1``)."""
+    a, b = cov, cov.T
+    s = {"min": np.minimum, "max": np.maximum}.get(how, lambda x, y: 0.5 * (x + y))(a, b)
+    s = np.where((a < 0) | (b < 0), -1.0, s)
+    np.fill_diagonal(s, -1.0)
+    return s
+
+
+def pair_kinds(is_aerial: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """0 aerial-aerial, 1 aerial-ground, 2 ground-ground."""
+    a = np.asarray(is_aerial, bool)
+    return np.where(a[i] & a[j], 0, np.where(a[i] | a[j], 1, 2)).astype(np.uint8)
+
+
+def pairs_in_range(score: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """(i, j), i < j, with ``lo < score <= hi`` (glue-factory's convention)."""
+    iu, ju = np.triu_indices(len(score), 1)
+    s = score[iu, ju]
+    keep = (s > lo) & (s <= hi)
+    return np.stack([iu[keep], ju[keep]], axis=1)
+
+
+def central_matches(id2d: list[dict], i: int, j: int) -> np.ndarray:
+    """Shared sparse observations of a pair, (x_i, y_i, x_j, y_j) float32, as LoFTR's
+    ``pair_infos`` carry them."""
+    common = sorted(id2d[i].keys() & id2d[j].keys())
+    if not common:
+        return np.zeros((0, 4), np.float32)
+    return np.array([id2d[i][q] + id2d[j][q] for q in common], np.float32)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _link_file(src: Path, dst: Path) -> None:
+    from tasks.aerial.pipeline import _hardlink_or_copy
+
+    if dst.exists():
+        if os.path.samefile(src, dst):
+            return
+        dst.unlink()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    tmp.unlink(missing_ok=True)
+    _hardlink_or_copy(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _symlink_dir(target: Path, link: Path) -> None:
+    link.parent.mkdir(parents=True, exist_ok=True)
+    rel = Path(os.path.relpath(target, link.parent))
+    if link.is_symlink() and Path(os.readlink(link)) == rel:
+        return
+    tmp = link.with_name(f".{link.name}.partial")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(rel, tmp, target_is_directory=True)
+    os.replace(tmp, link)
+
+
+def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
+    """``EXPORT/aerialmegadepth/<scene>/sfm_output_localization/sfm_superpoint+superglue/``
+    with ``localized_dense_metric`` (and ``localized_dense``, the name in some versions of
+    the script) linking to the product (relative links: the export can be moved with
+    the root)."""
+    base = Path(export) / "aerialmegadepth" / scene / "sfm_output_localization" / AMD_SFM_FOLDER
+    for name in ("localized_dense_metric", "localized_dense"):
+        _symlink_dir(Path(product), base / name)
+    return base
+
+
+def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], max_depth: float) -> list[str]:
+    """``EXPORT/dust3r/<scene>/0/<name>.jpg`` (the image's bytes), ``.exr`` (float32
+    depth, beyond ``max_depth`` set to 0) and ``.npz`` (``intrinsics`` 3x3, ``cam2world``
+    4x4): what AerialMegaDepth's preprocessing writes and DUSt3R's readers load. Images
+    without depth are left out (DUSt3R needs all three files). Returns the names written."""
+    os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
+    import cv2
+
+    out = Path(export) / "dust3r" / scene / DUST3R_SUBSCENE
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for v in views:
+        if v.depth_file is None:
+            continue
+        jpg, exr, npz = (out / f"{v.name}{ext}" for ext in (".jpg", ".exr", ".npz"))
+        _link_file(Path(product) / "images" / v.name, jpg)
+        if not (exr.exists() and exr.stat().st_mtime_ns >= v.depth_file.stat().st_mtime_ns):
+            d = read_depth_h5(v.depth_file)
+            d[d > max_depth] = 0.0
+            with atomic_path(exr, suffix=".exr") as tmp:
+                if not cv2.imwrite(str(tmp), d.astype(np.float32)):
+                    raise OSError(f"{tmp}: cv2 could not write EXR (set OPENCV_IO_ENABLE_OPENEXR=1)")
+        _savez(npz, intrinsics=v.K.astype(np.float32), cam2world=np.linalg.inv(v.w2c).astype(np.float32))
+        names.append(v.name)
+    return names
+
+
+# ----------------------------------------------------------------------------- picture
+
+
+def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: np.ndarray, product: Path,
+            scene: str, tol: float) -> tuple[bytes, dict[str, Any] | None]:
+    """The covisibility matrix (aerial frames first) and the aerial-ground pair of highest
+    score with the photo's covisible pixels and where they land in the frame."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = np.r_[np.nonzero(is_aerial)[0], np.nonzero(~is_aerial)[0]]
+    # fixed margins: constrained/tight layouts cost seconds per picture on a busy machine
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=80, gridspec_kw={"width_ratios": [1, 1.3, 1.3]})
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.08, top=0.92, wspace=0.12)
+    shown = None
+    try:
+        m = np.where(cov[np.ix_(order, order)] < 0, np.nan, cov[np.ix_(order, order)])
+        im = axes[0].imshow(m, cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        na = int(is_aerial.sum())
+        for x in (na - 0.5,):
+            axes[0].axhline(x, color="w", lw=0.8)
+            axes[0].axvline(x, color="w", lw=0.8)
+        axes[0].set_title(f"scene {scene}: covisibility i->j ({na} aerial, {len(views) - na} ground; "
+                          "white: no depth)", fontsize=9)
+        axes[0].set_xlabel("j")
+        axes[0].set_ylabel("i")
+        fig.colorbar(im, ax=axes[0], shrink=0.8, pad=0.02)
+        ag = np.where(np.outer(~is_aerial, is_aerial), score, -1.0)
+        if ag.size and ag.max() > 0:
+            g, a = np.unravel_index(np.argmax(ag), ag.shape)
+            vg, va = views[g], views[a]
+            dg, da = read_depth_h5(vg.depth_file), read_depth_h5(va.depth_file)
+            rc, uv = C.covisible_pixels(vg, dg, va, da, tol)
+            img_g = plt.imread(Path(product) / "images" / vg.name)
+            img_a = plt.imread(Path(product) / "images" / va.name)
+            axes[1].imshow(img_g)
+            mask = np.zeros(dg.shape, bool)
+            mask[rc[:, 0], rc[:, 1]] = True
+            axes[1].imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
+            axes[1].set_title(f"ground {vg.name}: covisible pixels ({100 * cov[g, a]:.0f} % of its depth)",
+                              fontsize=9)
+            axes[2].imshow(img_a)
+            step = max(1, len(uv) // 3000)
+            axes[2].scatter(uv[::step, 0], uv[::step, 1], s=1, c="orange", alpha=0.5)
+            axes[2].set_title(f"aerial {va.name}: where they land (score {score[g, a]:.2f}, "
+                              f"{100 * cov[a, g]:.0f} % of the frame's depth seen back)", fontsize=9)
+            shown = {"ground": vg.name, "aerial": va.name, "score": float(score[g, a]),
+                     "ground->aerial": float(cov[g, a]), "aerial->ground": float(cov[a, g])}
+        else:
+            axes[1].set_title("no aerial-ground pair with overlap")
+        for ax in axes[1:]:
+            ax.axis("off")
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        return buf.getvalue(), shown
+    finally:
+        plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- per scene
+
+
+def reference_names(scene_dir: Path) -> set[str]:
+    """Names of the aerial (Earth Studio) images: those of the reference model."""
+    import pycolmap
+
+    ref = Path(scene_dir) / "sfm_output_localization" / "reference_empty"
+    if not (ref / "images.txt").exists():
+        return set()
+    return {im.name for im in pycolmap.Reconstruction(str(ref)).images.values()}
+
+
+def covisibility_work(export: Path, scene: str) -> Path:
+    return Path(export) / "work" / scene
+
+
+def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: C.Plan,
+                 config: ExportConfig, features: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every per-scene file (see the module docstring) from the product and the computed
+    covisibility blocks of ``plan``. Returns the scene's entry of the dataset index.
+    Skipped (the entry read back) when the entry's key matches the product, the settings
+    and the features, and the files it lists exist."""
+    export = Path(export)
+    product = Path(product)
+    key = f"{plan.key}-{config.fingerprint()}-{json.dumps(features or {}, sort_keys=True)}"
+    entry_path = export / "work" / scene / "scene.json"
+    if entry_path.exists():
+        try:
+            old = json.loads(entry_path.read_text())
+        except ValueError:
+            old = {}
+        files = [old.get(k) for k in ("scene_info", "covisibility", "picture")]
+        files += [r["file"] for r in old.get("ranges", {}).values()]
+        if old.get("key") == key and all(f and (export / f).exists() for f in files):
+            return {**old, "skipped": True}
+    views = plan.views
+    strict, known = C.matrices(plan)
+    cov = strict if config.score_matrix == "covisibility" else known
+    n = len(views)
+    is_aerial = np.array([v.name in aerial for v in views])
+    image_paths: list[str | None] = []
+    depth_paths: list[str | None] = []
+    for v in views:
+        src = product / "images" / v.name
+        if src.exists():
+            rel = f"images/{scene}/{v.name}"
+            _link_file(src, export / rel)
+            image_paths.append(rel)
+        else:
+            image_paths.append(None)
+        if v.depth_file is not None and image_paths[-1] is not None:
+            rel = f"depths/{scene}/{image_stem(Path(v.name).name)}.h5"
+            _link_file(v.depth_file, export / rel)
+            depth_paths.append(rel)
+        else:
+            depth_paths.append(None)
+    info = scene_info(product, views, image_paths, depth_paths)
+    names = np.array([v.name for v in views])
+    _savez(export / "scene_info" / f"{scene}.npz", **info)
+    score = pair_scores(cov, config.pair_score)
+    _savez(export / "covisibility" / f"{scene}.npz", names=names, is_aerial=is_aerial, covisibility=strict,
+           known=known, score_matrix=np.str_(config.score_matrix), score=score.astype(np.float32), candidates=np.asarray(plan.pairs, np.int32).reshape(-1, 2),
+           rel_tolerance=np.float64(config.covisibility.rel_tolerance),
+           stride=np.int64(config.covisibility.stride), pair_score=np.str_(config.pair_score))
+    id2d = list(info["points3D_id_to_2D"])
+    ranges = {}
+    for lo, hi in config.ranges:
+        ij = pairs_in_range(score, lo, hi)
+        pi = np.empty((len(ij), 3), dtype=object)
+        for m, (i, j) in enumerate(ij):
+            pi[m, 0] = (int(i), int(j))
+            pi[m, 1] = float(score[i, j])
+            pi[m, 2] = central_matches(id2d, int(i), int(j))
+        kinds = pair_kinds(is_aerial, ij[:, 0], ij[:, 1]) if len(ij) else np.zeros(0, np.uint8)
+        fname = f"{scene}_{lo:g}_{hi:g}.npz"
+        _savez(export / "pair_infos" / fname, image_paths=info["image_paths"], depth_paths=info["depth_paths"],
+               intrinsics=info["intrinsics"], poses=info["poses"], pair_infos=pi, pair_kinds=kinds)
+        ranges[f"{lo:g}-{hi:g}"] = {"file": f"pair_infos/{fname}", "pairs": int(len(ij)),
+                                    "aerial-ground": int((kinds == 1).sum())}
+    aerialmegadepth_layout(export, scene, product)
+    dust3r_names = dust3r_layout(export, scene, product, views, config.dust3r_max_depth) if config.dust3r else []
+    png, shown = picture(views, cov, is_aerial, score, product, scene, config.covisibility.rel_tolerance)
+    write_bytes_atomic(export / "pictures" / f"{scene}_covisibility.png", png)
+    iu = np.triu_indices(n, 1)
+    s = score[iu]
+    entry = {
+        "scene": scene, "images": n, "aerial images": int(is_aerial.sum()),
+        "images with depth": int(sum(d is not None for d in depth_paths)),
+        "product": os.path.relpath(product, export), "scene_info": f"scene_info/{scene}.npz",
+        "covisibility": f"covisibility/{scene}.npz", "picture": f"pictures/{scene}_covisibility.png",
+        "aerialmegadepth": f"aerialmegadepth/{scene}", "dust3r images": len(dust3r_names),
+        "pairs": {**plan.counts, "with overlap": int((s > 0).sum())}, "ranges": ranges,
+        "picture pair": shown, "features": features or {}, "key": key,
+    }
+    write_json_atomic(entry_path, entry, indent=1)
+    return entry
+
+
+# ----------------------------------------------------------------------------- dataset level
+
+
+def _pairs_struct(rows: list[tuple[int, int, int, float]]) -> np.ndarray:
+    dt = np.dtype([("scene_id", np.int32), ("im1_id", np.int32), ("im2_id", np.int32), ("score", np.float32)])
+    return np.array(rows, dtype=dt) if rows else np.zeros(0, dtype=dt)
+
+
+def scene_entries(export: Path) -> list[dict[str, Any]]:
+    """The index entries of every scene exported under ``export`` (this run's and earlier
+    runs'): ``work/<scene>/scene.json``."""
+    out = []
+    for f in sorted((Path(export) / "work").glob("*/scene.json")):
+        try:
+            out.append(json.loads(f.read_text()))
+        except ValueError:
+            continue  # half-written by a killed run: the scene is exported again next time
+    return out
+
+
+def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: ExportConfig,
+                   min_score: float | None = None) -> dict[str, Any]:
+    """``index.json``, ``dust3r/all_metadata.npz`` and ``aerialmegadepth_pairs.npz`` over
+    every exported scene (``entries``, default :func:`scene_entries`): pairs with a score above ``min_score`` (default: the lowest
+    range's lower bound), with ``pair_kind`` (0 aerial-aerial, 1 aerial-ground, 2
+    ground-ground) alongside."""
+    export = Path(export)
+    entries = scene_entries(export) if entries is None else entries
+    lo = min(r[0] for r in config.ranges) if min_score is None else min_score
+    scenes, images, images_scene, rows, kinds = [], [], [], [], []
+    d_scenes, d_images, d_rows = [], [], []
+    for e in sorted(entries, key=lambda x: x["scene"]):
+        scene = e["scene"]
+        with np.load(export / e["covisibility"]) as z:
+            names, is_aerial, score = list(z["names"]), z["is_aerial"], z["score"]
+        sid = len(scenes)
+        scenes.append(scene)
+        base = len(images)
+        images.extend(names)
+        images_scene.extend([scene] * len(names))
+        ij = pairs_in_range(score, lo, 1.0)
+        k = pair_kinds(is_aerial, ij[:, 0], ij[:, 1]) if len(ij) else np.zeros(0, np.uint8)
+        rows.extend((sid, base + int(i), base + int(j), float(score[i, j])) for i, j in ij)
+        kinds.extend(k.tolist())
+        # DUSt3R: only images with all three files (those with depth)
+        dust = export / "dust3r" / scene / DUST3R_SUBSCENE
+        have = [n for n in names if (dust / f"{n}.npz").exists()]
+        if have:
+            dsid = len(d_scenes)
+            d_scenes.append(f"{scene} {DUST3R_SUBSCENE}")
+            dbase = len(d_images)
+            d_images.extend(have)
+            pos = {n: dbase + m for m, n in enumerate(have)}
+            d_rows.extend((dsid, pos[names[i]], pos[names[j]], float(score[i, j])) for i, j in ij
+                          if names[i] in pos and names[j] in pos)
+    kinds_a = np.asarray(kinds, np.uint8)
+    _savez(export / "aerialmegadepth_pairs.npz", scenes=np.array(scenes, dtype=object),
+           images=np.array(images, dtype=object), images_scene_name=np.array(images_scene, dtype=object),
+           pairs=_pairs_struct(rows), pair_kind=kinds_a, kind_names=np.array([KINDS[k] for k in sorted(KINDS)]))
+    if config.dust3r:
+        _savez(export / "dust3r" / "all_metadata.npz", scenes=np.array(d_scenes, dtype=str),
+               images=np.array(d_images, dtype=str), pairs=_pairs_struct(d_rows))
+    features = {json.dumps(e.get("features", {}), sort_keys=True) for e in entries}
+    index = {
+        "format": "geodata-factory training exports v1", "root": ".",
+        "scenes": {e["scene"]: e for e in entries},
+        "features used": [json.loads(f) for f in sorted(features)],
+        "settings": config.to_dict(),
+        "aerialmegadepth_pairs": {"file": "aerialmegadepth_pairs.npz", "pairs": len(rows),
+                                  "aerial-ground": int((kinds_a == 1).sum()), "min score (exclusive)": lo},
+        "dust3r": {"file": "dust3r/all_metadata.npz", "pairs": len(d_rows)} if config.dust3r else None,
+        "readers": {
+            "glue-factory": {"data_dir": ".", "info_dir": "scene_info/", "image_subpath": "images/",
+                             "depth_subpath": "depths/"},
+            "d2-net": {"scene_info_path": "scene_info", "base_path": "."},
+            "loftr": {"root_dir": ".", "npz_root": "pair_infos"},
+            "aerialmegadepth": {"--megasynth_dir": "aerialmegadepth/",
+                                "--precomputed_pairs": "aerialmegadepth_pairs.npz"},
+            "dust3r": {"ROOT": "dust3r"},
+        },
+    }
+    write_json_atomic(export / "index.json", index, indent=1)
+    return index
+
+
+__all__ = ["ExportConfig", "export_config", "scene_info", "pair_scores", "pair_kinds", "pairs_in_range",
+           "central_matches", "aerialmegadepth_layout", "dust3r_layout", "picture", "reference_names",
+           "covisibility_work", "export_scene", "export_dataset", "scene_entries", "AMD_SFM_FOLDER", "KINDS"]
