@@ -1877,7 +1877,9 @@ class FakeEarthEngine:
         with self._lock:
             self.pixel_bands.append({"tile_id": name, "bands": {b: (by_name[b].origin, by_name[b].resample)
                                                                 for b in band_ids}})
-        hole = missing_rows(name, band_ids, height, self.missing_fraction)
+        # masked rows in one band (not Dynamic World: its stack values must stay 1..9, the h5's 0 is "no data")
+        hole = missing_rows(name, [b for b in band_ids if not b.startswith("dynamic_world")], height,
+                            self.missing_fraction)
         if hole is not None:
             arr[hole[0]][hole[1], :] = np.float32(MISSING_VALUE)
         buf = io.BytesIO()
