@@ -80,8 +80,9 @@ def test_rerun_skips_done_work(aerial_run):
     again = aerial_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=2)))(config=cfg)
     counts = again["scenes"]["0001"]["counts"]
     assert counts.get("megadepth skipped") == 5 and "megadepth done" not in counts
-    meta = json.loads((root / "data" / "0001" / "0001.json").read_text())
+    meta = json.loads((root / "data" / "0001" / "ingest.json").read_text())  # the project's own record
     assert len(meta["frames"]) == 24
+    assert len(json.loads((root / "data" / "0001" / "0001.json").read_text())["cameraFrames"]) == 24
     # the rerun re-uses the registration of the first run: same photos, same count
     assert counts["photos registered"] == result["scenes"]["0001"]["counts"]["photos registered"]
 

@@ -235,8 +235,6 @@ def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
     assert {f[2] for f in snap["faults_injected"]} == {"429", "500", "drop", "503"}
     no_data = [p for p in result["problems"] if p["item"] == ids[3]]
     assert len(no_data) == 1 and no_data[0]["reason"].startswith("no data: no Sentinel-2 image")
-    # permanent outcomes listed by reason in the report
-    assert "no data (permanent, never fetched again): 1 tile(s): no Sentinel-2 image" in result["notes"]
 
 
 @pytest.mark.usefixtures("prefect_server")

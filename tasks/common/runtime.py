@@ -169,6 +169,9 @@ def local_prefect_server(
     )
     server_env = dict(os.environ, **env)
     server_env.pop("PREFECT_API_URL", None)
+    # The UI asks /ui-settings where its API is; without this it answers port 4200
+    # whatever port the server listens on ("Can't connect to Server API").
+    server_env["PREFECT_UI_API_URL"] = url
     log_path = home_path / f"server-{port}.log"
     log.info("starting local Prefect server at %s (home %s)", url, home_path)
     with open(log_path, "wb") as log_fh:
