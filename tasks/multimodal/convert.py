@@ -153,7 +153,8 @@ def tile_rows(
     rows["sentinel1"] = s1
 
     for ds, group, names_ in (
-        ("aster", "aster", schema.ASTER_BANDS),
+        # the stack's own names in file order: ["elevation", "slope"], or the original's ["b1", "slope"]
+        ("aster", "aster", tuple(bands.get("aster") or schema.ASTER_BANDS)),
         ("canopy_height_eth", "canopy_height_eth", schema.CANOPY_BANDS),
     ):
         d = spec[ds]
