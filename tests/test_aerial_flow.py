@@ -107,6 +107,14 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
     acc = rep["accuracy"]["poses"]
     assert acc["photos registered"] == n_reg and acc["median rotation error deg"] < 0.75
     assert acc["max rotation error deg"] < 1.4 and acc["median centre error m"] < 0.6
+    # depth of this run (CPU backend), measured: aerial frames AbsRel 0.0122, 98.9 % within
+    # 1.25x, coverage 1.8 %; photos AbsRel 0.0135, 99.4 %, coverage 6.0 %. Limits: AbsRel 2x,
+    # outside-1.25x about 2.5x, coverage half
+    depth = rep["accuracy"]["depth"]
+    assert depth["aerial"]["images"] == 24 and depth["photos"]["images"] == n_reg
+    assert depth["aerial"]["absrel"] < 0.025 and depth["aerial"]["within_1.25"] >= 0.97
+    assert depth["photos"]["absrel"] < 0.027 and depth["photos"]["within_1.25"] >= 0.985
+    assert depth["aerial"]["coverage"] > 0.009 and depth["photos"]["coverage"] > 0.03
     assert json.loads((root / "data" / "0001" / "accuracy.json").read_text())["poses"]["photos registered"] == n_reg
     for stage in ("features", "matches", "reference", "localization", "dense", "export"):
         assert stage in rep["timings"]

@@ -107,16 +107,52 @@ def test_demo_registration_accuracy(demo):
     assert registration_failures(figures) == [], figures
 
 
+#: Depth of the demo scene (CPU backend, dense subset of the fixture): (measured, limit, kind).
+#: Deterministic like the registration; AbsRel and the share outside 1.25x at about 2x the
+#: measured figure, coverage at half, so a figure 3x worse fails.
+DEPTH_LIMITS = {
+    ("aerial", "absrel"): (0.0092, 0.02, "max"),
+    ("aerial", "outside_1.25"): (0.0053, 0.012, "max"),
+    ("aerial", "coverage"): (0.248, 0.12, "min"),
+    ("photos", "absrel"): (0.018, 0.036, "max"),
+    ("photos", "outside_1.25"): (0.0105, 0.025, "max"),
+    ("photos", "coverage"): (0.156, 0.075, "min"),
+    ("all", "absrel"): (0.0119, 0.025, "max"),
+}
+
+
+def depth_failures(depth: dict) -> list[str]:
+    out = []
+    for (group, metric), (measured, limit, kind) in DEPTH_LIMITS.items():
+        g = depth[group]
+        value = 1.0 - g["within_1.25"] if metric == "outside_1.25" else g[metric]
+        if not (value < limit if kind == "max" else value > limit):
+            out.append(f"{group} {metric} = {value:.4g} (measured {measured}, limit {kind} {limit})")
+    return out
+
+
+def test_depth_limits_catch_a_3x_regression():
+    def as_depth(values):
+        depth = {}
+        for (group, metric), v in values.items():
+            depth.setdefault(group, {})["within_1.25" if metric == "outside_1.25" else metric] = \
+                1.0 - v if metric == "outside_1.25" else v
+        for g in depth.values():
+            g.setdefault("within_1.25", 1.0)
+            g.setdefault("coverage", 1.0)
+        return depth
+
+    measured = {k: m for k, (m, _, _) in DEPTH_LIMITS.items()}
+    assert depth_failures(as_depth(measured)) == []
+    for k, (m, _, kind) in DEPTH_LIMITS.items():
+        worse = {**measured, k: 3 * m if kind == "max" else m / 3}
+        assert len(depth_failures(as_depth(worse))) == 1, k
+
+
 def test_demo_depth_accuracy(demo):
     depth = demo["accuracy"]["depth"]
-    aerial, photos = depth["aerial"], depth["photos"]
-    assert aerial["images"] >= 16 and photos["images"] == 16
-    assert aerial["absrel"] < 0.05 and aerial["within_1.25"] >= 0.9
-    assert aerial["coverage"] > 0.1
-    assert photos["within_1.25"] >= 0.9
-    assert photos["absrel"] < 0.1
-    assert photos["coverage"] > 0.03
-    assert depth["all"]["absrel"] < 0.05
+    assert depth["aerial"]["images"] == 16 and depth["photos"]["images"] == 16
+    assert depth_failures(depth) == [], depth
 
 
 def test_reference_triangulation(demo):
@@ -445,3 +481,28 @@ def test_training_export_resumes(demo, training):
     assert out["entry"].get("skipped")  # same product and settings: the scene files are kept
     assert {f: f.stat().st_mtime_ns for f in files[1:]} == {f: mtimes[f] for f in files[1:]}
     np.testing.assert_array_equal(C.matrices(out["plan"])[0], C.matrices(plan)[0])
+
+
+def test_gpu_patchmatch_backend_on_a_small_scene(small, tmp_path):
+    """The GPU backend (pycolmap PatchMatch stereo + fusion) run for real on the small scene
+    whenever pycolmap has CUDA (pycolmap-cuda12 on a GPU machine). Not yet measured on a
+    GPU here, so its limits are the product's goals (docs/benchmarks.md), to be tightened
+    to 2x the measured figures once a GPU run is recorded."""
+    if not pycolmap.has_cuda:
+        pytest.skip("pycolmap is built without CUDA: the GPU backend needs pycolmap-cuda12 on a CUDA machine")
+    import shutil
+
+    root = tmp_path / "gpu"
+    shutil.copytree(small.root, root, ignore=shutil.ignore_patterns("sfm_output_localization"))
+    ingest_scene(root, small.scene, force=True)
+    cfg = PL.get_config(dense={"backend": "gpu"})
+    paths = PL.scene_paths(root, small.scene, root / "megadepth_processed", cfg)
+    info, _, _ = _sfm(paths, cfg)
+    names = PL.prepare_dense(paths, cfg)
+    PL.dense_depths_gpu(paths, cfg, names)
+    PL.export_product(paths)
+    depth = evaluate_scene(paths.product, paths.ground_truth, sorted(info["queries"]))["depth"]
+    for group, coverage in (("aerial", 0.7), ("photos", 0.6)):
+        g = depth[group]
+        assert g["absrel"] < 0.05 and g["within_1.25"] >= 0.9 and g["coverage"] >= coverage, (group, g)
+    assert (paths.dense / "fused.ply").stat().st_size > 0
