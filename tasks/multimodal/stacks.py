@@ -29,7 +29,7 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import rasterio
@@ -402,17 +402,20 @@ class TileInfoDir:
         return info
 
 
-def load_tile_info(tile_ids: list[str], out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Merge the per-tile JSON files into the tile_info dict (fetch bookkeeping removed)."""
-    merged: dict[str, dict[str, Any]] = {}
+def published_tile_info(tile_ids: Iterable[str], out_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(tile_id, tile_info entry) of every tile with a JSON, fetch bookkeeping removed."""
     for tid in tile_ids:
         info = read_tile_info(tid, out_dir)
         if info is None:
             continue
         for k in BOOKKEEPING:
             info.pop(k, None)
-        merged[tid] = info
-    return merged
+        yield tid, info
+
+
+def load_tile_info(tile_ids: list[str], out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Merge the per-tile JSON files into the tile_info dict (fetch bookkeeping removed)."""
+    return dict(published_tile_info(tile_ids, out_dir))
 
 
 def write_tile_info_json(path: Path, tile_ids: Iterable[str], out_dir: Path) -> int:
@@ -422,12 +425,7 @@ def write_tile_info_json(path: Path, tile_ids: Iterable[str], out_dir: Path) -> 
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write("{")
-            for tid in tile_ids:
-                info = read_tile_info(tid, out_dir)
-                if info is None:
-                    continue
-                for k in BOOKKEEPING:
-                    info.pop(k, None)
+            for tid, info in published_tile_info(tile_ids, out_dir):
                 fh.write((", " if n else "") + json.dumps(tid) + ": " + json.dumps(info))
                 n += 1
             fh.write("}")
