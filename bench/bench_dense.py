@@ -1,6 +1,6 @@
 """Benchmark: a CPU dense-depth backend (tasks/aerial/dense/) against exact ground truth.
 
-``--backend cpu`` (default): the PatchMatch MVS (photometric pass over every image, then the
+``--backend patchmatch`` (default): the PatchMatch MVS (photometric pass over every image, then the
 geometric pass, then the export of the maps); ``--backend sgbm``: the OpenCV SGBM backend.
 
 Generates the synthetic world (default parameters: 48 aerial frames, 16 ground photos,
@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="only this many aerial frames (and half as many photos)")
     ap.add_argument("--num-sources", type=int, default=None)
-    ap.add_argument("--backend", choices=["cpu", "sgbm"], default="cpu")
+    ap.add_argument("--backend", choices=["patchmatch", "sgbm"], default="patchmatch")
     ap.add_argument("--set", nargs="*", default=[], help="DenseConfig overrides key=value (JSON values)")
     args = ap.parse_args()
 
@@ -82,7 +82,7 @@ def main() -> int:
         import json
         import resource
 
-        cfg = dense.DenseConfig(backend=args.backend, **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
+        cfg = dense.DenseConfig(backend="cpu", cpu_method=args.backend, **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
         if args.num_sources:
             cfg.num_sources = args.num_sources
         frames = world.frame_names[: args.limit] if args.limit else world.frame_names

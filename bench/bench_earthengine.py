@@ -48,7 +48,7 @@ def main() -> int:
 
     import httpx
 
-    from tasks.common.runtime import DaskConfig, local_prefect_server, make_task_runner
+    from tasks.common.runtime import DaskSettings, local_prefect_server, make_task_runner
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_ee_"))
     shutil.rmtree(out / "data_bench_ee", ignore_errors=True)
@@ -72,7 +72,7 @@ def main() -> int:
                 request_ceiling=args.ceiling, fetch_batch_size=args.batch or -(-args.tiles // args.workers), fetch_threads=threads, fetch_slots=slots,
                 fetch_retry_delay_s=1.0, part_size=100,
             )
-            runner = make_task_runner(DaskConfig(n_workers=args.workers, threads_per_worker=1))
+            runner = make_task_runner(DaskSettings(n_workers=args.workers, threads_per_worker=1))
             t0 = time.perf_counter()
             result = multimodal_flow.with_options(task_runner=runner)(config=cfg)
             total = time.perf_counter() - t0

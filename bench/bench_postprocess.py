@@ -6,6 +6,10 @@ fetching: ``pack_partition`` on every Dask worker (read, convert, compress,
 statistics), ``assemble_h5`` (one writer, direct chunk writes), merged
 statistics, splits and the JSON files. Prints tiles/s, MB/s written and the
 peak resident memory of the whole process tree (this process + Dask workers).
+Packing reads each tile's JSON on the worker and checks every stack's digest
+and grid against the record written with it, as the flow does; the cost of
+that check is measured separately (one process, the same stacks read with and
+without it).
 
     python bench/bench_postprocess.py                 # N=2000, 128 px
     python bench/bench_postprocess.py --n 500 --workers 2
@@ -80,6 +84,33 @@ def build_stacks(work: Path, n: int) -> tuple[list[str], dict]:
     return ids, stacks.load_tile_info(ids, work)
 
 
+def integrity_cost(work: Path, ids: list[str], image_size: int, comp, n: int = 300) -> tuple[float, float, float]:
+    """CPU ms per tile (this process) to read a stack without / with the digest + grid
+    check, and to pack a tile (pack_partition over the same tiles, which includes the check)."""
+    from tasks.multimodal.sources.base import read_stack
+
+    sample = ids[:n]
+    records = {t: stacks.read_tile_info(t, work)["STACK"] for t in sample}
+    for t in sample[:20]:  # warm the page cache and GDAL
+        read_stack(work / "tiles" / f"{t}.tif")
+    out = []
+    for verified in (False, True):
+        t0 = time.process_time()
+        for t in sample:
+            if verified:
+                stacks.read_verified_stack(work / "tiles" / f"{t}.tif", records[t])
+            else:
+                read_stack(work / "tiles" / f"{t}.tif")
+        out.append(1e3 * (time.process_time() - t0) / len(sample))
+    parts = work / "work" / "bench_parts_cpu"
+    shutil.rmtree(parts, ignore_errors=True)
+    t0 = time.process_time()
+    convert.pack_partition(convert.PartSpec(0, sample), work / "tiles", stacks.TileInfoDir(work), parts, image_size, comp)
+    out.append(1e3 * (time.process_time() - t0) / len(sample))
+    shutil.rmtree(parts, ignore_errors=True)
+    return out[0], out[1], out[2]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
@@ -109,7 +140,7 @@ def main() -> int:
             t0 = time.perf_counter()
             specs = convert.make_partitions(ids, args.part_size)
             futs = [
-                client.submit(convert.pack_partition, s, str(work / "tiles"), {t: info[t] for t in s.tile_ids},
+                client.submit(convert.pack_partition, s, str(work / "tiles"), stacks.TileInfoDir(work),
                               str(parts_dir), args.image_size, comp, pure=False)
                 for s in specs
             ]
@@ -121,6 +152,7 @@ def main() -> int:
             splits = convert.make_splits(n)
             convert.write_dataset_jsons(work, "data_bench", info, band_stats, splits)
             elapsed = time.perf_counter() - t0
+    plain_ms, verified_ms, pack_cpu_ms = integrity_cost(work, ids, args.image_size, comp)
     h5_mb = h5.stat().st_size / 1e6
     print(f"\nN={n} tiles, {args.image_size} px, {args.workers} workers, codec {args.codec} level {args.level}")
     print(f"input stacks: {tif_bytes / 1e6:.0f} MB; h5 written: {h5_mb:.0f} MB")
@@ -129,6 +161,9 @@ def main() -> int:
           f"{tif_bytes / 1e6 / elapsed:.1f} MB/s read")
     print(f"peak RSS: {mem.peak / 1e6:.0f} MB in all (this process + workers); "
           f"writer process {mem.peak_main / 1e6:.0f} MB, largest worker {mem.peak_child / 1e6:.0f} MB")
+    print(f"integrity check (digest + grid, CPU, one process): read {plain_ms:.2f} ms/tile plain, "
+          f"{verified_ms:.2f} ms/tile verified: +{verified_ms - plain_ms:.2f} ms/tile = "
+          f"{(verified_ms - plain_ms) / pack_cpu_ms:.1%} of the CPU of packing a tile ({pack_cpu_ms:.1f} ms, check included)")
     return 0
 
 

@@ -1,83 +1,93 @@
-"""Serve the flows as scheduled deployments from this machine.
+"""Serve the deployments of ``prefect.yaml`` from this machine, without a worker.
 
     python -m deployments.serve                 # uses PREFECT_API_URL, or starts a local server
     python -m deployments.serve --list          # show what would be served
 
-Each deployment is a flow plus parameters plus a schedule; runs appear in the
-Prefect UI and can also be started from there ("Run" / "Custom run").
+The deployments (flow + parameters + schedule) appear in the Prefect UI, where
+runs are started with "Run" or "Custom run"; their schedules fire while this
+process runs. Stopping it (Ctrl-C) pauses every deployment it served: their
+schedules stop and runs started from the UI stay Scheduled until it serves
+again. For deployments that keep running without this process, use a work pool
+and ``prefect worker start`` (``python -m deployments.deploy``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from prefect.deployments.runner import RunnerDeployment
 
+from deployments.spec import PREFECT_FILE, load_specs, to_runner_deployment
 
-def build_deployments() -> list[RunnerDeployment]:
-    from flows.aerial import AerialConfig, aerial_flow
-    from flows.multimodal import multimodal_flow
-    from tasks.multimodal.config import get_config
 
-    return [
-        multimodal_flow.to_deployment(
-            name="embedded-default",
-            description="The embedded default dataset (synthetic source); weekly smoke of the whole pipeline.",
-            parameters={"config": get_config("default").model_dump(mode="json")},
-            cron="0 3 * * 1",
-            tags=["multimodal", "embedded"],
-        ),
-        multimodal_flow.to_deployment(
-            name="earthengine",
-            description="Real Earth Engine (needs an EarthEngineCredentials block named 'ee', "
-                        "see `python -m blocks.earthengine`); run from the UI with your n_tiles and name.",
-            parameters={"config": get_config("earthengine", source_options={"credentials_block": "ee"})
-                        .model_dump(mode="json")},
-            tags=["multimodal", "earthengine"],
-        ),
-        multimodal_flow.to_deployment(
-            name="mmearth64-embedded",
-            description="MMEarth64 variant (64 px) of the embedded default; on demand.",
-            parameters={"config": get_config("mmearth64").model_dump(mode="json")},
-            tags=["multimodal", "embedded"],
-        ),
-        aerial_flow.to_deployment(
-            name="aerial-demo",
-            description="The embedded synthetic aerial-ground scene end to end, with its accuracy "
-                        "against ground truth; weekly, to catch regressions.",
-            parameters={"config": AerialConfig().model_dump(mode="json")},
-            cron="0 4 * * 1",
-            tags=["aerial", "embedded"],
-        ),
-        aerial_flow.to_deployment(
-            name="aerial-scenes",
-            description="Real scenes: set root (Earth Studio exports in ROOT/downloaded_data), megadepth, "
-                        "scene_list and scenes in a custom run. Dense depth runs on GPU workers when the "
-                        "cluster has them.",
-            parameters={"config": AerialConfig(synthetic=False).model_dump(mode="json")},
-            tags=["aerial"],
-        ),
-    ]
+def build_deployments(path: str | Path = PREFECT_FILE, names: list[str] | None = None) -> list[RunnerDeployment]:
+    """The deployments of ``prefect.yaml`` (only ``names``, if given) as served deployments."""
+    specs = load_specs(path)
+    if names:
+        unknown = sorted(set(names) - {s.name for s in specs})
+        if unknown:
+            raise SystemExit(f"{path}: no deployment named {unknown}; choose from {[s.name for s in specs]}")
+        specs = [s for s in specs if s.name in names]
+    return [to_runner_deployment(s) for s in specs]
+
+
+def deployed_to_pools(deployments: list[RunnerDeployment]) -> list[str]:
+    """``flow/name (pool)`` of those ``deployments`` already on the server for a work pool."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    out = []
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            try:
+                existing = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                out.append(f"{d.flow_name}/{d.name} ({existing.work_pool_name})")
+    return out
+
+
+def _schedule_text(d: RunnerDeployment) -> str:
+    out = []
+    for s in d.schedules or []:
+        sch = s.schedule
+        what = getattr(sch, "cron", None) or getattr(sch, "interval", None) or getattr(sch, "rrule", None)
+        out.append(f"{what} ({getattr(sch, 'timezone', None) or 'UTC'})")
+    return ", ".join(out) or "none"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m deployments.serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--list", action="store_true", help="print the deployments and exit")
+    ap.add_argument("--prefect-file", default=str(PREFECT_FILE), help="deployments file (default: prefect.yaml)")
+    ap.add_argument("--only", nargs="*", metavar="NAME", help="serve only these deployments")
     args = ap.parse_args(argv)
-    deployments = build_deployments()
+    deployments = build_deployments(args.prefect_file, args.only)
     if args.list:
         for d in deployments:
-            sched = ", ".join(str(s.schedule.cron) for s in (d.schedules or []) if hasattr(s.schedule, "cron"))
-            print(f"{d.flow_name}/{d.name}  schedule: {sched or 'none'}  tags: {d.tags}")
+            print(f"{d.flow_name}/{d.name}  schedule: {_schedule_text(d)}  tags: {d.tags}")
         return 0
     from prefect import serve
 
+    from blocks import register_blocks
     from tasks.common.runtime import local_prefect_server
 
     with local_prefect_server() as server:
-        print(f"Prefect UI: {server.ui_url}", flush=True)
+        register_blocks()
+        clashes = deployed_to_pools(deployments)
+        if clashes:
+            print("These deployments exist on this server for a work pool (`prefect deploy`); serving them "
+                  "under the same name would leave them broken for both: " + "; ".join(clashes)
+                  + ". Delete them first (prefect deployment delete NAME), or run them with a worker.",
+                  file=sys.stderr)
+            return 2
+        print(f"Prefect UI: {server.ui_url}  (API {server.url})", flush=True)
+        print("Serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
+              + ". Stopping this process pauses these deployments.", flush=True)
         serve(*deployments)
     return 0
 

@@ -1,6 +1,8 @@
 """Aerial-ground scenes flow (AerialMegaDepth).
 
-Stages: synthetic world (embedded default, only when no data is given)
+Stages: planning (camera paths for the places given: ``plans/<scene>.esp`` to render in
+Earth Studio and ``plans/<scene>.plan.json``) -> synthetic world (embedded default,
+rendered from its own plan, only when no data is given)
 -> Earth Studio ingest per scene -> MegaDepth preprocessing per image
 -> features (fanned out) -> pairs (poses, retrieval) -> matches (fanned out)
 -> reference triangulation -> localization of the photos -> dense depth
@@ -13,6 +15,9 @@ rerun when its outputs are complete.
     python -m flows.aerial                                   # the embedded synthetic world
     python -m flows.aerial --root /data/aerial --megadepth /data/MegaDepth \\
         --scene-list megadepth_image_list_v0.npz --scenes 0001 0002
+    python -m flows.aerial --root /data/aerial --places places.yaml --plan-only   # plans only
+
+A scene that fails makes the command exit with status 1 after the other scenes finish.
 """
 
 from __future__ import annotations
@@ -23,20 +28,38 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
-from tasks.common.runtime import DaskConfig, local_prefect_server, make_task_runner
+from tasks.common.cli import EXIT_CONFIG, ConfigError, build, merge, parse_sets
+from tasks.common.runlock import EXIT_BUSY, OutputBusy, exclusive_output
+from tasks.common.runtime import DaskSettings, load_dask_block, local_prefect_server, make_task_runner
+from tasks.common.forms import grouped_titles
+
+
+#: Named pipeline configurations (tasks.aerial.pipeline.CONFS) and dense backends, as form choices.
+PipelineName = Literal["sift+mnn", "superpoint+superglue"]
+DenseBackend = Literal["auto", "cpu", "gpu"]
 
 
 class AerialConfig(BaseModel):
     """Where the inputs are and where the outputs go (paths as the contract's layout)."""
+
+    # a misspelt key is an error, never silently ignored; form labels read "Group · field"
+    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
+        "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
+        "Synthetic world": ["synthetic", "world_options"],
+        "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],
+        "Cluster": ["image_batch", "dense_batch", "fan_out", "dask", "dask_block"],
+        "Planning": ["places", "trajectory", "trajectory_options", "plan_only"],
+        "Training exports": ["exports"],
+    }))
 
     root: str = Field("output/aerial", description="Earth Studio root: downloaded_data/ in, data/<scene>/ out")
     megadepth: str | None = Field(None, description="raw MegaDepth root (default ROOT/megadepth)")
@@ -48,16 +71,75 @@ class AerialConfig(BaseModel):
     world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings "
                                           "(seed, n_aerial, n_ground, size, ...)")
     image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
-    pipeline: str = Field("sift+mnn", description="named configuration of the SfM/dense stages "
-                                                  "(tasks.aerial.pipeline.CONFS)")
-    pipeline_options: dict[str, Any] = Field(default_factory=dict, description="overrides of that configuration, "
-                                             "e.g. {'dense': {'backend': 'cpu'}, 'retrieval_num': 30}")
+    pipeline: PipelineName = Field(
+        "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
+        "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
+        "SuperPoint, SuperGlue, NetVLAD through hloc, which must be installed with its weights)")
+    dense_backend: DenseBackend = Field(
+        "auto", description="depth maps: auto (GPU PatchMatch when a Dask worker declares the resource GPU, "
+        "else CPU), cpu (OpenCV semi-global matching) or gpu (PatchMatch; falls back to CPU, saying so, "
+        "when no worker has a GPU)")
+    pipeline_options: dict[str, Any] = Field(default_factory=dict, description="overrides of the pipeline's "
+                                             "settings, e.g. {\"retrieval_num\": 30, \"dense\": {\"num_sources\": 6}}")
     dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
     fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
-    n_workers: int | None = None
+    places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
+                                                 "ground_altitude, radius): writes ROOT/plans/<scene>.esp and .plan.json")
+    trajectory: str = Field("spiral+streets", description="named trajectory configuration of the planning stage "
+                                                          "(tasks.aerial.plan.TRAJECTORIES)")
+    trajectory_options: dict[str, Any] = Field(default_factory=dict, description="overrides of that trajectory, "
+                                               "e.g. {'frames': 150, 'fov': 40, 'spiral_altitudes': [400, 60]}")
+    plan_only: bool = Field(False, description="only plan: render the .esp projects in Earth Studio, then rerun")
     exports: dict[str, Any] = Field(default_factory=dict, description="training exports settings "
                                     "(tasks.aerial.training_export.ExportConfig), e.g. {'root': '/data/train', "
                                     "'covisibility': {'rel_tolerance': 0.1}}")
+    dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
+    dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
+
+    def dask_settings(self) -> DaskSettings:
+        """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
+        return load_dask_block(self.dask_block) if self.dask_block else self.dask
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "AerialConfig":
+        from tasks.aerial import pipeline as PL
+
+        try:
+            PL.get_config(self.pipeline, **self.pipeline_options)
+        except (KeyError, TypeError, ValueError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(f"pipeline {self.pipeline!r} with pipeline_options {self.pipeline_options}: {msg}") from None
+        if self.scenes is not None and not all(isinstance(x, str) and x.strip() for x in self.scenes):
+            raise ValueError(f"scenes {self.scenes} must be non-empty scene ids such as '0001'")
+        return self
+
+    def check_inputs(self) -> None:
+        """Check the root, MegaDepth folder and scene list this configuration names; raise one
+        :class:`ConfigError` naming the path on the first mistake. Cheap: run it before starting any
+        server or cluster."""
+        from tasks.aerial import megadepth
+
+        p = self.paths()
+        has_data = (p["root"] / "downloaded_data").is_dir()
+        if not has_data and not self.synthetic and not self.places:
+            raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
+                              "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
+        if has_data:
+            exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
+            unknown = sorted(set(self.scenes or []) - set(exports))
+            if unknown:
+                raise ConfigError(f"scenes {unknown} have no Earth Studio export in {p['root'] / 'downloaded_data'}"
+                                  f" (exports: {exports[:10]}); fix scenes or the root")
+        if self.megadepth and not p["megadepth"].is_dir():
+            raise ConfigError(f"megadepth {p['megadepth']}: not a folder; give the raw MegaDepth root")
+        if self.scene_list or p["scene_list"].exists():
+            try:
+                entries = megadepth.load_scene_list(p["scene_list"])
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"scene_list: {exc}") from None
+            if self.scenes and has_data and not {e.scene for e in entries} & set(self.scenes):
+                raise ConfigError(f"scene_list {p['scene_list']} has no entry for scenes {self.scenes}; "
+                                  "check the scene ids")
 
     def paths(self) -> dict[str, Path]:
         root = Path(self.root).expanduser().resolve()
@@ -82,6 +164,16 @@ def world_task(root: str, options: dict[str, Any]) -> str:
     return str(info.scene) if hasattr(info, "scene") else "0001"
 
 
+@task(name="plan", cache_policy=NO_CACHE, tags=["aerial", "plan"])
+def plan_task(root: str, place, trajectory):
+    from tasks.aerial.plan import plan_scene
+
+    res = plan_scene(Path(root), place, trajectory)
+    get_run_logger().info("scene %s: plan of %d cameras%s: %s", place.scene, res.cameras,
+                          " (up to date)" if res.skipped else "", res.esp)
+    return res
+
+
 @task(name="earth-studio-ingest", cache_policy=NO_CACHE, tags=["aerial", "ingest"], retries=1)
 def ingest_task(root: str, scene: str):
     from tasks.aerial.earthstudio import ingest_scene
@@ -90,8 +182,11 @@ def ingest_task(root: str, scene: str):
     logger = get_run_logger()
     logger.info("scene %s: %d frames%s, %d skipped", scene, res.frames_written,
                 " (up to date)" if res.skipped_scene else "", len(res.frames_skipped))
-    for idx, reason in sorted(res.frames_skipped.items(), key=lambda kv: int(kv[0]))[:20]:
-        logger.warning("scene %s frame %s: %s", scene, idx, reason)
+    problems = res.problems()  # a damaged video once, not once per missing frame
+    for item, reason in problems[:20]:
+        logger.warning("scene %s %s: %s", scene, item, reason)
+    if len(problems) > 20:
+        logger.warning("scene %s: %d more problems in the report", scene, len(problems) - 20)
     return res
 
 
@@ -303,8 +398,8 @@ def gpu_workers() -> list[str]:
 def resolve_dense_backend(requested: str, gpus: list[str]) -> tuple[str, str]:
     """(backend, why). A GPU task is only ever submitted when a worker offers ``GPU``,
     so it can never wait for a worker that does not exist."""
-    if requested in ("cpu", "sgbm"):
-        return "cpu", f"CPU backend requested ({'PatchMatch' if requested == 'cpu' else 'SGBM'})"
+    if requested == "cpu":
+        return "cpu", "CPU backend requested"
     if gpus:
         return "gpu", f"GPU backend: {len(gpus)} worker(s) declare GPU ({', '.join(gpus)})"
     why = "no Dask worker declares the resource GPU"
@@ -326,6 +421,16 @@ def _results(futs: dict, reports: dict, stage: str) -> dict:
     return out
 
 
+def pipeline_settings(config: "AerialConfig"):
+    """The named pipeline configuration with the run's overrides; ``dense_backend`` sets the
+    dense backend unless ``pipeline_options.dense.backend`` names one explicitly."""
+    from tasks.aerial import pipeline as PL
+
+    options = dict(config.pipeline_options)
+    options["dense"] = {"backend": config.dense_backend, **(options.get("dense") or {})}
+    return PL.get_config(config.pipeline, **options)
+
+
 def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports: dict) -> dict[str, Any]:
     """Features -> ... -> evaluation for every scene, scenes side by side."""
     import dask
@@ -333,7 +438,7 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
     from tasks.aerial import pipeline as PL
 
     logger = get_run_logger()
-    cfg = PL.get_config(config.pipeline, **config.pipeline_options)
+    cfg = pipeline_settings(config)
     if cfg.backend == "hloc" and not PL.hloc_available():
         raise RuntimeError(f"pipeline {cfg.name!r} needs hloc (pip install from "
                            "https://github.com/cvg/Hierarchical-Localization); use 'sift+mnn' without it")
@@ -433,7 +538,7 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
             if backend == "gpu":
                 with dask.annotate(resources={"GPU": 1}):
                     futs[dense_gpu_task.submit(paths[s], cfg, names)] = s
-            elif cfg.dense.backend == "sgbm":
+            elif cfg.dense.cpu_method == "sgbm":
                 for b in batches:
                     futs[dense_cpu_task.submit(paths[s], cfg, b)] = s
             else:  # PatchMatch: photometric maps of all, then the geometric pass, then fusion + export
@@ -455,7 +560,7 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
         reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in done)
         workers_used[s] = {r.get("worker") for r in ok} - {None}
     alive = [s for s in alive if not failed(s, res)]
-    if backend == "cpu" and cfg.dense.backend == "sgbm":
+    if backend == "cpu" and cfg.dense.cpu_method == "sgbm":
         res = timed("fusion", lambda: _results({fuse_task.submit(paths[s], cfg): s for s in alive}, reports, "fusion"))
     res = timed("export", lambda: _results({export_task.submit(paths[s]): s for s in alive}, reports, "export"))
     alive = [s for s in alive if not failed(s, res)]
@@ -522,16 +627,35 @@ def _n_workers() -> int:
 # --------------------------------------------------------------------------
 # the flow
 # --------------------------------------------------------------------------
-@flow(name="aerial", task_runner=make_task_runner(), log_prints=True)
+def _dask_settings(parameters: dict[str, Any]) -> DaskSettings:
+    """The cluster of a run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
+    config = parameters.get("config")
+    if not isinstance(config, AerialConfig):
+        config = AerialConfig.model_validate(config or {})
+    return config.dask_settings()
+
+
+@flow(name="aerial", task_runner=make_task_runner(settings_from=_dask_settings), log_prints=True)
+@exclusive_output(lambda config=None: (config or AerialConfig()).paths()["root"], "aerial root")
 def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     from tasks.aerial import megadepth
 
     logger = get_run_logger()
     p = config.paths()
-    if config.synthetic and not (p["root"] / "downloaded_data").is_dir():
+    plans = run_planning(config, p["root"]) if config.places else {}
+    plan_failed = {s: f"plan: {r['error']}" for s, r in plans.items() if "error" in r}
+    if config.plan_only:
+        return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": plan_failed}
+    if config.synthetic and not config.places and not (p["root"] / "downloaded_data").is_dir():
         world_task(str(p["root"]), config.world_options)
     exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
     scenes = [s for s in exports if not config.scenes or s in config.scenes]
+    waiting = sorted(s for s, r in plans.items() if "error" not in r and s not in exports)
+    for s in waiting:
+        logger.info("scene %s is planned but not rendered yet: import %s in Earth Studio, render, and put "
+                    "%s.mp4 and %s.json in %s", s, plans[s]["esp"], s, s, p["root"] / "downloaded_data")
+    if not scenes and plans:  # planned, nothing rendered yet: the plans are the result
+        return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": plan_failed}
     if not scenes:
         raise FileNotFoundError(f"{p['root'] / 'downloaded_data'}: no Earth Studio export (<scene>.json + .mp4)")
     reports: dict[str, RunReport] = {s: RunReport(title=f"aerial scene {s}") for s in scenes}
@@ -551,8 +675,12 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         ingested[s] = res
         reports[s].counts.update({"video frames": res.video_frames, "camera entries": res.camera_entries,
                                   "frames": res.frames_written, "frames skipped": len(res.frames_skipped)})
-        for idx, reason in res.frames_skipped.items():
-            reports[s].problem(f"frame {idx}", "ingest", reason)
+        for item, reason in res.problems():
+            reports[s].problem(f"{s} video" if item == "video" else item, "ingest", reason)
+        if res.plan_check:
+            reports[s].notes.append(plan_check_note(res.plan_check))
+            if not plan_check_ok(res.plan_check):
+                reports[s].problem(f"{s} plan", "ingest", plan_check_note(res.plan_check))
     for r in reports.values():
         r.timings["ingest"] = time.monotonic() - t0
 
@@ -600,6 +728,24 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     out: dict[str, Any] = {"root": str(p["root"]), "scenes": {}, "dense backend": staged["backend"],
                            "pipeline": staged["config"],
                            "dense workers": {s: sorted(w for w in ws if w) for s, ws in staged["dense workers"].items()}}
+    from tasks.aerial.stale import clear_stale, mark_stale
+
+    failed: dict[str, str] = {}
+    for s, report in reports.items():
+        why = scene_failure(s, report)
+        product = report.outputs.get("product")
+        if product:
+            clear_stale(product)
+        if s in ingested:
+            clear_stale(p["root"] / "data" / s)
+        if why:
+            failed[s] = why
+            current = [Path(product)] if product else []
+            for path in mark_stale(p["root"], s, why, ingest_failed=s not in ingested, current=current):
+                report.problem(path, "stale", "made by an earlier run and marked STALE: this run failed for the "
+                                              "scene, so it does not reflect the current inputs")
+    out["failed"] = {**plan_failed, **failed}
+    out["plans"] = plans
     for s, report in reports.items():
         acc = staged["accuracy"].get(s)
         table = None
@@ -613,6 +759,7 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         png = scene_picture(p, s, staged["paths"].get(s), acc)
         folder = p["root"] / "data" / s
         report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{s}.json"),
+                               "ingest record": str(folder / "ingest.json"),
                                "reference model": str(folder / "sfm_output_localization" / "reference_empty"),
                                "megadepth": str(p["megadepth_out"] / s)})
         report.write(folder, png, png_name="overview.png")
@@ -633,6 +780,65 @@ def _misses(per: dict) -> list[str]:
     return _depth_misses(per, DEPTH_GOALS["photos"]) if per.get("pixels") else ["no depth"]
 
 
+def run_planning(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
+    """The planning stage for every place: ``{scene: {"esp", "plan", "cameras"} or {"error"}}``.
+    A bad place or trajectory is reported for its scene; the other places are still planned."""
+    from tasks.aerial import plan as planning
+
+    logger = get_run_logger()
+    errors: list[tuple[str, str]] = []
+    places = planning.load_places(config.places, errors=errors)
+    out: dict[str, dict[str, Any]] = {scene: {"error": why} for scene, why in errors}
+    try:
+        trajectory = planning.get_trajectory(config.trajectory, **config.trajectory_options)
+    except planning.PlanError as exc:
+        for pl in places:
+            out[pl.scene] = {"error": str(exc)}
+        places = []
+    futs = {plan_task.submit(str(root), pl, trajectory): pl.scene for pl in places}
+    for fut in as_completed(list(futs)):
+        scene = futs[fut]
+        try:
+            res = fut.result()
+            out[scene] = {"esp": str(res.esp), "plan": str(res.plan), "cameras": res.cameras}
+        except Exception as exc:  # noqa: BLE001 - one bad place never sinks the others
+            out[scene] = {"error": f"{type(exc).__name__}: {exc}"}
+    for scene, r in sorted(out.items()):
+        if "error" in r:
+            logger.error("scene %s: not planned: %s", scene, r["error"])
+    return out
+
+
+def plan_check_ok(check: dict[str, Any], position_m: float = 1.0, rotation_deg: float = 0.2) -> bool:
+    """An export lies on its plan: every camera within ``position_m`` and ``rotation_deg``."""
+    if "error" in check or not check.get("cameras compared"):
+        return False
+    return (check["max position difference m"] <= position_m and check["max rotation difference deg"] <= rotation_deg
+            and check["max fov difference deg"] <= 0.01)
+
+
+def plan_check_note(check: dict[str, Any]) -> str:
+    if "error" in check:
+        return f"the scene's plan could not be read: {check['error']}"
+    verdict = "matches" if plan_check_ok(check) else "DIFFERS FROM"
+    return (f"Earth Studio export {verdict} its plan: {check['cameras compared']} of {check['planned cameras']} "
+            f"planned cameras compared, worst {check['max position difference m']:.3g} m, "
+            f"{check['max rotation difference deg']:.3g} deg, fov {check['max fov difference deg']:.3g} deg"
+            + ("" if plan_check_ok(check) else "; check the Earth Studio import (altitudes, camera target) by eye"))
+
+
+def scene_failure(scene: str, report: RunReport) -> str | None:
+    """Why a scene counts as failed (exit status 1), None when it did not: a stage failed for
+    the whole scene, no product was made, or its video is damaged."""
+    whole = [f"{p['stage']}: {p['reason']}" for p in report.problems
+             if p["item"] in (scene, f"{scene} video")]
+    if whole:
+        return "; ".join(whole)
+    if not report.outputs.get("product"):
+        return "no product was made"
+    return None
+
+
 def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = None) -> bytes | None:
     """A ground photo, its depth map, and the registered photos' cameras over the reference
     cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth. With
@@ -644,10 +850,11 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
     import matplotlib.pyplot as plt
     import numpy as np
 
-    meta_path = p["root"] / "data" / scene / f"{scene}.json"
-    if not meta_path.exists():
+    from tasks.aerial.earthstudio import read_record
+
+    meta = read_record(p["root"], scene)
+    if meta is None:
         return None
-    meta = json.loads(meta_path.read_text())
     frames = meta.get("frames") or []
     product = sp.product if sp is not None else None
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=90, layout="constrained")
@@ -723,6 +930,7 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
 
 
 def parse_args(argv: list[str] | None = None) -> AerialConfig:
+    """The configuration from the flags and ``--set`` overrides (raises :class:`ConfigError`)."""
     ap = argparse.ArgumentParser(prog="python -m flows.aerial", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="output/aerial")
@@ -730,24 +938,59 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     ap.add_argument("--megadepth-out")
     ap.add_argument("--scene-list")
     ap.add_argument("--scenes", nargs="*")
-    ap.add_argument("--workers", type=int)
+    ap.add_argument("--workers", type=int, help="local Dask workers (as --set dask.n_workers=N)")
     ap.add_argument("--pipeline", default="sift+mnn", help="sift+mnn (default, CPU) or superpoint+superglue (hloc)")
-    ap.add_argument("--dense-backend", choices=["auto", "cpu", "sgbm", "gpu"], default="auto",
+    ap.add_argument("--dense-backend", choices=["auto", "cpu", "gpu"], default="auto",
                     help="auto: GPU PatchMatch when a Dask worker declares GPU, else CPU")
     ap.add_argument("--no-synthetic", action="store_true", help="never generate the synthetic world")
+    ap.add_argument("--places", help="places to plan (JSON/YAML list: scene, latitude, longitude, ground_altitude, "
+                                     "radius): writes ROOT/plans/<scene>.esp and <scene>.plan.json")
+    ap.add_argument("--trajectory", default="spiral+streets",
+                    help="named trajectory configuration: spiral+streets (default), spiral, orbit, streets")
+    ap.add_argument("--trajectory-options", type=json.loads, default={},
+                    help='JSON overrides of the trajectory, e.g. \'{"frames": 150, "fov": 40}\'')
+    ap.add_argument("--plan-only", action="store_true",
+                    help="only the planning stage: render the plans in Earth Studio, then run again")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any field (VALUE parsed as JSON when possible), e.g. dask.n_workers=2 "
+                         "or dask_block=slurm")
     a = ap.parse_args(argv)
-    return AerialConfig(root=a.root, megadepth=a.megadepth, megadepth_out=a.megadepth_out, scene_list=a.scene_list,
-                        scenes=a.scenes or None, synthetic=not a.no_synthetic, n_workers=a.workers,
-                        pipeline=a.pipeline, pipeline_options={"dense": {"backend": a.dense_backend}})
+    if a.plan_only and not a.places:
+        ap.error("--plan-only needs --places")
+    values: dict[str, Any] = {
+        "root": a.root, "megadepth": a.megadepth, "megadepth_out": a.megadepth_out, "scene_list": a.scene_list,
+        "scenes": a.scenes or None, "synthetic": not a.no_synthetic, "pipeline": a.pipeline,
+        "dense_backend": a.dense_backend, "places": a.places,
+        "trajectory": a.trajectory, "trajectory_options": a.trajectory_options, "plan_only": a.plan_only}
+    if a.workers is not None:
+        values["dask"] = {"n_workers": a.workers}
+    return build(AerialConfig, merge(values, parse_sets(a.set)))
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    try:  # every setting and input path checked before any server or cluster starts
+        config = parse_args(argv)
+        config.check_inputs()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     with local_prefect_server() as server:
         print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
-        runner = make_task_runner(DaskConfig(n_workers=config.n_workers))
-        result = aerial_flow.with_options(task_runner=runner)(config=config)
+        try:
+            result = aerial_flow(config=config)
+        except OutputBusy as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BUSY
     print(f"\nAerial outputs under {result['root']}")
+    for scene, r in sorted(result.get("plans", {}).items()):
+        print(f"  plan {scene}: " + (f"NOT PLANNED: {r['error']}" if "error" in r else
+                                     f"{r['cameras']} cameras, Earth Studio project {r['esp']}"))
+    if not result["scenes"]:
+        if result.get("plans"):
+            print("Import each .esp in Earth Studio (File > Import > Earth Studio Project), check the first one by "
+                  "eye, render the video and the 3D camera tracking JSON (Global), put <scene>.mp4 and <scene>.json "
+                  f"in {Path(result['root']) / 'downloaded_data'}, and run the flow again (without --plan-only).")
+        return 1 if result["failed"] else 0
     print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
     from tasks.aerial.evaluate import summary_rows
 
@@ -761,7 +1004,9 @@ def main(argv: list[str] | None = None) -> int:
             print("    accuracy against ground truth:")
             for m, v, g in summary_rows(rep["accuracy"]):
                 print(f"      {m:<34} {v:<60} goal {g}")
-    return 0
+    for scene, why in result.get("failed", {}).items():
+        print(f"FAILED scene {scene}: {why}", file=sys.stderr)
+    return 1 if result.get("failed") else 0
 
 
 if __name__ == "__main__":

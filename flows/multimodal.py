@@ -17,25 +17,29 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger
-from pydantic import ValidationError
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.futures import as_completed
 
 from tasks.common.atomic import remove_partials, write_json_atomic
 from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunReport, tiles_map_png
+from tasks.common.cli import EXIT_CONFIG, ConfigError, parse_sets
+from tasks.common.runlock import EXIT_BUSY, OutputBusy, exclusive_output
 from tasks.common.runtime import local_prefect_server, make_task_runner
+from tasks.common.window import run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
 from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
 from tasks.multimodal.sources import make_source
+from tasks.multimodal.sources.base import Grid, Tile
 from tasks.multimodal.tasks import assemble_h5_task, fetch_batch_task, pack_partition_task
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
 
 
 class _Progress:
@@ -59,37 +63,131 @@ class _Progress:
                                      description=f"{self.stage}: {self.done}/{self.total}")
 
 
-def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], paths: dict[str, Path],
-                       tile_info: dict[str, Any], h5_path: Path, compression: convert.Compression,
-                       report: RunReport) -> list[dict[str, Any]]:
-    """Pack every partition on the Dask workers, then write the h5 with one writer."""
+def _fetch(config: MultimodalConfig, source, out: Path, todo: list[Tile], states: dict[str, str],
+           entries: dict[str, stacks.Entry], reasons: dict[str, str], stage: str = "stacks") -> int:
+    """Fetch ``todo`` in batch tasks, at most ``config.tasks_in_flight`` at once; stream each
+    batch's outcomes into ``states``/``entries`` and the stacks index. Returns how many
+    tiles got a permanent outcome (stack or no-data) this time."""
     logger = get_run_logger()
-    futs = [
-        pack_partition_task.submit(spec, str(paths["tiles"]), {t: tile_info[t] for t in spec.tile_ids},
-                                   str(paths["parts"]), config.image_size, compression)
-        for spec in specs
-    ]
-    spec_of = dict(zip(futs, specs))
-    progress = _Progress(logger, "pack", sum(len(s.tile_ids) for s in specs))
-    parts: list[convert.PartResult] = []
-    for fut in as_completed(futs):
-        spec = spec_of[fut]
+    fetch = fetch_batch_task.with_options(
+        retries=config.fetch_retries, retry_jitter_factor=0.5,
+        retry_delay_seconds=[config.fetch_retry_delay_s * 2**i for i in range(max(config.fetch_retries, 1))])
+    index = stacks.StackIndex(out)
+    paths = stacks.dataset_paths(out)
+    progress = _Progress(logger, stage, len(todo))
+    finished = [0]
+
+    def submit(batch: list[Tile]):
+        return fetch.submit(batch, source, str(out), config.stack_compress, config.fetch_threads, config.fetch_slots)
+
+    def on_done(batch: list[Tile], fut) -> None:
         try:
-            parts.append(fut.result())
-        except Exception as exc:  # the part's tiles are reported, the rest goes on
-            for tid in spec.tile_ids:
-                report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
-        progress.advance(len(spec.tile_ids))
-    parts.sort(key=lambda p: p.index)
-    keep = {Path(p.path).name for p in parts}
+            outcomes = fut.result()
+        except Exception as exc:  # retries exhausted: what the batch did write still counts
+            outcomes = []
+            for t in batch:
+                grid = Grid.for_tile(t)
+                e = stacks.tile_check(t, stacks.fetch_key(source, t, grid), paths, grid.size)
+                outcomes.append(stacks.TileOutcome(t.tile_id, "checked" if e else "failed",
+                                                   f"{type(exc).__name__}: {exc}", entry=e))
+        new = []
+        for o in outcomes:
+            if o.entry is not None:
+                states[o.tile_id] = o.entry.state
+                entries[o.tile_id] = o.entry
+                new.append((o.tile_id, o.entry))
+            else:
+                reasons[o.tile_id] = o.reason
+        index.append(new)
+        finished[0] += len(new)
+        progress.advance(len(batch))
+
+    stats = run_windowed(submit, _chunks(todo, config.fetch_batch_size), config.tasks_in_flight, on_done)
+    logger.debug("%s: %d fetch tasks, at most %d in flight", stage, stats.submitted, stats.max_in_flight)
+    return finished[0]
+
+
+def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], out: Path, tiles: list[Tile],
+                       source, states: dict[str, str], entries: dict[str, stacks.Entry], reasons: dict[str, str],
+                       h5_path: Path, compression: convert.Compression, report: RunReport) -> tuple[list[dict[str, Any]], int]:
+    """Pack every partition on the Dask workers (bounded window), fetch again the tiles
+    whose stack is not the one written and re-pack their parts, then write the h5 with
+    one writer. Returns the part summaries and how many tiles were fetched again."""
+    logger = get_run_logger()
+    paths = stacks.dataset_paths(out)
+    info = stacks.TileInfoDir(out)
+    parts: dict[int, convert.PartResult] = {}
+    redo: list[convert.PartSpec] = []
+    mismatched: dict[str, str] = {}
+    progress = _Progress(logger, "pack", sum(len(s.tile_ids) for s in specs))
+
+    def run(batch: list[convert.PartSpec], defer: bool) -> None:
+        def submit(spec):
+            return pack_partition_task.submit(spec, str(paths["tiles"]), info, str(paths["parts"]),
+                                              config.image_size, compression, defer)
+
+        def on_done(spec, fut) -> None:
+            try:
+                res = fut.result()
+            except Exception as exc:  # the part's tiles are reported, the rest goes on
+                for tid in spec.tile_ids:
+                    report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
+                res = None
+            if res is not None and res.integrity and not res.path:
+                mismatched.update(res.integrity)
+                redo.append(spec)
+            elif res is not None:
+                parts[res.index] = res
+            progress.advance(len(spec.tile_ids))
+
+        run_windowed(submit, batch, config.tasks_in_flight, on_done)
+
+    t0 = time.monotonic()
+    run(specs, defer=True)
+    refetched = 0
+    if mismatched:
+        # a stack that is not the one written is treated like a missing one: fetched again
+        logger.warning("%d stack(s) differ from what was written; fetching them again", len(mismatched))
+        for tid, reason in mismatched.items():
+            report.problem(tid, "integrity", f"{reason}; fetched again")
+            (paths["tile_info"] / f"{tid}.json").unlink(missing_ok=True)
+            states[tid] = "missing"
+            entries.pop(tid, None)
+        todo = [t for t in tiles if t.tile_id in mismatched]
+        refetched = _fetch(config, source, out, todo, states, entries, reasons, stage="fetch again")
+        for t in todo:
+            if states[t.tile_id] != "done":
+                report.problem(t.tile_id, "fetch", reasons.get(t.tile_id, "not fetched again after an integrity mismatch"))
+        again = []
+        for spec in redo:
+            ids = [tid for tid in spec.tile_ids if states[tid] == "done"]
+            again.append(convert.PartSpec(spec.index, ids, convert.entries_part_key(
+                ids, entries, config.image_size, compression)))
+        redo.clear()
+        progress = _Progress(logger, "pack again", sum(len(s.tile_ids) for s in again))
+        run(again, defer=False)
+    done_parts = [parts[i] for i in sorted(parts)]
+    keep = {Path(p.path).name for p in done_parts}
     for stale in paths["parts"].glob("part_*.npz"):
         if stale.name not in keep:
             stale.unlink()
-    assemble_h5_task(parts, str(h5_path), config.image_size, compression)
-    return [convert.part_summary(p) for p in parts]
+    report.timings["pack"] = time.monotonic() - t0
+    t0 = time.monotonic()
+    assemble_h5_task(done_parts, str(h5_path), config.image_size, compression)
+    report.timings["assemble"] = time.monotonic() - t0
+    return [convert.part_summary(p) for p in done_parts], refetched
 
 
-@flow(name="multimodal", task_runner=make_task_runner(), log_prints=True)
+def _dask_settings(parameters: dict[str, Any]):
+    """The cluster of a run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
+    config = parameters.get("config")
+    if not isinstance(config, MultimodalConfig):
+        config = MultimodalConfig.model_validate(config or {})
+    return config.dask_settings()
+
+
+@flow(name="multimodal", task_runner=make_task_runner(settings_from=_dask_settings), log_prints=True)
+@exclusive_output(lambda config=None: (config or MultimodalConfig()).dataset_dir, "dataset folder")
 def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, Any]:
     """Build an MMEarth-compatible dataset into ``config.output_dir/config.name``."""
     logger = get_run_logger()
@@ -99,7 +197,9 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
         p.mkdir(parents=True, exist_ok=True)
     for folder in (out, paths["tiles"], paths["tile_info"], paths["parts"]):
         remove_partials(folder)
-    report = RunReport(title=f"multimodal dataset {config.name}")
+    # problems are streamed to a file; report.json keeps the first 1000 and counts by reason
+    report = RunReport(title=f"multimodal dataset {config.name}", problems_file=out / "report_problems.jsonl",
+                       keep_problems=1000)
 
     # 1. tiles -------------------------------------------------------------
     t0 = time.monotonic()
@@ -128,7 +228,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
         from tasks.multimodal.tiles_ee import sample_tiles_ee
 
         key_path = out / "work" / "ee_tiles_key.json"
-        key = {"n_tiles": config.n_tiles, "mode": config.sampling_mode, "tile_size_m": config.tile_size_m,
+        key = {"n_tiles": config.n_tiles, "mode": config.sampling_mode_index, "tile_size_m": config.tile_size_m,
                "seed": config.seed, "batch": config.batch, "eco_labels": config.eco_labels}
         previous = json.loads(key_path.read_text()) if key_path.exists() else None
         if tiles_path.exists() and previous and previous.get("key") == key:
@@ -137,14 +237,14 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
             logger.info("re-using the Earth Engine tile sample in %s", tiles_path)
         else:
             labels = tiles_mod.load_eco_index(config.eco_labels) if config.eco_labels else None
-            tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode, labels,
+            tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode_index, labels,
                                                config.tile_size_m, config.seed, config.batch)
             tiles_mod.write_tiles_geojson(tiles, tiles_path)
             write_json_atomic(key_path, {"key": key, "eco_index": eco_index})
         source.eco_index = eco_index
         regions = []
     else:
-        tiles = tiles_mod.sample_tiles(regions, eco_index, config.n_tiles, config.sampling_mode,
+        tiles = tiles_mod.sample_tiles(regions, eco_index, config.n_tiles, config.sampling_mode_index,
                                        tile_size_m=config.tile_size_m, seed=config.seed, batch=config.batch)
     tiles_mod.write_tiles_geojson(tiles, tiles_path)
     logger.info("%d tiles -> %s", len(tiles), tiles_path)
@@ -153,57 +253,53 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     report.timings["tiles"] = time.monotonic() - t0
     # 2. stacks ------------------------------------------------------------
     t0 = time.monotonic()
-    before = stacks.scan_tiles(tiles, source, out)
-    fetch = fetch_batch_task.with_options(
-        retries=config.fetch_retries, retry_jitter_factor=0.5,
-        retry_delay_seconds=[config.fetch_retry_delay_s * 2**i for i in range(max(config.fetch_retries, 1))])
-    todo = [t for t in tiles if before[t.tile_id] == "missing"]  # done or no-data tiles are never refetched
-    logger.info("%d of %d tiles to fetch (%d already done)", len(todo), len(tiles), len(tiles) - len(todo))
-    batches = _chunks(todo, config.fetch_batch_size)
-    futures = {fetch.submit(b, source, str(out), config.stack_compress, config.fetch_threads, config.fetch_slots): b
-               for b in batches}
-    progress = _Progress(logger, "stacks", len(todo))
+    damaged: dict[str, str] = {}
+    states, entries, scan = stacks.decide(tiles, source, out, damaged)
+    report.timings["scan"] = time.monotonic() - t0
+    for tid, reason in damaged.items():  # a damaged stack is treated like a missing one
+        report.problem(tid, "integrity", f"{reason}; fetched again")
+    del damaged
+    todo = [t for t in tiles if states[t.tile_id] == "missing"]  # done or no-data tiles are never refetched
+    logger.info("%d of %d tiles to fetch (%d already done; %d tiles fully checked, the rest vouched for by %s)",
+                len(todo), len(tiles), len(tiles) - len(todo), scan["full checks"], stacks.index_path(out))
     reasons: dict[str, str] = {}
-    for fut in as_completed(list(futures)):
-        batch = futures[fut]
-        try:
-            for o in fut.result():
-                if o.status == "failed":
-                    reasons[o.tile_id] = o.reason
-        except Exception as exc:  # retries exhausted: the batch's unfinished tiles fail
-            for t in batch:
-                reasons.setdefault(t.tile_id, f"{type(exc).__name__}: {exc}")
-        progress.advance(len(batch))
+    fetched = _fetch(config, source, out, todo, states, entries, reasons)
+    del todo
     report.timings["fetch"] = time.monotonic() - t0
     t0 = time.monotonic()
-    states = stacks.scan_tiles(tiles, source, out)
-    done_ids = [t.tile_id for t in tiles if states[t.tile_id] == "done"]
-    no_data = [tid for tid, s in states.items() if s == "no_data"]
-    failed = [tid for tid, s in states.items() if s == "missing"]
-    for tid in failed:
-        report.problem(tid, "fetch", reasons.get(tid, "stack missing after fetching"))
-    tile_info = stacks.load_tile_info([t.tile_id for t in tiles], out)
-    for tid in no_data:
-        report.problem(tid, "fetch", f"no data: {tile_info.get(tid, {}).get('NO_DATA_REASON', '')}")
-    fetched = sum(1 for t in tiles if before[t.tile_id] == "missing" and states[t.tile_id] != "missing")
-    report.counts.update({"stacks done": len(done_ids), "fetched this run": fetched, "no data": len(no_data),
-                          "fetch failed": len(failed)})
+    for t in tiles:
+        s = states[t.tile_id]
+        if s == "missing":
+            report.problem(t.tile_id, "fetch", reasons.get(t.tile_id, "stack missing after fetching"))
+        elif s == "no_data":
+            report.problem(t.tile_id, "fetch", f"no data: {entries[t.tile_id].digest}")
 
     # 3. pack partitions (parallel) and assemble the h5 (one writer) ------
     compression = convert.Compression(config.compression_codec, config.compression_level)
-    specs = convert.make_partitions(done_ids, config.part_size)
-    keys = [convert.part_key(spec, paths["tiles"], tile_info, config.image_size, compression) for spec in specs]
+    done_ids = [t.tile_id for t in tiles if states[t.tile_id] == "done"]
+    specs = [convert.PartSpec(s.index, s.tile_ids, convert.entries_part_key(s.tile_ids, entries, config.image_size,
+                                                                           compression))
+             for s in convert.make_partitions(done_ids, config.part_size)]
+    del done_ids
     h5_path = out / f"{config.name}.h5"
     manifest = out / "work" / "h5_manifest.json"
-    summaries = convert.read_manifest(h5_path, manifest, keys)
+    summaries = convert.read_manifest(h5_path, manifest, [s.key for s in specs])
     if summaries is not None:
         logger.info("%s is up to date (%d parts); not rewritten", h5_path, len(summaries))
     else:
-        summaries = _pack_and_assemble(config, specs, paths, tile_info, h5_path, compression, report)
+        summaries, refetched = _pack_and_assemble(config, specs, out, tiles, source, states, entries, reasons,
+                                                  h5_path, compression, report)
+        fetched += refetched
         convert.write_manifest(h5_path, manifest, summaries)
         if not config.keep_parts:
             for p in paths["parts"].glob("part_*.npz"):
                 p.unlink()
+    del specs
+    n_states = {k: 0 for k in ("done", "no_data", "missing")}
+    for v in states.values():
+        n_states[v] += 1
+    report.counts.update({"stacks done": n_states["done"], "fetched this run": fetched,
+                          "no data": n_states["no_data"], "fetch failed": n_states["missing"]})
     n_rows = sum(s["n_rows"] for s in summaries)
     for s in summaries:
         for tid, reason in s["problems"].items():
@@ -214,7 +310,9 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     for k, channels in empty.items():
         report.notes.append(f"band_stats[{k}] is NaN for channel(s) {channels}: no valid value of this kind")
     splits = convert.make_splits(n_rows, config.split_fractions, config.split_seed)
-    files = convert.write_dataset_jsons(out, config.name, tile_info, band_stats, splits)
+    files = convert.write_dataset_jsons(out, config.name, None, band_stats, splits)
+    files["tile_info"] = out / f"{config.name}_tile_info.json"
+    stacks.write_tile_info_json(files["tile_info"], (t.tile_id for t in tiles if states[t.tile_id] != "missing"), out)
     report.counts.update({"rows in h5": n_rows, "convert failed": sum(len(s["problems"]) for s in summaries),
                           "train": len(splits["train"]), "val": len(splits["val"]), "test": len(splits["test"])})
     report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(tiles_path)})
@@ -232,42 +330,31 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
 # --------------------------------------------------------------------------
 # Local entry point
 # --------------------------------------------------------------------------
-def _parse_value(v: str) -> Any:
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
-
-
 def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
+    """The configuration named by ``--config`` with ``--set`` overrides (raises :class:`ConfigError`)."""
     ap = argparse.ArgumentParser(prog="python -m flows.multimodal", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="default", choices=sorted(CONFIGS), help="named configuration")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field (VALUE parsed as JSON when possible), e.g. n_tiles=500 or dask.n_workers=4")
     args = ap.parse_args(argv)
-    overrides: dict[str, Any] = {}
-    for item in args.set:
-        if "=" not in item:
-            ap.error(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        node = overrides
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _parse_value(value)
-    try:
-        return get_config(args.config, **overrides)
-    except ValidationError as exc:
-        ap.error(f"invalid configuration: {exc}")
+    return get_config(args.config, **parse_sets(args.set))
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = parse_args(argv)
+    try:  # every setting and input file checked before any server or cluster starts
+        config = parse_args(argv)
+        config.check_inputs()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     with local_prefect_server() as server:
         print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
-        runner = make_task_runner(config.dask_settings().to_runtime())
-        result = multimodal_flow.with_options(task_runner=runner)(config=config)
+        try:
+            result = multimodal_flow(config=config)
+        except OutputBusy as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BUSY
     counts = result["counts"]
     print(f"\nDataset written to {result['dataset_dir']}")
     for k, v in counts.items():

@@ -77,7 +77,10 @@ def expected_rows(data: np.ndarray, names: list[str], info: dict, size: int) -> 
     rows["sentinel2_scl"] = _pixels(band("sentinel2", "SCL") if l2a else None, "sentinel2_scl", shape)[None]
     rows["sentinel1"] = np.stack([_pixels(band(f"sentinel1_{orbit}", pol), "sentinel1", shape)
                                   for orbit in ("asc", "desc") for pol in POLS])
-    rows["aster"] = np.stack([_pixels(band("aster", b), "aster", shape) for b in ("elevation", "slope")])
+    # elevation is "elevation" (synthetic source) or the asset's "b1" (Earth Engine, the original's name)
+    elevation = band("aster", "elevation")
+    rows["aster"] = np.stack([_pixels(band("aster", "b1") if elevation is None else elevation, "aster", shape),
+                              _pixels(band("aster", "slope"), "aster", shape)])
     rows["dynamic_world"] = _pixels(band("dynamic_world", "label"), "dynamic_world", shape)[None]
     rows["canopy_height_eth"] = np.stack([_pixels(band("canopy_height_eth", b), "canopy_height_eth", shape)
                                           for b in ("height", "std")])

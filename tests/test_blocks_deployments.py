@@ -39,7 +39,7 @@ def test_dask_cluster_block_drives_the_task_runner():
 
     DaskCluster(n_workers=3, threads_per_worker=2).save("three", overwrite=True)
     cfg = MultimodalConfig(dask_block="three")
-    runner = make_task_runner(cfg.dask_settings().to_runtime())
+    runner = make_task_runner(cfg.dask_settings())
     assert runner.cluster_kwargs["n_workers"] == 3 and runner.cluster_kwargs["threads_per_worker"] == 2
 
 

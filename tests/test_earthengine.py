@@ -3,19 +3,26 @@ fake server, a real Prefect server and a real Dask cluster."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import hashlib
 import json
 import math
+import random
 
 import httpx
 import pytest
+import shapely.geometry
 
-from tasks.common.runtime import DaskConfig, make_task_runner
+from tasks.common.runtime import DaskSettings, make_task_runner
 from tasks.multimodal import schema
 from tasks.multimodal.config import MultimodalConfig
-from tasks.multimodal.sources.base import Tile
+from tasks.multimodal.sources.base import NoDataError, Tile, TransientSourceError
 from tasks.multimodal.sources.earthengine import (
-    Choices, EarthEngineAuthError, TileMeta, choose, is_transient, s2_window, stack_grid,
+    Choices, EarthEngineAuthError, TileMeta, choose, is_transient, permanent_reason, s2_window, stack_grid,
+    tile_seed,
 )
+from tests import fake_ee
 from tests.dataset_checks import check_dataset
 from tests.fake_ee import FakeEarthEngine
 
@@ -33,11 +40,71 @@ def _tile(tid="t1", lon=8.5, lat=50.5):
 def test_choices_are_seeded_per_tile_like_the_original():
     a, b = choose(_tile()), choose(_tile("other-id"))
     assert a == b  # the seed is the tile centre, not its id
-    c = choose(_tile(lon=8.6))
-    assert isinstance(a, Choices) and 2017 <= a.year <= 2020 and a.prefer in ("l2a", "l1c") and 0 <= a.u < 1
-    assert (a.start, a.end) == s2_window(a.year)
-    assert {choose(_tile(lon=8.5 + i / 100)).year for i in range(40)} == {2017, 2018, 2019, 2020}
-    del c
+    assert isinstance(a, Choices) and 2017 <= a.year <= 2020 and a.prefer in ("l2a", "l1c")
+    assert (a.start, a.end) == s2_window(a.year) and len(a.table) == 1024
+    moved = [choose(_tile(lon=8.5 + i / 100)) for i in range(40)]
+    assert {c.year for c in moved} == {2017, 2018, 2019, 2020} and {c.prefer for c in moved} == {"l2a", "l1c"}
+    # every tile centre gives its own seed, and the draws follow it (a seed that ignored the centre would repeat)
+    assert len({tile_seed(c.lat, c.lon) for c in moved}) == 40
+    for c in moved[:5]:
+        (start, _), l2a, index = _original_draws(c.lat, c.lon)
+        assert (c.start, c.prefer, c.index(100)) == (start, "l2a" if l2a else "l1c", index(100))
+    (start, end), l2a, index = _original_draws(a.lat, a.lon)
+    assert (a.start, a.end, a.prefer) == (start, end, "l2a" if l2a else "l1c")
+    assert [a.index(n) for n in (1, 2, 7, 40, 333, 1024)] == [index(n) for n in (1, 2, 7, 40, 333, 1024)]
+
+
+def test_index_table_is_randint_for_every_n():
+    from tasks.multimodal.sources.earthengine import index_table
+
+    for seed in range(20):
+        rng = random.Random(seed)
+        rng.randint(2017, 2020)
+        table = index_table(rng, 700)
+        state = rng.getstate()
+        for n in range(1, 701):
+            rng.setstate(state)
+            assert table[n - 1] == rng.randint(0, n - 1), (seed, n)
+        rng.setstate(state)
+        assert index_table(rng, 700) == table and rng.getstate() == state  # rng left unchanged
+
+
+def test_seed_centroid_geodesic_and_tile_info_lat_lon():
+    """The seed uses the geodesic centroid (checked against a fine subdivision of the spherical
+    polygon); lat/lon within 1e-8 degrees of it (copied from an original tile_info) are kept
+    digit for digit."""
+    import numpy as np
+
+    from tasks.multimodal.sources.earthengine import geodesic_centroid, seed_lat_lon
+
+    def subdivided(ring, levels=5):  # sum of flat sub-triangle area x centroid, on the sphere
+        def vec(p):
+            lo, la = np.radians(p)
+            return np.array([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)])
+        v = [vec(p) for p in ring[:-1]]
+        tris = [(v[0], v[i], v[i + 1]) for i in range(1, len(v) - 1)]
+        for _ in range(levels):
+            nxt = []
+            for a, b, c in tris:
+                ab, bc, ca = [(x + y) / np.linalg.norm(x + y) for x, y in ((a, b), (b, c), (c, a))]
+                nxt += [(a, ab, ca), (ab, b, bc), (ca, bc, c), (ab, bc, ca)]
+            tris = nxt
+        total = sum(np.linalg.norm(np.cross(b - a, c - a)) / 2 * (a + b + c) / 3 for a, b, c in tris)
+        x, y, z = total
+        return math.degrees(math.atan2(y, x)), math.degrees(math.atan2(z, math.hypot(x, y)))
+
+    for lon, lat, d in ((8.5, 50.5, 0.006), (-70.2, -33.4, 0.2), (150.0, 69.0, 1.0)):
+        base = _tile(lon=lon, lat=lat)
+        ring = [[lon - d, lat - d], [lon + d, lat - d], [lon + d, lat + d], [lon - d, lat + d], [lon - d, lat - d]]
+        t = Tile("t", base.biome, base.eco_region, lon, lat, {"type": "Polygon", "coordinates": [ring]})
+        glon, glat = geodesic_centroid(t.geometry)
+        slon, slat = subdivided(ring)
+        assert abs(glon - slon) < 1e-9 * max(1, d) and abs(glat - slat) < 1e-7 * d, (glon, slon, glat, slat)
+        if d >= 0.2:  # great-circle edges: the centroid is not the lon/lat centre
+            assert abs(glat - lat) > 1e-6
+            assert seed_lat_lon(t) == (glat, glon)
+        copied = Tile("t", t.biome, t.eco_region, glon + 3e-9, glat - 3e-9, t.geometry)
+        assert seed_lat_lon(copied) == (glat - 3e-9, glon + 3e-9)
 
 
 def test_s2_windows():
@@ -49,6 +116,12 @@ def test_s2_windows():
 def test_transient_classification():
     import ee
 
+    # only errors known to be permanent are permanent; unknown ones (this CPython race) retry
+    assert permanent_reason(SystemError("AST constructor recursion depth mismatch (before=48, after=47)")) is None
+    assert permanent_reason(ee.EEException("Image.load: Image asset 'x' not found.")) is None
+    assert permanent_reason(ee.EEException("Geometry.Polygon: LinearRing requires at least 3 points.")) \
+        == "invalid tile geometry"
+    assert permanent_reason(ee.EEException("Too many concurrent requests.")) is None
     assert is_transient(ee.EEException("Too many concurrent requests."))
     assert is_transient(ee.EEException("An internal error has occurred."))
     assert is_transient(ee.EEException("The service is currently unavailable."))
@@ -62,9 +135,13 @@ def test_stack_bands_and_grid_follow_the_s2_image():
     meta = TileMeta("l2a", "COPERNICUS/S2_SR_HARMONIZED/x", "2019-06-01",
                     [b for b in schema.S2_BANDS_L2A if b != "MSK_CLDPRB"] + ["AOT"], "EPSG:32632",
                     [10, 0, 399960, 0, -10, 5600040], {"asc": {"id": "a", "bands": ["VV", "VH", "angle"]}, "desc": None},
-                    0, {})
+                    0, {}, ["202905_temperature_2m"])
     bands = meta.stack_bands()
     assert "MSK_CLDPRB" not in bands["sentinel2"] and bands["sentinel2"][-2:] == ["SCL", "QA60"]
+    assert bands["aster"] == ["b1", "slope"] and bands["era5"] == ["202905_temperature_2m"]  # the original's names
+    assert not meta.missing_s2_bands()
+    short = dataclasses.replace(meta, s2_bands=[b for b in meta.s2_bands if b != "B8A"])
+    assert short.missing_s2_bands() == ["B8A"]
     assert bands["sentinel1_asc"] == ["VV", "VH"] and bands["sentinel1_desc"] is None
     assert bands["dynamic_world"] is None  # no Dynamic World image that year
     grid = stack_grid(_tile(), meta)
@@ -92,7 +169,7 @@ def _save_block(name: str, fake: FakeEarthEngine, info: dict | None = None) -> N
 def _run(cfg: MultimodalConfig, n_workers: int = 2):
     from flows.multimodal import multimodal_flow
 
-    return multimodal_flow.with_options(task_runner=make_task_runner(DaskConfig(n_workers=n_workers)))(config=cfg)
+    return multimodal_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=n_workers)))(config=cfg)
 
 
 def _ee_config(tmp_path, fake, block, **kw) -> MultimodalConfig:
@@ -113,7 +190,8 @@ def ee_run(tmp_path_factory, prefect_server):
     tiles = tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 12, 0)
     ids = [t.tile_id for t in tiles]
     faults = {ids[0]: ["429", "500"], ids[1]: ["drop"], ids[2]: ["503"]}
-    with FakeEarthEngine(latency={"value": 0.02, "pixels": 0.05}, no_data_tiles={ids[3]}, faults=faults) as fake:
+    with FakeEarthEngine(latency={"value": 0.02, "pixels": 0.05}, no_data_tiles={ids[3]}, faults=faults,
+                         tiles=tiles) as fake:
         _save_block("ee-test", fake)
         cfg = _ee_config(out, fake, "ee-test")
         result = _run(cfg)
@@ -133,6 +211,12 @@ def test_full_flow_same_format_as_synthetic(ee_run):
     assert info[ids[3]]["NO_DATA"] is True and "Sentinel-2" in info[ids[3]]["NO_DATA_REASON"]
     done = [t for t in info if not info[t]["NO_DATA"]]
     assert all(info[t]["SOURCE"] == "earthengine" and info[t]["S2_IMAGEID"].startswith("COPERNICUS/S2") for t in done)
+    assert all(info[t]["BANDS"]["aster"] == ["b1", "slope"] and len(info[t]["BANDS"]["era5"]) == 12
+               and info[t]["ERA5_YEAR_MONTHS"] == 13 for t in done)
+    import h5py
+
+    with h5py.File(cfg.dataset_dir / f"{cfg.name}.h5") as h5:  # the original's b1 lands in the elevation channel
+        assert (h5["aster"][:, 0] != -32768).mean() > 0.9
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -150,7 +234,7 @@ def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
             assert got == {"value": 1, "pixels": 1}, (tid, got)
     assert {f[2] for f in snap["faults_injected"]} == {"429", "500", "drop", "503"}
     no_data = [p for p in result["problems"] if p["item"] == ids[3]]
-    assert len(no_data) == 1 and no_data[0]["reason"].startswith("no data")
+    assert len(no_data) == 1 and no_data[0]["reason"].startswith("no data: no Sentinel-2 image")
 
 
 @pytest.mark.usefixtures("prefect_server")
@@ -238,9 +322,10 @@ def test_rerun_fetches_exactly_the_failed_tiles(tmp_path):
     from tasks.multimodal import tiles as tiles_mod
 
     regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
-    ids = [t.tile_id for t in tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 8, 0)]
+    tiles = tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 8, 0)
+    ids = [t.tile_id for t in tiles]
     broken = {ids[1]: ["500"] * 3, ids[5]: ["503"] * 3}  # outlast 1 retry
-    with FakeEarthEngine(faults=broken, no_data_tiles={ids[2]}) as fake:
+    with FakeEarthEngine(faults=broken, no_data_tiles={ids[2]}, tiles=tiles) as fake:
         _save_block("ee-rerun", fake)
         cfg = _ee_config(tmp_path, fake, "ee-rerun", n_tiles=8, fetch_retries=1, fetch_batch_size=2, fetch_threads=2)
         first = _run(cfg)
@@ -274,3 +359,294 @@ def test_tiles_sampled_on_earth_engine(tmp_path):
     for t in tiles_mod.read_tiles_geojson(cfg.dataset_dir / f"{cfg.name}_tiles.geojson"):
         assert regions[t.eco_region].contains(Point(t.lon, t.lat))
         assert math.isclose(t.tile_size_m, 1300, rel_tol=0.02)
+
+
+# --------------------------------------------------------------------------
+# The selection, held to the original's rules (ee_utils/ee_data.py of MMEarth-data)
+# --------------------------------------------------------------------------
+def _original_draws(lat: float, lon: float):
+    """The original's client side, written out plainly: seed, year and window, product.
+    Returns (window, l2a first?, a function n -> image index) with the global
+    ``random`` state left where the original leaves it before the index draw."""
+    random.seed(int(hashlib.sha256(f"{lat}_{lon}".encode("utf-8")).hexdigest(), 16) % 10**5)
+    rnd_year = random.randint(2017, 2020)
+    if rnd_year == 2018:
+        window = ("2018-01-01", "2018-11-30")
+    elif rnd_year in (2017, 2020):
+        window = (f"{rnd_year}-01-01", f"{rnd_year}-12-31")
+    else:
+        window = ("2018-12-01", "2019-12-31")
+    l2a = random.randint(0, 1) == 0
+    state = random.getstate()
+
+    def index(n: int) -> int:
+        random.setstate(state)
+        return random.randint(0, n - 1)
+    return window, l2a, index
+
+
+def _ms(date: str) -> float:
+    return dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc).timestamp() * 1000
+
+
+def _grown(tile, metres: float):
+    """The tile's bounding box grown by ``metres`` (the tiles here are lon/lat squares and
+    the fake's footprints boxes 3 km or 100 m around them: containment of the buffered
+    tile is containment of this box)."""
+    minx, miny, maxx, maxy = shapely.geometry.shape(tile.geometry).bounds
+    lat = (miny + maxy) / 2
+    dx, dy = metres / (111_320.0 * math.cos(math.radians(lat))), metres / 110_574.0
+    return shapely.geometry.box(minx - dx, miny - dy, maxx + dx, maxy + dy)
+
+
+def _expected(fake: FakeEarthEngine, tile, name: str, year_months: int = 13) -> dict:
+    """What the original would have picked for ``tile`` from the fake's known scenes."""
+    poly = shapely.geometry.shape(tile.geometry)
+    scenes = fake.catalogue.scenes(name, poly)
+    (start, end), l2a, index = _original_draws(tile.lat, tile.lon)
+
+    def s2(coll):
+        return [im for im in scenes[coll] if im.footprint.intersects(poly)
+                and _ms(start) <= im.props["system:time_start"] < _ms(end)
+                and im.props["CLOUDY_PIXEL_PERCENTAGE"] < 10]
+    cands, s2_type = s2(fake_ee.S2_COLLECTIONS[0]), "l2a"
+    if not l2a or not cands:
+        cands, s2_type = s2(fake_ee.S2_COLLECTIONS[1]), "l1c"
+    cands = [im for im in cands if im.footprint.contains(_grown(tile, 200))]
+    if not cands:
+        return {"n": 0}
+    pick = cands[index(len(cands))]
+    when = dt.datetime.fromtimestamp(pick.props["system:time_start"] / 1000, dt.timezone.utc)
+    day = when.strftime("%Y-%m-%d")
+    s1 = {}
+    for orbit in ("ASCENDING", "DESCENDING"):
+        ok = [im for im in scenes[fake_ee.S1_COLLECTION]
+              if _ms("2017-01-01") <= im.props["system:time_start"] < _ms("2020-12-31")
+              and im.footprint.contains(_grown(tile, 200)) and im.props["instrumentMode"] == "IW"
+              and im.props["orbitProperties_pass"] == orbit]
+        ok.sort(key=lambda im: abs(im.props["system:time_start"] - _ms(day)))
+        s1[orbit[:3].lower() if orbit == "ASCENDING" else "desc"] = ok[0].props["system:id"] if ok else None
+    c = poly.centroid
+    y, m = when.year, when.month
+    months = [((y * 12 + m - 1 - k) // 12, (y * 12 + m - 1 - k) % 12 + 1) for k in range(year_months - 1, -1, -1)]
+    rows = [fake_ee.era5_month_values(c.y, c.x, yy, mm) for yy, mm in months]
+    prev = ((y * 12 + m - 2) // 12, (y * 12 + m - 2) % 12 + 1)
+    return {
+        "n": len(cands), "s2_type": s2_type, "s2_id": pick.props["system:id"], "s2_date": day, "s1": s1,
+        "month1": fake_ee.era5_month_values(c.y, c.x, *prev), "month2": rows[-1],
+        "year": [sum(r[0] for r in rows) / len(rows), min(r[1] for r in rows), max(r[2] for r in rows),
+                 sum(r[3] for r in rows)],
+        "era5_names": [f"{yy}{mm:02d}_{b}" for yy, mm in (prev, (y, m)) for b in schema.ERA5_BANDS]
+        + ["0_temperature_2m_mean", "1_temperature_2m_min_min", "2_temperature_2m_max_max",
+           "3_total_precipitation_sum_sum"],
+    }
+
+
+def _selection_tiles(k: int = 36):
+    """Tiles in both hemispheres whose lat/lon are the geodesic centroid (as lat/lon copied
+    from an original tile_info are Earth Engine's centroid)."""
+    from tasks.multimodal.sources.earthengine import geodesic_centroid
+
+    out = []
+    for i in range(k):
+        lat = -55.0 + (i * 37.3) % 120.0
+        lon = -170.0 + (i * 71.9) % 340.0
+        t = _tile(f"sel{i:02d}", lon=lon, lat=lat)
+        clon, clat = geodesic_centroid(t.geometry)
+        out.append(Tile(t.tile_id, t.biome, t.eco_region, clon, clat, t.geometry))
+    return out
+
+
+@pytest.fixture
+def ee_direct(monkeypatch):
+    """The source against a fake, without Prefect slots (the selection is what is tested)."""
+    import contextlib
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    monkeypatch.setattr(ee_mod, "slot", lambda *a, **k: contextlib.nullcontext())
+    ee_mod._initialized.clear()
+    fakes = []
+
+    def make(**kw):
+        fake = FakeEarthEngine(**kw).start()
+        fakes.append(fake)
+        ee_mod._initialized.clear()
+        return fake, ee_mod.EarthEngineSource(project=fake.project, credentials=fake.service_account_info(),
+                                              url=fake.url)
+    yield make
+    for f in fakes:
+        f.stop()
+    ee_mod._initialized.clear()
+
+
+def _compare(fake, src, tiles, year_months=13):
+    seen_n, mismatches = [], []
+    for t in tiles:
+        exp = _expected(fake, t, t.tile_id, year_months)
+        try:
+            _, meta = src.select(t)
+        except NoDataError as exc:
+            if exp["n"] != 0:
+                mismatches.append((t.tile_id, "no data", str(exc)))
+            seen_n.append(0)
+            continue
+        got = {"s2_type": meta.s2_type, "s2_id": meta.s2_id, "s2_date": meta.s2_date,
+               "s1": {o: (meta.s1[o] or {}).get("id") for o in ("asc", "desc")}}
+        want = {k: exp.get(k) for k in got}
+        if got != want:
+            mismatches.append((t.tile_id, got, want))
+        for part in ("month1", "month2", "year"):
+            if not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(meta.era5[part], exp[part])):
+                mismatches.append((t.tile_id, part, meta.era5[part], exp[part]))
+        if meta.stack_bands()["era5"] != exp["era5_names"]:
+            mismatches.append((t.tile_id, "era5 names", meta.stack_bands()["era5"]))
+        seen_n.append(exp["n"])
+    return seen_n, mismatches
+
+
+def test_selection_matches_the_original(ee_direct):
+    """Chosen S2 image (id, product, date), S1 per orbit and ERA5 windows equal what the
+    original's rules pick from the fake's known candidate lists, for 36 tiles in both
+    hemispheres with n from 1 to several hundred."""
+    tiles = _selection_tiles()
+    fake, src = ee_direct(tiles=tiles, s2_counts=(1, 6000), no_data_tiles={"sel05"})
+    seen_n, mismatches = _compare(fake, src, tiles)
+    assert not mismatches, mismatches[:3]
+    positive = [n for n in seen_n if n]
+    assert min(positive) <= 3 and max(positive) >= 200, sorted(seen_n)
+    assert seen_n[5] == 0  # the cloud filter leaves no candidate: an empty collection, no data
+    assert {t.lat > 0 for t in tiles} == {True, False}
+
+
+def _mutate(monkeypatch, module, name: str, old: str, new: str) -> None:
+    """Replace ``module.name`` by its own source with ``old`` replaced by ``new``."""
+    import inspect
+    import textwrap
+
+    src = textwrap.dedent(inspect.getsource(getattr(module, name)))
+    assert old in src
+    namespace = dict(vars(module))
+    exec(compile(src.replace(old, new), f"<mutated {name}>", "exec"), namespace)
+    monkeypatch.setattr(module, name, namespace[name])
+
+
+@pytest.mark.parametrize("change", ["cloud filter dropped", "no containment buffer", "timestamp, not midnight",
+                                    "a day added to windows", "floor(u*n) index", "precipitation mean",
+                                    "12-month year"])
+def test_selection_test_catches_a_regression(ee_direct, monkeypatch, change):
+    """Each deviation of issue 12's table, put back into the source, fails the selection check."""
+    import ee
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    tiles = _selection_tiles(16 if change == "timestamp, not midnight" else 8)
+    fake, src = ee_direct(tiles=tiles, s2_counts=(20, 800))
+    if change == "cloud filter dropped":
+        monkeypatch.setattr(ee_mod, "CLOUD_THRESHOLD", 1000)
+    elif change == "no containment buffer":
+        monkeypatch.setattr(ee_mod, "S2_BUFFER_M", 0)
+        monkeypatch.setattr(ee_mod, "S1_BUFFER_M", 0)
+    elif change == "timestamp, not midnight":
+        _mutate(monkeypatch, ee_mod, "metadata_expression",
+                'day = ee.Date(date.format("YYYY-MM-dd"))', "day = date")
+    elif change == "a day added to windows":
+        monkeypatch.setattr(ee_mod, "s2_window", lambda y: tuple(
+            (dt.date.fromisoformat(d) + dt.timedelta(days=i)).isoformat()
+            for i, d in enumerate(s2_window(y))))
+    elif change == "floor(u*n) index":
+        real_choose = ee_mod.choose
+
+        def floor_choose(tile, table_size=ee_mod.INDEX_TABLE_SIZE):
+            ch = real_choose(tile, table_size)
+            u = random.Random(ee_mod.tile_seed(ch.lat, ch.lon)).random()
+            return dataclasses.replace(ch, table=tuple(int(u * n) for n in range(1, table_size + 1)))
+        monkeypatch.setattr(ee_mod, "choose", floor_choose)
+    elif change == "precipitation mean":
+        monkeypatch.setattr(ee_mod, "ERA5_YEAR_REDUCERS", ee_mod.ERA5_YEAR_REDUCERS[:3]
+                            + (("total_precipitation_sum", "mean"),))
+    elif change == "12-month year":
+        src.era5_year_months = 12
+    _, mismatches = _compare(fake, src, tiles)
+    assert mismatches, f"{change}: the selection check did not notice"
+
+
+def test_corrected_era5_year_is_an_option(ee_direct):
+    tiles = _selection_tiles(4)
+    fake, src = ee_direct(tiles=tiles)
+    src.era5_year_months = 12
+    _, mismatches = _compare(fake, src, tiles, year_months=12)
+    assert not mismatches, mismatches[:2]
+    with pytest.raises(ValueError, match="era5_year_months"):
+        type(src)(project="p", era5_year_months=11)
+
+
+def test_missing_s2_band_is_a_per_tile_error(ee_direct):
+    tiles = _selection_tiles(16)
+    fake, src = ee_direct(tiles=tiles, missing_band=1.0)
+    errors = []
+    for t in tiles:
+        try:
+            src.select(t)
+        except NoDataError as exc:
+            errors.append(exc.reason)
+    l2a = [r for r in errors if "missing Sentinel-2 band" in r]
+    assert l2a and all("B8A" in r for r in l2a), errors
+
+
+def test_wrong_collection_id_fails(ee_direct, monkeypatch):
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    tiles = _selection_tiles(2)
+    fake, src = ee_direct(tiles=tiles)
+    monkeypatch.setattr(ee_mod, "S1_GRD", "COPERNICUS/S1")
+    with pytest.raises(TransientSourceError, match="not found"):  # an unknown error: retried, never NO_DATA
+        src.select(tiles[0])
+
+
+def test_bad_key_from_the_environment_names_the_variable(monkeypatch, tmp_path):
+    from tasks.multimodal.sources import make_source
+    from tasks.multimodal.sources.earthengine import credentials_from_env
+
+    monkeypatch.setenv("EE_SERVICE_ACCOUNT_KEY", "{not json")
+    with pytest.raises(EarthEngineAuthError, match="EE_SERVICE_ACCOUNT_KEY.*not valid JSON"):
+        credentials_from_env()
+    monkeypatch.setenv("EE_SERVICE_ACCOUNT_KEY", str(tmp_path / "missing.json"))
+    with pytest.raises(EarthEngineAuthError, match="EE_SERVICE_ACCOUNT_KEY names a key file"):
+        credentials_from_env()
+    bad = {"type": "service_account", "project_id": "p", "private_key": "nope", "client_email": "a@b"}
+    monkeypatch.setenv("EE_SERVICE_ACCOUNT_KEY", json.dumps(bad))
+    src = make_source("earthengine", {}, None)
+    with pytest.raises(EarthEngineAuthError, match="from the environment variable EE_SERVICE_ACCOUNT_KEY"):
+        src._credentials()
+
+
+def test_initialisation_failure_message(ee_direct):
+    """A temporary initialisation failure says so (not "tile -: ..."); a tile fetch retries it."""
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    fake, _ = ee_direct()
+    src = ee_mod.EarthEngineSource(project=fake.project, credentials=fake.service_account_info(),
+                                   url="http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(ee_mod.EarthEngineInitError) as info:
+        src.initialize()
+    assert str(info.value).startswith("Earth Engine initialisation at http://127.0.0.1:9 failed (temporary")
+    with pytest.raises(TransientSourceError) as tile_error:
+        src.select(_tile("t9"))
+    assert str(tile_error.value).startswith("tile t9: Earth Engine initialisation")
+
+
+def test_more_candidates_than_the_index_table(ee_direct, monkeypatch):
+    """Above the table's bound the metadata is asked once more with a table reaching n: the
+    pick is still the original's (a third request for that tile only)."""
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    real = ee_mod.choose
+    monkeypatch.setattr(ee_mod, "choose", lambda tile, table_size=8: real(tile, table_size))
+    tiles = _selection_tiles(6)
+    fake, src = ee_direct(tiles=tiles, s2_counts=(200, 800))
+    seen_n, mismatches = _compare(fake, src, tiles)
+    assert not mismatches, mismatches[:2]
+    for t, n in zip(tiles, seen_n):
+        assert fake.requests_by_tile[t.tile_id]["value"] == (2 if n > 8 else 1), (t.tile_id, n)
+    assert max(seen_n) > 8

@@ -76,7 +76,7 @@ def _export(root, scene="0001", n_frames=6, n_entries=None, nan_at=None, drop_js
     dl.mkdir(parents=True, exist_ok=True)
     w = cv2.VideoWriter(str(dl / f"{scene}.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
     for i in range(n_frames):
-        w.write(np.full((H, W, 3), 40 + 30 * i, np.uint8))
+        w.write(np.full((H, W, 3), (40 + 30 * i) % 250, np.uint8))
     w.release()
     n_entries = n_frames + 1 if n_entries is None else n_entries
     poses = _poses(n_entries)
@@ -109,7 +109,7 @@ def test_ingest_round_trip_and_alignment(tmp_path):
     res = ingest_scene(tmp_path, "0001")
     assert res.frames_written == 6 and res.video_frames == 6 and res.camera_entries == 7
     assert set(res.frames_skipped) == {"6"}  # the extra (numFrames + 1) entry, reported
-    meta = json.loads(res.metadata.read_text())
+    meta = json.loads(res.record.read_text())
     first = poses[0][0]
     for f in meta["frames"]:
         i = f["index"]
@@ -150,7 +150,7 @@ def test_nan_entry_is_skipped_and_later_frames_keep_their_pose(tmp_path):
     _export(tmp_path, n_frames=6, nan_at=2)
     res = ingest_scene(tmp_path, "0001")
     assert "2" in res.frames_skipped and "non-finite" in res.frames_skipped["2"]
-    meta = json.loads(res.metadata.read_text())
+    meta = json.loads(res.record.read_text())
     assert [f["index"] for f in meta["frames"]] == [0, 1, 3, 4, 5]
     for f in meta["frames"]:  # frame 3's image is still frame 3's
         assert _grey(tmp_path / "data" / "0001" / "footage" / f["name"]) == pytest.approx(40 + 30 * f["index"], abs=8)
@@ -171,3 +171,220 @@ def test_missing_and_corrupt_video(tmp_path):
     video.unlink()
     with pytest.raises(EarthStudioError, match="video not found"):
         ingest_scene(tmp_path, "0001")
+
+
+# --------------------------------------------------------------------------
+# data/<scene>/<scene>.json is the original's file: its own reader gives the reference poses
+# --------------------------------------------------------------------------
+def _original_json_to_empty_colmap_model(json_file, max_num_images=200):
+    """The original's ``ges_utils.json_to_empty_colmap_model`` (aerial-megadepth), re-implemented
+    independently of the project's modules: its own ECEF->ENU matrix, pymap3d for positions,
+    scipy's 'XYZ' Euler angles, ``f = h / (2 tan(fov / 2))``; returns
+    ``{name: (w2c 4x4, (f, cx, cy), (w, h))}`` instead of writing COLMAP binaries."""
+    from pymap3d.enu import geodetic2enu
+    from scipy.spatial.transform import Rotation
+
+    def rot_ecef2enu(lat, lon):
+        lamb, phi = np.deg2rad(lon), np.deg2rad(lat)
+        sL, sP, cL, cP = np.sin(lamb), np.sin(phi), np.cos(lamb), np.cos(phi)
+        return np.array([[-sL, cL, 0], [-sP * cL, -sP * sL, cP], [cP * cL, cP * sL, sP]])
+
+    with open(json_file, "rb") as f:
+        raw = json.load(f)
+    scene_name, w, h = raw["name"], raw["width"], raw["height"]
+    c0 = raw["cameraFrames"][0]["coordinate"]
+    lat0, lon0, alt0 = c0["latitude"], c0["longitude"], c0["altitude"]
+    rot = rot_ecef2enu(lat0, lon0)
+    images = {}
+    for i, frame in enumerate(raw["cameraFrames"]):
+        if max_num_images is not None and i > max_num_images:
+            break
+        x, y, z = geodetic2enu(frame["coordinate"]["latitude"], frame["coordinate"]["longitude"],
+                               frame["coordinate"]["altitude"], lat0, lon0, alt0)
+        r = Rotation.from_euler("XYZ", [frame["rotation"][a] for a in "xyz"], degrees=True).as_matrix()
+        c2w = np.block([[rot @ r, np.array([x, y, z]).reshape(-1, 1)], [np.zeros((1, 3)), 1]])
+        fl = h / (2 * math.tan(math.radians(frame["fovVertical"]) / 2))
+        images["{}_{:03d}.jpeg".format(scene_name, i)] = (np.linalg.inv(c2w), (fl, w / 2, h / 2), (w, h))
+    return images
+
+
+def test_metadata_file_read_by_the_originals_reader_gives_the_reference_poses(tmp_path):
+    import pycolmap
+
+    from tasks.aerial.synthetic_world import generate_world
+
+    world = generate_world(tmp_path, n_aerial=7, n_ground=2, size=(160, 120), seed=1)
+    res = ingest_scene(tmp_path, "0001")
+    export = json.loads(world.json_path.read_text())
+    meta = json.loads(res.metadata.read_text())
+    # the export's own keys and entries, cut to the 7 frames the video holds (Earth Studio wrote 8)
+    assert set(meta) == set(export) and "cameraFrames" in meta and "signature" not in meta
+    assert meta["cameraFrames"] == export["cameraFrames"][:7] and len(export["cameraFrames"]) == 8
+    assert {k: v for k, v in meta.items() if k != "cameraFrames"} == {k: v for k, v in export.items()
+                                                                       if k != "cameraFrames"}
+    record = json.loads(res.record.read_text())
+    assert record["signature"] and record["metadata_file"] == "0001.json"
+    assert record["alignment"] == [("cameraFrames cut from 8 to 7 entries: the video holds 7 complete frames; "
+                                    "entry i is frame 0001_<i>.jpeg")]
+    images = _original_json_to_empty_colmap_model(res.metadata)
+    footage = tmp_path / "data" / "0001" / "footage"
+    assert sorted(images) == sorted(p.name for p in footage.glob("*.jpeg"))  # every image has its frame
+    gt = pycolmap.Reconstruction(str(world.gt_sparse_dir))
+    ref = pycolmap.Reconstruction(str(res.reference_model))
+    assert ref.num_images() == len(images) == 7
+    for name, (w2c, params, size) in images.items():
+        for rec in (ref, gt):  # the project's reference model, and the renderer's ground truth
+            im = rec.find_image_with_name(name)
+            np.testing.assert_allclose(im.cam_from_world().matrix(), w2c[:3], atol=1e-6)
+        cam = ref.cameras[ref.find_image_with_name(name).camera_id]
+        assert cam.model.name == "SIMPLE_PINHOLE" and (cam.width, cam.height) == size
+        np.testing.assert_allclose(cam.params, params, rtol=1e-12)
+
+
+def test_metadata_is_the_exports_bytes_when_nothing_needs_aligning(tmp_path):
+    _export(tmp_path, n_frames=5, n_entries=5)
+    res = ingest_scene(tmp_path, "0001")
+    assert res.metadata.read_bytes() == (tmp_path / "downloaded_data" / "0001.json").read_bytes()
+    assert json.loads(res.record.read_text())["alignment"] == []
+
+
+def test_alignment_names_frames_after_the_scene_and_states_unusable_entries(tmp_path):
+    _export(tmp_path, n_frames=6, nan_at=2)
+    doc_path = tmp_path / "downloaded_data" / "0001.json"
+    doc = json.loads(doc_path.read_text())
+    doc["name"] = "Zurich HB"
+    doc_path.write_text(json.dumps(doc))
+    res = ingest_scene(tmp_path, "0001")
+    meta = json.loads(res.metadata.read_text())
+    assert meta["name"] == "0001" and len(meta["cameraFrames"]) == 6
+    alignment = json.loads(res.record.read_text())["alignment"]
+    assert any("'Zurich HB' set to '0001'" in a for a in alignment)
+    assert any(a.startswith("cameraFrames[2] kept as exported but not used (") and "non-finite" in a
+               for a in alignment)
+    names = set(_original_json_to_empty_colmap_model(res.metadata))
+    present = {p.name for p in (tmp_path / "data" / "0001" / "footage").glob("*.jpeg")}
+    assert present == names - {"0001_002.jpeg"}
+
+
+# --------------------------------------------------------------------------
+# damaged videos
+# --------------------------------------------------------------------------
+def _faststart(path):
+    """Move the mp4's index (moov) before its data, as streaming encoders write it, shifting
+    the chunk offsets (a test helper; the project only reads mp4 files)."""
+    data = path.read_bytes()
+    boxes, pos = [], 0
+    while pos < len(data):
+        size = int.from_bytes(data[pos:pos + 4], "big")
+        boxes.append((data[pos + 4:pos + 8], data[pos:pos + size]))
+        pos += size
+    moov = bytearray(next(b for k, b in boxes if k == b"moov"))
+    shift = len(moov)
+    i = moov.find(b"stco")
+    while i >= 0:
+        n = int.from_bytes(moov[i + 8:i + 12], "big")
+        for j in range(n):
+            o = i + 12 + 4 * j
+            moov[o:o + 4] = (int.from_bytes(moov[o:o + 4], "big") + shift).to_bytes(4, "big")
+        i = moov.find(b"stco", i + 4)
+    out = b"".join(b for k, b in boxes if k == b"ftyp") + bytes(moov) + b"".join(
+        b for k, b in boxes if k not in (b"ftyp", b"moov"))
+    path.write_bytes(out)
+
+
+def _textured_export(root, n=12):
+    """An export whose frames carry detail (so a half-decoded frame differs from a whole one)."""
+    _export(root, n_frames=n)
+    dl = root / "downloaded_data"
+    rng = np.random.default_rng(0)
+    frames = [cv2.GaussianBlur(rng.integers(0, 255, (H, W, 3), dtype=np.uint8), (5, 5), 0) for _ in range(n)]
+    w = cv2.VideoWriter(str(dl / "0001.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
+    for f in frames:
+        w.write(f)
+    w.release()
+    return frames
+
+
+def test_video_index_of_a_whole_video(tmp_path):
+    from tasks.aerial.earthstudio import video_index
+
+    _textured_export(tmp_path, n=12)
+    video = tmp_path / "downloaded_data" / "0001.mp4"
+    for layout in ("index at the end", "index at the front"):
+        idx = video_index(video)
+        assert (idx.samples, idx.complete) == (12, 12), layout
+        _faststart(video)
+    assert video_index(tmp_path / "downloaded_data" / "0001.json") is None  # not an mp4
+
+
+def test_truncated_video_keeps_only_complete_frames_and_says_so_once(tmp_path, caplog):
+    from tasks.aerial.earthstudio import video_index
+
+    frames = _textured_export(tmp_path, n=12)
+    video = tmp_path / "downloaded_data" / "0001.mp4"
+    _faststart(video)
+    data = video.read_bytes()
+    assert video_index(video).complete == 12
+    # cut inside a frame's data: OpenCV alone still decodes that frame, partly garbage
+    video.write_bytes(data[: int(len(data) * 0.55)])
+    idx = video_index(video)
+    assert 0 < idx.complete < 12 and idx.samples == 12
+    cap = cv2.VideoCapture(str(video))
+    decoded = 0
+    while cap.read()[0]:
+        decoded += 1
+    assert decoded > idx.complete  # the decoder hands out the incomplete frame too
+    with caplog.at_level("WARNING"):
+        res = ingest_scene(tmp_path, "0001")
+    n = idx.complete
+    assert res.frames_written == n and res.video_frames == n
+    assert res.video_problem.count(f"video ends after {n} of 12 frames") == 1
+    assert sum("video ends after" in r.getMessage() for r in caplog.records) == 1
+    problems = res.problems()
+    assert problems[0] == ("video", res.video_problem)
+    assert not any("has no video frame" in why for _, why in problems)  # one summary, not one per frame
+    footage = sorted((tmp_path / "data" / "0001" / "footage").glob("*.jpeg"))
+    assert [p.name for p in footage] == [f"0001_{i:03d}.jpeg" for i in range(n)]
+    for i, p in enumerate(footage):  # every kept frame is whole (JPEG of the rendered frame)
+        err = np.abs(cv2.imread(str(p)).astype(float) - frames[i]).mean()
+        assert err < 12, (p.name, err)
+    meta = json.loads(res.metadata.read_text())
+    assert len(meta["cameraFrames"]) == n
+    assert json.loads(res.record.read_text())["video_problem"] == res.video_problem
+
+
+def test_video_cut_before_its_index_is_a_clear_error(tmp_path):
+    _textured_export(tmp_path, n=6)
+    video = tmp_path / "downloaded_data" / "0001.mp4"  # index at the end (OpenCV's writer)
+    video.write_bytes(video.read_bytes()[:-200])
+    with pytest.raises(EarthStudioError, match=r"0001\.mp4: cannot open the video"):
+        ingest_scene(tmp_path, "0001")
+
+
+_A = math.sqrt(0.5)
+
+
+@pytest.mark.parametrize("lat, lon, ecef_cols, enu_cols", [
+    # (0, 0): east = +Y, north = +Z, up = +X; level, facing north
+    (0.0, 0.0, [[0, 1, 0], [-1, 0, 0], [0, 0, 1]], [[1, 0, 0], [0, 0, -1], [0, 1, 0]]),
+    # (0, 90): east = -X, north = +Z, up = +Y; level, facing east (image right = south)
+    (0.0, 90.0, [[0, 0, -1], [0, -1, 0], [-1, 0, 0]], [[0, -1, 0], [0, 0, -1], [1, 0, 0]]),
+    # north pole on lon 0: east = +Y, north = -X, up = +Z; facing north, 45 deg down
+    (90.0, 0.0, [[0, 1, 0], [_A, 0, -_A], [-_A, 0, -_A]], [[1, 0, 0], [0, -_A, -_A], [0, _A, -_A]]),
+])
+def test_export_rotation_convention_hand_derived(lat, lon, ecef_cols, enu_cols):
+    """An export's Euler angles ('XYZ' of the ECEF camera-to-world matrix) give the hand-derived
+    ENU camera-to-world matrix, through the project's and through the original's formulation."""
+    from scipy.spatial.transform import Rotation
+
+    ecef = np.array(ecef_cols, float).T
+    euler = Rotation.from_matrix(ecef).as_euler("XYZ", degrees=True)
+    expected = np.array(enu_cols, float).T
+    np.testing.assert_allclose(geometry.cam2world_rotation(euler, lat, lon), expected, atol=1e-12)
+    lamb, phi = np.deg2rad(lon), np.deg2rad(lat)
+    rot = np.array([[-np.sin(lamb), np.cos(lamb), 0],
+                    [-np.sin(phi) * np.cos(lamb), -np.sin(phi) * np.sin(lamb), np.cos(phi)],
+                    [np.cos(phi) * np.cos(lamb), np.cos(phi) * np.sin(lamb), np.sin(phi)]])
+    np.testing.assert_allclose(rot @ Rotation.from_euler("XYZ", euler, degrees=True).as_matrix(), expected,
+                               atol=1e-12)
+    np.testing.assert_allclose(geometry.euler_from_cam2world(expected, lat, lon), euler, atol=1e-9)

@@ -16,7 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from tasks.common.runtime import DaskConfig, PROJECT_ROOT, make_task_runner
+from tasks.common.runtime import DaskSettings, PROJECT_ROOT, make_task_runner
 from tasks.multimodal import schema
 from tasks.multimodal.config import MultimodalConfig
 from tests.dataset_checks import check_dataset
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 def _run(cfg: MultimodalConfig, runner=None):
     from flows.multimodal import multimodal_flow
 
-    runner = runner or make_task_runner(DaskConfig(n_workers=2))
+    runner = runner or make_task_runner(DaskSettings(n_workers=2))
     return multimodal_flow.with_options(task_runner=runner)(config=cfg)
 
 

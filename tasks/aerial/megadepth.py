@@ -47,6 +47,9 @@ os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
 
 import json
 import math
+import pickle
+import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +198,108 @@ def _entries_from_list(data: list, path: Path) -> list[SceneEntry]:
     return entries
 
 
+_ID_TYPES = (str, np.str_, int, np.integer)
+
+
+def _npz_globals() -> dict[tuple[str, str], Any]:
+    """The only globals the original scene list's pickle refers to (numpy's object-array
+    reconstruction), under numpy 1 and numpy 2 module names."""
+    try:
+        from numpy._core import multiarray as ma
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray as ma
+    out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out[(mod, "_reconstruct")] = ma._reconstruct
+        out[(mod, "scalar")] = ma.scalar
+    return out
+
+
+class _Refused(Exception):
+    pass
+
+
+class _SceneListUnpickler(pickle.Unpickler):
+    """Admits numpy arrays and scalars, dicts, tuples, lists, strings and numbers; refuses
+    every other object (a pickle can name any callable and run it while loading)."""
+
+    _allowed = _npz_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = self._allowed.get((module, name))
+        if obj is None:
+            raise _Refused(f"{module}.{name}")
+        return obj
+
+
+def _sniff_not_zip(path: Path, head: bytes) -> str:
+    """What a file that is not a zip archive is, for the error message."""
+    if head.startswith(b"\x93NUMPY"):
+        return "a single .npy array, not an .npz archive; save it with np.savez(path, data=...)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and all(c.isprintable() or c in "\r\n\t" for c in text):
+        first = text.strip().splitlines()[0][:80] if text.strip() else ""
+        if text.startswith("version https://git-lfs"):
+            return ("a Git LFS pointer (a text file), not the archive itself: fetch it with `git lfs pull` "
+                    "or download megadepth_image_list_v0.npz again")
+        if not text.strip():
+            return "empty (blank text), not an npz archive"
+        return (f"a text file, not an npz archive (first line: {first!r}); if it is a JSON or YAML scene list, "
+                "name it .json or .yaml")
+    return (f"not an npz archive and not text (it starts with bytes {head[:8].hex(' ')}): it is corrupt or of "
+            "another kind; download megadepth_image_list_v0.npz again")
+
+
+def read_npz_scene_list(path: str | os.PathLike) -> Any:
+    """The ``data`` object of the original's scene list npz, read without running code.
+
+    ``np.load(..., allow_pickle=True)`` would unpickle whatever the file holds (a crafted
+    file runs its payload); here the pickle may only build what the original holds (a dict
+    of tuples of strings to lists of strings, numpy arrays of those). Raises ``ValueError``
+    naming the file: refused content, a text file named .npz, a corrupt archive."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if not head.startswith(b"PK"):
+        raise ValueError(f"{path}: {_sniff_not_zip(path, head)}")
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            if "data.npy" not in names:
+                raise ValueError(f"{path}: no 'data' array (has {[n[:-4] if n.endswith('.npy') else n for n in names]})")
+            with zf.open("data.npy") as fh:
+                version = np.lib.format.read_magic(fh)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+                else:
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+                if not dtype.hasobject:
+                    count = int(np.prod(shape))
+                    arr = np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype, count=count)
+                    return arr.reshape(shape, order="F" if fortran else "C")
+                try:
+                    obj = _SceneListUnpickler(fh).load()
+                except _Refused as r:
+                    raise ValueError(
+                        f"{path}: refused: the scene list's pickle asks for {r}, which a scene list never holds "
+                        "(only a dict {(scene_id, subscene_id): [image names]}); nothing was loaded, because "
+                        "unpickling it could run code. Use the original megadepth_image_list_v0.npz, or a "
+                        "JSON/YAML scene list") from None
+                except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError,
+                        IndexError, KeyError) as exc:
+                    raise ValueError(f"{path}: corrupt scene list: its 'data' pickle does not load "
+                                     f"({type(exc).__name__}: {exc}); download it again") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
+        raise ValueError(f"{path}: corrupt npz archive ({type(exc).__name__}: {exc}); the file is incomplete "
+                         "or damaged: download megadepth_image_list_v0.npz again") from None
+    if isinstance(obj, np.ndarray) and obj.shape == ():
+        obj = obj.item()
+    return obj
+
+
 def load_scene_list(path: str | os.PathLike) -> list[SceneEntry]:
     """Load a scene list in any of the accepted forms, in the file's order.
 
@@ -212,22 +317,17 @@ def load_scene_list(path: str | os.PathLike) -> list[SceneEntry]:
         raise FileNotFoundError(f"scene list not found: {path}")
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=True) as npz:
-                if "data" not in npz.files:
-                    raise ValueError(f"{path}: no 'data' array (has {npz.files})")
-                data = npz["data"].item()
-        except ValueError:
-            raise
-        except Exception as exc:  # corrupt archive, unpickling error
-            raise ValueError(f"{path}: cannot read scene list npz: {exc}") from exc
+        data = read_npz_scene_list(path)
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: 'data' is a {type(data).__name__}, expected a dict")
+            raise ValueError(f"{path}: 'data' is a {type(data).__name__}, expected a dict "
+                             "{(scene_id, subscene_id): [image names]}")
         entries = []
         for key, images in data.items():
             where = f"{path}: entry {key!r}"
-            if not isinstance(key, tuple) or len(key) != 2:
-                raise ValueError(f"{where}: key must be (scene_id, subscene_id)")
+            if not isinstance(key, tuple) or len(key) != 2 or not all(isinstance(k, _ID_TYPES) for k in key):
+                raise ValueError(f"{where}: key must be (scene_id, subscene_id), strings or integers")
+            if not isinstance(images, (list, tuple, np.ndarray)):
+                raise ValueError(f"{where}: expected a list of image names, got {type(images).__name__}")
             try:
                 entries.append(SceneEntry(_norm_scene(key[0]), _norm_subscene(key[1]), _norm_images(images)))
             except ValueError as exc:

@@ -393,11 +393,11 @@ def dense_finish(paths: ScenePaths, config: PipelineConfig, names: list[str]) ->
 
 def dense_depths_cpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
     """The CPU dense stage for ``names`` in one call (tests, scripts): the backend of
-    ``config.dense.backend`` ("sgbm": depth h5 directly; otherwise PatchMatch's two passes and the
+    ``config.dense.cpu_method`` ("sgbm": depth h5 directly; otherwise PatchMatch's two passes and the
     export of the maps to ``dense/depths/<stem>.h5``; fusion is :func:`fuse_cpu`). ``stats`` of an
     image say ``skipped`` when nothing had to be recomputed."""
     cfg = config.dense
-    if cfg.backend == "sgbm":
+    if cfg.cpu_method == "sgbm":
         return D.run_dense(paths.dense, names, cfg, paths.dense / "depths")
     ws = D.open_workspace(paths.dense)
     kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
@@ -435,7 +435,7 @@ def fuse_cpu(paths: ScenePaths, config: PipelineConfig) -> Path:
     """``dense/fused.ply`` of the CPU backends: ``pycolmap.stereo_fusion`` of the PatchMatch maps
     (the GPU backend's fusion is the same function), or the SGBM depths back-projected."""
     cfg = config.dense
-    if cfg.backend == "sgbm":
+    if cfg.cpu_method == "sgbm":
         return D.fused_point_cloud_cpu(paths.dense, paths.dense / "depths", paths.dense / "fused.ply")
     kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
     D.fuse(paths.dense, kind, cfg.pm_max_image_size, cfg)

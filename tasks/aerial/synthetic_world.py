@@ -31,15 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.aerial.earthstudio import export_document
 from tasks.aerial.geometry import (
     cam2world_rotation,
     enu_to_ecef,
     enu_to_geodetic,
-    euler_from_cam2world,
     focal_from_fov,
     look_at,
     r_ecef_to_enu,
 )
+from tasks.aerial.plan import _ring_point as _plan_ring_point
 
 os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
 
@@ -49,7 +50,7 @@ CELL = 40.0  # city grid pitch (m); street centre lines at x, y = 20 + 40 k
 STREET_HALF = 5.0
 SIDEWALK_HALF = 7.0
 MARKER = ".world_complete"
-WORLD_VERSION = 2  # bump when the generator's output changes: ensure_world regenerates
+WORLD_VERSION = 3  # bump when the generator's output changes: ensure_world regenerates
 INFO_NAME = "world_info.json"
 
 # ----------------------------------------------------------------------------- data
@@ -405,47 +406,26 @@ def _render_many(jobs: list[tuple[View, np.ndarray, tuple]], boxes: list[Box], s
 # ----------------------------------------------------------------------------- poses
 
 
-RING = CELL / 2  # the low pass and the ground photos use the streets around the central block
-SPIRAL_FRACTION = 0.5
+RING = CELL / 2  # the ground photos use the streets around the central block (the plan's street loop)
+PLACE_RADIUS = 100.0  # radius of interest of the city (m): the plan's distances are multiples of it
 
 
 def _ring_point(u: float) -> tuple[np.ndarray, np.ndarray]:
     """Point and unit travel direction on the square street loop x, y = +-RING, u in [0, 1)."""
-    corners = [np.array(c, float) for c in ((RING, -RING), (RING, RING), (-RING, RING), (-RING, -RING))]
-    side = int(u * 4) % 4
-    t = u * 4 - int(u * 4)
-    a, b = corners[side], corners[(side + 1) % 4]
-    d = (b - a) / np.linalg.norm(b - a)
-    return a + t * (b - a), d
+    return _plan_ring_point(u, RING)
 
 
-def _aerial_pose(s: float, rng_offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Position and look-at target (world ENU), s in [0, 1].
+def world_plan(scene: str, lat0: float, lon0: float, alt0: float, n_aerial: int, size: tuple[int, int],
+               phases, trajectory: str = "spiral+streets", **options):
+    """The plan the world's aerial frames are rendered from: the place is the city centre on the
+    ground with radius :data:`PLACE_RADIUS`, the trajectory a named configuration whose
+    look-at phases come from the world's seed."""
+    from tasks.aerial import plan as planning
 
-    The first ``SPIRAL_FRACTION`` of the path is a descending two-turn spiral
-    (300 m -> 40 m above the ground) looking at the city centre; the rest is a
-    low pass (5 m -> 2.5 m) along the streets around the central block, looking
-    ahead and slightly down, as the near-ground part of an Earth Studio
-    trajectory that the ground photos can be matched against."""
-    k = rng_offsets
-    if s <= SPIRAL_FRACTION:
-        q = s / SPIRAL_FRACTION
-        alt = 300.0 * (40.0 / 300.0) ** q  # 300 m -> 40 m, geometric
-        radius = 260.0 - 110.0 * q
-        ang = 2.0 * math.pi * 2.0 * q + 0.3
-        pos = np.array([radius * math.cos(ang), radius * math.sin(ang), alt])
-        target = np.array([25.0 * math.sin(3.1 * ang + k[0]), 25.0 * math.cos(2.3 * ang + k[1]),
-                           8.0 + 6.0 * math.sin(ang + k[2])])
-        return pos, target
-    q = (s - SPIRAL_FRACTION) / (1.0 - SPIRAL_FRACTION)
-    xy, d = _ring_point((0.9 * q + k[0] / (2 * math.pi)) % 1.0)
-    alt = 5.0 - 2.5 * q
-    yaw = math.radians(25.0 * math.sin(2 * math.pi * 3.0 * q + k[1]))
-    d = np.array([d[0] * math.cos(yaw) - d[1] * math.sin(yaw), d[0] * math.sin(yaw) + d[1] * math.cos(yaw)])
-    pitch = math.radians(-4.0 + 6.0 * q)
-    pos = np.array([xy[0], xy[1], alt])
-    target = pos + np.array([d[0] * math.cos(pitch), d[1] * math.cos(pitch), math.sin(pitch)])
-    return pos, target
+    t = planning.get_trajectory(trajectory, **{"frames": n_aerial, "fov": FOV_VERTICAL_DEG, "frame_rate": FRAME_RATE,
+                                               "width": int(size[0]), "height": int(size[1]),
+                                               "phases": [float(x) for x in phases], **options})
+    return planning.make_plan(planning.Place(scene, lat0, lon0, alt0, PLACE_RADIUS), t)
 
 
 def _rigid_world_to_first(lat0: float, lon0: float, alt0: float, first_enu_world: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
@@ -511,7 +491,7 @@ def _write_model(out_dir: Path, cams: list[tuple[int, str, int, int, list[float]
 
 def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float = 47.3769, lon0: float = 8.5417,
                    alt0: float = 408.0, n_aerial: int = 48, n_ground: int = 16,
-                   size: tuple[int, int] = (640, 480)) -> WorldInfo:
+                   size: tuple[int, int] = (640, 480), trajectory_options: dict | None = None) -> WorldInfo:
     """Generate the synthetic place under ``root`` (see module docstring); returns its :class:`WorldInfo`."""
     import cv2
 
@@ -520,41 +500,32 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
     params = dict(version=WORLD_VERSION, scene=scene, seed=seed, lat0=lat0, lon0=lon0, alt0=alt0, n_aerial=n_aerial, n_ground=n_ground,
-                  size=list(size))
+                  size=list(size), trajectory_options=dict(trajectory_options or {}))
     rng = np.random.default_rng(seed)
     boxes = _make_city(rng)
     width, height = int(size[0]), int(size[1])
     render_s = 0.0
 
-    # ---- aerial poses (world frame)
+    # ---- aerial poses (world frame = the plan frame): rendered from the plan, one source of truth
     offs = rng.uniform(0, 2 * math.pi, 3)
-    f_aerial = focal_from_fov(height, FOV_VERTICAL_DEG)
-    aer_pos, aer_rot = [], []
-    for k in range(n_aerial + 1):
-        pos, target = _aerial_pose(k / max(n_aerial, 1), offs)
-        aer_pos.append(pos)
-        aer_rot.append(look_at(pos, target))
-    a_wf, b_wf, first_geo = _rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
-    lat_f, lon_f, _ = first_geo
+    plan = world_plan(scene, lat0, lon0, alt0, n_aerial, (width, height), offs, **(trajectory_options or {}))
+    f_aerial = focal_from_fov(height, plan.trajectory.fov)
+    from tasks.aerial import esp as esp_format
+    from tasks.aerial import plan as planning
 
-    # ---- Earth Studio export
+    plan_path, esp_path = planning.plan_paths(root, scene)
+    esp_format.write_esp(plan, esp_path)
+    planning.write_plan(plan, plan_path)
+    aer_pos = [c.position_enu for c in plan.cameras]
+    aer_rot = [c.cam2world_enu for c in plan.cameras]
+    a_wf, b_wf, first_geo = _rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
+
+    # ---- Earth Studio export: what Earth Studio exports for that plan (numFrames + 1 entries, Global)
     dl = root / "downloaded_data"
     dl.mkdir(parents=True, exist_ok=True)
     video_path = dl / f"{scene}.mp4"
     json_path = dl / f"{scene}.json"
-    frames_json = []
-    for pos, r in zip(aer_pos, aer_rot):
-        geo = enu_to_geodetic(pos, lat0, lon0, alt0)
-        ecef = enu_to_ecef(pos, lat0, lon0, alt0)
-        euler = euler_from_cam2world(a_wf @ r, lat_f, lon_f)
-        frames_json.append({
-            "position": {"x": float(ecef[0]), "y": float(ecef[1]), "z": float(ecef[2])},
-            "rotation": {"x": float(euler[0]), "y": float(euler[1]), "z": float(euler[2])},
-            "coordinate": {"latitude": float(geo[0]), "longitude": float(geo[1]), "altitude": float(geo[2])},
-            "fovVertical": FOV_VERTICAL_DEG,
-        })
-    es = {"name": scene, "width": width, "height": height, "numFrames": n_aerial, "frameRate": FRAME_RATE,
-          "durationSeconds": n_aerial / FRAME_RATE, "cameraFrames": frames_json}
+    es = export_document(plan)
 
     sun_aerial = np.array([0.4, -0.3, 0.87])
     sun_aerial /= np.linalg.norm(sun_aerial)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +31,40 @@ class RunReport:
     outputs: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
     extra: dict[str, Any] = field(default_factory=dict)  # further JSON sections (e.g. accuracy)
+    #: streaming mode (large runs): every problem is appended to this JSON-lines file,
+    #: only the first ``keep_problems`` stay in memory (and in report.json), and
+    #: ``problems_by_reason`` counts all of them
+    problems_file: Path | None = None
+    keep_problems: int | None = None
+    problems_by_reason: dict[str, int] = field(default_factory=dict)
+    n_problems: int = 0
+    _fh: Any = field(default=None, repr=False)
 
     def problem(self, item: str, stage: str, reason: str) -> None:
-        self.problems.append({"item": item, "stage": stage, "reason": reason})
+        row = {"item": item, "stage": stage, "reason": reason}
+        self.n_problems += 1
+        if self.keep_problems is None or len(self.problems) < self.keep_problems:
+            self.problems.append(row)
+        if self.problems_file is not None:
+            kind = f"{stage}: " + re.sub(r"\S*/\S*|\d+", "#", reason)[:100]
+            self.problems_by_reason[kind] = self.problems_by_reason.get(kind, 0) + 1
+            if self._fh is None:
+                self.problems_file.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.problems_file, "w", encoding="utf-8")
+            self._fh.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "counts": self.counts, "problems": self.problems,
-                "notes": self.notes, "outputs": self.outputs, "timings": self.timings, **self.extra}
+        d = {"title": self.title, "counts": self.counts, "problems": self.problems,
+             "notes": self.notes, "outputs": self.outputs, "timings": self.timings, **self.extra}
+        if self.problems_file is not None:
+            d.update(problems_total=self.n_problems, problems_by_reason=self.problems_by_reason,
+                     problems_file=str(self.problems_file))
+        return d
 
     def table_rows(self) -> list[dict[str, Any]]:
         return [{"what": k, "count": v} for k, v in self.counts.items()]
@@ -48,12 +77,18 @@ class RunReport:
         if self.notes:
             lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
         if self.problems:
-            lines += ["", f"## Problems ({len(self.problems)})", "", "| item | stage | reason |", "|---|---|---|"]
+            total = max(self.n_problems, len(self.problems))
+            if self.problems_by_reason:
+                lines += ["", "## Problems by reason", "", "| stage: reason | tiles |", "|---|---|"]
+                lines += [f"| {k.replace('|', '/')} | {v} |" for k, v in
+                          sorted(self.problems_by_reason.items(), key=lambda kv: -kv[1])[:50]]
+            lines += ["", f"## Problems ({total})", "", "| item | stage | reason |", "|---|---|---|"]
             for p in self.problems[:max_problems]:
                 reason = p["reason"].replace("|", "\\|").replace("\n", " ")
                 lines.append(f"| {p['item']} | {p['stage']} | {reason} |")
-            if len(self.problems) > max_problems:
-                lines.append(f"| ... | | {len(self.problems) - max_problems} more in report.json |")
+            if total > max_problems:
+                where = self.problems_file.name if self.problems_file is not None else "report.json"
+                lines.append(f"| ... | | {total - max_problems} more in {where} |")
         if self.outputs:
             lines += ["", "## Outputs", ""] + [f"- {k}: `{v}`" for k, v in self.outputs.items()]
         if map_png:
@@ -62,6 +97,7 @@ class RunReport:
         return "\n".join(lines)
 
     def write(self, folder: Path, map_png: bytes | None = None, png_name: str = "tiles_map.png") -> Path:
+        self.close()
         folder.mkdir(parents=True, exist_ok=True)
         if map_png:
             write_bytes_atomic(folder / png_name, map_png)
@@ -79,7 +115,7 @@ class RunReport:
         create_table_artifact(self.table_rows(), key=f"{key}-counts", description=self.title)
         if self.problems:
             create_table_artifact(self.problems[:1000], key=f"{key}-problems",
-                                  description=f"{len(self.problems)} problem(s)")
+                                  description=f"{max(self.n_problems, len(self.problems))} problem(s)")
         create_markdown_artifact(self.markdown(map_png), key=f"{key}-report", description=self.title)
 
 

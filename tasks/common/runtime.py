@@ -23,18 +23,25 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import distributed
+from prefect_dask import DaskTaskRunner
+from prefect_dask.task_runners import PrefectDaskFuture
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 log = logging.getLogger(__name__)
 
@@ -136,15 +143,17 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 def local_prefect_server(
     home: str | os.PathLike | None = None,
     port: int | None = None,
-    start_timeout: float = 120.0,
+    start_timeout: float | None = None,
 ) -> Iterator[PrefectServer]:
     """Use ``PREFECT_API_URL`` if set, else run a loopback Prefect server for the block.
 
     Sets ``PREFECT_API_URL`` (and ``PREFECT_HOME``) in ``os.environ`` for the
     duration so that this process and every process it starts (Dask workers)
     talk to the same server; restores the environment and stops the server on
-    exit, including on KeyboardInterrupt and SIGTERM.
+    exit, including on KeyboardInterrupt and SIGTERM. ``start_timeout``: seconds to wait for the
+    server to answer (default ``FACTORY_PREFECT_START_TIMEOUT`` or 300: a busy machine is slow).
     """
+    start_timeout = start_timeout or float(os.environ.get("FACTORY_PREFECT_START_TIMEOUT") or 300)
     url = os.environ.get("PREFECT_API_URL")
     if url:
         old = _apply_env(dict(_QUIET_ENV))
@@ -169,6 +178,9 @@ def local_prefect_server(
     )
     server_env = dict(os.environ, **env)
     server_env.pop("PREFECT_API_URL", None)
+    # The UI asks /ui-settings where its API is; without this it answers port 4200
+    # whatever port the server listens on ("Can't connect to Server API").
+    server_env["PREFECT_UI_API_URL"] = url
     log_path = home_path / f"server-{port}.log"
     log.info("starting local Prefect server at %s (home %s)", url, home_path)
     with open(log_path, "wb") as log_fh:
@@ -221,6 +233,36 @@ def _prefect_settings(url: str, home: str | None) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def keep_signal_handlers(*signums: int) -> Iterator[None]:
+    """Restore the C-level handlers of ``signums`` after the block (works in any thread).
+
+    pycolmap (glog's failure handler) installs a SIGTERM handler at import that
+    turns the SIGTERM of a cancellation into an abort with a stack trace; a
+    process keeps its own handling (Prefect's in the flow process, the default
+    in a Dask worker) when pycolmap is imported inside this block."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    saved = {}
+    for sig in signums or (signal.SIGTERM, signal.SIGINT):
+        buf = ctypes.create_string_buffer(512)  # >= sizeof(struct sigaction) on every Linux ABI
+        if libc.sigaction(int(sig), None, buf) == 0:
+            saved[int(sig)] = buf
+    try:
+        yield
+    finally:
+        for sig, buf in saved.items():
+            libc.sigaction(sig, buf, None)
+
+
+def import_pycolmap():
+    """``import pycolmap`` without its SIGTERM handler (see :func:`keep_signal_handlers`)."""
+    if "pycolmap" in sys.modules:
+        return sys.modules["pycolmap"]
+    with keep_signal_handlers(signal.SIGTERM, signal.SIGINT):
+        import pycolmap
+    return pycolmap
+
+
 # --------------------------------------------------------------------------
 # Dask
 # --------------------------------------------------------------------------
@@ -240,27 +282,63 @@ def detect_gpus() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
-@dataclass
-class DaskConfig:
-    """How to get a Dask cluster.
+class DaskSettings(BaseModel):
+    """Where a flow's tasks run: the one Dask configuration of the project.
+
+    Used by both flow configurations (field ``dask``), the ``DaskCluster``
+    block and the CLI (``--set dask.n_workers=2``).
 
     * ``address``: connect to an existing scheduler (``tcp://host:8786``).
     * ``cluster_class`` (+ ``cluster_kwargs``, ``adapt_kwargs``): any Dask
-      cluster class by import path, e.g. ``dask_jobqueue.SLURMCluster``.
+      cluster class by import path, e.g. ``dask_jobqueue.SLURMCluster`` or
+      ``dask_kubernetes.operator.KubeCluster``; the kwargs go to it unchanged.
     * neither: a ``LocalCluster`` sized to this machine: ``n_workers``
-      processes (default: CPU count) with ``threads_per_worker`` threads.
-    ``gpus_per_worker``: Dask ``GPU`` resource per worker; ``None`` detects
-    (local: the machine's GPUs spread over workers).
+      processes (default: CPU count) with ``threads_per_worker`` threads,
+      listening on 127.0.0.1 only, its dashboard on ``dashboard_address``.
+    ``gpus_per_worker``: Dask ``GPU`` resource per local worker; ``None``
+    detects (the machine's GPUs spread over the workers).
     """
 
-    address: str | None = None
-    cluster_class: str | None = None
-    cluster_kwargs: dict[str, Any] = field(default_factory=dict)
-    adapt_kwargs: dict[str, Any] | None = None
-    n_workers: int | None = None
-    threads_per_worker: int = 1
-    memory_limit: str | None = None
-    gpus_per_worker: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
+    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
+    cluster_kwargs: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of cluster_class "
+                                           "(or extra LocalCluster arguments)")
+    adapt_kwargs: dict[str, Any] | None = Field(None, description="cluster.adapt() arguments, e.g. minimum, maximum")
+    n_workers: int | None = Field(None, ge=1, description="local workers (default: CPU count)")
+    threads_per_worker: int = Field(1, ge=1, description="threads per local worker")
+    memory_limit: str | None = Field(None, description="memory limit per local worker, e.g. 4GB")
+    gpus_per_worker: int | None = Field(None, ge=0, description="Dask GPU resource per local worker (default: detect)")
+    dashboard_address: str | None = Field("127.0.0.1:0", description="local dashboard (host:port, port 0 = a free "
+                                          "one); empty = no dashboard. Loopback unless you choose otherwise")
+
+    @field_validator("dashboard_address")
+    @classmethod
+    def _dashboard(cls, v: str | None) -> str | None:
+        return v or None
+
+    @model_validator(mode="after")
+    def _one_way(self) -> "DaskSettings":
+        if self.address and self.cluster_class:
+            raise ValueError("dask.address and dask.cluster_class exclude each other: give one")
+        if self.address and not re.match(r"^[a-z0-9+]+://", self.address):
+            raise ValueError(f"dask.address {self.address!r} needs a protocol, e.g. tcp://host:8786")
+        if self.cluster_class:
+            module, _, name = self.cluster_class.rpartition(".")
+            if not module or not name:
+                raise ValueError(f"dask.cluster_class {self.cluster_class!r} must be an import path "
+                                 "such as dask_jobqueue.SLURMCluster")
+        return self
+
+    def describe(self) -> str:
+        if self.address:
+            return f"existing Dask scheduler {self.address}"
+        if self.cluster_class:
+            return f"{self.cluster_class}({json.dumps(self.cluster_kwargs, default=str)})"
+        kw = self.local_cluster_kwargs()
+        return (f"LocalCluster: {kw['n_workers']} worker(s) x {kw['threads_per_worker']} thread(s)"
+                f"{', GPU ' + str(kw['resources']['GPU']) + ' per worker' if kw['resources'] else ''}")
 
     def local_cluster_kwargs(self) -> dict[str, Any]:
         n = self.n_workers or max(1, os.cpu_count() or 1)
@@ -268,8 +346,12 @@ class DaskConfig:
             "n_workers": n,
             "threads_per_worker": self.threads_per_worker,
             "processes": True,
-            "dashboard_address": ":0",  # a free port: several clusters may run at once
+            "host": "127.0.0.1",  # scheduler, workers and nannies on loopback only
+            # the scheduler's HTTP server (health, metrics; the dashboard unless off) on a free loopback port
+            "dashboard_address": self.dashboard_address or "127.0.0.1:0",
         }
+        if not self.dashboard_address:
+            kwargs["scheduler_kwargs"] = {"dashboard": False}
         if self.memory_limit:
             kwargs["memory_limit"] = self.memory_limit
         gpus = self.gpus_per_worker
@@ -280,13 +362,32 @@ class DaskConfig:
         kwargs.update(self.cluster_kwargs)
         return kwargs
 
+    def runner_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``prefect_dask.DaskTaskRunner`` for these settings."""
+        if self.address:
+            return {"address": self.address}
+        if self.cluster_class:
+            return {"cluster_class": self.cluster_class, "cluster_kwargs": dict(self.cluster_kwargs),
+                    "adapt_kwargs": dict(self.adapt_kwargs or {})}
+        return {"cluster_class": "distributed.LocalCluster", "cluster_kwargs": self.local_cluster_kwargs(),
+                "adapt_kwargs": dict(self.adapt_kwargs or {})}
 
-def dask_config_from_env() -> DaskConfig:
-    """Defaults for flows started by a deployment: ``FACTORY_DASK_ADDRESS``,
-    ``FACTORY_DASK_CLUSTER_CLASS`` and ``FACTORY_DASK_CLUSTER_KWARGS`` (JSON)."""
-    import json
 
-    return DaskConfig(
+def load_dask_block(name: str) -> DaskSettings:
+    """The settings saved in the ``DaskCluster`` block ``name`` (needs the Prefect API)."""
+    from blocks.dask_cluster import DaskCluster
+
+    try:
+        return DaskCluster.load(name).to_settings()
+    except ValueError as exc:
+        raise ValueError(f"dask_block {name!r}: no DaskCluster block of that name ({exc}); save one "
+                         f"(see blocks/dask_cluster.py) or remove dask_block to use the dask settings") from exc
+
+
+def dask_settings_from_env() -> DaskSettings:
+    """Settings for a runner with nothing else to go on: ``FACTORY_DASK_ADDRESS``,
+    ``FACTORY_DASK_CLUSTER_CLASS`` and ``FACTORY_DASK_CLUSTER_KWARGS`` (JSON), else a local cluster."""
+    return DaskSettings(
         address=os.environ.get("FACTORY_DASK_ADDRESS") or None,
         cluster_class=os.environ.get("FACTORY_DASK_CLUSTER_CLASS") or None,
         cluster_kwargs=json.loads(os.environ.get("FACTORY_DASK_CLUSTER_KWARGS") or "{}"),
@@ -307,17 +408,192 @@ def keep_malloc_defaults() -> None:
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
-def make_task_runner(cfg: DaskConfig | None = None):
-    """Build the ``DaskTaskRunner`` every flow uses (``cfg`` None: from the environment)."""
-    from prefect_dask import DaskTaskRunner
+def make_task_runner(settings: DaskSettings | None = None,
+                     settings_from: Callable[[dict[str, Any]], DaskSettings] | None = None):
+    """The ``DaskTaskRunner`` every flow uses.
 
+    ``settings``: a fixed cluster (tests, benchmarks). ``settings_from``: a
+    function of the flow run's parameters, called when the run submits its
+    first task, so a run started by a deployment, a schedule or the UI uses the
+    ``dask``/``dask_block`` of its own parameters exactly as a local run does.
+    Neither: :func:`dask_settings_from_env`.
+    """
     keep_malloc_defaults()
-    cfg = cfg or dask_config_from_env()
-    if cfg.address:
-        return DaskTaskRunner(address=cfg.address)
-    if cfg.cluster_class:
-        kwargs: dict[str, Any] = {"cluster_class": cfg.cluster_class, "cluster_kwargs": dict(cfg.cluster_kwargs)}
-        if cfg.adapt_kwargs:
-            kwargs["adapt_kwargs"] = cfg.adapt_kwargs
-        return DaskTaskRunner(**kwargs)
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cfg.local_cluster_kwargs())
+    return FlowDaskTaskRunner(settings=settings, settings_from=settings_from)
+
+
+def _flow_run_parameters() -> dict[str, Any]:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return dict(ctx.parameters or {}) if ctx is not None else {}
+
+
+def _mark_task_run_crashed(task_run_id, exc: BaseException) -> None:
+    """Give a task run whose Dask task died with its worker(s) a final state (PrefectHQ/prefect#21638:
+    without it the run stays RUNNING forever)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from prefect.exceptions import ObjectNotFound
+
+    msg = f"the Dask task was lost with its worker: {type(exc).__name__}: {exc}"
+    try:
+        with get_client(sync_client=True) as client:
+            run = None
+            for _ in range(20):  # the run's own events may still be on their way to the server
+                try:
+                    run = client.read_task_run(task_run_id)
+                    break
+                except ObjectNotFound:
+                    time.sleep(0.5)
+            if run is None:
+                return  # never recorded: nothing is left RUNNING
+            if run.state is None or not run.state.is_final():
+                client.set_task_run_state(task_run_id, Crashed(message=msg[:2000]), force=True)
+    except Exception as api_exc:  # noqa: BLE001 - reporting must not hide the original error
+        log.warning("could not mark task run %s crashed: %s", task_run_id, api_exc)
+
+
+def _settle_task_runs(futures: list) -> None:
+    """After the cluster is closed, no task run of this flow run may stay RUNNING or PENDING.
+
+    When a Dask worker dies, Dask reruns the tasks it held, including ones that had completed
+    (their results lived in that worker's memory); the flow has their results already and drops
+    the rerun, whose task run then stays RUNNING forever (PrefectHQ/prefect#21638). Such a run
+    gets the final state the flow received; one the flow never received is marked Crashed."""
+    if not futures:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
+    from prefect.states import Completed, Crashed
+
+    by_id = {f.task_run_id: f for f in futures}
+    try:
+        with get_client(sync_client=True) as client:
+            ids = list(by_id)
+            for i in range(0, len(ids), 200):
+                runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids[i:i + 200])))
+                for run in runs:
+                    if run.state is not None and run.state.is_final():
+                        continue
+                    seen = by_id[run.id]._final_state
+                    if seen is not None and seen.is_completed():
+                        new = Completed(message="completed; a rerun Dask started after a worker died was dropped")
+                    else:
+                        why = seen.message if seen is not None else "the flow ended before this task finished"
+                        new = Crashed(message=f"left unfinished by Dask: {why}"[:2000])
+                    client.set_task_run_state(run.id, new, force=True)
+                    log.warning("task run %s (%s) was left %s; set to %s", run.id, run.name, run.state.name, new.name)
+    except Exception as exc:  # noqa: BLE001 - bookkeeping must not hide the flow's own outcome
+        log.warning("could not check this run's task runs: %s", exc)
+
+
+class CrashAwareDaskFuture(PrefectDaskFuture):
+    """A ``PrefectDaskFuture`` whose Dask-level failure (``KilledWorker``: every worker that tried the
+    task died) marks its task run ``Crashed`` before the error reaches the flow."""
+
+    def _dask_result(self, timeout):
+        try:
+            return self._wrapped_future.result(timeout=timeout)
+        except distributed.TimeoutError:
+            raise
+        except Exception as exc:  # the task engine returns states, so this is the infrastructure failing
+            _mark_task_run_crashed(self.task_run_id, exc)
+            raise
+
+    def wait(self, timeout: float | None = None) -> None:
+        try:
+            result = self._dask_result(timeout)
+        except Exception:  # noqa: BLE001 - as the base class: failed or timed out
+            return
+        from prefect.states import State
+
+        if isinstance(result, State):
+            self._final_state = result
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True):
+        if not self._final_state:
+            from prefect.states import State
+
+            try:
+                res = self._dask_result(timeout)
+            except distributed.TimeoutError as exc:
+                raise TimeoutError(f"Task run {self.task_run_id} did not complete within {timeout} seconds") from exc
+            if not isinstance(res, State):
+                return res
+            self._final_state = res
+        return self._final_state.result(raise_on_failure=raise_on_failure, _sync=True)
+
+
+class FlowDaskTaskRunner(DaskTaskRunner):
+    """A ``DaskTaskRunner`` that picks its cluster when the flow run first needs it."""
+
+    def __init__(self, settings: DaskSettings | None = None,
+                 settings_from: Callable[[dict[str, Any]], DaskSettings] | None = None, **_: Any):
+        self.settings_from = settings_from
+        self.settings: DaskSettings | None = None
+        super().__init__()
+        if settings is not None:
+            self._use(settings)
+
+    def _use(self, settings: DaskSettings) -> None:
+        kw = settings.runner_kwargs()
+        self.settings = settings
+        self.address = kw.get("address")
+        self.cluster_class = kw.get("cluster_class")
+        self.resolved_cluster_class = None
+        if self.cluster_class:
+            from prefect.utilities.importtools import from_qualified_name
+
+            self.resolved_cluster_class = from_qualified_name(self.cluster_class)
+        self.cluster_kwargs = dict(kw.get("cluster_kwargs") or {})
+        self.adapt_kwargs = dict(kw.get("adapt_kwargs") or {})
+
+    @property
+    def client(self):
+        if self._client is None:
+            if self.settings is None:
+                params = _flow_run_parameters()
+                settings = self.settings_from(params) if self.settings_from else dask_settings_from_env()
+                self._use(settings)
+            first = True
+        else:
+            first = False
+        client = DaskTaskRunner.client.fget(self)
+        if first:
+            info = client.scheduler_info(n_workers=-1)
+            link = client.dashboard_link if self.settings.dashboard_address or self.address else None
+            n = len(info.get("workers", {}))
+            msg = f"Dask: {self.settings.describe()}; {n} worker(s) connected; dashboard: {link or 'off'}"
+            log.info(msg)
+            with contextlib.suppress(Exception):
+                from prefect import get_run_logger
+
+                get_run_logger().info(msg)
+        return client
+
+    def submit(self, task, parameters, wait_for=None, dependencies=None):
+        fut = super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+        fut = CrashAwareDaskFuture(wrapped_future=fut.wrapped_future, task_run_id=fut.task_run_id)
+        self._submitted.append(fut)
+        return fut
+
+    def __enter__(self):
+        self._submitted: list[CrashAwareDaskFuture] = []
+        return super().__enter__()
+
+    def __exit__(self, *args: Any) -> None:
+        try:
+            super().__exit__(*args)
+        finally:
+            _settle_task_runs(getattr(self, "_submitted", []))
+
+    def duplicate(self):
+        return type(self)(settings=self.settings, settings_from=self.settings_from)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, FlowDaskTaskRunner) and self.settings == other.settings
+                and self.settings_from == other.settings_from)
+
+    __hash__ = object.__hash__

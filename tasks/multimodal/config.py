@@ -11,31 +11,37 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from tasks.common.cli import ConfigError, build, merge
+from tasks.common.forms import grouped_titles
+from tasks.common.runtime import DaskSettings, load_dask_block
 from tasks.multimodal import schema
+from tasks.multimodal import tiles as tiles_mod
 
+#: The sampling modes by name (the form shows these) and MMEarth's number of each.
+SAMPLING_MODE_INDEX: dict[str, int] = {"biome-area": 0, "biome-equal": 1, "ecoregion-equal": 2}
+SamplingModeName = Literal["biome-area", "biome-equal", "ecoregion-equal"]
 
-class DaskSettings(BaseModel):
-    """Where tasks run (see tasks.common.runtime.DaskConfig)."""
+STACK_RESOLUTION_M = 10.0  # metres per pixel of every stack (sources.base.Grid.for_tile)
 
-    address: str | None = Field(None, description="existing Dask scheduler, e.g. tcp://host:8786")
-    cluster_class: str | None = Field(None, description="cluster class import path, e.g. dask_jobqueue.SLURMCluster")
-    cluster_kwargs: dict[str, Any] = Field(default_factory=dict)
-    adapt_kwargs: dict[str, Any] | None = None
-    n_workers: int | None = Field(None, description="local workers (default: CPU count)")
-    threads_per_worker: int = 1
-    memory_limit: str | None = None
-    gpus_per_worker: int | None = Field(None, description="Dask GPU resource per worker (default: detect)")
-
-    def to_runtime(self):
-        from tasks.common.runtime import DaskConfig
-
-        return DaskConfig(**self.model_dump())
+__all__ = ["CONFIGS", "ConfigError", "DaskSettings", "MultimodalConfig", "get_config"]
 
 
 class MultimodalConfig(BaseModel):
     """Everything the MMEarth flow needs to build one dataset."""
+
+    # a misspelt key is an error, never silently ignored; form labels read "Group · field"
+    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
+        "Dataset": ["name", "output_dir"],
+        "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
+                  "tile_size_m", "seed", "batch"],
+        "Stacks": ["source", "source_options", "request_ceiling", "request_limit_name", "fetch_batch_size",
+                   "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "stack_compress"],
+        "Packing": ["image_size", "part_size", "keep_parts", "compression_codec", "compression_level"],
+        "Splits": ["split_fractions", "split_seed"],
+        "Cluster": ["dask", "dask_block"],
+    }))
 
     name: str = Field("data_embedded_v001", description="dataset name; must start with data_")
     output_dir: str = Field("output", description="parent folder; the dataset goes to OUTPUT_DIR/NAME")
@@ -45,13 +51,16 @@ class MultimodalConfig(BaseModel):
     tiles_geojson: str | None = Field(None, description="use this tiles GeoJSON instead of sampling")
     tile_sampler: Literal["local", "earthengine"] = Field(
         "local", description="local: points in the regions GeoJSON; earthengine: randomPoints in RESOLVE/ECOREGIONS/2017")
-    n_tiles: int = Field(256, ge=1)
-    sampling_mode: Literal[0, 1, 2] = Field(0, description="0: biome equal, ecoregion by area; 1: biome equal, ecoregion equal; 2: ecoregion equal")
-    tile_size_m: float = Field(1300.0, gt=0)
-    seed: int = 0
-    batch: int = 0
+    n_tiles: int = Field(256, ge=1, description="tiles to sample")
+    sampling_mode: SamplingModeName = Field(
+        "biome-area", description="how tiles are shared out (MMEarth's modes 0, 1, 2): "
+        + "; ".join(f"{name} ({i}): {tiles_mod.SAMPLING_MODES[i]}" for name, i in SAMPLING_MODE_INDEX.items()))
+    tile_size_m: float = Field(1300.0, gt=0, description="side of a square tile in metres (128 px at 10 m: 1280)")
+    seed: int = Field(0, description="random seed of the tile sampling")
+    batch: int = Field(0, description="sampling batch: another seed stream for adding tiles to a dataset")
     # stacks
-    source: Literal["synthetic", "earthengine"] = "synthetic"
+    source: Literal["synthetic", "earthengine"] = Field(
+        "synthetic", description="where stacks come from: synthetic (embedded, offline) or earthengine (real data)")
     source_options: dict[str, Any] = Field(
         default_factory=dict,
         description="source settings; earthengine: project, credentials_block or secret_block, url, timeout_s "
@@ -65,24 +74,80 @@ class MultimodalConfig(BaseModel):
                                 "fetch tasks running at once x fetch_slots should not exceed request_ceiling")
     fetch_retries: int = Field(3, ge=0, description="Prefect retries of a fetch task whose tiles failed transiently")
     fetch_retry_delay_s: float = Field(4.0, ge=0, description="first retry delay; doubles each retry, with jitter")
+    tasks_in_flight: int = Field(
+        32, ge=1, description="fetch (and pack) tasks submitted at once; the flow holds at most this many futures "
+                              "(a bounded window), so its memory does not grow with the tiles")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
     image_size: int = Field(128, ge=8, description="128, or 64 for the MMEarth64 variant")
     part_size: int = Field(64, ge=1, description="tiles per packing partition")
     keep_parts: bool = Field(False, description="keep packed partitions after the h5 is written (uses as much disk again)")
-    compression_codec: Literal["isal", "zlib"] = "isal"
-    compression_level: int = Field(1, ge=0, le=9)
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    split_seed: int = 42
-    dask: DaskSettings = Field(default_factory=DaskSettings)
+    compression_codec: Literal["isal", "zlib"] = Field(
+        "isal", description="gzip encoder of the h5 rows: isal (same gzip streams, ~10x faster) or zlib")
+    compression_level: int = Field(1, ge=0, le=9, description="gzip level of the h5 rows")
+    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test fractions")
+    split_seed: int = Field(42, description="random seed of the splits")
+    dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
     dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
 
     def dask_settings(self) -> DaskSettings:
-        if self.dask_block:
-            from blocks.dask_cluster import DaskCluster
+        """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
+        return load_dask_block(self.dask_block) if self.dask_block else self.dask
 
-            return DaskCluster.load(self.dask_block).to_settings()
-        return self.dask
+    @model_validator(mode="after")
+    def _cross_field(self) -> "MultimodalConfig":
+        fr = self.split_fractions
+        if any(f < 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(f"split_fractions {list(fr)} must be three non-negative fractions (train, val, "
+                             f"test) that sum to 1 (they sum to {sum(fr):g})")
+        pixels = int(round(self.tile_size_m / STACK_RESOLUTION_M))
+        if self.image_size > pixels:
+            raise ValueError(f"image_size {self.image_size} px does not fit a tile of {self.tile_size_m:g} m "
+                             f"({pixels} px at {STACK_RESOLUTION_M:g} m/px): raise tile_size_m to at least "
+                             f"{self.image_size * STACK_RESOLUTION_M:g} or lower image_size")
+        if self.tile_sampler == "earthengine" and self.source != "earthengine":
+            raise ValueError("tile_sampler=earthengine needs source=earthengine (its credentials and project)")
+        if self.fetch_slots is not None and self.fetch_slots > self.request_ceiling:
+            raise ValueError(f"fetch_slots {self.fetch_slots} exceeds request_ceiling {self.request_ceiling}: "
+                             "one fetch task would wait forever for slots that do not exist")
+        return self
+
+    def check_inputs(self) -> None:
+        """Read the input files this configuration names (regions, eco_labels, tiles) and raise one
+        :class:`ConfigError` naming the file and field on the first mistake. Cheap: run it before
+        starting any server or cluster."""
+        from tasks.multimodal import tiles as tiles_mod
+
+        try:
+            regions, _ = tiles_mod.load_regions_split(Path(self.regions) if self.regions
+                                                      else tiles_mod.DEFAULT_REGIONS)
+            eco_index = tiles_mod.eco_region_index(regions, self.eco_labels)
+            if self.tiles_geojson:
+                missing = sorted({t.eco_region for t in tiles_mod.read_tiles_geojson(self.tiles_geojson)}
+                                 - set(eco_index))
+                if missing and self.tile_sampler != "earthengine":
+                    raise ConfigError(f"{self.tiles_geojson}: ecoregion(s) {missing[:5]} have no index; "
+                                      "pass eco_labels with a {name: index} mapping")
+        except (ValueError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+
+    @field_validator("sampling_mode", mode="before")
+    @classmethod
+    def _mode_name(cls, v: Any) -> Any:
+        """MMEarth's numbers (0, 1, 2) are accepted and stored by name."""
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v)
+        if isinstance(v, int) and not isinstance(v, bool):
+            names = {i: n for n, i in SAMPLING_MODE_INDEX.items()}
+            if v not in names:
+                raise ValueError(f"sampling_mode {v} must be one of {sorted(names)} or a name {list(SAMPLING_MODE_INDEX)}")
+            return names[v]
+        return v
+
+    @property
+    def sampling_mode_index(self) -> int:
+        """The sampling mode as MMEarth's number (0, 1, 2)."""
+        return SAMPLING_MODE_INDEX[self.sampling_mode]
 
     @field_validator("source_options")
     @classmethod
@@ -121,8 +186,5 @@ CONFIGS: dict[str, dict[str, Any]] = {
 def get_config(preset: str = "default", **overrides: Any) -> MultimodalConfig:
     """The named configuration ``preset`` with ``overrides`` applied (nested dicts merge)."""
     if preset not in CONFIGS:
-        raise KeyError(f"unknown configuration {preset!r}; choose one of {sorted(CONFIGS)}")
-    merged = dict(CONFIGS[preset])
-    for k, v in overrides.items():
-        merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-    return MultimodalConfig(**merged)
+        raise ConfigError(f"unknown configuration {preset!r}; choose one of {sorted(CONFIGS)}")
+    return build(MultimodalConfig, merge(CONFIGS[preset], overrides))

@@ -5,7 +5,10 @@ Streaming and parallel in two steps:
 1. :func:`pack_partition` (runs on any Dask worker, one contiguous slice of
    the tile list): read each stack once, centre-crop, map bands to the h5
    datasets, gzip-compress every row as one HDF5 chunk, and update mergeable
-   statistics. Writes ``work/parts/part_NNNNN.npz`` (compressed chunks,
+   statistics. Each stack's digest and grid are checked against what was
+   recorded when it was written (a mismatch is reported in
+   ``PartResult.integrity`` so the flow fetches the tile again). Writes
+   ``work/parts/part_NNNNN.npz`` (compressed chunks,
    offsets, tile ids, per-tile problems, statistics) atomically. A part whose
    inputs did not change (same tiles, same stack files, same tile_info, same
    settings) is re-used by later runs.
@@ -21,7 +24,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +34,9 @@ import numpy as np
 
 from tasks.common.atomic import atomic_path, write_json_atomic
 from tasks.multimodal import schema
+from tasks.multimodal.stacks import StackIntegrityError, read_verified_stack
 from tasks.multimodal.schema import H5_DATASETS, METADATA_DTYPE, N_BIOMES, N_ECOREGIONS
-from tasks.multimodal.sources.base import StackReadError, read_stack
+from tasks.multimodal.sources.base import StackReadError
 from tasks.multimodal.stats import StatsAccumulator
 
 log = logging.getLogger(__name__)
@@ -150,7 +153,8 @@ def tile_rows(
     rows["sentinel1"] = s1
 
     for ds, group, names_ in (
-        ("aster", "aster", schema.ASTER_BANDS),
+        # the stack's own names in file order: ["elevation", "slope"], or the original's ["b1", "slope"]
+        ("aster", "aster", tuple(bands.get("aster") or schema.ASTER_BANDS)),
         ("canopy_height_eth", "canopy_height_eth", schema.CANOPY_BANDS),
     ):
         d = spec[ds]
@@ -208,15 +212,17 @@ class PartSpec:
 
     index: int
     tile_ids: list[str]
+    key: str | None = None  # what the content depends on (default: part_key of the files)
 
 
 @dataclass
 class PartResult:
     index: int
-    path: str
+    path: str  # "" when not written (see pack_partition's defer_on_mismatch)
     n_rows: int
     problems: dict[str, str] = field(default_factory=dict)  # tile_id -> reason
     reused: bool = False
+    integrity: dict[str, str] = field(default_factory=dict)  # tile_id -> stack not the one written
 
 
 def _file_sig(path: Path) -> list[Any]:
@@ -238,14 +244,32 @@ def part_key(spec: PartSpec, tiles_dir: Path, tile_info: dict[str, Any], image_s
     return h.hexdigest()
 
 
+def entries_part_key(tile_ids: list[str], entries: Any, image_size: int, compression: Compression) -> str:
+    """Part key from the stacks index (fetch key and stack digest per tile): what a part's
+    content depends on, without opening a file."""
+    h = hashlib.sha256()
+    h.update(json.dumps([PART_FORMAT, "index", image_size, compression.codec, compression.level]).encode())
+    for tid in tile_ids:
+        e = entries[tid]
+        h.update(f"{tid}\0{e.key}\0{e.digest}\0{e.size}\n".encode())
+    return h.hexdigest()
+
+
 def pack_partition(
-    spec: PartSpec, tiles_dir: str | Path, tile_info: dict[str, Any], parts_dir: str | Path,
-    image_size: int = 128, compression: Compression = Compression(),
+    spec: PartSpec, tiles_dir: str | Path, tile_info: Any, parts_dir: str | Path,
+    image_size: int = 128, compression: Compression = Compression(), defer_on_mismatch: bool = False,
 ) -> PartResult:
-    """Convert one slice of tiles into compressed h5 rows + statistics (see module doc)."""
+    """Convert one slice of tiles into compressed h5 rows + statistics (see module doc).
+
+    ``tile_info`` maps tile id -> tile JSON (a dict, or ``stacks.TileInfoDir`` that
+    reads them on the worker). A stack whose digest or grid differs from its
+    record is a problem and is listed in ``integrity``; with ``defer_on_mismatch``
+    the part is then not written (``path`` is ""), for the caller fetches those
+    tiles again and packs the part anew.
+    """
     tiles_dir, parts_dir = Path(tiles_dir), Path(parts_dir)
     path = parts_dir / f"part_{spec.index:05d}.npz"
-    key = part_key(spec, tiles_dir, tile_info, image_size, compression)
+    key = spec.key or part_key(spec, tiles_dir, tile_info, image_size, compression)
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -260,6 +284,7 @@ def pack_partition(
     chunks: dict[str, list[bytes]] = {n: [] for n in names + ["metadata"]}
     ids: list[str] = []
     problems: dict[str, str] = {}
+    integrity: dict[str, str] = {}
     acc = StatsAccumulator()
     for tid in spec.tile_ids:
         info = tile_info.get(tid)
@@ -267,8 +292,11 @@ def pack_partition(
             problems[tid] = "no tile_info entry"
             continue
         try:
-            data, descs = read_stack(tiles_dir / f"{tid}.tif")
+            data, descs = read_verified_stack(tiles_dir / f"{tid}.tif", info.get("STACK"))
             rows = tile_rows(data, descs, info, tid, image_size)
+        except StackIntegrityError as exc:
+            problems[tid] = integrity[tid] = str(exc)
+            continue
         except (StackReadError, TileProblem) as exc:
             problems[tid] = str(exc)
             continue
@@ -279,6 +307,8 @@ def pack_partition(
         chunks["metadata"].append(compress(meta.tobytes()))
         ids.append(tid)
 
+    if integrity and defer_on_mismatch:
+        return PartResult(spec.index, "", len(ids), problems, integrity=integrity)
     arrays: dict[str, np.ndarray] = {}
     for n, blobs in chunks.items():
         sizes = np.array([len(b) for b in blobs], np.int64)
@@ -289,7 +319,7 @@ def pack_partition(
         with open(tmp, "wb") as fh:
             np.savez(fh, key=np.array(key), n_rows=np.array(len(ids)), tile_ids=np.array(ids, dtype="U100"),
                      problems=np.array(json.dumps(problems)), **arrays)
-    return PartResult(spec.index, str(path), len(ids), problems)
+    return PartResult(spec.index, str(path), len(ids), problems, integrity=integrity)
 
 
 def make_partitions(tile_ids: list[str], part_size: int) -> list[PartSpec]:
@@ -397,14 +427,15 @@ def make_splits(n: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     }
 
 
-def write_dataset_jsons(out_dir: Path, name: str, tile_info: dict[str, Any], band_stats: dict[str, Any],
+def write_dataset_jsons(out_dir: Path, name: str, tile_info: dict[str, Any] | None, band_stats: dict[str, Any],
                         splits: dict[str, list[int]]) -> dict[str, Path]:
     paths = {
         "tile_info": out_dir / f"{name}_tile_info.json",
         "band_stats": out_dir / f"{name}_band_stats.json",
         "splits": out_dir / f"{name}_splits.json",
     }
-    write_json_atomic(paths["tile_info"], tile_info)
+    if tile_info is not None:  # None: the caller streams it (stacks.write_tile_info_json)
+        write_json_atomic(paths["tile_info"], tile_info)
     write_json_atomic(paths["band_stats"], band_stats)  # NaN written as NaN, as json.dump does
     write_json_atomic(paths["splits"], splits)
     return paths

@@ -4,11 +4,20 @@ Layout under the dataset folder ``NAME/``:
 
 * ``tiles/<tile_id>.tif`` - the stack (written atomically by ``write_stack``)
 * ``work/tile_info/<tile_id>.json`` - the tile's tile_info entry plus
-  ``FETCH_KEY``, written after the stack. A tile counts as done only when the
-  JSON exists with the current fetch key and the GeoTIFF is complete and
-  matches the bands it declares (or the JSON says ``NO_DATA``, a permanent
-  outcome). Anything else is fetched again, so a crash at any point leaves
-  nothing a later run would trust.
+  ``FETCH_KEY`` and ``STACK`` (what identifies the GeoTIFF written: its
+  BLAKE2b-128 digest and byte size, and its grid: CRS, transform, size),
+  written after the stack. A tile counts as done only when the JSON exists
+  with the current fetch key and the GeoTIFF is the one recorded (or the JSON
+  says ``NO_DATA``, a permanent outcome). Anything else is fetched again, so
+  a crash at any point leaves nothing a later run would trust.
+* ``work/stacks_index.jsonl`` - one line per finished tile (fetch key, state,
+  size, mtime and digest of the stack), appended by the flow as batches
+  finish and compacted at the start of each run. A rerun reads it in one
+  pass and only ``stat``s each GeoTIFF; a tile missing from it, or whose file
+  size/mtime changed, gets the full check (JSON, digest, grid). The packing
+  stage checks digest and grid again on the bytes it reads
+  (:func:`read_verified_stack`), so a stack changed in place with its mtime
+  kept is still caught there.
 """
 
 from __future__ import annotations
@@ -16,20 +25,39 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, NamedTuple
 
+import numpy as np
 import rasterio
+from affine import Affine
+from rasterio.crs import CRS
 from rasterio.errors import RasterioError
+from rasterio.io import MemoryFile
 from rasterio.windows import Window
 
-from tasks.common.atomic import write_json_atomic
+from tasks.common.atomic import atomic_path, write_json_atomic
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import Grid, NoDataError, Source, Tile, TransientSourceError, write_stack
+from tasks.multimodal.sources.base import (Grid, NoDataError, Source, StackReadError, Tile, TileStack,
+                                           TransientSourceError, write_stack)
+
+#: per-tile JSON fields that are fetch bookkeeping, not part of the dataset's tile_info
+BOOKKEEPING = ("FETCH_KEY", "STACK")
 
 log = logging.getLogger(__name__)
+
+
+class Entry(NamedTuple):
+    """A finished tile as the index records it (a tuple: ~0.3 KB a tile in memory)."""
+
+    state: str  # "done" or "no_data"
+    key: str  # fetch key
+    size: int = -1  # stack bytes
+    mtime_ns: int = -1
+    digest: str = ""  # BLAKE2b-128 of the stack (done) or the no-data reason (no_data)
 
 
 @dataclass
@@ -37,6 +65,111 @@ class TileOutcome:
     tile_id: str
     status: str  # "fetched", "skipped" (already done), "no_data", "failed", "transient"
     reason: str = ""
+    entry: Entry | None = None  # set for fetched, skipped and no_data: what the index records
+
+
+class StackIntegrityError(StackReadError):
+    """A stack whose bytes or grid differ from what was recorded when it was written."""
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def stack_record(tif: Path, stack: TileStack) -> dict[str, Any]:
+    """What identifies the stack just written to ``tif``: content digest, size and grid."""
+    raw = tif.read_bytes()
+    _, h, w = stack.data.shape
+    return {"blake2b": _digest(raw), "bytes": len(raw), "crs": str(stack.crs),
+            "transform": [float(v) for v in list(stack.transform)[:6]], "width": int(w), "height": int(h)}
+
+
+def _grid_problem(src, record: dict[str, Any]) -> str | None:
+    if (src.width, src.height) != (record["width"], record["height"]):
+        return f"is {src.width}x{src.height} pixels, {record['width']}x{record['height']} when written"
+    if src.crs is None or src.crs != CRS.from_user_input(record["crs"]):
+        return f"CRS is {src.crs}, {record['crs']} when written"
+    if not src.transform.almost_equals(Affine(*record["transform"]), precision=1e-6):
+        return (f"transform origin is ({src.transform.c:.1f}, {src.transform.f:.1f}), "
+                f"({record['transform'][2]:.1f}, {record['transform'][5]:.1f}) when written (another tile's stack?)")
+    return None
+
+
+def read_verified_stack(tif: str | Path, record: dict[str, Any] | None) -> tuple[np.ndarray, list[str]]:
+    """Read a stack (bytes read once) after checking its digest, size and grid against
+    ``record`` (the ``STACK`` field of its tile JSON). Raises :class:`StackIntegrityError`
+    on a mismatch, :class:`StackReadError` if unreadable. Without a record (stacks from
+    before records were kept) only readability is checked."""
+    tif = Path(tif)
+    try:
+        raw = tif.read_bytes()
+    except OSError as exc:
+        raise StackReadError(f"{tif}: cannot read GeoTIFF ({exc}); delete it so it is fetched again") from exc
+    reasons: list[str] = []
+    if record is not None:
+        if len(raw) != record["bytes"]:
+            reasons.append(f"is {len(raw)} bytes, {record['bytes']} when written")
+        elif _digest(raw) != record["blake2b"]:
+            reasons.append("content differs from what was written (BLAKE2b digest mismatch)")
+    try:
+        with MemoryFile(raw) as mem, mem.open() as src:
+            if record is not None:
+                g = _grid_problem(src, record)
+                if g:
+                    reasons.append(g)
+            if not reasons:
+                return src.read(out_dtype=np.float32), [d or "" for d in src.descriptions]
+    except (RasterioError, OSError, ValueError) as exc:
+        if not reasons:
+            raise StackReadError(f"{tif}: cannot read GeoTIFF ({exc}); delete it so it is fetched again") from exc
+        reasons.append("unreadable")
+    raise StackIntegrityError(f"{tif}: " + "; ".join(reasons))
+
+
+def index_path(out_dir: Path) -> Path:
+    return Path(out_dir) / "work" / "stacks_index.jsonl"
+
+
+class StackIndex:
+    """``work/stacks_index.jsonl``: the finished tiles, read in one pass (see module doc).
+    Only the flow process writes it."""
+
+    def __init__(self, out_dir: Path):
+        self.path = index_path(out_dir)
+
+    def read(self) -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        try:
+            fh = open(self.path, encoding="utf-8")
+        except FileNotFoundError:
+            return out
+        with fh:
+            for line in fh:  # a line cut by a crash is skipped: that tile gets the full check
+                try:
+                    d = json.loads(line)
+                    out[d["id"]] = Entry(d["state"], d["key"], d.get("bytes", -1), d.get("mtime_ns", -1),
+                                         d.get("digest", ""))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+        return out
+
+    @staticmethod
+    def _line(tile_id: str, e: Entry) -> str:
+        return json.dumps({"id": tile_id, "state": e.state, "key": e.key, "bytes": e.size,
+                           "mtime_ns": e.mtime_ns, "digest": e.digest}) + "\n"
+
+    def rewrite(self, entries: Iterable[tuple[str, Entry]]) -> None:
+        with atomic_path(self.path) as tmp:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for tid, e in entries:
+                    fh.write(self._line(tid, e))
+
+    def append(self, items: Iterable[tuple[str, Entry]]) -> None:
+        lines = [self._line(tid, e) for tid, e in items]
+        if lines:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write("".join(lines))
 
 
 class TransientTilesError(Exception):
@@ -85,8 +218,11 @@ def stack_is_complete(tif: Path, bands: dict[str, Any], size: int | None = None)
     return None
 
 
-def tile_state(tile: Tile, key: str, paths: dict[str, Path], size: int | None) -> str | None:
-    """'done' / 'no_data' if the tile needs no fetching, else None."""
+def tile_check(tile: Tile, key: str, paths: dict[str, Path], size: int | None,
+               why: dict[str, str] | None = None) -> Entry | None:
+    """The full check of one tile (JSON, fetch key, stack digest and grid): its index
+    entry if it needs no fetching, else None (and, with ``why``, the reason a stack on
+    record failed the check in ``why[tile_id]``)."""
     meta = paths["tile_info"] / f"{tile.tile_id}.json"
     try:
         info = json.loads(meta.read_text())
@@ -95,25 +231,50 @@ def tile_state(tile: Tile, key: str, paths: dict[str, Path], size: int | None) -
     if info.get("FETCH_KEY") != key:
         return None
     if info.get("NO_DATA"):
-        return "no_data"
-    if stack_is_complete(paths["tiles"] / f"{tile.tile_id}.tif", info.get("BANDS") or {}, size) is None:
-        return "done"
-    return None
+        return Entry("no_data", key, digest=str(info.get("NO_DATA_REASON", "")))
+    tif = paths["tiles"] / f"{tile.tile_id}.tif"
+    record = info.get("STACK")
+    problem = stack_is_complete(tif, info.get("BANDS") or {}, size)
+    if problem is None and isinstance(record, dict):
+        try:
+            read_verified_stack(tif, record)
+        except StackReadError as exc:
+            problem = str(exc)
+    if problem is not None:
+        if why is not None:
+            why[tile.tile_id] = problem if str(tif) in problem else f"{tif} {problem}"
+        return None
+    return _entry(tif, key, record if isinstance(record, dict) else None)
+
+
+def _entry(tif: Path, key: str, record: dict[str, Any] | None) -> Entry | None:
+    try:
+        st = tif.stat()
+    except OSError:
+        return None
+    return Entry("done", key, st.st_size, st.st_mtime_ns, (record or {}).get("blake2b", ""))
+
+
+def tile_state(tile: Tile, key: str, paths: dict[str, Path], size: int | None) -> str | None:
+    """'done' / 'no_data' if the tile needs no fetching, else None."""
+    e = tile_check(tile, key, paths, size)
+    return None if e is None else e.state
 
 
 def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None = None,
                force: bool = False) -> TileOutcome:
-    """Fetch one tile unless it is already done. Never raises for a tile's own failure."""
+    """Fetch one tile unless it is already done (``force``: fetch anyway). Never raises
+    for a tile's own failure."""
     paths = dataset_paths(out_dir)
     schema.check_tile_id(tile.tile_id)
     grid = Grid.for_tile(tile)
     key = fetch_key(source, tile, grid)
     if not force:
-        state = tile_state(tile, key, paths, grid.size)
-        if state == "done":
-            return TileOutcome(tile.tile_id, "skipped")
-        if state == "no_data":
-            return TileOutcome(tile.tile_id, "no_data", "recorded earlier as no data")
+        e = tile_check(tile, key, paths, grid.size)
+        if e is not None and e.state == "done":
+            return TileOutcome(tile.tile_id, "skipped", entry=e)
+        if e is not None:
+            return TileOutcome(tile.tile_id, "no_data", e.digest, entry=e)
     meta = paths["tile_info"] / f"{tile.tile_id}.json"
     try:
         stack = source.fetch(tile, grid)
@@ -123,19 +284,20 @@ def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None =
             "SOURCE": source.name, "FETCH_KEY": key,
         }
         write_json_atomic(meta, info)
-        return TileOutcome(tile.tile_id, "no_data", exc.reason)
+        return TileOutcome(tile.tile_id, "no_data", exc.reason, entry=Entry("no_data", key, digest=exc.reason))
     except TransientSourceError as exc:
         return TileOutcome(tile.tile_id, "transient", exc.reason)
     except Exception as exc:  # one bad tile never sinks the batch
         log.exception("tile %s failed", tile.tile_id)
         return TileOutcome(tile.tile_id, "failed", f"{type(exc).__name__}: {exc}")
-    write_stack(paths["tiles"] / f"{tile.tile_id}.tif", stack, compress=compress)
-    write_json_atomic(meta, {**stack.info, "FETCH_KEY": key})
-    return TileOutcome(tile.tile_id, "fetched")
+    tif = write_stack(paths["tiles"] / f"{tile.tile_id}.tif", stack, compress=compress)
+    record = stack_record(tif, stack)
+    write_json_atomic(meta, {**stack.info, "FETCH_KEY": key, "STACK": record})
+    return TileOutcome(tile.tile_id, "fetched", entry=_entry(tif, key, record))
 
 
 def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str | None = None,
-                threads: int = 1, slots: int | None = None, progress=None) -> list[TileOutcome]:
+                threads: int = 1, slots: int | None = None, progress=None, force: bool = False) -> list[TileOutcome]:
     """Fetch a batch of tiles (``threads`` at a time); raise :class:`TransientTilesError`
     if any failed transiently, after every tile of the batch was tried."""
     threads = max(1, min(threads, len(tiles)))
@@ -143,7 +305,7 @@ def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str 
     lock = threading.Lock()
 
     def one(t: Tile) -> TileOutcome:
-        o = fetch_tile(t, source, out_dir, compress)
+        o = fetch_tile(t, source, out_dir, compress, force)
         if progress is not None:
             with lock:
                 done[0] += 1
@@ -166,24 +328,107 @@ def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str 
 
 
 def scan_tiles(tiles: list[Tile], source: Source, out_dir: Path) -> dict[str, str]:
-    """State of every tile on disk: 'done', 'no_data' or 'missing'."""
+    """State of every tile on disk: 'done', 'no_data' or 'missing' (see :func:`decide`)."""
+    states, _, _ = decide(tiles, source, out_dir)
+    return states
+
+
+def decide(tiles: Iterable[Tile], source: Source, out_dir: Path,
+           why: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, Entry], dict[str, int]]:
+    """What to fetch: ``(states, entries, counts)``. ``states`` maps every tile to 'done',
+    'no_data' or 'missing'; ``entries`` holds the index entry of each finished tile;
+    ``why`` receives, for each tile whose stack failed the check, the reason.
+
+    One pass over the index plus one ``stat`` per done tile; the full check
+    (:func:`tile_check`) only for tiles the index does not vouch for. The index is
+    then rewritten with exactly the finished tiles of ``tiles``.
+    """
+    out_dir = Path(out_dir)
     paths = dataset_paths(out_dir)
-    out: dict[str, str] = {}
+    index = StackIndex(out_dir)
+    known = index.read()
+    states: dict[str, str] = {}
+    entries: dict[str, Entry] = {}
+    counts = {"indexed": len(known), "full checks": 0}
     for t in tiles:
         grid = Grid.for_tile(t)
-        out[t.tile_id] = tile_state(t, fetch_key(source, t, grid), paths, grid.size) or "missing"
-    return out
+        key = fetch_key(source, t, grid)
+        e = known.pop(t.tile_id, None)
+        ok = False
+        if e is not None and e.key == key:
+            if e.state == "no_data":
+                ok = True
+            else:
+                try:
+                    st = os.stat(paths["tiles"] / f"{t.tile_id}.tif")
+                    ok = st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+                except OSError:
+                    ok = False
+        if not ok:
+            counts["full checks"] += 1
+            e = tile_check(t, key, paths, grid.size, why)
+        if e is None:
+            states[t.tile_id] = "missing"
+        else:
+            states[t.tile_id] = e.state
+            entries[t.tile_id] = e
+    index.rewrite(entries.items())
+    return states, entries, counts
+
+
+def read_tile_info(tile_id: str, out_dir: Path) -> dict[str, Any] | None:
+    """One tile's JSON (with the bookkeeping fields), or None."""
+    try:
+        return json.loads((dataset_paths(Path(out_dir))["tile_info"] / f"{tile_id}.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+class TileInfoDir:
+    """Read-only mapping tile_id -> tile JSON over ``work/tile_info`` (read on access),
+    so a pack task carries a folder name instead of its tiles' tile_info."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = str(out_dir)
+
+    def get(self, tile_id: str, default: Any = None) -> Any:
+        info = read_tile_info(tile_id, Path(self.out_dir))
+        return default if info is None else info
+
+    def __getitem__(self, tile_id: str) -> Any:
+        info = self.get(tile_id)
+        if info is None:
+            raise KeyError(tile_id)
+        return info
+
+
+def published_tile_info(tile_ids: Iterable[str], out_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(tile_id, tile_info entry) of every tile with a JSON, fetch bookkeeping removed."""
+    for tid in tile_ids:
+        info = read_tile_info(tid, out_dir)
+        if info is None:
+            continue
+        for k in BOOKKEEPING:
+            info.pop(k, None)
+        yield tid, info
 
 
 def load_tile_info(tile_ids: list[str], out_dir: Path) -> dict[str, dict[str, Any]]:
     """Merge the per-tile JSON files into the tile_info dict (fetch bookkeeping removed)."""
-    folder = dataset_paths(out_dir)["tile_info"]
-    merged: dict[str, dict[str, Any]] = {}
-    for tid in tile_ids:
-        try:
-            info = json.loads((folder / f"{tid}.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        info.pop("FETCH_KEY", None)
-        merged[tid] = info
-    return merged
+    return dict(published_tile_info(tile_ids, out_dir))
+
+
+def write_tile_info_json(path: Path, tile_ids: Iterable[str], out_dir: Path) -> int:
+    """Write ``NAME_tile_info.json`` streamed from the per-tile JSONs, one tile in memory
+    at a time; byte-identical to ``json.dumps(load_tile_info(...))``. Returns the count."""
+    n = 0
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("{")
+            for tid, info in published_tile_info(tile_ids, out_dir):
+                fh.write((", " if n else "") + json.dumps(tid) + ": " + json.dumps(info))
+                n += 1
+            fh.write("}")
+            fh.flush()
+            os.fsync(fh.fileno())
+    return n

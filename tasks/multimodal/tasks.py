@@ -44,12 +44,16 @@ def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: 
 
 
 @task(name="pack-partition", cache_policy=NO_CACHE, tags=["multimodal", "pack"], retries=1)
-def pack_partition_task(spec: convert.PartSpec, tiles_dir: str, tile_info: dict[str, Any], parts_dir: str,
-                        image_size: int, compression: convert.Compression) -> convert.PartResult:
+def pack_partition_task(spec: convert.PartSpec, tiles_dir: str, tile_info: Any, parts_dir: str,
+                        image_size: int, compression: convert.Compression,
+                        defer_on_mismatch: bool = False) -> convert.PartResult:
+    """``tile_info``: a ``stacks.TileInfoDir`` (the worker reads its tiles' JSONs) or a dict."""
     logger = get_run_logger()
-    res = convert.pack_partition(spec, tiles_dir, tile_info, parts_dir, image_size, compression)
+    res = convert.pack_partition(spec, tiles_dir, tile_info, parts_dir, image_size, compression, defer_on_mismatch)
     logger.info("part %d: %d rows%s, %d problem(s)", spec.index, res.n_rows,
                 " (re-used)" if res.reused else "", len(res.problems))
+    for tid, reason in res.integrity.items():
+        logger.warning("tile %s: stack is not the one written (%s)", tid, reason)
     return res
 
 

@@ -39,14 +39,11 @@ def ecoregion_table(source: EarthEngineSource) -> list[dict[str, Any]]:
     fc = (ee.FeatureCollection(RESOLVE)
           .filter(ee.Filter.inList("BIOME_NAME", list(schema.UNSAMPLED_BIOMES)).Not())
           .map(lambda f: f.set("area_m2", f.geometry().area(1000))))
-    expr = ee.Dictionary({
-        "request": {"tile_id": "__ecoregions__", "kind": "ecoregions"},
-        "table": fc.reduceColumns(ee.Reducer.toList(4), ["ECO_NAME", "BIOME_NAME", "ECO_ID", "area_m2"]).get("list"),
-    })
+    expr = fc.reduceColumns(ee.Reducer.toList(4), ["ECO_NAME", "BIOME_NAME", "ECO_ID", "area_m2"]).get("list")
     with slot(source.limit_name):
-        result = ee.data.computeValue(expr)
+        table = ee.data.computeValue(expr)
     rows: dict[str, dict[str, Any]] = {}
-    for name, biome, eco_id, area in result["table"]:
+    for name, biome, eco_id, area in table:
         if biome not in schema.BIOME_INDEX:
             raise ValueError(f"{RESOLVE}: ecoregion {name!r} has unknown biome {biome!r}")
         row = rows.setdefault(name, {"eco_region": name, "biome": biome, "eco_id": int(eco_id), "area_m2": 0.0})
@@ -80,12 +77,8 @@ def random_points(source: EarthEngineSource, eco_region: str, n: int, seed: int)
 
     region = ee.FeatureCollection(RESOLVE).filter(ee.Filter.eq("ECO_NAME", eco_region))
     pts = ee.FeatureCollection.randomPoints(region, n, seed)
-    expr = ee.Dictionary({
-        "request": {"tile_id": f"__points__{seed}", "kind": "points", "eco_region": eco_region, "n": n, "seed": seed},
-        "points": pts.geometry().coordinates(),
-    })
     with slot(source.limit_name):
-        coords = ee.data.computeValue(expr)["points"]
+        coords = ee.data.computeValue(pts.geometry().coordinates())
     if n == 1 and coords and not isinstance(coords[0], list):  # a single point's coordinates
         coords = [coords]
     return [(float(lon), float(lat)) for lon, lat in coords]

@@ -7,9 +7,9 @@ caller and passed explicitly:
   dense ``.bin`` arrays, PLY), :mod:`.workspace` COLMAP's undistorted workspace
   (``images/``, ``sparse/`` with pinhole cameras), :mod:`.views` camera helpers and source-view
   selection;
-* backends: :mod:`.patchmatch` (CPU, default: COLMAP's PatchMatch MVS compiled with numba, kernels
+* backends: :mod:`.patchmatch` (CPU, ``cpu_method="patchmatch"``: COLMAP's PatchMatch MVS compiled with numba, kernels
   in :mod:`.kernels`), :mod:`.gpu` (COLMAP PatchMatch through pycolmap on CUDA), :mod:`.sgbm`
-  (CPU, OpenCV SGBM on rectified pairs + plane sweep: faster, answers for fewer pixels);
+  (CPU, the default ``cpu_method``: OpenCV SGBM on rectified pairs + plane sweep);
 * :mod:`.fusion`: what the PatchMatch backends share: ``pycolmap.stereo_fusion`` into
   ``fused.ply`` and the export of the maps to ``depths/<stem>.h5``.
 

@@ -13,7 +13,10 @@ CUDA_MESSAGE = "pycolmap is built without CUDA: install pycolmap-cuda12 on GPU w
 class DenseConfig:
     """Settings of the dense stage (both backends; the CPU ones are prefixed where ambiguous)."""
 
-    backend: str = "auto"  # "cpu" (PatchMatch, numba) | "sgbm" (CPU, OpenCV) | "gpu" | "auto" (the caller resolves)
+    backend: str = "auto"  # "cpu" | "gpu" | "auto" (the caller resolves: GPU when a worker declares one)
+    # the CPU method: "sgbm" (OpenCV SGBM on rectified pairs + plane sweep; the default while it
+    # beats PatchMatch on the demo's aerial frames, docs/benchmarks.md) | "patchmatch" (numba MVS)
+    cpu_method: str = "sgbm"
     num_sources: int = 4  # neighbouring views per reference image
     max_image_size: int = 2000  # as the original PatchMatch setting (long side, pixels)
     min_consistent: int = 2  # CPU fusion: number of per-source estimates that must agree

@@ -35,6 +35,7 @@ def _earthengine(options: dict[str, Any], eco_index: dict[str, int] | None) -> S
     from tasks.multimodal.sources.earthengine import EarthEngineAuthError, EarthEngineSource, credentials_from_env
 
     key = None
+    origin = None
     project = options.pop("project", None)
     block_name = options.pop("credentials_block", None)
     secret_name = options.pop("secret_block", None)
@@ -47,6 +48,7 @@ def _earthengine(options: dict[str, Any], eco_index: dict[str, int] | None) -> S
             raise EarthEngineAuthError(f"EarthEngineCredentials block {block_name!r} not found ({exc}); "
                                        "save one first (see blocks/earthengine.py)") from None
         key = block.key_info()
+        origin = f"EarthEngineCredentials block {block_name!r}"
         project = project or block.project
     elif secret_name:
         from prefect.blocks.system import Secret
@@ -56,10 +58,14 @@ def _earthengine(options: dict[str, Any], eco_index: dict[str, int] | None) -> S
         except ValueError as exc:
             raise EarthEngineAuthError(f"Prefect Secret {secret_name!r} not found ({exc})") from None
         key = value if isinstance(value, dict) else json.loads(value)
+        origin = f"Prefect Secret {secret_name!r}"
     else:
         key = credentials_from_env()
+        origin = "the environment variable EE_SERVICE_ACCOUNT_KEY"
     project = project or os.environ.get("EE_PROJECT") or (key or {}).get("project_id")
     if not project:
         raise EarthEngineAuthError("no Earth Engine Cloud project: set source_options.project, the block's "
                                    "project, or EE_PROJECT")
+    if key is not None:
+        options.setdefault("credentials_origin", origin)
     return EarthEngineSource(project=project, credentials=key, eco_index=eco_index, **options)

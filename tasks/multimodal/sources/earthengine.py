@@ -1,52 +1,74 @@
 """Google Earth Engine source: the per-tile selection of the original MMEarth
-download, in two API requests per tile.
+download (``ee_utils/ee_data.py`` of MMEarth-data), in two API requests per tile.
 
 Request 1, ``computeValue``: one dictionary with everything the tile needs to
-know (chosen Sentinel-2 image, product, date, CRS and grid origin, its bands,
-the Sentinel-1 image per orbit pass, Dynamic World availability, ERA5 values).
-Request 2, ``computePixels``: the whole stack (every modality resampled to
-the Sentinel-2 grid at 10 m) on an explicit grid, as a NumPy array. The
-original needed about 20 sequential round trips (several ``getInfo`` per
-modality, then ``getDownloadUrl`` and an HTTP GET).
+know (number of candidate Sentinel-2 images, the chosen one, its product,
+date, CRS and grid origin, its bands, the Sentinel-1 image per orbit pass,
+Dynamic World availability, the ERA5 band names and values). Request 2,
+``computePixels``: the whole stack (every modality resampled to the
+Sentinel-2 grid at 10 m) on an explicit grid, as NPY bytes. The original
+needed about 20 sequential round trips.
 
-Selection rules, as the original (``ee_utils/ee_data.py``):
+Per-tile choices, exactly as the original:
 
-* Sentinel-2: a random year 2017-2020 (2018: Jan-Nov; 2019: Dec 2018-Dec
-  2019); L2A (COPERNICUS/S2_SR_HARMONIZED) or L1C (COPERNICUS/S2_HARMONIZED)
-  at random, L2A falling back to L1C when its collection is empty;
-  CLOUDY_PIXEL_PERCENTAGE < 10; the image must contain the tile buffered by
-  200 m; one image at random; its B4 projection gives the CRS; spectral bands
-  bilinear, SCL and QA60 nearest.
-* Sentinel-1 (COPERNICUS/S1_GRD, IW): per orbit pass the image closest in
-  time to the S2 date within 2017-2020 that contains the tile; every band
-  except ``angle``; bilinear.
-* ASTER GDEM elevation and ``ee.Terrain.slope`` of it; bilinear.
-* ERA5-Land monthly aggregates: previous month, current month, and the 12
-  months ending with the current one (mean of temperature_2m, min of
+* Python's ``random`` seeded with ``int(sha256(f"{lat}_{lon}")) % 10**5``,
+  ``lat``/``lon`` the tile's geodesic centroid (see :func:`seed_lat_lon`),
+  then, in this order, ``randint(2017, 2020)`` (the year), ``randint(0, 1)``
+  (0: L2A, 1: L1C) and ``randint(0, n - 1)`` (the image), ``n`` being the
+  number of candidates the server finds. ``n`` is known only on the server,
+  so the client computes ``randint(0, n - 1)`` for every ``n`` up to
+  :data:`INDEX_TABLE_SIZE` (from the generator state after the first two
+  draws) and the expression picks entry ``n - 1`` of it (sent as one string). When the
+  server reports more candidates than the table holds, the metadata request is
+  sent once more with a table long enough for that ``n`` (a third request for
+  that tile only; logged), so the pick is still the original's.
+* Sentinel-2: year windows 2017 and 2020: Jan 1 - Dec 31, 2018: Jan 1 - Nov
+  30, 2019: Dec 1 2018 - Dec 31 2019, each ``filterDate(start, end)`` with
+  ``end`` exclusive as written (so Dec 31 / Nov 30 themselves are left out);
+  ``filterBounds``; CLOUDY_PIXEL_PERCENTAGE < 10; L2A
+  (COPERNICUS/S2_SR_HARMONIZED) falls back to L1C (COPERNICUS/S2_HARMONIZED)
+  when its filtered collection is empty (before the containment filter);
+  the image must contain the tile buffered by 200 m. Its B4 projection gives
+  the CRS. Bands as the original's config; an L2A image without
+  MSK_CLDPRB is kept without it; any other missing band is a per-tile error
+  (:class:`NoDataError`), never a shorter stack.
+* Sentinel-1 (COPERNICUS/S1_GRD, IW), 2017-01-01 to 2020-12-31 (exclusive),
+  images containing the tile buffered by 200 m; per orbit pass the image
+  closest in time to midnight UTC of the S2 day; every band except ``angle``.
+* ERA5-Land monthly aggregates: the previous and the current month
+  (``toBands`` of the images from the 1st of the previous month to the last
+  day of the current one, exclusive), and the "year": from the 1st of the
+  same month one year earlier to the last day of the current month
+  (exclusive), i.e. 13 monthly images, the original's quirk (default;
+  ``era5_year_months=12`` gives a calendar year, recorded in tile_info
+  ``ERA5_YEAR_MONTHS``), reduced per band (mean of temperature_2m, min of
   temperature_2m_min, max of temperature_2m_max, sum of
-  total_precipitation_sum), mean over the tile.
-* Dynamic World: mode of the S2 year's ``label`` + 1.
-* ETH canopy height 2020 and its standard deviation; bilinear.
-* ESA WorldCover v100 ``Map``.
+  total_precipitation_sum); mean over the tile at 10 m. tile_info
+  ``BANDS.era5`` holds the twelve band names Earth Engine gives these.
+* Dynamic World: mode of ``label`` + 1 over the S2 year (Jan 1 - Dec 31,
+  exclusive). ASTER GDEM ``b1`` and its slope, ETH canopy height and SD,
+  ESA WorldCover ``Map``; continuous bands bilinear, SCL/QA60/labels nearest.
 
-Random choices are seeded per tile (the original's seed: a hash of the tile
-centre coordinates), so a tile's selection is reproducible.
+Every branch of the metadata expression is valid whichever the server
+evaluates (an empty candidate list picks a placeholder image, empty Sentinel-1
+lists give empty lists), so correctness never depends on
+``ee.Algorithms.If`` skipping a branch.
 
 Requests and retries: the client's own retries are switched off
 (``ee.data.setMaxRetries(0)``), so one attempt is one HTTP request; every
 request holds a slot of the Prefect global concurrency limit for its whole
-duration; transient failures (429, 5xx, timeouts, dropped connections) raise
-:class:`TransientSourceError` and Prefect task retries (exponential backoff,
-jitter) fetch the tile again; permanent outcomes raise :class:`NoDataError`
-and are never retried.
+duration. Only outcomes known to be permanent raise :class:`NoDataError`
+(no Sentinel-2 image, a missing band, an invalid tile geometry, an ecoregion
+without index); every other failure, known transient or unknown, raises
+:class:`TransientSourceError` and is retried.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import contextlib
+import hashlib
 import http.client
+import io
 import json
 import logging
 import math
@@ -77,6 +99,20 @@ CANOPY_HEIGHT_SD = "users/nlang/ETH_GlobalCanopyHeightSD_2020_10m_v1"
 WORLDCOVER = "ESA/WorldCover/v100"
 CLOUD_THRESHOLD = 10
 S2_BUFFER_M = 200
+S1_BUFFER_M = 200
+S1_START, S1_END = "2017-01-01", "2020-12-31"  # the original's general period, end exclusive as written
+#: The original's names of the ASTER bands (tile_info BANDS.aster): the asset's ``b1`` and its slope.
+ASTER_BANDS_EE: tuple[str, str] = ("b1", "slope")
+#: ERA5 bands reduced for the "year" values, with the original's reducer per band (by name).
+ERA5_YEAR_REDUCERS: tuple[tuple[str, str], ...] = (
+    ("temperature_2m", "mean"), ("temperature_2m_min", "min"), ("temperature_2m_max", "max"),
+    ("total_precipitation_sum", "sum"),
+)
+#: randint(0, n - 1) is precomputed for n = 1..INDEX_TABLE_SIZE (see module doc).
+INDEX_TABLE_SIZE = 1024
+#: How close (degrees) a tile's lat/lon must be to its geodesic centroid to be taken as
+#: Earth Engine's centroid (lat/lon copied from an original tile_info) for the seed.
+SEED_LATLON_TOLERANCE_DEG = 1e-8
 #: pixels EE returns for masked data (unmasked with this, turned into NaN here)
 MASK_VALUE = -3.0e38
 
@@ -87,10 +123,21 @@ _TRANSIENT_PATTERNS = (
     "internal error", "service is currently unavailable", "unavailable", "backend error",
     "deadline", "timed out", "timeout", "connection", "429", "500", "502", "503", "504",
 )
+#: Earth Engine messages known to be permanent for the tile (its geometry is unusable).
+_PERMANENT_PATTERNS = (
+    ("linearring requires at least", "invalid tile geometry"),
+    ("invalid geojson geometry", "invalid tile geometry"),
+    ("geometry has no vertices", "invalid tile geometry"),
+    ("polygon has no interior", "invalid tile geometry"),
+    ("self-intersect", "invalid tile geometry"),
+    ("invalid polygon", "invalid tile geometry"),
+)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether an exception from the EE client is worth retrying."""
+    """Whether an exception from the EE client is a known transient failure (429, 5xx,
+    timeouts, dropped connections). Unknown errors are not "transient" here but are
+    retried as well: see :func:`permanent_reason`."""
     if isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)):
         return True
     try:
@@ -111,16 +158,73 @@ def is_transient(exc: BaseException) -> bool:
     return any(p in msg for p in _TRANSIENT_PATTERNS)
 
 
+def permanent_reason(exc: BaseException) -> str | None:
+    """The reason when an error is known to be permanent for the tile, else None (retry).
+
+    Only errors known to be permanent may make a tile NO_DATA (never fetched
+    again); anything else, e.g. the CPython "AST constructor recursion depth
+    mismatch" race, is retried."""
+    if is_transient(exc):
+        return None
+    msg = str(exc).lower()
+    for pattern, reason in _PERMANENT_PATTERNS:
+        if pattern in msg:
+            return reason
+    return None
+
+
 # --------------------------------------------------------------------------
 # Per-tile random choices (seeded like the original)
 # --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Choices:
-    year: int
-    start: str
-    end: str
-    prefer: str  # "l2a" or "l1c"
-    u: float  # picks the image: index = floor(u * n_images)
+def _unit_vectors(lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    lo, la = np.radians(lon), np.radians(lat)
+    return np.stack([np.cos(la) * np.cos(lo), np.cos(la) * np.sin(lo), np.sin(la)], axis=-1)
+
+
+def _true_centroid(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Area-weighted centroid vector of the spherical triangle abc (S2's TrueCentroid)."""
+    def angle(u, v):
+        return math.atan2(float(np.linalg.norm(np.cross(u, v))), float(np.dot(u, v)))
+
+    ra, rb, rc = (1.0 if t == 0 else t / math.sin(t) for t in (angle(b, c), angle(c, a), angle(a, b)))
+    x = np.array([a[0], b[0] - a[0], c[0] - a[0]])
+    y = np.array([a[1], b[1] - a[1], c[1] - a[1]])
+    z = np.array([a[2], b[2] - a[2], c[2] - a[2]])
+    r = np.array([ra, rb - ra, rc - ra])
+    return 0.5 * np.array([np.dot(np.cross(y, z), r), np.dot(np.cross(z, x), r), np.dot(np.cross(x, y), r)])
+
+
+def geodesic_centroid(geometry: dict[str, Any]) -> tuple[float, float]:
+    """(lon, lat) of a GeoJSON Polygon's centroid on the sphere (edges are great-circle
+    arcs, as Earth Engine's geodesic geometries), the sum of the true centroids of a
+    triangle fan of each ring (holes subtract), normalised."""
+    total = np.zeros(3)
+    for k, ring in enumerate(geometry["coordinates"]):
+        pts = np.asarray(ring, dtype=np.float64)
+        if len(pts) > 1 and np.array_equal(pts[0], pts[-1]):
+            pts = pts[:-1]
+        v = _unit_vectors(pts[:, 0], pts[:, 1])
+        part = np.zeros(3)
+        for i in range(1, len(v) - 1):
+            part += _true_centroid(v[0], v[i], v[i + 1])
+        total += part if k == 0 else -part
+    x, y, z = total
+    return math.degrees(math.atan2(y, x)), math.degrees(math.atan2(z, math.hypot(x, y)))
+
+
+def seed_lat_lon(tile: Tile) -> tuple[float, float]:
+    """The (lat, lon) the original seeds a tile with: Earth Engine's geodesic centroid.
+
+    When the tile's own lat/lon agree with the geodesic centroid within
+    :data:`SEED_LATLON_TOLERANCE_DEG` they are taken as Earth Engine's exact floats
+    (lat/lon copied from an original tile_info into the tiles GeoJSON: the seed
+    string needs every digit); otherwise the centroid computed here, which agrees
+    with Earth Engine's to about 1e-12 degrees but may differ in the last digits of
+    the seed string (see the README's Earth Engine section)."""
+    lon, lat = geodesic_centroid(tile.geometry)
+    if abs(tile.lat - lat) <= SEED_LATLON_TOLERANCE_DEG and abs(tile.lon - lon) <= SEED_LATLON_TOLERANCE_DEG:
+        return tile.lat, tile.lon
+    return lat, lon
 
 
 def tile_seed(lat: float, lon: float) -> int:
@@ -129,6 +233,7 @@ def tile_seed(lat: float, lon: float) -> int:
 
 
 def s2_window(year: int) -> tuple[str, str]:
+    """The original's Sentinel-2 ``filterDate(start, end)`` window of a year (end exclusive)."""
     if year == 2018:
         return "2018-01-01", "2018-11-30"
     if year == 2019:
@@ -136,86 +241,128 @@ def s2_window(year: int) -> tuple[str, str]:
     return f"{year}-01-01", f"{year}-12-31"
 
 
-def choose(tile: Tile) -> Choices:
-    rng = random.Random(tile_seed(tile.lat, tile.lon))
+def index_table(rng: random.Random, size: int) -> tuple[int, ...]:
+    """``randint(0, n - 1)`` for n = 1..size, each as if drawn from ``rng``'s current state.
+
+    CPython's ``randint(0, n - 1)`` is ``_randbelow(n)``: ``getrandbits(k)`` with
+    ``k = n.bit_length()`` until a value below ``n``. All ``n`` of one bit length
+    read the same stream of ``getrandbits(k)`` values, so each stream is drawn once
+    (``rng`` is left unchanged)."""
+    state = rng.getstate()
+    out = [0] * size
+    try:
+        for k in range(1, size.bit_length() + 1):
+            rng.setstate(state)
+            draws: list[int] = []
+            for n in range(1 << (k - 1), min(1 << k, size + 1)):
+                pick = next((d for d in draws if d < n), None)
+                while pick is None:
+                    d = rng.getrandbits(k)
+                    draws.append(d)
+                    if d < n:
+                        pick = d
+                out[n - 1] = pick
+    finally:
+        rng.setstate(state)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Choices:
+    year: int
+    start: str
+    end: str
+    prefer: str  # "l2a" or "l1c"
+    table: tuple[int, ...]  # table[n - 1] = randint(0, n - 1) after the year and product draws
+    lat: float  # the seed's centroid
+    lon: float
+
+    def index(self, n: int) -> int:
+        return self.table[n - 1]
+
+
+def choose(tile: Tile, table_size: int = INDEX_TABLE_SIZE) -> Choices:
+    """The original's draws for a tile: year, product, then the image index for any n."""
+    lat, lon = seed_lat_lon(tile)
+    rng = random.Random(tile_seed(lat, lon))
     year = rng.randint(2017, 2020)
     start, end = s2_window(year)
     prefer = "l2a" if rng.randint(0, 1) == 0 else "l1c"
-    return Choices(year=year, start=start, end=end, prefer=prefer, u=rng.random())
-
-
-def _end_exclusive(date: str) -> str:
-    return (_dt.date.fromisoformat(date) + _dt.timedelta(days=1)).isoformat()
+    return Choices(year=year, start=start, end=end, prefer=prefer, table=index_table(rng, table_size),
+                   lat=lat, lon=lon)
 
 
 # --------------------------------------------------------------------------
 # Expressions
 # --------------------------------------------------------------------------
-def metadata_expression(tile: Tile, ch: Choices):
-    """The one ``computeValue`` dictionary of a tile (see module doc)."""
+def _polygon(tile: Tile):
     import ee
 
-    poly = ee.Geometry.Polygon(tile.geometry["coordinates"])
-    request = {"tile_id": tile.tile_id, "kind": "metadata", "lat": tile.lat, "lon": tile.lon,
-               "year": ch.year, "start": ch.start, "end": ch.end, "prefer": ch.prefer, "u": ch.u}
+    return ee.Geometry.Polygon(tile.geometry["coordinates"])
+
+
+def metadata_expression(tile: Tile, ch: Choices, era5_year_months: int = 13):
+    """The one ``computeValue`` dictionary of a tile (see module doc). Valid whichever
+    branches the server evaluates: with no candidate, a placeholder image stands in."""
+    import ee
+
+    poly = _polygon(tile)
 
     def s2(collection: str):
-        return (ee.ImageCollection(collection).filterBounds(poly)
-                .filterDate(ch.start, _end_exclusive(ch.end))
+        return (ee.ImageCollection(collection).filterBounds(poly).filterDate(ch.start, ch.end)
                 .filterMetadata("CLOUDY_PIXEL_PERCENTAGE", "less_than", CLOUD_THRESHOLD))
 
     l2a, l1c = s2(S2_L2A), s2(S2_L1C)
     use_l1c = ee.Number(1 if ch.prefer == "l1c" else 0).Or(l2a.size().eq(0))
     coll = ee.ImageCollection(ee.Algorithms.If(use_l1c, l1c, l2a))
-    s2_type = ee.String(ee.Algorithms.If(use_l1c, "l1c", "l2a"))
+    s2_type = ee.Algorithms.If(use_l1c, "l1c", "l2a")
     contained = coll.filter(ee.Filter.contains(".geo", poly.buffer(S2_BUFFER_M)))
     n = contained.size()
-    idx = ee.Number(ch.u).multiply(n).floor().min(n.subtract(1)).max(0)
-    img = ee.Image(contained.toList(1, idx).get(0))
+    # the table travels as one string (a list of 1024 numbers costs the client ~10 ms to encode)
+    table = ee.String(",".join(map(str, ch.table))).split(",")
+    idx = ee.Number.parse(table.get(n.min(len(ch.table)).max(1).subtract(1)))
+    # stands in when there is no candidate: a date inside every collection's coverage (2019-06-01), so that
+    # each later part (S1, ERA5 windows, Dynamic World) stays valid; the client ignores it (n = 0)
+    placeholder = ee.Image.constant(0).rename("B4").set("system:time_start", 1_559_347_200_000, "system:id", "")
+    img = ee.Image(contained.toList(n).add(placeholder).get(idx))
     date = ee.Date(img.get("system:time_start"))
+    day = ee.Date(date.format("YYYY-MM-dd"))  # midnight UTC of the S2 day, as the original's date string
     proj = img.select("B4").projection()
 
-    # Sentinel-1: per orbit pass, closest in time to the S2 date
-    s1 = (ee.ImageCollection(S1_GRD).filterBounds(poly).filterDate("2017-01-01", "2021-01-01")
+    # Sentinel-1: per orbit pass, closest in time to the S2 day
+    s1 = (ee.ImageCollection(S1_GRD).filterDate(S1_START, S1_END).filterBounds(poly)
+          .filter(ee.Filter.contains(".geo", poly.buffer(S1_BUFFER_M)))
           .filterMetadata("instrumentMode", "equals", "IW")
-          .filter(ee.Filter.contains(".geo", poly))
-          .map(lambda im: im.set("date_difference",
-                                 ee.Date(im.get("system:time_start")).difference(date, "day").abs()))
+          .map(lambda im: im.set("date_difference", im.date().difference(day, "day").abs()))
           .sort("date_difference"))
 
-    def s1_pick(orbit: str):
-        c = s1.filterMetadata("orbitProperties_pass", "equals", orbit)
-        first = ee.Image(c.first())
-        return ee.Algorithms.If(c.size().gt(0), ee.Dictionary({
-            "id": first.get("system:id"), "bands": first.bandNames().remove("angle")}), None)
+    def s1_pick(orbit: str):  # ids: [] or [the closest scene]; bands: the placeholder's when there is none
+        first = s1.filterMetadata("orbitProperties_pass", "equals", orbit).limit(1)
+        return ee.Dictionary({"ids": first.aggregate_array("system:id"),
+                              "bands": ee.Image(first.toList(1).add(placeholder).get(0)).bandNames()})
 
-    # ERA5-Land, sampled over the tile
+    # ERA5-Land: dates as the original writes them, end exclusive
     month_start = ee.Date.fromYMD(date.get("year"), date.get("month"), 1)
-    era = ee.ImageCollection(ERA5_MONTHLY).select(list(schema.ERA5_BANDS))
-
-    def era_vec(c, reducers=None):
-        image = c.first() if reducers is None else ee.Image.cat([
-            c.select(b).reduce(r) for b, r in zip(schema.ERA5_BANDS, reducers)]).rename(list(schema.ERA5_BANDS))
-        values = ee.Image(image).reduceRegion(ee.Reducer.mean(), poly, 10).values(list(schema.ERA5_BANDS))
-        return ee.Algorithms.If(c.size().gt(0), values, None)
-
-    era5 = ee.Dictionary({
-        "month1": era_vec(era.filterDate(month_start.advance(-1, "month"), month_start)),
-        "month2": era_vec(era.filterDate(month_start, month_start.advance(1, "month"))),
-        "year": era_vec(era.filterDate(month_start.advance(-11, "month"), month_start.advance(1, "month")),
-                        [ee.Reducer.mean(), ee.Reducer.min(), ee.Reducer.max(), ee.Reducer.sum()]),
-    })
+    month_last = month_start.advance(1, "month").advance(-1, "day")
+    era = ee.ImageCollection(ERA5_MONTHLY)
+    monthly = era.filterDate(month_start.advance(-1, "month"), month_last).select(list(schema.ERA5_BANDS)).toBands()
+    year_coll = era.filterDate(month_start.advance(-(era5_year_months - 1), "month"), month_last)
+    # per band its reducer ("<band>_<reducer>"; Image.select, not a client-side map per band)
+    yearly = ee.ImageCollection([year_coll.reduce(getattr(ee.Reducer, r)()).select([f"{b}_{r}"])
+                                 for b, r in ERA5_YEAR_REDUCERS]).toBands().float()
+    combined = ee.Image.cat([monthly, yearly])
+    era5 = ee.Dictionary({"names": combined.bandNames(),
+                          "values": combined.reduceRegion(ee.Reducer.mean(), poly, 10)})
+    year = date.get("year")
     dw_count = (ee.ImageCollection(DYNAMIC_WORLD).filterBounds(poly)
-                .filterDate(ee.Date.fromYMD(date.get("year"), 1, 1), ee.Date.fromYMD(date.get("year"), 12, 31)).size())
-    found = ee.Dictionary({
-        "request": request, "n_images": n, "s2_type": s2_type, "s2_id": img.get("system:id"),
+                .filterDate(ee.Date.fromYMD(year, 1, 1), ee.Date.fromYMD(year, 12, 31)).size())
+    return ee.Dictionary({
+        "n_images": n, "s2_type": s2_type, "s2_id": img.get("system:id"),
         "s2_date": date.format("YYYY-MM-dd"), "s2_bands": img.bandNames(),
         "crs": proj.crs(), "crs_transform": proj.transform(),
         "s1_asc": s1_pick("ASCENDING"), "s1_desc": s1_pick("DESCENDING"),
         "dw_count": dw_count, "era5": era5,
     })
-    empty = ee.Dictionary({"request": request, "n_images": 0})
-    return ee.Dictionary(ee.Algorithms.If(n.gt(0), found, empty))
 
 
 @dataclass
@@ -231,52 +378,79 @@ class TileMeta:
     s1: dict[str, dict[str, Any] | None]
     dw_count: int
     era5: dict[str, list[float] | None]
+    era5_names: list[str] = field(default_factory=list)
+
+    def sentinel2_bands(self) -> list[str]:
+        """The original's S2 bands for the product; L2A without MSK_CLDPRB drops it."""
+        wanted = list(schema.S2_BANDS_L2A if self.s2_type == "l2a" else schema.S2_BANDS_L1C)
+        if self.s2_type == "l2a" and "MSK_CLDPRB" not in self.s2_bands:
+            wanted.remove("MSK_CLDPRB")
+        return wanted
+
+    def missing_s2_bands(self) -> list[str]:
+        return [b for b in self.sentinel2_bands() if b not in self.s2_bands]
 
     def stack_bands(self) -> dict[str, list[str] | None]:
-        """tile_info BANDS: the bands the stack will have, per group, in file order."""
-        if self.s2_type == "l2a":
-            s2 = [b for b in schema.S2_BANDS_L2A if b in self.s2_bands]
-        else:
-            s2 = [b for b in schema.S2_BANDS_L1C if b in self.s2_bands]
-        bands: dict[str, list[str] | None] = {"sentinel2": s2}
+        """tile_info BANDS: the bands of the stack per group (file order), and the
+        ERA5 band names, as the original writes them."""
+        bands: dict[str, list[str] | None] = {"sentinel2": self.sentinel2_bands()}
         for orbit in ("asc", "desc"):
             pick = self.s1.get(orbit)
-            pols = [b for b in (pick or {}).get("bands") or [] if b in schema.S1_POLARISATIONS]
-            bands[f"sentinel1_{orbit}"] = pols or None
-        bands["aster"] = list(schema.ASTER_BANDS)
-        bands["era5"] = list(schema.ERA5_BANDS)
+            bands[f"sentinel1_{orbit}"] = ([b for b in pick.get("bands") or [] if b != "angle"] or None) if pick else None
+        bands["aster"] = list(ASTER_BANDS_EE)
+        bands["era5"] = list(self.era5_names)
         bands["dynamic_world"] = list(schema.DYNAMIC_WORLD_BANDS) if self.dw_count > 0 else None
         bands["canopy_height_eth"] = list(schema.CANOPY_BANDS)
         bands["esa_worldcover"] = list(schema.WORLDCOVER_BANDS)
         return bands
 
 
+def _one(value: Any) -> dict[str, Any] | None:
+    """A Sentinel-1 pick of the metadata answer: {"ids": [id] or [], "bands": [...]}."""
+    if not isinstance(value, dict) or not value.get("ids"):
+        return None
+    return {"id": value["ids"][0], "bands": list(value.get("bands") or [])}
+
+
 def parse_metadata(tile: Tile, ch: Choices, result: Any) -> TileMeta:
-    """Validate the metadata answer; NoDataError when the tile has no S2 image."""
+    """Validate the metadata answer; NoDataError when the tile has no S2 image or the
+    image lacks a band the stack must have."""
     if not isinstance(result, dict):
         raise TransientSourceError(tile.tile_id, f"unexpected metadata answer {type(result).__name__}")
-    req = result.get("request") or {}
-    if req.get("tile_id") != tile.tile_id:
-        raise TransientSourceError(tile.tile_id, f"metadata answer is for tile {req.get('tile_id')!r}")
     if not result.get("n_images"):
         raise NoDataError(
             tile.tile_id,
-            f"no {'L1C' if ch.prefer == 'l1c' else 'L2A or L1C'} Sentinel-2 image with CLOUDY_PIXEL_PERCENTAGE < "
-            f"{CLOUD_THRESHOLD} contains the tile (+{S2_BUFFER_M} m) between {ch.start} and {ch.end}",
+            f"no Sentinel-2 image: no {'L1C' if ch.prefer == 'l1c' else 'L2A or L1C'} image with "
+            f"CLOUDY_PIXEL_PERCENTAGE < {CLOUD_THRESHOLD} contains the tile (+{S2_BUFFER_M} m) in "
+            f"filterDate({ch.start}, {ch.end})",
         )
     try:
         era5 = result.get("era5") or {}
-        return TileMeta(
+        names = [str(b) for b in era5.get("names") or []]
+        values = era5.get("values") or {}
+
+        def part(sl: slice) -> list[float] | None:
+            sel = names[sl]
+            if len(sel) != 4:
+                return None
+            return [math.nan if values.get(b) is None else float(values[b]) for b in sel]
+
+        meta = TileMeta(
             s2_type=str(result["s2_type"]), s2_id=str(result["s2_id"]), s2_date=str(result["s2_date"]),
             s2_bands=[str(b) for b in result["s2_bands"]], crs=str(result["crs"]),
             crs_transform=[float(v) for v in result["crs_transform"]],
-            s1={"asc": result.get("s1_asc"), "desc": result.get("s1_desc")},
+            s1={"asc": _one(result.get("s1_asc")), "desc": _one(result.get("s1_desc"))},
             dw_count=int(result.get("dw_count") or 0),
-            era5={k: (None if era5.get(k) is None else [float(v) if v is not None else math.nan for v in era5[k]])
-                  for k in ("month1", "month2", "year")},
+            era5={"month1": part(slice(0, 4)), "month2": part(slice(4, 8)), "year": part(slice(8, None))},
+            era5_names=names,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise TransientSourceError(tile.tile_id, f"malformed metadata answer: {exc}") from exc
+    missing = meta.missing_s2_bands()
+    if missing:
+        raise NoDataError(tile.tile_id, f"missing Sentinel-2 band: image {meta.s2_id} has no band(s) "
+                                        f"{', '.join(missing)} (only MSK_CLDPRB may be absent)")
+    return meta
 
 
 def stack_grid(tile: Tile, meta: TileMeta, resolution: float = 10.0) -> Grid:
@@ -301,7 +475,7 @@ def pixels_expression(tile: Tile, meta: TileMeta):
     """The stack image: every modality, float, masked pixels set to MASK_VALUE."""
     import ee
 
-    poly = ee.Geometry.Polygon(tile.geometry["coordinates"])
+    poly = _polygon(tile)
     bands = meta.stack_bands()
     parts = []
     s2_img = ee.Image(meta.s2_id)
@@ -326,7 +500,18 @@ def pixels_expression(tile: Tile, meta: TileMeta):
     parts.append(ee.ImageCollection(WORLDCOVER).first().select(["Map"]))
     names = [band_id(*d.split("/", 1)) for d in schema.stack_band_descriptions(bands)]
     image = ee.Image.cat([p.float() for p in parts]).rename(names).unmask(MASK_VALUE, False)
-    return image.set("request", {"tile_id": tile.tile_id, "kind": "pixels"}), names
+    return image, names
+
+
+#: numpy parses an NPY header with ast.literal_eval; CPython 3.11's AST conversion keeps
+#: its recursion depth per interpreter, so concurrent parses in threads can fail with
+#: "AST constructor recursion depth mismatch": NPY answers are decoded under this lock.
+_NPY_LOCK = threading.Lock()
+
+
+def decode_npy(raw: bytes) -> np.ndarray:
+    with _NPY_LOCK:
+        return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
 # --------------------------------------------------------------------------
@@ -346,6 +531,10 @@ class EarthEngineSource(Source):
     :class:`blocks.earthengine.EarthEngineCredentials` block), or ``None`` for
     the user's persistent credentials from ``earthengine authenticate``.
     ``url``: the API endpoint (default Google's; tests point it at a fake).
+    ``credentials_origin``: where the key came from, named in error messages.
+    ``era5_year_months``: 13 (default, the original's quirk: the same month a year
+    earlier to the current month) or 12 (a calendar year ending with the current
+    month); recorded in tile_info ``ERA5_YEAR_MONTHS``.
     """
 
     project: str
@@ -356,14 +545,22 @@ class EarthEngineSource(Source):
     slot_timeout_s: float | None = None
     ceiling: int | None = None  # the limit's size, to cap a batch's lease
     eco_index: dict[str, int] | None = field(default=None, repr=False)
+    credentials_origin: str = "the EarthEngineCredentials block or the Prefect Secret"
+    era5_year_months: int = 13
     name: str = "earthengine"
+
+    def __post_init__(self) -> None:
+        if self.era5_year_months not in (12, 13):
+            raise ValueError(f"source_options.era5_year_months is {self.era5_year_months!r}; use 13 (the "
+                             "original's 13 monthly images, default) or 12 (a calendar year)")
 
     def __repr__(self) -> str:  # never show the key
         kind = "service-account key" if self.credentials else "persistent credentials"
         return f"EarthEngineSource(project={self.project!r}, credentials=<{kind}>, url={self.url!r})"
 
     def cache_key(self) -> str:
-        return "earthengine-v1"
+        # v2: the original's selection (issue 12); the ERA5 year changes what a stack holds
+        return f"earthengine-v2-era5y{self.era5_year_months}"
 
     # -- client --------------------------------------------------------------
     def _credentials(self):
@@ -375,8 +572,9 @@ class EarthEngineSource(Source):
                 return service_account.Credentials.from_service_account_info(self.credentials, scopes=ee.oauth.SCOPES)
             except (ValueError, KeyError) as exc:
                 raise EarthEngineAuthError(
-                    f"the Earth Engine service-account key is not valid ({type(exc).__name__}); save the full JSON "
-                    "key of the service account in the EarthEngineCredentials block or the Prefect Secret") from None
+                    f"the Earth Engine service-account key from {self.credentials_origin} is not valid "
+                    f"({type(exc).__name__}: {exc}); put the whole JSON key file of the service account "
+                    "there") from None
         adc = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS") or os.path.expanduser(
             "~/.config/gcloud/application_default_credentials.json")
         if not os.path.exists(ee.oauth.get_credentials_path()) and not os.path.exists(adc):
@@ -414,9 +612,12 @@ class EarthEngineSource(Source):
                     ee.data.setDeadline(int(self.timeout_s * 1000))  # rebuilds the client: inside the slot
                 except Exception as exc:
                     if is_transient(exc):
-                        raise TransientSourceError("-", f"Earth Engine initialisation failed: {exc}") from None
-                    raise EarthEngineAuthError(f"Earth Engine rejected the credentials or project "
-                                               f"{self.project!r}: {exc}") from None
+                        where = self.url or "the default endpoint"
+                        raise EarthEngineInitError(f"Earth Engine initialisation at {where} failed "
+                                                   f"(temporary, retried): {exc}") from None
+                    origin = self.credentials_origin if self.credentials else "persistent credentials"
+                    raise EarthEngineAuthError(f"Earth Engine rejected the credentials ({origin}) "
+                                               f"or project {self.project!r}: {exc}") from None
             _initialized.clear()
             _initialized[key] = True
 
@@ -471,47 +672,66 @@ class EarthEngineSource(Source):
             except (NoDataError, TransientSourceError):
                 raise
             except Exception as exc:
-                if is_transient(exc):
-                    raise TransientSourceError(tile.tile_id, f"{what}: {type(exc).__name__}: {exc}") from None
-                raise NoDataError(tile.tile_id, f"{what}: {exc}") from None
+                reason = permanent_reason(exc)
+                if reason is not None:
+                    raise NoDataError(tile.tile_id, f"{reason}: {what}: {exc}") from None
+                # known transient or unknown: retried (an unknown error must never lose the tile)
+                raise TransientSourceError(tile.tile_id, f"{what}: {type(exc).__name__}: {exc}") from None
 
     # -- one tile ------------------------------------------------------------
-    def fetch(self, tile: Tile, grid: Grid) -> TileStack:
+    def select(self, tile: Tile) -> tuple[Choices, TileMeta]:
+        """Request 1: the tile's choices and what the server found for them."""
         import ee
 
         try:
             self.initialize()
-        except TransientSourceError as exc:
-            raise TransientSourceError(tile.tile_id, exc.reason) from None
+        except EarthEngineInitError as exc:
+            raise TransientSourceError(tile.tile_id, str(exc)) from None
         ch = choose(tile)
-        result = self._call(tile, "computeValue", lambda: ee.data.computeValue(metadata_expression(tile, ch)))
-        meta = parse_metadata(tile, ch, result)
+        result = self._call(tile, "computeValue", lambda: ee.data.computeValue(
+            metadata_expression(tile, ch, self.era5_year_months)))
+        n = result.get("n_images") if isinstance(result, dict) else None
+        if isinstance(n, int) and n > len(ch.table):
+            # more candidates than the precomputed table: ask again with a table that reaches n
+            log.info("tile %s: %d Sentinel-2 candidates > %d; metadata asked again with a longer index table",
+                     tile.tile_id, n, len(ch.table))
+            ch = choose(tile, table_size=n)
+            result = self._call(tile, "computeValue", lambda: ee.data.computeValue(
+                metadata_expression(tile, ch, self.era5_year_months)))
+        return ch, parse_metadata(tile, ch, result)
+
+    def fetch(self, tile: Tile, grid: Grid) -> TileStack:
+        import ee
+
+        ch, meta = self.select(tile)
         grid = stack_grid(tile, meta)
         image, names = pixels_expression(tile, meta)
         t = grid.transform
         params = {
-            "expression": image, "fileFormat": "NUMPY_NDARRAY", "bandIds": names,
+            "expression": image, "fileFormat": "NPY", "bandIds": names,
             "grid": {"dimensions": {"width": grid.size, "height": grid.size},
                      "affineTransform": {"scaleX": t.a, "shearX": t.b, "translateX": t.c,
                                          "shearY": t.d, "scaleY": t.e, "translateY": t.f},
                      "crsCode": grid.crs},
         }
-        arr = self._call(tile, "computePixels", lambda: ee.data.computePixels(params))
+        raw = self._call(tile, "computePixels", lambda: ee.data.computePixels(params))
         try:
+            arr = decode_npy(raw)
             data = np.stack([np.asarray(arr[n], dtype=np.float32) for n in names])
-        except (KeyError, ValueError, TypeError, IndexError) as exc:
+        except (KeyError, ValueError, TypeError, IndexError, OSError, EOFError) as exc:
             raise TransientSourceError(tile.tile_id, f"computePixels returned an unexpected array: {exc}") from None
         if data.shape[1:] != (grid.size, grid.size):
             raise TransientSourceError(tile.tile_id, f"computePixels returned {data.shape[1:]}, asked {grid.size}")
         data[data <= MASK_VALUE * 0.5] = np.nan
         info = {
             "S2_DATE": meta.s2_date, "S2_type": meta.s2_type, "CRS": meta.crs,
-            "lat": tile.lat, "lon": tile.lon,
+            "lat": ch.lat, "lon": ch.lon,
             "biome": schema.BIOME_INDEX[tile.biome], "eco_region": self._eco_index(tile),
             "NO_DATA": False, "BANDS": meta.stack_bands(),
             "era5": {k: v for k, v in meta.era5.items()},
             "S2_IMAGEID": meta.s2_id,
             "S1_IMAGEIDS": {o: (meta.s1[o] or {}).get("id") for o in ("asc", "desc")},
+            "ERA5_YEAR_MONTHS": self.era5_year_months,
             "SOURCE": "earthengine",
         }
         return TileStack(tile.tile_id, data, grid.crs, grid.transform, info)
@@ -529,12 +749,33 @@ class EarthEngineAuthError(RuntimeError):
     """Missing or bad credentials/project: fails the flow before any tile."""
 
 
+class EarthEngineInitError(RuntimeError):
+    """``ee.Initialize`` failed for a temporary reason (a tile fetch turns it into a retry)."""
+
+
+ENV_KEY = "EE_SERVICE_ACCOUNT_KEY"
+
+
 def credentials_from_env() -> dict[str, Any] | None:
     """A service-account key from ``EE_SERVICE_ACCOUNT_KEY`` (JSON text or a file path)."""
-    raw = os.environ.get("EE_SERVICE_ACCOUNT_KEY")
+    raw = os.environ.get(ENV_KEY)
     if not raw:
         return None
-    if raw.lstrip().startswith("{"):
-        return json.loads(raw)
-    with open(raw) as fh:
-        return json.load(fh)
+    try:
+        if raw.lstrip().startswith("{"):
+            key = json.loads(raw)
+            where = f"{ENV_KEY} (JSON text)"
+        else:
+            where = f"{ENV_KEY} (file {raw})"
+            with open(raw) as fh:
+                key = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise EarthEngineAuthError(f"the service-account key in {ENV_KEY} is not valid JSON (line {exc.lineno}: "
+                                   f"{exc.msg}); set it to the whole key file's text or to its path") from None
+    except OSError as exc:
+        raise EarthEngineAuthError(f"{ENV_KEY} names a key file that cannot be read ({exc.strerror}: {raw}); set "
+                                   "it to the key file's path or to its JSON text") from None
+    if not isinstance(key, dict) or key.get("type") != "service_account":
+        raise EarthEngineAuthError(f"{where} is not a service-account key (no \"type\": \"service_account\"); "
+                                   "use the JSON key file of the service account")
+    return key

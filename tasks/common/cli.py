@@ -1,0 +1,95 @@
+"""The command line both flows share: ``--config NAME --set key=value``, checked up front.
+
+A configuration mistake is one :class:`ConfigError` with a message that names
+the field and says what to do; ``main()`` prints it once (no traceback) and
+exits with :data:`EXIT_CONFIG` before any server or cluster starts. Unknown
+keys are errors that name the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+EXIT_CONFIG = 2  # as argparse's own usage errors
+
+
+class ConfigError(ValueError):
+    """A mistake in the flow's settings or inputs: the message says what and where."""
+
+
+def parse_value(v: str) -> Any:
+    """``--set`` values: JSON when they parse as JSON (numbers, lists, objects, true), else the string."""
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "dask.n_workers=2"]`` -> ``{"a": 1, "dask": {"n_workers": 2}}``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p!r} is given both as a value and as a group")
+        node[leaf] = parse_value(value)
+    return out
+
+
+def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` over ``base``; nested dicts merge key by key."""
+    out = dict(base)
+    for k, v in overrides.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The model class that holds the field at ``loc[:-1]`` (for nearest-key hints)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
+        ann = getattr(field, "annotation", None)
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if nxt is None:
+            return None
+        model = nxt
+    return model
+
+
+def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """One line per mistake, ``field: what is wrong``; unknown keys name the nearest valid key."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc") or ())
+        where = ".".join(str(p) for p in loc) or "configuration"
+        if err.get("type") == "extra_forbidden":
+            holder = _model_at(model, loc)
+            valid = sorted(holder.model_fields) if holder else []
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            prefix = ".".join(str(p) for p in loc[:-1])
+            hint = f"did you mean {(prefix + '.' if prefix else '') + near[0]!r}?" if near else \
+                f"valid keys: {', '.join(valid)}"
+            lines.append(f"{where}: unknown setting; {hint}")
+        else:
+            msg = str(err.get("msg", "")).removeprefix("Value error, ")
+            lines.append(f"{where}: {msg} (got {err.get('input')!r})" if loc else msg)
+    return "invalid configuration: " + "; ".join(lines)
+
+
+def build(model: type[BaseModel], values: dict[str, Any]) -> Any:
+    """``model(**values)``, every mistake as one :class:`ConfigError`."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, model)) from None

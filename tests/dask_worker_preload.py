@@ -1,0 +1,53 @@
+"""Preload for the `dask worker` processes of the external test cluster (tests/test_runtime_runs.py).
+
+Records every task a worker starts (its resource restrictions) in
+``$FACTORY_TEST_RECORD_DIR/<worker name>.jsonl``. On a worker started with
+``FACTORY_TEST_GPU_STANDIN=1`` and no CUDA build of pycolmap, the GPU dense
+call (PatchMatch, CUDA only) is replaced by the CPU backend, so that the test
+can check where GPU-tagged tasks land on a machine without a GPU; nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from distributed import WorkerPlugin
+
+
+class RecordTasks(WorkerPlugin):
+    name = "record-tasks"
+
+    def setup(self, worker):
+        self.worker = worker
+        self.path = os.path.join(os.environ["FACTORY_TEST_RECORD_DIR"], f"{worker.name}.jsonl")
+
+    def transition(self, key, start, finish, **kwargs):
+        if finish != "executing":
+            return
+        ts = self.worker.state.tasks.get(key)
+        rec = {"key": str(key), "resources": dict(getattr(ts, "resource_restrictions", None) or {})}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+
+
+def _gpu_standin() -> None:
+    from tasks.aerial import pipeline as PL
+    from tasks.common.runtime import import_pycolmap
+
+    if import_pycolmap().has_cuda:
+        return  # a real GPU: the real PatchMatch runs
+
+    def dense_depths_gpu(paths, cfg, names):
+        out = PL.dense_depths_cpu(paths, cfg, names)
+        with open(os.path.join(os.environ["FACTORY_TEST_RECORD_DIR"], "gpu-standin.jsonl"), "a") as fh:
+            fh.write(json.dumps({"pid": os.getpid(), "names": list(names)}) + "\n")
+        return out
+
+    PL.dense_depths_gpu = dense_depths_gpu
+
+
+async def dask_setup(worker):
+    if os.environ.get("FACTORY_TEST_GPU_STANDIN") == "1":
+        _gpu_standin()
+    await worker.plugin_add(RecordTasks(), name=RecordTasks.name)

@@ -1,0 +1,218 @@
+"""A stack is what was fetched, or it is fetched again; and the flow's bookkeeping
+stays bounded (windowed futures, one-pass index)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tasks.common.window import run_windowed
+from tasks.multimodal import convert, stacks, tiles as tiles_mod
+from tasks.multimodal.sources.synthetic import SyntheticSource
+
+IMG = 16
+
+
+@pytest.fixture(scope="module")
+def world():
+    regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
+    eco = tiles_mod.eco_region_index(regions)
+    tiles = tiles_mod.sample_tiles(regions, eco, 5, 0, tile_size_m=300.0, seed=3)
+    return tiles, SyntheticSource(seed=3, eco_index=eco, missing_orbit_rate=0.0)
+
+
+def _same_layout_pair(out: Path, ids: list[str]) -> tuple[str, str]:
+    """Two tiles whose stacks have the same bands: a copy is then a valid stack for both."""
+    bands = {tid: json.dumps(stacks.read_tile_info(tid, out)["BANDS"], sort_keys=True) for tid in ids}
+    for a in ids:
+        for b in ids:
+            if a != b and bands[a] == bands[b]:
+                return a, b
+    raise AssertionError("no two tiles with the same bands")
+
+
+def _fetch_all(tiles, source, out):
+    for t in tiles:
+        o = stacks.fetch_tile(t, source, out)
+        assert o.status == "fetched", o
+    states, entries, _ = stacks.decide(tiles, source, out)
+    assert set(states.values()) == {"done"}
+    return entries
+
+
+def _overwrite_4k_keep_mtime(tif: Path) -> None:
+    st = tif.stat()
+    raw = bytearray(tif.read_bytes())
+    mid = len(raw) // 2
+    raw[mid:mid + 4096] = os.urandom(4096)
+    tif.write_bytes(bytes(raw))
+    os.utime(tif, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime: stat cannot tell
+    assert tif.stat().st_size == st.st_size
+
+
+def _pack(tiles, out, entries, defer=True):
+    ids = [t.tile_id for t in tiles]
+    spec = convert.PartSpec(0, ids, convert.entries_part_key(ids, entries, IMG, convert.Compression()))
+    return convert.pack_partition(spec, out / "tiles", stacks.TileInfoDir(out), out / "work" / "parts", IMG,
+                                  defer_on_mismatch=defer)
+
+
+def test_tile_json_records_digest_and_grid(tmp_path, world):
+    tiles, source = world
+    _fetch_all(tiles[:1], source, tmp_path)
+    info = stacks.read_tile_info(tiles[0].tile_id, tmp_path)
+    rec = info["STACK"]
+    tif = tmp_path / "tiles" / f"{tiles[0].tile_id}.tif"
+    assert rec["bytes"] == tif.stat().st_size and len(rec["blake2b"]) == 32
+    assert rec["crs"] == tiles[0].utm_crs and rec["width"] == rec["height"] == 30 and len(rec["transform"]) == 6
+    # the bookkeeping never reaches the dataset's tile_info
+    assert set(stacks.load_tile_info([tiles[0].tile_id], tmp_path)[tiles[0].tile_id]) & set(stacks.BOOKKEEPING) == set()
+
+
+def test_4k_overwritten_mid_file_is_caught_by_pack_then_by_the_full_check(tmp_path, world):
+    tiles, source = world
+    entries = _fetch_all(tiles, source, tmp_path)
+    victim = tmp_path / "tiles" / f"{tiles[2].tile_id}.tif"
+    _overwrite_4k_keep_mtime(victim)
+    # the rerun's stat check vouches for it (size and mtime unchanged) ...
+    states, entries, counts = stacks.decide(tiles, source, tmp_path)
+    assert states[tiles[2].tile_id] == "done" and counts["full checks"] == 0
+    # ... but packing checks the digest of the bytes it reads
+    res = _pack(tiles, tmp_path, entries)
+    assert set(res.integrity) == {tiles[2].tile_id} and res.path == "", res
+    assert "digest mismatch" in res.integrity[tiles[2].tile_id]
+    assert not (tmp_path / "work" / "parts" / "part_00000.npz").exists()
+    # without defer, the part is written without that row and the problem is reported
+    res = _pack(tiles, tmp_path, entries, defer=False)
+    assert res.n_rows == len(tiles) - 1 and tiles[2].tile_id in res.problems
+    # the full check (a tile not vouched for by the index) catches it too
+    stacks.index_path(tmp_path).unlink()
+    why: dict[str, str] = {}
+    states, _, counts = stacks.decide(tiles, source, tmp_path, why)
+    assert states[tiles[2].tile_id] == "missing" and counts["full checks"] == len(tiles)
+    assert list(why) == [tiles[2].tile_id] and "digest" in why[tiles[2].tile_id]
+
+
+def test_another_tiles_geotiff_copied_over_is_caught(tmp_path, world):
+    tiles, source = world
+    entries = _fetch_all(tiles, source, tmp_path)
+    a, b = _same_layout_pair(tmp_path, [t.tile_id for t in tiles])
+    src, dst = (tmp_path / "tiles" / f"{tid}.tif" for tid in (a, b))
+    st = dst.stat()
+    shutil.copyfile(src, dst)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # a valid GeoTIFF with the right bands: only the record tells it is another place
+    assert stacks.stack_is_complete(dst, stacks.read_tile_info(b, tmp_path)["BANDS"], 30) is None
+    # packing checks the grid and the digest (the index is bypassed here: same-size copies exist)
+    res = _pack(tiles, tmp_path, entries)
+    assert set(res.integrity) == {b}
+    assert "another tile" in res.integrity[b]
+    why: dict[str, str] = {}
+    stacks.index_path(tmp_path).unlink()
+    states, _, _ = stacks.decide(tiles, source, tmp_path, why)
+    assert states[b] == "missing" and list(why) == [b]
+    # refetching restores exactly the bytes that were recorded
+    bt = next(t for t in tiles if t.tile_id == b)
+    assert stacks.fetch_tile(bt, source, tmp_path).status == "fetched"
+    states, entries2, _ = stacks.decide(tiles, source, tmp_path)
+    assert set(states.values()) == {"done"} and entries2[b].digest == entries[b].digest
+
+
+def test_rerun_decides_from_the_index_without_opening_stacks(tmp_path, world, monkeypatch):
+    tiles, source = world
+    _fetch_all(tiles, source, tmp_path)
+    opened = []
+    monkeypatch.setattr(stacks, "tile_check", lambda *a, **k: opened.append(a[0].tile_id))
+    states, _, counts = stacks.decide(tiles, source, tmp_path)
+    assert set(states.values()) == {"done"} and opened == [] and counts["full checks"] == 0
+    # the index is compact: one line per finished tile, rewritten, not appended forever
+    lines = stacks.index_path(tmp_path).read_text().splitlines()
+    assert sorted(json.loads(x)["id"] for x in lines) == sorted(t.tile_id for t in tiles)
+    # a cut last line (crash while appending) only costs that tile a full check
+    with open(stacks.index_path(tmp_path), "a") as fh:
+        fh.write('{"id": "x", "sta')
+    monkeypatch.undo()
+    states, _, counts = stacks.decide(tiles, source, tmp_path)
+    assert set(states.values()) == {"done"} and counts["full checks"] == 0
+
+
+def test_tile_info_json_is_streamed_identically(tmp_path, world):
+    tiles, source = world
+    _fetch_all(tiles, source, tmp_path)
+    ids = [t.tile_id for t in tiles]
+    p = tmp_path / "ti.json"
+    assert stacks.write_tile_info_json(p, iter(ids), tmp_path) == len(ids)
+    assert p.read_text() == json.dumps(stacks.load_tile_info(ids, tmp_path))
+
+
+def test_window_bounds_the_futures_held():
+    held = [0]
+    peak = [0]
+    lock = threading.Lock()
+    seen = []
+
+    def work(i):
+        return i * i
+
+    with ThreadPoolExecutor(4) as pool:
+        def submit(i):
+            with lock:
+                held[0] += 1
+                peak[0] = max(peak[0], held[0])
+            return pool.submit(work, i)
+
+        def on_done(i, fut):
+            with lock:
+                held[0] -= 1
+            seen.append((i, fut.result()))
+
+        stats = run_windowed(submit, iter(range(500)), 7, on_done)
+    assert stats.submitted == 500 and stats.max_in_flight == 7 and peak[0] == 7
+    assert sorted(seen) == [(i, i * i) for i in range(500)]
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_flow_refetches_damaged_stacks_and_rebuilds_the_same_h5(tmp_path):
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.multimodal import multimodal_flow
+    from tasks.multimodal.config import MultimodalConfig
+
+    cfg = MultimodalConfig(name="data_integrity", output_dir=str(tmp_path), n_tiles=6, fetch_batch_size=2,
+                           part_size=3, tile_size_m=300.0, image_size=IMG, tasks_in_flight=2,
+                           source_options={"missing_orbit_rate": 0.0})
+
+    def run():
+        return multimodal_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))(config=cfg)
+
+    first = run()
+    h5 = cfg.dataset_dir / f"{cfg.name}.h5"
+    with h5py.File(h5) as f:
+        before = {k: f[k][:] for k in f}
+    tiles_dir = cfg.dataset_dir / "tiles"
+    a, b = _same_layout_pair(cfg.dataset_dir, sorted(p.stem for p in tiles_dir.glob("*.tif")))
+    c = next(p.stem for p in sorted(tiles_dir.glob("*.tif")) if p.stem not in (a, b))
+    _overwrite_4k_keep_mtime(tiles_dir / f"{c}.tif")  # only packing can see this one
+    shutil.copyfile(tiles_dir / f"{a}.tif", tiles_dir / f"{b}.tif")  # another tile's valid GeoTIFF
+    # the h5 is vouched for by its manifest and is not rebuilt from stacks that did not
+    # change on record; a damaged stack matters (and is caught) when the h5 is rebuilt
+    h5.unlink()
+    second = run()
+    assert second["counts"]["fetched this run"] == 2
+    assert second["counts"]["rows in h5"] == first["counts"]["rows in h5"] == 6
+    integrity = {p["item"]: p["reason"] for p in second["problems"] if p["stage"] == "integrity"}
+    assert set(integrity) == {b, c}
+    assert all("fetched again" in r for r in integrity.values())
+    with h5py.File(h5) as f:
+        for k in before:
+            np.testing.assert_array_equal(f[k][:], before[k], err_msg=k)
+    lines = (cfg.dataset_dir / "report_problems.jsonl").read_text().splitlines()
+    assert {json.loads(x)["item"] for x in lines} >= set(integrity)
