@@ -12,7 +12,6 @@ Local run on the embedded default (synthetic source, shipped regions)::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -26,7 +25,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tasks.common.atomic import remove_partials, write_json_atomic
 from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunReport, tiles_map_png
-from tasks.common.cli import EXIT_CONFIG, ConfigError, parse_sets
+from tasks.common.cli import EXIT_CONFIG, ConfigError, parse_config
 from tasks.common.runlock import EXIT_BUSY, OutputBusy, exclusive_output
 from tasks.common.runtime import local_prefect_server, make_task_runner
 from tasks.common.window import run_windowed
@@ -332,13 +331,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
 # --------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
     """The configuration named by ``--config`` with ``--set`` overrides (raises :class:`ConfigError`)."""
-    ap = argparse.ArgumentParser(prog="python -m flows.multimodal", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="default", choices=sorted(CONFIGS), help="named configuration")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a field (VALUE parsed as JSON when possible), e.g. n_tiles=500 or dask.n_workers=4")
-    args = ap.parse_args(argv)
-    return get_config(args.config, **parse_sets(args.set))
+    return parse_config(argv, prog="python -m flows.multimodal", description=__doc__, configs=CONFIGS,
+                        get_config=get_config)
 
 
 def main(argv: list[str] | None = None) -> int:

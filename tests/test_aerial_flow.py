@@ -121,7 +121,7 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
 
 
 def test_resolve_dense_backend_never_waits_for_a_missing_gpu():
-    from flows.aerial import resolve_dense_backend
+    from tasks.aerial.tasks import resolve_dense_backend
 
     assert resolve_dense_backend("auto", [])[0] == "cpu"
     backend, why = resolve_dense_backend("gpu", [])

@@ -118,7 +118,7 @@ def test_failed_scene_exits_1_and_marks_the_earlier_product_stale(tmp_path, monk
 
 
 def test_scene_failure_rules():
-    from flows.aerial import scene_failure
+    from tasks.aerial.report import scene_failure
     from tasks.common.report import RunReport
 
     r = RunReport(title="x")

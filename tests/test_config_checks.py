@@ -74,7 +74,21 @@ def test_aerial_settings_and_inputs_checked_early(tmp_path, capsys, no_server):
     rc, err = _main(flows.aerial, ["--set", "dense_bach=2"], capsys)
     assert rc == EXIT_CONFIG and "did you mean 'dense_batch'?" in err
     rc, err = _main(flows.aerial, ["--set", 'pipeline_options={"retrieval_nm": 3}'], capsys)
-    assert rc == EXIT_CONFIG and "unknown aerial pipeline setting 'retrieval_nm'" in err
+    # pipeline_options is a typed form: an unknown key names the nearest one, at any depth
+    assert rc == EXIT_CONFIG and "did you mean 'pipeline_options.retrieval_num'?" in err
+    rc, err = _main(flows.aerial, ["--set", "pipeline_options.dense.cpu_methd=patchmatch"], capsys)
+    assert rc == EXIT_CONFIG and "did you mean 'pipeline_options.dense.cpu_method'?" in err
+    rc, err = _main(flows.aerial, ["--set", "pipeline_options.dense.cpu_method=pm"], capsys)
+    assert rc == EXIT_CONFIG and "pipeline_options.dense.cpu_method: Input should be 'sgbm' or 'patchmatch'" in err
+    rc, err = _main(flows.aerial, ["--set", "exports.covisibility.rel_tolerence=0.2"], capsys)
+    assert rc == EXIT_CONFIG and "did you mean 'exports.covisibility.rel_tolerance'?" in err
+    rc, err = _main(flows.aerial, ["--trajectory", "spiarl"], capsys)
+    assert rc == EXIT_CONFIG and "trajectory: Input should be" in err and "'spiral'" in err
+    rc, err = _main(flows.aerial, ["--plan-only"], capsys)
+    assert rc == EXIT_CONFIG and "plan_only needs places" in err
+    rc, err = _main(flows.aerial, ["--config", "smoke", "--set", "world_options.n_aerial=0", "--root",
+                                   str(tmp_path / "none"), "--no-synthetic"], capsys)
+    assert rc == EXIT_CONFIG and "no downloaded_data/ folder" in err  # named config, flags, --set together
     rc, err = _main(flows.aerial, ["--pipeline", "sift+nn"], capsys)
     # the pipeline is a choice of the form: the message names the field and the valid names
     assert rc == EXIT_CONFIG and "pipeline: Input should be 'sift+mnn' or 'superpoint+superglue'" in err

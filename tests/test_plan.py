@@ -233,7 +233,7 @@ def test_plan_rendered_by_the_synthetic_world_and_ingested_gives_the_plan_camera
 
 
 def test_export_that_differs_from_its_plan_is_flagged():
-    from flows.aerial import plan_check_note, plan_check_ok
+    from tasks.aerial.report import plan_check_note, plan_check_ok
     from tasks.aerial.earthstudio import CameraFrame, CameraTrack
 
     plan = PL.make_plan(CITY, PL.get_trajectory(frames=4))

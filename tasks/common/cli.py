@@ -8,8 +8,11 @@ keys are errors that name the nearest valid key.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -43,6 +46,15 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {p!r} is given both as a value and as a group")
         node[leaf] = parse_value(value)
+    return out
+
+
+def nest(key: str, value: Any) -> dict[str, Any]:
+    """``nest("dask.n_workers", 2)`` -> ``{"dask": {"n_workers": 2}}``."""
+    *parents, leaf = key.split(".")
+    out: dict[str, Any] = {leaf: value}
+    for p in reversed(parents):
+        out = {p: out}
     return out
 
 
@@ -93,3 +105,55 @@ def build(model: type[BaseModel], values: dict[str, Any]) -> Any:
         return model(**values)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, model)) from None
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A documented flag that is shorthand for ``--set KEY=VALUE`` (built by :func:`parse_config`).
+
+    ``kind``: ``value`` (a string), ``int``, ``json`` (parsed as JSON), ``list`` (zero or more
+    values; none given = unset) or ``const`` (no value: sets ``const``)."""
+
+    flag: str
+    key: str
+    help: str = ""
+    kind: str = "value"
+    const: Any = True
+
+
+def _json_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
+
+
+def parse_config(argv: list[str] | None, *, prog: str, description: str | None, configs: Iterable[str],
+                 get_config: Callable[..., Any], aliases: Sequence[Alias] = (), default: str = "default") -> Any:
+    """The one command line of every flow: ``--config NAME`` (a named configuration), then the
+    ``aliases`` given (documented shorthands for ``--set``), then ``--set KEY=VALUE`` overrides in
+    order, built by ``get_config(NAME, **overrides)`` (which raises :class:`ConfigError` naming
+    the field; unknown keys name the nearest valid key)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=default, choices=sorted(configs), help=f"named configuration ({default})")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any field (VALUE parsed as JSON when possible; nested fields with dots), "
+                         "e.g. dask.n_workers=2 or dask_block=slurm")
+    for a in aliases:
+        kw: dict[str, Any] = {"dest": f"alias:{a.key}", "default": argparse.SUPPRESS,
+                              "help": f"{a.help} (--set {a.key}=...)" if a.help else f"--set {a.key}=..."}
+        if a.kind == "const":
+            ap.add_argument(a.flag, action="store_const", const=a.const, **kw)
+        elif a.kind == "list":
+            ap.add_argument(a.flag, nargs="*", **kw)
+        elif a.kind in ("int", "json", "value"):
+            ap.add_argument(a.flag, type={"int": int, "json": _json_arg, "value": str}[a.kind], **kw)
+        else:
+            raise ValueError(f"alias {a.flag}: unknown kind {a.kind!r}")
+    ns = vars(ap.parse_args(argv))
+    values: dict[str, Any] = {}
+    for dest, v in ns.items():
+        if dest.startswith("alias:"):
+            values = merge(values, nest(dest.removeprefix("alias:"), v if v != [] else None))
+    return get_config(ns["config"], **merge(values, parse_sets(ns["set"])))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,3 +17,90 @@ def grouped_titles(groups: dict[str, list[str]]) -> Callable[[str, Any], str]:
         return f"{group_of[name]} · {name}" if name in group_of else name
 
     return title
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: its comment}`` from a dataclass's source: the trailing comment of
+    ``name: T = v  # comment``, else the comment lines just above the field, so a form derived
+    from the dataclass describes each field in the owner's own words."""
+    import inspect
+
+    try:
+        src = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return {}
+    out: dict[str, str] = {}
+    above: list[str] = []
+    for line in src.splitlines()[1:]:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            text = stripped.lstrip("#:").strip()
+            above = [] if text.startswith("---") else [*above, text]
+            continue
+        m = re.match(r"([A-Za-z_]\w*)\s*:[^=]*(=.*?)?(\s+#\s*(.*))?$", stripped)
+        if m and not stripped.startswith(("def ", "class ", "@", "return")):
+            text = (m.group(4) or "").strip() or " ".join(above)
+            if text:
+                out.setdefault(m.group(1), text)
+        above = []
+    return out
+
+
+def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, Any] | None = None,
+                    nested: dict[str, type] | None = None, exclude: tuple[str, ...] = ()) -> type:
+    """A pydantic model of optional overrides of the dataclass ``cls`` (the one owner of the
+    settings and their defaults): every field typed as in ``cls`` (``choices`` narrows some to
+    ``Literal`` choices, ``nested`` gives the override model of a nested dataclass), default
+    ``None`` = "the named configuration's value", described by its comment in ``cls``.
+    Unknown keys are errors. ``overrides()`` of an instance is the dict of what was set."""
+    import dataclasses
+    import typing
+
+    from pydantic import BaseModel, ConfigDict, Field, create_model
+
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if f.name in exclude or f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if nested and f.name in nested:
+            ann: Any = nested[f.name]
+            fields[f.name] = (ann, Field(default_factory=ann, description=comments.get(f.name) or
+                                         f"settings of {f.name}"))
+            continue
+        ann = (choices or {}).get(f.name, hints[f.name])
+        shown = "none" if default is None else json_default(default)
+        what = comments.get(f.name) or f.name.replace("_", " ")
+        fields[f.name] = (ann | None, Field(None, description=f"{what} (default: {shown})"))
+
+    class Overrides(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        def overrides(self) -> dict[str, Any]:
+            """What was given (``None`` fields: as the named configuration), nested models included."""
+            out: dict[str, Any] = {}
+            for k in type(self).model_fields:
+                v = getattr(self, k)
+                if isinstance(v, BaseModel) and hasattr(v, "overrides"):
+                    v = v.overrides()
+                    if v:
+                        out[k] = v
+                elif v is not None:
+                    out[k] = v
+            return out
+
+    model = create_model(name, __base__=Overrides, __doc__=doc or f"Overrides of {cls.__name__}.", **fields)
+    return model
+
+
+def json_default(v: Any) -> str:
+    """A default value as the form's description shows it."""
+    import json
+
+    try:
+        return json.dumps(v)
+    except TypeError:
+        return repr(v)

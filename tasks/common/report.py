@@ -8,11 +8,13 @@ Prefect artifacts (table + markdown with the map) when running in a flow.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import logging
 import re
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,10 @@ from typing import Any
 from tasks.common.atomic import write_bytes_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
+
+
+class StageFailed(RuntimeError):
+    """A stage failed for a whole item (its problem is in the report): skip its later stages."""
 
 
 @dataclass
@@ -52,6 +58,22 @@ class RunReport:
                 self.problems_file.parent.mkdir(parents=True, exist_ok=True)
                 self._fh = open(self.problems_file, "w", encoding="utf-8")
             self._fh.write(json.dumps(row) + "\n")
+
+    @contextlib.contextmanager
+    def stage(self, name: str, item: str, problem_stage: str | None = None) -> Iterator[None]:
+        """Time the block as stage ``name`` (``timings[name]``: this item's own seconds); an
+        exception in it becomes the problem ``(item, problem_stage or name, "Type: message")`` and
+        :class:`StageFailed`, so the caller stops this item's later stages and nothing else."""
+        t0 = time.monotonic()
+        try:
+            yield
+        except StageFailed:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the item's problem; the run goes on
+            self.problem(item, problem_stage or name, f"{type(exc).__name__}: {exc}")
+            raise StageFailed(f"{item}: {problem_stage or name}: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.timings[name] = time.monotonic() - t0
 
     def close(self) -> None:
         if self._fh is not None:

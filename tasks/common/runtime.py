@@ -597,3 +597,59 @@ class FlowDaskTaskRunner(DaskTaskRunner):
                 and self.settings_from == other.settings_from)
 
     __hash__ = object.__hash__
+
+
+# --------------------------------------------------------------------------
+# what the running flow's cluster offers (the one place that asks Dask)
+# --------------------------------------------------------------------------
+def flow_dask_client():
+    """The Dask client of the running flow's task runner, None outside a Dask-run flow."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    return getattr(getattr(ctx, "task_runner", None), "client", None) if ctx else None
+
+
+def _workers() -> dict[str, dict[str, Any]] | None:
+    client = flow_dask_client()
+    return None if client is None else client.scheduler_info(n_workers=-1)["workers"]
+
+
+def worker_count() -> int:
+    """How many Dask workers the running flow has (1 when it runs on no Dask cluster)."""
+    workers = _workers()
+    return max(1, len(workers)) if workers is not None else 1
+
+
+def gpu_workers() -> list[str]:
+    """Addresses of the running flow's Dask workers that declare the resource ``GPU`` (none
+    when the flow does not run on a Dask task runner)."""
+    workers = _workers() or {}
+    return sorted(a for a, w in workers.items() if (w.get("resources") or {}).get("GPU", 0) >= 1)
+
+
+def worker_address() -> str | None:
+    """This Dask worker's address (None when not called on a worker)."""
+    try:
+        from distributed import get_worker
+
+        return get_worker().address
+    except Exception:  # noqa: BLE001 - not on a Dask worker
+        return None
+
+
+def match_worker_threads() -> None:
+    """OpenCV's and numba's thread pools as wide as this Dask worker's thread count: with one
+    worker process per core, one thread each, so concurrent tasks do not oversubscribe the
+    cores. Outside a worker: the defaults stay."""
+    try:
+        import cv2
+        from distributed import get_worker
+
+        n = max(1, int(get_worker().state.nthreads))
+    except Exception:  # noqa: BLE001 - not on a Dask worker: leave the defaults
+        return
+    cv2.setNumThreads(n)
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

@@ -4,12 +4,18 @@ A flow that submits every task up front holds one future (and its task run's
 state and result) per task for the whole run, so its memory grows with the
 work. :func:`run_windowed` submits from an iterator, keeps at most ``window``
 futures in flight, hands each finished one to a callback in completion order
-and drops it, so memory is flat however many items there are.
+and drops it, so memory is flat however many items there are. :func:`run_each` is the same loop with
+successes and failures handed to separate callbacks (failures become the item's problems);
+:func:`in_thread` runs a function in a thread that keeps the caller's Prefect context (the
+aerial flow drives each scene's chain of stages from one such thread).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import queue
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -59,3 +65,46 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
         item, fut = in_flight.pop(k)
         on_done(item, fut)
         del item, fut
+
+
+def run_each(submit: Callable[[T], Any], items: Iterable[T], on_result: Callable[[T, Any], None],
+             on_error: Callable[[T, BaseException], None], window: int | None = None) -> WindowStats:
+    """The one "submit, collect, turn failures into problems" loop: :func:`run_windowed` over
+    ``items`` (at most ``window`` in flight; ``None``: no bound), then in this thread, in
+    completion order, ``on_result(item, value)`` for each success and ``on_error(item, exc)``
+    for each failure, so one failed item never sinks the others. ``submit`` may also return a
+    future submitted earlier (``submit=lambda f: f`` collects a list of futures)."""
+    if window is None:
+        items = list(items)
+        window = max(1, len(items))
+
+    def on_done(item: T, fut: Any) -> None:
+        try:
+            value = fut.result()
+        except Exception as exc:  # noqa: BLE001 - reported for its item; the others go on
+            on_error(item, exc)
+            return
+        on_result(item, value)
+
+    return run_windowed(submit, items, window, on_done)
+
+
+def in_thread(fn: Callable[..., Any], *args: Any, name: str | None = None) -> concurrent.futures.Future:
+    """``fn(*args)`` in a new daemon thread, as a ``concurrent.futures.Future``. The thread runs
+    in a copy of the caller's context (``contextvars``), which is how Prefect 3 finds the running
+    flow: tasks submitted from it belong to the flow run and use its task runner, and
+    ``get_run_logger()`` works. A daemon thread, so a cancelled or interrupted flow does not wait
+    for it at exit."""
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    ctx = contextvars.copy_context()  # one copy per thread: a context runs in one thread at a time
+
+    def run() -> None:
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(ctx.run(fn, *args))
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits on the future
+            fut.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return fut

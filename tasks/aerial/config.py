@@ -1,0 +1,223 @@
+"""Configuration of the aerial flow, with named configurations (as hloc's confs).
+
+An :class:`AerialConfig` is the flow's single parameter, so the Prefect UI renders
+it as a form and deployments store it as JSON. Every setting is typed: the
+pipeline's settings (:class:`PipelineOptions`, derived from the stages' own
+dataclasses ``PipelineConfig``/``SfMConfig``/``DenseConfig``), the training
+exports (:class:`ExportOptions`) and the trajectory's (:class:`TrajectoryOptions`)
+are forms with choices, not free JSON. A field left empty (``None``) keeps the
+named configuration's value. Named configurations live in :data:`CONFIGS`;
+``python -m flows.aerial --config NAME --set key=value`` picks one and overrides fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.aerial import plan as planning
+from tasks.aerial.covisibility import CovisibilityConfig
+from tasks.aerial.dense import DenseConfig
+from tasks.aerial.pipeline import CONFS, PipelineConfig
+from tasks.aerial.reconstruction import SfMConfig
+from tasks.aerial.training_export import ExportConfig
+from tasks.common.cli import ConfigError, build, merge
+from tasks.common.forms import grouped_titles, overrides_model
+from tasks.common.runtime import DaskSettings, load_dask_block
+
+__all__ = ["CONFIGS", "AerialConfig", "ConfigError", "ExportOptions", "PipelineOptions", "TrajectoryOptions",
+           "get_config", "pipeline_settings"]
+
+#: Named pipeline configurations (tasks.aerial.pipeline.CONFS), dense backends and
+#: trajectories (tasks.aerial.plan.TRAJECTORIES), as form choices.
+PipelineName = Literal[tuple(CONFS)]  # type: ignore[valid-type]
+DenseBackend = Literal["auto", "cpu", "gpu"]
+TrajectoryName = Literal[tuple(planning.TRAJECTORIES)]  # type: ignore[valid-type]
+
+SfMOptions = overrides_model(SfMConfig, "SfMOptions", doc="Reference triangulation and photo localization.")
+DenseOptions = overrides_model(
+    DenseConfig, "DenseOptions", doc="Dense depth (both backends; CPU method, PatchMatch, SGBM, fusion).",
+    choices={"backend": DenseBackend, "cpu_method": Literal["sgbm", "patchmatch"],
+             "sgbm_mode": Literal["3way", "sgbm", "hh"]})
+PipelineOptions = overrides_model(
+    PipelineConfig, "PipelineOptions", exclude=("name",), nested={"sfm": SfMOptions, "dense": DenseOptions},
+    doc="Overrides of the named pipeline configuration (features, matcher, retrieval, pairs, SfM, dense).",
+    choices={"backend": Literal["builtin", "hloc"]})
+CovisibilityOptions = overrides_model(CovisibilityConfig, "CovisibilityOptions",
+                                      doc="Dense covisibility of the training exports.")
+ExportOptions = overrides_model(
+    ExportConfig, "ExportOptions", nested={"covisibility": CovisibilityOptions},
+    doc="Training exports (scene info, covisibility, pair lists, DUSt3R and AerialMegaDepth layouts).",
+    choices={"pair_score": Literal["min", "mean", "max"], "score_matrix": Literal["covisibility", "known"]})
+TrajectoryOptions = overrides_model(planning.Trajectory, "TrajectoryOptions", exclude=("name",),
+                                    doc="Overrides of the named trajectory of the planning stage.")
+
+
+class AerialConfig(BaseModel):
+    """Where the inputs are, where the outputs go, and how each stage runs."""
+
+    # a misspelt key is an error, never silently ignored; form labels read "Group · field"
+    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
+        "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
+        "Synthetic world": ["synthetic", "world_options"],
+        "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],
+        "Cluster": ["image_batch", "dense_batch", "fan_out", "dask", "dask_block"],
+        "Planning": ["places", "trajectory", "trajectory_options", "plan_only"],
+        "Training exports": ["exports"],
+    }))
+
+    root: str = Field("output/aerial", description="Earth Studio root: downloaded_data/ in, data/<scene>/ out")
+    megadepth: str | None = Field(None, description="raw MegaDepth root (default ROOT/megadepth)")
+    megadepth_out: str | None = Field(None, description="processed MegaDepth (default ROOT/megadepth_processed)")
+    scene_list: str | None = Field(None, description="scene list (.npz as the original, or JSON/YAML); "
+                                                     "default MEGADEPTH/scene_list.json")
+    scenes: list[str] | None = Field(None, description="only these scene ids (default: every scene with an export)")
+    synthetic: bool = Field(True, description="generate the embedded synthetic world into ROOT if it has no data")
+    world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings "
+                                          "(seed, n_aerial, n_ground, size, ...)")
+    image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
+    pipeline: PipelineName = Field(
+        "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
+        "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
+        "SuperPoint, SuperGlue, NetVLAD through hloc, which must be installed with its weights)")
+    dense_backend: DenseBackend = Field(
+        "auto", description="depth maps: auto (GPU PatchMatch when a Dask worker declares the resource GPU, "
+        "else CPU), cpu (the CPU method, pipeline_options.dense.cpu_method) or gpu (PatchMatch; falls back "
+        "to CPU, saying so, when no worker has a GPU)")
+    pipeline_options: PipelineOptions = Field(  # type: ignore[valid-type]
+        default_factory=PipelineOptions, description="overrides of the pipeline's settings (empty: as the "
+        "named configuration), e.g. retrieval_num, dense.cpu_method (sgbm or patchmatch), dense.num_sources")
+    dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
+    fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
+    places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
+                                                 "ground_altitude, radius): writes ROOT/plans/<scene>.esp and .plan.json")
+    trajectory: TrajectoryName = Field(
+        "spiral+streets", description="named trajectory of the planning stage: spiral+streets (a descending "
+        "spiral, then a pass above the streets), spiral, orbit, streets")
+    trajectory_options: TrajectoryOptions = Field(  # type: ignore[valid-type]
+        default_factory=TrajectoryOptions, description="overrides of that trajectory (empty: as named), "
+        "e.g. frames, fov, spiral_altitudes")
+    plan_only: bool = Field(False, description="only plan (needs places): render the .esp projects in Earth "
+                                               "Studio, then rerun")
+    exports: ExportOptions = Field(  # type: ignore[valid-type]
+        default_factory=ExportOptions, description="training exports settings (empty: the defaults), e.g. root, "
+        "covisibility.rel_tolerance")
+    dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
+    dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
+
+    def dask_settings(self) -> DaskSettings:
+        """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
+        return load_dask_block(self.dask_block) if self.dask_block else self.dask
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "AerialConfig":
+        from tasks.aerial import pipeline as PL
+        from tasks.aerial import training_export as T
+
+        options = self.pipeline_options.overrides()
+        try:
+            PL.get_config(self.pipeline, **options)
+        except (KeyError, TypeError, ValueError) as exc:
+            msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+            raise ValueError(f"pipeline {self.pipeline!r} with pipeline_options {options}: {msg}") from None
+        try:
+            T.export_config(**self.exports.overrides())
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"exports: {exc.args[0] if exc.args else exc}") from None
+        if self.scenes is not None and not all(isinstance(x, str) and x.strip() for x in self.scenes):
+            raise ValueError(f"scenes {self.scenes} must be non-empty scene ids such as '0001'")
+        if self.plan_only and not self.places:
+            raise ValueError("plan_only needs places (the places file to plan)")
+        return self
+
+    def check_inputs(self) -> None:
+        """Check the root, MegaDepth folder and scene list this configuration names; raise one
+        :class:`ConfigError` naming the path on the first mistake. Cheap: run it before starting any
+        server or cluster."""
+        from tasks.aerial import megadepth
+
+        p = self.paths()
+        has_data = (p["root"] / "downloaded_data").is_dir()
+        if not has_data and not self.synthetic and not self.places:
+            raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
+                              "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
+        if has_data:
+            exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
+            unknown = sorted(set(self.scenes or []) - set(exports))
+            if unknown:
+                raise ConfigError(f"scenes {unknown} have no Earth Studio export in {p['root'] / 'downloaded_data'}"
+                                  f" (exports: {exports[:10]}); fix scenes or the root")
+        if self.megadepth and not p["megadepth"].is_dir():
+            raise ConfigError(f"megadepth {p['megadepth']}: not a folder; give the raw MegaDepth root")
+        if self.scene_list or p["scene_list"].exists():
+            try:
+                entries = megadepth.load_scene_list(p["scene_list"])
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"scene_list: {exc}") from None
+            if self.scenes and has_data and not {e.scene for e in entries} & set(self.scenes):
+                raise ConfigError(f"scene_list {p['scene_list']} has no entry for scenes {self.scenes}; "
+                                  "check the scene ids")
+
+    def paths(self) -> dict[str, Path]:
+        """The run's folders: ``root``, raw ``megadepth``, ``megadepth_out`` and the ``scene_list`` file."""
+        root = Path(self.root).expanduser().resolve()
+        md = Path(self.megadepth).expanduser().resolve() if self.megadepth else root / "megadepth"
+        return {
+            "root": root, "megadepth": md,
+            "megadepth_out": Path(self.megadepth_out).expanduser().resolve() if self.megadepth_out
+            else root / "megadepth_processed",
+            "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else md / "scene_list.json",
+        }
+
+
+def pipeline_settings(config: AerialConfig) -> PipelineConfig:
+    """The named pipeline configuration with the run's overrides; ``dense_backend`` sets the
+    dense backend unless ``pipeline_options.dense.backend`` names one explicitly."""
+    from tasks.aerial import pipeline as PL
+
+    options = config.pipeline_options.overrides()
+    options["dense"] = {"backend": config.dense_backend, **(options.get("dense") or {})}
+    return PL.get_config(config.pipeline, **options)
+
+
+def export_settings(config: AerialConfig) -> ExportConfig:
+    """The training exports' settings of this run."""
+    from tasks.aerial import training_export as T
+
+    return T.export_config(**config.exports.overrides())
+
+
+def trajectory_settings(config: AerialConfig) -> planning.Trajectory:
+    """The planning stage's trajectory of this run (raises :class:`tasks.aerial.plan.PlanError`)."""
+    return planning.get_trajectory(config.trajectory, **config.trajectory_options.overrides())
+
+
+def dask_settings_of(parameters: dict[str, Any]) -> DaskSettings:
+    """The cluster of a flow run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
+    config = parameters.get("config")
+    if not isinstance(config, AerialConfig):
+        config = AerialConfig.model_validate(config or {})
+    return config.dask_settings()
+
+
+#: Named configurations of the whole flow (``--config NAME``); fields not given are the defaults.
+CONFIGS: dict[str, dict[str, Any]] = {
+    # The embedded default: the synthetic world in output/aerial, SIFT + MNN, SGBM on the CPU.
+    "default": {},
+    # The paper's features and matcher (SuperPoint, SuperGlue, NetVLAD) through hloc.
+    "paper": {"pipeline": "superpoint+superglue"},
+    # CPU PatchMatch MVS (numba) instead of SGBM for the CPU dense method.
+    "patchmatch": {"pipeline_options": {"dense": {"cpu_method": "patchmatch"}}},
+    # A tiny synthetic world, for a quick look (as the tests' smallest scene that registers).
+    "smoke": {"root": "output/aerial_smoke", "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
+              "image_batch": 2, "dense_batch": 8},
+}
+
+
+def get_config(name: str = "default", **overrides: Any) -> AerialConfig:
+    """The named configuration ``name`` with ``overrides`` applied (nested dicts merge)."""
+    if name not in CONFIGS:
+        raise ConfigError(f"unknown configuration {name!r}; choose one of {sorted(CONFIGS)}")
+    return build(AerialConfig, merge(CONFIGS[name], overrides))
