@@ -61,7 +61,8 @@ def deploy(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = No
             print(f"created work pool {pool!r} (type process)", flush=True)
     cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(prefect_file)]
     cmd += [a for n in names for a in ("--name", n)] if names else ["--all"]
-    subprocess.run(cmd, cwd=PROJECT_ROOT, check=True)
+    # PWD: prefect.yaml's PYTHONPATH job variable ("{{ $PWD }}") is the project folder
+    subprocess.run(cmd, cwd=PROJECT_ROOT, env=dict(os.environ, PWD=str(PROJECT_ROOT)), check=True)
     return [s.name for s in specs if not names or s.name in names]
 
 

@@ -22,7 +22,7 @@ PREFECT_FILE = PROJECT_ROOT / "prefect.yaml"
 @dataclass
 class DeploymentSpec:
     name: str
-    entrypoint: str  # path/to/file.py:flow_function, relative to the project root
+    entrypoint: str  # module path of the flow object, e.g. flows.multimodal.multimodal_flow
     description: str = ""
     tags: list[str] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
@@ -44,6 +44,10 @@ def load_specs(path: str | Path = PREFECT_FILE) -> list[DeploymentSpec]:
         for key in ("name", "entrypoint"):
             if not d.get(key):
                 raise ValueError(f"{path}: deployment #{i + 1} has no {key!r}")
+        if ".py:" in d["entrypoint"] or "/" in d["entrypoint"]:
+            raise ValueError(f"{path}: deployment {d['name']!r}: entrypoint {d['entrypoint']!r} is a file path; "
+                             "give the module path (e.g. flows.multimodal.multimodal_flow): a file-path flow "
+                             "is imported under another name, which Dask cluster processes cannot import")
         known = set(DeploymentSpec.__dataclass_fields__)
         extra = sorted(set(d) - known)
         if extra:
@@ -54,12 +58,17 @@ def load_specs(path: str | Path = PREFECT_FILE) -> list[DeploymentSpec]:
 
 
 def load_flow(entrypoint: str):
-    """The flow object of ``flows/x.py:name`` (imported as the module ``flows.x``)."""
+    """The flow object of a module-path entrypoint (``flows.x.flow_name``; also ``flows.x:flow_name``).
+    A file path (``flows/x.py:name``) is refused with what to write instead: such a flow module is
+    imported under another name, which the processes of an external Dask cluster cannot import."""
     import importlib
 
-    file, _, attr = entrypoint.partition(":")
-    module = importlib.import_module(Path(file).with_suffix("").as_posix().replace("/", "."))
-    return getattr(module, attr)
+    if ".py:" in entrypoint or "/" in entrypoint:
+        module = Path(entrypoint.partition(":")[0]).with_suffix("").as_posix().replace("/", ".")
+        raise ValueError(f"entrypoint {entrypoint!r}: use the module path "
+                         f"{module}.{entrypoint.rpartition(':')[2]!s} (a file path breaks runs on Dask clusters)")
+    module, _, attr = entrypoint.rpartition(":") if ":" in entrypoint else entrypoint.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 def to_schedule(s: dict[str, Any]):
@@ -89,8 +98,10 @@ def to_runner_deployment(spec: DeploymentSpec):
         limit = ConcurrencyLimitConfig(limit=int(limit["limit"]),
                                        collision_strategy=ConcurrencyLimitStrategy(
                                            limit.get("collision_strategy", "ENQUEUE")))
+    from prefect.deployments.runner import EntrypointType
+
     return load_flow(spec.entrypoint).to_deployment(
-        name=spec.name, description=spec.description, tags=spec.tags, parameters=spec.parameters,
+        name=spec.name, entrypoint_type=EntrypointType.MODULE_PATH, description=spec.description, tags=spec.tags, parameters=spec.parameters,
         schedules=[to_schedule(s) for s in spec.schedules], concurrency_limit=limit)
     # (no job variables: they configure a work pool's infrastructure; served runs are
     # subprocesses of serve and inherit its environment)

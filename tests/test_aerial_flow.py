@@ -181,3 +181,60 @@ def test_flow_writes_training_exports(aerial_run):
     index = json.loads((export / "index.json").read_text())
     assert index["features used"][0]["pipeline"] == "sift+mnn"
     assert index["features used"][0]["sfm folder"] == "sfm_sift+mnn"
+
+
+def test_scenes_move_through_the_pipeline_independently(aerial_run, monkeypatch):
+    """Two scenes: 0002's ingest is held until 0001 has exported its product, then fails.
+    With a per-stage barrier across scenes 0001 could never get there first (0002's wait would
+    time out); chained per scene, 0001 completes while 0002 is held, 0002 fails at its first
+    stage without stopping 0001, and each scene's timings are its own. (Workers in this process,
+    so that the stage functions can be replaced here.)"""
+    import shutil
+    import threading
+
+    from distributed import Scheduler, SpecCluster, Worker
+
+    from flows.aerial import aerial_flow
+    from tasks.aerial import earthstudio
+    from tasks.aerial import pipeline as PL
+
+    cfg, root, result = aerial_run
+    exported = threading.Event()
+    waited: list[bool] = []
+    real_ingest, real_export = earthstudio.ingest_scene, PL.export_product
+
+    def ingest(root_, scene, *a, **k):
+        if scene != "0002":
+            return real_ingest(root_, scene, *a, **k)
+        waited.append(exported.wait(timeout=300))
+        raise ValueError("scene 0002: a broken export (test)")
+
+    def export(paths):
+        out = real_export(paths)
+        if paths.scene == "0001":
+            exported.set()
+        return out
+
+    monkeypatch.setattr(earthstudio, "ingest_scene", ingest)
+    monkeypatch.setattr(PL, "export_product", export)
+    second = root / "downloaded_data" / "0002.json"
+    shutil.copy(root / "downloaded_data" / "0001.json", second)
+    host = {"host": "127.0.0.1"}
+    try:
+        with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", **host}},
+                         workers={"w": {"cls": Worker, "options": {"nthreads": 2, **host}}}) as cluster:
+            again = aerial_flow.with_options(
+                task_runner=make_task_runner(DaskSettings(address=cluster.scheduler_address)))(config=cfg)
+    finally:
+        second.unlink()
+        shutil.rmtree(root / "data" / "0002", ignore_errors=True)
+    assert waited == [True], "scene 0001 did not get to its export while scene 0002 was held"
+    one, two = again["scenes"]["0001"], again["scenes"]["0002"]
+    assert "0001" not in again["failed"] and one["outputs"]["product"]
+    assert one["counts"]["photos registered"] == result["scenes"]["0001"]["counts"]["photos registered"]
+    assert one["accuracy"]["poses"]["photos registered"] == one["counts"]["photos registered"]
+    assert "ingest: ValueError: scene 0002: a broken export (test)" in again["failed"]["0002"]
+    assert two["counts"]["frames"] == 0 and "features" not in two["timings"]
+    # 0002's ingest lasted until 0001 had exported; 0001's own ingest (up to date) was quick
+    assert two["timings"]["ingest"] > one["timings"]["ingest"]
+    assert two["timings"]["ingest"] >= sum(one["timings"][k] for k in ("features", "matches", "dense", "export"))

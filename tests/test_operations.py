@@ -10,7 +10,6 @@ smoke sizes, as an operator's Custom run would).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,16 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.processes import ROOT, server_env, start_logged, stop_group
+
 POOL = "geodata-process"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 def _env(server) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(PREFECT_API_URL=server.url, PYTHONPATH=str(ROOT), PREFECT_WORKER_QUERY_SECONDS="2",
-               PREFECT_WORKER_PREFETCH_SECONDS="5", COLUMNS="200")  # the CLI's tables truncate names at 80
-    return env
+    return server_env(server, PREFECT_WORKER_QUERY_SECONDS="2", PREFECT_WORKER_PREFETCH_SECONDS="5",
+                      COLUMNS="200")  # the CLI's tables truncate names at 80
 
 
 def prefect_cli(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -87,22 +85,12 @@ def worker(prefect_server, tmp_path_factory):
 
     log = tmp_path_factory.mktemp("worker") / "worker.log"
     deploy()  # the project's prefect.yaml: blocks, work pool, `prefect deploy --all`
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL,
-                                 "--name", "test-worker"], env=_env(prefect_server), cwd=log.parent,
-                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_logged(["-m", "prefect", "worker", "start", "--pool", POOL, "--name", "test-worker"], log,
+                        _env(prefect_server), cwd=log.parent)
     try:
         yield proc, log
     finally:
-        import signal
-
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc, timeout=30)
 
 
 def test_blocks_registered_by_the_documented_command(prefect_server):
@@ -129,6 +117,7 @@ def test_worker_runs_both_demos_triggered_through_the_api(prefect_server, worker
     with get_client(sync_client=True) as client:
         for name, flow in (("embedded-default", "multimodal"), ("aerial-demo", "aerial")):
             dep = client.read_deployment_by_name(f"{flow}/{name}")
+            assert dep.entrypoint == f"flows.{flow}.{flow}_flow"  # module paths (Dask workers import them)
             assert dep.work_pool_name == POOL and dep.schedules and dep.schedules[0].schedule.timezone == "UTC"
             assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory":
                                        {"directory": str(ROOT)}}]
@@ -161,7 +150,7 @@ def test_interval_schedule_fires_without_anyone_triggering(prefect_server, worke
     from deployments.deploy import deploy
 
     proc, log = worker
-    spec = {"name": "schedule-smoke", "entrypoint": "flows/multimodal.py:multimodal_flow",
+    spec = {"name": "schedule-smoke", "entrypoint": "flows.multimodal.multimodal_flow",
             "parameters": {"config": smoke_multimodal(tmp_path, "data_sched", n_tiles=4)},
             "schedules": [{"interval": 15, "timezone": "Europe/Zurich"}],
             "concurrency_limit": {"limit": 1, "collision_strategy": "ENQUEUE"},

@@ -201,3 +201,32 @@ def test_pycolmap_import_keeps_the_sigterm_handler():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "clean exit" in out.stdout, out.stderr[-2000:]
     assert "SIGTERM" not in out.stderr and "leaked semaphore" not in out.stderr
+
+
+def test_run_each_and_in_thread():
+    """The one submit/collect/problems loop: results and failures to their callbacks, every item
+    once; a thread from in_thread sees the caller's context (how Prefect finds the flow run)."""
+    import contextvars
+    import threading
+
+    from tasks.common.window import in_thread, run_each
+
+    var = contextvars.ContextVar("var", default="unset")
+    var.set("flow")
+    seen: dict = {}
+
+    def work(i):
+        if i == 3:
+            raise ValueError("bad item 3")
+        return (i, var.get(), threading.current_thread().name)
+
+    ok, bad = {}, {}
+    stats = run_each(lambda i: in_thread(work, i, name=f"item-{i}"), range(6), on_result=ok.__setitem__,
+                     on_error=lambda i, exc: bad.__setitem__(i, str(exc)), window=2)
+    assert sorted(ok) == [0, 1, 2, 4, 5] and bad == {3: "bad item 3"}
+    assert all(v[1] == "flow" and v[2] == f"item-{i}" for i, v in ok.items())
+    assert stats.submitted == 6 and stats.max_in_flight == 2
+    seen.update(ok)
+    stats = run_each(lambda f: f, [in_thread(work, i) for i in (7, 8)], on_result=lambda f, v: seen.__setitem__(v[0], v),
+                     on_error=lambda f, exc: None)
+    assert stats.max_in_flight == 2 and {7, 8} <= set(seen)  # futures submitted earlier, collected

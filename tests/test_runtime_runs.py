@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from tasks.common.runtime import PROJECT_ROOT, DaskSettings, _free_port
+from tests.processes import server_env, start_logged, stop_group
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -33,7 +34,7 @@ def smoke(out: Path, name: str = "data_rt", n_tiles: int = 8, **kw) -> dict:
 
 
 def _env(**extra) -> dict:
-    return dict(os.environ, PYTHONPATH=str(PROJECT_ROOT), **extra)
+    return server_env(**extra)
 
 
 def _client():
@@ -195,6 +196,46 @@ def test_multimodal_on_external_cluster_by_address_and_by_block(tmp_path, extern
     assert "LocalCluster" not in logs
     final = {k: len(v) for k, v in _records(external_cluster).items()}
     assert sum(final.get(k, 0) - after.get(k, 0) for k in ("cpu", "gpu")) >= 4 + 1
+
+
+def test_prefect_yaml_deployment_runs_on_the_external_cluster(tmp_path, external_cluster):
+    """The deployments of prefect.yaml as an operator deploys them (`prefect deploy` of the file's
+    own entrypoint and job variables; its pull step) and runs them (the run executed as a worker
+    does), with a saved DaskCluster block naming the external cluster: the run imports the flow
+    by its module path, as the `dask worker` processes do, so its tasks run there. (A file-path
+    entrypoint failed here with "Error during deserialization of the task graph".)"""
+    import yaml
+    from prefect.deployments import run_deployment
+
+    from blocks.dask_cluster import DaskCluster
+    from deployments.deploy import deploy
+    from deployments.spec import load_specs
+
+    spec = next(s for s in load_specs() if s.name == "embedded-default")
+    assert spec.entrypoint == "flows.multimodal.multimodal_flow"
+    DaskCluster(address=external_cluster["address"]).save("rt-yaml-external", overwrite=True)
+    entry = {"name": "rt-yaml-external", "entrypoint": spec.entrypoint,
+             "parameters": smoke(tmp_path, dask_block="rt-yaml-external", dask={"n_workers": 3}),
+             "work_pool": {"name": "rt-yaml-pool", "job_variables": spec.work_pool["job_variables"]}}
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump({"name": "rt-yaml", "deployments": [entry]}))
+    assert deploy(path) == ["rt-yaml-external"]
+    with _client() as c:
+        dep = c.read_deployment_by_name("multimodal/rt-yaml-external")
+    assert dep.entrypoint == "flows.multimodal.multimodal_flow"
+    assert dep.job_variables["env"]["PYTHONPATH"] == str(PROJECT_ROOT)  # "{{ $PWD }}" where deploy ran
+    before = {k: len(v) for k, v in _records(external_cluster).items()}
+    fr = run_deployment("multimodal/rt-yaml-external", timeout=0)
+    done = _execute(fr.id)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _flow_run(fr.id).state.is_completed()
+    logs = _logs(fr.id)
+    assert f"Dask: existing Dask scheduler {external_cluster['address']}; 2 worker(s) connected" in logs
+    assert "LocalCluster" not in logs
+    after = {k: len(v) for k, v in _records(external_cluster).items()}
+    assert sum(after.get(k, 0) - before.get(k, 0) for k in ("cpu", "gpu")) >= 4 + 1
+    report = json.loads((tmp_path / "data_rt" / "report.json").read_text())
+    assert report["counts"]["stacks done"] + report["counts"]["no data"] == 8
 
 
 def test_aerial_on_external_cluster_gpu_tasks_only_on_the_gpu_worker(tmp_path, external_cluster):
@@ -384,8 +425,7 @@ def served(prefect_server, tmp_path_factory):
               "from prefect import serve; "
               "serve(multimodal_flow.to_deployment(name='rt-cancel'), aerial_flow.to_deployment(name='rt-cancel'))")
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    proc = subprocess.Popen([PY, "-c", script], cwd=PROJECT_ROOT, env=_env(), start_new_session=True,
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    proc = start_logged(["-c", script], log, _env())
 
     def deployed():
         from prefect.exceptions import ObjectNotFound
@@ -399,11 +439,7 @@ def served(prefect_server, tmp_path_factory):
 
     _wait(deployed, 180, "the served deployments")
     yield proc, log
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    stop_group(proc, signal.SIGTERM, timeout=30)
 
 
 def _cancel_mid_run(served, deployment: str, params: dict, n_done: int):

@@ -13,15 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.processes import server_env, start_logged, stop_group, wait_for_line
+
 CHROMIUM = os.environ.get("FACTORY_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("FACTORY_UI_SCREENSHOTS", ""))  # set to keep the screenshots
 
@@ -78,25 +77,12 @@ def served_demo(prefect_server, tmp_path):
     path.write_text(yaml.safe_dump({"deployments": [demo]}))
     log = tmp_path / "serve.log"
     _delete_worker_deployment("multimodal/embedded-default")
-    env = dict(os.environ, PREFECT_API_URL=prefect_server.url, PYTHONPATH=str(ROOT))
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "deployments.serve", "--prefect-file", str(path)],
-                                cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_logged(["-m", "deployments.serve", "--prefect-file", str(path)], log, server_env(prefect_server))
     try:
-        deadline = time.monotonic() + 300
-        while "being served" not in log.read_text(errors="replace"):  # prefect.serve's banner
-            assert proc.poll() is None, f"serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}"
-            assert time.monotonic() < deadline, f"serve did not start:\n{log.read_text()[-4000:]}"
-            time.sleep(1)
+        wait_for_line(proc, log, "being served")  # prefect.serve's banner
         yield proc, log, tmp_path / "out" / "data_ui_demo"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
 
 
 @pytest.mark.timeout(1200)

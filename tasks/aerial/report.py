@@ -7,7 +7,6 @@ Prefect artifacts they go to. Plain functions over a :class:`RunReport`; the flo
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 from typing import Any
 
