@@ -90,6 +90,7 @@ class SceneRun:
     entries: dict[str, list[megadepth.SceneEntry]]
     exports: T.ExportConfig
     export_root: Path
+    parts: int  # parts of the fanned-out stages (features, matching): fan_out or the Dask workers
 
     @classmethod
     def start(cls, config: AerialConfig) -> "SceneRun":
@@ -105,7 +106,10 @@ class SceneRun:
             get_run_logger().warning("no scene list at %s: MegaDepth preprocessing skipped", p["scene_list"])
         ecfg = export_settings(config)
         export = Path(ecfg.root).expanduser().resolve() if ecfg.root else p["root"] / "training"
-        return cls(config, p["root"], p["megadepth"], p["megadepth_out"], cfg, entries, ecfg, export)
+        # asked here, in the flow's thread: this starts the run's Dask client once, before the scenes'
+        # threads submit their tasks
+        workers = worker_count()
+        return cls(config, p["root"], p["megadepth"], p["megadepth_out"], cfg, entries, ecfg, export, config.fan_out or workers)
 
     def paths(self, scene: str) -> PL.ScenePaths:
         return PL.scene_paths(self.root, scene, self.megadepth_out, self.cfg)
@@ -153,7 +157,7 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
     report.counts["photos to localize"] = len(info["queries"])
     for name, why in info["problems"].items():
         report.problem(name, "collect", why)
-    parts = config.fan_out or worker_count()
+    parts = run.parts
     with stage("features"):
         names = PL.missing_features(sp, info["reference"] + sorted(info["queries"]))
         if names:
@@ -237,7 +241,7 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
         failed: list[BaseException] = []
         run_each(lambda k: covis_block_task.submit(plan, k, ecfg), plan.missing_blocks(),
                  on_result=lambda _k, _r: None, on_error=lambda _k, exc: failed.append(exc),
-                 window=max(2, 2 * worker_count()))
+                 window=max(2, 2 * run.parts))
         if failed:
             raise failed[0]
         report.counts.update({f"covisibility {k}": v for k, v in plan.counts.items()})

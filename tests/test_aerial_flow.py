@@ -12,6 +12,8 @@ from tasks.common.runtime import DaskSettings, make_task_runner
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
+HOLD_S = 300  # how long scene 0002 is held at most, waiting for scene 0001 to export
+
 
 @pytest.fixture(scope="module")
 def aerial_run(tmp_path_factory):
@@ -206,7 +208,7 @@ def test_scenes_move_through_the_pipeline_independently(aerial_run, monkeypatch)
     def ingest(root_, scene, *a, **k):
         if scene != "0002":
             return real_ingest(root_, scene, *a, **k)
-        waited.append(exported.wait(timeout=300))
+        waited.append(exported.wait(timeout=HOLD_S))
         raise ValueError("scene 0002: a broken export (test)")
 
     def export(paths):
