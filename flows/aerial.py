@@ -109,7 +109,8 @@ class SceneRun:
         # asked here, in the flow's thread: this starts the run's Dask client once, before the scenes'
         # threads submit their tasks
         workers = worker_count()
-        return cls(config, p["root"], p["megadepth"], p["megadepth_out"], cfg, entries, ecfg, export, config.fan_out or workers)
+        return cls(config, p["root"], p["megadepth"], p["megadepth_out"], cfg, entries, ecfg, export,
+                   config.fan_out or workers)
 
     def paths(self, scene: str) -> PL.ScenePaths:
         return PL.scene_paths(self.root, scene, self.megadepth_out, self.cfg)
