@@ -22,7 +22,7 @@ import yaml
 from tests.processes import server_env, start_logged, stop_group, wait_for_line
 
 CHROMIUM = os.environ.get("FACTORY_CHROMIUM", "/usr/bin/chromium")
-SHOTS = Path(os.environ.get("FACTORY_UI_SCREENSHOTS", ""))  # set to keep the screenshots
+SHOTS = os.environ.get("FACTORY_UI_SCREENSHOTS", "")  # a folder: keep the screenshots there
 
 
 def _browser_missing() -> str | None:
@@ -46,9 +46,9 @@ def _field(page, title: str):
 
 
 def _shot(page, name: str) -> None:
-    if str(SHOTS):
-        SHOTS.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SHOTS / f"{name}.png"))
+    if SHOTS:  # (Path("") would be the working folder: screenshots only when asked for)
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
 
 
 def _delete_worker_deployment(name: str) -> None:
