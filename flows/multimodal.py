@@ -13,13 +13,17 @@ Local run on the embedded default (synthetic source, shipped regions)::
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
@@ -78,10 +82,11 @@ def _batches(tiles_path: Path, table: stacks.TileStates, size: int, only=None) -
 
 
 def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table: stacks.TileStates,
-           failed: dict[int, str], stage: str = "stacks", only=None) -> int:
+           failed: dict[int, str], stage: str = "stacks", only=None, on_settled=None) -> int:
     """Fetch the missing tiles in batch tasks, at most ``config.tasks_in_flight`` at once;
     stream each batch's outcomes into ``table`` and the stacks index, and the reasons of
-    the tiles that failed into ``failed`` (by position). Returns how many tiles got a
+    the tiles that failed into ``failed`` (by position); ``on_settled(positions)`` is
+    called with each finished batch's positions. Returns how many tiles got a
     permanent outcome (stack or no-data) this time."""
     logger = get_run_logger()
     fetch = fetch_batch_task.with_options(
@@ -118,6 +123,8 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
         index.append(new)
         finished[0] += len(new)
         progress.advance(len(batch))
+        if on_settled is not None:
+            on_settled(positions)
 
     stats = run_windowed(submit, _batches(tiles_path, table, config.fetch_batch_size, only),
                          config.tasks_in_flight, on_done)
@@ -125,55 +132,127 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
     return finished[0]
 
 
+def _part_spec(table: stacks.TileStates, k: int, config: MultimodalConfig,
+               compression: convert.Compression) -> convert.PartSpec | None:
+    """Partition ``k``: the done tiles among file positions [k*part_size, (k+1)*part_size),
+    keyed by their index entries (None when it has none). Fixed by position, a part can
+    be packed as soon as its own tiles are settled, while later tiles are still fetched."""
+    a = k * config.part_size
+    sl = slice(a, min(a + config.part_size, len(table)))
+    ids = [i.decode() for i in table.ids[sl][table.state[sl] == 1]]
+    if not ids:
+        return None
+    return convert.PartSpec(k, ids, convert.entries_part_key(ids, table, config.image_size, compression))
+
+
 def _partitions(table: stacks.TileStates, config: MultimodalConfig,
                 compression: convert.Compression) -> list[convert.PartSpec]:
-    """Packing partitions of the done tiles in file order, each keyed by its tiles' index entries."""
-    done = table.tile_ids("done")
-    return [convert.PartSpec(s.index, s.tile_ids, convert.entries_part_key(s.tile_ids, table, config.image_size,
-                                                                          compression))
-            for s in convert.make_partitions(done, config.part_size)]
+    n_parts = -(-len(table) // config.part_size)
+    return [s for s in (_part_spec(table, k, config, compression) for k in range(n_parts)) if s is not None]
 
 
-def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], out: Path, tiles_path: Path,
-                       source, table: stacks.TileStates, h5_path: Path, compression: convert.Compression,
-                       report: RunReport) -> tuple[list[dict[str, Any]], int]:
-    """Pack every partition on the Dask workers (bounded window), fetch again the tiles
-    whose stack is not the one written and re-pack their parts, then write the h5 with
-    one writer. Returns the part summaries and how many tiles were fetched again."""
-    logger = get_run_logger()
-    paths = stacks.dataset_paths(out)
-    info = stacks.TileInfoDir(out)
-    parts: dict[int, convert.PartResult] = {}
-    redo: list[convert.PartSpec] = []
-    mismatched: dict[str, str] = {}
-    progress = _Progress(logger, "pack", sum(len(s.tile_ids) for s in specs))
+class _Packer:
+    """Packs partitions on the Dask workers (bounded window) and keeps their results; a
+    part whose stacks are not the ones written is set aside (``redo``) with its tiles'
+    reasons (``mismatched``), for they are fetched again and the part packed anew."""
 
-    def run(batch: list[convert.PartSpec], defer: bool) -> None:
+    def __init__(self, config: MultimodalConfig, out: Path, compression: convert.Compression, report: RunReport):
+        self.config, self.compression, self.report = config, compression, report
+        self.paths = stacks.dataset_paths(out)
+        self.info = stacks.TileInfoDir(out)
+        self.parts: dict[int, convert.PartResult] = {}
+        self.redo: list[convert.PartSpec] = []
+        self.mismatched: dict[str, str] = {}
+        self.seconds = 0.0
+
+    def run(self, specs, defer: bool, stage: str, total: int) -> None:
+        logger = get_run_logger()
+        progress = _Progress(logger, stage, total)
+        cfg = self.config
+
         def submit(spec):
-            return pack_partition_task.submit(spec, str(paths["tiles"]), info, str(paths["parts"]),
-                                              config.image_size, compression, defer)
+            return pack_partition_task.submit(spec, str(self.paths["tiles"]), self.info, str(self.paths["parts"]),
+                                              cfg.image_size, self.compression, defer)
 
         def on_done(spec, fut) -> None:
             try:
                 res = fut.result()
             except Exception as exc:  # the part's tiles are reported, the rest goes on
                 for tid in spec.tile_ids:
-                    report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
+                    self.report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
                 res = None
             if res is not None and res.integrity and not res.path:
-                mismatched.update(res.integrity)
-                redo.append(spec)
+                self.mismatched.update(res.integrity)
+                self.redo.append(spec)
             elif res is not None:
-                parts[res.index] = res
+                self.parts[res.index] = res
             progress.advance(len(spec.tile_ids))
 
-        run_windowed(submit, batch, config.tasks_in_flight, on_done)
+        t0 = time.monotonic()
+        run_windowed(submit, specs, cfg.tasks_in_flight, on_done)
+        self.seconds += time.monotonic() - t0
 
-    t0 = time.monotonic()
-    run(specs, defer=True)
+
+def _fetch_and_pack(config: MultimodalConfig, source, out: Path, tiles_path: Path, table: stacks.TileStates,
+                    failed: dict[int, str], packer: _Packer) -> int:
+    """Fetch the missing tiles and, alongside (a second window in a second thread), pack
+    each partition as soon as all its tiles are settled, so packing overlaps the fetch.
+    Returns how many tiles got a permanent outcome this time."""
+    P = config.part_size
+    n_parts = -(-len(table) // P)
+    left = np.bincount(table.positions("missing") // P, minlength=n_parts)  # unsettled tiles per part
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    for k in np.flatnonzero(left == 0):
+        ready.put(int(k))
+    total = table.count("done") + table.count("missing")
+
+    def specs():
+        while (k := ready.get()) is not None:
+            spec = _part_spec(table, k, config, packer.compression)
+            if spec is not None:
+                yield spec
+
+    def on_settled(positions: list[int]) -> None:
+        for k, n in zip(*np.unique(np.asarray(positions) // P, return_counts=True)):
+            left[k] -= n
+            if left[k] == 0:
+                ready.put(int(k))
+
+    error: list[BaseException] = []
+
+    def pack_thread() -> None:
+        try:
+            packer.run(specs(), True, "pack", total)
+        except BaseException as exc:  # raised again in the flow thread
+            error.append(exc)
+
+    ctx = contextvars.copy_context()  # the flow run's context, so tasks can be submitted from the thread
+    thread = threading.Thread(target=ctx.run, args=(pack_thread,), name="pack-window", daemon=True)
+    thread.start()
+    try:
+        fetched = _fetch(config, source, out, tiles_path, table, failed, on_settled=on_settled)
+    except BaseException:
+        ready.put(None)  # interrupted or failed: packs in flight are abandoned with the run
+        thread.join(timeout=5.0)
+        raise
+    ready.put(None)
+    thread.join()
+    if error:
+        raise error[0]
+    return fetched
+
+
+def _finish_h5(config: MultimodalConfig, packer: _Packer, out: Path, tiles_path: Path, source,
+               table: stacks.TileStates, h5_path: Path, report: RunReport) -> tuple[list[dict[str, Any]], int]:
+    """Fetch again the tiles whose stack was not the one written and re-pack their parts,
+    then write the h5 with one writer. Returns the part summaries and how many tiles
+    were fetched again."""
+    logger = get_run_logger()
+    paths, compression = packer.paths, packer.compression
     refetched = 0
-    if mismatched:
+    if packer.mismatched:
         # a stack that is not the one written is treated like a missing one: fetched again
+        mismatched = dict(packer.mismatched)
         logger.warning("%d stack(s) differ from what was written; fetching them again", len(mismatched))
         for tid, reason in mismatched.items():
             report.problem(tid, "integrity", f"{reason}; fetched again")
@@ -185,20 +264,15 @@ def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], 
             p = table.pos_of(tid)
             if table.state_of(p) != "done":
                 report.problem(tid, "fetch", failed.get(p, "not fetched again after an integrity mismatch"))
-        again = []
-        for spec in redo:
-            ids = [tid for tid in spec.tile_ids if table.state_of(table.pos_of(tid)) == "done"]
-            again.append(convert.PartSpec(spec.index, ids, convert.entries_part_key(
-                ids, table, config.image_size, compression)))
-        redo.clear()
-        progress = _Progress(logger, "pack again", sum(len(s.tile_ids) for s in again))
-        run(again, defer=False)
-    done_parts = [parts[i] for i in sorted(parts)]
+        again = [s for s in (_part_spec(table, spec.index, config, compression) for spec in packer.redo) if s]
+        packer.redo.clear()
+        packer.run(again, False, "pack again", sum(len(s.tile_ids) for s in again))
+    done_parts = [packer.parts[i] for i in sorted(packer.parts)]
     keep = {Path(p.path).name for p in done_parts}
     for stale in paths["parts"].glob("part_*.npz"):
         if stale.name not in keep:
             stale.unlink()
-    report.timings["pack"] = time.monotonic() - t0
+    report.timings["pack"] = packer.seconds
     t0 = time.monotonic()
     assemble_h5_task(done_parts, str(h5_path), config.image_size, compression)
     report.timings["assemble"] = time.monotonic() - t0
@@ -218,6 +292,15 @@ def _map_points(tiles_path: Path, n: int) -> list[tuple[float, float, str]]:
                 pts.append((t.lon, t.lat, t.biome))
             i += 1
     return pts
+
+
+def _report_unfetched(table: stacks.TileStates, failed: dict[int, str], report: RunReport) -> None:
+    """Tiles without a stack, in file order: why (failed) or the source's no-data reason."""
+    for p in table.positions("missing", "no_data"):
+        if table.state[p] == 0:
+            report.problem(table.tile_id(p), "fetch", failed.get(int(p), "stack missing after fetching"))
+        else:
+            report.problem(table.tile_id(p), "fetch", f"no data: {table.no_data_reason.get(int(p), '')}")
 
 
 def _dask_settings(parameters: dict[str, Any]):
@@ -274,33 +357,33 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
                 table.count("missing"), len(table), len(table) - table.count("missing"), scan["full checks"],
                 stacks.index_path(out))
     failed: dict[int, str] = {}  # reasons of the tiles that failed, by position
-    fetched = _fetch(config, source, out, selection.path, table, failed)
-    report.timings["fetch"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    for p in table.positions("missing", "no_data"):  # in file order, as listed in the tiles file
-        if table.state[p] == 0:
-            report.problem(table.tile_id(p), "fetch", failed.get(int(p), "stack missing after fetching"))
-        else:
-            report.problem(table.tile_id(p), "fetch", f"no data: {table.no_data_reason.get(int(p), '')}")
-    del failed
-
-    # 3. pack partitions (parallel) and assemble the h5 (one writer) ------
     compression = convert.Compression(config.compression_codec, config.compression_level)
-    specs = _partitions(table, config, compression)
-    h5_path = out / f"{config.name}.h5"
-    manifest = out / "work" / "h5_manifest.json"
-    summaries = convert.read_manifest(h5_path, manifest, [s.key for s in specs])
+    packer = _Packer(config, out, compression, report)
+    h5_path, manifest = out / f"{config.name}.h5", out / "work" / "h5_manifest.json"
+    if table.count("missing"):  # 3. pack each partition as soon as its tiles are settled
+        fetched = _fetch_and_pack(config, source, out, selection.path, table, failed, packer)
+        summaries = convert.read_manifest(h5_path, manifest, [s.key for s in _partitions(table, config, compression)])
+    else:  # nothing to fetch: the h5 may be up to date as it is
+        fetched = 0
+        specs = _partitions(table, config, compression)
+        summaries = convert.read_manifest(h5_path, manifest, [s.key for s in specs])
+        if summaries is None:
+            packer.run(iter(specs), True, "pack", sum(len(s.tile_ids) for s in specs))
+        del specs
+    report.timings["fetch"] = time.monotonic() - t0  # packing overlaps it (timings["pack"]: the packing window)
+    t0 = time.monotonic()
+    _report_unfetched(table, failed, report)
+    del failed
+    # 4. assemble the h5 (one writer) --------------------------------------
     if summaries is not None:
         logger.info("%s is up to date (%d parts); not rewritten", h5_path, len(summaries))
     else:
-        summaries, refetched = _pack_and_assemble(config, specs, out, selection.path, source, table, h5_path,
-                                                  compression, report)
+        summaries, refetched = _finish_h5(config, packer, out, selection.path, source, table, h5_path, report)
         fetched += refetched
         convert.write_manifest(h5_path, manifest, summaries)
-        if not config.keep_parts:
-            for p in paths["parts"].glob("part_*.npz"):
-                p.unlink()
-    del specs
+    if not config.keep_parts:
+        for p in paths["parts"].glob("part_*.npz"):
+            p.unlink()
     report.counts.update({"stacks done": table.count("done"), "fetched this run": fetched,
                           "no data": table.count("no_data"), "fetch failed": table.count("missing")})
     n_rows = sum(s["n_rows"] for s in summaries)
@@ -308,7 +391,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
         for tid, reason in s["problems"].items():
             report.problem(tid, "convert", reason)
 
-    # 4. statistics, splits, tile_info ------------------------------------
+    # 5. statistics, splits, tile_info ------------------------------------
     band_stats, empty = convert.merge_stats(summaries).band_stats()
     for k, channels in empty.items():
         report.notes.append(f"band_stats[{k}] is NaN for channel(s) {channels}: no valid value of this kind")
@@ -321,7 +404,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(selection.path)})
     report.timings["pack, write, statistics"] = time.monotonic() - t0
 
-    # 5. report (the map shows at most MAP_POINTS tiles) ------------------
+    # 6. report (the map shows at most MAP_POINTS tiles) ------------------
     png = tiles_map_png(_map_points(selection.path, len(table)), [r.geometry for r in selection.regions],
                         title=f"{config.name}: {len(table)} tiles")
     report.write(out, png)
