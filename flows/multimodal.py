@@ -146,9 +146,12 @@ def _part_spec(table: stacks.TileStates, k: int, config: MultimodalConfig,
 
 
 def _partitions(table: stacks.TileStates, config: MultimodalConfig,
-                compression: convert.Compression) -> list[convert.PartSpec]:
-    n_parts = -(-len(table) // config.part_size)
-    return [s for s in (_part_spec(table, k, config, compression) for k in range(n_parts)) if s is not None]
+                compression: convert.Compression) -> Iterator[convert.PartSpec]:
+    """Every partition with done tiles, one at a time (the ids of one part in memory)."""
+    for k in range(-(-len(table) // config.part_size)):
+        spec = _part_spec(table, k, config, compression)
+        if spec is not None:
+            yield spec
 
 
 class _Packer:
@@ -365,11 +368,9 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
         summaries = convert.read_manifest(h5_path, manifest, [s.key for s in _partitions(table, config, compression)])
     else:  # nothing to fetch: the h5 may be up to date as it is
         fetched = 0
-        specs = _partitions(table, config, compression)
-        summaries = convert.read_manifest(h5_path, manifest, [s.key for s in specs])
+        summaries = convert.read_manifest(h5_path, manifest, [s.key for s in _partitions(table, config, compression)])
         if summaries is None:
-            packer.run(iter(specs), True, "pack", sum(len(s.tile_ids) for s in specs))
-        del specs
+            packer.run(_partitions(table, config, compression), True, "pack", table.count("done"))
     report.timings["fetch"] = time.monotonic() - t0  # packing overlaps it (timings["pack"]: the packing window)
     t0 = time.monotonic()
     _report_unfetched(table, failed, report)

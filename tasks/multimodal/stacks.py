@@ -138,24 +138,8 @@ class StackIndex:
     def __init__(self, out_dir: Path):
         self.path = index_path(out_dir)
 
-    def read(self) -> dict[str, Entry]:
-        out: dict[str, Entry] = {}
-        try:
-            fh = open(self.path, encoding="utf-8")
-        except FileNotFoundError:
-            return out
-        with fh:
-            for line in fh:  # a line cut by a crash is skipped: that tile gets the full check
-                try:
-                    d = json.loads(line)
-                    out[d["id"]] = Entry(d["state"], d["key"], d.get("bytes", -1), d.get("mtime_ns", -1),
-                                         d.get("digest", ""))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-        return out
-
     def read_table(self) -> "_IndexTable":
-        """The index as compact arrays (see :class:`_IndexTable`), for large runs."""
+        """The index in one pass, as compact arrays (see :class:`_IndexTable`)."""
         return _IndexTable.from_lines(self.path)
 
     @staticmethod
@@ -179,7 +163,7 @@ class StackIndex:
 
 class _IndexTable:
     """The stacks index read into sorted arrays (about 100 B a tile) with a lookup by
-    tile id; the last line of a tile wins, as in :meth:`StackIndex.read`."""
+    tile id; the last line of a tile wins (a later line is a later outcome)."""
 
     def __init__(self, ids: np.ndarray, table: TileStates):
         self.order = np.argsort(ids, kind="stable")
@@ -312,12 +296,6 @@ def _entry(tif: Path, key: str, record: dict[str, Any] | None) -> Entry | None:
     except OSError:
         return None
     return Entry("done", key, st.st_size, st.st_mtime_ns, (record or {}).get("blake2b", ""))
-
-
-def tile_state(tile: Tile, key: str, paths: dict[str, Path], size: int | None) -> str | None:
-    """'done' / 'no_data' if the tile needs no fetching, else None."""
-    e = tile_check(tile, key, paths, size)
-    return None if e is None else e.state
 
 
 def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None = None,
@@ -472,12 +450,6 @@ class TileStates:
         """``(states, entries)`` as plain dicts (small runs, tests)."""
         states = {self.ids[p].decode(): STATES[c] for p, c in enumerate(self.state)}
         return states, dict(self.finished())
-
-
-def scan_tiles(tiles: list[Tile], source: Source, out_dir: Path) -> dict[str, str]:
-    """State of every tile on disk: 'done', 'no_data' or 'missing' (see :func:`decide`)."""
-    states, _, _ = decide(tiles, source, out_dir)
-    return states
 
 
 def decide(tiles: Iterable[Tile], source: Source, out_dir: Path,
