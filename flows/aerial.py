@@ -272,10 +272,29 @@ def dense_prepare_task(paths, cfg):
 
 @task(name="dense-cpu", cache_policy=NO_CACHE, tags=["aerial", "dense", "cpu"], retries=1)
 def dense_cpu_task(paths, cfg, names: list[str]):
+    """SGBM backend (depth h5 directly)."""
     from tasks.aerial import pipeline as PL
 
     _match_worker_threads()
     return {**PL.dense_depths_cpu(paths, cfg, names), "worker": _worker_address()}
+
+
+@task(name="dense-patchmatch", cache_policy=NO_CACHE, tags=["aerial", "dense", "cpu"], retries=1)
+def dense_patch_match_task(paths, cfg, names: list[str], phase: str):
+    from tasks.aerial import pipeline as PL
+
+    _match_worker_threads()
+    return {**PL.dense_patch_match(paths, cfg, names, phase), "worker": _worker_address()}
+
+
+@task(name="dense-finish", cache_policy=NO_CACHE, tags=["aerial", "dense"], retries=1)
+def dense_finish_task(paths, cfg, names: list[str]):
+    """Fusion (pycolmap.stereo_fusion) and export of the CPU PatchMatch maps to depths/<stem>.h5."""
+    from tasks.aerial import pipeline as PL
+
+    out = PL.dense_finish(paths, cfg, names)
+    get_run_logger().info("scene %s fusion: %s", paths.scene, out.get("fusion"))
+    return {**out, "finish": True}
 
 
 @task(name="dense-gpu", cache_policy=NO_CACHE, tags=["aerial", "dense", "gpu"], retries=1)
@@ -338,16 +357,20 @@ def evaluate_task(paths, queries: list[str]):
 
 
 def _match_worker_threads() -> None:
-    """OpenCV's thread pool as wide as this Dask worker's thread count: with one worker
-    process per core, one OpenCV thread each, so concurrent tasks do not oversubscribe
-    the cores."""
+    """OpenCV's and numba's thread pools as wide as this Dask worker's thread count: with one
+    worker process per core, one thread each, so concurrent tasks do not oversubscribe the
+    cores."""
     try:
         import cv2
         from distributed import get_worker
 
-        cv2.setNumThreads(max(1, int(get_worker().state.nthreads)))
-    except Exception:  # noqa: BLE001 - not on a Dask worker: leave OpenCV's default
-        pass
+        n = max(1, int(get_worker().state.nthreads))
+    except Exception:  # noqa: BLE001 - not on a Dask worker: leave the defaults
+        return
+    cv2.setNumThreads(n)
+    import numba
+
+    numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def _worker_address() -> str | None:
@@ -511,12 +534,20 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
             reports[s].notes.append(why)
             reports[s].counts["dense backend"] = backend
             names = dense_names[s]
+            batches = [names[i:i + config.dense_batch] for i in range(0, len(names), config.dense_batch)]
             if backend == "gpu":
                 with dask.annotate(resources={"GPU": 1}):
                     futs[dense_gpu_task.submit(paths[s], cfg, names)] = s
-            else:
-                for i in range(0, len(names), config.dense_batch):
-                    futs[dense_cpu_task.submit(paths[s], cfg, names[i:i + config.dense_batch])] = s
+            elif cfg.dense.cpu_method == "sgbm":
+                for b in batches:
+                    futs[dense_cpu_task.submit(paths[s], cfg, b)] = s
+            else:  # PatchMatch: photometric maps of all, then the geometric pass, then fusion + export
+                phot = [dense_patch_match_task.submit(paths[s], cfg, b, "photometric") for b in batches]
+                geom = [dense_patch_match_task.submit(paths[s], cfg, b, "geometric", wait_for=phot)
+                        for b in batches] if cfg.dense.pm_geom_iterations > 0 else phot
+                for f in phot + (geom if geom is not phot else []):
+                    futs[f] = s
+                futs[dense_finish_task.submit(paths[s], cfg, names, wait_for=geom)] = s
         return _results(futs, reports, "dense")
     res = timed("dense", dense)
     workers_used: dict[str, set] = {}
@@ -525,10 +556,11 @@ def run_scene_stages(config: "AerialConfig", p: dict, scenes: list[str], reports
         failures = {k: v for r in ok for k, v in r.get("failures", {}).items()}
         for name, why_ in failures.items():
             reports[s].problem(name, "dense", why_)
-        reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in ok)
-        workers_used[s] = {r.get("worker") for r in ok}
+        done = [r for r in ok if r.get("finish")] or ok  # PatchMatch: the export's stats count
+        reports[s].counts["depth maps"] = sum(len(r.get("stats", {})) for r in done)
+        workers_used[s] = {r.get("worker") for r in ok} - {None}
     alive = [s for s in alive if not failed(s, res)]
-    if backend == "cpu":
+    if backend == "cpu" and cfg.dense.cpu_method == "sgbm":
         res = timed("fusion", lambda: _results({fuse_task.submit(paths[s], cfg): s for s in alive}, reports, "fusion"))
     res = timed("export", lambda: _results({export_task.submit(paths[s]): s for s in alive}, reports, "export"))
     alive = [s for s in alive if not failed(s, res)]
@@ -691,7 +723,7 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     staged = run_scene_stages(config, p, list(ingested), reports)
 
     # 4. report per scene: counts, accuracy and a picture
-    from tasks.aerial.evaluate import summary_rows
+    from tasks.aerial.evaluate import summary_rows, summary_table
 
     out: dict[str, Any] = {"root": str(p["root"]), "scenes": {}, "dense backend": staged["backend"],
                            "pipeline": staged["config"],
@@ -718,13 +750,13 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         acc = staged["accuracy"].get(s)
         table = None
         if acc:
-            table = [{"metric": m, "value": v, "goal": g} for m, v, g in summary_rows(acc)]
+            table = summary_table(acc)
             report.notes.append("accuracy against ground truth:\n" + "\n".join(
                 f"  {m}: {v} (goal {g})" for m, v, g in summary_rows(acc)))
             write_json_atomic(p["root"] / "data" / s / "accuracy.json", acc, indent=1)
             report.extra["accuracy"] = {"poses": {k: v for k, v in acc["poses"].items() if k != "per photo"},
                                         "depth": {k: v for k, v in acc["depth"].items() if k != "per image"}}
-        png = scene_picture(p, s, staged["paths"].get(s))
+        png = scene_picture(p, s, staged["paths"].get(s), acc)
         folder = p["root"] / "data" / s
         report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{s}.json"),
                                "ingest record": str(folder / "ingest.json"),
@@ -740,6 +772,12 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         out["scenes"][s] = {**report.to_dict(), "accuracy": acc}
         logger.info("scene %s: %s", s, json.dumps(report.counts))
     return out
+
+
+def _misses(per: dict) -> list[str]:
+    from tasks.aerial.evaluate import DEPTH_GOALS, _depth_misses
+
+    return _depth_misses(per, DEPTH_GOALS["photos"]) if per.get("pixels") else ["no depth"]
 
 
 def run_planning(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
@@ -801,9 +839,11 @@ def scene_failure(scene: str, report: RunReport) -> str | None:
     return None
 
 
-def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
+def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = None) -> bytes | None:
     """A ground photo, its depth map, and the registered photos' cameras over the reference
-    cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth."""
+    cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth. With
+    the accuracy (``acc``), the depth's title gives its coverage of the true surface next to its
+    accuracy and says which goals are missed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -841,7 +881,14 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None) -> bytes | None:
             d = np.where(depth > 0, depth, np.nan)
             lo, hi = np.nanpercentile(d, [2, 98]) if np.isfinite(d).any() else (0.0, 1.0)
             im = axes[1].imshow(d, cmap="turbo", vmin=lo, vmax=hi)
-            axes[1].set_title(f"its depth (m), {100 * best:.0f} % of pixels; white: unknown")
+            title = f"its depth (m), {100 * best:.0f} % of pixels; white: unknown"
+            per = ((acc or {}).get("depth") or {}).get("per image", {}).get(photo.name)
+            miss = _misses(per) if per else []
+            if per and per.get("pixels"):
+                title = (f"its depth (m): coverage {100 * per['coverage']:.0f} % of the true surface, AbsRel "
+                         f"{per['absrel']:.3f}, {100 * per['within_1.25']:.0f} % within 1.25x\n"
+                         + ("goals met" if not miss else "MISSED: " + "; ".join(miss)) + "; white: unknown")
+            axes[1].set_title(title, fontsize=9, color="firebrick" if miss else "black")
             fig.colorbar(im, ax=axes[1], shrink=0.8)
         else:
             photos = sorted((p["megadepth_out"] / scene).glob("*/*.jpg"))

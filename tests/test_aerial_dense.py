@@ -1,4 +1,5 @@
-"""Tests of the dense-depth stage (tasks/aerial/dense.py) against the synthetic world's exact depth."""
+"""Tests of the dense package (tasks/aerial/dense/): file formats, workspace, source selection and the
+SGBM CPU backend against the synthetic world's exact depth (PatchMatch: test_aerial_patchmatch.py)."""
 
 from __future__ import annotations
 
@@ -44,15 +45,15 @@ def _gt(world: WorldInfo, name: str) -> np.ndarray:
 
 def _stereo_frames(workspace: Path, world: WorldInfo, n: int) -> list[str]:
     """The aerial frames with the most rectifiable sources (no assumption about the trajectory)."""
-    ws = dense._workspace(workspace)
+    ws = dense.open_workspace(workspace)
     cfg = dense.DenseConfig()
     scored = []
     for name in world.frame_names:
-        ref = dense._cam(ws.rec, ws.by_name[name])
+        ref = dense.views._cam(ws.rec, ws.by_name[name])
         good = 0
         for j in dense.select_sources(ws.rec, ref.image_id, cfg.num_sources):
-            b = dense._cam(ws.rec, j).centre - ref.centre
-            if min(dense._angle(b, ref.axis), dense._angle(-b, ref.axis)) >= cfg.min_baseline_angle:
+            b = dense.views._cam(ws.rec, j).centre - ref.centre
+            if min(dense.views._angle(b, ref.axis), dense.views._angle(-b, ref.axis)) >= cfg.min_baseline_angle:
                 good += 1
         scored.append((-good, name))
     scored.sort()
@@ -140,8 +141,14 @@ def test_colmap_bin_round_trip(tmp_path: Path) -> None:
     p3 = dense.write_colmap_array(tmp_path / "n.bin", n)
     raw3 = p3.read_bytes()
     assert raw3.startswith(b"6&4&3&")
-    np.testing.assert_array_equal(np.frombuffer(raw3[6:], "<f4"), np.moveaxis(n, 2, 0).ravel())
+    # pycolmap 4 (COLMAP's own writer) gives the same bytes: channels interleaved per pixel
+    pycolmap.NormalMap.from_array(n).write(str(tmp_path / "n_colmap.bin"))
+    assert (tmp_path / "n_colmap.bin").read_bytes() == raw3
+    np.testing.assert_array_equal(np.frombuffer(raw3[6:], "<f4"), n.ravel())
     np.testing.assert_array_equal(dense.read_colmap_array(p3), n)
+    back = pycolmap.NormalMap()
+    back.read(str(p3))
+    np.testing.assert_array_equal(back.to_array(), n)
     (tmp_path / "bad.bin").write_bytes(b"7&5&1&" + b"\0" * 12)
     with pytest.raises(ValueError, match="truncated"):
         dense.read_colmap_array(tmp_path / "bad.bin")
@@ -260,8 +267,8 @@ def test_run_dense_resume_and_failures(world: WorldInfo, workspace: Path, tmp_pa
     xyz, rgb = dense.read_ply_points(ply)
     assert ply == ws / "fused.ply" and len(xyz) > 100 and np.isfinite(xyz).all()
     # the fused points lie on the ground-truth surface of the image they came from
-    cam = dense._cam(dense._workspace(ws).rec, dense._workspace(ws).by_name[good])
-    uv, z = dense._project(cam, xyz.astype(float))
+    cam = dense.views._cam(dense.open_workspace(ws).rec, dense.open_workspace(ws).by_name[good])
+    uv, z = dense.views._project(cam, xyz.astype(float))
     gt = _gt(world, good)
     ui, vi = np.clip(uv[:, 0].astype(int), 0, cam.width - 1), np.clip(uv[:, 1].astype(int), 0, cam.height - 1)
     rel = np.abs(z - gt[vi, ui]) / np.maximum(gt[vi, ui], 1e-6)
@@ -272,7 +279,7 @@ def test_run_dense_resume_and_failures(world: WorldInfo, workspace: Path, tmp_pa
 
 
 def test_dense_gpu_needs_cuda(workspace: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(dense.pycolmap, "has_cuda", False)  # also on a CUDA build: the check itself
+    monkeypatch.setattr(pycolmap, "has_cuda", False)  # also on a CUDA build: the check itself
     with pytest.raises(RuntimeError, match="pycolmap is built without CUDA: install pycolmap-cuda12 on GPU workers"):
         dense.dense_gpu(workspace, dense.DenseConfig(backend="gpu"), tmp_path / "depths")
 

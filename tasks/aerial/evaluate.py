@@ -144,25 +144,63 @@ def evaluate_scene(product: Path, gt_dir: Path, queries: list[str]) -> dict[str,
             "depth": depth_accuracy(product, model, gt, Path(gt_dir) / "depths", set(queries))}
 
 
-def summary_rows(acc: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(metric, value, goal) rows for the report and the terminal."""
+#: Depth goals per group (issue 14): coverage of the pixels with a true surface, AbsRel, share within 1.25x.
+DEPTH_GOALS = {"aerial": {"coverage": 0.70, "absrel": 0.05, "within_1.25": 0.90},
+               "photos": {"coverage": 0.60, "absrel": 0.05, "within_1.25": 0.90},
+               "all": {"absrel": 0.05, "within_1.25": 0.90}}
+
+
+def _depth_misses(g: dict[str, Any], goal: dict[str, float]) -> list[str]:
+    miss = []
+    if "coverage" in goal and not g["coverage"] >= goal["coverage"]:
+        miss.append(f"coverage {100 * g['coverage']:.1f} % < {100 * goal['coverage']:.0f} %")
+    if not g["absrel"] < goal["absrel"]:
+        miss.append(f"AbsRel {g['absrel']:.4f} >= {goal['absrel']}")
+    if not g["within_1.25"] >= goal["within_1.25"]:
+        miss.append(f"within 1.25x {100 * g['within_1.25']:.1f} % < {100 * goal['within_1.25']:.0f} %")
+    return miss
+
+
+def summary_table(acc: dict[str, Any]) -> list[dict[str, str]]:
+    """Rows ``{"metric", "value", "goal", "met"}`` (``met``: "yes", or "NO: " and what is missed)."""
     p, d = acc["poses"], acc["depth"]
+
+    def met(ok: bool, why: str = "") -> str:
+        return "yes" if ok else f"NO: {why}".rstrip(": ")
+
+    dev = abs(p["scale ratio median"] - 1.0)
     rows = [
-        ("photos registered", f"{p['photos registered']}/{p['photos attempted']}", "all"),
-        ("median rotation error", f"{p['median rotation error deg']:.3f} deg", "< 0.5 deg"),
-        ("median centre error", f"{p['median centre error m']:.3f} m ({100 * p['median centre error / extent']:.2f} %"
-                                f" of {p['scene extent m']:.0f} m)", "< 1 % of the extent"),
-        ("metric scale (distance ratio)", f"{p['scale ratio median']:.4f} (max dev {p['scale ratio max deviation']:.4f})",
-         "within 1 %"),
+        {"metric": "photos registered", "value": f"{p['photos registered']}/{p['photos attempted']}", "goal": "all",
+         "met": met(p["photos registered"] == p["photos attempted"])},
+        {"metric": "median rotation error", "value": f"{p['median rotation error deg']:.3f} deg", "goal": "< 0.5 deg",
+         "met": met(p["median rotation error deg"] < 0.5)},
+        {"metric": "median centre error",
+         "value": f"{p['median centre error m']:.3f} m ({100 * p['median centre error / extent']:.2f} % of "
+                  f"{p['scene extent m']:.0f} m)", "goal": "< 1 % of the extent",
+         "met": met(p["median centre error / extent"] < 0.01)},
+        {"metric": "metric scale (distance ratio)",
+         "value": f"{p['scale ratio median']:.4f} (max dev {p['scale ratio max deviation']:.4f})", "goal": "within 1 %",
+         "met": met(dev < 0.01)},
     ]
     for group in ("aerial", "photos", "all"):
         if group in d:
-            g = d[group]
-            rows.append((f"depth {group} ({g['images']} images)",
-                         f"AbsRel {g['absrel']:.4f}, within 1.25x {100 * g['within_1.25']:.1f} %, "
-                         f"coverage {100 * g['coverage']:.1f} %", "AbsRel < 0.05, >= 90 %"))
+            g, goal = d[group], DEPTH_GOALS[group]
+            text = f"AbsRel < {goal['absrel']}, >= {100 * goal['within_1.25']:.0f} % within 1.25x"
+            if "coverage" in goal:
+                text = f"coverage >= {100 * goal['coverage']:.0f} %, " + text
+            ok = g["pixels"] > 0 and not _depth_misses(g, goal)
+            rows.append({"metric": f"depth {group} ({g['images']} images)",
+                         "value": f"coverage {100 * g['coverage']:.1f} %, AbsRel {g['absrel']:.4f}, "
+                                  f"within 1.25x {100 * g['within_1.25']:.1f} %",
+                         "goal": text, "met": met(ok, "; ".join(_depth_misses(g, goal)) if g["pixels"] else "no depth")})
     return rows
 
 
+def summary_rows(acc: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(metric, value, goal) rows for the report and the terminal; a missed goal says so."""
+    return [(r["metric"], r["value"], r["goal"] + ("" if r["met"] == "yes" else f" [MISSED: {r['met'][4:]}]"))
+            for r in summary_table(acc)]
+
+
 __all__ = ["evaluate_scene", "pose_accuracy", "depth_accuracy", "depth_metrics", "gt_depth_on_grid", "scene_extent",
-           "summary_rows"]
+           "summary_rows", "summary_table", "DEPTH_GOALS"]

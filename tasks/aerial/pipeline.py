@@ -377,8 +377,54 @@ def prepare_dense(paths: ScenePaths, config: PipelineConfig) -> list[str]:
     return names
 
 
+def dense_patch_match(paths: ScenePaths, config: PipelineConfig, names: list[str], phase: str) -> dict[str, Any]:
+    """One pass (``photometric``, then ``geometric`` once every source has its photometric map)
+    of the CPU PatchMatch over ``names``: COLMAP maps in ``dense/stereo/`` (resumable per image)."""
+    return D.run_patch_match(paths.dense, names, config.dense, phase)
+
+
+def dense_finish(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
+    """The shared end of the PatchMatch backends for the CPU maps: ``pycolmap.stereo_fusion`` into
+    ``dense/fused.ply`` and the maps exported to ``dense/depths/<stem>.h5``."""
+    cfg = config.dense
+    kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
+    return D.fuse_and_export(paths.dense, paths.dense / "depths", kind, cfg.pm_max_image_size, cfg, names)
+
+
 def dense_depths_cpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
-    return D.run_dense(paths.dense, names, config.dense, paths.dense / "depths")
+    """The CPU dense stage for ``names`` in one call (tests, scripts): the backend of
+    ``config.dense.cpu_method`` ("sgbm": depth h5 directly; otherwise PatchMatch's two passes and the
+    export of the maps to ``dense/depths/<stem>.h5``; fusion is :func:`fuse_cpu`). ``stats`` of an
+    image say ``skipped`` when nothing had to be recomputed."""
+    cfg = config.dense
+    if cfg.cpu_method == "sgbm":
+        return D.run_dense(paths.dense, names, cfg, paths.dense / "depths")
+    ws = D.open_workspace(paths.dense)
+    kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
+    steps = [D.run_patch_match(ws, names, cfg, "photometric")]
+    if kind == "geometric":
+        steps.append(D.run_patch_match(ws, names, cfg, "geometric"))
+    steps.append(D.export_colmap_depths(ws, paths.dense / "depths", names, kind=kind))
+    return merge_dense_results(steps)
+
+
+def merge_dense_results(steps: list[dict]) -> dict[str, Any]:
+    """Per-image stats of successive dense steps: seconds summed, ``skipped`` only when every step
+    skipped the image, the last step's coverage; failures of any step (the first reason kept)."""
+    stats: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    for step in steps:
+        for name, why in step.get("failures", {}).items():
+            failures.setdefault(name, why)
+        for name, st in step.get("stats", {}).items():
+            cur = stats.setdefault(name, {"seconds": 0.0, "skipped": True, "sources": []})
+            cur["seconds"] += st.get("seconds", 0.0)
+            cur["skipped"] = cur["skipped"] and bool(st.get("skipped"))
+            cur["valid_fraction"] = st.get("valid_fraction", 0.0)
+            cur["sources"] = st.get("sources") or cur["sources"]
+    for name in failures:
+        stats.pop(name, None)
+    return {"stats": stats, "failures": failures}
 
 
 def dense_depths_gpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
@@ -386,7 +432,14 @@ def dense_depths_gpu(paths: ScenePaths, config: PipelineConfig, names: list[str]
 
 
 def fuse_cpu(paths: ScenePaths, config: PipelineConfig) -> Path:
-    return D.fused_point_cloud_cpu(paths.dense, paths.dense / "depths", paths.dense / "fused.ply")
+    """``dense/fused.ply`` of the CPU backends: ``pycolmap.stereo_fusion`` of the PatchMatch maps
+    (the GPU backend's fusion is the same function), or the SGBM depths back-projected."""
+    cfg = config.dense
+    if cfg.cpu_method == "sgbm":
+        return D.fused_point_cloud_cpu(paths.dense, paths.dense / "depths", paths.dense / "fused.ply")
+    kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
+    D.fuse(paths.dense, kind, cfg.pm_max_image_size, cfg)
+    return paths.dense / "fused.ply"
 
 
 # ----------------------------------------------------------------------------- stage: export
@@ -462,4 +515,5 @@ def _hloc_match(paths: ScenePaths, config: PipelineConfig) -> Path:
 __all__ = ["PipelineConfig", "CONFS", "get_config", "ScenePaths", "scene_paths", "collect_images",
            "queries_of", "extract", "merge_feature_parts", "missing_features", "make_pairs", "match",
            "merge_match_parts", "reference", "localize", "registered_names", "prepare_dense", "dense_depths_cpu",
-           "dense_depths_gpu", "fuse_cpu", "export_product", "hloc_available", "model_complete"]
+           "dense_patch_match", "dense_finish", "merge_dense_results", "dense_depths_gpu", "fuse_cpu",
+           "export_product", "hloc_available", "model_complete"]

@@ -1,0 +1,92 @@
+"""Settings of the dense stage (both backends) and its error type."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+CUDA_MESSAGE = "pycolmap is built without CUDA: install pycolmap-cuda12 on GPU workers"
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclass
+class DenseConfig:
+    """Settings of the dense stage (both backends; the CPU ones are prefixed where ambiguous)."""
+
+    backend: str = "auto"  # "cpu" | "gpu" | "auto" (the caller resolves: GPU when a worker declares one)
+    # the CPU method: "sgbm" (OpenCV SGBM on rectified pairs + plane sweep; the default while it
+    # beats PatchMatch on the demo's aerial frames, docs/benchmarks.md) | "patchmatch" (numba MVS)
+    cpu_method: str = "sgbm"
+    num_sources: int = 4  # neighbouring views per reference image
+    max_image_size: int = 2000  # as the original PatchMatch setting (long side, pixels)
+    min_consistent: int = 2  # CPU fusion: number of per-source estimates that must agree
+    rel_tolerance: float = 0.03  # CPU fusion: relative depth agreement
+    # --- source selection (both backends)
+    min_triangulation_angle: float = 3.0  # degrees
+    max_triangulation_angle: float = 40.0  # degrees
+    max_view_angle: float = 60.0  # degrees between the principal axes
+    max_scale_ratio: float = 2.0  # pose-only fallback: apparent scale of the scene in the two views
+    # --- CPU PatchMatch backend (tasks/aerial/dense/patchmatch.py)
+    pm_max_image_size: int = 320  # working long side (pixels); maps are written at this size
+    pm_iterations: int = 4  # photometric red-black iterations
+    pm_geom_iterations: int = 2  # geometric-consistency iterations (0: no geometric pass)
+    pm_window_radius: int = 4  # NCC window half size (pixels at the working size)
+    pm_window_step: int = 2  # sample every this many pixels in the window
+    pm_sigma_color: float = 0.2  # bilateral weight, grey levels in [0, 1]
+    pm_k_best: int = 2  # per pixel, the cost is the mean over the best this many sources
+    pm_perturbation: float = 0.2  # relative depth / normal perturbation of the first refinement
+    pm_far_pad: float = 1.5  # depth range: farthest sparse depth times this
+    pm_min_std: float = 0.01  # reference window grey std below which a pixel gets no depth
+    pm_min_ncc: float = 0.3  # filter: NCC a consistent source needs
+    pm_min_consistent: int = 2  # filter: consistent sources a pixel needs
+    pm_min_triangulation_angle: float = 1.0  # filter: degrees
+    pm_geom_weight: float = 0.3  # geometric pass: weight of the reprojection error (pixels) in the cost
+    pm_geom_max_cost: float = 3.0  # ... capped at this many pixels
+    pm_geom_max_error: float = 2.0  # filter: forward-backward error a consistent source may have (pixels)
+    pm_seed: int = 0
+    pm_threads: int = 0  # numba threads per task (0: numba's default, all cores)
+    # --- SGBM CPU backend (tasks/aerial/dense/sgbm.py)
+    cpu_max_image_size: int | None = None  # working size of the CPU stereo (None: max_image_size)
+    min_baseline_angle: float = 30.0  # degrees between baseline and reference axis (epipole well outside)
+    candidate_factor: int = 3  # consider num_sources * candidate_factor ranked candidates
+    sgbm_block_size: int = 3
+    sgbm_uniqueness: int = 5
+    sgbm_speckle_window: int = 100
+    sgbm_speckle_range: int = 2
+    sgbm_mode: str = "3way"  # "3way" | "sgbm" (5 paths) | "hh" (8 paths, more memory)
+    max_disparities: int = 256  # cap of numDisparities (multiple of 16)
+    fallback_disparity_fraction: float = 0.25  # no depth prior: search 0 .. fraction * width
+    prior_near_pad: float = 1.5  # disparity search from the prior: nearest depth = zmin / near_pad
+    prior_far_pad: float | None = None  # farthest depth = zmax * far_pad (None: infinity)
+    min_pair_scale: float = 0.35  # a pair whose disparity range exceeds max_disparities is matched smaller
+    lr_max_diff: float = 1.0  # left-right check tolerance (pixels)
+    min_texture: float = 0.0  # local grey std (5x5) below which a pixel is not matched (0: off)
+    max_rect_factor: float = 1.6  # rectified extent cap, in units of the working image's long side
+    sweep_fallback: bool = True  # plane sweep for pairs that cannot be rectified (forward motion)
+    sweep_max_size: int = 480  # plane sweep (forward-motion pairs): working long side
+    sweep_window: int = 9  # NCC window (pixels)
+    sweep_step_px: float = 1.0  # plane spacing: at most this pixel motion between planes
+    sweep_max_planes: int = 128
+    sweep_ground: bool = True  # also sweep horizontal (ground) planes
+    sweep_min_ncc: float = 0.6
+    sweep_min_margin: float = 0.1  # best NCC minus the best NCC of clearly different depths
+    sweep_min_std: float = 2.0  # grey-level std in the window below which NCC is not trusted
+    sweep_min_center_std: float = 1.0  # 3x3 grey std a pixel needs (0: off)
+    sweep_sigma_px: float = 0.5  # assumed matching precision (pixels) for the conditioning test
+    sweep_max_rel_error: float = 0.02  # drop pixels whose depth would be less precise than this
+    depth_min: float | None = None  # optional manual depth range (both backends)
+    depth_max: float | None = None
+    # --- GPU backend
+    geom_consistency: bool = True  # GPU backend; the CPU one runs its geometric pass when pm_geom_iterations > 0
+    gpu_index: str = "-1"
+    fusion_min_num_pixels: int = 3  # both backends: pycolmap.stereo_fusion's min_num_pixels
+    patch_match_extra: dict = field(default_factory=dict)  # extra PatchMatchOptions attributes
+
+    def cpu_size(self) -> int:
+        return int(self.cpu_max_image_size or self.max_image_size)
+
+
+class DenseError(RuntimeError):
+    """A dense step could not run for one image (the message says why)."""
+
+

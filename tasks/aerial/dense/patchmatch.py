@@ -1,0 +1,268 @@
+"""CPU backend: PatchMatch multi-view stereo compiled with numba (COLMAP's method, ECCV 2016).
+
+Per reference image, at a working size of ``pm_max_image_size`` (long side):
+
+1. **Views**: the sources of :func:`~tasks.aerial.dense.views.select_sources` (shared 3D points,
+   triangulation angle, viewing angle), as for the GPU backend's ``patch-match.cfg``.
+2. **Photometric pass** (``phase="photometric"``): per-pixel depth and normal hypotheses drawn in
+   the image's depth range (from its sparse points: 1st-99th percentile, padded), then
+   ``pm_iterations`` red-black sweeps of propagation (8 neighbours' planes) and random refinement
+   (perturbations shrinking each iteration); the cost is the bilateral-weighted NCC over a window,
+   aggregated over the ``pm_k_best`` best source views per pixel (see :mod:`.kernels`). The map is
+   filtered (below) and written as ``stereo/{depth,normal}_maps/<name>.photometric.bin``.
+3. **Geometric pass** (``phase="geometric"``, needs the photometric maps of the sources): starts
+   from the image's photometric map and runs ``pm_geom_iterations`` more sweeps with the
+   forward-backward reprojection error through each source's photometric depth added to the cost
+   (weight ``pm_geom_weight``, capped at ``pm_geom_max_cost`` pixels), as COLMAP's
+   ``geom_consistency``; written as ``<name>.geometric.bin``.
+4. **Filter** (both passes, COLMAP's ``filter``): a pixel keeps its depth when at least
+   ``pm_min_consistent`` sources see it with NCC >= ``pm_min_ncc``, a triangulation angle of at
+   least ``pm_min_triangulation_angle`` and (geometric pass) a forward-backward error of at most
+   ``pm_geom_max_error`` pixels (a source without a photometric map does not count there).
+
+The maps are COLMAP's (``pycolmap.DepthMap`` / ``NormalMap`` read them), at the working size, so
+fusion (``pycolmap.stereo_fusion``) and the export to ``depths/<stem>.h5`` are the same code for
+this backend and the GPU one (:mod:`.fusion`). Resume: an image whose map of the pass exists with
+the working size is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import cv2
+import numba
+import numpy as np
+
+from tasks.aerial.dense import kernels as KN
+from tasks.aerial.dense.config import DenseConfig, DenseError
+from tasks.aerial.dense.io import read_colmap_array, read_colmap_header, write_colmap_array
+from tasks.aerial.dense.views import _Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources
+from tasks.aerial.dense.workspace import Workspace, open_workspace
+
+log = logging.getLogger(__name__)
+
+PHASES = ("photometric", "geometric")
+
+
+def map_paths(workspace: Path, name: str, kind: str) -> tuple[Path, Path]:
+    """(depth map, normal map) of ``name`` in a workspace, COLMAP's names."""
+    stereo = Path(workspace) / "stereo"
+    return (stereo / "depth_maps" / f"{name}.{kind}.bin", stereo / "normal_maps" / f"{name}.{kind}.bin")
+
+
+def working_size(c: _Cam, max_size: int) -> tuple[int, int, float, float]:
+    """(width, height, sx, sy) of camera ``c`` scaled so that its long side is at most ``max_size``."""
+    s = min(1.0, max_size / max(c.width, c.height))
+    w, h = max(1, round(c.width * s)), max(1, round(c.height * s))
+    return w, h, w / c.width, h / c.height
+
+
+def _index_K(c: _Cam, sx: float, sy: float) -> np.ndarray:
+    """Intrinsics at the working size in pixel-index convention (centre of pixel (i, j) at (j, i))."""
+    K = np.diag([sx, sy, 1.0]) @ c.K
+    K[0, 2] -= 0.5
+    K[1, 2] -= 0.5
+    return K
+
+
+def _grey(img: np.ndarray) -> np.ndarray:
+    return (cv2.cvtColor(img, cv2.COLOR_BGR2GRAY).astype(np.float32) / 255.0) if img.ndim == 3 else \
+        img.astype(np.float32) / 255.0
+
+
+def _grey_at(ws: Workspace, name: str, size: tuple[int, int]) -> np.ndarray:
+    img, _ = ws.image(name, max(size))
+    if img.shape[1] != size[0] or img.shape[0] != size[1]:
+        img = cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    return _grey(img)
+
+
+def depth_range(ws: Workspace, ref: _Cam, cfg: DenseConfig) -> tuple[float, float]:
+    """The reference's depth range: the configuration's, else the 1st-99th percentile of its
+    sparse points' depths widened by ``prior_near_pad`` / ``pm_far_pad``, else the model's."""
+    if cfg.depth_min and cfg.depth_max:
+        return float(cfg.depth_min), float(cfg.depth_max)
+    z = _depth_prior(ws.rec, ref)
+    if z.size >= 5:
+        lo, hi = np.percentile(z, [1, 99])
+        return float(lo / cfg.prior_near_pad), float(hi * cfg.pm_far_pad)
+    rng = global_depth_range(ws.rec, cfg)
+    if rng is None:
+        raise DenseError(f"{ref.name}: no sparse point gives a depth range; set DenseConfig.depth_min / depth_max")
+    return rng
+
+
+def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "photometric",
+                      info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(depth HxW, normal HxWx3) of image ``name`` at the working size for one pass (module doc);
+    0 depth where filtered out. ``info`` receives the sources, depth range and counts."""
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    info = {} if info is None else info
+    if name not in ws.by_name:
+        raise DenseError(f"{name}: not in the workspace model {ws.path / 'sparse'}")
+    rec = ws.rec
+    ref = _cam(rec, ws.by_name[name])
+    W, H, sx, sy = working_size(ref, cfg.pm_max_image_size)
+    gref = _grey_at(ws, name, (W, H))  # raises for a missing / corrupt reference
+    unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
+    src_ids = select_sources(rec, ref.image_id, cfg.num_sources, cfg.min_triangulation_angle,
+                             cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=unusable)
+    srcs, Ks, Rs, ts, names = [], [], [], [], []
+    for j in src_ids:
+        c = _cam(rec, j)
+        w, h, ssx, ssy = working_size(c, cfg.pm_max_image_size)
+        try:
+            g = _grey_at(ws, c.name, (w, h))
+        except (FileNotFoundError, DenseError) as exc:  # a bad source only loses that view
+            info.setdefault("bad sources", {})[c.name] = str(exc)
+            continue
+        R = c.R @ ref.R.T
+        srcs.append(g)
+        Ks.append(_index_K(c, ssx, ssy))
+        Rs.append(R)
+        ts.append(c.t - R @ ref.t)
+        names.append(c.name)
+    info["sources"] = names
+    depth = np.zeros((H, W), np.float32)
+    normal = np.zeros((H, W, 3), np.float32)
+    if len(names) < max(1, cfg.pm_min_consistent):
+        info["note"] = f"{len(names)} usable source view(s), {cfg.pm_min_consistent} needed"
+        return depth, normal
+    d_min, d_max = depth_range(ws, ref, cfg)
+    info["depth range"] = (d_min, d_max)
+
+    S = len(names)
+    hm = max(g.shape[0] for g in srcs)
+    wm = max(g.shape[1] for g in srcs)
+    stack = np.zeros((S, hm, wm), np.float32)
+    swh = np.zeros((S, 2), np.int64)
+    for s, g in enumerate(srcs):
+        stack[s, : g.shape[0], : g.shape[1]] = g
+        swh[s] = (g.shape[1], g.shape[0])
+    Kr = _index_K(ref, sx, sy)
+    Kri = np.linalg.inv(Kr)
+    Ks_ = np.stack(Ks)
+    Rs_ = np.stack(Rs)
+    ts_ = np.stack(ts)
+    A = np.einsum("sij,sjk,kl->sil", Ks_, Rs_, Kri)
+    b = np.einsum("sij,sj->si", Ks_, ts_)
+    Ksi = np.linalg.inv(Ks_)
+
+    sdepth = np.zeros((S, 1, 1), np.float32)
+    sdwh = np.zeros((S, 2), np.int64)
+    geom = phase == "geometric"
+    if geom:
+        maps = []
+        for s, n in enumerate(names):
+            p = map_paths(ws.path, n, "photometric")[0]
+            m = _read_map(p, tuple(swh[s][::-1]))
+            maps.append(m)
+            if m is not None:
+                sdwh[s] = (m.shape[1], m.shape[0])
+        info["sources with maps"] = int((sdwh[:, 0] > 0).sum())
+        if any(m is not None for m in maps):
+            sdepth = np.zeros((S, hm, wm), np.float32)
+            for s, m in enumerate(maps):
+                if m is not None:
+                    sdepth[s, : m.shape[0], : m.shape[1]] = m
+        own_d = _read_map(map_paths(ws.path, name, "photometric")[0], (H, W))
+        own_n = _read_map(map_paths(ws.path, name, "photometric")[1], (H, W))
+        if own_d is not None and own_n is not None and own_n.ndim == 3:
+            depth[:] = own_d
+            normal[:] = own_n
+
+    half = max(1, cfg.pm_window_radius // max(1, cfg.pm_window_step))
+    step = max(1, cfg.pm_window_step)
+    wn, rcw, var = KN.ref_windows(gref, half, step, float(cfg.pm_sigma_color), float(cfg.pm_window_radius))
+    P = (Kri, Kr, A, b, Rs_, ts_, Ks_, Ksi, stack, swh, wn, rcw, var, half, step, int(cfg.pm_k_best), geom,
+         float(cfg.pm_geom_weight), float(cfg.pm_geom_max_cost), sdepth, sdwh)
+    min_var = float(cfg.pm_min_std) ** 2
+    seed = int(cfg.pm_seed) + (7 if geom else 0)
+    cost = np.empty((H, W), np.float32)
+    # an unfinished photometric map restarts the zero pixels at random
+    KN.initialise(depth, normal, cost, P, 1.0 / d_max, 1.0 / d_min, min_var, seed)
+    n_it = cfg.pm_geom_iterations if geom else cfg.pm_iterations
+    for it in range(n_it):
+        pert = max(cfg.pm_perturbation * 0.5 ** (it + (2 if geom else 0)), 0.005)
+        for color in (0, 1):
+            KN.sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
+    count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
+                           math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
+                           min_var)
+    normal[depth <= 0] = 0
+    info["valid"] = float((depth > 0).mean())
+    info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
+    return depth, normal
+
+
+def _read_map(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
+    """A COLMAP map of the given (height, width), else None (missing, unreadable, other size)."""
+    if not path.is_file():
+        return None
+    try:
+        m = read_colmap_array(path)
+    except (ValueError, OSError):
+        return None
+    return m if m.shape[:2] == tuple(shape) else None
+
+
+def _map_complete(workspace: Path, name: str, kind: str, shape: tuple[int, int]) -> bool:
+    for p in map_paths(workspace, name, kind):
+        try:
+            w, h, ch = read_colmap_header(p)
+            head = len(f"{w}&{h}&{ch}&")
+            if (h, w) != tuple(shape) or p.stat().st_size != head + 4 * w * h * ch:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, config: DenseConfig | None,
+                    phase: str = "photometric") -> dict:
+    """One pass of the CPU PatchMatch over images of a workspace (all posed ones by default):
+    writes ``stereo/{depth,normal}_maps/<name>.<phase>.bin``. Resumable per image (a complete map
+    of the pass is kept); one bad image never stops the others. Returns ``{"stats": {name:
+    {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``."""
+    cfg = config or DenseConfig()
+    ws = open_workspace(workspace)
+    if cfg.pm_threads:
+        numba.set_num_threads(max(1, min(int(cfg.pm_threads), numba.config.NUMBA_NUM_THREADS)))
+    names = sorted(ws.by_name) if image_names is None else list(image_names)
+    stats: dict[str, dict] = {}
+    failures: dict[str, str] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        if name not in ws.by_name:
+            failures[name] = f"DenseError: {name}: not in the workspace model {ws.path / 'sparse'}"
+            continue
+        c = _cam(ws.rec, ws.by_name[name])
+        W, H, _, _ = working_size(c, cfg.pm_max_image_size)
+        if _map_complete(ws.path, name, phase, (H, W)):
+            d = read_colmap_array(map_paths(ws.path, name, phase)[0])
+            stats[name] = {"valid_fraction": float((d > 0).mean()), "seconds": time.perf_counter() - t0,
+                           "sources": [], "skipped": True}
+            continue
+        info: dict = {}
+        try:
+            depth, normal = patch_match_image(ws, name, cfg, phase, info)
+            dp, np_ = map_paths(ws.path, name, phase)
+            write_colmap_array(np_, normal)  # normal first: the depth map marks the pair complete
+            write_colmap_array(dp, depth)
+        except Exception as exc:  # noqa: BLE001 - one image never sinks the others
+            failures[name] = f"{type(exc).__name__}: {exc}"
+            log.warning("dense patchmatch (%s): %s failed: %s", phase, name, failures[name])
+            continue
+        stats[name] = {"valid_fraction": info.get("valid", 0.0), "seconds": time.perf_counter() - t0,
+                       "sources": info.get("sources", []), "skipped": False}
+        if "note" in info:
+            stats[name]["note"] = info["note"]
+    return {"stats": stats, "failures": failures}
+
+
+__all__ = ["PHASES", "map_paths", "working_size", "depth_range", "patch_match_image", "run_patch_match"]

@@ -1,0 +1,234 @@
+"""Camera helpers and source-view selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import math
+
+import numpy as np
+import pycolmap
+
+# ----------------------------------------------------------------------------- geometry helpers
+
+
+@dataclass
+class _Cam:
+    image_id: int
+    name: str
+    K: np.ndarray  # 3x3, full resolution, COLMAP pixel convention
+    R: np.ndarray  # world -> camera
+    t: np.ndarray
+    width: int
+    height: int
+
+    @property
+    def centre(self) -> np.ndarray:
+        return -self.R.T @ self.t
+
+    @property
+    def axis(self) -> np.ndarray:
+        return self.R[2]
+
+
+def _posed_ids(rec: pycolmap.Reconstruction) -> list[int]:
+    """Ids of the images with a pose (registered), sorted."""
+    return sorted(i for i, im in rec.images.items() if im.has_pose)
+
+
+def _cam(rec: pycolmap.Reconstruction, image_id: int) -> _Cam:
+    im = rec.images[image_id]
+    cam = rec.cameras[im.camera_id]
+    m = np.asarray(im.cam_from_world().matrix(), float)
+    return _Cam(image_id, im.name, np.asarray(cam.calibration_matrix(), float), m[:, :3], m[:, 3],
+                int(cam.width), int(cam.height))
+
+
+def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Angle (degrees) between vectors along the last axis."""
+    na = np.linalg.norm(a, axis=-1)
+    nb = np.linalg.norm(b, axis=-1)
+    c = np.sum(a * b, axis=-1) / np.maximum(na * nb, 1e-12)
+    return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
+
+
+def _project(c: _Cam, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels Nx2, depth N) of world points."""
+    xc = xyz @ c.R.T + c.t
+    z = xc[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = (xc[:, :2] / z[:, None]) @ c.K[:2, :2].T + c.K[:2, 2]
+    return uv, z
+
+
+def _depth_prior(rec: pycolmap.Reconstruction, c: _Cam, min_points: int = 10) -> np.ndarray:
+    """Depths (in camera ``c``) of the sparse points it sees (see :func:`_prior_points`)."""
+    xyz = _prior_points(rec, c, min_points)
+    if xyz is None or not len(xyz):
+        return np.zeros(0)
+    _, z = _project(c, xyz)
+    return z[z > 0]
+
+
+def _all_points(rec: pycolmap.Reconstruction) -> np.ndarray:
+    """All 3D points of ``rec`` (Nx3)."""
+    return np.array([p.xyz for p in rec.points3D.values()], float).reshape(-1, 3)
+
+
+def select_sources(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angle_deg: float = 3.0,
+                   max_angle_deg: float = 40.0, max_view_angle_deg: float = 60.0, max_scale_ratio: float = 2.0,
+                   exclude: Iterable[int] = (), min_overlap: float = 0.25) -> list[int]:
+    """Up to ``k`` source image ids for reference ``image_id``, best first; deterministic.
+
+    1. Images sharing 3D points with the reference (``rec.points3D`` tracks), kept when the median
+       triangulation angle of the shared points (angle at the point between the two camera centres)
+       lies in ``[min_angle_deg, max_angle_deg]`` and the principal axes differ by at most
+       ``max_view_angle_deg``; ranked by the number of shared points (as COLMAP's ``__auto__``).
+    2. When fewer than ``k`` are found (e.g. a model with poses only, or images without
+       observations), the rest is filled from the other images by geometry. Scene points seen by
+       the reference (the sparse points projecting into it; for a pose-only model a grid of its
+       pixels at a typical depth) must fall inside the candidate for at least ``min_overlap`` of
+       them, their median triangulation angle must lie in the same range, the axes within
+       ``max_view_angle_deg`` and the median apparent scale ratio of the scene in the two views
+       within ``max_scale_ratio``; ranked by distance between the camera centres.
+    """
+    if k <= 0:
+        return []
+    ref = _cam(rec, image_id)
+    excluded = set(exclude) | {image_id}
+    chosen: list[int] = []
+
+    # --- 1. shared 3D points
+    im = rec.images[image_id]
+    shared: dict[int, list[float]] = {}
+    centres: dict[int, np.ndarray] = {}
+    for p2 in im.points2D:
+        if not p2.has_point3D():
+            continue
+        pt = rec.points3D[p2.point3D_id]
+        xyz = np.asarray(pt.xyz, float)
+        ray_r = ref.centre - xyz
+        for el in pt.track.elements:
+            j = el.image_id
+            if j in excluded:
+                continue
+            if j not in centres:
+                centres[j] = np.asarray(rec.images[j].projection_center(), float)
+            shared.setdefault(j, []).append(float(_angle(ray_r, centres[j] - xyz)))
+    ranked = []
+    for j, angles in shared.items():
+        med = float(np.median(angles))
+        if not (min_angle_deg <= med <= max_angle_deg):
+            continue
+        cj = _cam(rec, j)
+        if _angle(ref.axis, cj.axis) > max_view_angle_deg:
+            continue
+        ranked.append((-len(angles), abs(med - 0.5 * (min_angle_deg + max_angle_deg)), j))
+    chosen = [j for *_, j in sorted(ranked)][:k]
+    if len(chosen) >= k:
+        return chosen
+
+    # --- 2. geometric fallback: co-visibility of scene points seen by the reference
+    pts = _scene_points(rec, ref)
+    if pts is None:
+        return chosen
+    f_ref = float(np.sqrt(ref.K[0, 0] * ref.K[1, 1]))
+    d_ref = np.linalg.norm(pts - ref.centre, axis=1)
+    cands = []
+    for j in _posed_ids(rec):
+        if j in excluded or j in chosen:
+            continue
+        cj = _cam(rec, j)
+        if _angle(ref.axis, cj.axis) > max_view_angle_deg:
+            continue
+        uv, z = _project(cj, pts)
+        vis = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < cj.width) & (uv[:, 1] >= 0) & (uv[:, 1] < cj.height)
+        if vis.mean() < min_overlap:
+            continue
+        tri = float(np.median(_angle(ref.centre - pts[vis], cj.centre - pts[vis])))
+        if not (min_angle_deg <= tri <= max_angle_deg):
+            continue
+        f_j = float(np.sqrt(cj.K[0, 0] * cj.K[1, 1]))
+        scale = float(np.median((f_j / np.linalg.norm(pts[vis] - cj.centre, axis=1)) / (f_ref / d_ref[vis])))
+        if max(scale, 1.0 / scale) > max_scale_ratio:
+            continue
+        cands.append((float(np.linalg.norm(cj.centre - ref.centre)), j))
+    chosen += [j for _, j in sorted(cands)][: k - len(chosen)]
+    return chosen
+
+
+def _scene_points(rec: pycolmap.Reconstruction, ref: _Cam, max_points: int = 300) -> np.ndarray | None:
+    """Scene points seen by ``ref`` for source selection: the sparse points it sees (see
+    :func:`_prior_points`), else a grid of its pixels at a typical depth (the median distance at
+    which the other principal axes pass closest to its own, else 10 times the median distance to
+    the other cameras)."""
+    xyz = _prior_points(rec, ref)
+    if xyz is not None and len(xyz):
+        step = max(1, len(xyz) // max_points)
+        return xyz[::step]
+    others = [_cam(rec, j) for j in _posed_ids(rec) if j != ref.image_id]
+    if not others:
+        return None
+    depths = []
+    for c in others:
+        d = c.centre - ref.centre
+        a, b, cc = 1.0, ref.axis @ c.axis, 1.0
+        den = a * cc - b * b
+        if den < 1e-6:
+            continue
+        s_ = (cc * (d @ ref.axis) - b * (d @ c.axis)) / den
+        u_ = (b * (d @ ref.axis) - a * (d @ c.axis)) / den
+        if s_ > 0 and u_ > 0:
+            depths.append(s_)
+    if depths:
+        depth = float(np.median(depths))
+    else:
+        depth = 10.0 * float(np.median([np.linalg.norm(c.centre - ref.centre) for c in others]))
+    if depth <= 0:
+        return None
+    gu, gv = np.meshgrid(np.linspace(0.1, 0.9, 7) * ref.width, np.linspace(0.1, 0.9, 5) * ref.height)
+    rays = np.stack([gu.ravel(), gv.ravel(), np.ones(gu.size)], 1) @ np.linalg.inv(ref.K).T
+    return (rays * depth - ref.t) @ ref.R
+
+
+def _prior_points(rec: pycolmap.Reconstruction, c: _Cam, min_points: int = 10) -> np.ndarray | None:
+    """World points seen by ``c`` (its observations, else model points projecting into it)."""
+    im = rec.images[c.image_id]
+    ids = [p.point3D_id for p in im.points2D if p.has_point3D()]
+    if len(ids) >= min_points:
+        return np.array([rec.points3D[i].xyz for i in ids], float)
+    if not rec.points3D:
+        return None
+    xyz = _all_points(rec)
+    uv, z = _project(c, xyz)
+    ok = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < c.width) & (uv[:, 1] >= 0) & (uv[:, 1] < c.height)
+    return xyz[ok] if ok.sum() >= 5 else None
+
+
+def _up_vector(rec: pycolmap.Reconstruction) -> np.ndarray:
+    """World up direction: the mean of the cameras' up axes (-y; photos and video are taken
+    upright), which for a metric ENU model is close to +z."""
+    ups = [-_cam(rec, j).R[1] for j in _posed_ids(rec)]
+    u = np.sum(ups, axis=0)
+    n = float(np.linalg.norm(u))
+    return u / n if n > 1e-9 else np.array([0.0, 0.0, 1.0])
+
+
+
+
+def global_depth_range(rec: pycolmap.Reconstruction, cfg) -> tuple[float, float] | None:
+    """Depth range for PatchMatch when some image has no observed sparse point (COLMAP would stop
+    with "You must manually set the minimum and maximum depth"): the config's, else the range of
+    every model point seen in front of any camera, padded."""
+    if cfg.depth_min and cfg.depth_max:
+        return float(cfg.depth_min), float(cfg.depth_max)
+    lo, hi = math.inf, 0.0
+    for iid in _posed_ids(rec):
+        pr = _depth_prior(rec, _cam(rec, iid))
+        if pr.size:
+            a, b = np.percentile(pr, [1, 99])
+            lo, hi = min(lo, a), max(hi, b)
+    if hi <= 0:
+        return None
+    return float(lo / cfg.prior_near_pad), float(hi * (cfg.prior_far_pad or 10.0))
