@@ -60,6 +60,11 @@ def default_megadepth(root: str | Path) -> Path:
     return Path(root) / "megadepth"
 
 
+def default_scene_list(megadepth: str | Path) -> Path:
+    """The scene list when not told: ``<megadepth>/scene_list.json``."""
+    return Path(megadepth) / "scene_list.json"
+
+
 def downloaded_scenes(root: str | Path) -> list[str]:
     """Scene ids with an Earth Studio camera export in ``<root>/downloaded_data/``, sorted."""
     return sorted(p.stem for p in (Path(root) / DOWNLOADED).glob("*.json"))
