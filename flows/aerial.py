@@ -35,6 +35,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tasks.aerial import layout as L
 from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
 from tasks.common.cli import EXIT_CONFIG, ConfigError, build, merge, parse_sets
@@ -120,12 +121,12 @@ class AerialConfig(BaseModel):
         from tasks.aerial import megadepth
 
         p = self.paths()
-        has_data = (p["root"] / "downloaded_data").is_dir()
+        has_data = (p["root"] / L.DOWNLOADED).is_dir()
         if not has_data and not self.synthetic and not self.places:
             raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
                               "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
         if has_data:
-            exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
+            exports = L.downloaded_scenes(p["root"])
             unknown = sorted(set(self.scenes or []) - set(exports))
             if unknown:
                 raise ConfigError(f"scenes {unknown} have no Earth Studio export in {p['root'] / 'downloaded_data'}"
@@ -143,12 +144,12 @@ class AerialConfig(BaseModel):
 
     def paths(self) -> dict[str, Path]:
         root = Path(self.root).expanduser().resolve()
-        md = Path(self.megadepth).expanduser().resolve() if self.megadepth else root / "megadepth"
+        md = Path(self.megadepth).expanduser().resolve() if self.megadepth else L.default_megadepth(root)
         return {
             "root": root, "megadepth": md,
             "megadepth_out": Path(self.megadepth_out).expanduser().resolve() if self.megadepth_out
-            else root / "megadepth_processed",
-            "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else md / "scene_list.json",
+            else L.default_megadepth_out(root),
+            "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else L.default_scene_list(md),
         }
 
 
@@ -646,9 +647,9 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     plan_failed = {s: f"plan: {r['error']}" for s, r in plans.items() if "error" in r}
     if config.plan_only:
         return {"root": str(p["root"]), "plans": plans, "scenes": {}, "failed": plan_failed}
-    if config.synthetic and not config.places and not (p["root"] / "downloaded_data").is_dir():
+    if config.synthetic and not config.places and not (p["root"] / L.DOWNLOADED).is_dir():
         world_task(str(p["root"]), config.world_options)
-    exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
+    exports = L.downloaded_scenes(p["root"])
     scenes = [s for s in exports if not config.scenes or s in config.scenes]
     waiting = sorted(s for s, r in plans.items() if "error" not in r and s not in exports)
     for s in waiting:
@@ -737,7 +738,7 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
         if product:
             clear_stale(product)
         if s in ingested:
-            clear_stale(p["root"] / "data" / s)
+            clear_stale(L.SceneLayout(p["root"], s).scene_dir)
         if why:
             failed[s] = why
             current = [Path(product)] if product else []
@@ -753,16 +754,16 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
             table = summary_table(acc)
             report.notes.append("accuracy against ground truth:\n" + "\n".join(
                 f"  {m}: {v} (goal {g})" for m, v, g in summary_rows(acc)))
-            write_json_atomic(p["root"] / "data" / s / "accuracy.json", acc, indent=1)
+            write_json_atomic(L.SceneLayout(p["root"], s).accuracy, acc, indent=1)
             report.extra["accuracy"] = {"poses": {k: v for k, v in acc["poses"].items() if k != "per photo"},
                                         "depth": {k: v for k, v in acc["depth"].items() if k != "per image"}}
         png = scene_picture(p, s, staged["paths"].get(s), acc)
-        folder = p["root"] / "data" / s
-        report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{s}.json"),
-                               "ingest record": str(folder / "ingest.json"),
-                               "reference model": str(folder / "sfm_output_localization" / "reference_empty"),
+        layout = L.SceneLayout(p["root"], s)
+        report.outputs.update({"footage": str(layout.footage), "metadata": str(layout.metadata),
+                               "ingest record": str(layout.ingest_record),
+                               "reference model": str(layout.reference_empty),
                                "megadepth": str(p["megadepth_out"] / s)})
-        report.write(folder, png, png_name="overview.png")
+        report.write(layout.scene_dir, png, png_name=layout.overview.name)
         report.publish(key=f"aerial-{s}", map_png=png)
         if table:
             from prefect.artifacts import create_table_artifact
@@ -897,7 +898,7 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
                 axes[0].imshow(plt.imread(photos[0]))
                 axes[0].set_title(f"ground {photos[0].name}")
             if frames:
-                img = plt.imread(p["root"] / "data" / scene / "footage" / frames[len(frames) // 2]["name"])
+                img = plt.imread(L.SceneLayout(p["root"], scene).footage / frames[len(frames) // 2]["name"])
                 axes[1].imshow(img)
                 axes[1].set_title(f"aerial {frames[len(frames) // 2]['name']}")
         if frames:
