@@ -327,7 +327,7 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
             return StageResult(out_dir, _localization_counts(ref, queries), seconds=time.perf_counter() - t0,
                                problems=problems)
         pairs_tmp = tmp / "pairs-verify.txt"
-        pairs_tmp.write_text("".join(f"{a} {b}\n" for a, b in valid_pairs))
+        IO.write_pairs(pairs_tmp, valid_pairs)
         t_verify = time.perf_counter()
         vopts = pycolmap.TwoViewGeometryOptions()
         vopts.min_num_inliers = config.verify_min_inliers

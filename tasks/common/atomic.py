@@ -58,13 +58,6 @@ def _prefix(path: Path) -> str:
     return f".{path.name}.{_HOST}-{os.getpid()}-"
 
 
-def partial_name(path: str | os.PathLike, suffix: str | None = None) -> str:
-    """A glob of the temporary names of ``path`` (this scheme), e.g. for tests."""
-    path = Path(path)
-    suffix = path.suffix if suffix is None else suffix
-    return f".{path.name}.*{PARTIAL}{suffix}"
-
-
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None, *, fsync: bool = False) -> Iterator[Path]:
     """Yield a temporary file path beside ``path``; rename it onto ``path`` on success.
