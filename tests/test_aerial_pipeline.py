@@ -172,7 +172,7 @@ def test_reference_triangulation(demo):
 
 def test_pairs_and_hloc_files(demo):
     paths = demo["paths"]
-    from tasks.aerial.matching import read_pairs
+    from tasks.aerial.io import read_pairs
 
     ref_pairs = read_pairs(paths.pairs_reference)
     ret = read_pairs(paths.pairs_retrieval)
