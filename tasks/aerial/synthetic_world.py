@@ -33,7 +33,7 @@ import numpy as np
 
 from tasks.aerial import megadepth as MD
 from tasks.aerial.dense.io import write_depth_h5
-from tasks.aerial.earthstudio import export_document
+from tasks.aerial.earthstudio import export_document, frame_name
 from tasks.aerial.geometry import (
     enu_to_ecef,
     enu_to_geodetic,
@@ -523,7 +523,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     sun_aerial = np.array([0.4, -0.3, 0.87])
     sun_aerial /= np.linalg.norm(sun_aerial)
     gt_depths = layout.gt_depths
-    frame_names = [f"{scene}_{k:0{max(3, len(str(n_aerial - 1)))}d}.jpeg" for k in range(n_aerial)]
+    frame_names = [frame_name(scene, k, n_aerial) for k in range(n_aerial)]
     gt_images = []
     gt_cams = []
     aer_views = [View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height) for k in range(n_aerial)]
