@@ -13,17 +13,21 @@ Local run on the embedded default (synthetic source, shipped regions)::
 from __future__ import annotations
 
 import argparse
+import contextvars
 import json
+import queue
 import sys
+import threading
 import time
 from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tasks.common.atomic import remove_partials, write_json_atomic
+from tasks.common.atomic import remove_partials
 from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunReport, tiles_map_png
 from tasks.common.cli import EXIT_CONFIG, ConfigError, parse_sets
@@ -32,14 +36,10 @@ from tasks.common.runtime import local_prefect_server, make_task_runner
 from tasks.common.window import run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
 from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
+from tasks.multimodal.select_tiles import select_tiles
 from tasks.multimodal.sources import make_source
-from tasks.multimodal.sources.base import Grid, Tile
+from tasks.multimodal.tile import Grid, Tile
 from tasks.multimodal.tasks import assemble_h5_task, fetch_batch_task, pack_partition_task
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
 
 
 class _Progress:
@@ -63,24 +63,46 @@ class _Progress:
                                      description=f"{self.stage}: {self.done}/{self.total}")
 
 
-def _fetch(config: MultimodalConfig, source, out: Path, todo: list[Tile], states: dict[str, str],
-           entries: dict[str, stacks.Entry], reasons: dict[str, str], stage: str = "stacks") -> int:
-    """Fetch ``todo`` in batch tasks, at most ``config.tasks_in_flight`` at once; stream each
-    batch's outcomes into ``states``/``entries`` and the stacks index. Returns how many
-    tiles got a permanent outcome (stack or no-data) this time."""
+def _batches(tiles_path: Path, table: stacks.TileStates, size: int, only=None) -> Iterator[tuple[list[int], list[Tile]]]:
+    """Fetch batches (positions, tiles) of the tiles still missing, read from the tiles
+    file in chunks as the window asks for them; ``only``: a set of tile ids to restrict to."""
+    pos, tiles = [], []
+    offset = 0
+    for chunk in tiles_mod.iter_tiles(tiles_path):
+        for i, t in enumerate(chunk, start=offset):
+            if table.state[i] == 0 and (only is None or t.tile_id in only):
+                pos.append(i)
+                tiles.append(t)
+                if len(tiles) >= size:
+                    yield pos, tiles
+                    pos, tiles = [], []
+        offset += len(chunk)
+    if tiles:
+        yield pos, tiles
+
+
+def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table: stacks.TileStates,
+           failed: dict[int, str], stage: str = "stacks", only=None, on_settled=None) -> int:
+    """Fetch the missing tiles in batch tasks, at most ``config.tasks_in_flight`` at once;
+    stream each batch's outcomes into ``table`` and the stacks index, and the reasons of
+    the tiles that failed into ``failed`` (by position); ``on_settled(positions)`` is
+    called with each finished batch's positions. Returns how many tiles got a
+    permanent outcome (stack or no-data) this time."""
     logger = get_run_logger()
     fetch = fetch_batch_task.with_options(
         retries=config.fetch_retries, retry_jitter_factor=0.5,
         retry_delay_seconds=[config.fetch_retry_delay_s * 2**i for i in range(max(config.fetch_retries, 1))])
     index = stacks.StackIndex(out)
     paths = stacks.dataset_paths(out)
-    progress = _Progress(logger, stage, len(todo))
+    todo = table.count("missing") if only is None else len(only)
+    progress = _Progress(logger, stage, todo)
     finished = [0]
 
-    def submit(batch: list[Tile]):
-        return fetch.submit(batch, source, str(out), config.stack_compress, config.fetch_threads, config.fetch_slots)
+    def submit(item: tuple[list[int], list[Tile]]):
+        return fetch.submit(item[1], source, str(out), config.stack_compress, config.fetch_threads, config.fetch_slots)
 
-    def on_done(batch: list[Tile], fut) -> None:
+    def on_done(item: tuple[list[int], list[Tile]], fut) -> None:
+        positions, batch = item
         try:
             outcomes = fut.result()
         except Exception as exc:  # retries exhausted: what the batch did write still counts
@@ -91,91 +113,197 @@ def _fetch(config: MultimodalConfig, source, out: Path, todo: list[Tile], states
                 outcomes.append(stacks.TileOutcome(t.tile_id, "checked" if e else "failed",
                                                    f"{type(exc).__name__}: {exc}", entry=e))
         new = []
-        for o in outcomes:
+        for p, o in zip(positions, outcomes):
             if o.entry is not None:
-                states[o.tile_id] = o.entry.state
-                entries[o.tile_id] = o.entry
+                table.set(p, o.entry)
+                failed.pop(p, None)
                 new.append((o.tile_id, o.entry))
             else:
-                reasons[o.tile_id] = o.reason
+                failed[p] = o.reason
         index.append(new)
         finished[0] += len(new)
         progress.advance(len(batch))
+        if on_settled is not None:
+            on_settled(positions)
 
-    stats = run_windowed(submit, _chunks(todo, config.fetch_batch_size), config.tasks_in_flight, on_done)
+    stats = run_windowed(submit, _batches(tiles_path, table, config.fetch_batch_size, only),
+                         config.tasks_in_flight, on_done)
     logger.debug("%s: %d fetch tasks, at most %d in flight", stage, stats.submitted, stats.max_in_flight)
     return finished[0]
 
 
-def _pack_and_assemble(config: MultimodalConfig, specs: list[convert.PartSpec], out: Path, tiles: list[Tile],
-                       source, states: dict[str, str], entries: dict[str, stacks.Entry], reasons: dict[str, str],
-                       h5_path: Path, compression: convert.Compression, report: RunReport) -> tuple[list[dict[str, Any]], int]:
-    """Pack every partition on the Dask workers (bounded window), fetch again the tiles
-    whose stack is not the one written and re-pack their parts, then write the h5 with
-    one writer. Returns the part summaries and how many tiles were fetched again."""
-    logger = get_run_logger()
-    paths = stacks.dataset_paths(out)
-    info = stacks.TileInfoDir(out)
-    parts: dict[int, convert.PartResult] = {}
-    redo: list[convert.PartSpec] = []
-    mismatched: dict[str, str] = {}
-    progress = _Progress(logger, "pack", sum(len(s.tile_ids) for s in specs))
+def _part_spec(table: stacks.TileStates, k: int, config: MultimodalConfig,
+               compression: convert.Compression) -> convert.PartSpec | None:
+    """Partition ``k``: the done tiles among file positions [k*part_size, (k+1)*part_size),
+    keyed by their index entries (None when it has none). Fixed by position, a part can
+    be packed as soon as its own tiles are settled, while later tiles are still fetched."""
+    a = k * config.part_size
+    sl = slice(a, min(a + config.part_size, len(table)))
+    ids = [i.decode() for i in table.ids[sl][table.state[sl] == 1]]
+    if not ids:
+        return None
+    return convert.PartSpec(k, ids, convert.entries_part_key(ids, table, config.image_size, compression))
 
-    def run(batch: list[convert.PartSpec], defer: bool) -> None:
+
+def _partitions(table: stacks.TileStates, config: MultimodalConfig,
+                compression: convert.Compression) -> Iterator[convert.PartSpec]:
+    """Every partition with done tiles, one at a time (the ids of one part in memory)."""
+    for k in range(-(-len(table) // config.part_size)):
+        spec = _part_spec(table, k, config, compression)
+        if spec is not None:
+            yield spec
+
+
+class _Packer:
+    """Packs partitions on the Dask workers (bounded window) and keeps their results; a
+    part whose stacks are not the ones written is set aside (``redo``) with its tiles'
+    reasons (``mismatched``), for they are fetched again and the part packed anew."""
+
+    def __init__(self, config: MultimodalConfig, out: Path, compression: convert.Compression, report: RunReport):
+        self.config, self.compression, self.report = config, compression, report
+        self.paths = stacks.dataset_paths(out)
+        self.info = stacks.TileInfoDir(out)
+        self.parts: dict[int, convert.PartResult] = {}
+        self.redo: list[convert.PartSpec] = []
+        self.mismatched: dict[str, str] = {}
+        self.seconds = 0.0
+
+    def run(self, specs, defer: bool, stage: str, total: int) -> None:
+        logger = get_run_logger()
+        progress = _Progress(logger, stage, total)
+        cfg = self.config
+
         def submit(spec):
-            return pack_partition_task.submit(spec, str(paths["tiles"]), info, str(paths["parts"]),
-                                              config.image_size, compression, defer)
+            return pack_partition_task.submit(spec, str(self.paths["tiles"]), self.info, str(self.paths["parts"]),
+                                              cfg.image_size, self.compression, defer)
 
         def on_done(spec, fut) -> None:
             try:
                 res = fut.result()
             except Exception as exc:  # the part's tiles are reported, the rest goes on
                 for tid in spec.tile_ids:
-                    report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
+                    self.report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
                 res = None
             if res is not None and res.integrity and not res.path:
-                mismatched.update(res.integrity)
-                redo.append(spec)
+                self.mismatched.update(res.integrity)
+                self.redo.append(spec)
             elif res is not None:
-                parts[res.index] = res
+                self.parts[res.index] = res
             progress.advance(len(spec.tile_ids))
 
-        run_windowed(submit, batch, config.tasks_in_flight, on_done)
+        t0 = time.monotonic()
+        run_windowed(submit, specs, cfg.tasks_in_flight, on_done)
+        self.seconds += time.monotonic() - t0
 
-    t0 = time.monotonic()
-    run(specs, defer=True)
+
+def _fetch_and_pack(config: MultimodalConfig, source, out: Path, tiles_path: Path, table: stacks.TileStates,
+                    failed: dict[int, str], packer: _Packer) -> int:
+    """Fetch the missing tiles and, alongside (a second window in a second thread), pack
+    each partition as soon as all its tiles are settled, so packing overlaps the fetch.
+    Returns how many tiles got a permanent outcome this time."""
+    P = config.part_size
+    n_parts = -(-len(table) // P)
+    left = np.bincount(table.positions("missing") // P, minlength=n_parts)  # unsettled tiles per part
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    for k in np.flatnonzero(left == 0):
+        ready.put(int(k))
+    total = table.count("done") + table.count("missing")
+
+    def specs():
+        while (k := ready.get()) is not None:
+            spec = _part_spec(table, k, config, packer.compression)
+            if spec is not None:
+                yield spec
+
+    def on_settled(positions: list[int]) -> None:
+        for k, n in zip(*np.unique(np.asarray(positions) // P, return_counts=True)):
+            left[k] -= n
+            if left[k] == 0:
+                ready.put(int(k))
+
+    error: list[BaseException] = []
+
+    def pack_thread() -> None:
+        try:
+            packer.run(specs(), True, "pack", total)
+        except BaseException as exc:  # raised again in the flow thread
+            error.append(exc)
+
+    ctx = contextvars.copy_context()  # the flow run's context, so tasks can be submitted from the thread
+    thread = threading.Thread(target=ctx.run, args=(pack_thread,), name="pack-window", daemon=True)
+    thread.start()
+    try:
+        fetched = _fetch(config, source, out, tiles_path, table, failed, on_settled=on_settled)
+    except BaseException:
+        ready.put(None)  # interrupted or failed: packs in flight are abandoned with the run
+        thread.join(timeout=5.0)
+        raise
+    ready.put(None)
+    thread.join()
+    if error:
+        raise error[0]
+    return fetched
+
+
+def _finish_h5(config: MultimodalConfig, packer: _Packer, out: Path, tiles_path: Path, source,
+               table: stacks.TileStates, h5_path: Path, report: RunReport) -> tuple[list[dict[str, Any]], int]:
+    """Fetch again the tiles whose stack was not the one written and re-pack their parts,
+    then write the h5 with one writer. Returns the part summaries and how many tiles
+    were fetched again."""
+    logger = get_run_logger()
+    paths, compression = packer.paths, packer.compression
     refetched = 0
-    if mismatched:
+    if packer.mismatched:
         # a stack that is not the one written is treated like a missing one: fetched again
+        mismatched = dict(packer.mismatched)
         logger.warning("%d stack(s) differ from what was written; fetching them again", len(mismatched))
         for tid, reason in mismatched.items():
             report.problem(tid, "integrity", f"{reason}; fetched again")
             (paths["tile_info"] / f"{tid}.json").unlink(missing_ok=True)
-            states[tid] = "missing"
-            entries.pop(tid, None)
-        todo = [t for t in tiles if t.tile_id in mismatched]
-        refetched = _fetch(config, source, out, todo, states, entries, reasons, stage="fetch again")
-        for t in todo:
-            if states[t.tile_id] != "done":
-                report.problem(t.tile_id, "fetch", reasons.get(t.tile_id, "not fetched again after an integrity mismatch"))
-        again = []
-        for spec in redo:
-            ids = [tid for tid in spec.tile_ids if states[tid] == "done"]
-            again.append(convert.PartSpec(spec.index, ids, convert.entries_part_key(
-                ids, entries, config.image_size, compression)))
-        redo.clear()
-        progress = _Progress(logger, "pack again", sum(len(s.tile_ids) for s in again))
-        run(again, defer=False)
-    done_parts = [parts[i] for i in sorted(parts)]
+            table.set(table.pos_of(tid), None)
+        failed: dict[int, str] = {}
+        refetched = _fetch(config, source, out, tiles_path, table, failed, stage="fetch again", only=set(mismatched))
+        for tid in mismatched:
+            p = table.pos_of(tid)
+            if table.state_of(p) != "done":
+                report.problem(tid, "fetch", failed.get(p, "not fetched again after an integrity mismatch"))
+        again = [s for s in (_part_spec(table, spec.index, config, compression) for spec in packer.redo) if s]
+        packer.redo.clear()
+        packer.run(again, False, "pack again", sum(len(s.tile_ids) for s in again))
+    done_parts = [packer.parts[i] for i in sorted(packer.parts)]
     keep = {Path(p.path).name for p in done_parts}
     for stale in paths["parts"].glob("part_*.npz"):
         if stale.name not in keep:
             stale.unlink()
-    report.timings["pack"] = time.monotonic() - t0
+    report.timings["pack"] = packer.seconds
     t0 = time.monotonic()
     assemble_h5_task(done_parts, str(h5_path), config.image_size, compression)
     report.timings["assemble"] = time.monotonic() - t0
     return [convert.part_summary(p) for p in done_parts], refetched
+
+
+#: the most tile centres drawn on the report's map (every k-th tile beyond that)
+MAP_POINTS = 20000
+
+
+def _map_points(tiles_path: Path, n: int) -> list[tuple[float, float, str]]:
+    step = max(1, -(-n // MAP_POINTS))
+    pts, i = [], 0
+    for chunk in tiles_mod.iter_tiles(tiles_path):
+        for t in chunk:
+            if i % step == 0:
+                pts.append((t.lon, t.lat, t.biome))
+            i += 1
+    return pts
+
+
+def _report_unfetched(table: stacks.TileStates, failed: dict[int, str], report: RunReport) -> None:
+    """Tiles without a stack, in file order: why (failed) or the source's no-data reason."""
+    for p in table.positions("missing", "no_data"):
+        if table.state[p] == 0:
+            report.problem(table.tile_id(p), "fetch", failed.get(int(p), "stack missing after fetching"))
+        else:
+            report.problem(table.tile_id(p), "fetch", f"no data: {table.no_data_reason.get(int(p), '')}")
 
 
 def _dask_settings(parameters: dict[str, Any]):
@@ -203,124 +331,83 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
 
     # 1. tiles -------------------------------------------------------------
     t0 = time.monotonic()
-    regions_path = Path(config.regions) if config.regions else tiles_mod.DEFAULT_REGIONS
-    regions, skipped_regions = tiles_mod.load_regions_split(regions_path)
-    for r in skipped_regions:
-        report.notes.append(f"region {r.eco_region} ({r.biome}) skipped: its biome is not sampled by MMEarth")
-    eco_index = tiles_mod.eco_region_index(regions, config.eco_labels)
-    tiles_path = out / f"{config.name}_tiles.geojson"
-    source = make_source(config.source, config.source_options, eco_index)
-    if config.source == "earthengine":
-        # every Earth Engine request of every task holds a slot of this limit
+    ee = config.source == "earthengine"
+    if ee:  # every Earth Engine request of every task holds a slot of this limit
         ensure_limit(config.request_limit_name, config.request_ceiling)
-        source.limit_name = config.request_limit_name
-        source.ceiling = config.request_ceiling
-    source.check()  # credentials, project: fail before any tile
-    if config.tiles_geojson:
-        tiles = tiles_mod.read_tiles_geojson(config.tiles_geojson)
-        missing = sorted({t.eco_region for t in tiles} - set(eco_index))
-        if missing:
-            raise ValueError(f"{config.tiles_geojson}: ecoregion(s) {missing[:5]} have no index; "
-                             "pass eco_labels with a {name: index} mapping")
-    elif config.tile_sampler == "earthengine":
-        if config.source != "earthengine":
-            raise ValueError("tile_sampler=earthengine needs source=earthengine (its credentials and project)")
-        from tasks.multimodal.tiles_ee import sample_tiles_ee
 
-        key_path = out / "work" / "ee_tiles_key.json"
-        key = {"n_tiles": config.n_tiles, "mode": config.sampling_mode_index, "tile_size_m": config.tile_size_m,
-               "seed": config.seed, "batch": config.batch, "eco_labels": config.eco_labels}
-        previous = json.loads(key_path.read_text()) if key_path.exists() else None
-        if tiles_path.exists() and previous and previous.get("key") == key:
-            # the same deterministic sample as last time: no need to ask Earth Engine again
-            tiles, eco_index = tiles_mod.read_tiles_geojson(tiles_path), previous["eco_index"]
-            logger.info("re-using the Earth Engine tile sample in %s", tiles_path)
-        else:
-            labels = tiles_mod.load_eco_index(config.eco_labels) if config.eco_labels else None
-            tiles, eco_index = sample_tiles_ee(source, config.n_tiles, config.sampling_mode_index, labels,
-                                               config.tile_size_m, config.seed, config.batch)
-            tiles_mod.write_tiles_geojson(tiles, tiles_path)
-            write_json_atomic(key_path, {"key": key, "eco_index": eco_index})
-        source.eco_index = eco_index
-        regions = []
-    else:
-        tiles = tiles_mod.sample_tiles(regions, eco_index, config.n_tiles, config.sampling_mode_index,
-                                       tile_size_m=config.tile_size_m, seed=config.seed, batch=config.batch)
-    tiles_mod.write_tiles_geojson(tiles, tiles_path)
-    logger.info("%d tiles -> %s", len(tiles), tiles_path)
-    report.counts["tiles sampled"] = len(tiles)
+    def source_for(eco_index):
+        return make_source(config.source, config.source_options, eco_index,
+                           limit_name=config.request_limit_name if ee else None,
+                           ceiling=config.request_ceiling if ee else None)
 
+    sampler = source_for(None) if config.tile_sampler == "earthengine" and ee else None
+    selection = select_tiles(config, out, sampler)
+    source = source_for(selection.eco_index)
+    source.check()  # credentials, project: fail before any tile is fetched
+    report.notes.extend(selection.notes)
+    logger.info("%d tiles (%s) -> %s", selection.n_tiles, selection.how, selection.path)
+    report.counts["tiles sampled"] = selection.n_tiles
     report.timings["tiles"] = time.monotonic() - t0
-    # 2. stacks ------------------------------------------------------------
+
+    # 2. stacks: decide from the index, fetch what is missing --------------
     t0 = time.monotonic()
     damaged: dict[str, str] = {}
-    states, entries, scan = stacks.decide(tiles, source, out, damaged)
+    table, scan = stacks.decide_states(tiles_mod.iter_tiles(selection.path), source, out, damaged)
     report.timings["scan"] = time.monotonic() - t0
     for tid, reason in damaged.items():  # a damaged stack is treated like a missing one
         report.problem(tid, "integrity", f"{reason}; fetched again")
-    del damaged
-    todo = [t for t in tiles if states[t.tile_id] == "missing"]  # done or no-data tiles are never refetched
     logger.info("%d of %d tiles to fetch (%d already done; %d tiles fully checked, the rest vouched for by %s)",
-                len(todo), len(tiles), len(tiles) - len(todo), scan["full checks"], stacks.index_path(out))
-    reasons: dict[str, str] = {}
-    fetched = _fetch(config, source, out, todo, states, entries, reasons)
-    del todo
-    report.timings["fetch"] = time.monotonic() - t0
-    t0 = time.monotonic()
-    for t in tiles:
-        s = states[t.tile_id]
-        if s == "missing":
-            report.problem(t.tile_id, "fetch", reasons.get(t.tile_id, "stack missing after fetching"))
-        elif s == "no_data":
-            report.problem(t.tile_id, "fetch", f"no data: {entries[t.tile_id].digest}")
-
-    # 3. pack partitions (parallel) and assemble the h5 (one writer) ------
+                table.count("missing"), len(table), len(table) - table.count("missing"), scan["full checks"],
+                stacks.index_path(out))
+    failed: dict[int, str] = {}  # reasons of the tiles that failed, by position
     compression = convert.Compression(config.compression_codec, config.compression_level)
-    done_ids = [t.tile_id for t in tiles if states[t.tile_id] == "done"]
-    specs = [convert.PartSpec(s.index, s.tile_ids, convert.entries_part_key(s.tile_ids, entries, config.image_size,
-                                                                           compression))
-             for s in convert.make_partitions(done_ids, config.part_size)]
-    del done_ids
-    h5_path = out / f"{config.name}.h5"
-    manifest = out / "work" / "h5_manifest.json"
-    summaries = convert.read_manifest(h5_path, manifest, [s.key for s in specs])
+    packer = _Packer(config, out, compression, report)
+    h5_path, manifest = out / f"{config.name}.h5", out / "work" / "h5_manifest.json"
+    if table.count("missing"):  # 3. pack each partition as soon as its tiles are settled
+        fetched = _fetch_and_pack(config, source, out, selection.path, table, failed, packer)
+        summaries = convert.read_manifest(h5_path, manifest, [s.key for s in _partitions(table, config, compression)])
+    else:  # nothing to fetch: the h5 may be up to date as it is
+        fetched = 0
+        summaries = convert.read_manifest(h5_path, manifest, [s.key for s in _partitions(table, config, compression)])
+        if summaries is None:
+            packer.run(_partitions(table, config, compression), True, "pack", table.count("done"))
+    report.timings["fetch"] = time.monotonic() - t0  # packing overlaps it (timings["pack"]: the packing window)
+    t0 = time.monotonic()
+    _report_unfetched(table, failed, report)
+    del failed
+    # 4. assemble the h5 (one writer) --------------------------------------
     if summaries is not None:
         logger.info("%s is up to date (%d parts); not rewritten", h5_path, len(summaries))
     else:
-        summaries, refetched = _pack_and_assemble(config, specs, out, tiles, source, states, entries, reasons,
-                                                  h5_path, compression, report)
+        summaries, refetched = _finish_h5(config, packer, out, selection.path, source, table, h5_path, report)
         fetched += refetched
         convert.write_manifest(h5_path, manifest, summaries)
-        if not config.keep_parts:
-            for p in paths["parts"].glob("part_*.npz"):
-                p.unlink()
-    del specs
-    n_states = {k: 0 for k in ("done", "no_data", "missing")}
-    for v in states.values():
-        n_states[v] += 1
-    report.counts.update({"stacks done": n_states["done"], "fetched this run": fetched,
-                          "no data": n_states["no_data"], "fetch failed": n_states["missing"]})
+    if not config.keep_parts:
+        for p in paths["parts"].glob("part_*.npz"):
+            p.unlink()
+    report.counts.update({"stacks done": table.count("done"), "fetched this run": fetched,
+                          "no data": table.count("no_data"), "fetch failed": table.count("missing")})
     n_rows = sum(s["n_rows"] for s in summaries)
     for s in summaries:
         for tid, reason in s["problems"].items():
             report.problem(tid, "convert", reason)
 
-    # 4. statistics, splits, tile_info ------------------------------------
+    # 5. statistics, splits, tile_info ------------------------------------
     band_stats, empty = convert.merge_stats(summaries).band_stats()
     for k, channels in empty.items():
         report.notes.append(f"band_stats[{k}] is NaN for channel(s) {channels}: no valid value of this kind")
     splits = convert.make_splits(n_rows, config.split_fractions, config.split_seed)
     files = convert.write_dataset_jsons(out, config.name, None, band_stats, splits)
     files["tile_info"] = out / f"{config.name}_tile_info.json"
-    stacks.write_tile_info_json(files["tile_info"], (t.tile_id for t in tiles if states[t.tile_id] != "missing"), out)
+    stacks.write_tile_info_json(files["tile_info"], table.tile_ids("done", "no_data"), out)
     report.counts.update({"rows in h5": n_rows, "convert failed": sum(len(s["problems"]) for s in summaries),
                           "train": len(splits["train"]), "val": len(splits["val"]), "test": len(splits["test"])})
-    report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(tiles_path)})
-
+    report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(selection.path)})
     report.timings["pack, write, statistics"] = time.monotonic() - t0
-    # 5. report --------------------------------------------------------------
-    png = tiles_map_png([(t.lon, t.lat, t.biome) for t in tiles], [r.geometry for r in regions],
-                        title=f"{config.name}: {len(tiles)} tiles")
+
+    # 6. report (the map shows at most MAP_POINTS tiles) ------------------
+    png = tiles_map_png(_map_points(selection.path, len(table)), [r.geometry for r in selection.regions],
+                        title=f"{config.name}: {len(table)} tiles")
     report.write(out, png)
     report.publish(key=config.name.replace("_", "-").lower(), map_png=png)
     logger.info("dataset %s: %s", out, json.dumps(report.counts))

@@ -25,7 +25,7 @@ SamplingModeName = Literal["biome-area", "biome-equal", "ecoregion-equal"]
 
 STACK_RESOLUTION_M = 10.0  # metres per pixel of every stack (sources.base.Grid.for_tile)
 
-__all__ = ["CONFIGS", "ConfigError", "DaskSettings", "MultimodalConfig", "get_config"]
+__all__ = ["CONFIGS", "MultimodalConfig", "get_config"]
 
 
 class MultimodalConfig(BaseModel):

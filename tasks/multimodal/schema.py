@@ -1,4 +1,6 @@
-"""The MMEarth output format, as constants (see shared/contracts/mmearth.md).
+"""The MMEarth output format, as constants: the h5 datasets, band names and dtypes,
+no-data values and the JSON files of the original MMEarth-data release (README.md,
+"The multimodal flow" and "Output").
 
 Everything that describes *what* the dataset looks like lives here, so the
 stages (sources, conversion, statistics) agree on one definition.

@@ -41,8 +41,9 @@ from rasterio.windows import Window
 
 from tasks.common.atomic import atomic_path, write_json_atomic
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import (Grid, NoDataError, Source, StackReadError, Tile, TileStack,
-                                           TransientSourceError, write_stack)
+from tasks.multimodal.sources.base import (NoDataError, Source, StackReadError, TileStack, TransientSourceError,
+                                           write_stack)
+from tasks.multimodal.tile import Grid, Tile
 
 #: per-tile JSON fields that are fetch bookkeeping, not part of the dataset's tile_info
 BOOKKEEPING = ("FETCH_KEY", "STACK")
@@ -137,21 +138,9 @@ class StackIndex:
     def __init__(self, out_dir: Path):
         self.path = index_path(out_dir)
 
-    def read(self) -> dict[str, Entry]:
-        out: dict[str, Entry] = {}
-        try:
-            fh = open(self.path, encoding="utf-8")
-        except FileNotFoundError:
-            return out
-        with fh:
-            for line in fh:  # a line cut by a crash is skipped: that tile gets the full check
-                try:
-                    d = json.loads(line)
-                    out[d["id"]] = Entry(d["state"], d["key"], d.get("bytes", -1), d.get("mtime_ns", -1),
-                                         d.get("digest", ""))
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue
-        return out
+    def read_table(self) -> "_IndexTable":
+        """The index in one pass, as compact arrays (see :class:`_IndexTable`)."""
+        return _IndexTable.from_lines(self.path)
 
     @staticmethod
     def _line(tile_id: str, e: Entry) -> str:
@@ -170,6 +159,60 @@ class StackIndex:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a", encoding="utf-8") as fh:
                 fh.write("".join(lines))
+
+
+class _IndexTable:
+    """The stacks index read into sorted arrays (about 100 B a tile) with a lookup by
+    tile id; the last line of a tile wins (a later line is a later outcome)."""
+
+    def __init__(self, ids: np.ndarray, table: TileStates):
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted_ids = ids[self.order]
+        self.table = table
+
+    @classmethod
+    def from_lines(cls, path: Path, block: int = 50000) -> "_IndexTable":
+        parts: list[TileStates] = []
+        rows: list[tuple[str, Entry]] = []
+
+        def flush() -> None:
+            part = TileStates(np.array([tid.encode() for tid, _ in rows], dtype="S"))
+            for i, (_, e) in enumerate(rows):
+                part.set(i, e)
+            parts.append(part)
+            rows.clear()
+
+        try:
+            fh = open(path, encoding="utf-8")
+        except FileNotFoundError:
+            fh = None
+        if fh is not None:
+            with fh:
+                for line in fh:  # a line cut by a crash is skipped: that tile gets the full check
+                    try:
+                        d = json.loads(line)
+                        rows.append((d["id"], Entry(d["state"], d["key"], d.get("bytes", -1), d.get("mtime_ns", -1),
+                                                    d.get("digest", ""))))
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue
+                    if len(rows) >= block:
+                        flush()
+        if rows or not parts:
+            flush()
+        table = _concat(parts)
+        return cls(table.ids, table)
+
+    def __len__(self) -> int:
+        return len(self.sorted_ids)
+
+    def get(self, tile_id: str) -> Entry | None:
+        if not len(self.sorted_ids):
+            return None
+        k = tile_id.encode()
+        i = int(np.searchsorted(self.sorted_ids, k, side="right")) - 1  # the last line of this id
+        if i < 0 or self.sorted_ids[i] != k:
+            return None
+        return self.table.entry(int(self.order[i]))
 
 
 class TransientTilesError(Exception):
@@ -255,12 +298,6 @@ def _entry(tif: Path, key: str, record: dict[str, Any] | None) -> Entry | None:
     return Entry("done", key, st.st_size, st.st_mtime_ns, (record or {}).get("blake2b", ""))
 
 
-def tile_state(tile: Tile, key: str, paths: dict[str, Path], size: int | None) -> str | None:
-    """'done' / 'no_data' if the tile needs no fetching, else None."""
-    e = tile_check(tile, key, paths, size)
-    return None if e is None else e.state
-
-
 def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None = None,
                force: bool = False) -> TileOutcome:
     """Fetch one tile unless it is already done (``force``: fetch anyway). Never raises
@@ -327,53 +364,163 @@ def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str 
     return outcomes
 
 
-def scan_tiles(tiles: list[Tile], source: Source, out_dir: Path) -> dict[str, str]:
-    """State of every tile on disk: 'done', 'no_data' or 'missing' (see :func:`decide`)."""
-    states, _, _ = decide(tiles, source, out_dir)
-    return states
+#: tile states, by their code in :class:`TileStates`
+STATES = ("missing", "done", "no_data")
+_CODE = {name: i for i, name in enumerate(STATES)}
+
+
+class TileStates:
+    """What a run knows of each tile, by the tile's position in the tiles file, in
+    compact arrays (about 100 B a tile): its state and, for a finished tile, its index
+    entry (fetch key, stack size and mtime, stack digest). No-data reasons are kept for
+    the no-data tiles only. Replaces dicts of strings and tuples (about 0.5 KB a tile).
+    Also a read-only mapping tile_id -> :class:`Entry` of the finished tiles."""
+
+    def __init__(self, ids: np.ndarray):
+        n = len(ids)
+        self.ids = np.asarray(ids, dtype="S") if n else np.zeros(0, "S1")
+        self.state = np.zeros(n, np.uint8)
+        self.key = np.zeros(n, "S32")
+        self.size = np.full(n, -1, np.int64)
+        self.mtime_ns = np.full(n, -1, np.int64)
+        self.digest = np.zeros(n, "S32")
+        self.no_data_reason: dict[int, str] = {}
+        self._order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def tile_id(self, pos: int) -> str:
+        return self.ids[pos].decode()
+
+    def set(self, pos: int, e: Entry | None) -> None:
+        if e is None:
+            self.state[pos] = 0
+            self.no_data_reason.pop(pos, None)
+            return
+        self.state[pos] = _CODE[e.state]
+        self.key[pos] = e.key.encode()
+        self.size[pos], self.mtime_ns[pos] = e.size, e.mtime_ns
+        if e.state == "no_data":
+            self.no_data_reason[pos] = e.digest
+        else:
+            self.digest[pos] = e.digest.encode()
+
+    def state_of(self, pos: int) -> str:
+        return STATES[self.state[pos]]
+
+    def entry(self, pos: int) -> Entry | None:
+        code = int(self.state[pos])
+        if code == 0:
+            return None
+        digest = self.no_data_reason.get(pos, "") if code == 2 else self.digest[pos].decode()
+        return Entry(STATES[code], self.key[pos].decode(), int(self.size[pos]), int(self.mtime_ns[pos]), digest)
+
+    def count(self, name: str) -> int:
+        return int(np.count_nonzero(self.state == _CODE[name]))
+
+    def positions(self, *names: str) -> np.ndarray:
+        """Positions (ascending) of the tiles in any of the states ``names``."""
+        return np.flatnonzero(np.isin(self.state, [_CODE[n] for n in names]))
+
+    def tile_ids(self, *names: str) -> list[str]:
+        return [self.ids[p].decode() for p in self.positions(*names)]
+
+    def finished(self) -> Iterator[tuple[str, Entry]]:
+        """(tile_id, entry) of every finished tile, in file order."""
+        for p in self.positions("done", "no_data"):
+            yield self.ids[p].decode(), self.entry(int(p))  # type: ignore[misc]
+
+    def pos_of(self, tile_id: str) -> int:
+        if self._order is None:
+            self._order = np.argsort(self.ids, kind="stable")
+        k = tile_id.encode()
+        i = int(np.searchsorted(self.ids, k, sorter=self._order))
+        if i < len(self.ids) and self.ids[self._order[i]] == k:
+            return int(self._order[i])
+        raise KeyError(tile_id)
+
+    def __getitem__(self, tile_id: str) -> Entry:
+        e = self.entry(self.pos_of(tile_id))
+        if e is None:
+            raise KeyError(tile_id)
+        return e
+
+    def as_dicts(self) -> tuple[dict[str, str], dict[str, Entry]]:
+        """``(states, entries)`` as plain dicts (small runs, tests)."""
+        states = {self.ids[p].decode(): STATES[c] for p, c in enumerate(self.state)}
+        return states, dict(self.finished())
 
 
 def decide(tiles: Iterable[Tile], source: Source, out_dir: Path,
            why: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, Entry], dict[str, int]]:
-    """What to fetch: ``(states, entries, counts)``. ``states`` maps every tile to 'done',
-    'no_data' or 'missing'; ``entries`` holds the index entry of each finished tile;
+    """:func:`decide_states` over a list of tiles, as ``(states, entries, counts)`` dicts:
+    ``states`` maps every tile to 'done', 'no_data' or 'missing'; ``entries`` holds the
+    index entry of each finished tile."""
+    table, counts = decide_states([list(tiles)], source, out_dir, why)
+    states, entries = table.as_dicts()
+    return states, entries, counts
+
+
+def decide_states(tile_chunks: Iterable[list[Tile]], source: Source, out_dir: Path,
+                  why: dict[str, str] | None = None) -> tuple[TileStates, dict[str, int]]:
+    """What to fetch, for tiles given in chunks (in file order): ``(TileStates, counts)``.
     ``why`` receives, for each tile whose stack failed the check, the reason.
 
     One pass over the index plus one ``stat`` per done tile; the full check
     (:func:`tile_check`) only for tiles the index does not vouch for. The index is
-    then rewritten with exactly the finished tiles of ``tiles``.
+    then rewritten with exactly the finished tiles, in file order.
     """
     out_dir = Path(out_dir)
     paths = dataset_paths(out_dir)
     index = StackIndex(out_dir)
-    known = index.read()
-    states: dict[str, str] = {}
-    entries: dict[str, Entry] = {}
+    known = index.read_table()
     counts = {"indexed": len(known), "full checks": 0}
-    for t in tiles:
-        grid = Grid.for_tile(t)
-        key = fetch_key(source, t, grid)
-        e = known.pop(t.tile_id, None)
-        ok = False
-        if e is not None and e.key == key:
-            if e.state == "no_data":
-                ok = True
-            else:
-                try:
-                    st = os.stat(paths["tiles"] / f"{t.tile_id}.tif")
-                    ok = st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
-                except OSError:
-                    ok = False
-        if not ok:
-            counts["full checks"] += 1
-            e = tile_check(t, key, paths, grid.size, why)
-        if e is None:
-            states[t.tile_id] = "missing"
-        else:
-            states[t.tile_id] = e.state
-            entries[t.tile_id] = e
-    index.rewrite(entries.items())
-    return states, entries, counts
+    parts: list[TileStates] = []
+    for chunk in tile_chunks:
+        found = []
+        for i, t in enumerate(chunk):
+            grid = Grid.for_tile(t)
+            key = fetch_key(source, t, grid)
+            e = known.get(t.tile_id)
+            ok = False
+            if e is not None and e.key == key:
+                if e.state == "no_data":
+                    ok = True
+                else:
+                    try:
+                        st = os.stat(paths["tiles"] / f"{t.tile_id}.tif")
+                        ok = st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
+                    except OSError:
+                        ok = False
+            if not ok:
+                counts["full checks"] += 1
+                e = tile_check(t, key, paths, grid.size, why)
+            if e is not None:
+                found.append((i, e))
+        part = TileStates(np.array([t.tile_id.encode() for t in chunk], dtype="S"))
+        for i, e in found:
+            part.set(i, e)
+        parts.append(part)
+    table = _concat(parts)
+    del known, parts
+    index.rewrite(table.finished())
+    return table, counts
+
+
+def _concat(parts: list[TileStates]) -> TileStates:
+    if not parts:
+        return TileStates(np.zeros(0, "S1"))
+    if len(parts) == 1:
+        return parts[0]
+    out = TileStates(np.concatenate([p.ids for p in parts]))
+    for name in ("state", "key", "size", "mtime_ns", "digest"):
+        setattr(out, name, np.concatenate([getattr(p, name) for p in parts]))
+    offset = 0
+    for p in parts:
+        out.no_data_reason.update({offset + k: v for k, v in p.no_data_reason.items()})
+        offset += len(p)
+    return out
 
 
 def read_tile_info(tile_id: str, out_dir: Path) -> dict[str, Any] | None:

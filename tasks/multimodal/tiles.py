@@ -1,14 +1,18 @@
 """Ecoregions -> sampled tiles -> tiles GeoJSON (plain functions, no Prefect).
 
-The first stage of the multimodal flow (see shared/contracts/mmearth.md,
-"Tiles GeoJSON", "Labels" and "Sampling tiles"):
+The first stage of the multimodal flow (the tiles GeoJSON: one Feature per
+tile with a Polygon and properties ``tile_id``, ``biome``, ``eco_region``,
+``lat``, ``lon``, ``tile_size_m``; the sampling modes of MMEarth-data's
+``create_tiles_polygon.py``; see README.md "The multimodal flow"):
 
 1. :func:`load_regions` reads ecoregion polygons (RESOLVE Ecoregions 2017 or a
    small file of the same shape, e.g. :data:`DEFAULT_REGIONS`).
 2. :func:`eco_region_index` fixes the ecoregion-name -> index mapping (0..845).
 3. :func:`sample_tiles` draws square tiles in one of the three MMEarth modes.
 4. :func:`write_tiles_geojson` / :func:`read_tiles_geojson` store them; the
-   reader also validates tiles files written by users.
+   reader also validates tiles files written by users. The writer streams
+   (one feature per line), and :func:`iter_tiles` reads the flow's own file
+   back in chunks, so no stage holds every tile at once.
 
 Every error about an input file is a ``ValueError`` subclass
 (:class:`RegionsError`, :class:`TilesError`) whose message names the file, the
@@ -21,9 +25,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import logging
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -35,9 +40,9 @@ from pyproj import Geod, Transformer
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.validation import explain_validity
 
-from tasks.common.atomic import write_json_atomic
+from tasks.common.atomic import atomic_path
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import Tile
+from tasks.multimodal.tile import Tile
 
 log = logging.getLogger(__name__)
 
@@ -594,23 +599,31 @@ def sample_tiles(regions: Sequence[Region], eco_index: Mapping[str, int], n_tile
     Tile ids are ``f"{eco_index:03d}_{batch}_{k:05d}"`` with k counting within
     the ecoregion; tiles are ordered by (eco index, name, k).
     """
+    return [t for chunk in iter_sample_tiles(regions, eco_index, n_tiles, mode, tile_size_m, seed, batch)
+            for t in chunk]
+
+
+def iter_sample_tiles(regions: Sequence[Region], eco_index: Mapping[str, int], n_tiles: int, mode: int,
+                      tile_size_m: float = DEFAULT_TILE_SIZE_M, seed: int = 0, batch: int = 0,
+                      chunk: int = 20000) -> Iterator[list[Tile]]:
+    """:func:`sample_tiles` as chunks of at most ``chunk`` tiles (one ecoregion at a time),
+    so a large sample is written without holding every tile."""
     _check_sampling_args(regions, eco_index, n_tiles, tile_size_m, batch)
     counts = tile_counts(regions, n_tiles, mode) if n_tiles else {}
-    tiles: list[Tile] = []
+    used = [eco_index[r.eco_region] for r in regions if counts.get(r.eco_region, 0)]
+    if len(set(used)) != len(used):
+        raise ValueError("eco_index maps several sampled ecoregions to one index, so tile ids collide")
     for region in sorted(regions, key=lambda r: (eco_index[r.eco_region], r.eco_region)):
         n = counts.get(region.eco_region, 0)
         if n == 0:
             continue
         pts = sample_points(region.geometry, n, region_rng(seed, batch, region.eco_region))
         idx = eco_index[region.eco_region]
-        for k, (lon, lat) in enumerate(pts):
-            tile_id = schema.check_tile_id(f"{idx:03d}_{batch}_{k:05d}")
-            tiles.append(Tile(tile_id, region.biome, region.eco_region, float(lon), float(lat),
-                              {}, float(tile_size_m)))
-    ids = [t.tile_id for t in tiles]
-    if len(set(ids)) != len(ids):
-        raise ValueError("eco_index maps several sampled ecoregions to one index, so tile ids collide")
-    return _with_squares(tiles)
+        for s0 in range(0, n, chunk):
+            tiles = [Tile(schema.check_tile_id(f"{idx:03d}_{batch}_{k:05d}"), region.biome, region.eco_region,
+                          float(lon), float(lat), {}, float(tile_size_m))
+                     for k, (lon, lat) in enumerate(pts[s0:s0 + chunk], start=s0)]
+            yield _with_squares(tiles)
 
 
 def _with_squares(tiles: list[Tile]) -> list[Tile]:
@@ -630,36 +643,94 @@ def _with_squares(tiles: list[Tile]) -> list[Tile]:
 # --------------------------------------------------------------------------
 # 4. Tiles GeoJSON
 # --------------------------------------------------------------------------
-def tiles_feature_collection(tiles: Iterable[Tile]) -> dict[str, Any]:
-    """The tiles GeoJSON document (contract "Tiles GeoJSON")."""
+def _tile_feature_dict(t: Tile) -> dict[str, Any]:
     return {
-        "type": "FeatureCollection",
-        "features": [
-            {
-                "type": "Feature",
-                "properties": {
-                    "tile_id": t.tile_id, "biome": t.biome, "eco_region": t.eco_region,
-                    "lat": t.lat, "lon": t.lon, "tile_size_m": t.tile_size_m,
-                },
-                "geometry": t.geometry,
-            }
-            for t in tiles
-        ],
+        "type": "Feature",
+        "properties": {
+            "tile_id": t.tile_id, "biome": t.biome, "eco_region": t.eco_region,
+            "lat": t.lat, "lon": t.lon, "tile_size_m": t.tile_size_m,
+        },
+        "geometry": t.geometry,
     }
 
 
-def write_tiles_geojson(tiles: Sequence[Tile], path: str | Path) -> Path:
+def tiles_feature_collection(tiles: Iterable[Tile]) -> dict[str, Any]:
+    """The tiles GeoJSON document (a FeatureCollection, one Polygon Feature per tile)."""
+    return {"type": "FeatureCollection", "features": [_tile_feature_dict(t) for t in tiles]}
+
+
+#: First line of a tiles GeoJSON written by :func:`write_tiles_geojson` (one feature a line follows).
+_STREAM_HEADER = '{"type": "FeatureCollection", "features": ['
+
+
+def write_tiles_geojson(tiles: Iterable[Tile], path: str | Path) -> Path:
     """Write tiles as a GeoJSON FeatureCollection, atomically; return the path."""
+    write_tiles_stream(tiles, path)
+    return Path(path)
+
+
+def write_tiles_stream(tiles: Iterable[Tile] | Iterable[list[Tile]], path: str | Path) -> int:
+    """Write tiles (or chunks of tiles, as :func:`iter_sample_tiles` yields) as a GeoJSON
+    FeatureCollection, streamed one feature a line, atomically. Returns the number of
+    tiles. Raises :class:`TilesError` for a bad or duplicate tile_id (nothing is written)."""
+    path = Path(path)
     seen: set[str] = set()
-    for t in tiles:
-        try:
-            schema.check_tile_id(t.tile_id, where=str(path))
-        except ValueError as exc:
-            raise TilesError(str(exc)) from None
-        if t.tile_id in seen:
-            raise TilesError(f"{path}: duplicate tile_id {t.tile_id!r}; tile ids must be unique")
-        seen.add(t.tile_id)
-    return write_json_atomic(path, tiles_feature_collection(tiles))
+    n = 0
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(_STREAM_HEADER)
+            for item in tiles:
+                for t in (item if isinstance(item, list) else [item]):
+                    try:
+                        schema.check_tile_id(t.tile_id, where=str(path))
+                    except ValueError as exc:
+                        raise TilesError(str(exc)) from None
+                    if t.tile_id in seen:
+                        raise TilesError(f"{path}: duplicate tile_id {t.tile_id!r}; tile ids must be unique")
+                    seen.add(t.tile_id)
+                    fh.write(("\n" if n == 0 else ",\n") + json.dumps(_tile_feature_dict(t)))
+                    n += 1
+            fh.write("\n]}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    return n
+
+
+def iter_tiles(path: str | Path, chunk: int = 5000) -> Iterator[list[Tile]]:
+    """The tiles of a tiles GeoJSON in file order, in lists of at most ``chunk``.
+
+    A file written by :func:`write_tiles_geojson` (the flow's own
+    ``NAME_tiles.geojson``) is read a line at a time, so memory holds one chunk;
+    any other file is read and validated whole by :func:`read_tiles_geojson`."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as fh:
+        if fh.readline().rstrip("\n") != _STREAM_HEADER:
+            streamed = False
+        else:
+            streamed = True
+            out: list[Tile] = []
+            for lineno, line in enumerate(fh, start=2):
+                line = line.rstrip().rstrip(",")
+                if not line or line == "]}":
+                    continue
+                try:
+                    f = json.loads(line)
+                    p = f["properties"]
+                    out.append(Tile(p["tile_id"], p["biome"], p["eco_region"], float(p["lon"]), float(p["lat"]),
+                                    f["geometry"], float(p["tile_size_m"])))
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                    raise TilesError(f"{path}: line {lineno}: not a tile feature as this flow writes it "
+                                     f"({type(exc).__name__}: {exc}); delete the file so the tiles are "
+                                     "selected again") from None
+                if len(out) >= chunk:
+                    yield out
+                    out = []
+            if out:
+                yield out
+    if not streamed:
+        tiles = read_tiles_geojson(path)
+        for i in range(0, len(tiles), chunk):
+            yield tiles[i:i + chunk]
 
 
 def _number(props: Mapping[str, Any], key: str, where: str, lo: float, hi: float) -> float | None:

@@ -21,8 +21,8 @@ from typing import Any
 
 from tasks.common.concurrency import slot
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import Tile
 from tasks.multimodal.sources.earthengine import EarthEngineSource
+from tasks.multimodal.tile import Tile
 from tasks.multimodal.tiles import Region, _with_squares, allocate_counts
 
 log = logging.getLogger(__name__)

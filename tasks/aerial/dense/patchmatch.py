@@ -9,13 +9,17 @@ Per reference image, at a working size of ``pm_max_image_size`` (long side):
    ``pm_iterations`` red-black sweeps of propagation (8 neighbours' planes) and random refinement
    (perturbations shrinking each iteration); the cost is the bilateral-weighted NCC over a window,
    aggregated over the ``pm_k_best`` best source views per pixel (see :mod:`.kernels`). The map is
-   filtered (below) and written as ``stereo/{depth,normal}_maps/<name>.photometric.bin``.
-3. **Geometric pass** (``phase="geometric"``, needs the photometric maps of the sources): starts
+   written (filtered, below, only when no geometric pass follows) as
+   ``stereo/{depth,normal}_maps/<name>.photometric.bin``.
+3. **Geometric pass** (``phase="geometric"``): its sources are selected as in 1. among the images
+   that have a photometric map (a dense subset of the workspace leaves the others out); starts
    from the image's photometric map and runs ``pm_geom_iterations`` more sweeps with the
    forward-backward reprojection error through each source's photometric depth added to the cost
    (weight ``pm_geom_weight``, capped at ``pm_geom_max_cost`` pixels), as COLMAP's
    ``geom_consistency``; written as ``<name>.geometric.bin``.
-4. **Filter** (both passes, COLMAP's ``filter``): a pixel keeps its depth when at least
+4. **Filter** (COLMAP's ``filter``; as in COLMAP, the photometric maps stay unfiltered when a
+   geometric pass follows, so that a source's map has a depth wherever its texture allows and the
+   geometric pass starts from converged planes): a pixel keeps its depth when at least
    ``pm_min_consistent`` sources see it with NCC >= ``pm_min_ncc``, a triangulation angle of at
    least ``pm_min_triangulation_angle`` and (geometric pass) a forward-backward error of at most
    ``pm_geom_max_error`` pixels (a source without a photometric map does not count there).
@@ -110,6 +114,11 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
     W, H, sx, sy = working_size(ref, cfg.pm_max_image_size)
     gref = _grey_at(ws, name, (W, H))  # raises for a missing / corrupt reference
     unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
+    if phase == "geometric":
+        # the geometric pass checks depths against the sources' photometric maps: its sources are
+        # chosen among the images that have one (a dense subset of the workspace leaves the others out)
+        unusable |= {iid for iid in _posed_ids(rec) if iid != ref.image_id and not _map_complete(
+            ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size))}
     src_ids = select_sources(rec, ref.image_id, cfg.num_sources, cfg.min_triangulation_angle,
                              cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=unusable)
     srcs, Ks, Rs, ts, names = [], [], [], [], []
@@ -191,13 +200,21 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         pert = max(cfg.pm_perturbation * 0.5 ** (it + (2 if geom else 0)), 0.005)
         for color in (0, 1):
             KN.sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
-    count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
-                           math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
-                           min_var)
     normal[depth <= 0] = 0
+    if geom or cfg.pm_geom_iterations <= 0:
+        count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
+                               math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
+                               min_var)
+        normal[depth <= 0] = 0
+        info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
     info["valid"] = float((depth > 0).mean())
-    info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
     return depth, normal
+
+
+def _working_hw(c: _Cam, max_size: int) -> tuple[int, int]:
+    """(height, width) of camera ``c``'s maps at working size ``max_size``."""
+    w, h, _, _ = working_size(c, max_size)
+    return h, w
 
 
 def _read_map(path: Path, shape: tuple[int, int]) -> np.ndarray | None:

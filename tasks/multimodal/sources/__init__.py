@@ -5,20 +5,28 @@ from __future__ import annotations
 from typing import Any
 
 from tasks.multimodal.sources.base import (  # noqa: F401
-    Grid, NoDataError, Source, SourceError, Tile, TileStack, TransientSourceError,
+    NoDataError, Source, SourceError, TileStack, TransientSourceError, UnknownEcoregionError,
 )
 
 SOURCES = ("synthetic", "earthengine")
 
 
-def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dict[str, int] | None = None) -> Source:
-    """Build the source called ``name`` with its options."""
+def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dict[str, int] | None = None,
+                limit_name: str | None = None, ceiling: int | None = None) -> Source:
+    """Build the source called ``name``, completely configured: its options, the
+    ecoregion index mapping and, for Earth Engine, the Prefect concurrency limit
+    every request holds a slot of (``limit_name``) and its size (``ceiling``, which
+    caps a batch's lease). Nothing is set on a source after this."""
     options = dict(options or {})
     if name == "synthetic":
         from tasks.multimodal.sources.synthetic import SyntheticSource
 
         return SyntheticSource(eco_index=eco_index, **options)
     if name == "earthengine":
+        if limit_name is not None:
+            options["limit_name"] = limit_name
+        if ceiling is not None:
+            options["ceiling"] = ceiling
         return _earthengine(options, eco_index)
     raise ValueError(f"unknown source {name!r}; choose one of {SOURCES}")
 

@@ -14,7 +14,6 @@ logic. Sources signal outcomes with two distinct exceptions:
 from __future__ import annotations
 
 import abc
-import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from rasterio.errors import RasterioError
 
 from tasks.common.atomic import atomic_path
 from tasks.multimodal import schema
+from tasks.multimodal.tile import Grid, Tile  # noqa: F401  (a source's fetch takes both)
 
 
 class SourceError(Exception):
@@ -45,23 +45,10 @@ class TransientSourceError(SourceError):
     """Temporary failure: retry the tile later."""
 
 
-@dataclass(frozen=True)
-class Tile:
-    """One tile of the tiles GeoJSON."""
-
-    tile_id: str
-    biome: str  # biome name (one of schema.BIOMES)
-    eco_region: str  # ecoregion name
-    lon: float  # centroid, degrees
-    lat: float
-    geometry: dict[str, Any]  # GeoJSON Polygon (EPSG:4326)
-    tile_size_m: float = 1300.0
-
-    @property
-    def utm_crs(self) -> str:
-        """EPSG code of the UTM zone of the centroid (WGS84 / UTM)."""
-        zone = int((self.lon + 180.0) // 6.0) % 60 + 1
-        return f"EPSG:{(32600 if self.lat >= 0 else 32700) + zone}"
+class UnknownEcoregionError(SourceError, ValueError):
+    """The tile's ecoregion is not in the source's ecoregion index mapping: a
+    configuration error (neither no-data nor temporary); the tile is reported as
+    failed and fetched again by a run with a mapping that lists it."""
 
 
 @dataclass
@@ -98,6 +85,20 @@ class Source(abc.ABC):
 
     #: short name recorded in tile_info["SOURCE"]
     name: str = "abstract"
+    #: ecoregion name -> MMEarth index (tile_info "eco_region"); None gives 0 to every tile
+    eco_index: dict[str, int] | None = None
+
+    def eco_region_index(self, tile: Tile) -> int:
+        """The tile's ecoregion index (the one lookup of every source); raises
+        :class:`UnknownEcoregionError` for a name the mapping lacks."""
+        if self.eco_index is None:
+            return 0
+        try:
+            return int(self.eco_index[tile.eco_region])
+        except KeyError:
+            raise UnknownEcoregionError(
+                tile.tile_id, f"ecoregion {tile.eco_region!r} is not in the ecoregion index mapping; pass "
+                "eco_labels with a {name: index} mapping that lists it") from None
 
     def check(self) -> None:
         """Fail fast before any tile is attempted (credentials, configuration)."""
@@ -117,41 +118,8 @@ class Source(abc.ABC):
         return contextlib.nullcontext(lambda: None)
 
     @abc.abstractmethod
-    def fetch(self, tile: Tile, grid: "Grid") -> TileStack:
+    def fetch(self, tile: Tile, grid: Grid) -> TileStack:
         """Return the stack of one tile on ``grid`` or raise a :class:`SourceError`."""
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The pixel grid of a tile: UTM CRS, 10 m pixels, ``size`` x ``size`` pixels,
-    centred on the tile centroid and snapped to whole pixels."""
-
-    crs: str
-    transform: Affine
-    size: int
-
-    @property
-    def resolution(self) -> float:
-        return float(self.transform.a)
-
-    @classmethod
-    def for_tile(cls, tile: Tile, resolution: float = 10.0) -> "Grid":
-        crs = tile.utm_crs
-        x, y = _from_lonlat(crs).transform(tile.lon, tile.lat)
-        size = int(round(tile.tile_size_m / resolution))
-        half = size * resolution / 2.0
-        x0 = np.floor((x - half) / resolution) * resolution
-        y1 = np.ceil((y + half) / resolution) * resolution
-        return cls(crs=crs, transform=Affine(resolution, 0.0, x0, 0.0, -resolution, y1), size=size)
-
-
-@functools.lru_cache(maxsize=256)
-def _from_lonlat(crs: str):
-    """One (thread-safe) pyproj Transformer per UTM zone: building one costs ~4 ms, a
-    rerun over 100 000 tiles would spend minutes on that alone."""
-    from pyproj import Transformer
-
-    return Transformer.from_crs("EPSG:4326", crs, always_xy=True)
 
 
 # --------------------------------------------------------------------------

@@ -726,7 +726,7 @@ class EarthEngineSource(Source):
         info = {
             "S2_DATE": meta.s2_date, "S2_type": meta.s2_type, "CRS": meta.crs,
             "lat": ch.lat, "lon": ch.lon,
-            "biome": schema.BIOME_INDEX[tile.biome], "eco_region": self._eco_index(tile),
+            "biome": schema.BIOME_INDEX[tile.biome], "eco_region": self.eco_region_index(tile),
             "NO_DATA": False, "BANDS": meta.stack_bands(),
             "era5": {k: v for k, v in meta.era5.items()},
             "S2_IMAGEID": meta.s2_id,
@@ -735,14 +735,6 @@ class EarthEngineSource(Source):
             "SOURCE": "earthengine",
         }
         return TileStack(tile.tile_id, data, grid.crs, grid.transform, info)
-
-    def _eco_index(self, tile: Tile) -> int:
-        if self.eco_index is None:
-            return 0
-        try:
-            return int(self.eco_index[tile.eco_region])
-        except KeyError:
-            raise NoDataError(tile.tile_id, f"ecoregion {tile.eco_region!r} has no index in the mapping") from None
 
 
 class EarthEngineAuthError(RuntimeError):

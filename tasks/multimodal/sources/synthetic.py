@@ -1,8 +1,8 @@
 """An embedded, offline source of physically plausible synthetic tiles.
 
 :class:`SyntheticSource` mimics what the Earth Engine export of the original
-MMEarth pipeline produced for one tile (see ``shared/contracts/mmearth.md``,
-"What the original selected per tile"), without any network access:
+MMEarth pipeline produced for one tile (the original's per-tile choices are
+listed in the README's "Against real Earth Engine" section), without any network access:
 
 * a Sentinel-2 date drawn like the original (random year 2017-2020 with the
   2018/2019 windows) and a random product (L2A or L1C);
@@ -253,8 +253,8 @@ class SyntheticSource(Source):
         Global seed; together with the tile id it fixes every value of a tile.
     eco_index:
         Ecoregion-name-to-index mapping for ``info["eco_region"]``; ``None``
-        gives index 0 to every tile. A name missing from a given mapping is a
-        ``ValueError``.
+        gives index 0 to every tile. A name missing from a given mapping is an
+        ``UnknownEcoregionError`` (a ``ValueError``).
     missing_orbit_rate:
         Probability (per orbit, independently) that no Sentinel-1 image of
         that orbit pass exists (``BANDS[orbit]`` is then ``None``).
@@ -299,21 +299,12 @@ class SyntheticSource(Source):
         )
 
     # ------------------------------------------------------------------
-    def _eco_region_index(self, tile: Tile) -> int:
-        if self.eco_index is None:
-            return 0
-        try:
-            return int(self.eco_index[tile.eco_region])
-        except KeyError:
-            raise ValueError(
-                f"tile {tile.tile_id}: ecoregion {tile.eco_region!r} is not in the ecoregion index mapping"
-            ) from None
-
     def fetch(self, tile: Tile, grid: Grid) -> TileStack:
         """Return the deterministic synthetic stack of ``tile`` on ``grid``.
 
         Raises :class:`NoDataError` for the (deterministic) ``no_data_rate``
-        share of tiles and ``ValueError`` for an unknown biome or ecoregion.
+        share of tiles and ``ValueError`` for an unknown biome or ecoregion
+        (:meth:`Source.eco_region_index`).
         """
         tid = tile.tile_id
         if self.latency_s:
@@ -324,7 +315,7 @@ class SyntheticSource(Source):
                 "MMEarth biomes in schema.BIOMES)"
             )
         biome = _BIOMES[tile.biome]
-        eco = self._eco_region_index(tile)
+        eco = self.eco_region_index(tile)
         if self.no_data_rate > 0.0 and _rng(self.seed, tid, "nodata").random() < self.no_data_rate:
             raise NoDataError(tid, NO_S2_REASON)
 

@@ -1,0 +1,117 @@
+"""Benchmark: the flow process's per-tile work on a rerun with everything done, at N tiles.
+
+What the multimodal flow does before it fetches anything, on the real code path,
+without fetching N stacks first: sample N tiles and write the tiles GeoJSON
+(streamed), then decide what to fetch (``stacks.decide_states`` over the tiles
+read back in chunks: per tile a Grid, a fetch key, an index lookup and one
+``stat``), rewrite the stacks index, and build every partition's key (what the
+h5 manifest check needs). The "done" stacks are zero-byte files whose index
+lines match them (size, mtime, fetch key), so the decision vouches for each
+tile exactly as it does for real stacks: the one ``stat`` is the same call.
+
+Reports the wall and CPU time of each step per tile and the peak of Python
+allocations (tracemalloc) during the decision, i.e. what the flow process holds
+per tile.
+
+    nice -n 10 python bench/bench_rerun_decision.py --tiles 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=100000)
+    ap.add_argument("--part-size", type=int, default=500)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    from tasks.multimodal import convert, stacks, tiles as tiles_mod
+    from tasks.multimodal.sources.synthetic import SyntheticSource
+    from tasks.multimodal.tile import Grid
+
+    out = Path(args.out or tempfile.mkdtemp(prefix="bench_decide_"))
+    shutil.rmtree(out, ignore_errors=True)
+    paths = stacks.dataset_paths(out)
+    for p in paths.values():
+        p.mkdir(parents=True)
+    regions, _ = tiles_mod.load_regions_split(tiles_mod.DEFAULT_REGIONS)
+    eco = tiles_mod.eco_region_index(regions)
+    source = SyntheticSource(eco_index=eco)
+    tiles_path = out / "data_bench_tiles.geojson"
+    n = args.tiles
+    rows: dict[str, tuple[float, float]] = {}
+
+    t0, c0 = time.perf_counter(), _cpu()
+    tiles_mod.write_tiles_stream(tiles_mod.iter_sample_tiles(regions, eco, n, 0, tile_size_m=100.0), tiles_path)
+    rows["sample + write tiles GeoJSON"] = (time.perf_counter() - t0, _cpu() - c0)
+
+    # the finished state a first run leaves: a stack per tile and its index line
+    t0 = time.perf_counter()
+    with open(stacks.index_path(out), "w") as fh:
+        for chunk in tiles_mod.iter_tiles(tiles_path):
+            for t in chunk:
+                tif = paths["tiles"] / f"{t.tile_id}.tif"
+                tif.touch()
+                st = tif.stat()
+                key = stacks.fetch_key(source, t, Grid.for_tile(t))
+                fh.write(json.dumps({"id": t.tile_id, "state": "done", "key": key, "bytes": st.st_size,
+                                     "mtime_ns": st.st_mtime_ns, "digest": "0" * 32}) + "\n")
+    setup = time.perf_counter() - t0
+
+    t0, c0 = time.perf_counter(), _cpu()
+    table, counts = stacks.decide_states(tiles_mod.iter_tiles(tiles_path), source, out)
+    rows["decide (index + stat per tile, index rewritten)"] = (time.perf_counter() - t0, _cpu() - c0)
+    assert counts["full checks"] == 0 and table.count("done") == n, counts
+    del table
+    tracemalloc.start()  # a second decision, for its memory only (tracemalloc slows Python down)
+    table, counts = stacks.decide_states(tiles_mod.iter_tiles(tiles_path), source, out)
+    decide_peak = tracemalloc.get_traced_memory()[1]
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert counts["full checks"] == 0 and table.count("done") == n, counts
+
+    from flows.multimodal import _partitions
+    from tasks.multimodal.config import MultimodalConfig
+
+    cfg = MultimodalConfig(name="data_bench", part_size=args.part_size, tile_size_m=100.0, image_size=8)
+    t0, c0 = time.perf_counter(), _cpu()
+    keys = [s.key for s in _partitions(table, cfg, convert.Compression())]
+    rows["partition keys (manifest check)"] = (time.perf_counter() - t0, _cpu() - c0)
+    t0, c0 = time.perf_counter(), _cpu()
+    n_map = sum(len(c) for c in tiles_mod.iter_tiles(tiles_path))
+    rows["one pass over the tiles file"] = (time.perf_counter() - t0, _cpu() - c0)
+    assert n_map == n and len(keys) == -(-n // args.part_size)
+
+    print(f"N={n} tiles (setup of {n} stacks and index lines: {setup:.1f}s)")
+    for k, (wall, cpu) in rows.items():
+        print(f"  {k:<48} wall {wall:7.2f}s  CPU {cpu:7.2f}s  ({1e3 * cpu / n:.3f} ms/tile)")
+    print(f"  decision: peak Python allocations {decide_peak / 1e6:.1f} MB ({decide_peak / n:.0f} B/tile), "
+          f"held after it {held / 1e6:.1f} MB ({held / n:.0f} B/tile)")
+    print(f"  files: tiles GeoJSON {tiles_path.stat().st_size / 1e6:.1f} MB, "
+          f"stacks index {os.path.getsize(stacks.index_path(out)) / 1e6:.1f} MB")
+    if not args.out:
+        shutil.rmtree(out, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
