@@ -33,7 +33,7 @@ def main() -> int:
     from tasks.aerial import pipeline as PL
     from tasks.aerial.earthstudio import ingest_scene
     from tasks.aerial.evaluate import evaluate_scene, summary_rows
-    from tasks.aerial.matching import read_pairs
+    from tasks.aerial.io import read_pairs
     from tasks.aerial.megadepth import load_scene_list, preprocess_scene
     from tasks.aerial.synthetic_world import generate_world
 

@@ -56,6 +56,7 @@ def main() -> int:
     import numpy as np
 
     from tasks.aerial import features as F
+    from tasks.aerial import io as IO
     from tasks.aerial import matching as M
 
     conf = F.FEATURE_CONFS[args.conf]
@@ -94,7 +95,7 @@ def main() -> int:
         t0 = time.perf_counter()
         F.extract_features(conf, image_dir, names, fp1)
         t1 = time.perf_counter() - t0
-        nkp = [len(F.read_keypoints(fp1, n)) for n in names]
+        nkp = [len(IO.read_keypoints(fp1, n)) for n in names]
         print(f"extract 1 process : {len(names) / t1:7.2f} images/s  ({t1:.2f} s, "
               f"mean {np.mean(nkp):.0f} keypoints/image, conf {args.conf})")
 
@@ -104,7 +105,7 @@ def main() -> int:
         t0 = time.perf_counter()
         with ProcessPoolExecutor(args.workers) as pool:
             list(pool.map(_extract_part, [(conf, image_dir, names, fpn, args.workers, i) for i in range(args.workers)]))
-        F.merge_features(F.part_paths(fpn, args.workers), fpn, remove_parts=True)
+        F.merge_features(IO.part_paths(fpn, args.workers), fpn, remove_parts=True)
         tn = time.perf_counter() - t0
         print(f"extract {args.workers} processes: {len(names) / tn:7.2f} images/s  "
               f"({tn:.2f} s incl. pool start + merge)")
@@ -112,12 +113,12 @@ def main() -> int:
         # matching
         pairs = list(itertools.combinations(names, 2))[: args.max_pairs]
         pairs_path = root / "pairs.txt"
-        M.write_pairs(pairs_path, pairs)
+        IO.write_pairs(pairs_path, pairs)
         mp1 = root / "one" / "matches.h5"
         t0 = time.perf_counter()
         M.match_features(mconf, pairs_path, fp1, mp1)
         t1 = time.perf_counter() - t0
-        nm = [len(M.read_matches(mp1, a, b)[0]) for a, b in pairs]
+        nm = [len(IO.read_matches(mp1, a, b)[0]) for a, b in pairs]
         print(f"match 1 process   : {len(pairs) / t1:7.2f} pairs/s   ({t1:.2f} s, {len(pairs)} pairs, "
               f"mean {np.mean(nm):.0f} matches/pair, {args.matcher})")
         mpn = root / "many" / "matches.h5"

@@ -34,6 +34,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from tasks.aerial import megadepth
+from tasks.aerial import layout as L
 from tasks.aerial import pipeline as PL
 from tasks.aerial import training_export as T
 from tasks.aerial.config import CONFIGS, AerialConfig, dask_settings_of, export_settings, get_config, \
@@ -60,7 +61,7 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
                "failed": {s: f"plan: {r['error']}" for s, r in plans.items() if "error" in r}}
     if config.plan_only:
         return planned
-    if config.synthetic and not config.places and not (p["root"] / "downloaded_data").is_dir():
+    if config.synthetic and not config.places and not (p["root"] / L.DOWNLOADED).is_dir():
         world_task(str(p["root"]), config.world_options)
     scenes = select_scenes(config, p["root"], plans)
     if not scenes:  # planned, nothing rendered yet: the plans are the result
@@ -284,10 +285,10 @@ def plan_places(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
 def select_scenes(config: AerialConfig, root: Path, plans: dict[str, dict[str, Any]]) -> list[str]:
     """The scenes with an Earth Studio export (only ``config.scenes`` if given); planned scenes
     not rendered yet are listed in the log with what to do."""
-    exports = sorted(x.stem for x in (root / "downloaded_data").glob("*.json"))
+    exports = L.downloaded_scenes(root)
     for s in sorted(s for s, r in plans.items() if "error" not in r and s not in exports):
         get_run_logger().info("scene %s is planned but not rendered yet: import %s in Earth Studio, render, and "
-                              "put %s.mp4 and %s.json in %s", s, plans[s]["esp"], s, s, root / "downloaded_data")
+                              "put %s.mp4 and %s.json in %s", s, plans[s]["esp"], s, s, root / L.DOWNLOADED)
     scenes = [s for s in exports if not config.scenes or s in config.scenes]
     if not scenes and not plans:
         raise FileNotFoundError(f"{root / 'downloaded_data'}: no Earth Studio export (<scene>.json + .mp4)")

@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 
 from tasks.aerial import features as F
+from tasks.aerial import geometry as G
+from tasks.aerial import io as IO
 from tasks.aerial import matching as M
 from tasks.aerial import pairs as P
 from tasks.aerial import retrieval as R
+from tasks.common.atomic import _HOST
 
 SIFT = F.FEATURE_CONFS["sift"]
 NN_RATIO = M.MATCHER_CONFS["NN-ratio"]
@@ -60,7 +63,7 @@ def test_feature_layout_and_keypoint_convention(warped_pair):
     import pycolmap
 
     d, fp, _ = warped_pair
-    assert F.list_names(fp) == ["b.png", "sub/a.png"]
+    assert IO.list_h5_names(fp) == ["b.png", "sub/a.png"]
     with h5py.File(fp, "r") as f:
         assert isinstance(f["sub"], h5py.Group) and isinstance(f["sub/a.png"], h5py.Group)  # nested groups
         g = f["sub/a.png"]
@@ -87,8 +90,8 @@ def test_feature_layout_and_keypoint_convention(warped_pair):
     ref_desc = descs.data.astype(np.float32)
     ref_desc /= np.linalg.norm(ref_desc, axis=1, keepdims=True)
     np.testing.assert_allclose(desc.T, ref_desc, atol=1e-4)
-    assert np.array_equal(F.read_keypoints(fp, "sub/a.png"), kp)
-    assert F.read_descriptors(fp, "sub/a.png").shape == (128, n)
+    assert np.array_equal(IO.read_keypoints(fp, "sub/a.png"), kp)
+    assert IO.read_descriptors(fp, "sub/a.png").shape == (128, n)
 
 
 def _blobs(w, h, centres, sigma):
@@ -106,9 +109,9 @@ def test_keypoints_at_pixel_centres_and_rescaled_to_original(tmp_path):
     half = {**SIFT, "preprocessing": {"grayscale": True, "resize_max": 320}}
     for conf, path, tol, unc in ((full, tmp_path / "full.h5", 0.05, 1.0), (half, tmp_path / "half.h5", 0.3, 2.0)):
         F.extract_features(conf, tmp_path, ["blobs.png"], path)
-        kp, u = F.read_keypoints(path, "blobs.png", return_uncertainty=True)
+        kp, u = IO.read_keypoints(path, "blobs.png", return_uncertainty=True)
         assert u == pytest.approx(unc)
-        assert F.read_image_size(path, "blobs.png") == (640, 480)
+        assert IO.read_image_size(path, "blobs.png") == (640, 480)
         dist = np.linalg.norm(kp[:, None] - centres[None], axis=-1)
         nearest = dist.min(axis=0)
         assert (nearest < tol).all(), (path.name, nearest)  # hloc convention: pixel centre = integer
@@ -144,15 +147,15 @@ def test_as_half_and_mapping_image_dir(tmp_path):
 
 def test_warped_pair_matches_agree_with_homography(warped_pair, tmp_path):
     d, fp, h = warped_pair
-    M.write_pairs(tmp_path / "pairs.txt", [("sub/a.png", "b.png")])
+    IO.write_pairs(tmp_path / "pairs.txt", [("sub/a.png", "b.png")])
     mp = M.match_features(NN_RATIO, tmp_path / "pairs.txt", fp, tmp_path / "m.h5")
     with h5py.File(mp) as f:
         assert list(f) == ["sub-a.png"] and list(f["sub-a.png"]) == ["b.png"]  # names_to_pair nesting
         g = f["sub-a.png/b.png"]
-        k0, k1 = F.read_keypoints(fp, "sub/a.png"), F.read_keypoints(fp, "b.png")
+        k0, k1 = IO.read_keypoints(fp, "sub/a.png"), IO.read_keypoints(fp, "b.png")
         assert g["matches0"].dtype == np.int16 and g["matches0"].shape == (len(k0),)
         assert g["matching_scores0"].dtype == np.float16 and g["matching_scores0"].shape == (len(k0),)
-    m, sc = M.read_matches(mp, "sub/a.png", "b.png")
+    m, sc = IO.read_matches(mp, "sub/a.png", "b.png")
     assert len(m) > 100 and m.shape[1] == 2 and len(sc) == len(m)
     err = np.linalg.norm(apply_h(h, k0[m[:, 0]]) - k1[m[:, 1]], axis=1)
     assert (err < 2.0).mean() > 0.8
@@ -162,7 +165,7 @@ def test_warped_pair_matches_agree_with_homography(warped_pair, tmp_path):
     good = err < 2.0
     assert np.median(err[good]) < 0.8 * np.median(err_colmap[good])
     # reverse order read flips columns
-    mr, scr = M.read_matches(mp, "b.png", "sub/a.png")
+    mr, scr = IO.read_matches(mp, "b.png", "sub/a.png")
     assert np.array_equal(mr, m[:, ::-1]) and np.array_equal(scr, sc)
 
 
@@ -234,8 +237,8 @@ def test_nearest_neighbor_semantics_on_handmade_descriptors():
 
 
 def test_pair_names_find_pair_and_pairs_files(tmp_path):
-    assert M.names_to_pair("a/b.jpg", "c.jpg") == "a-b.jpg/c.jpg"
-    assert M.names_to_pair_old("a/b.jpg", "c.jpg") == "a-b.jpg_c.jpg"
+    assert IO.names_to_pair("a/b.jpg", "c.jpg") == "a-b.jpg/c.jpg"
+    assert IO.names_to_pair_old("a/b.jpg", "c.jpg") == "a-b.jpg_c.jpg"
     with h5py.File(tmp_path / "m.h5", "w") as f:
         g = f.create_group("x.jpg/y.jpg")
         g["matches0"] = np.array([1, -1, 0], np.int16)
@@ -244,21 +247,21 @@ def test_pair_names_find_pair_and_pairs_files(tmp_path):
         g["matches0"] = np.array([-1, 0], np.int16)
         g["matching_scores0"] = np.array([0, 0.7], np.float16)
     with h5py.File(tmp_path / "m.h5") as f:
-        assert M.find_pair(f, "x.jpg", "y.jpg") == ("x.jpg/y.jpg", False)
-        assert M.find_pair(f, "y.jpg", "x.jpg") == ("x.jpg/y.jpg", True)
-        assert M.find_pair(f, "p.jpg", "q.jpg") == ("p.jpg_q.jpg", False)
-        assert M.find_pair(f, "q.jpg", "p.jpg") == ("p.jpg_q.jpg", True)
+        assert IO.find_pair(f, "x.jpg", "y.jpg") == ("x.jpg/y.jpg", False)
+        assert IO.find_pair(f, "y.jpg", "x.jpg") == ("x.jpg/y.jpg", True)
+        assert IO.find_pair(f, "p.jpg", "q.jpg") == ("p.jpg_q.jpg", False)
+        assert IO.find_pair(f, "q.jpg", "p.jpg") == ("p.jpg_q.jpg", True)
         with pytest.raises(ValueError):
-            M.find_pair(f, "x.jpg", "q.jpg")
-    m, s = M.read_matches(tmp_path / "m.h5", "y.jpg", "x.jpg")
+            IO.find_pair(f, "x.jpg", "q.jpg")
+    m, s = IO.read_matches(tmp_path / "m.h5", "y.jpg", "x.jpg")
     assert m.tolist() == [[1, 0], [0, 2]] and s.astype(np.float32).tolist() == pytest.approx([0.9, 0.8], abs=1e-3)
-    m, _ = M.read_matches(tmp_path / "m.h5", "q.jpg", "p.jpg")
+    m, _ = IO.read_matches(tmp_path / "m.h5", "q.jpg", "p.jpg")
     assert m.tolist() == [[0, 1]]
     pairs = [("a/b.jpg", "c.jpg"), ("c.jpg", "d.jpg")]
-    M.write_pairs(tmp_path / "pairs.txt", pairs)
+    IO.write_pairs(tmp_path / "pairs.txt", pairs)
     assert (tmp_path / "pairs.txt").read_text() == "a/b.jpg c.jpg\nc.jpg d.jpg"
-    assert M.read_pairs(tmp_path / "pairs.txt") == pairs
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert IO.read_pairs(tmp_path / "pairs.txt") == pairs
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
     assert M.unique_new_pairs([("a", "b"), ("b", "a"), ("a", "a"), ("c", "a")]) == [("a", "b"), ("c", "a")]
 
 
@@ -301,17 +304,17 @@ def test_resume_does_not_recompute(four_images, tmp_path, monkeypatch):
     F.extract_features(SIFT, d, names[:3], fp)
     assert len(calls) == 3 and fp.stat().st_mtime_ns == mtime
     F.extract_features(SIFT, d, names, fp)
-    assert len(calls) == 4 and F.list_names(fp) == sorted(names)
+    assert len(calls) == 4 and IO.list_h5_names(fp) == sorted(names)
     F.extract_features(SIFT, d, names[:1], fp, overwrite=True)
-    assert len(calls) == 5 and F.list_names(fp) == sorted(names)
+    assert len(calls) == 5 and IO.list_h5_names(fp) == sorted(names)
 
     mcalls = _count_calls(monkeypatch, M, "nearest_neighbor_match")
     mp = tmp_path / "m.h5"
-    M.write_pairs(tmp_path / "p1.txt", [(names[0], names[1]), (names[1], names[0]), (names[1], names[2])])
+    IO.write_pairs(tmp_path / "p1.txt", [(names[0], names[1]), (names[1], names[0]), (names[1], names[2])])
     M.match_features(NN_RATIO, tmp_path / "p1.txt", fp, mp)
     assert len(mcalls) == 2  # (1, 0) is (0, 1)
     mtime = mp.stat().st_mtime_ns
-    M.write_pairs(tmp_path / "p2.txt", [(names[2], names[1]), (names[1], names[0]), (names[2], names[3])])
+    IO.write_pairs(tmp_path / "p2.txt", [(names[2], names[1]), (names[1], names[0]), (names[2], names[3])])
     M.match_features(NN_RATIO, tmp_path / "p2.txt", fp, mp)
     assert len(mcalls) == 3  # only (2, 3) is new
     assert mp.stat().st_mtime_ns != mtime
@@ -336,14 +339,14 @@ def test_interrupted_extraction_keeps_finished_chunks(four_images, tmp_path, mon
     monkeypatch.setattr(F, "extract_image", flaky)
     with pytest.raises(RuntimeError):
         F.extract_features(SIFT, d, names, fp, chunk_size=1)
-    assert not fp.exists() and len(F.chunk_glob(fp)) == 2
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
-    stale = tmp_path / f".{fp.name}.999999999-0badf00d.tmp"  # a SIGKILLed writer's temporary file
+    assert not fp.exists() and len(IO.chunk_glob(fp)) == 2
+    assert not [p for p in tmp_path.iterdir() if ".partial" in p.name]
+    stale = tmp_path / f".{fp.name}.{_HOST}-999999999-0badf00d.partial.h5"  # a SIGKILLed writer's temporary file
     stale.write_bytes(b"partial")
     F.extract_features(SIFT, d, names, fp, chunk_size=1)
     assert not stale.exists()
     assert len(calls) == 5  # 2 done + 1 failed + the remaining 2
-    assert F.list_names(fp) == sorted(names) and F.chunk_glob(fp) == []
+    assert IO.list_h5_names(fp) == sorted(names) and IO.chunk_glob(fp) == []
 
 
 def _h5_dump(path):
@@ -363,7 +366,7 @@ def test_parts_fan_out_and_merge(four_images, tmp_path):
     parts = []
     for i in range(2):  # what each worker process would run
         parts += F.extract_features_parts(SIFT, d, names, fp, n_parts=2, part_index=i)
-    assert parts == F.part_paths(fp, 2) and all(p.exists() for p in parts)
+    assert parts == IO.part_paths(fp, 2) and all(p.exists() for p in parts)
     F.merge_features(parts, fp)
     mtime = fp.stat().st_mtime_ns
     F.merge_features(parts, fp, remove_parts=True)  # idempotent: nothing new, nothing written
@@ -374,18 +377,18 @@ def test_parts_fan_out_and_merge(four_images, tmp_path):
         assert f["im0.png/keypoints"].attrs["uncertainty"] == 1.0
 
     pairs = list(itertools.combinations(names, 2))
-    M.write_pairs(tmp_path / "pairs.txt", pairs)
+    IO.write_pairs(tmp_path / "pairs.txt", pairs)
     ref = M.match_features(NN_RATIO, tmp_path / "pairs.txt", fp, tmp_path / "m_single.h5")
     mp = tmp_path / "m.h5"
     mparts = []
     for i in range(3):
         mparts += M.match_features_parts(NN_RATIO, tmp_path / "pairs.txt", fp, mp, n_parts=3, part_index=i)
     M.merge_matches(mparts, mp, remove_parts=True)
-    assert sorted(M.list_pairs(mp)) == sorted(M.names_to_pair(a, b) for a, b in pairs)
+    assert sorted(IO.list_h5_names(mp)) == sorted(IO.names_to_pair(a, b) for a, b in pairs)
     assert _h5_dump(mp) == _h5_dump(ref)
     # a part holding the reverse of a merged pair adds nothing
     with h5py.File(tmp_path / "rev.h5", "w") as f:
-        g = f.create_group(M.names_to_pair(names[1], names[0]))
+        g = f.create_group(IO.names_to_pair(names[1], names[0]))
         g["matches0"] = np.zeros(3, np.int16)
         g["matching_scores0"] = np.zeros(3, np.float16)
     mtime = mp.stat().st_mtime_ns
@@ -468,7 +471,7 @@ def test_vlad_retrieval_ranks_true_overlap_first(tmp_path):
         assert g.shape == (16 * 128,) and g.dtype == np.float32
         assert np.linalg.norm(g) == pytest.approx(1.0, abs=1e-5)
         assert f["q0.png/image_size"][()].tolist() == [320, 240]
-    assert F.list_names(gp) == sorted(db + queries)  # the vocabulary is no image
+    assert IO.list_h5_names(gp) == sorted(db + queries)  # the vocabulary is no image
     assert np.array_equal(R.load_vocabulary(gp), vocab)
     pairs = P.pairs_from_retrieval(gp, queries, db, 2, min_score=None)
     assert len(pairs) == 10
@@ -482,7 +485,7 @@ def test_vlad_retrieval_ranks_true_overlap_first(tmp_path):
     with pytest.raises(ValueError):
         R.compute_global_descriptors(fp, queries, vocab[:8], gp)
     # the descriptor is invariant to descriptor order and changes with content
-    desc = F.read_descriptors(fp, "db0.png").T
+    desc = IO.read_descriptors(fp, "db0.png").T
     v = R.vlad(desc, vocab)
     np.testing.assert_allclose(v, R.vlad(desc[::-1], vocab), atol=1e-6)
     assert R.vlad(np.zeros((0, 128)), vocab).tolist() == [0.0] * 16 * 128
@@ -508,29 +511,29 @@ def test_tiny_world_frames_and_photos(tmp_path):
     image_dir = {**{n: footage for n in frames}, **{n: info.images_dir for n in photos}}
     work = tmp_path / "data" / info.scene / "sfm_output_localization"
     fp = F.extract_features(SIFT, image_dir, frames + photos, work / "feats-sift.h5")
-    assert F.list_names(fp) == sorted(frames + photos)
-    sizes = {n: len(F.read_keypoints(fp, n)) for n in frames + photos}
+    assert IO.list_h5_names(fp) == sorted(frames + photos)
+    sizes = {n: len(IO.read_keypoints(fp, n)) for n in frames + photos}
     for n in frames[:1] + info.photo_names[:1]:
-        assert F.read_image_size(fp, n) == (320, 240)
+        assert IO.read_image_size(fp, n) == (320, 240)
     assert min(sizes[n] for n in frames) > 50
-    poses = P.cam2world_from_model(work / "reference_empty")
+    poses = G.cam2world_from_model(work / "reference_empty")
     assert sorted(poses) == frames
     ref_pairs = P.pairs_from_poses(poses, num=3, max_angle_deg=75)
     assert ref_pairs and all(a in frames and b in frames for a, b in ref_pairs)
-    M.write_pairs(work / "pairs-db-dist3.txt", ref_pairs)
+    IO.write_pairs(work / "pairs-db-dist3.txt", ref_pairs)
     mp = M.match_features(NN_RATIO, work / "pairs-db-dist3.txt", fp, work / "matches.h5")
     for a, b in ref_pairs:  # the 6 frames are far apart: few matches, but consistent ones
-        m, _ = M.read_matches(mp, a, b)
+        m, _ = IO.read_matches(mp, a, b)
         assert len(np.unique(m[:, 1])) == len(m)  # mutual: one-to-one
         assert (m[:, 0] < sizes[a]).all() and (m[:, 1] < sizes[b]).all()
     # a photo of the sky has no keypoints: stored empty, matched to nothing
     blank = [n for n in photos if sizes[n] == 0]
     assert blank == ["zz_clear_sky.jpg"]
     for n in blank:
-        assert F.read_descriptors(fp, n).shape == (128, 0)
-        M.write_pairs(work / "pairs-blank.txt", [(n, frames[0]), (frames[0], n)])
+        assert IO.read_descriptors(fp, n).shape == (128, 0)
+        IO.write_pairs(work / "pairs-blank.txt", [(n, frames[0]), (frames[0], n)])
         M.match_features(NN_RATIO, work / "pairs-blank.txt", fp, mp)
-        assert len(M.read_matches(mp, frames[0], n)[0]) == 0
+        assert len(IO.read_matches(mp, frames[0], n)[0]) == 0
     gp = R.vlad_global_features(fp, frames + info.photo_names, work / "global-feats-vlad.h5", db_names=frames,
                                 n_words=16)
     loc = P.pairs_from_retrieval(gp, info.photo_names, frames, 3)

@@ -172,7 +172,7 @@ def test_reference_triangulation(demo):
 
 def test_pairs_and_hloc_files(demo):
     paths = demo["paths"]
-    from tasks.aerial.matching import read_pairs
+    from tasks.aerial.io import read_pairs
 
     ref_pairs = read_pairs(paths.pairs_reference)
     ret = read_pairs(paths.pairs_retrieval)
@@ -261,7 +261,10 @@ def test_resume_after_interruption(demo):
     kept = {p: p.stat().st_mtime_ns for p in done[2:]}
     for p in lost:
         p.unlink()
-    partial = paths.localized.with_name(paths.localized.name + ".partial")
+    from tasks.common.atomic import _HOST
+
+    # the temporary folder of a killed writer (process gone), in the atomic module's naming scheme
+    partial = paths.localized.with_name(f".{paths.localized.name}.{_HOST}-999999999-k1ll3d.partial")
     partial.mkdir()
     (partial / "junk").write_text("half-written")
     (paths.localized / ".complete").unlink()  # the stage had not finished
@@ -346,6 +349,46 @@ def test_unknown_configuration_is_named():
     assert PL.get_config(backend="hloc", features="disk", matcher="disk+lightglue").tag == "disk+lightglue"
     paths = PL.scene_paths(Path("/r"), "0001", Path("/md"), PL.get_config("superpoint+superglue"))
     assert paths.sfm == Path("/r/data/0001/sfm_output_localization/sfm_superpoint+superglue")
+
+
+def test_layout_default_and_modified_configurations():
+    """One owner of the scene layout: the default configuration gives the contract's paths
+    (``sfm_sift+mnn/localized_dense_metric``); a configuration whose sparse settings differ
+    from its named one gets a folder of its own, the same for the same settings; dense
+    settings and the thread count name nothing; file names follow the confs' outputs."""
+    root, md = Path("/r"), Path("/md")
+    work = root / "data" / "0001" / "sfm_output_localization"
+    d = PL.scene_paths(root, "0001", md, PL.get_config())
+    assert d.product == work / "sfm_sift+mnn" / "localized_dense_metric"
+    assert d.localized == work / "sfm_sift+mnn" / "localized_model_mapper_metric"
+    assert d.features == work / "feats-sift-colmap.h5"
+    assert d.matches == work / "feats-sift-colmap_matches-NN-mutual-ratio.8_pairs-all.h5"
+    assert d.global_features == work / "global-feats-vlad.h5"
+    assert (d.video, d.camera_export) == (root / "downloaded_data" / "0001.mp4", root / "downloaded_data" / "0001.json")
+    assert (d.footage, d.metadata, d.ingest_record) == (root / "data/0001/footage", root / "data/0001/0001.json",
+                                                        root / "data/0001/ingest.json")
+    assert d.reference_empty == work / "reference_empty" and d.ground_truth == root / "ground_truth" / "0001"
+    assert d.megadepth_scene == md / "0001"
+    same = [PL.get_config(dense={"cpu_method": "patchmatch"}), PL.get_config(sfm={"num_threads": 2})]
+    assert all(PL.scene_paths(root, "0001", md, c).sfm.name == "sfm_sift+mnn" for c in same)
+    mod = {
+        "features": PL.get_config(features="sift"),
+        "matcher": PL.get_config(matcher="NN-mutual"),
+        "pairs": PL.get_config(ref_pairs_num=20),
+        "sfm": PL.get_config(sfm={"abs_pose_max_error": 8.0}),
+        "words": PL.get_config(vlad_words=32),
+    }
+    names = {k: PL.scene_paths(root, "0001", md, c).sfm.name for k, c in mod.items()}
+    assert all(n.startswith("sfm_sift+mnn-") and len(n) == len("sfm_sift+mnn-") + 8 for n in names.values()), names
+    assert len(set(names.values())) == len(names)  # each its own folder
+    assert PL.scene_paths(root, "0001", md, PL.get_config(features="sift")).sfm.name == names["features"]
+    assert PL.scene_paths(root, "0001", md, mod["features"]).features.name == "feats-sift.h5"
+    assert PL.scene_paths(root, "0001", md, mod["matcher"]).matches.name == \
+        "feats-sift-colmap_matches-NN-mutual_pairs-all.h5"
+    assert PL.scene_paths(root, "0001", md, mod["words"]).global_features.name == "global-feats-vlad-k32-seed0.h5"
+    assert PL.get_config(features="sift").modified_settings() == {"features": "sift"}
+    with pytest.raises(KeyError, match="sift-colmap"):
+        PL.scene_paths(root, "0001", md, PL.get_config(features="nope"))
 
 
 def test_retrieval_finds_overlapping_frames(demo):

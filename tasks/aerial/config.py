@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.aerial import plan as planning
+from tasks.aerial import layout as L
 from tasks.aerial.covisibility import CovisibilityConfig
 from tasks.aerial.dense import DenseConfig
 from tasks.aerial.pipeline import CONFS, PipelineConfig
@@ -139,12 +140,12 @@ class AerialConfig(BaseModel):
         from tasks.aerial import megadepth
 
         p = self.paths()
-        has_data = (p["root"] / "downloaded_data").is_dir()
+        has_data = (p["root"] / L.DOWNLOADED).is_dir()
         if not has_data and not self.synthetic and not self.places:
             raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
                               "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
         if has_data:
-            exports = sorted(x.stem for x in (p["root"] / "downloaded_data").glob("*.json"))
+            exports = L.downloaded_scenes(p["root"])
             unknown = sorted(set(self.scenes or []) - set(exports))
             if unknown:
                 raise ConfigError(f"scenes {unknown} have no Earth Studio export in {p['root'] / 'downloaded_data'}"
@@ -163,12 +164,12 @@ class AerialConfig(BaseModel):
     def paths(self) -> dict[str, Path]:
         """The run's folders: ``root``, raw ``megadepth``, ``megadepth_out`` and the ``scene_list`` file."""
         root = Path(self.root).expanduser().resolve()
-        md = Path(self.megadepth).expanduser().resolve() if self.megadepth else root / "megadepth"
+        md = Path(self.megadepth).expanduser().resolve() if self.megadepth else L.default_megadepth(root)
         return {
             "root": root, "megadepth": md,
             "megadepth_out": Path(self.megadepth_out).expanduser().resolve() if self.megadepth_out
-            else root / "megadepth_processed",
-            "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else md / "scene_list.json",
+            else L.default_megadepth_out(root),
+            "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else L.default_scene_list(md),
         }
 
 

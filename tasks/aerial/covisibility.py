@@ -42,8 +42,9 @@ from typing import Any
 import numba
 import numpy as np
 
+from tasks.aerial import geometry as G
 from tasks.aerial.dense import depth_path, read_depth_h5
-from tasks.common.atomic import atomic_path, write_json_atomic
+from tasks.common.atomic import write_json_atomic, write_npz_atomic
 
 
 @dataclass
@@ -70,7 +71,7 @@ class View:
 
     @property
     def centre(self) -> np.ndarray:
-        return -self.w2c[:3, :3].T @ self.w2c[:3, 3]
+        return G.invert_pose(self.w2c)[:3, 3]
 
 
 def load_views(product: Path) -> list[View]:
@@ -90,8 +91,7 @@ def load_views(product: Path) -> list[View]:
         if not im.has_pose:
             continue
         cam = rec.cameras[im.camera_id]
-        w2c = np.eye(4)
-        w2c[:3] = im.cam_from_world().matrix()
+        w2c = G.w2c_matrix(im)
         d = depth_path(product / "depths", im.name)
         views.append(View(im.name, np.asarray(cam.calibration_matrix(), float), w2c, int(cam.width),
                           int(cam.height), d if d.exists() and (read_depth_h5(d) > 0).any() else None))
@@ -112,19 +112,6 @@ def product_fingerprint(product: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- geometry
-
-
-def backproject(depth: np.ndarray, K: np.ndarray, w2c: np.ndarray, stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """World points of the pixels with depth (pixel centres at +0.5, COLMAP's convention),
-    and their (row, col)."""
-    rows, cols = np.nonzero(depth[::stride, ::stride] > 0)
-    rows, cols = rows * stride, cols * stride
-    z = depth[rows, cols].astype(np.float64)
-    x = (cols + 0.5 - K[0, 2]) / K[0, 0] * z
-    y = (rows + 0.5 - K[1, 2]) / K[1, 1] * z
-    cam = np.stack([x, y, z], axis=1)
-    R, t = w2c[:3, :3], w2c[:3, 3]
-    return (cam - t) @ R, np.stack([rows, cols], axis=1)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -167,8 +154,7 @@ def _count_agreeing(depth_i, K_i, depth_j, K_j, R, t, stride, tol):  # pragma: n
 
 def relative_pose(a: View, b: View) -> tuple[np.ndarray, np.ndarray]:
     """Camera a -> camera b."""
-    T = b.w2c @ np.linalg.inv(a.w2c)
-    return np.ascontiguousarray(T[:3, :3]), np.ascontiguousarray(T[:3, 3])
+    return G.relative_pose(a.w2c, b.w2c)
 
 
 def pair_counts(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_tolerance: float = 0.1,
@@ -204,7 +190,7 @@ def covisible_pixels(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_toler
                      stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The pixels (row, col) of ``a`` covisible in ``b`` and where they land in ``b`` (u, v):
     the same test as the kernel, for drawing one pair."""
-    pts, rc = backproject(da, a.K, a.w2c, stride)
+    pts, rc = G.backproject(da, a.K, a.w2c, stride)
     cam = pts @ b.w2c[:3, :3].T + b.w2c[:3, 3]
     z = cam[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -229,9 +215,9 @@ def _samples(view: View, depth: np.ndarray, grid: tuple[int, int]) -> np.ndarray
     sub = np.zeros_like(depth)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     sub[rr, cc] = depth[rr, cc]
-    pts, _ = backproject(sub, view.K, view.w2c)
+    pts, _ = G.backproject(sub, view.K, view.w2c)
     if len(pts) < 8:  # sparse depth: take its valid pixels instead
-        pts, _ = backproject(depth, view.K, view.w2c, stride=max(1, int(math.sqrt(depth.size / 4000))))
+        pts, _ = G.backproject(depth, view.K, view.w2c, stride=max(1, int(math.sqrt(depth.size / 4000))))
         if len(pts) > gx * gy:
             pts = pts[np.linspace(0, len(pts) - 1, gx * gy).astype(int)]
     return pts
@@ -264,7 +250,7 @@ def candidate_pairs(views: list[View], config: CovisibilityConfig) -> tuple[list
         pts = _samples(v, d, config.prune_grid)
         if len(pts) == 0:
             continue
-        allpts, _ = backproject(d, v.K, v.w2c, stride=max(1, int(math.sqrt(d.size / 20000))))
+        allpts, _ = G.backproject(d, v.K, v.w2c, stride=max(1, int(math.sqrt(d.size / 20000))))
         allpts = np.vstack([allpts, pts])
         grow = 1.5 * tol * float(valid.max())  # 1.5: off-axis rays are longer than their z
         info[k] = (pts, (float(valid.min()), float(valid.max())), allpts.min(0) - grow, allpts.max(0) + grow)
@@ -325,9 +311,7 @@ def compute_block(views: list[View], pairs: list[tuple[int, int]], config: Covis
     counts = np.zeros((len(pairs), 2, 4), np.int64)
     for m, (i, j) in enumerate(pairs):
         counts[m] = pair_counts(views[i], depth(i), views[j], depth(j), config.rel_tolerance, config.stride)
-    with atomic_path(out, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, pairs=np.asarray(pairs, np.int32).reshape(-1, 2), counts=counts, key=np.str_(key))
+    write_npz_atomic(out, pairs=np.asarray(pairs, np.int32).reshape(-1, 2), counts=counts, key=np.str_(key))
     return out
 
 
@@ -429,9 +413,7 @@ def ground_truth_matrices(p: Plan, gt_dir: Path, config: CovisibilityConfig,
     for k, v in enumerate(p.views):
         g = by.get(v.name)
         f = Path(gt_dir) / "depths" / f"{Path(v.name).stem}.h5"
-        w2c = np.eye(4)
-        if g is not None:
-            w2c[:3] = g.cam_from_world().matrix()
+        w2c = G.w2c_matrix(g) if g is not None else np.eye(4)
         views.append(View(v.name, v.K, w2c, v.width, v.height, v.depth_file))
         if g is None or not f.exists() or v.depth_file is None:
             continue
@@ -453,6 +435,6 @@ def to_dict(p: Plan) -> dict[str, Any]:
     return {"product": str(p.product), "blocks": len(p.blocks), **p.counts}
 
 
-__all__ = ["CovisibilityConfig", "View", "load_views", "product_fingerprint", "backproject", "pair_covisibility",
+__all__ = ["CovisibilityConfig", "View", "load_views", "product_fingerprint", "pair_covisibility",
            "covisible_pixels", "candidate_pairs", "blocks", "compute_block", "block_done", "assemble", "Plan", "plan",
            "run_block", "matrices", "relative_pose", "pair_counts", "fractions", "ground_truth_matrices"]

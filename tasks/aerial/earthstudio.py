@@ -47,11 +47,11 @@ os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
 import cv2  # noqa: E402
 
 from tasks.aerial import geometry  # noqa: E402
-from tasks.common.atomic import atomic_path, write_json_atomic  # noqa: E402
+from tasks.aerial.layout import SceneLayout  # noqa: E402
+from tasks.common.atomic import atomic_dir, atomic_path, remove_partials, write_json_atomic  # noqa: E402
 
 log = logging.getLogger(__name__)
 INGEST_VERSION = 2
-RECORD_NAME = "ingest.json"
 
 
 class EarthStudioError(ValueError):
@@ -321,7 +321,7 @@ def export_document(plan) -> dict[str, Any]:
 
 def read_record(root: str | Path, scene: str) -> dict[str, Any] | None:
     """The project's ingest record of a scene (``data/<scene>/ingest.json``), None when absent."""
-    path = Path(root) / "data" / scene / RECORD_NAME
+    path = SceneLayout(Path(root), scene).ingest_record
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -367,23 +367,11 @@ def write_reference_model(track: CameraTrack, names: dict[int, str], poses: dict
             rec.add_camera_with_trivial_rig(pycolmap.Camera(
                 model="SIMPLE_PINHOLE", width=track.width, height=track.height,
                 params=[p["focal"], p["cx"], p["cy"]], camera_id=cam_ids[key]))
-        c2w = p["cam2world"]
-        r_w2c = c2w[:3, :3].T
-        t_w2c = -r_w2c @ c2w[:3, 3]
+        w2c = geometry.invert_pose(p["cam2world"])
         image = pycolmap.Image(name=name, camera_id=cam_ids[key], image_id=image_id)
-        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(r_w2c), t_w2c))
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    rec.write_text(str(tmp))
-    if out_dir.exists():
-        import shutil
-
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+        rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(pycolmap.Rotation3d(w2c[:3, :3]), w2c[:3, 3]))
+    with atomic_dir(out_dir) as tmp:
+        rec.write_text(str(tmp))
     return out_dir
 
 
@@ -414,14 +402,12 @@ def aligned_export(track: CameraTrack, scene: str, video_frames: int, total: int
 def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bool = False) -> IngestResult:
     """Decode ``<scene>.mp4`` into frames aligned with ``<scene>.json``; write metadata, record and model."""
     root = Path(root)
-    video = root / "downloaded_data" / f"{scene}.mp4"
-    track_path = root / "downloaded_data" / f"{scene}.json"
-    out = root / "data" / scene
-    footage = out / "footage"
-    meta_path = out / f"{scene}.json"
-    record_path = out / RECORD_NAME
-    model_dir = out / "sfm_output_localization" / "reference_empty"
-    plan_path = root / "plans" / f"{scene}.plan.json"
+    layout = SceneLayout(root, scene)
+    video, track_path, plan_path = layout.video, layout.camera_export, layout.plan_json
+    footage, meta_path, record_path, model_dir = layout.footage, layout.metadata, layout.ingest_record, \
+        layout.reference_empty
+    remove_partials(footage)
+    remove_partials(layout.work, model_dir.name)
     track = load_camera_track(track_path)
     if not video.exists():
         raise EarthStudioError(f"{video}: video not found; render the scene with Cloud Rendering (.mp4)")

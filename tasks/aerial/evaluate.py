@@ -10,19 +10,14 @@ both intrinsics (same rotation, pinhole), so no resampling of the estimate happe
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pycolmap
 
+from tasks.aerial import geometry as G
 from tasks.aerial.dense import image_stem, read_depth_h5
-
-
-def _rotation_error_deg(r_est: np.ndarray, r_gt: np.ndarray) -> float:
-    c = (np.trace(r_est.T @ r_gt) - 1.0) / 2.0
-    return math.degrees(math.acos(float(np.clip(c, -1.0, 1.0))))
 
 
 def scene_extent(gt: pycolmap.Reconstruction, trim: float = 5.0) -> float:
@@ -30,7 +25,7 @@ def scene_extent(gt: pycolmap.Reconstruction, trim: float = 5.0) -> float:
     ``100 - trim`` percentiles per axis (a few points near the horizon would otherwise
     make it kilometres), in metres; of the camera centres when there are no points."""
     pts = np.array([p.xyz for p in gt.points3D.values()]) if gt.num_points3D() else \
-        np.array([im.projection_center() for im in gt.images.values()])
+        np.array([G.centre(im) for im in gt.images.values()])
     if not len(pts):
         return float("nan")
     lo, hi = np.percentile(pts, trim, axis=0), np.percentile(pts, 100 - trim, axis=0)
@@ -47,18 +42,16 @@ def pose_accuracy(model: pycolmap.Reconstruction, gt: pycolmap.Reconstruction, q
             continue
         e, g = est_by[name], gt_by[name]
         per[name] = {
-            "rotation_deg": _rotation_error_deg(e.cam_from_world().rotation.matrix(),
-                                                g.cam_from_world().rotation.matrix()),
-            "centre_m": float(np.linalg.norm(np.asarray(e.projection_center()) - np.asarray(g.projection_center()))),
+            "rotation_deg": G.rotation_error_deg(G.cam_from_world(e)[:, :3], G.cam_from_world(g)[:, :3]),
+            "centre_m": float(np.linalg.norm(G.centre(e) - G.centre(g))),
         }
     names = sorted(per)
     ratios = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            d_gt = np.linalg.norm(np.asarray(gt_by[a].projection_center()) - np.asarray(gt_by[b].projection_center()))
+            d_gt = np.linalg.norm(G.centre(gt_by[a]) - G.centre(gt_by[b]))
             if d_gt > 1.0:  # metres; closer pairs make the ratio noise
-                d_est = np.linalg.norm(np.asarray(est_by[a].projection_center())
-                                       - np.asarray(est_by[b].projection_center()))
+                d_est = np.linalg.norm(G.centre(est_by[a]) - G.centre(est_by[b]))
                 ratios.append(d_est / d_gt)
     extent = scene_extent(gt)
     rot = [v["rotation_deg"] for v in per.values()]

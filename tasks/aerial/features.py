@@ -33,29 +33,27 @@ Differences from hloc, on purpose (see ``FEATURE_CONFS``):
   the largest-scale keypoints are kept, as COLMAP intends; ``scores`` are zeros,
   as hloc stores for SIFT (pycolmap exposes no detector response).
 
-Writers are atomic (temporary file in the same folder, then ``os.replace``) and
-stages resumable: names already in the output are skipped. Work is committed in
-chunk files (``.<file>.chunk-*.h5``) merged at the end, so an interrupted run
-loses at most one chunk and a rerun picks the chunks up. One writer per output
-file at a time; to fan out over worker processes, :func:`extract_features_parts` writes one part file per worker and
-:func:`merge_features` merges them (atomic, idempotent).
+The file layout is read and written by :mod:`tasks.aerial.io` (the one owner of hloc's
+formats). Writers are atomic (:mod:`tasks.common.atomic`) and stages resumable: names
+already in the output are skipped. Work is committed in chunk files
+(``.<file>.chunk-*.h5``) merged at the end, so an interrupted run loses at most one
+chunk and a rerun picks the chunks up. One writer per output file at a time; to fan
+out over worker processes, :func:`extract_features_parts` writes one part file per
+worker and :func:`merge_features` merges them (atomic, idempotent).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import cv2
-import h5py
 import numpy as np
+
+from tasks.aerial import io as IO
+from tasks.common.atomic import atomic_h5
 
 logger = logging.getLogger(__name__)
 
@@ -138,213 +136,6 @@ DEFAULT_DOG = {
 }
 _MODEL_NAMES = ("dog", "sift")  # "sift" accepted as an alias of hloc's "dog"
 _DESCRIPTORS = ("rootsift", "sift", "rootsift-hloc")
-
-
-# ----------------------------------------------------------------------------- h5 helpers
-
-
-def _fsync(path: Path) -> None:
-    try:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
-    except OSError:  # pragma: no cover - best effort
-        pass
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-
-
-@contextmanager
-def atomic_h5(path: Path, base: Path | None = None):
-    """Yield an h5py.File on a temporary file next to ``path``; on success fsync it and
-    ``os.replace`` it onto ``path``. ``base``: copy this file in first (append mode)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        if base is not None and Path(base).exists():
-            shutil.copyfile(base, tmp)
-            mode = "a"
-        else:
-            mode = "w"
-        with h5py.File(str(tmp), mode, libver="latest") as fd:
-            yield fd
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def h5_names(path: Path) -> list[str]:
-    """Names of the groups that hold at least one dataset (hloc's ``list_h5_names``), sorted."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    names: set[str] = set()
-    with h5py.File(str(path), "r", libver="latest") as fd:
-
-        def visit(_, obj):
-            if isinstance(obj, h5py.Dataset):
-                names.add(obj.parent.name.strip("/"))
-
-        fd.visititems(visit)
-    names.discard("")
-    return sorted(names)
-
-
-def list_names(feature_path: Path) -> list[str]:
-    """Image names in a features (or global-features) file, sorted."""
-    return h5_names(feature_path)
-
-
-def _copy_group(src: h5py.File, dst: h5py.File, name: str) -> None:
-    parent, _, leaf = name.rpartition("/")
-    target = dst.require_group(parent) if parent else dst
-    src.copy(src[name], target, name=leaf)
-
-
-def merge_h5(parts: Sequence[Path], dest: Path, overwrite: bool = False, remove_parts: bool = False,
-             equivalents: Callable[[str], Iterable[str]] | None = None) -> Path:
-    """Merge the keyed groups of ``parts`` into ``dest``, atomically and idempotently.
-
-    Keys already in ``dest`` (or any of ``equivalents(key)``) are kept unless
-    ``overwrite``; among parts the first holding a key wins. Nothing is written
-    when there is nothing new. Root attributes of parts are added where ``dest``
-    lacks them. ``remove_parts`` deletes the part files after a successful merge.
-    """
-    dest = Path(dest)
-    parts = [Path(p) for p in parts if Path(p).exists() and Path(p).resolve() != dest.resolve()]
-    existing = set(h5_names(dest))
-    equiv = equivalents or (lambda k: (k,))
-    taken: set[str] = set()
-    plan: list[tuple[Path, str]] = []
-    for part in parts:
-        for key in h5_names(part):
-            alts = set(equiv(key)) | {key}
-            if alts & taken:
-                continue
-            if not overwrite and alts & existing:
-                continue
-            plan.append((part, key))
-            taken |= alts
-    if plan:
-        replaced = set()
-        if overwrite:
-            for _, key in plan:
-                replaced |= (set(equiv(key)) | {key}) & existing
-        base = dest if dest.exists() and not replaced else None
-        with atomic_h5(dest, base=base) as out:
-            if base is None and dest.exists():
-                with h5py.File(str(dest), "r", libver="latest") as old:
-                    for k, v in old.attrs.items():
-                        out.attrs[k] = v
-                    for key in sorted(existing - replaced):
-                        _copy_group(old, out, key)
-            by_part: dict[Path, list[str]] = {}
-            for part, key in plan:
-                by_part.setdefault(part, []).append(key)
-            for part, keys in by_part.items():
-                with h5py.File(str(part), "r", libver="latest") as src:
-                    for k, v in src.attrs.items():
-                        if k not in out.attrs:
-                            out.attrs[k] = v
-                    for key in keys:
-                        _copy_group(src, out, key)
-        logger.info("merged %d entries from %d part(s) into %s", len(plan), len(parts), dest)
-    if remove_parts:
-        for p in parts:
-            p.unlink(missing_ok=True)
-    return dest
-
-
-def ensure_h5(path: Path) -> Path:
-    """Create an empty HDF5 file at ``path`` (atomically) when there is none."""
-    path = Path(path)
-    if not path.exists():
-        with atomic_h5(path):
-            pass
-    return path
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pragma: no cover
-        return True
-    return True
-
-
-def clean_stale_tmp(path: Path) -> int:
-    """Remove temporary files left next to ``path`` (or its chunk files) by killed
-    writers (their pid no longer runs). Returns how many were removed."""
-    path = Path(path)
-    if not path.parent.exists():
-        return 0
-    removed = 0
-    for pattern in (f".{path.name}.*.tmp", f"..{path.name}.chunk-*.tmp"):
-        for p in path.parent.glob(pattern):
-            try:
-                pid = int(p.name.rsplit(".", 2)[-2].split("-")[0])
-            except ValueError:
-                continue
-            if pid != os.getpid() and not _pid_alive(pid):
-                p.unlink(missing_ok=True)
-                removed += 1
-    return removed
-
-
-def chunk_glob(path: Path) -> list[Path]:
-    """Leftover chunk files of an interrupted run writing ``path``."""
-    path = Path(path)
-    if not path.parent.exists():
-        return []
-    return sorted(path.parent.glob(f".{path.name}.chunk-*.h5"))
-
-
-def resume_chunks(path: Path, overwrite: bool) -> list[Path]:
-    """Start a resumable writer of ``path``: clear dead writers' temporaries, then the
-    chunk files a previous run left (to reuse; deleted instead when ``overwrite``)."""
-    clean_stale_tmp(path)
-    leftovers = chunk_glob(path)
-    if overwrite:
-        for p in leftovers:
-            p.unlink(missing_ok=True)
-        return []
-    return leftovers
-
-
-def chunk_path(path: Path, keys: Sequence[str]) -> Path:
-    digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
-    return path.with_name(f".{path.name}.chunk-{digest}.h5")
-
-
-def part_paths(path: Path, n_parts: int) -> list[Path]:
-    """The part files of a fan-out over ``n_parts`` workers writing ``path``."""
-    path = Path(path)
-    return [path.with_name(f"{path.stem}.part-{i:03d}-of-{n_parts:03d}{path.suffix}") for i in range(n_parts)]
-
-
-def split_even(items: Sequence, n_parts: int) -> list[list]:
-    """Split ``items`` into ``n_parts`` contiguous, nearly equal blocks (deterministic)."""
-    if n_parts < 1:
-        raise ValueError("n_parts must be >= 1")
-    bounds = np.linspace(0, len(items), n_parts + 1).round().astype(int)
-    return [list(items[bounds[i]:bounds[i + 1]]) for i in range(n_parts)]
-
-
-def _unique(items: Iterable[str]) -> list[str]:
-    seen: set[str] = set()
-    out = []
-    for x in items:
-        x = x.as_posix() if isinstance(x, Path) else str(x)
-        if x not in seen:
-            seen.add(x)
-            out.append(x)
-    return out
 
 
 # ----------------------------------------------------------------------------- images
@@ -498,15 +289,6 @@ def extract_image(extractor: SiftExtractor, path: Path, preprocessing: Mapping[s
     return pred, uncertainty
 
 
-def _write_preds(fd: h5py.File, name: str, pred: Mapping[str, np.ndarray], uncertainty: np.float32) -> None:
-    if name in fd:
-        del fd[name]
-    grp = fd.create_group(name)
-    for k, v in pred.items():
-        grp.create_dataset(k, data=v)
-    grp["keypoints"].attrs["uncertainty"] = uncertainty
-
-
 # ----------------------------------------------------------------------------- public API
 
 
@@ -520,14 +302,14 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
     Every write is atomic. Returns ``feature_path``.
     """
     feature_path = Path(feature_path)
-    names = _unique(names)
-    leftovers = resume_chunks(feature_path, overwrite)
+    names = IO.unique_names(names)
+    leftovers = IO.resume_chunks(feature_path, overwrite)
     if overwrite:
         done: set[str] = set()
     else:
-        done = set(h5_names(feature_path))
+        done = set(IO.list_h5_names(feature_path))
         for p in [*leftovers, *map(Path, skip_paths)]:
-            done |= set(h5_names(p))
+            done |= set(IO.list_h5_names(p))
     todo = [n for n in names if n not in done]
     for n in todo:
         p = image_path(image_dir, n)
@@ -535,7 +317,7 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
             raise ValueError(f"Image {n} does not exist: {p}.")
     if not todo and not leftovers:
         logger.info("features: nothing to extract for %s", feature_path.name)
-        return ensure_h5(feature_path)
+        return IO.ensure_h5(feature_path)
 
     model_conf = conf.get("model", {})
     preprocessing = conf.get("preprocessing", {})
@@ -543,11 +325,11 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
     chunks = list(leftovers)
     for start in range(0, len(todo), max(1, chunk_size)):
         block = todo[start:start + max(1, chunk_size)]
-        cpath = chunk_path(feature_path, block)
+        cpath = IO.chunk_path(feature_path, block)
         with atomic_h5(cpath) as fd:
             for n in block:
                 pred, unc = extract_image(extractor, image_path(image_dir, n), preprocessing, as_half=as_half)
-                _write_preds(fd, n, pred, unc)
+                IO.write_features(fd, n, pred, unc)
         chunks.append(cpath)
     merge_features(chunks, feature_path, overwrite=overwrite, remove_parts=True)
     logger.info("features: extracted %d image(s) into %s", len(todo), feature_path)
@@ -558,10 +340,10 @@ def feature_parts_plan(names: Sequence[str], feature_path: Path, n_parts: int,
                        overwrite: bool = False) -> list[tuple[Path, list[str]]]:
     """Split the names still missing from ``feature_path`` into ``n_parts`` blocks:
     [(part file, names)]. Deterministic for a given final file."""
-    names = _unique(names)
-    done = set() if overwrite else set(h5_names(feature_path))
+    names = IO.unique_names(names)
+    done = set() if overwrite else set(IO.list_h5_names(feature_path))
     todo = [n for n in names if n not in done]
-    return list(zip(part_paths(feature_path, n_parts), split_even(todo, n_parts)))
+    return list(zip(IO.part_paths(feature_path, n_parts), IO.split_even(todo, n_parts)))
 
 
 def extract_features_parts(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Path], names: Sequence[str],
@@ -586,26 +368,4 @@ def merge_features(parts: Sequence[Path], feature_path: Path, overwrite: bool = 
                    remove_parts: bool = False) -> Path:
     """Merge part/chunk files into ``feature_path`` atomically; names already present are
     kept unless ``overwrite``. Idempotent; missing part files are ignored."""
-    return merge_h5(parts, feature_path, overwrite=overwrite, remove_parts=remove_parts)
-
-
-def read_keypoints(feature_path: Path, name: str, return_uncertainty: bool = False):
-    """(N, 2) keypoints in hloc's convention (COLMAP minus 0.5), as stored."""
-    with h5py.File(str(feature_path), "r", libver="latest") as fd:
-        dset = fd[name]["keypoints"]
-        kp = dset[()]
-        unc = dset.attrs.get("uncertainty")
-    return (kp, unc) if return_uncertainty else kp
-
-
-def read_descriptors(feature_path: Path, name: str) -> np.ndarray:
-    """(D, N) descriptors, as stored (transposed, hloc's layout)."""
-    with h5py.File(str(feature_path), "r", libver="latest") as fd:
-        return fd[name]["descriptors"][()]
-
-
-def read_image_size(feature_path: Path, name: str) -> tuple[int, int]:
-    """(width, height) of the original image."""
-    with h5py.File(str(feature_path), "r", libver="latest") as fd:
-        w, h = fd[name]["image_size"][()]
-    return int(w), int(h)
+    return IO.merge_h5(parts, feature_path, overwrite=overwrite, remove_parts=remove_parts)

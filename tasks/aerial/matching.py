@@ -19,16 +19,15 @@ keeps ``i -> j`` only when ``j -> i``. As in hloc, ``matching_scores0`` is not
 zeroed where only the mutual check rejected a match. The ratio test is disabled
 when either image has a single descriptor.
 
-Pair lists are text files, one ``name0 name1`` per line (hloc's format).
-Writers are atomic and resumable like :mod:`tasks.aerial.features`; pairs
-already matched (in either order) are skipped. For fan-out over processes use
+Files (pair lists, features, matches) are read and written by :mod:`tasks.aerial.io`.
+Writers are atomic and resumable like :mod:`tasks.aerial.features`; pairs already
+matched (in either order) are skipped. For fan-out over processes use
 :func:`match_features_parts` and :func:`merge_matches`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -37,18 +36,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tasks.aerial.features import (
-    _fsync,
-    _tmp_path,
-    atomic_h5,
-    chunk_path,
-    ensure_h5,
-    h5_names,
-    merge_h5,
-    part_paths,
-    resume_chunks,
-    split_even,
-)
+from tasks.aerial import io as IO
+from tasks.common.atomic import atomic_h5
 
 logger = logging.getLogger(__name__)
 
@@ -73,87 +62,7 @@ MATCHER_CONFS: dict[str, dict[str, Any]] = {
 DEFAULT_NN = {"ratio_threshold": None, "distance_threshold": None, "do_mutual_check": True}
 
 
-# ----------------------------------------------------------------------------- pair names
-
-
-def names_to_pair(name0: str, name1: str, separator: str = "/") -> str:
-    """hloc's pair key: the two names with '/' replaced by '-', joined by ``separator``."""
-    return separator.join((name0.replace("/", "-"), name1.replace("/", "-")))
-
-
-def names_to_pair_old(name0: str, name1: str) -> str:
-    """hloc's legacy pair key (``_`` separator)."""
-    return names_to_pair(name0, name1, separator="_")
-
-
-def find_pair(hfile: h5py.File | h5py.Group, name0: str, name1: str) -> tuple[str, bool]:
-    """(key, reversed) of the pair in an open matches file, as hloc's ``find_pair``:
-    tries (0, 1), (1, 0), then the legacy '_' keys in both orders."""
-    for key, rev in ((names_to_pair(name0, name1), False), (names_to_pair(name1, name0), True),
-                     (names_to_pair_old(name0, name1), False), (names_to_pair_old(name1, name0), True)):
-        if key in hfile:
-            return key, rev
-    raise ValueError(f"Could not find pair {(name0, name1)}... Maybe you matched with a different list of pairs? ")
-
-
-def _pair_equivalents(key: str) -> tuple[str, ...]:
-    a, sep, b = key.partition("/")
-    return (key, f"{b}/{a}") if sep else (key,)
-
-
-def read_matches(match_path: Path, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
-    """hloc's ``get_matches``: (M, 2) indices (into name0's, name1's keypoints) and (M,) scores."""
-    with h5py.File(str(match_path), "r", libver="latest") as fd:
-        pair, reverse = find_pair(fd, name0, name1)
-        matches = fd[pair]["matches0"][()]
-        scores = fd[pair]["matching_scores0"][()]
-    idx = np.where(matches != -1)[0]
-    out = np.stack([idx, matches[idx].astype(np.int64)], -1)
-    if reverse:
-        out = np.flip(out, -1)
-    return np.ascontiguousarray(out), scores[idx]
-
-
-def list_pairs(match_path: Path) -> list[str]:
-    """Pair keys present in a matches file."""
-    return h5_names(match_path)
-
-
-# ----------------------------------------------------------------------------- pair files
-
-
-def write_pairs(path: Path, pairs: Iterable[tuple[str, str]]) -> Path:
-    """Write "name0 name1" lines (hloc's format, no trailing newline), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for a, b in pairs:
-        if any(c.isspace() for c in a + b):
-            raise ValueError(f"image names with whitespace cannot go in a pairs file: {(a, b)}")
-        lines.append(f"{a} {b}")
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines))
-        _fsync(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def read_pairs(path: Path) -> list[tuple[str, str]]:
-    """Pairs from a pairs file (blank lines and '#' comments skipped), in file order."""
-    pairs = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            a, b = line.split()
-            pairs.append((a, b))
-    return pairs
+# ----------------------------------------------------------------------------- pairs
 
 
 def unique_new_pairs(pairs: Iterable[tuple[str, str]], match_path: Path | None = None,
@@ -167,19 +76,9 @@ def unique_new_pairs(pairs: Iterable[tuple[str, str]], match_path: Path | None =
             continue
         seen.add((i, j))
         out.append((i, j))
-    files = [Path(p) for p in ([match_path] if match_path is not None else []) + list(skip_paths)]
-    files = [p for p in files if p.exists()]
-    if files:
-        handles = [h5py.File(str(p), "r", libver="latest") for p in files]
-        try:
-            def present(i, j):
-                keys = (names_to_pair(i, j), names_to_pair(j, i), names_to_pair_old(i, j), names_to_pair_old(j, i))
-                return any(k in h for h in handles for k in keys)
-            out = [(i, j) for i, j in out if not present(i, j)]
-        finally:
-            for h in handles:
-                h.close()
-    return out
+    files = ([match_path] if match_path is not None else []) + list(skip_paths)
+    done = IO.pairs_present(files, out)
+    return [p for p in out if p not in done]
 
 
 # ----------------------------------------------------------------------------- matcher
@@ -266,15 +165,6 @@ class _DescCache:
         self.fd.close()
 
 
-def _write_match(fd: h5py.File, key: str, matches0: np.ndarray, scores0: np.ndarray, n1: int) -> None:
-    if key in fd:
-        del fd[key]
-    grp = fd.create_group(key)
-    dtype = np.int16 if n1 <= np.iinfo(np.int16).max else np.int32
-    grp.create_dataset("matches0", data=matches0.astype(dtype))
-    grp.create_dataset("matching_scores0", data=scores0.astype(np.float16))
-
-
 def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], feature_path: Path,
                     match_path: Path, overwrite: bool = False, *, feature_path_ref: Path | None = None,
                     chunk_size: int = 256, skip_paths: Sequence[Path] = ()) -> Path:
@@ -291,14 +181,14 @@ def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], f
     name = conf.get("model", {}).get("name", "nearest_neighbor")
     if name != "nearest_neighbor":
         raise ValueError(f"Unsupported matcher {name!r} (only nearest_neighbor)")
-    leftovers = resume_chunks(match_path, overwrite)
+    leftovers = IO.resume_chunks(match_path, overwrite)
     if overwrite:
         todo = unique_new_pairs(pairs)
     else:
         todo = unique_new_pairs(pairs, match_path, [*leftovers, *skip_paths])
     if not todo and not leftovers:
         logger.info("matching: nothing to match for %s", match_path.name)
-        return ensure_h5(match_path)
+        return IO.ensure_h5(match_path)
     chunks = list(leftovers)
     if todo:
         q = _DescCache(feature_path)
@@ -306,13 +196,13 @@ def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], f
         try:
             for start in range(0, len(todo), max(1, chunk_size)):
                 block = todo[start:start + max(1, chunk_size)]
-                cpath = chunk_path(match_path, [names_to_pair(a, b) for a, b in block])
+                cpath = IO.chunk_path(match_path, [IO.names_to_pair(a, b) for a, b in block])
                 with atomic_h5(cpath) as fd:
                     for a, b in block:
                         d0, d1 = q(a), r(b)
                         m0, s0 = nearest_neighbor_match(d0, d1, model["ratio_threshold"],
                                                         model["distance_threshold"], model["do_mutual_check"])
-                        _write_match(fd, names_to_pair(a, b), m0, s0, d1.shape[1])
+                        IO.write_match(fd, IO.names_to_pair(a, b), m0, s0, d1.shape[1])
                 chunks.append(cpath)
         finally:
             q.close()
@@ -330,7 +220,7 @@ def match_features(conf: Mapping[str, Any], pairs_path: Path, feature_path: Path
     pairs_path = Path(pairs_path)
     if not pairs_path.exists():
         raise FileNotFoundError(pairs_path)
-    return match_pair_list(conf, read_pairs(pairs_path), feature_path, match_path, overwrite,
+    return match_pair_list(conf, IO.read_pairs(pairs_path), feature_path, match_path, overwrite,
                            feature_path_ref=feature_path_ref)
 
 
@@ -338,7 +228,7 @@ def match_parts_plan(pairs: Sequence[tuple[str, str]], match_path: Path, n_parts
                      overwrite: bool = False) -> list[tuple[Path, list[tuple[str, str]]]]:
     """Split the pairs still missing from ``match_path`` into ``n_parts`` blocks."""
     todo = unique_new_pairs(pairs, None if overwrite else match_path)
-    return list(zip(part_paths(match_path, n_parts), split_even(todo, n_parts)))
+    return list(zip(IO.part_paths(match_path, n_parts), IO.split_even(todo, n_parts)))
 
 
 def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path: Path, match_path: Path,
@@ -347,7 +237,7 @@ def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path
     """Fan-out matching: worker ``part_index`` matches its share of the pairs missing
     from ``match_path`` into its own part file (``None``: every part, here). Merge
     with ``merge_matches(part_paths(match_path, n_parts), match_path, remove_parts=True)``."""
-    plan = match_parts_plan(read_pairs(pairs_path), match_path, n_parts, overwrite)
+    plan = match_parts_plan(IO.read_pairs(pairs_path), match_path, n_parts, overwrite)
     idx = range(n_parts) if part_index is None else [part_index]
     out = []
     for i in idx:
@@ -357,11 +247,9 @@ def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path
     return out
 
 
-
-
 def merge_matches(parts: Sequence[Path], match_path: Path, overwrite: bool = False,
                   remove_parts: bool = False) -> Path:
     """Merge part/chunk match files into ``match_path`` atomically; a pair present in
     either order is kept unless ``overwrite``. Idempotent."""
-    return merge_h5(parts, match_path, overwrite=overwrite, remove_parts=remove_parts,
-                    equivalents=_pair_equivalents)
+    return IO.merge_h5(parts, match_path, overwrite=overwrite, remove_parts=remove_parts,
+                       equivalents=IO.pair_equivalents)

@@ -1,4 +1,4 @@
-"""MegaDepth (v1) preprocessing: stage 2 of the aerial contract (shared/contracts/aerial.md).
+"""MegaDepth (v1) preprocessing: stage 2 of the aerial pipeline (README, "The aerial flow").
 
 For every image of a scene list entry ``(scene, subscene, [names])`` this reads
 
@@ -32,8 +32,7 @@ and its centre is at ``(j + 0.5, i + 0.5)``; the image centre is ``(W/2, H/2)``)
    never blended. The intrinsics are scaled per axis by ``w'/w`` and ``h'/h`` (so ``fx`` and
    ``fy`` may differ by the rounding of the size), and ``cx = w'/2``, ``cy = h'/2`` exactly.
 
-Every output file is written atomically (temporary name in the same folder, then
-``os.replace``), the npz last: an image is done when its npz loads and the jpg and exr exist.
+Every output file is written atomically (:mod:`tasks.common.atomic`), the npz last: an image is done when its npz loads and the jpg and exr exist.
 Problems of one image (missing files, image absent from the sparse model, depth size
 different from the image) give an :class:`ImageResult` with status ``"failed"`` and a reason
 naming the file; nothing is raised for them.
@@ -56,8 +55,11 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, NamedTuple
 
 import cv2
-import h5py
 import numpy as np
+
+from tasks.aerial import geometry as G
+from tasks.aerial.dense.io import read_depth_h5
+from tasks.common.atomic import atomic_path, write_npz_atomic
 
 #: Output size limits (long side, short side).
 MAX_LONG_SIDE = 800
@@ -382,13 +384,7 @@ def read_sparse_model(md_root: str | os.PathLike, scene: str, subscene: str) -> 
         if not image.has_pose:
             continue
         cam = rec.cameras[image.camera_id]
-        pose = image.cam_from_world
-        pose = pose() if callable(pose) else pose
-        w2c = np.eye(4)
-        w2c[:3, :4] = np.asarray(pose.matrix(), dtype=np.float64)
-        c2w = np.eye(4)
-        c2w[:3, :3] = w2c[:3, :3].T
-        c2w[:3, 3] = -w2c[:3, :3].T @ w2c[:3, 3]
+        c2w = G.cam2world_matrix(image)
         K = np.asarray(cam.calibration_matrix(), dtype=np.float64)
         out[image.name] = ModelEntry(K, c2w, (int(cam.width), int(cam.height)))
     return out
@@ -462,39 +458,15 @@ def is_done(out_dir: str | os.PathLike, scene: str, subscene: str, name: str) ->
     return npz.is_file() and jpg.is_file() and exr.is_file() and _load_npz_ok(npz)
 
 
-def _partial(path: Path) -> Path:
-    """Temporary sibling keeping the extension that cv2 needs: ``.<name>.partial.<ext>``."""
-    stem, ext = path.name.rsplit(".", 1)
-    return path.with_name(f".{stem}.partial.{ext}")
-
-
 def _write_cv2(path: Path, array: np.ndarray, params: list[int]) -> None:
-    tmp = _partial(path)
-    try:
+    with atomic_path(path) as tmp:  # the temporary name keeps the extension cv2 needs
         if not cv2.imwrite(str(tmp), array, params):
             raise OSError(f"cv2.imwrite failed for {tmp}")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _write_npz(path: Path, **arrays: np.ndarray) -> None:
-    tmp = _partial(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _read_depth(path: Path) -> np.ndarray:
-    with h5py.File(path, "r") as f:
-        if "depth" not in f:
-            raise KeyError(f"no dataset 'depth' in {path}")
-        depth = np.asarray(f["depth"][()], dtype=np.float32)
+    """A raw MegaDepth depth (dataset ``depth``; HxW or HxWx1), non-finite values as 0."""
+    depth = read_depth_h5(path)
     if depth.ndim == 3 and depth.shape[-1] == 1:
         depth = depth[..., 0]
     if depth.ndim != 2:
@@ -566,7 +538,7 @@ def preprocess_image(
         _write_cv2(jpg, np.ascontiguousarray(image), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         _write_cv2(exr, np.ascontiguousarray(depth, dtype=np.float32),
                    [cv2.IMWRITE_EXR_TYPE, cv2.IMWRITE_EXR_TYPE_FLOAT])
-        _write_npz(npz, intrinsics=K2, cam2world=np.asarray(cam2world, dtype=np.float64))
+        write_npz_atomic(npz, intrinsics=K2, cam2world=np.asarray(cam2world, dtype=np.float64))
     except Exception as exc:
         res.reason = f"cannot write outputs for {name} in {jpg.parent}: {exc}"
         return res

@@ -19,8 +19,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
+
+from tasks.aerial import io as IO
 
 
 def dedupe_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -83,41 +84,6 @@ def pairs_from_poses(cam2world: Mapping[str, np.ndarray], num: int, max_angle_de
     return dedupe_pairs([(names[qi[i]], names[j]) for i, j in sel])
 
 
-def cam2world_from_model(model_dir: Path) -> dict[str, np.ndarray]:
-    """Camera-to-world 4x4 poses of the registered images of a COLMAP model, by name
-    (image id order)."""
-    import pycolmap
-
-    rec = pycolmap.Reconstruction(str(model_dir))
-    out = {}
-    for iid in sorted(rec.images):
-        img = rec.images[iid]
-        if not img.has_pose:
-            continue
-        cfw = img.cam_from_world() if callable(img.cam_from_world) else img.cam_from_world
-        m = np.eye(4)
-        m[:3, :4] = cfw.inverse().matrix()
-        out[img.name] = m
-    return out
-
-
-def _read_global(paths: Sequence[Path], names: Sequence[str], key: str = "global_descriptor") -> np.ndarray:
-    handles = [h5py.File(str(p), "r", libver="latest") for p in paths]
-    try:
-        out = []
-        for n in names:
-            for h in handles:
-                if n in h and key in h[n]:
-                    out.append(np.asarray(h[n][key][()], dtype=np.float32).ravel())
-                    break
-            else:
-                raise KeyError(f"{n}: no {key} in {[str(p) for p in paths]}")
-        return np.stack(out) if out else np.zeros((0, 0), np.float32)
-    finally:
-        for h in handles:
-            h.close()
-
-
 def pairs_from_retrieval(global_path: Path, query_names: Sequence[str], db_names: Sequence[str], num: int,
                          min_score: float | None = 0.0, *,
                          db_global_path: Path | None = None) -> list[tuple[str, str]]:
@@ -128,8 +94,8 @@ def pairs_from_retrieval(global_path: Path, query_names: Sequence[str], db_names
     if not query_names or not db_names:
         return []
     paths = [Path(global_path)] + ([Path(db_global_path)] if db_global_path is not None else [])
-    q = _read_global(paths, query_names)
-    d = _read_global(paths[::-1], db_names)
+    q = IO.read_global_descriptors(paths, query_names)
+    d = IO.read_global_descriptors(paths[::-1], db_names)
     sim = q @ d.T
     invalid = np.array(query_names)[:, None] == np.array(db_names)[None]
     if min_score is not None:

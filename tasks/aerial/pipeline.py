@@ -1,46 +1,38 @@
 """Per-scene stages after the ingest: features -> pairs -> matches -> reference
 triangulation -> localization -> dense -> export -> evaluation.
 
-hloc's shape: each stage is a function taking a :class:`ScenePaths` (where things are)
-and a :class:`PipelineConfig` (named configuration, see :data:`CONFS`), writing files
-that the next stage reads, re-runnable (a stage whose outputs are complete is
-skipped). The Prefect flow (``flows/aerial.py``) calls them; nothing here needs Prefect.
+hloc's shape: each stage is a function taking a :class:`~tasks.aerial.layout.ScenePaths`
+(where things are; :mod:`tasks.aerial.layout` owns the scene layout) and a
+:class:`PipelineConfig` (named configuration, see :data:`CONFS`), writing files that the
+next stage reads, re-runnable (a stage whose outputs are complete is skipped). The
+Prefect flow (``flows/aerial.py``) calls them; nothing here needs Prefect.
 
-Layout under ``<root>/data/<scene>/sfm_output_localization/`` (shared/contracts/aerial.md)::
-
-    reference_empty/                    # part 1: Earth Studio poses, no points
-    images/                             # links: frames and processed photos by model name
-    feats-<features>.h5                 # hloc layout (reference frames and photos)
-    global-feats-<retrieval>.h5         # hloc layout global descriptors
-    pairs-reference-poses.txt           # reference-reference, from the Earth Studio poses
-    pairs-query-retrieval.txt           # photo-reference, image retrieval
-    pairs-query-poses.txt               # photo-photo, from MegaDepth's own poses
-    matches-<features>+<matcher>.h5     # hloc layout, every pair above
-    sfm_<features>+<matcher>/           # triangulated reference (+ database.db)
-        localized_model_mapper_metric/  # reference + registered photos, metric ENU
-        dense/                          # dense workspace (images/, sparse/, depths)
-        localized_dense_metric/         # the product: images/ depths/ sparse-txt/
+File and folder names follow the configuration actually used
+(:meth:`PipelineConfig.folder_names`, docs/aerial_layout.md).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from tasks.aerial import dense as D
 from tasks.aerial import features as F
+from tasks.aerial import geometry as G
+from tasks.aerial import io as IO
 from tasks.aerial import matching as M
 from tasks.aerial import pairs as P
 from tasks.aerial import retrieval as R
-from tasks.aerial import dense as D
 from tasks.aerial.dense import DenseConfig
+from tasks.aerial.layout import ScenePaths, scene_paths
 from tasks.aerial.reconstruction import Query, SfMConfig, StageResult, localize_queries, model_complete, \
     triangulate_reference
-from tasks.common.atomic import write_json_atomic
+from tasks.common.atomic import atomic_dir, link_atomic, remove_partials, write_json_atomic
 
 
 @dataclass
@@ -73,6 +65,64 @@ class PipelineConfig:
         m = self.matcher
         matcher = "mnn" if m.startswith("NN") else m.split("+")[-1].split("-")[0].split("_")[0]
         return f"{feats}+{matcher}"
+
+    def sparse_settings(self) -> dict[str, Any]:
+        """The settings the sparse work (features, pairs, matches, triangulation, localization)
+        depends on: every setting except the name, the dense stage's and the thread count."""
+        d = asdict(self)
+        d.pop("name")
+        d.pop("dense")
+        d["sfm"].pop("num_threads")
+        return d
+
+    def modified_settings(self) -> dict[str, Any]:
+        """The sparse settings that differ from the named configuration ``name`` (all the
+        sparse settings compared with the defaults when ``name`` is not a named one)."""
+        base = (CONFS.get(self.name) or PipelineConfig()).sparse_settings()
+        out: dict[str, Any] = {}
+        for k, v in self.sparse_settings().items():
+            if isinstance(v, dict):
+                sub = {kk: vv for kk, vv in v.items() if base[k].get(kk) != vv}
+                if sub:
+                    out[k] = sub
+            elif base[k] != v:
+                out[k] = v
+        return out
+
+    def folder_names(self) -> dict[str, str]:
+        """File and folder names in the scene's work folder, derived from this configuration
+        (as hloc derives them from its confs):
+
+        * ``features``: the feature conf's ``output`` (``feats-sift-colmap`` for the default;
+          ``feats-<conf>`` for an hloc conf);
+        * ``retrieval``: ``global-feats-<retrieval>``, plus ``-k<words>-seed<seed>`` for a
+          VLAD vocabulary other than the default 64 words, seed 0 (a file holds one vocabulary);
+        * ``matches``: ``<features>_<matcher conf output>_pairs-all`` (hloc's
+          ``{features}_{matcher output}_{pairs stem}``);
+        * ``sfm``: ``sfm_<tag>`` (``sfm_sift+mnn`` for the default, the contract's folder;
+          ``sfm_superpoint+superglue`` for the paper's), with ``-<8 hex digits>`` (a hash of
+          :meth:`modified_settings`) when the sparse settings differ from the named
+          configuration, so a modified configuration never writes over another's product.
+        """
+        if self.backend == "builtin":
+            if self.features not in F.FEATURE_CONFS:
+                raise KeyError(f"unknown feature configuration {self.features!r}; choose one of "
+                               f"{sorted(F.FEATURE_CONFS)}")
+            if self.matcher not in M.MATCHER_CONFS:
+                raise KeyError(f"unknown matcher configuration {self.matcher!r}; choose one of "
+                               f"{sorted(M.MATCHER_CONFS)}")
+            feats = F.FEATURE_CONFS[self.features]["output"]
+            matcher = M.MATCHER_CONFS[self.matcher]["output"]
+        else:
+            feats, matcher = f"feats-{self.features}", f"matches-{self.matcher}"
+        retrieval = f"global-feats-{self.retrieval}"
+        if self.retrieval == "vlad" and (self.vlad_words, self.sfm.seed) != (64, 0):
+            retrieval += f"-k{self.vlad_words}-seed{self.sfm.seed}"
+        sfm = f"sfm_{self.tag}"
+        modified = self.modified_settings()
+        if modified:
+            sfm += "-" + hashlib.sha1(json.dumps(modified, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return {"features": feats, "retrieval": retrieval, "matches": f"{feats}_{matcher}_pairs-all", "sfm": sfm}
 
 
 def _conf(**kw) -> PipelineConfig:
@@ -113,105 +163,7 @@ def hloc_available() -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------- paths
-
-
-@dataclass
-class ScenePaths:
-    root: Path
-    scene: str
-    megadepth_out: Path
-    config_name: str
-    features_out: str = "feats-sift"
-    retrieval_out: str = "global-feats-vlad"
-
-    @property
-    def scene_dir(self) -> Path:
-        return self.root / "data" / self.scene
-
-    @property
-    def work(self) -> Path:
-        return self.scene_dir / "sfm_output_localization"
-
-    @property
-    def reference_empty(self) -> Path:
-        return self.work / "reference_empty"
-
-    @property
-    def images(self) -> Path:
-        return self.work / "images"
-
-    @property
-    def image_list(self) -> Path:
-        return self.work / "images.json"
-
-    @property
-    def features(self) -> Path:
-        return self.work / f"{self.features_out}.h5"
-
-    @property
-    def global_features(self) -> Path:
-        return self.work / f"{self.retrieval_out}.h5"
-
-    @property
-    def pairs_reference(self) -> Path:
-        return self.work / "pairs-reference-poses.txt"
-
-    @property
-    def pairs_retrieval(self) -> Path:
-        return self.work / "pairs-query-retrieval.txt"
-
-    @property
-    def pairs_query(self) -> Path:
-        return self.work / "pairs-query-poses.txt"
-
-    @property
-    def pairs_all(self) -> Path:
-        return self.work / "pairs-all.txt"
-
-    @property
-    def matches(self) -> Path:
-        return self.work / f"matches-{self.config_name}_{self.features_out}.h5"
-
-    @property
-    def sfm(self) -> Path:
-        return self.work / f"sfm_{self.config_name}"
-
-    @property
-    def localized(self) -> Path:
-        return self.sfm / "localized_model_mapper_metric"
-
-    @property
-    def dense(self) -> Path:
-        return self.sfm / "dense"
-
-    @property
-    def product(self) -> Path:
-        return self.sfm / "localized_dense_metric"
-
-    @property
-    def ground_truth(self) -> Path:
-        return self.root / "ground_truth" / self.scene
-
-
-def scene_paths(root: Path, scene: str, megadepth_out: Path, config: PipelineConfig) -> ScenePaths:
-    feats = F.FEATURE_CONFS[config.features]["output"] if config.backend == "builtin" else config.features
-    return ScenePaths(Path(root), scene, Path(megadepth_out), config.tag, features_out=feats,
-                      retrieval_out=f"global-feats-{config.retrieval}")
-
-
 # ----------------------------------------------------------------------------- stage: images
-
-
-def _link(src: Path, dst: Path) -> None:
-    if dst.is_symlink() or dst.exists():
-        if dst.is_symlink() and Path(os.readlink(dst)) == src:
-            return
-        dst.unlink()
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(src, tmp)
-    os.replace(tmp, dst)
 
 
 def collect_images(paths: ScenePaths) -> dict[str, Any]:
@@ -227,14 +179,14 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
     ref = pycolmap.Reconstruction(str(paths.reference_empty))
     paths.images.mkdir(parents=True, exist_ok=True)
     reference = sorted(im.name for im in ref.images.values())
-    footage = paths.scene_dir / "footage"
+    footage = paths.footage
     for name in reference:
         if not (footage / name).exists():
             raise FileNotFoundError(f"{footage / name}: reference frame missing; rerun the ingest")
-        _link((footage / name).resolve(), paths.images / name)
+        link_atomic((footage / name).resolve(), paths.images / name)
     queries: dict[str, dict[str, Any]] = {}
     problems: dict[str, str] = {}
-    md_scene = paths.megadepth_out / paths.scene
+    md_scene = paths.megadepth_scene
     for npz in sorted(md_scene.glob("*/*.npz")):
         name = npz.name[: -len(".npz")]
         jpg = npz.with_name(name + ".jpg")
@@ -253,7 +205,7 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
         if img is None:
             problems[name] = f"{jpg}: not a readable image; rerun the MegaDepth preprocessing for it"
             continue
-        _link(jpg.resolve(), paths.images / name)
+        link_atomic(jpg.resolve(), paths.images / name)
         queries[name] = {"subscene": npz.parent.name, "width": int(img.shape[1]), "height": int(img.shape[0]),
                          "intrinsics": k.tolist(), "cam2world": c2w.tolist()}
     info = {"reference": reference, "queries": queries, "problems": problems}
@@ -277,15 +229,15 @@ def extract(paths: ScenePaths, config: PipelineConfig, names: list[str], part: t
     if part is None:
         return F.extract_features(conf, paths.images, names, paths.features)
     F.extract_features_parts(conf, paths.images, names, paths.features, part[1], part_index=part[0])
-    return F.part_paths(paths.features, part[1])[part[0]]
+    return IO.part_paths(paths.features, part[1])[part[0]]
 
 
 def merge_feature_parts(paths: ScenePaths, n_parts: int) -> Path:
-    return F.merge_features(F.part_paths(paths.features, n_parts), paths.features, remove_parts=True)
+    return F.merge_features(IO.part_paths(paths.features, n_parts), paths.features, remove_parts=True)
 
 
 def missing_features(paths: ScenePaths, names: list[str]) -> list[str]:
-    have = set(F.list_names(paths.features)) if paths.features.exists() else set()
+    have = set(IO.list_h5_names(paths.features))
     return [n for n in names if n not in have]
 
 
@@ -297,7 +249,7 @@ def make_pairs(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) 
     photo-photo pairs from MegaDepth's poses; ``pairs-all.txt`` is their union."""
     reference = info["reference"]
     qnames = [n for n in sorted(info["queries"]) if n not in set(missing_features(paths, sorted(info["queries"])))]
-    ref_c2w = P.cam2world_from_model(paths.reference_empty)
+    ref_c2w = G.cam2world_from_model(paths.reference_empty)
     ref_pairs = P.pairs_from_poses({n: ref_c2w[n] for n in reference}, config.ref_pairs_num,
                                    config.ref_pairs_max_angle)
     if qnames:
@@ -314,15 +266,8 @@ def make_pairs(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) 
         ret_pairs, q_pairs = [], []
     for path, pairs in ((paths.pairs_reference, ref_pairs), (paths.pairs_retrieval, ret_pairs),
                         (paths.pairs_query, q_pairs), (paths.pairs_all, P.dedupe_pairs(ref_pairs + ret_pairs + q_pairs))):
-        _write_pairs_if_changed(path, pairs)
+        IO.write_pairs_if_changed(path, pairs)
     return {"reference pairs": len(ref_pairs), "retrieval pairs": len(ret_pairs), "photo pairs": len(q_pairs)}
-
-
-def _write_pairs_if_changed(path: Path, pairs: list[tuple[str, str]]) -> None:
-    """Keep an identical pair file untouched: later stages fingerprint their inputs."""
-    if path.exists() and M.read_pairs(path) == list(pairs):
-        return
-    M.write_pairs(path, pairs)
 
 
 # ----------------------------------------------------------------------------- stage: matches
@@ -335,11 +280,11 @@ def match(paths: ScenePaths, config: PipelineConfig, part: tuple[int, int] | Non
     if part is None:
         return M.match_features(conf, paths.pairs_all, paths.features, paths.matches)
     M.match_features_parts(conf, paths.pairs_all, paths.features, paths.matches, part[1], part_index=part[0])
-    return F.part_paths(paths.matches, part[1])[part[0]]
+    return IO.part_paths(paths.matches, part[1])[part[0]]
 
 
 def merge_match_parts(paths: ScenePaths, n_parts: int) -> Path:
-    return M.merge_matches(F.part_paths(paths.matches, n_parts), paths.matches, remove_parts=True)
+    return M.merge_matches(IO.part_paths(paths.matches, n_parts), paths.matches, remove_parts=True)
 
 
 # ----------------------------------------------------------------------------- stage: sfm
@@ -351,11 +296,10 @@ def reference(paths: ScenePaths, config: PipelineConfig) -> StageResult:
 
 
 def localize(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) -> StageResult:
-    pairs = M.read_pairs(paths.pairs_retrieval) + M.read_pairs(paths.pairs_query)
-    qpairs = paths.work / "pairs-query-all.txt"
-    _write_pairs_if_changed(qpairs, pairs)
-    return localize_queries(paths.sfm, queries_of(info), paths.images, paths.features, paths.matches, qpairs,
-                            paths.localized, config.sfm)
+    pairs = IO.read_pairs(paths.pairs_retrieval) + IO.read_pairs(paths.pairs_query)
+    IO.write_pairs_if_changed(paths.pairs_query_all, pairs)
+    return localize_queries(paths.sfm, queries_of(info), paths.images, paths.features, paths.matches,
+                            paths.pairs_query_all, paths.localized, config.sfm)
 
 
 # ----------------------------------------------------------------------------- stage: dense
@@ -445,13 +389,6 @@ def fuse_cpu(paths: ScenePaths, config: PipelineConfig) -> Path:
 # ----------------------------------------------------------------------------- stage: export
 
 
-def _hardlink_or_copy(src: Path, dst: Path) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def export_product(paths: ScenePaths) -> dict[str, int]:
     """``localized_dense_metric/``: ``sparse-txt`` (COLMAP's text writer; SIMPLE_PINHOLE),
     ``images/`` (files, not links) and ``depths/<stem>.h5`` of every registered image.
@@ -463,28 +400,24 @@ def export_product(paths: ScenePaths) -> dict[str, int]:
         if cam.model_name != "SIMPLE_PINHOLE":
             raise ValueError(f"{paths.dense / 'sparse'}: camera {cam.camera_id} is {cam.model_name}; the product "
                              "needs SIMPLE_PINHOLE (five numbers after the model name)")
-    tmp = paths.product.with_name(paths.product.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    (tmp / "sparse-txt").mkdir(parents=True)
-    (tmp / "images").mkdir()
-    (tmp / "depths").mkdir()
-    rec.write_text(str(tmp / "sparse-txt"))
-    n_img = n_depth = 0
-    for im in rec.images.values():
-        if not im.has_pose:
-            continue
-        src = (paths.dense / "images" / im.name).resolve()
-        if src.exists():
-            _hardlink_or_copy(src, tmp / "images" / im.name)
-            n_img += 1
-        dsrc = D.depth_path(paths.dense / "depths", im.name)
-        if dsrc.exists():
-            _hardlink_or_copy(dsrc, tmp / "depths" / dsrc.name)
-            n_depth += 1
-    if paths.product.exists():
-        shutil.rmtree(paths.product)
-    os.replace(tmp, paths.product)
+    remove_partials(paths.sfm, paths.product.name)
+    with atomic_dir(paths.product) as tmp:
+        (tmp / "sparse-txt").mkdir()
+        (tmp / "images").mkdir()
+        (tmp / "depths").mkdir()
+        rec.write_text(str(tmp / "sparse-txt"))
+        n_img = n_depth = 0
+        for im in rec.images.values():
+            if not im.has_pose:
+                continue
+            src = (paths.dense / "images" / im.name).resolve()
+            if src.exists():
+                link_atomic(src, tmp / "images" / im.name, kind="hardlink")
+                n_img += 1
+            dsrc = D.depth_path(paths.dense / "depths", im.name)
+            if dsrc.exists():
+                link_atomic(dsrc, tmp / "depths" / dsrc.name, kind="hardlink")
+                n_depth += 1
     return {"product images": n_img, "product depths": n_depth}
 
 

@@ -51,7 +51,6 @@ from tasks.aerial import geometry
 from tasks.common.atomic import write_json_atomic
 
 PLAN_VERSION = 1
-PLANS_DIR = "plans"
 MIN_CLEARANCE_M = 0.5  # a camera closer than this to the ground is refused
 
 
@@ -350,8 +349,10 @@ def make_plan(place: Place, trajectory: Trajectory) -> Plan:
 
 def plan_paths(root: str | Path, scene: str) -> tuple[Path, Path]:
     """(``<root>/plans/<scene>.plan.json``, ``<root>/plans/<scene>.esp``)."""
-    d = Path(root) / PLANS_DIR
-    return d / f"{scene}.plan.json", d / f"{scene}.esp"
+    from tasks.aerial.layout import SceneLayout
+
+    layout = SceneLayout(Path(root), scene)
+    return layout.plan_json, layout.plan_esp
 
 
 def write_plan(plan: Plan, path: str | Path) -> Path:

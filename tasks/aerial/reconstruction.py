@@ -1,6 +1,7 @@
 """Reference triangulation and query localization with pycolmap, in-process.
 
-Stage 1 and 2 of "What the original pipeline did per scene" (shared/contracts/aerial.md):
+Steps 1 and 2 of what the original AerialMegaDepth pipeline did per scene (README, "The
+aerial flow", stage 4):
 
 1. :func:`triangulate_reference`: a COLMAP database from the empty reference model
    (Earth Studio poses), the reference features and matches imported from hloc-layout
@@ -27,20 +28,21 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import h5py
 import numpy as np
 import pycolmap
 
-# hloc-layout files are written by features.py / matching.py and read with the same helpers
-from tasks.aerial.matching import names_to_pair, read_pairs  # noqa: F401
-from tasks.aerial.matching import read_matches as _read_matches
+from tasks.aerial import geometry as G
+from tasks.aerial import io as IO
+from tasks.common.atomic import atomic_dir, remove_partials
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +74,6 @@ class StageResult:
     problems: dict[str, str] = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- hloc files
-
-
-def read_matches(match_path: Path, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
-    m, s = _read_matches(match_path, name0, name1)
-    return np.asarray(m, dtype=np.int64).reshape(-1, 2), np.asarray(s, dtype=np.float32)
-
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -105,35 +99,18 @@ def model_complete(path: Path, fp: str | None = None) -> bool:
     return fp is None or marker.read_text().strip() == fp
 
 
-def _finish_dir(tmp: Path, out: Path, fp: str = "ok") -> Path:
-    """Move the files of ``tmp`` into ``out`` (keeping ``out``'s other subfolders: the
-    triangulated reference folder holds the later stages), marker last."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ".complete").unlink(missing_ok=True)
-    for item in sorted(tmp.iterdir()):
-        target = out / item.name
-        if target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(item, target)
-    tmp.rmdir()
+@contextmanager
+def _model_dir(out: Path, fp: str) -> Iterator[Path]:
+    """A temporary folder for a stage's model; on success its files move into ``out``
+    (keeping ``out``'s other subfolders: the triangulated reference folder holds the later
+    stages), the ``.complete`` marker removed first and written last. Leftovers of killed
+    runs are removed first."""
+    out = Path(out)
+    remove_partials(out.parent, out.name)
+    with atomic_dir(out, merge=True) as tmp:
+        yield tmp
+        (out / ".complete").unlink(missing_ok=True)  # the body succeeded: the old model goes now
     (out / ".complete").write_text(fp + "\n")
-    return out
-
-
-def _fresh_dir(out: Path) -> Path:
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _cam_from_world(image: pycolmap.Image) -> np.ndarray:
-    return image.cam_from_world().matrix()
-
-
-def centre(image: pycolmap.Image) -> np.ndarray:
-    return np.asarray(image.projection_center(), dtype=np.float64)
 
 
 def write_database_from_model(rec: pycolmap.Reconstruction, db_path: Path) -> dict[str, int]:
@@ -161,9 +138,7 @@ def import_keypoints(db: pycolmap.Database, name_to_id: dict[str, int], feature_
     out: dict[str, np.ndarray] = {}
     with h5py.File(feature_path, "r") as f:
         for name in (names if names is not None else name_to_id):
-            if name not in f:
-                raise KeyError(f"{feature_path}: no features for image {name}; rerun the feature stage")
-            kp = np.asarray(f[name]["keypoints"], dtype=np.float32).reshape(-1, 2) + 0.5  # hloc -> COLMAP origin
+            kp = IO.read_keypoints_colmap(f, name, feature_path)
             db.write_keypoints(name_to_id[name], kp)
             out[name] = kp
     return out
@@ -186,31 +161,10 @@ def import_matches(db: pycolmap.Database, pairs: Iterable[tuple[str, str]], name
         if ia == ib or key in seen:
             continue
         seen.add(key)
-        m, _ = read_matches(match_path, a, b)
+        m, _ = IO.read_matches(match_path, a, b)
         db.write_matches(ia, ib, m.astype(np.uint32))
         out.append((a, b, ia, ib, m))
     return out
-
-
-def _fundamental(rec: pycolmap.Reconstruction, im0: pycolmap.Image, im1: pycolmap.Image) -> np.ndarray:
-    k0 = rec.cameras[im0.camera_id].calibration_matrix()
-    k1 = rec.cameras[im1.camera_id].calibration_matrix()
-    p0, p1 = _cam_from_world(im0), _cam_from_world(im1)
-    r = p1[:, :3] @ p0[:, :3].T
-    t = p1[:, 3] - r @ p0[:, 3]
-    tx = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
-    return np.linalg.inv(k1).T @ tx @ r @ np.linalg.inv(k0)
-
-
-def epipolar_errors(f_mat: np.ndarray, x0: np.ndarray, x1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (px) of x1 to the epipolar lines of x0 and of x0 to those of x1."""
-    h0 = np.concatenate([x0, np.ones((len(x0), 1))], axis=1)
-    h1 = np.concatenate([x1, np.ones((len(x1), 1))], axis=1)
-    l1 = h0 @ f_mat.T
-    l0 = h1 @ f_mat
-    d1 = np.abs(np.sum(l1 * h1, axis=1)) / np.linalg.norm(l1[:, :2], axis=1).clip(1e-12)
-    d0 = np.abs(np.sum(l0 * h0, axis=1)) / np.linalg.norm(l0[:, :2], axis=1).clip(1e-12)
-    return d0, d1
 
 
 # ----------------------------------------------------------------------------- stage 1
@@ -231,40 +185,41 @@ def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: 
         return StageResult(out_dir, {"reference images": rec.num_reg_images(), "reference points": rec.num_points3D()},
                            skipped=True)
     rec = pycolmap.Reconstruction(str(reference_empty))
-    tmp = _fresh_dir(out_dir)
-    db_path = tmp / "database.db"
-    name_to_id = write_database_from_model(rec, db_path)
-    pairs = read_pairs(pairs_path)
-    kept_pairs = 0
-    kept_matches = 0
-    db = pycolmap.Database.open(str(db_path))
-    try:
-        kps = import_keypoints(db, name_to_id, feature_path)
-        written = import_matches(db, pairs, name_to_id, match_path,
-                                 unknown=f"in {pairs_path}, names an image that is not in {reference_empty}")
-        for a, b, ia, ib, m in written:
-            if len(m) == 0:
-                continue
-            f_mat = _fundamental(rec, rec.images[ia], rec.images[ib])
-            d0, d1 = epipolar_errors(f_mat, kps[a][m[:, 0]], kps[b][m[:, 1]])
-            inl = m[(d0 < config.ref_max_epipolar_error) & (d1 < config.ref_max_epipolar_error)]
-            if len(inl) < config.ref_min_matches:
-                continue
-            tvg = pycolmap.TwoViewGeometry()
-            tvg.config = pycolmap.TwoViewGeometryConfiguration.CALIBRATED
-            tvg.F = f_mat
-            tvg.inlier_matches = inl.astype(np.uint32)
-            db.write_two_view_geometry(ia, ib, tvg)
-            kept_pairs += 1
-            kept_matches += len(inl)
-    finally:
-        db.close()
-    opts = _pipeline_options(config)
-    opts.fix_existing_frames = True
-    tri = pycolmap.triangulate_points(rec, str(db_path), str(image_dir), str(tmp), clear_points=True,
-                                      options=opts, refine_intrinsics=False)
-    tri.write(str(tmp))
-    _finish_dir(tmp, out_dir, fp)
+    with _model_dir(out_dir, fp) as tmp:
+        db_path = tmp / "database.db"
+        name_to_id = write_database_from_model(rec, db_path)
+        pairs = IO.read_pairs(pairs_path)
+        kept_pairs = 0
+        kept_matches = 0
+        db = pycolmap.Database.open(str(db_path))
+        try:
+            kps = import_keypoints(db, name_to_id, feature_path)
+            written = import_matches(db, pairs, name_to_id, match_path,
+                                     unknown=f"in {pairs_path}, names an image that is not in {reference_empty}")
+            for a, b, ia, ib, m in written:
+                if len(m) == 0:
+                    continue
+                im_a, im_b = rec.images[ia], rec.images[ib]
+                f_mat = G.fundamental_from_poses(rec.cameras[im_a.camera_id].calibration_matrix(), G.cam_from_world(im_a),
+                                                 rec.cameras[im_b.camera_id].calibration_matrix(), G.cam_from_world(im_b))
+                d0, d1 = G.epipolar_errors(f_mat, kps[a][m[:, 0]], kps[b][m[:, 1]])
+                inl = m[(d0 < config.ref_max_epipolar_error) & (d1 < config.ref_max_epipolar_error)]
+                if len(inl) < config.ref_min_matches:
+                    continue
+                tvg = pycolmap.TwoViewGeometry()
+                tvg.config = pycolmap.TwoViewGeometryConfiguration.CALIBRATED
+                tvg.F = f_mat
+                tvg.inlier_matches = inl.astype(np.uint32)
+                db.write_two_view_geometry(ia, ib, tvg)
+                kept_pairs += 1
+                kept_matches += len(inl)
+        finally:
+            db.close()
+        opts = _pipeline_options(config)
+        opts.fix_existing_frames = True
+        tri = pycolmap.triangulate_points(rec, str(db_path), str(image_dir), str(tmp), clear_points=True,
+                                          options=opts, refine_intrinsics=False)
+        tri.write(str(tmp))
     errors = [p.error for p in tri.points3D.values()]
     return StageResult(out_dir, {
         "reference images": tri.num_reg_images(), "reference pairs": len(written),
@@ -330,84 +285,82 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
         rec = pycolmap.Reconstruction(str(out_dir))
         return StageResult(out_dir, _localization_counts(rec, queries), skipped=True)
     ref = pycolmap.Reconstruction(str(reference))
-    tmp = _fresh_dir(out_dir)
-    db_path = tmp / "database.db"
-    shutil.copyfile(Path(reference) / "database.db", db_path)
-    problems: dict[str, str] = {}
-    name_to_id = {im.name: im.image_id for im in ref.images.values()}
-    next_cam = max(ref.cameras) + 1 if ref.cameras else 1
-    next_id = max(name_to_id.values()) + 1 if name_to_id else 1
-    next_rig = max(ref.rigs) + 1 if ref.rigs else 1
-    next_frame = max(ref.frames) + 1 if ref.frames else 1
-    db = pycolmap.Database.open(str(db_path))
-    q_names = []
-    try:
-        with h5py.File(feature_path, "r") as ff:
-            for q in queries:
-                if q.name in name_to_id:
-                    raise ValueError(f"query {q.name} has the name of a reference image; rename it")
-                if q.name not in ff:
-                    problems[q.name] = f"no features in {feature_path.name} (unreadable image?)"
-                    continue
-                cam = query_camera(q, next_cam)
-                db.write_camera(cam, use_camera_id=True)
-                rig = pycolmap.Rig(rig_id=next_rig)
-                rig.add_ref_sensor(cam.sensor_id)
-                db.write_rig(rig, use_rig_id=True)
-                frame = pycolmap.Frame(frame_id=next_frame, rig_id=next_rig)
-                frame.add_data_id(pycolmap.data_t(cam.sensor_id, next_id))
-                db.write_frame(frame, use_frame_id=True)
-                image = pycolmap.Image(name=q.name, camera_id=next_cam, image_id=next_id, frame_id=next_frame)
-                db.write_image(image, use_image_id=True)
-                name_to_id[q.name] = next_id
-                q_names.append(q.name)
-                next_cam, next_id, next_rig, next_frame = next_cam + 1, next_id + 1, next_rig + 1, next_frame + 1
-        import_keypoints(db, name_to_id, feature_path, q_names)
-        # pairs with an image without features are skipped: reported above
-        valid_pairs = [(a, b) for a, b, *_ in import_matches(db, read_pairs(pairs_path), name_to_id, match_path)]
-    finally:
-        db.close()
-    if not q_names:  # nothing to register: the merged model is the reference
-        ref.write(str(tmp))
-        _finish_dir(tmp, out_dir, fp)
-        return StageResult(out_dir, _localization_counts(ref, queries), seconds=time.perf_counter() - t0,
-                           problems=problems)
-    pairs_tmp = tmp / "pairs-verify.txt"
-    pairs_tmp.write_text("".join(f"{a} {b}\n" for a, b in valid_pairs))
-    t_verify = time.perf_counter()
-    vopts = pycolmap.TwoViewGeometryOptions()
-    vopts.min_num_inliers = config.verify_min_inliers
-    vopts.ransac.max_error = config.verify_max_error
-    vopts.ransac.random_seed = config.seed
-    pycolmap.verify_matches(str(db_path), str(pairs_tmp), options=vopts)
-    t_verify = time.perf_counter() - t_verify
+    with _model_dir(out_dir, fp) as tmp:
+        db_path = tmp / "database.db"
+        shutil.copyfile(Path(reference) / "database.db", db_path)
+        problems: dict[str, str] = {}
+        name_to_id = {im.name: im.image_id for im in ref.images.values()}
+        next_cam = max(ref.cameras) + 1 if ref.cameras else 1
+        next_id = max(name_to_id.values()) + 1 if name_to_id else 1
+        next_rig = max(ref.rigs) + 1 if ref.rigs else 1
+        next_frame = max(ref.frames) + 1 if ref.frames else 1
+        db = pycolmap.Database.open(str(db_path))
+        q_names = []
+        try:
+            with h5py.File(feature_path, "r") as ff:
+                for q in queries:
+                    if q.name in name_to_id:
+                        raise ValueError(f"query {q.name} has the name of a reference image; rename it")
+                    if q.name not in ff:
+                        problems[q.name] = f"no features in {feature_path.name} (unreadable image?)"
+                        continue
+                    cam = query_camera(q, next_cam)
+                    db.write_camera(cam, use_camera_id=True)
+                    rig = pycolmap.Rig(rig_id=next_rig)
+                    rig.add_ref_sensor(cam.sensor_id)
+                    db.write_rig(rig, use_rig_id=True)
+                    frame = pycolmap.Frame(frame_id=next_frame, rig_id=next_rig)
+                    frame.add_data_id(pycolmap.data_t(cam.sensor_id, next_id))
+                    db.write_frame(frame, use_frame_id=True)
+                    image = pycolmap.Image(name=q.name, camera_id=next_cam, image_id=next_id, frame_id=next_frame)
+                    db.write_image(image, use_image_id=True)
+                    name_to_id[q.name] = next_id
+                    q_names.append(q.name)
+                    next_cam, next_id, next_rig, next_frame = next_cam + 1, next_id + 1, next_rig + 1, next_frame + 1
+            import_keypoints(db, name_to_id, feature_path, q_names)
+            # pairs with an image without features are skipped: reported above
+            valid_pairs = [(a, b) for a, b, *_ in import_matches(db, IO.read_pairs(pairs_path), name_to_id, match_path)]
+        finally:
+            db.close()
+        if not q_names:  # nothing to register: the merged model is the reference
+            ref.write(str(tmp))
+            return StageResult(out_dir, _localization_counts(ref, queries), seconds=time.perf_counter() - t0,
+                               problems=problems)
+        pairs_tmp = tmp / "pairs-verify.txt"
+        IO.write_pairs(pairs_tmp, valid_pairs)
+        t_verify = time.perf_counter()
+        vopts = pycolmap.TwoViewGeometryOptions()
+        vopts.min_num_inliers = config.verify_min_inliers
+        vopts.ransac.max_error = config.verify_max_error
+        vopts.ransac.random_seed = config.seed
+        pycolmap.verify_matches(str(db_path), str(pairs_tmp), options=vopts)
+        t_verify = time.perf_counter() - t_verify
 
-    opts = _pipeline_options(config)
-    opts.fix_existing_frames = True
-    opts.multiple_models = False
-    opts.min_model_size = 1
-    opts.mapper.abs_pose_min_num_inliers = config.abs_pose_min_num_inliers
-    opts.mapper.abs_pose_max_error = config.abs_pose_max_error
-    opts.mapper.max_reg_trials = config.max_reg_trials
-    opts.mapper.abs_pose_refine_focal_length = False
-    opts.mapper.abs_pose_refine_extra_params = False
-    work = tmp / "mapper"
-    work.mkdir()
-    t_map = time.perf_counter()
-    models = pycolmap.incremental_mapping(str(db_path), str(image_dir), str(work), options=opts,
-                                          input_path=str(reference))
-    t_map = time.perf_counter() - t_map
-    if not models:
-        raise RuntimeError(f"{out_dir}: the mapper returned no model (reference {reference})")
-    rec = max(models.values(), key=lambda r: r.num_reg_images())
-    rec.write(str(tmp))
-    shutil.rmtree(work)
-    _check_reference_fixed(ref, rec)
-    registered = {im.name for im in rec.images.values() if im.has_pose}
-    for name in q_names:
-        if name not in registered:
-            problems[name] = "not registered (too few verified matches to the reference or to registered photos)"
-    _finish_dir(tmp, out_dir, fp)
+        opts = _pipeline_options(config)
+        opts.fix_existing_frames = True
+        opts.multiple_models = False
+        opts.min_model_size = 1
+        opts.mapper.abs_pose_min_num_inliers = config.abs_pose_min_num_inliers
+        opts.mapper.abs_pose_max_error = config.abs_pose_max_error
+        opts.mapper.max_reg_trials = config.max_reg_trials
+        opts.mapper.abs_pose_refine_focal_length = False
+        opts.mapper.abs_pose_refine_extra_params = False
+        work = tmp / "mapper"
+        work.mkdir()
+        t_map = time.perf_counter()
+        models = pycolmap.incremental_mapping(str(db_path), str(image_dir), str(work), options=opts,
+                                              input_path=str(reference))
+        t_map = time.perf_counter() - t_map
+        if not models:
+            raise RuntimeError(f"{out_dir}: the mapper returned no model (reference {reference})")
+        rec = max(models.values(), key=lambda r: r.num_reg_images())
+        rec.write(str(tmp))
+        shutil.rmtree(work)
+        _check_reference_fixed(ref, rec)
+        registered = {im.name for im in rec.images.values() if im.has_pose}
+        for name in q_names:
+            if name not in registered:
+                problems[name] = "not registered (too few verified matches to the reference or to registered photos)"
     counts = _localization_counts(rec, queries)
     counts.update({"verification seconds": t_verify, "mapper seconds": t_map, "query pairs": len(valid_pairs)})
     return StageResult(out_dir, counts, seconds=time.perf_counter() - t0, problems=problems)
@@ -428,10 +381,9 @@ def _check_reference_fixed(ref: pycolmap.Reconstruction, rec: pycolmap.Reconstru
         new = by_name.get(im.name)
         if new is None or not new.has_pose:
             raise RuntimeError(f"reference frame {im.name} lost its pose in the localization")
-        if not np.allclose(_cam_from_world(im), _cam_from_world(new), atol=tol * max(1.0, np.abs(centre(im)).max())):
+        if not np.allclose(G.cam_from_world(im), G.cam_from_world(new), atol=tol * max(1.0, np.abs(G.centre(im)).max())):
             raise RuntimeError(f"reference frame {im.name} moved in the localization (frames must stay fixed)")
 
 
 __all__ = ["SfMConfig", "StageResult", "Query", "triangulate_reference", "localize_queries", "model_complete",
-           "read_pairs", "read_matches", "names_to_pair", "import_keypoints", "import_matches", "write_database_from_model",
-           "query_camera", "epipolar_errors"]
+           "import_keypoints", "import_matches", "write_database_from_model", "query_camera", "fingerprint"]

@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from tasks.aerial import layout as L
 from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
 
@@ -59,7 +60,7 @@ def finish_scene(root: Path, megadepth_out: Path, scene: str, report: RunReport,
     if product:
         clear_stale(product)
     if ingested:
-        clear_stale(root / "data" / scene)
+        clear_stale(L.SceneLayout(root, scene).scene_dir)
     if why:
         current = [Path(product)] if product else []
         for path in mark_stale(root, scene, why, ingest_failed=not ingested, current=current):
@@ -70,16 +71,15 @@ def finish_scene(root: Path, megadepth_out: Path, scene: str, report: RunReport,
         table = summary_table(acc)
         report.notes.append("accuracy against ground truth:\n" + "\n".join(
             f"  {m}: {v} (goal {g})" for m, v, g in summary_rows(acc)))
-        write_json_atomic(root / "data" / scene / "accuracy.json", acc, indent=1)
+        write_json_atomic(L.SceneLayout(root, scene).accuracy, acc, indent=1)
         report.extra["accuracy"] = {"poses": {k: v for k, v in acc["poses"].items() if k != "per photo"},
                                     "depth": {k: v for k, v in acc["depth"].items() if k != "per image"}}
     png = scene_picture({"root": root, "megadepth_out": megadepth_out}, scene, sp, acc)
-    folder = root / "data" / scene
-    report.outputs.update({"footage": str(folder / "footage"), "metadata": str(folder / f"{scene}.json"),
-                           "ingest record": str(folder / "ingest.json"),
-                           "reference model": str(folder / "sfm_output_localization" / "reference_empty"),
+    layout = L.SceneLayout(root, scene)
+    report.outputs.update({"footage": str(layout.footage), "metadata": str(layout.metadata),
+                           "ingest record": str(layout.ingest_record), "reference model": str(layout.reference_empty),
                            "megadepth": str(megadepth_out / scene)})
-    report.write(folder, png, png_name="overview.png")
+    report.write(layout.scene_dir, png, png_name=layout.overview.name)
     report.publish(key=f"aerial-{scene}", map_png=png)
     if table:
         from prefect.artifacts import create_table_artifact
@@ -177,7 +177,7 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
                 axes[0].imshow(plt.imread(photos[0]))
                 axes[0].set_title(f"ground {photos[0].name}")
             if frames:
-                img = plt.imread(p["root"] / "data" / scene / "footage" / frames[len(frames) // 2]["name"])
+                img = plt.imread(L.SceneLayout(p["root"], scene).footage / frames[len(frames) // 2]["name"])
                 axes[1].imshow(img)
                 axes[1].set_title(f"aerial {frames[len(frames) // 2]['name']}")
         if frames:

@@ -14,6 +14,7 @@ import json
 import time
 from pathlib import Path
 
+from tasks.aerial.layout import SceneLayout
 from tasks.common.atomic import write_json_atomic, write_text_atomic
 
 MARKER = "STALE.txt"
@@ -21,10 +22,10 @@ MARKER = "STALE.txt"
 
 def scene_products(root: str | Path, scene: str) -> list[Path]:
     """Final products of a scene from any pipeline configuration, and its accuracy file."""
-    folder = Path(root) / "data" / scene
-    out = sorted(p for p in folder.glob("sfm_output_localization/*/localized_dense_metric") if p.is_dir())
-    if (folder / "accuracy.json").is_file():
-        out.append(folder / "accuracy.json")
+    layout = SceneLayout(Path(root), scene)
+    out = layout.products()
+    if layout.accuracy.is_file():
+        out.append(layout.accuracy)
     return out
 
 
@@ -33,7 +34,8 @@ def mark_stale(root: str | Path, scene: str, reason: str, ingest_failed: bool = 
     """Mark what earlier runs left for ``scene`` (not the ``current`` products this run made);
     returns the paths marked (for the report)."""
     when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
-    folder = Path(root) / "data" / scene
+    layout = SceneLayout(Path(root), scene)
+    folder = layout.scene_dir
     marked = []
     keep = {Path(c).resolve() for c in current}
     for p in scene_products(root, scene):
@@ -53,11 +55,11 @@ def mark_stale(root: str | Path, scene: str, reason: str, ingest_failed: bool = 
                 doc["stale"] = text.strip()
                 write_json_atomic(p, doc, indent=1)
         marked.append(str(p))
-    if ingest_failed and ((folder / "footage").is_dir() or (folder / f"{scene}.json").exists()):
+    if ingest_failed and (layout.footage.is_dir() or layout.metadata.exists()):
         write_text_atomic(folder / MARKER, f"STALE: the Earth Studio ingest of scene {scene} failed in the run of "
                                            f"{when} ({reason}); footage/, {scene}.json, ingest.json and the "
                                            "reference model are from an earlier export.\n")
-        marked.append(str(folder / "footage"))
+        marked.append(str(layout.footage))
     return marked
 
 

@@ -2,7 +2,8 @@
 
 A seeded little city block (ground plane with streets and 6-10 textured box
 buildings) anchored at a real latitude/longitude is rendered by exact,
-vectorised numpy ray casting and written as (shared/contracts/aerial.md):
+vectorised numpy ray casting and written in the layout of :mod:`tasks.aerial.layout`
+and the raw MegaDepth layout of :mod:`tasks.aerial.megadepth`:
 
 1. an Earth Studio export: ``downloaded_data/<scene>.mp4`` and ``<scene>.json``;
 2. a raw MegaDepth tree (COLMAP text model in a non-metric similarity frame,
@@ -24,23 +25,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from tasks.aerial.earthstudio import export_document
+from tasks.aerial import megadepth as MD
+from tasks.aerial.dense.io import write_depth_h5
+from tasks.aerial.earthstudio import export_document, frame_name
 from tasks.aerial.geometry import (
-    cam2world_rotation,
     enu_to_ecef,
     enu_to_geodetic,
     focal_from_fov,
     look_at,
     r_ecef_to_enu,
 )
+from tasks.aerial.layout import SceneLayout, default_megadepth, default_scene_list
 from tasks.aerial.plan import _ring_point as _plan_ring_point
+from tasks.common.atomic import atomic_dir, atomic_path, write_json_atomic, write_text_atomic
 
 os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
 
@@ -455,14 +458,6 @@ def _to_u8_bgr(rgb: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((np.clip(rgb, 0, 1) * 255.0 + 0.5).astype(np.uint8)[:, :, ::-1])
 
 
-def _write_depth(path: Path, depth: np.ndarray) -> None:
-    import h5py
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f.create_dataset("depth", data=depth.astype(np.float32), compression="gzip", compression_opts=1)
-
-
 def _write_model(out_dir: Path, cams: list[tuple[int, str, int, int, list[float]]],
                  images: list[tuple[int, str, np.ndarray, np.ndarray, list[tuple[float, float, int]]]],
                  points: list[tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]]) -> None:
@@ -482,8 +477,8 @@ def _write_model(out_dir: Path, cams: list[tuple[int, str, int, int, list[float]
         for iid, idx in track:
             tr.add_element(iid, idx)
         rec.add_point3D(np.asarray(xyz, float), tr, np.asarray(rgb, np.uint8))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rec.write_text(str(out_dir))
+    with atomic_dir(out_dir) as tmp:
+        rec.write_text(str(tmp))
 
 
 # ----------------------------------------------------------------------------- main entry
@@ -521,45 +516,42 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     a_wf, b_wf, first_geo = _rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
 
     # ---- Earth Studio export: what Earth Studio exports for that plan (numFrames + 1 entries, Global)
-    dl = root / "downloaded_data"
-    dl.mkdir(parents=True, exist_ok=True)
-    video_path = dl / f"{scene}.mp4"
-    json_path = dl / f"{scene}.json"
+    layout = SceneLayout(root, scene)
+    video_path, json_path = layout.video, layout.camera_export
     es = export_document(plan)
 
     sun_aerial = np.array([0.4, -0.3, 0.87])
     sun_aerial /= np.linalg.norm(sun_aerial)
-    gt_depths = root / "ground_truth" / scene / "depths"
-    frame_names = [f"{scene}_{k:0{max(3, len(str(n_aerial - 1)))}d}.jpeg" for k in range(n_aerial)]
-    tmp_video = dl / f".{scene}.tmp.mp4"
-    writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
-    if not writer.isOpened():
-        raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
+    gt_depths = layout.gt_depths
+    frame_names = [frame_name(scene, k, n_aerial) for k in range(n_aerial)]
     gt_images = []
     gt_cams = []
     aer_views = [View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height) for k in range(n_aerial)]
     t0 = time.perf_counter()
     aer_renders = _render_many([(v, sun_aerial, (1.0, 1.0, 1.0)) for v in aer_views], boxes, seed)
     render_s += time.perf_counter() - t0
-    for k, (rgb, depth) in enumerate(aer_renders):
-        writer.write(_to_u8_bgr(rgb))
-        _write_depth(gt_depths / f"{Path(frame_names[k]).stem}.h5", depth)
-        r_first = a_wf @ aer_rot[k]
-        c_first = a_wf @ aer_pos[k] + b_wf
-        iid = n_ground + 1 + k
-        gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [f_aerial, width / 2.0, height / 2.0]))
-        gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
-    writer.release()
-    os.replace(tmp_video, video_path)
-    json_path.write_text(json.dumps(es, indent=2))
+    with atomic_path(video_path) as tmp_video:
+        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
+        for k, (rgb, depth) in enumerate(aer_renders):
+            writer.write(_to_u8_bgr(rgb))
+            write_depth_h5(gt_depths / f"{Path(frame_names[k]).stem}.h5", depth)
+            r_first = a_wf @ aer_rot[k]
+            c_first = a_wf @ aer_pos[k] + b_wf
+            iid = n_ground + 1 + k
+            gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [f_aerial, width / 2.0, height / 2.0]))
+            gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
+        writer.release()
+    write_json_atomic(json_path, es, indent=2)
 
     # ---- ground photos
     sim_s = float(rng.uniform(0.05, 0.5))
     sim_r = _random_rotation(rng)
     sim_t = rng.uniform(-50, 50, 3)
-    md_root = root / "megadepth"
-    sfm_dir = md_root / "MegaDepth_v1_SfM" / scene / "sparse" / "manhattan" / "0"
-    dense = md_root / "phoenix" / "S6" / "zl548" / "MegaDepth_v1" / scene / "dense0"
+    md_root = default_megadepth(root)
+    sfm_dir = MD.sparse_model_dir(md_root, scene, "0")
+    dense = MD.dense_dir(md_root, scene, "0")
     img_dir, md_depth_dir = dense / "imgs", dense / "depths"
     img_dir.mkdir(parents=True, exist_ok=True)
     md_depth_dir.mkdir(parents=True, exist_ok=True)
@@ -597,9 +589,10 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     for j, ((rgb, depth), (gamma, cast_, bright)) in enumerate(zip(ground_renders, grades)):
         view, name = jobs[j][0], photo_names[j]
         rgb = np.clip(bright * cast_ * rgb, 0, 1) ** gamma
-        cv2.imwrite(str(img_dir / name), _to_u8_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, 95])
-        _write_depth(gt_depths / f"{Path(name).stem}.h5", depth)
-        _write_depth(md_depth_dir / f"{Path(name).stem}.h5", sim_s * depth)
+        with atomic_path(MD.raw_image_path(md_root, scene, "0", name)) as tmp:
+            cv2.imwrite(str(tmp), _to_u8_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        write_depth_h5(gt_depths / f"{Path(name).stem}.h5", depth)
+        write_depth_h5(MD.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
         photos.append((view, depth, rgb))
 
     # ---- 3D points with tracks among the ground photos (GT first-frame ENU)
@@ -645,16 +638,12 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         t_md = sim_s * t_w2c - r_md @ sim_t
         md_images.append((iid, photo_names[j], r_md, t_md, pts2d[j]))
     md_points = [(sim_s * sim_r @ x + sim_t, c, tr) for x, c, tr in points]
-    if sfm_dir.exists():
-        shutil.rmtree(sfm_dir)
     _write_model(sfm_dir, md_cams, md_images, md_points)
-    gt_sparse = root / "ground_truth" / scene / "sparse"
-    if gt_sparse.exists():
-        shutil.rmtree(gt_sparse)
+    gt_sparse = layout.gt_sparse
     _write_model(gt_sparse, gt_photo_cams + gt_cams, gt_photo_images + gt_images, points)
 
-    scene_list = md_root / "scene_list.json"
-    scene_list.write_text(json.dumps([{"scene": scene, "subscene": "0", "images": photo_names}], indent=2))
+    scene_list = default_scene_list(md_root)
+    write_json_atomic(scene_list, [{"scene": scene, "subscene": "0", "images": photo_names}], indent=2)
 
     info = WorldInfo(
         root=root, scene=scene, seed=seed, origin=(lat0, lon0, alt0), first_frame_origin=first_geo,
@@ -663,8 +652,8 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         scene_list_path=scene_list, gt_sparse_dir=gt_sparse, gt_depths_dir=gt_depths, photo_names=photo_names,
         frame_names=frame_names, sim_scale=sim_s, sim_rotation=sim_r.tolist(), sim_translation=sim_t.tolist(),
         render_seconds=render_s, total_seconds=time.perf_counter() - t_start, params=params)
-    (root / INFO_NAME).write_text(json.dumps(info.to_json(), indent=2))
-    (root / MARKER).write_text("ok\n")
+    write_json_atomic(root / INFO_NAME, info.to_json(), indent=2)
+    write_text_atomic(root / MARKER, "ok\n")
     return info
 
 
@@ -673,7 +662,7 @@ def ensure_world(root: Path, **kw) -> WorldInfo:
     root = Path(root)
     scene = kw.get("scene", "0001")
     info_path = root / INFO_NAME
-    if (root / "downloaded_data" / f"{scene}.json").exists() and (root / MARKER).exists() and info_path.exists():
+    if SceneLayout(root, scene).camera_export.exists() and (root / MARKER).exists() and info_path.exists():
         info = WorldInfo.from_json(json.loads(info_path.read_text()), root)
         wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
         if info.params.get("version") == WORLD_VERSION and all(info.params.get(k) == v for k, v in wanted.items()):
@@ -681,4 +670,4 @@ def ensure_world(root: Path, **kw) -> WorldInfo:
     return generate_world(root, **kw)
 
 
-__all__ = ["WorldInfo", "Box", "View", "cast", "render", "generate_world", "ensure_world", "cam2world_rotation"]
+__all__ = ["WorldInfo", "Box", "View", "cast", "render", "generate_world", "ensure_world"]

@@ -35,8 +35,10 @@ from typing import Any
 import numpy as np
 
 from tasks.aerial import covisibility as C
+from tasks.aerial import geometry as G
 from tasks.aerial.dense import image_stem, read_depth_h5
-from tasks.common.atomic import atomic_path, write_bytes_atomic, write_json_atomic
+from tasks.aerial.layout import PRODUCT, REFERENCE_EMPTY, WORK
+from tasks.common.atomic import atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
 #: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
 AMD_SFM_FOLDER = "sfm_superpoint+superglue"
@@ -172,13 +174,6 @@ def scene_info(product: Path, views: list[C.View], image_paths: list[str | None]
     }
 
 
-def _savez(path: Path, **arrays) -> Path:
-    with atomic_path(path, suffix=".npz") as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-    return Path(path)
-
-
 # ----------------------------------------------------------------------------- pairs
 
 
@@ -218,29 +213,12 @@ def central_matches(id2d: list[dict], i: int, j: int) -> np.ndarray:
 
 
 def _link_file(src: Path, dst: Path) -> None:
-    from tasks.aerial.pipeline import _hardlink_or_copy
-
-    if dst.exists():
-        if os.path.samefile(src, dst):
-            return
-        dst.unlink()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    tmp.unlink(missing_ok=True)
-    _hardlink_or_copy(src, tmp)
-    os.replace(tmp, dst)
+    link_atomic(src, dst, kind="hardlink")
 
 
 def _symlink_dir(target: Path, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    rel = Path(os.path.relpath(target, link.parent))
-    if link.is_symlink() and Path(os.readlink(link)) == rel:
-        return
-    tmp = link.with_name(f".{link.name}.partial")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
-    os.symlink(rel, tmp, target_is_directory=True)
-    os.replace(tmp, link)
+    """A relative symbolic link (the export can be moved with the root)."""
+    link_atomic(Path(os.path.relpath(target, Path(link).parent)), link)
 
 
 def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
@@ -248,8 +226,8 @@ def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
     with ``localized_dense_metric`` (and ``localized_dense``, the name in some versions of
     the script) linking to the product (relative links: the export can be moved with
     the root)."""
-    base = Path(export) / "aerialmegadepth" / scene / "sfm_output_localization" / AMD_SFM_FOLDER
-    for name in ("localized_dense_metric", "localized_dense"):
+    base = Path(export) / "aerialmegadepth" / scene / WORK / AMD_SFM_FOLDER
+    for name in (PRODUCT, "localized_dense"):
         _symlink_dir(Path(product), base / name)
     return base
 
@@ -276,7 +254,7 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
             with atomic_path(exr, suffix=".exr") as tmp:
                 if not cv2.imwrite(str(tmp), d.astype(np.float32)):
                     raise OSError(f"{tmp}: cv2 could not write EXR (set OPENCV_IO_ENABLE_OPENEXR=1)")
-        _savez(npz, intrinsics=v.K.astype(np.float32), cam2world=np.linalg.inv(v.w2c).astype(np.float32))
+        write_npz_atomic(npz, intrinsics=v.K.astype(np.float32), cam2world=G.invert_pose(v.w2c).astype(np.float32))
         names.append(v.name)
     return names
 
@@ -349,7 +327,7 @@ def reference_names(scene_dir: Path) -> set[str]:
     """Names of the aerial (Earth Studio) images: those of the reference model."""
     import pycolmap
 
-    ref = Path(scene_dir) / "sfm_output_localization" / "reference_empty"
+    ref = Path(scene_dir) / WORK / REFERENCE_EMPTY
     if not (ref / "images.txt").exists():
         return set()
     return {im.name for im in pycolmap.Reconstruction(str(ref)).images.values()}
@@ -401,9 +379,9 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
             depth_paths.append(None)
     info = scene_info(product, views, image_paths, depth_paths)
     names = np.array([v.name for v in views])
-    _savez(export / "scene_info" / f"{scene}.npz", **info)
+    write_npz_atomic(export / "scene_info" / f"{scene}.npz", **info)
     score = pair_scores(cov, config.pair_score)
-    _savez(export / "covisibility" / f"{scene}.npz", names=names, is_aerial=is_aerial, covisibility=strict,
+    write_npz_atomic(export / "covisibility" / f"{scene}.npz", names=names, is_aerial=is_aerial, covisibility=strict,
            known=known, score_matrix=np.str_(config.score_matrix), score=score.astype(np.float32), candidates=np.asarray(plan.pairs, np.int32).reshape(-1, 2),
            rel_tolerance=np.float64(config.covisibility.rel_tolerance),
            stride=np.int64(config.covisibility.stride), pair_score=np.str_(config.pair_score))
@@ -418,7 +396,7 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
             pi[m, 2] = central_matches(id2d, int(i), int(j))
         kinds = pair_kinds(is_aerial, ij[:, 0], ij[:, 1]) if len(ij) else np.zeros(0, np.uint8)
         fname = f"{scene}_{lo:g}_{hi:g}.npz"
-        _savez(export / "pair_infos" / fname, image_paths=info["image_paths"], depth_paths=info["depth_paths"],
+        write_npz_atomic(export / "pair_infos" / fname, image_paths=info["image_paths"], depth_paths=info["depth_paths"],
                intrinsics=info["intrinsics"], poses=info["poses"], pair_infos=pi, pair_kinds=kinds)
         ranges[f"{lo:g}-{hi:g}"] = {"file": f"pair_infos/{fname}", "pairs": int(len(ij)),
                                     "aerial-ground": int((kinds == 1).sum())}
@@ -497,11 +475,11 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
             d_rows.extend((dsid, pos[names[i]], pos[names[j]], float(score[i, j])) for i, j in ij
                           if names[i] in pos and names[j] in pos)
     kinds_a = np.asarray(kinds, np.uint8)
-    _savez(export / "aerialmegadepth_pairs.npz", scenes=np.array(scenes, dtype=object),
+    write_npz_atomic(export / "aerialmegadepth_pairs.npz", scenes=np.array(scenes, dtype=object),
            images=np.array(images, dtype=object), images_scene_name=np.array(images_scene, dtype=object),
            pairs=_pairs_struct(rows), pair_kind=kinds_a, kind_names=np.array([KINDS[k] for k in sorted(KINDS)]))
     if config.dust3r:
-        _savez(export / "dust3r" / "all_metadata.npz", scenes=np.array(d_scenes, dtype=str),
+        write_npz_atomic(export / "dust3r" / "all_metadata.npz", scenes=np.array(d_scenes, dtype=str),
                images=np.array(d_images, dtype=str), pairs=_pairs_struct(d_rows))
     features = {json.dumps(e.get("features", {}), sort_keys=True) for e in entries}
     index = {

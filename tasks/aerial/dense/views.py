@@ -10,6 +10,9 @@ import math
 import numpy as np
 import pycolmap
 
+from tasks.aerial.geometry import angle_deg as _angle
+from tasks.aerial.geometry import cam_from_world, project
+
 # ----------------------------------------------------------------------------- geometry helpers
 
 
@@ -40,26 +43,14 @@ def _posed_ids(rec: pycolmap.Reconstruction) -> list[int]:
 def _cam(rec: pycolmap.Reconstruction, image_id: int) -> _Cam:
     im = rec.images[image_id]
     cam = rec.cameras[im.camera_id]
-    m = np.asarray(im.cam_from_world().matrix(), float)
+    m = cam_from_world(im)
     return _Cam(image_id, im.name, np.asarray(cam.calibration_matrix(), float), m[:, :3], m[:, 3],
                 int(cam.width), int(cam.height))
 
 
-def _angle(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Angle (degrees) between vectors along the last axis."""
-    na = np.linalg.norm(a, axis=-1)
-    nb = np.linalg.norm(b, axis=-1)
-    c = np.sum(a * b, axis=-1) / np.maximum(na * nb, 1e-12)
-    return np.degrees(np.arccos(np.clip(c, -1.0, 1.0)))
-
-
 def _project(c: _Cam, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(pixels Nx2, depth N) of world points."""
-    xc = xyz @ c.R.T + c.t
-    z = xc[:, 2]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        uv = (xc[:, :2] / z[:, None]) @ c.K[:2, :2].T + c.K[:2, 2]
-    return uv, z
+    return project(c.K, c.R, c.t, xyz)
 
 
 def _depth_prior(rec: pycolmap.Reconstruction, c: _Cam, min_points: int = 10) -> np.ndarray:

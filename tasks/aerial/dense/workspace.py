@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -16,7 +15,7 @@ import pycolmap
 
 from tasks.aerial.dense.config import DenseError
 from tasks.aerial.dense.views import _cam, _posed_ids, _up_vector
-from tasks.common.atomic import atomic_path
+from tasks.common.atomic import atomic_dir, link_atomic
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +71,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
                 return
         except OSError:
             pass
-    with atomic_path(dst, suffix=dst.suffix) as tmp:
-        tmp.unlink()
-        try:
-            os.link(src, tmp)
-        except OSError:
-            shutil.copyfile(src, tmp)
+    link_atomic(src, dst, kind="hardlink")
 
 
 def prepare_workspace(reconstruction_dir: Path, image_dirs: Mapping[str, Path] | Sequence[Path] | Path,
@@ -119,21 +113,8 @@ def prepare_workspace(reconstruction_dir: Path, image_dirs: Mapping[str, Path] |
     if missing:
         log.warning("prepare_workspace: %d image(s) not found: %s", len(missing), ", ".join(missing[:5]))
 
-    sparse = workspace / "sparse"
-    tmp = workspace / ".sparse.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    rec.write(str(tmp))
-    if sparse.exists():
-        old = workspace / ".sparse.old"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(sparse, old)
-        os.replace(tmp, sparse)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, sparse)
+    with atomic_dir(workspace / "sparse") as tmp:
+        rec.write(str(tmp))
     return workspace
 
 
