@@ -142,6 +142,7 @@ def parse_config(argv: list[str] | None, *, prog: str, description: str | None, 
                          "e.g. dask.n_workers=2 or dask_block=slurm")
     for a in aliases:
         kw: dict[str, Any] = {"dest": f"alias:{a.key}", "default": argparse.SUPPRESS,
+                              **({} if a.kind == "const" else {"metavar": a.key.rsplit(".", 1)[-1].upper()}),
                               "help": f"{a.help} (--set {a.key}=...)" if a.help else f"--set {a.key}=..."}
         if a.kind == "const":
             ap.add_argument(a.flag, action="store_const", const=a.const, **kw)
