@@ -32,10 +32,9 @@ Inputs: the product's ``sparse-txt`` (COLMAP text) and ``depths/<stem>.h5``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ import numpy as np
 from tasks.aerial import geometry as G
 from tasks.aerial.dense import depth_path, read_depth_h5
 from tasks.common.atomic import write_json_atomic, write_npz_atomic
+from tasks.common.fingerprint import fingerprint
 
 
 @dataclass
@@ -55,7 +55,7 @@ class CovisibilityConfig:
     block_pairs: int = 128  # candidate pairs per block (one Dask task each)
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return fingerprint(self, length=16)
 
 
 @dataclass
@@ -99,16 +99,10 @@ def load_views(product: Path) -> list[View]:
 
 
 def product_fingerprint(product: Path) -> str:
-    """Changes when the model or any depth map of the product changes."""
+    """Changes when the model (its text files, by content) or any depth map of the product changes."""
     product = Path(product)
-    h = hashlib.sha1()
-    for f in sorted((product / "sparse-txt").glob("*.txt")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    for f in sorted((product / "depths").glob("*.h5")):
-        st = f.stat()
-        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:16]
+    model = fingerprint(None, product / "sparse-txt", pattern="*.txt", content=True)
+    return fingerprint(model, product / "depths", pattern="*.h5", length=16)
 
 
 # ----------------------------------------------------------------------------- geometry

@@ -32,7 +32,6 @@ table): a frame whose data the file does not hold completely is never kept
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 import logging
@@ -49,6 +48,7 @@ import cv2  # noqa: E402
 from tasks.aerial import geometry  # noqa: E402
 from tasks.aerial.layout import SceneLayout  # noqa: E402
 from tasks.common.atomic import atomic_dir, atomic_path, remove_partials, write_json_atomic  # noqa: E402
+from tasks.common.fingerprint import fingerprint  # noqa: E402
 
 log = logging.getLogger(__name__)
 INGEST_VERSION = 2
@@ -328,14 +328,6 @@ def read_record(root: str | Path, scene: str) -> dict[str, Any] | None:
         return None
 
 
-def _signature(*paths: Path) -> str:
-    h = hashlib.sha256(str(INGEST_VERSION).encode())
-    for p in paths:
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:24]
-
-
 def reference_poses(track: CameraTrack) -> tuple[tuple[float, float, float], dict[int, dict[str, Any]]]:
     """ENU origin (first usable frame) and, per entry index, position, cam2world and intrinsics."""
     first = track.frames[0]
@@ -411,7 +403,7 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
     track = load_camera_track(track_path)
     if not video.exists():
         raise EarthStudioError(f"{video}: video not found; render the scene with Cloud Rendering (.mp4)")
-    sig = _signature(video, track_path, *([plan_path] if plan_path.exists() else []))
+    sig = fingerprint(INGEST_VERSION, video, track_path, *([plan_path] if plan_path.exists() else []), length=24)
     old = read_record(root, scene)
     if not force and old and meta_path.exists() and (model_dir / "images.txt").exists():
         if old.get("signature") == sig and all((footage / f["name"]).exists() for f in old.get("frames", [])):

@@ -13,8 +13,6 @@ File and folder names follow the configuration actually used
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from tasks.aerial.layout import ScenePaths, scene_paths
 from tasks.aerial.reconstruction import Query, SfMConfig, StageResult, localize_queries, model_complete, \
     triangulate_reference
 from tasks.common.atomic import atomic_dir, link_atomic, remove_partials, write_json_atomic
+from tasks.common.fingerprint import fingerprint
 
 
 @dataclass
@@ -121,7 +120,7 @@ class PipelineConfig:
         sfm = f"sfm_{self.tag}"
         modified = self.modified_settings()
         if modified:
-            sfm += "-" + hashlib.sha1(json.dumps(modified, sort_keys=True, default=str).encode()).hexdigest()[:8]
+            sfm += "-" + fingerprint(modified, length=8)
         return {"features": feats, "retrieval": retrieval, "matches": f"{feats}_{matcher}_pairs-all", "sfm": sfm}
 
 

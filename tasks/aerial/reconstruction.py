@@ -25,16 +25,13 @@ COLMAP's at its corner, hence the +0.5 on import (as hloc).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import h5py
 import numpy as np
@@ -43,6 +40,7 @@ import pycolmap
 from tasks.aerial import geometry as G
 from tasks.aerial import io as IO
 from tasks.common.atomic import atomic_dir, remove_partials
+from tasks.common.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +73,6 @@ class StageResult:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def fingerprint(config: Any, *inputs: Path) -> str:
-    """What a stage's output depends on: its settings and its input files (name, size, mtime)."""
-    h = hashlib.sha256(json.dumps(asdict(config) if is_dataclass(config) else config, sort_keys=True,
-                                  default=str).encode())
-    for p in inputs:
-        p = Path(p)
-        files = sorted(x for x in p.iterdir() if x.is_file()) if p.is_dir() else [p]
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:32]
 
 
 def model_complete(path: Path, fp: str | None = None) -> bool:

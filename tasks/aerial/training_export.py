@@ -66,9 +66,9 @@ class ExportConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        import hashlib
+        from tasks.common.fingerprint import fingerprint
 
-        return hashlib.sha1(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return fingerprint(self.to_dict(), length=16)
 
 
 def export_config(**overrides) -> ExportConfig:
