@@ -25,6 +25,7 @@ import contextlib
 import ctypes
 import json
 import logging
+import importlib.util
 import os
 import re
 import shutil
@@ -350,7 +351,11 @@ class DaskSettings(BaseModel):
             # the scheduler's HTTP server (health, metrics; the dashboard unless off) on a free loopback port
             "dashboard_address": self.dashboard_address or "127.0.0.1:0",
         }
-        if not self.dashboard_address:
+        if not self.dashboard_address or importlib.util.find_spec("bokeh") is None:
+            # off, or impossible without bokeh: then the scheduler is not asked for it at all (asking
+            # makes it try `import distributed.dashboard.scheduler`, which without bokeh failed
+            # once in a fresh-clone run with "module 'distributed.dashboard' has no attribute
+            # 'scheduler'" and took the cluster down); its HTTP server keeps health and metrics
             kwargs["scheduler_kwargs"] = {"dashboard": False}
         if self.memory_limit:
             kwargs["memory_limit"] = self.memory_limit
