@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import sys
 import time
@@ -27,10 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from benchlib import cpu_seconds  # noqa: E402
 
 
 def main() -> int:
@@ -69,9 +65,9 @@ def main() -> int:
             for p in stereo.rglob("*.photometric.bin"):
                 if p.name.rsplit(".", 2)[0] not in todo:
                     p.unlink()
-    c0, t0 = _cpu(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     res = PL.dense_depths_cpu(paths, cfg, todo)
-    cpu, wall = _cpu() - c0, time.perf_counter() - t0
+    cpu, wall = cpu_seconds() - c0, time.perf_counter() - t0
     shutil.rmtree(paths.product, ignore_errors=True)
     PL.export_product(paths)
     acc = evaluate_scene(paths.product, paths.ground_truth, queries)["depth"]

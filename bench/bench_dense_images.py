@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -24,11 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from benchlib import cpu_seconds  # noqa: E402
 
 
 def main() -> int:
@@ -67,11 +62,11 @@ def main() -> int:
     for n in names:
         for p in D.map_paths(ws_path, n, "geometric"):
             p.unlink(missing_ok=True)
-    c0, t0 = _cpu(), time.perf_counter()
+    c0, t0 = cpu_seconds(), time.perf_counter()
     r1 = D.run_patch_match(ws, sorted(todo), cfg, "photometric")
-    c1, t1 = _cpu(), time.perf_counter()
+    c1, t1 = cpu_seconds(), time.perf_counter()
     r2 = D.run_patch_match(ws, names, cfg, "geometric")
-    c2, t2 = _cpu(), time.perf_counter()
+    c2, t2 = cpu_seconds(), time.perf_counter()
     n_phot = sum(not s["skipped"] for s in r1["stats"].values())
     print(f"config overrides {args.set or 'none'}; photometric: {n_phot} images, {c1 - c0:.1f} CPU-s "
           f"({(c1 - c0) / max(1, n_phot):.2f} per image, {t1 - t0:.1f} s wall); geometric: {len(names)} images, "

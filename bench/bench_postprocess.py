@@ -22,52 +22,41 @@ import argparse
 import os
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
+from benchlib import BackgroundSampler  # noqa: E402
 
 from tasks.multimodal import convert, stacks, tiles as tiles_mod  # noqa: E402
 from tasks.multimodal.sources.synthetic import SyntheticSource  # noqa: E402
 
 
-class PeakRSS:
+class PeakRSS(BackgroundSampler):
     """Samples the summed RSS of this process and its children every 20 ms."""
 
     def __init__(self) -> None:
+        super().__init__(period=0.02)
         self.peak = 0
         self.peak_main = 0
         self.peak_child = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
+        self._me = psutil.Process()
 
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
-            total = 0
-            for p in [me] + me.children(recursive=True):
-                try:
-                    rss = p.memory_info().rss
-                except psutil.Error:
-                    continue
-                total += rss
-                if p.pid == me.pid:
-                    self.peak_main = max(self.peak_main, rss)
-                else:
-                    self.peak_child = max(self.peak_child, rss)
-            self.peak = max(self.peak, total)
-            time.sleep(0.02)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+    def sample(self) -> None:
+        total = 0
+        for p in [self._me] + self._me.children(recursive=True):
+            try:
+                rss = p.memory_info().rss
+            except psutil.Error:
+                continue
+            total += rss
+            if p.pid == self._me.pid:
+                self.peak_main = max(self.peak_main, rss)
+            else:
+                self.peak_child = max(self.peak_child, rss)
+        self.peak = max(self.peak, total)
 
 
 def build_stacks(work: Path, n: int) -> tuple[list[str], dict]:

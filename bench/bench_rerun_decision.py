@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import sys
 import tempfile
@@ -31,10 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
+from benchlib import cpu_seconds  # noqa: E402
 
 
 def main() -> int:
@@ -60,9 +56,9 @@ def main() -> int:
     n = args.tiles
     rows: dict[str, tuple[float, float]] = {}
 
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     tiles_mod.write_tiles_stream(tiles_mod.iter_sample_tiles(regions, eco, n, 0, tile_size_m=100.0), tiles_path)
-    rows["sample + write tiles GeoJSON"] = (time.perf_counter() - t0, _cpu() - c0)
+    rows["sample + write tiles GeoJSON"] = (time.perf_counter() - t0, cpu_seconds() - c0)
 
     # the finished state a first run leaves: a stack per tile and its index line
     t0 = time.perf_counter()
@@ -77,9 +73,9 @@ def main() -> int:
                                      "mtime_ns": st.st_mtime_ns, "digest": "0" * 32}) + "\n")
     setup = time.perf_counter() - t0
 
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     table, counts = stacks.decide_states(tiles_mod.iter_tiles(tiles_path), source, out)
-    rows["decide (index + stat per tile, index rewritten)"] = (time.perf_counter() - t0, _cpu() - c0)
+    rows["decide (index + stat per tile, index rewritten)"] = (time.perf_counter() - t0, cpu_seconds() - c0)
     assert counts["full checks"] == 0 and table.count("done") == n, counts
     del table
     tracemalloc.start()  # a second decision, for its memory only (tracemalloc slows Python down)
@@ -93,12 +89,12 @@ def main() -> int:
     from tasks.multimodal.config import MultimodalConfig
 
     cfg = MultimodalConfig(name="data_bench", part_size=args.part_size, tile_size_m=100.0, image_size=8)
-    t0, c0 = time.perf_counter(), _cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     keys = [s.key for s in _partitions(table, cfg, convert.Compression())]
-    rows["partition keys (manifest check)"] = (time.perf_counter() - t0, _cpu() - c0)
-    t0, c0 = time.perf_counter(), _cpu()
+    rows["partition keys (manifest check)"] = (time.perf_counter() - t0, cpu_seconds() - c0)
+    t0, c0 = time.perf_counter(), cpu_seconds()
     n_map = sum(len(c) for c in tiles_mod.iter_tiles(tiles_path))
-    rows["one pass over the tiles file"] = (time.perf_counter() - t0, _cpu() - c0)
+    rows["one pass over the tiles file"] = (time.perf_counter() - t0, cpu_seconds() - c0)
     assert n_map == n and len(keys) == -(-n // args.part_size)
 
     print(f"N={n} tiles (setup of {n} stacks and index lines: {setup:.1f}s)")

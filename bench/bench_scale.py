@@ -25,30 +25,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
+from benchlib import BackgroundSampler, cpu_seconds  # noqa: E402
 
 
-class Sampler:
+class Sampler(BackgroundSampler):
     """Peak RSS and CPU seconds of this process and, per kind, of its child processes."""
 
     def __init__(self, period: float = 0.5) -> None:
-        self.period = period
+        super().__init__(period)
         self.peak_main = 0
         self.peak_worker = 0
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, cpu seconds last seen)
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
+        self._me = psutil.Process()
 
     @staticmethod
     def _kind(p: psutil.Process) -> str:
@@ -62,39 +60,23 @@ class Sampler:
             return "fake ee"
         return "dask"
 
-    def _run(self) -> None:
-        me = psutil.Process()
-        while not self._stop.is_set():
+    def sample(self) -> None:
+        try:
+            self.peak_main = max(self.peak_main, self._me.memory_info().rss)
+        except psutil.Error:
+            pass
+        for p in self._me.children(recursive=True):
             try:
-                self.peak_main = max(self.peak_main, me.memory_info().rss)
+                kind = self.cpu.get(p.pid, (None,))[0] or self._kind(p)
+                t = p.cpu_times()
+                self.cpu[p.pid] = (kind, t.user + t.system)
+                if kind == "dask":
+                    self.peak_worker = max(self.peak_worker, p.memory_info().rss)
             except psutil.Error:
-                pass
-            for p in me.children(recursive=True):
-                try:
-                    kind = self.cpu.get(p.pid, (None,))[0] or self._kind(p)
-                    t = p.cpu_times()
-                    self.cpu[p.pid] = (kind, t.user + t.system)
-                    if kind == "dask":
-                        self.peak_worker = max(self.peak_worker, p.memory_info().rss)
-                except psutil.Error:
-                    continue
-            self._stop.wait(self.period)
+                continue
 
     def cpu_of(self, kind: str) -> float:
         return sum(c for k, c in self.cpu.values() if k == kind)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-
-def _self_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main() -> int:
@@ -149,13 +131,13 @@ def main() -> int:
                 tasks_in_flight=args.window, fetch_retry_delay_s=1.0,
             )
             for label in ("first run", "rerun, all done"):
-                c0, w0 = _self_cpu(), mem.cpu_of("dask")
+                c0, w0 = cpu_seconds(), mem.cpu_of("dask")
                 t0 = time.perf_counter()
                 runner = make_task_runner(DaskSettings(n_workers=args.workers, threads_per_worker=1))
                 result = multimodal_flow.with_options(task_runner=runner)(config=cfg)
                 wall = time.perf_counter() - t0
                 time.sleep(1.0)  # a last CPU sample of the workers before they are gone
-                results.append({"label": label, "wall": wall, "cpu_flow": _self_cpu() - c0,
+                results.append({"label": label, "wall": wall, "cpu_flow": cpu_seconds() - c0,
                                 "cpu_workers": mem.cpu_of("dask") - w0, "timings": result["timings"],
                                 "counts": result["counts"]})
                 print(f"{label}: {wall:.1f}s {json.dumps(result['timings'])}", flush=True)

@@ -44,10 +44,10 @@ from tasks.aerial.tasks import collect_task, covis_block_task, covis_plan_task, 
     export_task, features_task, fuse_task, ingest_task, localize_task, matches_task, megadepth_task, \
     merge_features_task, merge_matches_task, needs_fusion_task, pairs_task, plan_task, reference_task, \
     resolve_dense_backend, submit_dense, training_index_task, training_scene_task, world_task
-from tasks.common.cli import EXIT_CONFIG, Alias, ConfigError, parse_config
+from tasks.common.cli import Alias, parse_config
 from tasks.common.report import RunReport, StageFailed
-from tasks.common.runlock import EXIT_BUSY, OutputBusy, exclusive_output
-from tasks.common.runtime import gpu_workers, local_prefect_server, make_task_runner, worker_count
+from tasks.common.runlock import exclusive_output
+from tasks.common.runtime import gpu_workers, make_task_runner, run_local, worker_count
 from tasks.common.window import in_thread, run_each
 
 
@@ -357,19 +357,11 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:  # every setting and input path checked before any server or cluster starts
-        config = parse_args(argv)
-        config.check_inputs()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    with local_prefect_server() as server:
-        print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
-        try:
-            result = aerial_flow(config=config)
-        except OutputBusy as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BUSY
+    return run_local(argv, parse_args, aerial_flow, finish)
+
+
+def finish(result: dict[str, Any]) -> int:
+    """Print the outcome; exit 1 when a scene failed (after the others finished)."""
     print_result(result)
     return 1 if result.get("failed") else 0
 

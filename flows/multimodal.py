@@ -29,9 +29,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tasks.common.atomic import remove_partials
 from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunReport, tiles_map_png
-from tasks.common.cli import EXIT_CONFIG, ConfigError, parse_config
-from tasks.common.runlock import EXIT_BUSY, OutputBusy, exclusive_output
-from tasks.common.runtime import local_prefect_server, make_task_runner
+from tasks.common.cli import parse_config
+from tasks.common.runlock import exclusive_output
+from tasks.common.runtime import make_task_runner, run_local
 from tasks.common.window import run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
 from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
@@ -423,19 +423,11 @@ def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:  # every setting and input file checked before any server or cluster starts
-        config = parse_args(argv)
-        config.check_inputs()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    with local_prefect_server() as server:
-        print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
-        try:
-            result = multimodal_flow(config=config)
-        except OutputBusy as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return EXIT_BUSY
+    return run_local(argv, parse_args, multimodal_flow, finish)
+
+
+def finish(result: dict[str, Any]) -> int:
+    """Print where the dataset is and its counts."""
     counts = result["counts"]
     print(f"\nDataset written to {result['dataset_dir']}")
     for k, v in counts.items():

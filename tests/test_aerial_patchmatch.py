@@ -7,7 +7,6 @@ itself whenever CUDA is available."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np

@@ -32,13 +32,16 @@ def _main_on_test_server(monkeypatch, server, printed):
     def fake_print(*args, file=None, **kw):
         printed.append((" ".join(str(a) for a in args), file is sys.stderr))
 
+    import tasks.common.runtime as rt
+
     monkeypatch.setattr(fa, "print", fake_print, raising=False)
+    monkeypatch.setattr(rt, "print", fake_print, raising=False)
 
     @contextlib.contextmanager
     def same_server(*a, **k):
         yield types.SimpleNamespace(url=server.url, ui_url=getattr(server, "ui_url", server.url))
 
-    monkeypatch.setattr(fa, "local_prefect_server", same_server)
+    monkeypatch.setattr(rt, "local_prefect_server", same_server)
     return fa.main
 
 

@@ -16,14 +16,12 @@ from tasks.common.runtime import PROJECT_ROOT
 @pytest.fixture
 def no_server(monkeypatch):
     """Fail the test if a flow's main() gets as far as starting a server."""
-    import flows.aerial
-    import flows.multimodal
+    import tasks.common.runtime
 
     def boom(*a, **k):
         raise AssertionError("a server was started before the configuration was checked")
 
-    monkeypatch.setattr(flows.multimodal, "local_prefect_server", boom)
-    monkeypatch.setattr(flows.aerial, "local_prefect_server", boom)
+    monkeypatch.setattr(tasks.common.runtime, "local_prefect_server", boom)
 
 
 def _main(module, argv, capsys):

@@ -536,7 +536,6 @@ def _mutate(monkeypatch, module, name: str, old: str, new: str) -> None:
                                     "12-month year"])
 def test_selection_test_catches_a_regression(ee_direct, monkeypatch, change):
     """Each deviation of issue 12's table, put back into the source, fails the selection check."""
-    import ee
 
     import tasks.multimodal.sources.earthengine as ee_mod
 

@@ -24,8 +24,6 @@ from tasks.multimodal.sources.earthengine import (
 from tests import fake_ee
 from tests.fake_ee import (
     MISSING_VALUE,
-    S2_BANDS_L1C,
-    S2_BANDS_L2A,
     FakeEarthEngine,
     band_values,
     initialize_ee,

@@ -212,6 +212,31 @@ def local_prefect_server(
                 log_path.unlink()
 
 
+def run_local(argv: list[str] | None, parse_args: Callable[[list[str] | None], Any],
+              flow: Callable[..., dict[str, Any]], finish: Callable[[dict[str, Any]], int]) -> int:
+    """The ``python -m flows.<name>`` entry point both flows share: every setting and input
+    checked before any server or cluster starts (exit ``EXIT_CONFIG`` with one message), the
+    flow run against a local Prefect server (exit ``EXIT_BUSY`` if another run holds the
+    output), then ``finish(result)`` prints the outcome and gives the exit code."""
+    from tasks.common.cli import EXIT_CONFIG, ConfigError
+    from tasks.common.runlock import EXIT_BUSY, OutputBusy
+
+    try:
+        config = parse_args(argv)
+        config.check_inputs()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    with local_prefect_server() as server:
+        print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
+        try:
+            result = flow(config=config)
+        except OutputBusy as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_BUSY
+    return finish(result)
+
+
 def _drain_prefect_queues(timeout: float = 10.0) -> None:
     """Send queued logs and events while the server is still up; otherwise their
     workers retry against a dead server at interpreter exit."""
