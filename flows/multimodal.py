@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import json
 import queue
+import resource
 import sys
 import threading
 import time
@@ -404,6 +405,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(selection.path)})
     report.timings["pack, write, statistics"] = time.monotonic() - t0
 
+    report.extra["memory"] = memory_held(table, summaries)
+
     # 6. report (the map shows at most MAP_POINTS tiles) ------------------
     png = tiles_map_png(_map_points(selection.path, len(table)), [r.geometry for r in selection.regions],
                         title=f"{config.name}: {len(table)} tiles")
@@ -411,6 +414,25 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     report.publish(key=config.name.replace("_", "-").lower(), map_png=png)
     logger.info("dataset %s: %s", out, json.dumps(report.counts))
     return {"dataset_dir": str(out), **report.to_dict()}
+
+
+def memory_held(table: stacks.TileStates, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """What this run held in memory that grows with the dataset, for the report: the tiles,
+    tile_info, the index and the h5 are streamed; what stays is the tile state table and one
+    statistics summary per partition (the Prefect database grows by task run, not by tile)."""
+    n = max(len(table), 1)
+    summary_bytes = sum(len(json.dumps(s, default=str)) for s in summaries)
+    return {
+        "flow process peak RSS MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "tile state table MB": round(table.nbytes / 1e6, 3),
+        "tile state table B per tile": round(table.nbytes / n, 1),
+        "partition summaries": len(summaries),
+        "partition summaries MB": round(summary_bytes / 1e6, 3),
+        "grows with the tiles": "the tile state table (per tile: id, state, fetch key, stack size, mtime "
+                                "and digest; a reason per no-data tile) and one statistics summary per "
+                                "partition; the tiles file, tile_info, the stacks index and the h5 are "
+                                "streamed, and at most tasks_in_flight tasks are held",
+    }
 
 
 # --------------------------------------------------------------------------

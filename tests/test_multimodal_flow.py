@@ -54,6 +54,12 @@ def test_flow_counts_and_report(built):
     assert len(no_data_items) == counts["no data"]
     report = json.loads((cfg.dataset_dir / "report.json").read_text())
     assert report["counts"] == counts
+    # what grows with the tiles is said: per tile its id, a state byte, a 32-byte key and digest,
+    # two int64 (measured 100.6 B a tile here, with the no-data reasons; 90-200 allowed)
+    mem = report["memory"]
+    assert 90 <= mem["tile state table B per tile"] <= 200 + 200 * counts["no data"] / 14, mem
+    assert 1 <= mem["partition summaries"] <= -(-14 // 4) and mem["flow process peak RSS MB"] > 50
+    assert "tile state table" in mem["grows with the tiles"]
     png = (cfg.dataset_dir / "tiles_map.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 

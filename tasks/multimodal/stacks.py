@@ -390,6 +390,13 @@ class TileStates:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the table holds: its arrays and the no-data reasons (about 50 B each
+        beside their text)."""
+        arrays = (self.ids, self.state, self.key, self.size, self.mtime_ns, self.digest)
+        return sum(a.nbytes for a in arrays) + sum(50 + len(r) for r in self.no_data_reason.values())
+
     def tile_id(self, pos: int) -> str:
         return self.ids[pos].decode()
 
