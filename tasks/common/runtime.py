@@ -438,6 +438,22 @@ def keep_malloc_defaults() -> None:
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
 
+#: Dask keeps its last ``distributed.admin.low-level-log-length`` messages per connection and
+#: transitions for debugging (default 1000): every task message with the task's arguments, so
+#: a flow of large batches held up to 1000 of them (2.3 MB a task of 250 tiles measured; 730 MB
+#: flow process at 100 000 tiles). 50 is kept unless DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH says.
+DASK_LOG_LENGTH = 50
+
+
+def bound_dask_logs() -> None:
+    """Keep Dask's low-level logs short in the local scheduler, client and workers (the nanny
+    hands its config to the worker processes)."""
+    import dask
+
+    if "DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH" not in os.environ:
+        dask.config.set({"distributed.admin.low-level-log-length": DASK_LOG_LENGTH})
+
+
 def make_task_runner(settings: DaskSettings | None = None,
                      settings_from: Callable[[dict[str, Any]], DaskSettings] | None = None):
     """The ``DaskTaskRunner`` every flow uses.
@@ -449,6 +465,7 @@ def make_task_runner(settings: DaskSettings | None = None,
     Neither: :func:`dask_settings_from_env`.
     """
     keep_malloc_defaults()
+    bound_dask_logs()
     return FlowDaskTaskRunner(settings=settings, settings_from=settings_from)
 
 
@@ -485,33 +502,34 @@ def _mark_task_run_crashed(task_run_id, exc: BaseException) -> None:
         log.warning("could not mark task run %s crashed: %s", task_run_id, api_exc)
 
 
-def _settle_task_runs(futures: list) -> None:
+def _settle_task_runs(seen: dict[Any, tuple[bool, str | None] | None]) -> None:
     """After the cluster is closed, no task run of this flow run may stay RUNNING or PENDING.
 
     When a Dask worker dies, Dask reruns the tasks it held, including ones that had completed
     (their results lived in that worker's memory); the flow has their results already and drops
     the rerun, whose task run then stays RUNNING forever (PrefectHQ/prefect#21638). Such a run
-    gets the final state the flow received; one the flow never received is marked Crashed."""
-    if not futures:
+    gets the final state the flow received; one the flow never received is marked Crashed.
+    ``seen``: task run id -> (completed?, message) of the final state the flow received, None if
+    it received none."""
+    if not seen:
         return
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
     from prefect.states import Completed, Crashed
 
-    by_id = {f.task_run_id: f for f in futures}
     try:
         with get_client(sync_client=True) as client:
-            ids = list(by_id)
+            ids = list(seen)
             for i in range(0, len(ids), 200):
                 runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids[i:i + 200])))
                 for run in runs:
                     if run.state is not None and run.state.is_final():
                         continue
-                    seen = by_id[run.id]._final_state
-                    if seen is not None and seen.is_completed():
+                    got = seen[run.id]
+                    if got is not None and got[0]:
                         new = Completed(message="completed; a rerun Dask started after a worker died was dropped")
                     else:
-                        why = seen.message if seen is not None else "the flow ended before this task finished"
+                        why = got[1] if got is not None else "the flow ended before this task finished"
                         new = Crashed(message=f"left unfinished by Dask: {why}"[:2000])
                     client.set_task_run_state(run.id, new, force=True)
                     log.warning("task run %s (%s) was left %s; set to %s", run.id, run.name, run.state.name, new.name)
@@ -521,7 +539,19 @@ def _settle_task_runs(futures: list) -> None:
 
 class CrashAwareDaskFuture(PrefectDaskFuture):
     """A ``PrefectDaskFuture`` whose Dask-level failure (``KilledWorker``: every worker that tried the
-    task died) marks its task run ``Crashed`` before the error reaches the flow."""
+    task died) marks its task run ``Crashed`` before the error reaches the flow. Its final state's
+    outcome (completed?, message) goes into ``seen``, the runner's record for
+    :func:`_settle_task_runs`: the runner holds no future, so Dask forgets a task (its arguments,
+    its result) as soon as the flow drops the future."""
+
+    def __init__(self, wrapped_future, task_run_id, seen: dict | None = None):
+        super().__init__(wrapped_future=wrapped_future, task_run_id=task_run_id)
+        self._seen = seen
+
+    def _record(self, state) -> None:
+        self._final_state = state
+        if self._seen is not None:
+            self._seen[self.task_run_id] = (state.is_completed(), state.message)
 
     def _dask_result(self, timeout):
         try:
@@ -540,7 +570,7 @@ class CrashAwareDaskFuture(PrefectDaskFuture):
         from prefect.states import State
 
         if isinstance(result, State):
-            self._final_state = result
+            self._record(result)
 
     def result(self, timeout: float | None = None, raise_on_failure: bool = True):
         if not self._final_state:
@@ -552,7 +582,7 @@ class CrashAwareDaskFuture(PrefectDaskFuture):
                 raise TimeoutError(f"Task run {self.task_run_id} did not complete within {timeout} seconds") from exc
             if not isinstance(res, State):
                 return res
-            self._final_state = res
+            self._record(res)
         return self._final_state.result(raise_on_failure=raise_on_failure, _sync=True)
 
 
@@ -605,19 +635,18 @@ class FlowDaskTaskRunner(DaskTaskRunner):
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         fut = super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
-        fut = CrashAwareDaskFuture(wrapped_future=fut.wrapped_future, task_run_id=fut.task_run_id)
-        self._submitted.append(fut)
-        return fut
+        self._seen[fut.task_run_id] = None  # ~0.2 KB a task run, not the future (nor its arguments)
+        return CrashAwareDaskFuture(wrapped_future=fut.wrapped_future, task_run_id=fut.task_run_id, seen=self._seen)
 
     def __enter__(self):
-        self._submitted: list[CrashAwareDaskFuture] = []
+        self._seen: dict[Any, tuple[bool, str | None] | None] = {}
         return super().__enter__()
 
     def __exit__(self, *args: Any) -> None:
         try:
             super().__exit__(*args)
         finally:
-            _settle_task_runs(getattr(self, "_submitted", []))
+            _settle_task_runs(getattr(self, "_seen", {}))
 
     def duplicate(self):
         return type(self)(settings=self.settings, settings_from=self.settings_from)
