@@ -44,7 +44,8 @@ import numpy as np
 from tasks.aerial.dense import kernels as KN
 from tasks.aerial.dense.config import DenseConfig, DenseError
 from tasks.aerial.dense.io import read_colmap_array, read_colmap_header, write_colmap_array
-from tasks.aerial.dense.views import _Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources
+from tasks.aerial.dense.views import (_Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources,
+                                      select_sources_covering)
 from tasks.aerial.dense.workspace import Workspace, open_workspace
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,9 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         # chosen among the images that have one (a dense subset of the workspace leaves the others out)
         unusable |= {iid for iid in _posed_ids(rec) if iid != ref.image_id and not _map_complete(
             ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size))}
-    src_ids = select_sources(rec, ref.image_id, cfg.num_sources, cfg.min_triangulation_angle,
-                             cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=unusable)
+    select = select_sources_covering if cfg.pm_view_selection == "coverage" else select_sources
+    src_ids = select(rec, ref.image_id, cfg.num_sources, cfg.min_triangulation_angle, cfg.max_triangulation_angle,
+                     cfg.max_view_angle, cfg.max_scale_ratio, exclude=unusable)
     srcs, Ks, Rs, ts, names = [], [], [], [], []
     for j in src_ids:
         c = _cam(rec, j)
@@ -201,12 +203,15 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         for color in (0, 1):
             KN.sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
     normal[depth <= 0] = 0
+    info["textured"] = var > min_var
     if geom or cfg.pm_geom_iterations <= 0:
+        info["unfiltered depth"] = depth.copy()
         count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
                                math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
                                min_var)
         normal[depth <= 0] = 0
         info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
+        info["consistent views"] = count
     info["valid"] = float((depth > 0).mean())
     return depth, normal
 
@@ -241,11 +246,13 @@ def _map_complete(workspace: Path, name: str, kind: str, shape: tuple[int, int])
 
 
 def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, config: DenseConfig | None,
-                    phase: str = "photometric") -> dict:
+                    phase: str = "photometric", details: dict | None = None) -> dict:
     """One pass of the CPU PatchMatch over images of a workspace (all posed ones by default):
     writes ``stereo/{depth,normal}_maps/<name>.<phase>.bin``. Resumable per image (a complete map
     of the pass is kept); one bad image never stops the others. Returns ``{"stats": {name:
-    {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``."""
+    {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``. ``details``
+    (benchmarks) receives each computed image's ``info`` of :func:`patch_match_image` (with the
+    per-pixel ``textured`` mask, ``unfiltered depth`` and ``consistent views`` of a filtered pass)."""
     cfg = config or DenseConfig()
     ws = open_workspace(workspace)
     if cfg.pm_threads:
@@ -268,6 +275,8 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
         info: dict = {}
         try:
             depth, normal = patch_match_image(ws, name, cfg, phase, info)
+            if details is not None:
+                details[name] = info
             dp, np_ = map_paths(ws.path, name, phase)
             write_colmap_array(np_, normal)  # normal first: the depth map marks the pair complete
             write_colmap_array(dp, depth)
