@@ -31,7 +31,6 @@ import math
 import resource
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -158,7 +157,7 @@ def main() -> int:
     cols = ("true", "bound sel", "bound all", "no texture", "phot ok", "geo ok", "filtered ok|sel>=2",
             "filtered ok|sel<2", "kept", "kept ok")
     sums = {"aerial": np.zeros(len(cols)), "photos": np.zeros(len(cols))}
-    print(f"{'image':<32} " + " ".join(f"{c:>10}" for c in cols[1:]) + "   export coverage / AbsRel   sources")
+    print(f"{'image':<32} " + " ".join(f"{c:>10}" for c in cols[1:]) + "   export coverage / AbsRel  wall s (both passes)  sources")
     for n in todo:
         info = details.get(n)
         if info is None or "unfiltered depth" not in info:
@@ -174,7 +173,7 @@ def main() -> int:
         v_all = gt.views(n, (H, W), list(gt.cams), dc.pm_min_triangulation_angle, dc.max_triangulation_angle,
                          dc.max_view_angle)
 
-        def ok(d):
+        def ok(d, g=g):
             return (d > 0) & (np.abs(d - g) <= args.tolerance * np.maximum(g, 1e-9))
 
         phot = D.read_colmap_array(D.map_paths(paths.dense, n, "photometric")[0])
@@ -186,8 +185,9 @@ def main() -> int:
                         (filt & (v_sel < 2)).sum(), (true & (kept > 0)).sum(), (true & ok(kept)).sum()], float)
         sums["photos" if n in queries else "aerial"] += row
         m = acc["per image"].get(n, {})
+        sec = r1["stats"].get(n, {}).get("seconds", 0.0) + r2["stats"].get(n, {}).get("seconds", 0.0)
         print(f"{n:<32} " + " ".join(f"{x / max(row[0], 1):10.3f}" for x in row[1:])
-              + f"   {m.get('coverage', float('nan')):.3f} / {m.get('absrel', float('nan')):.4f}   "
+              + f"   {m.get('coverage', float('nan')):.3f} / {m.get('absrel', float('nan')):.4f}  {sec:5.1f} s  "
               + ",".join(s.rsplit(".", 1)[0][-8:] for s in srcs))
     for grp, row in sums.items():
         if row[0]:
