@@ -2,8 +2,11 @@
 
 Per reference image, at a working size of ``pm_max_image_size`` (long side):
 
-1. **Views**: the sources of :func:`~tasks.aerial.dense.views.select_sources` (shared 3D points,
-   triangulation angle, viewing angle), as for the GPU backend's ``patch-match.cfg``.
+1. **Views**: :func:`source_ids`: ``pm_num_sources`` sources chosen so that the reference's scene
+   (the model's sparse points in front of it) is seen by two of them within the triangulation,
+   viewing-angle and scale limits (:func:`~tasks.aerial.dense.views.select_sources_covering`;
+   ranking by shared points, as the GPU backend's ``patch-match.cfg``, left the demo's high
+   frames with sources that see a few percent of them, docs/benchmarks.md).
 2. **Photometric pass** (``phase="photometric"``): per-pixel depth and normal hypotheses drawn in
    the image's depth range (from its sparse points: 1st-99th percentile, padded), then
    ``pm_iterations`` red-black sweeps of propagation (8 neighbours' planes) and random refinement
@@ -101,6 +104,15 @@ def depth_range(ws: Workspace, ref: _Cam, cfg: DenseConfig) -> tuple[float, floa
     return rng
 
 
+def source_ids(rec, image_id: int, cfg: DenseConfig, exclude=()) -> list[int]:
+    """The PatchMatch sources of an image: ``pm_num_sources`` (else ``num_sources``) views chosen by
+    ``pm_view_selection`` ("coverage": :func:`~tasks.aerial.dense.views.select_sources_covering`;
+    "shared": :func:`~tasks.aerial.dense.views.select_sources`) within the selection's angle limits."""
+    select = select_sources_covering if cfg.pm_view_selection == "coverage" else select_sources
+    return select(rec, image_id, cfg.pm_num_sources or cfg.num_sources, cfg.min_triangulation_angle,
+                  cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=exclude)
+
+
 def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "photometric",
                       info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(depth HxW, normal HxWx3) of image ``name`` at the working size for one pass (module doc);
@@ -120,9 +132,7 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         # chosen among the images that have one (a dense subset of the workspace leaves the others out)
         unusable |= {iid for iid in _posed_ids(rec) if iid != ref.image_id and not _map_complete(
             ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size))}
-    select = select_sources_covering if cfg.pm_view_selection == "coverage" else select_sources
-    src_ids = select(rec, ref.image_id, cfg.num_sources, cfg.min_triangulation_angle, cfg.max_triangulation_angle,
-                     cfg.max_view_angle, cfg.max_scale_ratio, exclude=unusable)
+    src_ids = source_ids(rec, ref.image_id, cfg, exclude=unusable)
     srcs, Ks, Rs, ts, names = [], [], [], [], []
     for j in src_ids:
         c = _cam(rec, j)
@@ -291,4 +301,5 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     return {"stats": stats, "failures": failures}
 
 
-__all__ = ["PHASES", "map_paths", "working_size", "depth_range", "patch_match_image", "run_patch_match"]
+__all__ = ["PHASES", "map_paths", "working_size", "depth_range", "source_ids", "patch_match_image",
+           "run_patch_match"]
