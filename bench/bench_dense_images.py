@@ -35,6 +35,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from tasks.aerial import dense as D
+    from tasks.aerial.dense import patchmatch as PM
     from tasks.aerial.earthstudio import ingest_scene
     from tasks.aerial.synthetic_world import ensure_world
 
@@ -52,9 +53,7 @@ def main() -> int:
     names = args.names or [world.frame_names[10], world.photo_names[3]]
     todo = set(names)
     for n in names:
-        todo |= {ws.rec.images[j].name for j in D.select_sources(
-            ws.rec, ws.by_name[n], cfg.num_sources, cfg.min_triangulation_angle, cfg.max_triangulation_angle,
-            cfg.max_view_angle, cfg.max_scale_ratio)}
+        todo |= {ws.rec.images[j].name for j in PM.source_ids(ws.rec, ws.by_name[n], cfg)}
     if not args.geometric_only:
         for n in todo:
             for p in D.map_paths(ws_path, n, "photometric"):

@@ -27,6 +27,10 @@ class DenseConfig:
     max_view_angle: float = 60.0  # degrees between the principal axes
     max_scale_ratio: float = 2.0  # pose-only fallback: apparent scale of the scene in the two views
     # --- CPU PatchMatch backend (tasks/aerial/dense/patchmatch.py)
+    # sources: "coverage" (views.select_sources_covering: greedy, so that the reference's scene is seen
+    # twice) | "shared" (views.select_sources: most shared sparse points, as SGBM and the GPU backend)
+    pm_view_selection: str = "coverage"
+    pm_num_sources: int | None = 6  # sources per reference image (None: num_sources, the other backends')
     pm_max_image_size: int = 320  # working long side (pixels); maps are written at this size
     pm_iterations: int = 4  # photometric red-black iterations
     pm_geom_iterations: int = 2  # geometric-consistency iterations (0: no geometric pass)

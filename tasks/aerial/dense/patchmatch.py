@@ -2,8 +2,11 @@
 
 Per reference image, at a working size of ``pm_max_image_size`` (long side):
 
-1. **Views**: the sources of :func:`~tasks.aerial.dense.views.select_sources` (shared 3D points,
-   triangulation angle, viewing angle), as for the GPU backend's ``patch-match.cfg``.
+1. **Views**: :func:`source_ids`: ``pm_num_sources`` sources chosen so that the reference's scene
+   (the model's sparse points in front of it) is seen by two of them within the triangulation,
+   viewing-angle and scale limits (:func:`~tasks.aerial.dense.views.select_sources_covering`;
+   ranking by shared points, as the GPU backend's ``patch-match.cfg``, left the demo's high
+   frames with sources that see a few percent of them, docs/benchmarks.md).
 2. **Photometric pass** (``phase="photometric"``): per-pixel depth and normal hypotheses drawn in
    the image's depth range (from its sparse points: 1st-99th percentile, padded), then
    ``pm_iterations`` red-black sweeps of propagation (8 neighbours' planes) and random refinement
@@ -44,7 +47,8 @@ import numpy as np
 from tasks.aerial.dense import kernels as KN
 from tasks.aerial.dense.config import DenseConfig, DenseError
 from tasks.aerial.dense.io import read_colmap_array, read_colmap_header, write_colmap_array
-from tasks.aerial.dense.views import _Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources
+from tasks.aerial.dense.views import (_Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources,
+                                      select_sources_covering)
 from tasks.aerial.dense.workspace import Workspace, open_workspace
 
 log = logging.getLogger(__name__)
@@ -100,6 +104,15 @@ def depth_range(ws: Workspace, ref: _Cam, cfg: DenseConfig) -> tuple[float, floa
     return rng
 
 
+def source_ids(rec, image_id: int, cfg: DenseConfig, exclude=()) -> list[int]:
+    """The PatchMatch sources of an image: ``pm_num_sources`` (else ``num_sources``) views chosen by
+    ``pm_view_selection`` ("coverage": :func:`~tasks.aerial.dense.views.select_sources_covering`;
+    "shared": :func:`~tasks.aerial.dense.views.select_sources`) within the selection's angle limits."""
+    select = select_sources_covering if cfg.pm_view_selection == "coverage" else select_sources
+    return select(rec, image_id, cfg.pm_num_sources or cfg.num_sources, cfg.min_triangulation_angle,
+                  cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=exclude)
+
+
 def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "photometric",
                       info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(depth HxW, normal HxWx3) of image ``name`` at the working size for one pass (module doc);
@@ -119,8 +132,7 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         # chosen among the images that have one (a dense subset of the workspace leaves the others out)
         unusable |= {iid for iid in _posed_ids(rec) if iid != ref.image_id and not _map_complete(
             ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size))}
-    src_ids = select_sources(rec, ref.image_id, cfg.num_sources, cfg.min_triangulation_angle,
-                             cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=unusable)
+    src_ids = source_ids(rec, ref.image_id, cfg, exclude=unusable)
     srcs, Ks, Rs, ts, names = [], [], [], [], []
     for j in src_ids:
         c = _cam(rec, j)
@@ -201,12 +213,15 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         for color in (0, 1):
             KN.sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
     normal[depth <= 0] = 0
+    info["textured"] = var > min_var
     if geom or cfg.pm_geom_iterations <= 0:
+        info["unfiltered depth"] = depth.copy()
         count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
                                math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
                                min_var)
         normal[depth <= 0] = 0
         info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
+        info["consistent views"] = count
     info["valid"] = float((depth > 0).mean())
     return depth, normal
 
@@ -241,11 +256,13 @@ def _map_complete(workspace: Path, name: str, kind: str, shape: tuple[int, int])
 
 
 def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, config: DenseConfig | None,
-                    phase: str = "photometric") -> dict:
+                    phase: str = "photometric", details: dict | None = None) -> dict:
     """One pass of the CPU PatchMatch over images of a workspace (all posed ones by default):
     writes ``stereo/{depth,normal}_maps/<name>.<phase>.bin``. Resumable per image (a complete map
     of the pass is kept); one bad image never stops the others. Returns ``{"stats": {name:
-    {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``."""
+    {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``. ``details``
+    (benchmarks) receives each computed image's ``info`` of :func:`patch_match_image` (with the
+    per-pixel ``textured`` mask, ``unfiltered depth`` and ``consistent views`` of a filtered pass)."""
     cfg = config or DenseConfig()
     ws = open_workspace(workspace)
     if cfg.pm_threads:
@@ -268,6 +285,8 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
         info: dict = {}
         try:
             depth, normal = patch_match_image(ws, name, cfg, phase, info)
+            if details is not None:
+                details[name] = info
             dp, np_ = map_paths(ws.path, name, phase)
             write_colmap_array(np_, normal)  # normal first: the depth map marks the pair complete
             write_colmap_array(dp, depth)
@@ -282,4 +301,5 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     return {"stats": stats, "failures": failures}
 
 
-__all__ = ["PHASES", "map_paths", "working_size", "depth_range", "patch_match_image", "run_patch_match"]
+__all__ = ["PHASES", "map_paths", "working_size", "depth_range", "source_ids", "patch_match_image",
+           "run_patch_match"]

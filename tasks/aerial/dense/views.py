@@ -149,6 +149,97 @@ def select_sources(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angl
     return chosen
 
 
+def _front_points(c: _Cam, xyz: np.ndarray, cells: tuple[int, int], tolerance: float) -> np.ndarray:
+    """Mask of the points ``xyz`` that camera ``c`` sees in front of it, inside its image and no
+    farther than ``1 + tolerance`` times the nearest point of their cell of a ``cells`` grid over
+    the image (a coarse z-buffer: the sparse points of a surface hidden behind another are left out)."""
+    uv, z = _project(c, xyz)
+    ok = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 0] < c.width) & (uv[:, 1] >= 0) & (uv[:, 1] < c.height)
+    gx, gy = cells
+    cell = np.full(len(xyz), -1, np.int64)
+    cell[ok] = (np.minimum((uv[ok, 1] * gy / c.height).astype(np.int64), gy - 1) * gx
+                + np.minimum((uv[ok, 0] * gx / c.width).astype(np.int64), gx - 1))
+    near = np.full(gx * gy, np.inf)
+    np.minimum.at(near, cell[ok], z[ok])
+    front = np.zeros(len(xyz), bool)
+    front[ok] = z[ok] <= (1.0 + tolerance) * near[cell[ok]]
+    return front
+
+
+def select_sources_covering(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angle_deg: float = 3.0,
+                            max_angle_deg: float = 40.0, max_view_angle_deg: float = 60.0,
+                            max_scale_ratio: float = 2.0, exclude: Iterable[int] = (), min_views: int = 2,
+                            cells: tuple[int, int] = (16, 12), tolerance: float = 0.15) -> list[int]:
+    """Up to ``k`` source image ids for reference ``image_id`` chosen for coverage; deterministic.
+
+    The reference's scene is sampled by the model's sparse points in front of it (every model
+    point, not only its own observations: a reference that observes few points still gets the
+    views that see its surface), thinned by a coarse z-buffer and weighted so that every cell of
+    a ``cells`` grid over the image weighs the same. A candidate sees a point when the point lies in
+    its image in front of its own z-buffer (or the point's track has the candidate), the
+    triangulation angle at the point lies in ``[min_angle_deg, max_angle_deg]`` and the apparent
+    scale ratio within ``max_scale_ratio``; candidates have their principal axis within
+    ``max_view_angle_deg`` of the reference's. Sources are added greedily: the one that most
+    raises the weight of the points seen by at least ``min_views`` chosen sources (the geometric
+    filter's count), then by ``k``, ties broken by the shared points; none is added that adds
+    nothing. Falls back to :func:`select_sources` when the model has too few points in view.
+    """
+    if k <= 0:
+        return []
+    ref = _cam(rec, image_id)
+    excluded = set(exclude) | {image_id}
+    ids = list(rec.points3D.keys())
+    xyz = np.array([rec.points3D[i].xyz for i in ids], float).reshape(-1, 3)
+    front = _front_points(ref, xyz, cells, tolerance) if len(xyz) else np.zeros(0, bool)
+    if front.sum() < 20:
+        return select_sources(rec, image_id, k, min_angle_deg, max_angle_deg, max_view_angle_deg, max_scale_ratio,
+                              exclude)
+    pts = xyz[front]
+    pid = [ids[i] for i in np.flatnonzero(front)]
+    uv, _ = _project(ref, pts)
+    gx, gy = cells
+    cell = (np.minimum((uv[:, 1] * gy / ref.height).astype(np.int64), gy - 1) * gx
+            + np.minimum((uv[:, 0] * gx / ref.width).astype(np.int64), gx - 1))
+    weight = 1.0 / np.bincount(cell, minlength=gx * gy)[cell]
+    tracks = [{el.image_id for el in rec.points3D[i].track.elements} for i in pid]
+    f_ref = float(np.sqrt(ref.K[0, 0] * ref.K[1, 1]))
+    d_ref = np.linalg.norm(pts - ref.centre, axis=1)
+    lo, hi = math.cos(math.radians(min_angle_deg)), math.cos(math.radians(max_angle_deg))
+    seen: dict[int, np.ndarray] = {}
+    for j in _posed_ids(rec):
+        if j in excluded:
+            continue
+        cj = _cam(rec, j)
+        if _angle(ref.axis, cj.axis) > max_view_angle_deg:
+            continue
+        vis = _front_points(cj, pts, cells, tolerance) | np.array([j in tr for tr in tracks])
+        a, b = ref.centre - pts, cj.centre - pts
+        d_j = np.linalg.norm(b, axis=1)
+        cosang = np.sum(a * b, 1) / np.maximum(d_ref * d_j, 1e-12)
+        f_j = float(np.sqrt(cj.K[0, 0] * cj.K[1, 1]))
+        scale = (f_j / np.maximum(d_j, 1e-12)) / (f_ref / np.maximum(d_ref, 1e-12))
+        vis &= (cosang <= lo) & (cosang >= hi) & (np.maximum(scale, 1.0 / scale) <= max_scale_ratio)
+        if vis.any():
+            seen[j] = vis
+    shared = {j: int(sum(j in tr for tr in tracks)) for j in seen}
+    chosen: list[int] = []
+    count = np.zeros(len(pts), np.int64)
+
+    def score(c: np.ndarray) -> tuple[float, float]:
+        return float(weight @ np.minimum(c, min_views)), float(weight @ np.minimum(c, k))
+
+    base = score(count)
+    while len(chosen) < k and seen:
+        best = max(sorted(seen), key=lambda j: (*score(count + seen[j]), shared[j]))
+        new = score(count + seen[best])
+        if new <= base:
+            break
+        chosen.append(best)
+        count += seen.pop(best)
+        base = new
+    return chosen
+
+
 def _scene_points(rec: pycolmap.Reconstruction, ref: _Cam, max_points: int = 300) -> np.ndarray | None:
     """Scene points seen by ``ref`` for source selection: the sparse points it sees (see
     :func:`_prior_points`), else a grid of its pixels at a typical depth (the median distance at
