@@ -280,7 +280,7 @@ class SlotPool:
     def _give(self) -> None:
         with self._cond:
             self.in_use -= 1
-            self._cond.notify_all()
+            self._cond.notify()  # one permit, one waiter (every wait also times out after poll_s)
 
     def _done(self, share: PoolShare, n: int) -> None:
         with self._cond:
