@@ -141,6 +141,8 @@ class PoolShare:
 
     def __init__(self, pool: SlotPool, slots: int, threads: int, tiles: int):
         self.pool, self.slots, self.threads, self.remaining = pool, slots, threads, tiles
+        self.waiting = 0  # its threads waiting for a permit
+        self.wake = threading.Condition(pool._lock)
 
     def demand(self) -> int:
         return min(self.remaining, self.threads)
@@ -180,7 +182,8 @@ class SlotPool:
                  renew_s: float | None = None):
         self.lessor, self.chunk, self.poll_s, self.timeout_s = lessor, max(1, int(chunk)), poll_s, timeout_s
         self.renew_s = renew_s if renew_s is not None else getattr(lessor, "lease_duration_s", 300.0) / 3
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
         self._leases: list[tuple[Any, int]] = []
         self.capacity = 0  # permits available (slots of the granted sub-leases)
         self.in_use = 0
@@ -208,6 +211,7 @@ class SlotPool:
             with self._cond:
                 self._shares.remove(s)
                 self._cond.notify_all()
+                self._wake_next()
             self._shrink()
 
     def _cap(self) -> int:
@@ -253,6 +257,8 @@ class SlotPool:
                     self._next_try = time.monotonic() + self._backoff
                     self._backoff = min(2 * self._backoff, 8 * self.poll_s)
                 self._cond.notify_all()
+                for s in self._shares:
+                    s.wake.notify_all()
         if lease is not None:
             self._start_renewer()
             self._shrink()  # the batches may have drained while it was granted
@@ -264,23 +270,40 @@ class SlotPool:
 
         while True:
             with self._cond:
-                if self.in_use < self.capacity:
-                    self.in_use += 1
-                    return
-                want = self._target() - self.capacity
-                now = time.monotonic()
-                if want > 0 and not self._acquiring and now >= self._next_try:
-                    self._acquiring = True
-                    k = min(self.chunk, self._cap() - self.capacity)
-                else:
-                    self._cond.wait(self.poll_s)
-                    continue
+                share.waiting += 1
+                try:
+                    while True:
+                        if self.in_use < self.capacity and self._first_waiting() is share:
+                            self.in_use += 1
+                            return
+                        want = self._target() - self.capacity
+                        if want > 0 and not self._acquiring and time.monotonic() >= self._next_try:
+                            self._acquiring = True
+                            k = min(self.chunk, self._cap() - self.capacity)
+                            break
+                        share.wake.wait(self.poll_s)
+                finally:
+                    share.waiting -= 1
+                    self._wake_next()
             self._acquire(k, wait=False)
+
+    def _first_waiting(self) -> PoolShare | None:
+        """The oldest batch with a thread waiting: free permits go to it first, so that
+        batches running side by side in the process are staggered (the older one at full
+        speed, the younger one taking the permits the older cannot use, all of them in its
+        tail) instead of draining together."""
+        return next((s for s in self._shares if s.waiting), None)
+
+    def _wake_next(self) -> None:
+        if self.in_use < self.capacity:
+            first = self._first_waiting()
+            if first is not None:
+                first.wake.notify()
 
     def _give(self) -> None:
         with self._cond:
             self.in_use -= 1
-            self._cond.notify()  # one permit, one waiter (every wait also times out after poll_s)
+            self._wake_next()  # one permit, one waiter of the oldest batch (every wait also times out)
 
     def _done(self, share: PoolShare, n: int) -> None:
         with self._cond:
