@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -93,6 +94,7 @@ def main() -> int:
         t.join()
     wall = time.perf_counter() - t0
     stop.set()
+    shutil.rmtree(out, ignore_errors=True)  # the no-data tile JSONs
     bound = args.tiles * (args.t_value + args.t_pixels) / args.ceiling
     mean = sum(samples) / max(len(samples), 1)
     print(f"{args.tiles} tiles, ceiling {args.ceiling}, {args.workers} workers x {args.threads_per_worker} threads, "
