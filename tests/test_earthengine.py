@@ -649,3 +649,34 @@ def test_more_candidates_than_the_index_table(ee_direct, monkeypatch):
     for t, n in zip(tiles, seen_n):
         assert fake.requests_by_tile[t.tile_id]["value"] == (2 if n > 8 else 1), (t.tile_id, n)
     assert max(seen_n) > 8
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_prefect_lessor_sub_leases():
+    """The pool's lessor against the real Prefect server: sub-leases count against the limit,
+    a full limit answers None (or TimeoutError when waiting), a missing limit is an error,
+    and released leases free their slots."""
+    from prefect.client.orchestration import get_client
+
+    from tasks.common.concurrency import MissingConcurrencyLimit, PrefectLessor, ensure_limit
+
+    ensure_limit("pool-test", 3)
+    lessor = PrefectLessor("pool-test")
+
+    def active() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name("pool-test").active_slots
+
+    a = lessor.acquire(2, wait=False)
+    assert a is not None and active() == 2
+    assert lessor.acquire(2, wait=False) is None  # one slot left
+    with pytest.raises(TimeoutError):
+        lessor.acquire(2, wait=True, timeout_s=0.3, poll_s=0.1)
+    lessor.renew(a)
+    lessor.release(a)
+    b = lessor.acquire(3, wait=False)
+    assert b is not None and active() == 3
+    lessor.release(b)
+    assert active() == 0
+    with pytest.raises(MissingConcurrencyLimit, match="no-such-pool-limit"):
+        PrefectLessor("no-such-pool-limit").acquire(1, wait=True, timeout_s=5)

@@ -70,8 +70,9 @@ class MultimodalConfig(BaseModel):
     fetch_batch_size: int = Field(16, ge=1, description="tiles per fetch task")
     fetch_threads: int = Field(1, ge=1, description="tiles fetched concurrently inside one fetch task")
     fetch_slots: int | None = Field(
-        None, ge=1, description="request slots a fetch task leases (default fetch_threads, at most request_ceiling); "
-                                "fetch tasks running at once x fetch_slots should not exceed request_ceiling")
+        None, ge=1, description="request slots a Dask worker leases for its fetch tasks, shared by the tasks "
+                                "running in it (default fetch_threads, at most request_ceiling); workers x "
+                                "fetch_slots should not exceed request_ceiling")
     fetch_retries: int = Field(3, ge=0, description="Prefect retries of a fetch task whose tiles failed transiently")
     fetch_retry_delay_s: float = Field(4.0, ge=0, description="first retry delay; doubles each retry, with jitter")
     tasks_in_flight: int = Field(
@@ -174,10 +175,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
     # MMEarth64: 64 px images.
     "mmearth64": {"name": "data_embedded_v001_64", "image_size": 64},
-    # Real Earth Engine: one request slot per fetching thread, up to the ceiling.
-    # (2 workers x 1 fetch task x 20 slots = the default ceiling of 40; 28 threads keep 20 slots busy)
+    # Real Earth Engine: 2 workers x 20 slots = the default ceiling of 40; 28 threads per task keep 20 slots
+    # busy; 2 Dask threads per worker, so that a second fetch task takes over the slots of a draining one.
     "earthengine": {"name": "data_ee_v001", "source": "earthengine", "fetch_batch_size": 200, "fetch_threads": 28,
-                    "fetch_slots": 20, "dask": {"n_workers": 2, "threads_per_worker": 1}},
+                    "fetch_slots": 20, "dask": {"n_workers": 2, "threads_per_worker": 2}},
     # A few tiles, for a quick look.
     "smoke": {"name": "data_smoke", "n_tiles": 24, "fetch_batch_size": 4, "part_size": 8},
 }

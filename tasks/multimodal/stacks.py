@@ -342,14 +342,18 @@ def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str 
     lock = threading.Lock()
 
     def one(t: Tile) -> TileOutcome:
-        o = fetch_tile(t, source, out_dir, compress, force)
+        try:
+            o = fetch_tile(t, source, out_dir, compress, force)
+        finally:
+            session.tile_done()  # slots the batch can no longer use go back as it drains
         if progress is not None:
             with lock:
                 done[0] += 1
                 progress(done[0], len(tiles))
         return o
 
-    with source.session(threads, slots) as bind:
+    with source.session(threads, slots, tiles=len(tiles)) as session:
+        bind = session
         if threads > 1:
             from concurrent.futures import ThreadPoolExecutor
 

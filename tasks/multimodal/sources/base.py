@@ -80,6 +80,17 @@ class TileStack:
             )
 
 
+class BatchSession:
+    """What :meth:`Source.session` yields: ``bind()`` (call it, once per fetching thread)
+    and ``tile_done()`` (once per finished tile). Default: both do nothing."""
+
+    def __call__(self) -> None:
+        pass
+
+    def tile_done(self) -> None:
+        pass
+
+
 class Source(abc.ABC):
     """A provider of per-tile multimodal stacks."""
 
@@ -108,14 +119,15 @@ class Source(abc.ABC):
         fetched under another key is fetched again."""
         return ""
 
-    def session(self, threads: int, slots: int | None = None):
-        """Context for fetching a batch with ``threads`` threads, at most ``slots`` of them
-        in a request at once (e.g. leasing request slots once for the whole batch). It
-        yields ``bind``, a callable each fetching thread calls once before fetching.
-        Default: nothing to set up."""
+    def session(self, threads: int, slots: int | None = None, tiles: int | None = None):
+        """Context for fetching a batch of ``tiles`` tiles with ``threads`` threads, at most
+        ``slots`` of them in a request at once (e.g. leasing request slots for the batch).
+        It yields a :class:`BatchSession`: each fetching thread calls it once before
+        fetching, and the batch calls its ``tile_done()`` as each tile finishes (so that
+        slots the batch can no longer use go back). Default: nothing to set up."""
         import contextlib
 
-        return contextlib.nullcontext(lambda: None)
+        return contextlib.nullcontext(BatchSession())
 
     @abc.abstractmethod
     def fetch(self, tile: Tile, grid: Grid) -> TileStack:

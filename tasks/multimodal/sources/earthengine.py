@@ -82,9 +82,9 @@ from typing import Any
 import numpy as np
 from affine import Affine
 
-from tasks.common.concurrency import slot
+from tasks.common.concurrency import shared_pool, slot
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import Grid, NoDataError, Source, Tile, TileStack, TransientSourceError
+from tasks.multimodal.sources.base import BatchSession, Grid, NoDataError, Source, Tile, TileStack, TransientSourceError
 
 log = logging.getLogger(__name__)
 
@@ -519,8 +519,21 @@ def decode_npy(raw: bytes) -> np.ndarray:
 # --------------------------------------------------------------------------
 _init_lock = threading.Lock()
 _initialized: dict[str, bool] = {}
-#: per thread: the semaphore of the batch session the thread works for (its share of leased slots)
+#: per thread: the batch's share of the process's slot pool that the thread works for
 _local = threading.local()
+#: a batch's slots are leased in about this many sub-leases (each released when no longer usable)
+SUBLEASES = 4
+
+
+class _BatchShare(BatchSession):
+    def __init__(self, share):
+        self.share = share
+
+    def __call__(self) -> None:  # run by each thread of the batch
+        _local.share = self.share
+
+    def tile_done(self) -> None:
+        self.share.tile_done()
 
 
 @dataclass
@@ -636,33 +649,33 @@ class EarthEngineSource(Source):
                 raise EarthEngineAuthError(f"Earth Engine request with project {self.project!r} failed: {exc}") from None
 
     @contextlib.contextmanager
-    def session(self, threads: int, slots: int | None = None):
-        """Lease request slots for a batch: ``slots`` (default ``threads``, at most the
-        ceiling) slots of the Prefect limit for the batch's duration (2 API calls to
-        Prefect per batch, not 4 per tile), shared by the batch's threads through a local
-        semaphore: each request holds one of them while in flight, so the global ceiling
-        bounds every request. More threads than slots keep the slots busy while some
-        threads do local work (decoding, writing the GeoTIFF)."""
+    def session(self, threads: int, slots: int | None = None, tiles: int | None = None):
+        """Request slots for a batch of ``tiles`` tiles: up to ``slots`` (default
+        ``threads``, at most the ceiling) slots of the Prefect limit, held by the worker
+        process's :class:`~tasks.common.concurrency.SlotPool` as sub-leases of about a
+        quarter of them and shared by the threads of every batch running in the process:
+        each request holds one while in flight, so the global ceiling bounds every
+        request. As the batch drains (fewer tiles left than slots held), the sub-leases no
+        batch of the process can use go back to the limit; a second batch running in the
+        process (2 Dask threads per worker) uses them without a Prefect call. A few
+        Prefect calls per batch, none per tile. More threads than slots keep the slots
+        busy while some threads do local work (decoding, writing the GeoTIFF)."""
         occupy = max(1, min(slots or threads, self.ceiling or threads))
-        sem = threading.BoundedSemaphore(occupy)
-
-        def bind() -> None:  # run by each thread of the batch
-            _local.semaphore = sem
-
-        with slot(self.limit_name, occupy=occupy, timeout_seconds=self.slot_timeout_s):
+        pool = shared_pool(self.limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=self.slot_timeout_s)
+        with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
             try:
-                yield bind
+                yield _BatchShare(share)
             finally:
-                _local.semaphore = None  # the calling thread, if it fetched itself
+                _local.share = None  # the calling thread, if it fetched itself
 
     @contextlib.contextmanager
     def _request_slot(self):
-        sem = getattr(_local, "semaphore", None)
-        if sem is None:  # outside a batch session: one Prefect slot per request
+        share = getattr(_local, "share", None)
+        if share is None:  # outside a batch session: one Prefect slot per request
             with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
                 yield
         else:
-            with sem:
+            with share.permit():
                 yield
 
     def _call(self, tile: Tile, what: str, fn):
