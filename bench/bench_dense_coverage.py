@@ -28,19 +28,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchlib import cpu_seconds  # noqa: E402
+
 import numpy as np  # noqa: E402
-
-
-def _cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 class _GT:
@@ -137,12 +133,12 @@ def main() -> int:
         for p in D.map_paths(paths.dense, n, "geometric"):
             p.unlink(missing_ok=True)
     ws = D.open_workspace(paths.dense)
-    c0 = _cpu()
+    c0 = cpu_seconds()
     r1 = D.run_patch_match(ws, names, dc, "photometric")  # every image: the sources need maps
-    c1 = _cpu()
+    c1 = cpu_seconds()
     details: dict = {}
     r2 = D.run_patch_match(ws, todo, dc, "geometric", details=details)
-    c2 = _cpu()
+    c2 = cpu_seconds()
     shutil.rmtree(paths.dense / "depths", ignore_errors=True)
     D.export_colmap_depths(ws, paths.dense / "depths", names, kind="geometric")
     shutil.rmtree(paths.product, ignore_errors=True)
