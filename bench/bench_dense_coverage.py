@@ -26,7 +26,6 @@ the geometric pass, then the export:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import cpu_seconds  # noqa: E402
+from benchlib import cpu_seconds, patchmatch_demo  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -113,16 +112,8 @@ def main() -> int:
     from tasks.aerial.dense.views import _cam
     from tasks.aerial.evaluate import evaluate_scene, gt_depth_on_grid
 
-    cfg = PL.get_config()
-    cfg.dense.cpu_method = "patchmatch"
-    for k, v in (a.split("=", 1) for a in args.set):
-        if not hasattr(cfg.dense, k):
-            raise SystemExit(f"--set {k}: DenseConfig has no such field")
-        setattr(cfg.dense, k, json.loads(v))
+    cfg, paths = patchmatch_demo(args.root, args.scene, args.set)
     dc = cfg.dense
-    paths = PL.scene_paths(args.root, args.scene, args.root / "megadepth_processed", cfg)
-    if not (paths.dense / "sparse").is_dir():
-        raise SystemExit(f"{paths.dense / 'sparse'}: no dense workspace; run the pipeline up to prepare_dense first")
     names = PL.registered_names(paths)
     queries = [n for n in names if not n.endswith(".jpeg")]
     todo = args.names or names

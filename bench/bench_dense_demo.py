@@ -18,7 +18,6 @@ pass); with ``--subset`` the photometric maps of images outside the subset are r
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchlib import cpu_seconds  # noqa: E402
+from benchlib import cpu_seconds, patchmatch_demo  # noqa: E402
 
 
 def main() -> int:
@@ -41,15 +40,7 @@ def main() -> int:
     from tasks.aerial import pipeline as PL
     from tasks.aerial.evaluate import evaluate_scene
 
-    cfg = PL.get_config()
-    cfg.dense.cpu_method = "patchmatch"
-    for k, v in (a.split("=", 1) for a in args.set):
-        if not hasattr(cfg.dense, k):
-            raise SystemExit(f"--set {k}: DenseConfig has no such field")
-        setattr(cfg.dense, k, json.loads(v))
-    paths = PL.scene_paths(args.root, args.scene, args.root / "megadepth_processed", cfg)
-    if not (paths.dense / "sparse").is_dir():
-        raise SystemExit(f"{paths.dense / 'sparse'}: no dense workspace; run the pipeline up to prepare_dense first")
+    cfg, paths = patchmatch_demo(args.root, args.scene, args.set)
     names = PL.registered_names(paths)
     frames = [n for n in names if n.endswith(".jpeg")]
     queries = [n for n in names if not n.endswith(".jpeg")]

@@ -3,8 +3,12 @@ background thread while a ``with`` block runs (peak memory, CPU of child process
 
 from __future__ import annotations
 
+import json
 import resource
 import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
 
 
 def cpu_seconds() -> float:
@@ -13,7 +17,7 @@ def cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-class BackgroundSampler:
+class BackgroundSampler(ABC):
     """Calls :meth:`sample` every ``period`` seconds in a daemon thread inside ``with``."""
 
     def __init__(self, period: float) -> None:
@@ -21,8 +25,9 @@ class BackgroundSampler:
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
+    @abstractmethod
     def sample(self) -> None:
-        raise NotImplementedError
+        """One sample (runs in the sampler's thread)."""
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -36,3 +41,21 @@ class BackgroundSampler:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+def patchmatch_demo(root: Path, scene: str, sets: list[str]) -> tuple[Any, Any]:
+    """The pipeline configuration with ``dense.cpu_method`` patchmatch and ``--set key=JSON``
+    DenseConfig overrides, and the scene's paths in a demo run under ``root`` (which must
+    have its dense workspace)."""
+    from tasks.aerial import pipeline as PL
+
+    cfg = PL.get_config()
+    cfg.dense.cpu_method = "patchmatch"
+    for k, v in (a.split("=", 1) for a in sets):
+        if not hasattr(cfg.dense, k):
+            raise SystemExit(f"--set {k}: DenseConfig has no such field")
+        setattr(cfg.dense, k, json.loads(v))
+    paths = PL.scene_paths(root, scene, root / "megadepth_processed", cfg)
+    if not (paths.dense / "sparse").is_dir():
+        raise SystemExit(f"{paths.dense / 'sparse'}: no dense workspace; run the pipeline up to prepare_dense first")
+    return cfg, paths
