@@ -481,7 +481,7 @@ def _cancel_mid_run(served, deployment: str, params: dict, n_done: int):
 
     proc, log = served
     fr = run_deployment(deployment, parameters=params, timeout=0)
-    _wait(lambda: len([t for t in _task_runs(fr.id) if t.state.type == StateType.COMPLETED]) >= n_done, 600,
+    _wait(lambda: len([t for t in _task_runs(fr.id) if t.state is not None and t.state.type == StateType.COMPLETED]) >= n_done, 600,
           f"{n_done} completed tasks")
     running = _flow_run(fr.id)
     assert running.state.type == StateType.RUNNING
@@ -495,7 +495,7 @@ def _cancel_mid_run(served, deployment: str, params: dict, n_done: int):
     def gone():
         return not [p for p in before if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     _wait(gone, 60, "the flow process and its Dask workers to exit")
-    stuck = [t.name for t in _task_runs(fr.id) if t.state.type in (StateType.RUNNING, StateType.PENDING)]
+    stuck = [t.name for t in _task_runs(fr.id) if t.state is None or t.state.type in (StateType.RUNNING, StateType.PENDING)]
     assert not stuck, stuck
     return fr, log
 
