@@ -32,7 +32,11 @@ class DenseConfig:
     pm_view_selection: str = "coverage"
     pm_num_sources: int | None = 6  # sources per reference image (None: num_sources, the other backends')
     pm_max_image_size: int = 320  # working long side (pixels); maps are written at this size
-    pm_iterations: int = 4  # photometric red-black iterations
+    pm_iterations: int = 4  # photometric red-black iterations (at the working size)
+    # coarse to fine: this many photometric iterations at pm_coarse_scale of the working size first, whose
+    # planes start the working size's pm_iterations (0: off; the window covers more of weakly textured scenes)
+    pm_coarse_iterations: int = 0
+    pm_coarse_scale: float = 0.5
     pm_geom_iterations: int = 2  # geometric-consistency iterations (0: no geometric pass)
     pm_window_radius: int = 4  # NCC window half size (pixels at the working size)
     pm_window_step: int = 2  # sample every this many pixels in the window

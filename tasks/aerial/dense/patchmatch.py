@@ -133,20 +133,16 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         unusable |= {iid for iid in _posed_ids(rec) if iid != ref.image_id and not _map_complete(
             ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size))}
     src_ids = source_ids(rec, ref.image_id, cfg, exclude=unusable)
-    srcs, Ks, Rs, ts, names = [], [], [], [], []
+    cams, greys, names = [], [], []
     for j in src_ids:
         c = _cam(rec, j)
-        w, h, ssx, ssy = working_size(c, cfg.pm_max_image_size)
+        w, h, _, _ = working_size(c, cfg.pm_max_image_size)
         try:
-            g = _grey_at(ws, c.name, (w, h))
+            greys.append(_grey_at(ws, c.name, (w, h)))
         except (FileNotFoundError, DenseError) as exc:  # a bad source only loses that view
             info.setdefault("bad sources", {})[c.name] = str(exc)
             continue
-        R = c.R @ ref.R.T
-        srcs.append(g)
-        Ks.append(_index_K(c, ssx, ssy))
-        Rs.append(R)
-        ts.append(c.t - R @ ref.t)
+        cams.append(c)
         names.append(c.name)
     info["sources"] = names
     depth = np.zeros((H, W), np.float32)
@@ -158,36 +154,20 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
     info["depth range"] = (d_min, d_max)
 
     S = len(names)
-    hm = max(g.shape[0] for g in srcs)
-    wm = max(g.shape[1] for g in srcs)
-    stack = np.zeros((S, hm, wm), np.float32)
-    swh = np.zeros((S, 2), np.int64)
-    for s, g in enumerate(srcs):
-        stack[s, : g.shape[0], : g.shape[1]] = g
-        swh[s] = (g.shape[1], g.shape[0])
-    Kr = _index_K(ref, sx, sy)
-    Kri = np.linalg.inv(Kr)
-    Ks_ = np.stack(Ks)
-    Rs_ = np.stack(Rs)
-    ts_ = np.stack(ts)
-    A = np.einsum("sij,sjk,kl->sil", Ks_, Rs_, Kri)
-    b = np.einsum("sij,sj->si", Ks_, ts_)
-    Ksi = np.linalg.inv(Ks_)
-
     sdepth = np.zeros((S, 1, 1), np.float32)
     sdwh = np.zeros((S, 2), np.int64)
     geom = phase == "geometric"
     if geom:
         maps = []
-        for s, n in enumerate(names):
+        for s, (c, n) in enumerate(zip(cams, names)):
             p = map_paths(ws.path, n, "photometric")[0]
-            m = _read_map(p, tuple(swh[s][::-1]))
+            m = _read_map(p, _working_hw(c, cfg.pm_max_image_size))
             maps.append(m)
             if m is not None:
                 sdwh[s] = (m.shape[1], m.shape[0])
         info["sources with maps"] = int((sdwh[:, 0] > 0).sum())
         if any(m is not None for m in maps):
-            sdepth = np.zeros((S, hm, wm), np.float32)
+            sdepth = np.zeros((S, max(g.shape[0] for g in greys), max(g.shape[1] for g in greys)), np.float32)
             for s, m in enumerate(maps):
                 if m is not None:
                     sdepth[s, : m.shape[0], : m.shape[1]] = m
@@ -197,21 +177,27 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
             depth[:] = own_d
             normal[:] = own_n
 
-    half = max(1, cfg.pm_window_radius // max(1, cfg.pm_window_step))
-    step = max(1, cfg.pm_window_step)
-    wn, rcw, var = KN.ref_windows(gref, half, step, float(cfg.pm_sigma_color), float(cfg.pm_window_radius))
-    P = (Kri, Kr, A, b, Rs_, ts_, Ks_, Ksi, stack, swh, wn, rcw, var, half, step, int(cfg.pm_k_best), geom,
-         float(cfg.pm_geom_weight), float(cfg.pm_geom_max_cost), sdepth, sdwh)
     min_var = float(cfg.pm_min_std) ** 2
     seed = int(cfg.pm_seed) + (7 if geom else 0)
-    cost = np.empty((H, W), np.float32)
-    # an unfinished photometric map restarts the zero pixels at random
-    KN.initialise(depth, normal, cost, P, 1.0 / d_max, 1.0 / d_min, min_var, seed)
-    n_it = cfg.pm_geom_iterations if geom else cfg.pm_iterations
-    for it in range(n_it):
-        pert = max(cfg.pm_perturbation * 0.5 ** (it + (2 if geom else 0)), 0.005)
-        for color in (0, 1):
-            KN.sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
+    offset = 2 if geom else 0  # the geometric pass refines converged planes: smaller perturbations
+    if not geom and cfg.pm_coarse_iterations > 0 and cfg.pm_coarse_scale < 1.0:
+        # coarse to fine: the photometric pass at pm_coarse_scale of the working size first (the same
+        # window covers 1 / scale times more of the scene: weak texture matches there), its planes
+        # (depth and camera-frame normal do not depend on the image scale) upsampled as the working
+        # size's initial hypotheses, refined with smaller perturbations from the second step on
+        cs = max(16, round(cfg.pm_max_image_size * cfg.pm_coarse_scale))
+        Pc, _, (Wc, Hc) = _kernel_params(ref, gref, cams, greys, cs, cfg, False, sdepth, sdwh)
+        dc = np.zeros((Hc, Wc), np.float32)
+        nc = np.zeros((Hc, Wc, 3), np.float32)
+        _solve(dc, nc, Pc, cfg, d_min, d_max, min_var, seed + 13, cfg.pm_coarse_iterations, 0)
+        depth[:] = cv2.resize(dc, (W, H), interpolation=cv2.INTER_NEAREST)
+        normal[:] = cv2.resize(nc, (W, H), interpolation=cv2.INTER_NEAREST)
+        info["coarse size"] = (Wc, Hc)
+        offset = 1
+    P, var, _ = _kernel_params(ref, gref, cams, greys, cfg.pm_max_image_size, cfg, geom, sdepth, sdwh)
+    # an unfinished photometric map (or the coarse level's holes) restarts the zero pixels at random
+    _solve(depth, normal, P, cfg, d_min, d_max, min_var, seed,
+           cfg.pm_geom_iterations if geom else cfg.pm_iterations, offset)
     normal[depth <= 0] = 0
     info["textured"] = var > min_var
     if geom or cfg.pm_geom_iterations <= 0:
@@ -224,6 +210,56 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         info["consistent views"] = count
     info["valid"] = float((depth > 0).mean())
     return depth, normal
+
+
+def _kernel_params(ref: _Cam, gref: np.ndarray, cams: list[_Cam], greys: list[np.ndarray], max_size: int,
+                   cfg: DenseConfig, geom: bool, sdepth: np.ndarray, sdwh: np.ndarray):
+    """The kernels' inputs (tuple ``P`` of :mod:`.kernels`), the reference's window variance and
+    (width, height) at working size ``max_size``; ``gref`` / ``greys`` (the reference's and the
+    sources' grey images at the configured working size) are resized to it when it differs."""
+    W, H, sx, sy = working_size(ref, max_size)
+    if gref.shape != (H, W):
+        gref = cv2.resize(gref, (W, H), interpolation=cv2.INTER_AREA)
+    srcs, Ks, Rs, ts = [], [], [], []
+    for c, g in zip(cams, greys):
+        w, h, ssx, ssy = working_size(c, max_size)
+        if g.shape != (h, w):
+            g = cv2.resize(g, (w, h), interpolation=cv2.INTER_AREA)
+        R = c.R @ ref.R.T
+        srcs.append(g)
+        Ks.append(_index_K(c, ssx, ssy))
+        Rs.append(R)
+        ts.append(c.t - R @ ref.t)
+    S = len(srcs)
+    stack = np.zeros((S, max(g.shape[0] for g in srcs), max(g.shape[1] for g in srcs)), np.float32)
+    swh = np.zeros((S, 2), np.int64)
+    for s, g in enumerate(srcs):
+        stack[s, : g.shape[0], : g.shape[1]] = g
+        swh[s] = (g.shape[1], g.shape[0])
+    Kr = _index_K(ref, sx, sy)
+    Kri = np.linalg.inv(Kr)
+    Ks_, Rs_, ts_ = np.stack(Ks), np.stack(Rs), np.stack(ts)
+    A = np.einsum("sij,sjk,kl->sil", Ks_, Rs_, Kri)
+    b = np.einsum("sij,sj->si", Ks_, ts_)
+    half = max(1, cfg.pm_window_radius // max(1, cfg.pm_window_step))
+    step = max(1, cfg.pm_window_step)
+    wn, rcw, var = KN.ref_windows(gref, half, step, float(cfg.pm_sigma_color), float(cfg.pm_window_radius))
+    P = (Kri, Kr, A, b, Rs_, ts_, Ks_, np.linalg.inv(Ks_), stack, swh, wn, rcw, var, half, step, int(cfg.pm_k_best),
+         geom, float(cfg.pm_geom_weight), float(cfg.pm_geom_max_cost), sdepth, sdwh)
+    return P, var, (W, H)
+
+
+def _solve(depth: np.ndarray, normal: np.ndarray, P, cfg: DenseConfig, d_min: float, d_max: float, min_var: float,
+           seed: int, iterations: int, offset: int) -> np.ndarray:
+    """Random hypotheses where ``depth`` is 0, then ``iterations`` red-black sweeps (perturbation
+    ``pm_perturbation`` halved per iteration, starting ``offset`` halvings down); in place. Returns the costs."""
+    cost = np.empty(depth.shape, np.float32)
+    KN.initialise(depth, normal, cost, P, 1.0 / d_max, 1.0 / d_min, min_var, seed)
+    for it in range(iterations):
+        pert = max(cfg.pm_perturbation * 0.5 ** (it + offset), 0.005)
+        for color in (0, 1):
+            KN.sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
+    return cost
 
 
 def _working_hw(c: _Cam, max_size: int) -> tuple[int, int]:
