@@ -373,3 +373,22 @@ def test_coarse_to_fine_starts_from_the_coarse_planes(scene):
     # coarse 3 + 1 iteration 0.636; margins: 0.18 of the 0.48 gain, 0.05 below the 4 iterations
     assert c2f > one + 0.3
     assert c2f > full - 0.08
+
+
+def test_remove_speckles_drops_small_regions_only():
+    """kernels.remove_speckles: a region of similar depths (a slanted plane, 3 % steps between
+    neighbours) stays whole, a 2x2 blob at another depth and a lone pixel go, a region exactly at
+    the size limit stays."""
+    d = np.zeros((20, 30), np.float32)
+    d[2:10, 2:12] = 10.0 * 1.02 ** np.arange(10)  # neighbours within 2 %: one region of 80
+    d[12:14, 20:22] = 50.0  # 4 pixels
+    d[15, 5] = 3.0  # 1 pixel
+    d[16:18, 10:13] = 20.0  # 6 pixels: kept at min_size 6
+    d[3, 5] = 30.0  # a lone outlier inside the plane (another depth): removed, the plane is still one region
+    out = d.copy()
+    assert KN.remove_speckles(out, 0.03, 6) == 4 + 1 + 1
+    assert (out > 0).sum() == (d > 0).sum() - 6
+    assert out[3, 5] == 0 and out[12, 20] == 0 and out[15, 5] == 0 and out[16, 10] == 20.0 and out[2, 2] == 10.0
+    out = d.copy()  # tolerance below the plane's steps: it breaks into 10 columns of 8 (< 9: removed)
+    KN.remove_speckles(out, 0.01, 9)
+    assert (out[2:10, 2:12] > 0).sum() == 0

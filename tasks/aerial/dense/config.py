@@ -50,6 +50,10 @@ class DenseConfig:
     pm_min_triangulation_angle: float = 1.0  # filter: degrees
     pm_geom_weight: float = 0.3  # geometric pass: weight of the reprojection error (pixels) in the cost
     pm_geom_max_cost: float = 3.0  # ... capped at this many pixels
+    # filter, then: regions (4-connected, neighbours within pm_speckle_tolerance relative depth) of fewer
+    # than pm_speckle_size pixels lose their depth (isolated wrong depths; 0 or 1: off)
+    pm_speckle_size: int = 0
+    pm_speckle_tolerance: float = 0.03
     pm_geom_max_error: float = 1.0  # filter: forward-backward error a consistent source may have (pixels; COLMAP's)
     pm_seed: int = 0
     pm_threads: int = 0  # numba threads per task (0: numba's default, all cores)

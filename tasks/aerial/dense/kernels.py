@@ -418,3 +418,51 @@ def consistency(depth, normal, P, min_ncc, geom_max_px, min_angle_cos, min_consi
             if good < min_consistent:
                 depth[i, j] = 0.0
     return count
+
+
+@njit(cache=True)
+def remove_speckles(depth, rel_tol, min_size):
+    """Sets to 0 the depths of the small regions: 4-connected sets of valid pixels whose neighbours'
+    depths differ by at most ``rel_tol`` (relative), of fewer than ``min_size`` pixels (wrong depths
+    that two sources happen to confirm come as such isolated blobs; OpenCV's ``filterSpeckles`` for
+    depth). Returns the number of pixels removed."""
+    h, w = depth.shape
+    label = np.full((h, w), -1, np.int64)
+    stack = np.empty(h * w, np.int64)
+    members = np.empty(h * w, np.int64)
+    removed = 0
+    n_regions = 0
+    for i0 in range(h):
+        for j0 in range(w):
+            if depth[i0, j0] <= 0.0 or label[i0, j0] >= 0:
+                continue
+            label[i0, j0] = n_regions
+            stack[0] = i0 * w + j0
+            top = 1
+            n = 0
+            while top > 0:
+                top -= 1
+                p = stack[top]
+                members[n] = p
+                n += 1
+                a = p // w
+                b = p - a * w
+                d = depth[a, b]
+                for q in range(4):
+                    x = a + (1 if q == 0 else (-1 if q == 1 else 0))
+                    y = b + (1 if q == 2 else (-1 if q == 3 else 0))
+                    if x < 0 or y < 0 or x >= h or y >= w or label[x, y] >= 0:
+                        continue
+                    e = depth[x, y]
+                    if e <= 0.0 or abs(e - d) > rel_tol * d:
+                        continue
+                    label[x, y] = n_regions
+                    stack[top] = x * w + y
+                    top += 1
+            if n < min_size:
+                for k in range(n):
+                    p = members[k]
+                    depth[p // w, p - (p // w) * w] = 0.0
+                removed += n
+            n_regions += 1
+    return removed

@@ -11,7 +11,11 @@ Per reference image, at a working size of ``pm_max_image_size`` (long side):
    the image's depth range (from its sparse points: 1st-99th percentile, padded), then
    ``pm_iterations`` red-black sweeps of propagation (8 neighbours' planes) and random refinement
    (perturbations shrinking each iteration); the cost is the bilateral-weighted NCC over a window,
-   aggregated over the ``pm_k_best`` best source views per pixel (see :mod:`.kernels`). The map is
+   aggregated over the ``pm_k_best`` best source views per pixel (see :mod:`.kernels`). With
+   ``pm_coarse_iterations`` > 0 (coarse to fine), that many iterations run first at
+   ``pm_coarse_scale`` of the working size, and their planes, upsampled, replace the random start
+   of the working size's ``pm_iterations`` (the same window covers more of a weakly textured
+   surface at the coarse size, and the working size starts from converged planes). The map is
    written (filtered, below, only when no geometric pass follows) as
    ``stereo/{depth,normal}_maps/<name>.photometric.bin``.
 3. **Geometric pass** (``phase="geometric"``): its sources are selected as in 1. among the images
@@ -205,6 +209,9 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
                                math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
                                min_var)
+        if cfg.pm_speckle_size > 1:
+            info["speckle pixels"] = int(KN.remove_speckles(depth, float(cfg.pm_speckle_tolerance),
+                                                            int(cfg.pm_speckle_size)))
         normal[depth <= 0] = 0
         info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
         info["consistent views"] = count
