@@ -20,7 +20,10 @@ from tasks.aerial.geometry import look_at
 
 W, H, F = 128, 96, 110.0
 BOX = (np.array([-1.0, -1.0, 0.0]), np.array([1.0, 1.0, 1.5]))
-CFG = dict(pm_max_image_size=128, num_sources=4, pm_iterations=4, pm_geom_iterations=2)
+CFG = dict(pm_max_image_size=128, num_sources=4)  # otherwise the defaults
+# the kernel tests (cost, propagation, coarse to fine) keep the window they were measured with (9x9 px
+# sampled every 2 px; the default is now 13x13 every 3 px) and run the working size from random starts
+KCFG = dict(CFG, pm_window_radius=4, pm_window_step=2, pm_iterations=4, pm_coarse_iterations=0)
 
 
 def _noise(u: np.ndarray, v: np.ndarray, seed: int) -> np.ndarray:
@@ -152,7 +155,7 @@ def test_cost_is_lowest_at_the_true_plane(scene):
     """The aggregated NCC cost at the true depth and normal is near 0 on the plane and the box and
     clearly higher 5 % off in depth or with a wrong normal (the kernel sees the right geometry)."""
     ws = dense.open_workspace(scene["ws"])
-    cfg = dense.DenseConfig(**CFG)
+    cfg = dense.DenseConfig(**KCFG)
     P = _params(ws, "v2.png", cfg)
     depth, normal = scene["truth"]["v2.png"]
     costs = np.empty(4)
@@ -180,7 +183,7 @@ def test_propagation_spreads_a_good_hypothesis(scene):
     without random refinement (perturbation 0, random depths outside the range) carry it over the
     whole ground area that the plane describes."""
     ws = dense.open_workspace(scene["ws"])
-    cfg = dense.DenseConfig(**CFG)
+    cfg = dense.DenseConfig(**KCFG)
     P = _params(ws, "v2.png", cfg)
     gt_d, gt_n = scene["truth"]["v2.png"]
     ground = np.abs(gt_n[..., 2] - np.median(gt_n[H - 10:, :, 2])) < 1e-3  # pixels on the ground plane
@@ -231,8 +234,10 @@ def test_patch_match_on_the_analytic_scene(scene):
         n = nm.to_array()[d > 0]
         assert np.allclose(np.linalg.norm(n, axis=1), 1, atol=1e-3)
     rel = np.concatenate(rels)
-    # measured: coverage 0.753 (min 0.722), AbsRel 0.0074, 99.57 % within 1.25x; margins: coverage
-    # -0.09, AbsRel 2x, outside 1.25x 4x (filter off, AbsRel 0.116, 86 % within 1.25x: fails)
+    # measured (defaults of the 4th session: coarse to fine, 13x13 window, 1 consistent source + speckle
+    # filter): coverage 0.767 (min 0.744), AbsRel 0.0105, 99.65 % within 1.25x (before: 0.753 / 0.722,
+    # 0.0074, 99.57 %); margins: coverage -0.1, AbsRel 1.5x, outside 1.25x 5x (filter off, AbsRel 0.116,
+    # 86 % within 1.25x: fails)
     assert np.mean(covs) > 0.66 and min(covs) > 0.63
     assert rel.mean() < 0.016
     assert np.mean(rel < 0.25) > 0.98
@@ -253,7 +258,8 @@ def test_patch_match_on_the_analytic_scene(scene):
     lo, hi = BOX
     on_box = np.all((xyz >= lo - 0.05) & (xyz <= hi + 0.05), axis=1)
     dist = np.where(on_box, 0.0, np.abs(xyz[:, 2]))  # off the box: distance to the ground plane
-    # measured: 1889 points, median 0.031 m from the surface (cameras ~9 m away), 0.963 within 0.1 m
+    # measured: 1900 points, median 0.033 m from the surface (cameras ~9 m away), 0.939 within 0.1 m
+    # (before the 4th session's defaults: 1889, 0.031 m, 0.963)
     assert np.median(dist) < 0.06 and np.mean(dist < 0.1) > 0.9
     for name in scene["names"]:
         h5 = dense.read_depth_h5(dense.depth_path(ws.path / "depths", name))
@@ -279,9 +285,10 @@ def test_geometric_pass_sources_have_photometric_maps(scene, tmp_path):
     depth, _ = PM.patch_match_image(ws, "v2.png", cfg, "geometric", info)
     assert sorted(info["sources"]) == ["v0.png", "v4.png"] and info["sources with maps"] == 2
     gt = scene["truth"]["v2.png"][0]
-    # measured: coverage 0.540 of the true surface with the two sources, AbsRel 0.0045 (margins:
-    # coverage -0.09, AbsRel 2x); the former rule kept v1 and v3 (no map) among the four sources
-    assert ((depth > 0) & (gt > 0)).sum() / (gt > 0).sum() > 0.45 and _rel(depth, gt).mean() < 0.009
+    # measured: coverage 0.682 of the true surface with the two sources, AbsRel 0.0079 (2 consistent
+    # sources, before the 4th session: 0.540, 0.0045); margins: coverage -0.09, AbsRel 2x; the former
+    # rule kept v1 and v3 (no map) among the four sources
+    assert ((depth > 0) & (gt > 0)).sum() / (gt > 0).sum() > 0.59 and _rel(depth, gt).mean() < 0.016
 
 
 def test_gpu_layout_and_shared_export_without_cuda(scene, tmp_path):
@@ -362,7 +369,7 @@ def test_coarse_to_fine_starts_from_the_coarse_planes(scene):
 
     def correct(**over):
         info: dict = {}
-        d, _ = PM.patch_match_image(ws, "v2.png", dense.DenseConfig(**{**CFG, **over}), "photometric", info)
+        d, _ = PM.patch_match_image(ws, "v2.png", dense.DenseConfig(**{**KCFG, **over}), "photometric", info)
         return float(((d > 0) & (gt > 0) & (np.abs(d - gt) <= 0.01 * np.maximum(gt, 1e-6))).sum() / (gt > 0).sum()), info
 
     full, _ = correct()

@@ -32,28 +32,31 @@ class DenseConfig:
     pm_view_selection: str = "coverage"
     pm_num_sources: int | None = 6  # sources per reference image (None: num_sources, the other backends')
     pm_max_image_size: int = 320  # working long side (pixels); maps are written at this size
-    pm_iterations: int = 4  # photometric red-black iterations (at the working size)
+    pm_iterations: int = 3  # photometric red-black iterations (at the working size)
     # coarse to fine: this many photometric iterations at pm_coarse_scale of the working size first, whose
-    # planes start the working size's pm_iterations (0: off; the window covers more of weakly textured scenes)
-    pm_coarse_iterations: int = 0
+    # planes start the working size's pm_iterations (0: off; the window covers more of weakly textured
+    # surfaces there; demo: +1.6 / +2.5 points of coverage, docs/benchmarks.md, issue 14 fourth session)
+    pm_coarse_iterations: int = 4
     pm_coarse_scale: float = 0.5
     pm_geom_iterations: int = 2  # geometric-consistency iterations (0: no geometric pass)
-    pm_window_radius: int = 4  # NCC window half size (pixels at the working size)
-    pm_window_step: int = 2  # sample every this many pixels in the window
+    pm_window_radius: int = 6  # NCC window half size (pixels at the working size; 13x13 px)
+    pm_window_step: int = 3  # sample every this many pixels in the window (5x5 samples)
     pm_sigma_color: float = 0.2  # bilateral weight, grey levels in [0, 1]
     pm_k_best: int = 2  # per pixel, the cost is the mean over the best this many sources
     pm_perturbation: float = 0.2  # relative depth / normal perturbation of the first refinement
     pm_far_pad: float = 1.5  # depth range: farthest sparse depth times this
     pm_min_std: float = 0.01  # reference window grey std below which a pixel gets no depth
     pm_min_ncc: float = 0.3  # filter: NCC a consistent source needs
-    pm_min_consistent: int = 2  # filter: consistent sources a pixel needs
+    # filter: consistent sources a pixel needs (COLMAP: 2; 1 with the speckle filter below covers 10 points
+    # more of the demo at AbsRel 0.03 instead of 0.02-0.03: the wrong depths one source confirms are isolated)
+    pm_min_consistent: int = 1
     pm_min_triangulation_angle: float = 1.0  # filter: degrees
     pm_geom_weight: float = 0.3  # geometric pass: weight of the reprojection error (pixels) in the cost
     pm_geom_max_cost: float = 3.0  # ... capped at this many pixels
     # filter, then: regions (4-connected, neighbours within pm_speckle_tolerance relative depth) of fewer
     # than pm_speckle_size pixels lose their depth (isolated wrong depths; 0 or 1: off)
-    pm_speckle_size: int = 0
-    pm_speckle_tolerance: float = 0.03
+    pm_speckle_size: int = 300
+    pm_speckle_tolerance: float = 0.08
     pm_geom_max_error: float = 1.0  # filter: forward-backward error a consistent source may have (pixels; COLMAP's)
     pm_seed: int = 0
     pm_threads: int = 0  # numba threads per task (0: numba's default, all cores)
