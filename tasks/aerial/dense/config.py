@@ -14,8 +14,9 @@ class DenseConfig:
     """Settings of the dense stage (both backends; the CPU ones are prefixed where ambiguous)."""
 
     backend: str = "auto"  # "cpu" | "gpu" | "auto" (the caller resolves: GPU when a worker declares one)
-    # the CPU method: "sgbm" (OpenCV SGBM on rectified pairs + plane sweep; the default while it
-    # beats PatchMatch on the demo's aerial frames, docs/benchmarks.md) | "patchmatch" (numba MVS)
+    # the CPU method: "sgbm" (OpenCV SGBM on rectified pairs + plane sweep; the default until the flow's
+    # end-to-end time with PatchMatch is measured, docs/benchmarks.md) | "patchmatch" (numba MVS: on the
+    # demo it meets the coverage and accuracy goals, SGBM covers 25 % / 15 %)
     cpu_method: str = "sgbm"
     num_sources: int = 4  # neighbouring views per reference image
     max_image_size: int = 2000  # as the original PatchMatch setting (long side, pixels)
@@ -30,7 +31,9 @@ class DenseConfig:
     # sources: "coverage" (views.select_sources_covering: greedy, so that the reference's scene is seen
     # twice) | "shared" (views.select_sources: most shared sparse points, as SGBM and the GPU backend)
     pm_view_selection: str = "coverage"
-    pm_num_sources: int | None = 6  # sources per reference image (None: num_sources, the other backends')
+    # sources per reference image (None: num_sources, the other backends'); demo: 8 against 6 covers
+    # +2.3 / +2.7 points at 1.25x the CPU (7.0 CPU-s per image with the defaults below)
+    pm_num_sources: int | None = 8
     pm_max_image_size: int = 320  # working long side (pixels); maps are written at this size
     pm_iterations: int = 3  # photometric red-black iterations (at the working size)
     # coarse to fine: this many photometric iterations at pm_coarse_scale of the working size first, whose
@@ -47,16 +50,20 @@ class DenseConfig:
     pm_far_pad: float = 1.5  # depth range: farthest sparse depth times this
     pm_min_std: float = 0.01  # reference window grey std below which a pixel gets no depth
     pm_min_ncc: float = 0.3  # filter: NCC a consistent source needs
-    # filter: consistent sources a pixel needs (COLMAP: 2; 1 with the speckle filter below covers 10 points
-    # more of the demo at AbsRel 0.03 instead of 0.02-0.03: the wrong depths one source confirms are isolated)
+    # filter: consistent sources a pixel needs (COLMAP: 2). 1 with the speckle filter below: demo coverage
+    # aerial 0.682 -> 0.772, photos 0.582 -> 0.647, AbsRel 0.017 / 0.026 -> 0.023 / 0.020 (the wrong depths
+    # that one source confirms come as small isolated regions; without the speckle filter AbsRel is 0.07 / 0.20)
     pm_min_consistent: int = 1
     pm_min_triangulation_angle: float = 1.0  # filter: degrees
     pm_geom_weight: float = 0.3  # geometric pass: weight of the reprojection error (pixels) in the cost
     pm_geom_max_cost: float = 3.0  # ... capped at this many pixels
     # filter, then: regions (4-connected, neighbours within pm_speckle_tolerance relative depth) of fewer
-    # than pm_speckle_size pixels lose their depth (isolated wrong depths; 0 or 1: off)
+    # than pm_speckle_size pixels (at the working size) lose their depth (isolated wrong depths; 0 or 1: off)
     pm_speckle_size: int = 300
     pm_speckle_tolerance: float = 0.08
+    # ... and regions where fewer than this share of the pixels have 2 consistent sources (a wrong plane one
+    # source confirms; demo: the per-image AbsRel outliers 0.15-0.25 go, for 0.2 / 1.3 points of coverage)
+    pm_region_min_share: float = 0.1
     pm_geom_max_error: float = 1.0  # filter: forward-backward error a consistent source may have (pixels; COLMAP's)
     pm_seed: int = 0
     pm_threads: int = 0  # numba threads per task (0: numba's default, all cores)

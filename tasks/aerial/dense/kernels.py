@@ -421,25 +421,27 @@ def consistency(depth, normal, P, min_ncc, geom_max_px, min_angle_cos, min_consi
 
 
 @njit(cache=True)
-def remove_speckles(depth, rel_tol, min_size):
+def remove_speckles(depth, rel_tol, min_size, count=None, min_count=2, min_share=0.0):
     """Sets to 0 the depths of the small regions: 4-connected sets of valid pixels whose neighbours'
     depths differ by at most ``rel_tol`` (relative), of fewer than ``min_size`` pixels (wrong depths
-    that two sources happen to confirm come as such isolated blobs; OpenCV's ``filterSpeckles`` for
-    depth). Returns the number of pixels removed."""
+    that sources happen to confirm come as such isolated blobs; OpenCV's ``filterSpeckles`` for
+    depth). With ``count`` (consistent sources per pixel), a region also goes when fewer than
+    ``min_share`` of its pixels have ``min_count`` of them (a plane that only one source confirms
+    anywhere). Returns the number of pixels removed."""
     h, w = depth.shape
     label = np.full((h, w), -1, np.int64)
     stack = np.empty(h * w, np.int64)
     members = np.empty(h * w, np.int64)
     removed = 0
-    n_regions = 0
     for i0 in range(h):
         for j0 in range(w):
             if depth[i0, j0] <= 0.0 or label[i0, j0] >= 0:
                 continue
-            label[i0, j0] = n_regions
+            label[i0, j0] = 1
             stack[0] = i0 * w + j0
             top = 1
             n = 0
+            confirmed = 0
             while top > 0:
                 top -= 1
                 p = stack[top]
@@ -447,6 +449,8 @@ def remove_speckles(depth, rel_tol, min_size):
                 n += 1
                 a = p // w
                 b = p - a * w
+                if count is not None and count[a, b] >= min_count:
+                    confirmed += 1
                 d = depth[a, b]
                 for q in range(4):
                     x = a + (1 if q == 0 else (-1 if q == 1 else 0))
@@ -456,13 +460,12 @@ def remove_speckles(depth, rel_tol, min_size):
                     e = depth[x, y]
                     if e <= 0.0 or abs(e - d) > rel_tol * d:
                         continue
-                    label[x, y] = n_regions
+                    label[x, y] = 1
                     stack[top] = x * w + y
                     top += 1
-            if n < min_size:
+            if n < min_size or (count is not None and confirmed < min_share * n):
                 for k in range(n):
                     p = members[k]
                     depth[p // w, p - (p // w) * w] = 0.0
                 removed += n
-            n_regions += 1
     return removed

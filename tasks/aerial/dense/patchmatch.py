@@ -209,9 +209,10 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
                                math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
                                min_var)
-        if cfg.pm_speckle_size > 1:
-            info["speckle pixels"] = int(KN.remove_speckles(depth, float(cfg.pm_speckle_tolerance),
-                                                            int(cfg.pm_speckle_size)))
+        if cfg.pm_speckle_size > 1 or cfg.pm_region_min_share > 0:
+            info["speckle pixels"] = int(KN.remove_speckles(
+                depth, float(cfg.pm_speckle_tolerance), int(cfg.pm_speckle_size), count, 2,
+                float(cfg.pm_region_min_share)))
         normal[depth <= 0] = 0
         info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
         info["consistent views"] = count
