@@ -19,10 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_dense_coverage import _GT  # noqa: E402
-from benchlib import cpu_seconds, patchmatch_demo  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
+from bench_dense_coverage import _GT
+from benchlib import cpu_seconds, patchmatch_demo
 
 
 def main() -> int:

@@ -128,7 +128,7 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         raise DenseError(f"{name}: not in the workspace model {ws.path / 'sparse'}")
     rec = ws.rec
     ref = _cam(rec, ws.by_name[name])
-    W, H, sx, sy = working_size(ref, cfg.pm_max_image_size)
+    W, H, _, _ = working_size(ref, cfg.pm_max_image_size)
     gref = _grey_at(ws, name, (W, H))  # raises for a missing / corrupt reference
     unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
     if phase == "geometric":
