@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
-import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
@@ -42,7 +41,7 @@ from rasterio.windows import Window
 from tasks.common.atomic import atomic_path, write_json_atomic
 from tasks.multimodal import schema
 from tasks.multimodal.sources.base import (NoDataError, Source, StackReadError, TileStack, TransientSourceError,
-                                           write_stack)
+                                           open_stack, write_stack)
 from tasks.multimodal.tile import Grid, Tile
 
 #: per-tile JSON fields that are fetch bookkeeping, not part of the dataset's tile_info
@@ -247,7 +246,7 @@ def stack_is_complete(tif: Path, bands: dict[str, Any], size: int | None = None)
     """Return None if ``tif`` is a complete stack declaring ``bands``, else the reason."""
     expected = schema.stack_band_descriptions(bands)
     try:
-        with rasterio.open(tif) as src:
+        with open_stack(tif) as src:
             if src.count != len(expected):
                 return f"has {src.count} bands, tile_info declares {len(expected)}"
             if any(src.descriptions) and list(src.descriptions) != expected:

@@ -14,9 +14,10 @@ logic. Sources signal outcomes with two distinct exceptions:
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import rasterio
@@ -137,6 +138,20 @@ class Source(abc.ABC):
 # --------------------------------------------------------------------------
 # GeoTIFF I/O shared by every source
 # --------------------------------------------------------------------------
+@contextlib.contextmanager
+def open_stack(path: str | Path, mode: str = "r", **profile: Any) -> Iterator[Any]:
+    """``rasterio.open`` for a stack in a tiles folder (every read and write of one goes
+    through here).
+
+    GDAL lists a file's whole folder when it opens it (to find side-car files), and also
+    when it creates one over an existing file (the atomic write's temporary name): in a
+    folder of N stacks every open then costs O(N), measured 1 -> 4 ms per write from 1000
+    to 12 000 tiles, about 30 ms at 100 000. Stacks have no side-car files, so the listing
+    is turned off (``GDAL_DISABLE_READDIR_ON_OPEN=EMPTY_DIR``): flat at about 0.9 ms."""
+    with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR"), rasterio.open(path, mode, **profile) as ds:
+        yield ds
+
+
 def write_stack(path: str | Path, stack: TileStack, compress: str | None = None) -> Path:
     """Write a stack as a float32 GeoTIFF with band descriptions, atomically."""
     stack.validate()
@@ -150,7 +165,7 @@ def write_stack(path: str | Path, stack: TileStack, compress: str | None = None)
     if compress and compress.lower() != "none":
         profile["compress"] = compress
     with atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
+        with open_stack(tmp, "w", **profile) as dst:
             dst.write(stack.data.astype(np.float32, copy=False))
             for i, name in enumerate(stack.band_descriptions, start=1):
                 dst.set_band_description(i, name)
@@ -169,7 +184,7 @@ def read_stack(path: str | Path) -> tuple[np.ndarray, list[str]]:
     """
     path = Path(path)
     try:
-        with rasterio.open(path) as src:
+        with open_stack(path) as src:
             data = src.read(out_dtype=np.float32)
             names = [d or "" for d in src.descriptions]
     except (RasterioError, OSError, ValueError) as exc:
