@@ -6,7 +6,9 @@ itself whenever CUDA is available."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -414,3 +416,61 @@ def test_remove_speckles_drops_regions_no_two_sources_confirm():
     assert (out[2:10, 2:12] == 10.0).all() and not out[12:19].any()
     out = d.copy()
     assert KN.remove_speckles(out, 0.03, 6, count, 2, 0.2) == 80 + 91
+
+
+def test_resume_keeps_only_maps_made_with_the_same_settings(scene, tmp_path):
+    """A map is reused only when the settings it depends on are as when it was made (its stamp in
+    ``stereo/patchmatch/``): other PatchMatch settings recompute both passes, a filter setting only
+    the geometric one (the photometric maps stay unfiltered before a geometric pass), the thread
+    count nothing; a map without a stamp (an earlier version, the GPU backend) is computed again."""
+    import shutil
+
+    ws_path = shutil.copytree(scene["ws"], tmp_path / "ws")
+    shutil.rmtree(ws_path / "stereo", ignore_errors=True)
+    ws = dense.open_workspace(ws_path)
+    names = ["v1.png", "v2.png"]
+    fast = dict(CFG, pm_iterations=1, pm_coarse_iterations=1, pm_geom_iterations=1)
+
+    def run(**kw):
+        cfg = dense.DenseConfig(**{**fast, **kw})
+        out = {}
+        for phase in PM.PHASES:
+            r = dense.run_patch_match(ws, names, cfg, phase)
+            assert not r["failures"], r["failures"]
+            out[phase] = sorted(n for n, st in r["stats"].items() if not st["skipped"])
+        return out
+
+    assert run() == {"photometric": names, "geometric": names}
+    assert PM.stamp_path(ws_path, "v1.png", "geometric").is_file()
+    assert run() == {"photometric": [], "geometric": []}
+    assert run(pm_threads=1) == {"photometric": [], "geometric": []}
+    assert run(pm_min_ncc=0.4) == {"photometric": [], "geometric": names}
+    assert run(pm_min_ncc=0.4, pm_window_radius=5) == {"photometric": names, "geometric": names}
+    PM.stamp_path(ws_path, "v2.png", "photometric").unlink()
+    assert run(pm_min_ncc=0.4, pm_window_radius=5) == {"photometric": ["v2.png"], "geometric": []}
+    # without a geometric pass the photometric maps are filtered: the filter is part of their stamp
+    cfg = dense.DenseConfig(**{**fast, "pm_geom_iterations": 0})
+    assert PM.settings_stamp(cfg, "photometric") != PM.settings_stamp(
+        dense.DenseConfig(**{**fast, "pm_geom_iterations": 0, "pm_min_ncc": 0.4}), "photometric")
+
+
+def test_settings_stamp_covers_every_setting_patchmatch_reads():
+    """Every DenseConfig field the CPU PatchMatch code reads is in its maps' stamp (or changes only
+    the speed), so that a new setting cannot silently reuse maps made without it."""
+    import re
+
+    import tasks.aerial.dense.views as VW
+
+    read = set()
+    for mod in (PM, VW, KN):
+        read |= set(re.findall(r"\bcfg\.([a-z_]+)", Path(mod.__file__).read_text()))
+    fields = set(dense.DenseConfig.__dataclass_fields__)
+    assert read and read <= fields, read - fields
+    stamped = {k for k in fields if k.startswith("pm_") and k != "pm_threads"} | set(PM._SHARED_SETTINGS)
+    assert read - stamped == {"pm_threads"}
+    base = dense.DenseConfig()
+    for k in sorted(stamped):  # each stamped field changes the geometric stamp
+        v = getattr(base, k)
+        other = (not v) if isinstance(v, bool) else ("x" if isinstance(v, str) else (v or 0) + 1)
+        changed = dataclasses.replace(base, **{k: other})
+        assert PM.settings_stamp(changed, "geometric") != PM.settings_stamp(base, "geometric"), k

@@ -155,6 +155,48 @@ def test_demo_depth_accuracy(demo):
     assert depth_failures(depth) == [], depth
 
 
+#: The CPU PatchMatch on every image of the demo, as ``python -m flows.aerial --set
+#: pipeline_options.dense.cpu_method=patchmatch`` densifies it (issue 14; goals: coverage >= 0.70
+#: aerial, >= 0.60 photos, AbsRel < 0.05, >= 90 % within 1.25x). (measured, limit, kind); measured
+#: with the fourth session's defaults (bench_dense_coverage.py and the flow: the same figures);
+#: margins: coverage -3 / -2.5 points, AbsRel 1.5x, outside 1.25x 1.7-2x.
+PATCHMATCH_LIMITS = {
+    ("aerial", "coverage"): (0.770, 0.74, "min"),
+    ("aerial", "absrel"): (0.0178, 0.027, "max"),
+    ("aerial", "outside_1.25"): (0.018, 0.03, "max"),
+    ("photos", "coverage"): (0.645, 0.62, "min"),
+    ("photos", "absrel"): (0.0201, 0.030, "max"),
+    ("photos", "outside_1.25"): (0.013, 0.025, "max"),
+}
+
+
+def test_demo_patchmatch_depth_meets_the_goals(demo, tmp_path):
+    """Every registered image of the demo densified with the CPU PatchMatch (both passes, the
+    export, the product) in a copy of the demo's workspace, evaluated as the SGBM figures above."""
+    import shutil
+
+    paths0 = demo["paths"]
+    root = tmp_path / "demo"
+    shutil.copytree(paths0.root, root, symlinks=True)
+    cfg = PL.get_config(dense={"cpu_method": "patchmatch"})
+    paths = PL.scene_paths(root, paths0.scene, root / "megadepth_processed", cfg)
+    for stale in (paths.dense / "stereo", paths.dense / "depths", paths.product):
+        shutil.rmtree(stale, ignore_errors=True)
+    names = PL.registered_names(paths)
+    out = PL.dense_depths_cpu(paths, cfg, names)
+    assert not out["failures"], out["failures"]
+    PL.export_product(paths)
+    depth = evaluate_scene(paths.product, paths.ground_truth, sorted(demo["info"]["queries"]))["depth"]
+    assert depth["aerial"]["images"] == 48 and depth["photos"]["images"] == 16
+    failed = []
+    for (group, metric), (measured, limit, kind) in PATCHMATCH_LIMITS.items():
+        g = depth[group]
+        value = 1.0 - g["within_1.25"] if metric == "outside_1.25" else g[metric]
+        if not (value < limit if kind == "max" else value > limit):
+            failed.append(f"{group} {metric} {value:.4f} (limit {limit}, measured {measured})")
+    assert failed == [], (failed, depth)
+
+
 def test_reference_triangulation(demo):
     paths = demo["paths"]
     ref = pycolmap.Reconstruction(str(paths.sfm))

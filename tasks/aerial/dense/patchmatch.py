@@ -39,6 +39,8 @@ the working size is skipped.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
@@ -54,6 +56,8 @@ from tasks.aerial.dense.io import read_colmap_array, read_colmap_header, write_c
 from tasks.aerial.dense.views import (_Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources,
                                       select_sources_covering)
 from tasks.aerial.dense.workspace import Workspace, open_workspace
+from tasks.common.atomic import write_json_atomic
+from tasks.common.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +68,33 @@ def map_paths(workspace: Path, name: str, kind: str) -> tuple[Path, Path]:
     """(depth map, normal map) of ``name`` in a workspace, COLMAP's names."""
     stereo = Path(workspace) / "stereo"
     return (stereo / "depth_maps" / f"{name}.{kind}.bin", stereo / "normal_maps" / f"{name}.{kind}.bin")
+
+
+#: DenseConfig fields the CPU PatchMatch reads besides its pm_* ones (pm_threads changes only the
+#: speed): a map is reused only when all of them are as when it was computed (``settings_stamp``)
+_SHARED_SETTINGS = ("num_sources", "depth_min", "depth_max", "max_view_angle", "min_triangulation_angle",
+                    "max_triangulation_angle", "max_scale_ratio", "prior_near_pad", "prior_far_pad")
+#: ... of which the photometric maps do not depend on these when a geometric pass follows (they stay
+#: unfiltered then), so a change of the filter or the geometric pass keeps them
+_GEOMETRIC_ONLY = ("pm_geom_iterations", "pm_min_ncc", "pm_min_consistent", "pm_min_triangulation_angle",
+                   "pm_geom_weight", "pm_geom_max_cost", "pm_geom_max_error", "pm_speckle_size",
+                   "pm_speckle_tolerance", "pm_region_min_share")
+
+
+def settings_stamp(cfg: DenseConfig, phase: str) -> str:
+    """A digest of the settings the ``phase`` maps depend on (see ``_SHARED_SETTINGS``)."""
+    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
+              if (k.startswith("pm_") and k != "pm_threads") or k in _SHARED_SETTINGS}
+    if phase == "photometric" and cfg.pm_geom_iterations > 0:
+        fields = {k: v for k, v in fields.items() if k not in _GEOMETRIC_ONLY}
+    return fingerprint({"phase": phase, **fields}, length=16)
+
+
+def stamp_path(workspace: Path, name: str, kind: str) -> Path:
+    """``stereo/patchmatch/<name>.<kind>.json``: the settings stamp of a CPU PatchMatch map pair,
+    written after the pair (outside COLMAP's folders); a map without it, or with another stamp
+    (other settings, another backend, an earlier version), is computed again."""
+    return Path(workspace) / "stereo" / "patchmatch" / f"{name}.{kind}.json"
 
 
 def working_size(c: _Cam, max_size: int) -> tuple[int, int, float, float]:
@@ -133,9 +164,12 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
     unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
     if phase == "geometric":
         # the geometric pass checks depths against the sources' photometric maps: its sources are
-        # chosen among the images that have one (a dense subset of the workspace leaves the others out)
+        # chosen among the images that have one made with these settings (a dense subset of the
+        # workspace leaves the others out)
+        pstamp = settings_stamp(cfg, "photometric")
         unusable |= {iid for iid in _posed_ids(rec) if iid != ref.image_id and not _map_complete(
-            ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size))}
+            ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size),
+            pstamp)}
     src_ids = source_ids(rec, ref.image_id, cfg, exclude=unusable)
     cams, greys, names = [], [], []
     for j in src_ids:
@@ -287,7 +321,13 @@ def _read_map(path: Path, shape: tuple[int, int]) -> np.ndarray | None:
     return m if m.shape[:2] == tuple(shape) else None
 
 
-def _map_complete(workspace: Path, name: str, kind: str, shape: tuple[int, int]) -> bool:
+def _map_complete(workspace: Path, name: str, kind: str, shape: tuple[int, int], stamp: str | None = None) -> bool:
+    if stamp is not None:
+        try:
+            if json.loads(stamp_path(workspace, name, kind).read_text()).get("settings") != stamp:
+                return False
+        except (OSError, ValueError, AttributeError):
+            return False
     for p in map_paths(workspace, name, kind):
         try:
             w, h, ch = read_colmap_header(p)
@@ -303,7 +343,8 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
                     phase: str = "photometric", details: dict | None = None) -> dict:
     """One pass of the CPU PatchMatch over images of a workspace (all posed ones by default):
     writes ``stereo/{depth,normal}_maps/<name>.<phase>.bin``. Resumable per image (a complete map
-    of the pass is kept); one bad image never stops the others. Returns ``{"stats": {name:
+    of the pass made with the same settings, :func:`settings_stamp`, is kept); one bad image never
+    stops the others. Returns ``{"stats": {name:
     {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``. ``details``
     (benchmarks) receives each computed image's ``info`` of :func:`patch_match_image` (with the
     per-pixel ``textured`` mask, ``unfiltered depth`` and ``consistent views`` of a filtered pass)."""
@@ -314,6 +355,7 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     names = sorted(ws.by_name) if image_names is None else list(image_names)
     stats: dict[str, dict] = {}
     failures: dict[str, str] = {}
+    stamp = settings_stamp(cfg, phase)
     for name in names:
         t0 = time.perf_counter()
         if name not in ws.by_name:
@@ -321,7 +363,7 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
             continue
         c = _cam(ws.rec, ws.by_name[name])
         W, H, _, _ = working_size(c, cfg.pm_max_image_size)
-        if _map_complete(ws.path, name, phase, (H, W)):
+        if _map_complete(ws.path, name, phase, (H, W), stamp):
             d = read_colmap_array(map_paths(ws.path, name, phase)[0])
             stats[name] = {"valid_fraction": float((d > 0).mean()), "seconds": time.perf_counter() - t0,
                            "sources": [], "skipped": True}
@@ -332,8 +374,10 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
             if details is not None:
                 details[name] = info
             dp, np_ = map_paths(ws.path, name, phase)
-            write_colmap_array(np_, normal)  # normal first: the depth map marks the pair complete
+            stamp_path(ws.path, name, phase).unlink(missing_ok=True)
+            write_colmap_array(np_, normal)  # normal first, then the depth map, then the stamp
             write_colmap_array(dp, depth)
+            write_json_atomic(stamp_path(ws.path, name, phase), {"settings": stamp})
         except Exception as exc:  # noqa: BLE001 - one image never sinks the others
             failures[name] = f"{type(exc).__name__}: {exc}"
             log.warning("dense patchmatch (%s): %s failed: %s", phase, name, failures[name])
@@ -345,5 +389,5 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     return {"stats": stats, "failures": failures}
 
 
-__all__ = ["PHASES", "map_paths", "working_size", "depth_range", "source_ids", "patch_match_image",
+__all__ = ["PHASES", "map_paths", "settings_stamp", "stamp_path", "working_size", "depth_range", "source_ids", "patch_match_image",
            "run_patch_match"]
