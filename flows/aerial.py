@@ -16,7 +16,7 @@ outputs are complete.
     python -m flows.aerial --config smoke                    # a tiny synthetic world
     python -m flows.aerial --root /data/aerial --megadepth /data/MegaDepth \\
         --scene-list megadepth_image_list_v0.npz --scenes 0001 0002
-    python -m flows.aerial --set pipeline_options.dense.cpu_method=patchmatch
+    python -m flows.aerial --config sgbm                     # SGBM instead of the CPU PatchMatch
     python -m flows.aerial --root /data/aerial --places places.yaml --plan-only   # plans only
 
 A scene that fails makes the command exit with status 1 after the other scenes finish.

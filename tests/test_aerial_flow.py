@@ -109,14 +109,15 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
     acc = rep["accuracy"]["poses"]
     assert acc["photos registered"] == n_reg and acc["median rotation error deg"] < 0.75
     assert acc["max rotation error deg"] < 1.4 and acc["median centre error m"] < 0.6
-    # depth of this run (CPU backend), measured: aerial frames AbsRel 0.0122, 98.9 % within
-    # 1.25x, coverage 1.8 %; photos AbsRel 0.0135, 99.4 %, coverage 6.0 %. Limits: AbsRel 2x,
-    # outside-1.25x about 2.5x, coverage half
+    # depth of this run (the default CPU method, PatchMatch), measured (python -m flows.aerial
+    # --config smoke, the same world and settings): aerial frames coverage 42.3 %, AbsRel 0.0230,
+    # 98.0 % within 1.25x; photos 49.7 %, 0.0366, 97.2 % (a small world: few views overlap, so
+    # below the demo's goals). Limits: coverage -5 points, AbsRel about 1.4x, outside 1.25x 2x
     depth = rep["accuracy"]["depth"]
     assert depth["aerial"]["images"] == 24 and depth["photos"]["images"] == n_reg
-    assert depth["aerial"]["absrel"] < 0.025 and depth["aerial"]["within_1.25"] >= 0.97
-    assert depth["photos"]["absrel"] < 0.027 and depth["photos"]["within_1.25"] >= 0.985
-    assert depth["aerial"]["coverage"] > 0.009 and depth["photos"]["coverage"] > 0.03
+    assert depth["aerial"]["coverage"] > 0.37 and depth["photos"]["coverage"] > 0.44
+    assert depth["aerial"]["absrel"] < 0.032 and depth["aerial"]["within_1.25"] >= 0.96
+    assert depth["photos"]["absrel"] < 0.05 and depth["photos"]["within_1.25"] >= 0.945
     assert json.loads((root / "data" / "0001" / "accuracy.json").read_text())["poses"]["photos registered"] == n_reg
     for stage in ("features", "matches", "reference", "localization", "dense", "export"):
         assert stage in rep["timings"]

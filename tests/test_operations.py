@@ -42,9 +42,9 @@ def smoke_multimodal(out: Path, name: str = "data_demo_api", n_tiles: int = 8) -
 
 
 def smoke_aerial(root: Path) -> dict:
-    # the smallest world that registers (as tests/test_aerial_flow.py); dense at 240 px
+    # the smallest world that registers (as tests/test_aerial_flow.py); the CPU PatchMatch at 240 px
     return {"root": str(root), "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
-            "image_batch": 2, "dense_batch": 8, "pipeline_options": {"dense": {"cpu_max_image_size": 240}}}
+            "image_batch": 2, "dense_batch": 8, "pipeline_options": {"dense": {"pm_max_image_size": 240}}}
 
 
 def wait_for_runs(ids, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> dict:

@@ -231,3 +231,22 @@ def test_run_each_and_in_thread():
     stats = run_each(lambda f: f, [in_thread(work, i) for i in (7, 8)], on_result=lambda f, v: seen.__setitem__(v[0], v),
                      on_error=lambda f, exc: None)
     assert stats.max_in_flight == 2 and {7, 8} <= set(seen)  # futures submitted earlier, collected
+
+
+def test_shutdown_comm_tracebacks_are_dropped_other_dask_records_kept(caplog):
+    """The "Batched Comm Closed" INFO record (a traceback at cluster shutdown) is not printed once a
+    runner is made; distributed.batched's other records still are."""
+    import logging
+
+    runtime.make_task_runner(runtime.DaskSettings(n_workers=1))
+    runtime.make_task_runner(runtime.DaskSettings(n_workers=1))  # installed once
+    logger = logging.getLogger("distributed.batched")
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.INFO, logger="distributed.batched"):
+        try:
+            raise OSError("Stream is closed")
+        except OSError:
+            logger.info("Batched Comm Closed %r", "<TCP (closed)>", exc_info=True)
+        logger.info("Batched Comm other %r", 1)
+    messages = [r.getMessage() for r in caplog.records if r.name == "distributed.batched"]
+    assert messages == ["Batched Comm other 1"]

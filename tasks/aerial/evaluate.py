@@ -164,16 +164,17 @@ def summary_table(acc: dict[str, Any]) -> list[dict[str, str]]:
     dev = abs(p["scale ratio median"] - 1.0)
     rows = [
         {"metric": "photos registered", "value": f"{p['photos registered']}/{p['photos attempted']}", "goal": "all",
-         "met": met(p["photos registered"] == p["photos attempted"])},
+         "met": met(p["photos registered"] == p["photos attempted"],
+                    f"{p['photos attempted'] - p['photos registered']} not registered")},
         {"metric": "median rotation error", "value": f"{p['median rotation error deg']:.3f} deg", "goal": "< 0.5 deg",
-         "met": met(p["median rotation error deg"] < 0.5)},
+         "met": met(p["median rotation error deg"] < 0.5, "rotation error >= 0.5 deg")},
         {"metric": "median centre error",
          "value": f"{p['median centre error m']:.3f} m ({100 * p['median centre error / extent']:.2f} % of "
                   f"{p['scene extent m']:.0f} m)", "goal": "< 1 % of the extent",
-         "met": met(p["median centre error / extent"] < 0.01)},
+         "met": met(p["median centre error / extent"] < 0.01, "centre error >= 1 % of the extent")},
         {"metric": "metric scale (distance ratio)",
          "value": f"{p['scale ratio median']:.4f} (max dev {p['scale ratio max deviation']:.4f})", "goal": "within 1 %",
-         "met": met(dev < 0.01)},
+         "met": met(dev < 0.01, f"scale off by {100 * dev:.2f} %")},
     ]
     for group in ("aerial", "photos", "all"):
         if group in d:
@@ -191,8 +192,10 @@ def summary_table(acc: dict[str, Any]) -> list[dict[str, str]]:
 
 def summary_rows(acc: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(metric, value, goal) rows for the report and the terminal; a missed goal says so."""
-    return [(r["metric"], r["value"], r["goal"] + ("" if r["met"] == "yes" else f" [MISSED: {r['met'][4:]}]"))
-            for r in summary_table(acc)]
+    def missed(met: str) -> str:
+        return "" if met == "yes" else " [MISSED" + (f": {met[4:]}" if met[4:] else "") + "]"
+
+    return [(r["metric"], r["value"], r["goal"] + missed(r["met"])) for r in summary_table(acc)]
 
 
 __all__ = ["evaluate_scene", "pose_accuracy", "depth_accuracy", "depth_metrics", "gt_depth_on_grid", "scene_extent",

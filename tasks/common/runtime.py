@@ -454,6 +454,23 @@ def bound_dask_logs() -> None:
         dask.config.set({"distributed.admin.low-level-log-length": DASK_LOG_LENGTH})
 
 
+class _DropClosedCommTracebacks(logging.Filter):
+    """Drops ``distributed.batched``'s "Batched Comm Closed" record: an INFO message with a full
+    traceback that a connection closing at cluster shutdown can print (a known race, e.g.
+    dask/distributed#9032; the run's result is not affected). Its other records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Batched Comm Closed")
+
+
+def quiet_shutdown_tracebacks() -> None:
+    """Install :class:`_DropClosedCommTracebacks` once on ``distributed.batched`` (this process;
+    worker processes import this module through the tasks, where the same holds)."""
+    logger = logging.getLogger("distributed.batched")
+    if not any(isinstance(f, _DropClosedCommTracebacks) for f in logger.filters):
+        logger.addFilter(_DropClosedCommTracebacks())
+
+
 def make_task_runner(settings: DaskSettings | None = None,
                      settings_from: Callable[[dict[str, Any]], DaskSettings] | None = None):
     """The ``DaskTaskRunner`` every flow uses.
@@ -466,6 +483,7 @@ def make_task_runner(settings: DaskSettings | None = None,
     """
     keep_malloc_defaults()
     bound_dask_logs()
+    quiet_shutdown_tracebacks()
     return FlowDaskTaskRunner(settings=settings, settings_from=settings_from)
 
 

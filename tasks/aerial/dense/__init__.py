@@ -7,9 +7,9 @@ caller and passed explicitly:
   dense ``.bin`` arrays, PLY), :mod:`.workspace` COLMAP's undistorted workspace
   (``images/``, ``sparse/`` with pinhole cameras), :mod:`.views` camera helpers and source-view
   selection;
-* backends: :mod:`.patchmatch` (CPU, ``cpu_method="patchmatch"``: COLMAP's PatchMatch MVS compiled with numba, kernels
+* backends: :mod:`.patchmatch` (CPU, the default ``cpu_method="patchmatch"``: COLMAP's PatchMatch MVS compiled with numba, kernels
   in :mod:`.kernels`), :mod:`.gpu` (COLMAP PatchMatch through pycolmap on CUDA), :mod:`.sgbm`
-  (CPU, the default ``cpu_method``: OpenCV SGBM on rectified pairs + plane sweep);
+  (CPU, ``cpu_method="sgbm"``: OpenCV SGBM on rectified pairs + plane sweep);
 * :mod:`.fusion`: what the PatchMatch backends share: ``pycolmap.stereo_fusion`` into
   ``fused.ply`` and the export of the maps to ``depths/<stem>.h5``.
 
