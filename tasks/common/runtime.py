@@ -464,8 +464,8 @@ class _DropClosedCommTracebacks(logging.Filter):
 
 
 def quiet_shutdown_tracebacks() -> None:
-    """Install :class:`_DropClosedCommTracebacks` once on ``distributed.batched`` (this process;
-    worker processes import this module through the tasks, where the same holds)."""
+    """Install :class:`_DropClosedCommTracebacks` once on ``distributed.batched`` in the flow's
+    process (where a local cluster's scheduler runs and where the traceback was printed)."""
     logger = logging.getLogger("distributed.batched")
     if not any(isinstance(f, _DropClosedCommTracebacks) for f in logger.filters):
         logger.addFilter(_DropClosedCommTracebacks())
