@@ -190,8 +190,8 @@ def test_demo_sgbm_depth_accuracy(demo, tmp_path):
     assert depth_failures(depth) == [], depth
 
 
-#: The CPU PatchMatch on every image of the demo, as ``python -m flows.aerial --set
-#: pipeline_options.dense.cpu_method=patchmatch`` densifies it (issue 14; goals: coverage >= 0.70
+#: The CPU PatchMatch (the default CPU method) on every image of the demo, as ``python -m flows.aerial``
+#: densifies it (issue 14; goals: coverage >= 0.70
 #: aerial, >= 0.60 photos, AbsRel < 0.05, >= 90 % within 1.25x). (measured, limit, kind); measured
 #: with the fourth session's defaults (bench_dense_coverage.py and the flow: the same figures);
 #: margins: coverage -3 / -2.5 points, AbsRel 1.5x, outside 1.25x 1.7-2x.
