@@ -54,7 +54,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -1396,6 +1396,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server: _Server
+    settle: Callable[[], None]  # the current request's bookkeeping (set by FakeEarthEngine._handle)
 
     def setup(self) -> None:
         """Disable Nagle: headers and body go out in separate writes (else ~40 ms per answer)."""
@@ -1451,7 +1452,10 @@ class FakeEarthEngine:
     :meth:`snapshot` for a consistent copy):
         url, project, requests_by_tile, total, in_flight, max_in_flight,
         admitted_in_flight, max_admitted_in_flight, faults_injected,
-        slot_seconds, log.
+        slot_seconds, log. A request is counted done (``in_flight`` down,
+        its ``duration_s`` and ``slot_seconds`` taken, its ``log`` entry
+        appended) just before its reply is written, so a client holding an
+        answer reads counters that already include it.
     """
 
     def __init__(
@@ -1649,6 +1653,31 @@ class FakeEarthEngine:
         body: bytes = b""
         api = False
         admitted = False
+        settled = False
+
+        def settle() -> None:
+            # The request's bookkeeping, done once, and before the reply's
+            # first byte (``_send`` / ``_drop`` call it): a client that has
+            # its answer must find the counters and the log already updated.
+            nonlocal settled
+            if settled:
+                return
+            settled = True
+            elapsed = time.monotonic() - t0
+            entry["duration_s"] = round(elapsed, 6)
+            with self._lock:
+                if api:
+                    self.in_flight -= 1
+                    self.slot_seconds += elapsed
+                    if entry.get("kind") in ("value", "pixels") and entry.get("tile_id"):
+                        end = t0 + elapsed
+                        self.tile_window = [min(self.tile_window[0], t0), max(self.tile_window[1], end)] \
+                            if self.tile_window else [t0, end]
+                if admitted:
+                    self.admitted_in_flight -= 1
+                self.log.append(entry)
+
+        h.settle = settle
         try:
             length = int(h.headers.get("Content-Length") or 0)
             body = h.rfile.read(length) if length > 0 else b""
@@ -1755,19 +1784,7 @@ class FakeEarthEngine:
             except OSError:
                 h.close_connection = True
         finally:
-            elapsed = time.monotonic() - t0
-            entry["duration_s"] = round(elapsed, 6)
-            with self._lock:
-                if api:
-                    self.in_flight -= 1
-                    self.slot_seconds += elapsed
-                    if entry.get("kind") in ("value", "pixels") and entry.get("tile_id"):
-                        end = t0 + elapsed
-                        self.tile_window = [min(self.tile_window[0], t0), max(self.tile_window[1], end)] \
-                            if self.tile_window else [t0, end]
-                if admitted:
-                    self.admitted_in_flight -= 1
-                self.log.append(entry)
+            settle()
 
     def _authorized(self, h: _Handler) -> bool:
         header = h.headers.get("Authorization") or ""
@@ -1890,6 +1907,7 @@ class FakeEarthEngine:
 
     def _drop(self, h: _Handler, entry: dict[str, Any]) -> None:
         entry["status"] = "dropped"
+        h.settle()
         h.close_connection = True
         try:
             h.connection.shutdown(socket.SHUT_RDWR)
@@ -1900,6 +1918,7 @@ class FakeEarthEngine:
         self, h: _Handler, status: int, data: bytes, entry: dict[str, Any], content_type: str = "application/json"
     ) -> None:
         entry["status"] = status
+        h.settle()
         h.send_response(status)
         h.send_header("Content-Type", content_type if status < 400 else "application/json; charset=UTF-8")
         h.send_header("Content-Length", str(len(data)))
