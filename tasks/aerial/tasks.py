@@ -201,7 +201,7 @@ def training_scene_task(export: str, paths, plan, ecfg, features: dict):
     from tasks.aerial import training_export as T
 
     return T.export_scene(Path(export), paths.scene, paths.product, T.reference_names(paths.scene_dir), plan,
-                          ecfg, features)
+                          ecfg, features, ground_truth=paths.ground_truth)
 
 
 @task(name="training-export-index", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,9 +43,20 @@ from tasks.common.atomic import atomic_path, link_atomic, write_bytes_atomic, wr
 
 #: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
 AMD_SFM_FOLDER = "sfm_superpoint+superglue"
+#: Version of the files' formats: part of every scene's key, so a rerun rewrites files an
+#: older version wrote (v2: pair_infos as pickled dicts, the segmentation PNGs).
+FORMAT = "geodata-factory training exports v2"
 #: Pair kinds, as stored next to every pair list.
 KINDS = {0: "aerial-aerial", 1: "aerial-ground", 2: "ground-ground"}
 DUST3R_SUBSCENE = "0"  # one model per scene: MegaDepth's first (and only) sub-model
+#: ``--output_dir`` of AerialMegaDepth's preprocessing under EXPORT: its sample DUSt3R loader
+#: ``MegaDepthAerial`` finds the segmentation by replacing this name with SEGMENTATION in ROOT.
+AMD_PROCESSED = "megadepth_aerial_processed"
+SEGMENTATION = "megadepth_aerial_processed_segmentation"
+#: ADE20k labels (0-based, as InternImage/mmseg write them): the loader zeroes depth where sky.
+ADE20K_SKY = 2
+#: every pixel not known to be sky: mmseg's ignore index ("other"), which no reader masks.
+SEG_UNKNOWN = 255
 
 
 @dataclass
@@ -209,6 +221,25 @@ def central_matches(id2d: list[dict], i: int, j: int) -> np.ndarray:
     return np.array([id2d[i][q] + id2d[j][q] for q in common], np.float32)
 
 
+def write_pair_infos(path: Path, **fields: Any) -> Path:
+    """A LoFTR/DKM scene index as LoFTR's released ``scene_info_*/<scene>_<lo>_<hi>.npz``
+    are: a pickled ``dict`` (not an ``np.savez`` zip), so that ``np.load(path,
+    allow_pickle=True)`` returns the dict itself and LoFTR's ``MegaDepthDataset`` can
+    ``del scene_info['pair_infos']`` from it (an ``NpzFile`` does not support deletion)."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            pickle.dump(dict(fields), fh, protocol=4)
+    return Path(path)
+
+
+def read_pair_infos(path: Path) -> dict[str, Any]:
+    """The one reader of :func:`write_pair_infos`' files, as LoFTR opens them."""
+    out = np.load(path, allow_pickle=True)
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: not a LoFTR scene index (a pickled dict); export the scene again")
+    return out
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -257,6 +288,60 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
         write_npz_atomic(npz, intrinsics=v.K.astype(np.float32), cam2world=G.invert_pose(v.w2c).astype(np.float32))
         names.append(v.name)
     return names
+
+
+def sky_masks(views: list[C.View], ground_truth: Path | None) -> dict[str, np.ndarray]:
+    """Per image name, the pixels known to be sky, on the product image's grid: where the
+    synthetic world's ground truth (``ground_truth/sparse`` + ``depths/<stem>.h5``, 0 where
+    a ray hits nothing) has no surface. Images without a ground truth get none: a pixel
+    without depth in the product is a hole of the reconstruction as often as sky."""
+    if ground_truth is None or not (Path(ground_truth) / "sparse").is_dir():
+        return {}
+    import pycolmap
+
+    from tasks.aerial.evaluate import gt_depth_on_grid
+
+    gt = pycolmap.Reconstruction(str(Path(ground_truth) / "sparse"))
+    by = {im.name: im for im in gt.images.values()}
+    out = {}
+    for v in views:
+        g, f = by.get(v.name), Path(ground_truth) / "depths" / f"{Path(v.name).stem}.h5"
+        if g is None or not f.exists():
+            continue
+        d = read_depth_h5(f)
+        # -1 marks the ground truth's sky, so that 0 stays "outside the raw image" (unknown)
+        on_grid = gt_depth_on_grid(np.where(d > 0, d, -1.0).astype(np.float32),
+                                   np.asarray(gt.cameras[g.camera_id].calibration_matrix()), v.K,
+                                   (v.height, v.width))
+        out[v.name] = on_grid < 0
+    return out
+
+
+def segmentation_layout(export: Path, scene: str, views: list[C.View], ground_truth: Path | None) -> dict[str, int]:
+    """``EXPORT/megadepth_aerial_processed_segmentation/<scene>/<name>.png`` per image: the
+    per-image segmentation AerialMegaDepth's ``MegaDepthAerial`` loader reads
+    unconditionally (``<ROOT>_segmentation/<scene>/<name>.png``, 8-bit, ADE20k labels; it
+    zeroes the depth where the label is 2, sky). :data:`ADE20K_SKY` where
+    :func:`sky_masks` knows the pixel is sky, :data:`SEG_UNKNOWN` elsewhere. Returns
+    counts (images, images with a known sky, sky pixels)."""
+    import cv2
+
+    out = Path(export) / SEGMENTATION / scene
+    skies = sky_masks(views, ground_truth)
+    counts = {"images": 0, "with ground truth": 0, "sky pixels": 0}
+    for v in views:
+        label = np.full((v.height, v.width), SEG_UNKNOWN, np.uint8)
+        sky = skies.get(v.name)
+        if sky is not None:
+            label[sky] = ADE20K_SKY
+            counts["with ground truth"] += 1
+            counts["sky pixels"] += int(sky.sum())
+        ok, png = cv2.imencode(".png", label)
+        if not ok:  # pragma: no cover - cv2 always encodes uint8
+            raise OSError(f"{out / v.name}.png: cv2 could not encode PNG")
+        write_bytes_atomic(out / f"{v.name}.png", png.tobytes())
+        counts["images"] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------- picture
@@ -338,14 +423,15 @@ def covisibility_work(export: Path, scene: str) -> Path:
 
 
 def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: C.Plan,
-                 config: ExportConfig, features: dict[str, Any] | None = None) -> dict[str, Any]:
+                 config: ExportConfig, features: dict[str, Any] | None = None,
+                 ground_truth: Path | None = None) -> dict[str, Any]:
     """Every per-scene file (see the module docstring) from the product and the computed
     covisibility blocks of ``plan``. Returns the scene's entry of the dataset index.
     Skipped (the entry read back) when the entry's key matches the product, the settings
     and the features, and the files it lists exist."""
     export = Path(export)
     product = Path(product)
-    key = f"{plan.key}-{config.fingerprint()}-{json.dumps(features or {}, sort_keys=True)}"
+    key = f"{FORMAT}-{plan.key}-{config.fingerprint()}-{json.dumps(features or {}, sort_keys=True)}"
     entry_path = export / "work" / scene / "scene.json"
     if entry_path.exists():
         try:
@@ -396,12 +482,14 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
             pi[m, 2] = central_matches(id2d, int(i), int(j))
         kinds = pair_kinds(is_aerial, ij[:, 0], ij[:, 1]) if len(ij) else np.zeros(0, np.uint8)
         fname = f"{scene}_{lo:g}_{hi:g}.npz"
-        write_npz_atomic(export / "pair_infos" / fname, image_paths=info["image_paths"], depth_paths=info["depth_paths"],
-               intrinsics=info["intrinsics"], poses=info["poses"], pair_infos=pi, pair_kinds=kinds)
+        write_pair_infos(export / "pair_infos" / fname, image_paths=info["image_paths"],
+                         depth_paths=info["depth_paths"], intrinsics=info["intrinsics"], poses=info["poses"],
+                         pair_infos=pi, pair_kinds=kinds)
         ranges[f"{lo:g}-{hi:g}"] = {"file": f"pair_infos/{fname}", "pairs": int(len(ij)),
                                     "aerial-ground": int((kinds == 1).sum())}
     aerialmegadepth_layout(export, scene, product)
     dust3r_names = dust3r_layout(export, scene, product, views, config.dust3r_max_depth) if config.dust3r else []
+    segmentation = segmentation_layout(export, scene, views, ground_truth)
     png, shown = picture(views, cov, is_aerial, score, product, scene, config.covisibility.rel_tolerance)
     write_bytes_atomic(export / "pictures" / f"{scene}_covisibility.png", png)
     iu = np.triu_indices(n, 1)
@@ -412,6 +500,7 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
         "product": os.path.relpath(product, export), "scene_info": f"scene_info/{scene}.npz",
         "covisibility": f"covisibility/{scene}.npz", "picture": f"pictures/{scene}_covisibility.png",
         "aerialmegadepth": f"aerialmegadepth/{scene}", "dust3r images": len(dust3r_names),
+        "segmentation": {"folder": f"{SEGMENTATION}/{scene}", **segmentation},
         "pairs": {**plan.counts, "with overlap": int((s > 0).sum())}, "ranges": ranges,
         "picture pair": shown, "features": features or {}, "key": key,
     }
@@ -483,7 +572,7 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
                images=np.array(d_images, dtype=str), pairs=_pairs_struct(d_rows))
     features = {json.dumps(e.get("features", {}), sort_keys=True) for e in entries}
     index = {
-        "format": "geodata-factory training exports v1", "root": ".",
+        "format": FORMAT, "root": ".",
         "scenes": {e["scene"]: e for e in entries},
         "features used": [json.loads(f) for f in sorted(features)],
         "settings": config.to_dict(),
@@ -495,8 +584,13 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
                              "depth_subpath": "depths/"},
             "d2-net": {"scene_info_path": "scene_info", "base_path": "."},
             "loftr": {"root_dir": ".", "npz_root": "pair_infos"},
-            "aerialmegadepth": {"--megasynth_dir": "aerialmegadepth/",
-                                "--precomputed_pairs": "aerialmegadepth_pairs.npz"},
+            # preprocess_aerialmegadepth.py's arguments (its current get_parser), then its
+            # sample loader MegaDepthAerial on the output (segmentation: SEGMENTATION/)
+            "aerialmegadepth": {"--megadepth_aerial_dir": "aerialmegadepth",
+                                "--precomputed_pairs": "aerialmegadepth_pairs.npz",
+                                "--output_dir": AMD_PROCESSED,
+                                "MegaDepthAerial": {"ROOT": AMD_PROCESSED,
+                                                    "split_file": "../aerialmegadepth_pairs.npz"}},
             "dust3r": {"ROOT": "dust3r"},
         },
     }
@@ -506,4 +600,5 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
 
 __all__ = ["ExportConfig", "export_config", "scene_info", "pair_scores", "pair_kinds", "pairs_in_range",
            "central_matches", "aerialmegadepth_layout", "dust3r_layout", "picture", "reference_names",
-           "covisibility_work", "export_scene", "export_dataset", "scene_entries", "AMD_SFM_FOLDER", "KINDS"]
+           "covisibility_work", "export_scene", "sky_masks", "segmentation_layout", "SEGMENTATION",
+           "AMD_PROCESSED", "write_pair_infos", "read_pair_infos", "export_dataset", "scene_entries", "AMD_SFM_FOLDER", "KINDS"]
