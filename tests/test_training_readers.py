@@ -291,3 +291,92 @@ def test_megadepth_aerial_loader_reads_segmentation(exported):
     assert "img_1.jpg" in seen
     entry = exported["entry"]["segmentation"]
     assert entry["with ground truth"] == 4 and entry["sky pixels"] == SKY_ROWS * 160
+
+
+# ----------------------------------------------------------------------------- 15. files a later run trusts
+
+
+def test_rel_tolerance_out_of_range_rejected_at_config_validation():
+    from pydantic import ValidationError
+
+    from tasks.aerial.config import AerialConfig
+
+    for bad in (-1, 0, float("nan"), 1.5):
+        with pytest.raises(ValueError, match=r"covisibility\.rel_tolerance"):
+            T.export_config(covisibility={"rel_tolerance": bad})
+    with pytest.raises(ValidationError, match=r"exports: export setting covisibility\.rel_tolerance=-1"):
+        AerialConfig.model_validate({"exports": {"covisibility": {"rel_tolerance": -1}}})
+    assert T.export_config(covisibility={"rel_tolerance": 0.25}).covisibility.rel_tolerance == 0.25
+
+
+def _files(ex: Path) -> dict[str, bytes]:
+    return {p.relative_to(ex).as_posix(): p.read_bytes() for p in sorted(ex.rglob("*"))
+            if p.is_file() and not p.is_symlink() and "work" not in p.relative_to(ex).parts[:1]}
+
+
+def test_damaged_training_files_are_repaired_on_rerun(tmp_path):
+    """Truncated, deleted and corrupted files under training/ do not survive a rerun (the
+    scene's record no longer matches: exported again); a damaged covisibility file of a
+    scene that is not rerun leaves that scene out of index.json instead of breaking it."""
+    product = make_product(tmp_path / "scene")
+    first = export(tmp_path, product)
+    ex = first["export"]
+    good = _files(ex)
+    assert not first["entry"].get("skipped")
+    assert export(tmp_path, product)["entry"].get("skipped")  # unchanged: nothing written
+    damaged = {
+        "scene_info": ex / "scene_info" / f"{SCENE}.npz",
+        "pair_infos": ex / "pair_infos" / f"{SCENE}_0.1_0.3.npz",
+        "exr": next((ex / "dust3r" / SCENE / "0").glob("*.exr")),
+        "segmentation": next((ex / T.SEGMENTATION / SCENE).glob("*.png")),
+    }
+    for p in damaged.values():
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])  # truncated
+    deleted = next((ex / "images" / SCENE).iterdir())
+    deleted.unlink()
+    cov = ex / "covisibility" / f"{SCENE}.npz"
+    data = bytearray(cov.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 64] = b"\0" * 64  # corrupt, same size
+    cov.write_bytes(bytes(data))
+    again = export(tmp_path, product)
+    assert not again["entry"].get("skipped")
+    assert _files(ex).keys() == good.keys()
+    for rel in [p.relative_to(ex).as_posix() for p in damaged.values()] + [cov.relative_to(ex).as_posix()]:
+        assert _files(ex)[rel] == good[rel], rel  # the same bytes as the first export
+    assert deleted.exists() and deleted.samefile(product / "images" / deleted.name)
+    assert SCENE in again["index"]["scenes"] and not again["index"]["scenes left out"]
+    # index only (the scene is not rerun): the damaged scene is left out, the index is written
+    cov.write_bytes(bytes(data))
+    index = T.export_dataset(ex, None, again["config"])
+    assert SCENE not in index["scenes"] and "content differs" in index["scenes left out"][SCENE]
+    assert json.loads((ex / "index.json").read_text())["scenes left out"] == index["scenes left out"]
+
+
+def test_photo_dropped_from_product_is_removed_from_training(tmp_path):
+    """A photo that leaves the product takes its links, depth, DUSt3R files and segmentation
+    out of training/ on the next export."""
+    product = make_product(tmp_path / "scene")
+    ex = export(tmp_path, product)["export"]
+    gone = "img_3.jpg"
+    assert (ex / "images" / SCENE / gone).exists()
+    make_product(tmp_path / "scene", n=3)  # the same first three images, model without img_3
+    (product / "images" / gone).unlink()
+    (product / "depths" / "img_3.h5").unlink()
+    again = export(tmp_path, product)
+    assert again["entry"]["images"] == 3
+    left = [p for p in ex.rglob(f"*{Path(gone).stem}*") if "work" not in p.relative_to(ex).parts]
+    assert left == []
+
+
+def test_empty_scene_is_reported_not_a_crash(tmp_path):
+    """A product with no registered image: a clear error naming the scene (the flow's stage
+    reports it and goes on), its earlier entry out of the index; other scenes unaffected."""
+    product = make_product(tmp_path / "scene")
+    ex = export(tmp_path, product)["export"]
+    lines = (product / "sparse-txt" / "images.txt").read_text().splitlines()[:4]
+    (product / "sparse-txt" / "images.txt").write_text("\n".join(lines) + "\n")
+    (product / "sparse-txt" / "points3D.txt").write_text("# 3D point list\n")
+    with pytest.raises(T.EmptyScene, match=f"scene {SCENE}: the product .* has no registered image"):
+        export(tmp_path, product)
+    assert SCENE not in T.export_dataset(ex, None, T.export_config())["scenes"]

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import pickle
 from dataclasses import asdict, dataclass, field
@@ -39,7 +40,8 @@ from tasks.aerial import covisibility as C
 from tasks.aerial import geometry as G
 from tasks.aerial.dense import image_stem, read_depth_h5
 from tasks.aerial.layout import PRODUCT, REFERENCE_EMPTY, WORK
-from tasks.common.atomic import atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
+from tasks.common import trusted
+from tasks.common.atomic import PARTIAL, atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
 #: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
 AMD_SFM_FOLDER = "sfm_superpoint+superglue"
@@ -48,6 +50,7 @@ AMD_SFM_FOLDER = "sfm_superpoint+superglue"
 FORMAT = "geodata-factory training exports v2"
 #: Pair kinds, as stored next to every pair list.
 KINDS = {0: "aerial-aerial", 1: "aerial-ground", 2: "ground-ground"}
+log = logging.getLogger(__name__)
 DUST3R_SUBSCENE = "0"  # one model per scene: MegaDepth's first (and only) sub-model
 #: ``--output_dir`` of AerialMegaDepth's preprocessing under EXPORT: its sample DUSt3R loader
 #: ``MegaDepthAerial`` finds the segmentation by replacing this name with SEGMENTATION in ROOT.
@@ -94,6 +97,10 @@ def export_config(**overrides) -> ExportConfig:
             raise KeyError(f"unknown export setting {k!r}; choose one of {sorted(asdict(cfg))}")
     if cfg.pair_score not in ("min", "mean", "max"):
         raise ValueError(f"export setting pair_score={cfg.pair_score!r}: use min, mean or max")
+    tol = cfg.covisibility.rel_tolerance
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1:
+        raise ValueError(f"export setting covisibility.rel_tolerance={tol!r}: use a number in (0, 1] "
+                         "(0.1: depths agree within 10 %)")
     if cfg.score_matrix not in ("covisibility", "known"):
         raise ValueError(f"export setting score_matrix={cfg.score_matrix!r}: use covisibility or known")
     return cfg
@@ -263,15 +270,19 @@ def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
     return base
 
 
-def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], max_depth: float) -> list[str]:
+def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], max_depth: float,
+                  previous: dict[str, Any] | None = None) -> list[str]:
     """``EXPORT/dust3r/<scene>/0/<name>.jpg`` (the image's bytes), ``.exr`` (float32
     depth, beyond ``max_depth`` set to 0) and ``.npz`` (``intrinsics`` 3x3, ``cam2world``
     4x4): what AerialMegaDepth's preprocessing writes and DUSt3R's readers load. Images
-    without depth are left out (DUSt3R needs all three files). Returns the names written."""
+    without depth are left out (DUSt3R needs all three files). Returns the names written.
+    An ``.exr`` newer than its depth is kept only when it matches ``previous`` (the scene's
+    last record of its files, :mod:`tasks.common.trusted`)."""
     os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
     import cv2
 
-    out = Path(export) / "dust3r" / scene / DUST3R_SUBSCENE
+    export = Path(export)
+    out = export / "dust3r" / scene / DUST3R_SUBSCENE
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for v in views:
@@ -279,7 +290,11 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
             continue
         jpg, exr, npz = (out / f"{v.name}{ext}" for ext in (".jpg", ".exr", ".npz"))
         _link_file(Path(product) / "images" / v.name, jpg)
-        if not (exr.exists() and exr.stat().st_mtime_ns >= v.depth_file.stat().st_mtime_ns):
+        rel = exr.relative_to(export).as_posix()
+        kept = (previous is not None and rel in previous and exr.exists()
+                and exr.stat().st_mtime_ns >= v.depth_file.stat().st_mtime_ns
+                and trusted.matches(export, {rel: previous[rel]}))
+        if not kept:
             d = read_depth_h5(v.depth_file)
             d[d > max_depth] = 0.0
             with atomic_path(exr, suffix=".exr") as tmp:
@@ -433,15 +448,18 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
     product = Path(product)
     key = f"{FORMAT}-{plan.key}-{config.fingerprint()}-{json.dumps(features or {}, sort_keys=True)}"
     entry_path = export / "work" / scene / "scene.json"
-    if entry_path.exists():
-        try:
-            old = json.loads(entry_path.read_text())
-        except ValueError:
-            old = {}
-        files = [old.get(k) for k in ("scene_info", "covisibility", "picture")]
-        files += [r["file"] for r in old.get("ranges", {}).values()]
-        if old.get("key") == key and all(f and (export / f).exists() for f in files):
+    old = _read_entry(entry_path)
+    if not plan.views:
+        entry_path.unlink(missing_ok=True)  # the index no longer lists what the scene had
+        raise EmptyScene(f"scene {scene}: the product {product} has no registered image (sparse-txt/images.txt); "
+                         "nothing to export: check the scene's dense and export stages")
+    if old.get("key") == key:
+        bad = trusted.problems(export, old.get("files"))
+        if not bad:
+            aerialmegadepth_layout(export, scene, product)  # links only: remade if deleted
             return {**old, "skipped": True}
+        log.warning("scene %s: training files changed since they were written (%s%s); exporting the scene again",
+                    scene, "; ".join(bad[:3]), f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     views = plan.views
     strict, known = C.matrices(plan)
     cov = strict if config.score_matrix == "covisibility" else known
@@ -488,7 +506,9 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
         ranges[f"{lo:g}-{hi:g}"] = {"file": f"pair_infos/{fname}", "pairs": int(len(ij)),
                                     "aerial-ground": int((kinds == 1).sum())}
     aerialmegadepth_layout(export, scene, product)
-    dust3r_names = dust3r_layout(export, scene, product, views, config.dust3r_max_depth) if config.dust3r else []
+    previous = old.get("files") if isinstance(old.get("files"), dict) else None
+    dust3r_names = (dust3r_layout(export, scene, product, views, config.dust3r_max_depth, previous)
+                    if config.dust3r else [])
     segmentation = segmentation_layout(export, scene, views, ground_truth)
     png, shown = picture(views, cov, is_aerial, score, product, scene, config.covisibility.rel_tolerance)
     write_bytes_atomic(export / "pictures" / f"{scene}_covisibility.png", png)
@@ -504,8 +524,63 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
         "pairs": {**plan.counts, "with overlap": int((s > 0).sum())}, "ranges": ranges,
         "picture pair": shown, "features": features or {}, "key": key,
     }
-    write_json_atomic(entry_path, entry, indent=1)
+    entry["files"] = _scene_record(export, scene, entry, views, image_paths, depth_paths, dust3r_names)
+    removed = _prune(export, scene, entry["files"])
+    if removed:
+        log.info("scene %s: %d training files of images no longer in the product removed", scene, removed)
+    write_json_atomic(entry_path, entry, indent=1)  # last: the record of the files above
     return entry
+
+
+class EmptyScene(ValueError):
+    """A product without any registered image: the scene is reported and left out."""
+
+
+def _read_entry(path: Path) -> dict[str, Any]:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none, or half-written by a killed run: the scene is exported again
+    return old if isinstance(old, dict) else {}
+
+
+#: The folders that hold one scene's files only (pruned to the scene's record).
+def _scene_folders(export: Path, scene: str) -> list[Path]:
+    return [export / "images" / scene, export / "depths" / scene, export / "dust3r" / scene / DUST3R_SUBSCENE,
+            export / SEGMENTATION / scene]
+
+
+def is_partial(f: Path) -> bool:
+    """A temporary file of :func:`tasks.common.atomic.atomic_path` (a writer's, not the scene's)."""
+    return f.name.startswith(".") and PARTIAL in f.name
+
+
+def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[C.View],
+                  image_paths: list[str | None], depth_paths: list[str | None], dust3r_names: list[str]) -> dict:
+    """The record (:mod:`tasks.common.trusted`) of every file this export of the scene
+    wrote: content digests of the files made here, sizes of the links to the product's
+    files (a hard link shares the product's bytes)."""
+    made = [entry["scene_info"], entry["covisibility"], entry["picture"]]
+    made += [r["file"] for r in entry["ranges"].values()]
+    made += [f"{SEGMENTATION}/{scene}/{v.name}.png" for v in views]
+    dust = f"dust3r/{scene}/{DUST3R_SUBSCENE}"
+    made += [f"{dust}/{n}{ext}" for n in dust3r_names for ext in (".exr", ".npz")]
+    links = [p for p in image_paths + depth_paths if p is not None] + [f"{dust}/{n}.jpg" for n in dust3r_names]
+    return {**trusted.record(export, links, content=False), **trusted.record(export, made)}
+
+
+def _prune(export: Path, scene: str, record: dict[str, Any]) -> int:
+    """Remove the files of the scene's own folders that the new record does not list (links
+    to photos that dropped out of the product, their depths, DUSt3R files, segmentations)."""
+    n = 0
+    for folder in _scene_folders(export, scene):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.relative_to(export).as_posix() not in record and not is_partial(f):
+                f.unlink()
+                n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- dataset level
@@ -528,6 +603,25 @@ def scene_entries(export: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _trusted_entries(export: Path, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The entries whose covisibility file (what the index reads) matches the scene's record;
+    the others are left out of the index with the reason (the scene's next export writes
+    them again), so one damaged scene never breaks the index of the others."""
+    ok, left_out = [], {}
+    for e in entries:
+        scene = str(e.get("scene"))
+        rel = e.get("covisibility")
+        rec = e.get("files") if isinstance(e.get("files"), dict) else {}
+        bad = trusted.problems(export, {rel: rec[rel]} if rel in rec else None)
+        if bad:
+            why = "; ".join(bad) if rel in rec else "no record of its files (exported by an older version)"
+            left_out[scene] = f"{why}: run the scene again to export it"
+            log.warning("scene %s left out of the training index: %s", scene, left_out[scene])
+        else:
+            ok.append(e)
+    return ok, left_out
+
+
 def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: ExportConfig,
                    min_score: float | None = None) -> dict[str, Any]:
     """``index.json``, ``dust3r/all_metadata.npz`` and ``aerialmegadepth_pairs.npz`` over
@@ -536,6 +630,7 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
     ground-ground) alongside."""
     export = Path(export)
     entries = scene_entries(export) if entries is None else entries
+    entries, left_out = _trusted_entries(export, entries)
     lo = min(r[0] for r in config.ranges) if min_score is None else min_score
     scenes, images, images_scene, rows, kinds = [], [], [], [], []
     d_scenes, d_images, d_rows = [], [], []
@@ -574,6 +669,7 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
     index = {
         "format": FORMAT, "root": ".",
         "scenes": {e["scene"]: e for e in entries},
+        "scenes left out": left_out,
         "features used": [json.loads(f) for f in sorted(features)],
         "settings": config.to_dict(),
         "aerialmegadepth_pairs": {"file": "aerialmegadepth_pairs.npz", "pairs": len(rows),
