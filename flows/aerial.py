@@ -274,7 +274,9 @@ def plan_places(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
         places = []
     run_each(lambda pl: plan_task.submit(str(root), pl, trajectory), places,
              on_result=lambda pl, res: out.__setitem__(pl.scene, {"esp": str(res.esp), "plan": str(res.plan),
-                                                                  "cameras": res.cameras}),
+                                                                  "cameras": res.cameras,
+                                                                  **({"replaced invalid project": res.invalid}
+                                                                     if res.invalid else {})}),
              on_error=lambda pl, exc: out.__setitem__(pl.scene, {"error": f"{type(exc).__name__}: {exc}"}))
     for scene, r in sorted(out.items()):
         if "error" in r:

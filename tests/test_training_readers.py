@@ -380,3 +380,30 @@ def test_empty_scene_is_reported_not_a_crash(tmp_path):
     with pytest.raises(T.EmptyScene, match=f"scene {SCENE}: the product .* has no registered image"):
         export(tmp_path, product)
     assert SCENE not in T.export_dataset(ex, None, T.export_config())["scenes"]
+
+
+def test_truncated_esp_is_invalid_and_replaced(tmp_path):
+    """A truncated Earth Studio project beside a valid plan file is reported invalid and
+    written again, not kept as 'up to date'; a plan file from before records still has its
+    project parsed."""
+    from tasks.aerial import esp
+    from tasks.aerial import plan as PL
+    from tests.test_plan import CITY
+
+    traj = PL.get_trajectory(frames=12)
+    res = PL.plan_scene(tmp_path, CITY, traj)
+    good = res.esp.read_bytes()
+    res.esp.write_bytes(good[: len(good) // 2])
+    again = PL.plan_scene(tmp_path, CITY, traj)
+    assert not again.skipped and again.invalid and "bytes, recorded" in again.invalid
+    assert again.esp.read_bytes() == good and len(esp.read_esp(again.esp).cameras) == 13
+    assert PL.plan_scene(tmp_path, CITY, traj).skipped
+    # same size, other bytes
+    res.esp.write_bytes(good.replace(b"{", b"[", 1))
+    assert "content differs" in PL.plan_scene(tmp_path, CITY, traj).invalid
+    # a plan file without the record: the project must parse
+    doc = json.loads(res.plan.read_text())
+    del doc["esp"]
+    res.plan.write_text(json.dumps(doc))
+    res.esp.write_bytes(good[:100])
+    assert "not a valid Earth Studio project" in PL.plan_scene(tmp_path, CITY, traj).invalid

@@ -31,6 +31,9 @@ def plan_task(root: str, place, trajectory):
     from tasks.aerial.plan import plan_scene
 
     res = plan_scene(Path(root), place, trajectory)
+    if res.invalid:
+        get_run_logger().warning("scene %s: the earlier project was invalid and is replaced: %s", place.scene,
+                                 res.invalid)
     get_run_logger().info("scene %s: plan of %d cameras%s: %s", place.scene, res.cameras,
                           " (up to date)" if res.skipped else "", res.esp)
     return res
