@@ -407,3 +407,35 @@ def test_truncated_esp_is_invalid_and_replaced(tmp_path):
     res.plan.write_text(json.dumps(doc))
     res.esp.write_bytes(good[:100])
     assert "not a valid Earth Studio project" in PL.plan_scene(tmp_path, CITY, traj).invalid
+
+
+def test_changed_megadepth_inputs_are_processed_again(tmp_path):
+    """A replaced raw depth or photo (same name), a changed pose in the sparse model, or a
+    truncated output redoes that image; the others stay skipped."""
+    import cv2
+    import h5py
+
+    from tasks.aerial import megadepth as md
+    from tests.test_megadepth_preprocess import SCENE as MD_SCENE, SUB, _entry, _texture, raw_tree
+
+    root = raw_tree.__wrapped__(tmp_path)  # the fixture's tree builder (a plain function)
+    out = tmp_path / "out"
+    names = list(_entry().images)
+    assert [r.status for r in md.preprocess_scene(root, _entry(), out)] == ["done"] * 3
+    assert [r.status for r in md.preprocess_scene(root, _entry(), out)] == ["skipped"] * 3
+    dense = md.dense_dir(root, MD_SCENE, SUB)
+    first_exr = cv2.imread(str(md.output_paths(out, MD_SCENE, SUB, names[0])[1]), cv2.IMREAD_UNCHANGED)
+    # a replaced depth h5: same shape, other values
+    with h5py.File(dense / "depths" / (Path(names[0]).stem + ".h5"), "r+") as fh:
+        fh["depth"][...] = fh["depth"][...] * 2
+    # a replaced photo
+    W, H = cv2.imread(str(dense / "imgs" / names[1])).shape[1::-1]
+    assert cv2.imwrite(str(dense / "imgs" / names[1]), _texture(W, H, 99), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    res = md.preprocess_scene(root, _entry(), out)
+    assert [r.status for r in res] == ["done", "done", "skipped"]
+    exr = cv2.imread(str(md.output_paths(out, MD_SCENE, SUB, names[0])[1]), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_allclose(exr[first_exr > 0], 2 * first_exr[first_exr > 0], rtol=1e-6)
+    # a truncated output
+    exr_path = md.output_paths(out, MD_SCENE, SUB, names[2])[1]
+    exr_path.write_bytes(exr_path.read_bytes()[:100])
+    assert [r.status for r in md.preprocess_scene(root, _entry(), out)] == ["skipped", "skipped", "done"]
