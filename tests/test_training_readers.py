@@ -439,3 +439,43 @@ def test_changed_megadepth_inputs_are_processed_again(tmp_path):
     exr_path = md.output_paths(out, MD_SCENE, SUB, names[2])[1]
     exr_path.write_bytes(exr_path.read_bytes()[:100])
     assert [r.status for r in md.preprocess_scene(root, _entry(), out)] == ["skipped", "skipped", "done"]
+
+
+# fusion on the analytic PatchMatch scene (five 128x96 views; the module fixture renders them)
+from tests.test_aerial_patchmatch import scene  # noqa: E402,F401 - the fixture
+
+
+def test_fusion_not_recomputed_when_nothing_changed_and_deterministic(scene, tmp_path):  # noqa: F811
+    """fused.ply of the true depth and normal maps: a rerun with nothing changed keeps the
+    file (same bytes, same mtime); a changed map, a damaged ply, fuse again, to the same bytes
+    as a fresh fusion of the same maps."""
+    import shutil
+
+    from tasks.aerial import dense
+
+    ws = shutil.copytree(scene["ws"], tmp_path / "ws")
+    for name, (depth, normal) in scene["truth"].items():
+        d, n = dense.map_paths(ws, name, "geometric")[:2]
+        dense.write_colmap_array(d, depth)
+        dense.write_colmap_array(n, normal)
+    cfg = dense.DenseConfig()
+    first = dense.fuse(ws, "geometric", 1000, cfg)
+    ply = ws / "fused.ply"
+    assert first["fused points"] > 500 and not first.get("skipped")
+    good, mtime = ply.read_bytes(), ply.stat().st_mtime_ns
+    again = dense.fuse(ws, "geometric", 1000, cfg)
+    assert again["skipped"] and again["fused points"] == first["fused points"]
+    assert ply.stat().st_mtime_ns == mtime
+    ply.write_bytes(good[: len(good) // 2])  # damaged: fused again, the same bytes
+    assert not dense.fuse(ws, "geometric", 1000, cfg).get("skipped")
+    assert ply.read_bytes() == good
+    # a fresh workspace with the same maps: the same bytes (fusion is deterministic)
+    ws2 = shutil.copytree(ws, tmp_path / "ws2")
+    (ws2 / "fused.ply").unlink()
+    dense.fuse(ws2, "geometric", 1000, cfg)
+    assert (ws2 / "fused.ply").read_bytes() == good
+    # a changed map: fused again
+    name = scene["names"][0]
+    d = dense.map_paths(ws, name, "geometric")[0]
+    dense.write_colmap_array(d, scene["truth"][name][0] * 1.01)
+    assert not dense.fuse(ws, "geometric", 1000, cfg).get("skipped")
