@@ -479,3 +479,12 @@ def test_fusion_not_recomputed_when_nothing_changed_and_deterministic(scene, tmp
     d = dense.map_paths(ws, name, "geometric")[0]
     dense.write_colmap_array(d, scene["truth"][name][0] * 1.01)
     assert not dense.fuse(ws, "geometric", 1000, cfg).get("skipped")
+
+
+def test_demo_checks_pass_on_the_tiny_export(exported):
+    """The checks the demo and flow tests run (tests/test_aerial_exports.py) hold on this
+    export too, so the format changes above are covered without a pipeline run."""
+    from tests.test_aerial_exports import check_pair_files, check_scene_info
+
+    check_scene_info(exported["export"], SCENE, exported["product"])
+    check_pair_files(exported["export"], SCENE, exported["config"])
