@@ -488,3 +488,14 @@ def test_demo_checks_pass_on_the_tiny_export(exported):
 
     check_scene_info(exported["export"], SCENE, exported["product"])
     check_pair_files(exported["export"], SCENE, exported["config"])
+
+
+def test_scene_without_ground_truth_gets_unknown_segmentation(tmp_path):
+    """A real scene (no ground truth folder): every pixel 255, nothing marked sky."""
+    import cv2
+
+    product = make_product(tmp_path / "scene", n=2)
+    out = export(tmp_path, product, ground_truth=tmp_path / "ground_truth" / "none")
+    assert out["entry"]["segmentation"]["with ground truth"] == 0
+    for png in (out["export"] / T.SEGMENTATION / SCENE).iterdir():
+        assert (cv2.imread(str(png), cv2.IMREAD_UNCHANGED) == T.SEG_UNKNOWN).all()

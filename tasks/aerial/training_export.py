@@ -442,11 +442,20 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
                  ground_truth: Path | None = None) -> dict[str, Any]:
     """Every per-scene file (see the module docstring) from the product and the computed
     covisibility blocks of ``plan``. Returns the scene's entry of the dataset index.
-    Skipped (the entry read back) when the entry's key matches the product, the settings
-    and the features, and the files it lists exist."""
+    Skipped (the entry read back) when the entry's key matches the product, the settings,
+    the ground truth and the features, and every file matches the entry's record of it
+    (``files``: :mod:`tasks.common.trusted`); otherwise exported again, the files of images
+    no longer in the product removed. ``ground_truth``: the synthetic world's
+    ``ground_truth/<scene>`` (sky in the segmentation), None for real scenes. Raises
+    :class:`EmptyScene` for a product without a registered image."""
     export = Path(export)
     product = Path(product)
-    key = f"{FORMAT}-{plan.key}-{config.fingerprint()}-{json.dumps(features or {}, sort_keys=True)}"
+    from tasks.common.fingerprint import fingerprint
+
+    # the ground truth's depths decide the segmentation's sky
+    gt_depths = Path(ground_truth) / "depths" if ground_truth else None
+    gt = fingerprint(None, gt_depths, pattern="*.h5", length=12) if gt_depths and gt_depths.is_dir() else "none"
+    key = f"{FORMAT}-{plan.key}-{config.fingerprint()}-{gt}-{json.dumps(features or {}, sort_keys=True)}"
     entry_path = export / "work" / scene / "scene.json"
     old = _read_entry(entry_path)
     if not plan.views:
