@@ -302,7 +302,10 @@ def write_training_index(run: SceneRun, reports: dict[str, RunReport], done: lis
     if not done:
         return
     try:
-        training_index_task(str(run.export_root), run.exports)
+        index = training_index_task(str(run.export_root), run.exports)
+        for s, why in (index.get("scenes left out") or {}).items() if isinstance(index, dict) else ():
+            if s in reports:
+                reports[s].problem("index.json", "training export", f"left out of the index: {why}")
     except Exception as exc:  # noqa: BLE001 - the scenes' files stay; the index is rebuilt next run
         for s in done:
             reports[s].problem("index.json", "training export", f"{type(exc).__name__}: {exc}")
