@@ -274,7 +274,9 @@ def plan_places(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
         places = []
     run_each(lambda pl: plan_task.submit(str(root), pl, trajectory), places,
              on_result=lambda pl, res: out.__setitem__(pl.scene, {"esp": str(res.esp), "plan": str(res.plan),
-                                                                  "cameras": res.cameras}),
+                                                                  "cameras": res.cameras,
+                                                                  **({"replaced invalid project": res.invalid}
+                                                                     if res.invalid else {})}),
              on_error=lambda pl, exc: out.__setitem__(pl.scene, {"error": f"{type(exc).__name__}: {exc}"}))
     for scene, r in sorted(out.items()):
         if "error" in r:
@@ -300,7 +302,10 @@ def write_training_index(run: SceneRun, reports: dict[str, RunReport], done: lis
     if not done:
         return
     try:
-        training_index_task(str(run.export_root), run.exports)
+        index = training_index_task(str(run.export_root), run.exports)
+        for s, why in (index.get("scenes left out") or {}).items() if isinstance(index, dict) else ():
+            if s in reports:
+                reports[s].problem("index.json", "training export", f"left out of the index: {why}")
     except Exception as exc:  # noqa: BLE001 - the scenes' files stay; the index is rebuilt next run
         for s in done:
             reports[s].problem("index.json", "training export", f"{type(exc).__name__}: {exc}")

@@ -59,7 +59,9 @@ import numpy as np
 
 from tasks.aerial import geometry as G
 from tasks.aerial.dense.io import read_depth_h5
+from tasks.common import trusted
 from tasks.common.atomic import atomic_path, write_npz_atomic
+from tasks.common.fingerprint import fingerprint
 
 #: Output size limits (long side, short side).
 MAX_LONG_SIDE = 800
@@ -443,19 +445,46 @@ def resize_nearest(array: np.ndarray, new_size: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
-def _load_npz_ok(path: Path) -> bool:
+#: Version of the processing: part of every image's inputs key (a change redoes every image).
+PROCESSING_VERSION = 1
+
+
+def inputs_key(img_path: Path, depth_path: Path, model_entry: ModelEntry | tuple) -> str:
+    """What one processed image depends on: the raw photo and depth (name, size, mtime: a
+    replaced file changes it), the image's camera and pose in the sparse model, and the
+    processing settings."""
+    K, cam2world, size = ModelEntry(*model_entry)
+    settings = {"version": PROCESSING_VERSION, "max": [MAX_LONG_SIDE, MAX_SHORT_SIDE], "jpeg": JPEG_QUALITY,
+                "K": np.asarray(K, float).round(9).tolist(), "cam2world": np.asarray(cam2world, float).round(9).tolist(),
+                "size": list(size)}
+    return fingerprint(settings, img_path, depth_path)
+
+
+def _load_npz_ok(path: Path, key: str | None = None) -> dict | None:
+    """The npz's record of its jpg/exr (``{}`` for outputs written before records) when it
+    loads, has K and pose, and (``key`` given) was made from those inputs; else None."""
     try:
         with np.load(path) as npz:
-            return (np.asarray(npz["intrinsics"]).shape == (3, 3)
-                    and np.asarray(npz["cam2world"]).shape == (4, 4))
+            ok = (np.asarray(npz["intrinsics"]).shape == (3, 3) and np.asarray(npz["cam2world"]).shape == (4, 4))
+            if key is not None:
+                ok = ok and "inputs" in npz.files and str(npz["inputs"]) == key
+            rec = json.loads(str(npz["outputs"])) if "outputs" in npz.files else {}
+        return rec if ok else None
     except Exception:
-        return False
+        return None
 
 
-def is_done(out_dir: str | os.PathLike, scene: str, subscene: str, name: str) -> bool:
-    """True when the npz loads and the jpg and exr exist."""
+def is_done(out_dir: str | os.PathLike, scene: str, subscene: str, name: str, key: str | None = None) -> bool:
+    """True when the npz (written last) loads, records the inputs ``key`` (when given) and
+    the jpg and exr match its record of them (:mod:`tasks.common.trusted`): a replaced raw
+    photo or depth, a truncated or deleted output, all redo the image."""
     jpg, exr, npz = output_paths(out_dir, scene, subscene, name)
-    return npz.is_file() and jpg.is_file() and exr.is_file() and _load_npz_ok(npz)
+    if not (npz.is_file() and jpg.is_file() and exr.is_file()):
+        return False
+    rec = _load_npz_ok(npz, key)
+    if rec is None:
+        return False
+    return trusted.matches(jpg.parent, rec) if (rec or key is not None) else True
 
 
 def _write_cv2(path: Path, array: np.ndarray, params: list[int]) -> None:
@@ -491,7 +520,12 @@ def preprocess_image(
     """
     jpg, exr, npz = output_paths(out_dir, scene, subscene, name)
     res = ImageResult(scene, subscene, name, "failed", outputs=(str(jpg), str(exr), str(npz)))
-    if is_done(out_dir, scene, subscene, name):
+    img_path = raw_image_path(md_root, scene, subscene, name)
+    depth_path = raw_depth_path(md_root, scene, subscene, name)
+    key = (inputs_key(img_path, depth_path, model_entry)
+           if model_entry is not None and img_path.is_file() and depth_path.is_file() else None)
+    # without its inputs (gone from the raw tree) a complete output is still kept
+    if is_done(out_dir, scene, subscene, name, key):
         res.status = "skipped"
         return res
     if model_entry is None:
@@ -499,8 +533,6 @@ def preprocess_image(
                       f"{sparse_model_dir(md_root, scene, subscene)}")
         return res
     K, cam2world, _ = ModelEntry(*model_entry)
-    img_path = raw_image_path(md_root, scene, subscene, name)
-    depth_path = raw_depth_path(md_root, scene, subscene, name)
     if not img_path.is_file():
         res.reason = f"missing image {img_path}"
         return res
@@ -538,7 +570,9 @@ def preprocess_image(
         _write_cv2(jpg, np.ascontiguousarray(image), [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
         _write_cv2(exr, np.ascontiguousarray(depth, dtype=np.float32),
                    [cv2.IMWRITE_EXR_TYPE, cv2.IMWRITE_EXR_TYPE_FLOAT])
-        write_npz_atomic(npz, intrinsics=K2, cam2world=np.asarray(cam2world, dtype=np.float64))
+        # last: the npz records the inputs and the two files above (checked before reuse)
+        write_npz_atomic(npz, intrinsics=K2, cam2world=np.asarray(cam2world, dtype=np.float64), inputs=np.str_(key or ""),
+                         outputs=np.str_(json.dumps(trusted.record(jpg.parent, [jpg, exr], content=False))))
     except Exception as exc:
         res.reason = f"cannot write outputs for {name} in {jpg.parent}: {exc}"
         return res

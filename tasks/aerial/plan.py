@@ -355,7 +355,9 @@ def plan_paths(root: str | Path, scene: str) -> tuple[Path, Path]:
     return layout.plan_json, layout.plan_esp
 
 
-def write_plan(plan: Plan, path: str | Path) -> Path:
+def write_plan(plan: Plan, path: str | Path, esp_record: dict[str, Any] | None = None) -> Path:
+    """``<scene>.plan.json``; ``esp_record``: the record (:mod:`tasks.common.trusted`) of the
+    ``.esp`` beside it, checked before a rerun keeps that project."""
     cams = []
     for c in plan.cameras:
         cams.append({
@@ -373,6 +375,8 @@ def write_plan(plan: Plan, path: str | Path) -> Path:
                  "rotation is Earth Studio's pan/tilt/roll in the camera's local ENU frame (degrees)",
         "num_frames": plan.num_frames, "cameras": cams,
     }
+    if esp_record is not None:
+        doc["esp"] = esp_record
     return write_json_atomic(path, doc, indent=1)
 
 
@@ -407,6 +411,27 @@ class PlanResult:
     esp: Path
     cameras: int
     skipped: bool = False
+    #: why the files of an earlier run were not kept (an invalid .esp), or None
+    invalid: str | None = None
+
+
+def _esp_problems(plan_path: Path, esp_path: Path) -> list[str]:
+    """What is wrong with the ``.esp`` beside a plan file, against the plan's record of it
+    (a plan file without a record, written before records existed: the project must parse)."""
+    from tasks.aerial import esp
+    from tasks.common import trusted
+
+    try:
+        rec = json.loads(plan_path.read_text()).get("esp")
+    except (OSError, ValueError, AttributeError):
+        rec = None
+    if isinstance(rec, dict) and rec:
+        return trusted.problems(esp_path.parent, rec)
+    try:
+        esp.read_esp(esp_path)
+    except Exception as exc:  # noqa: BLE001 - any failure to parse: not a valid project
+        return [f"{esp_path}: not a valid Earth Studio project ({type(exc).__name__}: {exc})"]
+    return []
 
 
 def plan_scene(root: str | Path, place: Place, trajectory: Trajectory, force: bool = False) -> PlanResult:
@@ -415,18 +440,25 @@ def plan_scene(root: str | Path, place: Place, trajectory: Trajectory, force: bo
     Skipped when both exist and were made from the same place and settings."""
     from tasks.aerial import esp
 
+    from tasks.common import trusted
+
     plan_path, esp_path = plan_paths(root, place.scene)
+    invalid = None
     if not force and plan_path.exists() and esp_path.exists():
         try:
             old = read_plan(plan_path)
             if old.place == place and old.trajectory == trajectory and len(old.cameras) == trajectory.frames + 1:
-                return PlanResult(place.scene, plan_path, esp_path, len(old.cameras), skipped=True)
+                bad = _esp_problems(plan_path, esp_path)
+                if not bad:
+                    return PlanResult(place.scene, plan_path, esp_path, len(old.cameras), skipped=True)
+                invalid = "; ".join(bad)
         except PlanError:
             pass
     plan = make_plan(place, trajectory)
     esp.write_esp(plan, esp_path)
-    write_plan(plan, plan_path)  # last: a plan file means the project beside it is complete
-    return PlanResult(place.scene, plan_path, esp_path, len(plan.cameras))
+    # last: a plan file means the project beside it is complete, as recorded
+    write_plan(plan, plan_path, trusted.record(esp_path.parent, [esp_path]))
+    return PlanResult(place.scene, plan_path, esp_path, len(plan.cameras), invalid=invalid)
 
 
 def compare_with_export(plan: Plan, track) -> dict[str, Any]:

@@ -31,6 +31,9 @@ def plan_task(root: str, place, trajectory):
     from tasks.aerial.plan import plan_scene
 
     res = plan_scene(Path(root), place, trajectory)
+    if res.invalid:
+        get_run_logger().warning("scene %s: the earlier project was invalid and is replaced: %s", place.scene,
+                                 res.invalid)
     get_run_logger().info("scene %s: plan of %d cameras%s: %s", place.scene, res.cameras,
                           " (up to date)" if res.skipped else "", res.esp)
     return res
@@ -201,7 +204,7 @@ def training_scene_task(export: str, paths, plan, ecfg, features: dict):
     from tasks.aerial import training_export as T
 
     return T.export_scene(Path(export), paths.scene, paths.product, T.reference_names(paths.scene_dir), plan,
-                          ecfg, features)
+                          ecfg, features, ground_truth=paths.ground_truth)
 
 
 @task(name="training-export-index", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,13 +40,26 @@ from tasks.aerial import covisibility as C
 from tasks.aerial import geometry as G
 from tasks.aerial.dense import image_stem, read_depth_h5
 from tasks.aerial.layout import PRODUCT, REFERENCE_EMPTY, WORK
-from tasks.common.atomic import atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
+from tasks.common import trusted
+from tasks.common.atomic import PARTIAL, atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
 
 #: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
 AMD_SFM_FOLDER = "sfm_superpoint+superglue"
+#: Version of the files' formats: part of every scene's key, so a rerun rewrites files an
+#: older version wrote (v2: pair_infos as pickled dicts, the segmentation PNGs).
+FORMAT = "geodata-factory training exports v2"
 #: Pair kinds, as stored next to every pair list.
 KINDS = {0: "aerial-aerial", 1: "aerial-ground", 2: "ground-ground"}
+log = logging.getLogger(__name__)
 DUST3R_SUBSCENE = "0"  # one model per scene: MegaDepth's first (and only) sub-model
+#: ``--output_dir`` of AerialMegaDepth's preprocessing under EXPORT: its sample DUSt3R loader
+#: ``MegaDepthAerial`` finds the segmentation by replacing this name with SEGMENTATION in ROOT.
+AMD_PROCESSED = "megadepth_aerial_processed"
+SEGMENTATION = "megadepth_aerial_processed_segmentation"
+#: ADE20k labels (0-based, as InternImage/mmseg write them): the loader zeroes depth where sky.
+ADE20K_SKY = 2
+#: every pixel not known to be sky: mmseg's ignore index ("other"), which no reader masks.
+SEG_UNKNOWN = 255
 
 
 @dataclass
@@ -82,6 +97,10 @@ def export_config(**overrides) -> ExportConfig:
             raise KeyError(f"unknown export setting {k!r}; choose one of {sorted(asdict(cfg))}")
     if cfg.pair_score not in ("min", "mean", "max"):
         raise ValueError(f"export setting pair_score={cfg.pair_score!r}: use min, mean or max")
+    tol = cfg.covisibility.rel_tolerance
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol <= 1:
+        raise ValueError(f"export setting covisibility.rel_tolerance={tol!r}: use a number in (0, 1] "
+                         "(0.1: depths agree within 10 %)")
     if cfg.score_matrix not in ("covisibility", "known"):
         raise ValueError(f"export setting score_matrix={cfg.score_matrix!r}: use covisibility or known")
     return cfg
@@ -209,6 +228,25 @@ def central_matches(id2d: list[dict], i: int, j: int) -> np.ndarray:
     return np.array([id2d[i][q] + id2d[j][q] for q in common], np.float32)
 
 
+def write_pair_infos(path: Path, **fields: Any) -> Path:
+    """A LoFTR/DKM scene index as LoFTR's released ``scene_info_*/<scene>_<lo>_<hi>.npz``
+    are: a pickled ``dict`` (not an ``np.savez`` zip), so that ``np.load(path,
+    allow_pickle=True)`` returns the dict itself and LoFTR's ``MegaDepthDataset`` can
+    ``del scene_info['pair_infos']`` from it (an ``NpzFile`` does not support deletion)."""
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            pickle.dump(dict(fields), fh, protocol=4)
+    return Path(path)
+
+
+def read_pair_infos(path: Path) -> dict[str, Any]:
+    """The one reader of :func:`write_pair_infos`' files, as LoFTR opens them."""
+    out = np.load(path, allow_pickle=True)
+    if not isinstance(out, dict):
+        raise ValueError(f"{path}: not a LoFTR scene index (a pickled dict); export the scene again")
+    return out
+
+
 # ----------------------------------------------------------------------------- layout
 
 
@@ -232,15 +270,19 @@ def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
     return base
 
 
-def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], max_depth: float) -> list[str]:
+def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], max_depth: float,
+                  previous: dict[str, Any] | None = None) -> list[str]:
     """``EXPORT/dust3r/<scene>/0/<name>.jpg`` (the image's bytes), ``.exr`` (float32
     depth, beyond ``max_depth`` set to 0) and ``.npz`` (``intrinsics`` 3x3, ``cam2world``
     4x4): what AerialMegaDepth's preprocessing writes and DUSt3R's readers load. Images
-    without depth are left out (DUSt3R needs all three files). Returns the names written."""
+    without depth are left out (DUSt3R needs all three files). Returns the names written.
+    An ``.exr`` newer than its depth is kept only when it matches ``previous`` (the scene's
+    last record of its files, :mod:`tasks.common.trusted`)."""
     os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
     import cv2
 
-    out = Path(export) / "dust3r" / scene / DUST3R_SUBSCENE
+    export = Path(export)
+    out = export / "dust3r" / scene / DUST3R_SUBSCENE
     out.mkdir(parents=True, exist_ok=True)
     names = []
     for v in views:
@@ -248,7 +290,11 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
             continue
         jpg, exr, npz = (out / f"{v.name}{ext}" for ext in (".jpg", ".exr", ".npz"))
         _link_file(Path(product) / "images" / v.name, jpg)
-        if not (exr.exists() and exr.stat().st_mtime_ns >= v.depth_file.stat().st_mtime_ns):
+        rel = exr.relative_to(export).as_posix()
+        kept = (previous is not None and rel in previous and exr.exists()
+                and exr.stat().st_mtime_ns >= v.depth_file.stat().st_mtime_ns
+                and trusted.matches(export, {rel: previous[rel]}))
+        if not kept:
             d = read_depth_h5(v.depth_file)
             d[d > max_depth] = 0.0
             with atomic_path(exr, suffix=".exr") as tmp:
@@ -257,6 +303,60 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
         write_npz_atomic(npz, intrinsics=v.K.astype(np.float32), cam2world=G.invert_pose(v.w2c).astype(np.float32))
         names.append(v.name)
     return names
+
+
+def sky_masks(views: list[C.View], ground_truth: Path | None) -> dict[str, np.ndarray]:
+    """Per image name, the pixels known to be sky, on the product image's grid: where the
+    synthetic world's ground truth (``ground_truth/sparse`` + ``depths/<stem>.h5``, 0 where
+    a ray hits nothing) has no surface. Images without a ground truth get none: a pixel
+    without depth in the product is a hole of the reconstruction as often as sky."""
+    if ground_truth is None or not (Path(ground_truth) / "sparse").is_dir():
+        return {}
+    import pycolmap
+
+    from tasks.aerial.evaluate import gt_depth_on_grid
+
+    gt = pycolmap.Reconstruction(str(Path(ground_truth) / "sparse"))
+    by = {im.name: im for im in gt.images.values()}
+    out = {}
+    for v in views:
+        g, f = by.get(v.name), Path(ground_truth) / "depths" / f"{Path(v.name).stem}.h5"
+        if g is None or not f.exists():
+            continue
+        d = read_depth_h5(f)
+        # -1 marks the ground truth's sky, so that 0 stays "outside the raw image" (unknown)
+        on_grid = gt_depth_on_grid(np.where(d > 0, d, -1.0).astype(np.float32),
+                                   np.asarray(gt.cameras[g.camera_id].calibration_matrix()), v.K,
+                                   (v.height, v.width))
+        out[v.name] = on_grid < 0
+    return out
+
+
+def segmentation_layout(export: Path, scene: str, views: list[C.View], ground_truth: Path | None) -> dict[str, int]:
+    """``EXPORT/megadepth_aerial_processed_segmentation/<scene>/<name>.png`` per image: the
+    per-image segmentation AerialMegaDepth's ``MegaDepthAerial`` loader reads
+    unconditionally (``<ROOT>_segmentation/<scene>/<name>.png``, 8-bit, ADE20k labels; it
+    zeroes the depth where the label is 2, sky). :data:`ADE20K_SKY` where
+    :func:`sky_masks` knows the pixel is sky, :data:`SEG_UNKNOWN` elsewhere. Returns
+    counts (images, images with a known sky, sky pixels)."""
+    import cv2
+
+    out = Path(export) / SEGMENTATION / scene
+    skies = sky_masks(views, ground_truth)
+    counts = {"images": 0, "with ground truth": 0, "sky pixels": 0}
+    for v in views:
+        label = np.full((v.height, v.width), SEG_UNKNOWN, np.uint8)
+        sky = skies.get(v.name)
+        if sky is not None:
+            label[sky] = ADE20K_SKY
+            counts["with ground truth"] += 1
+            counts["sky pixels"] += int(sky.sum())
+        ok, png = cv2.imencode(".png", label)
+        if not ok:  # pragma: no cover - cv2 always encodes uint8
+            raise OSError(f"{out / v.name}.png: cv2 could not encode PNG")
+        write_bytes_atomic(out / f"{v.name}.png", png.tobytes())
+        counts["images"] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------- picture
@@ -338,24 +438,37 @@ def covisibility_work(export: Path, scene: str) -> Path:
 
 
 def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: C.Plan,
-                 config: ExportConfig, features: dict[str, Any] | None = None) -> dict[str, Any]:
+                 config: ExportConfig, features: dict[str, Any] | None = None,
+                 ground_truth: Path | None = None) -> dict[str, Any]:
     """Every per-scene file (see the module docstring) from the product and the computed
     covisibility blocks of ``plan``. Returns the scene's entry of the dataset index.
-    Skipped (the entry read back) when the entry's key matches the product, the settings
-    and the features, and the files it lists exist."""
+    Skipped (the entry read back) when the entry's key matches the product, the settings,
+    the ground truth and the features, and every file matches the entry's record of it
+    (``files``: :mod:`tasks.common.trusted`); otherwise exported again, the files of images
+    no longer in the product removed. ``ground_truth``: the synthetic world's
+    ``ground_truth/<scene>`` (sky in the segmentation), None for real scenes. Raises
+    :class:`EmptyScene` for a product without a registered image."""
     export = Path(export)
     product = Path(product)
-    key = f"{plan.key}-{config.fingerprint()}-{json.dumps(features or {}, sort_keys=True)}"
+    from tasks.common.fingerprint import fingerprint
+
+    # the ground truth's depths decide the segmentation's sky
+    gt_depths = Path(ground_truth) / "depths" if ground_truth else None
+    gt = fingerprint(None, gt_depths, pattern="*.h5", length=12) if gt_depths and gt_depths.is_dir() else "none"
+    key = f"{FORMAT}-{plan.key}-{config.fingerprint()}-{gt}-{json.dumps(features or {}, sort_keys=True)}"
     entry_path = export / "work" / scene / "scene.json"
-    if entry_path.exists():
-        try:
-            old = json.loads(entry_path.read_text())
-        except ValueError:
-            old = {}
-        files = [old.get(k) for k in ("scene_info", "covisibility", "picture")]
-        files += [r["file"] for r in old.get("ranges", {}).values()]
-        if old.get("key") == key and all(f and (export / f).exists() for f in files):
+    old = _read_entry(entry_path)
+    if not plan.views:
+        entry_path.unlink(missing_ok=True)  # the index no longer lists what the scene had
+        raise EmptyScene(f"scene {scene}: the product {product} has no registered image (sparse-txt/images.txt); "
+                         "nothing to export: check the scene's dense and export stages")
+    if old.get("key") == key:
+        bad = trusted.problems(export, old.get("files"))
+        if not bad:
+            aerialmegadepth_layout(export, scene, product)  # links only: remade if deleted
             return {**old, "skipped": True}
+        log.warning("scene %s: training files changed since they were written (%s%s); exporting the scene again",
+                    scene, "; ".join(bad[:3]), f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     views = plan.views
     strict, known = C.matrices(plan)
     cov = strict if config.score_matrix == "covisibility" else known
@@ -396,12 +509,16 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
             pi[m, 2] = central_matches(id2d, int(i), int(j))
         kinds = pair_kinds(is_aerial, ij[:, 0], ij[:, 1]) if len(ij) else np.zeros(0, np.uint8)
         fname = f"{scene}_{lo:g}_{hi:g}.npz"
-        write_npz_atomic(export / "pair_infos" / fname, image_paths=info["image_paths"], depth_paths=info["depth_paths"],
-               intrinsics=info["intrinsics"], poses=info["poses"], pair_infos=pi, pair_kinds=kinds)
+        write_pair_infos(export / "pair_infos" / fname, image_paths=info["image_paths"],
+                         depth_paths=info["depth_paths"], intrinsics=info["intrinsics"], poses=info["poses"],
+                         pair_infos=pi, pair_kinds=kinds)
         ranges[f"{lo:g}-{hi:g}"] = {"file": f"pair_infos/{fname}", "pairs": int(len(ij)),
                                     "aerial-ground": int((kinds == 1).sum())}
     aerialmegadepth_layout(export, scene, product)
-    dust3r_names = dust3r_layout(export, scene, product, views, config.dust3r_max_depth) if config.dust3r else []
+    previous = old.get("files") if isinstance(old.get("files"), dict) else None
+    dust3r_names = (dust3r_layout(export, scene, product, views, config.dust3r_max_depth, previous)
+                    if config.dust3r else [])
+    segmentation = segmentation_layout(export, scene, views, ground_truth)
     png, shown = picture(views, cov, is_aerial, score, product, scene, config.covisibility.rel_tolerance)
     write_bytes_atomic(export / "pictures" / f"{scene}_covisibility.png", png)
     iu = np.triu_indices(n, 1)
@@ -412,11 +529,67 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
         "product": os.path.relpath(product, export), "scene_info": f"scene_info/{scene}.npz",
         "covisibility": f"covisibility/{scene}.npz", "picture": f"pictures/{scene}_covisibility.png",
         "aerialmegadepth": f"aerialmegadepth/{scene}", "dust3r images": len(dust3r_names),
+        "segmentation": {"folder": f"{SEGMENTATION}/{scene}", **segmentation},
         "pairs": {**plan.counts, "with overlap": int((s > 0).sum())}, "ranges": ranges,
         "picture pair": shown, "features": features or {}, "key": key,
     }
-    write_json_atomic(entry_path, entry, indent=1)
+    entry["files"] = _scene_record(export, scene, entry, views, image_paths, depth_paths, dust3r_names)
+    removed = _prune(export, scene, entry["files"])
+    if removed:
+        log.info("scene %s: %d training files of images no longer in the product removed", scene, removed)
+    write_json_atomic(entry_path, entry, indent=1)  # last: the record of the files above
     return entry
+
+
+class EmptyScene(ValueError):
+    """A product without any registered image: the scene is reported and left out."""
+
+
+def _read_entry(path: Path) -> dict[str, Any]:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}  # none, or half-written by a killed run: the scene is exported again
+    return old if isinstance(old, dict) else {}
+
+
+#: The folders that hold one scene's files only (pruned to the scene's record).
+def _scene_folders(export: Path, scene: str) -> list[Path]:
+    return [export / "images" / scene, export / "depths" / scene, export / "dust3r" / scene / DUST3R_SUBSCENE,
+            export / SEGMENTATION / scene]
+
+
+def is_partial(f: Path) -> bool:
+    """A temporary file of :func:`tasks.common.atomic.atomic_path` (a writer's, not the scene's)."""
+    return f.name.startswith(".") and PARTIAL in f.name
+
+
+def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[C.View],
+                  image_paths: list[str | None], depth_paths: list[str | None], dust3r_names: list[str]) -> dict:
+    """The record (:mod:`tasks.common.trusted`) of every file this export of the scene
+    wrote: content digests of the files made here, sizes of the links to the product's
+    files (a hard link shares the product's bytes)."""
+    made = [entry["scene_info"], entry["covisibility"], entry["picture"]]
+    made += [r["file"] for r in entry["ranges"].values()]
+    made += [f"{SEGMENTATION}/{scene}/{v.name}.png" for v in views]
+    dust = f"dust3r/{scene}/{DUST3R_SUBSCENE}"
+    made += [f"{dust}/{n}{ext}" for n in dust3r_names for ext in (".exr", ".npz")]
+    links = [p for p in image_paths + depth_paths if p is not None] + [f"{dust}/{n}.jpg" for n in dust3r_names]
+    return {**trusted.record(export, links, content=False), **trusted.record(export, made)}
+
+
+def _prune(export: Path, scene: str, record: dict[str, Any]) -> int:
+    """Remove the files of the scene's own folders that the new record does not list (links
+    to photos that dropped out of the product, their depths, DUSt3R files, segmentations)."""
+    n = 0
+    for folder in _scene_folders(export, scene):
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and f.relative_to(export).as_posix() not in record and not is_partial(f):
+                f.unlink()
+                n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- dataset level
@@ -439,6 +612,25 @@ def scene_entries(export: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _trusted_entries(export: Path, entries: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The entries whose covisibility file (what the index reads) matches the scene's record;
+    the others are left out of the index with the reason (the scene's next export writes
+    them again), so one damaged scene never breaks the index of the others."""
+    ok, left_out = [], {}
+    for e in entries:
+        scene = str(e.get("scene"))
+        rel = e.get("covisibility")
+        rec = e.get("files") if isinstance(e.get("files"), dict) else {}
+        bad = trusted.problems(export, {rel: rec[rel]} if rel in rec else None)
+        if bad:
+            why = "; ".join(bad) if rel in rec else "no record of its files (exported by an older version)"
+            left_out[scene] = f"{why}: run the scene again to export it"
+            log.warning("scene %s left out of the training index: %s", scene, left_out[scene])
+        else:
+            ok.append(e)
+    return ok, left_out
+
+
 def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: ExportConfig,
                    min_score: float | None = None) -> dict[str, Any]:
     """``index.json``, ``dust3r/all_metadata.npz`` and ``aerialmegadepth_pairs.npz`` over
@@ -447,6 +639,7 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
     ground-ground) alongside."""
     export = Path(export)
     entries = scene_entries(export) if entries is None else entries
+    entries, left_out = _trusted_entries(export, entries)
     lo = min(r[0] for r in config.ranges) if min_score is None else min_score
     scenes, images, images_scene, rows, kinds = [], [], [], [], []
     d_scenes, d_images, d_rows = [], [], []
@@ -483,8 +676,9 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
                images=np.array(d_images, dtype=str), pairs=_pairs_struct(d_rows))
     features = {json.dumps(e.get("features", {}), sort_keys=True) for e in entries}
     index = {
-        "format": "geodata-factory training exports v1", "root": ".",
+        "format": FORMAT, "root": ".",
         "scenes": {e["scene"]: e for e in entries},
+        "scenes left out": left_out,
         "features used": [json.loads(f) for f in sorted(features)],
         "settings": config.to_dict(),
         "aerialmegadepth_pairs": {"file": "aerialmegadepth_pairs.npz", "pairs": len(rows),
@@ -495,8 +689,13 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
                              "depth_subpath": "depths/"},
             "d2-net": {"scene_info_path": "scene_info", "base_path": "."},
             "loftr": {"root_dir": ".", "npz_root": "pair_infos"},
-            "aerialmegadepth": {"--megasynth_dir": "aerialmegadepth/",
-                                "--precomputed_pairs": "aerialmegadepth_pairs.npz"},
+            # preprocess_aerialmegadepth.py's arguments (its current get_parser), then its
+            # sample loader MegaDepthAerial on the output (segmentation: SEGMENTATION/)
+            "aerialmegadepth": {"--megadepth_aerial_dir": "aerialmegadepth",
+                                "--precomputed_pairs": "aerialmegadepth_pairs.npz",
+                                "--output_dir": AMD_PROCESSED,
+                                "MegaDepthAerial": {"ROOT": AMD_PROCESSED,
+                                                    "split_file": "../aerialmegadepth_pairs.npz"}},
             "dust3r": {"ROOT": "dust3r"},
         },
     }
@@ -506,4 +705,5 @@ def export_dataset(export: Path, entries: list[dict[str, Any]] | None, config: E
 
 __all__ = ["ExportConfig", "export_config", "scene_info", "pair_scores", "pair_kinds", "pairs_in_range",
            "central_matches", "aerialmegadepth_layout", "dust3r_layout", "picture", "reference_names",
-           "covisibility_work", "export_scene", "export_dataset", "scene_entries", "AMD_SFM_FOLDER", "KINDS"]
+           "covisibility_work", "export_scene", "sky_masks", "segmentation_layout", "SEGMENTATION",
+           "AMD_PROCESSED", "write_pair_infos", "read_pair_infos", "export_dataset", "scene_entries", "AMD_SFM_FOLDER", "KINDS"]

@@ -9,6 +9,7 @@ sampling as ``depths/<stem>.h5`` (0 where the backend's filter left no depth).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +22,9 @@ from tasks.aerial.dense.config import DenseConfig, DenseError
 from tasks.aerial.dense.io import depth_path, read_colmap_array, read_depth_h5, write_depth_h5
 from tasks.aerial.dense.views import _cam
 from tasks.aerial.dense.workspace import Workspace, open_workspace
-from tasks.common.atomic import atomic_path
+from tasks.common import trusted
+from tasks.common.atomic import atomic_path, write_json_atomic
+from tasks.common.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +86,10 @@ def fuse(workspace: Path | Workspace, kind: str, max_image_size: int, config: De
     """``pycolmap.stereo_fusion`` of the ``<kind>`` maps (images with both a depth and a normal map;
     ``stereo/fusion.cfg`` lists them) into ``output`` (default ``workspace/fused.ply``), with the
     images scaled to ``max_image_size`` as the maps were. Returns ``{"fused points", "fused images",
-    "seconds"}``; no map at all writes no file (``fused points`` 0)."""
+    "seconds"}`` (``"skipped": True`` when kept); no map at all writes no file (``fused points`` 0).
+    ``<output>.json`` records the inputs (maps, images, model, options) and the files written
+    (:mod:`tasks.common.trusted`): a rerun with the same inputs and intact files keeps them.
+    Fusion runs on one thread, so the same inputs give the same bytes."""
     cfg = config or DenseConfig()
     ws = open_workspace(workspace)
     output = Path(output) if output is not None else ws.path / "fused.ply"
@@ -100,13 +106,35 @@ def fuse(workspace: Path | Workspace, kind: str, max_image_size: int, config: De
     fopts = pycolmap.StereoFusionOptions()
     fopts.max_image_size = int(max_image_size)
     fopts.min_num_pixels = int(min(cfg.fusion_min_num_pixels, len(done)))
+    # one thread: COLMAP's threads race for the same pixels, so more threads give a different
+    # cloud (even a different number of points) on every run; one thread gives the same bytes
+    fopts.num_threads = 1
+    vis_path = Path(str(output) + ".vis")
+    record_path = Path(str(output) + ".json")
+    key = fingerprint({"kind": kind, "options": fopts.todict(), "maps": done, "version": 1}, ws.path / "sparse",
+                      *[maps / sub / f"{n}.{kind}.bin" for n in done for sub in ("depth_maps", "normal_maps")],
+                      *[ws.path / "images" / n for n in done])
+    old = _read_record(record_path)
+    if old.get("inputs") == key and trusted.matches(output.parent, old.get("files")):
+        return {"fused points": old["fused points"], "fused images": len(done), "seconds": 0.0, "skipped": True}
+    record_path.unlink(missing_ok=True)  # the record goes first, the files follow
     with atomic_path(output, suffix=".ply") as tmp:
         fused = pycolmap.stereo_fusion(str(tmp), str(ws.path), input_type=kind, options=fopts, output_type="ply")
         vis = Path(str(tmp) + ".vis")
         if vis.is_file():
-            vis.replace(str(output) + ".vis")
+            vis.replace(vis_path)
     n = int(fused.num_points3D()) if fused is not None else 0
+    files = [output] + ([vis_path] if vis_path.is_file() else [])
+    write_json_atomic(record_path, {"inputs": key, "fused points": n, "files": trusted.record(output.parent, files)})
     return {"fused points": n, "fused images": len(done), "seconds": time.perf_counter() - t0}
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        rec = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return rec if isinstance(rec, dict) else {}
 
 
 def fuse_and_export(workspace: Path | Workspace, depth_dir: Path, kind: str, max_image_size: int,
