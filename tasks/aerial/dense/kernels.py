@@ -469,3 +469,15 @@ def remove_speckles(depth, rel_tol, min_size, count=None, min_count=2, min_share
                     depth[p // w, p - (p // w) * w] = 0.0
                 removed += n
     return removed
+
+
+def solve(depth, normal, P, d_min, d_max, min_var, seed, perturbations):
+    """Random hypotheses where ``depth`` is 0 (:func:`initialise`), then one red-black
+    :func:`sweep` per entry of ``perturbations`` (iteration ``k + 1`` uses the ``k``-th); in place.
+    Returns the costs. :mod:`.kernels_cuda` has the same function for the GPU."""
+    cost = np.empty(depth.shape, np.float32)
+    initialise(depth, normal, cost, P, 1.0 / d_max, 1.0 / d_min, min_var, seed)
+    for it, pert in enumerate(perturbations):
+        for color in (0, 1):
+            sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
+    return cost
