@@ -31,7 +31,7 @@ def colmap_has_cuda() -> bool:
         if "pycolmap" in sys.modules:
             pycolmap = sys.modules["pycolmap"]
         else:
-            from tasks.common.runtime import import_pycolmap  # keeps the worker's SIGTERM handling
+            from tasks.common.signals import import_pycolmap  # keeps the worker's SIGTERM handling
             pycolmap = import_pycolmap()
     except ImportError:
         return False
