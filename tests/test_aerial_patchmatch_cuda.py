@@ -112,3 +112,47 @@ def test_the_gpu_task_runs_the_chosen_method(monkeypatch, tmp_path):
     out = PL.dense_depths_gpu(PL.scene_paths(tmp_path, "0001", tmp_path / "md", cfg), cfg, ["a.jpg"])
     assert calls == [("photometric", "cuda", ["a.jpg"]), ("geometric", "cuda", ["a.jpg"])]
     assert out["gpu method"] == "patchmatch" and out["stats"]["a.jpg"]["seconds"] == pytest.approx(2.1)
+
+
+def _check_scene(root: Path) -> Path:
+    """The analytic scene of tests/test_aerial_patchmatch.py laid out as ``bench/gpu_check.py
+    --prepare`` lays out the demo's (workspace, ground truth = the true model and depths, photos)."""
+    import shutil
+
+    from tasks.aerial.dense import write_depth_h5
+    from tests.test_aerial_patchmatch import build_scene
+
+    (root / "src").mkdir()
+    s = build_scene(root / "src")
+    scene = root / "scene"
+    (scene / "dense").mkdir(parents=True)
+    shutil.copytree(s["ws"] / "sparse", scene / "dense" / "sparse")
+    shutil.copytree(s["ws"] / "images", scene / "dense" / "images")
+    shutil.copytree(s["ws"] / "sparse", scene / "ground_truth" / "sparse")
+    for name, (depth, _) in s["truth"].items():
+        write_depth_h5(scene / "ground_truth" / "depths" / f"{Path(name).stem}.h5", depth)
+    (scene / "scene.json").write_text('{"scene": "analytic", "queries": ["v0.png"]}')
+    return scene
+
+
+def test_gpu_check_on_a_cpu_machine(tmp_path):
+    """bench/gpu_check.sh without a GPU: imports the library without Prefect/Dask, opens the scene,
+    then stops where CUDA is needed with exit status 2 and says so; the CPU method's half runs and
+    prints its figures (the pipeline's own depth accuracy; measured on the first 3 views: coverage
+    0.72, AbsRel 0.011; limits 0.5 and 0.05)."""
+    scene = _check_scene(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="")
+    cmd = [str(ROOT / "bench" / "gpu_check.sh"), "--scene", str(scene), "--work", str(tmp_path / "work")]
+    gpu = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert gpu.returncode == 2, gpu.stdout + gpu.stderr
+    assert "modules it did not need loaded: none" in gpu.stdout  # no Prefect, Dask, pymap3d
+    assert "5 registered images" in gpu.stdout and "no CUDA GPU here" in gpu.stdout
+    cpu = subprocess.run(cmd + ["--methods", "cpu", "--images", "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert cpu.returncode == 0, cpu.stdout + cpu.stderr
+    rows = {line.split()[2]: line.split() for line in cpu.stdout.splitlines() if line.startswith("cpu ")}
+    assert set(rows) == {"aerial", "photos", "all"}
+    assert float(rows["all"][3]) > 0.5 and float(rows["all"][4]) < 0.05  # coverage, AbsRel
+    missing = subprocess.run(cmd[:1] + ["--scene", str(tmp_path / "nothing")], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode == 4 and "no prepared scene" in missing.stdout
