@@ -156,3 +156,37 @@ def test_gpu_check_on_a_cpu_machine(tmp_path):
     missing = subprocess.run(cmd[:1] + ["--scene", str(tmp_path / "nothing")], env=env, capture_output=True,
                              text=True, timeout=300)
     assert missing.returncode == 4 and "no prepared scene" in missing.stdout
+
+
+def test_cuda_kernels_compile_for_the_gpu_target(monkeypatch):
+    """The simulator runs the kernels as Python; this types them and lowers them to LLVM IR with
+    numba's real CUDA target (compute capability 9.0, an H100's) without a GPU, so that code the
+    simulator accepts but the CUDA target cannot compile (e.g. ``max()`` of floats in a device
+    function, which the simulator ran) fails here. Only the last step, NVVM's PTX, needs the CUDA
+    toolkit. Uses numba internals: the device's compute capability is faked."""
+    from numba import types
+    from numba.cuda import dispatcher
+    from numba.cuda.compiler import compile_cuda
+
+    from tasks.aerial.dense import kernels_cuda as KC
+
+    class _Device:
+        compute_capability = (9, 0)
+
+    monkeypatch.setattr(dispatcher, "get_current_device", lambda: _Device())
+    f64, i64 = types.float64, types.int64
+
+    def arr(nd, dt=types.float64):
+        return types.Array(dt, nd, "C")
+
+    P = [arr(2), arr(2), arr(3), arr(2), arr(3), arr(2), arr(3), arr(3), arr(3, types.float32), arr(2, i64),
+         arr(3, types.float32), arr(3, types.float32), arr(2, types.float32), i64, i64, i64, types.boolean, f64, f64,
+         arr(3, types.float32), arr(2, i64)]
+    d, n, c = arr(2, types.float32), arr(3, types.float32), arr(2, types.float32)
+    sigs = {KC._initialise: (d, n, c, *P, f64, f64, f64, i64),
+            KC._sweep: (i64, i64, d, n, c, *P, f64, f64, f64, i64, f64),
+            KC._consistency: (d, n, arr(2, types.int32), arr(2), *P[:15], P[16], P[18], P[19], P[20], f64, f64, f64,
+                              i64, f64)}
+    for kernel, sig in sigs.items():
+        cres = compile_cuda(kernel.py_func, types.void, sig, cc=(9, 0))
+        assert "define" in cres.library.get_llvm_str()

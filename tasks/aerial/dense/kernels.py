@@ -237,7 +237,8 @@ def _random_normal(seed, i, j, it, k, rx, ry):
     """A random unit normal facing the camera ray (rx, ry, 1)."""
     z = 2.0 * _rand(seed, i, j, it, k) - 1.0
     phi = 2.0 * math.pi * _rand(seed, i, j, it, k + 1)
-    r = math.sqrt(max(0.0, 1.0 - z * z))
+    r2 = 1.0 - z * z
+    r = math.sqrt(r2 if r2 > 0.0 else 0.0)  # no max(): the CUDA kernels compile this function too
     n0, n1, n2 = r * math.cos(phi), r * math.sin(phi), z
     if n0 * rx + n1 * ry + n2 > 0:
         n0, n1, n2 = -n0, -n1, -n2

@@ -262,7 +262,8 @@ def _consistency(depth, normal, count, cen, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, 
         e1 = cen[s, 1] - X1
         e2 = cen[s, 2] - X2
         en = math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
-        cosang = (-X0 * e0 - X1 * e1 - X2 * e2) / max(xn * en, 1e-12)
+        xe = xn * en
+        cosang = (-X0 * e0 - X1 * e1 - X2 * e2) / (xe if xe > 1e-12 else 1e-12)
         if cosang > min_angle_cos:
             continue
         for r in range(3):
