@@ -23,7 +23,20 @@ import math
 import numpy as np
 
 # pymap3d and scipy are imported where used: the camera helpers the dense stage needs import with
-# numpy alone (bench/gpu_check.sh runs the dense stage on a machine that may lack both)
+# numpy alone (bench/gpu_check.sh runs the dense stage on a machine that may lack both);
+# ``geometry.Rotation`` (scipy's) and ``geometry.pymap3d`` stay available to callers, on first use
+
+
+def __getattr__(name: str):
+    if name == "Rotation":
+        from scipy.spatial.transform import Rotation
+
+        return Rotation
+    if name == "pymap3d":
+        import pymap3d
+
+        return pymap3d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def r_ecef_to_enu(lat0_deg: float, lon0_deg: float) -> np.ndarray:
