@@ -7,11 +7,13 @@ where the aerial flow has run:
 
     python bench/gpu_check.py --prepare /path/to/aerial/root   # -> bench/gpu_carry/scene (ignored by git)
     pip download pycolmap==4.2.1 --no-deps --python-version 3.12 --only-binary=:all: \\
-        --platform manylinux_2_28_x86_64 -d bench/gpu_carry     # for a GPU machine without pycolmap
+        --platform manylinux_2_28_x86_64 -d /tmp/wheels           # for a GPU machine without pycolmap
+    python bench/gpu_check.py --pack-wheel /tmp/wheels/pycolmap-4.2.1-cp312-cp312-manylinux_2_28_x86_64.whl
 
-``bench/gpu_carry`` travels with the working tree to the GPU machine; a carried wheel whose package
-is not importable there is unpacked into a temporary folder and put on ``sys.path`` (a wheel is a
-zip; pycolmap needs only numpy). Then, on the GPU machine: ``bench/gpu_check.sh``.
+``bench/gpu_carry`` travels with the working tree to the GPU machine (``carry`` it: it is ignored by
+git); a carried package (wheel, or the smaller ``.tar.xz`` that ``--pack-wheel`` makes of one) that
+is not importable there is unpacked into a temporary folder and put on ``sys.path`` (pycolmap needs
+only numpy). Then, on the GPU machine: ``bench/gpu_check.sh``.
 
 Per method (GPU: the project's PatchMatch on numba.cuda, ``device="cuda"``; CPU: the same passes
 with the numba CPU kernels, the default CPU method) on a fresh copy of the workspace: the
@@ -49,24 +51,49 @@ def say(msg: str) -> None:
 
 
 def unpack_carried_wheels(carry: Path) -> list[str]:
-    """Put the carried wheels whose package is not importable here on ``sys.path`` (unpacked into a
-    temporary folder); returns their names."""
+    """Put the carried packages that are not importable here on ``sys.path``: wheels (``*.whl``)
+    and wheels repacked by ``--pack-wheel`` (``*.tar.xz``, smaller), unpacked once into a
+    temporary folder. Returns their file names."""
+    import tarfile
+
     used = []
-    for whl in sorted(carry.glob("*.whl")):
-        pkg = whl.name.split("-")[0].replace("_", "-").lower().replace("-", "_")
+    for arc in sorted([*carry.glob("*.whl"), *carry.glob("*.tar.xz")]):
+        pkg = arc.name.split("-")[0].replace("-", "_").lower()
         if importlib.util.find_spec(pkg) is not None:
             continue
-        dest = Path(tempfile.gettempdir()) / "gpu_check_site" / whl.stem
+        dest = Path(tempfile.gettempdir()) / "gpu_check_site" / arc.name
         if not (dest / pkg).is_dir():
-            tmp = Path(tempfile.mkdtemp(dir=dest.parent if dest.parent.is_dir() else None))
-            with zipfile.ZipFile(whl) as z:
-                z.extractall(tmp)
             dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(dir=dest.parent))
+            if arc.suffix == ".whl":
+                with zipfile.ZipFile(arc) as z:
+                    z.extractall(tmp)
+            else:
+                with tarfile.open(arc, "r:xz") as t:
+                    t.extractall(tmp, filter="data")
             shutil.rmtree(dest, ignore_errors=True)
             tmp.rename(dest)
         sys.path.insert(0, str(dest))
-        used.append(whl.name)
+        used.append(arc.name)
     return used
+
+
+def pack_wheel(wheel: Path, carry: Path) -> int:
+    """A wheel repacked as ``<wheel name>.tar.xz`` in ``carry`` (pycolmap 4.2.1 cp312: 38.2 MB as a
+    wheel, 21.6 MB as tar.xz); the wheel itself is not needed there afterwards."""
+    import tarfile
+
+    carry.mkdir(parents=True, exist_ok=True)
+    out = carry / (wheel.name[: -len(".whl")] + ".tar.xz")
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(tmp)
+        with tarfile.open(str(out) + ".part", "w:xz", preset=6) as t:
+            for p in sorted(Path(tmp).iterdir()):
+                t.add(p, arcname=p.name)
+    os.replace(str(out) + ".part", out)
+    say(f"{out}: {out.stat().st_size / 1e6:.1f} MB (wheel {wheel.stat().st_size / 1e6:.1f} MB)")
+    return 0
 
 
 def prepare(root: Path, scene: str, out: Path) -> int:
@@ -143,6 +170,7 @@ def run_method(scene: Path, device: str, work: Path, limit: int | None) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prepare", type=Path, metavar="AERIAL_ROOT", help="copy the demo scene's dense inputs here")
+    ap.add_argument("--pack-wheel", type=Path, metavar="WHEEL", help="repack a wheel as .tar.xz into bench/gpu_carry")
     ap.add_argument("--scene-id", default="0001")
     ap.add_argument("--scene", type=Path, default=CARRY / "scene", help="the prepared scene (default: %(default)s)")
     ap.add_argument("--methods", default="cuda,cpu", help="comma-separated: cuda, cpu (default: %(default)s)")
@@ -151,6 +179,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.prepare:
         return prepare(args.prepare, args.scene_id, args.scene)
+    if args.pack_wheel:
+        return pack_wheel(args.pack_wheel, CARRY)
 
     carried = unpack_carried_wheels(CARRY)
     if carried:

@@ -190,3 +190,39 @@ def test_cuda_kernels_compile_for_the_gpu_target(monkeypatch):
     for kernel, sig in sigs.items():
         cres = compile_cuda(kernel.py_func, types.void, sig, cc=(9, 0))
         assert "define" in cres.library.get_llvm_str()
+
+
+def test_gpu_check_unpacks_carried_packages(tmp_path, monkeypatch):
+    """A package carried to the GPU machine as a wheel, or repacked by --pack-wheel as .tar.xz, is
+    importable after unpack_carried_wheels when it is not installed there."""
+    import importlib
+    import zipfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        gc = importlib.import_module("gpu_check")
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    src = tmp_path / "wheels"
+    src.mkdir()
+    for pkg in ("zzcarried_a", "zzcarried_b"):
+        with zipfile.ZipFile(src / f"{pkg}-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(f"{pkg}/__init__.py", f"NAME = {pkg!r}\n")
+    carry = tmp_path / "carry"
+    carry.mkdir()
+    (src / "zzcarried_a-1.0-py3-none-any.whl").rename(carry / "zzcarried_a-1.0-py3-none-any.whl")
+    monkeypatch.setattr(gc, "CARRY", carry)
+    assert gc.pack_wheel(src / "zzcarried_b-1.0-py3-none-any.whl", carry) == 0
+    assert (carry / "zzcarried_b-1.0-py3-none-any.tar.xz").is_file()
+    used = gc.unpack_carried_wheels(carry)
+    assert used == ["zzcarried_a-1.0-py3-none-any.whl", "zzcarried_b-1.0-py3-none-any.tar.xz"]
+    assert importlib.import_module("zzcarried_a").NAME == "zzcarried_a"
+    assert importlib.import_module("zzcarried_b").NAME == "zzcarried_b"
+    assert gc.unpack_carried_wheels(carry) == []  # importable now: nothing more to do
+    for pkg in ("zzcarried_a", "zzcarried_b"):
+        sys.modules.pop(pkg, None)
