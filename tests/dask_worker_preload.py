@@ -33,10 +33,10 @@ class RecordTasks(WorkerPlugin):
 
 def _gpu_standin() -> None:
     from tasks.aerial import pipeline as PL
-    from tasks.common.runtime import import_pycolmap
+    from tasks.aerial.dense import backends
 
-    if import_pycolmap().has_cuda:
-        return  # a real GPU: the real PatchMatch runs
+    if backends.colmap_has_cuda() or backends.numba_cuda_available():
+        return  # a real GPU: the real GPU method runs (backends.gpu_method)
 
     def dense_depths_gpu(paths, cfg, names):
         out = PL.dense_depths_cpu(paths, cfg, names)

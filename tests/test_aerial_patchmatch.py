@@ -75,9 +75,13 @@ def _render(C: np.ndarray, R_c2w: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
 
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory):
+    return build_scene(tmp_path_factory.mktemp("pm_scene"))
+
+
+def build_scene(root: Path) -> dict:
     """Five cameras about 9 m from the box, 5-20 degrees apart, looking down at it; a model with
-    sparse points sampled from the true surface; the workspace made by prepare_workspace."""
-    root = tmp_path_factory.mktemp("pm_scene")
+    sparse points sampled from the true surface; the workspace made by prepare_workspace (in
+    ``root``; also used by tests/cuda_sim_patchmatch.py)."""
     (root / "images").mkdir()
     rec = pycolmap.Reconstruction()
     rec.add_camera_with_trivial_rig(pycolmap.Camera(model="SIMPLE_PINHOLE", width=W, height=H,

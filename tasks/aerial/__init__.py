@@ -2,6 +2,6 @@
 
 # First import of pycolmap in any process that uses these stages, with the process's own SIGTERM handling
 # kept: pycolmap's handler would turn a cancellation's SIGTERM into an abort with a stack trace.
-from tasks.common.runtime import import_pycolmap as _import_pycolmap
+from tasks.common.signals import import_pycolmap as _import_pycolmap
 
 _import_pycolmap()

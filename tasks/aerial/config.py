@@ -41,7 +41,8 @@ SfMOptions = overrides_model(SfMConfig, "SfMOptions", doc="Reference triangulati
 DenseOptions = overrides_model(
     DenseConfig, "DenseOptions", doc="Dense depth (both backends; CPU method, PatchMatch, SGBM, fusion).",
     choices={"backend": DenseBackend, "cpu_method": Literal["sgbm", "patchmatch"],
-             "pm_view_selection": Literal["coverage", "shared"], "sgbm_mode": Literal["3way", "sgbm", "hh"]})
+             "pm_view_selection": Literal["coverage", "shared"],
+             "gpu_method": Literal["auto", "colmap", "patchmatch"], "sgbm_mode": Literal["3way", "sgbm", "hh"]})
 PipelineOptions = overrides_model(
     PipelineConfig, "PipelineOptions", exclude=("name",), nested={"sfm": SfMOptions, "dense": DenseOptions},
     doc="Overrides of the named pipeline configuration (features, matcher, retrieval, pairs, SfM, dense).",

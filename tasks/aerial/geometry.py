@@ -21,8 +21,22 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pymap3d
-from scipy.spatial.transform import Rotation
+
+# pymap3d and scipy are imported where used: the camera helpers the dense stage needs import with
+# numpy alone (bench/gpu_check.sh runs the dense stage on a machine that may lack both);
+# ``geometry.Rotation`` (scipy's) and ``geometry.pymap3d`` stay available to callers, on first use
+
+
+def __getattr__(name: str):
+    if name == "Rotation":
+        from scipy.spatial.transform import Rotation
+
+        return Rotation
+    if name == "pymap3d":
+        import pymap3d
+
+        return pymap3d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def r_ecef_to_enu(lat0_deg: float, lon0_deg: float) -> np.ndarray:
@@ -39,27 +53,37 @@ def r_ecef_to_enu(lat0_deg: float, lon0_deg: float) -> np.ndarray:
 
 def cam2world_rotation(rotation_xyz_deg, lat0_deg: float, lon0_deg: float) -> np.ndarray:
     """Camera-to-world (ENU) rotation of an Earth Studio frame from its Euler angles."""
+    from scipy.spatial.transform import Rotation
+
     return r_ecef_to_enu(lat0_deg, lon0_deg) @ Rotation.from_euler("XYZ", rotation_xyz_deg, degrees=True).as_matrix()
 
 
 def euler_from_cam2world(r_c2w: np.ndarray, lat0_deg: float, lon0_deg: float) -> np.ndarray:
     """Inverse of :func:`cam2world_rotation`: Earth Studio 'XYZ' Euler angles (degrees)."""
+    from scipy.spatial.transform import Rotation
+
     r_xyz = r_ecef_to_enu(lat0_deg, lon0_deg).T @ r_c2w
     return Rotation.from_matrix(r_xyz).as_euler("XYZ", degrees=True)
 
 
 def geodetic_to_enu(lat, lon, alt, lat0: float, lon0: float, alt0: float) -> np.ndarray:
     """ENU coordinates (metres) of geodetic points relative to the origin (WGS84)."""
+    import pymap3d
+
     e, n, u = pymap3d.geodetic2enu(lat, lon, alt, lat0, lon0, alt0)
     return np.stack([np.asarray(e, float), np.asarray(n, float), np.asarray(u, float)], axis=-1)
 
 
 def enu_to_geodetic(enu: np.ndarray, lat0: float, lon0: float, alt0: float) -> np.ndarray:
+    import pymap3d
+
     lat, lon, alt = pymap3d.enu2geodetic(enu[..., 0], enu[..., 1], enu[..., 2], lat0, lon0, alt0)
     return np.stack([np.asarray(lat, float), np.asarray(lon, float), np.asarray(alt, float)], axis=-1)
 
 
 def enu_to_ecef(enu: np.ndarray, lat0: float, lon0: float, alt0: float) -> np.ndarray:
+    import pymap3d
+
     x, y, z = pymap3d.enu2ecef(enu[..., 0], enu[..., 1], enu[..., 2], lat0, lon0, alt0)
     return np.stack([np.asarray(x, float), np.asarray(y, float), np.asarray(z, float)], axis=-1)
 
@@ -97,12 +121,16 @@ R_DOWN = np.array([[1.0, 0.0, 0.0], [0.0, -1.0, 0.0], [0.0, 0.0, -1.0]])
 
 def rotation_from_pan_tilt_roll(pan_deg: float, tilt_deg: float, roll_deg: float = 0.0) -> np.ndarray:
     """COLMAP camera-to-world rotation in the camera's own local ENU frame."""
+    from scipy.spatial.transform import Rotation
+
     return Rotation.from_euler("ZXZ", [-pan_deg, tilt_deg, -roll_deg], degrees=True).as_matrix() @ R_DOWN
 
 
 def pan_tilt_roll_from_rotation(r_local: np.ndarray) -> tuple[float, float, float]:
     """Inverse of :func:`rotation_from_pan_tilt_roll`: (pan in [0, 360), tilt in [0, 180], roll in (-180, 180])."""
     import warnings
+
+    from scipy.spatial.transform import Rotation
 
     m = np.asarray(r_local, float) @ R_DOWN.T
     with warnings.catch_warnings():  # straight down (tilt 0): pan and roll are one angle, scipy warns

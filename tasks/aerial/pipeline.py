@@ -27,6 +27,7 @@ from tasks.aerial import matching as M
 from tasks.aerial import pairs as P
 from tasks.aerial import retrieval as R
 from tasks.aerial.dense import DenseConfig
+from tasks.aerial.dense.backends import dense_on_gpu, merge_dense_results
 from tasks.aerial.layout import ScenePaths, scene_paths
 from tasks.aerial.reconstruction import Query, SfMConfig, StageResult, localize_queries, model_complete, \
     triangulate_reference
@@ -351,27 +352,10 @@ def dense_depths_cpu(paths: ScenePaths, config: PipelineConfig, names: list[str]
     return merge_dense_results(steps)
 
 
-def merge_dense_results(steps: list[dict]) -> dict[str, Any]:
-    """Per-image stats of successive dense steps: seconds summed, ``skipped`` only when every step
-    skipped the image, the last step's coverage; failures of any step (the first reason kept)."""
-    stats: dict[str, dict] = {}
-    failures: dict[str, str] = {}
-    for step in steps:
-        for name, why in step.get("failures", {}).items():
-            failures.setdefault(name, why)
-        for name, st in step.get("stats", {}).items():
-            cur = stats.setdefault(name, {"seconds": 0.0, "skipped": True, "sources": []})
-            cur["seconds"] += st.get("seconds", 0.0)
-            cur["skipped"] = cur["skipped"] and bool(st.get("skipped"))
-            cur["valid_fraction"] = st.get("valid_fraction", 0.0)
-            cur["sources"] = st.get("sources") or cur["sources"]
-    for name in failures:
-        stats.pop(name, None)
-    return {"stats": stats, "failures": failures}
-
-
 def dense_depths_gpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
-    return D.dense_gpu(paths.dense, config.dense, paths.dense / "depths", image_names=names)
+    """The dense stage on this worker's GPU: COLMAP's CUDA PatchMatch or the project's PatchMatch on
+    numba.cuda, as :func:`tasks.aerial.dense.backends.gpu_method` decides."""
+    return dense_on_gpu(paths.dense, config.dense, paths.dense / "depths", image_names=names)
 
 
 def fuse_cpu(paths: ScenePaths, config: PipelineConfig) -> Path:

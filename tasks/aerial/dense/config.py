@@ -99,7 +99,10 @@ class DenseConfig:
     sweep_max_rel_error: float = 0.02  # drop pixels whose depth would be less precise than this
     depth_min: float | None = None  # optional manual depth range (both backends)
     depth_max: float | None = None
-    # --- GPU backend
+    # --- GPU backend (tasks/aerial/dense/backends.py decides on the GPU worker)
+    # "auto": COLMAP's CUDA PatchMatch when pycolmap has CUDA, else the pm_* PatchMatch above on numba.cuda |
+    # "colmap" | "patchmatch" (only that one; the task fails, saying what to install, when it cannot run)
+    gpu_method: str = "auto"
     geom_consistency: bool = True  # GPU backend; the CPU one runs its geometric pass when pm_geom_iterations > 0
     gpu_index: str = "-1"
     fusion_min_num_pixels: int = 3  # both backends: pycolmap.stereo_fusion's min_num_pixels

@@ -237,7 +237,8 @@ def _random_normal(seed, i, j, it, k, rx, ry):
     """A random unit normal facing the camera ray (rx, ry, 1)."""
     z = 2.0 * _rand(seed, i, j, it, k) - 1.0
     phi = 2.0 * math.pi * _rand(seed, i, j, it, k + 1)
-    r = math.sqrt(max(0.0, 1.0 - z * z))
+    r2 = 1.0 - z * z
+    r = math.sqrt(r2 if r2 > 0.0 else 0.0)  # no max(): the CUDA kernels compile this function too
     n0, n1, n2 = r * math.cos(phi), r * math.sin(phi), z
     if n0 * rx + n1 * ry + n2 > 0:
         n0, n1, n2 = -n0, -n1, -n2
@@ -469,3 +470,15 @@ def remove_speckles(depth, rel_tol, min_size, count=None, min_count=2, min_share
                     depth[p // w, p - (p // w) * w] = 0.0
                 removed += n
     return removed
+
+
+def solve(depth, normal, P, d_min, d_max, min_var, seed, perturbations):
+    """Random hypotheses where ``depth`` is 0 (:func:`initialise`), then one red-black
+    :func:`sweep` per entry of ``perturbations`` (iteration ``k + 1`` uses the ``k``-th); in place.
+    Returns the costs. :mod:`.kernels_cuda` has the same function for the GPU."""
+    cost = np.empty(depth.shape, np.float32)
+    initialise(depth, normal, cost, P, 1.0 / d_max, 1.0 / d_min, min_var, seed)
+    for it, pert in enumerate(perturbations):
+        for color in (0, 1):
+            sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
+    return cost

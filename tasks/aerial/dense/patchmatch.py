@@ -148,12 +148,25 @@ def source_ids(rec, image_id: int, cfg: DenseConfig, exclude=()) -> list[int]:
                   cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=exclude)
 
 
+def kernels_for(device: str):
+    """The kernel module of ``device``: "cpu" (:mod:`.kernels`, numba on the CPU) or "cuda"
+    (:mod:`.kernels_cuda`, numba.cuda; both have ``solve`` and ``consistency`` with the same inputs)."""
+    if device == "cpu":
+        return KN
+    if device == "cuda":
+        from tasks.aerial.dense import kernels_cuda
+        return kernels_cuda
+    raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+
+
 def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "photometric",
-                      info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      info: dict | None = None, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """(depth HxW, normal HxWx3) of image ``name`` at the working size for one pass (module doc);
-    0 depth where filtered out. ``info`` receives the sources, depth range and counts."""
+    0 depth where filtered out. ``info`` receives the sources, depth range and counts. ``device``:
+    where the kernels run (:func:`kernels_for`; the same inputs and settings either way)."""
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    kern = kernels_for(device)
     info = {} if info is None else info
     if name not in ws.by_name:
         raise DenseError(f"{name}: not in the workspace model {ws.path / 'sparse'}")
@@ -227,7 +240,7 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         Pc, _, (Wc, Hc) = _kernel_params(ref, gref, cams, greys, cs, cfg, False, sdepth, sdwh)
         dc = np.zeros((Hc, Wc), np.float32)
         nc = np.zeros((Hc, Wc, 3), np.float32)
-        _solve(dc, nc, Pc, cfg, d_min, d_max, min_var, seed + 13, cfg.pm_coarse_iterations, 0)
+        _solve(dc, nc, Pc, cfg, d_min, d_max, min_var, seed + 13, cfg.pm_coarse_iterations, 0, kern)
         depth[:] = cv2.resize(dc, (W, H), interpolation=cv2.INTER_NEAREST)
         normal[:] = cv2.resize(nc, (W, H), interpolation=cv2.INTER_NEAREST)
         info["coarse size"] = (Wc, Hc)
@@ -235,14 +248,14 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
     P, var, _ = _kernel_params(ref, gref, cams, greys, cfg.pm_max_image_size, cfg, geom, sdepth, sdwh)
     # an unfinished photometric map (or the coarse level's holes) restarts the zero pixels at random
     _solve(depth, normal, P, cfg, d_min, d_max, min_var, seed,
-           cfg.pm_geom_iterations if geom else cfg.pm_iterations, offset)
+           cfg.pm_geom_iterations if geom else cfg.pm_iterations, offset, kern)
     normal[depth <= 0] = 0
     info["textured"] = var > min_var
     if geom or cfg.pm_geom_iterations <= 0:
         info["unfiltered depth"] = depth.copy()
-        count = KN.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
-                               math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
-                               min_var)
+        count = kern.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
+                                 math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
+                                 min_var)
         if cfg.pm_speckle_size > 1 or cfg.pm_region_min_share > 0:
             info["speckle pixels"] = int(KN.remove_speckles(
                 depth, float(cfg.pm_speckle_tolerance), int(cfg.pm_speckle_size), count, 2,
@@ -292,16 +305,12 @@ def _kernel_params(ref: _Cam, gref: np.ndarray, cams: list[_Cam], greys: list[np
 
 
 def _solve(depth: np.ndarray, normal: np.ndarray, P, cfg: DenseConfig, d_min: float, d_max: float, min_var: float,
-           seed: int, iterations: int, offset: int) -> np.ndarray:
+           seed: int, iterations: int, offset: int, kern=KN) -> np.ndarray:
     """Random hypotheses where ``depth`` is 0, then ``iterations`` red-black sweeps (perturbation
-    ``pm_perturbation`` halved per iteration, starting ``offset`` halvings down); in place. Returns the costs."""
-    cost = np.empty(depth.shape, np.float32)
-    KN.initialise(depth, normal, cost, P, 1.0 / d_max, 1.0 / d_min, min_var, seed)
-    for it in range(iterations):
-        pert = max(cfg.pm_perturbation * 0.5 ** (it + offset), 0.005)
-        for color in (0, 1):
-            KN.sweep(color, it + 1, depth, normal, cost, P, d_min, d_max, min_var, seed, pert)
-    return cost
+    ``pm_perturbation`` halved per iteration, starting ``offset`` halvings down); in place, by the
+    kernel module ``kern`` (:func:`kernels_for`). Returns the costs."""
+    perts = [max(cfg.pm_perturbation * 0.5 ** (it + offset), 0.005) for it in range(iterations)]
+    return kern.solve(depth, normal, P, d_min, d_max, min_var, seed, perts)
 
 
 def _working_hw(c: _Cam, max_size: int) -> tuple[int, int]:
@@ -340,10 +349,12 @@ def _map_complete(workspace: Path, name: str, kind: str, shape: tuple[int, int],
 
 
 def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, config: DenseConfig | None,
-                    phase: str = "photometric", details: dict | None = None) -> dict:
-    """One pass of the CPU PatchMatch over images of a workspace (all posed ones by default):
-    writes ``stereo/{depth,normal}_maps/<name>.<phase>.bin``. Resumable per image (a complete map
-    of the pass made with the same settings, :func:`settings_stamp`, is kept); one bad image never
+                    phase: str = "photometric", details: dict | None = None, device: str = "cpu") -> dict:
+    """One pass of the PatchMatch over images of a workspace (all posed ones by default), its kernels
+    on ``device`` ("cpu", or "cuda": the GPU backend without COLMAP, :mod:`.backends`): writes
+    ``stereo/{depth,normal}_maps/<name>.<phase>.bin``. Resumable per image (a complete map of the
+    pass made with the same settings, :func:`settings_stamp`, is kept, whichever device made it:
+    same algorithm and inputs); one bad image never
     stops the others. Returns ``{"stats": {name:
     {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``. ``details``
     (benchmarks) receives each computed image's ``info`` of :func:`patch_match_image` (with the
@@ -370,7 +381,7 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
             continue
         info: dict = {}
         try:
-            depth, normal = patch_match_image(ws, name, cfg, phase, info)
+            depth, normal = patch_match_image(ws, name, cfg, phase, info, device)
             if details is not None:
                 details[name] = info
             dp, np_ = map_paths(ws.path, name, phase)
@@ -389,5 +400,5 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     return {"stats": stats, "failures": failures}
 
 
-__all__ = ["PHASES", "map_paths", "settings_stamp", "stamp_path", "working_size", "depth_range", "source_ids", "patch_match_image",
+__all__ = ["PHASES", "kernels_for", "map_paths", "settings_stamp", "stamp_path", "working_size", "depth_range", "source_ids", "patch_match_image",
            "run_patch_match"]
