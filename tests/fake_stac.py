@@ -57,7 +57,7 @@ CONFORMANCE = [
     "https://api.stacspec.org/v1.0.0-rc.1/item-search#filter",
     "http://www.opengis.net/spec/ogcapi-features-1/1.0/conf/geojson",
 ]
-HALF_M = 1280.0  # half side of a tile's scene footprint (m): 256 px at 10 m
+HALF_M = 2560.0  # half side of a tile's scene footprint (m): 512 px at 10 m (4 x 4 COG blocks of 128)
 
 
 def _iso(t: dt.datetime) -> str:
@@ -83,7 +83,7 @@ def _smooth(rng: np.random.Generator, h: int, w: int, k: int = 6) -> np.ndarray:
     return a * (1 - fy) * (1 - fx) + b * (1 - fy) * fx + c * fy * (1 - fx) + d * fy * fx
 
 
-def write_cog(path: Path, data: np.ndarray, crs: str, transform, nodata=None, blocksize: int = 64) -> None:
+def write_cog(path: Path, data: np.ndarray, crs: str, transform, nodata=None, blocksize: int = 128) -> None:
     """A (1, H, W) array as an uncompressed COG with ``blocksize`` tiles (GDAL's COG driver)."""
     import rasterio
     from rasterio.io import MemoryFile
@@ -273,7 +273,7 @@ class FakeStac:
             if version == "2.0.0":
                 data[:] = 95
             name = f"{tid}_WC_{year}.tif"
-            write_cog(self.root / "cogs" / name, data, "EPSG:4326", Affine(res_deg, 0, left, 0, -res_deg, top), 0, blocksize=256)
+            write_cog(self.root / "cogs" / name, data, "EPSG:4326", Affine(res_deg, 0, left, 0, -res_deg, top), 0)
             right, bottom = left + ncols * res_deg, top - nrows * res_deg
             geom = {"type": "Polygon", "coordinates": [[[left, top], [right, top], [right, bottom], [left, bottom], [left, top]]]}
             self._add(WORLDCOVER, f"ESA_WorldCover_10m_{year}_v{version[0]}00_{tid}", geom,

@@ -30,7 +30,7 @@ whole scene). The README's "STAC source" section has the per-modality table.
   bilinear, one pixel of margin; slope (degrees) from it at 10 m.
 * ESA WorldCover (``esa-worldcover``, asset ``map``, 2020 = v100): nearest.
 * ERA5, Dynamic World, ETH canopy height: no STAC COG copy; absent per tile (BANDS null,
-  era5 values null: NaN in the h5), as the original marks a missing Sentinel-1 orbit.
+  era5 values NaN), as the original marks a missing Sentinel-1 orbit.
 
 Requests: every STAC search and every band read holds a slot of a Prefect global
 concurrency limit (``limit_name``, as the Earth Engine source does: batch leases shared
@@ -81,6 +81,9 @@ GDAL_OPTIONS = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",  # no listing of the "folder" of a URL
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    # the blocks of a window one range request after another: a read holding one request slot
+    # makes one request at a time (GDAL's default fetches them in parallel, past the limit)
+    "GDAL_HTTP_MULTIRANGE": "SERIAL",
     "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
     "VSI_CACHE": "FALSE",
     "CPL_VSIL_CURL_NON_CACHED": "",  # set per source: no failed-request memory between retries
@@ -176,6 +179,13 @@ class StacSource(Source):
         self.api_url = (self.api_url or os.environ.get(ENV_API_URL) or PC_API).rstrip("/")
         if self.sign is None:
             self.sign = "planetarycomputer.microsoft.com" in self.api_url
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:  # sent to Dask workers: without the per-thread clients
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
         self._local = threading.local()
 
     def cache_key(self) -> str:
@@ -422,7 +432,8 @@ class StacSource(Source):
             "S2_DATE": s2_date, "S2_type": "l2a", "CRS": grid.crs, "lat": ch.lat, "lon": ch.lon,
             "biome": schema.BIOME_INDEX[tile.biome], "eco_region": self.eco_region_index(tile),
             "NO_DATA": False, "BANDS": bands,
-            "era5": {"month1": None, "month2": None, "year": None},
+            # no public STAC copy of ERA5-Land: missing values, as the EE source writes them (NaN)
+            "era5": {part: [math.nan] * 4 for part in ("month1", "month2", "year")},
             "S2_IMAGEID": s2["id"], "S2_CANDIDATES": n, "S2_PRODUCT_DRAWN": ch.prefer,
             "S1_IMAGEIDS": {k: (s1[o] or {}).get("id") for o, k in (("ascending", "asc"), ("descending", "desc"))},
             "PRODUCTS": products, "STAC_API": self.api_url, "SOURCE": "stac",
