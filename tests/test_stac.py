@@ -211,3 +211,20 @@ def test_flow_config_stac_end_to_end(tmp_path, prefect_server):
     assert len(reader) > 0
     item = reader[0]
     assert item["sentinel2"].shape == (13, 64, 64)
+
+
+def test_offered_in_the_form_and_deployed():
+    """The flow's form offers the source; prefect.yaml deploys it against Planetary Computer;
+    the preset names the dataset after the source."""
+    from deployments.serve import build_deployments
+    from tasks.multimodal.config import MultimodalConfig, get_config
+
+    schema_ = MultimodalConfig.model_json_schema()
+    assert "stac" in schema_["properties"]["source"]["enum"]
+    cfg = get_config("stac")
+    assert cfg.name == "data_stac_v001" and cfg.request_limit_name == "stac-requests"
+    deps = {d.name: d for d in build_deployments()}
+    config = MultimodalConfig(**deps["stac"].parameters["config"])
+    assert config.source == "stac" and config.source_options["api_url"] == st.PC_API
+    assert st.StacSource(**config.source_options).sign  # Planetary Computer's assets are signed
+    assert not st.StacSource(api_url="http://127.0.0.1:1/").sign

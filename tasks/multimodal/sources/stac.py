@@ -153,6 +153,10 @@ def s2_harmonise(item: dict[str, Any], asset: dict[str, Any]) -> tuple[float, fl
     return 1.0, (-1000.0 if baseline >= "04.00" else 0.0)
 
 
+class StacConfigError(RuntimeError):
+    """The STAC API or its settings are unusable: fails the flow before any tile."""
+
+
 # --------------------------------------------------------------------------
 # The source
 # --------------------------------------------------------------------------
@@ -190,6 +194,26 @@ class StacSource(Source):
 
     def cache_key(self) -> str:
         return f"stac-v1|{self.api_url}"
+
+    def check(self) -> None:
+        """Before any tile: the signing package when signing, and the API answering as a STAC
+        item-search API."""
+        if self.sign:
+            try:
+                import planetary_computer  # noqa: F401
+            except ImportError:
+                raise StacConfigError(
+                    f"source_options.sign is on for {self.api_url} but the planetary-computer package is not "
+                    "installed: pip install 'geodata-factory[stac-pc]' (or planetary-computer), or set "
+                    "source_options.sign=false for a server that needs no signing") from None
+        try:
+            client = self._client()
+        except Exception as exc:
+            raise StacConfigError(f"the STAC API at {self.api_url} does not answer ({type(exc).__name__}: {exc}); "
+                                  "check source_options.api_url (or STAC_API_URL)") from None
+        if not client.conforms_to("ITEM_SEARCH"):
+            raise StacConfigError(f"{self.api_url} is not a STAC API with item search (no /search in its "
+                                  "conformance classes); set source_options.api_url to the API root")
 
     # -- requests ------------------------------------------------------------
     @contextlib.contextmanager
