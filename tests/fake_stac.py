@@ -347,6 +347,7 @@ class FakeStac:
                 self.send_header("Content-Length", str(len(body)))
                 for k, v in (extra or {}).items():
                     self.send_header(k, v)
+                self._leave()  # done before the reply goes out: the client may start its next request at once
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
@@ -365,6 +366,7 @@ class FakeStac:
                 return True
 
             def _enter(self):
+                self._left = False
                 with fake._lock:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
@@ -372,6 +374,9 @@ class FakeStac:
                     time.sleep(fake.latency_s)
 
             def _leave(self):
+                if self._left:
+                    return
+                self._left = True
                 with fake._lock:
                     fake.in_flight -= 1
 
@@ -431,6 +436,7 @@ class FakeStac:
                     self.send_response(200)
                     self.send_header("Content-Length", str(size))
                     self.send_header("Accept-Ranges", "bytes")
+                    self._leave()
                     self.end_headers()
                     return
                 with open(fake.root / "cogs" / name, "rb") as fh:
