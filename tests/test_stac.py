@@ -152,29 +152,31 @@ def test_selection_check_catches_a_regression(world, monkeypatch, change):
         check_selection(fake, src, tiles)
 
 
-def test_windowed_reads_only_and_retries(world, monkeypatch):
+def test_windowed_reads_only_and_retries(tmp_path, monkeypatch):
     """Every COG byte comes from a Range request and a tile reads a fraction of each 10 m
-    file; 429/503 answers (searches and reads) are retried and the tile still comes."""
-    tiles, fake = world
-    src = _direct(fake, monkeypatch)
-    tile = next(t for t in tiles if expected(fake, t)["s2"])
-    fake.reads.clear()
-    fake.faults.update({f"/cogs/{tile.tile_id}_S2_B03.tif": [429, 503], "/search": [429, 503]})
-    fake.retry_after_s = 0
-    stack = src.fetch(tile, Grid.for_tile(tile))
-    assert not fake.faults["/search"] and not fake.faults[f"/cogs/{tile.tile_id}_S2_B03.tif"]  # both answered
-    assert stack.data.shape[1:] == (64, 64)
-    assert fake.whole_file_reads() == []
-    read = fake.bytes_by_file()
-    for key in ("B02", "B04", "B08"):  # (B03's reads were retried)
-        name = f"{tile.tile_id}_S2_{key}.tif"
-        assert 0 < read[name] < 0.5 * fake.sizes[name], (name, read[name], fake.sizes[name])
-    # a read that keeps failing is a transient error for the tile (retried by the flow), not no-data
-    fake.faults[f"/cogs/{tile.tile_id}_S2_B02.tif"] = [503] * 50
-    src.retries = 1
-    with pytest.raises(st.TransientSourceError, match="B02"):
-        src.fetch(tile, Grid.for_tile(tile))
-    fake.faults.clear()
+    file; 429/503 answers (searches and reads) are retried and the tile still comes; a read
+    that keeps failing is a transient error. A server of its own: GDAL caches what it read
+    from a URL for the process, so the files must not have been read by another test."""
+    with FakeStac(_tiles(8), tmp_path) as fake:
+        src = _direct(fake, monkeypatch)
+        tile, other = [t for t in fake.tiles if expected(fake, t)["s2"]][:2]
+        fake.faults.update({f"/cogs/{tile.tile_id}_S2_B03.tif": [429, 503], "/search": [429, 503]})
+        fake.retry_after_s = 0
+        stack = src.fetch(tile, Grid.for_tile(tile))
+        assert not fake.faults["/search"] and not fake.faults[f"/cogs/{tile.tile_id}_S2_B03.tif"]  # both answered
+        assert stack.data.shape[1:] == (64, 64)
+        assert fake.whole_file_reads() == []
+        read = fake.bytes_by_file()
+        for key in ("B02", "B04", "B08"):  # (B03's reads were retried)
+            name = f"{tile.tile_id}_S2_{key}.tif"
+            assert 0 < read[name] < 0.5 * fake.sizes[name], (name, read[name], fake.sizes[name])
+        fake.faults[f"/cogs/{other.tile_id}_S2_B02.tif"] = [503] * 50
+        src.retries = 1
+        with pytest.raises(st.TransientSourceError, match="B02"):
+            src.fetch(other, Grid.for_tile(other))
+        # the retry (same process) asks the server again: GDAL remembered no failure
+        fake.faults.clear()
+        assert src.fetch(other, Grid.for_tile(other)).data.shape[1:] == (64, 64)
 
 
 def test_flow_config_stac_end_to_end(tmp_path, prefect_server):
@@ -228,3 +230,19 @@ def test_offered_in_the_form_and_deployed():
     assert config.source == "stac" and config.source_options["api_url"] == st.PC_API
     assert st.StacSource(**config.source_options).sign  # Planetary Computer's assets are signed
     assert not st.StacSource(api_url="http://127.0.0.1:1/").sign
+
+
+def test_unusable_api_fails_before_any_tile(world, monkeypatch):
+    """check(): a URL that answers nothing, or answers but is no STAC item-search API,
+    fails with one message naming the setting."""
+    _, fake = world
+    for url, message in (("http://127.0.0.1:1/", "does not answer"), (fake.url + "cogs/", "does not answer|not a STAC")):
+        src = st.StacSource(api_url=url, retries=0)
+        monkeypatch.setattr(src, "_request_slot", contextlib.nullcontext)
+        with pytest.raises(st.StacConfigError, match=message) as err:
+            src.check()
+        assert "api_url" in str(err.value)
+    src = st.StacSource(api_url=fake.url, sign=True)
+    monkeypatch.setitem(__import__("sys").modules, "planetary_computer", None)  # not installed
+    with pytest.raises(st.StacConfigError, match="planetary-computer"):
+        src.check()

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import logging
 import math
 import os
@@ -88,6 +89,35 @@ GDAL_OPTIONS = {
     "VSI_CACHE": "FALSE",
     "CPL_VSIL_CURL_NON_CACHED": "",  # set per source: no failed-request memory between retries
 }
+
+
+@functools.lru_cache(maxsize=1)
+def _libgdal():
+    """The GDAL library rasterio runs on (its wheel's copy, else the one loaded), or None."""
+    import ctypes
+    import glob
+
+    import rasterio
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(rasterio.__file__) + ".libs", "libgdal*")))
+    if not paths:
+        with contextlib.suppress(OSError), open("/proc/self/maps") as fh:
+            paths = sorted({line.split()[-1] for line in fh if "libgdal" in line and line.split()[-1].startswith("/")})
+    for p in paths:
+        with contextlib.suppress(OSError, AttributeError):
+            lib = ctypes.CDLL(p)
+            lib.VSICurlPartialClearCache.argtypes = [ctypes.c_char_p]
+            return lib
+    log.warning("GDAL library not found: a COG read that failed is not asked again in this process")
+    return None
+
+
+def forget_url(href: str) -> None:
+    """Drop what GDAL's /vsicurl/ remembers of ``href`` (its size, blocks, and a failure: GDAL
+    otherwise answers a later open of the URL from memory, without a request)."""
+    lib = _libgdal()
+    if lib is not None:
+        lib.VSICurlPartialClearCache(("/vsicurl/" + href).encode())
 
 
 def _date_window(start: str, end: str) -> str:
@@ -298,6 +328,7 @@ class StacSource(Source):
                                dtype="float32") as vrt:
                     return vrt.read(1)
         except (RasterioError, OSError) as exc:
+            forget_url(href)  # so that the tile's retry in this process asks the server again
             raise TransientSourceError(tile.tile_id, f"reading {href}: {exc}") from None
 
     def _href(self, tile: Tile, item: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
