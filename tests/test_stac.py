@@ -97,7 +97,8 @@ def test_selection_follows_the_original_rules(world, monkeypatch):
     for tile, q in zip(tiles, s2_queries):
         start, end = s2_window(choose(tile).year)
         assert q["intersects"] == json.loads(json.dumps(tile.geometry))
-        assert q["datetime"] == st._date_window(start, end) and q["datetime"].startswith(f"{start}T00:00:00")
+        last = dt.date.fromisoformat(end) - dt.timedelta(days=1)  # filterDate's end is exclusive
+        assert q["datetime"] == f"{start}T00:00:00Z/{last}T23:59:59.999Z"
         assert q["query"] == {"eo:cloud_cover": {"lt": 10}}
     for q in fake.searches:
         assert q["collections"][0] in fake_stac.COLLECTIONS and "intersects" in q
