@@ -126,6 +126,7 @@ class FakeStac:
     retry_after_s: int = 1
     items: list[dict[str, Any]] = field(default_factory=list)
     searches: list[dict[str, Any]] = field(default_factory=list)
+    search_times: list[float] = field(default_factory=list)  # when each answered search arrived
     reads: list[Request] = field(default_factory=list)
     sizes: dict[str, int] = field(default_factory=dict)
 
@@ -455,6 +456,7 @@ class FakeStac:
 
             def _search(self, body: dict[str, Any]):
                 fake.searches.append(json.loads(json.dumps(body)))
+                fake.search_times.append(time.monotonic())
                 limit = min(int(body.get("limit") or 10), fake.page_limit)
                 token = int(body.get("token") or 0)
                 found = fake.match(body)

@@ -161,10 +161,14 @@ def test_windowed_reads_only_and_retries(tmp_path, monkeypatch):
     with FakeStac(_tiles(8), tmp_path) as fake:
         src = _direct(fake, monkeypatch)
         tile, other = [t for t in fake.tiles if expected(fake, t)["s2"]][:2]
-        fake.faults.update({f"/cogs/{tile.tile_id}_S2_B03.tif": [429, 503], "/search": [429, 503]})
-        fake.retry_after_s = 0
+        src.check()  # the landing page, before the faults
+        fake.faults.update({f"/cogs/{tile.tile_id}_S2_B03.tif": [429, 503], "/search": [429]})
+        fake.retry_after_s = 2
+        fake.reads.clear()
         stack = src.fetch(tile, Grid.for_tile(tile))
         assert not fake.faults["/search"] and not fake.faults[f"/cogs/{tile.tile_id}_S2_B03.tif"]  # both answered
+        refused = next(r.t0 for r in fake.reads if r.path == "/search" and r.status == 429)
+        assert min(t for t in fake.search_times if t > refused) - refused >= 1.9  # asked again after Retry-After: 2
         assert stack.data.shape[1:] == (64, 64)
         assert fake.whole_file_reads() == []
         read = fake.bytes_by_file()
@@ -228,6 +232,7 @@ def test_offered_in_the_form_and_deployed():
     assert cfg.name == "data_stac_v001" and cfg.request_limit_name == "stac-requests"
     deps = {d.name: d for d in build_deployments()}
     config = MultimodalConfig(**deps["stac"].parameters["config"])
+    assert config == get_config("stac", source_options={"api_url": st.PC_API})
     assert config.source == "stac" and config.source_options["api_url"] == st.PC_API
     assert st.StacSource(**config.source_options).sign  # Planetary Computer's assets are signed
     assert not st.StacSource(api_url="http://127.0.0.1:1/").sign
