@@ -169,6 +169,9 @@ def test_windowed_reads_only_and_retries(tmp_path, monkeypatch):
         assert not fake.faults["/search"] and not fake.faults[f"/cogs/{tile.tile_id}_S2_B03.tif"]  # both answered
         refused = next(r.t0 for r in fake.reads if r.path == "/search" and r.status == 429)
         assert min(t for t in fake.search_times if t > refused) - refused >= 1.9  # asked again after Retry-After: 2
+        b03 = [r for r in fake.reads if r.path.endswith(f"{tile.tile_id}_S2_B03.tif")]
+        assert [r.status for r in b03[:3]] == [429, 503, 200]  # read, HEAD asked again, HEAD answered
+        assert b03[2].t0 - b03[1].t0 >= 1.9  # after the 503's Retry-After: 2
         assert stack.data.shape[1:] == (64, 64)
         assert fake.whole_file_reads() == []
         read = fake.bytes_by_file()

@@ -34,9 +34,11 @@ whole scene). The README's "STAC source" section has the per-modality table.
 
 Requests: every STAC search and every band read holds a slot of a Prefect global
 concurrency limit (``limit_name``, as the Earth Engine source does: batch leases shared
-by the fetching threads); searches retry 429/5xx honouring ``Retry-After`` (urllib3),
-band reads retry through GDAL (``GDAL_HTTP_MAX_RETRY``); a tile that still fails is a
-:class:`TransientSourceError` (retried by the flow).
+by the fetching threads). 429/5xx are retried honouring ``Retry-After``: searches by
+urllib3; a band read that fails (GDAL's own retries are off: GDAL ignores Retry-After) is
+forgotten by GDAL's cache and its URL asked again with ``HEAD`` under the same urllib3
+policy, then read again; a tile that still fails is a :class:`TransientSourceError`
+(retried by the flow).
 """
 
 from __future__ import annotations
@@ -85,7 +87,6 @@ GDAL_OPTIONS = {
     # the blocks of a window one range request after another: a read holding one request slot
     # makes one request at a time (GDAL's default fetches them in parallel, past the limit)
     "GDAL_HTTP_MULTIRANGE": "SERIAL",
-    "GDAL_HTTP_RETRY_CODES": "429,500,502,503,504",
     "VSI_CACHE": "FALSE",
     "CPL_VSIL_CURL_NON_CACHED": "",  # set per source: no failed-request memory between retries
 }
@@ -277,12 +278,7 @@ class StacSource(Source):
         if client is None:
             from pystac_client import Client
             from pystac_client.stac_api_io import StacApiIO
-            from urllib3 import Retry
-
-            retry = Retry(total=self.retries, backoff_factor=self.retry_delay_s / 2,
-                          status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
-                          respect_retry_after_header=True, raise_on_status=False)
-            io = StacApiIO(max_retries=retry, timeout=self.timeout_s)
+            io = StacApiIO(max_retries=self._retry_policy(), timeout=self.timeout_s)
             modifier = None
             if self.sign:
                 import planetary_computer
@@ -317,19 +313,51 @@ class StacSource(Source):
         t = grid.transform
         size = grid.size + 2 * margin
         transform = t @ t.translation(-margin, -margin)
-        env = dict(GDAL_OPTIONS, GDAL_HTTP_MAX_RETRY=str(self.retries), GDAL_HTTP_RETRY_DELAY=str(self.retry_delay_s),
-                   GDAL_HTTP_TIMEOUT=str(int(self.timeout_s)))
+        # GDAL's own retries do not read Retry-After: one attempt per open here; after a failure
+        # the URL is asked again (HEAD) through urllib3, which waits as Retry-After says
+        env = dict(GDAL_OPTIONS, GDAL_HTTP_MAX_RETRY="0", GDAL_HTTP_TIMEOUT=str(int(self.timeout_s)))
         env.pop("CPL_VSIL_CURL_NON_CACHED")
+        for attempt in range(self.retries + 1):
+            try:
+                with self._request_slot(), rasterio.Env(**env), rasterio.open(href) as src:
+                    src_nodata = nodata if nodata is not None else src.nodata
+                    with WarpedVRT(src, crs=grid.crs, transform=transform, width=size, height=size,
+                                   resampling=Resampling[resampling], src_nodata=src_nodata, nodata=np.nan,
+                                   dtype="float32") as vrt:
+                        return vrt.read(1)
+            except (RasterioError, OSError) as exc:
+                forget_url(href)  # GDAL remembers a failure: the next open must ask the server again
+                if attempt == self.retries or not self._wait_until_served(href):
+                    raise TransientSourceError(tile.tile_id, f"reading {href}: {exc}") from None
+                log.info("tile %s: reading %s failed (%s); asked again", tile.tile_id, href, exc)
+        raise AssertionError("unreachable")
+
+    def _wait_until_served(self, href: str) -> bool:
+        """After a failed read: ``HEAD href`` with the searches' retry policy (429/5xx retried,
+        waiting as each answer's Retry-After says, else backing off from ``retry_delay_s``).
+        True when the server answers 2xx, so that the read is tried again."""
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        session = getattr(self._local, "head_session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(max_retries=self._retry_policy())
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.head_session = session
         try:
-            with self._request_slot(), rasterio.Env(**env), rasterio.open(href) as src:
-                src_nodata = nodata if nodata is not None else src.nodata
-                with WarpedVRT(src, crs=grid.crs, transform=transform, width=size, height=size,
-                               resampling=Resampling[resampling], src_nodata=src_nodata, nodata=np.nan,
-                               dtype="float32") as vrt:
-                    return vrt.read(1)
-        except (RasterioError, OSError) as exc:
-            forget_url(href)  # so that the tile's retry in this process asks the server again
-            raise TransientSourceError(tile.tile_id, f"reading {href}: {exc}") from None
+            with self._request_slot():
+                return session.head(href, timeout=self.timeout_s, allow_redirects=True).ok
+        except requests.RequestException:
+            return False
+
+    def _retry_policy(self):
+        from urllib3 import Retry
+
+        return Retry(total=self.retries, backoff_factor=self.retry_delay_s / 2,
+                     status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
+                     respect_retry_after_header=True, raise_on_status=False)
 
     def _href(self, tile: Tile, item: dict[str, Any], key: str) -> tuple[str, dict[str, Any]]:
         asset = (item.get("assets") or {}).get(key)
