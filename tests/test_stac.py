@@ -255,3 +255,11 @@ def test_unusable_api_fails_before_any_tile(world, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "planetary_computer", None)  # not installed
     with pytest.raises(st.StacConfigError, match="planetary-computer"):
         src.check()
+
+
+def test_unknown_source_option_is_named():
+    from tasks.multimodal.sources import make_source
+
+    with pytest.raises(ValueError, match=r"\['api_uri'\] are not settings of the stac source.*'api_url'"):
+        make_source("stac", {"api_uri": "http://127.0.0.1:1/"})
+    assert make_source("stac", {"api_url": "http://127.0.0.1:1/"}, limit_name="x", ceiling=3).ceiling == 3

@@ -29,8 +29,15 @@ def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dic
             options["ceiling"] = ceiling
         return _earthengine(options, eco_index)
     if name == "stac":
+        import dataclasses
+
         from tasks.multimodal.sources.stac import StacSource
 
+        known = {f.name for f in dataclasses.fields(StacSource) if f.name not in ("eco_index", "name")}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"source_options {unknown} are not settings of the stac source; it takes "
+                             f"{sorted(known - {'limit_name', 'ceiling'})}")
         if limit_name is not None:
             options["limit_name"] = limit_name
         if ceiling is not None:
