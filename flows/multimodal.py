@@ -332,13 +332,14 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     # 1. tiles -------------------------------------------------------------
     t0 = time.monotonic()
     ee = config.source == "earthengine"
-    if ee:  # every Earth Engine request of every task holds a slot of this limit
+    limited = config.source in ("earthengine", "stac")
+    if limited:  # every Earth Engine / STAC request of every task holds a slot of this limit
         ensure_limit(config.request_limit_name, config.request_ceiling)
 
     def source_for(eco_index):
         return make_source(config.source, config.source_options, eco_index,
-                           limit_name=config.request_limit_name if ee else None,
-                           ceiling=config.request_ceiling if ee else None)
+                           limit_name=config.request_limit_name if limited else None,
+                           ceiling=config.request_ceiling if limited else None)
 
     sampler = source_for(None) if config.tile_sampler == "earthengine" and ee else None
     selection = select_tiles(config, out, sampler)

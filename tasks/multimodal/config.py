@@ -59,14 +59,18 @@ class MultimodalConfig(BaseModel):
     seed: int = Field(0, description="random seed of the tile sampling")
     batch: int = Field(0, description="sampling batch: another seed stream for adding tiles to a dataset")
     # stacks
-    source: Literal["synthetic", "earthengine"] = Field(
-        "synthetic", description="where stacks come from: synthetic (embedded, offline) or earthengine (real data)")
+    source: Literal["synthetic", "earthengine", "stac"] = Field(
+        "synthetic", description="where stacks come from: synthetic (embedded, offline), earthengine (real data, "
+                                 "an Earth Engine account) or stac (public COGs behind a STAC API, no account)")
     source_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="source settings; earthengine: project, credentials_block or secret_block, url, timeout_s "
+        description="source settings; earthengine: project, credentials_block or secret_block, url, timeout_s; stac: "
+                    "api_url (default Planetary Computer's), sign (default: on for Planetary Computer) "
                     "(never put a key here: flow parameters are stored by Prefect)")
-    request_ceiling: int = Field(40, ge=1, description="Earth Engine concurrent requests allowed for the project")
-    request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name")
+    request_ceiling: int = Field(40, ge=1, description="concurrent requests allowed (Earth Engine: for the project; "
+                                                       "stac: to the STAC API and COG hosts)")
+    request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name "
+                                                                        "(the stac preset: stac-requests)")
     fetch_batch_size: int = Field(16, ge=1, description="tiles per fetch task")
     fetch_threads: int = Field(1, ge=1, description="tiles fetched concurrently inside one fetch task")
     fetch_slots: int | None = Field(
@@ -179,6 +183,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # busy; 2 Dask threads per worker, so that a second fetch task takes over the slots of a draining one.
     "earthengine": {"name": "data_ee_v001", "source": "earthengine", "fetch_batch_size": 200, "fetch_threads": 28,
                     "fetch_slots": 20, "dask": {"n_workers": 2, "threads_per_worker": 2}},
+    # Public COGs behind a STAC API (Planetary Computer by default; source_options.api_url for another):
+    # 2 workers x 8 slots = a ceiling of 16 requests in flight; 12 threads per task keep 8 slots busy.
+    "stac": {"name": "data_stac_v001", "source": "stac", "request_limit_name": "stac-requests", "request_ceiling": 16,
+             "fetch_batch_size": 32, "fetch_threads": 12, "fetch_slots": 8, "dask": {"n_workers": 2, "threads_per_worker": 2}},
     # A few tiles, for a quick look.
     "smoke": {"name": "data_smoke", "n_tiles": 24, "fetch_batch_size": 4, "part_size": 8},
 }

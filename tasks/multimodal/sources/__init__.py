@@ -8,13 +8,13 @@ from tasks.multimodal.sources.base import (  # noqa: F401
     NoDataError, Source, SourceError, TileStack, TransientSourceError, UnknownEcoregionError,
 )
 
-SOURCES = ("synthetic", "earthengine")
+SOURCES = ("synthetic", "earthengine", "stac")
 
 
 def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dict[str, int] | None = None,
                 limit_name: str | None = None, ceiling: int | None = None) -> Source:
     """Build the source called ``name``, completely configured: its options, the
-    ecoregion index mapping and, for Earth Engine, the Prefect concurrency limit
+    ecoregion index mapping and, for Earth Engine and STAC, the Prefect concurrency limit
     every request holds a slot of (``limit_name``) and its size (``ceiling``, which
     caps a batch's lease). Nothing is set on a source after this."""
     options = dict(options or {})
@@ -28,6 +28,21 @@ def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dic
         if ceiling is not None:
             options["ceiling"] = ceiling
         return _earthengine(options, eco_index)
+    if name == "stac":
+        import dataclasses
+
+        from tasks.multimodal.sources.stac import StacSource
+
+        known = {f.name for f in dataclasses.fields(StacSource) if f.name not in ("eco_index", "name")}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"source_options {unknown} are not settings of the stac source; it takes "
+                             f"{sorted(known - {'limit_name', 'ceiling'})}")
+        if limit_name is not None:
+            options["limit_name"] = limit_name
+        if ceiling is not None:
+            options["ceiling"] = ceiling
+        return StacSource(eco_index=eco_index, **options)
     raise ValueError(f"unknown source {name!r}; choose one of {SOURCES}")
 
 
