@@ -84,7 +84,7 @@ def test_aerial_settings_and_inputs_checked_early(tmp_path, capsys, no_server):
     assert rc == EXIT_CONFIG and "trajectory: Input should be" in err and "'spiral'" in err
     rc, err = _main(flows.aerial, ["--plan-only"], capsys)
     assert rc == EXIT_CONFIG and "plan_only needs places" in err
-    rc, err = _main(flows.aerial, ["--config", "smoke", "--set", "world_options.n_aerial=0", "--root",
+    rc, err = _main(flows.aerial, ["--config", "smoke", "--set", "world_options.n_aerial=30", "--root",
                                    str(tmp_path / "none"), "--no-synthetic"], capsys)
     assert rc == EXIT_CONFIG and "no downloaded_data/ folder" in err  # named config, flags, --set together
     rc, err = _main(flows.aerial, ["--pipeline", "sift+nn"], capsys)

@@ -243,8 +243,8 @@ def test_aerial_on_external_cluster_gpu_tasks_only_on_the_gpu_worker(tmp_path, e
     from flows.aerial import AerialConfig, aerial_flow
 
     DaskCluster(address=external_cluster["address"]).save("rt-external-aerial", overwrite=True)
-    cfg = AerialConfig(root=str(tmp_path / "aerial"), dask_block="rt-external-aerial", image_batch=2, dense_batch=8,
-                       world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
+    cfg = AerialConfig(root=str(tmp_path / "aerial"), synthetic=True, dask_block="rt-external-aerial", image_batch=2,
+                       dense_batch=8, world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
     result = aerial_flow(config=cfg)
     recs = _records(external_cluster)
     gpu_tasks = [r for name, rs in recs.items() for r in rs if r["resources"].get("GPU")]
