@@ -350,7 +350,7 @@ def test_alignment_names_frames_after_the_scene_and_states_unusable_entries(tmp_
     assert meta["name"] == "0001" and len(meta["cameraFrames"]) == 6
     alignment = json.loads(res.record.read_text())["alignment"]
     assert any("'Zurich HB' set to '0001'" in a for a in alignment)
-    assert any(a.startswith("cameraFrames[2] kept as exported but not used (") and "non-finite" in a
+    assert any(a.startswith("cameraFrames[2] kept as exported but not used (") and "must be a finite number" in a
                for a in alignment)
     names = set(_original_json_to_empty_colmap_model(res.metadata))
     present = {p.name for p in (tmp_path / "data" / "0001" / "footage").glob("*.jpeg")}
