@@ -135,6 +135,7 @@ def output_paths(out_dir: str | os.PathLike, scene: str, subscene: str, name: st
     name a plain name, so nothing is written outside ``out_dir``)."""
     where = f"scene {scene}/{subscene}"
     folder = checks.safe_join(out_dir, scene, subscene, what="scene/subscene id", where=where)
+    checks.plain_name(name, "image name", where=where)  # named as the input names it
     return tuple(checks.safe_join(folder, f"{name}{ext}", what="image name", where=where)  # type: ignore[return-value]
                  for ext in (".jpg", ".exr", ".npz"))
 
