@@ -28,6 +28,7 @@ from tasks.aerial import pairs as P
 from tasks.aerial import retrieval as R
 from tasks.aerial.dense import DenseConfig
 from tasks.aerial.layout import ScenePaths, scene_paths
+from tasks.common import checks
 from tasks.aerial.reconstruction import Query, SfMConfig, StageResult, localize_queries, model_complete, \
     triangulate_reference
 from tasks.common.atomic import atomic_dir, link_atomic, remove_partials, write_json_atomic
@@ -179,10 +180,12 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
     paths.images.mkdir(parents=True, exist_ok=True)
     reference = sorted(im.name for im in ref.images.values())
     footage = paths.footage
-    for name in reference:
-        if not (footage / name).exists():
-            raise FileNotFoundError(f"{footage / name}: reference frame missing; rerun the ingest")
-        link_atomic((footage / name).resolve(), paths.images / name)
+    where = str(paths.reference_empty / "images.txt")
+    for name in reference:  # names read from a model file: joined only through the checked join
+        src = checks.safe_join(footage, name, what="image name", where=where)
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: reference frame missing; rerun the ingest")
+        link_atomic(src.resolve(), checks.safe_join(paths.images, name, what="image name", where=where))
     queries: dict[str, dict[str, Any]] = {}
     problems: dict[str, str] = {}
     md_scene = paths.megadepth_scene
