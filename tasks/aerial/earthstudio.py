@@ -542,7 +542,8 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
                 elif index_i in track.skipped:
                     skipped[str(index_i)] = track.skipped[index_i]
                 else:
-                    skipped[str(index_i)] = f"video frame {index_i} has no cameraFrames entry (the JSON has {n_entries})"
+                    skipped[str(index_i)] = (f"video frame {index_i} has no cameraFrames entry "
+                                             f"(the JSON has {n_entries})")
                 index_i += 1
     finally:
         cap.release()

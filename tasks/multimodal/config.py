@@ -69,7 +69,8 @@ class MultimodalConfig(BaseModel):
         default_factory=dict,
         description="source settings; earthengine: project, credentials_block or secret_block, url, timeout_s "
                     "(never put a key here: flow parameters are stored by Prefect)")
-    request_ceiling: int = Field(40, ge=1, le=10000, description="Earth Engine concurrent requests allowed for the project")
+    request_ceiling: int = Field(40, ge=1, le=10000,
+                                 description="Earth Engine concurrent requests allowed for the project (1-10000)")
     request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name")
     fetch_batch_size: int = Field(16, ge=1, le=100_000, description="tiles per fetch task (1-100000)")
     fetch_threads: int = Field(1, ge=1, le=256, description="tiles fetched concurrently inside one fetch task (1-256)")
@@ -82,8 +83,9 @@ class MultimodalConfig(BaseModel):
     fetch_retry_delay_s: float = Field(4.0, ge=0, le=3600, description="first retry delay (0-3600 s); doubles each "
                                                                        "retry, with jitter")
     tasks_in_flight: int = Field(
-        32, ge=1, le=10000, description="fetch (and pack) tasks submitted at once (1-10000); the flow holds at most "
-                                        "this many futures (a bounded window), so its memory does not grow with the tiles")
+        32, ge=1, le=10000, description="fetch (and pack) tasks submitted at once (1-10000); the flow holds at "
+                                        "most this many futures (a bounded window), so its memory does not grow "
+                                        "with the tiles")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
     image_size: int = Field(128, ge=8, le=1024, description="128, or 64 for the MMEarth64 variant (8-1024 px)")
