@@ -165,6 +165,9 @@ def test_multimodal_numbers_finite_and_bounded(argv, expected, capsys, no_server
     (["--set", "pipeline_options.dense.rel_tolerance=NaN"], "pipeline_options.dense.rel_tolerance: Input should "
                                                             "be a finite number"),
     (["--set", "image_batch=100000000"], "image_batch: Input should be less than or equal to 10000"),
+    (["--set", "pipeline_options.dense.pm_max_image_size=1000000000"],
+     "dense.pm_max_image_size is 1000000000: must be in [16, 8192]"),
+    (["--set", "pipeline_options.retrieval_num=10000000"], "pipeline.retrieval_num is 10000000: must be in [1, 1000]"),
     (["--scenes", "../../etc"], "scene id '../../etc' contains a path separator"),
 ])
 def test_aerial_numbers_finite_and_bounded(argv, expected, capsys, no_server):

@@ -152,7 +152,19 @@ def get_config(name: str = "sift+mnn", **overrides) -> PipelineConfig:
             setattr(cfg, k, v)
         else:
             raise KeyError(f"unknown aerial pipeline setting {k!r}")
+    from tasks.aerial.dense.config import check_bounds
+
+    check_bounds(cfg, PIPELINE_BOUNDS, "pipeline")  # ValueError naming the field
+    check_bounds(cfg.sfm, {}, "sfm")
+    cfg.dense.check()
     return cfg
+
+
+#: Bounds of the pipeline's counts (``field: (low, high)``): pairs per image and VLAD words.
+PIPELINE_BOUNDS: dict[str, tuple[float, float]] = {
+    "ref_pairs_num": (1, 1000), "retrieval_num": (1, 1000), "query_pairs_num": (0, 1000), "vlad_words": (2, 4096),
+    "ref_pairs_max_angle": (0, 180), "query_pairs_max_angle": (0, 180),
+}
 
 
 def hloc_available() -> bool:
