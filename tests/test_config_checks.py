@@ -142,6 +142,7 @@ def test_deployment_parameters_are_checked_too():
     (["--set", "fetch_retry_delay_s=NaN"], "fetch_retry_delay_s: Input should be a finite number"),
     (["--set", "n_tiles=100000000"], "n_tiles: Input should be less than or equal to 10000000"),
     (["--set", "image_size=100000"], "image_size: Input should be less than or equal to 1024"),
+    (["--set", "source_options.timeout_s=Infinity"], "source_options.timeout_s is inf: must be a finite number"),
 ])
 def test_multimodal_numbers_finite_and_bounded(argv, expected, capsys, no_server):
     import flows.multimodal

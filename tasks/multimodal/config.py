@@ -163,6 +163,9 @@ class MultimodalConfig(BaseModel):
     @field_validator("source_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, x in v.items():  # numbers here (timeout_s, ...) follow the shared rule: finite, not booleans
+            if isinstance(x, float):
+                checks.number(x, f"source_options.{k}", lo=0)
         bad = [k for k in v if any(w in k.lower() for w in ("key", "secret", "token", "password", "credential"))
                and k not in ("credentials_block", "secret_block")]
         if bad:
