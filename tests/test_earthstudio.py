@@ -479,3 +479,29 @@ def test_export_rotation_convention_hand_derived(lat, lon, ecef_cols, enu_cols):
     np.testing.assert_allclose(rot @ Rotation.from_euler("XYZ", euler, degrees=True).as_matrix(), expected,
                                atol=1e-12)
     np.testing.assert_allclose(geometry.euler_from_cam2world(expected, lat, lon), euler, atol=1e-9)
+
+
+def test_a_frame_that_differs_grossly_from_its_neighbours_is_dropped(tmp_path):
+    """Damage the decoder does not report (a frame of other content between two that agree)
+    is found by comparing neighbours; smooth motion and cuts in the path are not flagged."""
+    from tasks.aerial.earthstudio import outlier_frames
+
+    dl = tmp_path / "downloaded_data"
+    _export(tmp_path, n_frames=12)
+    rng = np.random.default_rng(1)
+    tex = cv2.GaussianBlur(cv2.resize(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), (2 * W, 2 * H)), (0, 0), 2)
+    w = cv2.VideoWriter(str(dl / "0001.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
+    for i in range(12):
+        frame = tex[2 * i:2 * i + H, 3 * i:3 * i + W].copy()
+        if i == 5:
+            frame = np.where(np.arange(W)[None, :, None] % 16 < 8, 0, 255).astype(np.uint8).repeat(H, 0).repeat(3, 2)
+        w.write(frame)
+    w.release()
+    res = ingest_scene(tmp_path, "0001")
+    assert "differs grossly from its neighbours" in res.frames_skipped.get("5", ""), res.frames_skipped
+    assert not (tmp_path / "data" / "0001" / "footage" / "0001_005.jpeg").exists()
+    assert [k for k, v in res.frames_skipped.items() if "grossly" in v] == ["5"]
+    # a cut (two agreeing halves) and a flat grey ramp (the other tests' exports) are not outliers
+    cut = {i: np.full((48, 64), 40.0 if i < 4 else 200.0, np.float32) for i in range(8)}
+    ramp = {i: np.full((48, 64), 40.0 + 30 * i, np.float32) for i in range(7)}
+    assert outlier_frames(cut) == {} and outlier_frames(ramp) == {}

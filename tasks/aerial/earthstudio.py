@@ -327,6 +327,34 @@ def video_index(path: str | Path) -> VideoIndex | None:
 
 # ----------------------------------------------------------------------------- decoder errors
 
+#: A frame is an outlier when it differs from both neighbours by more than OUTLIER_RATIO times
+#: what the neighbours differ from each other, and by more than OUTLIER_MIN_GREY grey levels
+#: (mean absolute difference of 64 x 48 grey thumbnails). Smooth camera motion gives a ratio
+#: of about 0.5 (the neighbours are two steps apart); a cut in the path (the spiral's end, the
+#: street pass's start) differs from one neighbour only.
+OUTLIER_RATIO = 3.0
+OUTLIER_MIN_GREY = 20.0
+
+
+def _thumbnail(frame: np.ndarray) -> np.ndarray:
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
+    return cv2.resize(grey, (64, 48), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def outlier_frames(thumbs: dict[int, np.ndarray]) -> dict[int, str]:
+    """``{index: why}`` of the frames that differ grossly from both their neighbours while the
+    neighbours agree (a damaged frame the decoder did not report); see :data:`OUTLIER_RATIO`."""
+    out = {}
+    for i, t in thumbs.items():
+        a, b = thumbs.get(i - 1), thumbs.get(i + 1)
+        if a is None or b is None:
+            continue
+        d_prev, d_next, d_nb = (float(np.abs(x - y).mean()) for x, y in ((t, a), (t, b), (a, b)))
+        if min(d_prev, d_next) > max(OUTLIER_RATIO * d_nb, OUTLIER_MIN_GREY):
+            out[i] = (f"differs grossly from its neighbours (mean difference {d_prev:.0f} and {d_next:.0f} grey "
+                      f"levels, the neighbours {d_nb:.0f} from each other): damaged")
+    return out
+
 _DECODER_LINE = re.compile(r"^\[(?!mov,)[^\]@]+ @ 0x[0-9a-fA-F]+\] ")  # libavcodec's log, not the demuxer's
 _STDERR_LOCK = threading.Lock()  # fd 2 is the process's: one decoding at a time listens to it
 
@@ -511,6 +539,7 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
     sync = set(index.sync) if index is not None and index.sync is not None else None
     damaged_at: int | None = None  # the last frame the decoder reported damaged, while its damage lasts
     damaged_why = ""
+    thumbs: dict[int, np.ndarray] = {}  # small grey copies of the written frames, to compare neighbours
     try:
         with DecoderLog() as decoder:
             while limit is None or index_i < limit:  # never decode a frame the file does not hold completely
@@ -539,6 +568,7 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
                         if not cv2.imwrite(str(tmp), frame, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
                             raise OSError(f"cannot write {footage / name}")
                     names[index_i] = name
+                    thumbs[index_i] = _thumbnail(frame)
                 elif index_i in track.skipped:
                     skipped[str(index_i)] = track.skipped[index_i]
                 else:
@@ -547,6 +577,9 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
                 index_i += 1
     finally:
         cap.release()
+    for i, why in outlier_frames(thumbs).items():  # damage the decoder did not report
+        (footage / names.pop(i)).unlink(missing_ok=True)
+        skipped[str(i)] = f"video frame {i} {why}; dropped"
     video_frames = index_i
     video_problem = None
     if index is not None and video_frames < index.samples:
