@@ -69,8 +69,7 @@ class MultimodalConfig(BaseModel):
         default_factory=dict,
         description="source settings; earthengine: project, credentials_block or secret_block, url, timeout_s "
                     "(never put a key here: flow parameters are stored by Prefect)")
-    request_ceiling: int = Field(40, ge=1, le=10000,
-                                 description="Earth Engine concurrent requests allowed for the project (1-10000)")
+    request_ceiling: int = Field(40, ge=1, description="Earth Engine concurrent requests allowed for the project")
     request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name")
     fetch_batch_size: int = Field(16, ge=1, le=100_000, description="tiles per fetch task (1-100000)")
     fetch_threads: int = Field(1, ge=1, le=256, description="tiles fetched concurrently inside one fetch task (1-256)")
