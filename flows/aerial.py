@@ -37,8 +37,8 @@ from tasks.aerial import megadepth
 from tasks.aerial import layout as L
 from tasks.aerial import pipeline as PL
 from tasks.aerial import training_export as T
-from tasks.aerial.config import CONFIGS, AerialConfig, dask_settings_of, export_settings, get_config, \
-    pipeline_settings, trajectory_settings
+from tasks.aerial.config import CONFIGS, AerialConfig, dask_settings_of, export_root, export_settings, \
+    get_config, pipeline_settings, trajectory_settings
 from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_megadepth
 from tasks.aerial.tasks import collect_task, covis_block_task, covis_plan_task, dense_prepare_task, evaluate_task, \
     export_task, features_task, fuse_task, ingest_task, localize_task, matches_task, megadepth_task, \
@@ -61,7 +61,8 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
                "failed": {s: f"plan: {r['error']}" for s, r in plans.items() if "error" in r}}
     if config.plan_only:
         return planned
-    if config.synthetic and not config.places and not (p["root"] / L.DOWNLOADED).is_dir():
+    config.check_inputs()  # a deployment's or the UI's run too: a root without data is an error, not a world
+    if config.builds_world():
         world_task(str(p["root"]), config.world_options)
     scenes = select_scenes(config, p["root"], plans)
     if not scenes:  # planned, nothing rendered yet: the plans are the result
@@ -106,7 +107,7 @@ class SceneRun:
         if not entries:
             get_run_logger().warning("no scene list at %s: MegaDepth preprocessing skipped", p["scene_list"])
         ecfg = export_settings(config)
-        export = Path(ecfg.root).expanduser().resolve() if ecfg.root else p["root"] / "training"
+        export = export_root(config)
         # asked here, in the flow's thread: this starts the run's Dask client once, before the scenes'
         # threads submit their tasks
         workers = worker_count()
@@ -344,6 +345,8 @@ ALIASES = (
     Alias("--workers", "dask.n_workers", "local Dask workers", kind="int"),
     Alias("--pipeline", "pipeline", "sift+mnn (default, CPU) or superpoint+superglue (hloc)"),
     Alias("--dense-backend", "dense_backend", "auto (GPU PatchMatch when a Dask worker declares GPU), cpu, gpu"),
+    Alias("--synthetic", "synthetic", "build the synthetic world into ROOT when it has no data (the default run "
+                                      "builds it only in output/aerial)", kind="const", const=True),
     Alias("--no-synthetic", "synthetic", "never generate the synthetic world", kind="const", const=False),
     Alias("--places", "places", "places to plan (JSON/YAML list: scene, latitude, longitude, ground_altitude, "
                                 "radius)"),

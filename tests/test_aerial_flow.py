@@ -20,8 +20,8 @@ def aerial_run(tmp_path_factory):
     from flows.aerial import AerialConfig, aerial_flow
 
     root = tmp_path_factory.mktemp("aerial")
-    cfg = AerialConfig(root=str(root), world_options={"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
-                       image_batch=2, dense_batch=8)
+    cfg = AerialConfig(root=str(root), synthetic=True, image_batch=2, dense_batch=8,
+                       world_options={"n_aerial": 24, "n_ground": 5, "size": [480, 360]})
     result = aerial_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=2)))(config=cfg)
     return cfg, root, result
 

@@ -73,16 +73,23 @@ def test_plan_only_writes_projects_for_good_places_and_exits_1_for_the_bad_one(t
                  "--trajectory-options", '{"frames": 20}']) == 0
 
 
-def test_impossible_trajectory_is_a_clear_error_for_every_place(tmp_path):
-    from flows.aerial import AerialConfig, aerial_flow
+def test_impossible_trajectory_is_refused_with_the_settings(tmp_path, capsys):
+    """Checked when the configuration is built (CLI, deployments, the UI alike), before any place is
+    planned: one error naming the setting (it was an error per place after the flow started)."""
+    from pydantic import ValidationError
+
+    from flows.aerial import AerialConfig, main
 
     places = tmp_path / "places.yaml"
     places.write_text(PLACES)
-    cfg = AerialConfig(root=str(tmp_path / "out"), places=str(places), plan_only=True,
-                       trajectory_options={"pass_altitudes": [3, -1]})
-    res = aerial_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=1)))(config=cfg)
-    assert sorted(res["failed"]) == ["0101", "0102", "0103"]
-    assert "pass_altitudes" in res["plans"]["0101"]["error"] and "below ground" in res["plans"]["0101"]["error"]
+    with pytest.raises(ValidationError, match=r"trajectory_options: trajectory 'spiral\+streets': pass_altitudes "
+                                              r".* below ground"):
+        AerialConfig(root=str(tmp_path / "out"), places=str(places), plan_only=True,
+                     trajectory_options={"pass_altitudes": [3, -1]})
+    rc = main(["--root", str(tmp_path / "out"), "--places", str(places), "--plan-only",
+               "--trajectory-options", '{"pass_altitudes": [3, -1]}'])
+    err = capsys.readouterr().err
+    assert rc == 2 and "pass_altitudes" in err and "below ground" in err and not (tmp_path / "out").exists()
 
 
 def test_failed_scene_exits_1_and_marks_the_earlier_product_stale(tmp_path, monkeypatch, prefect_server):

@@ -84,7 +84,7 @@ def test_aerial_settings_and_inputs_checked_early(tmp_path, capsys, no_server):
     assert rc == EXIT_CONFIG and "trajectory: Input should be" in err and "'spiral'" in err
     rc, err = _main(flows.aerial, ["--plan-only"], capsys)
     assert rc == EXIT_CONFIG and "plan_only needs places" in err
-    rc, err = _main(flows.aerial, ["--config", "smoke", "--set", "world_options.n_aerial=0", "--root",
+    rc, err = _main(flows.aerial, ["--config", "smoke", "--set", "world_options.n_aerial=30", "--root",
                                    str(tmp_path / "none"), "--no-synthetic"], capsys)
     assert rc == EXIT_CONFIG and "no downloaded_data/ folder" in err  # named config, flags, --set together
     rc, err = _main(flows.aerial, ["--pipeline", "sift+nn"], capsys)
@@ -131,3 +131,123 @@ def test_deployment_parameters_are_checked_too():
     with pytest.raises(ConfigError, match="unknown configuration 'smok'"):
         get_config("smok")
     assert get_config("earthengine").dask.n_workers == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 26 items 7-8: one validation layer for numbers and sizes (tasks/common/checks.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv, expected", [
+    (["--set", "tile_size_m=Infinity"], "tile_size_m: Input should be a finite number"),
+    (["--set", "split_fractions=[NaN, 0.1, 0.1]"], "split_fractions.0: Input should be a finite number"),
+    (["--set", "fetch_retry_delay_s=NaN"], "fetch_retry_delay_s: Input should be a finite number"),
+    (["--set", "n_tiles=100000000"], "n_tiles: Input should be less than or equal to 10000000"),
+    (["--set", "image_size=100000"], "image_size: Input should be less than or equal to 1024"),
+    (["--set", "source_options.timeout_s=Infinity"], "source_options.timeout_s is inf: must be a finite number"),
+])
+def test_multimodal_numbers_finite_and_bounded(argv, expected, capsys, no_server):
+    import flows.multimodal
+
+    rc, err = _main(flows.multimodal, argv, capsys)
+    assert rc == EXIT_CONFIG and expected in err and "\n" not in err, err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--set", "trajectory_options.frames=100000000"], "frames is 100000000: must be in [1, 10000]"),
+    (["--set", "trajectory_options.frame_rate=Infinity"], "trajectory_options.frame_rate: Input should be a "
+                                                          "finite number"),
+    (["--set", "trajectory_options.width=1e9"], "width is 1000000000 px: must be in [16, 3840] px"),
+    (["--set", "world_options.size=[1e9, 1e9]"], "world_options: size is 1000000000.0 px: must be in [16, 3840] px"),
+    (["--set", "world_options.size=[3840, 3840]", "--set", "world_options.n_aerial=1000"],
+     "more than the 200,000,000 the renderer may hold"),
+    (["--set", "world_options.n_aerial=true"], "n_aerial is True (bool), not a number"),
+    (["--set", "world_options.lat0=NaN"], "lat0 is nan: must be a finite number"),
+    (["--set", "world_options.trajectory_options.frames=100000000"], "frames is 100000000: must be in [1, 10000]"),
+    (["--set", "world_options.n_arial=3"], "unknown setting(s) n_arial"),
+    (["--set", "pipeline_options.dense.rel_tolerance=NaN"], "pipeline_options.dense.rel_tolerance: Input should "
+                                                            "be a finite number"),
+    (["--set", "image_batch=100000000"], "image_batch: Input should be less than or equal to 10000"),
+    (["--set", "pipeline_options.dense.pm_max_image_size=1000000000"],
+     "dense.pm_max_image_size is 1000000000: must be in [16, 8192]"),
+    (["--set", "pipeline_options.retrieval_num=10000000"], "pipeline.retrieval_num is 10000000: must be in [1, 1000]"),
+    (["--scenes", "../../etc"], "scene id '../../etc' contains a path separator"),
+])
+def test_aerial_numbers_finite_and_bounded(argv, expected, capsys, no_server):
+    """Before the fixes, frames=10^8 grew a worker to 10.9 GB and size=[1e9, 1e9] drew the OOM
+    killer; Infinity and NaN passed or crashed late."""
+    import flows.aerial
+
+    rc, err = _main(flows.aerial, argv, capsys)
+    assert rc == EXIT_CONFIG and expected in err and "\n" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 27 item 4: an output folder that cannot be created is found with the other settings
+# ---------------------------------------------------------------------------------------------
+def test_output_folder_that_cannot_be_made_is_a_setting_error(tmp_path, capsys, no_server):
+    import flows.aerial
+    import flows.multimodal
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    rc, err = _main(flows.multimodal, ["--set", f"output_dir={a_file}"], capsys)
+    assert rc == EXIT_CONFIG and f"output_dir {a_file}/data_embedded_v001: cannot be used" in err
+    assert f"its parent {a_file} is a file" in err and "\n" not in err
+    rc, err = _main(flows.multimodal, ["--set", "output_dir=/proc/x"], capsys)
+    assert rc == EXIT_CONFIG and "output_dir /proc/x/data_embedded_v001: cannot write in /proc" in err, err
+    rc, err = _main(flows.aerial, ["--root", str(a_file / "aerial"), "--synthetic"], capsys)
+    assert rc == EXIT_CONFIG and f"root {a_file / 'aerial'}: cannot be used" in err, err
+    root = tmp_path / "root"
+    (root / "downloaded_data").mkdir(parents=True)
+    (root / "downloaded_data" / "0001.json").write_text("{}")
+    rc, err = _main(flows.aerial, ["--root", str(root), "--set", "exports.root=/proc/x"], capsys)
+    assert rc == EXIT_CONFIG and "exports.root /proc/x: cannot write in /proc" in err, err
+    rc, err = _main(flows.aerial, ["--root", str(root), "--megadepth-out", str(a_file)], capsys)
+    assert rc == EXIT_CONFIG and f"megadepth_out {a_file}: cannot be used as an output folder: it is a file" in err
+    assert not list(tmp_path.rglob(".write-check-*"))  # the probe leaves nothing behind
+
+
+def test_output_folder_probe_accepts_new_and_existing_folders(tmp_path):
+    from tasks.common.cli import check_output_folder
+
+    check_output_folder(tmp_path, "output_dir")
+    check_output_folder(tmp_path / "new" / "deeper", "output_dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # checked, not created
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 27 item 2: a mistyped --root is an error, the synthetic world is asked for
+# ---------------------------------------------------------------------------------------------
+def test_root_without_data_is_an_error_unless_the_world_is_asked_for(tmp_path, capsys, no_server, monkeypatch):
+    import flows.aerial
+    from tasks.aerial.config import AerialConfig, get_config
+
+    missing = tmp_path / "nonexistent" / "aerial"
+    rc, err = _main(flows.aerial, ["--root", str(missing)], capsys)
+    assert rc == EXIT_CONFIG and f"root {missing}: no downloaded_data/ folder" in err
+    assert "--synthetic (--set synthetic=true)" in err and "\n" not in err
+    assert not missing.exists()
+    # the default run and the named configurations' own roots still build the world; --synthetic anywhere
+    monkeypatch.chdir(tmp_path)
+    assert AerialConfig().builds_world() and get_config("smoke").builds_world()
+    assert not AerialConfig(root=str(missing)).builds_world()
+    assert AerialConfig(root=str(missing), synthetic=True).builds_world()
+    assert flows.aerial.parse_args(["--root", str(missing), "--synthetic"]).builds_world()
+    assert not AerialConfig(synthetic=False).builds_world()
+    AerialConfig().check_inputs()  # the default run: accepted
+    (tmp_path / "output" / "aerial" / "downloaded_data").mkdir(parents=True)
+    assert not AerialConfig().builds_world()  # data there: it is used, no world
+
+
+def test_mistyped_root_command_one_line_no_server(tmp_path):
+    """The real command: ``python -m flows.aerial --root /nonexistent/aerial`` exits 2 with one line,
+    starts no server and creates nothing (it rendered a world for 515 s before)."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "FACTORY_PREFECT_HOME": str(tmp_path / "ph"),
+           "PREFECT_HOME": str(tmp_path / "ph2")}
+    missing = tmp_path / "nonexistent" / "aerial"
+    out = subprocess.run([sys.executable, "-m", "flows.aerial", "--root", str(missing)], cwd=PROJECT_ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == EXIT_CONFIG, out.stderr[-2000:]
+    lines = [x for x in out.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: root {missing}: no downloaded_data/"), out.stderr
+    assert "--synthetic" in lines[0]
+    assert not (tmp_path / "ph").exists() and not (tmp_path / "nonexistent").exists()

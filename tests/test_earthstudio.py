@@ -149,11 +149,102 @@ def test_video_with_more_frames_than_entries_is_reported_not_shifted(tmp_path):
 def test_nan_entry_is_skipped_and_later_frames_keep_their_pose(tmp_path):
     _export(tmp_path, n_frames=6, nan_at=2)
     res = ingest_scene(tmp_path, "0001")
-    assert "2" in res.frames_skipped and "non-finite" in res.frames_skipped["2"]
+    assert "2" in res.frames_skipped and "rotation.y is nan: must be a finite number" in res.frames_skipped["2"]
     meta = json.loads(res.record.read_text())
     assert [f["index"] for f in meta["frames"]] == [0, 1, 3, 4, 5]
     for f in meta["frames"]:  # frame 3's image is still frame 3's
         assert _grey(tmp_path / "data" / "0001" / "footage" / f["name"]) == pytest.approx(40 + 30 * f["index"], abs=8)
+
+
+def test_out_of_range_coordinate_is_refused_naming_file_entry_and_field(tmp_path):
+    """Issue 26 item 12: latitude 123 in the first camera entry moved every pose by ~6000 km,
+    silently. Now that entry is skipped and reported (file, entry, field); the others keep
+    their poses (the origin is the first usable entry)."""
+    _export(tmp_path, n_frames=6)
+    path = tmp_path / "downloaded_data" / "0001.json"
+    doc = json.loads(path.read_text())
+    doc["cameraFrames"][0]["coordinate"]["latitude"] = 123.0
+    doc["cameraFrames"][3]["coordinate"]["altitude"] = 5e7
+    doc["cameraFrames"][4]["coordinate"]["longitude"] = True
+    path.write_text(json.dumps(doc))
+    track = load_camera_track(path)
+    assert track.skipped[0] == (f"{path}: cameraFrames[0]: coordinate.latitude is 123.0 degrees: must be in "
+                                "[-90, 90] degrees")
+    assert "cameraFrames[3]: coordinate.altitude is 50000000.0 m: must be in [-500, 100000] m" in track.skipped[3]
+    assert "cameraFrames[4]: coordinate.longitude is True (bool), not a number" in track.skipped[4]
+    res = ingest_scene(tmp_path, "0001")
+    assert {"0", "3", "4"} <= set(res.frames_skipped)
+    assert any(item == "frame 0" and "latitude is 123.0" in why for item, why in res.problems())
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("numFrames", float("nan"), "numFrames is nan: must be a finite number"),
+    ("width", float("inf"), "width is inf: must be a finite number"),
+    ("width", 1e9, r"width is 1000000000.0 px: must be in \[1, 8192\] px"),
+    ("height", "480", r"height is '480' \(str\), not a number"),
+    ("numFrames", 1e12, r"numFrames is 1000000000000.0: must be in \[0, 100000\]"),
+])
+def test_non_finite_or_huge_header_numbers_are_clear_errors(tmp_path, key, value, match):
+    """Issue 26 item 8: numFrames NaN and width Infinity crashed (ValueError / OverflowError)."""
+    _export(tmp_path, n_frames=3)
+    path = tmp_path / "downloaded_data" / "0001.json"
+    doc = json.loads(path.read_text())
+    doc[key] = value
+    path.write_text(json.dumps(doc))
+    with pytest.raises(EarthStudioError, match=match) as info:
+        load_camera_track(path)
+    assert str(path) in str(info.value) and "export the JSON from Earth Studio again" in str(info.value)
+
+
+def _damage(video, where, nbytes):
+    """Zero ``nbytes`` of the video's sample data at the fraction ``where`` of its mdat box."""
+    data = bytearray(video.read_bytes())
+    start = data.index(b"mdat") + 4
+    end = data.rindex(b"moov") - 4 if data.rindex(b"moov") > start else len(data)
+    at = int(start + (end - start) * where)
+    data[at:at + nbytes] = bytes(nbytes)
+    video.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("where, nbytes", [(0.2, 200), (0.5, 3000)])
+def test_damaged_video_frames_are_reported_and_dropped(tmp_path, where, nbytes):
+    """Issue 26 item 12: 20 KB zeroed inside the mp4 gave damaged frames that were ingested. The
+    decoder's error is caught for the frame it belongs to; that frame and the frames predicted
+    from it (until the next keyframe) are dropped and reported; the others are ingested. Here:
+    a 25 KB video of 24 frames, keyframes 0 and 12; 200 bytes zeroed in frame 2 (decoding goes
+    on: frames 2-11 damaged, 12-23 good again), or 3 KB in frame 11 (decoding stops after it)."""
+    from tasks.aerial.earthstudio import video_index
+
+    dl = tmp_path / "downloaded_data"
+    _export(tmp_path, n_frames=24)
+    rng = np.random.default_rng(0)
+    tex = cv2.GaussianBlur(cv2.resize(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), (2 * W, 2 * H)), (0, 0), 2)
+    w = cv2.VideoWriter(str(dl / "0001.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
+    good = []
+    for i in range(24):  # textured, moving: every frame needs its data (flat frames compress to nothing)
+        good.append(tex[3 * i:3 * i + H, 4 * i:4 * i + W].copy())
+        w.write(good[-1])
+    w.release()
+    assert video_index(dl / "0001.mp4").sync == (0, 12)
+    _damage(dl / "0001.mp4", where, nbytes)
+    res = ingest_scene(tmp_path, "0001")
+    damaged = {int(k): v for k, v in res.frames_skipped.items() if "is damaged" in v}
+    assert damaged, res.frames_skipped
+    first = min(damaged)
+    assert "the decoder reports" in damaged[first] and damaged[first].endswith("dropped")
+    footage = tmp_path / "data" / "0001" / "footage"
+    for k in damaged:  # dropped, not ingested
+        assert not (footage / f"0001_{k:03d}.jpeg").exists()
+    assert any(item == f"frame {first}" and "is damaged" in why for item, why in res.problems())
+    written = sorted(int(p.stem.split("_")[1]) for p in footage.glob("0001_*.jpeg"))
+    for k in written:  # what is ingested is intact
+        assert np.abs(cv2.imread(str(footage / f"0001_{k:03d}.jpeg")).astype(float) - good[k]).mean() < 6, k
+    if nbytes == 200:
+        assert sorted(damaged) == list(range(2, 12))
+        assert all(f"predicted from damaged frame 2" in damaged[k] for k in range(3, 12))
+        assert written == [0, 1, *range(12, 24)]
+    else:
+        assert sorted(damaged) == [11] and written == list(range(11)) and res.video_problem
 
 
 def test_json_without_camera_frames(tmp_path):
@@ -259,7 +350,7 @@ def test_alignment_names_frames_after_the_scene_and_states_unusable_entries(tmp_
     assert meta["name"] == "0001" and len(meta["cameraFrames"]) == 6
     alignment = json.loads(res.record.read_text())["alignment"]
     assert any("'Zurich HB' set to '0001'" in a for a in alignment)
-    assert any(a.startswith("cameraFrames[2] kept as exported but not used (") and "non-finite" in a
+    assert any(a.startswith("cameraFrames[2] kept as exported but not used (") and "must be a finite number" in a
                for a in alignment)
     names = set(_original_json_to_empty_colmap_model(res.metadata))
     present = {p.name for p in (tmp_path / "data" / "0001" / "footage").glob("*.jpeg")}
@@ -388,3 +479,29 @@ def test_export_rotation_convention_hand_derived(lat, lon, ecef_cols, enu_cols):
     np.testing.assert_allclose(rot @ Rotation.from_euler("XYZ", euler, degrees=True).as_matrix(), expected,
                                atol=1e-12)
     np.testing.assert_allclose(geometry.euler_from_cam2world(expected, lat, lon), euler, atol=1e-9)
+
+
+def test_a_frame_that_differs_grossly_from_its_neighbours_is_dropped(tmp_path):
+    """Damage the decoder does not report (a frame of other content between two that agree)
+    is found by comparing neighbours; smooth motion and cuts in the path are not flagged."""
+    from tasks.aerial.earthstudio import outlier_frames
+
+    dl = tmp_path / "downloaded_data"
+    _export(tmp_path, n_frames=12)
+    rng = np.random.default_rng(1)
+    tex = cv2.GaussianBlur(cv2.resize(rng.integers(0, 255, (60, 80, 3), dtype=np.uint8), (2 * W, 2 * H)), (0, 0), 2)
+    w = cv2.VideoWriter(str(dl / "0001.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (W, H))
+    for i in range(12):
+        frame = tex[2 * i:2 * i + H, 3 * i:3 * i + W].copy()
+        if i == 5:
+            frame = np.where(np.arange(W)[None, :, None] % 16 < 8, 0, 255).astype(np.uint8).repeat(H, 0).repeat(3, 2)
+        w.write(frame)
+    w.release()
+    res = ingest_scene(tmp_path, "0001")
+    assert "differs grossly from its neighbours" in res.frames_skipped.get("5", ""), res.frames_skipped
+    assert not (tmp_path / "data" / "0001" / "footage" / "0001_005.jpeg").exists()
+    assert [k for k, v in res.frames_skipped.items() if "grossly" in v] == ["5"]
+    # a cut (two agreeing halves) and a flat grey ramp (the other tests' exports) are not outliers
+    cut = {i: np.full((48, 64), 40.0 if i < 4 else 200.0, np.float32) for i in range(8)}
+    ramp = {i: np.full((48, 64), 40.0 + 30 * i, np.float32) for i in range(7)}
+    assert outlier_frames(cut) == {} and outlier_frames(ramp) == {}

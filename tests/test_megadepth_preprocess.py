@@ -243,3 +243,64 @@ def test_scene_list_forms(tmp_path: Path) -> None:
         md.load_scene_list(bad)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         md.load_scene_list(tmp_path / "nope.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 26 item 6: names from input files become paths only through one checked join
+# ---------------------------------------------------------------------------------------------
+EVIL = "../../../escaped.jpg"
+
+
+def test_a_traversing_image_name_writes_nothing_outside_the_output(raw_tree: Path, tmp_path: Path) -> None:
+    """An image name with ``../`` (as an images.txt or a scene list could hold) made preprocessing
+    write .jpg/.exr/.npz outside the output folder; now that image fails alone, with a clear
+    reason, and the others are processed."""
+    import pycolmap
+
+    sparse = md.sparse_model_dir(raw_tree, SCENE, SUB)
+    rec = pycolmap.Reconstruction(str(sparse))
+    image = next(im for im in rec.images.values() if im.name == "a.jpg")
+    image.name = EVIL  # the sparse model names the image with a path that climbs out
+    rec.write_text(str(sparse))
+    dense = md.dense_dir(raw_tree, SCENE, SUB)
+    raw = Path(os.path.normpath(dense / "imgs" / EVIL))  # where an unchecked join would read it
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    (dense / "imgs" / "a.jpg").rename(raw)
+    (dense / "depths" / "a.h5").rename(dense / "depths" / "escaped.h5")
+    out = tmp_path / "out"
+    results = {r.name: r for r in md.preprocess_scene(raw_tree, md.SceneEntry(SCENE, SUB, [EVIL, "b.jpg"]), out)}
+    assert results["b.jpg"].status == "done"
+    bad = results[EVIL]
+    assert bad.status == "failed" and "image name '../../../escaped.jpg' contains a path separator" in bad.reason
+    assert "only a plain file name is allowed" in bad.reason
+    written = [p for p in tmp_path.rglob("*") if p.is_file() and not p.is_relative_to(raw_tree)]
+    assert written and all(p.is_relative_to(out) for p in written), written
+
+
+@pytest.mark.parametrize("images, subscene, expected", [
+    (["../../x.jpg"], "0", "image name '../../x.jpg' contains a path separator"),
+    (["/etc/passwd"], "0", "image name '/etc/passwd' contains a path separator"),
+    ([".."], "0", "image name '..' is a reference to a folder"),
+    (["a\x00.jpg"], "0", "contains a NUL or control character"),
+    (["a.jpg"], "../0", "subscene id '../0' contains a path separator"),
+])
+def test_scene_list_names_are_plain_names(tmp_path: Path, images, subscene, expected) -> None:
+    path = tmp_path / "list.json"
+    path.write_text(json.dumps([{"scene": "0001", "subscene": subscene, "images": images}]))
+    with pytest.raises(ValueError, match="only a plain file name") as info:
+        md.load_scene_list(path)
+    assert str(path) in str(info.value) and "entry #0" in str(info.value) and expected in str(info.value)
+
+
+def test_the_checked_join_refuses_what_a_plain_join_would_follow(tmp_path: Path) -> None:
+    from tasks.common.checks import InputError, safe_join
+
+    assert safe_join(tmp_path, "0001", "a.jpg") == tmp_path / "0001" / "a.jpg"
+    for name in ("..", "../x", "a/b", "a\\b", "/abs", "", " a", "a\x00b", "C:x"):
+        with pytest.raises(InputError):
+            safe_join(tmp_path, name, what="image name")
+    (tmp_path / "link").symlink_to("/etc")  # a link that already leads out is refused too
+    with pytest.raises(InputError, match="leads outside"):
+        safe_join(tmp_path, "link", "passwd")
+    with pytest.raises(ValueError, match="scene id '../x'"):
+        md.output_paths(tmp_path, "../x", "0", "a.jpg")

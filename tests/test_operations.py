@@ -43,7 +43,8 @@ def smoke_multimodal(out: Path, name: str = "data_demo_api", n_tiles: int = 8) -
 
 def smoke_aerial(root: Path) -> dict:
     # the smallest world that registers (as tests/test_aerial_flow.py); the CPU PatchMatch at 240 px
-    return {"root": str(root), "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
+    return {"root": str(root), "synthetic": True,
+            "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
             "image_batch": 2, "dense_batch": 8, "pipeline_options": {"dense": {"pm_max_image_size": 240}}}
 
 

@@ -150,15 +150,38 @@ def test_plan_file_round_trip_and_stage_skip(tmp_path):
     assert not PL.plan_scene(tmp_path, CITY, PL.get_trajectory(frames=12)).skipped  # settings changed
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("latitude", True, r"'latitude' is True \(bool\), not a number"),
+    ("latitude", float("nan"), "'latitude' is nan: must be a finite number"),
+    ("longitude", float("inf"), "'longitude' is inf: must be a finite number"),
+    ("radius", 1e-9, r"'radius' is 1e-09: must be in \[1, 20000\]"),
+    ("radius", "100", r"'radius' is '100' \(str\), not a number"),
+    ("scene", "../x", "scene id '../x' contains a path separator"),
+    ("scene", "..", "scene id '..' is a reference to a folder"),
+    ("width", 1e9, r"unknown field\(s\) width.*trajectory_options"),
+])
+def test_hostile_places_are_refused(tmp_path, field, value, match):
+    """Issue 26 item 8: a place's numbers are finite, in range and numbers (not booleans); its
+    scene id is a plain name; unknown fields are errors, not silently ignored."""
+    place = {"scene": "0001", "latitude": 47.37, "longitude": 8.54, "ground_altitude": 408, "radius": 100,
+             field: value}
+    with pytest.raises(PL.PlanError, match=match):
+        PL.place_from_dict(place, "places.json: place 0")
+    f = tmp_path / "places.json"
+    f.write_text(json.dumps([place]))  # NaN/Infinity as JSON's Python spelling: read as floats
+    with pytest.raises(PL.PlanError, match=match):
+        PL.load_places(f)
+
+
 def test_bad_places_get_clear_errors(tmp_path):
     with pytest.raises(PL.PlanError, match=r"scene 0007.*no 'latitude'.*coordinates"):
         PL.place_from_dict({"scene": "0007", "longitude": 8.5, "ground_altitude": 400, "radius": 100}, "places.yaml")
     with pytest.raises(PL.PlanError, match=r"scene 0007.*'longitude' is 'east'"):
         PL.place_from_dict({"scene": "0007", "latitude": 1, "longitude": "east", "ground_altitude": 0,
                             "radius": 1}, "x")
-    with pytest.raises(PL.PlanError, match="latitude 95.0 outside"):
+    with pytest.raises(PL.PlanError, match=r"'latitude' is 95: must be in \(-90, 90\)"):
         PL.place_from_dict({"scene": "1", "latitude": 95, "longitude": 0, "ground_altitude": 0, "radius": 1}, "x")
-    with pytest.raises(PL.PlanError, match="radius -5.0 must be > 0"):
+    with pytest.raises(PL.PlanError, match=r"'radius' is -5: must be in \[1, 20000\]"):
         PL.place_from_dict({"scene": "1", "latitude": 5, "longitude": 0, "ground_altitude": 0, "radius": -5}, "x")
     f = tmp_path / "places.yaml"
     f.write_text("- {scene: '0001', latitude: 47.37, longitude: 8.54, ground_altitude: 408, radius: 100}\n"
@@ -173,8 +196,15 @@ def test_bad_places_get_clear_errors(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"frames": 0}, "frames 0 must be a whole number >= 1"),
-    ({"fov": 0.0}, r"fov 0.0 must be in \(0, 180\)"),
+    ({"frames": 0}, r"frames is 0: must be in \[1, 10000\] \(the plan has frames \+ 1 cameras\)"),
+    ({"fov": 0.0}, r"fov is 0.0 degrees: must be in \(0, 179\]"),
+    # issue 26 items 7-8: sizes bounded, NaN / Infinity / booleans refused, whatever the field
+    ({"frames": 100000000}, r"frames is 100000000: must be in \[1, 10000\]"),
+    ({"frames": 2.5}, "frames is 2.5: must be a whole number"),
+    ({"frame_rate": float("inf")}, "frame_rate is inf: must be a finite number"),
+    ({"width": 1000000000}, r"width is 1000000000 px: must be in \[16, 3840\]"),
+    ({"spiral_turns": float("nan")}, "spiral_turns is nan: must be a finite number"),
+    ({"loop": True}, r"loop is True \(bool\), not a number"),
     ({"spiral_fraction": 1.5}, r"spiral_fraction 1.5 must be in \[0, 1\]"),
     ({"loop_coverage": 0.0}, r"loop_coverage 0.0 must be in \(0, 1\]"),
     ({"spiral_radii": [-1, 1]}, "spiral_radii .* must be >= 0"),

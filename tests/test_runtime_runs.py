@@ -243,8 +243,8 @@ def test_aerial_on_external_cluster_gpu_tasks_only_on_the_gpu_worker(tmp_path, e
     from flows.aerial import AerialConfig, aerial_flow
 
     DaskCluster(address=external_cluster["address"]).save("rt-external-aerial", overwrite=True)
-    cfg = AerialConfig(root=str(tmp_path / "aerial"), dask_block="rt-external-aerial", image_batch=2, dense_batch=8,
-                       world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
+    cfg = AerialConfig(root=str(tmp_path / "aerial"), synthetic=True, dask_block="rt-external-aerial", image_batch=2,
+                       dense_batch=8, world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
     result = aerial_flow(config=cfg)
     recs = _records(external_cluster)
     gpu_tasks = [r for name, rs in recs.items() for r in rs if r["resources"].get("GPU")]
@@ -522,8 +522,8 @@ def test_cancel_aerial_cleanly(tmp_path, served):
     """pycolmap's SIGTERM handler no longer turns the cancellation into an abort with a stack trace."""
     proc, log = served
     start = log.stat().st_size
-    params = {"config": {"root": str(tmp_path / "aerial"), "dask": {"n_workers": 2}, "image_batch": 2,
-                         "world_options": {"n_aerial": 16, "n_ground": 3, "size": [320, 240]}}}
+    params = {"config": {"root": str(tmp_path / "aerial"), "synthetic": True, "dask": {"n_workers": 2},
+                         "image_batch": 2, "world_options": {"n_aerial": 16, "n_ground": 3, "size": [320, 240]}}}
     _cancel_mid_run(served, "aerial/rt-cancel", params, n_done=3)
     with open(log, "rb") as fh:
         fh.seek(start)

@@ -97,3 +97,47 @@ def test_text_named_npz_is_told_apart_from_a_corrupt_one(tmp_path):
         np.save(fh, np.arange(3))
     with pytest.raises(ValueError, match=r"single\.npz: a single \.npy array"):
         md.load_scene_list(npy)
+
+
+def _npz_with_member(path, header_shape, dtype, payload_bytes, chunk=1 << 20):
+    """An .npz whose data.npy has the header (shape, dtype) and ``payload_bytes`` zero bytes after
+    it, deflated (zeros compress ~1000:1: a deflate bomb)."""
+    import io
+    import zipfile
+
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": np.dtype(dtype).str, "fortran_order": False,
+                                               "shape": header_shape})
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("data.npy", "w", force_zip64=True) as fh:
+            fh.write(head.getvalue())
+            zeros = bytes(chunk)
+            for _ in range(payload_bytes // chunk):
+                fh.write(zeros)
+
+
+def test_a_deflate_bomb_is_refused_before_it_is_expanded(tmp_path):
+    """Issue 26 item 7: a 1 MB deflate-bombed scene list took 2.4 GB before its error. The zip's
+    declared sizes are read first: nothing is decompressed (here 300 MB in a ~0.3 MB file)."""
+    import tracemalloc
+
+    npz = tmp_path / "bomb.npz"
+    _npz_with_member(npz, (300 << 20,), "u1", 300 << 20)
+    assert npz.stat().st_size < 2 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=r"bomb\.npz: data\.npy declares 314,572,9\d\d bytes uncompressed.*"
+                                             r"refused before decompressing"):
+            md.load_scene_list(npz)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MB allocated while refusing it"
+
+
+def test_a_header_that_declares_more_than_the_member_holds_is_refused(tmp_path):
+    npz = tmp_path / "liar.npz"
+    _npz_with_member(npz, (1 << 40,), "<f8", 1 << 20)  # 8 TB announced, 1 MB there
+    with pytest.raises(ValueError, match=r"liar\.npz: data\.npy: its header declares an array of shape "
+                                         r"\(1099511627776,\)"):
+        md.load_scene_list(npz)

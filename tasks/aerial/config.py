@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.aerial import plan as planning
 from tasks.aerial import layout as L
@@ -24,7 +24,8 @@ from tasks.aerial.dense import DenseConfig
 from tasks.aerial.pipeline import CONFS, PipelineConfig
 from tasks.aerial.reconstruction import SfMConfig
 from tasks.aerial.training_export import ExportConfig
-from tasks.common.cli import ConfigError, build, merge
+from tasks.common import checks
+from tasks.common.cli import ConfigError, build, check_output_folder, merge
 from tasks.common.forms import grouped_titles, overrides_model
 from tasks.common.runtime import DaskSettings, load_dask_block
 
@@ -61,7 +62,8 @@ class AerialConfig(BaseModel):
     """Where the inputs are, where the outputs go, and how each stage runs."""
 
     # a misspelt key is an error, never silently ignored; form labels read "Group · field"
-    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
+    # NaN and Infinity are refused in every number (tasks.common.checks.FINITE)
+    model_config = ConfigDict(extra="forbid", **checks.FINITE, field_title_generator=grouped_titles({
         "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
         "Synthetic world": ["synthetic", "world_options"],
         "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],
@@ -76,10 +78,15 @@ class AerialConfig(BaseModel):
     scene_list: str | None = Field(None, description="scene list (.npz as the original, or JSON/YAML); "
                                                      "default MEGADEPTH/scene_list.json")
     scenes: list[str] | None = Field(None, description="only these scene ids (default: every scene with an export)")
-    synthetic: bool = Field(True, description="generate the embedded synthetic world into ROOT if it has no data")
-    world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings "
-                                          "(seed, n_aerial, n_ground, size, ...)")
-    image_batch: int = Field(8, ge=1, description="MegaDepth images per Dask task")
+    synthetic: bool | None = Field(
+        None, description="build the embedded synthetic world into ROOT when ROOT has no downloaded_data/: "
+        "unset (the default): only at a named configuration's own root (output/aerial, output/aerial_smoke), "
+        "so that a mistyped root is an error; true: into any ROOT (--synthetic); false: never (--no-synthetic)")
+    world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings: seed, "
+                                          "n_aerial (2-1000), n_ground (1-500), size ([width, height], 16-3840 px; "
+                                          "all views together at most 200 million pixels), lat0, lon0, alt0, "
+                                          "trajectory_options")
+    image_batch: int = Field(8, ge=1, le=10000, description="MegaDepth images per Dask task (1-10000)")
     pipeline: PipelineName = Field(
         "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
         "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
@@ -91,8 +98,9 @@ class AerialConfig(BaseModel):
     pipeline_options: PipelineOptions = Field(  # type: ignore[valid-type]
         default_factory=PipelineOptions, description="overrides of the pipeline's settings (empty: as the "
         "named configuration), e.g. retrieval_num, dense.cpu_method (sgbm or patchmatch), dense.num_sources")
-    dense_batch: int = Field(4, ge=1, description="images per CPU dense task")
-    fan_out: int | None = Field(None, ge=1, description="parts for features/matching (default: Dask workers)")
+    dense_batch: int = Field(4, ge=1, le=10000, description="images per CPU dense task (1-10000)")
+    fan_out: int | None = Field(None, ge=1, le=10000, description="parts for features/matching (default: Dask "
+                                                                   "workers; 1-10000)")
     places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
                                                  "ground_altitude, radius): writes ROOT/plans/<scene>.esp and .plan.json")
     trajectory: TrajectoryName = Field(
@@ -100,7 +108,7 @@ class AerialConfig(BaseModel):
         "spiral, then a pass above the streets), spiral, orbit, streets")
     trajectory_options: TrajectoryOptions = Field(  # type: ignore[valid-type]
         default_factory=TrajectoryOptions, description="overrides of that trajectory (empty: as named), "
-        "e.g. frames, fov, spiral_altitudes")
+        "e.g. frames (1-10000), width and height (16-3840 px), frame_rate (up to 60), fov, spiral_altitudes")
     plan_only: bool = Field(False, description="only plan (needs places): render the .esp projects in Earth "
                                                "Studio, then rerun")
     exports: ExportOptions = Field(  # type: ignore[valid-type]
@@ -112,6 +120,20 @@ class AerialConfig(BaseModel):
     def dask_settings(self) -> DaskSettings:
         """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
         return load_dask_block(self.dask_block) if self.dask_block else self.dask
+
+    @field_validator("world_options")
+    @classmethod
+    def _world_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from tasks.aerial.synthetic_world import check_world_options
+
+        return check_world_options(v, where="")  # the message's prefix is the field's name
+
+    @field_validator("scenes")
+    @classmethod
+    def _scene_ids(cls, v: list[str] | None) -> list[str] | None:
+        for scene in v or []:  # scene ids name folders: plain names only
+            checks.plain_name(scene, "scene id")
+        return v
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AerialConfig":
@@ -132,7 +154,20 @@ class AerialConfig(BaseModel):
             raise ValueError(f"scenes {self.scenes} must be non-empty scene ids such as '0001'")
         if self.plan_only and not self.places:
             raise ValueError("plan_only needs places (the places file to plan)")
+        try:
+            trajectory_settings(self)
+        except planning.PlanError as exc:
+            raise ValueError(f"trajectory_options: {exc}") from None
         return self
+
+    def builds_world(self) -> bool:
+        """Whether this run renders the synthetic world into its root: only when the root has no
+        Earth Studio exports, nothing is to be planned, and either ``synthetic`` is true or it is
+        unset and the root is a named configuration's own (the default run)."""
+        p = self.paths()
+        if self.places or (p["root"] / L.DOWNLOADED).is_dir():
+            return False
+        return bool(self.synthetic) if self.synthetic is not None else p["root"] in named_roots()
 
     def check_inputs(self) -> None:
         """Check the root, MegaDepth folder and scene list this configuration names; raise one
@@ -142,9 +177,17 @@ class AerialConfig(BaseModel):
 
         p = self.paths()
         has_data = (p["root"] / L.DOWNLOADED).is_dir()
-        if not has_data and not self.synthetic and not self.places:
+        if not has_data and not self.places and not self.builds_world():
+            if self.synthetic is False:
+                raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
+                                  "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
             raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
-                              "(<scene>.json + <scene>.mp4); point root at them (or allow the synthetic world)")
+                              "(<scene>.json + <scene>.mp4); check the path, or ask for the synthetic world there "
+                              "with --synthetic (--set synthetic=true); without --root the default run builds it "
+                              f"in {named_roots()[0]}")
+        for what, folder in (("root", p["root"]), ("megadepth_out", p["megadepth_out"]),
+                             ("exports.root", export_root(self))):
+            check_output_folder(folder, what)
         if has_data:
             exports = L.downloaded_scenes(p["root"])
             unknown = sorted(set(self.scenes or []) - set(exports))
@@ -172,6 +215,19 @@ class AerialConfig(BaseModel):
             else L.default_megadepth_out(root),
             "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else L.default_scene_list(md),
         }
+
+
+def named_roots() -> list[Path]:
+    """The roots of the named configurations (where the default run may build the synthetic world)."""
+    default = AerialConfig.model_fields["root"].default
+    roots = [Path(c.get("root", default)).expanduser().resolve() for c in CONFIGS.values()]
+    return sorted(set(roots), key=roots.index)
+
+
+def export_root(config: AerialConfig) -> Path:
+    """Where the training exports go: ``exports.root``, else ``ROOT/training``."""
+    root = config.exports.overrides().get("root")
+    return Path(root).expanduser().resolve() if root else config.paths()["root"] / "training"
 
 
 def pipeline_settings(config: AerialConfig) -> PipelineConfig:

@@ -33,6 +33,10 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import sys
+import tempfile
+import threading
 import shutil
 import logging
 import os
@@ -47,6 +51,7 @@ import cv2  # noqa: E402
 
 from tasks.aerial import geometry  # noqa: E402
 from tasks.aerial.layout import SceneLayout  # noqa: E402
+from tasks.common import checks  # noqa: E402
 from tasks.common.atomic import atomic_dir, atomic_path, remove_partials, write_json_atomic  # noqa: E402
 from tasks.common.fingerprint import fingerprint  # noqa: E402
 
@@ -87,12 +92,28 @@ def frame_name(scene: str, index: int, total: int) -> str:
     return f"{scene}_{index:0{width}d}.jpeg"
 
 
+#: Plausible ranges of a camera entry's geodetic coordinate (``coordinate.*``): Earth Studio's
+#: camera goes from below sea level (the Dead Sea, -430 m) to space views; AerialMegaDepth's
+#: scenes fly below a few km, so 100 km is a generous ceiling that still catches a unit mistake.
+COORDINATE_RANGES: dict[str, tuple[float, float, str]] = {
+    "latitude": (-90.0, 90.0, "degrees"), "longitude": (-180.0, 180.0, "degrees"),
+    "altitude": (-500.0, 100_000.0, "m"),
+}
+MAX_RENDER_SIZE = 8192  # px: Earth Studio renders at most 4K; a larger width/height is a damaged file
+MAX_CAMERA_FRAMES = 100_000  # numFrames: 55 min at 30 fps, 10x the trajectories' bound (tasks.aerial.plan)
+
+
 def _num(entry: dict[str, Any], key: str, sub: str | None, where: str) -> float:
     try:
         value = entry[key] if sub is None else entry[key][sub]
-        return float(value)
-    except (KeyError, TypeError, ValueError):
-        raise EarthStudioError(f"{where}: missing or non-numeric {key}{'.' + sub if sub else ''}") from None
+    except (KeyError, TypeError):
+        raise EarthStudioError(f"{where}: missing {key}{'.' + sub if sub else ''}") from None
+    field = f"{key}{'.' + sub if sub else ''}"
+    lo, hi, unit = COORDINATE_RANGES.get(sub, (None, None, "")) if key == "coordinate" else (None, None, "")
+    try:
+        return float(checks.number(value, field, where=where, lo=lo, hi=hi, unit=unit))
+    except checks.InputError as exc:
+        raise EarthStudioError(str(exc)) from None
 
 
 def load_camera_track(path: str | Path) -> CameraTrack:
@@ -111,10 +132,15 @@ def load_camera_track(path: str | Path) -> CameraTrack:
     if not isinstance(frames_in, list) or not frames_in:
         raise EarthStudioError(f"{path}: no 'cameraFrames' list; re-export with 3D Camera Tracking (JSON) enabled")
     try:
-        width, height = int(doc["width"]), int(doc["height"])
-    except (KeyError, TypeError, ValueError):
-        raise EarthStudioError(f"{path}: missing or invalid 'width'/'height'") from None
-    num_frames = int(doc.get("numFrames") or len(frames_in) - 1)
+        width, height = (checks.whole(doc[k], k, where=str(path), lo=1, hi=MAX_RENDER_SIZE, unit="px")
+                         for k in ("width", "height"))
+        num_frames = checks.whole(doc["numFrames"], "numFrames", where=str(path), lo=0, hi=MAX_CAMERA_FRAMES) \
+            if doc.get("numFrames") is not None else 0
+    except KeyError:
+        raise EarthStudioError(f"{path}: missing 'width'/'height' (the render size); export the JSON again") from None
+    except checks.InputError as exc:
+        raise EarthStudioError(f"{exc}; export the JSON from Earth Studio again") from None
+    num_frames = num_frames or len(frames_in) - 1
     frames: list[CameraFrame] = []
     skipped: dict[int, str] = {}
     for i, entry in enumerate(frames_in):
@@ -177,6 +203,7 @@ class VideoIndex:
     samples: int  # frames the index announces
     complete: int  # leading frames (display order) whose data, and all data decoded before, is in the file
     file_size: int
+    sync: tuple[int, ...] | None = None  # keyframes (stss, 0-based); None: every frame is one (no stss box)
 
 
 def _boxes(buf: bytes, start: int = 0, end: int | None = None):
@@ -240,7 +267,7 @@ def video_index(path: str | Path) -> VideoIndex | None:
                     walk(a2, b2)
                 elif k2 == "hdlr":
                     handler = moov[a2 + 8:a2 + 12]
-                elif k2 in ("stsz", "stco", "co64", "stsc", "stts", "ctts"):
+                elif k2 in ("stsz", "stco", "co64", "stsc", "stts", "ctts", "stss"):
                     tables[k2] = (a2, b2)
         walk(a, b)
         if handler != b"vide" or "stsz" not in tables or "stsc" not in tables:
@@ -290,8 +317,90 @@ def video_index(path: str | Path) -> VideoIndex | None:
             order = np.argsort(cts, kind="stable")  # decode index of each display position
             bad = np.nonzero(order >= first_bad)[0]
             complete = int(bad[0]) if bad.size else count
-        return VideoIndex(count, complete, size)
+        sync = None
+        if "stss" in tables:
+            a7, _ = tables["stss"]
+            sync = tuple(u32(a7 + 8 + 4 * i) - 1 for i in range(u32(a7 + 4)))
+        return VideoIndex(count, complete, size, sync)
     return None
+
+
+# ----------------------------------------------------------------------------- decoder errors
+
+#: A frame is an outlier when it differs from both neighbours by more than OUTLIER_RATIO times
+#: what the neighbours differ from each other, and by more than OUTLIER_MIN_GREY grey levels
+#: (mean absolute difference of 64 x 48 grey thumbnails). Smooth camera motion gives a ratio
+#: of about 0.5 (the neighbours are two steps apart); a cut in the path (the spiral's end, the
+#: street pass's start) differs from one neighbour only.
+OUTLIER_RATIO = 3.0
+OUTLIER_MIN_GREY = 20.0
+
+
+def _thumbnail(frame: np.ndarray) -> np.ndarray:
+    grey = cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY) if frame.ndim == 3 else frame
+    return cv2.resize(grey, (64, 48), interpolation=cv2.INTER_AREA).astype(np.float32)
+
+
+def outlier_frames(thumbs: dict[int, np.ndarray]) -> dict[int, str]:
+    """``{index: why}`` of the frames that differ grossly from both their neighbours while the
+    neighbours agree (a damaged frame the decoder did not report); see :data:`OUTLIER_RATIO`."""
+    out = {}
+    for i, t in thumbs.items():
+        a, b = thumbs.get(i - 1), thumbs.get(i + 1)
+        if a is None or b is None:
+            continue
+        d_prev, d_next, d_nb = (float(np.abs(x - y).mean()) for x, y in ((t, a), (t, b), (a, b)))
+        if min(d_prev, d_next) > max(OUTLIER_RATIO * d_nb, OUTLIER_MIN_GREY):
+            out[i] = (f"differs grossly from its neighbours (mean difference {d_prev:.0f} and {d_next:.0f} grey "
+                      f"levels, the neighbours {d_nb:.0f} from each other): damaged")
+    return out
+
+_DECODER_LINE = re.compile(r"^\[(?!mov,)[^\]@]+ @ 0x[0-9a-fA-F]+\] ")  # libavcodec's log, not the demuxer's
+_STDERR_LOCK = threading.Lock()  # fd 2 is the process's: one decoding at a time listens to it
+
+
+class DecoderLog:
+    """What FFmpeg's decoders (inside OpenCV) write to fd 2 while a video is decoded: OpenCV
+    returns a concealed picture for a damaged frame and says nothing, FFmpeg logs the error
+    ("ac-tex damaged", "error while decoding MB ...") on stderr. The block redirects fd 2 to a
+    temporary file; :meth:`new_errors` after each ``read()`` gives that frame's decoder errors
+    and passes every other line on to the real stderr. One decoding per process at a time."""
+
+    def __enter__(self) -> "DecoderLog":
+        _STDERR_LOCK.acquire()
+        try:
+            sys.stderr.flush()
+            self._tmp = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._tmp.fileno(), 2)
+            self._pos = 0
+        except BaseException:
+            _STDERR_LOCK.release()
+            raise
+        return self
+
+    def new_errors(self) -> list[str]:
+        size = os.fstat(self._tmp.fileno()).st_size
+        if size <= self._pos:
+            return []
+        self._tmp.seek(self._pos)
+        text = self._tmp.read(size - self._pos).decode("utf-8", "replace")
+        self._pos = size
+        errors, other = [], []
+        for line in text.splitlines(keepends=True):
+            (errors if _DECODER_LINE.match(line) else other).append(line)
+        if other:
+            os.write(self._saved, "".join(other).encode())
+        return [line.strip() for line in errors]
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.new_errors()
+        finally:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._tmp.close()
+            _STDERR_LOCK.release()
 
 
 # ----------------------------------------------------------------------------- the export format
@@ -416,7 +525,8 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
 
     origin, poses = reference_poses(track)
     index = video_index(video)
-    cap = cv2.VideoCapture(str(video))
+    # one decoding thread, so that a decoder error is reported with the frame it belongs to
+    cap = cv2.VideoCapture(str(video), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():
         raise EarthStudioError(f"{video}: cannot open the video (corrupt, cut before its index, or unsupported codec)")
     n_entries = len(track.frames) + len(track.skipped)
@@ -426,27 +536,50 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
     skipped: dict[str, str] = {}
     limit = index.complete if index is not None else None
     index_i = 0
+    sync = set(index.sync) if index is not None and index.sync is not None else None
+    damaged_at: int | None = None  # the last frame the decoder reported damaged, while its damage lasts
+    damaged_why = ""
+    thumbs: dict[int, np.ndarray] = {}  # small grey copies of the written frames, to compare neighbours
     try:
-        while limit is None or index_i < limit:  # never decode a frame the file does not hold completely
-            ok, frame = cap.read()
-            if not ok:
-                break
-            if frame is None or frame.shape[1] != track.width or frame.shape[0] != track.height:
-                shape = None if frame is None else frame.shape[1::-1]
-                skipped[str(index_i)] = f"video frame {index_i} is {shape}, the JSON says {track.width}x{track.height}"
-            elif index_i in poses:
-                name = frame_name(scene, index_i, total)
-                with atomic_path(footage / name, suffix=".jpeg") as tmp:
-                    if not cv2.imwrite(str(tmp), frame, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
-                        raise OSError(f"cannot write {footage / name}")
-                names[index_i] = name
-            elif index_i in track.skipped:
-                skipped[str(index_i)] = track.skipped[index_i]
-            else:
-                skipped[str(index_i)] = f"video frame {index_i} has no cameraFrames entry (the JSON has {n_entries})"
-            index_i += 1
+        with DecoderLog() as decoder:
+            while limit is None or index_i < limit:  # never decode a frame the file does not hold completely
+                ok, frame = cap.read()
+                if not ok:
+                    break
+                errors = decoder.new_errors()
+                if errors:
+                    damaged_at = index_i
+                    damaged_why = errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+                elif damaged_at is not None and (sync is None or index_i in sync):
+                    damaged_at = None  # a keyframe (no keyframe table: every frame is one) ends the damage
+                if damaged_at is not None:  # reported and dropped, never ingested as a picture
+                    skipped[str(index_i)] = (
+                        f"video frame {index_i} is damaged: the decoder reports {damaged_why!r}; dropped"
+                        if damaged_at == index_i else
+                        f"video frame {index_i} is damaged: it is predicted from damaged frame {damaged_at} "
+                        "(until the next keyframe); dropped")
+                elif frame is None or frame.shape[1] != track.width or frame.shape[0] != track.height:
+                    shape = None if frame is None else frame.shape[1::-1]
+                    skipped[str(index_i)] = (f"video frame {index_i} is {shape}, the JSON says "
+                                             f"{track.width}x{track.height}")
+                elif index_i in poses:
+                    name = frame_name(scene, index_i, total)
+                    with atomic_path(footage / name, suffix=".jpeg") as tmp:
+                        if not cv2.imwrite(str(tmp), frame, [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]):
+                            raise OSError(f"cannot write {footage / name}")
+                    names[index_i] = name
+                    thumbs[index_i] = _thumbnail(frame)
+                elif index_i in track.skipped:
+                    skipped[str(index_i)] = track.skipped[index_i]
+                else:
+                    skipped[str(index_i)] = (f"video frame {index_i} has no cameraFrames entry "
+                                             f"(the JSON has {n_entries})")
+                index_i += 1
     finally:
         cap.release()
+    for i, why in outlier_frames(thumbs).items():  # damage the decoder did not report
+        (footage / names.pop(i)).unlink(missing_ok=True)
+        skipped[str(i)] = f"video frame {i} {why}; dropped"
     video_frames = index_i
     video_problem = None
     if index is not None and video_frames < index.samples:

@@ -38,6 +38,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from tasks.common import checks
+
 DOWNLOADED = "downloaded_data"
 PLANS = "plans"
 DATA = "data"
@@ -76,6 +78,11 @@ class SceneLayout:
 
     root: Path
     scene: str
+
+    def __post_init__(self) -> None:
+        # every per-scene path is made here: a scene id (from a file name, a scene list, a places
+        # file or the settings) must be a plain name, so that no path leaves the root
+        checks.plain_name(self.scene, "scene id")
 
     # ---- inputs
     @property

@@ -58,6 +58,7 @@ import cv2
 import numpy as np
 
 from tasks.aerial import geometry as G
+from tasks.common import checks
 from tasks.aerial.dense.io import read_depth_h5
 from tasks.common import trusted
 from tasks.common.atomic import atomic_path, write_npz_atomic
@@ -107,29 +108,38 @@ class ImageResult:
 
 
 def sparse_model_dir(md_root: str | os.PathLike, scene: str, subscene: str) -> Path:
-    """``<md>/MegaDepth_v1_SfM/<scene>/sparse/manhattan/<subscene>``."""
-    return Path(md_root) / "MegaDepth_v1_SfM" / scene / "sparse" / "manhattan" / subscene
+    """``<md>/MegaDepth_v1_SfM/<scene>/sparse/manhattan/<subscene>`` (ids checked: plain names)."""
+    return checks.safe_join(Path(md_root) / "MegaDepth_v1_SfM", scene, "sparse", "manhattan", subscene,
+                            what="scene/subscene id", where=f"scene {scene}/{subscene}")
 
 
 def dense_dir(md_root: str | os.PathLike, scene: str, subscene: str) -> Path:
-    """``<md>/phoenix/S6/zl548/MegaDepth_v1/<scene>/dense<subscene>``."""
-    return Path(md_root) / "phoenix" / "S6" / "zl548" / "MegaDepth_v1" / scene / f"dense{subscene}"
+    """``<md>/phoenix/S6/zl548/MegaDepth_v1/<scene>/dense<subscene>`` (ids checked: plain names)."""
+    return checks.safe_join(Path(md_root) / "phoenix" / "S6" / "zl548" / "MegaDepth_v1", scene, f"dense{subscene}",
+                            what="scene/subscene id", where=f"scene {scene}/{subscene}")
 
 
 def raw_image_path(md_root: str | os.PathLike, scene: str, subscene: str, name: str) -> Path:
-    """Path of a raw dense MegaDepth image."""
-    return dense_dir(md_root, scene, subscene) / "imgs" / name
+    """Path of a raw dense MegaDepth image (``name`` from images.txt / the scene list: a plain name)."""
+    return checks.safe_join(dense_dir(md_root, scene, subscene) / "imgs", name, what="image name",
+                            where=f"scene {scene}/{subscene}")
 
 
 def raw_depth_path(md_root: str | os.PathLike, scene: str, subscene: str, name: str) -> Path:
     """Path of a raw MegaDepth depth map (``depths/<stem>.h5``)."""
-    return dense_dir(md_root, scene, subscene) / "depths" / (Path(name).stem + ".h5")
+    checks.plain_name(name, "image name", where=f"scene {scene}/{subscene}")
+    return checks.safe_join(dense_dir(md_root, scene, subscene) / "depths", Path(name).stem + ".h5",
+                            what="image name", where=f"scene {scene}/{subscene}")
 
 
 def output_paths(out_dir: str | os.PathLike, scene: str, subscene: str, name: str) -> tuple[Path, Path, Path]:
-    """``(<name>.jpg, <name>.exr, <name>.npz)`` under ``<out>/<scene>/<subscene>/``."""
-    folder = Path(out_dir) / scene / subscene
-    return folder / f"{name}.jpg", folder / f"{name}.exr", folder / f"{name}.npz"
+    """``(<name>.jpg, <name>.exr, <name>.npz)`` under ``<out>/<scene>/<subscene>/`` (every id and
+    name a plain name, so nothing is written outside ``out_dir``)."""
+    where = f"scene {scene}/{subscene}"
+    folder = checks.safe_join(out_dir, scene, subscene, what="scene/subscene id", where=where)
+    checks.plain_name(name, "image name", where=where)  # named as the input names it
+    return tuple(checks.safe_join(folder, f"{name}{ext}", what="image name", where=where)  # type: ignore[return-value]
+                 for ext in (".jpg", ".exr", ".npz"))
 
 
 # --------------------------------------------------------------------------------------
@@ -144,7 +154,7 @@ def _norm_scene(value: Any) -> str:
     text = str(value).strip()
     if not text:
         raise ValueError("empty scene id")
-    return text
+    return checks.plain_name(text, "scene id")
 
 
 def _norm_subscene(value: Any) -> str:
@@ -153,7 +163,7 @@ def _norm_subscene(value: Any) -> str:
     text = str(value).strip()
     if not text:
         raise ValueError("empty subscene id")
-    return text
+    return checks.plain_name(text, "subscene id")
 
 
 def _norm_images(value: Any) -> list[str]:
@@ -165,7 +175,7 @@ def _norm_images(value: Any) -> list[str]:
             item = item.decode()
         if not isinstance(item, (str, np.str_)) or not str(item).strip():
             raise ValueError(f"bad image name {item!r}")
-        names.append(str(item))
+        names.append(checks.plain_name(str(item), "image name"))
     return names
 
 
@@ -257,6 +267,12 @@ def _sniff_not_zip(path: Path, head: bytes) -> str:
             "another kind; download megadepth_image_list_v0.npz again")
 
 
+#: The largest ``data.npy`` a scene list may declare (uncompressed). The original
+#: megadepth_image_list_v0.npz lists MegaDepth's ~130k images (a few MB pickled); 256 MB is a
+#: generous margin, and what a hostile file can make the reader allocate at most.
+SCENE_LIST_MAX_BYTES = 256 * 1024 * 1024
+
+
 def read_npz_scene_list(path: str | os.PathLike) -> Any:
     """The ``data`` object of the original's scene list npz, read without running code.
 
@@ -274,6 +290,8 @@ def read_npz_scene_list(path: str | os.PathLike) -> Any:
             names = zf.namelist()
             if "data.npy" not in names:
                 raise ValueError(f"{path}: no 'data' array (has {[n[:-4] if n.endswith('.npy') else n for n in names]})")
+            # the declared sizes first: a deflate bomb is refused before it is expanded
+            checks.check_npy_member(zf, "data.npy", max_bytes=SCENE_LIST_MAX_BYTES, where=str(path))
             with zf.open("data.npy") as fh:
                 version = np.lib.format.read_magic(fh)
                 if version == (1, 0):
@@ -281,7 +299,8 @@ def read_npz_scene_list(path: str | os.PathLike) -> Any:
                 else:
                     shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
                 if not dtype.hasobject:
-                    count = int(np.prod(shape))
+                    count = checks.check_npy_shape(shape, dtype.itemsize, available=zf.getinfo("data.npy").file_size,
+                                                   member="data.npy", where=str(path))
                     arr = np.frombuffer(fh.read(count * dtype.itemsize), dtype=dtype, count=count)
                     return arr.reshape(shape, order="F" if fortran else "C")
                 try:
@@ -518,7 +537,10 @@ def preprocess_image(
     ``None`` when the image is not in the sparse model (reported as failed). Returns status
     ``"done"``, ``"skipped"`` (outputs already complete) or ``"failed"`` with a reason.
     """
-    jpg, exr, npz = output_paths(out_dir, scene, subscene, name)
+    try:
+        jpg, exr, npz = output_paths(out_dir, scene, subscene, name)
+    except checks.InputError as exc:  # a name that is not a plain file name: this image fails, alone
+        return ImageResult(scene, subscene, name, "failed", reason=str(exc))
     res = ImageResult(scene, subscene, name, "failed", outputs=(str(jpg), str(exr), str(npz)))
     img_path = raw_image_path(md_root, scene, subscene, name)
     depth_path = raw_depth_path(md_root, scene, subscene, name)

@@ -29,6 +29,7 @@ from tasks.aerial import retrieval as R
 from tasks.aerial.dense import DenseConfig
 from tasks.aerial.dense.backends import dense_on_gpu, merge_dense_results
 from tasks.aerial.layout import ScenePaths, scene_paths
+from tasks.common import checks
 from tasks.aerial.reconstruction import Query, SfMConfig, StageResult, localize_queries, model_complete, \
     triangulate_reference
 from tasks.common.atomic import atomic_dir, link_atomic, remove_partials, write_json_atomic
@@ -152,7 +153,19 @@ def get_config(name: str = "sift+mnn", **overrides) -> PipelineConfig:
             setattr(cfg, k, v)
         else:
             raise KeyError(f"unknown aerial pipeline setting {k!r}")
+    from tasks.aerial.dense.config import check_bounds
+
+    check_bounds(cfg, PIPELINE_BOUNDS, "pipeline")  # ValueError naming the field
+    check_bounds(cfg.sfm, {}, "sfm")
+    cfg.dense.check()
     return cfg
+
+
+#: Bounds of the pipeline's counts (``field: (low, high)``): pairs per image and VLAD words.
+PIPELINE_BOUNDS: dict[str, tuple[float, float]] = {
+    "ref_pairs_num": (1, 1000), "retrieval_num": (1, 1000), "query_pairs_num": (0, 1000), "vlad_words": (2, 4096),
+    "ref_pairs_max_angle": (0, 180), "query_pairs_max_angle": (0, 180),
+}
 
 
 def hloc_available() -> bool:
@@ -180,10 +193,12 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
     paths.images.mkdir(parents=True, exist_ok=True)
     reference = sorted(im.name for im in ref.images.values())
     footage = paths.footage
-    for name in reference:
-        if not (footage / name).exists():
-            raise FileNotFoundError(f"{footage / name}: reference frame missing; rerun the ingest")
-        link_atomic((footage / name).resolve(), paths.images / name)
+    where = str(paths.reference_empty / "images.txt")
+    for name in reference:  # names read from a model file: joined only through the checked join
+        src = checks.safe_join(footage, name, what="image name", where=where)
+        if not src.exists():
+            raise FileNotFoundError(f"{src}: reference frame missing; rerun the ingest")
+        link_atomic(src.resolve(), checks.safe_join(paths.images, name, what="image name", where=where))
     queries: dict[str, dict[str, Any]] = {}
     problems: dict[str, str] = {}
     md_scene = paths.megadepth_scene

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from tasks.aerial import geometry
+from tasks.common import checks
 from tasks.common.atomic import write_json_atomic
 
 PLAN_VERSION = 1
@@ -70,6 +71,18 @@ class Place:
     radius: float
 
 
+#: A place's numbers: ``field: (low, high, bounds excluded, what it is)``. The radius of interest
+#: is 1 m to 20 km: the trajectories scale with it (the default spiral flies at 2.6 radii), so a
+#: radius of a micrometre or of a continent plans nothing Earth Studio can render usefully.
+PLACE_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "latitude": (-90.0, 90.0, True, "degrees north, WGS84"),
+    "longitude": (-180.0, 180.0, False, "degrees east, WGS84"),
+    "ground_altitude": (-500.0, 9000.0, False, "metres, the ground's altitude at the centre as Earth Studio "
+                                                "gives it"),
+    "radius": (1.0, 20000.0, False, "metres, the radius of interest around the centre"),
+}
+
+
 def place_from_dict(d: Any, where: str) -> Place:
     """Validate one place (``scene``, ``latitude``, ``longitude``, ``ground_altitude``, ``radius``)."""
     if not isinstance(d, dict):
@@ -79,30 +92,25 @@ def place_from_dict(d: Any, where: str) -> Place:
     if scene is None or not str(scene).strip():
         raise PlanError(f"{where}: no 'scene' id")
     scene = str(scene).strip()
-    if any(c in scene for c in "/\\") or scene.startswith("."):
-        raise PlanError(f"{where}: scene id {scene!r} cannot be a file name")
+    try:
+        checks.plain_name(scene, "scene id", where=where)
+    except checks.InputError as exc:
+        raise PlanError(f"{exc} (the scene id names the plan's files)") from None
     where = f"{where} (scene {scene})"
+    unknown = sorted(set(d) - {"scene", *PLACE_RANGES})
+    if unknown:
+        raise PlanError(f"{where}: unknown field(s) {', '.join(map(str, unknown))}; a place has scene, "
+                        f"{', '.join(PLACE_RANGES)} (render settings such as width or frame_rate are "
+                        "trajectory_options)")
     values = {}
-    hints = {"latitude": "degrees north, WGS84", "longitude": "degrees east, WGS84",
-             "ground_altitude": "metres, the ground's altitude at the centre as Earth Studio gives it",
-             "radius": "metres, the radius of interest around the centre"}
-    for key, hint in hints.items():
+    for key, (lo, hi, lo_open, hint) in PLACE_RANGES.items():
         if d.get(key) is None:
             raise PlanError(f"{where}: no '{key}' ({hint}); a place needs its coordinates to be planned")
         try:
-            values[key] = float(d[key])
-        except (TypeError, ValueError):
-            raise PlanError(f"{where}: '{key}' is {d[key]!r}, not a number ({hint})") from None
-        if not math.isfinite(values[key]):
-            raise PlanError(f"{where}: '{key}' is not finite")
-    if not -90.0 < values["latitude"] < 90.0:
-        raise PlanError(f"{where}: latitude {values['latitude']} outside (-90, 90)")
-    if not -180.0 <= values["longitude"] <= 180.0:
-        raise PlanError(f"{where}: longitude {values['longitude']} outside [-180, 180]")
-    if not -500.0 <= values["ground_altitude"] <= 9000.0:
-        raise PlanError(f"{where}: ground_altitude {values['ground_altitude']} m is not an altitude on Earth")
-    if not values["radius"] > 0:
-        raise PlanError(f"{where}: radius {values['radius']} must be > 0 m")
+            values[key] = checks.number(d[key], f"'{key}'", where=where, lo=lo, hi=hi, lo_open=lo_open,
+                                        hi_open=lo_open and key == "latitude")
+        except checks.InputError as exc:
+            raise PlanError(f"{exc} ({hint})") from None
     return Place(scene, values["latitude"], values["longitude"], values["ground_altitude"], values["radius"])
 
 
@@ -171,6 +179,17 @@ class Trajectory:
     phases: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
+#: Bounds of a trajectory's render settings: ``field: (low, high, low excluded, unit)``. Earth
+#: Studio renders at most 4K (3840 x 2160) and 60 fps; frames: at most 10 000 (16 min at 10 fps;
+#: every frame is one rendered image, decoded and matched), so a typo cannot ask for 10^8.
+TRAJECTORY_RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "frames": (1, 10000, False, ""),
+    "fov": (0.0, 179.0, True, "degrees"),
+    "frame_rate": (0.0, 60.0, True, "fps"),
+    "width": (16, 3840, False, "px"),
+    "height": (16, 3840, False, "px"),
+}
+
 #: Named trajectory configurations.
 TRAJECTORIES: dict[str, Trajectory] = {
     "spiral+streets": Trajectory(),
@@ -207,14 +226,19 @@ def validate_trajectory(t: Trajectory) -> None:
     def bad(setting: str, why: str) -> PlanError:
         return PlanError(f"trajectory {t.name!r}: {setting} {getattr(t, setting)!r} {why}")
 
-    if not isinstance(t.frames, int) or isinstance(t.frames, bool) or t.frames < 1:
-        raise bad("frames", "must be a whole number >= 1 (the plan has frames + 1 cameras)")
-    if not 0.0 < t.fov < 180.0:
-        raise bad("fov", "must be in (0, 180) degrees")
-    if not t.frame_rate > 0:
-        raise bad("frame_rate", "must be > 0")
-    if int(t.width) < 16 or int(t.height) < 16:
-        raise PlanError(f"trajectory {t.name!r}: render size {t.width}x{t.height} is too small")
+    where = f"trajectory {t.name!r}"
+    for f in fields(Trajectory):  # every number finite and of its type first (NaN, Infinity and true are refused)
+        v = getattr(t, f.name)
+        try:
+            if f.name in TRAJECTORY_RANGES:
+                lo, hi, lo_open, unit = TRAJECTORY_RANGES[f.name]
+                checks.number(v, f.name, where=where, lo=lo, hi=hi, lo_open=lo_open, integer=f.type == "int",
+                              unit=unit)
+            elif f.name != "name":
+                for x in (v if isinstance(v, tuple) else (v,)):
+                    checks.number(x, f.name, where=where)
+        except checks.InputError as exc:
+            raise PlanError(f"{exc}{' (the plan has frames + 1 cameras)' if f.name == 'frames' else ''}") from None
     if not 0.0 <= t.spiral_fraction <= 1.0:
         raise bad("spiral_fraction", "must be in [0, 1]")
     for setting in ("spiral_altitudes", "pass_altitudes", "spiral_radii", "target_height", "pass_pitch_deg"):

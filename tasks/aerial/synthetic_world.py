@@ -484,6 +484,64 @@ def _write_model(out_dir: Path, cams: list[tuple[int, str, int, int, list[float]
 # ----------------------------------------------------------------------------- main entry
 
 
+#: Bounds of the world's settings (``world_options``): ``field: (low, high, unit)``. The renderer
+#: keeps every view in memory: (n_aerial + n_ground) x width x height is at most
+#: :data:`WORLD_MAX_PIXELS` (10x the default world's 64 x 640 x 480 = 19.7 million pixels; about
+#: 4 GB of colour and depth), so a typo cannot drive the flow into the OOM killer.
+WORLD_RANGES: dict[str, tuple[float, float, str]] = {
+    "seed": (0, 2**32 - 1, ""), "lat0": (-85.0, 85.0, "degrees"), "lon0": (-180.0, 180.0, "degrees"),
+    "alt0": (-500.0, 9000.0, "m"), "n_aerial": (2, 1000, "frames"), "n_ground": (1, 500, "photos"),
+}
+WORLD_SIZE_RANGE = (16, 3840)  # px, each of width and height (Earth Studio's 4K at most)
+WORLD_MAX_PIXELS = 200_000_000
+
+
+def check_world_options(options: dict, where: str = "world_options") -> dict:
+    """``options`` (the keyword arguments of :func:`generate_world`) if every one is known, of its
+    type, finite and in range (:data:`WORLD_RANGES`); raises ``ValueError`` naming the field
+    (``where`` + ``.`` + field; ``where=""``: the field alone)."""
+    import inspect
+
+    from tasks.aerial import plan as planning
+    from tasks.common import checks
+
+    def name(key: str) -> str:
+        return f"{where}.{key}" if where else key
+
+    at = f"{where}: " if where else ""
+    if not isinstance(options, dict):
+        raise ValueError(f"{at}must be a mapping of settings, got {type(options).__name__}")
+    params = inspect.signature(generate_world).parameters
+    known = [k for k in params if k != "root"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"{at}unknown setting(s) {', '.join(map(str, unknown))}; settings: {', '.join(known)}")
+    for key, (lo, hi, unit) in WORLD_RANGES.items():
+        if key in options:
+            checks.number(options[key], name(key), lo=lo, hi=hi, unit=unit, integer=params[key].annotation == "int")
+    if "scene" in options:
+        checks.plain_name(options["scene"], name("scene") + " (scene id)")
+    size = options.get("size", params["size"].default)
+    if not isinstance(size, (list, tuple)) or len(size) != 2:
+        raise ValueError(f"{name('size')} is {size!r}: must be [width, height] in pixels")
+    w, h = (checks.whole(v, name("size"), lo=WORLD_SIZE_RANGE[0], hi=WORLD_SIZE_RANGE[1], unit="px") for v in size)
+    views = int(options.get("n_aerial", params["n_aerial"].default)) + int(options.get("n_ground",
+                                                                                       params["n_ground"].default))
+    if views * w * h > WORLD_MAX_PIXELS:
+        raise ValueError(f"{at}{views} views of {w}x{h} px are {views * w * h:,} pixels, more than the "
+                         f"{WORLD_MAX_PIXELS:,} the renderer may hold; lower n_aerial, n_ground or size")
+    traj = options.get("trajectory_options") or {}
+    if not isinstance(traj, dict):
+        raise ValueError(f"{name('trajectory_options')} must be a mapping of trajectory settings")
+    try:
+        rest = {k: v for k, v in traj.items() if k != "trajectory"}  # world_plan's arguments
+        planning.get_trajectory(traj.get("trajectory", "spiral+streets"),
+                                **{"frames": options.get("n_aerial", params["n_aerial"].default), **rest})
+    except (planning.PlanError, TypeError) as exc:
+        raise ValueError(f"{name('trajectory_options')}: {exc}") from None
+    return options
+
+
 def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float = 47.3769, lon0: float = 8.5417,
                    alt0: float = 408.0, n_aerial: int = 48, n_ground: int = 16,
                    size: tuple[int, int] = (640, 480), trajectory_options: dict | None = None) -> WorldInfo:

@@ -9,10 +9,14 @@ keys are errors that name the nearest valid key.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
+import os
+import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -22,6 +26,30 @@ EXIT_CONFIG = 2  # as argparse's own usage errors
 
 class ConfigError(ValueError):
     """A mistake in the flow's settings or inputs: the message says what and where."""
+
+
+def check_output_folder(path: str | os.PathLike, what: str) -> None:
+    """Raise :class:`ConfigError` (naming the setting ``what``) unless ``path`` is a writable folder
+    or can be created: its nearest existing ancestor is a folder where a folder can be made (tried:
+    a temporary folder is made there and removed at once). Finds a path under a file, ``/proc``, a
+    read-only file system or a folder without write permission before any server starts."""
+    path = Path(path).expanduser().absolute()
+    probe_in = path
+    while not probe_in.exists() and not probe_in.is_symlink() and probe_in != probe_in.parent:
+        probe_in = probe_in.parent
+    if not probe_in.is_dir():
+        kind = "a file" if probe_in.is_file() else "not a folder"
+        where = "" if probe_in == path else f" (its parent {probe_in} is {kind})"
+        raise ConfigError(f"{what} {path}: cannot be used as an output folder{where or f': it is {kind}'}; "
+                          "choose another folder")
+    try:
+        made = tempfile.mkdtemp(prefix=".write-check-", dir=probe_in)
+    except OSError as exc:
+        then = "" if probe_in == path else f", so {path} cannot be created"
+        raise ConfigError(f"{what} {path}: cannot write in {probe_in}{then} ({exc.strerror or exc}); "
+                          "choose a writable folder") from None
+    with contextlib.suppress(OSError):
+        os.rmdir(made)
 
 
 def parse_value(v: str) -> Any:

@@ -77,7 +77,7 @@ def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, A
         fields[f.name] = (ann | None, Field(None, description=f"{what} (default: {shown})"))
 
     class Overrides(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/Infinity refused (tasks.common.checks)
 
         def overrides(self) -> dict[str, Any]:
             """What was given (``None`` fields: as the named configuration), nested models included."""

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from tasks.common.cli import ConfigError, build, merge
+from tasks.common import checks
+from tasks.common.cli import ConfigError, build, check_output_folder, merge
 from tasks.common.forms import grouped_titles
 from tasks.common.runtime import DaskSettings, load_dask_block
 from tasks.multimodal import schema
@@ -32,7 +33,8 @@ class MultimodalConfig(BaseModel):
     """Everything the MMEarth flow needs to build one dataset."""
 
     # a misspelt key is an error, never silently ignored; form labels read "Group · field"
-    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
+    # NaN and Infinity are refused in every number (tasks.common.checks.FINITE)
+    model_config = ConfigDict(extra="forbid", **checks.FINITE, field_title_generator=grouped_titles({
         "Dataset": ["name", "output_dir"],
         "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
                   "tile_size_m", "seed", "batch"],
@@ -51,11 +53,13 @@ class MultimodalConfig(BaseModel):
     tiles_geojson: str | None = Field(None, description="use this tiles GeoJSON instead of sampling")
     tile_sampler: Literal["local", "earthengine"] = Field(
         "local", description="local: points in the regions GeoJSON; earthengine: randomPoints in RESOLVE/ECOREGIONS/2017")
-    n_tiles: int = Field(256, ge=1, description="tiles to sample")
+    n_tiles: int = Field(256, ge=1, le=10_000_000, description="tiles to sample (1 to 10 million; MMEarth has 1.2 "
+                                                                 "million)")
     sampling_mode: SamplingModeName = Field(
         "biome-area", description="how tiles are shared out (MMEarth's modes 0, 1, 2): "
         + "; ".join(f"{name} ({i}): {tiles_mod.SAMPLING_MODES[i]}" for name, i in SAMPLING_MODE_INDEX.items()))
-    tile_size_m: float = Field(1300.0, gt=0, description="side of a square tile in metres (128 px at 10 m: 1280)")
+    tile_size_m: float = Field(1300.0, gt=0, le=10240.0, description="side of a square tile in metres (128 px at "
+                               "10 m: 1280; at most 10240 m, 1024 px: a stack's memory grows with its square)")
     seed: int = Field(0, description="random seed of the tile sampling")
     batch: int = Field(0, description="sampling batch: another seed stream for adding tiles to a dataset")
     # stacks
@@ -71,26 +75,30 @@ class MultimodalConfig(BaseModel):
                                                        "stac: to the STAC API and COG hosts)")
     request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name "
                                                                         "(the stac preset: stac-requests)")
-    fetch_batch_size: int = Field(16, ge=1, description="tiles per fetch task")
-    fetch_threads: int = Field(1, ge=1, description="tiles fetched concurrently inside one fetch task")
+    fetch_batch_size: int = Field(16, ge=1, le=100_000, description="tiles per fetch task (1-100000)")
+    fetch_threads: int = Field(1, ge=1, le=256, description="tiles fetched concurrently inside one fetch task (1-256)")
     fetch_slots: int | None = Field(
         None, ge=1, description="request slots a Dask worker leases for its fetch tasks, shared by the tasks "
                                 "running in it (default fetch_threads, at most request_ceiling); workers x "
                                 "fetch_slots should not exceed request_ceiling")
-    fetch_retries: int = Field(3, ge=0, description="Prefect retries of a fetch task whose tiles failed transiently")
-    fetch_retry_delay_s: float = Field(4.0, ge=0, description="first retry delay; doubles each retry, with jitter")
+    fetch_retries: int = Field(3, ge=0, le=20, description="Prefect retries of a fetch task whose tiles failed "
+                                                           "transiently (0-20)")
+    fetch_retry_delay_s: float = Field(4.0, ge=0, le=3600, description="first retry delay (0-3600 s); doubles each "
+                                                                       "retry, with jitter")
     tasks_in_flight: int = Field(
-        32, ge=1, description="fetch (and pack) tasks submitted at once; the flow holds at most this many futures "
-                              "(a bounded window), so its memory does not grow with the tiles")
+        32, ge=1, le=10000, description="fetch (and pack) tasks submitted at once (1-10000); the flow holds at "
+                                        "most this many futures (a bounded window), so its memory does not grow "
+                                        "with the tiles")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
-    image_size: int = Field(128, ge=8, description="128, or 64 for the MMEarth64 variant")
-    part_size: int = Field(64, ge=1, description="tiles per packing partition")
+    image_size: int = Field(128, ge=8, le=1024, description="128, or 64 for the MMEarth64 variant (8-1024 px)")
+    part_size: int = Field(64, ge=1, le=100_000, description="tiles per packing partition (1-100000)")
     keep_parts: bool = Field(False, description="keep packed partitions after the h5 is written (uses as much disk again)")
     compression_codec: Literal["isal", "zlib"] = Field(
         "isal", description="gzip encoder of the h5 rows: isal (same gzip streams, ~10x faster) or zlib")
     compression_level: int = Field(1, ge=0, le=9, description="gzip level of the h5 rows")
-    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test fractions")
+    split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test fractions "
+                                                        "(each in [0, 1], summing to 1)")
     split_seed: int = Field(42, description="random seed of the splits")
     dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
     dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
@@ -135,6 +143,7 @@ class MultimodalConfig(BaseModel):
                                       "pass eco_labels with a {name: index} mapping")
         except (ValueError, OSError) as exc:
             raise ConfigError(str(exc)) from None
+        check_output_folder(self.dataset_dir, "output_dir")
 
     @field_validator("sampling_mode", mode="before")
     @classmethod
@@ -157,6 +166,9 @@ class MultimodalConfig(BaseModel):
     @field_validator("source_options")
     @classmethod
     def _no_secrets(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, x in v.items():  # numbers here (timeout_s, ...) follow the shared rule: finite, not booleans
+            if isinstance(x, float):
+                checks.number(x, f"source_options.{k}", lo=0)
         bad = [k for k in v if any(w in k.lower() for w in ("key", "secret", "token", "password", "credential"))
                and k not in ("credentials_block", "secret_block")]
         if bad:

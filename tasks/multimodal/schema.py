@@ -159,7 +159,15 @@ SAFE_ID = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 
 def check_tile_id(tile_id: object, where: str = "") -> str:
     """Return tile_id if it is a safe file name, else raise ValueError naming it."""
-    if not isinstance(tile_id, str) or not SAFE_ID.match(tile_id) or tile_id in (".", ".."):
+    from tasks.common import checks
+
+    try:  # the shared rule for names that become paths, then the stricter character set of tile ids
+        checks.plain_name(tile_id, "tile_id", where=where)
+    except checks.InputError:
+        tile_id_ok = False
+    else:
+        tile_id_ok = True
+    if not tile_id_ok or not SAFE_ID.match(tile_id) or tile_id in (".", ".."):
         loc = f"{where}: " if where else ""
         raise ValueError(
             f"{loc}tile_id {tile_id!r} is not a safe file name; use 1-100 letters, "

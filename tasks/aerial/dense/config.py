@@ -111,6 +111,39 @@ class DenseConfig:
     def cpu_size(self) -> int:
         return int(self.cpu_max_image_size or self.max_image_size)
 
+    def check(self) -> None:
+        """Refuse sizes and counts that would exhaust memory or time (:data:`DENSE_BOUNDS`) and
+        non-finite numbers (``ValueError`` naming the field, ``dense.<field>``)."""
+        check_bounds(self, DENSE_BOUNDS, "dense")
+
+
+#: Bounds of the settings that size the dense stage's memory and time: ``field: (low, high)``
+#: (image sides in pixels: 8K at most; counts a few times the largest useful value).
+DENSE_BOUNDS: dict[str, tuple[float, float]] = {
+    "max_image_size": (16, 8192), "pm_max_image_size": (16, 8192), "cpu_max_image_size": (16, 8192),
+    "sweep_max_size": (16, 8192), "num_sources": (1, 64), "pm_num_sources": (1, 64), "pm_iterations": (0, 100),
+    "pm_coarse_iterations": (0, 100), "pm_geom_iterations": (0, 100), "pm_window_radius": (1, 64),
+    "pm_window_step": (1, 64), "pm_k_best": (1, 64), "candidate_factor": (1, 100), "max_disparities": (16, 4096),
+    "sweep_max_planes": (1, 4096), "sweep_window": (1, 255), "pm_speckle_size": (0, 10_000_000),
+    "fusion_min_num_pixels": (0, 1000), "min_consistent": (1, 64), "pm_min_consistent": (1, 64),
+}
+
+
+def check_bounds(obj: object, bounds: dict[str, tuple[float, float]], prefix: str) -> None:
+    """Every ``int``/``float`` field of the dataclass ``obj`` finite and of its type, those in
+    ``bounds`` in range (tasks.common.checks.number); ``None`` (unset) passes."""
+    import dataclasses
+
+    from tasks.common import checks
+
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        v = getattr(obj, f.name)
+        kind = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" | None", "")
+        if v is None or kind not in ("int", "float"):
+            continue
+        lo, hi = bounds.get(f.name, (None, None))
+        checks.number(v, f"{prefix}.{f.name}", lo=lo, hi=hi, integer=kind == "int")
+
 
 class DenseError(RuntimeError):
     """A dense step could not run for one image (the message says why)."""
