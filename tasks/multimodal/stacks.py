@@ -223,6 +223,11 @@ class TransientTilesError(Exception):
         sample = "; ".join(f"{o.tile_id}: {o.reason}" for o in outcomes[:3])
         super().__init__(f"{len(outcomes)} tile(s) failed transiently ({sample})")
 
+    def __reduce__(self):
+        # Exception pickles as cls(*self.args), i.e. with the message for ``outcomes``:
+        # rebuild from the outcomes (Dask sends it from the worker when retries run out)
+        return type(self), (self.outcomes,), self.__dict__
+
 
 def dataset_paths(out_dir: Path) -> dict[str, Path]:
     return {
