@@ -395,7 +395,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     # 5. statistics, splits, tile_info ------------------------------------
     band_stats, empty = convert.merge_stats(summaries).band_stats()
     for k, channels in empty.items():
-        report.notes.append(f"band_stats[{k}] is NaN for channel(s) {channels}: no valid value of this kind")
+        report.notes.append(f"band_stats[{k}] is 0 (mean, std, min, max) for channel(s) {channels}: "
+                            "no valid value of this kind")
     splits = convert.make_splits(n_rows, config.split_fractions, config.split_seed)
     files = convert.write_dataset_jsons(out, config.name, None, band_stats, splits)
     files["tile_info"] = out / f"{config.name}_tile_info.json"

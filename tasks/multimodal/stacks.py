@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -580,15 +581,29 @@ def load_tile_info(tile_ids: list[str], out_dir: Path) -> dict[str, dict[str, An
     return dict(published_tile_info(tile_ids, out_dir))
 
 
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, Infinity) replaced by None, so that it
+    is strict JSON (the original writes Earth Engine's missing values as null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    return obj
+
+
 def write_tile_info_json(path: Path, tile_ids: Iterable[str], out_dir: Path) -> int:
     """Write ``NAME_tile_info.json`` streamed from the per-tile JSONs, one tile in memory
-    at a time; byte-identical to ``json.dumps(load_tile_info(...))``. Returns the count."""
+    at a time; byte-identical to ``json.dumps(load_tile_info(...))`` with non-finite
+    numbers written as null (strict JSON). Returns the count."""
     n = 0
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write("{")
             for tid, info in published_tile_info(tile_ids, out_dir):
-                fh.write((", " if n else "") + json.dumps(tid) + ": " + json.dumps(info))
+                fh.write((", " if n else "") + json.dumps(tid) + ": "
+                         + json.dumps(strict_json_value(info), allow_nan=False))
                 n += 1
             fh.write("}")
             fh.flush()
