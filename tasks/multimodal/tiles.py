@@ -797,8 +797,9 @@ def _tile_feature(feat: Any, i: int, path: Path) -> Tile:
 
 
 def wrap_lon(lon: float) -> float:
-    """Longitude in [-180, 180)."""
-    return (float(lon) + 180.0) % 360.0 - 180.0
+    """Longitude in [-180, 180) (one inside it is returned as it is, bit for bit)."""
+    lon = float(lon)
+    return lon if -180.0 <= lon < 180.0 else (lon + 180.0) % 360.0 - 180.0
 
 
 def _unwrap_ring(ring: np.ndarray, ref: float) -> np.ndarray:
