@@ -517,6 +517,10 @@ def finish(result: dict[str, Any]) -> int:
         print(f"  {k:>16}: {v}")
     if result["problems"]:
         print(f"  {len(result['problems'])} problem(s); see {Path(result['dataset_dir']) / 'report.json'}")
+    from tasks.multimodal.torchgeo import TORCHGEO_FILENAMES
+
+    if Path(result["dataset_dir"]).name not in TORCHGEO_FILENAMES.values():  # TorchGeo opens release names only
+        print(f"  for TorchGeo's MMEarth: python -m tasks.multimodal.torchgeo {result['dataset_dir']}")
     return 0
 
 
