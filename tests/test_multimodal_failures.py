@@ -120,3 +120,16 @@ def test_tile_info_is_not_written_without_a_row_s_entry(tmp_path):
     unreadable.clear()
     assert stacks.write_tile_info_json(path, ["a", "b", "c"], tmp_path, unreadable, in_h5=lambda t: False) == 1
     assert unreadable == ["b", "c"]
+
+
+def test_cli_exits_1_with_one_line_when_the_run_failed(monkeypatch, capsys):
+    import flows.multimodal as fm
+    from tasks.common.report import RunFailed
+
+    def failing(*a, **k):
+        raise RunFailed("every tile this run tried to fetch failed (6 of 6; see report)")
+
+    monkeypatch.setattr(fm, "run_local", failing)
+    assert fm.main([]) == 1
+    err = capsys.readouterr().err
+    assert err == "error: every tile this run tried to fetch failed (6 of 6; see report)\n"
