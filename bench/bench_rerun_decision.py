@@ -3,8 +3,8 @@
 What the multimodal flow does before it fetches anything, on the real code path,
 without fetching N stacks first: sample N tiles and write the tiles GeoJSON
 (streamed), then decide what to fetch (``stacks.decide_states`` over the tiles
-read back in chunks: per tile a Grid, a fetch key, an index lookup and one
-``stat``), rewrite the stacks index, and build every partition's key (what the
+read back in chunks: per tile a Grid, a fetch key, an index lookup, one
+``stat`` and a read of its JSON), rewrite the stacks index, and build every partition's key (what the
 h5 manifest check needs). The "done" stacks are zero-byte files whose index
 lines match them (size, mtime, fetch key), so the decision vouches for each
 tile exactly as it does for real stacks: the one ``stat`` is the same call.
@@ -60,8 +60,19 @@ def main() -> int:
     tiles_mod.write_tiles_stream(tiles_mod.iter_sample_tiles(regions, eco, n, 0, tile_size_m=100.0), tiles_path)
     rows["sample + write tiles GeoJSON"] = (time.perf_counter() - t0, cpu_seconds() - c0)
 
-    # the finished state a first run leaves: a stack per tile and its index line
+    # the finished state a first run leaves: a stack per tile, its JSON (about the 0.9 KB of a
+    # real one; the decision reads it) and its index line
     t0 = time.perf_counter()
+    info = {"S2_DATE": "2019-06-01", "S2_type": "l2a", "CRS": "EPSG:32633", "biome": 7, "eco_region": 412,
+            "NO_DATA": False, "SOURCE": "synthetic", "S2_IMAGEID": "COPERNICUS/S2_SR_HARMONIZED/" + "x" * 38,
+            "BANDS": {"sentinel2": ["B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12",
+                                    "QA60", "MSK_CLDPRB", "SCL"], "sentinel1_asc": ["VV", "VH"],
+                      "sentinel1_desc": None, "aster": ["elevation", "slope"], "era5": [f"b{i}" for i in range(12)],
+                      "dynamic_world": ["label"], "canopy_height_eth": ["height", "std"], "esa_worldcover": ["Map"]},
+            "era5": {"month1": [280.1, 275.2, 285.3, 0.05], "month2": [281.1, 276.2, 286.3, 0.06],
+                     "year": [279.1, 260.2, 295.3, 0.75]},
+            "STACK": {"blake2b": "0" * 32, "bytes": 0, "crs": "EPSG:32633", "transform": [10.0, 0, 0, 0, -10.0, 0],
+                      "size": [130, 130]}}
     with open(stacks.index_path(out), "w") as fh:
         for chunk in tiles_mod.iter_tiles(tiles_path):
             for t in chunk:
@@ -69,13 +80,15 @@ def main() -> int:
                 tif.touch()
                 st = tif.stat()
                 key = stacks.fetch_key(source, t, Grid.for_tile(t))
+                (paths["tile_info"] / f"{t.tile_id}.json").write_text(
+                    json.dumps({**info, "lat": t.lat, "lon": t.lon, "FETCH_KEY": key}))
                 fh.write(json.dumps({"id": t.tile_id, "state": "done", "key": key, "bytes": st.st_size,
                                      "mtime_ns": st.st_mtime_ns, "digest": "0" * 32}) + "\n")
     setup = time.perf_counter() - t0
 
     t0, c0 = time.perf_counter(), cpu_seconds()
     table, counts = stacks.decide_states(tiles_mod.iter_tiles(tiles_path), source, out)
-    rows["decide (index + stat per tile, index rewritten)"] = (time.perf_counter() - t0, cpu_seconds() - c0)
+    rows["decide (index + stat + JSON read per tile, index rewritten)"] = (time.perf_counter() - t0, cpu_seconds() - c0)
     assert counts["full checks"] == 0 and table.count("done") == n, counts
     del table
     tracemalloc.start()  # a second decision, for its memory only (tracemalloc slows Python down)

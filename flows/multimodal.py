@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextvars
 import json
 import queue
+import re
 import resource
 import sys
 import threading
@@ -29,7 +30,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.common.atomic import remove_partials
 from tasks.common.concurrency import ensure_limit
-from tasks.common.report import RunReport, tiles_map_png
+from tasks.common.report import RunFailed, RunReport, tiles_map_png
 from tasks.common.cli import parse_config
 from tasks.common.runlock import exclusive_output
 from tasks.common.runtime import make_task_runner, run_local
@@ -276,6 +277,8 @@ def _finish_h5(config: MultimodalConfig, packer: _Packer, out: Path, tiles_path:
         if stale.name not in keep:
             stale.unlink()
     report.timings["pack"] = packer.seconds
+    if not sum(p.n_rows for p in done_parts):  # nothing to write: a good dataset is never replaced by 0 rows
+        return [convert.part_summary(p) for p in done_parts], refetched
     t0 = time.monotonic()
     assemble_h5_task(done_parts, str(h5_path), config.image_size, compression)
     report.timings["assemble"] = time.monotonic() - t0
@@ -360,6 +363,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     logger.info("%d of %d tiles to fetch (%d already done; %d tiles fully checked, the rest vouched for by %s)",
                 table.count("missing"), len(table), len(table) - table.count("missing"), scan["full checks"],
                 stacks.index_path(out))
+    attempted = table.count("missing")  # tiles this run has to fetch
     failed: dict[int, str] = {}  # reasons of the tiles that failed, by position
     compression = convert.Compression(config.compression_codec, config.compression_level)
     packer = _Packer(config, out, compression, report)
@@ -382,7 +386,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     else:
         summaries, refetched = _finish_h5(config, packer, out, selection.path, source, table, h5_path, report)
         fetched += refetched
-        convert.write_manifest(h5_path, manifest, summaries)
+        if sum(x["n_rows"] for x in summaries):
+            convert.write_manifest(h5_path, manifest, summaries)
     if not config.keep_parts:
         for p in paths["parts"].glob("part_*.npz"):
             p.unlink()
@@ -392,15 +397,39 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     for s in summaries:
         for tid, reason in s["problems"].items():
             report.problem(tid, "convert", reason)
+    failure = _run_failure(report, attempted, fetched, table, n_rows)
+    if n_rows == 0:  # nothing to publish: the dataset's files (a good earlier h5 included) stay as they are
+        report.counts["rows in h5"] = 0
+        _write_report(config, report, out, selection, table)
+        raise RunFailed(failure)
 
     # 5. statistics, splits, tile_info ------------------------------------
     band_stats, empty = convert.merge_stats(summaries).band_stats()
     for k, channels in empty.items():
-        report.notes.append(f"band_stats[{k}] is NaN for channel(s) {channels}: no valid value of this kind")
+        report.notes.append(f"band_stats[{k}] is 0 (mean, std, min, max) for channel(s) {channels}: "
+                            "no valid value of this kind")
     splits = convert.make_splits(n_rows, config.split_fractions, config.split_seed)
+    tile_info_path = out / f"{config.name}_tile_info.json"
+    unreadable: list[str] = []
+    rows: set[str] = set()
+
+    def in_h5(tid: str) -> bool:  # built only when a tile's JSON could not be read
+        if not rows:
+            rows.update(t for x in summaries for t in x["tile_ids"])
+        return tid in rows
+
+    try:  # first, for it can refuse: every h5 row needs its tile's entry
+        stacks.write_tile_info_json(tile_info_path, table.tile_ids("done", "no_data"), out, unreadable, in_h5)
+    except stacks.TileInfoLost as exc:
+        for tid in unreadable:
+            report.problem(tid, "tile_info", f"{stacks.dataset_paths(out)['tile_info'] / tid}.json unreadable")
+        _write_report(config, report, out, selection, table)
+        raise RunFailed(str(exc)) from None
+    for tid in unreadable:  # not in the h5 (no data, or not converted): reported, never dropped silently
+        report.problem(tid, "tile_info", f"{stacks.dataset_paths(out)['tile_info'] / tid}.json unreadable; "
+                                         f"left out of {tile_info_path.name}")
     files = convert.write_dataset_jsons(out, config.name, None, band_stats, splits)
-    files["tile_info"] = out / f"{config.name}_tile_info.json"
-    stacks.write_tile_info_json(files["tile_info"], table.tile_ids("done", "no_data"), out)
+    files["tile_info"] = tile_info_path
     report.counts.update({"rows in h5": n_rows, "convert failed": sum(len(s["problems"]) for s in summaries),
                           "train": len(splits["train"]), "val": len(splits["val"]), "test": len(splits["test"])})
     report.outputs.update({"h5": str(h5_path), **{k: str(v) for k, v in files.items()}, "tiles": str(selection.path)})
@@ -409,12 +438,40 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     report.extra["memory"] = memory_held(table, summaries)
 
     # 6. report (the map shows at most MAP_POINTS tiles) ------------------
+    _write_report(config, report, out, selection, table)
+    logger.info("dataset %s: %s", out, json.dumps(report.counts))
+    if failure:
+        raise RunFailed(failure)
+    return {"dataset_dir": str(out), **report.to_dict()}
+
+
+#: how Python words a full disk or quota in an OSError's text (errno 28 ENOSPC, 122 EDQUOT)
+_DISK_FULL = re.compile(r"\[Errno (28|122)\]|No space left on device|Disk quota exceeded")
+
+
+def _run_failure(report: RunReport, attempted: int, fetched: int, table: stacks.TileStates,
+                 n_rows: int) -> str | None:
+    """Why the run must exit non-zero, or None: it has no row at all, every tile it tried to
+    fetch failed, or a tile failed on a full disk (the report's problems say which)."""
+    where = report.problems_file or "report.json"
+    # every problem is counted by reason (the report streams them); "stage: reason" keys
+    full = sum(v for k, v in report.problems_by_reason.items() if _DISK_FULL.search(k))
+    if full:
+        return (f"the disk is full: {full} problem(s) say 'No space left on device' (see {where}); free space "
+                f"and run again (finished tiles are kept)")
+    if attempted and not fetched and table.count("missing"):
+        return (f"every tile this run tried to fetch failed ({table.count('missing')} of {attempted}; see {where}); "
+                f"{'the dataset was not replaced' if not n_rows else 'the dataset holds the tiles finished earlier'}")
+    if not n_rows:
+        return f"no tile gave a row ({table.count('no_data')} no data, {table.count('missing')} failed; see {where})"
+    return None
+
+
+def _write_report(config: MultimodalConfig, report: RunReport, out: Path, selection, table) -> None:
     png = tiles_map_png(_map_points(selection.path, len(table)), [r.geometry for r in selection.regions],
                         title=f"{config.name}: {len(table)} tiles")
     report.write(out, png)
     report.publish(key=config.name.replace("_", "-").lower(), map_png=png)
-    logger.info("dataset %s: %s", out, json.dumps(report.counts))
-    return {"dataset_dir": str(out), **report.to_dict()}
 
 
 def memory_held(table: stacks.TileStates, summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -446,7 +503,11 @@ def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_local(argv, parse_args, multimodal_flow, finish)
+    try:
+        return run_local(argv, parse_args, multimodal_flow, finish)
+    except RunFailed as exc:  # the report is written; no traceback for a failure it explains
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 def finish(result: dict[str, Any]) -> int:
@@ -457,6 +518,10 @@ def finish(result: dict[str, Any]) -> int:
         print(f"  {k:>16}: {v}")
     if result["problems"]:
         print(f"  {len(result['problems'])} problem(s); see {Path(result['dataset_dir']) / 'report.json'}")
+    from tasks.multimodal.torchgeo import TORCHGEO_FILENAMES
+
+    if Path(result["dataset_dir"]).name not in TORCHGEO_FILENAMES.values():  # TorchGeo opens release names only
+        print(f"  for TorchGeo's MMEarth: python -m tasks.multimodal.torchgeo {result['dataset_dir']}")
     return 0
 
 

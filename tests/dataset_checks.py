@@ -15,10 +15,20 @@ from tests.contract_rows import assert_rows_equal, expected_rows
 from tests.mmearth_reader import Reader
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (RFC 8259): strict parsers reject it")
+
+
+def strict_json(text: str):
+    """``json.loads`` as a strict parser (JavaScript's JSON.parse, serde_json, jq) reads:
+    bare NaN / Infinity / -Infinity tokens are an error."""
+    return json.loads(text, parse_constant=_no_constant)
+
+
 def check_dataset(out: Path, name: str, n: int, S: int = 128) -> None:
     """The h5's every dataset (shape, dtype, chunks, gzip), no-data handling, and each row
     aligned with metadata, tile_info and the tile's own GeoTIFF; then the training reader."""
-    tile_info = json.loads((out / f"{name}_tile_info.json").read_text())
+    tile_info = strict_json((out / f"{name}_tile_info.json").read_text())
     with h5py.File(out / f"{name}.h5", "r") as f:
         assert set(f) == {d.name for d in schema.H5_DATASETS} | {"metadata"}
         for d in schema.H5_DATASETS:
@@ -66,9 +76,9 @@ def check_dataset(out: Path, name: str, n: int, S: int = 128) -> None:
             nan_s2 = np.isnan(data[:13]).any()
             if nan_s2:  # missing S2 pixels are the no-data value 0, and excluded from stats
                 assert (f["sentinel2"][row] == 0).any()
-    splits = json.loads((out / f"{name}_splits.json").read_text())
+    splits = strict_json((out / f"{name}_splits.json").read_text())
     assert sorted(splits["train"] + splits["val"] + splits["test"]) == list(range(n))
-    stats = json.loads((out / f"{name}_band_stats.json").read_text())
+    stats = strict_json((out / f"{name}_band_stats.json").read_text())
     assert set(stats) == set(schema.STATS_KEYS)
     for split in ("train", "val", "test"):
         reader = Reader(out, split)

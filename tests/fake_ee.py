@@ -80,7 +80,8 @@ EE_ERRORS: dict[str, tuple[int, str, str]] = {
 }
 
 #: Fault names understood by ``faults`` / ``fault_kinds``.
-FAULT_NAMES: frozenset[str] = frozenset({"429", "500", "503", "400", "drop", "slow"})
+FAULT_NAMES: frozenset[str] = frozenset({"429", "500", "503", "400", "drop", "slow", "empty_result",
+                                         "bad_count"})
 
 S2_BANDS_L2A: tuple[str, ...] = (
     "B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12",
@@ -1435,7 +1436,9 @@ class FakeEarthEngine:
             requests (value or pixels), one per request, then normal answers.
             Faults: ``"429"``, ``"500"``, ``"503"``, ``"400"``, ``"drop"``
             (close the connection without answering), ``"slow"`` (sleep
-            ``slow_s`` then answer normally).
+            ``slow_s`` then answer normally), ``"empty_result"`` (200 with
+            ``{"result": {}}``), ``"bad_count"`` (200 with the real answer but
+            ``n_images`` a string: a malformed answer).
         fault_rate: probability of a random fault on a value / pixels request
             (the decision is a hash of seed, tile, kind and attempt number, so
             it does not depend on thread scheduling).
@@ -1763,7 +1766,17 @@ class FakeEarthEngine:
                     return
                 if fault == "slow":
                     self._stop.wait(self.slow_s)
-                else:
+                elif fault == "empty_result":  # a 200 that says nothing (no n_images)
+                    self._send_json(h, 200, {"result": {}}, entry)
+                    return
+                elif fault == "bad_count" and kind == "value":
+                    result, _ = self._evaluate(payload, tile_id)
+                    body = _jsonable(result)
+                    if isinstance(body, dict):
+                        body["n_images"] = "none"
+                    self._send_json(h, 200, {"result": body}, entry)
+                    return
+                elif fault in EE_ERRORS:
                     raise _Reply(fault, f"{EE_ERRORS[fault][1]}" if fault != "400" else "Injected invalid argument.")
             self._sleep(kind)
             if kind == "value":

@@ -121,3 +121,34 @@ class Reader:
             return_dict[modality] = data
         return_dict["id"] = name
         return return_dict
+
+
+def torchgeo_normalize(data: np.ndarray, band_stats: dict, modality: str, tile_info: dict,
+                       mode: str = "z-score") -> np.ndarray:
+    """TorchGeo ``MMEarth._preprocess_modality`` for the continuous modalities with every
+    band (its default): the S2 key by ``S2_type``, ``_normalize_modality`` (z-score or
+    min-max with the band_stats), then its no-data value -> NaN. ``modality``: one of
+    TorchGeo's names (``sentinel1_asc``/``sentinel1_desc`` read the h5's sentinel1
+    channels 0-3 / 4-7 and the ``sentinel1`` statistics)."""
+    no_data = {"sentinel2": 0, "sentinel1_asc": float("-inf"), "sentinel1_desc": float("-inf"),
+               "aster": float("-inf"), "canopy_height_eth": 255, "lat": float("-inf"), "lon": float("-inf"),
+               "month": float("-inf"), "era5": float("inf")}
+    # _select_indices_for_modality: sentinel1_desc's bands are channels 4-7 of the h5's
+    # sentinel1 and of the sentinel1 statistics alike
+    indices = list(range(4, 8)) if modality == "sentinel1_desc" else \
+        list(range(4)) if modality == "sentinel1_asc" else list(range(data.shape[0]))
+    data = data[indices, ...].astype(np.float32)
+    key = modality
+    if modality == "sentinel2":
+        key = "sentinel2_l2a" if tile_info["S2_type"] == "l2a" else "sentinel2_l1c"
+    stats_key = "sentinel1" if "sentinel1" in key else key
+    if mode == "z-score":
+        mean = np.array(band_stats[stats_key]["mean"])[indices, ...]
+        std = np.array(band_stats[stats_key]["std"])[indices, ...]
+        data = (data - mean[:, None, None]) / std[:, None, None] if data.ndim == 3 else (data - mean) / std
+    else:
+        lo = np.array(band_stats[stats_key]["min"])[indices, ...]
+        hi = np.array(band_stats[stats_key]["max"])[indices, ...]
+        data = ((data - lo[:, None, None]) / (hi[:, None, None] - lo[:, None, None]) if data.ndim == 3
+                else (data - lo) / (hi - lo))
+    return np.where(data == no_data[modality], np.nan, data)

@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -250,8 +252,8 @@ def test_stats_match_numpy_over_h5(tmp_path, tiles_dir):
             valid = valid_mask(key, x)
             for c in range(x.shape[0]):
                 v = x[c][valid[c]]
-                if v.size == 0:
-                    assert math.isnan(js[key]["mean"][c])
+                if v.size == 0:  # no valid value: the documented 0, never NaN
+                    assert js[key]["mean"][c] == js[key]["std"][c] == 0.0
                     continue
                 assert js[key]["mean"][c] == pytest.approx(v.mean(), rel=1e-9, abs=1e-9), (key, c)
                 assert js[key]["std"][c] == pytest.approx(v.std(), rel=1e-7, abs=1e-9), (key, c)
@@ -332,3 +334,129 @@ def test_empty_dataset_still_has_the_schema(tmp_path):
     with h5py.File(h5, "r") as f:
         assert f["sentinel2"].shape == (0, 13, IMG, IMG) and f["metadata"].shape == (0,)
         assert f["sentinel2"].compression == "gzip"
+
+
+def _no_constants(name):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_band_stats_are_strict_json_and_the_readers_still_normalise(tmp_path, tiles_dir):
+    """Only L2A tiles and no descending orbit: B10 (l2a), every l1c channel and sentinel1
+    channels 2-7 have no valid value. band_stats parses with a strict parser (no NaN /
+    Infinity tokens), and MMEarth's training reader and TorchGeo's normalisation still
+    read every channel, the empty ones coming out missing (NaN) as with the original's NaN."""
+    from tests.mmearth_reader import Reader, torchgeo_normalize
+
+    stacks = [make_stack(f"r{i}", "l2a", asc=("VV", "VH"), seed=i) for i in range(3)]
+    parts, h5, n, info = _build(tmp_path, tiles_dir, stacks)
+    band_stats, empty = convert.merge_part_stats(parts).band_stats()
+    assert empty["sentinel2_l2a"] == [10] and empty["sentinel1"] == [2, 3, 4, 5, 6, 7]
+    assert len(empty["sentinel2_l1c"]) == 13
+    tile_info = {t: dict(v, era5={"month1": [math.nan] * 4, "month2": None, "year": [1.0, 2.0, 3.0, 4.0]})
+                 for t, v in info.items()}  # Earth Engine's missing ERA5 values
+    paths = convert.write_dataset_jsons(tmp_path, "data_t", tile_info, band_stats, convert.make_splits(n, (1, 0, 0)))
+    stats = json.loads(paths["band_stats"].read_text(), parse_constant=_no_constants)
+    assert stats["sentinel2_l2a"]["std"][10] == 0.0 and stats["sentinel2_l2a"]["mean"][0] > 0
+    written = json.loads(paths["tile_info"].read_text(), parse_constant=_no_constants)
+    assert written["r0"]["era5"]["month1"] == [None] * 4
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        reader = Reader(tmp_path, "train")  # MMEarth-train's MMEarthDataset, every modality
+        assert len(reader) == 3
+        for i in range(3):
+            item = reader[i]
+            s2, s1 = item["sentinel2"], item["sentinel1"]
+            assert np.isnan(s2[10]).all() and not np.isnan(s2[[0, 1, 2, 3, 11, 12]]).all()
+            assert np.isnan(s1[2:]).all() and np.isfinite(s1[:2]).any()
+        with h5py.File(h5, "r") as f:
+            for row in range(3):
+                ti = info[f["metadata"][row][0].decode()]
+                for mode in ("z-score", "min-max"):  # TorchGeo's MMEarth with every band (its default)
+                    s2 = torchgeo_normalize(f["sentinel2"][row], stats, "sentinel2", ti, mode)
+                    assert np.isnan(s2[10]).all() and np.isfinite(s2[3]).any(), mode
+                    desc = torchgeo_normalize(f["sentinel1"][row], stats, "sentinel1_desc", ti, mode)
+                    assert np.isnan(desc).all(), mode
+
+
+def test_tile_info_json_is_strict(tmp_path):
+    from tasks.multimodal import stacks as stacks_mod
+
+    folder = stacks_mod.dataset_paths(tmp_path)["tile_info"]
+    folder.mkdir(parents=True)
+    (folder / "a.json").write_text(json.dumps({"S2_type": "l2a", "era5": {"month1": [math.nan, 1.0, 2.0, 3.0]}}))
+    out = tmp_path / "data_t_tile_info.json"
+    stacks_mod.write_tile_info_json(out, ["a"], tmp_path)
+    got = json.loads(out.read_text(), parse_constant=_no_constants)
+    assert got["a"]["era5"]["month1"] == [None, 1.0, 2.0, 3.0]
+
+
+def _torchgeo_opens(root, subset, idx=0):
+    """What TorchGeo's ``MMEarth(root, subset)`` does with the files (its ``filenames``,
+    ``_verify``, ``_load_indices``, ``_load_normalization_stats``, ``_load_tile_info`` and
+    ``_retrieve_sample``'s h5 path and metadata lookup), with its literal release names."""
+    import os
+
+    filenames = {"MMEarth": "data_1M_v001", "MMEarth64": "data_1M_v001_64", "MMEarth100k": "data_100k_v001"}
+    dataset_filename = f"{filenames[subset]}.h5"
+    band_stats_filename = f"{filenames[subset]}_band_stats.json"
+    splits_filename = f"{filenames[subset]}_splits.json"
+    tile_info_filename = f"{filenames[subset]}_tile_info.json"
+    data_dir = os.path.join(root, filenames[subset])
+    exists = [os.path.exists(os.path.join(data_dir, f)) for f in
+              [dataset_filename, band_stats_filename, splits_filename, tile_info_filename]]
+    if not all(exists):
+        raise FileNotFoundError(f"DatasetNotFoundError: {data_dir}")
+    with open(os.path.join(root, filenames[subset], splits_filename)) as f:
+        indices = json.load(f)["train"]
+    with open(os.path.join(root, filenames[subset], band_stats_filename)) as f:
+        band_stats = json.load(f)
+    with open(os.path.join(root, filenames[subset], tile_info_filename)) as f:
+        tile_info = json.load(f)
+    with h5py.File(os.path.join(root, filenames[subset], dataset_filename), "r") as f:
+        name = f["metadata"][indices[idx]][0].decode("utf-8")
+        return name, tile_info[name], band_stats, f["sentinel2"][indices[idx]][:]
+
+
+def test_torchgeo_view_of_a_dataset_named_otherwise(tmp_path, tiles_dir):
+    """A dataset named data_mine: TorchGeo's path logic finds nothing under its release
+    names; after ``python -m tasks.multimodal.torchgeo`` it reads the dataset through the
+    links, and the training reader's glob still finds one data_*.h5 in the dataset folder."""
+    from tasks.multimodal.torchgeo import TorchGeoViewError, main, torchgeo_view
+    from tests.mmearth_reader import Reader, torchgeo_normalize
+
+    out = tmp_path / "output"
+    ds = out / "data_mine"
+    ds.mkdir(parents=True)
+    stacks = [make_stack(f"g{i}", "l2a" if i % 2 else "l1c", seed=i) for i in range(3)]
+    info = _write(tiles_dir, stacks)
+    parts = [convert.pack_partition(convert.PartSpec(0, list(info)), tiles_dir, info, tmp_path / "parts", IMG)]
+    n = convert.assemble_h5(parts, ds / "data_mine.h5", IMG)
+    convert.write_dataset_jsons(ds, "data_mine", info, convert.merge_part_stats(parts).band_stats()[0],
+                                convert.make_splits(n, (1, 0, 0)))
+    with pytest.raises(FileNotFoundError):
+        _torchgeo_opens(out, "MMEarth")  # renaming by hand was the only way
+
+    assert main([str(ds)]) == 0  # the one command (default subset: MMEarth, as the tiles are not 64 px)
+    view = out / "torchgeo" / "data_1M_v001"
+    assert sorted(p.name for p in view.iterdir()) == [
+        "data_1M_v001.h5", "data_1M_v001_band_stats.json", "data_1M_v001_splits.json", "data_1M_v001_tile_info.json"]
+    assert all(p.is_symlink() and not Path(os.readlink(p)).is_absolute() for p in view.iterdir())
+    for idx in range(n):
+        name, ti, stats, s2 = _torchgeo_opens(out / "torchgeo", "MMEarth", idx)
+        assert name in info and ti["S2_type"] == info[name]["S2_type"]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            assert np.isfinite(torchgeo_normalize(s2, stats, "sentinel2", ti)[3]).any()
+    # another subset name, another root; rerunning is a no-op
+    torchgeo_view(ds, "MMEarth100k", tmp_path / "tg")
+    torchgeo_view(ds, "MMEarth100k", tmp_path / "tg")
+    assert _torchgeo_opens(tmp_path / "tg", "MMEarth100k")[0] in info
+    # the training reader still sees exactly one data_*.h5 in the dataset folder
+    assert len(Reader(ds, "train")) == n
+    # moved as a whole, the relative links still resolve
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    assert _torchgeo_opens(moved / "torchgeo", "MMEarth")[0] in info
+    with pytest.raises(TorchGeoViewError, match="knows"):
+        torchgeo_view(moved / "data_mine", "MMEarth1M")
+    with pytest.raises(TorchGeoViewError, match="not a finished dataset"):
+        torchgeo_view(tmp_path / "tiles")

@@ -131,6 +131,23 @@ def test_transient_classification():
     assert not is_transient(ee.EEException("Geometry.Polygon: LinearRing requires at least 3 points."))
 
 
+@pytest.mark.parametrize("answer, permanent", [
+    ({}, False), ({"n_images": None}, False), ({"n_images": "0"}, False), ({"n_images": -1}, False),
+    ({"n_images": 1.5}, False), ({"n_images": True}, False), ({"n_images": 0}, True), ({"n_images": 0.0}, True),
+])
+def test_only_a_well_formed_no_image_answer_is_permanent(answer, permanent):
+    """A 200 whose answer lacks n_images (``{"result": {}}``) or has one that is not a count
+    is malformed: a transient error (retried); only n_images == 0 is no-data."""
+    from tasks.multimodal.sources.earthengine import parse_metadata
+
+    t = _tile()
+    with pytest.raises(NoDataError if permanent else TransientSourceError) as info:
+        parse_metadata(t, choose(t), answer)
+    assert type(info.value) is (NoDataError if permanent else TransientSourceError)
+    if not permanent:
+        assert "malformed metadata answer" in str(info.value)
+
+
 def test_stack_bands_and_grid_follow_the_s2_image():
     meta = TileMeta("l2a", "COPERNICUS/S2_SR_HARMONIZED/x", "2019-06-01",
                     [b for b in schema.S2_BANDS_L2A if b != "MSK_CLDPRB"] + ["AOT"], "EPSG:32632",
@@ -189,7 +206,9 @@ def ee_run(tmp_path_factory, prefect_server):
     regions = tiles_mod.load_regions(tiles_mod.DEFAULT_REGIONS)
     tiles = tiles_mod.sample_tiles(regions, tiles_mod.eco_region_index(regions), 12, 0)
     ids = [t.tile_id for t in tiles]
-    faults = {ids[0]: ["429", "500"], ids[1]: ["drop"], ids[2]: ["503"]}
+    # ids[4], ids[5]: a 200 without n_images / with a malformed one is retried, never no-data
+    faults = {ids[0]: ["429", "500"], ids[1]: ["drop"], ids[2]: ["503"], ids[4]: ["empty_result"],
+              ids[5]: ["bad_count"]}
     with FakeEarthEngine(latency={"value": 0.02, "pixels": 0.05}, no_data_tiles={ids[3]}, faults=faults,
                          tiles=tiles) as fake:
         _save_block("ee-test", fake)
@@ -223,7 +242,7 @@ def test_full_flow_same_format_as_synthetic(ee_run):
 def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
     cfg, result, snap, ids, _ = ee_run
     per_tile = snap["requests_by_tile"]
-    faulted = {ids[0]: 2, ids[1]: 1, ids[2]: 1}
+    faulted = {ids[0]: 2, ids[1]: 1, ids[2]: 1, ids[4]: 1, ids[5]: 1}
     for tid in ids:
         got = per_tile[tid]
         if tid == ids[3]:  # permanent: one metadata request, never retried, no pixels
@@ -232,7 +251,7 @@ def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
             assert got == {"value": 1 + faulted[tid], "pixels": 1}, (tid, got)
         else:
             assert got == {"value": 1, "pixels": 1}, (tid, got)
-    assert {f[2] for f in snap["faults_injected"]} == {"429", "500", "drop", "503"}
+    assert {f[2] for f in snap["faults_injected"]} == {"429", "500", "drop", "503", "empty_result", "bad_count"}
     no_data = [p for p in result["problems"] if p["item"] == ids[3]]
     assert len(no_data) == 1 and no_data[0]["reason"].startswith("no data: no Sentinel-2 image")
 

@@ -43,10 +43,14 @@ def test_stable_for_large_offset():
     assert acc.to_json()["std"][0] == pytest.approx(x.std(), rel=1e-6)
 
 
-def test_empty_channel_is_nan():
+def test_empty_channel_is_a_finite_documented_value():
+    """No NaN in band_stats (strict JSON parsers reject it): EMPTY_CHANNEL (0) instead."""
+    from tasks.multimodal.stats import EMPTY_CHANNEL
+
     acc = ChannelStats.empty(2)
     js = acc.to_json()
-    assert all(math.isnan(v) for v in js["mean"] + js["std"] + js["min"] + js["max"])
+    assert EMPTY_CHANNEL == 0.0
+    assert all(v == EMPTY_CHANNEL and math.isfinite(v) for v in js["mean"] + js["std"] + js["min"] + js["max"])
 
 
 def test_valid_mask_nodata_rules():
@@ -100,4 +104,4 @@ def test_integer_path_is_exact(dtype):
         assert js["mean"][c] == pytest.approx(v.mean(), rel=1e-12)
         assert js["std"][c] == pytest.approx(v.std(), rel=1e-10)
         assert js["min"][c] == v.min() and js["max"][c] == v.max()
-    assert math.isnan(js["mean"][3]) and math.isnan(js["min"][3])
+    assert js["mean"][3] == js["std"][3] == js["min"][3] == js["max"][3] == 0.0  # no valid value

@@ -197,6 +197,51 @@ def test_square_across_antimeridian_is_continuous() -> None:
     assert shapely.Polygon(ring).is_valid
 
 
+@pytest.mark.parametrize("given", [None, (-179.9991, -17.0), (180.0009, -17.0)])
+def test_tile_across_antimeridian_keeps_its_place(tmp_path: Path, given) -> None:
+    """A user's tile written across the antimeridian with a jump of its longitudes (as
+    RFC 7946 writers do) is read where it is: centroid near +-180 (not the planar
+    centroid near 0), a continuous ring, and the stack grid and Earth Engine's geodesic
+    centroid there too. A lon given beyond 180 is taken modulo 360."""
+    from pyproj import Transformer
+
+    from tasks.multimodal.sources.earthengine import geodesic_centroid
+    from tasks.multimodal.tile import Grid
+
+    d = 0.006
+    ring = [[179.9939, -17.0058], [-179.9939, -17.0058], [-179.9939, -16.9942], [179.9939, -16.9942],
+            [179.9939, -17.0058]]  # about 1300 m square
+    props = {"tile_id": "am1", "biome": "Tundra", "eco_region": "x"}
+    if given is not None:
+        props.update(lon=given[0], lat=given[1])
+    path = _write(tmp_path, "t.geojson", _fc(_feature(props, {"type": "Polygon", "coordinates": [ring]})))
+    (t,) = read_tiles_geojson(path)
+    assert abs(abs(t.lon) - 180.0) < d and -180.0 <= t.lon < 180.0, t.lon
+    assert t.lat == pytest.approx(-17.0, abs=d)
+    lons = [p[0] for p in t.geometry["coordinates"][0]]
+    assert max(lons) - min(lons) < 0.02 and shapely.Polygon(t.geometry["coordinates"][0]).is_valid
+    assert t.tile_size_m == pytest.approx(1300.0, rel=0.05)
+    clon, clat = geodesic_centroid(t.geometry)
+    assert abs(abs(clon) - 180.0) < d and clat == pytest.approx(-17.0, abs=d)
+    grid = Grid.for_tile(t)
+    cx = grid.transform.c + grid.size * grid.resolution / 2
+    cy = grid.transform.f - grid.size * grid.resolution / 2
+    glon, glat = Transformer.from_crs(grid.crs, "EPSG:4326", always_xy=True).transform(cx, cy)
+    assert abs(abs(glon) - 180.0) < d and glat == pytest.approx(-17.0, abs=d), (grid.crs, glon, glat)
+    # written and read back (the flow's own streamed file), it stays there
+    write_tiles_geojson([t], tmp_path / "back.geojson")
+    (back,) = read_tiles_geojson(tmp_path / "back.geojson")
+    assert back.lon == pytest.approx(t.lon) and back.geometry == t.geometry
+
+
+def test_tile_near_antimeridian_without_crossing_is_unchanged(tmp_path: Path) -> None:
+    ring = [[179.9, 10.0], [179.99, 10.0], [179.99, 10.09], [179.9, 10.09], [179.9, 10.0]]
+    path = _write(tmp_path, "t.geojson", _fc(_feature({"tile_id": "n1", "biome": "Tundra", "eco_region": "x"},
+                                                      {"type": "Polygon", "coordinates": [ring]})))
+    (t,) = read_tiles_geojson(path)
+    assert t.geometry["coordinates"][0] == ring and t.lon == pytest.approx(179.945)
+
+
 # --------------------------------------------------------------------------
 # determinism
 # --------------------------------------------------------------------------

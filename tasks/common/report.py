@@ -28,6 +28,12 @@ class StageFailed(RuntimeError):
     """A stage failed for a whole item (its problem is in the report): skip its later stages."""
 
 
+class RunFailed(RuntimeError):
+    """The run produced nothing it was asked for (every tile failed, no row at all) or hit a
+    full disk: raised after the report is written, so the run exits non-zero; the message
+    says why and where the report is."""
+
+
 @dataclass
 class RunReport:
     title: str
@@ -46,6 +52,14 @@ class RunReport:
     n_problems: int = 0
     _fh: Any = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        # a report's problems file holds this run's problems only: it starts empty (a run
+        # without problems leaves an empty file, never the last run's lines)
+        if self.problems_file is not None:
+            self.problems_file = Path(self.problems_file)
+            self.problems_file.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.problems_file, "w", encoding="utf-8")
+
     def problem(self, item: str, stage: str, reason: str) -> None:
         row = {"item": item, "stage": stage, "reason": reason}
         self.n_problems += 1
@@ -54,9 +68,8 @@ class RunReport:
         if self.problems_file is not None:
             kind = f"{stage}: " + re.sub(r"\S*/\S*|\d+", "#", reason)[:100]
             self.problems_by_reason[kind] = self.problems_by_reason.get(kind, 0) + 1
-            if self._fh is None:
-                self.problems_file.parent.mkdir(parents=True, exist_ok=True)
-                self._fh = open(self.problems_file, "w", encoding="utf-8")
+            if self._fh is None:  # closed by write(): later problems are added to this run's file
+                self._fh = open(self.problems_file, "a", encoding="utf-8")
             self._fh.write(json.dumps(row) + "\n")
 
     @contextlib.contextmanager

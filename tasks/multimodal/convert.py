@@ -34,7 +34,7 @@ import numpy as np
 
 from tasks.common.atomic import atomic_path, write_json_atomic
 from tasks.multimodal import schema
-from tasks.multimodal.stacks import StackIntegrityError, read_verified_stack
+from tasks.multimodal.stacks import StackIntegrityError, read_verified_stack, strict_json_value
 from tasks.multimodal.schema import H5_DATASETS, METADATA_DTYPE, N_BIOMES, N_ECOREGIONS
 from tasks.multimodal.sources.base import StackReadError
 from tasks.multimodal.stats import StatsAccumulator
@@ -435,7 +435,8 @@ def write_dataset_jsons(out_dir: Path, name: str, tile_info: dict[str, Any] | No
         "splits": out_dir / f"{name}_splits.json",
     }
     if tile_info is not None:  # None: the caller streams it (stacks.write_tile_info_json)
-        write_json_atomic(paths["tile_info"], tile_info)
-    write_json_atomic(paths["band_stats"], band_stats)  # NaN written as NaN, as json.dump does
+        write_json_atomic(paths["tile_info"], strict_json_value(tile_info), allow_nan=False)
+    # strict JSON: every value is a finite number (ChannelStats.to_json); a NaN would fail here
+    write_json_atomic(paths["band_stats"], band_stats, allow_nan=False)
     write_json_atomic(paths["splits"], splits)
     return paths

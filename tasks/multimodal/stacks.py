@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -223,6 +224,11 @@ class TransientTilesError(Exception):
         sample = "; ".join(f"{o.tile_id}: {o.reason}" for o in outcomes[:3])
         super().__init__(f"{len(outcomes)} tile(s) failed transiently ({sample})")
 
+    def __reduce__(self):
+        # Exception pickles as cls(*self.args), i.e. with the message for ``outcomes``:
+        # rebuild from the outcomes (Dask sends it from the worker when retries run out)
+        return type(self), (self.outcomes,), self.__dict__
+
 
 def dataset_paths(out_dir: Path) -> dict[str, Path]:
     return {
@@ -268,7 +274,13 @@ def tile_check(tile: Tile, key: str, paths: dict[str, Path], size: int | None,
     meta = paths["tile_info"] / f"{tile.tile_id}.json"
     try:
         info = json.loads(meta.read_text())
-    except (OSError, json.JSONDecodeError):
+        if not isinstance(info, dict):
+            raise ValueError(f"a JSON {type(info).__name__}, not an object")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError included
+        if why is not None:  # its metadata would be lost from NAME_tile_info.json: fetched again
+            why[tile.tile_id] = f"{meta} unreadable ({type(exc).__name__}: {exc})"
         return None
     if info.get("FETCH_KEY") != key:
         return None
@@ -503,6 +515,8 @@ def decide_states(tile_chunks: Iterable[list[Tile]], source: Source, out_dir: Pa
                         ok = st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
                     except OSError:
                         ok = False
+                # its JSON must read too: it becomes the tile's NAME_tile_info.json entry
+                ok = ok and read_tile_info(t.tile_id, out_dir) is not None
             if not ok:
                 counts["full checks"] += 1
                 e = tile_check(t, key, paths, grid.size, why)
@@ -534,11 +548,12 @@ def _concat(parts: list[TileStates]) -> TileStates:
 
 
 def read_tile_info(tile_id: str, out_dir: Path) -> dict[str, Any] | None:
-    """One tile's JSON (with the bookkeeping fields), or None."""
+    """One tile's JSON (with the bookkeeping fields), or None (missing or unreadable)."""
     try:
-        return json.loads((dataset_paths(Path(out_dir))["tile_info"] / f"{tile_id}.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        info = json.loads((dataset_paths(Path(out_dir))["tile_info"] / f"{tile_id}.json").read_text())
+    except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError included
         return None
+    return info if isinstance(info, dict) else None
 
 
 class TileInfoDir:
@@ -559,11 +574,20 @@ class TileInfoDir:
         return info
 
 
-def published_tile_info(tile_ids: Iterable[str], out_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(tile_id, tile_info entry) of every tile with a JSON, fetch bookkeeping removed."""
+class TileInfoLost(RuntimeError):
+    """Tiles with a row in the h5 whose JSON cannot be read: NAME_tile_info.json would lack
+    their entries (the readers look every row's tile up in it), so it is not written."""
+
+
+def published_tile_info(tile_ids: Iterable[str], out_dir: Path,
+                        unreadable: list[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(tile_id, tile_info entry) of every tile with a JSON, fetch bookkeeping removed;
+    the ids of tiles whose JSON is missing or unreadable go to ``unreadable``."""
     for tid in tile_ids:
         info = read_tile_info(tid, out_dir)
         if info is None:
+            if unreadable is not None:
+                unreadable.append(tid)
             continue
         for k in BOOKKEEPING:
             info.pop(k, None)
@@ -575,17 +599,42 @@ def load_tile_info(tile_ids: list[str], out_dir: Path) -> dict[str, dict[str, An
     return dict(published_tile_info(tile_ids, out_dir))
 
 
-def write_tile_info_json(path: Path, tile_ids: Iterable[str], out_dir: Path) -> int:
+def strict_json_value(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, Infinity) replaced by None, so that it
+    is strict JSON (the original writes Earth Engine's missing values as null)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json_value(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json_value(v) for v in obj]
+    return obj
+
+
+def write_tile_info_json(path: Path, tile_ids: Iterable[str], out_dir: Path,
+                         unreadable: list[str] | None = None, in_h5=None) -> int:
     """Write ``NAME_tile_info.json`` streamed from the per-tile JSONs, one tile in memory
-    at a time; byte-identical to ``json.dumps(load_tile_info(...))``. Returns the count."""
+    at a time; byte-identical to ``json.dumps(load_tile_info(...))`` with non-finite
+    numbers written as null (strict JSON). Returns the count. The ids of tiles whose JSON
+    cannot be read go to ``unreadable``; if ``in_h5(tile_id)`` says one of them has a row
+    in the h5, :class:`TileInfoLost` is raised and ``path`` is left as it was."""
     n = 0
+    missing: list[str] = []
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write("{")
-            for tid, info in published_tile_info(tile_ids, out_dir):
-                fh.write((", " if n else "") + json.dumps(tid) + ": " + json.dumps(info))
+            for tid, info in published_tile_info(tile_ids, out_dir, missing):
+                fh.write((", " if n else "") + json.dumps(tid) + ": "
+                         + json.dumps(strict_json_value(info), allow_nan=False))
                 n += 1
             fh.write("}")
             fh.flush()
             os.fsync(fh.fileno())
+        if unreadable is not None:
+            unreadable.extend(missing)
+        lost = [t for t in missing if in_h5 is not None and in_h5(t)]
+        if lost:
+            raise TileInfoLost(f"{len(lost)} tile(s) with a row in the h5 have no readable JSON in "
+                               f"{dataset_paths(Path(out_dir))['tile_info']} ({', '.join(lost[:5])}); "
+                               f"{path.name} not written; run again to fetch them again")
     return n

@@ -16,6 +16,9 @@ import numpy as np
 
 from tasks.multimodal.schema import H5_BY_NAME, STATS_KEYS
 
+#: mean, std, min and max of a channel without a single valid value (see ChannelStats.to_json)
+EMPTY_CHANNEL = 0.0
+
 
 @dataclass
 class ChannelStats:
@@ -81,13 +84,18 @@ class ChannelStats:
         )
 
     def to_json(self) -> dict[str, list[float]]:
-        """The band_stats entry: population std, NaN where no valid value was seen."""
+        """The band_stats entry: population std; a channel where no valid value was seen
+        gets :data:`EMPTY_CHANNEL` (0 for mean, std, min and max), never NaN: strict JSON
+        parsers reject a bare ``NaN`` token, and a JSON ``null`` makes the readers' numpy
+        normalisation fail (an object array), while with 0 their ``(x - mean) / std``
+        and ``(x - min) / (max - min)`` give NaN or -inf on such a channel's no-data values,
+        which they then treat as missing, as with the NaN of the original's release."""
         seen = self.count > 0
         with np.errstate(invalid="ignore", divide="ignore"):
             std = np.sqrt(np.maximum(self.m2, 0.0) / self.count)
 
         def fl(a: np.ndarray) -> list[float]:
-            return [float(v) if s else math.nan for v, s in zip(a, seen)]
+            return [float(v) if s else EMPTY_CHANNEL for v, s in zip(a, seen)]
 
         return {"mean": fl(self.mean), "std": fl(std), "min": fl(self.min), "max": fl(self.max)}
 
@@ -143,6 +151,6 @@ class StatsAccumulator:
 
     def band_stats(self) -> tuple[dict[str, dict[str, list[float]]], dict[str, list[int]]]:
         """The NAME_band_stats.json content, and per key the channels with no valid value
-        (their statistics are NaN)."""
+        (their statistics are :data:`EMPTY_CHANNEL`)."""
         empty = {k: [int(c) for c in np.flatnonzero(s.count == 0)] for k, s in self.stats.items()}
         return {k: s.to_json() for k, s in self.stats.items()}, {k: v for k, v in empty.items() if v}

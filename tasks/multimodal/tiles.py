@@ -772,17 +772,19 @@ def _tile_feature(feat: Any, i: int, path: Path) -> Tile:
         poly = _parse_geometry(feat.get("geometry"), ("Polygon",), max_abs_lon=360.0)
     except _GeomError as exc:
         raise TilesError(f"{where}: field 'geometry': {exc}") from None
+    poly = unwrap_antimeridian(poly)
     lat = _number(props, "lat", where, -90.0, 90.0)
     lon = _number(props, "lon", where, -360.0, 360.0)
     if (lat is None) != (lon is None):
         raise TilesError(f"{where}: field {'lat' if lat is None else 'lon'!r}: give both lat and lon, or neither")
     if lat is None or lon is None:
         lon, lat = poly.centroid.x, poly.centroid.y
-    elif poly.distance(shapely.Point(lon, lat)) > 1e-6:
+    elif min(poly.distance(shapely.Point(lon + k, lat)) for k in (-360.0, 0.0, 360.0)) > 1e-6:
         raise TilesError(
             f"{where}: field 'lat'/'lon': ({lat:g}, {lon:g}) lies outside the tile polygon; "
             "are lat and lon swapped?"
         )
+    lon = wrap_lon(lon)
     size = _number(props, "tile_size_m", where, 1e-9, 1e7)
     if size is None:
         size = round(math.sqrt(geodesic_area_m2(poly)) / 10.0) * 10.0
@@ -792,6 +794,43 @@ def _tile_feature(feat: Any, i: int, path: Path) -> Tile:
                 "coordinates": [[[float(x), float(y)] for x, y in ring.coords]
                                 for ring in [poly.exterior, *poly.interiors]]}
     return Tile(tile_id, biome, eco_region, float(lon), float(lat), geometry, float(size))
+
+
+def wrap_lon(lon: float) -> float:
+    """Longitude in [-180, 180) (one inside it is returned as it is, bit for bit)."""
+    lon = float(lon)
+    return lon if -180.0 <= lon < 180.0 else (lon + 180.0) % 360.0 - 180.0
+
+
+def _unwrap_ring(ring: np.ndarray, ref: float) -> np.ndarray:
+    """The ring with every step between consecutive vertices taken the short way round
+    (|step| <= 180 degrees), placed by whole turns next to longitude ``ref``."""
+    lon = ring[:, 0]
+    steps = (np.diff(lon) + 180.0) % 360.0 - 180.0
+    out = np.concatenate([[lon[0]], lon[0] + np.cumsum(steps)])
+    out += 360.0 * np.round((ref - out[0]) / 360.0)
+    return np.column_stack([out, ring[:, 1]])
+
+
+def unwrap_antimeridian(poly: Polygon) -> Polygon:
+    """A tile polygon written across the antimeridian with a jump of its longitudes
+    (179.99 ... -179.99, as RFC 7946 writers do) is, read as planar coordinates, a band
+    round the whole globe whose centroid lies near longitude 0. Tiles are small, so a
+    step of more than 180 degrees between consecutive vertices can only be such a
+    crossing: the rings are made continuous (longitudes beyond +-180 on one side, as
+    :func:`square_rings` writes them) with the centroid in [-180, 180). Other polygons
+    are returned unchanged."""
+    ext = np.asarray(poly.exterior.coords)[:, :2]
+    rings = [ext] + [np.asarray(r.coords)[:, :2] for r in poly.interiors]
+    if not any((np.abs(np.diff(r[:, 0])) > 180.0).any() for r in rings):
+        return poly
+    ext = _unwrap_ring(ext, ext[0, 0])
+    holes = [_unwrap_ring(r, float(np.mean(ext[:, 0]))) for r in rings[1:]]
+    out = Polygon(ext, holes)
+    shift = wrap_lon(out.centroid.x) - out.centroid.x
+    if shift:
+        out = Polygon(ext + [shift, 0.0], [h + [shift, 0.0] for h in holes])
+    return out
 
 
 def read_tiles_geojson(path: str | Path) -> list[Tile]:

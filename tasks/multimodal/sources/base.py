@@ -37,6 +37,11 @@ class SourceError(Exception):
         self.tile_id = tile_id
         self.reason = reason
 
+    def __reduce__(self):
+        # Exception pickles as cls(*self.args), and args is the one formatted message:
+        # rebuild from the constructor's own arguments (it crosses Dask's process boundary)
+        return type(self), (self.tile_id, self.reason), self.__dict__
+
 
 class NoDataError(SourceError):
     """Permanent: the source has no data for this tile. Never retried."""

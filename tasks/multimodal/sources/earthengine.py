@@ -412,12 +412,28 @@ def _one(value: Any) -> dict[str, Any] | None:
     return {"id": value["ids"][0], "bands": list(value.get("bands") or [])}
 
 
+def candidate_count(result: dict[str, Any]) -> int | None:
+    """The answer's ``n_images`` when it is a count (an integer >= 0, as JSON gives it);
+    None when it is missing or anything else."""
+    n = result.get("n_images")
+    if isinstance(n, bool) or not isinstance(n, (int, float)):
+        return None
+    if isinstance(n, float) and not n.is_integer():
+        return None
+    return int(n) if n >= 0 else None
+
+
 def parse_metadata(tile: Tile, ch: Choices, result: Any) -> TileMeta:
     """Validate the metadata answer; NoDataError when the tile has no S2 image or the
     image lacks a band the stack must have."""
     if not isinstance(result, dict):
         raise TransientSourceError(tile.tile_id, f"unexpected metadata answer {type(result).__name__}")
-    if not result.get("n_images"):
+    n = candidate_count(result)
+    if n is None:  # a 200 that does not say how many images: malformed, asked again (never no-data)
+        raise TransientSourceError(
+            tile.tile_id, f"malformed metadata answer: n_images is {result.get('n_images', 'missing')!r}, "
+                          f"not a count (answer keys: {sorted(result)[:12]})")
+    if n == 0:  # only a well-formed answer that says "no image" is permanent
         raise NoDataError(
             tile.tile_id,
             f"no Sentinel-2 image: no {'L1C' if ch.prefer == 'l1c' else 'L2A or L1C'} image with "
@@ -703,8 +719,8 @@ class EarthEngineSource(Source):
         ch = choose(tile)
         result = self._call(tile, "computeValue", lambda: ee.data.computeValue(
             metadata_expression(tile, ch, self.era5_year_months)))
-        n = result.get("n_images") if isinstance(result, dict) else None
-        if isinstance(n, int) and n > len(ch.table):
+        n = candidate_count(result) if isinstance(result, dict) else None
+        if n is not None and n > len(ch.table):
             # more candidates than the precomputed table: ask again with a table that reaches n
             log.info("tile %s: %d Sentinel-2 candidates > %d; metadata asked again with a longer index table",
                      tile.tile_id, n, len(ch.table))
