@@ -1,0 +1,120 @@
+"""The report pictures: the tiles map's coastlines and legend, the multimodal contact sheet
+(no data visible), and the labels that say a dataset is synthetic."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from tasks.multimodal import schema
+
+matplotlib = pytest.importorskip("matplotlib")
+matplotlib.use("Agg")
+
+
+def _png_rgb(png: bytes) -> np.ndarray:
+    import matplotlib.image as mpimg
+
+    return mpimg.imread(io.BytesIO(png), format="png")[..., :3]
+
+
+def test_tiles_map_draws_shipped_coastlines_and_keeps_the_legend_off_the_data():
+    import matplotlib.pyplot as plt
+
+    from tasks.common.report import LAND_GEOJSON, land_polygons, tiles_map_figure, tiles_map_png
+
+    assert LAND_GEOJSON.stat().st_size < 200_000  # shipped, small
+    land = land_polygons()
+    # Natural Earth 1:110m land: 127 polygons after dissolving; Africa+Eurasia spans -18..180 deg E
+    assert len(land) > 100
+    xs = np.concatenate([np.array(r[0])[:, 0] for r in land])
+    assert xs.min() <= -179 and xs.max() >= 179
+    # many labels in the lower left, where the old in-axes legend sat
+    points = [(-170 + i, -80 + (i % 7), f"region {i % 12}") for i in range(60)]
+    fig = tiles_map_figure(points, title="t")
+    try:
+        ax = fig.axes[0]
+        coast = [p for p in ax.patches if p.get_gid() == "coastline"]
+        assert len(coast) >= len(land)
+        fig.canvas.draw()
+        legend = ax.get_legend().get_window_extent()
+        assert legend.x0 >= ax.get_window_extent().x1, "the legend must sit outside the map"
+    finally:
+        plt.close(fig)
+    # pixels: the Sahara (land colour) and the mid-Pacific (sea colour) differ on the PNG
+    rgb = _png_rgb(tiles_map_png([(0.0, 0.0, "a")], title="t"))
+    land_px = (np.abs(rgb - np.array([0xf4, 0xf1, 0xe8]) / 255).max(axis=-1) < 0.02).sum()
+    sea_px = (np.abs(rgb - np.array([0xee, 0xf4, 0xfa]) / 255).max(axis=-1) < 0.02).sum()
+    assert land_px > 0.1 * rgb.shape[0] * rgb.shape[1] * 0.3 and sea_px > land_px
+
+
+def _small_h5(path: Path, n: int = 3, size: int = 16) -> None:
+    with h5py.File(path, "w") as f:
+        for d in schema.H5_DATASETS:
+            shape = (n, d.channels, size, size) if d.spatial else (n, d.channels)
+            f.create_dataset(d.name, shape=shape, dtype=d.dtype)
+        meta = np.zeros(n, dtype=schema.METADATA_DTYPE)
+        meta["tile_id"] = [f"t{i}".encode() for i in range(n)]
+        meta["S2_type"] = b"l2a"
+        f.create_dataset("metadata", data=meta)
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            f["sentinel2"][i] = rng.integers(200, 3000, (13, size, size))
+            f["sentinel1"][i] = rng.uniform(-20, -5, (8, size, size))
+            f["aster"][i] = rng.integers(100, 900, (2, size, size))
+            f["esa_worldcover"][i] = 10
+        s2 = f["sentinel2"][1]
+        s2[:, :, : size // 2] = 0  # left half: the image's edge (no data)
+        f["sentinel2"][1] = s2
+        f["sentinel1"][2] = -np.inf  # no orbit at all
+        a = f["aster"][0]
+        a[0, :4] = schema.H5_BY_NAME["aster"].fill
+        f["aster"][0] = a
+
+
+def test_contact_sheet_shows_no_data_in_magenta(tmp_path):
+    from tasks.multimodal import contact_sheet as cs
+
+    h5 = tmp_path / "d.h5"
+    _small_h5(h5)
+    rgb, miss = cs.s2_rgb(h5py.File(h5)["sentinel2"][1])
+    assert miss[:, :8].all() and not miss[:, 8:].any()
+    assert np.allclose(rgb[miss], cs.NO_DATA_RGB)
+    with h5py.File(h5) as f:
+        assert cs.missing_pixels(f, 0) == 4 * 16 and cs.missing_pixels(f, 1) == 8 * 16
+        assert cs.missing_pixels(f, 2) == 16 * 16
+    png = cs.contact_sheet_png(h5, n_rows=3, title="t")
+    img = _png_rgb(png)
+    magenta = (img[..., 0] > 0.9) & (img[..., 1] < 0.1) & (img[..., 2] > 0.9)
+    # half an S2 panel + a whole S1 panel + 4 rows of elevation, drawn at 1.6 in x 80 dpi per panel
+    # (128 px for 16 tile pixels: 8x8 screen pixels a tile pixel), plus the legend's swatch
+    assert magenta.sum() >= (8 * 16 + 16 * 16 + 4 * 16) * 64 * 0.8, magenta.sum()
+
+
+def test_contact_sheet_picks_the_tiles_with_gaps(tmp_path):
+    from tasks.multimodal import contact_sheet as cs
+
+    h5 = tmp_path / "d.h5"
+    _small_h5(h5, n=12)
+    with h5py.File(h5) as f:
+        rows = cs.choose_rows(f, 4)
+    assert len(rows) == 4 and {1, 2} <= set(rows), rows
+
+
+def test_source_is_named_synthetic_and_scan_message_is_honest():
+    from flows.multimodal import scan_message, source_about
+    from tasks.multimodal.sources.synthetic import SyntheticSource
+
+    about = source_about(SyntheticSource())
+    assert about["synthetic"] is True and "SYNTHETIC" in about["note"] and about["name"] == "synthetic"
+    index = Path("/x/stacks_index.jsonl")
+    first = scan_message(256, 256, {"indexed": 0, "full checks": 256}, index)
+    assert first == "256 of 256 tiles to fetch (0 already done)"
+    again = scan_message(256, 0, {"indexed": 256, "full checks": 0}, index)
+    assert again == "0 of 256 tiles to fetch (256 already done; 256 vouched for by stacks_index.jsonl)"
+    mixed = scan_message(10, 2, {"indexed": 6, "full checks": 4}, index)
+    assert mixed == "2 of 10 tiles to fetch (8 already done; 6 vouched for by stacks_index.jsonl; 4 checked in full)"
