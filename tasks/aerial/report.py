@@ -21,6 +21,7 @@ def record_ingest(report: RunReport, scene: str, res) -> None:
                           "frames": res.frames_written, "frames skipped": len(res.frames_skipped)})
     for item, reason in res.problems():
         report.problem(f"{scene} video" if item == "video" else item, "ingest", reason)
+    report.notes.extend(getattr(res, "notes", None) or [])
     if res.plan_check:
         report.notes.append(plan_check_note(res.plan_check))
         if not plan_check_ok(res.plan_check):
