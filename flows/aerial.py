@@ -353,7 +353,7 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     """``--config NAME`` (tasks.aerial.config.CONFIGS), the documented flags, then ``--set``
     overrides (raises :class:`ConfigError`)."""
     return parse_config(argv, prog="python -m flows.aerial", description=__doc__, configs=CONFIGS,
-                        get_config=get_config, aliases=ALIASES)
+                        get_config=get_config, aliases=ALIASES, model=AerialConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -479,7 +479,7 @@ def memory_held(table: stacks.TileStates, summaries: list[dict[str, Any]]) -> di
 def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
     """The configuration named by ``--config`` with ``--set`` overrides (raises :class:`ConfigError`)."""
     return parse_config(argv, prog="python -m flows.multimodal", description=__doc__, configs=CONFIGS,
-                        get_config=get_config)
+                        get_config=get_config, model=MultimodalConfig)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ from tasks.aerial.pipeline import CONFS, PipelineConfig
 from tasks.aerial.reconstruction import SfMConfig
 from tasks.aerial.training_export import ExportConfig
 from tasks.common.cli import ConfigError, build, merge
-from tasks.common.forms import grouped_titles, overrides_model
+from tasks.common.forms import grouped_titles, markdown_safe_descriptions, overrides_model
 from tasks.common.runtime import DaskSettings, load_dask_block
 
 __all__ = ["CONFIGS", "AerialConfig", "ConfigError", "ExportOptions", "PipelineOptions", "TrajectoryOptions",
@@ -60,7 +60,8 @@ class AerialConfig(BaseModel):
     """Where the inputs are, where the outputs go, and how each stage runs."""
 
     # a misspelt key is an error, never silently ignored; form labels read "Group · field"
-    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
+    model_config = ConfigDict(extra="forbid", json_schema_extra=markdown_safe_descriptions,
+                              field_title_generator=grouped_titles({
         "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
         "Synthetic world": ["synthetic", "world_options"],
         "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from tasks.common.cli import ConfigError, build, merge
-from tasks.common.forms import grouped_titles
+from tasks.common.forms import grouped_titles, markdown_safe_descriptions
 from tasks.common.runtime import DaskSettings, load_dask_block
 from tasks.multimodal import schema
 from tasks.multimodal import tiles as tiles_mod
@@ -32,7 +32,8 @@ class MultimodalConfig(BaseModel):
     """Everything the MMEarth flow needs to build one dataset."""
 
     # a misspelt key is an error, never silently ignored; form labels read "Group · field"
-    model_config = ConfigDict(extra="forbid", field_title_generator=grouped_titles({
+    model_config = ConfigDict(extra="forbid", json_schema_extra=markdown_safe_descriptions,
+                              field_title_generator=grouped_titles({
         "Dataset": ["name", "output_dir"],
         "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
                   "tile_size_m", "seed", "batch"],
