@@ -118,3 +118,25 @@ def test_source_is_named_synthetic_and_scan_message_is_honest():
     assert again == "0 of 256 tiles to fetch (256 already done; 256 vouched for by stacks_index.jsonl)"
     mixed = scan_message(10, 2, {"indexed": 6, "full checks": 4}, index)
     assert mixed == "2 of 10 tiles to fetch (8 already done; 6 vouched for by stacks_index.jsonl; 4 checked in full)"
+
+
+def test_overview_shows_the_median_photo_not_the_best():
+    from tasks.aerial.report import typical_photo
+
+    cov = {"a.jpg": 0.98, "b.jpg": 0.40, "c.jpg": 0.645, "d.jpg": 0.60, "e.jpg": 0.70}
+    assert typical_photo(cov) == "c.jpg"  # the median, not a.jpg (the best)
+    assert typical_photo({"x": 0.9, "y": 0.1}) == "y" and typical_photo({}) is None
+
+
+def test_accuracy_table_puts_the_verdict_next_to_the_metric():
+    from tasks.aerial.evaluate import summary_rows, summary_table
+
+    acc = {"poses": {"photos registered": 15, "photos attempted": 16, "median rotation error deg": 0.1,
+                     "median centre error m": 0.5, "median centre error / extent": 0.002, "scene extent m": 250.0,
+                     "scale ratio median": 1.001, "scale ratio max deviation": 0.004},
+           "depth": {"photos": {"images": 16, "pixels": 100, "coverage": 0.645, "absrel": 0.05, "within_1.25": 0.95}}}
+    rows = summary_table(acc)
+    # the UI's table shows columns in this order: "met" must not sit after the long texts
+    assert all(list(r) == ["metric", "met", "value", "goal"] for r in rows)
+    assert rows[0]["met"] == "NO: 1 not registered"
+    assert summary_rows(acc)[0] == ("photos registered", "15/16", "all [MISSED: 1 not registered]")
