@@ -33,7 +33,7 @@ from tasks.common.report import RunReport, tiles_map_png
 from tasks.common.cli import parse_config
 from tasks.common.runlock import exclusive_output
 from tasks.common.runtime import make_task_runner, run_local
-from tasks.common.window import run_windowed
+from tasks.common.window import RunCancelled, is_cancellation, run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
 from tasks.multimodal.contact_sheet import contact_sheet_png
 from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
@@ -107,6 +107,8 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
         try:
             outcomes = fut.result()
         except Exception as exc:  # retries exhausted: what the batch did write still counts
+            if is_cancellation(exc):  # the run is being cancelled: not this batch's problem
+                raise RunCancelled(str(exc)) from exc
             outcomes = []
             for t in batch:
                 grid = Grid.for_tile(t)
@@ -182,6 +184,8 @@ class _Packer:
             try:
                 res = fut.result()
             except Exception as exc:  # the part's tiles are reported, the rest goes on
+                if is_cancellation(exc):  # the run is being cancelled: not these tiles' problem
+                    raise RunCancelled(str(exc)) from exc
                 for tid in spec.tile_ids:
                     self.report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
                 res = None

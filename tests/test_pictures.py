@@ -140,3 +140,47 @@ def test_accuracy_table_puts_the_verdict_next_to_the_metric():
     assert all(list(r) == ["metric", "met", "value", "goal"] for r in rows)
     assert rows[0]["met"] == "NO: 1 not registered"
     assert summary_rows(acc)[0] == ("photos registered", "15/16", "all [MISSED: 1 not registered]")
+
+
+def test_a_cancelled_future_stops_the_window_instead_of_becoming_problems():
+    import concurrent.futures
+
+    from tasks.common.window import RunCancelled, is_cancellation, run_each, run_windowed
+
+    def cancelled_future(_item):
+        f = concurrent.futures.Future()
+        f.cancel()
+        return f
+
+    problems = []
+    with pytest.raises(RunCancelled):
+        run_each(cancelled_future, range(5), on_result=lambda i, v: None,
+                 on_error=lambda i, e: problems.append((i, e)))
+    assert problems == []  # none of the five became an item's problem
+
+    def failing(exc):
+        def submit(_item):
+            f = concurrent.futures.Future()
+            f.set_exception(exc)
+            return f
+        return submit
+
+    from distributed.client import FutureCancelledError
+
+    assert is_cancellation(FutureCancelledError("k", "client closed")) and not is_cancellation(ValueError())
+    with pytest.raises(RunCancelled):  # Dask's cancellation as the future's exception
+        run_each(failing(FutureCancelledError("k", "client closed")), range(3), lambda i, v: None,
+                 lambda i, e: problems.append(i))
+    run_each(failing(ValueError("bad")), range(3), lambda i, v: None, lambda i, e: problems.append(i))
+    assert sorted(problems) == [0, 1, 2]  # real failures still are
+    done = []
+    run_windowed(_done, range(3), 2, lambda i, f: done.append(i))
+    assert sorted(done) == [0, 1, 2]
+
+
+def _done(v):
+    import concurrent.futures
+
+    f = concurrent.futures.Future()
+    f.set_result(v)
+    return f
