@@ -184,3 +184,16 @@ def _done(v):
     f = concurrent.futures.Future()
     f.set_result(v)
     return f
+
+
+def test_the_engines_running_state_at_a_runners_cancel_is_said_as_cancelled(caplog):
+    import logging
+
+    from tasks.common.runtime import quiet_shutdown_tracebacks
+
+    quiet_shutdown_tracebacks()
+    with caplog.at_level(logging.INFO, logger="prefect.flow_runs"):
+        logging.getLogger("prefect.flow_runs").info("Finished in state Running()")
+        logging.getLogger("prefect.flow_runs").info("Finished in state Completed()")
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs[0].startswith("Finished: cancelled") and msgs[1] == "Finished in state Completed()"

@@ -509,7 +509,12 @@ def test_cancel_multimodal_then_rerun(tmp_path, served):
     from tasks.multimodal.config import MultimodalConfig
 
     params = smoke(tmp_path, n_tiles=40, source_options={"latency_s": 0.3})
+    start = served[1].stat().st_size
     _cancel_mid_run(served, "multimodal/rt-cancel", params, n_done=3)
+    with open(served[1], "rb") as fh:
+        fh.seek(start)
+        text = fh.read().decode(errors="replace")
+    assert "Finished in state Running()" not in text and "Finished: cancelled" in text, text[-3000:]
     out = tmp_path / "data_rt"
     assert not (out / "data_rt.h5").exists()
     problems = out / "report_problems.jsonl"  # a cancellation is no tile's problem

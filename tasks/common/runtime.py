@@ -463,12 +463,26 @@ class _DropClosedCommTracebacks(logging.Filter):
         return not str(record.msg).startswith("Batched Comm Closed")
 
 
+class _SayCancelledNotRunning(logging.Filter):
+    """Prefect's engine logs ``Finished in state Running()`` when a runner (``serve``, a worker)
+    cancels the run: the runner, not the engine, records the Cancelled state, so the engine's own
+    copy is still Running. The record says what happened instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Finished in state Running()" and not record.args:
+            record.msg = "Finished: cancelled (the runner that started this run records it as Cancelled)"
+        return True
+
+
 def quiet_shutdown_tracebacks() -> None:
     """Install :class:`_DropClosedCommTracebacks` once on ``distributed.batched`` in the flow's
     process (where a local cluster's scheduler runs and where the traceback was printed)."""
     logger = logging.getLogger("distributed.batched")
     if not any(isinstance(f, _DropClosedCommTracebacks) for f in logger.filters):
         logger.addFilter(_DropClosedCommTracebacks())
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _SayCancelledNotRunning) for f in flow_runs.filters):
+        flow_runs.addFilter(_SayCancelledNotRunning())
 
 
 def make_task_runner(settings: DaskSettings | None = None,
