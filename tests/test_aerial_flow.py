@@ -39,6 +39,8 @@ def test_stages_ran_and_counts(aerial_run):
     # the numFrames + 1 entry is a documented property of the format: a note, not a problem
     assert not any("has no video frame" in p["reason"] for p in report["problems"])
     assert any("cameraFrames[24] has no video frame, as Earth Studio" in n for n in report["notes"])
+    # the synthetic world says so (report.json, the artifact's title, the terminal summary)
+    assert report["synthetic"] is True and "SYNTHETIC" in report["title"] and result["synthetic"]
 
 
 def test_reference_poses_match_ground_truth(aerial_run):

@@ -197,3 +197,16 @@ def test_the_engines_running_state_at_a_runners_cancel_is_said_as_cancelled(capl
         logging.getLogger("prefect.flow_runs").info("Finished in state Completed()")
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs[0].startswith("Finished: cancelled") and msgs[1] == "Finished in state Completed()"
+
+
+def test_aerial_synthetic_world_is_named(tmp_path, capsys):
+    from flows.aerial import print_result, synthetic_note
+    from tasks.aerial.synthetic_world import MARKER
+
+    assert synthetic_note(tmp_path) == ""
+    (tmp_path / MARKER).write_text("ok\n")
+    note = synthetic_note(tmp_path)
+    assert note.startswith("SYNTHETIC world")
+    print_result({"root": str(tmp_path), "scenes": {"0001": {"counts": {}}}, "pipeline": "sift+mnn",
+                  "dense backend": "cpu", "synthetic": note})
+    assert "SYNTHETIC world" in capsys.readouterr().out

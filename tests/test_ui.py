@@ -149,7 +149,7 @@ def test_custom_run_from_the_ui_completes_with_artifacts(prefect_server, served_
 
 
 def _accuracy_table_run() -> str:
-    """A flow run that publishes an accuracy table as the aerial flow does (its key)."""
+    """A flow run that publishes an accuracy table as the aerial flow does (the artifact's id)."""
     from prefect import flow
     from prefect.artifacts import create_table_artifact
 
@@ -163,11 +163,10 @@ def _accuracy_table_run() -> str:
 
     @flow(name="ui-accuracy-check")
     def publish():
-        create_table_artifact(key="aerial-0001-accuracy", table=summary_table(acc),
-                              description="scene 0001: accuracy against ground truth")
+        return create_table_artifact(key="aerial-0001-accuracy", table=summary_table(acc),
+                                     description="scene 0001: accuracy against ground truth")
 
-    publish()
-    return "aerial-0001-accuracy"
+    return str(publish())
 
 
 @pytest.mark.timeout(600)
@@ -179,7 +178,7 @@ def test_aerial_form_keeps_markdown_literal_and_accuracy_verdict_fits(prefect_se
     from flows.aerial import aerial_flow
 
     dep_id = aerial_flow.to_deployment(name="ui-form-check").apply()
-    key = _accuracy_table_run()
+    artifact_id = _accuracy_table_run()
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
@@ -191,7 +190,7 @@ def test_aerial_form_keeps_markdown_literal_and_accuracy_verdict_fits(prefect_se
             root = _field(page, "Inputs · root")
             expect(root).to_contain_text("Earth Studio root: downloaded_data/ in, data/<scene>/ out")
             _shot(page, "aerial_form")
-            page.goto(f"{prefect_server.ui_url}/artifacts/key/{key}")
+            page.goto(f"{prefect_server.ui_url}/artifacts/artifact/{artifact_id}")
             verdict = page.get_by_text("NO: 1 not registered", exact=True).first
             try:
                 expect(verdict).to_be_visible()
