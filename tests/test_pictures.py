@@ -210,3 +210,31 @@ def test_aerial_synthetic_world_is_named(tmp_path, capsys):
     print_result({"root": str(tmp_path), "scenes": {"0001": {"counts": {}}}, "pipeline": "sift+mnn",
                   "dense backend": "cpu", "synthetic": note})
     assert "SYNTHETIC world" in capsys.readouterr().out
+
+
+def test_covisibility_picture_titles_are_not_cut_off(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from tasks.aerial import covisibility as C
+    from tasks.aerial.dense import depth_path, write_depth_h5
+    from tasks.aerial.training_export import picture
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "depths").mkdir()
+    # real photo names are long (Flickr ids): the titles that name them ran past the figure's edge
+    names = ["0001_012.jpeg", "0001_030.jpeg", "9331431194_bf8d36c2f6_o.jpg", "4867966550_7d253e7050_o.jpg"]
+    K = np.array([[500.0, 0, 320], [0, 500.0, 240], [0, 0, 1]])
+    views = []
+    for i, n in enumerate(names):
+        plt.imsave(tmp_path / "images" / n, np.full((480, 640, 3), 0.6 + 0.1 * i))
+        w2c = np.eye(4)
+        w2c[0, 3] = 0.3 * i
+        write_depth_h5(depth_path(tmp_path / "depths", n), np.full((480, 640), 10.0, np.float32))
+        views.append(C.View(n, K, w2c, 640, 480, depth_path(tmp_path / "depths", n)))
+    cov = np.array([[1, .8, .5, .4], [.8, 1, .45, .6], [.7, .5, 1, .9], [.3, .62, .9, 1]])
+    png, shown = picture(views, cov, np.array([True, True, False, False]), np.minimum(cov, cov.T), tmp_path,
+                         "0001", 0.1)
+    assert shown["aerial"] == "0001_030.jpeg"
+    img = _png_rgb(png)
+    band = img[:40]  # the titles' rows: no text touches the left or right edge (cut off there)
+    assert not (band[:, -3:] < 0.5).any() and not (band[:, :3] < 0.5).any()
