@@ -38,8 +38,8 @@ def test_tiles_map_draws_shipped_coastlines_and_keeps_the_legend_off_the_data():
     fig = tiles_map_figure(points, title="t")
     try:
         ax = fig.axes[0]
-        coast = [p for p in ax.patches if p.get_gid() == "coastline"]
-        assert len(coast) >= len(land)
+        coast = [c for c in ax.collections if c.get_gid() == "coastline"]
+        assert len(coast) == 1 and len(coast[0].get_paths()) == len(land)
         fig.canvas.draw()
         legend = ax.get_legend().get_window_extent()
         assert legend.x0 >= ax.get_window_extent().x1, "the legend must sit outside the map"

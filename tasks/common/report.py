@@ -173,17 +173,17 @@ def tiles_map_figure(points: Sequence[tuple[float, float, str]], regions: Iterab
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Polygon as MplPolygon
+    from matplotlib.collections import PolyCollection
 
     labels = sorted({p[2] for p in points})
     fig, ax = plt.subplots(figsize=(12 if labels else 10, 5.2), dpi=100)
     ax.set_facecolor("#eef4fa")  # sea
-    for rings in land_polygons():
-        ax.add_patch(MplPolygon(rings[0], closed=True, facecolor="#f4f1e8", edgecolor="#5b6b7a",
-                                linewidth=0.5, zorder=1, gid="coastline"))
-        for hole in rings[1:]:
-            ax.add_patch(MplPolygon(hole, closed=True, facecolor="#eef4fa", edgecolor="#5b6b7a",
-                                    linewidth=0.5, zorder=1, gid="coastline"))
+    land = land_polygons()
+    # one collection for the land, one for its holes (lakes, seas inside land): cheap to draw
+    ax.add_collection(PolyCollection([rings[0] for rings in land], facecolors="#f4f1e8", edgecolors="#5b6b7a",
+                                     linewidths=0.5, zorder=1, gid="coastline"))
+    ax.add_collection(PolyCollection([h for rings in land for h in rings[1:]], facecolors="#eef4fa",
+                                     edgecolors="#5b6b7a", linewidths=0.5, zorder=1, gid="coastline-holes"))
     for geom in regions:
         for p in getattr(geom, "geoms", [geom]):
             x, y = p.exterior.xy
