@@ -68,7 +68,10 @@ def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     if not scenes:  # planned, nothing rendered yet: the plans are the result
         return planned
     run = SceneRun.start(config)
-    reports = {s: RunReport(title=f"aerial scene {s}") for s in scenes}
+    synthetic = synthetic_note(p["root"])
+    reports = {s: RunReport(title=f"aerial scene {s}" + (" (SYNTHETIC world)" if synthetic else ""),
+                            notes=[synthetic] if synthetic else [], extra={"synthetic": bool(synthetic)})
+               for s in scenes}
     outs: dict[str, SceneOut] = {}
     run_each(lambda s: in_thread(scene_pipeline, run, s, reports[s], name=f"aerial-scene-{s}"), scenes,
              on_result=outs.__setitem__,
@@ -322,6 +325,7 @@ def summarize(run: SceneRun, planned: dict[str, Any], reports: dict[str, RunRepo
         **planned, "pipeline": run.cfg.name,
         "dense backend": ", ".join(backends) or resolve_dense_backend(run.cfg.dense.backend, gpu_workers())[0],
         "dense workers": {s: sorted(o.dense_workers) for s, o in outs.items() if o.dense_workers is not None}}
+    result["synthetic"] = synthetic_note(run.root)
     for s, report in reports.items():
         o = outs.get(s) or SceneOut(paths=run.paths(s))
         why = finish_scene(run.root, run.megadepth_out, s, report, o.paths, o.accuracy, o.ingested)
@@ -330,6 +334,17 @@ def summarize(run: SceneRun, planned: dict[str, Any], reports: dict[str, RunRepo
         result["scenes"][s] = {**report.to_dict(), "accuracy": o.accuracy}
         logger.info("scene %s: %s", s, json.dumps(report.counts))
     return result
+
+
+def synthetic_note(root: Path) -> str:
+    """What the report, its artifact and the terminal say when ``root`` holds the embedded
+    synthetic world (its completion marker); "" for real data."""
+    from tasks.aerial.synthetic_world import MARKER
+
+    if not (Path(root) / MARKER).exists():
+        return ""
+    return (f"SYNTHETIC world: {root} holds the embedded synthetic world rendered by this project "
+            "(footage, photos and ground truth made up, not Earth Studio or MegaDepth data)")
 
 
 # --------------------------------------------------------------------------
@@ -361,7 +376,7 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
     """``--config NAME`` (tasks.aerial.config.CONFIGS), the documented flags, then ``--set``
     overrides (raises :class:`ConfigError`)."""
     return parse_config(argv, prog="python -m flows.aerial", description=__doc__, configs=CONFIGS,
-                        get_config=get_config, aliases=ALIASES)
+                        get_config=get_config, aliases=ALIASES, model=AerialConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,6 +402,8 @@ def print_result(result: dict[str, Any]) -> None:
                   "eye, render the video and the 3D camera tracking JSON (Global), put <scene>.mp4 and <scene>.json "
                   f"in {Path(result['root']) / 'downloaded_data'}, and run the flow again (without --plan-only).")
         return
+    if result.get("synthetic"):
+        print(f"  {result['synthetic']}")
     print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
     for scene, rep in result["scenes"].items():
         print(f"  scene {scene}: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items()))

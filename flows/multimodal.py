@@ -28,14 +28,15 @@ import numpy as np
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from tasks.common.atomic import remove_partials
+from tasks.common.atomic import remove_partials, write_bytes_atomic
 from tasks.common.concurrency import ensure_limit
 from tasks.common.report import RunFailed, RunReport, tiles_map_png
 from tasks.common.cli import parse_config
 from tasks.common.runlock import exclusive_output
 from tasks.common.runtime import make_task_runner, run_local
-from tasks.common.window import run_windowed
+from tasks.common.window import RunCancelled, is_cancellation, run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
+from tasks.multimodal.contact_sheet import contact_sheet_png
 from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
 from tasks.multimodal.select_tiles import select_tiles
 from tasks.multimodal.sources import make_source
@@ -107,6 +108,8 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
         try:
             outcomes = fut.result()
         except Exception as exc:  # retries exhausted: what the batch did write still counts
+            if is_cancellation(exc):  # the run is being cancelled: not this batch's problem
+                raise RunCancelled(str(exc)) from exc
             outcomes = []
             for t in batch:
                 grid = Grid.for_tile(t)
@@ -182,6 +185,8 @@ class _Packer:
             try:
                 res = fut.result()
             except Exception as exc:  # the part's tiles are reported, the rest goes on
+                if is_cancellation(exc):  # the run is being cancelled: not these tiles' problem
+                    raise RunCancelled(str(exc)) from exc
                 for tid in spec.tile_ids:
                     self.report.problem(tid, "pack", f"{type(exc).__name__}: {exc}")
                 res = None
@@ -280,7 +285,9 @@ def _finish_h5(config: MultimodalConfig, packer: _Packer, out: Path, tiles_path:
     if not sum(p.n_rows for p in done_parts):  # nothing to write: a good dataset is never replaced by 0 rows
         return [convert.part_summary(p) for p in done_parts], refetched
     t0 = time.monotonic()
-    assemble_h5_task(done_parts, str(h5_path), config.image_size, compression)
+    about = source_about(source)
+    assemble_h5_task(done_parts, str(h5_path), config.image_size, compression,
+                     {"source": about["name"], "synthetic": about["synthetic"], "source_note": about["note"]})
     report.timings["assemble"] = time.monotonic() - t0
     return [convert.part_summary(p) for p in done_parts], refetched
 
@@ -348,6 +355,12 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     selection = select_tiles(config, out, sampler)
     source = source_for(selection.eco_index)
     source.check()  # credentials, project: fail before any tile is fetched
+    about = source_about(source)
+    report.extra["source"] = about
+    if about["synthetic"]:
+        report.title += " (SYNTHETIC data)"
+        report.notes.insert(0, about["note"])
+        logger.warning(about["note"])
     report.notes.extend(selection.notes)
     logger.info("%d tiles (%s) -> %s", selection.n_tiles, selection.how, selection.path)
     report.counts["tiles sampled"] = selection.n_tiles
@@ -360,9 +373,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     report.timings["scan"] = time.monotonic() - t0
     for tid, reason in damaged.items():  # a damaged stack is treated like a missing one
         report.problem(tid, "integrity", f"{reason}; fetched again")
-    logger.info("%d of %d tiles to fetch (%d already done; %d tiles fully checked, the rest vouched for by %s)",
-                table.count("missing"), len(table), len(table) - table.count("missing"), scan["full checks"],
-                stacks.index_path(out))
+    logger.info(scan_message(len(table), table.count("missing"), scan, stacks.index_path(out)))
     attempted = table.count("missing")  # tiles this run has to fetch
     failed: dict[int, str] = {}  # reasons of the tiles that failed, by position
     compression = convert.Compression(config.compression_codec, config.compression_level)
@@ -470,8 +481,39 @@ def _run_failure(report: RunReport, attempted: int, fetched: int, table: stacks.
 def _write_report(config: MultimodalConfig, report: RunReport, out: Path, selection, table) -> None:
     png = tiles_map_png(_map_points(selection.path, len(table)), [r.geometry for r in selection.regions],
                         title=f"{config.name}: {len(table)} tiles")
+    try:  # what is inside a tile, for a sample of tiles (no data in magenta)
+        if not h5_path.exists():
+            raise FileNotFoundError(f"{h5_path} was not written")
+        sheet = out / "tiles_contact_sheet.png"
+        write_bytes_atomic(sheet, contact_sheet_png(h5_path, title=f"{config.name}: {n_rows} tiles, a sample"
+                                                    + (" (SYNTHETIC)" if about["synthetic"] else "")
+                                                    + "; no data in magenta"))
+        report.outputs["contact sheet"] = str(sheet)
+    except Exception as exc:  # noqa: BLE001 - a picture never sinks the dataset
+        report.problem(config.name, "report", f"contact sheet: {type(exc).__name__}: {exc}")
     report.write(out, png)
     report.publish(key=config.name.replace("_", "-").lower(), map_png=png)
+
+
+def source_about(source) -> dict[str, Any]:
+    """The source as the report, the h5's attributes and the terminal name it."""
+    synthetic = bool(getattr(source, "synthetic", False))
+    note = (f"SYNTHETIC data: source '{source.name}' generates every tile in this project; "
+            "it is not real satellite imagery (source=earthengine fetches real data)") if synthetic else \
+        f"source '{source.name}'"
+    return {"name": source.name, "synthetic": synthetic, "note": note}
+
+
+def scan_message(n: int, missing: int, scan: dict[str, int], index: Path) -> str:
+    """The log line of the stacks scan: what is to fetch, and how the done tiles were known
+    (the index vouches for a tile it lists unchanged; the others are checked in full)."""
+    done, full, vouched = n - missing, scan["full checks"], n - scan["full checks"]
+    how = []
+    if done and vouched:
+        how.append(f"{vouched} vouched for by {index.name}")
+    if done and full:
+        how.append(f"{full} checked in full" + ("" if scan["indexed"] else f" (no {index.name} yet)"))
+    return f"{missing} of {n} tiles to fetch ({done} already done" + "".join(f"; {h}" for h in how) + ")"
 
 
 def memory_held(table: stacks.TileStates, summaries: list[dict[str, Any]]) -> dict[str, Any]:
@@ -499,7 +541,7 @@ def memory_held(table: stacks.TileStates, summaries: list[dict[str, Any]]) -> di
 def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
     """The configuration named by ``--config`` with ``--set`` overrides (raises :class:`ConfigError`)."""
     return parse_config(argv, prog="python -m flows.multimodal", description=__doc__, configs=CONFIGS,
-                        get_config=get_config)
+                        get_config=get_config, model=MultimodalConfig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,6 +556,8 @@ def finish(result: dict[str, Any]) -> int:
     """Print where the dataset is and its counts."""
     counts = result["counts"]
     print(f"\nDataset written to {result['dataset_dir']}")
+    if result.get("source", {}).get("synthetic"):
+        print(f"  {result['source']['note']}")
     for k, v in counts.items():
         print(f"  {k:>16}: {v}")
     if result["problems"]:

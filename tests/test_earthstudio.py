@@ -108,7 +108,9 @@ def test_ingest_round_trip_and_alignment(tmp_path):
     poses = _export(tmp_path, n_frames=6)
     res = ingest_scene(tmp_path, "0001")
     assert res.frames_written == 6 and res.video_frames == 6 and res.camera_entries == 7
-    assert set(res.frames_skipped) == {"6"}  # the extra (numFrames + 1) entry, reported
+    # the extra (numFrames + 1) entry is documented Earth Studio behaviour: a note, not a problem
+    assert res.frames_skipped == {} and res.problems() == []
+    assert len(res.notes) == 1 and res.notes[0].startswith("cameraFrames[6] has no video frame")
     meta = json.loads(res.record.read_text())
     first = poses[0][0]
     for f in meta["frames"]:
@@ -135,7 +137,7 @@ def test_ingest_round_trip_and_alignment(tmp_path):
         assert cam.params[0] == pytest.approx(geometry.focal_from_fov(H, 50.0))
         assert list(cam.params[1:]) == [W / 2, H / 2]
     again = ingest_scene(tmp_path, "0001")
-    assert again.skipped_scene
+    assert again.skipped_scene and again.notes == res.notes and again.problems() == []
 
 
 def test_video_with_more_frames_than_entries_is_reported_not_shifted(tmp_path):

@@ -62,6 +62,13 @@ def test_flow_counts_and_report(built):
     assert "tile state table" in mem["grows with the tiles"]
     png = (cfg.dataset_dir / "tiles_map.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    sheet = cfg.dataset_dir / "tiles_contact_sheet.png"
+    assert report["outputs"]["contact sheet"] == str(sheet) and sheet.read_bytes()[:4] == b"\x89PNG"
+    # the synthetic source says so: report.json, its title (the artifact's heading), the h5
+    assert report["source"]["synthetic"] is True and "SYNTHETIC" in report["title"]
+    assert report["notes"][0].startswith("SYNTHETIC data")
+    with h5py.File(cfg.dataset_dir / f"{cfg.name}.h5") as f:
+        assert f.attrs["source"] == "synthetic" and bool(f.attrs["synthetic"])
 
 
 def test_h5_exact_schema_and_alignment(built):

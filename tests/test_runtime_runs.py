@@ -497,6 +497,9 @@ def _cancel_mid_run(served, deployment: str, params: dict, n_done: int):
     _wait(gone, 60, "the flow process and its Dask workers to exit")
     stuck = [t.name for t in _task_runs(fr.id) if t.state is None or t.state.type in (StateType.RUNNING, StateType.PENDING)]
     assert not stuck, stuck
+    # cancelled work is Cancelled, not Crashed (no worker died)
+    crashed = [(t.name, t.state.message) for t in _task_runs(fr.id) if t.state.type == StateType.CRASHED]
+    assert not crashed, crashed
     return fr, log
 
 
@@ -506,9 +509,16 @@ def test_cancel_multimodal_then_rerun(tmp_path, served):
     from tasks.multimodal.config import MultimodalConfig
 
     params = smoke(tmp_path, n_tiles=40, source_options={"latency_s": 0.3})
+    start = served[1].stat().st_size
     _cancel_mid_run(served, "multimodal/rt-cancel", params, n_done=3)
+    with open(served[1], "rb") as fh:
+        fh.seek(start)
+        text = fh.read().decode(errors="replace")
+    assert "Finished in state Running()" not in text and "Finished: cancelled" in text, text[-3000:]
     out = tmp_path / "data_rt"
     assert not (out / "data_rt.h5").exists()
+    problems = out / "report_problems.jsonl"  # a cancellation is no tile's problem
+    assert not problems.exists() or "Cancelled" not in problems.read_text(), problems.read_text()[:2000]
     result = multimodal_flow(config=MultimodalConfig(**params["config"]))
     assert result["counts"]["stacks done"] + result["counts"]["no data"] == 40
     assert 0 < result["counts"]["fetched this run"] < 40

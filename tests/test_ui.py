@@ -11,6 +11,7 @@ deployment paused, as the README says.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import time
@@ -145,3 +146,60 @@ def test_custom_run_from_the_ui_completes_with_artifacts(prefect_server, served_
     proc.wait(timeout=120)
     with get_client(sync_client=True) as client:
         assert client.read_deployment_by_name("multimodal/embedded-default").paused
+
+
+def _accuracy_table_run() -> str:
+    """A flow run that publishes an accuracy table as the aerial flow does (the artifact's id)."""
+    from prefect import flow
+    from prefect.artifacts import create_table_artifact
+
+    from tasks.aerial.evaluate import summary_table
+
+    acc = {"poses": {"photos registered": 15, "photos attempted": 16, "median rotation error deg": 0.123,
+                     "median centre error m": 0.456, "median centre error / extent": 0.0018, "scene extent m": 250.0,
+                     "scale ratio median": 1.0012, "scale ratio max deviation": 0.0041},
+           "depth": {g: {"images": 48, "pixels": 10**6, "coverage": 0.645, "absrel": 0.0201, "within_1.25": 0.987}
+                     for g in ("aerial", "photos", "all")}}
+
+    @flow(name="ui-accuracy-check")
+    def publish():
+        return create_table_artifact(key="aerial-0001-accuracy", table=summary_table(acc),
+                                     description="scene 0001: accuracy against ground truth")
+
+    return str(publish())
+
+
+@pytest.mark.timeout(600)
+def test_aerial_form_keeps_markdown_literal_and_accuracy_verdict_fits(prefect_server):
+    """The aerial form's descriptions are literal (``data/<scene>/`` is not rendered ``data//``),
+    and the accuracy table's "met" column is on screen at 1400 px."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from flows.aerial import aerial_flow
+
+    dep_id = aerial_flow.to_deployment(name="ui-form-check").apply()
+    artifact_id = _accuracy_table_run()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.set_default_timeout(120_000)
+            page.goto(f"{prefect_server.ui_url}/deployments/deployment/{dep_id}")
+            page.get_by_role("button", name="Run", exact=True).click()
+            page.get_by_text("Custom run").first.click()
+            root = _field(page, "Inputs · root")
+            expect(root).to_contain_text("Earth Studio root: downloaded_data/ in, data/<scene>/ out", timeout=120_000)
+            _shot(page, "aerial_form")
+            page.goto(f"{prefect_server.ui_url}/artifacts/artifact/{artifact_id}")
+            verdict = page.get_by_text("NO: 1 not registered", exact=True).first
+            try:
+                expect(verdict).to_be_visible(timeout=120_000)
+            finally:
+                _shot(page, "accuracy_table")
+            header = page.locator("th").filter(has_text=re.compile(r"^\s*met\s*$")).first
+            for cell in (header, verdict):  # on screen at 1400 px: not clipped by the table's scroll box
+                assert cell.evaluate("""el => { const r = el.getBoundingClientRect();
+                    const hit = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+                    return hit !== null && (el === hit || el.contains(hit)); }"""), cell
+        finally:
+            browser.close()

@@ -26,7 +26,7 @@ from tasks.aerial.reconstruction import SfMConfig
 from tasks.aerial.training_export import ExportConfig
 from tasks.common import checks
 from tasks.common.cli import ConfigError, build, check_output_folder, merge
-from tasks.common.forms import grouped_titles, overrides_model
+from tasks.common.forms import grouped_titles, markdown_safe_descriptions, overrides_model
 from tasks.common.runtime import DaskSettings, load_dask_block
 
 __all__ = ["CONFIGS", "AerialConfig", "ConfigError", "ExportOptions", "PipelineOptions", "TrajectoryOptions",
@@ -63,7 +63,8 @@ class AerialConfig(BaseModel):
 
     # a misspelt key is an error, never silently ignored; form labels read "Group · field"
     # NaN and Infinity are refused in every number (tasks.common.checks.FINITE)
-    model_config = ConfigDict(extra="forbid", **checks.FINITE, field_title_generator=grouped_titles({
+    model_config = ConfigDict(extra="forbid", **checks.FINITE, json_schema_extra=markdown_safe_descriptions,
+                              field_title_generator=grouped_titles({
         "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
         "Synthetic world": ["synthetic", "world_options"],
         "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],

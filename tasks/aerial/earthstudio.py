@@ -22,7 +22,8 @@ Outputs:
 
 Frames and camera entries are aligned by index. Earth Studio writes
 ``numFrames + 1`` camera entries and videos may hold one frame more or fewer:
-every index present in both is used, everything else is reported; a frame is
+every index present in both is used, everything else is reported (the documented
+last entry of a ``numFrames``-frame video is a note, not a problem); a frame is
 never paired with another index's pose. Entries with non-finite values are
 skipped and reported.  A video is checked against its own index (mp4 sample
 table): a frame whose data the file does not hold completely is never kept
@@ -56,7 +57,7 @@ from tasks.common.atomic import atomic_dir, atomic_path, remove_partials, write_
 from tasks.common.fingerprint import fingerprint  # noqa: E402
 
 log = logging.getLogger(__name__)
-INGEST_VERSION = 2
+INGEST_VERSION = 3  # 3: the documented numFrames + 1 camera entry is a note of the record, not a skip
 
 
 class EarthStudioError(ValueError):
@@ -182,6 +183,8 @@ class IngestResult:
     video_problem: str | None = None  # "video ends after N of M frames ..." (damaged video), once
     video_complete: int | None = None  # frames the video holds completely (None: no index to check)
     plan_check: dict[str, Any] | None = None
+    #: known properties of the format, said but not problems (the documented numFrames + 1 entry)
+    notes: list[str] = field(default_factory=list)
 
     def problems(self) -> list[tuple[str, str]]:
         """(item, reason) to report: the damaged video once, not once per missing frame."""
@@ -519,7 +522,8 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
             return IngestResult(scene, len(old["frames"]), old.get("skipped", {}), old.get("video_frames", 0),
                                 old.get("camera_entries", 0), meta_path, model_dir, skipped_scene=True,
                                 record=record_path, video_problem=old.get("video_problem"),
-                                video_complete=old.get("video", {}).get("complete"), plan_check=old.get("plan_check"))
+                                video_complete=old.get("video", {}).get("complete"), plan_check=old.get("plan_check"),
+                                notes=old.get("notes", []))
     if old is not None:  # inputs changed: no record may vouch for what is rewritten now
         record_path.unlink(missing_ok=True)
 
@@ -590,7 +594,12 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
         log.warning("%s", video_problem)
     if video_frames == 0:
         raise EarthStudioError(video_problem or f"{video}: no frame could be decoded (corrupt or empty video)")
+    notes: list[str] = []
     for i in range(video_frames, n_entries):
+        if not video_problem and i == track.num_frames == video_frames and n_entries == track.num_frames + 1:
+            notes.append(f"cameraFrames[{i}] has no video frame, as Earth Studio exports always are: numFrames "
+                         f"({track.num_frames}) video frames and numFrames + 1 camera entries; the last is not used")
+            continue
         skipped.setdefault(str(i), f"cameraFrames[{i}] has no video frame (the video has {video_frames})")
     if not video_problem and (abs(video_frames - n_entries) > 1
                               or (video_frames != n_entries and video_frames != track.num_frames)):
@@ -636,8 +645,9 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
         "video": {"index frames": index.samples if index else None, "complete": index.complete if index else None,
                   "decoded": video_frames},
         "video_problem": video_problem, "plan_check": plan_check,
-        "frames": frames_meta, "skipped": skipped,
+        "frames": frames_meta, "skipped": skipped, "notes": notes,
     }, indent=1)
     return IngestResult(scene, len(names), skipped, video_frames, n_entries, meta_path, model_dir,
                         record=record_path, video_problem=video_problem,
-                        video_complete=index.complete if index is not None else None, plan_check=plan_check)
+                        video_complete=index.complete if index is not None else None, plan_check=plan_check,
+                        notes=notes)

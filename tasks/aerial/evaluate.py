@@ -155,7 +155,9 @@ def _depth_misses(g: dict[str, Any], goal: dict[str, float]) -> list[str]:
 
 
 def summary_table(acc: dict[str, Any]) -> list[dict[str, str]]:
-    """Rows ``{"metric", "value", "goal", "met"}`` (``met``: "yes", or "NO: " and what is missed)."""
+    """Rows ``{"metric", "met", "value", "goal"}`` (``met``: "yes", or "NO: " and what is missed), in
+    that column order, so the verdict sits next to the metric, not past the long value and goal
+    texts (off-screen in the UI's table at 1400 px)."""
     p, d = acc["poses"], acc["depth"]
 
     def met(ok: bool, why: str = "") -> str:
@@ -187,7 +189,7 @@ def summary_table(acc: dict[str, Any]) -> list[dict[str, str]]:
                          "value": f"coverage {100 * g['coverage']:.1f} %, AbsRel {g['absrel']:.4f}, "
                                   f"within 1.25x {100 * g['within_1.25']:.1f} %",
                          "goal": text, "met": met(ok, "; ".join(_depth_misses(g, goal)) if g["pixels"] else "no depth")})
-    return rows
+    return [{"metric": r["metric"], "met": r["met"], "value": r["value"], "goal": r["goal"]} for r in rows]
 
 
 def summary_rows(acc: dict[str, Any]) -> list[tuple[str, str, str]]:

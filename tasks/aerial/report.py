@@ -21,6 +21,7 @@ def record_ingest(report: RunReport, scene: str, res) -> None:
                           "frames": res.frames_written, "frames skipped": len(res.frames_skipped)})
     for item, reason in res.problems():
         report.problem(f"{scene} video" if item == "video" else item, "ingest", reason)
+    report.notes.extend(getattr(res, "notes", None) or [])
     if res.plan_check:
         report.notes.append(plan_check_note(res.plan_check))
         if not plan_check_ok(res.plan_check):
@@ -140,6 +141,7 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), dpi=90, layout="constrained")
     try:
         photo = depth = None
+        spread = ""
         model = None
         if product is not None and (product / "sparse-txt" / "images.txt").exists():
             import pycolmap
@@ -149,19 +151,26 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
             model = pycolmap.Reconstruction(str(product / "sparse-txt"))
             ref = {f["name"] for f in frames}
             photos = sorted(im.name for im in model.images.values() if im.name not in ref)
-            best = -1.0
-            for name in photos:  # the photo with the most depth
+            per_image = ((acc or {}).get("depth") or {}).get("per image", {})
+            covered = {}  # photo -> its depth's coverage (of the true surface when measured)
+            for name in photos:
                 if depth_path(product / "depths", name).exists():
-                    d = read_depth_h5(depth_path(product / "depths", name))
-                    if (d > 0).mean() > best:
-                        best, photo, depth = float((d > 0).mean()), product / "images" / name, d
+                    measured = per_image.get(name) or {}
+                    covered[name] = float(measured["coverage"]) if measured.get("pixels") else \
+                        float((read_depth_h5(depth_path(product / "depths", name)) > 0).mean())
+            typical = typical_photo(covered)
+            if typical is not None:  # a typical photo (median coverage), not the best
+                photo = product / "images" / typical
+                depth = read_depth_h5(depth_path(product / "depths", typical))
+                spread = (f"median coverage of {len(covered)} photos (worst {100 * min(covered.values()):.0f} %, "
+                          f"best {100 * max(covered.values()):.0f} %)")
         if photo is not None:
             axes[0].imshow(plt.imread(photo))
-            axes[0].set_title(f"ground photo {photo.name}")
+            axes[0].set_title(f"ground photo {photo.name}\n{spread}", fontsize=9)
             d = np.where(depth > 0, depth, np.nan)
             lo, hi = np.nanpercentile(d, [2, 98]) if np.isfinite(d).any() else (0.0, 1.0)
             im = axes[1].imshow(d, cmap="turbo", vmin=lo, vmax=hi)
-            title = f"its depth (m), {100 * best:.0f} % of pixels; white: unknown"
+            title = f"its depth (m), {100 * float((depth > 0).mean()):.0f} % of pixels; white: unknown"
             per = ((acc or {}).get("depth") or {}).get("per image", {}).get(photo.name)
             miss = _misses(per) if per else []
             if per and per.get("pixels"):
@@ -207,6 +216,15 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
         return buf.getvalue()
     finally:
         plt.close(fig)
+
+
+def typical_photo(coverage: dict[str, float]) -> str | None:
+    """The photo of median coverage (the lower median of an even count; ties by name), the one
+    the overview shows: what a typical photo's depth looks like, not the best one's."""
+    if not coverage:
+        return None
+    ranked = sorted(coverage, key=lambda name: (coverage[name], name))
+    return ranked[(len(ranked) - 1) // 2]
 
 
 def _misses(per: dict) -> list[str]:

@@ -374,7 +374,8 @@ def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: 
     order = np.r_[np.nonzero(is_aerial)[0], np.nonzero(~is_aerial)[0]]
     # fixed margins: constrained/tight layouts cost seconds per picture on a busy machine
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), dpi=80, gridspec_kw={"width_ratios": [1, 1.3, 1.3]})
-    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.08, top=0.92, wspace=0.12)
+    # titles on two short lines each, with room above the axes: one line ran past the figure's edge
+    fig.subplots_adjust(left=0.04, right=0.99, bottom=0.08, top=0.86, wspace=0.12)
     shown = None
     try:
         m = np.where(cov[np.ix_(order, order)] < 0, np.nan, cov[np.ix_(order, order)])
@@ -383,7 +384,7 @@ def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: 
         for x in (na - 0.5,):
             axes[0].axhline(x, color="w", lw=0.8)
             axes[0].axvline(x, color="w", lw=0.8)
-        axes[0].set_title(f"scene {scene}: covisibility i->j ({na} aerial, {len(views) - na} ground; "
+        axes[0].set_title(f"scene {scene}: covisibility i->j\n({na} aerial, {len(views) - na} ground; "
                           "white: no depth)", fontsize=9)
         axes[0].set_xlabel("j")
         axes[0].set_ylabel("i")
@@ -400,12 +401,12 @@ def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: 
             mask = np.zeros(dg.shape, bool)
             mask[rc[:, 0], rc[:, 1]] = True
             axes[1].imshow(np.ma.masked_where(~mask, mask), cmap="autumn", alpha=0.45, vmin=0, vmax=1)
-            axes[1].set_title(f"ground {vg.name}: covisible pixels ({100 * cov[g, a]:.0f} % of its depth)",
+            axes[1].set_title(f"ground {vg.name}:\ncovisible pixels ({100 * cov[g, a]:.0f} % of its depth)",
                               fontsize=9)
             axes[2].imshow(img_a)
             step = max(1, len(uv) // 3000)
             axes[2].scatter(uv[::step, 0], uv[::step, 1], s=1, c="orange", alpha=0.5)
-            axes[2].set_title(f"aerial {va.name}: where they land (score {score[g, a]:.2f}, "
+            axes[2].set_title(f"aerial {va.name}: where they land\n(score {score[g, a]:.2f}, "
                               f"{100 * cov[a, g]:.0f} % of the frame's depth seen back)", fontsize=9)
             shown = {"ground": vg.name, "aerial": va.name, "score": float(score[g, a]),
                      "ground->aerial": float(cov[g, a]), "aerial->ground": float(cov[a, g])}

@@ -157,12 +157,17 @@ def _json_arg(text: str) -> Any:
 
 
 def parse_config(argv: list[str] | None, *, prog: str, description: str | None, configs: Iterable[str],
-                 get_config: Callable[..., Any], aliases: Sequence[Alias] = (), default: str = "default") -> Any:
+                 get_config: Callable[..., Any], aliases: Sequence[Alias] = (), default: str = "default",
+                 model: type[BaseModel] | None = None) -> Any:
     """The one command line of every flow: ``--config NAME`` (a named configuration), then the
     ``aliases`` given (documented shorthands for ``--set``), then ``--set KEY=VALUE`` overrides in
     order, built by ``get_config(NAME, **overrides)`` (which raises :class:`ConfigError` naming
-    the field; unknown keys name the nearest valid key)."""
+    the field; unknown keys name the nearest valid key). ``--help`` lists every setting of
+    ``model`` with its default and description (:func:`tasks.common.forms.settings_help`)."""
+    from tasks.common.forms import settings_help
+
     ap = argparse.ArgumentParser(prog=prog, description=description,
+                                 epilog=settings_help(model) if model is not None else None,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=default, choices=sorted(configs), help=f"named configuration ({default})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -19,6 +19,25 @@ def grouped_titles(groups: dict[str, list[str]]) -> Callable[[str, Any], str]:
     return title
 
 
+#: characters the Prefect UI's Markdown would take as markup in a field description
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~])")
+
+
+def escape_markdown(text: str) -> str:
+    """``text`` as literal Markdown: ``data/<scene>/`` stays ``data/<scene>/`` in the UI
+    (unescaped, ``<scene>`` is taken for an HTML tag and dropped)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", text)
+
+
+def markdown_safe_descriptions(schema: dict[str, Any], _cls: Any = None) -> None:
+    """A pydantic ``json_schema_extra``: every property description of the model's JSON schema
+    (what the UI renders as Markdown) escaped; the fields' own descriptions (what ``--help``
+    prints) stay as written."""
+    for prop in (schema.get("properties") or {}).values():
+        if isinstance(prop.get("description"), str):
+            prop["description"] = escape_markdown(prop["description"])
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     """``{field: its comment}`` from a dataclass's source: the trailing comment of
     ``name: T = v  # comment``, else the comment lines just above the field, so a form derived
@@ -77,7 +96,8 @@ def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, A
         fields[f.name] = (ann | None, Field(None, description=f"{what} (default: {shown})"))
 
     class Overrides(BaseModel):
-        model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/Infinity refused (tasks.common.checks)
+        # NaN/Infinity refused (tasks.common.checks)
+        model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=markdown_safe_descriptions)
 
         def overrides(self) -> dict[str, Any]:
             """What was given (``None`` fields: as the named configuration), nested models included."""
@@ -104,3 +124,63 @@ def json_default(v: Any) -> str:
         return json.dumps(v)
     except TypeError:
         return repr(v)
+
+
+def _model_of(annotation: Any) -> type | None:
+    """The pydantic model class of a field's annotation (``M`` or ``M | None``), else None."""
+    import typing
+
+    from pydantic import BaseModel
+
+    for a in (annotation, *typing.get_args(annotation)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def settings_rows(model: type, prefix: str = "", group: str = "") -> list[tuple[str, str, str, str]]:
+    """``(group, key, default, description)`` of every setting of ``model`` (the group of the
+    form's "Group · field" label), nested models' fields as dotted keys (``dask.n_workers``),
+    from the same field metadata the UI form shows."""
+    from pydantic_core import PydanticUndefined
+
+    rows: list[tuple[str, str, str, str]] = []
+    title_of = model.model_config.get("field_title_generator")
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        title = title_of(name, info) if title_of else ""
+        grp = title.split(" · ")[0] if " · " in title else group
+        desc = " ".join((info.description or "").split())
+        sub = _model_of(info.annotation)
+        if sub is not None:
+            rows.append((grp, key, "", desc))
+            rows += settings_rows(sub, key + ".", grp)
+            continue
+        if info.default_factory is not None:
+            default = info.default_factory()
+        else:
+            default = None if info.default is PydanticUndefined else info.default
+        rows.append((grp, key, "" if "(default" in desc else json_default(default), desc))
+    return rows
+
+
+def settings_help(model: type, width: int = 100) -> str:
+    """The ``--help`` epilog: every ``--set`` key with its default and description, by group."""
+    import textwrap
+
+    lines = [f"settings (--set KEY=VALUE, nested keys with dots; the defaults of {model.__name__}: "
+             "a --config may change some):"]
+    by_group: dict[str, list[tuple[str, str, str]]] = {}
+    for group, key, default, desc in settings_rows(model):
+        by_group.setdefault(group or "Other", []).append((key, default, desc))
+    for group, rows in by_group.items():
+        lines.append(f" {group}:")
+        for key, default, desc in rows:
+            text = desc + (f" (default: {default})" if default else "")
+            if len(key) > 28:  # a long dotted key on its own line
+                lines.append(f"  {key}")
+                lines += textwrap.wrap(text, width=width, initial_indent=" " * 31, subsequent_indent=" " * 31)
+            else:
+                lines += textwrap.wrap(text, width=width, initial_indent=f"  {key:<28} ",
+                                       subsequent_indent=" " * 31) or [f"  {key}"]
+    return "\n".join(lines)

@@ -154,39 +154,77 @@ class RunReport:
         create_markdown_artifact(self.markdown(map_png), key=f"{key}-report", description=self.title)
 
 
+#: Natural Earth 1:110m land (public domain), shipped with the project: see data/README.md
+LAND_GEOJSON = Path(__file__).parent / "data" / "ne_110m_land.geojson"
+
+
+def land_polygons(path: Path = LAND_GEOJSON) -> list[list[list[tuple[float, float]]]]:
+    """The basemap's land as polygons, each a list of rings [(lon, lat), ...] (exterior first)."""
+    with open(path, encoding="utf-8") as fh:
+        doc = json.load(fh)
+    polys = []
+    for feat in doc["features"]:
+        geom = feat["geometry"]
+        coords = geom["coordinates"] if geom["type"] == "MultiPolygon" else [geom["coordinates"]]
+        polys += [[[(x, y) for x, y in ring] for ring in poly] for poly in coords]
+    return polys
+
+
 def tiles_map_png(
     points: Sequence[tuple[float, float, str]],
     regions: Iterable[Any] = (),
     title: str = "",
 ) -> bytes:
-    """PNG of tile centres (lon, lat, label) over region outlines (shapely geometries)."""
+    """PNG of tile centres (lon, lat, label) over the coastlines (:data:`LAND_GEOJSON`) and
+    the region outlines (shapely geometries); the legend sits outside the map."""
+    return _savefig(tiles_map_figure(points, regions, title))
+
+
+def tiles_map_figure(points: Sequence[tuple[float, float, str]], regions: Iterable[Any] = (), title: str = ""):
+    """The matplotlib figure behind :func:`tiles_map_png` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.collections import PolyCollection
 
-    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=100)
+    labels = sorted({p[2] for p in points})
+    fig, ax = plt.subplots(figsize=(12 if labels else 10, 5.2), dpi=100)
+    ax.set_facecolor("#eef4fa")  # sea
+    land = land_polygons()
+    # one collection for the land, one for its holes (lakes, seas inside land): cheap to draw
+    ax.add_collection(PolyCollection([rings[0] for rings in land], facecolors="#f4f1e8", edgecolors="#5b6b7a",
+                                     linewidths=0.5, zorder=1, gid="coastline"))
+    ax.add_collection(PolyCollection([h for rings in land for h in rings[1:]], facecolors="#eef4fa",
+                                     edgecolors="#5b6b7a", linewidths=0.5, zorder=1, gid="coastline-holes"))
+    for geom in regions:
+        for p in getattr(geom, "geoms", [geom]):
+            x, y = p.exterior.xy
+            ax.fill(x, y, facecolor="#c9c9c9", alpha=0.45, edgecolor="#777777", linewidth=0.6, zorder=2)
+    cmap = plt.get_cmap("tab20", max(len(labels), 1))
+    for i, lab in enumerate(labels):
+        xs = [p[0] for p in points if p[2] == lab]
+        ys = [p[1] for p in points if p[2] == lab]
+        ax.scatter(xs, ys, s=9, color=cmap(i), label=f"{lab} ({len(xs)})", zorder=3)
+    ax.set_xlim(-180, 180)
+    ax.set_ylim(-90, 90)
+    ax.set_aspect("equal")
+    ax.grid(True, linewidth=0.3, zorder=0)
+    ax.set_xlabel("longitude")
+    ax.set_ylabel("latitude")
+    ax.set_title(title or f"{len(points)} tiles")
+    if labels:
+        # outside the axes, so no region's dots hide under it
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                  framealpha=0.9, ncol=1 if len(labels) <= 30 else 2, title="region (tiles)", title_fontsize=7)
+    fig.text(0.01, 0.005, "coastlines: Natural Earth 1:110m (public domain)", fontsize=6, color="#666666")
+    return fig
+
+
+def _savefig(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
     try:
-        for geom in regions:
-            polys = getattr(geom, "geoms", [geom])
-            for p in polys:
-                x, y = p.exterior.xy
-                ax.fill(x, y, color="#dddddd", edgecolor="#888888", linewidth=0.6)
-        labels = sorted({p[2] for p in points})
-        cmap = plt.get_cmap("tab20", max(len(labels), 1))
-        for i, lab in enumerate(labels):
-            xs = [p[0] for p in points if p[2] == lab]
-            ys = [p[1] for p in points if p[2] == lab]
-            ax.scatter(xs, ys, s=9, color=cmap(i), label=f"{lab} ({len(xs)})", zorder=3)
-        ax.set_xlim(-180, 180)
-        ax.set_ylim(-90, 90)
-        ax.set_aspect("equal")
-        ax.grid(True, linewidth=0.3)
-        ax.set_xlabel("longitude")
-        ax.set_ylabel("latitude")
-        ax.set_title(title or f"{len(points)} tiles")
-        if labels:
-            ax.legend(fontsize=6, loc="lower left", framealpha=0.8)
         buf = io.BytesIO()
         fig.savefig(buf, format="png", bbox_inches="tight")
         return buf.getvalue()

@@ -438,12 +438,26 @@ class _DropClosedCommTracebacks(logging.Filter):
         return not str(record.msg).startswith("Batched Comm Closed")
 
 
+class _SayCancelledNotRunning(logging.Filter):
+    """Prefect's engine logs ``Finished in state Running()`` when a runner (``serve``, a worker)
+    cancels the run: the runner, not the engine, records the Cancelled state, so the engine's own
+    copy is still Running. The record says what happened instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == "Finished in state Running()" and not record.args:
+            record.msg = "Finished: cancelled (the runner that started this run records it as Cancelled)"
+        return True
+
+
 def quiet_shutdown_tracebacks() -> None:
     """Install :class:`_DropClosedCommTracebacks` once on ``distributed.batched`` in the flow's
     process (where a local cluster's scheduler runs and where the traceback was printed)."""
     logger = logging.getLogger("distributed.batched")
     if not any(isinstance(f, _DropClosedCommTracebacks) for f in logger.filters):
         logger.addFilter(_DropClosedCommTracebacks())
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    if not any(isinstance(f, _SayCancelledNotRunning) for f in flow_runs.filters):
+        flow_runs.addFilter(_SayCancelledNotRunning())
 
 
 def make_task_runner(settings: DaskSettings | None = None,
@@ -473,11 +487,15 @@ def _mark_task_run_crashed(task_run_id, exc: BaseException) -> None:
     """Give a task run whose Dask task died with its worker(s) a final state (PrefectHQ/prefect#21638:
     without it the run stays RUNNING forever)."""
     from prefect.client.orchestration import get_client
-    from prefect.states import Crashed
+    from prefect.states import Cancelled, Crashed
 
     from prefect.exceptions import ObjectNotFound
 
-    msg = f"the Dask task was lost with its worker: {type(exc).__name__}: {exc}"
+    from tasks.common.window import is_cancellation
+
+    cancelled = is_cancellation(exc)  # the run is being cancelled: its work is Cancelled, not Crashed
+    msg = (f"cancelled with its flow run: {exc}" if cancelled else
+           f"the Dask task was lost with its worker: {type(exc).__name__}: {exc}")
     try:
         with get_client(sync_client=True) as client:
             run = None
@@ -490,12 +508,13 @@ def _mark_task_run_crashed(task_run_id, exc: BaseException) -> None:
             if run is None:
                 return  # never recorded: nothing is left RUNNING
             if run.state is None or not run.state.is_final():
-                client.set_task_run_state(task_run_id, Crashed(message=msg[:2000]), force=True)
+                state = Cancelled(message=msg[:2000]) if cancelled else Crashed(message=msg[:2000])
+                client.set_task_run_state(task_run_id, state, force=True)
     except Exception as api_exc:  # noqa: BLE001 - reporting must not hide the original error
         log.warning("could not mark task run %s crashed: %s", task_run_id, api_exc)
 
 
-def _settle_task_runs(seen: dict[Any, tuple[bool, str | None] | None]) -> None:
+def _settle_task_runs(seen: dict[Any, tuple[bool, str | None] | None], flow_run_id=None) -> None:
     """After the cluster is closed, no task run of this flow run may stay RUNNING or PENDING.
 
     When a Dask worker dies, Dask reruns the tasks it held, including ones that had completed
@@ -503,15 +522,19 @@ def _settle_task_runs(seen: dict[Any, tuple[bool, str | None] | None]) -> None:
     the rerun, whose task run then stays RUNNING forever (PrefectHQ/prefect#21638). Such a run
     gets the final state the flow received; one the flow never received is marked Crashed.
     ``seen``: task run id -> (completed?, message) of the final state the flow received, None if
-    it received none."""
+    it received none; when the flow run (``flow_run_id``) is being cancelled, Cancelled."""
     if not seen:
         return
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterId
-    from prefect.states import Completed, Crashed
+    from prefect.states import Cancelled, Completed, Crashed
 
     try:
         with get_client(sync_client=True) as client:
+            cancelling = False
+            if flow_run_id is not None:
+                flow_state = client.read_flow_run(flow_run_id).state
+                cancelling = flow_state is not None and flow_state.type.value in ("CANCELLING", "CANCELLED")
             ids = list(seen)
             for i in range(0, len(ids), 200):
                 runs = client.read_task_runs(task_run_filter=TaskRunFilter(id=TaskRunFilterId(any_=ids[i:i + 200])))
@@ -521,6 +544,8 @@ def _settle_task_runs(seen: dict[Any, tuple[bool, str | None] | None]) -> None:
                     got = seen[run.id]
                     if got is not None and got[0]:
                         new = Completed(message="completed; a rerun Dask started after a worker died was dropped")
+                    elif cancelling:
+                        new = Cancelled(message="cancelled with its flow run")
                     else:
                         why = got[1] if got is not None else "the flow ended before this task finished"
                         new = Crashed(message=f"left unfinished by Dask: {why}"[:2000])
@@ -628,18 +653,24 @@ class FlowDaskTaskRunner(DaskTaskRunner):
 
     def submit(self, task, parameters, wait_for=None, dependencies=None):
         fut = super().submit(task, parameters, wait_for=wait_for, dependencies=dependencies)
+        if self._flow_run_id is None:
+            from prefect.context import FlowRunContext
+
+            ctx = FlowRunContext.get()
+            self._flow_run_id = getattr(getattr(ctx, "flow_run", None), "id", None)
         self._seen[fut.task_run_id] = None  # ~0.2 KB a task run, not the future (nor its arguments)
         return CrashAwareDaskFuture(wrapped_future=fut.wrapped_future, task_run_id=fut.task_run_id, seen=self._seen)
 
     def __enter__(self):
         self._seen: dict[Any, tuple[bool, str | None] | None] = {}
+        self._flow_run_id = None  # set at the first submit, from the flow run's context
         return super().__enter__()
 
     def __exit__(self, *args: Any) -> None:
         try:
             super().__exit__(*args)
         finally:
-            _settle_task_runs(getattr(self, "_seen", {}))
+            _settle_task_runs(getattr(self, "_seen", {}), getattr(self, "_flow_run_id", None))
 
     def duplicate(self):
         return type(self)(settings=self.settings, settings_from=self.settings_from)

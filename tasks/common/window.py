@@ -23,6 +23,29 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
+class RunCancelled(Exception):
+    """A future of the window was cancelled: the run is being cancelled (its Dask client closes
+    and cancels every future), so the loop stops instead of turning each cancelled future into
+    a problem of its item."""
+
+
+def is_cancellation(exc: BaseException) -> bool:
+    """``exc`` says the work was cancelled (Dask's ``FutureCancelledError``, a cancelled
+    ``concurrent.futures`` or asyncio future), not that it failed."""
+    import asyncio
+
+    return isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError, RunCancelled))
+
+
+def future_cancelled(fut: Any) -> bool:
+    """The future (or the Dask/concurrent future a Prefect future wraps) was cancelled."""
+    inner = getattr(fut, "wrapped_future", fut)
+    try:
+        return bool(inner.cancelled())
+    except Exception:  # noqa: BLE001 - a future without cancelled(): not known to be cancelled
+        return False
+
+
 @dataclass
 class WindowStats:
     submitted: int = 0
@@ -33,7 +56,8 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
                  on_done: Callable[[T, Any], None]) -> WindowStats:
     """Submit ``submit(item)`` for every item with at most ``window`` in flight; call
     ``on_done(item, future)`` (in this thread) as each finishes. ``submit`` may return
-    any future with ``add_done_callback`` (Prefect, Dask, concurrent.futures)."""
+    any future with ``add_done_callback`` (Prefect, Dask, concurrent.futures). A cancelled
+    future raises :class:`RunCancelled` (the run is being cancelled: no item's problem)."""
     window = max(1, int(window))
     finished: queue.SimpleQueue = queue.SimpleQueue()
     in_flight: dict[int, tuple[T, Any]] = {}
@@ -63,6 +87,8 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
             except queue.Empty:
                 continue
         item, fut = in_flight.pop(k)
+        if future_cancelled(fut):
+            raise RunCancelled(f"cancelled with {len(in_flight) + 1} task(s) in flight")
         on_done(item, fut)
         del item, fut
 
@@ -82,6 +108,8 @@ def run_each(submit: Callable[[T], Any], items: Iterable[T], on_result: Callable
         try:
             value = fut.result()
         except Exception as exc:  # noqa: BLE001 - reported for its item; the others go on
+            if is_cancellation(exc):
+                raise RunCancelled(str(exc)) from exc
             on_error(item, exc)
             return
         on_result(item, value)

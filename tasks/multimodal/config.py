@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from tasks.common import checks
 from tasks.common.cli import ConfigError, build, check_output_folder, merge
-from tasks.common.forms import grouped_titles
+from tasks.common.forms import grouped_titles, markdown_safe_descriptions
 from tasks.common.runtime import DaskSettings, load_dask_block
 from tasks.multimodal import schema
 from tasks.multimodal import tiles as tiles_mod
@@ -34,7 +34,8 @@ class MultimodalConfig(BaseModel):
 
     # a misspelt key is an error, never silently ignored; form labels read "Group · field"
     # NaN and Infinity are refused in every number (tasks.common.checks.FINITE)
-    model_config = ConfigDict(extra="forbid", **checks.FINITE, field_title_generator=grouped_titles({
+    model_config = ConfigDict(extra="forbid", **checks.FINITE, json_schema_extra=markdown_safe_descriptions,
+                              field_title_generator=grouped_titles({
         "Dataset": ["name", "output_dir"],
         "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
                   "tile_size_m", "seed", "batch"],

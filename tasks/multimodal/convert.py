@@ -331,14 +331,16 @@ def make_partitions(tile_ids: list[str], part_size: int) -> list[PartSpec]:
 # The single writer
 # --------------------------------------------------------------------------
 def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 128,
-                compression: Compression = Compression()) -> int:
-    """Write ``NAME.h5`` from parts (in index order) with direct chunk writes. Returns N."""
+                compression: Compression = Compression(), attrs: dict[str, Any] | None = None) -> int:
+    """Write ``NAME.h5`` from parts (in index order) with direct chunk writes, ``attrs`` as the
+    file's attributes (e.g. the source and whether it is synthetic). Returns N."""
     parts = sorted(parts, key=lambda p: p.index)
     n = sum(p.n_rows for p in parts)
     S = image_size
     h5_path = Path(h5_path)
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
+            f.attrs.update(attrs or {})
             dsets: dict[str, h5py.Dataset] = {}
             for d in H5_DATASETS:
                 shape = (n, d.channels, S, S) if d.spatial else (n, d.channels)

@@ -59,8 +59,8 @@ def pack_partition_task(spec: convert.PartSpec, tiles_dir: str, tile_info: Any, 
 
 @task(name="assemble-h5", cache_policy=NO_CACHE, tags=["multimodal", "write"])
 def assemble_h5_task(parts: list[convert.PartResult], h5_path: str, image_size: int,
-                     compression: convert.Compression) -> int:
+                     compression: convert.Compression, attrs: dict[str, Any] | None = None) -> int:
     logger = get_run_logger()
-    n = convert.assemble_h5(parts, h5_path, image_size, compression)
+    n = convert.assemble_h5(parts, h5_path, image_size, compression, attrs)
     logger.info("wrote %s with %d rows", h5_path, n)
     return n

@@ -102,6 +102,9 @@ class Source(abc.ABC):
 
     #: short name recorded in tile_info["SOURCE"]
     name: str = "abstract"
+    #: made-up data (no real observation): said in report.json, the report artifact, the
+    #: terminal summary and the h5's attributes
+    synthetic: bool = False
     #: ecoregion name -> MMEarth index (tile_info "eco_region"); None gives 0 to every tile
     eco_index: dict[str, int] | None = None
 

@@ -268,6 +268,7 @@ class SyntheticSource(Source):
     """
 
     name = "synthetic"
+    synthetic = True
 
     def __init__(
         self,

@@ -1,0 +1,55 @@
+"""The settings as a user reads them: ``--help`` lists every ``--set`` key with its default and
+description (the same field metadata as the UI form), and the form's descriptions are literal
+Markdown (``data/<scene>/`` is not eaten as an HTML tag)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+
+@pytest.mark.parametrize("flow", ["multimodal", "aerial"])
+def test_help_lists_every_set_key_with_default_and_description(flow, capsys):
+    import importlib
+
+    from tasks.common.forms import settings_rows
+
+    mod = importlib.import_module(f"flows.{flow}")
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--help"])
+    out = capsys.readouterr().out
+    model = mod.AerialConfig if flow == "aerial" else mod.MultimodalConfig
+    rows = settings_rows(model)
+    assert len(rows) > 30
+    keys = re.findall(r"^  (\S+)", out.split("settings (--set KEY=VALUE")[1], flags=re.M)
+    assert keys == [k for _, k, _, _ in sorted(rows, key=lambda r: [g for g, *_ in rows].index(r[0]))]
+    assert "dask.n_workers" in keys
+    if flow == "multimodal":
+        assert re.search(r"  n_tiles +tiles to sample \(default: 256\)", out)
+        assert re.search(r"  sampling_mode +how tiles are shared out", out) and '(default: "biome-area")' in out
+    else:
+        assert re.search(r"  root +Earth Studio root: downloaded_data/ in, data/<scene>/ out", out)
+        assert re.search(r"  exports\.covisibility\.rel_tolerance\n +\|z_j - depth_j\| <= tol \* depth_j "
+                         r"\(default: 0\.1\)", out)
+
+
+def test_form_descriptions_escape_markdown_help_keeps_them_plain():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.aerial import aerial_flow
+    from flows.multimodal import multimodal_flow
+    from tasks.aerial.config import AerialConfig
+    from tasks.common.forms import escape_markdown
+
+    assert escape_markdown("data/<scene>/ a_b *x* [y] `z` |") == r"data/\<scene\>/ a\_b \*x\* \[y\] \`z\` \|"
+    schema = parameter_schema(aerial_flow.fn).model_dump()
+    defs = schema["definitions"]
+    assert defs["AerialConfig"]["properties"]["root"]["description"] == \
+        r"Earth Studio root: downloaded\_data/ in, data/\<scene\>/ out"
+    cov = defs["CovisibilityOptions"]["properties"]["rel_tolerance"]["description"]
+    assert cov.startswith(r"\|z\_j - depth\_j\| \<= tol \* depth\_j")  # the overrides models too
+    assert AerialConfig.model_fields["root"].description == "Earth Studio root: downloaded_data/ in, data/<scene>/ out"
+    mm = parameter_schema(multimodal_flow.fn).model_dump()["definitions"]["MultimodalConfig"]["properties"]
+    assert mm["eco_labels"]["description"].startswith("{ecoregion name: index} JSON")
+    assert mm["name"]["description"] == r"dataset name; must start with data\_"
