@@ -481,12 +481,14 @@ def _run_failure(report: RunReport, attempted: int, fetched: int, table: stacks.
 def _write_report(config: MultimodalConfig, report: RunReport, out: Path, selection, table) -> None:
     png = tiles_map_png(_map_points(selection.path, len(table)), [r.geometry for r in selection.regions],
                         title=f"{config.name}: {len(table)} tiles")
+    h5_path, n_rows = out / f"{config.name}.h5", report.counts.get("rows in h5", 0)
+    synthetic = bool(report.extra.get("source", {}).get("synthetic"))
     try:  # what is inside a tile, for a sample of tiles (no data in magenta)
-        if not h5_path.exists():
+        if not n_rows or not h5_path.exists():
             raise FileNotFoundError(f"{h5_path} was not written")
         sheet = out / "tiles_contact_sheet.png"
         write_bytes_atomic(sheet, contact_sheet_png(h5_path, title=f"{config.name}: {n_rows} tiles, a sample"
-                                                    + (" (SYNTHETIC)" if about["synthetic"] else "")
+                                                    + (" (SYNTHETIC)" if synthetic else "")
                                                     + "; no data in magenta"))
         report.outputs["contact sheet"] = str(sheet)
     except Exception as exc:  # noqa: BLE001 - a picture never sinks the dataset
