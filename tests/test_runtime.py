@@ -250,3 +250,86 @@ def test_shutdown_comm_tracebacks_are_dropped_other_dask_records_kept(caplog):
         logger.info("Batched Comm other %r", 1)
     messages = [r.getMessage() for r in caplog.records if r.name == "distributed.batched"]
     assert messages == ["Batched Comm other 1"]
+
+
+# --------------------------------------------------------------------------
+# which Prefect API a run uses: Prefect's own settings (issue 27 item 1)
+# --------------------------------------------------------------------------
+def _profile_home(tmp_path, monkeypatch, url: str):
+    """A PREFECT_HOME whose active profile has PREFECT_API_URL, set as the README says (`prefect config
+    set`); nothing in the environment, no .env in the working folder."""
+    home = tmp_path / "prefect-home"
+    for var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    subprocess.run([sys.executable, "-m", "prefect", "config", "set", f"PREFECT_API_URL={url}"], env=env,
+                   check=True, capture_output=True, timeout=120)
+    return home
+
+
+def test_api_url_set_with_prefect_config_is_used(tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{runtime._free_port()}/api"
+    home = _profile_home(tmp_path, monkeypatch, url)
+    choice = runtime.configured_api()
+    assert choice.url == url
+    assert choice.source == f"from profile 'ephemeral' ({home / 'profiles.toml'})"
+    with runtime.local_prefect_server(home=tmp_path / "own") as server:
+        assert server.process is None and server.url == url and not server.own
+        assert os.environ["PREFECT_API_URL"] == url  # for the Dask workers
+    assert not (tmp_path / "own").exists()  # no server of its own
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the environment wins, as in Prefect
+    assert runtime.configured_api() == runtime.ApiChoice("http://127.0.0.1:9/api",
+                                                         "from the environment variable PREFECT_API_URL")
+
+
+def test_no_api_url_anywhere_says_why_the_run_starts_its_own(tmp_path, monkeypatch):
+    for var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.chdir(tmp_path)
+    choice = runtime.configured_api()
+    assert choice.url is None and choice.source.startswith("no PREFECT_API_URL in the environment, .env, profile")
+
+
+def test_cli_run_uses_the_profile_api_and_says_so(tmp_path, monkeypatch):
+    """`python -m flows.multimodal` after `prefect config set PREFECT_API_URL=...`: the run goes to that
+    API (here nobody listens there, so it stops at once with one line naming it and its profile) and
+    never starts a server of its own."""
+    url = f"http://127.0.0.1:{runtime._free_port()}/api"
+    home = _profile_home(tmp_path, monkeypatch, url)
+    env = dict(os.environ, PYTHONPATH=str(runtime.PROJECT_ROOT), FACTORY_PREFECT_HOME=str(tmp_path / "own"))
+    out = subprocess.run([sys.executable, "-m", "flows.multimodal", "--set", f"output_dir={tmp_path / 'out'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"error: the Prefect API {url} (from profile 'ephemeral' ({home / 'profiles.toml'})) does not answer")
+    assert not (tmp_path / "own").exists() and not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------
+# a Prefect API that stops answering mid-run (issue 26 item 9)
+# --------------------------------------------------------------------------
+def test_api_watchdog_fires_once_after_the_grace_and_not_while_answered():
+    answers = {"ok": True}
+    fired = []
+    with runtime.ApiWatchdog("http://x/api", on_gone=fired.append, grace=0.6, interval=0.05,
+                             probe=lambda: answers["ok"]):
+        time.sleep(1.0)
+        assert not fired  # answered all along
+        answers["ok"] = False
+        deadline = time.monotonic() + 10
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(fired) == 1 and 0.6 <= fired[0] < 5
+
+
+def test_api_watchdog_default_probe_has_no_retries(tmp_path):
+    """The default probe answers within its interval against a dead port (Prefect's client would
+    otherwise retry for about a minute) and the grace has its stated default."""
+    wd = runtime.ApiWatchdog(f"http://127.0.0.1:{runtime._free_port()}/api", on_gone=lambda s: None, interval=2.0)
+    assert wd.grace == runtime.API_GRACE_S == 45.0
+    t0 = time.monotonic()
+    assert wd.probe() is False
+    assert time.monotonic() - t0 < 10
