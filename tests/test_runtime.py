@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import json
+
 import httpx
 import psutil
 import pytest
@@ -333,3 +335,57 @@ def test_api_watchdog_default_probe_has_no_retries(tmp_path):
     t0 = time.monotonic()
     assert wd.probe() is False
     assert time.monotonic() - t0 < 10
+
+
+_LOST_SERVER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from prefect import flow
+    from tasks.common.runlock import exclusive_output
+    from tasks.common.runtime import run_local
+
+    class Config:
+        def __init__(self, argv):
+            self.folder = argv[0]
+        def check_inputs(self):
+            pass
+
+    @flow(name="lost-server-check")
+    @exclusive_output(lambda config: config.folder)
+    def wait(config):  # the test kills the server meanwhile
+        for _ in range(600):
+            time.sleep(0.5)
+
+    sys.exit(run_local(sys.argv[1:], Config, wait, lambda result: 0))
+""")
+
+
+def test_cli_run_whose_server_dies_stops_within_the_grace(tmp_path):
+    """Issue 26 item 9, the real thing: the run's own server is killed mid-run; the CLI run stops with
+    exit 4 after FACTORY_API_GRACE_S (5 s here) instead of ~5 minutes, its lock record saying why, for
+    the next run to mark it Crashed (test_runtime_runs.py::test_a_run_stopped_by_the_api_watchdog...)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(runtime.PROJECT_ROOT), FACTORY_PREFECT_HOME=str(tmp_path / "home"),
+               PREFECT_HOME=str(tmp_path / "home"), FACTORY_API_GRACE_S="5")
+    folder = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _LOST_SERVER_SCRIPT, str(folder)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (folder / ".run.lock").exists() or not (folder / ".run.lock").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.3)
+        server = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "server" in " ".join(p.cmdline()) and "start" in " ".join(p.cmdline())]
+        assert server
+        os.killpg(server[0].pid, 9)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == runtime.EXIT_API_GONE, out + err
+    assert "has not answered for" in err and "This run stops now" in err
+    assert stopped_after < 60  # grace 5 s + one check interval + stopping; was ~5 minutes
+    record = json.loads((folder / ".run.lock").read_text())
+    assert record["flow_run_id"] and "ended" not in record and "stopped answering" in record["stopped"]
