@@ -20,8 +20,10 @@ from tasks.common.runtime import match_worker_threads, worker_address
 @task(name="synthetic-world", cache_policy=NO_CACHE, tags=["aerial"])
 def world_task(root: str, options: dict[str, Any]) -> str:
     from tasks.aerial.synthetic_world import ensure_world
+    from tasks.common.progress import Progress
 
-    info = ensure_world(Path(root), **options)
+    with Progress("synthetic world", 0, "renders") as progress:
+        info = ensure_world(Path(root), progress=progress.update, **options)
     get_run_logger().info("synthetic world ready in %s", root)
     return str(info.scene) if hasattr(info, "scene") else "0001"
 

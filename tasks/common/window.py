@@ -68,12 +68,14 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
 
 
 def run_each(submit: Callable[[T], Any], items: Iterable[T], on_result: Callable[[T, Any], None],
-             on_error: Callable[[T, BaseException], None], window: int | None = None) -> WindowStats:
+             on_error: Callable[[T, BaseException], None], window: int | None = None,
+             progress: Any = None) -> WindowStats:
     """The one "submit, collect, turn failures into problems" loop: :func:`run_windowed` over
     ``items`` (at most ``window`` in flight; ``None``: no bound), then in this thread, in
     completion order, ``on_result(item, value)`` for each success and ``on_error(item, exc)``
     for each failure, so one failed item never sinks the others. ``submit`` may also return a
-    future submitted earlier (``submit=lambda f: f`` collects a list of futures)."""
+    future submitted earlier (``submit=lambda f: f`` collects a list of futures). ``progress``: a
+    :class:`tasks.common.progress.Progress` advanced by one per finished item, closed at the end."""
     if window is None:
         items = list(items)
         window = max(1, len(items))
@@ -83,10 +85,16 @@ def run_each(submit: Callable[[T], Any], items: Iterable[T], on_result: Callable
             value = fut.result()
         except Exception as exc:  # noqa: BLE001 - reported for its item; the others go on
             on_error(item, exc)
-            return
-        on_result(item, value)
+        else:
+            on_result(item, value)
+        if progress is not None:
+            progress.advance(1)
 
-    return run_windowed(submit, items, window, on_done)
+    try:
+        return run_windowed(submit, items, window, on_done)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def in_thread(fn: Callable[..., Any], *args: Any, name: str | None = None) -> concurrent.futures.Future:
