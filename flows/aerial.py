@@ -374,7 +374,7 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_local(argv, parse_args, aerial_flow, finish)
+    return run_local(argv, parse_args, aerial_flow, finish, folder_of=lambda config: config.paths()["root"])
 
 
 def finish(result: dict[str, Any]) -> int:

@@ -426,7 +426,7 @@ def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_local(argv, parse_args, multimodal_flow, finish)
+    return run_local(argv, parse_args, multimodal_flow, finish, folder_of=lambda config: config.dataset_dir)
 
 
 def finish(result: dict[str, Any]) -> int:

@@ -389,3 +389,50 @@ def test_cli_run_whose_server_dies_stops_within_the_grace(tmp_path):
     assert stopped_after < 60  # grace 5 s + one check interval + stopping; was ~5 minutes
     record = json.loads((folder / ".run.lock").read_text())
     assert record["flow_run_id"] and "ended" not in record and "stopped answering" in record["stopped"]
+
+
+# --------------------------------------------------------------------------
+# library chatter in the run folder, not the terminal (issue 27 item 3)
+# --------------------------------------------------------------------------
+_CHATTER_CHILD = """
+import logging
+import tasks.aerial  # the first pycolmap import of a process, as on a Dask worker
+import pycolmap, distributed
+pycolmap.logging.info("COLMAP info chatter")
+pycolmap.logging.error("COLMAP error")
+logging.getLogger("distributed.worker").info("Start worker at: chatter")
+"""
+
+_CHATTER_SCRIPT = """
+import logging, os, subprocess, sys
+import distributed  # its logging set up as in a run
+from tasks.common import runtime
+
+with runtime.library_logs_to(sys.argv[1]) as log_dir:
+    logging.getLogger("distributed.scheduler").info("Receive client connection: chatter")
+    logging.getLogger("distributed.nanny").warning("Worker process still alive: a real warning")
+    sys.stderr.flush()
+    child = subprocess.run([sys.executable, "-c", sys.argv[2]], stderr=subprocess.PIPE, text=True)
+    print("CHILD", child.returncode, repr(child.stderr))
+    print("LOGDIR", log_dir)
+print("RESTORED", "FACTORY_LIBRARY_LOG_DIR" not in os.environ)
+logging.getLogger("distributed.scheduler").info("after the run: on the terminal again")
+"""
+
+
+def test_library_chatter_goes_to_the_run_folder(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(runtime.PROJECT_ROOT))
+    out = subprocess.run([sys.executable, "-c", _CHATTER_SCRIPT, str(tmp_path / "out"), _CHATTER_CHILD], env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    log_dir = tmp_path / "out" / "logs"
+    assert f"LOGDIR {log_dir}" in out.stdout and "RESTORED True" in out.stdout
+    # the terminal: warnings and errors only, until the block ends
+    terminal = out.stderr + next(x for x in out.stdout.splitlines() if x.startswith("CHILD"))
+    assert "chatter" not in terminal
+    assert "a real warning" in out.stderr and "COLMAP error" in terminal and "CHILD 0" in terminal
+    assert "after the run: on the terminal again" in out.stderr
+    dask_log = (log_dir / runtime.DASK_LOG).read_text()
+    assert "Receive client connection: chatter" in dask_log and "a real warning" in dask_log
+    colmap = "".join(p.read_text() for p in log_dir.glob("colmap.log.*"))
+    assert "COLMAP info chatter" in colmap and "COLMAP error" in colmap

@@ -396,14 +396,16 @@ def history_hint(server: PrefectServer) -> str:
 
 
 def run_local(argv: list[str] | None, parse_args: Callable[[list[str] | None], Any],
-              flow: Callable[..., dict[str, Any]], finish: Callable[[dict[str, Any]], int]) -> int:
+              flow: Callable[..., dict[str, Any]], finish: Callable[[dict[str, Any]], int],
+              folder_of: Callable[[Any], Any] | None = None) -> int:
     """The ``python -m flows.<name>`` entry point both flows share: every setting and input
     checked before any server or cluster starts (exit ``EXIT_CONFIG`` with one message), the
     flow run against the Prefect API of Prefect's settings or its own local server (first line:
     which and why; exit ``EXIT_CONFIG`` when a configured API does not answer, ``EXIT_BUSY`` if
     another run holds the output, ``EXIT_API_GONE`` when the API stops answering for
     ``API_GRACE_S``), then ``finish(result)`` prints the outcome and gives the exit code, and
-    the last lines say how to see the run in the UI again."""
+    the last lines say how to see the run in the UI again. ``folder_of(config)``: the run's output
+    folder, where the libraries' chatter goes (``logs/``, :func:`library_logs_to`)."""
     from tasks.common.cli import EXIT_CONFIG, ConfigError
     from tasks.common.runlock import EXIT_BUSY, OutputBusy
 
@@ -419,12 +421,15 @@ def run_local(argv: list[str] | None, parse_args: Callable[[list[str] | None], A
     with local_prefect_server() as server:
         print(f"Prefect API: {server.url} ({server.source})  UI: {server.ui_url}", flush=True)
         try:
-            with ApiWatchdog(server.url, on_gone=lambda s: _stop_for_lost_api(server.url, s)):
+            with ApiWatchdog(server.url, on_gone=lambda s: _stop_for_lost_api(server.url, s)), \
+                    library_logs_to(folder_of(config) if folder_of else None) as log_dir:
                 result = flow(config=config)
         except OutputBusy as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BUSY
     code = finish(result)
+    if log_dir is not None:
+        print(f"Library logs (COLMAP, Dask): {log_dir}", flush=True)
     print(history_hint(server), flush=True)
     return code
 
@@ -473,12 +478,72 @@ def keep_signal_handlers(*signums: int) -> Iterator[None]:
 
 
 def import_pycolmap():
-    """``import pycolmap`` without its SIGTERM handler (see :func:`keep_signal_handlers`)."""
+    """``import pycolmap`` without its SIGTERM handler (see :func:`keep_signal_handlers`); COLMAP's
+    log goes where :func:`library_logs_to` says (``FACTORY_LIBRARY_LOG_DIR``)."""
     if "pycolmap" in sys.modules:
         return sys.modules["pycolmap"]
     with keep_signal_handlers(signal.SIGTERM, signal.SIGINT):
         import pycolmap
+    route_glog(pycolmap)
     return pycolmap
+
+
+def route_glog(pycolmap, log_dir: str | None = None) -> None:
+    """COLMAP's glog messages into ``LOG_DIR/colmap.log.<date>.<pid>`` (one file per process) and
+    only errors on the terminal, when ``log_dir`` or ``FACTORY_LIBRARY_LOG_DIR`` names a folder;
+    otherwise pycolmap's defaults (everything on stderr) stay."""
+    log_dir = log_dir or os.environ.get("FACTORY_LIBRARY_LOG_DIR")
+    if not log_dir:
+        return
+    with contextlib.suppress(Exception):
+        glog = pycolmap.logging
+        glog.alsologtostderr = False
+        glog.stderrthreshold = 2  # ERROR
+        glog.set_log_destination(glog.INFO, str(Path(log_dir) / "colmap.log."))
+        glog.set_log_destination(glog.WARNING, "")  # their lines are in the INFO file already
+        glog.set_log_destination(glog.ERROR, "")
+
+
+#: Dask's log file of a CLI run, under its output folder's ``logs/``.
+DASK_LOG = "dask.log"
+
+
+@contextlib.contextmanager
+def library_logs_to(folder: str | os.PathLike | None) -> Iterator[Path | None]:
+    """For the block, the libraries' chatter goes to ``FOLDER/logs/`` instead of the terminal: COLMAP's
+    glog (every process that imports pycolmap after this, and this one: ``colmap.log.*``) and the
+    ``distributed`` INFO records of this process (scheduler, nannies: ``dask.log``); Dask worker
+    processes keep only warnings. Warnings and errors stay on the terminal. Yields the folder (None
+    when it cannot be made: nothing is moved)."""
+    if folder is None:
+        yield None
+        return
+    log_dir = Path(folder) / "logs"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield None
+        return
+    old = _apply_env({"FACTORY_LIBRARY_LOG_DIR": str(log_dir), "DASK_LOGGING__DISTRIBUTED": "warning"})
+    dist = logging.getLogger("distributed")
+    to_file = logging.FileHandler(log_dir / DASK_LOG, encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    terminal = [(h, h.level) for h in dist.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    for h, level in terminal:
+        h.setLevel(max(level, logging.WARNING))
+    dist.addHandler(to_file)
+    if "pycolmap" in sys.modules:
+        route_glog(sys.modules["pycolmap"], str(log_dir))
+    try:
+        yield log_dir
+    finally:
+        dist.removeHandler(to_file)
+        to_file.close()
+        for h, level in terminal:
+            h.setLevel(level)
+        _restore_env(old)
 
 
 # --------------------------------------------------------------------------
