@@ -25,7 +25,6 @@ A scene that fails makes the command exit with status 1 after the other scenes f
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,7 @@ from tasks.aerial.tasks import collect_task, covis_block_task, covis_plan_task, 
     resolve_dense_backend, submit_dense, training_index_task, training_scene_task, world_task
 from tasks.common.cli import Alias, parse_config
 from tasks.common.progress import Progress
-from tasks.common.report import RunReport, StageFailed
+from tasks.common.report import RunReport, StageFailed, counts_table
 from tasks.common.runlock import exclusive_output
 from tasks.common.runtime import gpu_workers, make_task_runner, run_local, worker_count
 from tasks.common.window import in_thread, run_each
@@ -269,6 +268,8 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
     with report.stage("training export", s):
         res = training_scene_task.submit(str(run.export_root), sp, plan, ecfg, features).result()
         report.outputs["training export"] = str(run.export_root)
+        if res.get("picture"):
+            report.outputs["covisibility picture"] = str(run.export_root / res["picture"])
         report.counts.update({f"pairs {k}": v["pairs"] for k, v in res["ranges"].items()})
     return True
 
@@ -339,7 +340,8 @@ def summarize(run: SceneRun, planned: dict[str, Any], reports: dict[str, RunRepo
         if why:
             result["failed"][s] = why
         result["scenes"][s] = {**report.to_dict(), "accuracy": o.accuracy}
-        logger.info("scene %s: %s", s, json.dumps(report.counts))
+        logger.info("scene %s (all counts in %s):\n%s", s, report.outputs.get("report"),
+                    "\n".join(counts_table(report.counts)))
     return result
 
 
@@ -398,9 +400,13 @@ def print_result(result: dict[str, Any]) -> None:
         return
     print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
     for scene, rep in result["scenes"].items():
-        print(f"  scene {scene}: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items()))
-        if rep.get("outputs", {}).get("product"):
-            print(f"    product: {rep['outputs']['product']}")
+        outputs = rep.get("outputs", {})
+        print(f"  scene {scene}:")
+        print("\n".join(counts_table(rep["counts"], indent="    ")))
+        for label, key in (("product", "product"), ("report", "report"), ("picture", "picture"),
+                           ("covisibility picture", "covisibility picture"), ("training export", "training export")):
+            if outputs.get(key):
+                print(f"    {label}: {outputs[key]}")
         for prob in rep.get("problems", [])[:10]:
             print(f"    problem: {prob['item']} ({prob['stage']}): {prob['reason']}")
         if rep.get("accuracy"):

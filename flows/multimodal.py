@@ -430,13 +430,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def finish(result: dict[str, Any]) -> int:
-    """Print where the dataset is and its counts."""
+    """Print where the dataset is, its counts, and the paths of its report and picture."""
     counts = result["counts"]
     print(f"\nDataset written to {result['dataset_dir']}")
     for k, v in counts.items():
         print(f"  {k:>16}: {v}")
+    outputs = result.get("outputs", {})
     if result["problems"]:
-        print(f"  {len(result['problems'])} problem(s); see {Path(result['dataset_dir']) / 'report.json'}")
+        where = result.get("problems_file") or outputs.get("report")
+        print(f"  {result.get('problems_total', len(result['problems']))} problem(s); see {where}")
+    print(f"Report: {outputs.get('report', Path(result['dataset_dir']) / 'report.json')}")
+    if outputs.get("picture"):
+        print(f"Picture: {outputs['picture']}")
     return 0
 
 

@@ -3,6 +3,7 @@ and as a Prefect progress artifact, for stages over a few seconds."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -117,3 +118,68 @@ def test_world_render_reports_each_render(tmp_path):
     calls = []
     generate_world(tmp_path, n_aerial=3, n_ground=2, size=(160, 120), seed=1, progress=lambda d, t: calls.append((d, t)))
     assert calls == [(k, 5) for k in range(1, 6)]
+
+
+# --------------------------------------------------------------------------
+# the end of a local run (issue 27 items 3 and 7)
+# --------------------------------------------------------------------------
+def test_report_names_its_problems_file_only_when_written(tmp_path):
+    from tasks.common.report import RunReport
+
+    stale = tmp_path / "report_problems.jsonl"
+    stale.write_text('{"item": "old", "stage": "fetch", "reason": "an earlier run"}\n')
+    clean = RunReport("clean run", problems_file=stale, keep_problems=10)
+    path = clean.write(tmp_path)
+    d = json.loads(path.read_text())
+    assert "problems_file" not in d and d["problems_total"] == 0 and not stale.exists()
+    assert d["outputs"]["report"] == str(path)
+    bad = RunReport("run with a problem", problems_file=stale, keep_problems=10)
+    bad.problem("t1", "fetch", "timeout")
+    d = json.loads(bad.write(tmp_path).read_text())
+    assert d["problems_file"] == str(stale) and stale.read_text().count("\n") == 1
+
+
+def test_aerial_summary_is_a_short_table_with_the_report_and_pictures(capsys):
+    from flows.aerial import print_result
+
+    counts = {f"count number {i}": 1000 + i for i in range(30)} | {"dense backend": "cpu"}
+    outputs = {"product": "/r/data/0001/localized_dense_metric", "report": "/r/data/0001/report.json",
+               "picture": "/r/data/0001/overview.png", "covisibility picture": "/r/training/pictures/0001_covisibility.png"}
+    print_result({"root": "/r", "plans": {}, "pipeline": "sift+mnn", "dense backend": "cpu", "failed": {},
+                  "scenes": {"0001": {"counts": counts, "outputs": outputs, "problems": [], "accuracy": None}}})
+    out = capsys.readouterr().out
+    assert max(len(x) for x in out.splitlines()) <= 100
+    assert "count number 29" in out and "1029" in out
+    for path in outputs.values():
+        assert path in out
+
+
+def test_multimodal_summary_names_the_report_and_picture(capsys):
+    from flows.multimodal import finish
+
+    result = {"dataset_dir": "/o/data", "counts": {"rows in h5": 4}, "problems": [],
+              "outputs": {"report": "/o/data/report.json", "picture": "/o/data/tiles_map.png"}}
+    assert finish(result) == 0
+    out = capsys.readouterr().out
+    assert "Report: /o/data/report.json" in out and "Picture: /o/data/tiles_map.png" in out
+
+
+def test_history_hint_opens_the_kept_history(tmp_path, monkeypatch):
+    """The command the summary gives (PREFECT_HOME=<home> prefect server start) serves the database
+    the run's own server wrote: the same file, as Prefect resolves it."""
+    from prefect.settings import Settings
+
+    from tasks.common.runtime import PrefectServer, history_hint
+
+    home = tmp_path / ".prefect"
+    own = PrefectServer(url="http://127.0.0.1:4321/api", process=object(), home=home, log_path=None)
+    hint = history_hint(own)
+    assert "died with this run's own Prefect server" in hint
+    assert f"PREFECT_HOME={home} prefect server start" in hint
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    for var in ("PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(var, raising=False)
+    db = Settings().server.database.connection_url.get_secret_value()
+    assert db == f"sqlite+aiosqlite:///{home / 'prefect.db'}"  # what local_prefect_server writes
+    external = PrefectServer(url="http://127.0.0.1:4200/api", process=None, home=home, log_path=None)
+    assert history_hint(external) == "Prefect UI: http://127.0.0.1:4200 (this run is in its history there)."
