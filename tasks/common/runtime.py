@@ -157,8 +157,9 @@ class ApiChoice:
     source: str
 
 
-def _profile_api_url() -> tuple[str | None, str]:
-    """(PREFECT_API_URL of the active profile, "profile 'NAME' (PATH)") as Prefect reads them."""
+def _profile_api_url() -> tuple[str | None, str, str]:
+    """(PREFECT_API_URL of the active profile, "profile 'NAME' (PATH)", "profile 'NAME'") as Prefect
+    reads them."""
     from prefect.settings import Settings
     from prefect.settings.sources import ProfileSettingsTomlLoader, _get_profiles_path, _read_toml_file
 
@@ -167,7 +168,8 @@ def _profile_api_url() -> tuple[str | None, str]:
     with contextlib.suppress(Exception):
         name = name or _read_toml_file(path).get("active")
     loader = ProfileSettingsTomlLoader(Settings)
-    return loader.profile_settings.get("PREFECT_API_URL"), f"profile {name or 'ephemeral'!r} ({path})"
+    short = f"profile {name or 'ephemeral'!r}"
+    return loader.profile_settings.get("PREFECT_API_URL"), f"{short} ({path})", short
 
 
 def configured_api() -> ApiChoice:
@@ -179,9 +181,9 @@ def configured_api() -> ApiChoice:
     from prefect.settings import Settings
 
     url = Settings().api.url
-    prof_url, prof = _profile_api_url()
+    prof_url, prof, prof_short = _profile_api_url()
     if not url:
-        return ApiChoice(None, f"no PREFECT_API_URL in the environment, .env, {prof} or prefect.toml")
+        return ApiChoice(None, f"no PREFECT_API_URL in the environment, .env, {prof_short} or prefect.toml")
     url = str(url).rstrip("/")
     same = lambda v: bool(v) and str(v).rstrip("/") == url  # noqa: E731
     if same(os.environ.get("PREFECT_API_URL")):
