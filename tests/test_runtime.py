@@ -405,7 +405,9 @@ logging.getLogger("distributed.worker").info("Start worker at: chatter")
 
 _CHATTER_SCRIPT = """
 import logging, os, subprocess, sys
-import distributed  # its logging set up as in a run
+if sys.argv[3] == "prefect first":  # as in the flows: Prefect's console handler on the root logger
+    import prefect
+import distributed
 from tasks.common import runtime
 
 with runtime.library_logs_to(sys.argv[1]) as log_dir:
@@ -420,10 +422,11 @@ logging.getLogger("distributed.scheduler").info("after the run: on the terminal 
 """
 
 
-def test_library_chatter_goes_to_the_run_folder(tmp_path):
+@pytest.mark.parametrize("order", ["prefect first", "dask first"])
+def test_library_chatter_goes_to_the_run_folder(tmp_path, order):
     env = dict(os.environ, PYTHONPATH=str(runtime.PROJECT_ROOT))
-    out = subprocess.run([sys.executable, "-c", _CHATTER_SCRIPT, str(tmp_path / "out"), _CHATTER_CHILD], env=env,
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-c", _CHATTER_SCRIPT, str(tmp_path / "out"), _CHATTER_CHILD, order],
+                         env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr
     log_dir = tmp_path / "out" / "logs"
     assert f"LOGDIR {log_dir}" in out.stdout and "RESTORED True" in out.stdout

@@ -506,6 +506,18 @@ def route_glog(pycolmap, log_dir: str | None = None) -> None:
         glog.set_log_destination(glog.ERROR, "")
 
 
+class _WarningsToRoot(logging.Handler):
+    """Hands warnings and errors to the root logger's handlers (Prefect's console), nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for h in logging.getLogger().handlers:
+            if record.levelno >= h.level:
+                h.handle(record)
+
+
 #: Dask's log file of a CLI run, under its output folder's ``logs/``.
 DASK_LOG = "dask.log"
 
@@ -535,6 +547,11 @@ def library_logs_to(folder: str | os.PathLike | None) -> Iterator[Path | None]:
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     for h, level in terminal:
         h.setLevel(max(level, logging.WARNING))
+    propagate = dist.propagate
+    forward = _WarningsToRoot()
+    if propagate:  # with Prefect imported first, Dask's records reach the terminal through the root logger
+        dist.propagate = False
+        dist.addHandler(forward)
     dist.addHandler(to_file)
     if "pycolmap" in sys.modules:
         route_glog(sys.modules["pycolmap"], str(log_dir))
@@ -542,6 +559,8 @@ def library_logs_to(folder: str | os.PathLike | None) -> Iterator[Path | None]:
         yield log_dir
     finally:
         dist.removeHandler(to_file)
+        dist.removeHandler(forward)
+        dist.propagate = propagate
         to_file.close()
         for h, level in terminal:
             h.setLevel(level)
