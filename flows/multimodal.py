@@ -107,7 +107,7 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
 
     with progress:
         stats = run_windowed(submit, _batches(tiles_path, table, config.fetch_batch_size, only),
-                             config.tasks_in_flight, on_done)
+                             config.tasks_in_flight, on_done, idle=progress.tick)
     logger.debug("%s: %d fetch tasks, at most %d in flight", stage, stats.submitted, stats.max_in_flight)
     return finished[0]
 
@@ -173,7 +173,7 @@ class _Packer:
 
         t0 = time.monotonic()
         with progress:
-            run_windowed(submit, specs, cfg.tasks_in_flight, on_done)
+            run_windowed(submit, specs, cfg.tasks_in_flight, on_done, idle=progress.tick)
         self.seconds += time.monotonic() - t0
 
 

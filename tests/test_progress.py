@@ -45,6 +45,16 @@ def test_lines_say_done_total_rate_and_time_left_and_short_stages_say_nothing(ca
     assert _lines(caplog) == []
 
 
+def test_heartbeat_while_nothing_finishes(caplog):
+    caplog.set_level(logging.INFO, logger="progress-test")
+    clock = Clock()
+    p = Progress("scene 0001 dense", 9, "tasks", logger=logging.getLogger("progress-test"), clock=clock)
+    for _ in range(95):  # the window's idle calls, one a second
+        clock.t += 1.0
+        p.tick()
+    assert _lines(caplog) == [f"scene 0001 dense: 0/9 tasks (0%), running for {t}" for t in ("30s", "1m 00s", "1m 30s")]
+
+
 def test_update_from_a_plain_function_callback(caplog):
     caplog.set_level(logging.INFO, logger="progress-test")
     clock = Clock()

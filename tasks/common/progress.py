@@ -8,6 +8,9 @@ artifact (``prefect.artifacts.create_progress_artifact``) that it updates with t
     scene 0001 dense: 12/32 tasks (38%), 0.21/s, about 1m 35s left
     scene 0001 dense: 32/32 tasks in 2m 31s
 
+While nothing finishes, :meth:`Progress.tick` (called every second by the windows of tasks) still
+shows a line every ``heartbeat_s`` (30 s): ``scene 0001 dense: 0/9 tasks (0%), running for 1m 30s``.
+
 Used as ``Progress(...).advance(n)`` where the work is counted (the flows' windows of tasks,
 :func:`tasks.common.window.run_each`), or as a ``callback(done, total)`` handed to a plain function
 that counts its own items (:meth:`Progress.update`: the synthetic world's renders). Thread-safe: the
@@ -55,10 +58,10 @@ class Progress:
     """Progress of ``stage`` over ``total`` ``unit`` (see the module docstring)."""
 
     def __init__(self, stage: str, total: int, unit: str = "", logger: Any = None, every_s: float = 5.0,
-                 quiet_s: float = 3.0, artifact: bool = True, clock=time.monotonic):
+                 quiet_s: float = 3.0, artifact: bool = True, clock=time.monotonic, heartbeat_s: float = 30.0):
         self.stage, self.total, self.unit = stage, max(int(total), 0), unit
         self.logger = logger or _run_logger()
-        self.every_s, self.quiet_s, self.clock = every_s, quiet_s, clock
+        self.every_s, self.quiet_s, self.clock, self.heartbeat_s = every_s, quiet_s, clock, heartbeat_s
         self.want_artifact = artifact and _in_run()  # decided here: callbacks may run outside the run's context
         self.done = 0
         self.t0 = clock()
@@ -77,7 +80,9 @@ class Progress:
             return f"{self.stage}: {self.done}/{self.total}{unit} in {duration(elapsed)}"
         pct = f" ({100.0 * self.done / self.total:.0f}%)" if self.total else ""
         out = f"{self.stage}: {self.done}/{self.total}{unit}{pct}"
-        if self.done and elapsed > 0:
+        if not self.done:
+            out += f", running for {duration(elapsed)}"
+        elif elapsed > 0:
             rate = self.done / elapsed
             out += f", {rate:.2f}/s" if rate < 10 else f", {rate:.0f}/s"
             out += f", about {duration((self.total - self.done) / rate)} left"
@@ -100,6 +105,15 @@ class Progress:
             if total is not None:
                 self.total = max(int(total), 0)
             self._maybe_show("")
+
+    def tick(self) -> None:
+        """Nothing finished lately: a line anyway once ``heartbeat_s`` passed since the last one (long
+        items: the first of 9 dense tasks can take minutes)."""
+        with self._lock:
+            now = self.clock()
+            since = now - (self.last_shown if self.last_shown is not None else self.t0)
+            if not self.closed and now - self.t0 >= self.quiet_s and since >= self.heartbeat_s:
+                self._show("", now)
 
     def close(self) -> None:
         """The last line (and the artifact at its final value), if the stage was shown at all."""

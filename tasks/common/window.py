@@ -30,10 +30,11 @@ class WindowStats:
 
 
 def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
-                 on_done: Callable[[T, Any], None]) -> WindowStats:
+                 on_done: Callable[[T, Any], None], idle: Callable[[], None] | None = None) -> WindowStats:
     """Submit ``submit(item)`` for every item with at most ``window`` in flight; call
     ``on_done(item, future)`` (in this thread) as each finishes. ``submit`` may return
-    any future with ``add_done_callback`` (Prefect, Dask, concurrent.futures)."""
+    any future with ``add_done_callback`` (Prefect, Dask, concurrent.futures). ``idle()``: called
+    about every second while nothing finishes (a progress heartbeat)."""
     window = max(1, int(window))
     finished: queue.SimpleQueue = queue.SimpleQueue()
     in_flight: dict[int, tuple[T, Any]] = {}
@@ -61,6 +62,8 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
                 k = finished.get(timeout=1.0)
                 break
             except queue.Empty:
+                if idle is not None:
+                    idle()
                 continue
         item, fut = in_flight.pop(k)
         on_done(item, fut)
@@ -91,7 +94,7 @@ def run_each(submit: Callable[[T], Any], items: Iterable[T], on_result: Callable
             progress.advance(1)
 
     try:
-        return run_windowed(submit, items, window, on_done)
+        return run_windowed(submit, items, window, on_done, idle=progress.tick if progress is not None else None)
     finally:
         if progress is not None:
             progress.close()
