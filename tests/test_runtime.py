@@ -308,6 +308,11 @@ def test_cli_run_uses_the_profile_api_and_says_so(tmp_path, monkeypatch):
     assert out.stderr.strip().splitlines()[-1].startswith(
         f"error: the Prefect API {url} (from profile 'ephemeral' ({home / 'profiles.toml'})) does not answer")
     assert not (tmp_path / "own").exists() and not (tmp_path / "out").exists()
+    served = subprocess.run([sys.executable, "-m", "deployments.serve"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=240)  # serve too: the profile's server, not one of its own
+    assert served.returncode == 2, served.stdout + served.stderr
+    assert served.stderr.strip().splitlines()[-1].startswith(f"error: the Prefect API {url} (from profile 'ephemeral'")
+    assert not (tmp_path / "own").exists()
 
 
 # --------------------------------------------------------------------------
