@@ -147,8 +147,13 @@ def dense_cpu_task(paths, cfg, names: list[str]):
 def dense_patch_match_task(paths, cfg, names: list[str], phase: str):
     from tasks.aerial import pipeline as PL
 
+    from tasks.common.progress import Progress
+
     match_worker_threads()
-    return {**PL.dense_patch_match(paths, cfg, names, phase), "worker": worker_address()}
+    first = f" from {names[0]}" if names else ""
+    with Progress(f"scene {paths.scene} dense {phase}{first}", len(names), "images") as progress:
+        out = PL.dense_patch_match(paths, cfg, names, phase, progress=progress.update)
+    return {**out, "worker": worker_address()}
 
 
 @task(name="dense-finish", cache_policy=NO_CACHE, tags=["aerial", "dense"], retries=1)
