@@ -416,7 +416,9 @@ if sys.argv[3] == "as in a flow":  # Dask's records reach Prefect's console hand
 import distributed
 from tasks.common import runtime
 
-with runtime.library_logs_to(sys.argv[1]) as log_dir:
+from distributed.utils import silence_logging_cmgr
+
+with runtime.library_logs_to(sys.argv[1]) as log_dir, silence_logging_cmgr(logging.WARNING):  # as a LocalCluster
     logging.getLogger("distributed.scheduler").info("Receive client connection: chatter")
     logging.getLogger("distributed.nanny").warning("Worker process still alive: a real warning")
     sys.stderr.flush()

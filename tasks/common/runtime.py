@@ -518,6 +518,23 @@ class _WarningsToRoot(logging.Handler):
                 h.handle(record)
 
 
+class _ToFile(logging.Handler):
+    """INFO and above into a file. Not a ``StreamHandler``: a ``LocalCluster`` (``silence_logs``)
+    raises every StreamHandler of the ``distributed`` logger to WARNING, a FileHandler included."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(level=logging.INFO)
+        self._file = logging.FileHandler(path, encoding="utf-8")
+        self._file.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._file.emit(record)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
 #: Dask's log file of a CLI run, under its output folder's ``logs/``.
 DASK_LOG = "dask.log"
 
@@ -540,9 +557,7 @@ def library_logs_to(folder: str | os.PathLike | None) -> Iterator[Path | None]:
         return
     old = _apply_env({"FACTORY_LIBRARY_LOG_DIR": str(log_dir), "DASK_LOGGING__DISTRIBUTED": "warning"})
     dist = logging.getLogger("distributed")
-    to_file = logging.FileHandler(log_dir / DASK_LOG, encoding="utf-8")
-    to_file.setLevel(logging.INFO)
-    to_file.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+    to_file = _ToFile(log_dir / DASK_LOG)
     terminal = [(h, h.level) for h in dist.handlers
                 if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
     for h, level in terminal:
