@@ -93,6 +93,14 @@ def test_run_each_counts_results_and_failures():
     assert seen == [1] * 6 and p.done == 6 and p.closed and errors == [3]
 
 
+def test_slow_items_say_the_time_each():
+    clock = Clock()
+    p = Progress("scene 0001 dense", 9, "tasks", clock=clock)
+    clock.t += 302.0
+    p.done = 1
+    assert p.text() == "scene 0001 dense: 1/9 tasks (11%), 5m 02s each, about 40m 16s left"
+
+
 def test_duration_words():
     assert [duration(x) for x in (0, 44.6, 95, 3599, 7500)] == ["0s", "45s", "1m 35s", "59m 59s", "2h 05m"]
 
@@ -152,14 +160,14 @@ def test_report_names_its_problems_file_only_when_written(tmp_path):
 def test_aerial_summary_is_a_short_table_with_the_report_and_pictures(capsys):
     from flows.aerial import print_result
 
-    counts = {f"count number {i}": 1000 + i for i in range(30)} | {"dense backend": "cpu"}
+    counts = {f"count number {i}": 1000 + i for i in range(30)} | {"dense backend": "cpu", "error px": 0.4240841636784985}
     outputs = {"product": "/r/data/0001/localized_dense_metric", "report": "/r/data/0001/report.json",
                "picture": "/r/data/0001/overview.png", "covisibility picture": "/r/training/pictures/0001_covisibility.png"}
     print_result({"root": "/r", "plans": {}, "pipeline": "sift+mnn", "dense backend": "cpu", "failed": {},
                   "scenes": {"0001": {"counts": counts, "outputs": outputs, "problems": [], "accuracy": None}}})
     out = capsys.readouterr().out
     assert max(len(x) for x in out.splitlines()) <= 100
-    assert "count number 29" in out and "1029" in out
+    assert "count number 29" in out and "1029" in out and "0.4241" in out
     for path in outputs.values():
         assert path in out
 

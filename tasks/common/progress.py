@@ -6,6 +6,7 @@ A stage that ends within ``quiet_s`` (3 s) shows nothing; a longer one shows a l
 artifact (``prefect.artifacts.create_progress_artifact``) that it updates with the same words::
 
     scene 0001 dense: 12/32 tasks (38%), 0.21/s, about 1m 35s left
+    scene 0001 dense: 2/9 tasks (22%), 5m 02s each, about 35m 17s left
     scene 0001 dense: 32/32 tasks in 2m 31s
 
 While nothing finishes, :meth:`Progress.tick` (called every second by the windows of tasks) still
@@ -84,7 +85,10 @@ class Progress:
             out += f", running for {duration(elapsed)}"
         elif elapsed > 0:
             rate = self.done / elapsed
-            out += f", {rate:.2f}/s" if rate < 10 else f", {rate:.0f}/s"
+            if rate < 0.1:  # slow items: the time per item says more than 0.00/s
+                out += f", {duration(1.0 / rate)} each"
+            else:
+                out += f", {rate:.2f}/s" if rate < 10 else f", {rate:.0f}/s"
             out += f", about {duration((self.total - self.done) / rate)} left"
         return out
 

@@ -150,7 +150,7 @@ def counts_table(counts: dict[str, Any], indent: str = "  ", width: int = 100) -
     line as fit in ``width`` characters (the whole list stays in report.json)."""
     if not counts:
         return []
-    cells = [(str(k), str(v)) for k, v in counts.items()]
+    cells = [(str(k), f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in counts.items()]
     kw = min(max(len(k) for k, _ in cells), 34)
     vw = min(max(len(v) for _, v in cells), 14)
     cell_w = kw + 1 + vw
