@@ -1,6 +1,6 @@
 """Serve the deployments of ``prefect.yaml`` from this machine, without a worker.
 
-    python -m deployments.serve                 # uses PREFECT_API_URL, or starts a local server
+    python -m deployments.serve                 # the API of Prefect's settings (profile, env, .env), else its own server
     python -m deployments.serve --list          # show what would be served
 
 The deployments (flow + parameters + schedule) appear in the Prefect UI, where
@@ -74,9 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from prefect import serve
 
     from blocks import register_blocks
-    from tasks.common.runtime import local_prefect_server
+    from tasks.common.runtime import configured_api_problem, local_prefect_server
 
+    if (why := configured_api_problem()) is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     with local_prefect_server() as server:
+        print(f"Prefect API: {server.url} ({server.source})  UI: {server.ui_url}", flush=True)
         register_blocks()
         clashes = deployed_to_pools(deployments)
         if clashes:
@@ -85,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
                   + ". Delete them first (prefect deployment delete NAME), or run them with a worker.",
                   file=sys.stderr)
             return 2
-        print(f"Prefect UI: {server.ui_url}  (API {server.url})", flush=True)
         print("Serving " + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments)
               + ". Stopping this process pauses these deployments.", flush=True)
         serve(*deployments)

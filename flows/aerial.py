@@ -25,7 +25,6 @@ A scene that fails makes the command exit with status 1 after the other scenes f
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +44,8 @@ from tasks.aerial.tasks import collect_task, covis_block_task, covis_plan_task, 
     merge_features_task, merge_matches_task, needs_fusion_task, pairs_task, plan_task, reference_task, \
     resolve_dense_backend, submit_dense, training_index_task, training_scene_task, world_task
 from tasks.common.cli import Alias, parse_config
-from tasks.common.report import RunReport, StageFailed
+from tasks.common.progress import Progress
+from tasks.common.report import RunReport, StageFailed, counts_table
 from tasks.common.runlock import exclusive_output
 from tasks.common.runtime import gpu_workers, make_task_runner, run_local, worker_count
 from tasks.common.window import in_thread, run_each
@@ -154,7 +154,8 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
         report.counts["frames"] = 0
     with stage("megadepth"):
         run_each(lambda x: x[1], photos, on_result=lambda _x, results: record_megadepth(report, results),
-                 on_error=lambda x, exc: report.problem(x[0], "megadepth", f"{type(exc).__name__}: {exc}"))
+                 on_error=lambda x, exc: report.problem(x[0], "megadepth", f"{type(exc).__name__}: {exc}"),
+                 progress=Progress(f"scene {s} megadepth", len(photos), "batches"))
     if not out.ingested or not (sp.reference_empty / "images.txt").exists():
         return
 
@@ -168,13 +169,15 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
         names = PL.missing_features(sp, info["reference"] + sorted(info["queries"]))
         if names:
             n = max(1, min(parts, len(names) // 8)) if cfg.backend == "builtin" else 1
-            in_parts(features_task, merge_features_task, n, sp, cfg, names)
+            in_parts(features_task, merge_features_task, n, sp, cfg, names,
+                     progress=Progress(f"scene {s} features", n, "parts"))
     for name in PL.missing_features(sp, sorted(info["queries"])):
         report.problem(name, "features", "no features (unreadable image)")
     with stage("pairs"):
         report.counts.update(pairs_task.submit(sp, cfg, info).result())
     with stage("matches"):
-        in_parts(matches_task, merge_matches_task, parts if cfg.backend == "builtin" else 1, sp, cfg)
+        n = parts if cfg.backend == "builtin" else 1
+        in_parts(matches_task, merge_matches_task, n, sp, cfg, progress=Progress(f"scene {s} matches", n, "parts"))
     with stage("reference"):
         report.counts.update(reference_task.submit(sp, cfg).result().counts)
     with stage("localization"):
@@ -191,8 +194,9 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
     report.counts["dense backend"] = out.backend
     with stage("dense"):
         done, failed = [], []
-        run_each(lambda f: f, submit_dense(sp, cfg, images, out.backend, config.dense_batch),
-                 on_result=lambda _f, r: done.append(r), on_error=lambda _f, exc: failed.append(exc))
+        futs = submit_dense(sp, cfg, images, out.backend, config.dense_batch)
+        run_each(lambda f: f, futs, on_result=lambda _f, r: done.append(r), on_error=lambda _f, exc: failed.append(exc),
+                 progress=Progress(f"scene {s} dense ({len(images)} images)", len(futs), "tasks"))
         out.dense_workers = record_dense(report, done)
         for exc in failed[1:]:
             report.problem(s, "dense", f"{type(exc).__name__}: {exc}")
@@ -230,11 +234,22 @@ def submit_megadepth(run: SceneRun, s: str, report: RunReport) -> list[tuple[str
     return futs
 
 
-def in_parts(task, merge_task, n: int, sp, *args) -> Any:
-    """``task`` over ``n`` parts on the workers, then ``merge_task`` of the parts (one call when n == 1)."""
+def in_parts(task, merge_task, n: int, sp, *args, progress: Progress | None = None) -> Any:
+    """``task`` over ``n`` parts on the workers, then ``merge_task`` of the parts (one call when n == 1);
+    ``progress`` counts the parts. A failed part fails the stage (the first error is raised)."""
     if n == 1:
-        return task.submit(sp, *args, None).result()
+        try:
+            return task.submit(sp, *args, None).result()
+        finally:
+            if progress is not None:
+                progress.advance(1)
+                progress.close()
     parts = [task.submit(sp, *args, (i, n)) for i in range(n)]
+    failed: list[BaseException] = []
+    run_each(lambda f: f, parts, on_result=lambda _f, _r: None, on_error=lambda _f, exc: failed.append(exc),
+             progress=progress)
+    if failed:
+        raise failed[0]
     return merge_task.submit(sp, n, wait_for=parts).result()
 
 
@@ -245,9 +260,10 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
     with report.stage("covisibility", s):
         plan = covis_plan_task.submit(str(sp.product), str(T.covisibility_work(run.export_root, s)), ecfg).result()
         failed: list[BaseException] = []
-        run_each(lambda k: covis_block_task.submit(plan, k, ecfg), plan.missing_blocks(),
+        blocks = plan.missing_blocks()
+        run_each(lambda k: covis_block_task.submit(plan, k, ecfg), blocks,
                  on_result=lambda _k, _r: None, on_error=lambda _k, exc: failed.append(exc),
-                 window=max(2, 2 * run.parts))
+                 window=max(2, 2 * run.parts), progress=Progress(f"scene {s} covisibility", len(blocks), "blocks"))
         if failed:
             raise failed[0]
         report.counts.update({f"covisibility {k}": v for k, v in plan.counts.items()})
@@ -256,6 +272,8 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
     with report.stage("training export", s):
         res = training_scene_task.submit(str(run.export_root), sp, plan, ecfg, features).result()
         report.outputs["training export"] = str(run.export_root)
+        if res.get("picture"):
+            report.outputs["covisibility picture"] = str(run.export_root / res["picture"])
         report.counts.update({f"pairs {k}": v["pairs"] for k, v in res["ranges"].items()})
     return True
 
@@ -332,7 +350,8 @@ def summarize(run: SceneRun, planned: dict[str, Any], reports: dict[str, RunRepo
         if why:
             result["failed"][s] = why
         result["scenes"][s] = {**report.to_dict(), "accuracy": o.accuracy}
-        logger.info("scene %s: %s", s, json.dumps(report.counts))
+        logger.info("scene %s (all counts in %s):\n%s", s, report.outputs.get("report"),
+                    "\n".join(counts_table(report.counts)))
     return result
 
 
@@ -380,7 +399,7 @@ def parse_args(argv: list[str] | None = None) -> AerialConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_local(argv, parse_args, aerial_flow, finish)
+    return run_local(argv, parse_args, aerial_flow, finish, folder_of=lambda config: config.paths()["root"])
 
 
 def finish(result: dict[str, Any]) -> int:
@@ -406,9 +425,13 @@ def print_result(result: dict[str, Any]) -> None:
         print(f"  {result['synthetic']}")
     print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
     for scene, rep in result["scenes"].items():
-        print(f"  scene {scene}: " + ", ".join(f"{k} {v}" for k, v in rep["counts"].items()))
-        if rep.get("outputs", {}).get("product"):
-            print(f"    product: {rep['outputs']['product']}")
+        outputs = rep.get("outputs", {})
+        print(f"  scene {scene}:")
+        print("\n".join(counts_table(rep["counts"], indent="    ")))
+        for label, key in (("product", "product"), ("report", "report"), ("picture", "picture"),
+                           ("covisibility picture", "covisibility picture"), ("training export", "training export")):
+            if outputs.get(key):
+                print(f"    {label}: {outputs[key]}")
         for prob in rep.get("problems", [])[:10]:
             print(f"    problem: {prob['item']} ({prob['stage']}): {prob['reason']}")
         if rep.get("accuracy"):

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from tasks.common.atomic import remove_partials, write_bytes_atomic
 from tasks.common.concurrency import ensure_limit
+from tasks.common.progress import Progress
 from tasks.common.report import RunFailed, RunReport, tiles_map_png
 from tasks.common.cli import parse_config
 from tasks.common.runlock import exclusive_output
@@ -42,27 +42,6 @@ from tasks.multimodal.select_tiles import select_tiles
 from tasks.multimodal.sources import make_source
 from tasks.multimodal.tile import Grid, Tile
 from tasks.multimodal.tasks import assemble_h5_task, fetch_batch_task, pack_partition_task
-
-
-class _Progress:
-    """Progress line in the terminal/logs plus a Prefect progress artifact."""
-
-    def __init__(self, logger, stage: str, total: int):
-        self.logger, self.stage, self.total, self.done = logger, stage, max(total, 1), 0
-        self.t0 = time.monotonic()
-        self.last = 0.0
-        self.artifact = create_progress_artifact(0.0, description=f"{stage}: 0/{total}")
-
-    def advance(self, n: int, extra: str = "") -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= 1.0 or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            self.logger.info("%s: %d/%d (%.0f%%, %.1f/s) %s", self.stage, self.done, self.total,
-                             100.0 * self.done / self.total, rate, extra)
-            update_progress_artifact(self.artifact, 100.0 * self.done / self.total,
-                                     description=f"{self.stage}: {self.done}/{self.total}")
 
 
 def _batches(tiles_path: Path, table: stacks.TileStates, size: int, only=None) -> Iterator[tuple[list[int], list[Tile]]]:
@@ -97,7 +76,7 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
     index = stacks.StackIndex(out)
     paths = stacks.dataset_paths(out)
     todo = table.count("missing") if only is None else len(only)
-    progress = _Progress(logger, stage, todo)
+    progress = Progress(stage, todo, "tiles", logger=logger)
     finished = [0]
 
     def submit(item: tuple[list[int], list[Tile]]):
@@ -130,8 +109,9 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
         if on_settled is not None:
             on_settled(positions)
 
-    stats = run_windowed(submit, _batches(tiles_path, table, config.fetch_batch_size, only),
-                         config.tasks_in_flight, on_done)
+    with progress:
+        stats = run_windowed(submit, _batches(tiles_path, table, config.fetch_batch_size, only),
+                             config.tasks_in_flight, on_done, idle=progress.tick)
     logger.debug("%s: %d fetch tasks, at most %d in flight", stage, stats.submitted, stats.max_in_flight)
     return finished[0]
 
@@ -174,7 +154,7 @@ class _Packer:
 
     def run(self, specs, defer: bool, stage: str, total: int) -> None:
         logger = get_run_logger()
-        progress = _Progress(logger, stage, total)
+        progress = Progress(stage, total, "tiles", logger=logger)
         cfg = self.config
 
         def submit(spec):
@@ -198,7 +178,8 @@ class _Packer:
             progress.advance(len(spec.tile_ids))
 
         t0 = time.monotonic()
-        run_windowed(submit, specs, cfg.tasks_in_flight, on_done)
+        with progress:
+            run_windowed(submit, specs, cfg.tasks_in_flight, on_done, idle=progress.tick)
         self.seconds += time.monotonic() - t0
 
 
@@ -548,22 +529,29 @@ def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        return run_local(argv, parse_args, multimodal_flow, finish)
+        return run_local(argv, parse_args, multimodal_flow, finish, folder_of=lambda config: config.dataset_dir)
     except RunFailed as exc:  # the report is written; no traceback for a failure it explains
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
 
 def finish(result: dict[str, Any]) -> int:
-    """Print where the dataset is and its counts."""
+    """Print where the dataset is, its counts, and the paths of its report and picture."""
     counts = result["counts"]
     print(f"\nDataset written to {result['dataset_dir']}")
     if result.get("source", {}).get("synthetic"):
         print(f"  {result['source']['note']}")
     for k, v in counts.items():
         print(f"  {k:>16}: {v}")
+    outputs = result.get("outputs", {})
     if result["problems"]:
-        print(f"  {len(result['problems'])} problem(s); see {Path(result['dataset_dir']) / 'report.json'}")
+        where = result.get("problems_file") or outputs.get("report")
+        print(f"  {result.get('problems_total', len(result['problems']))} problem(s); see {where}")
+    print(f"Report: {outputs.get('report', Path(result['dataset_dir']) / 'report.json')}")
+    if outputs.get("picture"):
+        print(f"Picture: {outputs['picture']}")
+    if outputs.get("contact sheet"):
+        print(f"Picture: {outputs['contact sheet']}")
     from tasks.multimodal.torchgeo import TORCHGEO_FILENAMES
 
     if Path(result["dataset_dir"]).name not in TORCHGEO_FILENAMES.values():  # TorchGeo opens release names only

@@ -478,3 +478,12 @@ def test_settings_stamp_covers_every_setting_patchmatch_reads():
         other = (not v) if isinstance(v, bool) else ("x" if isinstance(v, str) else (v or 0) + 1)
         changed = dataclasses.replace(base, **{k: other})
         assert PM.settings_stamp(changed, "geometric") != PM.settings_stamp(base, "geometric"), k
+
+
+def test_patch_match_reports_progress_per_image(scene):
+    """Issue 27 item 3: the dense task shows done/total images (the flow's Progress gets each image)."""
+    calls = []
+    r = dense.run_patch_match(scene["ws"], ["absent-1.png", "absent-2.png", "absent-3.png"], dense.DenseConfig(**CFG),
+                              "photometric", progress=lambda d, t: calls.append((d, t)))
+    assert len(r["failures"]) == 3  # one bad image never stops the others, and each is counted
+    assert calls == [(1, 3), (2, 3), (3, 3)]

@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import json
+
 import httpx
 import psutil
 import pytest
@@ -250,3 +252,198 @@ def test_shutdown_comm_tracebacks_are_dropped_other_dask_records_kept(caplog):
         logger.info("Batched Comm other %r", 1)
     messages = [r.getMessage() for r in caplog.records if r.name == "distributed.batched"]
     assert messages == ["Batched Comm other 1"]
+
+
+# --------------------------------------------------------------------------
+# which Prefect API a run uses: Prefect's own settings (issue 27 item 1)
+# --------------------------------------------------------------------------
+def _profile_home(tmp_path, monkeypatch, url: str):
+    """A PREFECT_HOME whose active profile has PREFECT_API_URL, set as the README says (`prefect config
+    set`); nothing in the environment, no .env in the working folder."""
+    home = tmp_path / "prefect-home"
+    for var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    subprocess.run([sys.executable, "-m", "prefect", "config", "set", f"PREFECT_API_URL={url}"], env=env,
+                   check=True, capture_output=True, timeout=120)
+    return home
+
+
+def test_api_url_set_with_prefect_config_is_used(tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{runtime._free_port()}/api"
+    home = _profile_home(tmp_path, monkeypatch, url)
+    choice = runtime.configured_api()
+    assert choice.url == url
+    assert choice.source == f"from profile 'ephemeral' ({home / 'profiles.toml'})"
+    with runtime.local_prefect_server(home=tmp_path / "own") as server:
+        assert server.process is None and server.url == url and not server.own
+        assert os.environ["PREFECT_API_URL"] == url  # for the Dask workers
+    assert not (tmp_path / "own").exists()  # no server of its own
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # the environment wins, as in Prefect
+    assert runtime.configured_api() == runtime.ApiChoice("http://127.0.0.1:9/api",
+                                                         "from the environment variable PREFECT_API_URL")
+
+
+def test_no_api_url_anywhere_says_why_the_run_starts_its_own(tmp_path, monkeypatch):
+    for var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_PROFILES_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.chdir(tmp_path)
+    choice = runtime.configured_api()
+    assert choice.url is None and choice.source.startswith("no PREFECT_API_URL in the environment, .env, profile")
+
+
+def test_cli_run_uses_the_profile_api_and_says_so(tmp_path, monkeypatch):
+    """`python -m flows.multimodal` after `prefect config set PREFECT_API_URL=...`: the run goes to that
+    API (here nobody listens there, so it stops at once with one line naming it and its profile) and
+    never starts a server of its own."""
+    url = f"http://127.0.0.1:{runtime._free_port()}/api"
+    home = _profile_home(tmp_path, monkeypatch, url)
+    env = dict(os.environ, PYTHONPATH=str(runtime.PROJECT_ROOT), FACTORY_PREFECT_HOME=str(tmp_path / "own"))
+    out = subprocess.run([sys.executable, "-m", "flows.multimodal", "--set", f"output_dir={tmp_path / 'out'}"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(
+        f"error: the Prefect API {url} (from profile 'ephemeral' ({home / 'profiles.toml'})) does not answer")
+    assert not (tmp_path / "own").exists() and not (tmp_path / "out").exists()
+    served = subprocess.run([sys.executable, "-m", "deployments.serve"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=240)  # serve too: the profile's server, not one of its own
+    assert served.returncode == 2, served.stdout + served.stderr
+    assert served.stderr.strip().splitlines()[-1].startswith(f"error: the Prefect API {url} (from profile 'ephemeral'")
+    assert not (tmp_path / "own").exists()
+
+
+# --------------------------------------------------------------------------
+# a Prefect API that stops answering mid-run (issue 26 item 9)
+# --------------------------------------------------------------------------
+def test_api_watchdog_fires_once_after_the_grace_and_not_while_answered():
+    answers = {"ok": True}
+    fired = []
+    with runtime.ApiWatchdog("http://x/api", on_gone=fired.append, grace=0.6, interval=0.05,
+                             probe=lambda: answers["ok"]):
+        time.sleep(1.0)
+        assert not fired  # answered all along
+        answers["ok"] = False
+        deadline = time.monotonic() + 10
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert len(fired) == 1 and 0.6 <= fired[0] < 5
+
+
+def test_api_watchdog_default_probe_has_no_retries(tmp_path):
+    """The default probe answers within its interval against a dead port (Prefect's client would
+    otherwise retry for about a minute) and the grace has its stated default."""
+    wd = runtime.ApiWatchdog(f"http://127.0.0.1:{runtime._free_port()}/api", on_gone=lambda s: None, interval=2.0)
+    assert wd.grace == runtime.API_GRACE_S == 45.0
+    t0 = time.monotonic()
+    assert wd.probe() is False
+    assert time.monotonic() - t0 < 10
+
+
+_LOST_SERVER_SCRIPT = textwrap.dedent("""
+    import sys, time
+    from prefect import flow
+    from tasks.common.runlock import exclusive_output
+    from tasks.common.runtime import run_local
+
+    class Config:
+        def __init__(self, argv):
+            self.folder = argv[0]
+        def check_inputs(self):
+            pass
+
+    @flow(name="lost-server-check")
+    @exclusive_output(lambda config: config.folder)
+    def wait(config):  # the test kills the server meanwhile
+        for _ in range(600):
+            time.sleep(0.5)
+
+    sys.exit(run_local(sys.argv[1:], Config, wait, lambda result: 0))
+""")
+
+
+def test_cli_run_whose_server_dies_stops_within_the_grace(tmp_path):
+    """Issue 26 item 9, the real thing: the run's own server is killed mid-run; the CLI run stops with
+    exit 4 after FACTORY_API_GRACE_S (5 s here) instead of ~5 minutes, its lock record saying why, for
+    the next run to mark it Crashed (test_runtime_runs.py::test_a_run_stopped_by_the_api_watchdog...)."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PYTHONPATH=str(runtime.PROJECT_ROOT), FACTORY_PREFECT_HOME=str(tmp_path / "home"),
+               PREFECT_HOME=str(tmp_path / "home"), FACTORY_API_GRACE_S="5")
+    folder = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-c", _LOST_SERVER_SCRIPT, str(folder)], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (folder / ".run.lock").exists() or not (folder / ".run.lock").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.3)
+        server = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                  if "server" in " ".join(p.cmdline()) and "start" in " ".join(p.cmdline())]
+        assert server
+        os.killpg(server[0].pid, 9)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=120)
+        stopped_after = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == runtime.EXIT_API_GONE, out + err
+    assert "has not answered for" in err and "This run stops now" in err
+    assert stopped_after < 60  # grace 5 s + one check interval + stopping; was ~5 minutes
+    record = json.loads((folder / ".run.lock").read_text())
+    assert record["flow_run_id"] and "ended" not in record and "stopped answering" in record["stopped"]
+
+
+# --------------------------------------------------------------------------
+# library chatter in the run folder, not the terminal (issue 27 item 3)
+# --------------------------------------------------------------------------
+_CHATTER_CHILD = """
+import logging
+import tasks.aerial  # the first pycolmap import of a process, as on a Dask worker
+import pycolmap, distributed
+pycolmap.logging.info("COLMAP info chatter")
+pycolmap.logging.error("COLMAP error")
+logging.getLogger("distributed.worker").info("Start worker at: chatter")
+"""
+
+_CHATTER_SCRIPT = """
+import logging, os, subprocess, sys
+if sys.argv[3] == "as in a flow":  # Dask's records reach Prefect's console handler through the root logger
+    import flows.multimodal
+    assert not logging.getLogger("distributed").handlers and logging.getLogger("distributed").propagate
+import distributed
+from tasks.common import runtime
+
+from distributed.utils import silence_logging_cmgr
+
+with runtime.library_logs_to(sys.argv[1]) as log_dir, silence_logging_cmgr(logging.WARNING):  # as a LocalCluster
+    logging.getLogger("distributed.scheduler").info("Receive client connection: chatter")
+    logging.getLogger("distributed.nanny").warning("Worker process still alive: a real warning")
+    sys.stderr.flush()
+    child = subprocess.run([sys.executable, "-c", sys.argv[2]], stderr=subprocess.PIPE, text=True)
+    print("CHILD", child.returncode, repr(child.stderr))
+    print("LOGDIR", log_dir)
+print("RESTORED", "FACTORY_LIBRARY_LOG_DIR" not in os.environ)
+logging.getLogger("distributed.scheduler").info("after the run: on the terminal again")
+"""
+
+
+@pytest.mark.parametrize("order", ["as in a flow", "dask alone"])
+def test_library_chatter_goes_to_the_run_folder(tmp_path, order):
+    env = dict(os.environ, PYTHONPATH=str(runtime.PROJECT_ROOT))
+    out = subprocess.run([sys.executable, "-c", _CHATTER_SCRIPT, str(tmp_path / "out"), _CHATTER_CHILD, order],
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr
+    log_dir = tmp_path / "out" / "logs"
+    assert f"LOGDIR {log_dir}" in out.stdout and "RESTORED True" in out.stdout
+    # the terminal: warnings and errors only, until the block ends
+    terminal = out.stderr + next(x for x in out.stdout.splitlines() if x.startswith("CHILD"))
+    assert "chatter" not in terminal
+    assert "a real warning" in out.stderr and "COLMAP error" in terminal and "CHILD 0" in terminal
+    assert "after the run: on the terminal again" in out.stderr
+    dask_log = (log_dir / runtime.DASK_LOG).read_text()
+    assert "Receive client connection: chatter" in dask_log and "a real warning" in dask_log
+    colmap = "".join(p.read_text() for p in log_dir.glob("colmap.log.*"))
+    assert "COLMAP info chatter" in colmap and "COLMAP error" in colmap

@@ -304,7 +304,8 @@ def test_second_run_on_the_same_folder_stops_with_a_clear_message(tmp_path):
     counts = json.loads(line.split(" ", 1)[1])
     assert counts["fetched this run"] == 12 - 0 and counts["stacks done"] + counts["no data"] == 12
     assert tiles_before <= set((tmp_path / "data_rt" / "tiles").glob("*"))
-    assert _lock_record(tmp_path / "data_rt") is None  # released when the run ended
+    record = _lock_record(tmp_path / "data_rt")  # released; the record stays for the next run's check
+    assert record["flow_run_id"] == holder["flow_run_id"] and record["outcome"] == "completed" and record["ended"]
 
 
 def test_killed_flow_process_is_marked_crashed_and_the_rerun_resumes(tmp_path):
@@ -331,6 +332,75 @@ def test_killed_flow_process_is_marked_crashed_and_the_rerun_resumes(tmp_path):
     from tests.dataset_checks import check_dataset
 
     check_dataset(out, "data_rt", counts["rows in h5"])
+
+
+def _running_flow_run(name: str):
+    """A flow run in the API left RUNNING, as one whose final state never reached the server."""
+    from prefect import flow
+    from prefect.states import Running
+
+    @flow(name="lock-check")
+    def lock_check():
+        pass
+
+    with _client() as c:
+        return c.create_flow_run(lock_check, name=name, state=Running())
+
+
+def test_next_run_marks_a_run_whose_end_never_reached_the_api_crashed(tmp_path, monkeypatch):
+    """Issue 26 item 9: the server died before the flow's final state was sent. The run's body ended
+    (the lock is released), its flow run stays RUNNING in the database; the next run on the folder
+    marks it Crashed. One that did reach a final state is left alone."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Completed
+
+    from tasks.common import runlock
+
+    out = tmp_path / "out"
+    lost, done = _running_flow_run("lost-end"), _running_flow_run("reached-end")
+    with _client() as c:
+        c.set_flow_run_state(done.id, Completed(), force=True)
+    for run in (lost, done):
+        monkeypatch.setattr(runlock, "_current_flow_run", lambda r=run: (str(r.id), r.name))
+        with runlock.output_lock(out):
+            pass  # the body ends; the engine's final state would be sent after this
+        record = _lock_record(out)
+        assert record["flow_run_id"] == str(run.id) and record["outcome"] == "completed"
+        if run is lost:
+            monkeypatch.setattr(runlock, "_current_flow_run", lambda: (None, None))
+            with runlock.output_lock(out):
+                pass
+            state = _flow_run(lost.id).state
+            assert state.type == StateType.CRASHED and "never reached the Prefect API" in state.message
+    assert _flow_run(done.id).state.type == StateType.COMPLETED
+
+
+def test_a_run_stopped_by_the_api_watchdog_is_marked_crashed_with_the_reason(tmp_path):
+    """What the CLI's watchdog does when the API stops answering: note it in the held lock, exit at once
+    (no way out through Prefect). The next run marks the flow run Crashed, naming the reason."""
+    from prefect.client.schemas.objects import StateType
+
+    from tasks.common import runlock
+
+    out = tmp_path / "out"
+    run = _running_flow_run("api-gone")
+    script = textwrap.dedent(f"""
+        import os
+        from tasks.common import runlock
+        runlock._current_flow_run = lambda: ({str(run.id)!r}, {run.name!r})
+        with runlock.output_lock({str(out)!r}):
+            runlock.note_held(stopped="the Prefect API http://x/api stopped answering; the run stopped itself")
+            os._exit(4)
+    """)
+    proc = subprocess.run([PY, "-c", script], cwd=PROJECT_ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 4, proc.stderr
+    assert "ended" not in _lock_record(out) and _lock_record(out)["stopped"].startswith("the Prefect API")
+    with runlock.output_lock(out):
+        pass
+    state = _flow_run(run.id).state
+    assert state.type == StateType.CRASHED
+    assert "died while holding" in state.message and "stopped answering" in state.message
 
 
 # --------------------------------------------------------------------------

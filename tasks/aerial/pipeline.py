@@ -336,10 +336,12 @@ def prepare_dense(paths: ScenePaths, config: PipelineConfig) -> list[str]:
     return names
 
 
-def dense_patch_match(paths: ScenePaths, config: PipelineConfig, names: list[str], phase: str) -> dict[str, Any]:
+def dense_patch_match(paths: ScenePaths, config: PipelineConfig, names: list[str], phase: str,
+                      progress=None) -> dict[str, Any]:
     """One pass (``photometric``, then ``geometric`` once every source has its photometric map)
-    of the CPU PatchMatch over ``names``: COLMAP maps in ``dense/stereo/`` (resumable per image)."""
-    return D.run_patch_match(paths.dense, names, config.dense, phase)
+    of the CPU PatchMatch over ``names``: COLMAP maps in ``dense/stereo/`` (resumable per image);
+    ``progress(done, total)`` after each image."""
+    return D.run_patch_match(paths.dense, names, config.dense, phase, progress=progress)
 
 
 def dense_finish(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:

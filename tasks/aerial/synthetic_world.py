@@ -395,15 +395,26 @@ def render(view: View, boxes: list[Box], sun: np.ndarray, seed: int, sky_tint=(1
 
 
 def _render_many(jobs: list[tuple[View, np.ndarray, tuple]], boxes: list[Box], seed: int,
-                 workers: int | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Render (view, sun, sky_tint) jobs in order, on up to 2 threads (numpy releases the GIL)."""
+                 workers: int | None = None, on_each=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Render (view, sun, sky_tint) jobs in order, on up to 2 threads (numpy releases the GIL);
+    ``on_each()`` is called in the calling thread after each render (progress)."""
     from concurrent.futures import ThreadPoolExecutor
 
     workers = workers or max(1, min(2, os.cpu_count() or 1))
+    out = []
     if workers == 1 or len(jobs) < 2:
-        return [render(v, boxes, sun, seed, tint) for v, sun, tint in jobs]
+        results = (render(v, boxes, sun, seed, tint) for v, sun, tint in jobs)
+        for r in results:
+            out.append(r)
+            if on_each is not None:
+                on_each()
+        return out
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(lambda j: render(j[0], boxes, j[1], seed, j[2]), jobs))
+        for r in pool.map(lambda j: render(j[0], boxes, j[1], seed, j[2]), jobs):
+            out.append(r)
+            if on_each is not None:
+                on_each()
+    return out
 
 
 # ----------------------------------------------------------------------------- poses
@@ -544,8 +555,10 @@ def check_world_options(options: dict, where: str = "world_options") -> dict:
 
 def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float = 47.3769, lon0: float = 8.5417,
                    alt0: float = 408.0, n_aerial: int = 48, n_ground: int = 16,
-                   size: tuple[int, int] = (640, 480), trajectory_options: dict | None = None) -> WorldInfo:
-    """Generate the synthetic place under ``root`` (see module docstring); returns its :class:`WorldInfo`."""
+                   size: tuple[int, int] = (640, 480), trajectory_options: dict | None = None,
+                   progress=None) -> WorldInfo:
+    """Generate the synthetic place under ``root`` (see module docstring); returns its :class:`WorldInfo`.
+    ``progress(done, total)``: called after each of the ``n_aerial + n_ground`` renders."""
     import cv2
 
     t_start = time.perf_counter()
@@ -556,6 +569,13 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
                   size=list(size), trajectory_options=dict(trajectory_options or {}))
     rng = np.random.default_rng(seed)
     boxes = _make_city(rng)
+    rendered = [0]
+
+    def on_each() -> None:
+        rendered[0] += 1
+        if progress is not None:
+            progress(rendered[0], n_aerial + n_ground)
+
     width, height = int(size[0]), int(size[1])
     render_s = 0.0
 
@@ -586,7 +606,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     gt_cams = []
     aer_views = [View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height) for k in range(n_aerial)]
     t0 = time.perf_counter()
-    aer_renders = _render_many([(v, sun_aerial, (1.0, 1.0, 1.0)) for v in aer_views], boxes, seed)
+    aer_renders = _render_many([(v, sun_aerial, (1.0, 1.0, 1.0)) for v in aer_views], boxes, seed, on_each=on_each)
     render_s += time.perf_counter() - t0
     with atomic_path(video_path) as tmp_video:
         writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
@@ -642,7 +662,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         jobs.append((view, sun, (1.0, 0.95, 0.85)))
         grades.append(grade)
     t0 = time.perf_counter()
-    ground_renders = _render_many(jobs, boxes, seed)
+    ground_renders = _render_many(jobs, boxes, seed, on_each=on_each)
     render_s += time.perf_counter() - t0
     for j, ((rgb, depth), (gamma, cast_, bright)) in enumerate(zip(ground_renders, grades)):
         view, name = jobs[j][0], photo_names[j]
@@ -715,8 +735,9 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     return info
 
 
-def ensure_world(root: Path, **kw) -> WorldInfo:
-    """Generate the world unless a complete one with the same parameters is already there."""
+def ensure_world(root: Path, progress=None, **kw) -> WorldInfo:
+    """Generate the world unless a complete one with the same parameters is already there
+    (``progress(done, total)``: see :func:`generate_world`)."""
     root = Path(root)
     scene = kw.get("scene", "0001")
     info_path = root / INFO_NAME
@@ -725,7 +746,7 @@ def ensure_world(root: Path, **kw) -> WorldInfo:
         wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
         if info.params.get("version") == WORLD_VERSION and all(info.params.get(k) == v for k, v in wanted.items()):
             return info
-    return generate_world(root, **kw)
+    return generate_world(root, progress=progress, **kw)
 
 
 __all__ = ["WorldInfo", "Box", "View", "cast", "render", "generate_world", "ensure_world"]

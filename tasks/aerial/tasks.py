@@ -20,8 +20,10 @@ from tasks.common.runtime import match_worker_threads, worker_address
 @task(name="synthetic-world", cache_policy=NO_CACHE, tags=["aerial"])
 def world_task(root: str, options: dict[str, Any]) -> str:
     from tasks.aerial.synthetic_world import ensure_world
+    from tasks.common.progress import Progress
 
-    info = ensure_world(Path(root), **options)
+    with Progress("synthetic world", 0, "renders") as progress:
+        info = ensure_world(Path(root), progress=progress.update, **options)
     get_run_logger().info("synthetic world ready in %s", root)
     return str(info.scene) if hasattr(info, "scene") else "0001"
 
@@ -148,8 +150,13 @@ def dense_cpu_task(paths, cfg, names: list[str]):
 def dense_patch_match_task(paths, cfg, names: list[str], phase: str):
     from tasks.aerial import pipeline as PL
 
+    from tasks.common.progress import Progress
+
     match_worker_threads()
-    return {**PL.dense_patch_match(paths, cfg, names, phase), "worker": worker_address()}
+    first = f" from {names[0]}" if names else ""
+    with Progress(f"scene {paths.scene} dense {phase}{first}", len(names), "images") as progress:
+        out = PL.dense_patch_match(paths, cfg, names, phase, progress=progress.update)
+    return {**out, "worker": worker_address()}
 
 
 @task(name="dense-finish", cache_policy=NO_CACHE, tags=["aerial", "dense"], retries=1)

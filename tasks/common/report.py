@@ -97,8 +97,9 @@ class RunReport:
         d = {"title": self.title, "counts": self.counts, "problems": self.problems,
              "notes": self.notes, "outputs": self.outputs, "timings": self.timings, **self.extra}
         if self.problems_file is not None:
-            d.update(problems_total=self.n_problems, problems_by_reason=self.problems_by_reason,
-                     problems_file=str(self.problems_file))
+            d.update(problems_total=self.n_problems, problems_by_reason=self.problems_by_reason)
+            if self.n_problems:  # named only when written: a run without problems writes none
+                d["problems_file"] = str(self.problems_file)
         return d
 
     def table_rows(self) -> list[dict[str, Any]]:
@@ -134,9 +135,12 @@ class RunReport:
     def write(self, folder: Path, map_png: bytes | None = None, png_name: str = "tiles_map.png") -> Path:
         self.close()
         folder.mkdir(parents=True, exist_ok=True)
+        if self.problems_file is not None and not self.n_problems:
+            self.problems_file.unlink(missing_ok=True)  # an earlier run's: not this run's problems
         if map_png:
             write_bytes_atomic(folder / png_name, map_png)
             self.outputs.setdefault("picture", str(folder / png_name))
+        self.outputs["report"] = str(folder / "report.json")
         write_json_atomic(folder / "report.json", self.to_dict(), indent=1)
         return folder / "report.json"
 
@@ -168,6 +172,20 @@ def land_polygons(path: Path = LAND_GEOJSON) -> list[list[list[tuple[float, floa
         coords = geom["coordinates"] if geom["type"] == "MultiPolygon" else [geom["coordinates"]]
         polys += [[[(x, y) for x, y in ring] for ring in poly] for poly in coords]
     return polys
+
+
+def counts_table(counts: dict[str, Any], indent: str = "  ", width: int = 100) -> list[str]:
+    """``counts`` as a short aligned table for the terminal: ``name value`` cells, as many to a
+    line as fit in ``width`` characters (the whole list stays in report.json)."""
+    if not counts:
+        return []
+    cells = [(str(k), f"{v:.4g}" if isinstance(v, float) else str(v)) for k, v in counts.items()]
+    kw = min(max(len(k) for k, _ in cells), 34)
+    vw = min(max(len(v) for _, v in cells), 14)
+    cell_w = kw + 1 + vw
+    per_line = max(1, (width - len(indent) + 3) // (cell_w + 3))
+    texts = [f"{k[:kw]:<{kw}} {v:>{vw}}" for k, v in cells]
+    return [indent + "   ".join(texts[i:i + per_line]).rstrip() for i in range(0, len(texts), per_line)]
 
 
 def tiles_map_png(

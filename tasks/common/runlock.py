@@ -7,13 +7,18 @@ folder (a schedule firing while a manual run is busy) stops at once with
 writes anything, so writes never interleave and each report counts only its
 own run's work.
 
-The lock file holds the holder's flow-run id while it runs and is emptied when
-the run ends, however it ends (completed, failed, cancelled: the ``finally``
-runs). The kernel releases an ``flock`` when its process dies, even by
-SIGKILL, but then the record stays behind: the next run that takes the lock
-finds it and marks that flow run (and its task runs still RUNNING or PENDING)
-``Crashed`` in Prefect, so the database never keeps a dead run RUNNING. The
-stages then resume from what the dead run completed (each stage skips
+The lock file holds the holder's flow-run id (and the Prefect API it reports to)
+while it runs. When the body ends, however it ends, the record stays, with
+``ended`` and the outcome added: the flow's final state is only sent to the API
+after the body returns, and a Prefect server that died meanwhile never gets it.
+The kernel releases an ``flock`` when its process dies, even by SIGKILL, and the
+record stays behind too. So the next run that takes the lock always finds its
+predecessor's record: if Prefect still shows that flow run unfinished (RUNNING,
+PENDING...), it marks it (and, when its process died, its task runs still
+RUNNING or PENDING) ``Crashed``, so the database never keeps a dead run RUNNING.
+A run that stopped because its API stopped answering (:func:`note_held`, called
+by the CLI's API watchdog) says so in the record and in that state's message.
+The stages then resume from what the dead run completed (each stage skips
 complete outputs; partial files have temporary names and are removed).
 """
 
@@ -59,9 +64,11 @@ def _current_flow_run() -> tuple[str | None, str | None]:
     return str(ctx.flow_run.id), ctx.flow_run.name
 
 
-def mark_crashed(flow_run_id: str, why: str) -> list[str]:
+def mark_crashed(flow_run_id: str, why: str, tasks_only_if_unfinished: bool = False) -> list[str]:
     """Set the flow run ``flow_run_id`` and its unfinished task runs to ``Crashed`` if the API still
-    shows them running (or pending/cancelling); returns what was changed (``flow``/task-run ids)."""
+    shows them running (or pending/cancelling); returns what was changed (``flow``/task-run ids).
+    ``tasks_only_if_unfinished``: leave the task runs alone when the flow run has a final state
+    (a run whose body ended: its own bookkeeping settled them)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterId, TaskRunFilter,
                                                 TaskRunFilterState, TaskRunFilterStateType)
@@ -76,6 +83,9 @@ def mark_crashed(flow_run_id: str, why: str) -> list[str]:
             run = client.read_flow_run(flow_run_id)
         except ObjectNotFound:
             return changed
+        flow_unfinished = run.state is not None and run.state.type in unfinished
+        if tasks_only_if_unfinished and not flow_unfinished:
+            return changed
         tasks = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id])),
             task_run_filter=TaskRunFilter(state=TaskRunFilterState(type=TaskRunFilterStateType(
@@ -83,7 +93,7 @@ def mark_crashed(flow_run_id: str, why: str) -> list[str]:
         for t in tasks:
             client.set_task_run_state(t.id, Crashed(message=why), force=True)
             changed.append(str(t.id))
-        if run.state is not None and run.state.type in unfinished:
+        if flow_unfinished:
             client.set_flow_run_state(run.id, Crashed(message=why), force=True)
             changed.append("flow")
     return changed
@@ -110,6 +120,50 @@ def _write_record(fd: int, record: dict[str, Any] | None) -> None:
     os.fsync(fd)
 
 
+#: the records of the locks this process holds (lock path -> (fd, record)), for :func:`note_held`
+_HELD: dict[Path, tuple[int, dict[str, Any]]] = {}
+
+
+def note_held(**fields: Any) -> None:
+    """Add ``fields`` to the record of every lock this process holds (e.g. why it is about to stop
+    without the usual way out), so the next run on those folders can say so."""
+    for fd, record in list(_HELD.values()):
+        record.update(fields)
+        with contextlib.suppress(OSError):
+            _write_record(fd, record)
+
+
+def _api_url() -> str | None:
+    with contextlib.suppress(Exception):
+        from prefect.settings import PREFECT_API_URL
+
+        return PREFECT_API_URL.value()
+    return None
+
+
+def _settle_previous(previous: dict[str, Any], folder: Path, logger) -> None:
+    """Mark the flow run of the lock's previous record ``Crashed`` if Prefect still shows it unfinished."""
+    dead = previous.get("flow_run_id")
+    ended = previous.get("ended")
+    if ended:  # its body ended: did its final state reach the API?
+        why = (f"its flow ended at {ended} ({previous.get('outcome', '?')}) but its final state never reached "
+               f"the Prefect API {previous.get('api') or ''}".rstrip() + f"; found by the next run on {folder}")
+    else:
+        why = (f"its process (pid {previous.get('pid')} on {previous.get('host')}) died while holding {folder}"
+               + (f" ({previous['stopped']})" if previous.get("stopped") else "") + "; found by the next run on that folder")
+    if dead:
+        try:
+            changed = mark_crashed(dead, why, tasks_only_if_unfinished=bool(ended))
+        except Exception as exc:  # noqa: BLE001 - an unreachable API must not stop the new run
+            changed = []
+            logger.warning("could not check the previous flow run %s: %s", dead, exc)
+        if changed:
+            logger.warning("flow run %s (%s) marked Crashed: %s; %d task run(s) too", dead,
+                           previous.get("flow_run_name"), why, len([c for c in changed if c != "flow"]))
+    if not ended:
+        logger.info("%s: resuming after an interrupted run (%s)", folder, previous.get("flow_run_name"))
+
+
 @contextlib.contextmanager
 def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Iterator[dict[str, Any]]:
     """Hold ``folder`` for this run (see the module docstring); raises :class:`OutputBusy`."""
@@ -128,30 +182,26 @@ def output_lock(folder: str | os.PathLike, what: str = "output folder") -> Itera
                 f"{holder.get('host', '?')}, since {holder.get('started', '?')}); this run stops without "
                 f"writing anything. Wait for that run to finish (or cancel it), or choose another folder."
             ) from None
-        logger = _logger()
         previous = _read_record(fd)
-        if previous:  # its holder died without releasing: the kernel dropped the lock, the record stayed
-            why = (f"its process (pid {previous.get('pid')} on {previous.get('host')}) died while holding "
-                   f"{folder}; found by the next run on that folder")
-            dead = previous.get("flow_run_id")
-            if dead:
-                try:
-                    changed = mark_crashed(dead, why)
-                except Exception as exc:  # noqa: BLE001 - an unreachable API must not stop the new run
-                    changed = []
-                    logger.warning("could not mark the dead flow run %s crashed: %s", dead, exc)
-                if changed:
-                    logger.warning("flow run %s (%s) marked Crashed: %s; %d task run(s) too", dead,
-                                   previous.get("flow_run_name"), why, len([c for c in changed if c != "flow"]))
-            logger.info("%s: resuming after an interrupted run (%s)", folder, previous.get("flow_run_name"))
+        if previous:  # the last run's record: ended (final state maybe never sent) or its holder died
+            _settle_previous(previous, folder, _logger())
         run_id, run_name = _current_flow_run()
         record = {"flow_run_id": run_id, "flow_run_name": run_name, "pid": os.getpid(),
-                  "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+                  "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "api": _api_url()}
         _write_record(fd, record)
+        _HELD[path] = (fd, record)
+        outcome = "interrupted"
         try:
             yield previous or {}
+            outcome = "completed"
+        except BaseException as exc:
+            outcome = f"{type(exc).__name__}: {exc}"[:300]
+            raise
         finally:
-            _write_record(fd, None)
+            _HELD.pop(path, None)
+            # kept, not emptied: the next run checks that Prefect got this run's final state
+            _write_record(fd, {**record, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "outcome": outcome})
     finally:
         os.close(fd)  # releases the flock
 

@@ -1,7 +1,9 @@
 """Local runtime shared by every flow: a Prefect API server and the Dask task runner.
 
 Prefect
-    If ``PREFECT_API_URL`` is set, that server is used as is. Otherwise
+    If Prefect's settings name an API (``PREFECT_API_URL`` from the environment,
+    ``.env``, the active profile of ``prefect config set``, ``prefect.toml``:
+    :func:`configured_api`), that server is used as is. Otherwise
     :func:`local_prefect_server` starts ``prefect server start`` on loopback
     with SQLite under a project-local ``PREFECT_HOME`` (``.prefect/`` by
     default), so that Dask worker processes can reach the same API (Prefect's
@@ -85,6 +87,12 @@ class PrefectServer:
     process: subprocess.Popen | None
     home: Path
     log_path: Path | None
+    source: str = ""  # why this server: where its URL came from, or why the run started its own
+
+    @property
+    def own(self) -> bool:
+        """True when this run started the server (it stops with the run)."""
+        return self.process is not None
 
     @property
     def ui_url(self) -> str:
@@ -140,29 +148,105 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, old)
 
 
+@dataclass(frozen=True)
+class ApiChoice:
+    """The Prefect API a run uses: ``url`` (None: none configured, the run starts its own
+    server) and ``source``, where Prefect found it, in words."""
+
+    url: str | None
+    source: str
+
+
+def _profile_api_url() -> tuple[str | None, str, str]:
+    """(PREFECT_API_URL of the active profile, "profile 'NAME' (PATH)", "profile 'NAME'") as Prefect
+    reads them."""
+    from prefect.settings import Settings
+    from prefect.settings.sources import ProfileSettingsTomlLoader, _get_profiles_path, _read_toml_file
+
+    path = _get_profiles_path()
+    name = os.environ.get("PREFECT_PROFILE")
+    with contextlib.suppress(Exception):
+        name = name or _read_toml_file(path).get("active")
+    loader = ProfileSettingsTomlLoader(Settings)
+    short = f"profile {name or 'ephemeral'!r}"
+    return loader.profile_settings.get("PREFECT_API_URL"), f"{short} ({path})", short
+
+
+def configured_api() -> ApiChoice:
+    """The Prefect API URL exactly as Prefect resolves it now (``prefect.settings.Settings()``:
+    environment, ``.env``, the active profile of ``prefect config set``, ``prefect.toml``,
+    ``pyproject.toml``), and which of those gave it. Built afresh, not from the settings
+    Prefect read at import, so a variable set or removed since counts as Prefect's CLI
+    would count it."""
+    from prefect.settings import Settings
+
+    url = Settings().api.url
+    prof_url, prof, prof_short = _profile_api_url()
+    if not url:
+        return ApiChoice(None, f"no PREFECT_API_URL in the environment, .env, {prof_short} or prefect.toml")
+    url = str(url).rstrip("/")
+    same = lambda v: bool(v) and str(v).rstrip("/") == url  # noqa: E731
+    if same(os.environ.get("PREFECT_API_URL")):
+        return ApiChoice(url, "from the environment variable PREFECT_API_URL")
+    with contextlib.suppress(Exception):
+        import dotenv
+
+        if Path(".env").is_file() and same(dotenv.dotenv_values(".env").get("PREFECT_API_URL")):
+            return ApiChoice(url, f"from {Path('.env').resolve()}")
+    if same(prof_url):
+        return ApiChoice(url, f"from {prof}")
+    return ApiChoice(url, "from Prefect's settings (prefect.toml or pyproject.toml)")
+
+
+def api_answers(url: str) -> BaseException | None:
+    """None when the Prefect API at ``url`` answers its health check (with this process's
+    credentials), else the error."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+            return client.api_healthcheck()
+    except Exception as exc:  # noqa: BLE001 - reported by the caller
+        return exc
+
+
+def configured_api_problem() -> str | None:
+    """None when no Prefect API is configured or the configured one answers; else one line
+    saying which API does not answer, where its URL comes from, and what to do."""
+    choice = configured_api()
+    if not choice.url or (err := api_answers(choice.url)) is None:
+        return None
+    return (f"the Prefect API {choice.url} ({choice.source}) does not answer ({type(err).__name__}: {err}). "
+            "Start that server (prefect server start), or unset the URL (prefect config unset PREFECT_API_URL) "
+            "to let the run start its own.")
+
+
 @contextlib.contextmanager
 def local_prefect_server(
     home: str | os.PathLike | None = None,
     port: int | None = None,
     start_timeout: float | None = None,
 ) -> Iterator[PrefectServer]:
-    """Use ``PREFECT_API_URL`` if set, else run a loopback Prefect server for the block.
+    """Use the Prefect API configured in Prefect's settings (:func:`configured_api`), else run a
+    loopback Prefect server for the block.
 
-    Sets ``PREFECT_API_URL`` (and ``PREFECT_HOME``) in ``os.environ`` for the
-    duration so that this process and every process it starts (Dask workers)
-    talk to the same server; restores the environment and stops the server on
-    exit, including on KeyboardInterrupt and SIGTERM. ``start_timeout``: seconds to wait for the
-    server to answer (default ``FACTORY_PREFECT_START_TIMEOUT`` or 300: a busy machine is slow).
+    Sets ``PREFECT_API_URL`` (and, for its own server, ``PREFECT_HOME``) in ``os.environ`` for
+    the duration so that this process and every process it starts (Dask workers) talk to the
+    same server; restores the environment and stops its own server on exit, including on
+    KeyboardInterrupt and SIGTERM. ``start_timeout``: seconds to wait for the server to answer
+    (default ``FACTORY_PREFECT_START_TIMEOUT`` or 300: a busy machine is slow).
     """
     start_timeout = start_timeout or float(os.environ.get("FACTORY_PREFECT_START_TIMEOUT") or 300)
-    url = os.environ.get("PREFECT_API_URL")
-    if url:
-        old = _apply_env(dict(_QUIET_ENV))
+    choice = configured_api()
+    if choice.url:
+        url = choice.url
+        old = _apply_env({**_QUIET_ENV, "PREFECT_API_URL": url})
         try:
             with _prefect_settings(url, os.environ.get("PREFECT_HOME")):
-                yield PrefectServer(url=url.rstrip("/"), process=None,
+                yield PrefectServer(url=url, process=None,
                                     home=Path(os.environ.get("PREFECT_HOME", "~/.prefect")).expanduser(),
-                                    log_path=None)
+                                    log_path=None, source=choice.source)
         finally:
             _restore_env(old)
         return
@@ -202,7 +286,8 @@ def local_prefect_server(
                     raise RuntimeError(f"Prefect server did not answer at {url} within {start_timeout:.0f}s; see {log_path}")
                 time.sleep(0.25)
             with _prefect_settings(url, str(home_path)):
-                yield PrefectServer(url=url, process=proc, home=home_path, log_path=log_path)
+                yield PrefectServer(url=url, process=proc, home=home_path, log_path=log_path,
+                                    source=f"own local server, history in {home_path}: {choice.source}")
     finally:
         _drain_prefect_queues()
         _stop_process_group(proc)
@@ -212,12 +297,117 @@ def local_prefect_server(
                 log_path.unlink()
 
 
+#: The CLI's exit status when the Prefect API stopped answering during the run.
+EXIT_API_GONE = 4
+#: Seconds of unanswered health checks after which a CLI run stops (``FACTORY_API_GRACE_S``). A
+#: busy local server answered /health within 2 s in every run measured; a server restart takes ~10 s.
+API_GRACE_S = 45.0
+
+
+class ApiWatchdog:
+    """Asks the Prefect API at ``url`` for its health every ``interval`` seconds (each check
+    waits at most ``interval`` seconds, no retries); once it has not answered for ``grace``
+    seconds, calls ``on_gone(seconds)`` once, from its own thread.
+
+    Without it, a run whose server died keeps going to its end (every API call retried for about a
+    minute) and then exits after about 5 minutes, its flow run left RUNNING."""
+
+    def __init__(self, url: str, on_gone: Callable[[float], None], grace: float | None = None,
+                 interval: float = 5.0, probe: Callable[[], bool] | None = None):
+        import threading
+
+        self.url, self.on_gone = url, on_gone
+        self.grace = float(grace if grace is not None else os.environ.get("FACTORY_API_GRACE_S") or API_GRACE_S)
+        self.interval = interval
+        self.probe = probe or (lambda: _api_healthy_now(url, timeout=interval))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="prefect-api-watchdog", daemon=True)
+        self.fired = False
+
+    def _run(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.interval):
+            ok = False
+            with contextlib.suppress(Exception):
+                ok = bool(self.probe())
+            now = time.monotonic()
+            if ok:
+                last_ok = now
+            elif now - last_ok >= self.grace and not self._stop.is_set():
+                self.fired = True
+                self.on_gone(now - last_ok)
+                return
+
+    def __enter__(self) -> "ApiWatchdog":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self.interval + 5)
+
+
+def _api_healthy_now(url: str, timeout: float) -> bool:
+    """One health check of ``url`` with this process's credentials, no retries, at most ``timeout`` s."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_REQUEST_TIMEOUT, PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, \
+        temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_API_REQUEST_TIMEOUT: timeout,
+                                     PREFECT_CLIENT_MAX_RETRIES: 0}), get_client(sync_client=True) as client:
+        return client.api_healthcheck() is None
+
+
+def _stop_for_lost_api(url: str, seconds: float) -> None:
+    """The watchdog's verdict in a CLI run: say so, note it in the run locks, stop this process's
+    children (Dask workers, the local server) and exit ``EXIT_API_GONE`` at once: every way out
+    through Prefect would retry the dead API for minutes. The next run on the same folder marks
+    this flow run Crashed (the lock's record stays)."""
+    from tasks.common import runlock
+
+    msg = (f"the Prefect API {url} has not answered for {seconds:.0f} s (the limit: FACTORY_API_GRACE_S, "
+           f"default {API_GRACE_S:.0f} s): its server stopped? This run stops now (exit {EXIT_API_GONE}); the next "
+           "run on the same folder marks it Crashed and resumes from what it completed.")
+    with contextlib.suppress(Exception):
+        print(f"\nerror: {msg}", file=sys.stderr, flush=True)
+    with contextlib.suppress(Exception):
+        runlock.note_held(stopped=f"the Prefect API {url} stopped answering; the run stopped itself after {seconds:.0f} s")
+    with contextlib.suppress(Exception):
+        import psutil
+
+        children = psutil.Process().children(recursive=True)
+        for c in children:
+            with contextlib.suppress(psutil.Error):
+                c.terminate()
+        _, alive = psutil.wait_procs(children, timeout=5)
+        for c in alive:
+            with contextlib.suppress(psutil.Error):
+                c.kill()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    os._exit(EXIT_API_GONE)
+
+
+def history_hint(server: PrefectServer) -> str:
+    """How to see this run again in the Prefect UI, for the end of a CLI run."""
+    if not server.own:
+        return f"Prefect UI: {server.ui_url} (this run is in its history there)."
+    return (f"The 'View at {server.ui_url}/...' links above died with this run's own Prefect server. Its history is "
+            f"kept in {server.home}; to browse it:\n  PREFECT_HOME={server.home} prefect server start   "
+            f"# then open http://127.0.0.1:4200")
+
+
 def run_local(argv: list[str] | None, parse_args: Callable[[list[str] | None], Any],
-              flow: Callable[..., dict[str, Any]], finish: Callable[[dict[str, Any]], int]) -> int:
+              flow: Callable[..., dict[str, Any]], finish: Callable[[dict[str, Any]], int],
+              folder_of: Callable[[Any], Any] | None = None) -> int:
     """The ``python -m flows.<name>`` entry point both flows share: every setting and input
     checked before any server or cluster starts (exit ``EXIT_CONFIG`` with one message), the
-    flow run against a local Prefect server (exit ``EXIT_BUSY`` if another run holds the
-    output), then ``finish(result)`` prints the outcome and gives the exit code."""
+    flow run against the Prefect API of Prefect's settings or its own local server (first line:
+    which and why; exit ``EXIT_CONFIG`` when a configured API does not answer, ``EXIT_BUSY`` if
+    another run holds the output, ``EXIT_API_GONE`` when the API stops answering for
+    ``API_GRACE_S``), then ``finish(result)`` prints the outcome and gives the exit code, and
+    the last lines say how to see the run in the UI again. ``folder_of(config)``: the run's output
+    folder, where the libraries' chatter goes (``logs/``, :func:`library_logs_to`)."""
     from tasks.common.cli import EXIT_CONFIG, ConfigError
     from tasks.common.runlock import EXIT_BUSY, OutputBusy
 
@@ -227,14 +417,23 @@ def run_local(argv: list[str] | None, parse_args: Callable[[list[str] | None], A
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if (why := configured_api_problem()) is not None:
+        print(f"error: {why}", file=sys.stderr)
+        return EXIT_CONFIG
     with local_prefect_server() as server:
-        print(f"Prefect API: {server.url}  (UI: {server.ui_url})", flush=True)
+        print(f"Prefect API: {server.url} ({server.source})  UI: {server.ui_url}", flush=True)
         try:
-            result = flow(config=config)
+            with ApiWatchdog(server.url, on_gone=lambda s: _stop_for_lost_api(server.url, s)), \
+                    library_logs_to(folder_of(config) if folder_of else None) as log_dir:
+                result = flow(config=config)
         except OutputBusy as exc:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BUSY
-    return finish(result)
+    code = finish(result)
+    if log_dir is not None:
+        print(f"Library logs (COLMAP, Dask): {log_dir}", flush=True)
+    print(history_hint(server), flush=True)
+    return code
 
 
 def _drain_prefect_queues(timeout: float = 10.0) -> None:
@@ -261,7 +460,83 @@ def _prefect_settings(url: str, home: str | None) -> Iterator[None]:
 
 # keep_signal_handlers / import_pycolmap live in tasks/common/signals.py (importable without Prefect or
 # Dask: the dense stage's library path, bench/gpu_check.sh); re-exported here
-from tasks.common.signals import import_pycolmap, keep_signal_handlers  # noqa: E402,F401
+from tasks.common.signals import import_pycolmap, keep_signal_handlers, route_glog  # noqa: E402,F401
+
+
+class _WarningsToRoot(logging.Handler):
+    """Hands warnings and errors to the root logger's handlers (Prefect's console), nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        for h in logging.getLogger().handlers:
+            if record.levelno >= h.level:
+                h.handle(record)
+
+
+class _ToFile(logging.Handler):
+    """INFO and above into a file. Not a ``StreamHandler``: a ``LocalCluster`` (``silence_logs``)
+    raises every StreamHandler of the ``distributed`` logger to WARNING, a FileHandler included."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(level=logging.INFO)
+        self._file = logging.FileHandler(path, encoding="utf-8")
+        self._file.setFormatter(logging.Formatter("%(asctime)s - %(name)s - %(levelname)s - %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._file.emit(record)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+#: Dask's log file of a CLI run, under its output folder's ``logs/``.
+DASK_LOG = "dask.log"
+
+
+@contextlib.contextmanager
+def library_logs_to(folder: str | os.PathLike | None) -> Iterator[Path | None]:
+    """For the block, the libraries' chatter goes to ``FOLDER/logs/`` instead of the terminal: COLMAP's
+    glog (every process that imports pycolmap after this, and this one: ``colmap.log.*``) and the
+    ``distributed`` INFO records of this process (scheduler, nannies: ``dask.log``); Dask worker
+    processes keep only warnings. Warnings and errors stay on the terminal. Yields the folder (None
+    when it cannot be made: nothing is moved)."""
+    if folder is None:
+        yield None
+        return
+    log_dir = Path(folder) / "logs"
+    try:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        yield None
+        return
+    old = _apply_env({"FACTORY_LIBRARY_LOG_DIR": str(log_dir), "DASK_LOGGING__DISTRIBUTED": "warning"})
+    dist = logging.getLogger("distributed")
+    to_file = _ToFile(log_dir / DASK_LOG)
+    terminal = [(h, h.level) for h in dist.handlers
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+    for h, level in terminal:
+        h.setLevel(max(level, logging.WARNING))
+    propagate = dist.propagate
+    forward = _WarningsToRoot()
+    if propagate:  # with Prefect imported first, Dask's records reach the terminal through the root logger
+        dist.propagate = False
+        dist.addHandler(forward)
+    dist.addHandler(to_file)
+    if "pycolmap" in sys.modules:
+        route_glog(sys.modules["pycolmap"], str(log_dir))
+    try:
+        yield log_dir
+    finally:
+        dist.removeHandler(to_file)
+        dist.removeHandler(forward)
+        dist.propagate = propagate
+        to_file.close()
+        for h, level in terminal:
+            h.setLevel(level)
+        _restore_env(old)
 
 
 # --------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import signal
 import sys
+from pathlib import Path
 from collections.abc import Iterator
 
 
@@ -36,12 +38,30 @@ def keep_signal_handlers(*signums: int) -> Iterator[None]:
 
 
 def import_pycolmap():
-    """``import pycolmap`` without its SIGTERM handler (see :func:`keep_signal_handlers`)."""
+    """``import pycolmap`` without its SIGTERM handler (see :func:`keep_signal_handlers`); COLMAP's
+    log goes where :func:`route_glog` says (``FACTORY_LIBRARY_LOG_DIR``)."""
     if "pycolmap" in sys.modules:
         return sys.modules["pycolmap"]
     with keep_signal_handlers(signal.SIGTERM, signal.SIGINT):
         import pycolmap
+    route_glog(pycolmap)
     return pycolmap
 
 
-__all__ = ["keep_signal_handlers", "import_pycolmap"]
+def route_glog(pycolmap, log_dir: str | None = None) -> None:
+    """COLMAP's glog messages into ``LOG_DIR/colmap.log.<date>.<pid>`` (one file per process) and
+    only errors on the terminal, when ``log_dir`` or ``FACTORY_LIBRARY_LOG_DIR`` names a folder;
+    otherwise pycolmap's defaults (everything on stderr) stay."""
+    log_dir = log_dir or os.environ.get("FACTORY_LIBRARY_LOG_DIR")
+    if not log_dir:
+        return
+    with contextlib.suppress(Exception):
+        glog = pycolmap.logging
+        glog.alsologtostderr = False
+        glog.stderrthreshold = 2  # ERROR
+        glog.set_log_destination(glog.INFO, str(Path(log_dir) / "colmap.log."))
+        glog.set_log_destination(glog.WARNING, "")  # their lines are in the INFO file already
+        glog.set_log_destination(glog.ERROR, "")
+
+
+__all__ = ["keep_signal_handlers", "import_pycolmap", "route_glog"]

@@ -53,11 +53,12 @@ class WindowStats:
 
 
 def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
-                 on_done: Callable[[T, Any], None]) -> WindowStats:
+                 on_done: Callable[[T, Any], None], idle: Callable[[], None] | None = None) -> WindowStats:
     """Submit ``submit(item)`` for every item with at most ``window`` in flight; call
     ``on_done(item, future)`` (in this thread) as each finishes. ``submit`` may return
     any future with ``add_done_callback`` (Prefect, Dask, concurrent.futures). A cancelled
-    future raises :class:`RunCancelled` (the run is being cancelled: no item's problem)."""
+    future raises :class:`RunCancelled` (the run is being cancelled: no item's problem).
+    ``idle()``: called about every second while nothing finishes (a progress heartbeat)."""
     window = max(1, int(window))
     finished: queue.SimpleQueue = queue.SimpleQueue()
     in_flight: dict[int, tuple[T, Any]] = {}
@@ -85,6 +86,8 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
                 k = finished.get(timeout=1.0)
                 break
             except queue.Empty:
+                if idle is not None:
+                    idle()
                 continue
         item, fut = in_flight.pop(k)
         if future_cancelled(fut):
@@ -94,12 +97,14 @@ def run_windowed(submit: Callable[[T], Any], items: Iterable[T], window: int,
 
 
 def run_each(submit: Callable[[T], Any], items: Iterable[T], on_result: Callable[[T, Any], None],
-             on_error: Callable[[T, BaseException], None], window: int | None = None) -> WindowStats:
+             on_error: Callable[[T, BaseException], None], window: int | None = None,
+             progress: Any = None) -> WindowStats:
     """The one "submit, collect, turn failures into problems" loop: :func:`run_windowed` over
     ``items`` (at most ``window`` in flight; ``None``: no bound), then in this thread, in
     completion order, ``on_result(item, value)`` for each success and ``on_error(item, exc)``
     for each failure, so one failed item never sinks the others. ``submit`` may also return a
-    future submitted earlier (``submit=lambda f: f`` collects a list of futures)."""
+    future submitted earlier (``submit=lambda f: f`` collects a list of futures). ``progress``: a
+    :class:`tasks.common.progress.Progress` advanced by one per finished item, closed at the end."""
     if window is None:
         items = list(items)
         window = max(1, len(items))
@@ -111,10 +116,16 @@ def run_each(submit: Callable[[T], Any], items: Iterable[T], on_result: Callable
             if is_cancellation(exc):
                 raise RunCancelled(str(exc)) from exc
             on_error(item, exc)
-            return
-        on_result(item, value)
+        else:
+            on_result(item, value)
+        if progress is not None:
+            progress.advance(1)
 
-    return run_windowed(submit, items, window, on_done)
+    try:
+        return run_windowed(submit, items, window, on_done, idle=progress.tick if progress is not None else None)
+    finally:
+        if progress is not None:
+            progress.close()
 
 
 def in_thread(fn: Callable[..., Any], *args: Any, name: str | None = None) -> concurrent.futures.Future:

@@ -349,7 +349,7 @@ def _map_complete(workspace: Path, name: str, kind: str, shape: tuple[int, int],
 
 
 def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, config: DenseConfig | None,
-                    phase: str = "photometric", details: dict | None = None, device: str = "cpu") -> dict:
+                    phase: str = "photometric", details: dict | None = None, device: str = "cpu", progress=None) -> dict:
     """One pass of the PatchMatch over images of a workspace (all posed ones by default), its kernels
     on ``device`` ("cpu", or "cuda": the GPU backend without COLMAP, :mod:`.backends`): writes
     ``stereo/{depth,normal}_maps/<name>.<phase>.bin``. Resumable per image (a complete map of the
@@ -358,7 +358,8 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     stops the others. Returns ``{"stats": {name:
     {"valid_fraction", "seconds", "sources", "skipped"}}, "failures": {name: reason}}``. ``details``
     (benchmarks) receives each computed image's ``info`` of :func:`patch_match_image` (with the
-    per-pixel ``textured`` mask, ``unfiltered depth`` and ``consistent views`` of a filtered pass)."""
+    per-pixel ``textured`` mask, ``unfiltered depth`` and ``consistent views`` of a filtered pass).
+    ``progress(done, total)``: called after each image (computed, kept or failed)."""
     cfg = config or DenseConfig()
     ws = open_workspace(workspace)
     if cfg.pm_threads:
@@ -367,7 +368,9 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     stats: dict[str, dict] = {}
     failures: dict[str, str] = {}
     stamp = settings_stamp(cfg, phase)
-    for name in names:
+    for k, name in enumerate(names):
+        if progress is not None and k:
+            progress(k, len(names))
         t0 = time.perf_counter()
         if name not in ws.by_name:
             failures[name] = f"DenseError: {name}: not in the workspace model {ws.path / 'sparse'}"
@@ -397,6 +400,8 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
                        "sources": info.get("sources", []), "skipped": False}
         if "note" in info:
             stats[name]["note"] = info["note"]
+    if progress is not None:
+        progress(len(names), len(names))
     return {"stats": stats, "failures": failures}
 
 
