@@ -680,3 +680,30 @@ def test_prefect_lessor_sub_leases():
     assert active() == 0
     with pytest.raises(MissingConcurrencyLimit, match="no-such-pool-limit"):
         PrefectLessor("no-such-pool-limit").acquire(1, wait=True, timeout_s=5)
+
+
+def test_default_endpoint_is_high_volume(monkeypatch):
+    from tasks.multimodal.sources import make_source
+
+    """Without source_options.url the client talks to Google's high-volume endpoint (the one
+    Google asks automated parallel clients to use); a url set by the user (the fake's) wins."""
+    import contextlib
+
+    import ee
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    seen = []
+    monkeypatch.setattr(ee, "Initialize", lambda **kw: seen.append(kw["url"]))
+    monkeypatch.setattr(ee.data, "setMaxRetries", lambda n: None)
+    monkeypatch.setattr(ee.data, "setDeadline", lambda ms: None)
+    monkeypatch.setattr(ee.deprecation, "_FetchDataCatalogStac", ee.deprecation._FetchDataCatalogStac)
+    monkeypatch.setattr(ee_mod, "slot", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(ee_mod.EarthEngineSource, "_credentials", lambda self: object())
+    monkeypatch.setattr(ee_mod, "_initialized", {})
+    src = make_source("earthengine", {"project": "p"}, None)
+    src.initialize()
+    assert seen == ["https://earthengine-highvolume.googleapis.com"] == [ee.data.HIGH_VOLUME_API_BASE_URL]
+    assert "earthengine-highvolume" in repr(src)
+    make_source("earthengine", {"project": "p", "url": "http://127.0.0.1:9"}, None).initialize()
+    assert seen[-1] == "http://127.0.0.1:9"

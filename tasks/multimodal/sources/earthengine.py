@@ -117,6 +117,11 @@ SEED_LATLON_TOLERANCE_DEG = 1e-8
 MASK_VALUE = -3.0e38
 
 EE_LIMIT_NAME = "earthengine-requests"
+#: Google's endpoint for automated, parallel requests (``ee.data.HIGH_VOLUME_API_BASE_URL``), used
+#: unless ``source_options.url`` names another (a private deployment, the tests' fake).
+HIGH_VOLUME_URL = "https://earthengine-highvolume.googleapis.com"
+#: Google's own endpoints: the client may fetch Google's deprecated-asset catalogue for them.
+GOOGLE_URLS = (HIGH_VOLUME_URL, "https://earthengine.googleapis.com")
 
 _TRANSIENT_PATTERNS = (
     "too many concurrent", "rate limit", "quota", "resource_exhausted", "resource exhausted",
@@ -543,7 +548,8 @@ class EarthEngineSource(Source):
     ``credentials``: a service-account key (dict, from a Prefect Secret or the
     :class:`blocks.earthengine.EarthEngineCredentials` block), or ``None`` for
     the user's persistent credentials from ``earthengine authenticate``.
-    ``url``: the API endpoint (default Google's; tests point it at a fake).
+    ``url``: the API endpoint (default :data:`HIGH_VOLUME_URL`, the one Google asks automated
+    parallel clients to use; tests point it at a fake).
     ``credentials_origin``: where the key came from, named in error messages.
     ``era5_year_months``: 13 (default, the original's quirk: the same month a year
     earlier to the current month) or 12 (a calendar year ending with the current
@@ -569,7 +575,12 @@ class EarthEngineSource(Source):
 
     def __repr__(self) -> str:  # never show the key
         kind = "service-account key" if self.credentials else "persistent credentials"
-        return f"EarthEngineSource(project={self.project!r}, credentials=<{kind}>, url={self.url!r})"
+        return f"EarthEngineSource(project={self.project!r}, credentials=<{kind}>, url={self.endpoint!r})"
+
+    @property
+    def endpoint(self) -> str:
+        """The API endpoint requests go to: ``url``, else Google's high-volume endpoint."""
+        return self.url or HIGH_VOLUME_URL
 
     def cache_key(self) -> str:
         # v2: the original's selection (issue 12); the ERA5 year changes what a stack holds
@@ -609,23 +620,24 @@ class EarthEngineSource(Source):
         leased slots when called inside a batch session, else its own Prefect slot)."""
         import ee
 
-        key = f"{self.url}|{self.project}|{hashlib.sha256(json.dumps(self.credentials, sort_keys=True).encode()).hexdigest() if self.credentials else 'persistent'}"
+        url = self.endpoint
+        key = f"{url}|{self.project}|{hashlib.sha256(json.dumps(self.credentials, sort_keys=True).encode()).hexdigest() if self.credentials else 'persistent'}"
         with _init_lock:
             if _initialized.get(key):
                 return
             creds = self._credentials()
-            if self.url:
+            if url.rstrip("/") not in GOOGLE_URLS:
                 # A custom endpoint (a private deployment, or the tests' fake): the client
                 # must not fetch Google's deprecated-asset catalogue from storage.googleapis.com.
                 ee.deprecation._FetchDataCatalogStac = lambda: {}
             with self._request_slot():
                 try:
-                    ee.Initialize(credentials=creds, project=self.project, url=self.url)
+                    ee.Initialize(credentials=creds, project=self.project, url=url)
                     ee.data.setMaxRetries(0)  # one attempt = one request; Prefect retries tiles
                     ee.data.setDeadline(int(self.timeout_s * 1000))  # rebuilds the client: inside the slot
                 except Exception as exc:
                     if is_transient(exc):
-                        where = self.url or "the default endpoint"
+                        where = url
                         raise EarthEngineInitError(f"Earth Engine initialisation at {where} failed "
                                                    f"(temporary, retried): {exc}") from None
                     origin = self.credentials_origin if self.credentials else "persistent credentials"
