@@ -707,3 +707,37 @@ def test_default_endpoint_is_high_volume(monkeypatch):
     assert "earthengine-highvolume" in repr(src)
     make_source("earthengine", {"project": "p", "url": "http://127.0.0.1:9"}, None).initialize()
     assert seen[-1] == "http://127.0.0.1:9"
+
+
+def test_metadata_template_gives_the_same_request(ee_direct, monkeypatch):
+    """The metadata JSON from the per-combination template equals the plain serialization of
+    metadata_expression for tiles of every year window and product (and hemisphere), and the
+    request sent carries the same body as ee.data.computeValue's."""
+    import ee
+    import googleapiclient.http
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    fake, src = ee_direct()
+    src.initialize()
+    tiles = _selection_tiles(24)
+    combos = set()
+    for t in tiles:
+        for months in (13, 12):
+            ch = ee_mod.choose(t)
+            combos.add((ch.year, ch.prefer))
+            plain = ee.serializer.encode(ee_mod.metadata_expression(t, ch, months), for_cloud_api=True)
+            assert json.dumps(ee_mod.metadata_request(t, ch, months)) == json.dumps(plain), t.tile_id
+    assert len(combos) >= 6, combos
+    assert any(tpl is not None for tpl in ee_mod._TEMPLATES.values())  # the template path was taken
+    bodies = []
+    real = googleapiclient.http.HttpRequest.execute
+
+    def spy(self, *a, **k):
+        bodies.append((self.method, self.uri, self.body))
+        return real(self, *a, **k)
+    monkeypatch.setattr(googleapiclient.http.HttpRequest, "execute", spy)
+    ch = ee_mod.choose(tiles[0])
+    a = ee.data.computeValue(ee_mod.metadata_expression(tiles[0], ch))
+    b = ee_mod.compute_value(ee_mod.metadata_request(tiles[0], ch))
+    assert a == b and bodies[0] == bodies[1]
