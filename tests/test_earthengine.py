@@ -238,6 +238,21 @@ def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
 
 
 @pytest.mark.usefixtures("prefect_server")
+def test_429_answers_are_counted_in_the_report(ee_run):
+    """The fake answered one "429 Too many concurrent requests" (tile 0's first fault): the
+    flow counts it in report.json and the returned counts; 500, 503 and a dropped
+    connection are not 429s."""
+    from flows.multimodal import RATE_LIMITED
+
+    cfg, result, snap, ids, _ = ee_run
+    injected = [f for f in snap["faults_injected"] if f[2] == "429"]
+    assert len(injected) == 1
+    assert result["counts"][RATE_LIMITED] == len(injected)
+    report = json.loads((cfg.dataset_dir / "report.json").read_text())
+    assert report["counts"][RATE_LIMITED] == 1
+
+
+@pytest.mark.usefixtures("prefect_server")
 def test_credentials_never_in_logs_or_artifacts(ee_run, prefect_server):
     cfg, result, snap, ids, secret = ee_run
     key_body = secret["private_key"].split("-----")[2].strip().splitlines()[3]

@@ -163,6 +163,22 @@ def is_transient(exc: BaseException) -> bool:
     return any(p in msg for p in _TRANSIENT_PATTERNS)
 
 
+#: messages of Earth Engine's 429 answers (too many concurrent requests, request rate, quota)
+_RATE_LIMIT_PATTERNS = ("too many concurrent", "too many requests", "rate limit", "quota exceeded",
+                        "resource_exhausted", "resource exhausted", "429")
+
+
+def is_rate_limited(exc: BaseException) -> bool:
+    """Whether an error is Earth Engine's "429 Too many requests" (counted and reported)."""
+    msg = str(exc).lower()
+    return any(p in msg for p in _RATE_LIMIT_PATTERNS)
+
+
+#: per tile: the 429 answers its requests met in this process, until the tile's outcome takes them
+_rate_limited: dict[str, int] = {}
+_rate_limited_lock = threading.Lock()
+
+
 def permanent_reason(exc: BaseException) -> str | None:
     """The reason when an error is known to be permanent for the tile, else None (retry).
 
@@ -680,6 +696,7 @@ class EarthEngineSource(Source):
     timeout_s: float = 120.0
     slot_timeout_s: float | None = None
     ceiling: int | None = None  # the limit's size, to cap a batch's lease
+    request_rate: float | None = None  # requests/s for the project (paced per process, see SlotPool.set_rate)
     eco_index: dict[str, int] | None = field(default=None, repr=False)
     credentials_origin: str = "the EarthEngineCredentials block or the Prefect Secret"
     era5_year_months: int = 13
@@ -791,11 +808,17 @@ class EarthEngineSource(Source):
         busy while some threads do local work (decoding, writing the GeoTIFF)."""
         occupy = max(1, min(slots or threads, self.ceiling or threads))
         pool = shared_pool(self.limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=self.slot_timeout_s)
+        pool.set_rate(self.request_rate, self.ceiling or occupy)
         with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
             try:
                 yield _BatchShare(share)
             finally:
                 _local.share = None  # the calling thread, if it fetched itself
+
+    def take_rate_limited(self, tile_id: str) -> int:
+        """How many 429 answers the tile's requests met (in this process, since the last call)."""
+        with _rate_limited_lock:
+            return _rate_limited.pop(tile_id, 0)
 
     @contextlib.contextmanager
     def _request_slot(self):
@@ -814,6 +837,9 @@ class EarthEngineSource(Source):
             except (NoDataError, TransientSourceError):
                 raise
             except Exception as exc:
+                if is_rate_limited(exc):
+                    with _rate_limited_lock:
+                        _rate_limited[tile.tile_id] = _rate_limited.get(tile.tile_id, 0) + 1
                 reason = permanent_reason(exc)
                 if reason is not None:
                     raise NoDataError(tile.tile_id, f"{reason}: {what}: {exc}") from None
