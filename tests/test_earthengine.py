@@ -756,3 +756,50 @@ def test_metadata_template_gives_the_same_request(ee_direct, monkeypatch):
     a = ee.data.computeValue(ee_mod.metadata_expression(tiles[0], ch))
     b = ee_mod.compute_value(ee_mod.metadata_request(tiles[0], ch))
     assert a == b and bodies[0] == bodies[1]
+
+
+def test_pixels_template_gives_the_same_request(ee_direct, monkeypatch):
+    """The computePixels expression from its template equals the plain serialization of
+    pixels_expression (with and without Sentinel-1 orbits and Dynamic World, L2A and L1C),
+    and compute_pixels sends the same body as ee.data.computePixels."""
+    import ee
+    import googleapiclient.http
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    tiles = _selection_tiles(24)
+    fake, src = ee_direct(tiles=tiles)
+    shapes, metas = set(), []
+    for t in tiles:
+        try:
+            _, meta = src.select(t)
+        except NoDataError:
+            continue
+        metas.append((t, meta))
+        b = meta.stack_bands()
+        shapes.add((meta.s2_type, bool(b["sentinel1_asc"]), bool(b["sentinel1_desc"]), bool(b["dynamic_world"])))
+        expr, names = ee_mod.pixels_request(t, meta)
+        image, plain_names = ee_mod.pixels_expression(t, meta)
+        assert json.dumps(expr) == json.dumps(ee.serializer.encode(image, for_cloud_api=True)), t.tile_id
+        assert names == plain_names
+    assert len(metas) >= 20 and len(shapes) >= 3, shapes
+    assert any(tpl is not None for tpl in ee_mod._PIXEL_TEMPLATES.values())
+    bodies = []
+    real = googleapiclient.http.HttpRequest.execute
+
+    def spy(self, *a, **k):
+        bodies.append((self.method, self.uri, self.body))
+        return real(self, *a, **k)
+    monkeypatch.setattr(googleapiclient.http.HttpRequest, "execute", spy)
+    t, meta = metas[0]
+    grid = ee_mod.stack_grid(t, meta)
+    expr, names = ee_mod.pixels_request(t, meta)
+    image, _ = ee_mod.pixels_expression(t, meta)
+    base = {"fileFormat": "NPY", "bandIds": names,
+            "grid": {"dimensions": {"width": grid.size, "height": grid.size},
+                     "affineTransform": {"scaleX": 10.0, "shearX": 0.0, "translateX": grid.transform.c,
+                                         "shearY": 0.0, "scaleY": -10.0, "translateY": grid.transform.f},
+                     "crsCode": grid.crs}}
+    a = ee.data.computePixels({**base, "expression": image})
+    b = ee_mod.compute_pixels({**base, "expression": expr})
+    assert a == b and bodies[0] == bodies[1]
