@@ -663,13 +663,14 @@ def pixels_request(tile: Tile, meta: TileMeta) -> tuple[dict[str, Any], list[str
         vkeys = [json.dumps(list(v)) for ring in rings for v in ring]
         ring_lengths = tuple(len(r) for r in rings)
         pattern = tuple(vkeys.index(k) for k in vkeys)
-        plain = any(float(x).is_integer() for ring in rings for v in ring for x in v) or len(set(ids.values())) < len(ids)
+        plain = (any(float(x).is_integer() for ring in rings for v in ring for x in v)
+                 or len(set(ids.values())) < len(ids))
     except (KeyError, TypeError, ValueError, AttributeError):
         plain = True
     if not plain:
         dw_year = meta.s2_date[:4] if bands["dynamic_world"] else None
-        key = (_expression_globals(pixels_expression), tuple((g, tuple(bands.get(g) or ())) for g in schema.STACK_GROUPS),
-               orbits, dw_year, ring_lengths, pattern)
+        groups = tuple((g, tuple(bands.get(g) or ())) for g in schema.STACK_GROUPS)
+        key = (_expression_globals(pixels_expression), groups, orbits, dw_year, ring_lengths, pattern)
         with _TEMPLATES_LOCK:
             tpl = _PIXEL_TEMPLATES.get(key, False)
         if tpl is False:
@@ -934,8 +935,6 @@ class EarthEngineSource(Source):
     # -- one tile ------------------------------------------------------------
     def select(self, tile: Tile) -> tuple[Choices, TileMeta]:
         """Request 1: the tile's choices and what the server found for them."""
-        import ee
-
         try:
             self.initialize()
         except EarthEngineInitError as exc:
