@@ -62,12 +62,18 @@ def _batches(tiles_path: Path, table: stacks.TileStates, size: int, only=None) -
         yield pos, tiles
 
 
+#: report.json count of the "429 Too many requests" answers the fetch met (Earth Engine)
+RATE_LIMITED = "429 answers (too many requests)"
+
+
 def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table: stacks.TileStates,
-           failed: dict[int, str], stage: str = "stacks", only=None, on_settled=None) -> int:
+           failed: dict[int, str], stage: str = "stacks", only=None, on_settled=None,
+           report: RunReport | None = None) -> int:
     """Fetch the missing tiles in batch tasks, at most ``config.tasks_in_flight`` at once;
     stream each batch's outcomes into ``table`` and the stacks index, and the reasons of
     the tiles that failed into ``failed`` (by position); ``on_settled(positions)`` is
-    called with each finished batch's positions. Returns how many tiles got a
+    called with each finished batch's positions; the 429 answers the tiles met are added
+    to ``report.counts[RATE_LIMITED]`` when it has that count. Returns how many tiles got a
     permanent outcome (stack or no-data) this time."""
     logger = get_run_logger()
     fetch = fetch_batch_task.with_options(
@@ -105,6 +111,8 @@ def _fetch(config: MultimodalConfig, source, out: Path, tiles_path: Path, table:
                 failed[p] = o.reason
         index.append(new)
         finished[0] += len(new)
+        if report is not None and RATE_LIMITED in report.counts:
+            report.counts[RATE_LIMITED] += sum(o.rate_limited for o in outcomes)
         progress.advance(len(batch))
         if on_settled is not None:
             on_settled(positions)
@@ -220,7 +228,8 @@ def _fetch_and_pack(config: MultimodalConfig, source, out: Path, tiles_path: Pat
     thread = threading.Thread(target=ctx.run, args=(pack_thread,), name="pack-window", daemon=True)
     thread.start()
     try:
-        fetched = _fetch(config, source, out, tiles_path, table, failed, on_settled=on_settled)
+        fetched = _fetch(config, source, out, tiles_path, table, failed, on_settled=on_settled,
+                         report=packer.report)
     except BaseException:
         ready.put(None)  # interrupted or failed: packs in flight are abandoned with the run
         thread.join(timeout=5.0)
@@ -249,7 +258,8 @@ def _finish_h5(config: MultimodalConfig, packer: _Packer, out: Path, tiles_path:
             (paths["tile_info"] / f"{tid}.json").unlink(missing_ok=True)
             table.set(table.pos_of(tid), None)
         failed: dict[int, str] = {}
-        refetched = _fetch(config, source, out, tiles_path, table, failed, stage="fetch again", only=set(mismatched))
+        refetched = _fetch(config, source, out, tiles_path, table, failed, stage="fetch again", only=set(mismatched),
+                           report=report)
         for tid in mismatched:
             p = table.pos_of(tid)
             if table.state_of(p) != "done":
@@ -330,7 +340,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     def source_for(eco_index):
         return make_source(config.source, config.source_options, eco_index,
                            limit_name=config.request_limit_name if limited else None,
-                           ceiling=config.request_ceiling if limited else None)
+                           ceiling=config.request_ceiling if limited else None,
+                           rate=config.request_rate if ee else None)
 
     sampler = source_for(None) if config.tile_sampler == "earthengine" and ee else None
     selection = select_tiles(config, out, sampler)
@@ -346,6 +357,8 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
     logger.info("%d tiles (%s) -> %s", selection.n_tiles, selection.how, selection.path)
     report.counts["tiles sampled"] = selection.n_tiles
     report.timings["tiles"] = time.monotonic() - t0
+    if ee:  # what the service answered "429 Too many requests" (retried; a sign the ceiling or rate is too high)
+        report.counts[RATE_LIMITED] = 0
 
     # 2. stacks: decide from the index, fetch what is missing --------------
     t0 = time.monotonic()

@@ -257,6 +257,21 @@ def test_two_requests_per_tile_retries_and_no_data_not_retried(ee_run):
 
 
 @pytest.mark.usefixtures("prefect_server")
+def test_429_answers_are_counted_in_the_report(ee_run):
+    """The fake answered one "429 Too many concurrent requests" (tile 0's first fault): the
+    flow counts it in report.json and the returned counts; 500, 503 and a dropped
+    connection are not 429s."""
+    from flows.multimodal import RATE_LIMITED
+
+    cfg, result, snap, ids, _ = ee_run
+    injected = [f for f in snap["faults_injected"] if f[2] == "429"]
+    assert len(injected) == 1
+    assert result["counts"][RATE_LIMITED] == len(injected)
+    report = json.loads((cfg.dataset_dir / "report.json").read_text())
+    assert report["counts"][RATE_LIMITED] == 1
+
+
+@pytest.mark.usefixtures("prefect_server")
 def test_credentials_never_in_logs_or_artifacts(ee_run, prefect_server):
     cfg, result, snap, ids, secret = ee_run
     key_body = secret["private_key"].split("-----")[2].strip().splitlines()[3]
@@ -699,3 +714,111 @@ def test_prefect_lessor_sub_leases():
     assert active() == 0
     with pytest.raises(MissingConcurrencyLimit, match="no-such-pool-limit"):
         PrefectLessor("no-such-pool-limit").acquire(1, wait=True, timeout_s=5)
+
+
+def test_default_endpoint_is_high_volume(monkeypatch):
+    from tasks.multimodal.sources import make_source
+
+    """Without source_options.url the client talks to Google's high-volume endpoint (the one
+    Google asks automated parallel clients to use); a url set by the user (the fake's) wins."""
+    import contextlib
+
+    import ee
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    seen = []
+    monkeypatch.setattr(ee, "Initialize", lambda **kw: seen.append(kw["url"]))
+    monkeypatch.setattr(ee.data, "setMaxRetries", lambda n: None)
+    monkeypatch.setattr(ee.data, "setDeadline", lambda ms: None)
+    monkeypatch.setattr(ee.deprecation, "_FetchDataCatalogStac", ee.deprecation._FetchDataCatalogStac)
+    monkeypatch.setattr(ee_mod, "slot", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(ee_mod.EarthEngineSource, "_credentials", lambda self: object())
+    monkeypatch.setattr(ee_mod, "_initialized", {})
+    src = make_source("earthengine", {"project": "p"}, None)
+    src.initialize()
+    assert seen == ["https://earthengine-highvolume.googleapis.com"] == [ee.data.HIGH_VOLUME_API_BASE_URL]
+    assert "earthengine-highvolume" in repr(src)
+    make_source("earthengine", {"project": "p", "url": "http://127.0.0.1:9"}, None).initialize()
+    assert seen[-1] == "http://127.0.0.1:9"
+
+
+def test_metadata_template_gives_the_same_request(ee_direct, monkeypatch):
+    """The metadata JSON from the per-combination template equals the plain serialization of
+    metadata_expression for tiles of every year window and product (and hemisphere), and the
+    request sent carries the same body as ee.data.computeValue's."""
+    import ee
+    import googleapiclient.http
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    fake, src = ee_direct()
+    src.initialize()
+    tiles = _selection_tiles(24)
+    combos = set()
+    for t in tiles:
+        for months in (13, 12):
+            ch = ee_mod.choose(t)
+            combos.add((ch.year, ch.prefer))
+            plain = ee.serializer.encode(ee_mod.metadata_expression(t, ch, months), for_cloud_api=True)
+            assert json.dumps(ee_mod.metadata_request(t, ch, months)) == json.dumps(plain), t.tile_id
+    assert len(combos) >= 6, combos
+    assert any(tpl is not None for tpl in ee_mod._TEMPLATES.values())  # the template path was taken
+    bodies = []
+    real = googleapiclient.http.HttpRequest.execute
+
+    def spy(self, *a, **k):
+        bodies.append((self.method, self.uri, self.body))
+        return real(self, *a, **k)
+    monkeypatch.setattr(googleapiclient.http.HttpRequest, "execute", spy)
+    ch = ee_mod.choose(tiles[0])
+    a = ee.data.computeValue(ee_mod.metadata_expression(tiles[0], ch))
+    b = ee_mod.compute_value(ee_mod.metadata_request(tiles[0], ch))
+    assert a == b and bodies[0] == bodies[1]
+
+
+def test_pixels_template_gives_the_same_request(ee_direct, monkeypatch):
+    """The computePixels expression from its template equals the plain serialization of
+    pixels_expression (with and without Sentinel-1 orbits and Dynamic World, L2A and L1C),
+    and compute_pixels sends the same body as ee.data.computePixels."""
+    import ee
+    import googleapiclient.http
+
+    import tasks.multimodal.sources.earthengine as ee_mod
+
+    tiles = _selection_tiles(24)
+    fake, src = ee_direct(tiles=tiles)
+    shapes, metas = set(), []
+    for t in tiles:
+        try:
+            _, meta = src.select(t)
+        except NoDataError:
+            continue
+        metas.append((t, meta))
+        b = meta.stack_bands()
+        shapes.add((meta.s2_type, bool(b["sentinel1_asc"]), bool(b["sentinel1_desc"]), bool(b["dynamic_world"])))
+        expr, names = ee_mod.pixels_request(t, meta)
+        image, plain_names = ee_mod.pixels_expression(t, meta)
+        assert json.dumps(expr) == json.dumps(ee.serializer.encode(image, for_cloud_api=True)), t.tile_id
+        assert names == plain_names
+    assert len(metas) >= 20 and len(shapes) >= 3, shapes
+    assert any(tpl is not None for tpl in ee_mod._PIXEL_TEMPLATES.values())
+    bodies = []
+    real = googleapiclient.http.HttpRequest.execute
+
+    def spy(self, *a, **k):
+        bodies.append((self.method, self.uri, self.body))
+        return real(self, *a, **k)
+    monkeypatch.setattr(googleapiclient.http.HttpRequest, "execute", spy)
+    t, meta = metas[0]
+    grid = ee_mod.stack_grid(t, meta)
+    expr, names = ee_mod.pixels_request(t, meta)
+    image, _ = ee_mod.pixels_expression(t, meta)
+    base = {"fileFormat": "NPY", "bandIds": names,
+            "grid": {"dimensions": {"width": grid.size, "height": grid.size},
+                     "affineTransform": {"scaleX": 10.0, "shearX": 0.0, "translateX": grid.transform.c,
+                                         "shearY": 0.0, "scaleY": -10.0, "translateY": grid.transform.f},
+                     "crsCode": grid.crs}}
+    a = ee.data.computePixels({**base, "expression": image})
+    b = ee_mod.compute_pixels({**base, "expression": expr})
+    assert a == b and bodies[0] == bodies[1]

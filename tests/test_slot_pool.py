@@ -202,3 +202,21 @@ def test_pool_without_a_first_lease_fails_the_batch(tmp_path):
     with pytest.raises(TimeoutError), pool.share(4, 4, 10):
         pass
     assert pool.capacity == 0 and pool.in_use == 0 and not pool._shares
+
+
+def test_requests_are_paced_at_the_request_rate(limit, tmp_path):
+    """``request_rate`` (Earth Engine's requests/s per project): a batch of 48 requests
+    that 4 slots would run at ~200/s starts them at most 40/s (the process holds the
+    whole ceiling, so its share is the whole rate); never faster, within 5 %."""
+    starts: list[float] = []
+    real = limit.request
+
+    def timed(batch, seconds):
+        starts.append(time.monotonic())
+        real(batch, seconds)
+    limit.request = timed
+    stacks.fetch_batch(_tiles("r", 24), _source(limit, request_rate=40.0), tmp_path, threads=8, slots=4)
+    assert len(starts) == 48 and not limit.violations
+    starts.sort()
+    for i in range(len(starts) - 10):  # any 10 consecutive gaps last at least 10 / 40 s
+        assert starts[i + 10] - starts[i] >= 10 / 40.0 * 0.95, (i, starts[i + 10] - starts[i])

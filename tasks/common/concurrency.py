@@ -152,6 +152,7 @@ class PoolShare:
         """Hold one of the pool's slots (one request in flight)."""
         self.pool._take(self)
         try:
+            self.pool._pace()
             yield
         finally:
             self.pool._give()
@@ -194,6 +195,30 @@ class SlotPool:
         self._renewer: threading.Thread | None = None
         self._stop_renew = threading.Event()
         self.calls = {"acquire": 0, "release": 0, "renew": 0, "refused": 0}
+        self.rate_per_slot: float | None = None  # requests/s per slot held (None: not paced)
+        self._pace_lock = threading.Lock()
+        self._next_start = 0.0
+
+    def set_rate(self, requests_per_s: float | None, ceiling: int) -> None:
+        """Pace the process's requests at ``requests_per_s * slots held / ceiling``: the
+        processes' shares of the limit's slots add up to at most ``ceiling``, so their rates
+        add up to at most ``requests_per_s`` (a per-project rate such as Earth Engine's 100
+        requests/s) without a call to Prefect per request. ``None``: not paced."""
+        self.rate_per_slot = requests_per_s / max(1, ceiling) if requests_per_s else None
+
+    def _pace(self) -> None:
+        """Wait until this request may start: starts at least 1 / rate apart."""
+        import time
+
+        per_slot = self.rate_per_slot
+        if not per_slot:
+            return
+        with self._pace_lock:
+            now = time.monotonic()
+            start = max(self._next_start, now)
+            self._next_start = start + 1.0 / (per_slot * max(1, self.capacity))
+        if start > now:
+            time.sleep(start - now)
 
     # -- batches -----------------------------------------------------------
     @contextlib.contextmanager

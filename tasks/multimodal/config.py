@@ -39,8 +39,8 @@ class MultimodalConfig(BaseModel):
         "Dataset": ["name", "output_dir"],
         "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
                   "tile_size_m", "seed", "batch"],
-        "Stacks": ["source", "source_options", "request_ceiling", "request_limit_name", "fetch_batch_size",
-                   "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "stack_compress"],
+        "Stacks": ["source", "source_options", "request_ceiling", "request_rate", "request_limit_name",
+                   "fetch_batch_size", "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "stack_compress"],
         "Packing": ["image_size", "part_size", "keep_parts", "compression_codec", "compression_level"],
         "Splits": ["split_fractions", "split_seed"],
         "Cluster": ["dask", "dask_block"],
@@ -74,6 +74,10 @@ class MultimodalConfig(BaseModel):
                     "(never put a key here: flow parameters are stored by Prefect)")
     request_ceiling: int = Field(40, ge=1, description="concurrent requests allowed (Earth Engine: for the project; "
                                                        "stac: to the STAC API and COG hosts)")
+    request_rate: float | None = Field(
+        100.0, gt=0, description="Earth Engine requests per second for the project (its documented quota: 100/s); "
+                                 "each worker process paces its requests at this rate times its share of "
+                                 "request_ceiling's slots; empty: not paced")
     request_limit_name: str = Field("earthengine-requests", description="Prefect global concurrency limit name "
                                                                         "(the stac preset: stac-requests)")
     fetch_batch_size: int = Field(16, ge=1, le=100_000, description="tiles per fetch task (1-100000)")

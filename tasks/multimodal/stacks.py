@@ -67,6 +67,7 @@ class TileOutcome:
     status: str  # "fetched", "skipped" (already done), "no_data", "failed", "transient"
     reason: str = ""
     entry: Entry | None = None  # set for fetched, skipped and no_data: what the index records
+    rate_limited: int = 0  # "429 Too many requests" answers met on the way (this and earlier tries)
 
 
 class StackIntegrityError(StackReadError):
@@ -332,16 +333,19 @@ def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None =
             "SOURCE": source.name, "FETCH_KEY": key,
         }
         write_json_atomic(meta, info)
-        return TileOutcome(tile.tile_id, "no_data", exc.reason, entry=Entry("no_data", key, digest=exc.reason))
+        return TileOutcome(tile.tile_id, "no_data", exc.reason, entry=Entry("no_data", key, digest=exc.reason),
+                           rate_limited=source.take_rate_limited(tile.tile_id))
     except TransientSourceError as exc:
         return TileOutcome(tile.tile_id, "transient", exc.reason)
     except Exception as exc:  # one bad tile never sinks the batch
         log.exception("tile %s failed", tile.tile_id)
-        return TileOutcome(tile.tile_id, "failed", f"{type(exc).__name__}: {exc}")
+        return TileOutcome(tile.tile_id, "failed", f"{type(exc).__name__}: {exc}",
+                           rate_limited=source.take_rate_limited(tile.tile_id))
     tif = write_stack(paths["tiles"] / f"{tile.tile_id}.tif", stack, compress=compress)
     record = stack_record(tif, stack)
     write_json_atomic(meta, {**stack.info, "FETCH_KEY": key, "STACK": record})
-    return TileOutcome(tile.tile_id, "fetched", entry=_entry(tif, key, record))
+    return TileOutcome(tile.tile_id, "fetched", entry=_entry(tif, key, record),
+                       rate_limited=source.take_rate_limited(tile.tile_id))
 
 
 def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str | None = None,

@@ -12,11 +12,12 @@ SOURCES = ("synthetic", "earthengine", "stac")
 
 
 def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dict[str, int] | None = None,
-                limit_name: str | None = None, ceiling: int | None = None) -> Source:
+                limit_name: str | None = None, ceiling: int | None = None, rate: float | None = None) -> Source:
     """Build the source called ``name``, completely configured: its options, the
     ecoregion index mapping and, for Earth Engine and STAC, the Prefect concurrency limit
     every request holds a slot of (``limit_name``) and its size (``ceiling``, which
-    caps a batch's lease). Nothing is set on a source after this."""
+    caps a batch's lease), and for Earth Engine the project's request rate (``rate``,
+    requests/s). Nothing is set on a source after this."""
     options = dict(options or {})
     if name == "synthetic":
         from tasks.multimodal.sources.synthetic import SyntheticSource
@@ -27,6 +28,8 @@ def make_source(name: str, options: dict[str, Any] | None = None, eco_index: dic
             options["limit_name"] = limit_name
         if ceiling is not None:
             options["ceiling"] = ceiling
+        if rate is not None:
+            options["request_rate"] = rate
         return _earthengine(options, eco_index)
     if name == "stac":
         import dataclasses

@@ -128,6 +128,11 @@ class Source(abc.ABC):
         fetched under another key is fetched again."""
         return ""
 
+    def take_rate_limited(self, tile_id: str) -> int:
+        """How many "429 Too many requests" answers the tile's requests met since the last
+        call for it (the count is then cleared); reported by the flow. Default: 0."""
+        return 0
+
     def session(self, threads: int, slots: int | None = None, tiles: int | None = None):
         """Context for fetching a batch of ``tiles`` tiles with ``threads`` threads, at most
         ``slots`` of them in a request at once (e.g. leasing request slots for the batch).

@@ -117,6 +117,11 @@ SEED_LATLON_TOLERANCE_DEG = 1e-8
 MASK_VALUE = -3.0e38
 
 EE_LIMIT_NAME = "earthengine-requests"
+#: Google's endpoint for automated, parallel requests (``ee.data.HIGH_VOLUME_API_BASE_URL``), used
+#: unless ``source_options.url`` names another (a private deployment, the tests' fake).
+HIGH_VOLUME_URL = "https://earthengine-highvolume.googleapis.com"
+#: Google's own endpoints: the client may fetch Google's deprecated-asset catalogue for them.
+GOOGLE_URLS = (HIGH_VOLUME_URL, "https://earthengine.googleapis.com")
 
 _TRANSIENT_PATTERNS = (
     "too many concurrent", "rate limit", "quota", "resource_exhausted", "resource exhausted",
@@ -156,6 +161,22 @@ def is_transient(exc: BaseException) -> bool:
         pass
     msg = str(exc).lower()
     return any(p in msg for p in _TRANSIENT_PATTERNS)
+
+
+#: messages of Earth Engine's 429 answers (too many concurrent requests, request rate, quota)
+_RATE_LIMIT_PATTERNS = ("too many concurrent", "too many requests", "rate limit", "quota exceeded",
+                        "resource_exhausted", "resource exhausted", "429")
+
+
+def is_rate_limited(exc: BaseException) -> bool:
+    """Whether an error is Earth Engine's "429 Too many requests" (counted and reported)."""
+    msg = str(exc).lower()
+    return any(p in msg for p in _RATE_LIMIT_PATTERNS)
+
+
+#: per tile: the 429 answers its requests met in this process, until the tile's outcome takes them
+_rate_limited: dict[str, int] = {}
+_rate_limited_lock = threading.Lock()
 
 
 def permanent_reason(exc: BaseException) -> str | None:
@@ -365,6 +386,123 @@ def metadata_expression(tile: Tile, ch: Choices, era5_year_months: int = 13):
     })
 
 
+# --------------------------------------------------------------------------
+# The metadata request without building and serializing the expression per tile
+# --------------------------------------------------------------------------
+#: Building the metadata expression (~6.5 ms) and serializing it (~3.7 ms) were a third of the
+#: client's CPU per tile. Once the year window, product, table length and ERA5 year are fixed,
+#: only the polygon's vertices and the index table's string depend on the tile: the expression
+#: is built and serialized once per such combination with stand-in vertices and table (a
+#: template), and a tile's JSON is the template with its own values put in. The serializer
+#: merges equal values (a ring's closing vertex becomes a reference to its first), so templates
+#: are also keyed by which vertices of the tile are equal; a tile whose values could be merged
+#: with anything else (an integral coordinate, a vertex or table text found in the template) is
+#: serialized the plain way. tests/test_earthengine.py checks both ways give the same JSON.
+_TEMPLATES: dict[tuple, Any] = {}
+_TEMPLATES_LOCK = threading.Lock()
+_TABLE_STANDIN = "index-table-stand-in-5f0c2e"
+
+
+def _expression_globals(fn) -> tuple:
+    """``fn`` and the module-level constants it (and its inner functions) reads, with their
+    values: a template is reused only while none of them changed."""
+    import types
+
+    names: set[str] = set()
+
+    def walk(code) -> None:
+        names.update(code.co_names)
+        for c in code.co_consts:
+            if isinstance(c, types.CodeType):
+                walk(c)
+    walk(fn.__code__)
+    g = fn.__globals__
+    consts = tuple((n, g[n]) for n in sorted(names) if isinstance(g.get(n), (str, int, float, tuple)))
+    return (fn, consts, tuple(schema.ERA5_BANDS))
+
+
+def _standin_vertex(k: int) -> list[float]:
+    return [-1000.0 - k - 0.123456789, 1000.0 + k + 0.987654321]
+
+
+def _build_template(tile: Tile, ch: Choices, era5_year_months: int, ring_lengths: tuple, pattern: tuple):
+    """(parts, slots): the template's JSON text between the stand-ins, and which value (a
+    vertex index or "table") goes into each gap; None if the stand-ins are not each found
+    exactly once in the text."""
+    import re
+
+    import ee
+
+    standins = {k: _standin_vertex(k) for k in set(pattern)}
+    verts = [standins[first] for first in pattern]
+    coords, i = [], 0
+    for n in ring_lengths:
+        coords.append(verts[i:i + n])
+        i += n
+    stand_tile = Tile(tile.tile_id, tile.biome, tile.eco_region, tile.lon, tile.lat,
+                      {"type": "Polygon", "coordinates": coords}, tile.tile_size_m)
+    text = json.dumps(ee.serializer.encode(metadata_expression(stand_tile, ch, era5_year_months), for_cloud_api=True))
+    table_json = json.dumps(",".join(map(str, ch.table)))
+    if text.count(table_json) != 1:
+        return None
+    text = text.replace(table_json, json.dumps(_TABLE_STANDIN))
+    tokens: dict[str, Any] = {json.dumps(_TABLE_STANDIN): "table"}
+    for k, v in standins.items():
+        tokens[json.dumps(v)] = k
+    if any(text.count(t) != 1 for t in tokens):
+        return None
+    pieces = re.split("(" + "|".join(re.escape(t) for t in tokens) + ")", text)
+    return pieces[0::2], [tokens[t] for t in pieces[1::2]], "".join(pieces[0::2])
+
+
+def metadata_request(tile: Tile, ch: Choices, era5_year_months: int = 13) -> dict[str, Any]:
+    """``ee.serializer.encode(metadata_expression(tile, ch, era5_year_months), for_cloud_api=True)``,
+    from a template (see above) when the tile's values allow it."""
+    import ee
+
+    table_json = json.dumps(",".join(map(str, ch.table)))
+    try:
+        rings = tile.geometry["coordinates"]
+        keys = [json.dumps(list(v)) for ring in rings for v in ring]
+        ring_lengths = tuple(len(r) for r in rings)
+        pattern = tuple(keys.index(k) for k in keys)
+        plain = any(float(x).is_integer() for ring in rings for v in ring for x in v)
+    except (KeyError, TypeError, ValueError):
+        plain = True
+    if not plain:
+        key = (_expression_globals(metadata_expression), ring_lengths, pattern, ch.start, ch.end, ch.prefer,
+               len(ch.table), era5_year_months)
+        with _TEMPLATES_LOCK:
+            tpl = _TEMPLATES.get(key, False)
+        if tpl is False:
+            tpl = _build_template(tile, ch, era5_year_months, ring_lengths, pattern)
+            with _TEMPLATES_LOCK:
+                if len(_TEMPLATES) >= 256:  # a few dozen combinations in practice
+                    _TEMPLATES.clear()
+                _TEMPLATES[key] = tpl
+        if tpl is not None:
+            parts, slots, whole = tpl
+            if table_json not in whole and not any(keys[k] in whole for k in set(pattern)):
+                out = [parts[0]]
+                for slot_, part in zip(slots, parts[1:]):
+                    out.append(table_json if slot_ == "table" else keys[slot_])
+                    out.append(part)
+                return json.loads("".join(out))
+    return ee.serializer.encode(metadata_expression(tile, ch, era5_year_months), for_cloud_api=True)
+
+
+def compute_value(expression: dict[str, Any]) -> Any:
+    """``ee.data.computeValue`` for an expression already serialized: the same request (body
+    ``{"expression": ...}`` plus the client's workload tag, to the same method)."""
+    import ee
+
+    body = {"expression": expression}
+    ee.data._maybe_populate_workload_tag(body)
+    return ee.data._execute_cloud_call(
+        ee.data._get_cloud_projects().value().compute(body=body, project=ee.data._get_projects_path(),
+                                                      prettyPrint=False))["result"]
+
+
 @dataclass
 class TileMeta:
     """The parsed answer of the metadata request."""
@@ -519,6 +657,92 @@ def pixels_expression(tile: Tile, meta: TileMeta):
     return image, names
 
 
+#: Built and serialized once per (bands, Sentinel-1 orbits present, Dynamic World year, ring shape)
+#: like the metadata request (see there); stand-ins for the image ids and the polygon.
+_PIXEL_TEMPLATES: dict[tuple, Any] = {}
+
+
+def pixels_request(tile: Tile, meta: TileMeta) -> tuple[dict[str, Any], list[str]]:
+    """``(ee.serializer.encode(image, for_cloud_api=True), names)`` of
+    :func:`pixels_expression`, from a template when the tile's values allow it."""
+    import dataclasses
+    import re
+
+    import ee
+
+    bands = meta.stack_bands()
+    names = [band_id(*d.split("/", 1)) for d in schema.stack_band_descriptions(bands)]
+    orbits = tuple(o for o in ("asc", "desc") if bands[f"sentinel1_{o}"])
+    ids = {"s2": meta.s2_id, **{o: meta.s1[o]["id"] for o in orbits}}
+    try:
+        rings = tile.geometry["coordinates"]
+        vkeys = [json.dumps(list(v)) for ring in rings for v in ring]
+        ring_lengths = tuple(len(r) for r in rings)
+        pattern = tuple(vkeys.index(k) for k in vkeys)
+        plain = (any(float(x).is_integer() for ring in rings for v in ring for x in v)
+                 or len(set(ids.values())) < len(ids))
+    except (KeyError, TypeError, ValueError, AttributeError):
+        plain = True
+    if not plain:
+        dw_year = meta.s2_date[:4] if bands["dynamic_world"] else None
+        groups = tuple((g, tuple(bands.get(g) or ())) for g in schema.STACK_GROUPS)
+        key = (_expression_globals(pixels_expression), groups, orbits, dw_year, ring_lengths, pattern)
+        with _TEMPLATES_LOCK:
+            tpl = _PIXEL_TEMPLATES.get(key, False)
+        if tpl is False:
+            tpl = None
+            standins = {k: _standin_vertex(k) for k in set(pattern)}
+            verts = [standins[first] for first in pattern]
+            coords, i = [], 0
+            for n in ring_lengths:
+                coords.append(verts[i:i + n])
+                i += n
+            stand_tile = Tile(tile.tile_id, tile.biome, tile.eco_region, tile.lon, tile.lat,
+                              {"type": "Polygon", "coordinates": coords}, tile.tile_size_m)
+            stand_ids = {k: f"stand-in/{k}-image-5f0c2e" for k in ids}
+            stand_meta = dataclasses.replace(
+                meta, s2_id=stand_ids["s2"],
+                s1={o: ({**meta.s1[o], "id": stand_ids[o]} if o in orbits else meta.s1[o]) for o in ("asc", "desc")})
+            image, stand_names = pixels_expression(stand_tile, stand_meta)
+            text = json.dumps(ee.serializer.encode(image, for_cloud_api=True))
+            tokens: dict[str, Any] = {json.dumps(v): ("id", k) for k, v in stand_ids.items()}
+            if bands["dynamic_world"]:
+                tokens.update({json.dumps(v): ("vertex", k) for k, v in standins.items()})
+            if stand_names == names and all(text.count(t) == 1 for t in tokens):
+                pieces = re.split("(" + "|".join(re.escape(t) for t in tokens) + ")", text)
+                tpl = (pieces[0::2], [tokens[t] for t in pieces[1::2]], "".join(pieces[0::2]))
+            with _TEMPLATES_LOCK:
+                if len(_PIXEL_TEMPLATES) >= 1024:
+                    _PIXEL_TEMPLATES.clear()
+                _PIXEL_TEMPLATES[key] = tpl
+        if tpl is not None:
+            parts, slots, whole = tpl
+            values = {("id", k): json.dumps(v) for k, v in ids.items()}
+            values.update({("vertex", k): vkeys[k] for k in set(pattern)})
+            if not any(values[s] in whole for s in slots):
+                out = [parts[0]]
+                for slot_, part in zip(slots, parts[1:]):
+                    out.append(values[slot_])
+                    out.append(part)
+                return json.loads("".join(out)), names
+    image, names = pixels_expression(tile, meta)
+    return ee.serializer.encode(image, for_cloud_api=True), names
+
+
+def compute_pixels(params: dict[str, Any]) -> Any:
+    """``ee.data.computePixels`` for ``params["expression"]`` already serialized: the same
+    request (file format, workload tag, method) and the same conversion of the answer."""
+    import ee
+
+    params = params.copy()
+    converter = ee.data._extract_image_converter(params)
+    params["fileFormat"] = ee._cloud_api_utils.convert_to_image_file_format(converter.expected_data_format())
+    ee.data._maybe_populate_workload_tag(params)
+    data = ee.data._execute_cloud_call(
+        ee.data._get_cloud_projects_raw().image().computePixels(project=ee.data._get_projects_path(), body=params))
+    return converter.do_conversion(data) if converter else data
+
+
 #: numpy parses an NPY header with ast.literal_eval; CPython 3.11's AST conversion keeps
 #: its recursion depth per interpreter, so concurrent parses in threads can fail with
 #: "AST constructor recursion depth mismatch": NPY answers are decoded under this lock.
@@ -559,7 +783,8 @@ class EarthEngineSource(Source):
     ``credentials``: a service-account key (dict, from a Prefect Secret or the
     :class:`blocks.earthengine.EarthEngineCredentials` block), or ``None`` for
     the user's persistent credentials from ``earthengine authenticate``.
-    ``url``: the API endpoint (default Google's; tests point it at a fake).
+    ``url``: the API endpoint (default :data:`HIGH_VOLUME_URL`, the one Google asks automated
+    parallel clients to use; tests point it at a fake).
     ``credentials_origin``: where the key came from, named in error messages.
     ``era5_year_months``: 13 (default, the original's quirk: the same month a year
     earlier to the current month) or 12 (a calendar year ending with the current
@@ -573,6 +798,7 @@ class EarthEngineSource(Source):
     timeout_s: float = 120.0
     slot_timeout_s: float | None = None
     ceiling: int | None = None  # the limit's size, to cap a batch's lease
+    request_rate: float | None = None  # requests/s for the project (paced per process, see SlotPool.set_rate)
     eco_index: dict[str, int] | None = field(default=None, repr=False)
     credentials_origin: str = "the EarthEngineCredentials block or the Prefect Secret"
     era5_year_months: int = 13
@@ -585,7 +811,12 @@ class EarthEngineSource(Source):
 
     def __repr__(self) -> str:  # never show the key
         kind = "service-account key" if self.credentials else "persistent credentials"
-        return f"EarthEngineSource(project={self.project!r}, credentials=<{kind}>, url={self.url!r})"
+        return f"EarthEngineSource(project={self.project!r}, credentials=<{kind}>, url={self.endpoint!r})"
+
+    @property
+    def endpoint(self) -> str:
+        """The API endpoint requests go to: ``url``, else Google's high-volume endpoint."""
+        return self.url or HIGH_VOLUME_URL
 
     def cache_key(self) -> str:
         # v2: the original's selection (issue 12); the ERA5 year changes what a stack holds
@@ -625,23 +856,24 @@ class EarthEngineSource(Source):
         leased slots when called inside a batch session, else its own Prefect slot)."""
         import ee
 
-        key = f"{self.url}|{self.project}|{hashlib.sha256(json.dumps(self.credentials, sort_keys=True).encode()).hexdigest() if self.credentials else 'persistent'}"
+        url = self.endpoint
+        key = f"{url}|{self.project}|{hashlib.sha256(json.dumps(self.credentials, sort_keys=True).encode()).hexdigest() if self.credentials else 'persistent'}"
         with _init_lock:
             if _initialized.get(key):
                 return
             creds = self._credentials()
-            if self.url:
+            if url.rstrip("/") not in GOOGLE_URLS:
                 # A custom endpoint (a private deployment, or the tests' fake): the client
                 # must not fetch Google's deprecated-asset catalogue from storage.googleapis.com.
                 ee.deprecation._FetchDataCatalogStac = lambda: {}
             with self._request_slot():
                 try:
-                    ee.Initialize(credentials=creds, project=self.project, url=self.url)
+                    ee.Initialize(credentials=creds, project=self.project, url=url)
                     ee.data.setMaxRetries(0)  # one attempt = one request; Prefect retries tiles
                     ee.data.setDeadline(int(self.timeout_s * 1000))  # rebuilds the client: inside the slot
                 except Exception as exc:
                     if is_transient(exc):
-                        where = self.url or "the default endpoint"
+                        where = url
                         raise EarthEngineInitError(f"Earth Engine initialisation at {where} failed "
                                                    f"(temporary, retried): {exc}") from None
                     origin = self.credentials_origin if self.credentials else "persistent credentials"
@@ -678,11 +910,17 @@ class EarthEngineSource(Source):
         busy while some threads do local work (decoding, writing the GeoTIFF)."""
         occupy = max(1, min(slots or threads, self.ceiling or threads))
         pool = shared_pool(self.limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=self.slot_timeout_s)
+        pool.set_rate(self.request_rate, self.ceiling or occupy)
         with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
             try:
                 yield _BatchShare(share)
             finally:
                 _local.share = None  # the calling thread, if it fetched itself
+
+    def take_rate_limited(self, tile_id: str) -> int:
+        """How many 429 answers the tile's requests met (in this process, since the last call)."""
+        with _rate_limited_lock:
+            return _rate_limited.pop(tile_id, 0)
 
     @contextlib.contextmanager
     def _request_slot(self):
@@ -701,6 +939,9 @@ class EarthEngineSource(Source):
             except (NoDataError, TransientSourceError):
                 raise
             except Exception as exc:
+                if is_rate_limited(exc):
+                    with _rate_limited_lock:
+                        _rate_limited[tile.tile_id] = _rate_limited.get(tile.tile_id, 0) + 1
                 reason = permanent_reason(exc)
                 if reason is not None:
                     raise NoDataError(tile.tile_id, f"{reason}: {what}: {exc}") from None
@@ -710,31 +951,27 @@ class EarthEngineSource(Source):
     # -- one tile ------------------------------------------------------------
     def select(self, tile: Tile) -> tuple[Choices, TileMeta]:
         """Request 1: the tile's choices and what the server found for them."""
-        import ee
-
         try:
             self.initialize()
         except EarthEngineInitError as exc:
             raise TransientSourceError(tile.tile_id, str(exc)) from None
         ch = choose(tile)
-        result = self._call(tile, "computeValue", lambda: ee.data.computeValue(
-            metadata_expression(tile, ch, self.era5_year_months)))
+        result = self._call(tile, "computeValue", lambda: compute_value(
+            metadata_request(tile, ch, self.era5_year_months)))
         n = candidate_count(result) if isinstance(result, dict) else None
         if n is not None and n > len(ch.table):
             # more candidates than the precomputed table: ask again with a table that reaches n
             log.info("tile %s: %d Sentinel-2 candidates > %d; metadata asked again with a longer index table",
                      tile.tile_id, n, len(ch.table))
             ch = choose(tile, table_size=n)
-            result = self._call(tile, "computeValue", lambda: ee.data.computeValue(
-                metadata_expression(tile, ch, self.era5_year_months)))
+            result = self._call(tile, "computeValue", lambda: compute_value(
+                metadata_request(tile, ch, self.era5_year_months)))
         return ch, parse_metadata(tile, ch, result)
 
     def fetch(self, tile: Tile, grid: Grid) -> TileStack:
-        import ee
-
         ch, meta = self.select(tile)
         grid = stack_grid(tile, meta)
-        image, names = pixels_expression(tile, meta)
+        image, names = pixels_request(tile, meta)
         t = grid.transform
         params = {
             "expression": image, "fileFormat": "NPY", "bandIds": names,
@@ -743,7 +980,7 @@ class EarthEngineSource(Source):
                                          "shearY": t.d, "scaleY": t.e, "translateY": t.f},
                      "crsCode": grid.crs},
         }
-        raw = self._call(tile, "computePixels", lambda: ee.data.computePixels(params))
+        raw = self._call(tile, "computePixels", lambda: compute_pixels(params))
         try:
             arr = decode_npy(raw)
             data = np.stack([np.asarray(arr[n], dtype=np.float32) for n in names])
