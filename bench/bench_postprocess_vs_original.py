@@ -105,6 +105,13 @@ def main() -> int:
         print(f"run {r + 1}: original {t_orig:6.1f}s = {n / t_orig:6.1f} tiles/s ({1e3 * c_orig / n:.1f} ms CPU/tile) | "
               f"ours {t_ours:6.1f}s = {n / t_ours:6.1f} tiles/s ({1e3 * c_ours / n:.1f} ms CPU/tile, all processes) | "
               f"ratio {t_orig / t_ours:4.2f}x | load average {load0:.1f} -> {load1:.1f}", flush=True)
+    import h5py
+
+    with h5py.File(data / f"{data.name}.h5", "r") as a, h5py.File(work / "data_bench.h5", "r") as b:
+        na, nb = len(a["metadata"]), len(b["metadata"])
+    print(f"rows written: original {na}, ours {nb} (of {len(ids)} stacks)")
+    if na != len(ids) or nb != len(ids):
+        sys.exit("a side skipped tiles: the figures do not compare")
     so, su = sum(r[0] for r in rows), sum(r[1] for r in rows)
     co, cu = sum(r[2] for r in rows), sum(r[3] for r in rows)
     print(f"all runs: original {len(ids) * len(rows) / so:.1f} tiles/s, ours {len(ids) * len(rows) / su:.1f} tiles/s, "
