@@ -18,11 +18,15 @@ without it).
 
 from __future__ import annotations
 
+import time
+
+T_START = time.perf_counter()  # before the imports: --post-only counts the cold start
+
 import argparse
 import os
 import shutil
+import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -100,6 +104,74 @@ def integrity_cost(work: Path, ids: list[str], image_size: int, comp, n: int = 3
     return out[0], out[1], out[2]
 
 
+def cpu_now() -> tuple[float, float]:
+    """CPU seconds so far of this process (scheduler, client, writer) and of its live
+    child processes (Dask nannies and workers)."""
+    me = psutil.Process()
+    t = me.cpu_times()
+    kids = 0.0
+    for p in me.children(recursive=True):
+        try:
+            c = p.cpu_times()
+            kids += c.user + c.system
+        except psutil.Error:
+            pass
+    return t.user + t.system, kids
+
+
+def post_process(args, work: Path, ids: list[str], info: dict | None, phases: dict[str, float],
+                 cpu: dict[str, tuple[float, float]] | None = None) -> tuple[int, float, float]:
+    """What the flow runs after the fetch: a Dask cluster, pack on the workers, one writer,
+    merged statistics, splits and the JSON files. Phase end times go to ``phases``
+    (seconds since T_START). Returns (N, pack seconds, assemble seconds)."""
+    from distributed import Client, LocalCluster
+
+    from tasks.common.dask_env import bound_dask_logs, keep_malloc_defaults
+
+    keep_malloc_defaults()  # the workers' glibc settings as every flow's cluster has them
+    bound_dask_logs()
+    parts_dir = work / "work" / "bench_parts"
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    h5 = work / "data_bench.h5"
+    comp = convert.Compression(args.codec, args.level)
+    phases["imports"] = time.perf_counter() - T_START
+    if cpu is not None:
+        cpu["imports"] = cpu_now()
+    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster) as client:
+        client.run(lambda: None)  # workers up before the clock starts
+        phases["cluster up"] = time.perf_counter() - T_START
+        if cpu is not None:
+            cpu["cluster up"] = cpu_now()
+        t0 = time.perf_counter()
+        specs = convert.make_partitions(ids, args.part_size)
+        futs = [
+            client.submit(convert.pack_partition, s, str(work / "tiles"), stacks.TileInfoDir(work),
+                          str(parts_dir), args.image_size, comp, pure=False)
+            for s in specs
+        ]
+        parts = client.gather(futs)
+        t_pack = time.perf_counter() - t0
+        phases["pack"] = time.perf_counter() - T_START
+        if cpu is not None:
+            cpu["pack"] = cpu_now()
+        n = convert.assemble_h5(parts, h5, args.image_size, comp)
+        t_asm = time.perf_counter() - t0 - t_pack
+        phases["assemble"] = time.perf_counter() - T_START
+        if cpu is not None:
+            cpu["assemble"] = cpu_now()
+        band_stats, _ = convert.merge_part_stats(parts).band_stats()
+        splits = convert.make_splits(n)
+        if info is None:
+            info = stacks.load_tile_info(ids, work)
+        convert.write_dataset_jsons(work, "data_bench", info, band_stats, splits)
+        phases["stats + jsons"] = time.perf_counter() - T_START
+        if cpu is not None:
+            cpu["stats + jsons"] = cpu_now()
+    phases["cluster closed"] = time.perf_counter() - T_START
+    return n, t_pack, t_asm
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
@@ -109,38 +181,38 @@ def main() -> int:
     ap.add_argument("--codec", default="isal", choices=["isal", "zlib"])
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--work", default="bench_out/postprocess")
+    ap.add_argument("--post-only", action="store_true",
+                    help="stacks already built by an earlier run: only post-process, timed from "
+                         "this process's start (cold start: imports and the Dask cluster included)")
     args = ap.parse_args()
 
-    from distributed import Client, LocalCluster
-
     work = Path(args.work).resolve() / f"n{args.n}"
+    ids_file = work / "bench_ids.json"
+    phases: dict[str, float] = {}
+    if args.post_only:
+        ids, info = json.loads(ids_file.read_text()), None
+        cpu: dict[str, tuple[float, float]] = {}
+        n, t_pack, t_asm = post_process(args, work, ids, info, phases, cpu)
+        total = time.perf_counter() - T_START
+        print(f"N={n} tiles, {args.image_size} px, {args.workers} workers, part size {args.part_size}; "
+              f"cold start included: {total:.2f}s = {n / total:.1f} tiles/s")
+        prev, pc = 0.0, (0.0, 0.0)
+        print(f"  {'phase':15s} {'wall':>7s} {'ends at':>8s}  CPU: this process (scheduler, writer) + Dask processes")
+        for k, v in phases.items():
+            c = cpu.get(k, pc)
+            print(f"  {k:15s} {v - prev:6.2f}s {v:7.2f}s  {c[0] - pc[0]:6.2f}s + {c[1] - pc[1]:6.2f}s")
+            prev, pc = v, c
+        return 0
+
     print(f"stacks: {work / 'tiles'}")
     ids, info = build_stacks(work, args.n)
-    parts_dir = work / "work" / "bench_parts"
-    shutil.rmtree(parts_dir, ignore_errors=True)
+    ids_file.write_text(json.dumps(ids))
     h5 = work / "data_bench.h5"
     comp = convert.Compression(args.codec, args.level)
     tif_bytes = sum((work / "tiles" / f"{t}.tif").stat().st_size for t in ids)
-
-    with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: None)  # workers up before the clock starts
-        with PeakRSS() as mem:
-            t0 = time.perf_counter()
-            specs = convert.make_partitions(ids, args.part_size)
-            futs = [
-                client.submit(convert.pack_partition, s, str(work / "tiles"), stacks.TileInfoDir(work),
-                              str(parts_dir), args.image_size, comp, pure=False)
-                for s in specs
-            ]
-            parts = client.gather(futs)
-            t_pack = time.perf_counter() - t0
-            n = convert.assemble_h5(parts, h5, args.image_size, comp)
-            t_asm = time.perf_counter() - t0 - t_pack
-            band_stats, _ = convert.merge_part_stats(parts).band_stats()
-            splits = convert.make_splits(n)
-            convert.write_dataset_jsons(work, "data_bench", info, band_stats, splits)
-            elapsed = time.perf_counter() - t0
+    with PeakRSS() as mem:
+        n, t_pack, t_asm = post_process(args, work, ids, info, phases)
+    elapsed = phases["stats + jsons"] - phases["cluster up"]
     plain_ms, verified_ms, pack_cpu_ms = integrity_cost(work, ids, args.image_size, comp)
     h5_mb = h5.stat().st_size / 1e6
     print(f"\nN={n} tiles, {args.image_size} px, {args.workers} workers, codec {args.codec} level {args.level}")

@@ -88,14 +88,16 @@ def _centre_crop(data: np.ndarray, size: int) -> np.ndarray:
 def _to_dtype(x: np.ndarray, dtype: np.dtype, fill: float | int) -> np.ndarray:
     """Cast float pixels to ``dtype``: NaN -> ``fill``; integers rounded and clipped."""
     nan = np.isnan(x)
+    has_nan = bool(nan.any())  # most bands have none: skip the masking passes (same result)
     if dtype.kind == "f":
         out = x.astype(dtype)
-        if nan.any():
+        if has_nan:
             out[nan] = fill
         return out
     info = np.iinfo(dtype)
-    out = np.clip(np.rint(np.where(nan, 0, x)), info.min, info.max).astype(dtype)
-    if nan.any():
+    r = np.rint(np.where(nan, 0, x) if has_nan else x)
+    out = np.clip(r, info.min, info.max, out=r).astype(dtype)
+    if has_nan:
         out[nan] = fill
     return out
 
