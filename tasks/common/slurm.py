@@ -1,0 +1,174 @@
+"""The flows' Dask workers as SLURM jobs: ``dask_jobqueue.SLURMCluster`` plus GPU worker jobs.
+
+Use it as the ``dask.cluster_class`` (or a ``DaskCluster`` block's), its keyword arguments in
+``cluster_kwargs``::
+
+    DaskCluster(cluster_class="tasks.common.slurm.SLURMCluster",
+                cluster_kwargs={"queue": "cpu", "account": "geo", "walltime": "04:00:00",
+                                "cores": 8, "memory": "32GB", "n_workers": 4,
+                                "gpu_jobs": 1, "gpu_job_kwargs": {"queue": "gpu"}}).save("slurm")
+
+Every keyword of ``dask_jobqueue.SLURMCluster`` works as documented there (``queue`` is the
+partition, ``account``, ``walltime``, ``job_extra_directives``, ``job_script_prologue``,
+``log_directory``, ``interface`` ...). ``n_workers`` counts the CPU jobs. Added here:
+
+* ``gpu_jobs`` (default 0): that many more jobs, each asking SLURM for a GPU
+  (``--gres=gpu:1``; ``gpu_job_kwargs`` overrides any job keyword for them, e.g. another
+  partition or more memory) and starting its Dask worker with ``--resources GPU=1``: the GPU
+  stages' tasks (tagged with the Dask resource ``GPU``) run there and only there. The GPU jobs
+  stay while the cluster lives; ``adapt`` and ``scale`` size the CPU jobs (their counts include
+  the GPU jobs, as Dask's adaptive scaling counts every worker).
+* ``start_timeout`` (seconds, default 600; ``None`` waits forever): the cluster waits this long
+  for its first CPU worker and every GPU worker to connect, then stops with
+  :class:`JobsNotStarted`, naming each job SLURM has not started and the reason ``squeue``
+  gives (a drained node, a partition or GPU that does not exist ...), and cancels its jobs.
+
+``python -m blocks.dask_cluster --print-job-script`` prints the job scripts (see there).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import shutil
+import subprocess
+import time
+from typing import Any
+
+import dask_jobqueue
+from dask_jobqueue.slurm import SLURMJob
+from distributed.core import Status
+
+log = logging.getLogger(__name__)
+
+GPU_DIRECTIVES = ["--gres=gpu:1"]
+GPU_WORKER_ARGS = ["--resources", "GPU=1"]
+
+
+class JobsNotStarted(RuntimeError):
+    """SLURM did not start the cluster's worker jobs within ``start_timeout``."""
+
+
+def gpu_job_kwargs(job_kwargs: dict[str, Any], overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The job keywords of a GPU worker job: the CPU jobs' keywords, ``--gres=gpu:1`` added to the
+    directives (unless the overrides' directives ask for a GPU already) and ``--resources GPU=1``
+    to the worker's arguments, then ``overrides`` on top."""
+    kw = copy.deepcopy(job_kwargs)
+    over = dict(overrides or {})
+    directives = list(kw.get("job_extra_directives") or []) + list(over.pop("job_extra_directives", []) or [])
+    if not any("gres=gpu" in d or "gpus" in d for d in directives):
+        directives += GPU_DIRECTIVES
+    args = list(kw.get("worker_extra_args") or []) + list(over.pop("worker_extra_args", []) or [])
+    if "--resources" not in args:
+        args += GPU_WORKER_ARGS
+    kw.update(over)
+    kw["job_extra_directives"] = directives
+    kw["worker_extra_args"] = args
+    if "job_name" not in over:
+        kw["job_name"] = f"{kw.get('job_name') or 'dask-worker'}-gpu"
+    return kw
+
+
+class SLURMCluster(dask_jobqueue.SLURMCluster):
+    """``dask_jobqueue.SLURMCluster`` with ``gpu_jobs`` GPU worker jobs and a ``start_timeout``
+    (see the module's documentation)."""
+
+    def __init__(self, *args: Any, gpu_jobs: int = 0, gpu_job_kwargs: dict[str, Any] | None = None,
+                 start_timeout: float | None = 600, n_workers: int = 0, **kwargs: Any):
+        if gpu_jobs < 0 or n_workers < 0:
+            raise ValueError("SLURMCluster: gpu_jobs and n_workers must be >= 0")
+        self._gpu_overrides = dict(gpu_job_kwargs or {})
+        self._gpu_names: list[str] = []
+        super().__init__(*args, n_workers=0, **kwargs)
+        self._gpu_kwargs = globals()["gpu_job_kwargs"](self._job_kwargs, self._gpu_overrides)
+        for i in range(gpu_jobs):
+            name = f"{self._name}-gpu-{i}"
+            self._gpu_names.append(name)
+            self.worker_spec[name] = {"cls": self.job_cls, "options": self._gpu_kwargs}
+        self.scale(n_workers + gpu_jobs)
+        if start_timeout is not None and (n_workers or gpu_jobs):
+            try:
+                self._wait_for_jobs(start_timeout, need_cpu=n_workers > 0)
+            except BaseException:
+                self.close()
+                raise
+
+    # ------------------------------------------------------------------ scaling
+    def scale(self, n: int = 0, memory: Any = None, cores: Any = None):
+        """``n`` workers in all: the GPU jobs stay (until the cluster closes), CPU jobs make up the rest."""
+        if self.status in (Status.closing, Status.closed):
+            return super().scale(n, memory=memory, cores=cores)
+        gpu = {k: self.worker_spec.pop(k) for k in list(self.worker_spec) if k in self._gpu_names}
+        try:
+            return super().scale(max(0, n - len(gpu)), memory=memory, cores=cores)
+        finally:
+            self.worker_spec.update(gpu)
+
+    async def scale_down(self, workers):
+        """Adaptive scaling retires CPU workers only (the GPU jobs stay)."""
+        gpu_addrs = {a for a, w in self.scheduler_info.get("workers", {}).items() if w.get("name") in self._gpu_names}
+        return await super().scale_down([w for w in workers if w not in self._gpu_names and w not in gpu_addrs])
+
+    # ------------------------------------------------------------------ scripts
+    def job_scripts(self) -> dict[str, str]:
+        """The job script of a CPU worker job and, with ``gpu_jobs``, of a GPU worker job."""
+        out = {"cpu": self.job_script()}
+        if self._gpu_names:
+            out["gpu"] = SLURMJob(self.scheduler.address, name="dummy-name", **self._gpu_kwargs).job_script()
+        return out
+
+    # ------------------------------------------------------------------ start
+    def job_ids(self) -> dict[str, str | None]:
+        """Worker name -> SLURM job id (None while not submitted)."""
+        return {str(name): getattr(job, "job_id", None) for name, job in list(self.workers.items())}
+
+    def _connected(self) -> set[str]:
+        return {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
+
+    def _wait_for_jobs(self, timeout: float, need_cpu: bool) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            up = self._connected()
+            gpu_ok = all(n in up for n in self._gpu_names)
+            cpu_ok = not need_cpu or any(n not in self._gpu_names for n in up)
+            if gpu_ok and cpu_ok:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        ids = self.job_ids()
+        states = _squeue_states([i for i in ids.values() if i])
+        lines = []
+        for name in sorted(set(self.worker_spec) | set(ids)):
+            if str(name) in up:
+                continue
+            kind = "GPU" if name in self._gpu_names else "CPU"
+            jid = ids.get(str(name))
+            if not jid:
+                lines.append(f"  {kind} worker {name}: not submitted (sbatch failed or is still running; "
+                             "see the log above)")
+            else:
+                state, reason = states.get(jid, ("not in squeue", "ended before its worker connected; "
+                                                 "see its output file (log_directory)"))
+                lines.append(f"  {kind} worker {name}: SLURM job {jid} {state} (reason: {reason})")
+        raise JobsNotStarted(
+            f"SLURM did not start the Dask worker jobs within start_timeout={timeout:g} s "
+            f"({len(up)} worker(s) connected; needed: {'a CPU worker' if need_cpu else ''}"
+            f"{' and ' if need_cpu and self._gpu_names else ''}"
+            f"{str(len(self._gpu_names)) + ' GPU worker(s)' if self._gpu_names else ''}):\n" + "\n".join(lines)
+            + "\nCheck the partition, account, GPUs and limits asked for (`python -m blocks.dask_cluster "
+              "--print-job-script`), `sinfo` for drained or down nodes, or raise start_timeout; "
+              "the cluster's jobs were cancelled.")
+
+
+def _squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
+    """Job id -> (state, reason) from ``squeue``; empty when it cannot be asked."""
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", ",".join(job_ids), "-o", "%i|%T|%r"], capture_output=True,
+                             text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = (line.split("|") for line in out.splitlines() if line.count("|") == 2)
+    return {i: (s, r) for i, s, r in rows}
