@@ -45,7 +45,7 @@ PARTITION = "debug"
 #: what the node declares (``SlurmdParameters=config_overrides`` lets it declare more CPUs than
 #: the machine has, so a 2-core machine runs a CPU worker job and a GPU worker job at once)
 NODE_CPUS = 4
-NODE_MEMORY_MB = 8000
+NODE_MEMORY_MB = 16000
 #: environment variable that marks the daemons (and the job steps they start) of one cluster
 MARK = "FACTORY_SLURM_CLUSTER"
 APT_HINT = "install them with: apt-get install -y slurm-wlm munge (as root)"

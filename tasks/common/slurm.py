@@ -23,7 +23,11 @@ partition, ``account``, ``walltime``, ``job_extra_directives``, ``job_script_pro
   :class:`JobsNotStarted`, naming each job SLURM has not started and the reason ``squeue``
   gives (a drained node, a partition or GPU that does not exist ...), and cancels its jobs.
 
-``python -m blocks.dask_cluster --print-job-script`` prints the job scripts (see there).
+Print the job scripts a saved block's settings (or any ``cluster_kwargs``) submit, submitting nothing::
+
+    python -m tasks.common.slurm --print-job-script --block slurm
+    python -m tasks.common.slurm --print-job-script --cluster-kwargs '{"queue": "cpu", "cores": 8,
+        "memory": "32GB", "walltime": "04:00:00", "gpu_jobs": 1, "gpu_job_kwargs": {"queue": "gpu"}}'
 """
 
 from __future__ import annotations
@@ -64,6 +68,8 @@ def gpu_job_kwargs(job_kwargs: dict[str, Any], overrides: dict[str, Any] | None 
     kw.update(over)
     kw["job_extra_directives"] = directives
     kw["worker_extra_args"] = args
+    if "processes" not in over:
+        kw["processes"] = 1  # one Dask worker process per GPU job: GPU=1 is one GPU's worth of work
     if "job_name" not in over:
         kw["job_name"] = f"{kw.get('job_name') or 'dask-worker'}-gpu"
     return kw
@@ -111,11 +117,9 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
 
     # ------------------------------------------------------------------ scripts
     def job_scripts(self) -> dict[str, str]:
-        """The job script of a CPU worker job and, with ``gpu_jobs``, of a GPU worker job."""
-        out = {"cpu": self.job_script()}
-        if self._gpu_names:
-            out["gpu"] = SLURMJob(self.scheduler.address, name="dummy-name", **self._gpu_kwargs).job_script()
-        return out
+        """The job script of a CPU worker job and of a GPU worker job (``gpu_jobs`` or not)."""
+        return {"cpu": self.job_script(),
+                "gpu": SLURMJob(self.scheduler.address, name="dummy-name", **self._gpu_kwargs).job_script()}
 
     # ------------------------------------------------------------------ start
     def job_ids(self) -> dict[str, str | None]:
@@ -172,3 +176,57 @@ def _squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
         return {}
     rows = (line.split("|") for line in out.splitlines() if line.count("|") == 2)
     return {i: (s, r) for i, s, r in rows}
+
+
+def print_job_scripts(cluster_kwargs: dict[str, Any], out=None) -> None:
+    """Print the job scripts ``SLURMCluster(**cluster_kwargs)`` submits, submitting nothing (a
+    scheduler runs for a moment on loopback; its address in the scripts is a placeholder)."""
+    import sys
+
+    out = out or sys.stdout
+    kw = dict(cluster_kwargs)
+    gpu_jobs = int(kw.pop("gpu_jobs", 0) or 0)
+    kw.update(n_workers=0, gpu_jobs=0, start_timeout=None)
+    opts = dict(kw.get("scheduler_options") or {})
+    opts.update(dashboard_address=None, host="127.0.0.1")
+    kw["scheduler_options"] = opts
+    with SLURMCluster(**kw) as cluster:
+        addr = cluster.scheduler.address
+        scripts = cluster.job_scripts()
+    n_cpu = cluster_kwargs.get("n_workers", 0)
+    out.write(f"# CPU worker job (n_workers={n_cpu} of them; adapt_kwargs may change that)\n")
+    out.write(scripts["cpu"].replace(addr, "<scheduler-address>"))
+    out.write(f"\n# GPU worker job (gpu_jobs={gpu_jobs} of them)\n")
+    out.write(scripts["gpu"].replace(addr, "<scheduler-address>").rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m tasks.common.slurm",
+                                 description="Print the SLURM job scripts of SLURMCluster settings (nothing is submitted).")
+    ap.add_argument("--print-job-script", action="store_true", required=True,
+                    help="print the CPU and the GPU worker job scripts")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--block", help="a saved DaskCluster block (needs the Prefect API: PREFECT_API_URL)")
+    src.add_argument("--cluster-kwargs", help="the cluster_kwargs as JSON")
+    args = ap.parse_args(argv)
+    if args.block:
+        from blocks.dask_cluster import DaskCluster
+
+        settings = DaskCluster.load(args.block).to_settings()
+        if settings.cluster_class not in ("tasks.common.slurm.SLURMCluster", "dask_jobqueue.SLURMCluster"):
+            ap.error(f"block {args.block!r}: cluster_class is {settings.cluster_class!r}, not a SLURM cluster")
+        kwargs = settings.cluster_kwargs
+    else:
+        try:
+            kwargs = json.loads(args.cluster_kwargs)
+        except json.JSONDecodeError as exc:
+            ap.error(f"--cluster-kwargs is not JSON: {exc}")
+    print_job_scripts(kwargs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,236 @@
+"""The flows on a real SLURM cluster: Debian's slurm-wlm 22.05 and munge, one node on loopback
+started by :mod:`deployments.slurm_local` (its GPU a declared generic resource), the Dask workers
+submitted as SLURM jobs by :class:`tasks.common.slurm.SLURMCluster` (one CPU job or two, one GPU
+job). Skips, saying why, where slurm-wlm or munge is not installed (`.ci/run` installs them)."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from deployments.slurm_local import MARK, missing_programs
+from tasks.common.runtime import PROJECT_ROOT
+from tests.processes import start_logged, stop_group, wait_for_line
+from tests.test_runtime_runs import _apply, _client, _flow_run, _h5_digest, _logs, _task_runs, _wait, smoke
+
+pytestmark = [pytest.mark.usefixtures("prefect_server"),
+              pytest.mark.skipif(bool(missing_programs()), reason=f"SLURM not installed ({', '.join(missing_programs())} "
+                                 "missing): apt-get install -y slurm-wlm munge (.ci/run does, as root)")]
+
+PRELOAD = str(PROJECT_ROOT / "tests" / "dask_worker_preload.py")
+CLUSTER = "tasks.common.slurm.SLURMCluster"
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from deployments.slurm_local import local_slurm
+
+    with local_slurm() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def records(tmp_path, monkeypatch):
+    """Where the worker jobs' preload records the tasks they run (sbatch passes the environment on,
+    so the jobs import this worktree and reach the session's Prefect server)."""
+    rec = tmp_path / "records"
+    rec.mkdir()
+    monkeypatch.setenv("FACTORY_TEST_RECORD_DIR", str(rec))
+    monkeypatch.setenv("PYTHONPATH", str(PROJECT_ROOT))
+    return rec
+
+
+def slurm_dask(tmp: Path, n_workers: int = 1, gpu_jobs: int = 1, start_timeout: float = 120, **extra) -> dict:
+    """``dask`` settings: worker jobs of one core and 3 GB each on the test cluster."""
+    kw = {"cores": 1, "processes": 1, "memory": "3GB", "walltime": "00:30:00", "interface": "lo",
+          "n_workers": n_workers, "gpu_jobs": gpu_jobs, "start_timeout": start_timeout,
+          "log_directory": str(tmp / "slurm-logs"), "scheduler_options": {"dashboard_address": None},
+          "worker_extra_args": ["--preload", PRELOAD],
+          "gpu_job_kwargs": {"job_script_prologue": ["export FACTORY_TEST_GPU_STANDIN=1"]}}
+    kw.update(extra)
+    return {"cluster_class": CLUSTER, "cluster_kwargs": kw}
+
+
+def _records(rec: Path) -> dict[str, list[dict]]:
+    return {f.stem: [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            for f in rec.glob("*.jsonl") if f.stem != "gpu-standin"}
+
+
+def _new_jobs(slurm, before: set[str]) -> list[dict]:
+    return [j for j in slurm.finished_jobs() if j["JobId"] not in before]
+
+
+def _job_ids(slurm) -> set[str]:
+    return {j["JobId"] for j in slurm.finished_jobs()}
+
+
+def _marked_processes(folder: Path) -> list[int]:
+    out = []
+    for p in psutil.process_iter(["pid"]):
+        try:
+            if p.environ().get(MARK) == str(folder):
+                out.append(p.pid)
+        except psutil.Error:
+            pass
+    return out
+
+
+# --------------------------------------------------------------------------
+# the cluster itself, as a user starts it
+# --------------------------------------------------------------------------
+def test_documented_script_starts_a_gpu_node_and_stops_everything(tmp_path):
+    log = tmp_path / "slurm_local.log"
+    proc = start_logged(["-m", "deployments.slurm_local"], log, dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+    try:
+        wait_for_line(proc, log, "export SLURM_CONF=", timeout=120)
+        conf = next(x for x in log.read_text().splitlines() if x.startswith("export SLURM_CONF=")).split("=", 1)[1]
+        env = dict(os.environ, SLURM_CONF=conf)
+        sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T %G"], env=env, capture_output=True, text=True)
+        assert sinfo.stdout.split() == ["factory1", "idle", "gpu:1"], sinfo
+        out = tmp_path / "job.out"
+        sub = subprocess.run(["sbatch", "--parsable", "--gres=gpu:1", "-o", str(out), "--wrap", "echo gpu-job-ran"],
+                             env=env, capture_output=True, text=True)
+        assert sub.returncode == 0, sub.stderr
+        _wait(lambda: out.exists() and "gpu-job-ran" in out.read_text(), 60, "the GPU job's output")
+        two = subprocess.run(["sbatch", "--gres=gpu:2", "--wrap", "true"], env=env, capture_output=True, text=True)
+        assert two.returncode != 0 and "Requested node configuration is not available" in two.stderr
+        folder = Path(conf).parent
+        assert _marked_processes(folder)  # munged, slurmctld, slurmd
+    finally:
+        stop_group(proc, signal.SIGINT, timeout=60)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "SLURM stopped" in log.read_text()
+    assert not _marked_processes(folder), "daemons left running"
+    assert not folder.exists()
+
+
+# --------------------------------------------------------------------------
+# the flows' workers as SLURM jobs
+# --------------------------------------------------------------------------
+def test_multimodal_smoke_on_slurm_jobs_cancelled_when_the_flow_ends(tmp_path, slurm, records):
+    from flows.multimodal import multimodal_flow
+    from tasks.multimodal.config import MultimodalConfig, get_config
+
+    before = _job_ids(slurm)
+    cfg = get_config("smoke", output_dir=str(tmp_path), dask=slurm_dask(tmp_path))
+    result = multimodal_flow(config=MultimodalConfig(**cfg.model_dump()))
+    counts = result["counts"]
+    assert counts["stacks done"] + counts["no data"] == cfg.n_tiles
+    assert slurm.squeue() == []  # the flow's end cancelled its jobs
+    jobs = _new_jobs(slurm, before)
+    assert sorted(j["Name"] for j in jobs) == ["dask-worker", "dask-worker-gpu"], jobs
+    gpu_job = next(j for j in jobs if j["Name"] == "dask-worker-gpu")
+    assert gpu_job["NodeList"] == "factory1"
+    recs = _records(records)
+    assert set(recs) <= {"SLURMCluster-0", "SLURMCluster-gpu-0"} and sum(map(len, recs.values())) >= 6 + 1
+    from tests.dataset_checks import check_dataset
+
+    check_dataset(tmp_path / cfg.name, cfg.name, counts["rows in h5"])
+
+
+def test_aerial_smoke_on_slurm_gpu_tasks_only_on_the_gpu_job(tmp_path, slurm, records):
+    from flows.aerial import aerial_flow
+    from tasks.aerial.config import get_config
+
+    before = _job_ids(slurm)
+    cfg = get_config("smoke", root=str(tmp_path / "aerial"), dask=slurm_dask(tmp_path))
+    result = aerial_flow(config=cfg)
+    assert slurm.squeue() == []
+    assert sorted(j["Name"] for j in _new_jobs(slurm, before)) == ["dask-worker", "dask-worker-gpu"]
+    recs = _records(records)
+    gpu_tasks = [r for rs in recs.values() for r in rs if r["resources"].get("GPU")]
+    assert result["dense backend"] == "gpu" and gpu_tasks
+    assert all(r in recs["SLURMCluster-gpu-0"] for r in gpu_tasks)
+    assert recs.get("SLURMCluster-0") and not [r for r in recs["SLURMCluster-0"] if r["resources"].get("GPU")]
+    assert (records / "gpu-standin.jsonl").exists()  # no CUDA here: the stand-in ran on the GPU job
+    assert result["scenes"]["0001"]["counts"]["depth maps"] >= 1
+
+
+def test_scancelled_worker_job_costs_a_retry_not_data(tmp_path, slurm, records):
+    """A worker job cancelled by SLURM mid-task: its task runs again on the other job and the
+    output equals an undisturbed run's."""
+    from distributed import Client
+
+    from flows.multimodal import multimodal_flow
+    from tasks.multimodal.config import MultimodalConfig
+
+    def cfg(sub, dask):
+        return MultimodalConfig(**smoke(tmp_path / sub, n_tiles=12, source_options={"latency_s": 0.3},
+                                        dask=dask)["config"])
+
+    ref = multimodal_flow(config=cfg("ref", {"n_workers": 1, "dashboard_address": ""}))
+    box: dict = {}
+    ctx = contextvars.copy_context()
+    t = threading.Thread(target=lambda: box.setdefault("r", ctx.run(
+        multimodal_flow, config=cfg("hit", slurm_dask(tmp_path, n_workers=2, gpu_jobs=0)))))
+    t.start()
+
+    def busy_job():
+        """The SLURM job of a worker executing a task (from the preload's records)."""
+        running = {j["name"]: j for j in slurm.squeue() if j["state"] == "RUNNING"}
+        if len(running) < 2:
+            return None
+        rec = _records(records)
+        if not any(rec.values()):
+            return None
+        return next(iter(running.values()))["id"]
+
+    victim = _wait(busy_job, 300, "two running worker jobs that run tasks", step=0.1)
+    slurm.run("scancel", victim)
+    t.join(timeout=600)
+    assert not t.is_alive()
+    result = box["r"]
+    assert result["counts"] == ref["counts"]
+    assert _h5_digest(tmp_path / "hit" / "data_rt") == _h5_digest(tmp_path / "ref" / "data_rt")
+    for name in ("data_rt_tile_info.json", "data_rt_band_stats.json", "data_rt_splits.json"):
+        a, b = tmp_path / "hit" / "data_rt" / name, tmp_path / "ref" / "data_rt" / name
+        if b.exists():
+            assert a.read_bytes() == b.read_bytes(), name
+    assert slurm.squeue() == []
+
+
+def test_jobs_slurm_never_starts_are_reported_within_start_timeout(tmp_path, slurm, records):
+    from flows.multimodal import multimodal_flow
+    from tasks.common.slurm import JobsNotStarted
+    from tasks.multimodal.config import MultimodalConfig
+
+    slurm.run("scontrol", "update", "nodename=factory1", "state=drain", "reason=test-drained")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(JobsNotStarted) as err:
+            multimodal_flow(config=MultimodalConfig(**smoke(tmp_path, dask=slurm_dask(tmp_path, start_timeout=15))["config"]))
+        took = time.monotonic() - t0
+    finally:
+        slurm.run("scontrol", "update", "nodename=factory1", "state=resume")
+    msg = str(err.value)
+    assert "within start_timeout=15 s" in msg and "0 worker(s) connected" in msg
+    assert "GPU worker SLURMCluster-gpu-0: SLURM job" in msg and "CPU worker SLURMCluster-0: SLURM job" in msg
+    assert "PENDING (reason: ReqNodeNotAvail" in msg or "PENDING (reason: Nodes required" in msg, msg
+    assert took < 15 + 60, took  # reported, not hung (flow start and cleanup included)
+    _wait(lambda: slurm.squeue() == [], 60, "the pending jobs to be cancelled")
+    assert not (tmp_path / "data_rt" / "data_rt.h5").exists()
+
+
+def test_print_job_script(tmp_path):
+    """The job scripts a user's settings produce, printed without submitting anything."""
+    kw = {"queue": "gpu-long", "account": "geo", "walltime": "04:00:00", "cores": 8, "memory": "32GB",
+          "gpu_jobs": 1, "gpu_job_kwargs": {"queue": "gpu"}}
+    r = subprocess.run([sys.executable, "-m", "tasks.common.slurm", "--print-job-script",
+                        "--cluster-kwargs", json.dumps(kw)], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)), timeout=120)
+    assert r.returncode == 0, r.stderr
+    cpu, gpu = r.stdout.split("# GPU worker job")
+    assert "#SBATCH -p gpu-long" in cpu and "#SBATCH -A geo" in cpu and "#SBATCH -t 04:00:00" in cpu
+    assert "--gres" not in cpu and "--resources" not in cpu
+    assert "#SBATCH -p gpu\n" in gpu and "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
+    assert "sbatch" not in r.stderr
