@@ -176,20 +176,21 @@ def test_scancelled_worker_job_costs_a_retry_not_data(tmp_path, slurm, records):
     t.start()
 
     def busy_job():
-        """The SLURM job of a worker executing a task (from the preload's records)."""
-        running = {j["name"]: j for j in slurm.squeue() if j["state"] == "RUNNING"}
-        if len(running) < 2:
+        """The SLURM job of the worker that started a task last (the preload's records), once
+        both worker jobs run."""
+        if len([j for j in slurm.squeue() if j["state"] == "RUNNING"]) < 2:
             return None
-        rec = _records(records)
-        if not any(rec.values()):
-            return None
-        return next(iter(running.values()))["id"]
+        recs = [r for rs in _records(records).values() for r in rs]
+        return max(recs, key=lambda r: r["t"])["slurm_job"] if recs else None
 
     victim = _wait(busy_job, 300, "two running worker jobs that run tasks", step=0.1)
     slurm.run("scancel", victim)
     t.join(timeout=600)
     assert not t.is_alive()
+    assert "r" in box, "the run failed (see the log above)"
     result = box["r"]
+    killed = next(j for j in slurm.finished_jobs() if j["JobId"] == victim)
+    assert killed["JobState"] == "CANCELLED", killed
     assert result["counts"] == ref["counts"]
     assert _h5_digest(tmp_path / "hit" / "data_rt") == _h5_digest(tmp_path / "ref" / "data_rt")
     for name in ("data_rt_tile_info.json", "data_rt_band_stats.json", "data_rt_splits.json"):
@@ -219,6 +220,21 @@ def test_jobs_slurm_never_starts_are_reported_within_start_timeout(tmp_path, slu
     assert took < 15 + 60, took  # reported, not hung (flow start and cleanup included)
     _wait(lambda: slurm.squeue() == [], 60, "the pending jobs to be cancelled")
     assert not (tmp_path / "data_rt" / "data_rt.h5").exists()
+
+
+def test_import_keeps_ctrl_c_and_works_in_a_thread():
+    """dask-jobqueue 0.9.0 sets SIGINT to sys.exit when imported (dask_jobqueue/runner.py): the
+    flow process keeps its KeyboardInterrupt, and the import works outside the main thread."""
+    code = ("import signal, threading\n"
+            "box = {}\n"
+            "t = threading.Thread(target=lambda: box.setdefault('ok', __import__('tasks.common.slurm').common.slurm))\n"
+            "t.start(); t.join()\n"
+            "assert 'ok' in box, 'import failed in a thread'\n"
+            "import tasks.common.slurm\n"
+            "assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGINT)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_print_job_script(tmp_path):

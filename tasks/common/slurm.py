@@ -35,12 +35,37 @@ from __future__ import annotations
 import copy
 import logging
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from typing import Any
 
-import dask_jobqueue
-from dask_jobqueue.slurm import SLURMJob
+
+def _import_jobqueue():
+    """``import dask_jobqueue`` without what its ``runner`` module does on import:
+    ``signal.signal(SIGINT, lambda *_: sys.exit())`` (dask-jobqueue 0.9.0), which replaces the
+    flow process's Ctrl-C handling (KeyboardInterrupt) and raises ValueError outside the main
+    thread, so the import failed where a flow runs in a thread."""
+    import sys
+
+    if "dask_jobqueue" in sys.modules:
+        return sys.modules["dask_jobqueue"]
+    real = signal.signal
+    main = threading.current_thread() is threading.main_thread()
+    saved = signal.getsignal(signal.SIGINT) if main else None
+    signal.signal = lambda sig, handler: signal.getsignal(sig)  # type: ignore[assignment]
+    try:
+        import dask_jobqueue
+    finally:
+        signal.signal = real
+        if main and saved is not None and signal.getsignal(signal.SIGINT) is not saved:
+            real(signal.SIGINT, saved)
+    return dask_jobqueue
+
+
+dask_jobqueue = _import_jobqueue()
+from dask_jobqueue.slurm import SLURMJob  # noqa: E402 - after the guarded import above
 from distributed.core import Status
 
 log = logging.getLogger(__name__)
