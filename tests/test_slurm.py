@@ -143,7 +143,11 @@ def test_aerial_smoke_on_slurm_gpu_tasks_only_on_the_gpu_job(tmp_path, slurm, re
     from tasks.aerial.config import get_config
 
     before = _job_ids(slurm)
-    cfg = get_config("smoke", root=str(tmp_path / "aerial"), dask=slurm_dask(tmp_path))
+    # the smoke configuration on the tests' smaller world (as test_runtime_runs' external cluster):
+    # the smoke world's GPU stand-in (CPU PatchMatch of every image in one task on one core) ran
+    # past 9 minutes on the busy 2-core machine
+    cfg = get_config("smoke", root=str(tmp_path / "aerial"), dask=slurm_dask(tmp_path),
+                     world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
     result = aerial_flow(config=cfg)
     assert slurm.squeue() == []
     assert sorted(j["Name"] for j in _new_jobs(slurm, before)) == ["dask-worker", "dask-worker-gpu"]
@@ -250,3 +254,59 @@ def test_print_job_script(tmp_path):
     assert "--gres" not in cpu and "--resources" not in cpu
     assert "#SBATCH -p gpu\n" in gpu and "#SBATCH --gres=gpu:1" in gpu and "--resources GPU=1" in gpu
     assert "sbatch" not in r.stderr
+
+
+# --------------------------------------------------------------------------
+# the user's path: a prefect.yaml deployment run by `prefect worker`, then cancelled
+# --------------------------------------------------------------------------
+def test_prefect_yaml_deployment_on_slurm_by_a_worker_then_cancelled(tmp_path, slurm, records, prefect_server):
+    """prefect.yaml's multimodal deployment (its entrypoint and job variables) with a saved
+    DaskCluster block of SLURM worker jobs, run by a `prefect worker` process: a run completes with
+    its workers as SLURM jobs; a second run cancelled mid-run (the UI's Cancel) leaves no job."""
+    import yaml
+    from prefect.client.schemas.objects import StateType
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    from blocks.dask_cluster import DaskCluster
+    from deployments.deploy import deploy
+    from deployments.spec import load_specs
+    from tests.processes import server_env
+
+    spec = next(s for s in load_specs() if s.name == "embedded-default")
+    DaskCluster(**slurm_dask(tmp_path)).save("rt-slurm", overwrite=True)
+    entry = {"name": "rt-slurm", "entrypoint": spec.entrypoint,
+             "parameters": smoke(tmp_path / "done", dask_block="rt-slurm"),
+             "work_pool": {"name": "rt-slurm-pool", "job_variables": spec.work_pool["job_variables"]}}
+    path = tmp_path / "prefect.yaml"
+    path.write_text(yaml.safe_dump({"name": "rt-slurm", "deployments": [entry]}))
+    assert deploy(path) == ["rt-slurm"]
+    log = tmp_path / "worker.log"
+    proc = start_logged(["-m", "prefect", "worker", "start", "--pool", "rt-slurm-pool", "--name", "slurm-worker"],
+                        log, server_env(prefect_server), cwd=tmp_path)
+    try:
+        before = _job_ids(slurm)
+        fr = run_deployment("multimodal/rt-slurm", timeout=0)
+        done = _wait(lambda: (r := _flow_run(fr.id)).state.is_final() and r, 400, "the deployment run")
+        assert done.state.type == StateType.COMPLETED, (done.state, log.read_text()[-3000:])
+        assert sorted(j["Name"] for j in _new_jobs(slurm, before)) == ["dask-worker", "dask-worker-gpu"]
+        assert "Dask: tasks.common.slurm.SLURMCluster(" in _logs(fr.id)
+        report = json.loads((tmp_path / "done" / "data_rt" / "report.json").read_text())
+        assert report["counts"]["stacks done"] + report["counts"]["no data"] == 8
+        assert slurm.squeue() == []
+
+        # cancelled mid-run
+        params = smoke(tmp_path / "cancel", n_tiles=40, source_options={"latency_s": 0.3}, dask_block="rt-slurm")
+        fr = run_deployment("multimodal/rt-slurm", parameters=params, timeout=0)
+        _wait(lambda: len([j for j in slurm.squeue() if j["state"] == "RUNNING"]) == 2 and
+              len([t for t in _task_runs(fr.id) if t.state is not None and t.state.type == StateType.COMPLETED]) >= 3,
+              400, "two running worker jobs and 3 completed tasks")
+        t0 = time.monotonic()
+        with _client() as c:
+            c.set_flow_run_state(fr.id, Cancelling(), force=True)
+        final = _wait(lambda: (r := _flow_run(fr.id)).state.is_final() and r, 120, "the run to be cancelled")
+        assert final.state.type == StateType.CANCELLED, final.state
+        _wait(lambda: slurm.squeue() == [], 30, "squeue to be empty after the cancellation")
+        print(f"cancel -> squeue empty: {time.monotonic() - t0:.1f} s")
+    finally:
+        stop_group(proc, timeout=30)
