@@ -226,6 +226,20 @@ def test_jobs_slurm_never_starts_are_reported_within_start_timeout(tmp_path, slu
     assert not (tmp_path / "data_rt" / "data_rt.h5").exists()
 
 
+def test_job_slurm_rejects_is_reported_at_once(tmp_path, slurm, records):
+    """A GPU job asking for 2 GPUs of a 1-GPU node: stopped before any submission, SLURM's words."""
+    from tasks.common.slurm import JobsNotStarted, SLURMCluster
+
+    kw = slurm_dask(tmp_path, gpu_job_kwargs={"job_extra_directives": ["--gres=gpu:2"]})["cluster_kwargs"]
+    before = _job_ids(slurm)
+    with pytest.raises(JobsNotStarted) as err:
+        SLURMCluster(**kw)
+    msg = str(err.value)
+    assert "SLURM rejects the GPU worker job" in msg and "Requested node configuration is not available" in msg
+    assert "#SBATCH --gres=gpu:2" in msg
+    assert slurm.squeue() == [] and _job_ids(slurm) == before
+
+
 def test_import_keeps_ctrl_c_and_works_in_a_thread():
     """dask-jobqueue 0.9.0 sets SIGINT to sys.exit when imported (dask_jobqueue/runner.py): the
     flow process keeps its KeyboardInterrupt, and the import works outside the main thread."""
@@ -289,8 +303,10 @@ def test_prefect_yaml_deployment_on_slurm_by_a_worker_then_cancelled(tmp_path, s
         fr = run_deployment("multimodal/rt-slurm", timeout=0)
         done = _wait(lambda: (r := _flow_run(fr.id)).state.is_final() and r, 400, "the deployment run")
         assert done.state.type == StateType.COMPLETED, (done.state, log.read_text()[-3000:])
-        assert sorted(j["Name"] for j in _new_jobs(slurm, before)) == ["dask-worker", "dask-worker-gpu"]
         assert "Dask: tasks.common.slurm.SLURMCluster(" in _logs(fr.id)
+        # the run's state is final a moment before its process closes the cluster
+        _wait(lambda: len(_new_jobs(slurm, before)) >= 2, 60, "the run's worker jobs to end")
+        assert sorted(j["Name"] for j in _new_jobs(slurm, before)) == ["dask-worker", "dask-worker-gpu"]
         report = json.loads((tmp_path / "done" / "data_rt" / "report.json").read_text())
         assert report["counts"]["stacks done"] + report["counts"]["no data"] == 8
         assert slurm.squeue() == []

@@ -20,7 +20,8 @@ partition, ``account``, ``walltime``, ``job_extra_directives``, ``job_script_pro
   the GPU jobs, as Dask's adaptive scaling counts every worker).
 * ``start_timeout`` (seconds, default 600; ``None`` waits forever): the cluster waits this long
   for its first CPU worker and every GPU worker to connect, then stops with
-  :class:`JobsNotStarted`, naming each job SLURM has not started and the reason ``squeue``
+  :class:`JobsNotStarted`, (at once, with SLURM's message, for a job ``sbatch --test-only``
+  rejects: a partition, account or GPU count that does not exist) naming each job SLURM has not started and the reason ``squeue``
   gives (a drained node, a partition or GPU that does not exist ...), and cancels its jobs.
 
 Print the job scripts a saved block's settings (or any ``cluster_kwargs``) submit, submitting nothing::
@@ -37,6 +38,7 @@ import logging
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from typing import Any
@@ -116,6 +118,11 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
             name = f"{self._name}-gpu-{i}"
             self._gpu_names.append(name)
             self.worker_spec[name] = {"cls": self.job_cls, "options": self._gpu_kwargs}
+        try:
+            self._check_with_sbatch(n_workers > 0, gpu_jobs > 0)
+        except BaseException:
+            self.close()
+            raise
         self.scale(n_workers + gpu_jobs)
         if start_timeout is not None and (n_workers or gpu_jobs):
             try:
@@ -147,6 +154,32 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
                 "gpu": SLURMJob(self.scheduler.address, name="dummy-name", **self._gpu_kwargs).job_script()}
 
     # ------------------------------------------------------------------ start
+    def _check_with_sbatch(self, cpu: bool, gpu: bool) -> None:
+        """``sbatch --test-only`` of each kind of job script: a request SLURM can never satisfy (a
+        partition, account or GPU count that does not exist) stops here, with SLURM's own words,
+        before anything is submitted."""
+        if not shutil.which("sbatch"):
+            return
+        scripts = self.job_scripts()
+        for kind, wanted in (("cpu", cpu), ("gpu", gpu)):
+            if not wanted:
+                continue
+            with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="dask-job-") as fh:
+                fh.write(scripts[kind])
+                fh.flush()
+                try:
+                    r = subprocess.run(["sbatch", "--test-only", fh.name], capture_output=True, text=True,
+                                       timeout=60, check=False)
+                except (OSError, subprocess.SubprocessError) as exc:
+                    log.warning("sbatch --test-only could not run (%s); submitting anyway", exc)
+                    return
+            if r.returncode != 0:
+                err = (r.stderr or r.stdout).strip()
+                raise JobsNotStarted(
+                    f"SLURM rejects the {kind.upper()} worker job: {err}\nCheck its partition (queue), account, "
+                    f"GPUs (gres) and limits; the job script (python -m tasks.common.slurm --print-job-script):\n"
+                    f"{scripts[kind]}")
+
     def job_ids(self) -> dict[str, str | None]:
         """Worker name -> SLURM job id (None while not submitted)."""
         return {str(name): getattr(job, "job_id", None) for name, job in list(self.workers.items())}
