@@ -50,7 +50,7 @@ def records(tmp_path, monkeypatch):
     return rec
 
 
-def slurm_dask(tmp: Path, n_workers: int = 1, gpu_jobs: int = 1, start_timeout: float = 120, **extra) -> dict:
+def slurm_dask(tmp: Path, n_workers: int = 1, gpu_jobs: int = 1, start_timeout: float = 180, **extra) -> dict:
     """``dask`` settings: worker jobs of one core and 3 GB each on the test cluster."""
     kw = {"cores": 1, "processes": 1, "memory": "3GB", "walltime": "00:30:00", "interface": "lo",
           "n_workers": n_workers, "gpu_jobs": gpu_jobs, "start_timeout": start_timeout,
@@ -72,6 +72,15 @@ def _new_jobs(slurm, before: set[str]) -> list[dict]:
 
 def _job_ids(slurm) -> set[str]:
     return {j["JobId"] for j in slurm.finished_jobs()}
+
+
+def _jobs_cancelled_by_the_flow(slurm, before: set[str]) -> list[dict]:
+    """The jobs started since ``before``, once SLURM lists none (a cancelled job is COMPLETING for
+    a few seconds: KillWait=5); each ended CANCELLED, i.e. the cluster cancelled it, none ran out."""
+    _wait(lambda: slurm.squeue() == [], 60, "SLURM to list no job")
+    jobs = _wait(lambda: _new_jobs(slurm, before), 30, "the jobs in jobcomp.log")
+    assert all(j["JobState"] == "CANCELLED" for j in jobs), jobs
+    return jobs
 
 
 def _marked_processes(folder: Path) -> list[int]:
@@ -117,27 +126,6 @@ def test_documented_script_starts_a_gpu_node_and_stops_everything(tmp_path):
 # --------------------------------------------------------------------------
 # the flows' workers as SLURM jobs
 # --------------------------------------------------------------------------
-def test_multimodal_smoke_on_slurm_jobs_cancelled_when_the_flow_ends(tmp_path, slurm, records):
-    from flows.multimodal import multimodal_flow
-    from tasks.multimodal.config import MultimodalConfig, get_config
-
-    before = _job_ids(slurm)
-    cfg = get_config("smoke", output_dir=str(tmp_path), dask=slurm_dask(tmp_path))
-    result = multimodal_flow(config=MultimodalConfig(**cfg.model_dump()))
-    counts = result["counts"]
-    assert counts["stacks done"] + counts["no data"] == cfg.n_tiles
-    assert slurm.squeue() == []  # the flow's end cancelled its jobs
-    jobs = _new_jobs(slurm, before)
-    assert sorted(j["Name"] for j in jobs) == ["dask-worker", "dask-worker-gpu"], jobs
-    gpu_job = next(j for j in jobs if j["Name"] == "dask-worker-gpu")
-    assert gpu_job["NodeList"] == "factory1"
-    recs = _records(records)
-    assert set(recs) <= {"SLURMCluster-0", "SLURMCluster-gpu-0"} and sum(map(len, recs.values())) >= 6 + 1
-    from tests.dataset_checks import check_dataset
-
-    check_dataset(tmp_path / cfg.name, cfg.name, counts["rows in h5"])
-
-
 def test_aerial_smoke_on_slurm_gpu_tasks_only_on_the_gpu_job(tmp_path, slurm, records):
     from flows.aerial import aerial_flow
     from tasks.aerial.config import get_config
@@ -149,8 +137,8 @@ def test_aerial_smoke_on_slurm_gpu_tasks_only_on_the_gpu_job(tmp_path, slurm, re
     cfg = get_config("smoke", root=str(tmp_path / "aerial"), dask=slurm_dask(tmp_path),
                      world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
     result = aerial_flow(config=cfg)
-    assert slurm.squeue() == []
-    assert sorted(j["Name"] for j in _new_jobs(slurm, before)) == ["dask-worker", "dask-worker-gpu"]
+    jobs = _jobs_cancelled_by_the_flow(slurm, before)
+    assert sorted(j["Name"] for j in jobs) == ["dask-worker", "dask-worker-gpu"]
     recs = _records(records)
     gpu_tasks = [r for rs in recs.values() for r in rs if r["resources"].get("GPU")]
     assert result["dense backend"] == "gpu" and gpu_tasks
@@ -201,7 +189,7 @@ def test_scancelled_worker_job_costs_a_retry_not_data(tmp_path, slurm, records):
         a, b = tmp_path / "hit" / "data_rt" / name, tmp_path / "ref" / "data_rt" / name
         if b.exists():
             assert a.read_bytes() == b.read_bytes(), name
-    assert slurm.squeue() == []
+    _wait(lambda: slurm.squeue() == [], 60, "SLURM to list no job")
 
 
 def test_jobs_slurm_never_starts_are_reported_within_start_timeout(tmp_path, slurm, records):
@@ -275,8 +263,9 @@ def test_print_job_script(tmp_path):
 # --------------------------------------------------------------------------
 def test_prefect_yaml_deployment_on_slurm_by_a_worker_then_cancelled(tmp_path, slurm, records, prefect_server):
     """prefect.yaml's multimodal deployment (its entrypoint and job variables) with a saved
-    DaskCluster block of SLURM worker jobs, run by a `prefect worker` process: a run completes with
-    its workers as SLURM jobs; a second run cancelled mid-run (the UI's Cancel) leaves no job."""
+    DaskCluster block of SLURM worker jobs, run by a `prefect worker` process: a run of the smoke
+    configuration completes with its workers as SLURM jobs (a CPU job and a GPU job), cancelled
+    when it ends; a second run cancelled mid-run (the UI's Cancel) leaves no job."""
     import yaml
     from prefect.client.schemas.objects import StateType
     from prefect.deployments import run_deployment
@@ -285,12 +274,15 @@ def test_prefect_yaml_deployment_on_slurm_by_a_worker_then_cancelled(tmp_path, s
     from blocks.dask_cluster import DaskCluster
     from deployments.deploy import deploy
     from deployments.spec import load_specs
+    from tasks.multimodal.config import CONFIGS
+    from tests.dataset_checks import check_dataset
     from tests.processes import server_env
 
     spec = next(s for s in load_specs() if s.name == "embedded-default")
     DaskCluster(**slurm_dask(tmp_path)).save("rt-slurm", overwrite=True)
     entry = {"name": "rt-slurm", "entrypoint": spec.entrypoint,
-             "parameters": smoke(tmp_path / "done", dask_block="rt-slurm"),
+             "parameters": {"config": {**CONFIGS["smoke"], "output_dir": str(tmp_path / "done"),
+                                       "dask_block": "rt-slurm"}},
              "work_pool": {"name": "rt-slurm-pool", "job_variables": spec.work_pool["job_variables"]}}
     path = tmp_path / "prefect.yaml"
     path.write_text(yaml.safe_dump({"name": "rt-slurm", "deployments": [entry]}))
@@ -305,13 +297,17 @@ def test_prefect_yaml_deployment_on_slurm_by_a_worker_then_cancelled(tmp_path, s
         assert done.state.type == StateType.COMPLETED, (done.state, log.read_text()[-3000:])
         assert "Dask: tasks.common.slurm.SLURMCluster(" in _logs(fr.id)
         # the run's state is final a moment before its process closes the cluster
-        _wait(lambda: len(_new_jobs(slurm, before)) >= 2, 60, "the run's worker jobs to end")
-        assert sorted(j["Name"] for j in _new_jobs(slurm, before)) == ["dask-worker", "dask-worker-gpu"]
-        report = json.loads((tmp_path / "done" / "data_rt" / "report.json").read_text())
-        assert report["counts"]["stacks done"] + report["counts"]["no data"] == 8
-        assert slurm.squeue() == []
+        jobs = _jobs_cancelled_by_the_flow(slurm, before)
+        assert sorted(j["Name"] for j in jobs) == ["dask-worker", "dask-worker-gpu"]
+        report = json.loads((tmp_path / "done" / "data_smoke" / "report.json").read_text())
+        counts = report["counts"]
+        assert counts["stacks done"] + counts["no data"] == CONFIGS["smoke"]["n_tiles"]
+        recs = _records(records)  # the tasks ran in the SLURM jobs' workers
+        assert set(recs) <= {"SLURMCluster-0", "SLURMCluster-gpu-0"} and sum(map(len, recs.values())) >= 6 + 1
+        check_dataset(tmp_path / "done" / "data_smoke", "data_smoke", counts["rows in h5"])
 
         # cancelled mid-run
+        before = _job_ids(slurm)
         params = smoke(tmp_path / "cancel", n_tiles=40, source_options={"latency_s": 0.3}, dask_block="rt-slurm")
         fr = run_deployment("multimodal/rt-slurm", parameters=params, timeout=0)
         _wait(lambda: len([j for j in slurm.squeue() if j["state"] == "RUNNING"]) == 2 and
@@ -322,7 +318,7 @@ def test_prefect_yaml_deployment_on_slurm_by_a_worker_then_cancelled(tmp_path, s
             c.set_flow_run_state(fr.id, Cancelling(), force=True)
         final = _wait(lambda: (r := _flow_run(fr.id)).state.is_final() and r, 120, "the run to be cancelled")
         assert final.state.type == StateType.CANCELLED, final.state
-        _wait(lambda: slurm.squeue() == [], 30, "squeue to be empty after the cancellation")
+        _jobs_cancelled_by_the_flow(slurm, before)  # not left to die with the scheduler (death-timeout 60 s)
         print(f"cancel -> squeue empty: {time.monotonic() - t0:.1f} s")
     finally:
         stop_group(proc, timeout=30)

@@ -102,9 +102,24 @@ def gpu_job_kwargs(job_kwargs: dict[str, Any], overrides: dict[str, Any] | None 
     return kw
 
 
+class _SLURMJob(SLURMJob):
+    """``SLURMJob`` that keeps why its ``sbatch`` failed (Dask only logs it), for the cluster's report."""
+
+    submit_errors: dict[str, str] = {}
+
+    async def start(self):
+        try:
+            await super().start()
+        except Exception as exc:
+            _SLURMJob.submit_errors[str(self.name)] = f"{type(exc).__name__}: {exc}".strip()[:1000]
+            raise
+
+
 class SLURMCluster(dask_jobqueue.SLURMCluster):
     """``dask_jobqueue.SLURMCluster`` with ``gpu_jobs`` GPU worker jobs and a ``start_timeout``
     (see the module's documentation)."""
+
+    job_cls = _SLURMJob
 
     def __init__(self, *args: Any, gpu_jobs: int = 0, gpu_job_kwargs: dict[str, Any] | None = None,
                  start_timeout: float | None = 600, n_workers: int = 0, **kwargs: Any):
@@ -113,6 +128,8 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
         self._gpu_overrides = dict(gpu_job_kwargs or {})
         self._gpu_names: list[str] = []
         super().__init__(*args, n_workers=0, **kwargs)
+        for old in [k for k in _SLURMJob.submit_errors if k.startswith(f"{self._name}-")]:
+            del _SLURMJob.submit_errors[old]  # an earlier cluster's of the same name
         self._gpu_kwargs = globals()["gpu_job_kwargs"](self._job_kwargs, self._gpu_overrides)
         for i in range(gpu_jobs):
             name = f"{self._name}-gpu-{i}"
@@ -207,8 +224,9 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
             kind = "GPU" if name in self._gpu_names else "CPU"
             jid = ids.get(str(name))
             if not jid:
-                lines.append(f"  {kind} worker {name}: not submitted (sbatch failed or is still running; "
-                             "see the log above)")
+                why = _SLURMJob.submit_errors.get(str(name))
+                lines.append(f"  {kind} worker {name}: not submitted ("
+                             f"{'sbatch failed: ' + why if why else 'sbatch has not answered yet'})")
             else:
                 state, reason = states.get(jid, ("not in squeue", "ended before its worker connected; "
                                                  "see its output file (log_directory)"))
@@ -218,7 +236,7 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
             f"({len(up)} worker(s) connected; needed: {'a CPU worker' if need_cpu else ''}"
             f"{' and ' if need_cpu and self._gpu_names else ''}"
             f"{str(len(self._gpu_names)) + ' GPU worker(s)' if self._gpu_names else ''}):\n" + "\n".join(lines)
-            + "\nCheck the partition, account, GPUs and limits asked for (`python -m blocks.dask_cluster "
+            + "\nCheck the partition, account, GPUs and limits asked for (`python -m tasks.common.slurm "
               "--print-job-script`), `sinfo` for drained or down nodes, or raise start_timeout; "
               "the cluster's jobs were cancelled.")
 
