@@ -215,17 +215,21 @@ def test_jobs_slurm_never_starts_are_reported_within_start_timeout(tmp_path, slu
 
 
 def test_job_slurm_rejects_is_reported_at_once(tmp_path, slurm, records):
-    """A GPU job asking for 2 GPUs of a 1-GPU node: stopped before any submission, SLURM's words."""
+    """A GPU job asking for 2 GPUs of a 1-GPU node: sbatch refuses it; reported at once, in SLURM's words."""
     from tasks.common.slurm import JobsNotStarted, SLURMCluster
 
     kw = slurm_dask(tmp_path, gpu_job_kwargs={"job_extra_directives": ["--gres=gpu:2"]})["cluster_kwargs"]
-    before = _job_ids(slurm)
+    t0 = time.monotonic()
     with pytest.raises(JobsNotStarted) as err:
         SLURMCluster(**kw)
+    took = time.monotonic() - t0
     msg = str(err.value)
-    assert "SLURM rejects the GPU worker job" in msg and "Requested node configuration is not available" in msg
-    assert "#SBATCH --gres=gpu:2" in msg
-    assert slurm.squeue() == [] and _job_ids(slurm) == before
+    assert msg.startswith("SLURM rejected the Dask worker jobs")
+    assert "GPU worker SLURMCluster-gpu-0: not submitted (sbatch failed: " in msg
+    assert "Requested node configuration is not available" in msg
+    assert "The GPU worker job script SLURM rejected:" in msg and "#SBATCH --gres=gpu:2" in msg
+    assert took < kw["start_timeout"] / 2, took  # not left to the timeout
+    _wait(lambda: slurm.squeue() == [], 60, "the CPU job to be cancelled")
 
 
 def test_import_keeps_ctrl_c_and_works_in_a_thread():

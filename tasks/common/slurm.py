@@ -20,8 +20,8 @@ partition, ``account``, ``walltime``, ``job_extra_directives``, ``job_script_pro
   the GPU jobs, as Dask's adaptive scaling counts every worker).
 * ``start_timeout`` (seconds, default 600; ``None`` waits forever): the cluster waits this long
   for its first CPU worker and every GPU worker to connect, then stops with
-  :class:`JobsNotStarted`, (at once, with SLURM's message, for a job ``sbatch --test-only``
-  rejects: a partition, account or GPU count that does not exist) naming each job SLURM has not started and the reason ``squeue``
+  :class:`JobsNotStarted`. A job ``sbatch`` rejects (a partition, account or GPU count that does not
+  exist) stops it at once, with SLURM's message and the job script. naming each job SLURM has not started and the reason ``squeue``
   gives (a drained node, a partition or GPU that does not exist ...), and cancels its jobs.
 
 Print the job scripts a saved block's settings (or any ``cluster_kwargs``) submit, submitting nothing::
@@ -38,7 +38,6 @@ import logging
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from typing import Any
@@ -103,7 +102,8 @@ def gpu_job_kwargs(job_kwargs: dict[str, Any], overrides: dict[str, Any] | None 
 
 
 class _SLURMJob(SLURMJob):
-    """``SLURMJob`` that keeps why its ``sbatch`` failed (Dask only logs it), for the cluster's report."""
+    """``SLURMJob`` that keeps why its ``sbatch`` failed (Dask only logs it), for the cluster's
+    report, and is ``closed`` once cancelled."""
 
     submit_errors: dict[str, str] = {}
 
@@ -112,7 +112,16 @@ class _SLURMJob(SLURMJob):
             await super().start()
         except Exception as exc:
             _SLURMJob.submit_errors[str(self.name)] = f"{type(exc).__name__}: {exc}".strip()[:1000]
+            self.status = Status.failed  # nothing to cancel (the cluster's close checks it)
             raise
+
+    async def close(self):
+        """scancel the job, then say so: dask-jobqueue's ``Job.close`` leaves the status
+        ``running``, and distributed's cluster close asserts that every job it started is closed
+        (it failed with ``AssertionError: Status.running`` closing a cluster one of whose jobs sbatch
+        had refused)."""
+        await super().close()
+        self.status = Status.closed
 
 
 class SLURMCluster(dask_jobqueue.SLURMCluster):
@@ -135,11 +144,6 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
             name = f"{self._name}-gpu-{i}"
             self._gpu_names.append(name)
             self.worker_spec[name] = {"cls": self.job_cls, "options": self._gpu_kwargs}
-        try:
-            self._check_with_sbatch(n_workers > 0, gpu_jobs > 0)
-        except BaseException:
-            self.close()
-            raise
         self.scale(n_workers + gpu_jobs)
         if start_timeout is not None and (n_workers or gpu_jobs):
             try:
@@ -171,35 +175,16 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
                 "gpu": SLURMJob(self.scheduler.address, name="dummy-name", **self._gpu_kwargs).job_script()}
 
     # ------------------------------------------------------------------ start
-    def _check_with_sbatch(self, cpu: bool, gpu: bool) -> None:
-        """``sbatch --test-only`` of each kind of job script: a request SLURM can never satisfy (a
-        partition, account or GPU count that does not exist) stops here, with SLURM's own words,
-        before anything is submitted."""
-        if not shutil.which("sbatch"):
-            return
-        scripts = self.job_scripts()
-        for kind, wanted in (("cpu", cpu), ("gpu", gpu)):
-            if not wanted:
-                continue
-            with tempfile.NamedTemporaryFile("w", suffix=".sh", prefix="dask-job-") as fh:
-                fh.write(scripts[kind])
-                fh.flush()
-                try:
-                    r = subprocess.run(["sbatch", "--test-only", fh.name], capture_output=True, text=True,
-                                       timeout=60, check=False)
-                except (OSError, subprocess.SubprocessError) as exc:
-                    log.warning("sbatch --test-only could not run (%s); submitting anyway", exc)
-                    return
-            if r.returncode != 0:
-                err = (r.stderr or r.stdout).strip()
-                raise JobsNotStarted(
-                    f"SLURM rejects the {kind.upper()} worker job: {err}\nCheck its partition (queue), account, "
-                    f"GPUs (gres) and limits; the job script (python -m tasks.common.slurm --print-job-script):\n"
-                    f"{scripts[kind]}")
-
     def job_ids(self) -> dict[str, str | None]:
         """Worker name -> SLURM job id (None while not submitted)."""
         return {str(name): getattr(job, "job_id", None) for name, job in list(self.workers.items())}
+
+    def _rejected(self, need_cpu: bool) -> bool:
+        """Whether sbatch refused every job of a kind the cluster needs (waiting cannot help)."""
+        errors = _SLURMJob.submit_errors
+        cpu = [str(n) for n in self.worker_spec if n not in self._gpu_names]
+        return (any(n in errors for n in self._gpu_names)
+                or (need_cpu and bool(cpu) and all(n in errors for n in cpu)))
 
     def _connected(self) -> set[str]:
         return {str(w.get("name")) for w in self.scheduler_info.get("workers", {}).values()}
@@ -212,7 +197,7 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
             cpu_ok = not need_cpu or any(n not in self._gpu_names for n in up)
             if gpu_ok and cpu_ok:
                 return
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or self._rejected(need_cpu):
                 break
             time.sleep(0.5)
         ids = self.job_ids()
@@ -231,14 +216,20 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
                 state, reason = states.get(jid, ("not in squeue", "ended before its worker connected; "
                                                  "see its output file (log_directory)"))
                 lines.append(f"  {kind} worker {name}: SLURM job {jid} {state} (reason: {reason})")
+        rejected = sorted({("gpu" if n in self._gpu_names else "cpu") for n in self.worker_spec
+                           if str(n) in _SLURMJob.submit_errors})
+        scripts = self.job_scripts()
+        shown = "".join(f"\nThe {k.upper()} worker job script SLURM rejected:\n{scripts[k]}" for k in rejected)
+        head = ("SLURM rejected the Dask worker jobs" if rejected else
+                f"SLURM did not start the Dask worker jobs within start_timeout={timeout:g} s")
         raise JobsNotStarted(
-            f"SLURM did not start the Dask worker jobs within start_timeout={timeout:g} s "
+            f"{head} "
             f"({len(up)} worker(s) connected; needed: {'a CPU worker' if need_cpu else ''}"
             f"{' and ' if need_cpu and self._gpu_names else ''}"
             f"{str(len(self._gpu_names)) + ' GPU worker(s)' if self._gpu_names else ''}):\n" + "\n".join(lines)
             + "\nCheck the partition, account, GPUs and limits asked for (`python -m tasks.common.slurm "
               "--print-job-script`), `sinfo` for drained or down nodes, or raise start_timeout; "
-              "the cluster's jobs were cancelled.")
+              "the cluster's jobs were cancelled." + shown)
 
 
 def _squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
