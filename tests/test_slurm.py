@@ -54,7 +54,9 @@ def slurm_dask(tmp: Path, n_workers: int = 1, gpu_jobs: int = 1, start_timeout: 
     """``dask`` settings: worker jobs of one core and 3 GB each on the test cluster."""
     kw = {"cores": 1, "processes": 1, "memory": "3GB", "walltime": "00:30:00", "interface": "lo",
           "n_workers": n_workers, "gpu_jobs": gpu_jobs, "start_timeout": start_timeout,
-          "log_directory": str(tmp / "slurm-logs"), "scheduler_options": {"dashboard_address": None},
+          "log_directory": str(tmp / "slurm-logs"),
+          # the scheduler's HTTP server on loopback, a free port (Dask's default: every interface, 8787)
+          "scheduler_options": {"dashboard": False, "dashboard_address": "127.0.0.1:0"},
           "worker_extra_args": ["--preload", PRELOAD],
           "gpu_job_kwargs": {"job_script_prologue": ["export FACTORY_TEST_GPU_STANDIN=1"]}}
     kw.update(extra)

@@ -20,9 +20,11 @@ partition, ``account``, ``walltime``, ``job_extra_directives``, ``job_script_pro
   the GPU jobs, as Dask's adaptive scaling counts every worker).
 * ``start_timeout`` (seconds, default 600; ``None`` waits forever): the cluster waits this long
   for its first CPU worker and every GPU worker to connect, then stops with
-  :class:`JobsNotStarted`. A job ``sbatch`` rejects (a partition, account or GPU count that does not
-  exist) stops it at once, with SLURM's message and the job script. naming each job SLURM has not started and the reason ``squeue``
-  gives (a drained node, a partition or GPU that does not exist ...), and cancels its jobs.
+  :class:`JobsNotStarted` naming each job SLURM has not started and the reason ``squeue`` gives
+  (e.g. a drained node: ``PENDING (reason: ReqNodeNotAvail ...)``), and cancels its jobs. A job
+  ``sbatch`` refuses (a partition, account or GPU count that does not exist) stops it at once,
+  with SLURM's message and the job script. A GPU job runs one Dask worker process
+  (``processes=1`` unless ``gpu_job_kwargs`` says otherwise).
 
 Print the job scripts a saved block's settings (or any ``cluster_kwargs``) submit, submitting nothing::
 
@@ -255,7 +257,7 @@ def print_job_scripts(cluster_kwargs: dict[str, Any], out=None) -> None:
     gpu_jobs = int(kw.pop("gpu_jobs", 0) or 0)
     kw.update(n_workers=0, gpu_jobs=0, start_timeout=None)
     opts = dict(kw.get("scheduler_options") or {})
-    opts.update(dashboard_address=None, host="127.0.0.1")
+    opts.update(dashboard=False, dashboard_address="127.0.0.1:0", host="127.0.0.1")  # loopback, a free port
     kw["scheduler_options"] = opts
     with SLURMCluster(**kw) as cluster:
         addr = cluster.scheduler.address
