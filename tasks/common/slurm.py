@@ -10,7 +10,7 @@ Use it as the ``dask.cluster_class`` (or a ``DaskCluster`` block's), its keyword
 
 Every keyword of ``dask_jobqueue.SLURMCluster`` works as documented there (``queue`` is the
 partition, ``account``, ``walltime``, ``job_extra_directives``, ``job_script_prologue``,
-``log_directory``, ``interface`` ...). ``n_workers`` counts the CPU jobs. Added here:
+``log_directory``, ``interface`` ...). ``n_workers`` counts the CPU workers (jobs x ``processes``). Added here:
 
 * ``gpu_jobs`` (default 0): that many more jobs, each asking SLURM for a GPU
   (``--gres=gpu:1``; ``gpu_job_kwargs`` overrides any job keyword for them, e.g. another
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import shutil
 import signal
 import subprocess
@@ -69,7 +70,9 @@ def _import_jobqueue():
 
 dask_jobqueue = _import_jobqueue()
 from dask_jobqueue.slurm import SLURMJob  # noqa: E402 - after the guarded import above
+from dask.utils import parse_bytes
 from distributed.core import Status
+from distributed.utils import NoOpAwaitable
 
 log = logging.getLogger(__name__)
 
@@ -155,15 +158,35 @@ class SLURMCluster(dask_jobqueue.SLURMCluster):
                 raise
 
     # ------------------------------------------------------------------ scaling
-    def scale(self, n: int = 0, memory: Any = None, cores: Any = None):
-        """``n`` workers in all: the GPU jobs stay (until the cluster closes), CPU jobs make up the rest."""
-        if self.status in (Status.closing, Status.closed):
-            return super().scale(n, memory=memory, cores=cores)
-        gpu = {k: self.worker_spec.pop(k) for k in list(self.worker_spec) if k in self._gpu_names}
-        try:
-            return super().scale(max(0, n - len(gpu)), memory=memory, cores=cores)
-        finally:
-            self.worker_spec.update(gpu)
+    def scale(self, n: int | None = None, jobs: int = 0, memory: Any = None, cores: Any = None):
+        """``n`` workers in all (as Dask's adaptive scaling counts): the GPU jobs stay (until the
+        cluster closes), CPU jobs make up the rest. The GPU entries are never taken out of
+        ``worker_spec``, not even for a moment: the event loop's thread reads it concurrently
+        (taking them out and back in here once left the GPU job unsubmitted)."""
+        if self.status in (Status.closing, Status.closed) or not self._gpu_names:
+            return super().scale(n, jobs=jobs, memory=memory, cores=cores)
+        if n is not None:
+            jobs = math.ceil(max(0, n - len(self._gpu_names)) / self._dummy_job.worker_processes)
+        if memory is not None:
+            jobs = max(jobs, math.ceil(parse_bytes(memory) / self._memory_per_worker()))
+        if cores is not None:
+            jobs = max(jobs, math.ceil(cores / self._threads_per_worker()))
+        cpu = [k for k in self.worker_spec if k not in self._gpu_names]
+        if len(cpu) > jobs:
+            up = {str(v.get("name")) for v in self.scheduler_info.get("workers", {}).values()}
+            for k in [k for k in cpu if str(k) not in up][::-1] + [k for k in cpu if str(k) in up][::-1]:
+                if len(cpu) <= jobs:
+                    break
+                del self.worker_spec[k]
+                cpu.remove(k)
+        while len(cpu) < jobs:
+            new = self.new_worker_spec()
+            self.worker_spec.update(new)
+            cpu.extend(new)
+        self.loop.add_callback(self._correct_state)
+        if self.asynchronous:
+            return NoOpAwaitable()
+        return None
 
     async def scale_down(self, workers):
         """Adaptive scaling retires CPU workers only (the GPU jobs stay)."""
