@@ -5,7 +5,7 @@ Use it as the ``dask.cluster_class`` (or a ``DaskCluster`` block's), its keyword
 
     DaskCluster(cluster_class="tasks.common.slurm.SLURMCluster",
                 cluster_kwargs={"queue": "cpu", "account": "geo", "walltime": "04:00:00",
-                                "cores": 8, "memory": "32GB", "n_workers": 4,
+                                "cores": 8, "memory": "32GB", "n_workers": 4,  # workers
                                 "gpu_jobs": 1, "gpu_job_kwargs": {"queue": "gpu"}}).save("slurm")
 
 Every keyword of ``dask_jobqueue.SLURMCluster`` works as documented there (``queue`` is the
