@@ -11,6 +11,8 @@ deployment's parameters, e.g. a SLURM cluster::
                 adapt_kwargs={"minimum": 1, "maximum": 40}).save("slurm", overwrite=True)
 
 or an existing scheduler: ``DaskCluster(address="tcp://host:8786").save("lab")``.
+``tasks.common.slurm.SLURMCluster`` adds GPU worker jobs to ``dask_jobqueue.SLURMCluster``;
+``python -m tasks.common.slurm --print-job-script --block slurm`` prints a block's job scripts.
 """
 
 from __future__ import annotations

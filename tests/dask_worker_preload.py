@@ -1,7 +1,8 @@
 """Preload for the `dask worker` processes of the external test cluster (tests/test_runtime_runs.py).
 
 Records every task a worker starts (its resource restrictions) in
-``$FACTORY_TEST_RECORD_DIR/<worker name>.jsonl``. On a worker started with
+``$FACTORY_TEST_RECORD_DIR/<worker name>.jsonl`` (with the SLURM job id of a worker that runs
+as a SLURM job, tests/test_slurm.py). On a worker started with
 ``FACTORY_TEST_GPU_STANDIN=1`` and no CUDA build of pycolmap, the GPU dense
 call (PatchMatch, CUDA only) is replaced by the CPU backend, so that the test
 can check where GPU-tagged tasks land on a machine without a GPU; nowhere else.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 from distributed import WorkerPlugin
 
@@ -26,7 +28,8 @@ class RecordTasks(WorkerPlugin):
         if finish != "executing":
             return
         ts = self.worker.state.tasks.get(key)
-        rec = {"key": str(key), "resources": dict(getattr(ts, "resource_restrictions", None) or {})}
+        rec = {"key": str(key), "resources": dict(getattr(ts, "resource_restrictions", None) or {}),
+               "slurm_job": os.environ.get("SLURM_JOB_ID"), "t": time.time()}
         with open(self.path, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
 
