@@ -302,5 +302,10 @@ def test_the_checked_join_refuses_what_a_plain_join_would_follow(tmp_path: Path)
     (tmp_path / "link").symlink_to("/etc")  # a link that already leads out is refused too
     with pytest.raises(InputError, match="leads outside"):
         safe_join(tmp_path, "link", "passwd")
+    # the last name may be a link itself (the pipeline's own image links into footage/, a user's
+    # linked photos): a reader follows it, a writer replaces it (temporary name, then rename)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "a.jpg").symlink_to(tmp_path / "footage.jpg")
+    assert safe_join(tmp_path / "images", "a.jpg") == tmp_path / "images" / "a.jpg"
     with pytest.raises(ValueError, match="scene id '../x'"):
         md.output_paths(tmp_path, "../x", "0", "a.jpg")

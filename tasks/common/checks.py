@@ -112,13 +112,15 @@ def plain_name(name: Any, what: str = "name", *, where: str = "") -> str:
 def safe_join(base: str | os.PathLike, *names: Any, what: str = "name", where: str = "") -> Path:
     """``base / name1 / name2 ...`` where every name is a :func:`plain_name` (names that come
     from input files become paths only here); the result is checked to stay under ``base``
-    (also through a symbolic link that already exists)."""
+    (also through a symbolic link that already exists among the folders the names make; the last
+    name may itself be a link: the pipeline's own image links, a user's linked photos, and a
+    writer replaces such a link, never writes through it)."""
     base = Path(base)
     out = base
     for n in names:
         out = out / plain_name(n, what, where=where)
     real_base = os.path.realpath(base)
-    real = os.path.realpath(out)
+    real = os.path.join(os.path.realpath(out.parent), out.name)
     if os.path.commonpath([real_base, real]) != real_base:
         raise InputError(f"{_at(where)}{what} {'/'.join(map(str, names))!r} leads outside {base} "
                          f"(to {real}, through a link); nothing was read or written for it")
