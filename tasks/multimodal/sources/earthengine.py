@@ -425,6 +425,19 @@ def _standin_vertex(k: int) -> list[float]:
     return [-1000.0 - k - 0.123456789, 1000.0 + k + 0.987654321]
 
 
+def _standin_tile(tile: Tile, ring_lengths: tuple, pattern: tuple) -> Tile:
+    """``tile`` with each distinct vertex replaced by its stand-in (:func:`_standin_vertex`), rings
+    of ``ring_lengths``: the tile a template is serialized from."""
+    standins = {k: _standin_vertex(k) for k in set(pattern)}
+    verts = [standins[first] for first in pattern]
+    coords, i = [], 0
+    for n in ring_lengths:
+        coords.append(verts[i:i + n])
+        i += n
+    return Tile(tile.tile_id, tile.biome, tile.eco_region, tile.lon, tile.lat,
+                {"type": "Polygon", "coordinates": coords}, tile.tile_size_m)
+
+
 def _build_template(tile: Tile, ch: Choices, era5_year_months: int, ring_lengths: tuple, pattern: tuple):
     """(parts, slots): the template's JSON text between the stand-ins, and which value (a
     vertex index or "table") goes into each gap; None if the stand-ins are not each found
@@ -434,13 +447,7 @@ def _build_template(tile: Tile, ch: Choices, era5_year_months: int, ring_lengths
     import ee
 
     standins = {k: _standin_vertex(k) for k in set(pattern)}
-    verts = [standins[first] for first in pattern]
-    coords, i = [], 0
-    for n in ring_lengths:
-        coords.append(verts[i:i + n])
-        i += n
-    stand_tile = Tile(tile.tile_id, tile.biome, tile.eco_region, tile.lon, tile.lat,
-                      {"type": "Polygon", "coordinates": coords}, tile.tile_size_m)
+    stand_tile = _standin_tile(tile, ring_lengths, pattern)
     text = json.dumps(ee.serializer.encode(metadata_expression(stand_tile, ch, era5_year_months), for_cloud_api=True))
     table_json = json.dumps(",".join(map(str, ch.table)))
     if text.count(table_json) != 1:
@@ -692,13 +699,7 @@ def pixels_request(tile: Tile, meta: TileMeta) -> tuple[dict[str, Any], list[str
         if tpl is False:
             tpl = None
             standins = {k: _standin_vertex(k) for k in set(pattern)}
-            verts = [standins[first] for first in pattern]
-            coords, i = [], 0
-            for n in ring_lengths:
-                coords.append(verts[i:i + n])
-                i += n
-            stand_tile = Tile(tile.tile_id, tile.biome, tile.eco_region, tile.lon, tile.lat,
-                              {"type": "Polygon", "coordinates": coords}, tile.tile_size_m)
+            stand_tile = _standin_tile(tile, ring_lengths, pattern)
             stand_ids = {k: f"stand-in/{k}-image-5f0c2e" for k in ids}
             stand_meta = dataclasses.replace(
                 meta, s2_id=stand_ids["s2"],
