@@ -25,7 +25,12 @@ def _files(out: Path, name: str) -> dict[str, bytes]:
 
 
 def _problems(out: Path) -> list[dict]:
-    return [json.loads(x) for x in (out / "report_problems.jsonl").read_text().splitlines()]
+    """This run's problems: report_problems.jsonl, absent (and not named by report.json) when
+    the run had none."""
+    path = out / "report_problems.jsonl"
+    named = json.loads((out / "report.json").read_text()).get("problems_file")
+    assert (named is not None) == path.exists(), (named, path.exists())
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
 def test_failed_runs_exit_non_zero_and_keep_the_good_dataset(tmp_path, monkeypatch):
@@ -84,7 +89,7 @@ def test_failed_runs_exit_non_zero_and_keep_the_good_dataset(tmp_path, monkeypat
     assert again["counts"]["rows in h5"] == rows and again["counts"]["fetched this run"] == 6
     assert not any("source broken" in p["reason"] for p in _problems(out))
     assert run()["counts"]["fetched this run"] == 0
-    assert _problems(out) == []  # a run without problems leaves an empty file, not stale lines
+    assert _problems(out) == []  # a run without problems leaves no file, never stale lines
 
     # 4. an unreadable tile JSON is fetched again, never dropped from NAME_tile_info.json
     with h5py.File(out / f"{cfg.name}.h5") as f:
