@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import types
 
 import numpy as np
 import pytest
@@ -39,7 +38,7 @@ def _main_on_test_server(monkeypatch, server, printed):
 
     @contextlib.contextmanager
     def same_server(*a, **k):
-        yield types.SimpleNamespace(url=server.url, ui_url=getattr(server, "ui_url", server.url))
+        yield server  # the session's server (a runtime.PrefectServer: url, ui_url, source, home)
 
     monkeypatch.setattr(rt, "local_prefect_server", same_server)
     return fa.main
