@@ -136,7 +136,7 @@ def test_aerial_smoke_on_slurm_gpu_tasks_only_on_the_gpu_job(tmp_path, slurm, re
     # the smoke configuration on the tests' smaller world (as test_runtime_runs' external cluster):
     # the smoke world's GPU stand-in (CPU PatchMatch of every image in one task on one core) ran
     # past 9 minutes on the busy 2-core machine
-    cfg = get_config("smoke", root=str(tmp_path / "aerial"), dask=slurm_dask(tmp_path),
+    cfg = get_config("smoke", root=str(tmp_path / "aerial"), synthetic=True, dask=slurm_dask(tmp_path),
                      world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
     result = aerial_flow(config=cfg)
     jobs = _jobs_cancelled_by_the_flow(slurm, before)
