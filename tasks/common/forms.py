@@ -38,6 +38,30 @@ def markdown_safe_descriptions(schema: dict[str, Any], _cls: Any = None) -> None
             prop["description"] = escape_markdown(prop["description"])
 
 
+def setting(default: Any = None, help: str = "", *, factory: Callable[[], Any] | None = None) -> Any:
+    """A dataclass field with its user-facing description: ``name: T = setting(3, "what it does")``.
+    The UI form and ``--help`` show ``help`` (explicit field metadata, the one source of a
+    setting's description; comments in the source are for developers and never reach a form)."""
+    import dataclasses
+
+    meta = {"help": help} if help else {}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """``{field: description}`` of a dataclass: each field's ``metadata["help"]``
+    (:func:`setting`); fields without one fall back to their source comment (transitional)."""
+    import dataclasses
+
+    out = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("help"):
+            out[f.name] = f.metadata["help"]
+    return out
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     """``{field: its comment}`` from a dataclass's source: the trailing comment of
     ``name: T = v  # comment``, else the comment lines just above the field, so a form derived
@@ -78,7 +102,7 @@ def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, A
     from pydantic import BaseModel, ConfigDict, Field, create_model
 
     hints = typing.get_type_hints(cls)
-    comments = _field_comments(cls)
+    comments = field_help(cls)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
         if f.name in exclude or f.name.startswith("_"):
