@@ -86,7 +86,7 @@ def import_pycolmap():
     """``import pycolmap`` without its SIGTERM handler (see :func:`keep_signal_handlers`); COLMAP's
     log goes where :func:`route_glog` says (``FACTORY_LIBRARY_LOG_DIR``)."""
     guard_pycolmap_import()
-    import pycolmap
+    import pycolmap  # here: loading pycolmap is what this function is for
 
     return pycolmap
 
