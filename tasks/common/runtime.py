@@ -1,19 +1,17 @@
-"""The public facade of the flows' runtime: every name below is owned by the module named next to it,
-and loaded from there when first asked for (``from tasks.common.runtime import DaskSettings``
-imports pydantic, not Prefect or Dask).
+"""The public facade of the flows' runtime: each name it offers is owned by one of the modules below
+(``_OWNERS``) and loaded from there when first asked for, so ``from tasks.common.runtime import
+DaskSettings`` imports pydantic, not Prefect or Dask.
 
-=============================  ==========================================================
-:mod:`tasks.common.prefect_server`  the Prefect API: configured one or a local server of the run's
-                                     own, its health watchdog
-:mod:`tasks.common.local_run`       ``python -m flows.<name>``: checks, server, watchdog, library
-                                     logs in the run folder
-:mod:`tasks.common.dask_settings`   :class:`DaskSettings`: where a flow's tasks run
-:mod:`blocks.dask_cluster`          the ``DaskCluster`` block and :func:`load_dask_block`
-:mod:`tasks.common.task_runner`     the Dask task runner (the one module on prefect-dask internals)
-:mod:`tasks.common.workers`         what the running flow's cluster offers
-:mod:`tasks.common.dask_env`        the Dask configuration the task runner applies
-:mod:`tasks.common.signals`         ``import pycolmap`` keeping the process's signal handling
-=============================  ==========================================================
+* :mod:`tasks.common.prefect_server`: the Prefect API, the configured one or a local server of
+  the run's own, and its health watchdog;
+* :mod:`tasks.common.local_run`: ``python -m flows.<name>`` (checks, server, watchdog, the
+  libraries' logs in the run folder);
+* :mod:`tasks.common.dask_settings`: :class:`DaskSettings`, where a flow's tasks run;
+* :mod:`blocks.dask_cluster`: the ``DaskCluster`` block and :func:`load_dask_block`;
+* :mod:`tasks.common.task_runner`: the Dask task runner (the one module on prefect-dask internals);
+* :mod:`tasks.common.workers`: what the running flow's cluster offers;
+* :mod:`tasks.common.dask_env`: the Dask configuration the task runner applies;
+* :mod:`tasks.common.signals`: ``import pycolmap`` keeping the process's signal handling.
 
 New code imports from the owner; this module keeps existing imports working.
 """
