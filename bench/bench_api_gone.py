@@ -3,7 +3,7 @@ exit 1, the flow run left RUNNING).
 
     python bench/bench_api_gone.py [--grace 45]
 
-Runs a flow through the CLI entry point both flows use (``tasks.common.runtime.run_local``: its own
+Runs a flow through the CLI entry point both flows use (``tasks.common.local_run.run_local``: its own
 local server, the run lock, the API watchdog) whose body waits; when the run holds its output folder,
 kills the server's process group (SIGKILL) and measures the wall time from the kill to the run's
 exit, its exit status and its last stderr line. ``--grace``: ``FACTORY_API_GRACE_S`` (default: the
@@ -30,7 +30,7 @@ SCRIPT = """
 import sys, time
 from prefect import flow
 from tasks.common.runlock import exclusive_output
-from tasks.common.runtime import run_local
+from tasks.common.local_run import run_local
 
 class Config:
     def __init__(self, argv):

@@ -55,7 +55,9 @@ def main() -> int:
 
     import httpx
 
-    from tasks.common.runtime import DaskSettings, local_prefect_server, make_task_runner
+    from tasks.common.dask_settings import DaskSettings
+    from tasks.common.prefect_server import local_prefect_server
+    from tasks.common.task_runner import make_task_runner
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_ee_"))
     shutil.rmtree(out / "data_bench_ee", ignore_errors=True)

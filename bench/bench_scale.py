@@ -96,7 +96,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the output folder")
     args = ap.parse_args()
 
-    from tasks.common.runtime import DaskSettings, local_prefect_server, make_task_runner
+    from tasks.common.dask_settings import DaskSettings
+    from tasks.common.prefect_server import local_prefect_server
+    from tasks.common.task_runner import make_task_runner
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_scale_"))
     shutil.rmtree(out, ignore_errors=True)

@@ -1,7 +1,7 @@
 """A Prefect block that stores where flows run their tasks (a Dask cluster).
 
 Its fields are exactly the flows' ``dask`` settings
-(:class:`tasks.common.runtime.DaskSettings`). Save once, then refer to it by
+(:class:`tasks.common.dask_settings.DaskSettings`). Save once, then refer to it by
 name from either flow's configuration (``--set dask_block=NAME``) or a
 deployment's parameters, e.g. a SLURM cluster::
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 from prefect.blocks.core import Block
 from pydantic import ConfigDict
 
-from tasks.common.runtime import DaskSettings
+from tasks.common.dask_settings import DaskSettings
 
 
 class DaskCluster(Block, DaskSettings):
@@ -33,3 +33,12 @@ class DaskCluster(Block, DaskSettings):
 
     def to_settings(self) -> DaskSettings:
         return DaskSettings(**{k: getattr(self, k) for k in DaskSettings.model_fields})
+
+
+def load_dask_block(name: str) -> DaskSettings:
+    """The settings saved in the ``DaskCluster`` block ``name`` (needs the Prefect API)."""
+    try:
+        return DaskCluster.load(name).to_settings()
+    except ValueError as exc:
+        raise ValueError(f"dask_block {name!r}: no DaskCluster block of that name ({exc}); save one "
+                         f"(see blocks/dask_cluster.py) or remove dask_block to use the dask settings") from exc

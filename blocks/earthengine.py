@@ -11,10 +11,15 @@ authenticate` on the machine that runs the flow", plus the project.
 
 from __future__ import annotations
 
+import argparse
+import json
+from pathlib import Path
 from typing import Any
 
 from prefect.blocks.core import Block
 from pydantic import Field, SecretStr
+
+from tasks.common.prefect_server import local_prefect_server
 
 
 class EarthEngineCredentials(Block):
@@ -28,8 +33,6 @@ class EarthEngineCredentials(Block):
         None, description="the service account's JSON key (whole file); empty: use `earthengine authenticate` credentials")
 
     def key_info(self) -> dict[str, Any] | None:
-        import json
-
         if self.service_account_key is None:
             return None
         raw = self.service_account_key.get_secret_value()
@@ -47,11 +50,6 @@ def main(argv: list[str] | None = None) -> int:
         python -m blocks.earthengine --name ee --project my-project --key service-account.json
         python -m blocks.earthengine --name ee --project my-project    # persistent credentials
     """
-    import argparse
-    from pathlib import Path
-
-    from tasks.common.runtime import local_prefect_server
-
     ap = argparse.ArgumentParser(prog="python -m blocks.earthengine", description=main.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--name", required=True, help="block name, used as source_options.credentials_block")

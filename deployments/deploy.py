@@ -19,22 +19,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.exceptions import ObjectNotFound
+from prefect.settings import get_current_settings
+from prefect.workers.process import ProcessWorker
+
+from blocks import register_blocks
 from deployments.spec import PREFECT_FILE, PROJECT_ROOT, load_specs
 
 
 def api_url() -> str | None:
-    from prefect.settings import get_current_settings
-
     return os.environ.get("PREFECT_API_URL") or get_current_settings().api.url
 
 
 def ensure_work_pool(name: str, pool_type: str = "process") -> bool:
     """Create the work pool ``name`` unless it exists; True when it was created."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
-    from prefect.exceptions import ObjectNotFound
-    from prefect.workers.process import ProcessWorker
-
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
@@ -51,8 +51,6 @@ def ensure_work_pool(name: str, pool_type: str = "process") -> bool:
 
 def deploy(prefect_file: str | Path = PREFECT_FILE, names: list[str] | None = None) -> list[str]:
     """Register blocks, create the work pools, and ``prefect deploy`` the file's deployments."""
-    from blocks import register_blocks
-
     prefect_file = Path(prefect_file).resolve()
     specs = load_specs(prefect_file)
     register_blocks()

@@ -17,9 +17,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from prefect import get_client, serve
 from prefect.deployments.runner import RunnerDeployment
+from prefect.exceptions import ObjectNotFound
 
+from blocks import register_blocks
 from deployments.spec import PREFECT_FILE, load_specs, to_runner_deployment
+from tasks.common.prefect_server import configured_api_problem, local_prefect_server
 
 
 def build_deployments(path: str | Path = PREFECT_FILE, names: list[str] | None = None) -> list[RunnerDeployment]:
@@ -35,9 +39,6 @@ def build_deployments(path: str | Path = PREFECT_FILE, names: list[str] | None =
 
 def deployed_to_pools(deployments: list[RunnerDeployment]) -> list[str]:
     """``flow/name (pool)`` of those ``deployments`` already on the server for a work pool."""
-    from prefect import get_client
-    from prefect.exceptions import ObjectNotFound
-
     out = []
     with get_client(sync_client=True) as client:
         for d in deployments:
@@ -71,11 +72,6 @@ def main(argv: list[str] | None = None) -> int:
         for d in deployments:
             print(f"{d.flow_name}/{d.name}  schedule: {_schedule_text(d)}  tags: {d.tags}")
         return 0
-    from prefect import serve
-
-    from blocks import register_blocks
-    from tasks.common.runtime import configured_api_problem, local_prefect_server
-
     if (why := configured_api_problem()) is not None:
         print(f"error: {why}", file=sys.stderr)
         return 2

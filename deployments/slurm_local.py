@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import pwd
 import shutil
 import signal
 import socket
@@ -39,6 +40,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import psutil
 
 NODE = "factory1"
 PARTITION = "debug"
@@ -186,8 +189,6 @@ class LocalSlurm:
     def _job_step_processes(self):
         """Processes started by this cluster's slurmd (job steps and what they run): they carry
         :data:`MARK`, or descend from a ``slurmstepd`` that does."""
-        import psutil
-
         found = {}
         for p in psutil.process_iter(["pid", "name"]):
             with contextlib.suppress(psutil.Error):
@@ -200,8 +201,6 @@ class LocalSlurm:
 
     def stop(self) -> None:
         """Cancel the jobs, stop the daemons (slurmd, slurmctld, munged) and any job step left."""
-        import psutil
-
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.cancel_all()
         for name in ("slurmd", "slurmctld", "munged"):
@@ -221,8 +220,6 @@ class LocalSlurm:
 
 
 def _user() -> str:
-    import pwd
-
     return pwd.getpwuid(os.getuid()).pw_name
 
 

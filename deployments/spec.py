@@ -8,12 +8,16 @@ time zones), tags and concurrency limit.
 
 from __future__ import annotations
 
-import datetime as dt
+import datetime
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.deployments.runner import EntrypointType
+from prefect.schedules import Cron, Interval, RRule
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = PROJECT_ROOT / "prefect.yaml"
@@ -61,8 +65,6 @@ def load_flow(entrypoint: str):
     """The flow object of a module-path entrypoint (``flows.x.flow_name``; also ``flows.x:flow_name``).
     A file path (``flows/x.py:name``) is refused with what to write instead: such a flow module is
     imported under another name, which the processes of an external Dask cluster cannot import."""
-    import importlib
-
     if ".py:" in entrypoint or "/" in entrypoint:
         module = Path(entrypoint.partition(":")[0]).with_suffix("").as_posix().replace("/", ".")
         raise ValueError(f"entrypoint {entrypoint!r}: use the module path "
@@ -73,8 +75,6 @@ def load_flow(entrypoint: str):
 
 def to_schedule(s: dict[str, Any]):
     """A ``prefect.yaml`` schedule entry (cron / interval / rrule, with timezone) as a Prefect schedule."""
-    from prefect.schedules import Cron, Interval, RRule
-
     tz = s.get("timezone")
     active = s.get("active", True)
     if "cron" in s:
@@ -82,8 +82,8 @@ def to_schedule(s: dict[str, Any]):
     if "interval" in s:
         anchor = s.get("anchor_date")
         if isinstance(anchor, str):
-            anchor = dt.datetime.fromisoformat(anchor)
-        return Interval(dt.timedelta(seconds=float(s["interval"])), anchor_date=anchor, timezone=tz, active=active)
+            anchor = datetime.datetime.fromisoformat(anchor)
+        return Interval(datetime.timedelta(seconds=float(s["interval"])), anchor_date=anchor, timezone=tz, active=active)
     if "rrule" in s:
         return RRule(s["rrule"], timezone=tz, active=active)
     raise ValueError(f"schedule {s}: give cron, interval (seconds) or rrule, with timezone")
@@ -91,15 +91,11 @@ def to_schedule(s: dict[str, Any]):
 
 def to_runner_deployment(spec: DeploymentSpec):
     """``spec`` as a deployment served by this process (``prefect.serve``)."""
-    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
-
     limit = spec.concurrency_limit
     if isinstance(limit, dict):
         limit = ConcurrencyLimitConfig(limit=int(limit["limit"]),
                                        collision_strategy=ConcurrencyLimitStrategy(
                                            limit.get("collision_strategy", "ENQUEUE")))
-    from prefect.deployments.runner import EntrypointType
-
     return load_flow(spec.entrypoint).to_deployment(
         name=spec.name, entrypoint_type=EntrypointType.MODULE_PATH, description=spec.description, tags=spec.tags, parameters=spec.parameters,
         schedules=[to_schedule(s) for s in spec.schedules], concurrency_limit=limit)

@@ -31,7 +31,7 @@ def _main_on_test_server(monkeypatch, server, printed):
     def fake_print(*args, file=None, **kw):
         printed.append((" ".join(str(a) for a in args), file is sys.stderr))
 
-    import tasks.common.runtime as rt
+    import tasks.common.local_run as rt
 
     monkeypatch.setattr(fa, "print", fake_print, raising=False)
     monkeypatch.setattr(rt, "print", fake_print, raising=False)

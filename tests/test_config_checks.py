@@ -16,12 +16,12 @@ from tasks.common.runtime import PROJECT_ROOT
 @pytest.fixture
 def no_server(monkeypatch):
     """Fail the test if a flow's main() gets as far as starting a server."""
-    import tasks.common.runtime
+    import tasks.common.local_run
 
     def boom(*a, **k):
         raise AssertionError("a server was started before the configuration was checked")
 
-    monkeypatch.setattr(tasks.common.runtime, "local_prefect_server", boom)
+    monkeypatch.setattr(tasks.common.local_run, "local_prefect_server", boom)
 
 
 def _main(module, argv, capsys):

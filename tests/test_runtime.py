@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tasks.common import runtime
+from tasks.common import runtime, task_runner
 
 
 def _server_pids(port: int) -> list[int]:
@@ -157,7 +157,7 @@ def test_runner_settings_come_from_the_flow_run_parameters(monkeypatch):
 
     r = runtime.make_task_runner(settings_from=settings_from).duplicate()  # as the flow engine does
     assert r.settings is None and r.cluster_kwargs == {}
-    monkeypatch.setattr(runtime, "_flow_run_parameters", lambda: {"config": {"n": 1}})
+    monkeypatch.setattr(task_runner, "_flow_run_parameters", lambda: {"config": {"n": 1}})
     with r:
         workers = r.client.scheduler_info(n_workers=-1)["workers"]
         assert len(workers) == 1 and r.settings.n_workers == 1

@@ -1,7 +1,8 @@
 """Aerial-ground scenes (AerialMegaDepth): Earth Studio ingest, MegaDepth preprocessing, registration."""
 
-# First import of pycolmap in any process that uses these stages, with the process's own SIGTERM handling
-# kept: pycolmap's handler would turn a cancellation's SIGTERM into an abort with a stack trace.
-from tasks.common.signals import import_pycolmap as _import_pycolmap
+# pycolmap loads with the first module that uses it, not with this package; whichever module that
+# is, the import keeps the process's own SIGTERM handling (pycolmap's handler would turn a
+# cancellation's SIGTERM into an abort with a stack trace) and routes COLMAP's log.
+from tasks.common.signals import guard_pycolmap_import
 
-_import_pycolmap()
+guard_pycolmap_import()

@@ -40,9 +40,11 @@ from typing import Any
 
 import numba
 import numpy as np
+import pycolmap
 
-from tasks.aerial import geometry as G
+from tasks.aerial import geometry
 from tasks.aerial.dense import depth_path, read_depth_h5
+from tasks.aerial.evaluate import gt_depth_on_grid
 from tasks.common.atomic import write_json_atomic, write_npz_atomic
 from tasks.common.fingerprint import fingerprint
 
@@ -71,15 +73,13 @@ class View:
 
     @property
     def centre(self) -> np.ndarray:
-        return G.invert_pose(self.w2c)[:3, 3]
+        return geometry.invert_pose(self.w2c)[:3, 3]
 
 
 def load_views(product: Path) -> list[View]:
     """The registered images of ``product`` (``sparse-txt`` + ``depths/``), sorted by
     image id (the order of ``images.txt``). ``depth_file`` is None for an image without a
     depth map or whose depth map has no known pixel."""
-    import pycolmap
-
     product = Path(product)
     sparse = product / "sparse-txt"
     if not (sparse / "images.txt").exists():
@@ -91,7 +91,7 @@ def load_views(product: Path) -> list[View]:
         if not im.has_pose:
             continue
         cam = rec.cameras[im.camera_id]
-        w2c = G.w2c_matrix(im)
+        w2c = geometry.w2c_matrix(im)
         d = depth_path(product / "depths", im.name)
         views.append(View(im.name, np.asarray(cam.calibration_matrix(), float), w2c, int(cam.width),
                           int(cam.height), d if d.exists() and (read_depth_h5(d) > 0).any() else None))
@@ -148,7 +148,7 @@ def _count_agreeing(depth_i, K_i, depth_j, K_j, R, t, stride, tol):  # pragma: n
 
 def relative_pose(a: View, b: View) -> tuple[np.ndarray, np.ndarray]:
     """Camera a -> camera b."""
-    return G.relative_pose(a.w2c, b.w2c)
+    return geometry.relative_pose(a.w2c, b.w2c)
 
 
 def pair_counts(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_tolerance: float = 0.1,
@@ -184,7 +184,7 @@ def covisible_pixels(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_toler
                      stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The pixels (row, col) of ``a`` covisible in ``b`` and where they land in ``b`` (u, v):
     the same test as the kernel, for drawing one pair."""
-    pts, rc = G.backproject(da, a.K, a.w2c, stride)
+    pts, rc = geometry.backproject(da, a.K, a.w2c, stride)
     cam = pts @ b.w2c[:3, :3].T + b.w2c[:3, 3]
     z = cam[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -209,9 +209,9 @@ def _samples(view: View, depth: np.ndarray, grid: tuple[int, int]) -> np.ndarray
     sub = np.zeros_like(depth)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     sub[rr, cc] = depth[rr, cc]
-    pts, _ = G.backproject(sub, view.K, view.w2c)
+    pts, _ = geometry.backproject(sub, view.K, view.w2c)
     if len(pts) < 8:  # sparse depth: take its valid pixels instead
-        pts, _ = G.backproject(depth, view.K, view.w2c, stride=max(1, int(math.sqrt(depth.size / 4000))))
+        pts, _ = geometry.backproject(depth, view.K, view.w2c, stride=max(1, int(math.sqrt(depth.size / 4000))))
         if len(pts) > gx * gy:
             pts = pts[np.linspace(0, len(pts) - 1, gx * gy).astype(int)]
     return pts
@@ -244,7 +244,7 @@ def candidate_pairs(views: list[View], config: CovisibilityConfig) -> tuple[list
         pts = _samples(v, d, config.prune_grid)
         if len(pts) == 0:
             continue
-        allpts, _ = G.backproject(d, v.K, v.w2c, stride=max(1, int(math.sqrt(d.size / 20000))))
+        allpts, _ = geometry.backproject(d, v.K, v.w2c, stride=max(1, int(math.sqrt(d.size / 20000))))
         allpts = np.vstack([allpts, pts])
         grow = 1.5 * tol * float(valid.max())  # 1.5: off-axis rays are longer than their z
         info[k] = (pts, (float(valid.min()), float(valid.max())), allpts.min(0) - grow, allpts.max(0) + grow)
@@ -397,17 +397,13 @@ def ground_truth_matrices(p: Plan, gt_dir: Path, config: CovisibilityConfig,
     z-depth at the raw image geometry): true poses, true depth sampled on each product
     image's grid. ``on_estimate_support``: the true depth only where the product has a
     depth (isolates pose and depth errors from coverage)."""
-    import pycolmap
-
-    from tasks.aerial.evaluate import gt_depth_on_grid
-
     gt = pycolmap.Reconstruction(str(Path(gt_dir) / "sparse"))
     by = {im.name: im for im in gt.images.values()}
     views, depths = [], {}
     for k, v in enumerate(p.views):
         g = by.get(v.name)
         f = Path(gt_dir) / "depths" / f"{Path(v.name).stem}.h5"
-        w2c = G.w2c_matrix(g) if g is not None else np.eye(4)
+        w2c = geometry.w2c_matrix(g) if g is not None else np.eye(4)
         views.append(View(v.name, v.K, w2c, v.width, v.height, v.depth_file))
         if g is None or not f.exists() or v.depth_file is None:
             continue

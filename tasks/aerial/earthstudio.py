@@ -46,11 +46,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pycolmap
 
 os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
 import cv2  # noqa: E402
 
 from tasks.aerial import geometry  # noqa: E402
+from tasks.aerial import plan as planning  # noqa: E402
 from tasks.aerial.layout import SceneLayout  # noqa: E402
 from tasks.common import checks  # noqa: E402
 from tasks.common.atomic import atomic_dir, atomic_path, remove_partials, write_json_atomic  # noqa: E402
@@ -459,8 +461,6 @@ def reference_poses(track: CameraTrack) -> tuple[tuple[float, float, float], dic
 def write_reference_model(track: CameraTrack, names: dict[int, str], poses: dict[int, dict[str, Any]],
                           out_dir: Path) -> Path:
     """Empty COLMAP model (SIMPLE_PINHOLE cameras, posed images, no points), text format."""
-    import pycolmap
-
     rec = pycolmap.Reconstruction()
     cam_ids: dict[float, int] = {}
     for image_id, (idx, name) in enumerate(sorted(names.items()), start=1):
@@ -620,8 +620,6 @@ def ingest_scene(root: str | Path, scene: str, jpeg_quality: int = 95, force: bo
             shutil.copyfile(track_path, tmp)
     plan_check = None
     if plan_path.exists():
-        from tasks.aerial import plan as planning
-
         try:
             plan_check = planning.compare_with_export(planning.read_plan(plan_path), track)
         except planning.PlanError as exc:

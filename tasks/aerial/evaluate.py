@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pycolmap
 
-from tasks.aerial import geometry as G
+from tasks.aerial import geometry
 from tasks.aerial.dense import image_stem, read_depth_h5
 
 
@@ -25,7 +25,7 @@ def scene_extent(gt: pycolmap.Reconstruction, trim: float = 5.0) -> float:
     ``100 - trim`` percentiles per axis (a few points near the horizon would otherwise
     make it kilometres), in metres; of the camera centres when there are no points."""
     pts = np.array([p.xyz for p in gt.points3D.values()]) if gt.num_points3D() else \
-        np.array([G.centre(im) for im in gt.images.values()])
+        np.array([geometry.centre(im) for im in gt.images.values()])
     if not len(pts):
         return float("nan")
     lo, hi = np.percentile(pts, trim, axis=0), np.percentile(pts, 100 - trim, axis=0)
@@ -42,16 +42,16 @@ def pose_accuracy(model: pycolmap.Reconstruction, gt: pycolmap.Reconstruction, q
             continue
         e, g = est_by[name], gt_by[name]
         per[name] = {
-            "rotation_deg": G.rotation_error_deg(G.cam_from_world(e)[:, :3], G.cam_from_world(g)[:, :3]),
-            "centre_m": float(np.linalg.norm(G.centre(e) - G.centre(g))),
+            "rotation_deg": geometry.rotation_error_deg(geometry.cam_from_world(e)[:, :3], geometry.cam_from_world(g)[:, :3]),
+            "centre_m": float(np.linalg.norm(geometry.centre(e) - geometry.centre(g))),
         }
     names = sorted(per)
     ratios = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            d_gt = np.linalg.norm(G.centre(gt_by[a]) - G.centre(gt_by[b]))
+            d_gt = np.linalg.norm(geometry.centre(gt_by[a]) - geometry.centre(gt_by[b]))
             if d_gt > 1.0:  # metres; closer pairs make the ratio noise
-                d_est = np.linalg.norm(G.centre(est_by[a]) - G.centre(est_by[b]))
+                d_est = np.linalg.norm(geometry.centre(est_by[a]) - geometry.centre(est_by[b]))
                 ratios.append(d_est / d_gt)
     extent = scene_extent(gt)
     rot = [v["rotation_deg"] for v in per.values()]

@@ -56,8 +56,15 @@ from typing import Any, Iterable, Literal, NamedTuple
 
 import cv2
 import numpy as np
+import pycolmap
+import yaml
 
-from tasks.aerial import geometry as G
+try:  # numpy 2
+    from numpy._core import multiarray as numpy_multiarray
+except ImportError:  # numpy 1
+    from numpy.core import multiarray as numpy_multiarray
+
+from tasks.aerial import geometry
 from tasks.common import checks
 from tasks.aerial.dense.io import read_depth_h5
 from tasks.common import trusted
@@ -218,14 +225,10 @@ _ID_TYPES = (str, np.str_, int, np.integer)
 def _npz_globals() -> dict[tuple[str, str], Any]:
     """The only globals the original scene list's pickle refers to (numpy's object-array
     reconstruction), under numpy 1 and numpy 2 module names."""
-    try:
-        from numpy._core import multiarray as ma
-    except ImportError:  # numpy 1
-        from numpy.core import multiarray as ma
     out: dict[tuple[str, str], Any] = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        out[(mod, "_reconstruct")] = ma._reconstruct
-        out[(mod, "scalar")] = ma.scalar
+        out[(mod, "_reconstruct")] = numpy_multiarray._reconstruct
+        out[(mod, "scalar")] = numpy_multiarray.scalar
     return out
 
 
@@ -364,8 +367,6 @@ def load_scene_list(path: str | os.PathLike) -> list[SceneEntry]:
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: invalid JSON: {exc}") from exc
     elif suffix in (".yaml", ".yml"):
-        import yaml
-
         try:
             data = yaml.load(text, Loader=yaml.BaseLoader)
         except yaml.YAMLError as exc:
@@ -391,8 +392,6 @@ def read_sparse_model(md_root: str | os.PathLike, scene: str, subscene: str) -> 
     of the image's world-to-camera pose. Raises ``FileNotFoundError`` when the folder or its
     files are missing, ``ValueError`` when pycolmap cannot parse them.
     """
-    import pycolmap
-
     folder = sparse_model_dir(md_root, scene, subscene)
     if not folder.is_dir():
         raise FileNotFoundError(f"sparse model folder not found: {folder}")
@@ -405,7 +404,7 @@ def read_sparse_model(md_root: str | os.PathLike, scene: str, subscene: str) -> 
         if not image.has_pose:
             continue
         cam = rec.cameras[image.camera_id]
-        c2w = G.cam2world_matrix(image)
+        c2w = geometry.cam2world_matrix(image)
         K = np.asarray(cam.calibration_matrix(), dtype=np.float64)
         out[image.name] = ModelEntry(K, c2w, (int(cam.width), int(cam.height)))
     return out

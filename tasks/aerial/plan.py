@@ -46,9 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
-from tasks.aerial import geometry
-from tasks.common import checks
+from tasks.aerial import esp, geometry
+from tasks.aerial.layout import SceneLayout
+from tasks.common import checks, trusted
 from tasks.common.atomic import write_json_atomic
 
 PLAN_VERSION = 1
@@ -125,8 +127,6 @@ def load_places(path: str | Path, errors: list[tuple[str, str]] | None = None) -
     text = path.read_text()
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
             doc = yaml.safe_load(text)
         else:
             doc = json.loads(text)
@@ -373,8 +373,6 @@ def make_plan(place: Place, trajectory: Trajectory) -> Plan:
 
 def plan_paths(root: str | Path, scene: str) -> tuple[Path, Path]:
     """(``<root>/plans/<scene>.plan.json``, ``<root>/plans/<scene>.esp``)."""
-    from tasks.aerial.layout import SceneLayout
-
     layout = SceneLayout(Path(root), scene)
     return layout.plan_json, layout.plan_esp
 
@@ -442,9 +440,6 @@ class PlanResult:
 def _esp_problems(plan_path: Path, esp_path: Path) -> list[str]:
     """What is wrong with the ``.esp`` beside a plan file, against the plan's record of it
     (a plan file without a record, written before records existed: the project must parse)."""
-    from tasks.aerial import esp
-    from tasks.common import trusted
-
     try:
         rec = json.loads(plan_path.read_text()).get("esp")
     except (OSError, ValueError, AttributeError):
@@ -462,10 +457,6 @@ def plan_scene(root: str | Path, place: Place, trajectory: Trajectory, force: bo
     """The planning stage for one scene: ``plans/<scene>.plan.json`` and ``plans/<scene>.esp``.
 
     Skipped when both exist and were made from the same place and settings."""
-    from tasks.aerial import esp
-
-    from tasks.common import trusted
-
     plan_path, esp_path = plan_paths(root, place.scene)
     invalid = None
     if not force and plan_path.exists() and esp_path.exists():

@@ -10,7 +10,14 @@ import io
 from pathlib import Path
 from typing import Any
 
-from tasks.aerial import layout as L
+import numpy as np
+import pycolmap
+
+from tasks.aerial.dense import depth_path, read_depth_h5
+from tasks.aerial.earthstudio import read_record
+from tasks.aerial.evaluate import DEPTH_GOALS, _depth_misses, summary_rows, summary_table
+from tasks.aerial.layout import SceneLayout
+from tasks.aerial.stale import clear_stale, mark_stale
 from tasks.common.atomic import write_json_atomic
 from tasks.common.report import RunReport
 
@@ -53,15 +60,12 @@ def finish_scene(root: Path, megadepth_out: Path, scene: str, report: RunReport,
     accuracy (``accuracy.json``, the notes, the table artifact), ``report.json`` and
     ``overview.png`` in ``data/<scene>/``, and the Prefect artifacts. Returns why the scene
     failed, or None."""
-    from tasks.aerial.evaluate import summary_rows, summary_table
-    from tasks.aerial.stale import clear_stale, mark_stale
-
     why = scene_failure(scene, report)
     product = report.outputs.get("product")
     if product:
         clear_stale(product)
     if ingested:
-        clear_stale(L.SceneLayout(root, scene).scene_dir)
+        clear_stale(SceneLayout(root, scene).scene_dir)
     if why:
         current = [Path(product)] if product else []
         for path in mark_stale(root, scene, why, ingest_failed=not ingested, current=current):
@@ -72,17 +76,19 @@ def finish_scene(root: Path, megadepth_out: Path, scene: str, report: RunReport,
         table = summary_table(acc)
         report.notes.append("accuracy against ground truth:\n" + "\n".join(
             f"  {m}: {v} (goal {g})" for m, v, g in summary_rows(acc)))
-        write_json_atomic(L.SceneLayout(root, scene).accuracy, acc, indent=1)
+        write_json_atomic(SceneLayout(root, scene).accuracy, acc, indent=1)
         report.extra["accuracy"] = {"poses": {k: v for k, v in acc["poses"].items() if k != "per photo"},
                                     "depth": {k: v for k, v in acc["depth"].items() if k != "per image"}}
     png = scene_picture({"root": root, "megadepth_out": megadepth_out}, scene, sp, acc)
-    layout = L.SceneLayout(root, scene)
+    layout = SceneLayout(root, scene)
     report.outputs.update({"footage": str(layout.footage), "metadata": str(layout.metadata),
                            "ingest record": str(layout.ingest_record), "reference model": str(layout.reference_empty),
                            "megadepth": str(megadepth_out / scene)})
     report.write(layout.scene_dir, png, png_name=layout.overview.name)
     report.publish(key=f"aerial-{scene}", map_png=png)
     if table:
+        # Prefect only here, in a flow run (this module is Prefect-free: importing prefect takes 5 s
+        # on the shared 2-core machine, python -X importtime)
         from prefect.artifacts import create_table_artifact
 
         create_table_artifact(key=f"aerial-{scene}-accuracy", table=table,
@@ -125,13 +131,11 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
     cameras (top-down, ENU). Before the dense stage: an aerial frame instead of the depth. With
     the accuracy (``acc``), the depth's title gives its coverage of the true surface next to its
     accuracy and says which goals are missed."""
+    # matplotlib only when a picture is drawn (pyplot: 2.5 s to import on the shared 2-core machine)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
-
-    from tasks.aerial.earthstudio import read_record
 
     meta = read_record(p["root"], scene)
     if meta is None:
@@ -144,10 +148,6 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
         spread = ""
         model = None
         if product is not None and (product / "sparse-txt" / "images.txt").exists():
-            import pycolmap
-
-            from tasks.aerial.dense import depth_path, read_depth_h5
-
             model = pycolmap.Reconstruction(str(product / "sparse-txt"))
             ref = {f["name"] for f in frames}
             photos = sorted(im.name for im in model.images.values() if im.name not in ref)
@@ -186,7 +186,7 @@ def scene_picture(p: dict[str, Path], scene: str, sp=None, acc: dict | None = No
                 axes[0].imshow(plt.imread(photos[0]))
                 axes[0].set_title(f"ground {photos[0].name}")
             if frames:
-                img = plt.imread(L.SceneLayout(p["root"], scene).footage / frames[len(frames) // 2]["name"])
+                img = plt.imread(SceneLayout(p["root"], scene).footage / frames[len(frames) // 2]["name"])
                 axes[1].imshow(img)
                 axes[1].set_title(f"aerial {frames[len(frames) // 2]['name']}")
         if frames:
@@ -228,6 +228,4 @@ def typical_photo(coverage: dict[str, float]) -> str | None:
 
 
 def _misses(per: dict) -> list[str]:
-    from tasks.aerial.evaluate import DEPTH_GOALS, _depth_misses
-
     return _depth_misses(per, DEPTH_GOALS["photos"]) if per.get("pixels") else ["no depth"]

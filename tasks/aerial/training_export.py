@@ -34,14 +34,26 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import pycolmap
+import scipy.sparse
 
-from tasks.aerial import covisibility as C
-from tasks.aerial import geometry as G
+from tasks.aerial import geometry
+from tasks.aerial.covisibility import CovisibilityConfig, Plan, View, covisible_pixels, matrices
 from tasks.aerial.dense import image_stem, read_depth_h5
+from tasks.aerial.evaluate import gt_depth_on_grid
 from tasks.aerial.layout import PRODUCT, REFERENCE_EMPTY, WORK
 from tasks.common import trusted
-from tasks.common.atomic import PARTIAL, atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
+from tasks.common.atomic import (
+    PARTIAL,
+    atomic_path,
+    link_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_npz_atomic,
+)
+from tasks.common.fingerprint import fingerprint
 
 #: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
 AMD_SFM_FOLDER = "sfm_superpoint+superglue"
@@ -67,7 +79,7 @@ class ExportConfig:
     """Settings of the training exports (flow: ``--set``-style ``exports`` overrides)."""
 
     root: str | None = None  # export root; default <aerial root>/training
-    covisibility: C.CovisibilityConfig = field(default_factory=C.CovisibilityConfig)
+    covisibility: CovisibilityConfig = field(default_factory=CovisibilityConfig)
     ranges: tuple[tuple[float, float], ...] = ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7))
     #: symmetric pair score from the two directions of the dense covisibility: min, mean or max
     pair_score: str = "min"
@@ -81,8 +93,6 @@ class ExportConfig:
         return asdict(self)
 
     def fingerprint(self) -> str:
-        from tasks.common.fingerprint import fingerprint
-
         return fingerprint(self.to_dict(), length=16)
 
 
@@ -90,7 +100,7 @@ def export_config(**overrides) -> ExportConfig:
     cfg = ExportConfig()
     for k, v in overrides.items():
         if k == "covisibility" and isinstance(v, dict):
-            cfg.covisibility = C.CovisibilityConfig(**{**asdict(cfg.covisibility), **v})
+            cfg.covisibility = CovisibilityConfig(**{**asdict(cfg.covisibility), **v})
         elif hasattr(cfg, k):
             setattr(cfg, k, tuple(tuple(r) for r in v) if k == "ranges" else v)
         else:
@@ -116,7 +126,7 @@ def _object_array(items: list) -> np.ndarray:
     return out
 
 
-def scene_info(product: Path, views: list[C.View], image_paths: list[str | None],
+def scene_info(product: Path, views: list[View], image_paths: list[str | None],
                depth_paths: list[str | None]) -> dict[str, np.ndarray]:
     """D2-Net's scene info (``megadepth_utils/preprocess_scene.py``) of the product's
     images, in ``views`` order:
@@ -130,9 +140,6 @@ def scene_info(product: Path, views: list[C.View], image_paths: list[str | None]
       ({id: z / mean focal}), as D2-Net's undistorted-MegaDepth variant that glue-factory's
       released scene info comes from; ``fact_x``/``fact_y`` are 1 (images as stored).
     """
-    import pycolmap
-    import scipy.sparse as sp
-
     rec = pycolmap.Reconstruction(str(Path(product) / "sparse-txt"))
     by_name = {im.name: im for im in rec.images.values()}
     n = len(views)
@@ -156,7 +163,7 @@ def scene_info(product: Path, views: list[C.View], image_paths: list[str | None]
     col = {p: c for c, p in enumerate(pids)}
     rows = [k for k, o in enumerate(id2d) for _ in o]
     cols = [col[p] for o in id2d for p in o]
-    A = sp.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, max(1, len(pids))))
+    A = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, max(1, len(pids))))
     shared = (A @ A.T).tocoo()
     counts = np.array([len(o) for o in id2d])
     usable = np.array([image_paths[k] is not None and depth_paths[k] is not None for k in range(n)])
@@ -270,7 +277,7 @@ def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
     return base
 
 
-def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], max_depth: float,
+def dust3r_layout(export: Path, scene: str, product: Path, views: list[View], max_depth: float,
                   previous: dict[str, Any] | None = None) -> list[str]:
     """``EXPORT/dust3r/<scene>/0/<name>.jpg`` (the image's bytes), ``.exr`` (float32
     depth, beyond ``max_depth`` set to 0) and ``.npz`` (``intrinsics`` 3x3, ``cam2world``
@@ -278,9 +285,7 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
     without depth are left out (DUSt3R needs all three files). Returns the names written.
     An ``.exr`` newer than its depth is kept only when it matches ``previous`` (the scene's
     last record of its files, :mod:`tasks.common.trusted`)."""
-    os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")
-    import cv2
-
+    os.environ.setdefault("OPENCV_IO_ENABLE_OPENEXR", "1")  # read when OpenCV first writes an EXR
     export = Path(export)
     out = export / "dust3r" / scene / DUST3R_SUBSCENE
     out.mkdir(parents=True, exist_ok=True)
@@ -300,22 +305,18 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
             with atomic_path(exr, suffix=".exr") as tmp:
                 if not cv2.imwrite(str(tmp), d.astype(np.float32)):
                     raise OSError(f"{tmp}: cv2 could not write EXR (set OPENCV_IO_ENABLE_OPENEXR=1)")
-        write_npz_atomic(npz, intrinsics=v.K.astype(np.float32), cam2world=G.invert_pose(v.w2c).astype(np.float32))
+        write_npz_atomic(npz, intrinsics=v.K.astype(np.float32), cam2world=geometry.invert_pose(v.w2c).astype(np.float32))
         names.append(v.name)
     return names
 
 
-def sky_masks(views: list[C.View], ground_truth: Path | None) -> dict[str, np.ndarray]:
+def sky_masks(views: list[View], ground_truth: Path | None) -> dict[str, np.ndarray]:
     """Per image name, the pixels known to be sky, on the product image's grid: where the
     synthetic world's ground truth (``ground_truth/sparse`` + ``depths/<stem>.h5``, 0 where
     a ray hits nothing) has no surface. Images without a ground truth get none: a pixel
     without depth in the product is a hole of the reconstruction as often as sky."""
     if ground_truth is None or not (Path(ground_truth) / "sparse").is_dir():
         return {}
-    import pycolmap
-
-    from tasks.aerial.evaluate import gt_depth_on_grid
-
     gt = pycolmap.Reconstruction(str(Path(ground_truth) / "sparse"))
     by = {im.name: im for im in gt.images.values()}
     out = {}
@@ -332,15 +333,13 @@ def sky_masks(views: list[C.View], ground_truth: Path | None) -> dict[str, np.nd
     return out
 
 
-def segmentation_layout(export: Path, scene: str, views: list[C.View], ground_truth: Path | None) -> dict[str, int]:
+def segmentation_layout(export: Path, scene: str, views: list[View], ground_truth: Path | None) -> dict[str, int]:
     """``EXPORT/megadepth_aerial_processed_segmentation/<scene>/<name>.png`` per image: the
     per-image segmentation AerialMegaDepth's ``MegaDepthAerial`` loader reads
     unconditionally (``<ROOT>_segmentation/<scene>/<name>.png``, 8-bit, ADE20k labels; it
     zeroes the depth where the label is 2, sky). :data:`ADE20K_SKY` where
     :func:`sky_masks` knows the pixel is sky, :data:`SEG_UNKNOWN` elsewhere. Returns
     counts (images, images with a known sky, sky pixels)."""
-    import cv2
-
     out = Path(export) / SEGMENTATION / scene
     skies = sky_masks(views, ground_truth)
     counts = {"images": 0, "with ground truth": 0, "sky pixels": 0}
@@ -362,10 +361,11 @@ def segmentation_layout(export: Path, scene: str, views: list[C.View], ground_tr
 # ----------------------------------------------------------------------------- picture
 
 
-def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: np.ndarray, product: Path,
+def picture(views: list[View], cov: np.ndarray, is_aerial: np.ndarray, score: np.ndarray, product: Path,
             scene: str, tol: float) -> tuple[bytes, dict[str, Any] | None]:
     """The covisibility matrix (aerial frames first) and the aerial-ground pair of highest
     score with the photo's covisible pixels and where they land in the frame."""
+    # matplotlib only when a picture is drawn (pyplot: 2.5 s to import on the shared 2-core machine)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,7 +394,7 @@ def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: 
             g, a = np.unravel_index(np.argmax(ag), ag.shape)
             vg, va = views[g], views[a]
             dg, da = read_depth_h5(vg.depth_file), read_depth_h5(va.depth_file)
-            rc, uv = C.covisible_pixels(vg, dg, va, da, tol)
+            rc, uv = covisible_pixels(vg, dg, va, da, tol)
             img_g = plt.imread(Path(product) / "images" / vg.name)
             img_a = plt.imread(Path(product) / "images" / va.name)
             axes[1].imshow(img_g)
@@ -426,8 +426,6 @@ def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: 
 
 def reference_names(scene_dir: Path) -> set[str]:
     """Names of the aerial (Earth Studio) images: those of the reference model."""
-    import pycolmap
-
     ref = Path(scene_dir) / WORK / REFERENCE_EMPTY
     if not (ref / "images.txt").exists():
         return set()
@@ -438,7 +436,7 @@ def covisibility_work(export: Path, scene: str) -> Path:
     return Path(export) / "work" / scene
 
 
-def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: C.Plan,
+def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: Plan,
                  config: ExportConfig, features: dict[str, Any] | None = None,
                  ground_truth: Path | None = None) -> dict[str, Any]:
     """Every per-scene file (see the module docstring) from the product and the computed
@@ -451,8 +449,6 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
     :class:`EmptyScene` for a product without a registered image."""
     export = Path(export)
     product = Path(product)
-    from tasks.common.fingerprint import fingerprint
-
     # the ground truth's depths decide the segmentation's sky
     gt_depths = Path(ground_truth) / "depths" if ground_truth else None
     gt = fingerprint(None, gt_depths, pattern="*.h5", length=12) if gt_depths and gt_depths.is_dir() else "none"
@@ -471,7 +467,7 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
         log.warning("scene %s: training files changed since they were written (%s%s); exporting the scene again",
                     scene, "; ".join(bad[:3]), f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     views = plan.views
-    strict, known = C.matrices(plan)
+    strict, known = matrices(plan)
     cov = strict if config.score_matrix == "covisibility" else known
     n = len(views)
     is_aerial = np.array([v.name in aerial for v in views])
@@ -565,7 +561,7 @@ def is_partial(f: Path) -> bool:
     return f.name.startswith(".") and PARTIAL in f.name
 
 
-def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[C.View],
+def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[View],
                   image_paths: list[str | None], depth_paths: list[str | None], dust3r_names: list[str]) -> dict:
     """The record (:mod:`tasks.common.trusted`) of every file this export of the scene
     wrote: content digests of the files made here, sizes of the links to the product's

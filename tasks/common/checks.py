@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from pydantic import ConfigDict
 
 __all__ = ["FINITE", "InputError", "check_npy_member", "number", "plain_name", "safe_join", "whole"]
@@ -72,10 +73,6 @@ def whole(value: Any, field: str, **kw: Any) -> int:
 
 
 def _is_numpy_number(value: Any) -> bool:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy is a dependency
-        return False
     return isinstance(value, (np.integer, np.floating)) and not isinstance(value, np.bool_)
 
 

@@ -11,9 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
+
+# Prefect (and httpx, its HTTP client) is imported inside the functions that talk to it: the data sources that take slots (tasks/multimodal/sources) are library modules; importing
+# prefect takes 5 s, httpx 0.6 s on the shared 2-core machine (python -X importtime), and
+# tests/test_import_hygiene.py keeps the library Prefect-free.
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +98,6 @@ class PrefectLessor:
         """A lease of ``k`` slots, or None when they are not free now (``wait=False``).
         ``wait=True`` polls every ``poll_s`` (not Prefect's Retry-After, which grows with
         how long slots are held: tens of seconds for batch leases) until ``timeout_s``."""
-        import random
-        import time
-
         import httpx
         from prefect.client.orchestration import get_client
 
@@ -208,8 +211,6 @@ class SlotPool:
 
     def _pace(self) -> None:
         """Wait until this request may start: starts at least 1 / rate apart."""
-        import time
-
         per_slot = self.rate_per_slot
         if not per_slot:
             return
@@ -259,8 +260,6 @@ class SlotPool:
 
     def _acquire(self, k: int, wait: bool) -> bool:
         """Ask the limit for a sub-lease of ``k`` (outside the lock); the caller set ``_acquiring``."""
-        import time
-
         lease = None
         try:
             lease = self.lessor.acquire(k, wait=wait, timeout_s=self.timeout_s) if wait else \
@@ -291,8 +290,6 @@ class SlotPool:
 
     # -- permits -----------------------------------------------------------
     def _take(self, share: PoolShare) -> None:
-        import time
-
         while True:
             with self._cond:
                 share.waiting += 1

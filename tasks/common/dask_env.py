@@ -1,10 +1,12 @@
 """Dask settings the flows' local clusters use, in a module light enough for the
-benchmarks to import without Prefect (``tasks.common.runtime`` re-exports them and
-applies them to every flow's task runner)."""
+benchmarks to import without Prefect. Nothing here runs at import: the task runner
+(:func:`tasks.common.task_runner.make_task_runner`) applies them when a flow's runner is made."""
 
 from __future__ import annotations
 
 import os
+
+import dask
 
 
 def keep_malloc_defaults() -> None:
@@ -15,8 +17,6 @@ def keep_malloc_defaults() -> None:
     (8.7 s vs 19.1 s for three images, sys time 0.3 s vs 9.3 s; see
     docs/benchmarks.md). Workers started elsewhere (``address``) keep their own
     settings; ``FACTORY_DASK_MALLOC_TRIM=1`` keeps Dask's default here."""
-    import dask
-
     if os.environ.get("FACTORY_DASK_MALLOC_TRIM", "0") != "1":
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
 
@@ -31,7 +31,5 @@ DASK_LOG_LENGTH = 50
 def bound_dask_logs() -> None:
     """Keep Dask's low-level logs short in the local scheduler, client and workers (the nanny
     hands its config to the worker processes)."""
-    import dask
-
     if "DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH" not in os.environ:
         dask.config.set({"distributed.admin.low-level-log-length": DASK_LOG_LENGTH})

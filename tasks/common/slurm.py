@@ -35,12 +35,15 @@ Print the job scripts a saved block's settings (or any ``cluster_kwargs``) submi
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import logging
 import math
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -51,8 +54,6 @@ def _import_jobqueue():
     ``signal.signal(SIGINT, lambda *_: sys.exit())`` (dask-jobqueue 0.9.0), which replaces the
     flow process's Ctrl-C handling (KeyboardInterrupt) and raises ValueError outside the main
     thread, so the import failed where a flow runs in a thread."""
-    import sys
-
     if "dask_jobqueue" in sys.modules:
         return sys.modules["dask_jobqueue"]
     real = signal.signal
@@ -273,8 +274,6 @@ def _squeue_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
 def print_job_scripts(cluster_kwargs: dict[str, Any], out=None) -> None:
     """Print the job scripts ``SLURMCluster(**cluster_kwargs)`` submits, submitting nothing (a
     scheduler runs for a moment on loopback; its address in the scripts is a placeholder)."""
-    import sys
-
     out = out or sys.stdout
     kw = dict(cluster_kwargs)
     gpu_jobs = int(kw.pop("gpu_jobs", 0) or 0)
@@ -293,9 +292,6 @@ def print_job_scripts(cluster_kwargs: dict[str, Any], out=None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import json
-
     ap = argparse.ArgumentParser(prog="python -m tasks.common.slurm",
                                  description="Print the SLURM job scripts of SLURMCluster settings (nothing is submitted).")
     ap.add_argument("--print-job-script", action="store_true", required=True,
@@ -305,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     src.add_argument("--cluster-kwargs", help="the cluster_kwargs as JSON")
     args = ap.parse_args(argv)
     if args.block:
+        # Prefect (the block) only for --block: --cluster-kwargs prints without it (prefect: 5 s to import)
         from blocks.dask_cluster import DaskCluster
 
         settings = DaskCluster.load(args.block).to_settings()

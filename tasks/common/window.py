@@ -12,6 +12,7 @@ aerial flow drives each scene's chain of stages from one such thread).
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextvars
 import queue
@@ -32,8 +33,6 @@ class RunCancelled(Exception):
 def is_cancellation(exc: BaseException) -> bool:
     """``exc`` says the work was cancelled (Dask's ``FutureCancelledError``, a cancelled
     ``concurrent.futures`` or asyncio future), not that it failed."""
-    import asyncio
-
     return isinstance(exc, (concurrent.futures.CancelledError, asyncio.CancelledError, RunCancelled))
 
 
