@@ -261,7 +261,7 @@ def test_429_answers_are_counted_in_the_report(ee_run):
     """The fake answered one "429 Too many concurrent requests" (tile 0's first fault): the
     flow counts it in report.json and the returned counts; 500, 503 and a dropped
     connection are not 429s."""
-    from flows.multimodal import RATE_LIMITED
+    from tasks.multimodal.run import RATE_LIMITED
 
     cfg, result, snap, ids, _ = ee_run
     injected = [f for f in snap["faults_injected"] if f[2] == "429"]

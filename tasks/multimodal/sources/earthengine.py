@@ -82,9 +82,10 @@ from typing import Any
 import numpy as np
 from affine import Affine
 
-from tasks.common.concurrency import shared_pool, slot
+from tasks.common.concurrency import slot
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import BatchSession, Grid, NoDataError, Source, Tile, TileStack, TransientSourceError
+from tasks.multimodal.sources.base import (Grid, NoDataError, Source, Tile, TileStack, TransientSourceError,
+                                           pooled_session, request_slot)
 
 log = logging.getLogger(__name__)
 
@@ -760,23 +761,6 @@ def decode_npy(raw: bytes) -> np.ndarray:
 # --------------------------------------------------------------------------
 _init_lock = threading.Lock()
 _initialized: dict[str, bool] = {}
-#: per thread: the batch's share of the process's slot pool that the thread works for
-_local = threading.local()
-#: a batch's slots are leased in about this many sub-leases (each released when no longer usable)
-SUBLEASES = 4
-
-
-class _BatchShare(BatchSession):
-    def __init__(self, share):
-        self.share = share
-
-    def __call__(self) -> None:  # run by each thread of the batch
-        _local.share = self.share
-
-    def tile_done(self) -> None:
-        self.share.tile_done()
-
-
 @dataclass
 class EarthEngineSource(Source):
     """Earth Engine through the official client (see module doc).
@@ -909,29 +893,17 @@ class EarthEngineSource(Source):
         process (2 Dask threads per worker) uses them without a Prefect call. A few
         Prefect calls per batch, none per tile. More threads than slots keep the slots
         busy while some threads do local work (decoding, writing the GeoTIFF)."""
-        occupy = max(1, min(slots or threads, self.ceiling or threads))
-        pool = shared_pool(self.limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=self.slot_timeout_s)
-        pool.set_rate(self.request_rate, self.ceiling or occupy)
-        with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
-            try:
-                yield _BatchShare(share)
-            finally:
-                _local.share = None  # the calling thread, if it fetched itself
+        with pooled_session(self.limit_name, threads, slots, self.ceiling, tiles, self.slot_timeout_s,
+                            self.request_rate) as batch:
+            yield batch
 
     def take_rate_limited(self, tile_id: str) -> int:
         """How many 429 answers the tile's requests met (in this process, since the last call)."""
         with _rate_limited_lock:
             return _rate_limited.pop(tile_id, 0)
 
-    @contextlib.contextmanager
     def _request_slot(self):
-        share = getattr(_local, "share", None)
-        if share is None:  # outside a batch session: one Prefect slot per request
-            with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
-                yield
-        else:
-            with share.permit():
-                yield
+        return request_slot(self.limit_name, self.slot_timeout_s)
 
     def _call(self, tile: Tile, what: str, fn):
         with self._request_slot():

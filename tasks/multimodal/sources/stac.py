@@ -55,9 +55,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.common.concurrency import shared_pool, slot
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import Grid, NoDataError, Source, Tile, TileStack, TransientSourceError
+from tasks.multimodal.sources.base import (Grid, NoDataError, Source, Tile, TileStack, TransientSourceError,
+                                           pooled_session, request_slot)
 
 log = logging.getLogger(__name__)
 
@@ -249,28 +249,13 @@ class StacSource(Source):
     # -- requests ------------------------------------------------------------
     @contextlib.contextmanager
     def session(self, threads: int, slots: int | None = None, tiles: int | None = None):
-        """Request slots for a batch, exactly as the Earth Engine source leases them."""
-        from tasks.multimodal.sources.earthengine import SUBLEASES, _BatchShare, _local
+        """Request slots for a batch, as every source with a request limit leases them
+        (:func:`~tasks.multimodal.sources.base.pooled_session`; not paced)."""
+        with pooled_session(self.limit_name, threads, slots, self.ceiling, tiles, self.slot_timeout_s) as batch:
+            yield batch
 
-        occupy = max(1, min(slots or threads, self.ceiling or threads))
-        pool = shared_pool(self.limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=self.slot_timeout_s)
-        with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
-            try:
-                yield _BatchShare(share)
-            finally:
-                _local.share = None
-
-    @contextlib.contextmanager
     def _request_slot(self):
-        from tasks.multimodal.sources.earthengine import _local
-
-        share = getattr(_local, "share", None)
-        if share is None:
-            with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
-                yield
-        else:
-            with share.permit():
-                yield
+        return request_slot(self.limit_name, self.slot_timeout_s)
 
     def _client(self):
         """This thread's pystac-client Client (a requests session is not shared between threads)."""
