@@ -25,7 +25,7 @@ from tasks.common.runlock import exclusive_output
 from tasks.common.runtime import make_task_runner, run_local
 from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
 from tasks.multimodal.layout import DatasetLayout
-from tasks.multimodal.run import MultimodalRun
+from tasks.multimodal.run import CONTACT_SHEET, MultimodalRun
 from tasks.multimodal.torchgeo import TORCHGEO_FILENAMES
 
 
@@ -96,8 +96,8 @@ def finish(result: dict[str, Any]) -> int:
     print(f"Report: {outputs.get('report', DatasetLayout(result['dataset_dir']).report)}")
     if outputs.get("picture"):
         print(f"Picture: {outputs['picture']}")
-    if outputs.get("contact sheet"):
-        print(f"Picture: {outputs['contact sheet']}")
+    if outputs.get(CONTACT_SHEET):
+        print(f"Picture: {outputs[CONTACT_SHEET]}")
     if Path(result["dataset_dir"]).name not in TORCHGEO_FILENAMES.values():  # TorchGeo opens release names only
         print(f"  for TorchGeo's MMEarth: python -m tasks.multimodal.torchgeo {result['dataset_dir']}")
     return 0

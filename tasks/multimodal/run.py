@@ -44,6 +44,8 @@ from tasks.multimodal.tile import Grid, Tile
 
 #: report.json count of the "429 Too many requests" answers the fetch met (Earth Engine)
 RATE_LIMITED = "429 answers (too many requests)"
+#: report.json ``outputs`` key of the contact sheet's path
+CONTACT_SHEET = "contact sheet"
 #: the most tile centres drawn on the report's map (every k-th tile beyond that)
 MAP_POINTS = 20000
 #: how Python words a full disk or quota in an OSError's text (errno 28 ENOSPC, 122 EDQUOT)
@@ -454,7 +456,7 @@ class MultimodalRun:
             write_bytes_atomic(layout.contact_sheet, contact_sheet_png(
                 layout.h5, title=f"{config.name}: {n_rows} tiles, a sample"
                 + (" (SYNTHETIC)" if self.about.get("synthetic") else "") + "; no data in magenta"))
-            report.outputs["contact sheet"] = str(layout.contact_sheet)
+            report.outputs[CONTACT_SHEET] = str(layout.contact_sheet)
         except Exception as exc:  # noqa: BLE001 - a picture never sinks the dataset
             report.problem(config.name, "report", f"contact sheet: {type(exc).__name__}: {exc}")
         report.write(layout.root, png, png_name=layout.tiles_map.name)

@@ -1,6 +1,6 @@
 """Stacks stage: for each tile, ask a :class:`Source` for its stack and write it.
 
-Layout under the dataset folder ``NAME/``:
+Layout under the dataset folder ``NAME/`` (every path from :class:`tasks.multimodal.layout.DatasetLayout`):
 
 * ``tiles/<tile_id>.tif`` - the stack (written atomically by ``write_stack``)
 * ``work/tile_info/<tile_id>.json`` - the tile's tile_info entry plus
@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -359,8 +360,6 @@ def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str 
     with source.session(threads, slots, tiles=len(tiles)) as session:
         bind = session
         if threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch", initializer=bind) as pool:
                 outcomes = list(pool.map(one, tiles))
         else:

@@ -198,8 +198,6 @@ class Source(abc.ABC):
         It yields a :class:`BatchSession`: each fetching thread calls it once before
         fetching, and the batch calls its ``tile_done()`` as each tile finishes (so that
         slots the batch can no longer use go back). Default: nothing to set up."""
-        import contextlib
-
         return contextlib.nullcontext(BatchSession())
 
     @abc.abstractmethod

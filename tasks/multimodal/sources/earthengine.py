@@ -66,6 +66,7 @@ without index); every other failure, known transient or unknown, raises
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import io
@@ -74,14 +75,23 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import threading
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import requests
 from affine import Affine
+from pyproj import Transformer
 
+# ``ee`` (and google.oauth2, httplib2, which come with it) is imported inside the functions
+# that call Earth Engine: importing it takes about 3 s (measured: ``import ee`` 2.9 s,
+# google.oauth2.service_account 0.5 s, httplib2 0.6 s on the 2-core development machine), which
+# the STAC source's workers (they use this module's selection rules) and the tile sampler's
+# other modes would pay without using it.
 from tasks.common.concurrency import slot
 from tasks.multimodal import schema
 from tasks.multimodal.sources.base import (Grid, NoDataError, Source, Tile, TileStack, TransientSourceError,
@@ -147,19 +157,14 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)):
         return True
     try:
-        import httplib2
+        import httplib2  # the ee client's transport (lazy, as ee: see the imports)
 
         if isinstance(exc, httplib2.HttpLib2Error):
             return True
     except ImportError:  # pragma: no cover
         pass
-    try:
-        import requests
-
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
     msg = str(exc).lower()
     return any(p in msg for p in _TRANSIENT_PATTERNS)
 
@@ -407,8 +412,6 @@ _TABLE_STANDIN = "index-table-stand-in-5f0c2e"
 def _expression_globals(fn) -> tuple:
     """``fn`` and the module-level constants it (and its inner functions) reads, with their
     values: a template is reused only while none of them changed."""
-    import types
-
     names: set[str] = set()
 
     def walk(code) -> None:
@@ -443,8 +446,6 @@ def _build_template(tile: Tile, ch: Choices, era5_year_months: int, ring_lengths
     """(parts, slots): the template's JSON text between the stand-ins, and which value (a
     vertex index or "table") goes into each gap; None if the stand-ins are not each found
     exactly once in the text."""
-    import re
-
     import ee
 
     standins = {k: _standin_vertex(k) for k in set(pattern)}
@@ -617,8 +618,6 @@ def parse_metadata(tile: Tile, ch: Choices, result: Any) -> TileMeta:
 
 def stack_grid(tile: Tile, meta: TileMeta, resolution: float = 10.0) -> Grid:
     """The tile's pixel grid in the S2 image's CRS, aligned to its 10 m pixel grid."""
-    from pyproj import Transformer
-
     x, y = Transformer.from_crs("EPSG:4326", meta.crs, always_xy=True).transform(tile.lon, tile.lat)
     size = int(round(tile.tile_size_m / resolution))
     half = size * resolution / 2.0
@@ -673,9 +672,6 @@ _PIXEL_TEMPLATES: dict[tuple, Any] = {}
 def pixels_request(tile: Tile, meta: TileMeta) -> tuple[dict[str, Any], list[str]]:
     """``(ee.serializer.encode(image, for_cloud_api=True), names)`` of
     :func:`pixels_expression`, from a template when the tile's values allow it."""
-    import dataclasses
-    import re
-
     import ee
 
     bands = meta.stack_bands()
