@@ -120,3 +120,16 @@ def test_fetch_batches_skip_settled_tiles(tmp_path, restricted):
     assert positions == ([3] if restricted else [1, 2, 3, 5])  # position 4 has no data: never fetched
     assert all(len(ps) <= 2 for ps, _ in batches)
     assert [t.tile_id for _, batch in batches for t in batch] == [ids[p] for p in positions]
+
+
+def test_fetch_retry_policy_is_set_once():
+    """The fetch's retries come from the configuration through one function; the task itself
+    sets none, and no other module of the flow sets a retry delay."""
+    from tasks.multimodal.tasks import fetch_batch_task, fetch_task
+
+    assert fetch_batch_task.retries == 0
+    task = fetch_task(3, 4.0)
+    assert task.retries == 3 and task.retry_delay_seconds == [4.0, 8.0, 16.0] and task.retry_jitter_factor == 0.5
+    assert fetch_task(0, 1.0).retries == 0
+    setters = [p.relative_to(ROOT).as_posix() for p in _modules() if "retry_delay_seconds" in p.read_text()]
+    assert setters == ["tasks/multimodal/tasks.py"]
