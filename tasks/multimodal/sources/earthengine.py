@@ -879,16 +879,10 @@ class EarthEngineSource(Source):
 
     @contextlib.contextmanager
     def session(self, threads: int, slots: int | None = None, tiles: int | None = None):
-        """Request slots for a batch of ``tiles`` tiles: up to ``slots`` (default
-        ``threads``, at most the ceiling) slots of the Prefect limit, held by the worker
-        process's :class:`~tasks.common.concurrency.SlotPool` as sub-leases of about a
-        quarter of them and shared by the threads of every batch running in the process:
-        each request holds one while in flight, so the global ceiling bounds every
-        request. As the batch drains (fewer tiles left than slots held), the sub-leases no
-        batch of the process can use go back to the limit; a second batch running in the
-        process (2 Dask threads per worker) uses them without a Prefect call. A few
-        Prefect calls per batch, none per tile. More threads than slots keep the slots
-        busy while some threads do local work (decoding, writing the GeoTIFF)."""
+        """Request slots for a batch of ``tiles`` tiles, shared by the threads of every batch
+        of the process (:func:`~tasks.multimodal.sources.base.pooled_session`), paced at
+        ``request_rate``. More threads than slots keep the slots busy while some threads do
+        local work (decoding, writing the GeoTIFF)."""
         with pooled_session(self.limit_name, threads, slots, self.ceiling, tiles, self.slot_timeout_s,
                             self.request_rate) as batch:
             yield batch
