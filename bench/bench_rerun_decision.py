@@ -41,18 +41,19 @@ def main() -> int:
     args = ap.parse_args()
 
     from tasks.multimodal import convert, stacks, tiles as tiles_mod
+    from tasks.multimodal.layout import DatasetLayout
     from tasks.multimodal.sources.synthetic import SyntheticSource
     from tasks.multimodal.tile import Grid
 
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_decide_"))
     shutil.rmtree(out, ignore_errors=True)
-    paths = stacks.dataset_paths(out)
-    for p in paths.values():
+    layout = DatasetLayout(out, "data_bench")
+    for p in (layout.stacks, layout.tile_info_dir, layout.parts):
         p.mkdir(parents=True)
     regions, _ = tiles_mod.load_regions_split(tiles_mod.DEFAULT_REGIONS)
     eco = tiles_mod.eco_region_index(regions)
     source = SyntheticSource(eco_index=eco)
-    tiles_path = out / "data_bench_tiles.geojson"
+    tiles_path = layout.tiles_geojson
     n = args.tiles
     rows: dict[str, tuple[float, float]] = {}
 
@@ -73,14 +74,14 @@ def main() -> int:
                      "year": [279.1, 260.2, 295.3, 0.75]},
             "STACK": {"blake2b": "0" * 32, "bytes": 0, "crs": "EPSG:32633", "transform": [10.0, 0, 0, 0, -10.0, 0],
                       "size": [130, 130]}}
-    with open(stacks.index_path(out), "w") as fh:
+    with open(layout.stacks_index, "w") as fh:
         for chunk in tiles_mod.iter_tiles(tiles_path):
             for t in chunk:
-                tif = paths["tiles"] / f"{t.tile_id}.tif"
+                tif = layout.stack(t.tile_id)
                 tif.touch()
                 st = tif.stat()
                 key = stacks.fetch_key(source, t, Grid.for_tile(t))
-                (paths["tile_info"] / f"{t.tile_id}.json").write_text(
+                layout.tile_json(t.tile_id).write_text(
                     json.dumps({**info, "lat": t.lat, "lon": t.lon, "FETCH_KEY": key}))
                 fh.write(json.dumps({"id": t.tile_id, "state": "done", "key": key, "bytes": st.st_size,
                                      "mtime_ns": st.st_mtime_ns, "digest": "0" * 32}) + "\n")
@@ -98,12 +99,12 @@ def main() -> int:
     tracemalloc.stop()
     assert counts["full checks"] == 0 and table.count("done") == n, counts
 
-    from flows.multimodal import _partitions
+    from tasks.multimodal.run import partitions
     from tasks.multimodal.config import MultimodalConfig
 
     cfg = MultimodalConfig(name="data_bench", part_size=args.part_size, tile_size_m=100.0, image_size=8)
     t0, c0 = time.perf_counter(), cpu_seconds()
-    keys = [s.key for s in _partitions(table, cfg, convert.Compression())]
+    keys = [s.key for s in partitions(table, cfg.part_size, cfg.image_size, convert.Compression())]
     rows["partition keys (manifest check)"] = (time.perf_counter() - t0, cpu_seconds() - c0)
     t0, c0 = time.perf_counter(), cpu_seconds()
     n_map = sum(len(c) for c in tiles_mod.iter_tiles(tiles_path))
@@ -116,7 +117,7 @@ def main() -> int:
     print(f"  decision: peak Python allocations {decide_peak / 1e6:.1f} MB ({decide_peak / n:.0f} B/tile), "
           f"held after it {held / 1e6:.1f} MB ({held / n:.0f} B/tile)")
     print(f"  files: tiles GeoJSON {tiles_path.stat().st_size / 1e6:.1f} MB, "
-          f"stacks index {os.path.getsize(stacks.index_path(out)) / 1e6:.1f} MB")
+          f"stacks index {os.path.getsize(layout.stacks_index) / 1e6:.1f} MB")
     if not args.out:
         shutil.rmtree(out, ignore_errors=True)
     return 0

@@ -380,8 +380,9 @@ def test_band_stats_are_strict_json_and_the_readers_still_normalise(tmp_path, ti
 
 def test_tile_info_json_is_strict(tmp_path):
     from tasks.multimodal import stacks as stacks_mod
+    from tasks.multimodal.layout import DatasetLayout
 
-    folder = stacks_mod.dataset_paths(tmp_path)["tile_info"]
+    folder = DatasetLayout(tmp_path).tile_info_dir
     folder.mkdir(parents=True)
     (folder / "a.json").write_text(json.dumps({"S2_type": "l2a", "era5": {"month1": [math.nan, 1.0, 2.0, 3.0]}}))
     out = tmp_path / "data_t_tile_info.json"

@@ -261,7 +261,7 @@ def test_429_answers_are_counted_in_the_report(ee_run):
     """The fake answered one "429 Too many concurrent requests" (tile 0's first fault): the
     flow counts it in report.json and the returned counts; 500, 503 and a dropped
     connection are not 429s."""
-    from flows.multimodal import RATE_LIMITED
+    from tasks.multimodal.run import RATE_LIMITED
 
     cfg, result, snap, ids, _ = ee_run
     injected = [f for f in snap["faults_injected"] if f[2] == "429"]
@@ -496,9 +496,11 @@ def ee_direct(monkeypatch):
     """The source against a fake, without Prefect slots (the selection is what is tested)."""
     import contextlib
 
+    import tasks.multimodal.sources.base as sources_base
     import tasks.multimodal.sources.earthengine as ee_mod
 
     monkeypatch.setattr(ee_mod, "slot", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(sources_base, "slot", lambda *a, **k: contextlib.nullcontext())  # a request's slot
     ee_mod._initialized.clear()
     fakes = []
 
@@ -725,6 +727,7 @@ def test_default_endpoint_is_high_volume(monkeypatch):
 
     import ee
 
+    import tasks.multimodal.sources.base as sources_base
     import tasks.multimodal.sources.earthengine as ee_mod
 
     seen = []
@@ -733,6 +736,7 @@ def test_default_endpoint_is_high_volume(monkeypatch):
     monkeypatch.setattr(ee.data, "setDeadline", lambda ms: None)
     monkeypatch.setattr(ee.deprecation, "_FetchDataCatalogStac", ee.deprecation._FetchDataCatalogStac)
     monkeypatch.setattr(ee_mod, "slot", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(sources_base, "slot", lambda *a, **k: contextlib.nullcontext())  # a request's slot
     monkeypatch.setattr(ee_mod.EarthEngineSource, "_credentials", lambda self: object())
     monkeypatch.setattr(ee_mod, "_initialized", {})
     src = make_source("earthengine", {"project": "p"}, None)

@@ -16,6 +16,8 @@ from pathlib import Path
 import h5py
 import pytest
 
+from tasks.multimodal.layout import DatasetLayout
+
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
@@ -95,7 +97,7 @@ def test_failed_runs_exit_non_zero_and_keep_the_good_dataset(tmp_path, monkeypat
     with h5py.File(out / f"{cfg.name}.h5") as f:
         ids = [m[0].decode() for m in f["metadata"][:]]
     victim = ids[2]
-    (stacks.dataset_paths(out)["tile_info"] / f"{victim}.json").write_text('{"S2_DATE": "2019-')
+    (DatasetLayout(out).tile_info_dir / f"{victim}.json").write_text('{"S2_DATE": "2019-')
     third = run()
     assert third["counts"]["fetched this run"] == 1 and third["counts"]["rows in h5"] == rows
     info = json.loads((out / f"{cfg.name}_tile_info.json").read_text())
@@ -109,7 +111,7 @@ def test_tile_info_is_not_written_without_a_row_s_entry(tmp_path):
     unreadable tiles not in the h5 are listed for the report."""
     from tasks.multimodal import stacks
 
-    folder = stacks.dataset_paths(tmp_path)["tile_info"]
+    folder = DatasetLayout(tmp_path).tile_info_dir
     folder.mkdir(parents=True)
     for t in ("a", "b", "c"):
         (folder / f"{t}.json").write_text(json.dumps({"S2_type": "l2a"}))

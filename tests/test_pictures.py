@@ -106,7 +106,7 @@ def test_contact_sheet_picks_the_tiles_with_gaps(tmp_path):
 
 
 def test_source_is_named_synthetic_and_scan_message_is_honest():
-    from flows.multimodal import scan_message, source_about
+    from tasks.multimodal.run import scan_message, source_about
     from tasks.multimodal.sources.synthetic import SyntheticSource
 
     about = source_about(SyntheticSource())

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import tasks.multimodal.sources.base as sources_base
 import tasks.multimodal.sources.earthengine as ee_mod
 from tasks.common.concurrency import SlotPool
 from tasks.multimodal import stacks
@@ -123,7 +124,8 @@ def limit(monkeypatch):
         return pools.setdefault(name, SlotPool(fake, chunk, poll_s=0.01, timeout_s=timeout_s))
 
     monkeypatch.setattr(ee_mod, "slot", fake.slot)
-    monkeypatch.setattr(ee_mod, "shared_pool", shared_pool, raising=False)
+    monkeypatch.setattr(sources_base, "slot", fake.slot)
+    monkeypatch.setattr(sources_base, "shared_pool", shared_pool)
     fake.pools = pools
     return fake
 

@@ -16,6 +16,7 @@ import pytest
 
 from tasks.common.window import run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
+from tasks.multimodal.layout import DatasetLayout
 from tasks.multimodal.sources.synthetic import SyntheticSource
 
 IMG = 16
@@ -94,7 +95,7 @@ def test_4k_overwritten_mid_file_is_caught_by_pack_then_by_the_full_check(tmp_pa
     res = _pack(tiles, tmp_path, entries, defer=False)
     assert res.n_rows == len(tiles) - 1 and tiles[2].tile_id in res.problems
     # the full check (a tile not vouched for by the index) catches it too
-    stacks.index_path(tmp_path).unlink()
+    DatasetLayout(tmp_path).stacks_index.unlink()
     why: dict[str, str] = {}
     states, _, counts = stacks.decide(tiles, source, tmp_path, why)
     assert states[tiles[2].tile_id] == "missing" and counts["full checks"] == len(tiles)
@@ -116,7 +117,7 @@ def test_another_tiles_geotiff_copied_over_is_caught(tmp_path, world):
     assert set(res.integrity) == {b}
     assert "another tile" in res.integrity[b]
     why: dict[str, str] = {}
-    stacks.index_path(tmp_path).unlink()
+    DatasetLayout(tmp_path).stacks_index.unlink()
     states, _, _ = stacks.decide(tiles, source, tmp_path, why)
     assert states[b] == "missing" and list(why) == [b]
     # refetching restores exactly the bytes that were recorded
@@ -134,10 +135,10 @@ def test_rerun_decides_from_the_index_without_opening_stacks(tmp_path, world, mo
     states, _, counts = stacks.decide(tiles, source, tmp_path)
     assert set(states.values()) == {"done"} and opened == [] and counts["full checks"] == 0
     # the index is compact: one line per finished tile, rewritten, not appended forever
-    lines = stacks.index_path(tmp_path).read_text().splitlines()
+    lines = DatasetLayout(tmp_path).stacks_index.read_text().splitlines()
     assert sorted(json.loads(x)["id"] for x in lines) == sorted(t.tile_id for t in tiles)
     # a cut last line (crash while appending) only costs that tile a full check
-    with open(stacks.index_path(tmp_path), "a") as fh:
+    with open(DatasetLayout(tmp_path).stacks_index, "a") as fh:
         fh.write('{"id": "x", "sta')
     monkeypatch.undo()
     states, _, counts = stacks.decide(tiles, source, tmp_path)

@@ -141,7 +141,7 @@ def test_fetch_batches_read_the_tiles_file_lazily_within_the_window(tmp_path, mo
     window of 2 batches of 3, at most 2 x 3 tiles (+ one chunk read ahead) exist at once."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from flows.multimodal import _batches
+    from tasks.multimodal.run import fetch_batches
     from tasks.common.window import run_windowed
 
     regions, _ = tiles_mod.load_regions_split(tiles_mod.DEFAULT_REGIONS)
@@ -172,7 +172,7 @@ def test_fetch_batches_read_the_tiles_file_lazily_within_the_window(tmp_path, mo
         got.extend(item[0])
 
     with ThreadPoolExecutor(2) as pool:
-        stats = run_windowed(submit, _batches(p, table, 3), 2, on_done)
+        stats = run_windowed(submit, fetch_batches(p, table, 3), 2, on_done)
     assert sorted(got) == [i for i in range(40) if i % 5] and stats.submitted == 11
     assert stats.max_in_flight <= 2 and peak_in_flight[0] <= 6 and read[0] == 40
     assert read_at_submit[0] == 4, "the first batch goes out after one chunk of the file, not all of it"

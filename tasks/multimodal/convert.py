@@ -34,6 +34,7 @@ import numpy as np
 
 from tasks.common.atomic import atomic_path, write_json_atomic
 from tasks.multimodal import schema
+from tasks.multimodal.layout import DatasetLayout
 from tasks.multimodal.stacks import StackIntegrityError, read_verified_stack, strict_json_value
 from tasks.multimodal.schema import H5_DATASETS, METADATA_DTYPE, N_BIOMES, N_ECOREGIONS
 from tasks.multimodal.sources.base import StackReadError
@@ -433,11 +434,8 @@ def make_splits(n: int, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
 
 def write_dataset_jsons(out_dir: Path, name: str, tile_info: dict[str, Any] | None, band_stats: dict[str, Any],
                         splits: dict[str, list[int]]) -> dict[str, Path]:
-    paths = {
-        "tile_info": out_dir / f"{name}_tile_info.json",
-        "band_stats": out_dir / f"{name}_band_stats.json",
-        "splits": out_dir / f"{name}_splits.json",
-    }
+    layout = DatasetLayout(out_dir, name)
+    paths = {"tile_info": layout.tile_info, "band_stats": layout.band_stats, "splits": layout.splits}
     if tile_info is not None:  # None: the caller streams it (stacks.write_tile_info_json)
         write_json_atomic(paths["tile_info"], strict_json_value(tile_info), allow_nan=False)
     # strict JSON: every value is a finite number (ChannelStats.to_json); a NaN would fail here

@@ -24,6 +24,7 @@ from typing import Any
 
 from tasks.common.atomic import write_json_atomic
 from tasks.multimodal import tiles as tiles_mod
+from tasks.multimodal.layout import DatasetLayout
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +41,6 @@ class TileSelection:
     how: str = "sampled"  # "given", "sampled", "sampled on Earth Engine", "re-used Earth Engine sample"
 
 
-def tiles_path(dataset_dir: Path, name: str) -> Path:
-    return Path(dataset_dir) / f"{name}_tiles.geojson"
-
-
-def ee_key_path(dataset_dir: Path) -> Path:
-    return Path(dataset_dir) / "work" / "ee_tiles_key.json"
-
-
 def select_tiles(config: Any, dataset_dir: Path, sampler_source: Any = None) -> TileSelection:
     """Select the tiles of ``config`` (a ``MultimodalConfig``) and write the tiles GeoJSON
     exactly once (not at all when an Earth Engine sample is re-used).
@@ -55,8 +48,8 @@ def select_tiles(config: Any, dataset_dir: Path, sampler_source: Any = None) -> 
     ``sampler_source``: the Earth Engine source the ``earthengine`` sampler asks
     (built from the configuration by the caller); unused otherwise.
     """
-    dataset_dir = Path(dataset_dir)
-    out = tiles_path(dataset_dir, config.name)
+    layout = DatasetLayout(dataset_dir, config.name)
+    out = layout.tiles_geojson
     regions_path = Path(config.regions) if config.regions else tiles_mod.DEFAULT_REGIONS
     regions, skipped = tiles_mod.load_regions_split(regions_path)
     notes = [f"region {r.eco_region} ({r.biome}) skipped: its biome is not sampled by MMEarth" for r in skipped]
@@ -74,9 +67,11 @@ def select_tiles(config: Any, dataset_dir: Path, sampler_source: Any = None) -> 
     if config.tile_sampler == "earthengine":
         if config.source != "earthengine" or sampler_source is None:
             raise ValueError("tile_sampler=earthengine needs source=earthengine (its credentials and project)")
+        # lazy: the Earth Engine sampler's module (with the Earth Engine source) adds 0.3-0.5 s
+        # (measured) to the start of every run that samples locally
         from tasks.multimodal.tiles_ee import sample_tiles_ee
 
-        key_path = ee_key_path(dataset_dir)
+        key_path = layout.ee_tiles_key
         key = {"n_tiles": config.n_tiles, "mode": config.sampling_mode_index, "tile_size_m": config.tile_size_m,
                "seed": config.seed, "batch": config.batch, "eco_labels": config.eco_labels}
         try:

@@ -1,6 +1,6 @@
 """Stacks stage: for each tile, ask a :class:`Source` for its stack and write it.
 
-Layout under the dataset folder ``NAME/``:
+Layout under the dataset folder ``NAME/`` (every path from :class:`tasks.multimodal.layout.DatasetLayout`):
 
 * ``tiles/<tile_id>.tif`` - the stack (written atomically by ``write_stack``)
 * ``work/tile_info/<tile_id>.json`` - the tile's tile_info entry plus
@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
@@ -41,6 +42,7 @@ from rasterio.windows import Window
 
 from tasks.common.atomic import atomic_path, write_json_atomic
 from tasks.multimodal import schema
+from tasks.multimodal.layout import DatasetLayout
 from tasks.multimodal.sources.base import (NoDataError, Source, StackReadError, TileStack, TransientSourceError,
                                            open_stack, write_stack)
 from tasks.multimodal.tile import Grid, Tile
@@ -128,16 +130,12 @@ def read_verified_stack(tif: str | Path, record: dict[str, Any] | None) -> tuple
     raise StackIntegrityError(f"{tif}: " + "; ".join(reasons))
 
 
-def index_path(out_dir: Path) -> Path:
-    return Path(out_dir) / "work" / "stacks_index.jsonl"
-
-
 class StackIndex:
     """``work/stacks_index.jsonl``: the finished tiles, read in one pass (see module doc).
     Only the flow process writes it."""
 
     def __init__(self, out_dir: Path):
-        self.path = index_path(out_dir)
+        self.path = DatasetLayout(out_dir).stacks_index
 
     def read_table(self) -> "_IndexTable":
         """The index in one pass, as compact arrays (see :class:`_IndexTable`)."""
@@ -231,14 +229,6 @@ class TransientTilesError(Exception):
         return type(self), (self.outcomes,), self.__dict__
 
 
-def dataset_paths(out_dir: Path) -> dict[str, Path]:
-    return {
-        "tiles": out_dir / "tiles",
-        "tile_info": out_dir / "work" / "tile_info",
-        "parts": out_dir / "work" / "parts",
-    }
-
-
 def fetch_key(source: Source, tile: Tile, grid: Grid) -> str:
     """What a tile's stack depends on: the source and its settings, the tile, the grid."""
     blob = json.dumps(
@@ -267,12 +257,12 @@ def stack_is_complete(tif: Path, bands: dict[str, Any], size: int | None = None)
     return None
 
 
-def tile_check(tile: Tile, key: str, paths: dict[str, Path], size: int | None,
+def tile_check(tile: Tile, key: str, layout: DatasetLayout, size: int | None,
                why: dict[str, str] | None = None) -> Entry | None:
     """The full check of one tile (JSON, fetch key, stack digest and grid): its index
     entry if it needs no fetching, else None (and, with ``why``, the reason a stack on
     record failed the check in ``why[tile_id]``)."""
-    meta = paths["tile_info"] / f"{tile.tile_id}.json"
+    meta = layout.tile_json(tile.tile_id)
     try:
         info = json.loads(meta.read_text())
         if not isinstance(info, dict):
@@ -287,7 +277,7 @@ def tile_check(tile: Tile, key: str, paths: dict[str, Path], size: int | None,
         return None
     if info.get("NO_DATA"):
         return Entry("no_data", key, digest=str(info.get("NO_DATA_REASON", "")))
-    tif = paths["tiles"] / f"{tile.tile_id}.tif"
+    tif = layout.stack(tile.tile_id)
     record = info.get("STACK")
     problem = stack_is_complete(tif, info.get("BANDS") or {}, size)
     if problem is None and isinstance(record, dict):
@@ -314,17 +304,17 @@ def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None =
                force: bool = False) -> TileOutcome:
     """Fetch one tile unless it is already done (``force``: fetch anyway). Never raises
     for a tile's own failure."""
-    paths = dataset_paths(out_dir)
+    layout = DatasetLayout(out_dir)
     schema.check_tile_id(tile.tile_id)
     grid = Grid.for_tile(tile)
     key = fetch_key(source, tile, grid)
     if not force:
-        e = tile_check(tile, key, paths, grid.size)
+        e = tile_check(tile, key, layout, grid.size)
         if e is not None and e.state == "done":
             return TileOutcome(tile.tile_id, "skipped", entry=e)
         if e is not None:
             return TileOutcome(tile.tile_id, "no_data", e.digest, entry=e)
-    meta = paths["tile_info"] / f"{tile.tile_id}.json"
+    meta = layout.tile_json(tile.tile_id)
     try:
         stack = source.fetch(tile, grid)
     except NoDataError as exc:
@@ -341,7 +331,7 @@ def fetch_tile(tile: Tile, source: Source, out_dir: Path, compress: str | None =
         log.exception("tile %s failed", tile.tile_id)
         return TileOutcome(tile.tile_id, "failed", f"{type(exc).__name__}: {exc}",
                            rate_limited=source.take_rate_limited(tile.tile_id))
-    tif = write_stack(paths["tiles"] / f"{tile.tile_id}.tif", stack, compress=compress)
+    tif = write_stack(layout.stack(tile.tile_id), stack, compress=compress)
     record = stack_record(tif, stack)
     write_json_atomic(meta, {**stack.info, "FETCH_KEY": key, "STACK": record})
     return TileOutcome(tile.tile_id, "fetched", entry=_entry(tif, key, record),
@@ -370,8 +360,6 @@ def fetch_batch(tiles: list[Tile], source: Source, out_dir: Path, compress: str 
     with source.session(threads, slots, tiles=len(tiles)) as session:
         bind = session
         if threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
             with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="fetch", initializer=bind) as pool:
                 outcomes = list(pool.map(one, tiles))
         else:
@@ -498,7 +486,7 @@ def decide_states(tile_chunks: Iterable[list[Tile]], source: Source, out_dir: Pa
     then rewritten with exactly the finished tiles, in file order.
     """
     out_dir = Path(out_dir)
-    paths = dataset_paths(out_dir)
+    layout = DatasetLayout(out_dir)
     index = StackIndex(out_dir)
     known = index.read_table()
     counts = {"indexed": len(known), "full checks": 0}
@@ -515,7 +503,7 @@ def decide_states(tile_chunks: Iterable[list[Tile]], source: Source, out_dir: Pa
                     ok = True
                 else:
                     try:
-                        st = os.stat(paths["tiles"] / f"{t.tile_id}.tif")
+                        st = os.stat(layout.stack(t.tile_id))
                         ok = st.st_size == e.size and st.st_mtime_ns == e.mtime_ns
                     except OSError:
                         ok = False
@@ -523,7 +511,7 @@ def decide_states(tile_chunks: Iterable[list[Tile]], source: Source, out_dir: Pa
                 ok = ok and read_tile_info(t.tile_id, out_dir) is not None
             if not ok:
                 counts["full checks"] += 1
-                e = tile_check(t, key, paths, grid.size, why)
+                e = tile_check(t, key, layout, grid.size, why)
             if e is not None:
                 found.append((i, e))
         part = TileStates(np.array([t.tile_id.encode() for t in chunk], dtype="S"))
@@ -554,7 +542,7 @@ def _concat(parts: list[TileStates]) -> TileStates:
 def read_tile_info(tile_id: str, out_dir: Path) -> dict[str, Any] | None:
     """One tile's JSON (with the bookkeeping fields), or None (missing or unreadable)."""
     try:
-        info = json.loads((dataset_paths(Path(out_dir))["tile_info"] / f"{tile_id}.json").read_text())
+        info = json.loads(DatasetLayout(out_dir).tile_json(tile_id).read_text())
     except (OSError, ValueError):  # JSONDecodeError, UnicodeDecodeError included
         return None
     return info if isinstance(info, dict) else None
@@ -639,6 +627,6 @@ def write_tile_info_json(path: Path, tile_ids: Iterable[str], out_dir: Path,
         lost = [t for t in missing if in_h5 is not None and in_h5(t)]
         if lost:
             raise TileInfoLost(f"{len(lost)} tile(s) with a row in the h5 have no readable JSON in "
-                               f"{dataset_paths(Path(out_dir))['tile_info']} ({', '.join(lost[:5])}); "
+                               f"{DatasetLayout(out_dir).tile_info_dir} ({', '.join(lost[:5])}); "
                                f"{path.name} not written; run again to fetch them again")
     return n

@@ -1,5 +1,7 @@
 """Prefect task wrappers of the multimodal stages: retries, tags, logging; no logic.
 
+The fetch's retry policy is set in one place, :func:`fetch_task`, from the configuration.
+
 The plain functions they call are tested without Prefect.
 """
 
@@ -11,14 +13,12 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from tasks.multimodal import convert, stacks
 from tasks.multimodal.sources.base import Source, Tile
 
 
-@task(name="fetch-stacks", cache_policy=NO_CACHE, tags=["multimodal", "fetch"],
-      retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=4), retry_jitter_factor=0.5)
+@task(name="fetch-stacks", cache_policy=NO_CACHE, tags=["multimodal", "fetch"])
 def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: str | None = None,
                      threads: int = 1, slots: int | None = None) -> list[stacks.TileOutcome]:
     """Fetch a batch of tiles. Tiles failing transiently raise, so Prefect retries the
@@ -41,6 +41,15 @@ def fetch_batch_task(tiles: list[Tile], source: Source, out_dir: str, compress: 
             logger.warning("tile %s: %s (%s)", o.tile_id, o.status, o.reason)
     logger.info("batch of %d tiles: %s", len(tiles), counts)
     return outcomes
+
+
+def fetch_task(retries: int, first_delay_s: float):
+    """:func:`fetch_batch_task` with the fetch's retry policy (the one place it is set):
+    ``retries`` retries of a batch whose tiles failed transiently, the first after
+    ``first_delay_s`` seconds, doubling each time, with 50 % jitter."""
+    return fetch_batch_task.with_options(
+        retries=retries, retry_jitter_factor=0.5,
+        retry_delay_seconds=[first_delay_s * 2**i for i in range(max(retries, 1))])
 
 
 @task(name="pack-partition", cache_policy=NO_CACHE, tags=["multimodal", "pack"], retries=1)

@@ -26,6 +26,7 @@ from pathlib import Path
 import h5py
 
 from tasks.common.atomic import link_atomic
+from tasks.multimodal.layout import DATASET_SUFFIXES, DatasetLayout
 
 #: TorchGeo's ``MMEarth.filenames``
 TORCHGEO_FILENAMES: dict[str, str] = {
@@ -33,10 +34,6 @@ TORCHGEO_FILENAMES: dict[str, str] = {
     "MMEarth64": "data_1M_v001_64",
     "MMEarth100k": "data_100k_v001",
 }
-#: the files TorchGeo's ``MMEarth._verify`` requires, by suffix after the name
-SUFFIXES = (".h5", "_band_stats.json", "_splits.json", "_tile_info.json")
-
-
 class TorchGeoViewError(ValueError):
     """The dataset folder or the subset cannot give a TorchGeo view (says which and why)."""
 
@@ -44,8 +41,7 @@ class TorchGeoViewError(ValueError):
 def default_subset(dataset_dir: Path) -> str:
     """``MMEarth64`` for a 64-pixel dataset, else ``MMEarth`` (both 128-pixel releases
     read the same; pass ``MMEarth100k`` to use that name)."""
-    name = dataset_dir.name
-    with h5py.File(dataset_dir / f"{name}.h5", "r") as f:
+    with h5py.File(DatasetLayout(dataset_dir).h5, "r") as f:
         size = f["sentinel2"].shape[-1]
     return "MMEarth64" if size == 64 else "MMEarth"
 
@@ -56,8 +52,8 @@ def torchgeo_view(dataset_dir: str | Path, subset: str | None = None, root: str 
     ``root`` defaults to ``<dataset_dir's parent>/torchgeo``. Returns the view folder;
     pass ``root`` and ``subset`` to ``torchgeo.datasets.MMEarth``."""
     dataset_dir = Path(dataset_dir).resolve()
-    name = dataset_dir.name
-    missing = [name + s for s in SUFFIXES if not (dataset_dir / (name + s)).is_file()]
+    layout = DatasetLayout(dataset_dir)
+    missing = [path.name for path in layout.dataset_files() if not path.is_file()]
     if missing:
         raise TorchGeoViewError(f"{dataset_dir} is not a finished dataset: {', '.join(missing)} missing "
                                 f"(run python -m flows.multimodal first)")
@@ -65,14 +61,14 @@ def torchgeo_view(dataset_dir: str | Path, subset: str | None = None, root: str 
     if subset not in TORCHGEO_FILENAMES:
         raise TorchGeoViewError(f"subset {subset!r}: TorchGeo's MMEarth knows {sorted(TORCHGEO_FILENAMES)}")
     release = TORCHGEO_FILENAMES[subset]
-    view = Path(root).resolve() / release if root is not None else dataset_dir.parent / "torchgeo" / release
+    view = layout.torchgeo_view(release, Path(root).resolve() if root is not None else None)
     if view == dataset_dir:
         raise TorchGeoViewError(f"{dataset_dir} already has the release name {release}: TorchGeo reads it as it is "
                                 f"(root={dataset_dir.parent})")
     view.mkdir(parents=True, exist_ok=True)
-    for s in SUFFIXES:
-        target = Path(os.path.relpath(dataset_dir / (name + s), view))
-        link_atomic(target, view / (release + s))
+    # the files TorchGeo's ``MMEarth._verify`` requires, by suffix after the name
+    for path, suffix in zip(layout.dataset_files(), DATASET_SUFFIXES):
+        link_atomic(Path(os.path.relpath(path, view)), view / (release + suffix))
     return view
 
 

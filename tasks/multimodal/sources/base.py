@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -25,6 +26,7 @@ from affine import Affine
 from rasterio.errors import RasterioError
 
 from tasks.common.atomic import atomic_path
+from tasks.common.concurrency import shared_pool, slot
 from tasks.multimodal import schema
 from tasks.multimodal.tile import Grid, Tile  # noqa: F401  (a source's fetch takes both)
 
@@ -97,6 +99,63 @@ class BatchSession:
         pass
 
 
+#: a batch's slots are leased in about this many sub-leases (each released when no longer usable)
+SUBLEASES = 4
+#: per thread: the batch's share of the process's slot pool that the thread works for
+_thread_share = threading.local()
+
+
+class PooledBatchSession(BatchSession):
+    """A batch's share of the process's :class:`~tasks.common.concurrency.SlotPool`: each
+    fetching thread binds to it, so that its requests take the share's permits
+    (:func:`request_slot`)."""
+
+    def __init__(self, share):
+        self.share = share
+
+    def __call__(self) -> None:  # run by each thread of the batch
+        _thread_share.share = self.share
+
+    def tile_done(self) -> None:
+        self.share.tile_done()
+
+
+@contextlib.contextmanager
+def pooled_session(limit_name: str, threads: int, slots: int | None, ceiling: int | None, tiles: int | None,
+                   timeout_s: float | None, rate: float | None = None) -> Iterator[PooledBatchSession]:
+    """Request slots of the Prefect limit ``limit_name`` for a batch of ``tiles`` tiles: up
+    to ``slots`` (default ``threads``, at most ``ceiling``) slots, held by the worker
+    process's :class:`~tasks.common.concurrency.SlotPool` as sub-leases of about a quarter
+    of them and shared by the threads of every batch running in the process: each request
+    holds one while in flight (:func:`request_slot`), so the global ceiling bounds every
+    request. As the batch drains (fewer tiles left than slots held), the sub-leases no batch
+    of the process can use go back to the limit; a second batch running in the process (2
+    Dask threads per worker) uses them without a Prefect call. A few Prefect calls per
+    batch, none per tile. ``rate``: requests/s for the whole limit (paced per process,
+    :meth:`~tasks.common.concurrency.SlotPool.set_rate`; None: not paced)."""
+    occupy = max(1, min(slots or threads, ceiling or threads))
+    pool = shared_pool(limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=timeout_s)
+    pool.set_rate(rate, ceiling or occupy)
+    with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
+        try:
+            yield PooledBatchSession(share)
+        finally:
+            _thread_share.share = None  # the calling thread, if it fetched itself
+
+
+@contextlib.contextmanager
+def request_slot(limit_name: str, timeout_s: float | None) -> Iterator[None]:
+    """Hold one request's slot: a permit of the calling thread's batch share (bound by
+    :class:`PooledBatchSession`), or outside a batch session one slot of the Prefect limit."""
+    share = getattr(_thread_share, "share", None)
+    if share is None:
+        with slot(limit_name, timeout_seconds=timeout_s):
+            yield
+    else:
+        with share.permit():
+            yield
+
+
 class Source(abc.ABC):
     """A provider of per-tile multimodal stacks."""
 
@@ -139,8 +198,6 @@ class Source(abc.ABC):
         It yields a :class:`BatchSession`: each fetching thread calls it once before
         fetching, and the batch calls its ``tile_done()`` as each tile finishes (so that
         slots the batch can no longer use go back). Default: nothing to set up."""
-        import contextlib
-
         return contextlib.nullcontext(BatchSession())
 
     @abc.abstractmethod

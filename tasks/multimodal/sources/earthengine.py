@@ -66,6 +66,7 @@ without index); every other failure, known transient or unknown, raises
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import io
@@ -74,17 +75,27 @@ import logging
 import math
 import os
 import random
+import re
 import socket
 import threading
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import requests
 from affine import Affine
+from pyproj import Transformer
 
-from tasks.common.concurrency import shared_pool, slot
+# ``ee`` (and google.oauth2, httplib2, which come with it) is imported inside the functions
+# that call Earth Engine: importing it takes about 3 s (measured: ``import ee`` 2.9 s,
+# google.oauth2.service_account 0.5 s, httplib2 0.6 s on the 2-core development machine), which
+# the STAC source's workers (they use this module's selection rules) and the tile sampler's
+# other modes would pay without using it.
+from tasks.common.concurrency import slot
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import BatchSession, Grid, NoDataError, Source, Tile, TileStack, TransientSourceError
+from tasks.multimodal.sources.base import (Grid, NoDataError, Source, Tile, TileStack, TransientSourceError,
+                                           pooled_session, request_slot)
 
 log = logging.getLogger(__name__)
 
@@ -146,19 +157,14 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (TimeoutError, socket.timeout, ConnectionError, http.client.HTTPException)):
         return True
     try:
-        import httplib2
+        import httplib2  # the ee client's transport (lazy, as ee: see the imports)
 
         if isinstance(exc, httplib2.HttpLib2Error):
             return True
     except ImportError:  # pragma: no cover
         pass
-    try:
-        import requests
-
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-            return True
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
     msg = str(exc).lower()
     return any(p in msg for p in _TRANSIENT_PATTERNS)
 
@@ -406,8 +412,6 @@ _TABLE_STANDIN = "index-table-stand-in-5f0c2e"
 def _expression_globals(fn) -> tuple:
     """``fn`` and the module-level constants it (and its inner functions) reads, with their
     values: a template is reused only while none of them changed."""
-    import types
-
     names: set[str] = set()
 
     def walk(code) -> None:
@@ -442,8 +446,6 @@ def _build_template(tile: Tile, ch: Choices, era5_year_months: int, ring_lengths
     """(parts, slots): the template's JSON text between the stand-ins, and which value (a
     vertex index or "table") goes into each gap; None if the stand-ins are not each found
     exactly once in the text."""
-    import re
-
     import ee
 
     standins = {k: _standin_vertex(k) for k in set(pattern)}
@@ -616,8 +618,6 @@ def parse_metadata(tile: Tile, ch: Choices, result: Any) -> TileMeta:
 
 def stack_grid(tile: Tile, meta: TileMeta, resolution: float = 10.0) -> Grid:
     """The tile's pixel grid in the S2 image's CRS, aligned to its 10 m pixel grid."""
-    from pyproj import Transformer
-
     x, y = Transformer.from_crs("EPSG:4326", meta.crs, always_xy=True).transform(tile.lon, tile.lat)
     size = int(round(tile.tile_size_m / resolution))
     half = size * resolution / 2.0
@@ -672,9 +672,6 @@ _PIXEL_TEMPLATES: dict[tuple, Any] = {}
 def pixels_request(tile: Tile, meta: TileMeta) -> tuple[dict[str, Any], list[str]]:
     """``(ee.serializer.encode(image, for_cloud_api=True), names)`` of
     :func:`pixels_expression`, from a template when the tile's values allow it."""
-    import dataclasses
-    import re
-
     import ee
 
     bands = meta.stack_bands()
@@ -760,23 +757,6 @@ def decode_npy(raw: bytes) -> np.ndarray:
 # --------------------------------------------------------------------------
 _init_lock = threading.Lock()
 _initialized: dict[str, bool] = {}
-#: per thread: the batch's share of the process's slot pool that the thread works for
-_local = threading.local()
-#: a batch's slots are leased in about this many sub-leases (each released when no longer usable)
-SUBLEASES = 4
-
-
-class _BatchShare(BatchSession):
-    def __init__(self, share):
-        self.share = share
-
-    def __call__(self) -> None:  # run by each thread of the batch
-        _local.share = self.share
-
-    def tile_done(self) -> None:
-        self.share.tile_done()
-
-
 @dataclass
 class EarthEngineSource(Source):
     """Earth Engine through the official client (see module doc).
@@ -899,39 +879,21 @@ class EarthEngineSource(Source):
 
     @contextlib.contextmanager
     def session(self, threads: int, slots: int | None = None, tiles: int | None = None):
-        """Request slots for a batch of ``tiles`` tiles: up to ``slots`` (default
-        ``threads``, at most the ceiling) slots of the Prefect limit, held by the worker
-        process's :class:`~tasks.common.concurrency.SlotPool` as sub-leases of about a
-        quarter of them and shared by the threads of every batch running in the process:
-        each request holds one while in flight, so the global ceiling bounds every
-        request. As the batch drains (fewer tiles left than slots held), the sub-leases no
-        batch of the process can use go back to the limit; a second batch running in the
-        process (2 Dask threads per worker) uses them without a Prefect call. A few
-        Prefect calls per batch, none per tile. More threads than slots keep the slots
-        busy while some threads do local work (decoding, writing the GeoTIFF)."""
-        occupy = max(1, min(slots or threads, self.ceiling or threads))
-        pool = shared_pool(self.limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=self.slot_timeout_s)
-        pool.set_rate(self.request_rate, self.ceiling or occupy)
-        with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
-            try:
-                yield _BatchShare(share)
-            finally:
-                _local.share = None  # the calling thread, if it fetched itself
+        """Request slots for a batch of ``tiles`` tiles, shared by the threads of every batch
+        of the process (:func:`~tasks.multimodal.sources.base.pooled_session`), paced at
+        ``request_rate``. More threads than slots keep the slots busy while some threads do
+        local work (decoding, writing the GeoTIFF)."""
+        with pooled_session(self.limit_name, threads, slots, self.ceiling, tiles, self.slot_timeout_s,
+                            self.request_rate) as batch:
+            yield batch
 
     def take_rate_limited(self, tile_id: str) -> int:
         """How many 429 answers the tile's requests met (in this process, since the last call)."""
         with _rate_limited_lock:
             return _rate_limited.pop(tile_id, 0)
 
-    @contextlib.contextmanager
     def _request_slot(self):
-        share = getattr(_local, "share", None)
-        if share is None:  # outside a batch session: one Prefect slot per request
-            with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
-                yield
-        else:
-            with share.permit():
-                yield
+        return request_slot(self.limit_name, self.slot_timeout_s)
 
     def _call(self, tile: Tile, what: str, fn):
         with self._request_slot():

@@ -44,20 +44,38 @@ policy, then read again; a tile that still fails is a :class:`TransientSourceErr
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import ctypes
+import datetime
 import functools
+import glob
 import logging
 import math
 import os
 import threading
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import rasterio
+import requests
+import shapely
+from pyproj import Transformer
+from pystac_client import Client
+from pystac_client.stac_api_io import StacApiIO
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from requests.adapters import HTTPAdapter
+from shapely.geometry import shape
+from urllib3 import Retry
 
-from tasks.common.concurrency import shared_pool, slot
 from tasks.multimodal import schema
-from tasks.multimodal.sources.base import Grid, NoDataError, Source, Tile, TileStack, TransientSourceError
+from tasks.multimodal.sources.base import (Grid, NoDataError, Source, Tile, TileStack, TransientSourceError,
+                                           pooled_session, request_slot)
+from tasks.multimodal.sources.earthengine import (CLOUD_THRESHOLD, S1_BUFFER_M, S1_END, S1_START, S2_BUFFER_M,
+                                                  choose, stack_grid)
+from tasks.multimodal.sources.synthetic import slope_degrees
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +113,6 @@ GDAL_OPTIONS = {
 @functools.lru_cache(maxsize=1)
 def _libgdal():
     """The GDAL library rasterio runs on (its wheel's copy, else the one loaded), or None."""
-    import ctypes
-    import glob
-
-    import rasterio
-
     paths = sorted(glob.glob(os.path.join(os.path.dirname(rasterio.__file__) + ".libs", "libgdal*")))
     if not paths:
         with contextlib.suppress(OSError), open("/proc/self/maps") as fh:
@@ -124,23 +137,19 @@ def forget_url(href: str) -> None:
 def _date_window(start: str, end: str) -> str:
     """A STAC ``datetime`` interval for Earth Engine's ``filterDate(start, end)`` (end exclusive):
     STAC intervals are inclusive, so the end is the last millisecond before ``end``."""
-    e = dt.datetime.fromisoformat(end).replace(tzinfo=dt.timezone.utc) - dt.timedelta(milliseconds=1)
+    e = datetime.datetime.fromisoformat(end).replace(tzinfo=datetime.timezone.utc) - datetime.timedelta(milliseconds=1)
     return f"{start}T00:00:00Z/{e.strftime('%Y-%m-%dT%H:%M:%S.%f')[:-3]}Z"
 
 
-def _item_time(item: dict[str, Any]) -> dt.datetime:
+def _item_time(item: dict[str, Any]) -> datetime.datetime:
     p = item["properties"]
     s = p.get("datetime") or p.get("start_datetime")
-    t = dt.datetime.fromisoformat(str(s).replace("Z", "+00:00"))
-    return t if t.tzinfo else t.replace(tzinfo=dt.timezone.utc)
+    t = datetime.datetime.fromisoformat(str(s).replace("Z", "+00:00"))
+    return t if t.tzinfo else t.replace(tzinfo=datetime.timezone.utc)
 
 
 def buffered_tile(tile: Tile, metres: float):
     """The tile polygon buffered by ``metres`` (in its UTM zone), in lon/lat (shapely)."""
-    import shapely
-    from pyproj import Transformer
-    from shapely.geometry import shape
-
     crs = tile.utm_crs
     fwd = Transformer.from_crs("EPSG:4326", crs, always_xy=True).transform
     inv = Transformer.from_crs(crs, "EPSG:4326", always_xy=True).transform
@@ -149,8 +158,6 @@ def buffered_tile(tile: Tile, metres: float):
 
 
 def contains(item: dict[str, Any], area) -> bool:
-    from shapely.geometry import shape
-
     try:
         return shape(item["geometry"]).contains(area)
     except (KeyError, ValueError, TypeError, AttributeError):
@@ -231,7 +238,7 @@ class StacSource(Source):
         item-search API."""
         if self.sign:
             try:
-                import planetary_computer  # noqa: F401
+                import planetary_computer  # noqa: F401  - optional (the stac-pc extra): only when signing
             except ImportError:
                 raise StacConfigError(
                     f"source_options.sign is on for {self.api_url} but the planetary-computer package is not "
@@ -249,39 +256,22 @@ class StacSource(Source):
     # -- requests ------------------------------------------------------------
     @contextlib.contextmanager
     def session(self, threads: int, slots: int | None = None, tiles: int | None = None):
-        """Request slots for a batch, exactly as the Earth Engine source leases them."""
-        from tasks.multimodal.sources.earthengine import SUBLEASES, _BatchShare, _local
+        """Request slots for a batch, as every source with a request limit leases them
+        (:func:`~tasks.multimodal.sources.base.pooled_session`; not paced)."""
+        with pooled_session(self.limit_name, threads, slots, self.ceiling, tiles, self.slot_timeout_s) as batch:
+            yield batch
 
-        occupy = max(1, min(slots or threads, self.ceiling or threads))
-        pool = shared_pool(self.limit_name, chunk=-(-occupy // SUBLEASES), timeout_s=self.slot_timeout_s)
-        with pool.share(occupy, threads, tiles if tiles is not None else 1 << 62) as share:
-            try:
-                yield _BatchShare(share)
-            finally:
-                _local.share = None
-
-    @contextlib.contextmanager
     def _request_slot(self):
-        from tasks.multimodal.sources.earthengine import _local
-
-        share = getattr(_local, "share", None)
-        if share is None:
-            with slot(self.limit_name, timeout_seconds=self.slot_timeout_s):
-                yield
-        else:
-            with share.permit():
-                yield
+        return request_slot(self.limit_name, self.slot_timeout_s)
 
     def _client(self):
         """This thread's pystac-client Client (a requests session is not shared between threads)."""
         client = getattr(self._local, "client", None)
         if client is None:
-            from pystac_client import Client
-            from pystac_client.stac_api_io import StacApiIO
             io = StacApiIO(max_retries=self._retry_policy(), timeout=self.timeout_s)
             modifier = None
             if self.sign:
-                import planetary_computer
+                import planetary_computer  # optional (the stac-pc extra): imported only when signing
 
                 modifier = planetary_computer.sign_inplace
             with self._request_slot():
@@ -305,11 +295,6 @@ class StacSource(Source):
              margin: int = 0) -> np.ndarray:
         """One band (the asset's first) warped onto ``grid`` (``margin`` extra pixels each side),
         float32 with NaN where the source has no data; only the blocks under the tile are read."""
-        import rasterio
-        from rasterio.enums import Resampling
-        from rasterio.errors import RasterioError
-        from rasterio.vrt import WarpedVRT
-
         t = grid.transform
         size = grid.size + 2 * margin
         transform = t @ t.translation(-margin, -margin)
@@ -336,9 +321,6 @@ class StacSource(Source):
         """After a failed read: ``HEAD href`` with the searches' retry policy (429/5xx retried,
         waiting as each answer's Retry-After says, else backing off from ``retry_delay_s``).
         True when the server answers 2xx, so that the read is tried again."""
-        import requests
-        from requests.adapters import HTTPAdapter
-
         session = getattr(self._local, "head_session", None)
         if session is None:
             session = requests.Session()
@@ -353,8 +335,6 @@ class StacSource(Source):
             return False
 
     def _retry_policy(self):
-        from urllib3 import Retry
-
         return Retry(total=self.retries, backoff_factor=self.retry_delay_s / 2,
                      status_forcelist=(429, 500, 502, 503, 504), allowed_methods=None,
                      respect_retry_after_header=True, raise_on_status=False)
@@ -368,8 +348,6 @@ class StacSource(Source):
     # -- selection ---------------------------------------------------------------
     def select_s2(self, tile: Tile):
         """(choices, the picked item, n candidates) by the original's rules (module doc)."""
-        from tasks.multimodal.sources.earthengine import CLOUD_THRESHOLD, S2_BUFFER_M, choose
-
         ch = choose(tile)
         items = self.search(tile, "Sentinel-2", collections=[S2_L2A], datetime=_date_window(ch.start, ch.end),
                             query={"eo:cloud_cover": {"lt": CLOUD_THRESHOLD}})
@@ -384,12 +362,10 @@ class StacSource(Source):
             ch = choose(tile, table_size=n)
         return ch, cands[ch.index(n)], n
 
-    def select_s1(self, tile: Tile, day: dt.datetime) -> dict[str, dict[str, Any] | None]:
+    def select_s1(self, tile: Tile, day: datetime.datetime) -> dict[str, dict[str, Any] | None]:
         """Per pass the IW scene closest in time to ``day`` that contains the tile +200 m."""
-        from tasks.multimodal.sources.earthengine import S1_BUFFER_M, S1_END, S1_START
-
-        lo = dt.datetime.fromisoformat(S1_START).replace(tzinfo=dt.timezone.utc)
-        hi = dt.datetime.fromisoformat(S1_END).replace(tzinfo=dt.timezone.utc)
+        lo = datetime.datetime.fromisoformat(S1_START).replace(tzinfo=datetime.timezone.utc)
+        hi = datetime.datetime.fromisoformat(S1_END).replace(tzinfo=datetime.timezone.utc)
         area = buffered_tile(tile, S1_BUFFER_M)
         out: dict[str, dict[str, Any] | None] = {"ascending": None, "descending": None}
 
@@ -399,7 +375,7 @@ class StacSource(Source):
             return min(ok, key=lambda i: (abs((_item_time(i) - day).total_seconds()), _item_time(i), i["id"]),
                        default=None)
 
-        near = dt.timedelta(days=S1_NEAR_DAYS)
+        near = datetime.timedelta(days=S1_NEAR_DAYS)
         a, b = max(lo, day - near), min(hi, day + near)
         query = {"sar:instrument_mode": {"eq": "IW"}}
         if a < b:
@@ -408,7 +384,7 @@ class StacSource(Source):
             for orbit in out:
                 pick = best(items, orbit)
                 # nothing outside [a, b) can be closer (a side clipped by the period has nothing beyond)
-                bound = min(day - a if a > lo else dt.timedelta.max, b - day if b < hi else dt.timedelta.max)
+                bound = min(day - a if a > lo else datetime.timedelta.max, b - day if b < hi else datetime.timedelta.max)
                 if pick is not None and abs(_item_time(pick) - day) <= bound:
                     out[orbit] = pick
         for orbit in out:
@@ -421,18 +397,11 @@ class StacSource(Source):
 
     # -- one tile --------------------------------------------------------------------
     def fetch(self, tile: Tile, grid: Grid) -> TileStack:
-        from types import SimpleNamespace
-
-        from tasks.multimodal.sources.earthengine import stack_grid
-        from tasks.multimodal.sources.synthetic import slope_degrees
-
         ch, s2, n = self.select_s2(tile)
         b4_href, b4 = self._href(tile, s2, "B04")
         crs = item_crs(s2)
         transform = b4.get("proj:transform")
         if crs is None or not transform:
-            import rasterio
-
             with self._request_slot(), rasterio.Env(**{k: v for k, v in GDAL_OPTIONS.items() if v}), \
                     rasterio.open(b4_href) as src:
                 crs = crs or src.crs.to_string()
@@ -440,7 +409,7 @@ class StacSource(Source):
         grid = stack_grid(tile, SimpleNamespace(crs=crs, crs_transform=[float(v) for v in transform]))
         when = _item_time(s2)
         s2_date = when.strftime("%Y-%m-%d")
-        day = dt.datetime.fromisoformat(s2_date).replace(tzinfo=dt.timezone.utc)
+        day = datetime.datetime.fromisoformat(s2_date).replace(tzinfo=datetime.timezone.utc)
 
         layers: list[np.ndarray] = []
         bands: dict[str, list[str] | None] = {}
