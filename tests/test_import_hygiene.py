@@ -25,6 +25,7 @@ USES_PREFECT_OR_DASK = {
     "flows.multimodal": "a Prefect flow",
     "tasks.aerial.tasks": "Prefect task wrappers",
     "tasks.multimodal.tasks": "Prefect task wrappers",
+    "tasks.multimodal.run": "the multimodal run object: submits the Prefect tasks (the twin of flows.aerial.SceneRun)",
     # the runtime
     "tasks.common.prefect_server": "the Prefect API (server, settings, client)",
     "tasks.common.local_run": "the CLI run around a flow (Prefect server, watchdog, Dask logs)",
