@@ -42,7 +42,7 @@ def test_bench_cluster_has_the_flow_workers_malloc_settings(monkeypatch, tmp_pat
     monkeypatch.setattr(distributed, "LocalCluster", fake_cluster)
     monkeypatch.delenv("FACTORY_DASK_MALLOC_TRIM", raising=False)
     monkeypatch.delenv("DASK_DISTRIBUTED__ADMIN__LOW_LEVEL_LOG_LENGTH", raising=False)
-    args = argparse.Namespace(codec="isal", level=1, workers=1, image_size=16, part_size=4)
+    args = argparse.Namespace(codec="isal", level=1, workers=1, image_size=16, part_size=4, runner="dask")
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": 65536,
                           "distributed.admin.low-level-log-length": 1000}):
         with pytest.raises(_ClusterSeen):
