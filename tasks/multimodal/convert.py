@@ -396,7 +396,8 @@ def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 
                         off, data = z[f"off_{name}"], z[f"data_{name}"]
                         tail = (0,) * (ds.ndim - 1)
                         for i in range(k):
-                            ds.id.write_direct_chunk((row + i,) + tail, data[off[i]:off[i + 1]].tobytes(), 0)
+                            # a view of the part's bytes (h5py takes any buffer): no copy per chunk
+                            ds.id.write_direct_chunk((row + i,) + tail, data[off[i]:off[i + 1]], 0)
                 row += k
     return n
 
