@@ -2,8 +2,9 @@
 
 Streaming and parallel in two steps:
 
-1. :func:`pack_partition` (runs on any Dask worker, one contiguous slice of
-   the tile list): read each stack once, centre-crop, map bands to the h5
+1. :func:`pack_partition` (runs on any Dask worker, or in local threads with
+   :func:`pack_partitions_local` when post-processing a small N alone, see
+   :data:`LOCAL_PACK_MAX_TILES`; one contiguous slice of the tile list): read each stack once, centre-crop, map bands to the h5
    datasets, gzip-compress every row as one HDF5 chunk, and update mergeable
    statistics. Each stack's digest and grid are checked against what was
    recorded when it was written (a mismatch is reported in
