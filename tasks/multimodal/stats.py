@@ -71,7 +71,10 @@ class ChannelStats:
         xs = np.sum(x, axis=1, where=valid, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(n > 0, xs / np.maximum(n, 1), 0.0)
-        d = x - mean[:, None] if every else np.where(valid, x - mean[:, None], 0.0)
+        d = x - mean[:, None]
+        if not every:  # only the channels with invalid entries need the mask
+            part = ~full
+            d[part] = np.where(valid[part], d[part], 0.0)
         m2 = np.einsum("ij,ij->i", d, d)
         mn, mx = _min_max(x, valid, full, every, np.inf, -np.inf)
         return cls(count=n, mean=mean, m2=m2, min=mn, max=mx)
