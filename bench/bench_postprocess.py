@@ -2,8 +2,9 @@
 
 Builds N synthetic 130x130 float32 stacks with the embedded synthetic source
 (once, cached in the work folder), then times exactly what the flow runs after
-fetching: ``pack_partition`` on every Dask worker (read, convert, compress,
-statistics), ``assemble_h5`` (one writer, direct chunk writes), merged
+fetching: ``pack_partition`` on every Dask worker, or in local threads when the
+stage decides so for a small N (``convert.packs_locally``; ``--runner``) (read,
+convert, compress, statistics), ``assemble_h5`` (one writer, direct chunk writes), merged
 statistics, splits and the JSON files. Prints tiles/s, MB/s written and the
 peak resident memory of the whole process tree (this process + Dask workers).
 Packing reads each tile's JSON on the worker and checks every stack's digest
@@ -121,54 +122,70 @@ def cpu_now() -> tuple[float, float]:
 
 def post_process(args, work: Path, ids: list[str], info: dict | None, phases: dict[str, float],
                  cpu: dict[str, tuple[float, float]] | None = None) -> tuple[int, float, float]:
-    """What the flow runs after the fetch: a Dask cluster, pack on the workers, one writer,
-    merged statistics, splits and the JSON files. Phase end times go to ``phases``
-    (seconds since T_START). Returns (N, pack seconds, assemble seconds)."""
+    """What the stage runs once the stacks exist: pack every part (on a Dask cluster, or in
+    local threads for a small N: ``convert.packs_locally``, ``--runner``), one writer, merged
+    statistics, splits and the JSON files. Phase end times go to ``phases`` (seconds since
+    T_START). Returns (N, pack seconds, assemble seconds)."""
+    parts_dir = work / "work" / "bench_parts"
+    shutil.rmtree(parts_dir, ignore_errors=True)
+    comp = convert.Compression(args.codec, args.level)
+    runner = args.runner
+    if runner == "auto":
+        runner = "threads" if convert.packs_locally(len(ids)) else "dask"
+    specs = convert.make_partitions(ids, args.part_size)
+
+    def mark(phase: str) -> None:
+        phases[phase] = time.perf_counter() - T_START
+        if cpu is not None:
+            cpu[phase] = cpu_now()
+
+    if runner == "threads":
+        mark("imports")
+        mark("cluster up")  # none to start
+        t0 = time.perf_counter()
+        parts = convert.pack_partitions_local(specs, work / "tiles", stacks.TileInfoDir(work), parts_dir,
+                                              args.image_size, comp, threads=args.workers)
+        out = finish(args, work, ids, info, parts, comp, phases, mark, t0)
+        mark("cluster closed")
+        return out
+
     from distributed import Client, LocalCluster
 
     from tasks.common.dask_env import bound_dask_logs, keep_malloc_defaults
 
     keep_malloc_defaults()  # the workers' glibc settings as every flow's cluster has them
     bound_dask_logs()
-    parts_dir = work / "work" / "bench_parts"
-    shutil.rmtree(parts_dir, ignore_errors=True)
-    h5 = work / "data_bench.h5"
-    comp = convert.Compression(args.codec, args.level)
-    phases["imports"] = time.perf_counter() - T_START
-    if cpu is not None:
-        cpu["imports"] = cpu_now()
+    mark("imports")
     with LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         client.run(lambda: None)  # workers up before the clock starts
-        phases["cluster up"] = time.perf_counter() - T_START
-        if cpu is not None:
-            cpu["cluster up"] = cpu_now()
+        mark("cluster up")
         t0 = time.perf_counter()
-        specs = convert.make_partitions(ids, args.part_size)
         futs = [
             client.submit(convert.pack_partition, s, str(work / "tiles"), stacks.TileInfoDir(work),
                           str(parts_dir), args.image_size, comp, pure=False)
             for s in specs
         ]
         parts = client.gather(futs)
-        t_pack = time.perf_counter() - t0
-        phases["pack"] = time.perf_counter() - T_START
-        if cpu is not None:
-            cpu["pack"] = cpu_now()
-        n = convert.assemble_h5(parts, h5, args.image_size, comp)
-        t_asm = time.perf_counter() - t0 - t_pack
-        phases["assemble"] = time.perf_counter() - T_START
-        if cpu is not None:
-            cpu["assemble"] = cpu_now()
-        band_stats, _ = convert.merge_part_stats(parts).band_stats()
-        splits = convert.make_splits(n)
-        if info is None:
-            info = stacks.load_tile_info(ids, work)
-        convert.write_dataset_jsons(work, "data_bench", info, band_stats, splits)
-        phases["stats + jsons"] = time.perf_counter() - T_START
-        if cpu is not None:
-            cpu["stats + jsons"] = cpu_now()
-    phases["cluster closed"] = time.perf_counter() - T_START
+        out = finish(args, work, ids, info, parts, comp, phases, mark, t0)
+    mark("cluster closed")
+    return out
+
+
+def finish(args, work: Path, ids: list[str], info: dict | None, parts: list, comp, phases: dict[str, float],
+           mark, t0: float) -> tuple[int, float, float]:
+    """After packing (``t0``: when it started): the writer, statistics, splits, JSON files."""
+    t_pack = time.perf_counter() - t0
+    mark("pack")
+    n = convert.assemble_h5(parts, work / "data_bench.h5", args.image_size, comp)
+    t_asm = time.perf_counter() - t0 - t_pack
+    mark("assemble")
+    band_stats, _ = convert.merge_part_stats(parts).band_stats()
+    splits = convert.make_splits(n)
+    if info is None:
+        info = stacks.load_tile_info(ids, work)
+    convert.write_dataset_jsons(work, "data_bench", info, band_stats, splits)
+    mark("stats + jsons")
     return n, t_pack, t_asm
 
 
@@ -181,6 +198,9 @@ def main() -> int:
     ap.add_argument("--codec", default="isal", choices=["isal", "zlib"])
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--work", default="bench_out/postprocess")
+    ap.add_argument("--runner", default="auto", choices=["auto", "dask", "threads"],
+                    help="where parts are packed: auto = local threads up to convert.LOCAL_PACK_MAX_TILES "
+                         "tiles, a Dask LocalCluster above (as the stage decides); --workers threads/workers")
     ap.add_argument("--post-only", action="store_true",
                     help="stacks already built by an earlier run: only post-process, timed from "
                          "this process's start (cold start: imports and the Dask cluster included)")
@@ -194,7 +214,8 @@ def main() -> int:
         cpu: dict[str, tuple[float, float]] = {}
         n, t_pack, t_asm = post_process(args, work, ids, info, phases, cpu)
         total = time.perf_counter() - T_START
-        print(f"N={n} tiles, {args.image_size} px, {args.workers} workers, part size {args.part_size}; "
+        runner = args.runner if args.runner != "auto" else ("threads" if convert.packs_locally(n) else "dask")
+        print(f"N={n} tiles, {args.image_size} px, {args.workers} {runner}, part size {args.part_size}; "
               f"cold start included: {total:.2f}s = {n / total:.1f} tiles/s")
         prev, pc = 0.0, (0.0, 0.0)
         print(f"  {'phase':15s} {'wall':>7s} {'ends at':>8s}  CPU: this process (scheduler, writer) + Dask processes")

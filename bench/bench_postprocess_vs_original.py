@@ -10,8 +10,9 @@ wall-clock from launch to exit (imports, the Dask cluster, everything):
 
 * original: ``python utils/convert_to_h5.py --mode create --data_dir DATA`` then
   ``python -c "from utils.normalization import compute_band_stats; compute_band_stats(data_folder=DATA)"``
-* ours: ``python bench/bench_postprocess.py --n N --post-only`` (Dask cluster start,
-  packing on the workers, the writer, statistics, splits, the JSON files)
+* ours: ``python bench/bench_postprocess.py --n N --post-only`` (packing in local threads
+  up to ``convert.LOCAL_PACK_MAX_TILES`` tiles, else the Dask cluster's start and packing on
+  its workers; the writer, statistics, splits, the JSON files)
 
 and prints both figures, their ratio and the load average at each run. The machine's
 load changes from minute to minute, so only figures from the same command compare.
@@ -78,6 +79,8 @@ def main() -> int:
     ap.add_argument("--original", required=True, help="folder of a copy of vishalned/MMEarth-data")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--runner", default="auto", choices=["auto", "dask", "threads"],
+                    help="ours: where parts are packed (bench_postprocess.py --runner)")
     args = ap.parse_args()
 
     work = Path(args.work).resolve() / f"n{args.n}"
@@ -91,7 +94,7 @@ def main() -> int:
         [py, "-c", f"from utils.normalization import compute_band_stats; compute_band_stats(data_folder={str(data)!r})"],
     ]
     ours_cmd = [py, str(ROOT / "bench" / "bench_postprocess.py"), "--n", str(args.n), "--work", str(Path(args.work).resolve()),
-                "--workers", str(args.workers), "--post-only"]
+                "--workers", str(args.workers), "--runner", args.runner, "--post-only"]
     print(f"N={len(ids)} stacks; original in {orig}; ours: {' '.join(ours_cmd[1:])}")
     rows = []
     for r in range(args.repeat):

@@ -486,3 +486,26 @@ def test_to_dtype_fast_path_equals_the_plain_formula(dtype, fill, with_nan):
     with np.errstate(invalid="ignore"):
         got = convert._to_dtype(x, dt, fill)
     assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+def test_local_threads_pack_the_same_parts_as_one_process(tmp_path, tiles_dir):
+    """Post-processing alone packs in local threads up to LOCAL_PACK_MAX_TILES tiles: the parts
+    (compressed rows, statistics, problems) are byte for byte those of pack_partition called
+    one after another, and come back in the specs' order."""
+    stacks = [make_stack(f"p{i}", "l2a" if i % 2 else "l1c", seed=i, asc=("VV", "VH") if i % 3 else None,
+                         holes=i % 2 == 0) for i in range(7)]
+    info = _write(tiles_dir, stacks)
+    info["p3"] = {**info["p3"], "BANDS": {**info["p3"]["BANDS"], "sentinel1_desc": ["VV"]}}  # a problem tile
+    specs = convert.make_partitions([s[0].tile_id for s in stacks], 2)
+    serial = [convert.pack_partition(s, tiles_dir, info, tmp_path / "serial", IMG) for s in specs]
+    local = convert.pack_partitions_local(specs, tiles_dir, info, tmp_path / "local", IMG, threads=3)
+    assert [p.index for p in local] == [s.index for s in specs]
+    assert "p3" in local[1].problems and local[1].n_rows == 1
+    for a, b in zip(serial, local):
+        assert (a.n_rows, a.problems, a.integrity) == (b.n_rows, b.problems, b.integrity)
+        with np.load(a.path) as za, np.load(b.path) as zb:
+            assert sorted(za.files) == sorted(zb.files)
+            for k in za.files:
+                assert za[k].tobytes() == zb[k].tobytes(), k
+    assert convert.packs_locally(convert.LOCAL_PACK_MAX_TILES)
+    assert not convert.packs_locally(convert.LOCAL_PACK_MAX_TILES + 1)

@@ -105,3 +105,45 @@ def test_integer_path_is_exact(dtype):
         assert js["std"][c] == pytest.approx(v.std(), rel=1e-10)
         assert js["min"][c] == v.min() and js["max"][c] == v.max()
     assert js["mean"][3] == js["std"][3] == js["min"][3] == js["max"][3] == 0.0  # no valid value
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "int16", "int8", "float32"])
+def test_fully_valid_channels_give_the_masked_result_bit_for_bit(dtype):
+    """Channels whose every entry is valid skip the masking (stats._min_max and the plain casts):
+    every statistic is the same float, bit for bit, as with the mask, whether all channels,
+    some or none are fully valid."""
+    rng = np.random.default_rng(7)
+    if dtype == "float32":
+        x = rng.normal(300, 80, (6, 4096)).astype(np.float32)
+    else:
+        info = np.iinfo(dtype)
+        x = rng.integers(info.min, info.max, (6, 4096), endpoint=True).astype(dtype)
+
+    def masked(x, valid):  # the formula with the mask on every channel
+        n_int = valid.sum(axis=1)
+        if x.dtype.kind in "ui":
+            xi = np.where(valid, x, 0).astype(np.int64)
+            s1, s2 = xi.sum(axis=1), np.einsum("ij,ij->i", xi, xi)
+            mean = np.array([int(a) / int(k) if k else 0.0 for a, k in zip(s1, n_int)])
+            m2 = np.array([(int(k) * int(b) - int(a) ** 2) / int(k) if k else 0.0 for a, b, k in zip(s1, s2, n_int)])
+            hi, lo = np.iinfo(x.dtype).max, np.iinfo(x.dtype).min
+        else:
+            n = n_int.astype(np.float64)
+            mean = np.where(n > 0, np.sum(x, axis=1, where=valid, dtype=np.float64) / np.maximum(n, 1), 0.0)
+            d = np.where(valid, x - mean[:, None], 0.0)
+            m2 = np.einsum("ij,ij->i", d, d)
+            hi, lo = np.inf, -np.inf
+        mn = np.min(x, axis=1, where=valid, initial=hi).astype(np.float64)
+        mx = np.max(x, axis=1, where=valid, initial=lo).astype(np.float64)
+        mn[n_int == 0], mx[n_int == 0] = np.inf, -np.inf
+        return [n_int.astype(np.float64), mean, m2, mn, mx]
+
+    every = np.ones(x.shape, bool)
+    some = every.copy()
+    some[1] = rng.random(x.shape[1]) < 0.7
+    some[4] = False
+    none = rng.random(x.shape) < 0.9
+    for valid in (every, some, none):
+        got = ChannelStats.of(x, valid)
+        for name, want in zip(("count", "mean", "m2", "min", "max"), masked(x, valid)):
+            assert getattr(got, name).tobytes() == want.tobytes(), (dtype, name)

@@ -2,8 +2,9 @@
 
 Streaming and parallel in two steps:
 
-1. :func:`pack_partition` (runs on any Dask worker, one contiguous slice of
-   the tile list): read each stack once, centre-crop, map bands to the h5
+1. :func:`pack_partition` (runs on any Dask worker, or in local threads with
+   :func:`pack_partitions_local` when post-processing a small N alone, see
+   :data:`LOCAL_PACK_MAX_TILES`; one contiguous slice of the tile list): read each stack once, centre-crop, map bands to the h5
    datasets, gzip-compress every row as one HDF5 chunk, and update mergeable
    statistics. Each stack's digest and grid are checked against what was
    recorded when it was written (a mismatch is reported in
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,6 +332,37 @@ def make_partitions(tile_ids: list[str], part_size: int) -> list[PartSpec]:
     return [PartSpec(i, tile_ids[s:s + part_size]) for i, s in enumerate(range(0, len(tile_ids), part_size))]
 
 
+#: Post-processing alone (stacks already on disk, no cluster running yet) of at most this many
+#: tiles packs its parts in threads of the calling process (:func:`pack_partitions_local`)
+#: rather than on a Dask cluster it would first have to start. Starting a local cluster
+#: (2 nannies + 2 spawned workers, each importing numpy, h5py, rasterio and distributed) cost
+#: about 5 s of wall and 3-6 s of CPU on the 2-core machine, and the scheduler about 1 ms of CPU
+#: a tile: at 1000 tiles that was a third of the CPU of the whole stage (see docs/benchmarks.md,
+#: issue 25 part 3). The threads need no start-up (the digest, ISA-L, GDAL's decode and numpy's
+#: reductions release the GIL). Above this size (about 40 s of packing on 2 cores) the start-up
+#: is under a tenth of the stage and a cluster can spread it over more machines.
+LOCAL_PACK_MAX_TILES = 5000
+
+
+def packs_locally(n_tiles: int) -> bool:
+    """Whether post-processing ``n_tiles`` alone packs in local threads (see
+    :data:`LOCAL_PACK_MAX_TILES`) instead of on a Dask cluster."""
+    return n_tiles <= LOCAL_PACK_MAX_TILES
+
+
+def pack_partitions_local(
+    specs: list[PartSpec], tiles_dir: str | Path, tile_info: Any, parts_dir: str | Path, image_size: int = 128,
+    compression: Compression = Compression(), threads: int = 2, defer_on_mismatch: bool = False,
+) -> list[PartResult]:
+    """:func:`pack_partition` of every spec in ``threads`` threads of this process, results in
+    the order of ``specs`` (the same parts, byte for byte, as on Dask workers)."""
+    def one(spec: PartSpec) -> PartResult:
+        return pack_partition(spec, tiles_dir, tile_info, parts_dir, image_size, compression, defer_on_mismatch)
+
+    with ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="pack") as pool:
+        return list(pool.map(one, specs))
+
+
 # --------------------------------------------------------------------------
 # The single writer
 # --------------------------------------------------------------------------
@@ -365,7 +398,8 @@ def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 
                         off, data = z[f"off_{name}"], z[f"data_{name}"]
                         tail = (0,) * (ds.ndim - 1)
                         for i in range(k):
-                            ds.id.write_direct_chunk((row + i,) + tail, data[off[i]:off[i + 1]].tobytes(), 0)
+                            # a view of the part's bytes (h5py takes any buffer): no copy per chunk
+                            ds.id.write_direct_chunk((row + i,) + tail, data[off[i]:off[i + 1]], 0)
                 row += k
     return n
 

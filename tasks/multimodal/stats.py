@@ -42,12 +42,19 @@ class ChannelStats:
         Integer data: exact sums in int64 and M2 = (n*S2 - S1^2)/n in Python
         integers, so there is no rounding at all before the final division.
         Float data: two passes (mean, then squared deviations) in float64.
+        A channel whose every entry is valid skips the masking (plain casts and
+        reductions: the same values, bit for bit, at a fraction of the cost).
         """
         n_int = valid.sum(axis=1)
         n = n_int.astype(np.float64)
+        full = n_int == x.shape[1]
+        every = bool(full.all())
         if x.dtype.kind in "ui" and x.dtype.itemsize <= 4:
             info = np.iinfo(x.dtype)
-            xi = np.where(valid, x, 0).astype(np.int64)
+            xi = x.astype(np.int64)
+            if not every:
+                part = ~full
+                xi[part] = np.where(valid[part], x[part], 0)
             s1 = xi.sum(axis=1)
             s2 = np.einsum("ij,ij->i", xi, xi)
             mean = np.zeros(len(n))
@@ -58,17 +65,18 @@ class ChannelStats:
                     a, b = int(s1[c]), int(s2[c])
                     mean[c] = a / k
                     m2[c] = (k * b - a * a) / k
-            mn = np.min(x, axis=1, where=valid, initial=info.max).astype(np.float64)
-            mx = np.max(x, axis=1, where=valid, initial=info.min).astype(np.float64)
+            mn, mx = _min_max(x, valid, full, every, info.max, info.min)
             mn[n_int == 0], mx[n_int == 0] = np.inf, -np.inf
             return cls(count=n, mean=mean, m2=m2, min=mn, max=mx)
         xs = np.sum(x, axis=1, where=valid, dtype=np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean = np.where(n > 0, xs / np.maximum(n, 1), 0.0)
-        d = np.where(valid, x - mean[:, None], 0.0)
+        d = x - mean[:, None]
+        if not every:  # only the channels with invalid entries need the mask
+            part = ~full
+            d[part] = np.where(valid[part], d[part], 0.0)
         m2 = np.einsum("ij,ij->i", d, d)
-        mn = np.min(x, axis=1, where=valid, initial=np.inf).astype(np.float64)
-        mx = np.max(x, axis=1, where=valid, initial=-np.inf).astype(np.float64)
+        mn, mx = _min_max(x, valid, full, every, np.inf, -np.inf)
         return cls(count=n, mean=mean, m2=m2, min=mn, max=mx)
 
     def merge(self, other: "ChannelStats") -> "ChannelStats":
@@ -105,6 +113,21 @@ class ChannelStats:
     @classmethod
     def from_arrays(cls, a: np.ndarray) -> "ChannelStats":
         return cls(*[np.asarray(r, dtype=np.float64) for r in a])
+
+
+def _min_max(x: np.ndarray, valid: np.ndarray, full: np.ndarray, every: bool, hi, lo) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel min and max (float64) of ``x`` (C, P) over ``valid``, ``hi``/``lo`` where a
+    channel has none; the channels in ``full`` (all valid; ``every``: all of them) reduce
+    without the mask (the same values, several times faster)."""
+    if every:
+        return x.min(axis=1).astype(np.float64), x.max(axis=1).astype(np.float64)
+    mn, mx = np.empty(len(x)), np.empty(len(x))
+    part = ~full
+    mn[part] = np.min(x[part], axis=1, where=valid[part], initial=hi)
+    mx[part] = np.max(x[part], axis=1, where=valid[part], initial=lo)
+    if full.any():
+        mn[full], mx[full] = x[full].min(axis=1), x[full].max(axis=1)
+    return mn, mx
 
 
 def valid_mask(key: str, x: np.ndarray) -> np.ndarray:
