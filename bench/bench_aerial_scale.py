@@ -102,8 +102,9 @@ class Probe(BackgroundSampler):
     snapshots (:meth:`segment`): CPU (pipeline = everything but the Prefect server), wall,
     peak RSS sum and largest process, and the bytes ``root`` grew by."""
 
-    def __init__(self, root: Path, period: float = 0.25) -> None:
+    def __init__(self, root: Path, period: float = 0.25, on_stage=None) -> None:
         super().__init__(period)
+        self.on_stage = on_stage  # called after each stage (a run stopped midway keeps its finished stages)
         self.root = Path(root)
         self.me = os.getpid()
         self._proc = psutil.Process(self.me)
@@ -111,7 +112,7 @@ class Probe(BackgroundSampler):
         self.cpu: dict[int, tuple[str, float]] = {}  # pid -> (kind, CPU seconds last seen); dead ones stay
         self.peak_sum = self.peak_one = 0  # since the last reset (the current stage)
         self.run_peak_sum = self.run_peak_one = 0
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.stages: list[dict[str, Any]] = []
         self.loads: list[float] = []  # the machine's 1-minute load average at each sample
 
@@ -146,7 +147,8 @@ class Probe(BackgroundSampler):
 
     def cpu_of(self, pipeline: bool = True) -> float:
         """CPU seconds so far of the pipeline's processes (``pipeline``) or of the Prefect server."""
-        return sum(c for k, c in self.cpu.values() if (k != "prefect server") == pipeline)
+        with self.lock:
+            return sum(c for k, c in self.cpu.values() if (k != "prefect server") == pipeline)
 
     @contextlib.contextmanager
     def segment(self, name: str) -> Iterator[None]:
@@ -165,6 +167,8 @@ class Probe(BackgroundSampler):
                        "peak_rss_sum": self.peak_sum, "peak_rss_one": self.peak_one,
                        "bytes": tree_bytes(self.root) - bytes0}
                 self.stages.append(row)
+            if self.on_stage is not None:
+                self.on_stage()
 
 
 def instrument(probe: Probe) -> None:
@@ -200,26 +204,32 @@ def run_point(n_aerial: int, n_ground: int, size: tuple[int, int], root: Path, r
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    probe = Probe(root, period)
-    instrument(probe)
     world = {"n_aerial": n_aerial, "n_ground": n_ground, "size": list(size)}
     argv = ["--root", str(root), "--synthetic", "--set", "world_options=" + json.dumps(world), *sum(
         (["--set", s] for s in sets), [])]
     t0 = time.monotonic()
+
+    def write(code: int | None) -> None:
+        """The record so far (``partial`` until the flow has returned ``code``)."""
+        reports = sorted((root / "data").glob("*/report.json")) if code is not None else []
+        report = json.loads(reports[0].read_text()) if reports else {}
+        rec = {"n_aerial": n_aerial, "n_ground": n_ground, "n": n_aerial + n_ground, "size": list(size),
+               "argv": ["python", "-m", "flows.aerial", *argv], "exit": code, "partial": code is None,
+               "wall_s": time.monotonic() - t0, "cpu_s": probe.cpu_of(), "prefect_server_cpu_s": probe.cpu_of(False),
+               "peak_rss_sum": probe.run_peak_sum, "peak_rss_one": probe.run_peak_one, "bytes": tree_bytes(root),
+               "load_before": LOAD_BEFORE, "load_after": list(os.getloadavg()),
+               "load_mean": sum(probe.loads) / max(1, len(probe.loads)), "cores": os.cpu_count(),
+               "probe": probe.stages, "report": {k: report.get(k) for k in ("timings", "counts", "problems")}}
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1))
+        tmp.replace(record)
+
+    probe = Probe(root, period, on_stage=lambda: write(None))
+    instrument(probe)
     with probe:
         code = flow_module.main(argv)
-    wall = time.monotonic() - t0
     probe.sample()
-    reports = sorted((root / "data").glob("*/report.json"))
-    report = json.loads(reports[0].read_text()) if reports else {}
-    rec = {"n_aerial": n_aerial, "n_ground": n_ground, "n": n_aerial + n_ground, "size": list(size),
-           "argv": ["python", "-m", "flows.aerial", *argv], "exit": code, "wall_s": wall,
-           "cpu_s": probe.cpu_of(), "prefect_server_cpu_s": probe.cpu_of(pipeline=False),
-           "peak_rss_sum": probe.run_peak_sum, "peak_rss_one": probe.run_peak_one, "bytes": tree_bytes(root),
-           "load_before": LOAD_BEFORE, "load_after": list(os.getloadavg()),
-           "load_mean": sum(probe.loads) / max(1, len(probe.loads)), "cores": os.cpu_count(),
-           "probe": probe.stages, "report": {k: report.get(k) for k in ("timings", "counts", "problems")}}
-    record.write_text(json.dumps(rec, indent=1))
+    write(code)
     return code
 
 
@@ -335,7 +345,7 @@ def markdown(records: list[dict[str, Any]], fit: dict[str, Any], extra: list[str
     lines = ["# Aerial flow: per-stage cost against the number of images", ""]
     for r in records:
         lines.append(f"- N = {r['n']} ({r['n_aerial']} frames + {r['n_ground']} photos, {r['size'][0]}x{r['size'][1]}):"
-                     f" exit {r['exit']}, wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s (Prefect server "
+                     f" {'STOPPED MIDWAY (partial: the stages it finished)' if r.get('partial') else 'exit %s' % r['exit']}, wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s (Prefect server "
                      f"{r.get('prefect_server_cpu_s', 0):.0f} s more), peak RSS {r['peak_rss_sum'] / 1e9:.2f} GB, "
                      f"{r['bytes'] / 1e6:.0f} MB on disk, load (1 min) {_fmt((r.get('load_before') or [math.nan])[0])} -> "
                      f"{_fmt((r.get('load_after') or [math.nan])[0])}, mean {_fmt(r.get('load_mean', math.nan))} "

@@ -36,7 +36,9 @@ def test_probe_measures_the_pipelines_own_stages(monkeypatch, tmp_path):
     bench = _load_bench()
     monkeypatch.setattr(RunReport, "stage", RunReport.stage)  # restored after the test
     monkeypatch.setattr(synthetic_world, "ensure_world", synthetic_world.ensure_world)
-    probe = bench.Probe(tmp_path, period=60)  # samples only at the stage boundaries and when asked
+    finished = []
+    probe = bench.Probe(tmp_path, period=60, on_stage=lambda: finished.append(len(probe.stages)))  # samples at
+    # the stage boundaries and when asked; on_stage: a stopped run keeps the stages it finished
     bench.instrument(probe)
     report = RunReport(title="t")
     with report.stage("ingest", "s"):
@@ -60,6 +62,7 @@ def test_probe_measures_the_pipelines_own_stages(monkeypatch, tmp_path):
     assert rows["features"]["cpu_s"] >= 0.05  # the child's CPU, counted in the stage it ran in
     assert {k: r["wall_s"] for k, r in rows.items()} == report.timings  # the pipeline's own wall times
     assert rows["features"]["peak_rss_sum"] > 0
+    assert finished == [1, 2, 3]
 
 
 def _record(n, cpu, pairs, covis):
