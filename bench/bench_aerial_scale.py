@@ -53,6 +53,9 @@ from benchlib import BackgroundSampler  # noqa: E402
 
 #: The pair counts of ``report.json`` (``counts``) whose sum is the pairs matched.
 MATCH_PAIRS = ("reference pairs", "retrieval pairs", "photo pairs")
+#: The pairs files of a scene (``tasks/aerial/layout.py``) and the ``report.json`` count each one is.
+PAIRS_FILES = {"pairs-reference-poses.txt": "reference pairs", "pairs-query-retrieval.txt": "retrieval pairs",
+               "pairs-query-poses.txt": "photo pairs"}
 #: A stage whose CPU grows faster than this power of N over the pairs' own power is flagged.
 SLOPE_MARGIN = 0.3
 
@@ -84,6 +87,17 @@ def tree_bytes(root: Path) -> int:
                 except OSError:
                     continue
     return total
+
+
+def pairs_in_files(root: Path) -> dict[str, int]:
+    """The pair counts of :data:`PAIRS_FILES` read from the pairs files under ``root`` (one pair a line):
+    the counts of a run stopped before its report was written."""
+    out: dict[str, int] = {}
+    for name, key in PAIRS_FILES.items():
+        for f in Path(root).glob(f"data/*/**/{name}"):
+            out[key] = out.get(key, 0) + sum(1 for line in f.read_text().splitlines() if line.strip()
+                                              and not line.startswith("#"))
+    return out
 
 
 def process_kind(p: psutil.Process, me: int) -> str:
@@ -158,14 +172,18 @@ class Probe(BackgroundSampler):
             self.peak_sum = self.peak_one = 0
             cpu0, bytes0, t0 = self.cpu_of(), tree_bytes(self.root), time.monotonic()
         self.sample()
+        stopped = False
         try:
             yield
+        except (KeyboardInterrupt, SystemExit):  # the run was stopped: this stage did not finish
+            stopped = True
+            raise
         finally:
             self.sample()
             with self.lock:
                 row = {"stage": name, "wall_s": time.monotonic() - t0, "cpu_s": self.cpu_of() - cpu0,
                        "peak_rss_sum": self.peak_sum, "peak_rss_one": self.peak_one,
-                       "bytes": tree_bytes(self.root) - bytes0}
+                       "bytes": tree_bytes(self.root) - bytes0, **({"stopped": True} if stopped else {})}
                 self.stages.append(row)
             if self.on_stage is not None:
                 self.on_stage()
@@ -196,14 +214,27 @@ def instrument(probe: Probe) -> None:
     synthetic_world.ensure_world = ensure_world
 
 
+#: What a synthetic world root holds before the flow has run (``--reuse-world`` copies these).
+WORLD_ITEMS = ("downloaded_data", "megadepth", "ground_truth", "plans", "world_info.json", ".world_complete")
+
+
 def run_point(n_aerial: int, n_ground: int, size: tuple[int, int], root: Path, record: Path, sets: list[str],
-              period: float) -> int:
-    """One size: the flow on a fresh synthetic world in ``root``; the measures go to ``record`` (JSON)."""
+              period: float, world_from: Path | None = None) -> int:
+    """One size: the flow on a fresh synthetic world in ``root``; the measures go to ``record`` (JSON).
+    ``world_from``: a root holding that world already rendered (its world items are copied; the flow
+    then finds the data and renders nothing: no ``world`` stage)."""
     import flows.aerial as flow_module
 
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
+    if world_from is not None:
+        for item in WORLD_ITEMS:
+            src = Path(world_from) / item
+            if src.is_dir():
+                shutil.copytree(src, root / item, symlinks=True)
+            elif src.exists():
+                shutil.copy2(src, root / item)
     world = {"n_aerial": n_aerial, "n_ground": n_ground, "size": list(size)}
     argv = ["--root", str(root), "--synthetic", "--set", "world_options=" + json.dumps(world), *sum(
         (["--set", s] for s in sets), [])]
@@ -215,11 +246,13 @@ def run_point(n_aerial: int, n_ground: int, size: tuple[int, int], root: Path, r
         report = json.loads(reports[0].read_text()) if reports else {}
         rec = {"n_aerial": n_aerial, "n_ground": n_ground, "n": n_aerial + n_ground, "size": list(size),
                "argv": ["python", "-m", "flows.aerial", *argv], "exit": code, "partial": code is None,
+               "world_from": str(world_from) if world_from else None,
                "wall_s": time.monotonic() - t0, "cpu_s": probe.cpu_of(), "prefect_server_cpu_s": probe.cpu_of(False),
                "peak_rss_sum": probe.run_peak_sum, "peak_rss_one": probe.run_peak_one, "bytes": tree_bytes(root),
                "load_before": LOAD_BEFORE, "load_after": list(os.getloadavg()),
                "load_mean": sum(probe.loads) / max(1, len(probe.loads)), "cores": os.cpu_count(),
-               "probe": probe.stages, "report": {k: report.get(k) for k in ("timings", "counts", "problems")}}
+               "probe": probe.stages, "report": {k: report.get(k) for k in ("timings", "counts", "problems")},
+               "pairs_files": pairs_in_files(root)}
         tmp = record.with_suffix(".tmp")
         tmp.write_text(json.dumps(rec, indent=1))
         tmp.replace(record)
@@ -242,6 +275,8 @@ def stage_rows(rec: dict[str, Any]) -> dict[str, dict[str, float]]:
     timings = (rec.get("report") or {}).get("timings") or {}
     rows: dict[str, dict[str, float]] = {}
     for seg in rec.get("probe", []):
+        if seg.get("stopped"):  # a stage the stop cut short measures nothing
+            continue
         row = rows.setdefault(seg["stage"], {"wall_s": 0.0, "cpu_s": 0.0, "peak_rss_sum": 0, "peak_rss_one": 0,
                                              "bytes": 0})
         row["wall_s"] += seg["wall_s"]
@@ -262,6 +297,8 @@ def pair_counts(rec: dict[str, Any]) -> dict[str, int]:
     """The run's pair counts: each of :data:`MATCH_PAIRS`, their sum ``matched pairs``, and the
     covisibility counts ``report.json`` has (``covisibility ...``)."""
     counts = (rec.get("report") or {}).get("counts") or {}
+    if not any(k in counts for k in MATCH_PAIRS):  # a stopped run: its pairs files
+        counts = {**counts, **(rec.get("pairs_files") or {})}
     out = {k: int(counts[k]) for k in MATCH_PAIRS if k in counts}
     out["matched pairs"] = sum(out.values())
     out.update({k: v for k, v in counts.items() if k.startswith("covisibility") and isinstance(v, (int, float))})
@@ -308,9 +345,10 @@ def analyze(records: list[dict[str, Any]]) -> dict[str, Any]:
         for i, k in enumerate(st["cpu_s"]["slopes"]):
             kp = ref["slopes"][i] if ref else math.nan
             big = st["cpu_s"]["values"][i + 1] > 0.02 * records[i + 1]["cpu_s"]  # only stages worth 2 % of a run
-            if k == k and k > max(1.0, kp if kp == kp else 1.0) + SLOPE_MARGIN and big:
+            if k == k and kp == kp and k > max(1.0, kp) + SLOPE_MARGIN and big:
                 out["flagged"].append({"stage": s, "between": [ns[i], ns[i + 1]], "cpu_slope": k, "pairs_slope": kp})
         out["stages"][s] = st
+    out["partial"] = any(r.get("partial") for r in records)
     out["totals"] = {m: [r.get(m) for r in records] for m in ("wall_s", "cpu_s", "peak_rss_sum", "bytes",
                                                               "prefect_server_cpu_s")}
     return out
@@ -390,6 +428,8 @@ def paper_projection(fit: dict[str, Any], n_paper: int = 900, cores: int = 2) ->
              f"- 1000 images: {tot1000:.0f} CPU s = {tot1000 / 3600:.2f} CPU hours per 1000 images",
              f"- paper-sized scene, {n_paper} images: {totp / 3600:.2f} CPU hours, at best {totp / 3600 / cores:.2f} h "
              f"wall on {cores} cores; dominant stage {top} ({ep[top] / totp:.0%})",
+             *(["- ONLY the stages listed below: a run was stopped midway, the later stages are not in this sum"]
+               if fit.get("partial") else []),
              "", "| stage | CPU s at 1000 (extrapolated) |", "|---|---|"]
     lines += [f"| {s} | {v:.0f} |" for s, v in sorted(e1000.items(), key=lambda kv: -kv[1])]
     return lines
@@ -420,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true", help="keep each run's root")
     ap.add_argument("--period", type=float, default=0.25, help="sampling period in seconds")
     ap.add_argument("--analyze", action="store_true", help="only refit the point-*.json in OUT")
+    ap.add_argument("--reuse-world", type=Path, default=None,
+                    help="folder holding n<N>/ roots of an earlier run with the same sizes: copy their rendered "
+                         "world instead of rendering it again (no world stage then)")
     ap.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)  # internal: run one point here
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -427,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.one:
         a, g = args.one
         root = work / f"n{a + g}"
-        code = run_point(a, g, tuple(args.size), root, args.out / f"point-{a + g:05d}.json", args.sets, args.period)
+        code = run_point(a, g, tuple(args.size), root, args.out / f"point-{a + g:05d}.json", args.sets, args.period,
+                         args.reuse_world / f"n{a + g}" if args.reuse_world else None)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
         return code
@@ -436,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
             a, g = (int(x) for x in p.lower().split("x"))
             cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(args.out), "--one", str(a), str(g),
                    "--size", *map(str, args.size), "--work", str(work), "--period", str(args.period),
-                   *sum((["--set", s] for s in args.sets), []), *(["--keep"] if args.keep else [])]
+                   *sum((["--set", s] for s in args.sets), []), *(["--keep"] if args.keep else []),
+                   *(["--reuse-world", str(args.reuse_world)] if args.reuse_world else [])]
             print(f"[{time.strftime('%H:%M:%S')}] N={a + g}: {' '.join(cmd)}", flush=True)
             with open(args.out / f"point-{a + g:05d}.log", "w") as log:
                 rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1]

@@ -55,14 +55,16 @@ def test_probe_measures_the_pipelines_own_stages(monkeypatch, tmp_path):
             child.communicate(b"")
     with pytest.raises(StageFailed), report.stage("matches", "s"):
         raise RuntimeError("boom")
+    with pytest.raises(KeyboardInterrupt), probe.segment("dense"):  # a run stopped midway
+        raise KeyboardInterrupt
+    assert probe.stages[-1]["stopped"] and finished == [1, 2, 3, 4]
     rec = {"n": 3, "report": {"timings": report.timings, "counts": {}}, "probe": probe.stages}
     rows = bench.stage_rows(rec)
-    assert list(rows) == ["ingest", "features", "matches"] == list(report.timings)
+    assert list(rows) == ["ingest", "features", "matches"] == list(report.timings)  # not the stopped one
     assert rows["ingest"]["bytes"] == 1000 and rows["features"]["bytes"] == 0
     assert rows["features"]["cpu_s"] >= 0.05  # the child's CPU, counted in the stage it ran in
     assert {k: r["wall_s"] for k, r in rows.items()} == report.timings  # the pipeline's own wall times
     assert rows["features"]["peak_rss_sum"] > 0
-    assert finished == [1, 2, 3]
 
 
 def _record(n, cpu, pairs, covis):
@@ -103,3 +105,20 @@ def test_slopes_flags_and_tables(tmp_path):
     assert json.loads((tmp_path / "scale.json").read_text())["fit"]["n"] == [64, 256, 1024]
     assert bench.extrapolate(bench.analyze(records[:2]), 1024)["dense"] == pytest.approx(3.0 * 1024)
     assert math.isnan(bench.slope(64, 0.0, 256, 1.0))  # a stage that took nothing has no slope
+
+
+def test_pairs_of_a_stopped_run_come_from_its_pairs_files(tmp_path):
+    """A run stopped before its report.json still has its pairs: read from the pairs files."""
+    bench = _load_bench()
+    work = tmp_path / "data" / "0001" / "sfm_output_localization"
+    work.mkdir(parents=True)
+    (work / "pairs-reference-poses.txt").write_text("a b\na c\nb c\n")
+    (work / "pairs-query-retrieval.txt").write_text("q a\n")
+    (work / "pairs-query-poses.txt").write_text("")
+    (work / "pairs-all.txt").write_text("a b\na c\nb c\nq a\n")  # the union: not counted again
+    files = bench.pairs_in_files(tmp_path)
+    assert files == {"reference pairs": 3, "retrieval pairs": 1, "photo pairs": 0}
+    assert bench.pair_counts({"report": {"counts": {}}, "pairs_files": files})["matched pairs"] == 4
+    # report.json's counts win when the run finished
+    assert bench.pair_counts({"report": {"counts": {"reference pairs": 7}}, "pairs_files": files}) == {
+        "reference pairs": 7, "matched pairs": 7}
