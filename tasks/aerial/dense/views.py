@@ -201,7 +201,13 @@ def select_sources_covering(rec: pycolmap.Reconstruction, image_id: int, k: int,
     cell = (np.minimum((uv[:, 1] * gy / ref.height).astype(np.int64), gy - 1) * gx
             + np.minimum((uv[:, 0] * gx / ref.width).astype(np.int64), gx - 1))
     weight = 1.0 / np.bincount(cell, minlength=gx * gy)[cell]
-    tracks = [{el.image_id for el in rec.points3D[i].track.elements} for i in pid]
+    # which of these points each image observes (the tracks), read once: index arrays per image, so
+    # each candidate below costs numpy work on its own observations, not a Python pass over all points
+    observed: dict[int, list[int]] = {}
+    for n, i in enumerate(pid):
+        for j in {el.image_id for el in rec.points3D[i].track.elements}:
+            observed.setdefault(j, []).append(n)
+    tracked = {j: np.asarray(v, np.int64) for j, v in observed.items()}
     f_ref = float(np.sqrt(ref.K[0, 0] * ref.K[1, 1]))
     d_ref = np.linalg.norm(pts - ref.centre, axis=1)
     lo, hi = math.cos(math.radians(min_angle_deg)), math.cos(math.radians(max_angle_deg))
@@ -212,7 +218,8 @@ def select_sources_covering(rec: pycolmap.Reconstruction, image_id: int, k: int,
         cj = _cam(rec, j)
         if _angle(ref.axis, cj.axis) > max_view_angle_deg:
             continue
-        vis = _front_points(cj, pts, cells, tolerance) | np.array([j in tr for tr in tracks])
+        vis = _front_points(cj, pts, cells, tolerance)
+        vis[tracked.get(j, [])] = True
         a, b = ref.centre - pts, cj.centre - pts
         d_j = np.linalg.norm(b, axis=1)
         cosang = np.sum(a * b, 1) / np.maximum(d_ref * d_j, 1e-12)
@@ -221,7 +228,7 @@ def select_sources_covering(rec: pycolmap.Reconstruction, image_id: int, k: int,
         vis &= (cosang <= lo) & (cosang >= hi) & (np.maximum(scale, 1.0 / scale) <= max_scale_ratio)
         if vis.any():
             seen[j] = vis
-    shared = {j: int(sum(j in tr for tr in tracks)) for j in seen}
+    shared = {j: len(tracked.get(j, ())) for j in seen}
     chosen: list[int] = []
     count = np.zeros(len(pts), np.int64)
 
