@@ -194,7 +194,7 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
         out.dense = selection.backend
         get_run_logger().info("scene %s: %s", s, selection.why)
         report.notes.append(selection.why)
-        report.extra["dense"] = {"device": out.dense.device, "method": out.dense.name}
+        report.counts["dense backend"] = out.dense.device  # the report's table (display only)
         images = dense_prepare_task.submit(sp, out.dense).result()
     with stage("dense"):
         done, failed = [], []

@@ -324,10 +324,10 @@ def registered_names(paths: ScenePaths) -> list[str]:
     return sorted(im.name for im in rec.images.values() if im.has_pose)
 
 
-def prepare_dense(paths: ScenePaths, config: PipelineConfig) -> list[str]:
-    """The dense workspace (``dense/images``, ``dense/sparse``) of the registered images, the same
-    for every backend (:meth:`~tasks.aerial.dense.backends.DenseBackend.prepare`)."""
-    return cpu_backend(config).prepare(paths.localized, paths.images, paths.dense, registered_names(paths))
+def prepare_dense(paths: ScenePaths, backend: DenseBackend) -> list[str]:
+    """The dense workspace (``dense/images``, ``dense/sparse``) of the registered images, as
+    ``backend`` needs it (:meth:`~tasks.aerial.dense.backends.DenseBackend.prepare`)."""
+    return backend.prepare(paths.localized, paths.images, paths.dense, registered_names(paths))
 
 
 def dense_step(paths: ScenePaths, backend: DenseBackend, names: list[str], step: str,

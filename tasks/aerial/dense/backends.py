@@ -56,6 +56,7 @@ class DenseResult(TypedDict, total=False):
     fusion: dict[str, Any]  # the fusion's counts (fused points, fused images, seconds)
     finish: bool  # these stats are the scene's final depth maps (the export after fusion)
     worker: str  # the Dask worker that ran the task
+    method: str  # the backend's name (run_all)
 
 
 class DenseBackend(Protocol):
@@ -115,8 +116,8 @@ class PatchMatchBackend(_Backend):
         return run_patch_match(workspace, names, self.config, step, device=self.kernels, progress=progress)
 
     def fuse(self, workspace: Path, depth_dir: Path, names: list[str]) -> DenseResult:
-        out = fuse_and_export(workspace, depth_dir, self.steps()[-1], self.config.patchmatch.max_image_size,
-                              self.config, names)
+        kind = self.steps()[-1]  # the maps of the last pass: geometric, or photometric without one
+        out = fuse_and_export(workspace, depth_dir, kind, self.config.patchmatch.max_image_size, self.config, names)
         return {**out, "finish": True}
 
 
@@ -283,7 +284,7 @@ def run_all(backend: DenseBackend, workspace: Path, depth_dir: Path, names: list
     steps = [backend.run_batch(workspace, depth_dir, names, step) for step in backend.steps()]
     fused = backend.fuse(workspace, depth_dir, names)
     merged = merge_dense_results(steps + ([fused] if fused.get("finish") else []))
-    return {**merged, "fusion": fused.get("fusion", {}), "finish": True}
+    return {**merged, "fusion": fused.get("fusion", {}), "finish": True, "method": backend.name}
 
 
 def merge_dense_results(steps: list[DenseResult]) -> DenseResult:

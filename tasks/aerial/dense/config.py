@@ -19,7 +19,7 @@ CUDA_MESSAGE = "pycolmap is built without CUDA: install pycolmap-cuda12 on GPU w
 
 #: the spellings of the three choices (the form's drop-downs; select_backend reads them)
 DEVICES = ("auto", "cpu", "gpu")
-CPU_METHODS = ("patchmatch", "sgbm")
+CPU_METHODS = ("sgbm", "patchmatch")
 GPU_METHODS = ("auto", "colmap", "patchmatch")
 VIEW_SELECTIONS = ("coverage", "shared")
 SGBM_MODES = ("3way", "sgbm", "hh")
@@ -188,8 +188,7 @@ class DenseConfig:
         ``dense.<field>`` or ``dense.<method>.<field>``)."""
         for name, value, allowed in (("backend", self.backend, DEVICES), ("cpu_method", self.cpu_method, CPU_METHODS),
                                      ("gpu_method", self.gpu_method, GPU_METHODS),
-                                     ("patchmatch.view_selection", self.patchmatch.view_selection, VIEW_SELECTIONS),
-                                     ("sgbm.mode", self.sgbm.mode, SGBM_MODES)):
+                                     ("patchmatch.view_selection", self.patchmatch.view_selection, VIEW_SELECTIONS)):
             if value not in allowed:
                 raise ValueError(f"dense.{name} must be one of {allowed}, got {value!r}")
         check_bounds(self, DENSE_BOUNDS, "dense")
