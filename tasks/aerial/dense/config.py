@@ -171,8 +171,19 @@ class DenseConfig:
                 setattr(self, name, cls(**value))
 
     def with_overrides(self, overrides: dict[str, Any]) -> "DenseConfig":
-        """A copy with ``overrides`` applied; a method's sub-dict changes only the fields it names.
-        Raises TypeError naming an unknown setting."""
+        """A copy with ``overrides`` applied; a method's sub-dict (or a dotted key,
+        ``"patchmatch.window_radius"``) changes only the fields it names. Raises TypeError naming
+        an unknown setting."""
+        nested: dict[str, Any] = {}
+        for key, value in overrides.items():
+            section, _, name = key.partition(".")
+            if name:
+                nested.setdefault(section, {})[name] = value
+            elif isinstance(value, dict):
+                nested.setdefault(key, {}).update(value)
+            else:
+                nested[key] = value
+        overrides = nested
         out = dataclasses.replace(self, **{k: v for k, v in overrides.items() if k not in METHOD_CONFIGS})
         for name in METHOD_CONFIGS:
             sub = overrides.get(name)
