@@ -405,6 +405,7 @@ def export_product(paths: ScenePaths) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- hloc backend
+# hloc is optional (installed from its repository, with its weights): imported by the functions that use it
 
 
 def _hloc_extract(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> Path:

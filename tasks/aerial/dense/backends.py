@@ -20,10 +20,11 @@ compares method names.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, Sequence, TypedDict
+
+import pycolmap
 
 from tasks.aerial.dense.config import CUDA_MESSAGE, GPU_METHODS, DenseConfig
 from tasks.aerial.dense.fusion import fuse_and_export
@@ -189,15 +190,7 @@ BACKENDS: dict[str, type] = {b.name: b for b in (PatchMatchBackend, SGBMBackend,
 
 
 def colmap_has_cuda() -> bool:
-    """pycolmap is importable here and built with CUDA."""
-    try:
-        if "pycolmap" in sys.modules:
-            pycolmap = sys.modules["pycolmap"]
-        else:
-            from tasks.common.signals import import_pycolmap  # keeps the worker's SIGTERM handling
-            pycolmap = import_pycolmap()
-    except ImportError:
-        return False
+    """pycolmap here is built with CUDA."""
     return bool(getattr(pycolmap, "has_cuda", False))
 
 
