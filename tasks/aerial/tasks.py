@@ -15,12 +15,10 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.aerial import covisibility, megadepth, pipeline, training_export
-from tasks.aerial.dense.backends import gpu_capabilities
-from tasks.aerial.earthstudio import ingest_scene
-from tasks.aerial.evaluate import evaluate_scene
-from tasks.aerial.plan import plan_scene
-from tasks.aerial.synthetic_world import ensure_world
+# modules, not their functions: each call looks the function up (tests replace stage functions)
+from tasks.aerial import covisibility, earthstudio, evaluate, megadepth, pipeline, synthetic_world, training_export
+from tasks.aerial import plan as planning
+from tasks.aerial.dense import backends
 from tasks.common.progress import Progress
 from tasks.common.runtime import match_worker_threads, worker_address
 
@@ -28,14 +26,14 @@ from tasks.common.runtime import match_worker_threads, worker_address
 @task(name="synthetic-world", cache_policy=NO_CACHE, tags=["aerial"])
 def world_task(root: str, options: dict[str, Any]) -> str:
     with Progress("synthetic world", 0, "renders") as progress:
-        info = ensure_world(Path(root), progress=progress.update, **options)
+        info = synthetic_world.ensure_world(Path(root), progress=progress.update, **options)
     get_run_logger().info("synthetic world ready in %s", root)
     return str(info.scene) if hasattr(info, "scene") else "0001"
 
 
 @task(name="plan", cache_policy=NO_CACHE, tags=["aerial", "plan"])
 def plan_task(root: str, place, trajectory):
-    res = plan_scene(Path(root), place, trajectory)
+    res = planning.plan_scene(Path(root), place, trajectory)
     if res.invalid:
         get_run_logger().warning("scene %s: the earlier project was invalid and is replaced: %s", place.scene,
                                  res.invalid)
@@ -46,7 +44,7 @@ def plan_task(root: str, place, trajectory):
 
 @task(name="earth-studio-ingest", cache_policy=NO_CACHE, tags=["aerial", "ingest"], retries=1)
 def ingest_task(root: str, scene: str):
-    res = ingest_scene(Path(root), scene)
+    res = earthstudio.ingest_scene(Path(root), scene)
     logger = get_run_logger()
     logger.info("scene %s: %d frames%s, %d skipped", scene, res.frames_written,
                 " (up to date)" if res.skipped_scene else "", len(res.frames_skipped))
@@ -116,7 +114,7 @@ def localize_task(paths, cfg, info):
 @task(name="dense-gpu-probe", cache_policy=NO_CACHE, tags=["aerial", "dense", "gpu"], retries=1)
 def gpu_capabilities_task():
     """What the GPU worker it lands on can run (submit it with the Dask resource ``GPU``)."""
-    return gpu_capabilities()
+    return backends.gpu_capabilities()
 
 
 @task(name="dense-prepare", cache_policy=NO_CACHE, tags=["aerial", "dense"], retries=1)
@@ -172,4 +170,4 @@ def training_index_task(export: str, ecfg):
 
 @task(name="evaluate", cache_policy=NO_CACHE, tags=["aerial"])
 def evaluate_task(paths, queries: list[str]):
-    return evaluate_scene(paths.product, paths.ground_truth, queries)
+    return evaluate.evaluate_scene(paths.product, paths.ground_truth, queries)
