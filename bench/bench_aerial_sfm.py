@@ -61,7 +61,7 @@ def main() -> int:
         timed("matches", lambda: PL.match(paths, cfg))
         ref = timed("reference", lambda: PL.reference(paths, cfg))
         loc = timed("localization", lambda: PL.localize(paths, cfg, info))
-        reg = timed("dense-prepare", lambda: PL.prepare_dense(paths, cfg))
+        reg = timed("dense-prepare", lambda: PL.prepare_dense(paths, PL.cpu_backend(cfg)))
         dense = timed("dense", lambda: PL.dense_depths_cpu(paths, cfg, reg))
         timed("fusion", lambda: PL.fuse_cpu(paths, cfg))
         timed("export", lambda: PL.export_product(paths))

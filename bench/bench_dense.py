@@ -82,7 +82,8 @@ def main() -> int:
         import json
         import resource
 
-        cfg = dense.DenseConfig(backend="cpu", cpu_method=args.backend, **{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
+        cfg = dense.DenseConfig(backend="cpu", cpu_method=args.backend).with_overrides(
+            {k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
         if args.num_sources:
             cfg.num_sources = args.num_sources
         frames = world.frame_names[: args.limit] if args.limit else world.frame_names
@@ -93,7 +94,7 @@ def main() -> int:
         if args.backend == "sgbm":
             res = dense.run_dense(ws, frames + photos, cfg, depth_dir)
         else:
-            from tasks.aerial.pipeline import merge_dense_results
+            from tasks.aerial.dense.backends import merge_dense_results
 
             W = dense.open_workspace(ws)
             steps = [dense.run_patch_match(W, frames + photos, cfg, "photometric"),
@@ -107,12 +108,12 @@ def main() -> int:
         print(f"world {args.n_aerial} aerial + {args.n_ground} photos, {args.size[0]}x{args.size[1]}, seed {args.seed} "
               f"(generated/ingested in {t_world:.1f}s); workspace {ws}")
         if args.backend == "sgbm":
-            print(f"config: sgbm num_sources={cfg.num_sources} min_consistent={cfg.min_consistent} "
-                  f"rel_tolerance={cfg.rel_tolerance} max_disparities={cfg.max_disparities} "
-                  f"cpu size={cfg.cpu_size()} sgbm block={cfg.sgbm_block_size} mode={cfg.sgbm_mode}")
+            print(f"config: sgbm num_sources={cfg.num_sources} min_consistent={cfg.sgbm.min_consistent} "
+                  f"rel_tolerance={cfg.sgbm.rel_tolerance} max_disparities={cfg.sgbm.max_disparities} "
+                  f"cpu size={cfg.sgbm.max_image_size} sgbm block={cfg.sgbm.block_size} mode={cfg.sgbm.mode}")
         else:
-            print("config: patchmatch " + " ".join(f"{k}={v}" for k, v in vars(cfg).items()
-                                                   if k.startswith("pm_") or k == "num_sources"))
+            print(f"config: patchmatch num_sources={cfg.num_sources} "
+                  + " ".join(f"{k}={v}" for k, v in vars(cfg.patchmatch).items()))
         header = f"{'image':<32} {'kind':<6} {'sec':>6} {'valid':>6} {'AbsRel':>7} {'d<1.25':>7} {'spur':>6} sources"
         groups: dict[str, list[dict]] = {"aerial": [], "ground": []}
         print(header)

@@ -5,10 +5,10 @@ Per image, on the true-surface pixels (ground-truth depth > 0) at the PatchMatch
 * **bounds** from the synthetic ground truth (its poses and depth maps): the share of those
   pixels whose surface point is seen (projects inside, in front, and the source's true depth
   there agrees within 2 %) by at least 2 views with a per-pixel triangulation angle of at least
-  ``pm_min_triangulation_angle`` (the filter's) — ``sel``: among the sources the geometric pass
+  ``patchmatch.min_triangulation_angle`` (the filter's) — ``sel``: among the sources the geometric pass
   selected; ``all``: among every image whose principal axis is within ``max_view_angle`` and
   with the per-pixel angle at most ``max_triangulation_angle`` (the selection's limits);
-* the **loss per step**: no texture (``pm_min_std``), no correct depth (relative error under
+* the **loss per step**: no texture (``patchmatch.min_std``), no correct depth (relative error under
   5 %) in the photometric map / in the geometric pass before its filter, correct but removed by
   the geometric filter (split by whether 2 selected sources truly see the pixel), kept; and the
   coverage after the export to the image size, as the pipeline test evaluates it
@@ -151,13 +151,13 @@ def main() -> int:
             print(f"{n:<32} no geometric map ({r2['stats'].get(n, {}).get('note', r2['failures'].get(n))})")
             continue
         c = _cam(ws.rec, ws.by_name[n])
-        W, H, sx, sy = working_size(c, dc.pm_max_image_size)
+        W, H, sx, sy = working_size(c, dc.patchmatch.max_image_size)
         K_raw, _, _, g_raw = gt.cams[n]
         g = gt_depth_on_grid(g_raw, K_raw, np.diag([sx, sy, 1.0]) @ c.K, (H, W))
         true = g > 0
         srcs = info["sources"]
-        v_sel = gt.views(n, (H, W), srcs, dc.pm_min_triangulation_angle, 180.0, None)
-        v_all = gt.views(n, (H, W), list(gt.cams), dc.pm_min_triangulation_angle, dc.max_triangulation_angle,
+        v_sel = gt.views(n, (H, W), srcs, dc.patchmatch.min_triangulation_angle, 180.0, None)
+        v_all = gt.views(n, (H, W), list(gt.cams), dc.patchmatch.min_triangulation_angle, dc.max_triangulation_angle,
                          dc.max_view_angle)
 
         def ok(d, g=g):

@@ -9,7 +9,7 @@ that folder: it replaces ``dense/stereo``, ``dense/depths`` and the product's de
     python bench/bench_dense_demo.py --root /tmp/demo                      # PatchMatch, every image
     python bench/bench_dense_demo.py --root /tmp/demo --subset             # the pipeline test's subset
     python bench/bench_dense_demo.py --root /tmp/demo --set cpu_method='"sgbm"'
-    python bench/bench_dense_demo.py --root /tmp/demo --keep-photometric --set pm_geom_max_error=2.0
+    python bench/bench_dense_demo.py --root /tmp/demo --keep-photometric --set patchmatch.geom_max_error=2.0
 
 ``--keep-photometric`` keeps the photometric maps already there (compare settings of the geometric
 pass); with ``--subset`` the photometric maps of images outside the subset are removed.

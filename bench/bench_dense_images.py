@@ -4,7 +4,7 @@ sources, the geometric pass on the images, then coverage of the true surface, Ab
 share within 1.25x of each pass's maps against the exact depth, and the CPU-seconds per pass.
 
     python bench/bench_dense_images.py --root /tmp/w                      # frame 0001_010, one photo
-    python bench/bench_dense_images.py --root /tmp/w --set pm_min_consistent=1 pm_geom_max_error=2.0
+    python bench/bench_dense_images.py --root /tmp/w --set patchmatch.min_consistent=1 patchmatch.geom_max_error=2.0
     python bench/bench_dense_images.py --root /tmp/w --names 0001_030.jpeg --geometric-only
 
 ``--geometric-only`` keeps the photometric maps already in the workspace (compare filters of the
@@ -49,7 +49,7 @@ def main() -> int:
         mapping.update({n: world.images_dir for n in world.photo_names})
         D.prepare_workspace(world.gt_sparse_dir, mapping, ws_path)
     ws = D.open_workspace(ws_path)
-    cfg = D.DenseConfig(**{k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
+    cfg = D.DenseConfig().with_overrides({k: json.loads(v) for k, v in (a.split("=", 1) for a in args.set)})
     names = args.names or [world.frame_names[10], world.photo_names[3]]
     todo = set(names)
     for n in names:

@@ -8,7 +8,7 @@ A cheap proxy for the coverage of the full run (``bench_dense_coverage.py``, col
 since the geometric pass starts from these maps:
 
     python bench/bench_dense_screen.py --root /tmp/demo --names 0001_036.jpeg 4547680894_b3d4f1ff4a_o.jpg \\
-        --try - "pm_coarse_iterations=3" "pm_max_image_size=480"
+        --try - "patchmatch.coarse_iterations=3" "patchmatch.max_image_size=480"
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def main() -> int:
             c1 = cpu_seconds()
             cpu += c1 - c0
             c = _cam(ws.rec, ws.by_name[n])
-            W, H, sx, sy = working_size(c, dc.pm_max_image_size)
+            W, H, sx, sy = working_size(c, dc.patchmatch.max_image_size)
             K_raw, _, _, g_raw = gt.cams[n]
             g = gt_depth_on_grid(g_raw, K_raw, np.diag([sx, sy, 1.0]) @ c.K, (H, W))
             true = g > 0

@@ -50,11 +50,11 @@ def patchmatch_demo(root: Path, scene: str, sets: list[str]) -> tuple[Any, Any]:
     from tasks.aerial import pipeline as PL
 
     cfg = PL.get_config()
-    cfg.dense.cpu_method = "patchmatch"
-    for k, v in (a.split("=", 1) for a in sets):
-        if not hasattr(cfg.dense, k):
-            raise SystemExit(f"--set {k}: DenseConfig has no such field")
-        setattr(cfg.dense, k, json.loads(v))
+    try:  # keys as DenseConfig spells them, a method's with its section: patchmatch.window_radius=4
+        cfg.dense = cfg.dense.with_overrides({"cpu_method": "patchmatch",
+                                              **{k: json.loads(v) for k, v in (a.split("=", 1) for a in sets)}})
+    except TypeError as exc:
+        raise SystemExit(f"--set: {exc}") from None
     paths = PL.scene_paths(root, scene, root / "megadepth_processed", cfg)
     if not (paths.dense / "sparse").is_dir():
         raise SystemExit(f"{paths.dense / 'sparse'}: no dense workspace; run the pipeline up to prepare_dense first")

@@ -30,19 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask
 from prefect import flow, get_run_logger
 
-from tasks.aerial import megadepth
-from tasks.aerial import layout as L
-from tasks.aerial import pipeline as PL
-from tasks.aerial import training_export as T
-from tasks.aerial.config import CONFIGS, AerialConfig, dask_settings_of, export_root, export_settings, \
-    get_config, pipeline_settings, trajectory_settings
+from tasks.aerial import layout, megadepth, pipeline, training_export
+from tasks.aerial import plan as planning
+from tasks.aerial.config import (CONFIGS, AerialConfig, dask_settings_of, export_root, export_settings, get_config,
+                                 pipeline_settings, trajectory_settings)
+from tasks.aerial.dense.backends import DenseBackend, Selection, resolve_dense_backend, select_backend
+from tasks.aerial.evaluate import summary_rows
 from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_megadepth
-from tasks.aerial.tasks import collect_task, covis_block_task, covis_plan_task, dense_prepare_task, evaluate_task, \
-    export_task, features_task, fuse_task, ingest_task, localize_task, matches_task, megadepth_task, \
-    merge_features_task, merge_matches_task, needs_fusion_task, pairs_task, plan_task, reference_task, \
-    resolve_dense_backend, submit_dense, training_index_task, training_scene_task, world_task
+from tasks.aerial.synthetic_world import MARKER
+from tasks.aerial.tasks import (collect_task, covis_block_task, covis_plan_task, dense_fuse_task, dense_prepare_task,
+                                dense_step_task, evaluate_task, export_task, features_task, gpu_capabilities_task,
+                                ingest_task, localize_task, matches_task, megadepth_task, merge_features_task,
+                                merge_matches_task, pairs_task, plan_task, reference_task, training_index_task,
+                                training_scene_task, world_task)
 from tasks.common.cli import Alias, parse_config
 from tasks.common.progress import Progress
 from tasks.common.report import RunReport, StageFailed, counts_table
@@ -91,9 +94,9 @@ class SceneRun:
     root: Path
     megadepth_root: Path
     megadepth_out: Path
-    cfg: PL.PipelineConfig
+    cfg: pipeline.PipelineConfig
     entries: dict[str, list[megadepth.SceneEntry]]
-    exports: T.ExportConfig
+    exports: training_export.ExportConfig
     export_root: Path
     parts: int  # parts of the fanned-out stages (features, matching): fan_out or the Dask workers
 
@@ -101,7 +104,7 @@ class SceneRun:
     def start(cls, config: AerialConfig) -> "SceneRun":
         p = config.paths()
         cfg = pipeline_settings(config)
-        if cfg.backend == "hloc" and not PL.hloc_available():
+        if cfg.backend == "hloc" and not pipeline.hloc_available():
             raise RuntimeError(f"pipeline {cfg.name!r} needs hloc (pip install from "
                                "https://github.com/cvg/Hierarchical-Localization); use 'sift+mnn' without it")
         entries: dict[str, list] = {}
@@ -117,17 +120,17 @@ class SceneRun:
         return cls(config, p["root"], p["megadepth"], p["megadepth_out"], cfg, entries, ecfg, export,
                    config.fan_out or workers)
 
-    def paths(self, scene: str) -> PL.ScenePaths:
-        return PL.scene_paths(self.root, scene, self.megadepth_out, self.cfg)
+    def paths(self, scene: str) -> pipeline.ScenePaths:
+        return pipeline.scene_paths(self.root, scene, self.megadepth_out, self.cfg)
 
 
 @dataclass
 class SceneOut:
     """What a scene's pipeline hands back to the flow."""
 
-    paths: PL.ScenePaths
+    paths: pipeline.ScenePaths
     ingested: bool = False
-    backend: str | None = None
+    dense: DenseBackend | None = None  # the backend its dense stage ran
     dense_workers: set[str] | None = None
     training: bool = False
     accuracy: dict[str, Any] | None = None
@@ -166,12 +169,12 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
         report.problem(name, "collect", why)
     parts = run.parts
     with stage("features"):
-        names = PL.missing_features(sp, info["reference"] + sorted(info["queries"]))
+        names = pipeline.missing_features(sp, info["reference"] + sorted(info["queries"]))
         if names:
             n = max(1, min(parts, len(names) // 8)) if cfg.backend == "builtin" else 1
             in_parts(features_task, merge_features_task, n, sp, cfg, names,
                      progress=Progress(f"scene {s} features", n, "parts"))
-    for name in PL.missing_features(sp, sorted(info["queries"])):
+    for name in pipeline.missing_features(sp, sorted(info["queries"])):
         report.problem(name, "features", "no features (unreadable image)")
     with stage("pairs"):
         report.counts.update(pairs_task.submit(sp, cfg, info).result())
@@ -187,14 +190,15 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
         report.problem(name, "localization", why)
 
     with stage("dense-prepare", "dense"):
-        images = dense_prepare_task.submit(sp, cfg).result()
-    out.backend, why = resolve_dense_backend(cfg.dense.backend, gpu_workers())  # the cluster as it is now
-    get_run_logger().info("scene %s: %s", s, why)
-    report.notes.append(why)
-    report.counts["dense backend"] = out.backend
+        selection = select_dense_backend(cfg)  # the cluster as it is now
+        out.dense = selection.backend
+        get_run_logger().info("scene %s: %s", s, selection.why)
+        report.notes.append(selection.why)
+        report.counts["dense backend"] = out.dense.device  # the report's table (display only)
+        images = dense_prepare_task.submit(sp, out.dense).result()
     with stage("dense"):
         done, failed = [], []
-        futs = submit_dense(sp, cfg, images, out.backend, config.dense_batch)
+        futs = submit_dense(sp, out.dense, images)
         run_each(lambda f: f, futs, on_result=lambda _f, r: done.append(r), on_error=lambda _f, exc: failed.append(exc),
                  progress=Progress(f"scene {s} dense ({len(images)} images)", len(futs), "tasks"))
         out.dense_workers = record_dense(report, done)
@@ -202,9 +206,6 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
             report.problem(s, "dense", f"{type(exc).__name__}: {exc}")
         if failed:
             raise failed[0]
-    if needs_fusion_task(out.backend, cfg):
-        with stage("fusion"):
-            fuse_task.submit(sp, cfg).result()
     with stage("export"):
         report.counts.update(export_task.submit(sp).result())
         report.outputs["product"] = str(sp.product)
@@ -214,6 +215,31 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
     if (sp.ground_truth / "sparse").is_dir():
         with stage("evaluate"):
             out.accuracy = evaluate_task.submit(sp, sorted(info["queries"])).result()
+
+
+def select_dense_backend(cfg: pipeline.PipelineConfig) -> Selection:
+    """The dense backend for the workers the run has now (:func:`tasks.aerial.dense.backends.select_backend`
+    decides; a GPU worker, when there is one, is asked what it can run)."""
+    def ask_gpu_worker():
+        with dask.annotate(resources={"GPU": 1}):
+            return gpu_capabilities_task.submit().result()
+
+    return select_backend(cfg.dense, gpu_workers(), capabilities=ask_gpu_worker)
+
+
+def submit_dense(sp: pipeline.ScenePaths, backend: DenseBackend, names: list[str]) -> list:
+    """The dense tasks of one scene, as futures: each step of ``backend`` over its batches (a step
+    waits for the previous one), then its fusion (the last future), every task with the backend's
+    Dask resources (``GPU`` for the GPU methods)."""
+    resources = dask.annotate(resources=backend.resources) if backend.resources else contextlib.nullcontext()
+    futs: list = []
+    previous: list = []
+    with resources:
+        for step in backend.steps():
+            previous = [dense_step_task.submit(sp, backend, batch, step, wait_for=previous)
+                        for batch in backend.batches(names)]
+            futs += previous
+        return futs + [dense_fuse_task.submit(sp, backend, names, wait_for=previous)]
 
 
 def submit_megadepth(run: SceneRun, s: str, report: RunReport) -> list[tuple[str, Any]]:
@@ -258,7 +284,7 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
     layouts of scene ``s`` (``tasks/aerial/training_export.py``); True when written."""
     sp, ecfg = out.paths, run.exports
     with report.stage("covisibility", s):
-        plan = covis_plan_task.submit(str(sp.product), str(T.covisibility_work(run.export_root, s)), ecfg).result()
+        plan = covis_plan_task.submit(str(sp.product), str(training_export.covisibility_work(run.export_root, s)), ecfg).result()
         failed: list[BaseException] = []
         blocks = plan.missing_blocks()
         run_each(lambda k: covis_block_task.submit(plan, k, ecfg), blocks,
@@ -268,7 +294,8 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
             raise failed[0]
         report.counts.update({f"covisibility {k}": v for k, v in plan.counts.items()})
     features = {"pipeline": run.cfg.name, "features": run.cfg.features, "matcher": run.cfg.matcher,
-                "retrieval": run.cfg.retrieval, "sfm folder": sp.sfm.name, "dense backend": out.backend}
+                "retrieval": run.cfg.retrieval, "sfm folder": sp.sfm.name,
+                "dense backend": out.dense.device if out.dense else None}  # index.json's key
     with report.stage("training export", s):
         res = training_scene_task.submit(str(run.export_root), sp, plan, ecfg, features).result()
         report.outputs["training export"] = str(run.export_root)
@@ -284,8 +311,6 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
 def plan_places(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
     """The planning stage for every place: ``{scene: {"esp", "plan", "cameras"} or {"error"}}``.
     A bad place or trajectory is reported for its scene; the other places are still planned."""
-    from tasks.aerial import plan as planning
-
     errors: list[tuple[str, str]] = []
     places = planning.load_places(config.places, errors=errors)
     out: dict[str, dict[str, Any]] = {scene: {"error": why} for scene, why in errors}
@@ -309,10 +334,10 @@ def plan_places(config: AerialConfig, root: Path) -> dict[str, dict[str, Any]]:
 def select_scenes(config: AerialConfig, root: Path, plans: dict[str, dict[str, Any]]) -> list[str]:
     """The scenes with an Earth Studio export (only ``config.scenes`` if given); planned scenes
     not rendered yet are listed in the log with what to do."""
-    exports = L.downloaded_scenes(root)
+    exports = layout.downloaded_scenes(root)
     for s in sorted(s for s, r in plans.items() if "error" not in r and s not in exports):
         get_run_logger().info("scene %s is planned but not rendered yet: import %s in Earth Studio, render, and "
-                              "put %s.mp4 and %s.json in %s", s, plans[s]["esp"], s, s, root / L.DOWNLOADED)
+                              "put %s.mp4 and %s.json in %s", s, plans[s]["esp"], s, s, root / layout.DOWNLOADED)
     scenes = [s for s in exports if not config.scenes or s in config.scenes]
     if not scenes and not plans:
         raise FileNotFoundError(f"{root / 'downloaded_data'}: no Earth Studio export (<scene>.json + .mp4)")
@@ -338,11 +363,11 @@ def summarize(run: SceneRun, planned: dict[str, Any], reports: dict[str, RunRepo
     """Each scene's report, picture and artifacts (written here, one scene after the other), and
     the run's result."""
     logger = get_run_logger()
-    backends = sorted({o.backend for o in outs.values() if o.backend})
+    devices = sorted({o.dense.device for o in outs.values() if o.dense})
     result: dict[str, Any] = {
         **planned, "pipeline": run.cfg.name,
-        "dense backend": ", ".join(backends) or resolve_dense_backend(run.cfg.dense.backend, gpu_workers())[0],
-        "dense workers": {s: sorted(o.dense_workers) for s, o in outs.items() if o.dense_workers is not None}}
+        "dense_backend": ", ".join(devices) or resolve_dense_backend(run.cfg.dense.backend, gpu_workers())[0],
+        "dense_workers": {s: sorted(o.dense_workers) for s, o in outs.items() if o.dense_workers is not None}}
     result["synthetic"] = synthetic_note(run.root)
     for s, report in reports.items():
         o = outs.get(s) or SceneOut(paths=run.paths(s))
@@ -358,8 +383,6 @@ def summarize(run: SceneRun, planned: dict[str, Any], reports: dict[str, RunRepo
 def synthetic_note(root: Path) -> str:
     """What the report, its artifact and the terminal say when ``root`` holds the embedded
     synthetic world (its completion marker); "" for real data."""
-    from tasks.aerial.synthetic_world import MARKER
-
     if not (Path(root) / MARKER).exists():
         return ""
     return (f"SYNTHETIC world: {root} holds the embedded synthetic world rendered by this project "
@@ -378,7 +401,7 @@ ALIASES = (
     Alias("--scenes", "scenes", "only these scene ids", kind="list"),
     Alias("--workers", "dask.n_workers", "local Dask workers", kind="int"),
     Alias("--pipeline", "pipeline", "sift+mnn (default, CPU) or superpoint+superglue (hloc)"),
-    Alias("--dense-backend", "dense_backend", "auto (GPU PatchMatch when a Dask worker declares GPU), cpu, gpu"),
+    Alias("--dense-backend", "pipeline_options.dense.backend", "auto (GPU PatchMatch when a Dask worker declares GPU), cpu, gpu"),
     Alias("--synthetic", "synthetic", "build the synthetic world into ROOT when it has no data (the default run "
                                       "builds it only in output/aerial)", kind="const", const=True),
     Alias("--no-synthetic", "synthetic", "never generate the synthetic world", kind="const", const=False),
@@ -409,8 +432,6 @@ def finish(result: dict[str, Any]) -> int:
 
 
 def print_result(result: dict[str, Any]) -> None:
-    from tasks.aerial.evaluate import summary_rows
-
     print(f"\nAerial outputs under {result['root']}")
     for scene, r in sorted(result.get("plans", {}).items()):
         print(f"  plan {scene}: " + (f"NOT PLANNED: {r['error']}" if "error" in r else
@@ -423,7 +444,7 @@ def print_result(result: dict[str, Any]) -> None:
         return
     if result.get("synthetic"):
         print(f"  {result['synthetic']}")
-    print(f"pipeline {result['pipeline']}, dense backend: {result['dense backend']}")
+    print(f"pipeline {result['pipeline']}, dense backend: {result['dense_backend']}")
     for scene, rep in result["scenes"].items():
         outputs = rep.get("outputs", {})
         print(f"  scene {scene}:")

@@ -22,9 +22,9 @@ import numpy as np
 
 #: tiny: 32x24 working size, 3x3 NCC samples over a 5x5 px window, 2 sources, 2 photometric and 1
 #: geometric iteration, no coarse level (the simulator runs each CUDA thread in Python)
-SETTINGS = dict(pm_max_image_size=32, pm_window_radius=2, pm_window_step=2, pm_num_sources=2, num_sources=2,
-                pm_iterations=2, pm_coarse_iterations=0, pm_geom_iterations=1, pm_speckle_size=0,
-                pm_region_min_share=0.0)
+SETTINGS = dict(num_sources=2, patchmatch=dict(max_image_size=32, window_radius=2, window_step=2, num_sources=2,
+                                               iterations=2, coarse_iterations=0, geom_iterations=1, speckle_size=0,
+                                               region_min_share=0.0))
 
 
 def main(out: Path) -> None:

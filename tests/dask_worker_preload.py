@@ -35,19 +35,22 @@ class RecordTasks(WorkerPlugin):
 
 
 def _gpu_standin() -> None:
-    from tasks.aerial import pipeline as PL
     from tasks.aerial.dense import backends
 
     if backends.colmap_has_cuda() or backends.numba_cuda_available():
-        return  # a real GPU: the real GPU method runs (backends.gpu_method)
+        return  # a real GPU: the real GPU method runs (backends.select_backend)
 
-    def dense_depths_gpu(paths, cfg, names):
-        out = PL.dense_depths_cpu(paths, cfg, names)
+    def run_batch(self, workspace, depth_dir, names, step, progress=None):
+        cpu = backends.PatchMatchBackend(self.config)
+        out = backends.merge_dense_results([cpu.run_batch(workspace, depth_dir, names, s) for s in cpu.steps()])
         with open(os.path.join(os.environ["FACTORY_TEST_RECORD_DIR"], "gpu-standin.jsonl"), "a") as fh:
             fh.write(json.dumps({"pid": os.getpid(), "names": list(names)}) + "\n")
         return out
 
-    PL.dense_depths_gpu = dense_depths_gpu
+    # this worker says it has COLMAP's CUDA PatchMatch, whose maps the CPU PatchMatch makes here
+    backends.colmap_has_cuda = lambda: True
+    backends.ColmapCudaBackend.run_batch = run_batch
+    backends.ColmapCudaBackend.fuse = lambda self, w, d, n: backends.PatchMatchBackend(self.config).fuse(w, d, n)
 
 
 async def dask_setup(worker):

@@ -53,7 +53,7 @@ def _stereo_frames(workspace: Path, world: WorldInfo, n: int) -> list[str]:
         good = 0
         for j in dense.select_sources(ws.rec, ref.image_id, cfg.num_sources):
             b = dense.views._cam(ws.rec, j).centre - ref.centre
-            if min(dense.views._angle(b, ref.axis), dense.views._angle(-b, ref.axis)) >= cfg.min_baseline_angle:
+            if min(dense.views._angle(b, ref.axis), dense.views._angle(-b, ref.axis)) >= cfg.sgbm.min_baseline_angle:
                 good += 1
         scored.append((-good, name))
     scored.sort()

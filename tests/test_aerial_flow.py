@@ -20,7 +20,7 @@ def aerial_run(tmp_path_factory):
     from flows.aerial import AerialConfig, aerial_flow
 
     root = tmp_path_factory.mktemp("aerial")
-    cfg = AerialConfig(root=str(root), synthetic=True, image_batch=2, dense_batch=8,
+    cfg = AerialConfig(root=str(root), synthetic=True, image_batch=2, pipeline_options={"dense": {"batch": 8}},
                        world_options={"n_aerial": 24, "n_ground": 5, "size": [480, 360]})
     result = aerial_flow.with_options(task_runner=make_task_runner(DaskSettings(n_workers=2)))(config=cfg)
     return cfg, root, result
@@ -97,7 +97,7 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
     """No worker declares GPU: the dense stage runs the CPU backend, says so, and the
     scene completes with the final product and the accuracy table."""
     cfg, root, result = aerial_run
-    assert result["dense backend"] == "cpu" and result["pipeline"] == "sift+mnn"
+    assert result["dense_backend"] == "cpu" and result["pipeline"] == "sift+mnn"
     rep = result["scenes"]["0001"]
     assert rep["counts"]["dense backend"] == "cpu"
     assert any("no Dask worker declares the resource GPU" in n for n in rep["notes"])
@@ -128,7 +128,7 @@ def test_whole_pipeline_cpu_backend_without_gpu_worker(aerial_run):
 
 
 def test_resolve_dense_backend_never_waits_for_a_missing_gpu():
-    from tasks.aerial.tasks import resolve_dense_backend
+    from tasks.aerial.dense.backends import resolve_dense_backend
 
     assert resolve_dense_backend("auto", [])[0] == "cpu"
     backend, why = resolve_dense_backend("gpu", [])
@@ -144,17 +144,21 @@ def test_dense_tasks_land_on_the_gpu_worker(aerial_run, monkeypatch):
     from distributed import Scheduler, SpecCluster, Worker
 
     from flows.aerial import aerial_flow
-    from tasks.aerial import pipeline as PL
+    from tasks.aerial.dense import backends as B
 
     calls = []
 
-    def fake_gpu(paths, cfg, names):
+    def fake_gpu(self, workspace, depth_dir, names, step, progress=None):
         from distributed import get_worker
 
         calls.append(get_worker().address)
-        return PL.dense_depths_cpu(paths, cfg, names)
+        cpu = B.PatchMatchBackend(self.config)
+        return B.merge_dense_results([cpu.run_batch(workspace, depth_dir, names, s) for s in cpu.steps()])
 
-    monkeypatch.setattr(PL, "dense_depths_gpu", fake_gpu)
+    # the GPU worker says it has COLMAP's CUDA PatchMatch, whose maps the CPU PatchMatch makes here
+    monkeypatch.setattr(B, "colmap_has_cuda", lambda: True)
+    monkeypatch.setattr(B.ColmapCudaBackend, "run_batch", fake_gpu)
+    monkeypatch.setattr(B.ColmapCudaBackend, "fuse", lambda self, w, d, n: B.PatchMatchBackend(self.config).fuse(w, d, n))
     cfg, root, result = aerial_run
     host = {"host": "127.0.0.1"}
     with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": ":0", **host}},
@@ -164,9 +168,9 @@ def test_dense_tasks_land_on_the_gpu_worker(aerial_run, monkeypatch):
         gpu = cluster.workers["gpu"]
         runner = make_task_runner(DaskSettings(address=cluster.scheduler_address))
         again = aerial_flow.with_options(task_runner=runner)(config=cfg)
-    assert again["dense backend"] == "gpu"
+    assert again["dense_backend"] == "gpu"
     assert calls == [gpu.address]
-    assert again["dense workers"]["0001"] == [gpu.address]
+    assert again["dense_workers"]["0001"] == [gpu.address]
     assert any("declare GPU" in n for n in again["scenes"]["0001"]["notes"])
 
 

@@ -6,7 +6,6 @@ itself whenever CUDA is available."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
@@ -22,10 +21,10 @@ from tasks.aerial.geometry import look_at
 
 W, H, F = 128, 96, 110.0
 BOX = (np.array([-1.0, -1.0, 0.0]), np.array([1.0, 1.0, 1.5]))
-CFG = dict(pm_max_image_size=128, num_sources=4)  # otherwise the defaults
+CFG = dict(num_sources=4, patchmatch=dict(max_image_size=128))  # otherwise the defaults
 # the kernel tests (cost, propagation, coarse to fine) keep the window they were measured with (9x9 px
 # sampled every 2 px; the default is now 13x13 every 3 px) and run the working size from random starts
-KCFG = dict(CFG, pm_window_radius=4, pm_window_step=2, pm_iterations=4, pm_coarse_iterations=0)
+KCFG = dict(CFG, patchmatch=dict(CFG["patchmatch"], window_radius=4, window_step=2, iterations=4, coarse_iterations=0))
 
 
 def _noise(u: np.ndarray, v: np.ndarray, seed: int) -> np.ndarray:
@@ -127,7 +126,7 @@ def build_scene(root: Path) -> dict:
 def _params(ws: dense.Workspace, name: str, cfg: dense.DenseConfig):
     """The kernels' inputs for reference ``name`` against every other view (as patch_match_image)."""
     ref = dense.views._cam(ws.rec, ws.by_name[name])
-    _, _, sx, sy = PM.working_size(ref, cfg.pm_max_image_size)
+    _, _, sx, sy = PM.working_size(ref, cfg.patchmatch.max_image_size)
     Kr = PM._index_K(ref, sx, sy)
     Kri = np.linalg.inv(Kr)
     srcs, Ks, Rs, ts = [], [], [], []
@@ -144,12 +143,12 @@ def _params(ws: dense.Workspace, name: str, cfg: dense.DenseConfig):
     A = np.einsum("sij,sjk,kl->sil", Ks_, Rs_, Kri)
     b = np.einsum("sij,sj->si", Ks_, ts_)
     gref = PM._grey_at(ws, name, (W, H))
-    half = cfg.pm_window_radius // cfg.pm_window_step
-    wn, rcw, var = KN.ref_windows(gref, half, cfg.pm_window_step, cfg.pm_sigma_color, float(cfg.pm_window_radius))
+    half = cfg.patchmatch.window_radius // cfg.patchmatch.window_step
+    wn, rcw, var = KN.ref_windows(gref, half, cfg.patchmatch.window_step, cfg.patchmatch.sigma_color, float(cfg.patchmatch.window_radius))
     S = len(srcs)
     swh = np.array([[W, H]] * S, np.int64)
     return (Kri, Kr, A, b, Rs_, ts_, Ks_, np.linalg.inv(Ks_), np.stack(srcs), swh, wn, rcw, var, half,
-            cfg.pm_window_step, 2, False, 0.3, 3.0, np.zeros((S, 1, 1), np.float32), np.zeros((S, 2), np.int64))
+            cfg.patchmatch.window_step, 2, False, 0.3, 3.0, np.zeros((S, 1, 1), np.float32), np.zeros((S, 2), np.int64))
 
 
 def _rel(est: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -257,7 +256,7 @@ def test_patch_match_on_the_analytic_scene(scene):
     assert [n for n, st in r4["stats"].items() if not st["skipped"]] == [scene["names"][0]]
 
     # the shared end of both backends: pycolmap fusion on the CPU, export to depths/<stem>.h5
-    out = dense.fuse_and_export(ws, ws.path / "depths", "geometric", cfg.pm_max_image_size, cfg)
+    out = dense.fuse_and_export(ws, ws.path / "depths", "geometric", cfg.patchmatch.max_image_size, cfg)
     assert not out["failures"] and out["fusion"]["fused points"] > 500
     xyz, _ = dense.read_ply_points(ws.path / "fused.ply")
     assert len(xyz) == out["fusion"]["fused points"]
@@ -320,7 +319,7 @@ def test_gpu_patch_match_on_the_analytic_scene(scene, tmp_path):
     ws = shutil.copytree(scene["ws"], tmp_path / "ws")
     for p in (ws / "stereo").glob("*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out = dense.dense_gpu(ws, dense.DenseConfig(backend="gpu", max_image_size=128, num_sources=4),
+    out = dense.dense_gpu(ws, dense.DenseConfig(backend="gpu", colmap={"max_image_size": 128}, num_sources=4),
                           tmp_path / "depths")
     assert not out["failures"], out["failures"]
     covs, rels = [], []
@@ -366,7 +365,7 @@ def test_coverage_source_selection(scene, tmp_path):
 
 
 def test_coarse_to_fine_starts_from_the_coarse_planes(scene):
-    """``pm_coarse_iterations``: the photometric pass at half the working size first, its planes
+    """``patchmatch.coarse_iterations``: the photometric pass at half the working size first, its planes
     upsampled as the working size's start. One working-size iteration after the coarse level must
     be about as good as four from random hypotheses, and clearly better than one from random (if
     the coarse planes were lost or misplaced in the upsampling, it would be no better)."""
@@ -375,12 +374,12 @@ def test_coarse_to_fine_starts_from_the_coarse_planes(scene):
 
     def correct(**over):
         info: dict = {}
-        d, _ = PM.patch_match_image(ws, "v2.png", dense.DenseConfig(**{**KCFG, **over}), "photometric", info)
+        d, _ = PM.patch_match_image(ws, "v2.png", dense.DenseConfig(**KCFG).with_overrides({"patchmatch": over}), "photometric", info)
         return float(((d > 0) & (gt > 0) & (np.abs(d - gt) <= 0.01 * np.maximum(gt, 1e-6))).sum() / (gt > 0).sum()), info
 
     full, _ = correct()
-    one, _ = correct(pm_iterations=1)
-    c2f, info = correct(pm_iterations=1, pm_coarse_iterations=3)
+    one, _ = correct(iterations=1)
+    c2f, info = correct(iterations=1, coarse_iterations=3)
     assert info["coarse size"] == (64, 48)
     # measured (share of the true surface within 1 %): 4 iterations 0.668, 1 iteration 0.156,
     # coarse 3 + 1 iteration 0.636; margins: 0.18 of the 0.48 gain, 0.05 below the 4 iterations
@@ -433,10 +432,10 @@ def test_resume_keeps_only_maps_made_with_the_same_settings(scene, tmp_path):
     shutil.rmtree(ws_path / "stereo", ignore_errors=True)
     ws = dense.open_workspace(ws_path)
     names = ["v1.png", "v2.png"]
-    fast = dict(CFG, pm_iterations=1, pm_coarse_iterations=1, pm_geom_iterations=1)
+    fast = dict(CFG, patchmatch=dict(CFG["patchmatch"], iterations=1, coarse_iterations=1, geom_iterations=1))
 
     def run(**kw):
-        cfg = dense.DenseConfig(**{**fast, **kw})
+        cfg = dense.DenseConfig(**fast).with_overrides({"patchmatch": kw})
         out = {}
         for phase in PM.PHASES:
             r = dense.run_patch_match(ws, names, cfg, phase)
@@ -447,15 +446,15 @@ def test_resume_keeps_only_maps_made_with_the_same_settings(scene, tmp_path):
     assert run() == {"photometric": names, "geometric": names}
     assert PM.stamp_path(ws_path, "v1.png", "geometric").is_file()
     assert run() == {"photometric": [], "geometric": []}
-    assert run(pm_threads=1) == {"photometric": [], "geometric": []}
-    assert run(pm_min_ncc=0.4) == {"photometric": [], "geometric": names}
-    assert run(pm_min_ncc=0.4, pm_window_radius=5) == {"photometric": names, "geometric": names}
+    assert run(threads=1) == {"photometric": [], "geometric": []}
+    assert run(min_ncc=0.4) == {"photometric": [], "geometric": names}
+    assert run(min_ncc=0.4, window_radius=5) == {"photometric": names, "geometric": names}
     PM.stamp_path(ws_path, "v2.png", "photometric").unlink()
-    assert run(pm_min_ncc=0.4, pm_window_radius=5) == {"photometric": ["v2.png"], "geometric": []}
+    assert run(min_ncc=0.4, window_radius=5) == {"photometric": ["v2.png"], "geometric": []}
     # without a geometric pass the photometric maps are filtered: the filter is part of their stamp
-    cfg = dense.DenseConfig(**{**fast, "pm_geom_iterations": 0})
+    cfg = dense.DenseConfig(**fast).with_overrides({"patchmatch": {"geom_iterations": 0}})
     assert PM.settings_stamp(cfg, "photometric") != PM.settings_stamp(
-        dense.DenseConfig(**{**fast, "pm_geom_iterations": 0, "pm_min_ncc": 0.4}), "photometric")
+        dense.DenseConfig(**fast).with_overrides({"patchmatch": {"geom_iterations": 0, "min_ncc": 0.4}}), "photometric")
 
 
 def test_settings_stamp_covers_every_setting_patchmatch_reads():
@@ -467,16 +466,20 @@ def test_settings_stamp_covers_every_setting_patchmatch_reads():
 
     read = set()
     for mod in (PM, VW, KN):
-        read |= set(re.findall(r"\bcfg\.([a-z_]+)", Path(mod.__file__).read_text()))
-    fields = set(dense.DenseConfig.__dataclass_fields__)
+        read |= set(re.findall(r"\bcfg\.([a-z_]+(?:\.[a-z_]+)?)", Path(mod.__file__).read_text()))
+    read.discard("patchmatch")  # the whole section (its fields are stamped below)
+    fields = set(dense.DenseConfig.__dataclass_fields__) | {
+        f"patchmatch.{k}" for k in dense.PatchMatchConfig.__dataclass_fields__}
     assert read and read <= fields, read - fields
-    stamped = {k for k in fields if k.startswith("pm_") and k != "pm_threads"} | set(PM._SHARED_SETTINGS)
-    assert read - stamped == {"pm_threads"}
+    stamped = {k for k in fields if k.startswith("patchmatch.") and k != "patchmatch.threads"} | set(
+        PM._SHARED_SETTINGS)
+    assert read - stamped == {"patchmatch.threads"}
     base = dense.DenseConfig()
     for k in sorted(stamped):  # each stamped field changes the geometric stamp
-        v = getattr(base, k)
+        section, _, name = k.rpartition(".")
+        v = getattr(base.patchmatch if section else base, name)
         other = (not v) if isinstance(v, bool) else ("x" if isinstance(v, str) else (v or 0) + 1)
-        changed = dataclasses.replace(base, **{k: other})
+        changed = base.with_overrides({section: {name: other}} if section else {name: other})
         assert PM.settings_stamp(changed, "geometric") != PM.settings_stamp(base, "geometric"), k
 
 

@@ -90,28 +90,22 @@ def test_gpu_method_is_chosen_in_one_place(monkeypatch):
 
 
 def test_the_gpu_task_runs_the_chosen_method(monkeypatch, tmp_path):
-    """tasks/aerial/pipeline.dense_depths_gpu (the GPU worker's task) goes through gpu_method: with
-    only numba.cuda it runs the PatchMatch passes on device "cuda"."""
+    """tasks/aerial/pipeline.dense_depths_gpu (the GPU worker's dense stage) goes through
+    select_backend: with only numba.cuda it runs the PatchMatch passes on device "cuda"."""
     from tasks.aerial import pipeline as PL
-    from tasks.aerial.dense import fusion, patchmatch, workspace
 
     calls = []
     monkeypatch.setattr(B, "colmap_has_cuda", lambda: False)
     monkeypatch.setattr(B, "numba_cuda_available", lambda: True)
-
-    class _WS:
-        by_name = {"a.jpg": 1}
-
-    monkeypatch.setattr(workspace, "open_workspace", lambda w: _WS())
-    monkeypatch.setattr(patchmatch, "run_patch_match", lambda ws, names, cfg, phase, device="cpu": calls.append(
+    monkeypatch.setattr(B, "run_patch_match", lambda ws, names, cfg, phase, device="cpu", progress=None: calls.append(
         (phase, device, list(names))) or {"stats": {"a.jpg": {"seconds": 1.0, "valid_fraction": 0.5}},
                                           "failures": {}})
-    monkeypatch.setattr(fusion, "fuse_and_export", lambda *a, **k: {
+    monkeypatch.setattr(B, "fuse_and_export", lambda *a, **k: {
         "stats": {"a.jpg": {"seconds": 0.1, "valid_fraction": 0.4}}, "failures": {}, "fusion": {"fused points": 9}})
     cfg = PL.get_config()
     out = PL.dense_depths_gpu(PL.scene_paths(tmp_path, "0001", tmp_path / "md", cfg), cfg, ["a.jpg"])
     assert calls == [("photometric", "cuda", ["a.jpg"]), ("geometric", "cuda", ["a.jpg"])]
-    assert out["gpu method"] == "patchmatch" and out["stats"]["a.jpg"]["seconds"] == pytest.approx(2.1)
+    assert out["method"] == "patchmatch-cuda" and out["stats"]["a.jpg"]["seconds"] == pytest.approx(2.1)
 
 
 def _check_scene(root: Path) -> Path:

@@ -37,7 +37,7 @@ def _sfm(paths: PL.ScenePaths, cfg: PL.PipelineConfig):
 
 def _run(paths: PL.ScenePaths, cfg: PL.PipelineConfig, dense_names=None) -> dict:
     info, ref, loc = _sfm(paths, cfg)
-    names = PL.prepare_dense(paths, cfg)
+    names = PL.prepare_dense(paths, PL.cpu_backend(cfg))
     dense = PL.dense_depths_cpu(paths, cfg, dense_names(names) if dense_names else names)
     PL.fuse_cpu(paths, cfg)
     export = PL.export_product(paths)
@@ -605,7 +605,7 @@ def test_gpu_patchmatch_backend_on_a_small_scene(small, tmp_path):
     cfg = PL.get_config(dense={"backend": "gpu"})
     paths = PL.scene_paths(root, small.scene, root / "megadepth_processed", cfg)
     info, _, _ = _sfm(paths, cfg)
-    names = PL.prepare_dense(paths, cfg)
+    names = PL.prepare_dense(paths, PL.cpu_backend(cfg))
     PL.dense_depths_gpu(paths, cfg, names)
     PL.export_product(paths)
     depth = evaluate_scene(paths.product, paths.ground_truth, sorted(info["queries"]))["depth"]

@@ -69,8 +69,8 @@ def test_multimodal_input_files_checked_early(tmp_path, capsys, no_server):
 def test_aerial_settings_and_inputs_checked_early(tmp_path, capsys, no_server):
     import flows.aerial
 
-    rc, err = _main(flows.aerial, ["--set", "dense_bach=2"], capsys)
-    assert rc == EXIT_CONFIG and "did you mean 'dense_batch'?" in err
+    rc, err = _main(flows.aerial, ["--set", "image_bach=2"], capsys)
+    assert rc == EXIT_CONFIG and "did you mean 'image_batch'?" in err
     rc, err = _main(flows.aerial, ["--set", 'pipeline_options={"retrieval_nm": 3}'], capsys)
     # pipeline_options is a typed form: an unknown key names the nearest one, at any depth
     assert rc == EXIT_CONFIG and "did you mean 'pipeline_options.retrieval_num'?" in err
@@ -163,11 +163,11 @@ def test_multimodal_numbers_finite_and_bounded(argv, expected, capsys, no_server
     (["--set", "world_options.lat0=NaN"], "lat0 is nan: must be a finite number"),
     (["--set", "world_options.trajectory_options.frames=100000000"], "frames is 100000000: must be in [1, 10000]"),
     (["--set", "world_options.n_arial=3"], "unknown setting(s) n_arial"),
-    (["--set", "pipeline_options.dense.rel_tolerance=NaN"], "pipeline_options.dense.rel_tolerance: Input should "
-                                                            "be a finite number"),
+    (["--set", "pipeline_options.dense.sgbm.rel_tolerance=NaN"], "pipeline_options.dense.sgbm.rel_tolerance: Input "
+                                                                 "should be a finite number"),
     (["--set", "image_batch=100000000"], "image_batch: Input should be less than or equal to 10000"),
-    (["--set", "pipeline_options.dense.pm_max_image_size=1000000000"],
-     "dense.pm_max_image_size is 1000000000: must be in [16, 8192]"),
+    (["--set", "pipeline_options.dense.patchmatch.max_image_size=1000000000"],
+     "dense.patchmatch.max_image_size is 1000000000: must be in [16, 8192]"),
     (["--set", "pipeline_options.retrieval_num=10000000"], "pipeline.retrieval_num is 10000000: must be in [1, 1000]"),
     (["--scenes", "../../etc"], "scene id '../../etc' contains a path separator"),
 ])

@@ -45,7 +45,7 @@ def smoke_aerial(root: Path) -> dict:
     # the smallest world that registers (as tests/test_aerial_flow.py); the CPU PatchMatch at 240 px
     return {"root": str(root), "synthetic": True,
             "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
-            "image_batch": 2, "dense_batch": 8, "pipeline_options": {"dense": {"pm_max_image_size": 240}}}
+            "image_batch": 2, "pipeline_options": {"dense": {"batch": 8, "patchmatch": {"max_image_size": 240}}}}
 
 
 def wait_for_runs(ids, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> dict:
@@ -235,7 +235,8 @@ def test_forms_have_named_choices_and_descriptions():
         MultimodalConfig(sampling_mode=3)
     ae = AerialConfig.model_json_schema()["properties"]
     assert ae["pipeline"]["enum"] == sorted(CONFS) == ["sift+mnn", "superpoint+superglue"]
-    assert ae["dense_backend"]["enum"] == ["auto", "cpu", "gpu"]
+    dense = AerialConfig.model_json_schema()["$defs"]["DenseOptions"]["properties"]
+    assert dense["backend"]["anyOf"][0]["enum"] == ["auto", "cpu", "gpu"]
 
 
 def test_dense_backend_choice_reaches_the_pipeline():
@@ -243,11 +244,11 @@ def test_dense_backend_choice_reaches_the_pipeline():
 
     assert pipeline_settings(AerialConfig()).dense.backend == "auto"
     assert pipeline_settings(parse_args(["--dense-backend", "cpu"])).dense.backend == "cpu"
-    cfg = pipeline_settings(AerialConfig(dense_backend="gpu", pipeline_options={"dense": {"num_sources": 6}}))
+    cfg = pipeline_settings(AerialConfig(pipeline_options={"dense": {"backend": "gpu", "num_sources": 6}}))
     assert cfg.dense.backend == "gpu" and cfg.dense.num_sources == 6
     assert pipeline_settings(AerialConfig(pipeline_options={"dense": {"backend": "cpu"}})).dense.backend == "cpu"
-    with pytest.raises(ValueError, match="dense_backend"):
-        AerialConfig(dense_backend="tpu")
+    with pytest.raises(ValueError, match="dense.backend"):
+        AerialConfig(pipeline_options={"dense": {"backend": "tpu"}})
 
 
 def test_local_server_ui_points_at_its_own_api(prefect_server):

@@ -208,7 +208,7 @@ def test_aerial_synthetic_world_is_named(tmp_path, capsys):
     note = synthetic_note(tmp_path)
     assert note.startswith("SYNTHETIC world")
     print_result({"root": str(tmp_path), "scenes": {"0001": {"counts": {}}}, "pipeline": "sift+mnn",
-                  "dense backend": "cpu", "synthetic": note})
+                  "dense_backend": "cpu", "synthetic": note})
     assert "SYNTHETIC world" in capsys.readouterr().out
 
 

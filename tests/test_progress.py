@@ -163,7 +163,7 @@ def test_aerial_summary_is_a_short_table_with_the_report_and_pictures(capsys):
     counts = {f"count number {i}": 1000 + i for i in range(30)} | {"dense backend": "cpu", "error px": 0.4240841636784985}
     outputs = {"product": "/r/data/0001/localized_dense_metric", "report": "/r/data/0001/report.json",
                "picture": "/r/data/0001/overview.png", "covisibility picture": "/r/training/pictures/0001_covisibility.png"}
-    print_result({"root": "/r", "plans": {}, "pipeline": "sift+mnn", "dense backend": "cpu", "failed": {},
+    print_result({"root": "/r", "plans": {}, "pipeline": "sift+mnn", "dense_backend": "cpu", "failed": {},
                   "scenes": {"0001": {"counts": counts, "outputs": outputs, "problems": [], "accuracy": None}}})
     out = capsys.readouterr().out
     assert max(len(x) for x in out.splitlines()) <= 100

@@ -244,16 +244,16 @@ def test_aerial_on_external_cluster_gpu_tasks_only_on_the_gpu_worker(tmp_path, e
 
     DaskCluster(address=external_cluster["address"]).save("rt-external-aerial", overwrite=True)
     cfg = AerialConfig(root=str(tmp_path / "aerial"), synthetic=True, dask_block="rt-external-aerial", image_batch=2,
-                       dense_batch=8, world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
+                       pipeline_options={"dense": {"batch": 8}}, world_options={"n_aerial": 16, "n_ground": 3, "size": [320, 240]})
     result = aerial_flow(config=cfg)
     recs = _records(external_cluster)
     gpu_tasks = [r for name, rs in recs.items() for r in rs if r["resources"].get("GPU")]
-    assert result["dense backend"] == "gpu"
+    assert result["dense_backend"] == "gpu"
     assert gpu_tasks, "no GPU-tagged task ran"
     assert all(r in recs["gpu"] for r in gpu_tasks)  # GPU-tagged tasks ran on the GPU worker only
     assert not [r for r in recs.get("cpu", []) if r["resources"].get("GPU")]
     assert recs.get("cpu"), "the CPU worker ran nothing"
-    assert result["dense workers"]["0001"] == [external_cluster["workers"]["gpu"]]
+    assert result["dense_workers"]["0001"] == [external_cluster["workers"]["gpu"]]
     standin = Path(external_cluster["records"]) / "gpu-standin.jsonl"
     import pycolmap
 

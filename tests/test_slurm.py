@@ -143,7 +143,7 @@ def test_aerial_smoke_on_slurm_gpu_tasks_only_on_the_gpu_job(tmp_path, slurm, re
     assert sorted(j["Name"] for j in jobs) == ["dask-worker", "dask-worker-gpu"]
     recs = _records(records)
     gpu_tasks = [r for rs in recs.values() for r in rs if r["resources"].get("GPU")]
-    assert result["dense backend"] == "gpu" and gpu_tasks
+    assert result["dense_backend"] == "gpu" and gpu_tasks
     assert all(r in recs["SLURMCluster-gpu-0"] for r in gpu_tasks)
     assert recs.get("SLURMCluster-0") and not [r for r in recs["SLURMCluster-0"] if r["resources"].get("GPU")]
     assert (records / "gpu-standin.jsonl").exists()  # no CUDA here: the stand-in ran on the GPU job

@@ -20,7 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from tasks.aerial import plan as planning
 from tasks.aerial import layout as L
 from tasks.aerial.covisibility import CovisibilityConfig
-from tasks.aerial.dense import DenseConfig
+from tasks.aerial.dense.config import (CPU_METHODS, DEVICES, GPU_METHODS, SGBM_MODES, VIEW_SELECTIONS, ColmapConfig,
+                                       DenseConfig, PatchMatchConfig, SGBMConfig)
 from tasks.aerial.pipeline import CONFS, PipelineConfig
 from tasks.aerial.reconstruction import SfMConfig
 from tasks.aerial.training_export import ExportConfig
@@ -32,18 +33,21 @@ from tasks.common.runtime import DaskSettings, load_dask_block
 __all__ = ["CONFIGS", "AerialConfig", "ConfigError", "ExportOptions", "PipelineOptions", "TrajectoryOptions",
            "get_config", "pipeline_settings"]
 
-#: Named pipeline configurations (tasks.aerial.pipeline.CONFS), dense backends and
-#: trajectories (tasks.aerial.plan.TRAJECTORIES), as form choices.
+#: Named pipeline configurations (tasks.aerial.pipeline.CONFS) and trajectories
+#: (tasks.aerial.plan.TRAJECTORIES), as form choices.
 PipelineName = Literal[tuple(CONFS)]  # type: ignore[valid-type]
-DenseBackend = Literal["auto", "cpu", "gpu"]
 TrajectoryName = Literal[tuple(planning.TRAJECTORIES)]  # type: ignore[valid-type]
 
 SfMOptions = overrides_model(SfMConfig, "SfMOptions", doc="Reference triangulation and photo localization.")
+PatchMatchOptions = overrides_model(PatchMatchConfig, "PatchMatchOptions", doc=PatchMatchConfig.__doc__ or "",
+                                    choices={"view_selection": Literal[VIEW_SELECTIONS]})
+SGBMOptions = overrides_model(SGBMConfig, "SGBMOptions", doc=SGBMConfig.__doc__ or "",
+                              choices={"mode": Literal[SGBM_MODES]})
+ColmapOptions = overrides_model(ColmapConfig, "ColmapOptions", doc=ColmapConfig.__doc__ or "")
 DenseOptions = overrides_model(
-    DenseConfig, "DenseOptions", doc="Dense depth (both backends; CPU method, PatchMatch, SGBM, fusion).",
-    choices={"backend": DenseBackend, "cpu_method": Literal["sgbm", "patchmatch"],
-             "pm_view_selection": Literal["coverage", "shared"],
-             "gpu_method": Literal["auto", "colmap", "patchmatch"], "sgbm_mode": Literal["3way", "sgbm", "hh"]})
+    DenseConfig, "DenseOptions", doc="Dense depth: where it runs, the shared settings, one section per method.",
+    nested={"patchmatch": PatchMatchOptions, "sgbm": SGBMOptions, "colmap": ColmapOptions},
+    choices={"backend": Literal[DEVICES], "cpu_method": Literal[CPU_METHODS], "gpu_method": Literal[GPU_METHODS]})
 PipelineOptions = overrides_model(
     PipelineConfig, "PipelineOptions", exclude=("name",), nested={"sfm": SfMOptions, "dense": DenseOptions},
     doc="Overrides of the named pipeline configuration (features, matcher, retrieval, pairs, SfM, dense).",
@@ -67,8 +71,8 @@ class AerialConfig(BaseModel):
                               field_title_generator=grouped_titles({
         "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
         "Synthetic world": ["synthetic", "world_options"],
-        "Pipeline": ["pipeline", "dense_backend", "pipeline_options"],
-        "Cluster": ["image_batch", "dense_batch", "fan_out", "dask", "dask_block"],
+        "Pipeline": ["pipeline", "pipeline_options"],
+        "Cluster": ["image_batch", "fan_out", "dask", "dask_block"],
         "Planning": ["places", "trajectory", "trajectory_options", "plan_only"],
         "Training exports": ["exports"],
     }))
@@ -92,14 +96,10 @@ class AerialConfig(BaseModel):
         "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
         "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
         "SuperPoint, SuperGlue, NetVLAD through hloc, which must be installed with its weights)")
-    dense_backend: DenseBackend = Field(
-        "auto", description="depth maps: auto (GPU PatchMatch when a Dask worker declares the resource GPU, "
-        "else CPU), cpu (the CPU method, pipeline_options.dense.cpu_method) or gpu (PatchMatch; falls back "
-        "to CPU, saying so, when no worker has a GPU)")
     pipeline_options: PipelineOptions = Field(  # type: ignore[valid-type]
         default_factory=PipelineOptions, description="overrides of the pipeline's settings (empty: as the "
-        "named configuration), e.g. retrieval_num, dense.cpu_method (sgbm or patchmatch), dense.num_sources")
-    dense_batch: int = Field(4, ge=1, le=10000, description="images per CPU dense task (1-10000)")
+        "named configuration), e.g. retrieval_num, dense.backend (auto, cpu or gpu), dense.cpu_method (sgbm or "
+        "patchmatch), dense.batch, dense.patchmatch.window_radius")
     fan_out: int | None = Field(None, ge=1, le=10000, description="parts for features/matching (default: Dask "
                                                                    "workers; 1-10000)")
     places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
@@ -232,13 +232,10 @@ def export_root(config: AerialConfig) -> Path:
 
 
 def pipeline_settings(config: AerialConfig) -> PipelineConfig:
-    """The named pipeline configuration with the run's overrides; ``dense_backend`` sets the
-    dense backend unless ``pipeline_options.dense.backend`` names one explicitly."""
+    """The named pipeline configuration with the run's overrides."""
     from tasks.aerial import pipeline as PL
 
-    options = config.pipeline_options.overrides()
-    options["dense"] = {"backend": config.dense_backend, **(options.get("dense") or {})}
-    return PL.get_config(config.pipeline, **options)
+    return PL.get_config(config.pipeline, **config.pipeline_options.overrides())
 
 
 def export_settings(config: AerialConfig) -> ExportConfig:
@@ -271,7 +268,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "sgbm": {"pipeline_options": {"dense": {"cpu_method": "sgbm"}}},
     # A tiny synthetic world, for a quick look (as the tests' smallest scene that registers).
     "smoke": {"root": "output/aerial_smoke", "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
-              "image_batch": 2, "dense_batch": 8},
+              "image_batch": 2, "pipeline_options": {"dense": {"batch": 8}}},
 }
 
 

@@ -17,21 +17,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
+import pycolmap
 
-from tasks.aerial import dense as D
-from tasks.aerial import features as F
-from tasks.aerial import geometry as G
-from tasks.aerial import io as IO
-from tasks.aerial import matching as M
-from tasks.aerial import pairs as P
-from tasks.aerial import retrieval as R
+from tasks.aerial import dense, features, geometry, io, matching, pairs, retrieval
 from tasks.aerial.dense import DenseConfig
-from tasks.aerial.dense.backends import dense_on_gpu, merge_dense_results
+from tasks.aerial.dense.backends import DenseBackend, DenseResult, gpu_capabilities, run_all, select_backend
+from tasks.aerial.dense.config import check_bounds
 from tasks.aerial.layout import ScenePaths, scene_paths
+from tasks.aerial.reconstruction import (Query, SfMConfig, StageResult, localize_queries, model_complete,
+                                         triangulate_reference)
 from tasks.common import checks
-from tasks.aerial.reconstruction import Query, SfMConfig, StageResult, localize_queries, model_complete, \
-    triangulate_reference
 from tasks.common.atomic import atomic_dir, link_atomic, remove_partials, write_json_atomic
 from tasks.common.fingerprint import fingerprint
 
@@ -106,24 +103,24 @@ class PipelineConfig:
           configuration, so a modified configuration never writes over another's product.
         """
         if self.backend == "builtin":
-            if self.features not in F.FEATURE_CONFS:
+            if self.features not in features.FEATURE_CONFS:
                 raise KeyError(f"unknown feature configuration {self.features!r}; choose one of "
-                               f"{sorted(F.FEATURE_CONFS)}")
-            if self.matcher not in M.MATCHER_CONFS:
+                               f"{sorted(features.FEATURE_CONFS)}")
+            if self.matcher not in matching.MATCHER_CONFS:
                 raise KeyError(f"unknown matcher configuration {self.matcher!r}; choose one of "
-                               f"{sorted(M.MATCHER_CONFS)}")
-            feats = F.FEATURE_CONFS[self.features]["output"]
-            matcher = M.MATCHER_CONFS[self.matcher]["output"]
+                               f"{sorted(matching.MATCHER_CONFS)}")
+            feats = features.FEATURE_CONFS[self.features]["output"]
+            matcher = matching.MATCHER_CONFS[self.matcher]["output"]
         else:
             feats, matcher = f"feats-{self.features}", f"matches-{self.matcher}"
-        retrieval = f"global-feats-{self.retrieval}"
+        global_feats = f"global-feats-{self.retrieval}"
         if self.retrieval == "vlad" and (self.vlad_words, self.sfm.seed) != (64, 0):
-            retrieval += f"-k{self.vlad_words}-seed{self.sfm.seed}"
+            global_feats += f"-k{self.vlad_words}-seed{self.sfm.seed}"
         sfm = f"sfm_{self.tag}"
         modified = self.modified_settings()
         if modified:
             sfm += "-" + fingerprint(modified, length=8)
-        return {"features": feats, "retrieval": retrieval, "matches": f"{feats}_{matcher}_pairs-all", "sfm": sfm}
+        return {"features": feats, "retrieval": global_feats, "matches": f"{feats}_{matcher}_pairs-all", "sfm": sfm}
 
 
 def _conf(**kw) -> PipelineConfig:
@@ -143,18 +140,16 @@ def get_config(name: str = "sift+mnn", **overrides) -> PipelineConfig:
     if name not in CONFS:
         raise KeyError(f"unknown aerial pipeline configuration {name!r}; choose one of {sorted(CONFS)}")
     cfg = PipelineConfig(**{**asdict(CONFS[name]), "sfm": SfMConfig(**asdict(CONFS[name].sfm)),
-                            "dense": DenseConfig(**asdict(CONFS[name].dense))})
+                            "dense": CONFS[name].dense.with_overrides({})})
     for k, v in overrides.items():
         if k == "sfm" and isinstance(v, dict):
             cfg.sfm = SfMConfig(**{**asdict(cfg.sfm), **v})
         elif k == "dense" and isinstance(v, dict):
-            cfg.dense = DenseConfig(**{**asdict(cfg.dense), **v})
+            cfg.dense = cfg.dense.with_overrides(v)
         elif hasattr(cfg, k):
             setattr(cfg, k, v)
         else:
             raise KeyError(f"unknown aerial pipeline setting {k!r}")
-    from tasks.aerial.dense.config import check_bounds
-
     check_bounds(cfg, PIPELINE_BOUNDS, "pipeline")  # ValueError naming the field
     check_bounds(cfg.sfm, {}, "sfm")
     cfg.dense.check()
@@ -169,7 +164,7 @@ PIPELINE_BOUNDS: dict[str, tuple[float, float]] = {
 
 
 def hloc_available() -> bool:
-    try:
+    try:  # hloc is optional (installed from its repository, with its weights): imported only when used
         import hloc  # noqa: F401
     except ImportError:
         return False
@@ -184,9 +179,6 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
     model names (frames: ``<scene>_<NNN>.jpeg``; photos: the MegaDepth name) and write
     ``images.json``: reference names, queries (intrinsics, size, MegaDepth cam2world)
     and photos that cannot be used, with the reason."""
-    import cv2
-    import pycolmap
-
     if not (paths.reference_empty / "images.txt").exists():
         raise FileNotFoundError(f"{paths.reference_empty}: no reference model; run the Earth Studio ingest first")
     ref = pycolmap.Reconstruction(str(paths.reference_empty))
@@ -240,19 +232,19 @@ def extract(paths: ScenePaths, config: PipelineConfig, names: list[str], part: t
     of n part files instead (fan-out over workers; :func:`merge_feature_parts` joins them)."""
     if config.backend == "hloc":
         return _hloc_extract(paths, config, names)
-    conf = F.FEATURE_CONFS[config.features]
+    conf = features.FEATURE_CONFS[config.features]
     if part is None:
-        return F.extract_features(conf, paths.images, names, paths.features)
-    F.extract_features_parts(conf, paths.images, names, paths.features, part[1], part_index=part[0])
-    return IO.part_paths(paths.features, part[1])[part[0]]
+        return features.extract_features(conf, paths.images, names, paths.features)
+    features.extract_features_parts(conf, paths.images, names, paths.features, part[1], part_index=part[0])
+    return io.part_paths(paths.features, part[1])[part[0]]
 
 
 def merge_feature_parts(paths: ScenePaths, n_parts: int) -> Path:
-    return F.merge_features(IO.part_paths(paths.features, n_parts), paths.features, remove_parts=True)
+    return features.merge_features(io.part_paths(paths.features, n_parts), paths.features, remove_parts=True)
 
 
 def missing_features(paths: ScenePaths, names: list[str]) -> list[str]:
-    have = set(IO.list_h5_names(paths.features))
+    have = set(io.list_h5_names(paths.features))
     return [n for n in names if n not in have]
 
 
@@ -264,24 +256,24 @@ def make_pairs(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) 
     photo-photo pairs from MegaDepth's poses; ``pairs-all.txt`` is their union."""
     reference = info["reference"]
     qnames = [n for n in sorted(info["queries"]) if n not in set(missing_features(paths, sorted(info["queries"])))]
-    ref_c2w = G.cam2world_from_model(paths.reference_empty)
-    ref_pairs = P.pairs_from_poses({n: ref_c2w[n] for n in reference}, config.ref_pairs_num,
+    ref_c2w = geometry.cam2world_from_model(paths.reference_empty)
+    ref_pairs = pairs.pairs_from_poses({n: ref_c2w[n] for n in reference}, config.ref_pairs_num,
                                    config.ref_pairs_max_angle)
     if qnames:
         if config.backend == "hloc":
             _hloc_global(paths, config, reference + qnames)
         else:
-            R.vlad_global_features(paths.features, reference + qnames, paths.global_features, db_names=reference,
+            retrieval.vlad_global_features(paths.features, reference + qnames, paths.global_features, db_names=reference,
                                    n_words=config.vlad_words, seed=config.sfm.seed)
-        ret_pairs = P.pairs_from_retrieval(paths.global_features, qnames, reference,
+        ret_pairs = pairs.pairs_from_retrieval(paths.global_features, qnames, reference,
                                            min(config.retrieval_num, len(reference)))
         md_c2w = {n: np.asarray(info["queries"][n]["cam2world"]) for n in qnames}
-        q_pairs = P.pairs_from_poses(md_c2w, config.query_pairs_num, config.query_pairs_max_angle)
+        q_pairs = pairs.pairs_from_poses(md_c2w, config.query_pairs_num, config.query_pairs_max_angle)
     else:
         ret_pairs, q_pairs = [], []
-    for path, pairs in ((paths.pairs_reference, ref_pairs), (paths.pairs_retrieval, ret_pairs),
-                        (paths.pairs_query, q_pairs), (paths.pairs_all, P.dedupe_pairs(ref_pairs + ret_pairs + q_pairs))):
-        IO.write_pairs_if_changed(path, pairs)
+    for path, found in ((paths.pairs_reference, ref_pairs), (paths.pairs_retrieval, ret_pairs),
+                        (paths.pairs_query, q_pairs), (paths.pairs_all, pairs.dedupe_pairs(ref_pairs + ret_pairs + q_pairs))):
+        io.write_pairs_if_changed(path, found)
     return {"reference pairs": len(ref_pairs), "retrieval pairs": len(ret_pairs), "photo pairs": len(q_pairs)}
 
 
@@ -291,15 +283,15 @@ def make_pairs(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) 
 def match(paths: ScenePaths, config: PipelineConfig, part: tuple[int, int] | None = None) -> Path:
     if config.backend == "hloc":
         return _hloc_match(paths, config)
-    conf = M.MATCHER_CONFS[config.matcher]
+    conf = matching.MATCHER_CONFS[config.matcher]
     if part is None:
-        return M.match_features(conf, paths.pairs_all, paths.features, paths.matches)
-    M.match_features_parts(conf, paths.pairs_all, paths.features, paths.matches, part[1], part_index=part[0])
-    return IO.part_paths(paths.matches, part[1])[part[0]]
+        return matching.match_features(conf, paths.pairs_all, paths.features, paths.matches)
+    matching.match_features_parts(conf, paths.pairs_all, paths.features, paths.matches, part[1], part_index=part[0])
+    return io.part_paths(paths.matches, part[1])[part[0]]
 
 
 def merge_match_parts(paths: ScenePaths, n_parts: int) -> Path:
-    return M.merge_matches(IO.part_paths(paths.matches, n_parts), paths.matches, remove_parts=True)
+    return matching.merge_matches(io.part_paths(paths.matches, n_parts), paths.matches, remove_parts=True)
 
 
 # ----------------------------------------------------------------------------- stage: sfm
@@ -311,78 +303,71 @@ def reference(paths: ScenePaths, config: PipelineConfig) -> StageResult:
 
 
 def localize(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) -> StageResult:
-    pairs = IO.read_pairs(paths.pairs_retrieval) + IO.read_pairs(paths.pairs_query)
-    IO.write_pairs_if_changed(paths.pairs_query_all, pairs)
+    query_pairs = io.read_pairs(paths.pairs_retrieval) + io.read_pairs(paths.pairs_query)
+    io.write_pairs_if_changed(paths.pairs_query_all, query_pairs)
     return localize_queries(paths.sfm, queries_of(info), paths.images, paths.features, paths.matches,
                             paths.pairs_query_all, paths.localized, config.sfm)
 
 
 # ----------------------------------------------------------------------------- stage: dense
+# Which method runs is tasks.aerial.dense.backends.select_backend's decision; these functions run
+# the backend they are given (the flow runs its steps as tasks, batch by batch).
+
+
+def depth_dir(paths: ScenePaths) -> Path:
+    """``dense/depths/``: a depth h5 per registered image."""
+    return paths.dense / "depths"
 
 
 def registered_names(paths: ScenePaths) -> list[str]:
-    import pycolmap
-
     rec = pycolmap.Reconstruction(str(paths.localized))
     return sorted(im.name for im in rec.images.values() if im.has_pose)
 
 
-def prepare_dense(paths: ScenePaths, config: PipelineConfig) -> list[str]:
-    """The dense workspace (``dense/images``, ``dense/sparse``) of the registered images.
-    Our cameras carry no distortion (Earth Studio frames are pinhole, the processed photos
-    are undistorted), so "undistortion" is the identity: images are linked, not resampled."""
-    names = registered_names(paths)
-    D.prepare_workspace(paths.localized, paths.images, paths.dense, image_names=names)
-    return names
+def prepare_dense(paths: ScenePaths, backend: DenseBackend) -> list[str]:
+    """The dense workspace (``dense/images``, ``dense/sparse``) of the registered images, as
+    ``backend`` needs it (:meth:`~tasks.aerial.dense.backends.DenseBackend.prepare`)."""
+    return backend.prepare(paths.localized, paths.images, paths.dense, registered_names(paths))
 
 
-def dense_patch_match(paths: ScenePaths, config: PipelineConfig, names: list[str], phase: str,
-                      progress=None) -> dict[str, Any]:
-    """One pass (``photometric``, then ``geometric`` once every source has its photometric map)
-    of the CPU PatchMatch over ``names``: COLMAP maps in ``dense/stereo/`` (resumable per image);
-    ``progress(done, total)`` after each image."""
-    return D.run_patch_match(paths.dense, names, config.dense, phase, progress=progress)
+def dense_step(paths: ScenePaths, backend: DenseBackend, names: list[str], step: str,
+               progress=None) -> DenseResult:
+    """One step of ``backend`` (e.g. PatchMatch's ``photometric`` pass) over the batch ``names``;
+    ``progress(done, total)`` after each image where the backend reports it."""
+    return backend.run_batch(paths.dense, depth_dir(paths), names, step, progress=progress)
 
 
-def dense_finish(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
-    """The shared end of the PatchMatch backends for the CPU maps: ``pycolmap.stereo_fusion`` into
-    ``dense/fused.ply`` and the maps exported to ``dense/depths/<stem>.h5``."""
-    cfg = config.dense
-    kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
-    return D.fuse_and_export(paths.dense, paths.dense / "depths", kind, cfg.pm_max_image_size, cfg, names)
+def dense_fuse(paths: ScenePaths, backend: DenseBackend, names: list[str]) -> DenseResult:
+    """The end of ``backend`` once its steps are done: ``dense/fused.ply`` and ``dense/depths/<stem>.h5``."""
+    return backend.fuse(paths.dense, depth_dir(paths), names)
 
 
-def dense_depths_cpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
-    """The CPU dense stage for ``names`` in one call (tests, scripts): the backend of
-    ``config.dense.cpu_method`` ("sgbm": depth h5 directly; otherwise PatchMatch's two passes and the
-    export of the maps to ``dense/depths/<stem>.h5``; fusion is :func:`fuse_cpu`). ``stats`` of an
-    image say ``skipped`` when nothing had to be recomputed."""
-    cfg = config.dense
-    if cfg.cpu_method == "sgbm":
-        return D.run_dense(paths.dense, names, cfg, paths.dense / "depths")
-    ws = D.open_workspace(paths.dense)
-    kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
-    steps = [D.run_patch_match(ws, names, cfg, "photometric")]
-    if kind == "geometric":
-        steps.append(D.run_patch_match(ws, names, cfg, "geometric"))
-    steps.append(D.export_colmap_depths(ws, paths.dense / "depths", names, kind=kind))
-    return merge_dense_results(steps)
+def dense_depths(paths: ScenePaths, backend: DenseBackend, names: list[str]) -> DenseResult:
+    """Every step of ``backend`` over ``names`` and its fusion in one call (tests, scripts)."""
+    return run_all(backend, paths.dense, depth_dir(paths), names)
 
 
-def dense_depths_gpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> dict[str, Any]:
-    """The dense stage on this worker's GPU: COLMAP's CUDA PatchMatch or the project's PatchMatch on
-    numba.cuda, as :func:`tasks.aerial.dense.backends.gpu_method` decides."""
-    return dense_on_gpu(paths.dense, config.dense, paths.dense / "depths", image_names=names)
+def cpu_backend(config: PipelineConfig) -> DenseBackend:
+    """The backend of this process without a GPU: the CPU method of ``config``."""
+    return select_backend(config.dense, gpu_workers=[]).backend
+
+
+def dense_depths_cpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> DenseResult:
+    """The dense stage for ``names`` on this machine's CPU (``config.dense.cpu_method``), fused.
+    ``stats`` of an image say ``skipped`` when nothing had to be recomputed."""
+    return dense_depths(paths, cpu_backend(config), names)
+
+
+def dense_depths_gpu(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> DenseResult:
+    """The dense stage for ``names`` on this process's GPU (the method
+    :func:`~tasks.aerial.dense.backends.select_backend` picks for what this process can run)."""
+    here = select_backend(config.dense, gpu_workers=["this process"], capabilities=gpu_capabilities).backend
+    return dense_depths(paths, here, names)
 
 
 def fuse_cpu(paths: ScenePaths, config: PipelineConfig) -> Path:
-    """``dense/fused.ply`` of the CPU backends: ``pycolmap.stereo_fusion`` of the PatchMatch maps
-    (the GPU backend's fusion is the same function), or the SGBM depths back-projected."""
-    cfg = config.dense
-    if cfg.cpu_method == "sgbm":
-        return D.fused_point_cloud_cpu(paths.dense, paths.dense / "depths", paths.dense / "fused.ply")
-    kind = "geometric" if cfg.pm_geom_iterations > 0 else "photometric"
-    D.fuse(paths.dense, kind, cfg.pm_max_image_size, cfg)
+    """``dense/fused.ply`` of the CPU method's depths of every image of the workspace."""
+    dense_fuse(paths, cpu_backend(config), sorted(dense.open_workspace(paths.dense).by_name))
     return paths.dense / "fused.ply"
 
 
@@ -393,8 +378,6 @@ def export_product(paths: ScenePaths) -> dict[str, int]:
     """``localized_dense_metric/``: ``sparse-txt`` (COLMAP's text writer; SIMPLE_PINHOLE),
     ``images/`` (files, not links) and ``depths/<stem>.h5`` of every registered image.
     Built under a temporary name and renamed, so the product is complete or absent."""
-    import pycolmap
-
     rec = pycolmap.Reconstruction(str(paths.dense / "sparse"))
     for cam in rec.cameras.values():
         if cam.model_name != "SIMPLE_PINHOLE":
@@ -414,7 +397,7 @@ def export_product(paths: ScenePaths) -> dict[str, int]:
             if src.exists():
                 link_atomic(src, tmp / "images" / im.name, kind="hardlink")
                 n_img += 1
-            dsrc = D.depth_path(paths.dense / "depths", im.name)
+            dsrc = dense.depth_path(depth_dir(paths), im.name)
             if dsrc.exists():
                 link_atomic(dsrc, tmp / "depths" / dsrc.name, kind="hardlink")
                 n_depth += 1
@@ -422,6 +405,7 @@ def export_product(paths: ScenePaths) -> dict[str, int]:
 
 
 # ----------------------------------------------------------------------------- hloc backend
+# hloc is optional (installed from its repository, with its weights): imported by the functions that use it
 
 
 def _hloc_extract(paths: ScenePaths, config: PipelineConfig, names: list[str]) -> Path:
@@ -448,5 +432,5 @@ def _hloc_match(paths: ScenePaths, config: PipelineConfig) -> Path:
 __all__ = ["PipelineConfig", "CONFS", "get_config", "ScenePaths", "scene_paths", "collect_images",
            "queries_of", "extract", "merge_feature_parts", "missing_features", "make_pairs", "match",
            "merge_match_parts", "reference", "localize", "registered_names", "prepare_dense", "dense_depths_cpu",
-           "dense_patch_match", "dense_finish", "merge_dense_results", "dense_depths_gpu", "fuse_cpu",
+           "dense_step", "dense_fuse", "dense_depths", "cpu_backend", "depth_dir", "dense_depths_gpu", "fuse_cpu",
            "export_product", "hloc_available", "model_complete"]

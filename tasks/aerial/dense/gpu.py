@@ -60,12 +60,11 @@ def write_stereo_config(workspace: Path, config: DenseConfig | None = None,
     return problems
 
 
-def dense_gpu(workspace: Path, config: DenseConfig | None, depth_dir: Path,
-              image_names: list[str] | None = None) -> dict:
-    """GPU backend: COLMAP PatchMatch stereo (``max_image_size``, geometric consistency), then the
-    shared :func:`~tasks.aerial.dense.fusion.fuse_and_export` (``workspace/fused.ply`` and every
-    ``<name>.geometric.bin`` to ``depth_dir/<stem>.h5``).
-    Raises RuntimeError when pycolmap has no CUDA."""
+def patch_match_gpu(workspace: Path, config: DenseConfig | None, image_names: list[str] | None = None) -> dict:
+    """COLMAP PatchMatch stereo on this worker's GPU (``colmap.max_image_size``, geometric consistency)
+    over ``image_names`` (default: every image of the workspace): COLMAP's maps in ``stereo/``.
+    Returns ``{"stats": {name: {"seconds"}}, "failures": {name: reason}}`` (an image without a
+    source view fails). Raises RuntimeError when pycolmap has no CUDA."""
     if not getattr(pycolmap, "has_cuda", False):
         raise RuntimeError(CUDA_MESSAGE)
     cfg = config or DenseConfig()
@@ -75,11 +74,11 @@ def dense_gpu(workspace: Path, config: DenseConfig | None, depth_dir: Path,
         raise DenseError(f"{workspace}: no image has a source view; nothing for PatchMatch to do")
     rec = open_workspace(workspace).rec
     opts = pycolmap.PatchMatchOptions()
-    opts.max_image_size = int(cfg.max_image_size)
-    opts.geom_consistency = bool(cfg.geom_consistency)
-    opts.gpu_index = str(cfg.gpu_index)
+    opts.max_image_size = int(cfg.colmap.max_image_size)
+    opts.geom_consistency = bool(cfg.colmap.geom_consistency)
+    opts.gpu_index = str(cfg.colmap.gpu_index)
     opts.min_triangulation_angle = float(min(1.0, cfg.min_triangulation_angle))
-    for k, v in cfg.patch_match_extra.items():
+    for k, v in cfg.colmap.patch_match_extra.items():
         setattr(opts, k, v)
     needs_range = any(rec.images[rec_id].num_points3D == 0 for rec_id in rec.images
                       if rec.images[rec_id].name in problems)
@@ -92,16 +91,26 @@ def dense_gpu(workspace: Path, config: DenseConfig | None, depth_dir: Path,
     opts.allow_missing_files = True  # a source without maps (PatchMatch failed on it) is skipped, not fatal
     t0 = time.perf_counter()
     pycolmap.patch_match_stereo(str(workspace), options=opts)
-    seconds = time.perf_counter() - t0
-    kind = "geometric" if cfg.geom_consistency else "photometric"
-    out = fuse_and_export(workspace, depth_dir, kind, cfg.max_image_size, cfg, list(problems))
-    per = seconds / max(1, len(problems))
-    for s in out["stats"].values():
-        s["seconds"] += per
-    for name in (image_names or sorted(open_workspace(workspace).by_name)):
-        if name not in problems and name not in out["failures"]:
-            out["failures"][name] = "no source view (or image missing): PatchMatch skipped it"
+    per = (time.perf_counter() - t0) / max(1, len(problems))
+    failures = {name: "no source view (or image missing): PatchMatch skipped it"
+                for name in (image_names or sorted(open_workspace(workspace).by_name)) if name not in problems}
+    return {"stats": {name: {"seconds": per, "skipped": False} for name in problems}, "failures": failures}
+
+
+def dense_gpu(workspace: Path, config: DenseConfig | None, depth_dir: Path,
+              image_names: list[str] | None = None) -> dict:
+    """GPU backend in one call: :func:`patch_match_gpu`, then the shared
+    :func:`~tasks.aerial.dense.fusion.fuse_and_export` (``workspace/fused.ply`` and every
+    ``<name>.geometric.bin`` to ``depth_dir/<stem>.h5``). Raises RuntimeError when pycolmap has no CUDA."""
+    cfg = config or DenseConfig()
+    run = patch_match_gpu(workspace, cfg, image_names)
+    kind = "geometric" if cfg.colmap.geom_consistency else "photometric"
+    out = fuse_and_export(workspace, depth_dir, kind, cfg.colmap.max_image_size, cfg, list(run["stats"]))
+    for name, s in out["stats"].items():
+        s["seconds"] += run["stats"].get(name, {}).get("seconds", 0.0)
+    for name, why in run["failures"].items():
+        out["failures"].setdefault(name, why)
     return out
 
 
-__all__ = ["write_stereo_config", "dense_gpu"]
+__all__ = ["write_stereo_config", "patch_match_gpu", "dense_gpu"]

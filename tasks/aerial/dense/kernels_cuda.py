@@ -31,12 +31,12 @@ import types
 import numpy as np
 from numba import cuda, float64
 
-from tasks.aerial.dense import kernels as KN
+from tasks.aerial.dense import kernels
 
-BAD = KN.BAD
-MAX_SOURCES = 16  # per-thread cost array (pm_num_sources is 8 by default)
-_NI = KN._NI
-_NJ = KN._NJ
+BAD = kernels.BAD
+MAX_SOURCES = 16  # per-thread cost array (patchmatch.num_sources is 8 by default)
+_NI = kernels._NI
+_NJ = kernels._NJ
 _BLOCK = (16, 8)  # threads per block (columns, rows)
 
 
@@ -59,12 +59,12 @@ def _device(dispatcher, **bindings):
     return cuda.jit(device=True)(clone)
 
 
-_rand = _device(KN._rand)
-_bilinear = _device(KN._bilinear)
-_ncc_cost = _device(KN._ncc_cost, _bilinear=_bilinear)
-_geom_error = _device(KN._geom_error)
-_random_normal = _device(KN._random_normal, _rand=_rand)
-_perturb_normal = _device(KN._perturb_normal, _rand=_rand)
+_rand = _device(kernels._rand)
+_bilinear = _device(kernels._bilinear)
+_ncc_cost = _device(kernels._ncc_cost, _bilinear=_bilinear)
+_geom_error = _device(kernels._geom_error)
+_random_normal = _device(kernels._random_normal, _rand=_rand)
+_perturb_normal = _device(kernels._perturb_normal, _rand=_rand)
 
 
 @cuda.jit(device=True)
@@ -296,7 +296,7 @@ def _device_inputs(P) -> tuple:
     """The arrays of ``P`` (the CPU kernels' input tuple) on the device, the scalars as they are."""
     (Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth, sdwh) = P
     if A.shape[0] > MAX_SOURCES:
-        raise ValueError(f"{A.shape[0]} source views; the CUDA kernels take at most {MAX_SOURCES} (pm_num_sources)")
+        raise ValueError(f"{A.shape[0]} source views; the CUDA kernels take at most {MAX_SOURCES} (dense.patchmatch.num_sources)")
     dev = [cuda.to_device(np.ascontiguousarray(a)) for a in (Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var)]
     return (*dev, int(half), int(step), int(k_best), bool(geom), float(gw), float(gmax),
             cuda.to_device(np.ascontiguousarray(sdepth)), cuda.to_device(np.ascontiguousarray(sdwh)))

@@ -1,35 +1,35 @@
 """CPU backend: PatchMatch multi-view stereo compiled with numba (COLMAP's method, ECCV 2016).
 
-Per reference image, at a working size of ``pm_max_image_size`` (long side):
+Per reference image, at a working size of ``patchmatch.max_image_size`` (long side):
 
-1. **Views**: :func:`source_ids`: ``pm_num_sources`` sources chosen so that the reference's scene
+1. **Views**: :func:`source_ids`: ``patchmatch.num_sources`` sources chosen so that the reference's scene
    (the model's sparse points in front of it) is seen by two of them within the triangulation,
    viewing-angle and scale limits (:func:`~tasks.aerial.dense.views.select_sources_covering`;
    ranking by shared points, as the GPU backend's ``patch-match.cfg``, left the demo's high
    frames with sources that see a few percent of them, docs/benchmarks.md).
 2. **Photometric pass** (``phase="photometric"``): per-pixel depth and normal hypotheses drawn in
    the image's depth range (from its sparse points: 1st-99th percentile, padded), then
-   ``pm_iterations`` red-black sweeps of propagation (8 neighbours' planes) and random refinement
+   ``patchmatch.iterations`` red-black sweeps of propagation (8 neighbours' planes) and random refinement
    (perturbations shrinking each iteration); the cost is the bilateral-weighted NCC over a window,
-   aggregated over the ``pm_k_best`` best source views per pixel (see :mod:`.kernels`). With
-   ``pm_coarse_iterations`` > 0 (coarse to fine), that many iterations run first at
-   ``pm_coarse_scale`` of the working size, and their planes, upsampled, replace the random start
-   of the working size's ``pm_iterations`` (the same window covers more of a weakly textured
+   aggregated over the ``patchmatch.k_best`` best source views per pixel (see :mod:`.kernels`). With
+   ``patchmatch.coarse_iterations`` > 0 (coarse to fine), that many iterations run first at
+   ``patchmatch.coarse_scale`` of the working size, and their planes, upsampled, replace the random start
+   of the working size's ``patchmatch.iterations`` (the same window covers more of a weakly textured
    surface at the coarse size, and the working size starts from converged planes). The map is
    written (filtered, below, only when no geometric pass follows) as
    ``stereo/{depth,normal}_maps/<name>.photometric.bin``.
 3. **Geometric pass** (``phase="geometric"``): its sources are selected as in 1. among the images
    that have a photometric map (a dense subset of the workspace leaves the others out); starts
-   from the image's photometric map and runs ``pm_geom_iterations`` more sweeps with the
+   from the image's photometric map and runs ``patchmatch.geom_iterations`` more sweeps with the
    forward-backward reprojection error through each source's photometric depth added to the cost
-   (weight ``pm_geom_weight``, capped at ``pm_geom_max_cost`` pixels), as COLMAP's
+   (weight ``patchmatch.geom_weight``, capped at ``patchmatch.geom_max_cost`` pixels), as COLMAP's
    ``geom_consistency``; written as ``<name>.geometric.bin``.
 4. **Filter** (COLMAP's ``filter``; as in COLMAP, the photometric maps stay unfiltered when a
    geometric pass follows, so that a source's map has a depth wherever its texture allows and the
    geometric pass starts from converged planes): a pixel keeps its depth when at least
-   ``pm_min_consistent`` sources see it with NCC >= ``pm_min_ncc``, a triangulation angle of at
-   least ``pm_min_triangulation_angle`` and (geometric pass) a forward-backward error of at most
-   ``pm_geom_max_error`` pixels (a source without a photometric map does not count there).
+   ``patchmatch.min_consistent`` sources see it with NCC >= ``patchmatch.min_ncc``, a triangulation angle of at
+   least ``patchmatch.min_triangulation_angle`` and (geometric pass) a forward-backward error of at most
+   ``patchmatch.geom_max_error`` pixels (a source without a photometric map does not count there).
 
 The maps are COLMAP's (``pycolmap.DepthMap`` / ``NormalMap`` read them), at the working size, so
 fusion (``pycolmap.stereo_fusion``) and the export to ``depths/<stem>.h5`` are the same code for
@@ -50,7 +50,7 @@ import cv2
 import numba
 import numpy as np
 
-from tasks.aerial.dense import kernels as KN
+from tasks.aerial.dense import kernels
 from tasks.aerial.dense.config import DenseConfig, DenseError
 from tasks.aerial.dense.io import read_colmap_array, read_colmap_header, write_colmap_array
 from tasks.aerial.dense.views import (_Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources,
@@ -70,24 +70,26 @@ def map_paths(workspace: Path, name: str, kind: str) -> tuple[Path, Path]:
     return (stereo / "depth_maps" / f"{name}.{kind}.bin", stereo / "normal_maps" / f"{name}.{kind}.bin")
 
 
-#: DenseConfig fields the CPU PatchMatch reads besides its pm_* ones (pm_threads changes only the
-#: speed): a map is reused only when all of them are as when it was computed (``settings_stamp``)
+#: DenseConfig fields the PatchMatch reads besides its own (``DenseConfig.patchmatch``; of those,
+#: ``threads`` changes only the speed): a map is reused only when all of them are as when it was
+#: computed (``settings_stamp``)
 _SHARED_SETTINGS = ("num_sources", "depth_min", "depth_max", "max_view_angle", "min_triangulation_angle",
                     "max_triangulation_angle", "max_scale_ratio", "prior_near_pad", "prior_far_pad")
 #: ... of which the photometric maps do not depend on these when a geometric pass follows (they stay
 #: unfiltered then), so a change of the filter or the geometric pass keeps them
-_GEOMETRIC_ONLY = ("pm_geom_iterations", "pm_min_ncc", "pm_min_consistent", "pm_min_triangulation_angle",
-                   "pm_geom_weight", "pm_geom_max_cost", "pm_geom_max_error", "pm_speckle_size",
-                   "pm_speckle_tolerance", "pm_region_min_share")
+_GEOMETRIC_ONLY = ("geom_iterations", "min_ncc", "min_consistent", "min_triangulation_angle", "geom_weight",
+                   "geom_max_cost", "geom_max_error", "speckle_size", "speckle_tolerance", "region_min_share")
 
 
 def settings_stamp(cfg: DenseConfig, phase: str) -> str:
-    """A digest of the settings the ``phase`` maps depend on (see ``_SHARED_SETTINGS``)."""
-    fields = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if (k.startswith("pm_") and k != "pm_threads") or k in _SHARED_SETTINGS}
-    if phase == "photometric" and cfg.pm_geom_iterations > 0:
-        fields = {k: v for k, v in fields.items() if k not in _GEOMETRIC_ONLY}
-    return fingerprint({"phase": phase, **fields}, length=16)
+    """A digest of the settings the ``phase`` maps depend on (see ``_SHARED_SETTINGS``). The
+    PatchMatch's own settings are stamped under their former flat names (``patchmatch.<field>``), so the
+    stamps of maps made before the settings were grouped stay valid."""
+    own = {k: v for k, v in dataclasses.asdict(cfg.patchmatch).items() if k != "threads"}
+    if phase == "photometric" and cfg.patchmatch.geom_iterations > 0:
+        own = {k: v for k, v in own.items() if k not in _GEOMETRIC_ONLY}
+    shared = {k: getattr(cfg, k) for k in _SHARED_SETTINGS}
+    return fingerprint({"phase": phase, **{f"pm_{k}": v for k, v in own.items()}, **shared}, length=16)
 
 
 def stamp_path(workspace: Path, name: str, kind: str) -> Path:
@@ -126,13 +128,13 @@ def _grey_at(ws: Workspace, name: str, size: tuple[int, int]) -> np.ndarray:
 
 def depth_range(ws: Workspace, ref: _Cam, cfg: DenseConfig) -> tuple[float, float]:
     """The reference's depth range: the configuration's, else the 1st-99th percentile of its
-    sparse points' depths widened by ``prior_near_pad`` / ``pm_far_pad``, else the model's."""
+    sparse points' depths widened by ``prior_near_pad`` / ``patchmatch.far_pad``, else the model's."""
     if cfg.depth_min and cfg.depth_max:
         return float(cfg.depth_min), float(cfg.depth_max)
     z = _depth_prior(ws.rec, ref)
     if z.size >= 5:
         lo, hi = np.percentile(z, [1, 99])
-        return float(lo / cfg.prior_near_pad), float(hi * cfg.pm_far_pad)
+        return float(lo / cfg.prior_near_pad), float(hi * cfg.patchmatch.far_pad)
     rng = global_depth_range(ws.rec, cfg)
     if rng is None:
         raise DenseError(f"{ref.name}: no sparse point gives a depth range; set DenseConfig.depth_min / depth_max")
@@ -140,11 +142,11 @@ def depth_range(ws: Workspace, ref: _Cam, cfg: DenseConfig) -> tuple[float, floa
 
 
 def source_ids(rec, image_id: int, cfg: DenseConfig, exclude=()) -> list[int]:
-    """The PatchMatch sources of an image: ``pm_num_sources`` (else ``num_sources``) views chosen by
-    ``pm_view_selection`` ("coverage": :func:`~tasks.aerial.dense.views.select_sources_covering`;
+    """The PatchMatch sources of an image: ``patchmatch.num_sources`` (else ``num_sources``) views chosen by
+    ``patchmatch.view_selection`` ("coverage": :func:`~tasks.aerial.dense.views.select_sources_covering`;
     "shared": :func:`~tasks.aerial.dense.views.select_sources`) within the selection's angle limits."""
-    select = select_sources_covering if cfg.pm_view_selection == "coverage" else select_sources
-    return select(rec, image_id, cfg.pm_num_sources or cfg.num_sources, cfg.min_triangulation_angle,
+    select = select_sources_covering if cfg.patchmatch.view_selection == "coverage" else select_sources
+    return select(rec, image_id, cfg.patchmatch.num_sources or cfg.num_sources, cfg.min_triangulation_angle,
                   cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=exclude)
 
 
@@ -152,8 +154,9 @@ def kernels_for(device: str):
     """The kernel module of ``device``: "cpu" (:mod:`.kernels`, numba on the CPU) or "cuda"
     (:mod:`.kernels_cuda`, numba.cuda; both have ``solve`` and ``consistency`` with the same inputs)."""
     if device == "cpu":
-        return KN
+        return kernels
     if device == "cuda":
+        # numba-cuda is installed on GPU workers only: imported when a GPU backend asks for it
         from tasks.aerial.dense import kernels_cuda
         return kernels_cuda
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
@@ -172,7 +175,7 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         raise DenseError(f"{name}: not in the workspace model {ws.path / 'sparse'}")
     rec = ws.rec
     ref = _cam(rec, ws.by_name[name])
-    W, H, _, _ = working_size(ref, cfg.pm_max_image_size)
+    W, H, _, _ = working_size(ref, cfg.patchmatch.max_image_size)
     gref = _grey_at(ws, name, (W, H))  # raises for a missing / corrupt reference
     unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
     if phase == "geometric":
@@ -181,13 +184,13 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         # workspace leaves the others out)
         pstamp = settings_stamp(cfg, "photometric")
         unusable |= {iid for iid in _posed_ids(rec) if iid != ref.image_id and not _map_complete(
-            ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.pm_max_image_size),
+            ws.path, rec.images[iid].name, "photometric", _working_hw(_cam(rec, iid), cfg.patchmatch.max_image_size),
             pstamp)}
     src_ids = source_ids(rec, ref.image_id, cfg, exclude=unusable)
     cams, greys, names = [], [], []
     for j in src_ids:
         c = _cam(rec, j)
-        w, h, _, _ = working_size(c, cfg.pm_max_image_size)
+        w, h, _, _ = working_size(c, cfg.patchmatch.max_image_size)
         try:
             greys.append(_grey_at(ws, c.name, (w, h)))
         except (FileNotFoundError, DenseError) as exc:  # a bad source only loses that view
@@ -198,8 +201,8 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
     info["sources"] = names
     depth = np.zeros((H, W), np.float32)
     normal = np.zeros((H, W, 3), np.float32)
-    if len(names) < max(1, cfg.pm_min_consistent):
-        info["note"] = f"{len(names)} usable source view(s), {cfg.pm_min_consistent} needed"
+    if len(names) < max(1, cfg.patchmatch.min_consistent):
+        info["note"] = f"{len(names)} usable source view(s), {cfg.patchmatch.min_consistent} needed"
         return depth, normal
     d_min, d_max = depth_range(ws, ref, cfg)
     info["depth range"] = (d_min, d_max)
@@ -212,7 +215,7 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
         maps = []
         for s, (c, n) in enumerate(zip(cams, names)):
             p = map_paths(ws.path, n, "photometric")[0]
-            m = _read_map(p, _working_hw(c, cfg.pm_max_image_size))
+            m = _read_map(p, _working_hw(c, cfg.patchmatch.max_image_size))
             maps.append(m)
             if m is not None:
                 sdwh[s] = (m.shape[1], m.shape[0])
@@ -228,38 +231,38 @@ def patch_match_image(ws: Workspace, name: str, cfg: DenseConfig, phase: str = "
             depth[:] = own_d
             normal[:] = own_n
 
-    min_var = float(cfg.pm_min_std) ** 2
-    seed = int(cfg.pm_seed) + (7 if geom else 0)
+    min_var = float(cfg.patchmatch.min_std) ** 2
+    seed = int(cfg.patchmatch.seed) + (7 if geom else 0)
     offset = 2 if geom else 0  # the geometric pass refines converged planes: smaller perturbations
-    if not geom and cfg.pm_coarse_iterations > 0 and cfg.pm_coarse_scale < 1.0:
-        # coarse to fine: the photometric pass at pm_coarse_scale of the working size first (the same
+    if not geom and cfg.patchmatch.coarse_iterations > 0 and cfg.patchmatch.coarse_scale < 1.0:
+        # coarse to fine: the photometric pass at patchmatch.coarse_scale of the working size first (the same
         # window covers 1 / scale times more of the scene: weak texture matches there), its planes
         # (depth and camera-frame normal do not depend on the image scale) upsampled as the working
         # size's initial hypotheses, refined with smaller perturbations from the second step on
-        cs = max(16, round(cfg.pm_max_image_size * cfg.pm_coarse_scale))
+        cs = max(16, round(cfg.patchmatch.max_image_size * cfg.patchmatch.coarse_scale))
         Pc, _, (Wc, Hc) = _kernel_params(ref, gref, cams, greys, cs, cfg, False, sdepth, sdwh)
         dc = np.zeros((Hc, Wc), np.float32)
         nc = np.zeros((Hc, Wc, 3), np.float32)
-        _solve(dc, nc, Pc, cfg, d_min, d_max, min_var, seed + 13, cfg.pm_coarse_iterations, 0, kern)
+        _solve(dc, nc, Pc, cfg, d_min, d_max, min_var, seed + 13, cfg.patchmatch.coarse_iterations, 0, kern)
         depth[:] = cv2.resize(dc, (W, H), interpolation=cv2.INTER_NEAREST)
         normal[:] = cv2.resize(nc, (W, H), interpolation=cv2.INTER_NEAREST)
         info["coarse size"] = (Wc, Hc)
         offset = 1
-    P, var, _ = _kernel_params(ref, gref, cams, greys, cfg.pm_max_image_size, cfg, geom, sdepth, sdwh)
+    P, var, _ = _kernel_params(ref, gref, cams, greys, cfg.patchmatch.max_image_size, cfg, geom, sdepth, sdwh)
     # an unfinished photometric map (or the coarse level's holes) restarts the zero pixels at random
     _solve(depth, normal, P, cfg, d_min, d_max, min_var, seed,
-           cfg.pm_geom_iterations if geom else cfg.pm_iterations, offset, kern)
+           cfg.patchmatch.geom_iterations if geom else cfg.patchmatch.iterations, offset, kern)
     normal[depth <= 0] = 0
     info["textured"] = var > min_var
-    if geom or cfg.pm_geom_iterations <= 0:
+    if geom or cfg.patchmatch.geom_iterations <= 0:
         info["unfiltered depth"] = depth.copy()
-        count = kern.consistency(depth, normal, P, float(cfg.pm_min_ncc), float(cfg.pm_geom_max_error),
-                                 math.cos(math.radians(cfg.pm_min_triangulation_angle)), int(cfg.pm_min_consistent),
+        count = kern.consistency(depth, normal, P, float(cfg.patchmatch.min_ncc), float(cfg.patchmatch.geom_max_error),
+                                 math.cos(math.radians(cfg.patchmatch.min_triangulation_angle)), int(cfg.patchmatch.min_consistent),
                                  min_var)
-        if cfg.pm_speckle_size > 1 or cfg.pm_region_min_share > 0:
-            info["speckle pixels"] = int(KN.remove_speckles(
-                depth, float(cfg.pm_speckle_tolerance), int(cfg.pm_speckle_size), count, 2,
-                float(cfg.pm_region_min_share)))
+        if cfg.patchmatch.speckle_size > 1 or cfg.patchmatch.region_min_share > 0:
+            info["speckle pixels"] = int(kernels.remove_speckles(
+                depth, float(cfg.patchmatch.speckle_tolerance), int(cfg.patchmatch.speckle_size), count, 2,
+                float(cfg.patchmatch.region_min_share)))
         normal[depth <= 0] = 0
         info["mean consistent views"] = float(count[depth > 0].mean()) if (depth > 0).any() else 0.0
         info["consistent views"] = count
@@ -296,20 +299,20 @@ def _kernel_params(ref: _Cam, gref: np.ndarray, cams: list[_Cam], greys: list[np
     Ks_, Rs_, ts_ = np.stack(Ks), np.stack(Rs), np.stack(ts)
     A = np.einsum("sij,sjk,kl->sil", Ks_, Rs_, Kri)
     b = np.einsum("sij,sj->si", Ks_, ts_)
-    half = max(1, cfg.pm_window_radius // max(1, cfg.pm_window_step))
-    step = max(1, cfg.pm_window_step)
-    wn, rcw, var = KN.ref_windows(gref, half, step, float(cfg.pm_sigma_color), float(cfg.pm_window_radius))
-    P = (Kri, Kr, A, b, Rs_, ts_, Ks_, np.linalg.inv(Ks_), stack, swh, wn, rcw, var, half, step, int(cfg.pm_k_best),
-         geom, float(cfg.pm_geom_weight), float(cfg.pm_geom_max_cost), sdepth, sdwh)
+    half = max(1, cfg.patchmatch.window_radius // max(1, cfg.patchmatch.window_step))
+    step = max(1, cfg.patchmatch.window_step)
+    wn, rcw, var = kernels.ref_windows(gref, half, step, float(cfg.patchmatch.sigma_color), float(cfg.patchmatch.window_radius))
+    P = (Kri, Kr, A, b, Rs_, ts_, Ks_, np.linalg.inv(Ks_), stack, swh, wn, rcw, var, half, step, int(cfg.patchmatch.k_best),
+         geom, float(cfg.patchmatch.geom_weight), float(cfg.patchmatch.geom_max_cost), sdepth, sdwh)
     return P, var, (W, H)
 
 
 def _solve(depth: np.ndarray, normal: np.ndarray, P, cfg: DenseConfig, d_min: float, d_max: float, min_var: float,
-           seed: int, iterations: int, offset: int, kern=KN) -> np.ndarray:
+           seed: int, iterations: int, offset: int, kern=kernels) -> np.ndarray:
     """Random hypotheses where ``depth`` is 0, then ``iterations`` red-black sweeps (perturbation
-    ``pm_perturbation`` halved per iteration, starting ``offset`` halvings down); in place, by the
+    ``patchmatch.perturbation`` halved per iteration, starting ``offset`` halvings down); in place, by the
     kernel module ``kern`` (:func:`kernels_for`). Returns the costs."""
-    perts = [max(cfg.pm_perturbation * 0.5 ** (it + offset), 0.005) for it in range(iterations)]
+    perts = [max(cfg.patchmatch.perturbation * 0.5 ** (it + offset), 0.005) for it in range(iterations)]
     return kern.solve(depth, normal, P, d_min, d_max, min_var, seed, perts)
 
 
@@ -362,8 +365,8 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
     ``progress(done, total)``: called after each image (computed, kept or failed)."""
     cfg = config or DenseConfig()
     ws = open_workspace(workspace)
-    if cfg.pm_threads:
-        numba.set_num_threads(max(1, min(int(cfg.pm_threads), numba.config.NUMBA_NUM_THREADS)))
+    if cfg.patchmatch.threads:
+        numba.set_num_threads(max(1, min(int(cfg.patchmatch.threads), numba.config.NUMBA_NUM_THREADS)))
     names = sorted(ws.by_name) if image_names is None else list(image_names)
     stats: dict[str, dict] = {}
     failures: dict[str, str] = {}
@@ -376,7 +379,7 @@ def run_patch_match(workspace: Path | Workspace, image_names: list[str] | None, 
             failures[name] = f"DenseError: {name}: not in the workspace model {ws.path / 'sparse'}"
             continue
         c = _cam(ws.rec, ws.by_name[name])
-        W, H, _, _ = working_size(c, cfg.pm_max_image_size)
+        W, H, _, _ = working_size(c, cfg.patchmatch.max_image_size)
         if _map_complete(ws.path, name, phase, (H, W), stamp):
             d = read_colmap_array(map_paths(ws.path, name, phase)[0])
             stats[name] = {"valid_fraction": float((d > 0).mean()), "seconds": time.perf_counter() - t0,

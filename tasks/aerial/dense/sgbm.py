@@ -60,14 +60,14 @@ def _rect_extent(rays_rect: np.ndarray, f: float, cap: float) -> tuple[float, fl
 
 
 def _sgbm(cfg: DenseConfig, min_disp: int, num_disp: int) -> Any:
-    bs = int(cfg.sgbm_block_size) | 1
+    bs = int(cfg.sgbm.block_size) | 1
     mode = {"sgbm": cv2.StereoSGBM_MODE_SGBM, "3way": cv2.StereoSGBM_MODE_SGBM_3WAY,
-            "hh": cv2.StereoSGBM_MODE_HH}[cfg.sgbm_mode.lower()]
+            "hh": cv2.StereoSGBM_MODE_HH}[cfg.sgbm.mode.lower()]
     return cv2.StereoSGBM_create(minDisparity=int(min_disp), numDisparities=int(num_disp), blockSize=bs,
                                  P1=8 * 3 * bs * bs, P2=32 * 3 * bs * bs, disp12MaxDiff=-1, preFilterCap=31,
-                                 uniquenessRatio=int(cfg.sgbm_uniqueness),
-                                 speckleWindowSize=int(cfg.sgbm_speckle_window),
-                                 speckleRange=int(cfg.sgbm_speckle_range), mode=mode)
+                                 uniquenessRatio=int(cfg.sgbm.uniqueness),
+                                 speckleWindowSize=int(cfg.sgbm.speckle_window),
+                                 speckleRange=int(cfg.sgbm.speckle_range), mode=mode)
 
 
 def _texture_mask(img: np.ndarray, min_std: float) -> np.ndarray:
@@ -82,7 +82,7 @@ def _pair_depth(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, prior_xyz
     """Depth of the reference (full resolution, z in the reference camera, NaN = none) from one
     rectified stereo pair with ``src``; None when the pair cannot be rectified usefully."""
     info["method"] = "rectified"
-    size = cfg.cpu_size()
+    size = cfg.sgbm.max_image_size
     img_r, s_r = ws.image(ref.name, size)
     img_s, s_s = ws.image(src.name, size)
     Kr = _scaled_K(ref.K, img_r.shape[1] / ref.width, img_r.shape[0] / ref.height)
@@ -93,7 +93,7 @@ def _pair_depth(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, prior_xyz
     if b < 1e-9:
         return None
     ex = base / b
-    if min(_angle(ex, ref.axis), _angle(-ex, ref.axis)) < cfg.min_baseline_angle:
+    if min(_angle(ex, ref.axis), _angle(-ex, ref.axis)) < cfg.sgbm.min_baseline_angle:
         info["reason"] = "epipole inside the reference view"
         return None
     z0 = ref.axis + src.axis
@@ -117,7 +117,7 @@ def _pair_depth(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, prior_xyz
     elif zz.size >= 5:
         d_hi = f * b / (float(np.percentile(zz, 2)) / cfg.prior_near_pad)
     else:
-        d_hi = cfg.fallback_disparity_fraction * img_r.shape[1]
+        d_hi = cfg.sgbm.fallback_disparity_fraction * img_r.shape[1]
     if cfg.depth_max:
         d_lo = f * b / cfg.depth_max
     elif cfg.prior_far_pad and zz.size >= 5:
@@ -125,9 +125,9 @@ def _pair_depth(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, prior_xyz
     else:
         d_lo = 0.0  # up to infinity (distant terrain, horizon)
     d_lo, d_hi = max(0.0, d_lo - 2.0), d_hi + 2.0
-    max_nd = max(16, int(cfg.max_disparities) // 16 * 16)
+    max_nd = max(16, int(cfg.sgbm.max_disparities) // 16 * 16)
     # a range wider than max_nd: match this pair at a coarser scale (down to min_pair_scale)
-    s_pair = float(np.clip(max_nd / max(d_hi - d_lo, 1e-6), cfg.min_pair_scale, 1.0))
+    s_pair = float(np.clip(max_nd / max(d_hi - d_lo, 1e-6), cfg.sgbm.min_pair_scale, 1.0))
     if s_pair < 0.999:
         img_r = cv2.resize(img_r, (max(16, round(img_r.shape[1] * s_pair)), max(16, round(img_r.shape[0] * s_pair))),
                            interpolation=cv2.INTER_AREA)
@@ -144,7 +144,7 @@ def _pair_depth(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, prior_xyz
     num_disp = int(min(max_nd, max(16, math.ceil((d_hi - d_lo) / 16.0) * 16)))
     info["pair_scale"] = round(s_pair, 3)
 
-    cap = cfg.max_rect_factor * max(img_r.shape[:2])
+    cap = cfg.sgbm.max_rect_factor * max(img_r.shape[:2])
     ext_l = _rect_extent(_border_rays(Kr, img_r.shape[1], img_r.shape[0]) @ R_rl.T, f, cap)
     ext_r = _rect_extent(_border_rays(Ks, img_s.shape[1], img_s.shape[0]) @ R_rs.T, f, cap)
     if ext_l is None or ext_r is None:
@@ -182,8 +182,8 @@ def _pair_depth(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, prior_xyz
     disp_r = sgbm.compute(rect_r[:, ::-1].copy(), rect_l[:, ::-1].copy()).astype(np.float32)[:, ::-1] / 16.0
     valid = (disp_l >= 0) & mask_l
     info["sgbm_valid"] = round(float(valid.sum() / max(1, mask_l.sum())), 3)
-    if cfg.min_texture > 0:
-        valid &= _texture_mask(rect_l, cfg.min_texture)
+    if cfg.sgbm.min_texture > 0:
+        valid &= _texture_mask(rect_l, cfg.sgbm.min_texture)
     # left-right check: the right view's disparity at x - d must agree
     xs = np.arange(width, dtype=np.float32)[None, :] - disp_l
     xi = np.rint(xs).astype(np.int64)
@@ -191,7 +191,7 @@ def _pair_depth(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, prior_xyz
     xi = np.clip(xi, 0, width - 1)
     rows = np.arange(height)[:, None]
     d_back = disp_r[rows, xi]
-    valid &= inside & mask_r[rows, xi] & (d_back >= 0) & (np.abs(d_back - disp_l) <= cfg.lr_max_diff)
+    valid &= inside & mask_r[rows, xi] & (d_back >= 0) & (np.abs(d_back - disp_l) <= cfg.sgbm.lr_max_diff)
     d_true = disp_l - (cx_l - cx_r)  # f b / Z_rect
     valid &= d_true > 0.25
     disp = np.where(valid, d_true, 0.0).astype(np.float32)
@@ -249,9 +249,9 @@ def _sweep_family(gr: np.ndarray, gs: np.ndarray, A: np.ndarray, B: np.ndarray, 
     span = span[(dn > 0) & (df > 0) & np.isfinite(span)]
     if span.size < 0.01 * h * w:
         return None
-    n_planes = int(np.clip(math.ceil(float(np.percentile(span, 95)) / cfg.sweep_step_px) + 1, 16,
-                           cfg.sweep_max_planes))
-    win = (int(cfg.sweep_window) | 1,) * 2
+    n_planes = int(np.clip(math.ceil(float(np.percentile(span, 95)) / cfg.sgbm.sweep_step_px) + 1, 16,
+                           cfg.sgbm.sweep_max_planes))
+    win = (int(cfg.sgbm.sweep_window) | 1,) * 2
     kernel = np.ones(win, np.uint8)
     mr = cv2.boxFilter(gr, -1, win, borderType=cv2.BORDER_REFLECT)
     vr = cv2.boxFilter(gr * gr, -1, win, borderType=cv2.BORDER_REFLECT) - mr * mr
@@ -264,7 +264,7 @@ def _sweep_family(gr: np.ndarray, gs: np.ndarray, A: np.ndarray, B: np.ndarray, 
     ones_s = np.full(gs.shape, 255, np.uint8)
     gap = max(2, n_planes // 32)
     row3 = (pix @ A.T)[..., 2], (pix @ B.T)[..., 2]
-    min_var = cfg.sweep_min_std ** 2
+    min_var = cfg.sgbm.sweep_min_std ** 2
     for k, wk in enumerate(np.linspace(w_lo, w_hi, n_planes)):
         Hcv = _cv_homography(A + wk * B)
         warped = cv2.warpPerspective(gs, Hcv, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
@@ -298,10 +298,10 @@ def _sweep_family(gr: np.ndarray, gs: np.ndarray, A: np.ndarray, B: np.ndarray, 
     dw = 1e-3 * (w_hi - w_lo)
     x1, y1, _ = project(wsol + dw)
     with np.errstate(invalid="ignore", divide="ignore"):
-        rel_err = cfg.sweep_sigma_px / (np.hypot(x1 - x0, y1 - y0) / dw * np.abs(wsol))
-    ok = ((best >= cfg.sweep_min_ncc) & (best - second >= cfg.sweep_min_margin) & (best_k > 0)
+        rel_err = cfg.sgbm.sweep_sigma_px / (np.hypot(x1 - x0, y1 - y0) / dw * np.abs(wsol))
+    ok = ((best >= cfg.sgbm.sweep_min_ncc) & (best - second >= cfg.sgbm.sweep_min_margin) & (best_k > 0)
           & (best_k < n_planes - 1) & (vr > min_var) & (d0 > 0) & np.isfinite(rel_err)
-          & (rel_err <= cfg.sweep_max_rel_error))
+          & (rel_err <= cfg.sgbm.sweep_max_rel_error))
     return {"best": np.where(ok, best, -np.inf), "w": wsol, "ok": ok, "planes": n_planes}
 
 
@@ -315,7 +315,7 @@ def _pair_depth_sweep(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, pri
     untextured, ambiguous (a clearly different plane scores almost as well), poorly conditioned
     (too little parallax for ``sweep_max_rel_error``) or with a low NCC are NaN."""
     info["method"] = "sweep"
-    size = min(cfg.cpu_size(), int(cfg.sweep_max_size))
+    size = min(cfg.sgbm.max_image_size, int(cfg.sgbm.sweep_max_size))
     img_r, _ = ws.image(ref.name, size)
     img_s, _ = ws.image(src.name, size)
     h, w = img_r.shape[:2]
@@ -355,7 +355,7 @@ def _pair_depth_sweep(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, pri
     if 1.0 / z_near > w_far:
         families.append(("fronto", np.array([0.0, 0.0, 1.0]), w_far, 1.0 / z_near))
     # ground planes n . X = d below the camera (n: world down in the reference frame)
-    if cfg.sweep_ground and xr is not None:
+    if cfg.sgbm.sweep_ground and xr is not None:
         n_down = ref.R @ (-ws.up)
         dd = xr @ n_down
         dd = dd[dd > 0]
@@ -369,9 +369,9 @@ def _pair_depth_sweep(ws: Workspace, ref: _Cam, src: _Cam, cfg: DenseConfig, pri
 
     best = np.full((h, w), -np.inf, np.float32)
     depth = np.full((h, w), np.nan, np.float32)
-    if cfg.sweep_min_center_std > 0:  # against foreground fattening onto untextured background (sky)
+    if cfg.sgbm.sweep_min_center_std > 0:  # against foreground fattening onto untextured background (sky)
         m3 = cv2.blur(gr, (3, 3))
-        flat = (cv2.blur(gr * gr, (3, 3)) - m3 * m3) < cfg.sweep_min_center_std ** 2
+        flat = (cv2.blur(gr * gr, (3, 3)) - m3 * m3) < cfg.sgbm.sweep_min_center_std ** 2
         best[flat] = np.inf  # nothing can win there
     planes = {}
     for name, n_ref, w_lo, w_hi in families:
@@ -433,9 +433,9 @@ def depth_cpu(workspace: Path | Workspace, image_name: str, config: DenseConfig 
     info = {} if info is None else info
     rec = ws.rec
     ref = _cam(rec, ws.by_name[image_name])
-    ws.image(image_name, cfg.cpu_size())  # raises for a missing / corrupt reference
+    ws.image(image_name, cfg.sgbm.max_image_size)  # raises for a missing / corrupt reference
     unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
-    cands = select_sources(rec, ref.image_id, max(1, cfg.num_sources) * max(1, cfg.candidate_factor),
+    cands = select_sources(rec, ref.image_id, max(1, cfg.num_sources) * max(1, cfg.sgbm.candidate_factor),
                            cfg.min_triangulation_angle, cfg.max_triangulation_angle, cfg.max_view_angle,
                            cfg.max_scale_ratio, exclude=unusable)
     prior = _prior_points(rec, ref)
@@ -447,7 +447,7 @@ def depth_cpu(workspace: Path | Workspace, image_name: str, config: DenseConfig 
         pinfo: dict = {"source": src.name}
         try:
             est = _pair_depth(ws, ref, src, cfg, prior, pinfo)
-            if est is None and cfg.sweep_fallback:
+            if est is None and cfg.sgbm.sweep_fallback:
                 pinfo["rectify"] = pinfo.pop("reason", "not rectifiable")
                 est = _pair_depth_sweep(ws, ref, src, cfg, prior, pinfo)
         except (FileNotFoundError, DenseError, cv2.error) as exc:  # a bad source only loses that pair
@@ -462,7 +462,7 @@ def depth_cpu(workspace: Path | Workspace, image_name: str, config: DenseConfig 
     if not estimates:
         info["note"] = "no usable source view"
         return np.zeros((ref.height, ref.width), np.float32)
-    depth, _ = fuse_depths(np.stack(estimates), cfg.rel_tolerance, cfg.min_consistent)
+    depth, _ = fuse_depths(np.stack(estimates), cfg.sgbm.rel_tolerance, cfg.sgbm.min_consistent)
     return depth
 
 
