@@ -49,7 +49,7 @@ def patchmatch_demo(root: Path, scene: str, sets: list[str]) -> tuple[Any, Any]:
     have its dense workspace)."""
     from tasks.aerial import pipeline as PL
 
-    cfg = PL.get_config()
+    cfg = PL.PIPELINES.build()
     cfg.dense.cpu_method = "patchmatch"
     for k, v in (a.split("=", 1) for a in sets):
         if not hasattr(cfg.dense, k):

@@ -36,8 +36,8 @@ from tasks.aerial import megadepth
 from tasks.aerial import layout as L
 from tasks.aerial import pipeline as PL
 from tasks.aerial import training_export as T
-from tasks.aerial.config import CONFIGS, AerialConfig, dask_settings_of, export_root, export_settings, \
-    get_config, pipeline_settings, trajectory_settings
+from tasks.aerial.config import CONFIGS, AerialConfig, export_root, export_settings, pipeline_settings, \
+    trajectory_settings
 from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_megadepth
 from tasks.aerial.tasks import collect_task, covis_block_task, covis_plan_task, dense_prepare_task, evaluate_task, \
     export_task, features_task, fuse_task, ingest_task, localize_task, matches_task, megadepth_task, \
@@ -51,7 +51,7 @@ from tasks.common.runtime import gpu_workers, make_task_runner, run_local, worke
 from tasks.common.window import in_thread, run_each
 
 
-@flow(name="aerial", task_runner=make_task_runner(settings_from=dask_settings_of), log_prints=True)
+@flow(name="aerial", task_runner=make_task_runner(settings_from=AerialConfig.dask_settings_of), log_prints=True)
 @exclusive_output(lambda config=None: (config or AerialConfig()).paths()["root"], "aerial root")
 def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     """Plan the places given, then build every scene of ``config.root`` (see the module's docstring)."""
@@ -394,8 +394,7 @@ ALIASES = (
 def parse_args(argv: list[str] | None = None) -> AerialConfig:
     """``--config NAME`` (tasks.aerial.config.CONFIGS), the documented flags, then ``--set``
     overrides (raises :class:`ConfigError`)."""
-    return parse_config(argv, prog="python -m flows.aerial", description=__doc__, configs=CONFIGS,
-                        get_config=get_config, aliases=ALIASES, model=AerialConfig)
+    return parse_config(argv, prog="python -m flows.aerial", description=__doc__, configs=CONFIGS, aliases=ALIASES)
 
 
 def main(argv: list[str] | None = None) -> int:

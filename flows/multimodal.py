@@ -37,7 +37,7 @@ from tasks.common.runtime import make_task_runner, run_local
 from tasks.common.window import RunCancelled, is_cancellation, run_windowed
 from tasks.multimodal import convert, stacks, tiles as tiles_mod
 from tasks.multimodal.contact_sheet import contact_sheet_png
-from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
+from tasks.multimodal.config import CONFIGS, MultimodalConfig
 from tasks.multimodal.select_tiles import select_tiles
 from tasks.multimodal.sources import make_source
 from tasks.multimodal.tile import Grid, Tile
@@ -307,15 +307,8 @@ def _report_unfetched(table: stacks.TileStates, failed: dict[int, str], report: 
             report.problem(table.tile_id(p), "fetch", f"no data: {table.no_data_reason.get(int(p), '')}")
 
 
-def _dask_settings(parameters: dict[str, Any]):
-    """The cluster of a run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
-    config = parameters.get("config")
-    if not isinstance(config, MultimodalConfig):
-        config = MultimodalConfig.model_validate(config or {})
-    return config.dask_settings()
-
-
-@flow(name="multimodal", task_runner=make_task_runner(settings_from=_dask_settings), log_prints=True)
+@flow(name="multimodal", task_runner=make_task_runner(settings_from=MultimodalConfig.dask_settings_of),
+      log_prints=True)
 @exclusive_output(lambda config=None: (config or MultimodalConfig()).dataset_dir, "dataset folder")
 def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, Any]:
     """Build an MMEarth-compatible dataset into ``config.output_dir/config.name``."""
@@ -536,8 +529,7 @@ def memory_held(table: stacks.TileStates, summaries: list[dict[str, Any]]) -> di
 # --------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
     """The configuration named by ``--config`` with ``--set`` overrides (raises :class:`ConfigError`)."""
-    return parse_config(argv, prog="python -m flows.multimodal", description=__doc__, configs=CONFIGS,
-                        get_config=get_config, model=MultimodalConfig)
+    return parse_config(argv, prog="python -m flows.multimodal", description=__doc__, configs=CONFIGS)
 
 
 def main(argv: list[str] | None = None) -> int:
