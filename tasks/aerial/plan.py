@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from tasks.aerial import geometry
 from tasks.common import checks
@@ -120,18 +121,15 @@ def load_places(path: str | Path, errors: list[tuple[str, str]] | None = None) -
     With ``errors`` given, a bad place is appended there as ``(scene or "place <i>", why)``
     and the others are still returned; otherwise the first bad place raises :class:`PlanError`."""
     path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"places file not found: {path}")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            import yaml
-
-            doc = yaml.safe_load(text)
-        else:
-            doc = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - JSON or YAML syntax
-        raise PlanError(f"{path}: cannot parse ({exc}); expected a JSON/YAML list of places") from None
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        doc = checks.read_json(path, "places", PlanError)
+    elif not path.is_file():
+        raise PlanError(f"{path}: places file not found; check the path")
+    else:
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise PlanError(f"{path}: cannot parse ({exc}); expected a YAML list of places") from None
     items = doc if isinstance(doc, list) else [doc]
     places: list[Place] = []
     seen: set[str] = set()
@@ -406,12 +404,7 @@ def write_plan(plan: Plan, path: str | Path, esp_record: dict[str, Any] | None =
 
 def read_plan(path: str | Path) -> Plan:
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"plan not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path}: not valid JSON ({exc})") from None
+    doc = checks.read_json(path, "plan", PlanError)
     try:
         place = place_from_dict(doc["place"], f"{path}: place")
         tr = dict(doc["trajectory"])

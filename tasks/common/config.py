@@ -145,7 +145,7 @@ class NamedConfigs(Mapping[str, dict[str, Any]]):
     def __len__(self) -> int:
         return len(self._entries)
 
-    def settings(self, name: str | None = None, **overrides: Any) -> dict[str, Any]:
+    def settings(self, name: str | None = None, /, **overrides: Any) -> dict[str, Any]:
         """The settings of the named configuration ``name`` (default: :attr:`default`) with
         ``overrides`` merged over them (nested dicts key by key)."""
         name = self.default if name is None else name
@@ -154,7 +154,7 @@ class NamedConfigs(Mapping[str, dict[str, Any]]):
         named = {self.name_field: name} if self.name_field else {}
         return merge(merge(named, self._entries[name]), overrides)
 
-    def build(self, name: str | None = None, **overrides: Any) -> Any:
+    def build(self, name: str | None = None, /, **overrides: Any) -> Any:
         """The named configuration ``name`` with ``overrides``, as a ``model``: a pydantic model
         (mistakes: :class:`ConfigError`) or a dataclass (:func:`build_dataclass`)."""
         values = self.settings(name, **overrides)
