@@ -41,18 +41,25 @@ from typing import Any
 import numba
 import numpy as np
 
-from tasks.aerial import geometry as G
+from tasks.aerial import geometry
 from tasks.aerial.dense import depth_path, read_depth_h5
 from tasks.common.atomic import write_json_atomic, write_npz_atomic
 from tasks.common.fingerprint import fingerprint
+from tasks.common.forms import setting
 
 
 @dataclass
 class CovisibilityConfig:
-    rel_tolerance: float = 0.10  # |z_j - depth_j| <= tol * depth_j
-    stride: int = 1  # every stride-th pixel of i in each direction (1: every pixel)
-    prune_grid: tuple[int, int] = (48, 36)  # sample pixels per image for the frustum test
-    block_pairs: int = 128  # candidate pairs per block (one Dask task each)
+    """Settings of the dense covisibility of the training exports."""
+
+    # the form shows the rule itself: a pixel of i agrees with image j when its depth there
+    # is within this fraction of j's depth (0.1: 10 %, SuperGlue's MegaDepth tolerance)
+    rel_tolerance: float = setting(0.10, "|z_j - depth_j| <= tol * depth_j")
+    stride: int = setting(1, "count every stride-th pixel of each image in each direction (1: every pixel; "
+                             "2: a quarter of them, about 4 times faster)")
+    prune_grid: tuple[int, int] = setting((48, 36), "sample points per image (columns, rows) of the quick test "
+                                                    "that drops pairs whose views cannot overlap")
+    block_pairs: int = setting(128, "image pairs computed per task (one Dask task each)")
 
     def fingerprint(self) -> str:
         return fingerprint(self, length=16)
@@ -71,7 +78,7 @@ class View:
 
     @property
     def centre(self) -> np.ndarray:
-        return G.invert_pose(self.w2c)[:3, 3]
+        return geometry.invert_pose(self.w2c)[:3, 3]
 
 
 def load_views(product: Path) -> list[View]:
@@ -91,7 +98,7 @@ def load_views(product: Path) -> list[View]:
         if not im.has_pose:
             continue
         cam = rec.cameras[im.camera_id]
-        w2c = G.w2c_matrix(im)
+        w2c = geometry.w2c_matrix(im)
         d = depth_path(product / "depths", im.name)
         views.append(View(im.name, np.asarray(cam.calibration_matrix(), float), w2c, int(cam.width),
                           int(cam.height), d if d.exists() and (read_depth_h5(d) > 0).any() else None))
@@ -148,7 +155,7 @@ def _count_agreeing(depth_i, K_i, depth_j, K_j, R, t, stride, tol):  # pragma: n
 
 def relative_pose(a: View, b: View) -> tuple[np.ndarray, np.ndarray]:
     """Camera a -> camera b."""
-    return G.relative_pose(a.w2c, b.w2c)
+    return geometry.relative_pose(a.w2c, b.w2c)
 
 
 def pair_counts(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_tolerance: float = 0.1,
@@ -184,7 +191,7 @@ def covisible_pixels(a: View, da: np.ndarray, b: View, db: np.ndarray, rel_toler
                      stride: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The pixels (row, col) of ``a`` covisible in ``b`` and where they land in ``b`` (u, v):
     the same test as the kernel, for drawing one pair."""
-    pts, rc = G.backproject(da, a.K, a.w2c, stride)
+    pts, rc = geometry.backproject(da, a.K, a.w2c, stride)
     cam = pts @ b.w2c[:3, :3].T + b.w2c[:3, 3]
     z = cam[:, 2]
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -209,9 +216,9 @@ def _samples(view: View, depth: np.ndarray, grid: tuple[int, int]) -> np.ndarray
     sub = np.zeros_like(depth)
     rr, cc = np.meshgrid(rows, cols, indexing="ij")
     sub[rr, cc] = depth[rr, cc]
-    pts, _ = G.backproject(sub, view.K, view.w2c)
+    pts, _ = geometry.backproject(sub, view.K, view.w2c)
     if len(pts) < 8:  # sparse depth: take its valid pixels instead
-        pts, _ = G.backproject(depth, view.K, view.w2c, stride=max(1, int(math.sqrt(depth.size / 4000))))
+        pts, _ = geometry.backproject(depth, view.K, view.w2c, stride=max(1, int(math.sqrt(depth.size / 4000))))
         if len(pts) > gx * gy:
             pts = pts[np.linspace(0, len(pts) - 1, gx * gy).astype(int)]
     return pts
@@ -244,7 +251,7 @@ def candidate_pairs(views: list[View], config: CovisibilityConfig) -> tuple[list
         pts = _samples(v, d, config.prune_grid)
         if len(pts) == 0:
             continue
-        allpts, _ = G.backproject(d, v.K, v.w2c, stride=max(1, int(math.sqrt(d.size / 20000))))
+        allpts, _ = geometry.backproject(d, v.K, v.w2c, stride=max(1, int(math.sqrt(d.size / 20000))))
         allpts = np.vstack([allpts, pts])
         grow = 1.5 * tol * float(valid.max())  # 1.5: off-axis rays are longer than their z
         info[k] = (pts, (float(valid.min()), float(valid.max())), allpts.min(0) - grow, allpts.max(0) + grow)
@@ -407,7 +414,7 @@ def ground_truth_matrices(p: Plan, gt_dir: Path, config: CovisibilityConfig,
     for k, v in enumerate(p.views):
         g = by.get(v.name)
         f = Path(gt_dir) / "depths" / f"{Path(v.name).stem}.h5"
-        w2c = G.w2c_matrix(g) if g is not None else np.eye(4)
+        w2c = geometry.w2c_matrix(g) if g is not None else np.eye(4)
         views.append(View(v.name, v.K, w2c, v.width, v.height, v.depth_file))
         if g is None or not f.exists() or v.depth_file is None:
             continue

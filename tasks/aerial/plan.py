@@ -51,6 +51,7 @@ import yaml
 from tasks.aerial import geometry
 from tasks.common import checks
 from tasks.common.atomic import write_json_atomic
+from tasks.common.forms import setting
 
 PLAN_VERSION = 1
 MIN_CLEARANCE_M = 0.5  # a camera closer than this to the ground is refused
@@ -154,27 +155,41 @@ def load_places(path: str | Path, errors: list[tuple[str, str]] | None = None) -
 
 @dataclass(frozen=True)
 class Trajectory:
-    name: str = "spiral+streets"
-    frames: int = 48  # rendered frames (the plan has frames + 1 cameras)
-    fov: float = 50.0  # vertical field of view (degrees)
-    frame_rate: float = 10.0
-    width: int = 640  # render size written into the Earth Studio project
-    height: int = 480
-    spiral_fraction: float = 0.5  # share of the path that is the spiral; the rest is the street pass
-    spiral_turns: float = 2.0
-    spiral_start_rad: float = 0.3
-    spiral_altitudes: tuple[float, float] = (300.0, 40.0)  # above ground, start -> end (geometric)
-    spiral_radii: tuple[float, float] = (2.6, 1.5)  # x radius, start -> end (linear)
-    target_wobble: float = 0.25  # x radius: horizontal wobble of the look-at point around the centre
-    target_height: tuple[float, float] = (8.0, 6.0)  # look-at height above ground: mean, amplitude
-    loop: float = 0.2  # x radius: half-size of the square street loop
-    loop_rotation_deg: float = 0.0
-    loop_coverage: float = 0.9  # share of the loop flown
-    pass_altitudes: tuple[float, float] = (5.0, 2.5)  # above ground, start -> end (linear)
-    pass_yaw_deg: float = 25.0
-    pass_yaw_cycles: float = 3.0
-    pass_pitch_deg: tuple[float, float] = (-4.0, 2.0)  # start -> end (linear)
-    phases: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """A camera path around a place (the module's docstring draws it); distances in metres,
+    "x radius" settings are multiples of the place's radius."""
+
+    name: str = setting("spiral+streets", "the named trajectory these settings start from (TRAJECTORIES)")
+    frames: int = setting(48, "rendered frames (the plan has one camera more: frames + 1); 1-10000")
+    fov: float = setting(50.0, "vertical field of view of the camera, in degrees")
+    frame_rate: float = setting(10.0, "frames per second of the Earth Studio render (up to 60)")
+    width: int = setting(640, "render width in pixels, written into the Earth Studio project (16-3840)")
+    height: int = setting(480, "render height in pixels (16-3840)")
+    spiral_fraction: float = setting(0.5, "share of the path that is the descending spiral; the rest is the pass "
+                                          "above the streets (1: spiral only, 0: streets only)")
+    spiral_turns: float = setting(2.0, "turns of the spiral around the place")
+    spiral_start_rad: float = setting(0.3, "angle around the place where the spiral starts, in radians")
+    spiral_altitudes: tuple[float, float] = setting(
+        (300.0, 40.0), "spiral altitude above the ground at its start and end, in metres (descends geometrically)")
+    spiral_radii: tuple[float, float] = setting(
+        (2.6, 1.5), "spiral distance from the centre at its start and end, x radius (changes linearly)")
+    target_wobble: float = setting(0.25, "how far the point the camera looks at wanders around the centre "
+                                         "during the spiral, x radius")
+    target_height: tuple[float, float] = setting(
+        (8.0, 6.0), "height above the ground of the point the camera looks at during the spiral: mean and "
+                    "amplitude, in metres")
+    loop: float = setting(0.2, "half-size of the square street loop of the low pass, x radius")
+    loop_rotation_deg: float = setting(0.0, "rotation of the street loop from the east/north axes, in degrees")
+    loop_coverage: float = setting(0.9, "share of the street loop flown (0-1)")
+    pass_altitudes: tuple[float, float] = setting(
+        (5.0, 2.5), "altitude above the ground of the low pass at its start and end, in metres (linear)")
+    pass_yaw_deg: float = setting(25.0, "how far the camera turns left and right of the direction of flight "
+                                        "during the low pass, in degrees")
+    pass_yaw_cycles: float = setting(3.0, "left-right turns of the camera during the low pass")
+    pass_pitch_deg: tuple[float, float] = setting(
+        (-4.0, 2.0), "camera pitch during the low pass at its start and end, in degrees (negative: looking down)")
+    phases: tuple[float, float, float] = setting(
+        (0.0, 0.0, 0.0), "three angles in radians that shift the look-at wobble and the start point on the loop "
+                         "(another path with the same shape)")
 
 
 #: Bounds of a trajectory's render settings: ``field: (low, high, low excluded, unit)``. Earth

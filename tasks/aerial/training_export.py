@@ -30,18 +30,20 @@ import json
 import logging
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.aerial import covisibility as C
-from tasks.aerial import geometry as G
+from tasks.aerial import covisibility
+from tasks.aerial import geometry
+from tasks.aerial.covisibility import CovisibilityConfig
 from tasks.aerial.dense import image_stem, read_depth_h5
 from tasks.aerial.layout import PRODUCT, REFERENCE_EMPTY, WORK
 from tasks.common import trusted
 from tasks.common.atomic import PARTIAL, atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
+from tasks.common.forms import setting
 
 #: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
 AMD_SFM_FOLDER = "sfm_superpoint+superglue"
@@ -66,16 +68,19 @@ SEG_UNKNOWN = 255
 class ExportConfig:
     """Settings of the training exports (flow: ``--set``-style ``exports`` overrides)."""
 
-    root: str | None = None  # export root; default <aerial root>/training
-    covisibility: C.CovisibilityConfig = field(default_factory=C.CovisibilityConfig)
-    ranges: tuple[tuple[float, float], ...] = ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7))
-    #: symmetric pair score from the two directions of the dense covisibility: min, mean or max
-    pair_score: str = "min"
-    #: which matrix the score comes from: "covisibility" (the definition) or "known"
-    #: (pixels landing on holes of the other depth map left out; see covisibility.py)
-    score_matrix: str = "covisibility"
-    dust3r: bool = True  # write the DUSt3R layout (jpg/exr/npz per image)
-    dust3r_max_depth: float = 2000.0  # depth beyond this set to 0, as AerialMegaDepth's preprocessing
+    root: str | None = setting(None, "folder of the training exports (default: ROOT/training)")
+    covisibility: CovisibilityConfig = setting(help="dense covisibility of every image pair",
+                                               factory=CovisibilityConfig)
+    ranges: tuple[tuple[float, float], ...] = setting(
+        ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7)), "overlap ranges [low, high) of the pair lists: one list of "
+                                              "image pairs per range")
+    pair_score: str = setting("min", "overlap score of a pair from its two directions: min, mean or max")
+    score_matrix: str = setting("covisibility", "which overlap the score uses: covisibility (pixels of one image "
+                                                "that the other sees at the same depth) or known (pixels landing "
+                                                "on holes of the other depth map left out)")
+    dust3r: bool = setting(True, "also write the DUSt3R layout (a jpg, exr and npz per image)")
+    dust3r_max_depth: float = setting(2000.0, "depths beyond this many metres are written as 0 (no depth) in the "
+                                              "DUSt3R layout, as AerialMegaDepth's preprocessing")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,7 +95,7 @@ def export_config(**overrides) -> ExportConfig:
     cfg = ExportConfig()
     for k, v in overrides.items():
         if k == "covisibility" and isinstance(v, dict):
-            cfg.covisibility = C.CovisibilityConfig(**{**asdict(cfg.covisibility), **v})
+            cfg.covisibility = CovisibilityConfig(**{**asdict(cfg.covisibility), **v})
         elif hasattr(cfg, k):
             setattr(cfg, k, tuple(tuple(r) for r in v) if k == "ranges" else v)
         else:
@@ -116,7 +121,7 @@ def _object_array(items: list) -> np.ndarray:
     return out
 
 
-def scene_info(product: Path, views: list[C.View], image_paths: list[str | None],
+def scene_info(product: Path, views: list[covisibility.View], image_paths: list[str | None],
                depth_paths: list[str | None]) -> dict[str, np.ndarray]:
     """D2-Net's scene info (``megadepth_utils/preprocess_scene.py``) of the product's
     images, in ``views`` order:
@@ -270,7 +275,7 @@ def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
     return base
 
 
-def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], max_depth: float,
+def dust3r_layout(export: Path, scene: str, product: Path, views: list[covisibility.View], max_depth: float,
                   previous: dict[str, Any] | None = None) -> list[str]:
     """``EXPORT/dust3r/<scene>/0/<name>.jpg`` (the image's bytes), ``.exr`` (float32
     depth, beyond ``max_depth`` set to 0) and ``.npz`` (``intrinsics`` 3x3, ``cam2world``
@@ -300,12 +305,12 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[C.View], 
             with atomic_path(exr, suffix=".exr") as tmp:
                 if not cv2.imwrite(str(tmp), d.astype(np.float32)):
                     raise OSError(f"{tmp}: cv2 could not write EXR (set OPENCV_IO_ENABLE_OPENEXR=1)")
-        write_npz_atomic(npz, intrinsics=v.K.astype(np.float32), cam2world=G.invert_pose(v.w2c).astype(np.float32))
+        write_npz_atomic(npz, intrinsics=v.K.astype(np.float32), cam2world=geometry.invert_pose(v.w2c).astype(np.float32))
         names.append(v.name)
     return names
 
 
-def sky_masks(views: list[C.View], ground_truth: Path | None) -> dict[str, np.ndarray]:
+def sky_masks(views: list[covisibility.View], ground_truth: Path | None) -> dict[str, np.ndarray]:
     """Per image name, the pixels known to be sky, on the product image's grid: where the
     synthetic world's ground truth (``ground_truth/sparse`` + ``depths/<stem>.h5``, 0 where
     a ray hits nothing) has no surface. Images without a ground truth get none: a pixel
@@ -332,7 +337,7 @@ def sky_masks(views: list[C.View], ground_truth: Path | None) -> dict[str, np.nd
     return out
 
 
-def segmentation_layout(export: Path, scene: str, views: list[C.View], ground_truth: Path | None) -> dict[str, int]:
+def segmentation_layout(export: Path, scene: str, views: list[covisibility.View], ground_truth: Path | None) -> dict[str, int]:
     """``EXPORT/megadepth_aerial_processed_segmentation/<scene>/<name>.png`` per image: the
     per-image segmentation AerialMegaDepth's ``MegaDepthAerial`` loader reads
     unconditionally (``<ROOT>_segmentation/<scene>/<name>.png``, 8-bit, ADE20k labels; it
@@ -362,7 +367,7 @@ def segmentation_layout(export: Path, scene: str, views: list[C.View], ground_tr
 # ----------------------------------------------------------------------------- picture
 
 
-def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: np.ndarray, product: Path,
+def picture(views: list[covisibility.View], cov: np.ndarray, is_aerial: np.ndarray, score: np.ndarray, product: Path,
             scene: str, tol: float) -> tuple[bytes, dict[str, Any] | None]:
     """The covisibility matrix (aerial frames first) and the aerial-ground pair of highest
     score with the photo's covisible pixels and where they land in the frame."""
@@ -394,7 +399,7 @@ def picture(views: list[C.View], cov: np.ndarray, is_aerial: np.ndarray, score: 
             g, a = np.unravel_index(np.argmax(ag), ag.shape)
             vg, va = views[g], views[a]
             dg, da = read_depth_h5(vg.depth_file), read_depth_h5(va.depth_file)
-            rc, uv = C.covisible_pixels(vg, dg, va, da, tol)
+            rc, uv = covisibility.covisible_pixels(vg, dg, va, da, tol)
             img_g = plt.imread(Path(product) / "images" / vg.name)
             img_a = plt.imread(Path(product) / "images" / va.name)
             axes[1].imshow(img_g)
@@ -438,7 +443,7 @@ def covisibility_work(export: Path, scene: str) -> Path:
     return Path(export) / "work" / scene
 
 
-def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: C.Plan,
+def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: covisibility.Plan,
                  config: ExportConfig, features: dict[str, Any] | None = None,
                  ground_truth: Path | None = None) -> dict[str, Any]:
     """Every per-scene file (see the module docstring) from the product and the computed
@@ -471,7 +476,7 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
         log.warning("scene %s: training files changed since they were written (%s%s); exporting the scene again",
                     scene, "; ".join(bad[:3]), f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     views = plan.views
-    strict, known = C.matrices(plan)
+    strict, known = covisibility.matrices(plan)
     cov = strict if config.score_matrix == "covisibility" else known
     n = len(views)
     is_aerial = np.array([v.name in aerial for v in views])
@@ -565,7 +570,7 @@ def is_partial(f: Path) -> bool:
     return f.name.startswith(".") and PARTIAL in f.name
 
 
-def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[C.View],
+def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[covisibility.View],
                   image_paths: list[str | None], depth_paths: list[str | None], dust3r_names: list[str]) -> dict:
     """The record (:mod:`tasks.common.trusted`) of every file this export of the scene
     wrote: content digests of the files made here, sizes of the links to the product's
