@@ -112,8 +112,9 @@ class AerialConfig(FlowConfig):
         default_factory=PipelineOptions, description="overrides of the pipeline's settings (empty: as the "
         "named configuration), e.g. retrieval_num, dense.cpu_method (sgbm or patchmatch), dense.num_sources")
     dense_batch: int = Field(4, ge=1, le=10000, description="images per CPU dense task (1-10000)")
-    fan_out: int | None = Field(None, ge=1, le=10000, description="parts for features/matching (default: Dask "
-                                                                   "workers; 1-10000)")
+    fan_out: int | None = Field(None, ge=1, le=10000, description="pieces the feature extraction and matching "
+                                                                   "of a scene are split into, run side by side "
+                                                                   "(default: one per Dask worker; 1-10000)")
     places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
                                                  "ground_altitude, radius): writes ROOT/plans/<scene>.esp and .plan.json")
     trajectory: TrajectoryName = Field(

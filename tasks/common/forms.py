@@ -66,21 +66,10 @@ def field_help(cls: type) -> dict[str, str]:
     return out
 
 
-def missing_help(cls: type, prefix: str = "") -> list[str]:
-    """The settings of the dataclass ``cls`` (nested dataclasses' as dotted keys) that have no
-    explicit description (:func:`setting`); private fields (``_name``) are not settings."""
-    hints = typing.get_type_hints(cls)
-    out: list[str] = []
-    for f in dataclasses.fields(cls):
-        if f.name.startswith("_"):
-            continue
-        if not f.metadata.get("help"):
-            out.append(prefix + f.name)
-        sub = next((a for a in (hints[f.name], *typing.get_args(hints[f.name]))
-                    if isinstance(a, type) and dataclasses.is_dataclass(a)), None)
-        if sub is not None:
-            out += missing_help(sub, f"{prefix}{f.name}.")
-    return out
+def missing_help(cls: type) -> list[str]:
+    """The settings of the dataclass ``cls`` without an explicit description (:func:`setting`);
+    private fields (``_name``) are not settings."""
+    return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") and not f.metadata.get("help")]
 
 
 def _field_comments(cls: type) -> dict[str, str]:

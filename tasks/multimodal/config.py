@@ -40,7 +40,8 @@ class MultimodalConfig(FlowConfig):
         "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
                   "tile_size_m", "seed", "batch"],
         "Stacks": ["source", "source_options", "request_ceiling", "request_rate", "request_limit_name",
-                   "fetch_batch_size", "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "stack_compress"],
+                   "fetch_batch_size", "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "tasks_in_flight",
+                   "stack_compress"],
         "Packing": ["image_size", "part_size", "keep_parts", "compression_codec", "compression_level"],
         "Splits": ["split_fractions", "split_seed"],
         "Cluster": ["dask", "dask_block"],
@@ -59,8 +60,8 @@ class MultimodalConfig(FlowConfig):
     sampling_mode: SamplingModeName = Field(
         "biome-area", description="how tiles are shared out (MMEarth's modes 0, 1, 2): "
         + "; ".join(f"{name} ({i}): {tiles.SAMPLING_MODES[i]}" for name, i in SAMPLING_MODE_INDEX.items()))
-    tile_size_m: float = Field(1300.0, gt=0, le=10240.0, description="side of a square tile in metres (128 px at "
-                               "10 m: 1280; at most 10240 m, 1024 px: a stack's memory grows with its square)")
+    tile_size_m: float = Field(1300.0, gt=0, le=10240.0, description="side of a square tile in metres (at 10 m per "
+                               "pixel, 1280 m gives 128 px; at most 10240 m)")
     seed: int = Field(0, description="random seed of the tile sampling")
     batch: int = Field(0, description="sampling batch: another seed stream for adding tiles to a dataset")
     # stacks
@@ -91,12 +92,12 @@ class MultimodalConfig(FlowConfig):
     fetch_retry_delay_s: float = Field(4.0, ge=0, le=3600, description="first retry delay (0-3600 s); doubles each "
                                                                        "retry, with jitter")
     tasks_in_flight: int = Field(
-        32, ge=1, le=10000, description="fetch (and pack) tasks submitted at once (1-10000); the flow holds at "
-                                        "most this many futures (a bounded window), so its memory does not grow "
-                                        "with the tiles")
+        32, ge=1, le=10000, description="fetch (and pack) tasks submitted at once (1-10000); the flow keeps "
+                                        "this many waiting, so more keeps a large cluster busy")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
-    image_size: int = Field(128, ge=8, le=1024, description="128, or 64 for the MMEarth64 variant (8-1024 px)")
+    image_size: int = Field(128, ge=8, le=1024, description="side of the dataset's images in pixels: 128, or 64 for "
+                                                            "MMEarth64 (8-1024)")
     part_size: int = Field(64, ge=1, le=100_000, description="tiles per packing partition (1-100000)")
     keep_parts: bool = Field(False, description="keep packed partitions after the h5 is written (uses as much disk again)")
     compression_codec: Literal["isal", "zlib"] = Field(
