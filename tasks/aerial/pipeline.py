@@ -13,7 +13,7 @@ File and folder names follow the configuration actually used
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ import yaml
 from tasks.aerial import geometry
 from tasks.common import checks
 from tasks.common.atomic import write_json_atomic
+from tasks.common.config import NamedConfigs, UnknownSetting
 from tasks.common.forms import setting
 
 PLAN_VERSION = 1
@@ -191,6 +192,10 @@ class Trajectory:
         (0.0, 0.0, 0.0), "three angles in radians that shift the look-at wobble and the start point on the loop "
                          "(another path with the same shape)")
 
+    def check(self) -> None:
+        """Raise :class:`PlanError` for settings no camera path can fly (:func:`validate_trajectory`)."""
+        validate_trajectory(self)
+
 
 #: Bounds of a trajectory's render settings: ``field: (low, high, low excluded, unit)``. Earth
 #: Studio renders at most 4K (3840 x 2160) and 60 fps; frames: at most 10 000 (16 min at 10 fps;
@@ -203,35 +208,29 @@ TRAJECTORY_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "height": (16, 3840, False, "px"),
 }
 
-#: Named trajectory configurations.
-TRAJECTORIES: dict[str, Trajectory] = {
-    "spiral+streets": Trajectory(),
-    "spiral": Trajectory(name="spiral", spiral_fraction=1.0),
-    "orbit": Trajectory(name="orbit", spiral_fraction=1.0, spiral_turns=1.0, spiral_altitudes=(150.0, 150.0),
-                        spiral_radii=(2.0, 2.0), target_wobble=0.0, target_height=(0.0, 0.0)),
-    "streets": Trajectory(name="streets", spiral_fraction=0.0),
-}
+#: Named trajectories (``trajectory``; ``--trajectory NAME``): each a dict of settings over the defaults.
+TRAJECTORIES = NamedConfigs("trajectory", Trajectory, {
+    "spiral+streets": {},
+    "spiral": {"spiral_fraction": 1.0},
+    "orbit": {"spiral_fraction": 1.0, "spiral_turns": 1.0, "spiral_altitudes": (150.0, 150.0),
+              "spiral_radii": (2.0, 2.0), "target_wobble": 0.0, "target_height": (0.0, 0.0)},
+    "streets": {"spiral_fraction": 0.0},
+}, default="spiral+streets", name_field="name")
 
 
 def get_trajectory(name: str = "spiral+streets", **overrides: Any) -> Trajectory:
-    """A named configuration with settings overridden; validated (:class:`PlanError`)."""
-    if name not in TRAJECTORIES:
-        raise PlanError(f"unknown trajectory {name!r}; named configurations: {', '.join(TRAJECTORIES)}")
-    known = {f.name: f for f in fields(Trajectory)}
-    bad = sorted(set(overrides) - set(known))
-    if bad:
-        raise PlanError(f"trajectory {name!r}: unknown setting(s) {', '.join(bad)}; settings: {', '.join(known)}")
-    conv = {}
+    """A named trajectory with settings overridden; validated (:class:`PlanError`)."""
+    defaults = Trajectory()
     for k, v in overrides.items():
-        if isinstance(getattr(TRAJECTORIES[name], k), tuple):
+        if isinstance(getattr(defaults, k, None), tuple):  # JSON/YAML lists: the tuples of the settings
             try:
-                v = tuple(float(x) for x in v)
+                overrides[k] = tuple(float(x) for x in v)
             except (TypeError, ValueError):
                 raise PlanError(f"trajectory {name!r}: setting {k} must be a list of numbers, got {v!r}") from None
-        conv[k] = v
-    traj = replace(TRAJECTORIES[name], **conv)
-    validate_trajectory(traj)
-    return traj
+    try:
+        return TRAJECTORIES.build(name, **overrides)  # Trajectory.check: validate_trajectory
+    except UnknownSetting as exc:
+        raise PlanError(f"trajectory {name!r}: {exc}") from None
 
 
 def validate_trajectory(t: Trajectory) -> None:

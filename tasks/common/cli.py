@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tasks.common.config import ConfigError, NamedConfigs, build, merge
+from tasks.common.config import ConfigError, NamedConfigs, merge
 from tasks.common.forms import settings_help
 
-__all__ = ["EXIT_CONFIG", "Alias", "ConfigError", "build", "check_output_folder", "merge", "nest", "parse_config",
+__all__ = ["EXIT_CONFIG", "Alias", "ConfigError", "check_output_folder", "merge", "nest", "parse_config",
            "parse_sets", "parse_value"]
 
 EXIT_CONFIG = 2  # as argparse's own usage errors
