@@ -18,6 +18,7 @@ nested dicts, unknown keys are refused naming the nearest valid key, and the obj
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -137,7 +138,7 @@ class NamedConfigs(Mapping[str, dict[str, Any]]):
         self._entries = entries
 
     def __getitem__(self, name: str) -> dict[str, Any]:
-        return self._entries[name]
+        return copy.deepcopy(self._entries[name])  # a copy: the registry itself never changes
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
