@@ -39,7 +39,7 @@ from tasks.aerial.training_export import ExportConfig
 from tasks.common import checks
 from tasks.common.cli import check_output_folder
 from tasks.common.config import ConfigError, NamedConfigs
-from tasks.common.flow_config import FlowConfig
+from tasks.common.flow_config import DaskBlockField, DaskField, FlowConfig
 from tasks.common.forms import grouped_titles, overrides_model
 
 __all__ = ["CONFIGS", "AerialConfig", "ConfigError", "ExportOptions", "PipelineOptions", "TrajectoryOptions",
@@ -128,6 +128,8 @@ class AerialConfig(FlowConfig):
     exports: ExportOptions = Field(  # type: ignore[valid-type]
         default_factory=ExportOptions, description="training exports settings (empty: the defaults), e.g. root, "
         "covisibility.rel_tolerance")
+    dask: DaskField
+    dask_block: DaskBlockField = None
 
     @field_validator("world_options")
     @classmethod

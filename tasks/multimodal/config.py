@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from tasks.common import checks
 from tasks.common.cli import check_output_folder
 from tasks.common.config import ConfigError, NamedConfigs
-from tasks.common.flow_config import FlowConfig
+from tasks.common.flow_config import DaskBlockField, DaskField, FlowConfig
 from tasks.common.forms import grouped_titles
 from tasks.multimodal import schema
 from tasks.multimodal import tiles
@@ -106,6 +106,8 @@ class MultimodalConfig(FlowConfig):
     split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test fractions "
                                                         "(each in [0, 1], summing to 1)")
     split_seed: int = Field(42, description="random seed of the splits")
+    dask: DaskField
+    dask_block: DaskBlockField = None
 
     @model_validator(mode="after")
     def _cross_field(self) -> "MultimodalConfig":
