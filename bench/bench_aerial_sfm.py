@@ -44,7 +44,7 @@ def main() -> int:
         ingest_scene(root, world.scene)
         for e in load_scene_list(world.scene_list_path):
             preprocess_scene(root / "megadepth", e, root / "megadepth_processed")
-        cfg = PL.get_config()
+        cfg = PL.PIPELINES.build()
         paths = PL.scene_paths(root, world.scene, root / "megadepth_processed", cfg)
 
         def timed(name, fn):

@@ -42,7 +42,7 @@ def _warm() -> None:
 def bench_product(root: Path, scene: str, export: Path | None, pose_error_deg: float = 0.0) -> dict:
     from tasks.aerial import pipeline as PL
 
-    paths = PL.scene_paths(root, scene, root / "megadepth_processed", PL.get_config())
+    paths = PL.scene_paths(root, scene, root / "megadepth_processed", PL.PIPELINES.build())
     cfg = T.export_config()
     export = export or Path(tempfile.mkdtemp(prefix="bench_exports_"))
     _warm()

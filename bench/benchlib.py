@@ -49,7 +49,7 @@ def patchmatch_demo(root: Path, scene: str, sets: list[str]) -> tuple[Any, Any]:
     have its dense workspace)."""
     from tasks.aerial import pipeline as PL
 
-    cfg = PL.get_config()
+    cfg = PL.PIPELINES.build()
     try:  # keys as DenseConfig spells them, a method's with its section: patchmatch.window_radius=4
         cfg.dense = cfg.dense.with_overrides({"cpu_method": "patchmatch",
                                               **{k: json.loads(v) for k, v in (a.split("=", 1) for a in sets)}})

@@ -104,7 +104,7 @@ def prepare(root: Path, scene: str, out: Path) -> int:
 
     from tasks.aerial import pipeline as PL
 
-    cfg = PL.get_config()  # the default pipeline's folders, as python -m flows.aerial writes them
+    cfg = PL.PIPELINES.build()  # the default pipeline's folders, as python -m flows.aerial writes them
     paths = PL.scene_paths(Path(root), scene, Path(root) / "megadepth_processed", cfg)
     dense, gt = paths.dense, paths.ground_truth
     if not (dense / "sparse").is_dir() or not (gt / "depths").is_dir():

@@ -35,8 +35,7 @@ from prefect import flow, get_run_logger
 
 from tasks.aerial import layout, megadepth, pipeline, training_export
 from tasks.aerial import plan as planning
-from tasks.aerial.config import (CONFIGS, AerialConfig, dask_settings_of, export_root, export_settings, get_config,
-                                 pipeline_settings, trajectory_settings)
+from tasks.aerial.config import CONFIGS, AerialConfig, export_root, export_settings, pipeline_settings, trajectory_settings
 from tasks.aerial.dense.backends import DenseBackend, Selection, resolve_dense_backend, select_backend
 from tasks.aerial.evaluate import summary_rows
 from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_megadepth
@@ -54,7 +53,7 @@ from tasks.common.runtime import gpu_workers, make_task_runner, run_local, worke
 from tasks.common.window import in_thread, run_each
 
 
-@flow(name="aerial", task_runner=make_task_runner(settings_from=dask_settings_of), log_prints=True)
+@flow(name="aerial", task_runner=make_task_runner(settings_from=AerialConfig.dask_settings_of), log_prints=True)
 @exclusive_output(lambda config=None: (config or AerialConfig()).paths()["root"], "aerial root")
 def aerial_flow(config: AerialConfig = AerialConfig()) -> dict[str, Any]:
     """Plan the places given, then build every scene of ``config.root`` (see the module's docstring)."""
@@ -146,7 +145,7 @@ def scene_pipeline(run: SceneRun, s: str, report: RunReport) -> SceneOut:
 
 
 def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> None:
-    config, cfg, sp = run.config, run.cfg, out.paths
+    cfg, sp = run.cfg, out.paths
     stage = lambda name, problem_stage=None: report.stage(name, s, problem_stage)  # noqa: E731
     photos = submit_megadepth(run, s, report)  # the photos are preprocessed while the frames are extracted
     try:
@@ -417,8 +416,7 @@ ALIASES = (
 def parse_args(argv: list[str] | None = None) -> AerialConfig:
     """``--config NAME`` (tasks.aerial.config.CONFIGS), the documented flags, then ``--set``
     overrides (raises :class:`ConfigError`)."""
-    return parse_config(argv, prog="python -m flows.aerial", description=__doc__, configs=CONFIGS,
-                        get_config=get_config, aliases=ALIASES, model=AerialConfig)
+    return parse_config(argv, prog="python -m flows.aerial", description=__doc__, configs=CONFIGS, aliases=ALIASES)
 
 
 def main(argv: list[str] | None = None) -> int:

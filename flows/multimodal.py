@@ -23,21 +23,14 @@ from tasks.common.cli import parse_config
 from tasks.common.report import RunFailed
 from tasks.common.runlock import exclusive_output
 from tasks.common.runtime import make_task_runner, run_local
-from tasks.multimodal.config import CONFIGS, MultimodalConfig, get_config
+from tasks.multimodal.config import CONFIGS, MultimodalConfig
 from tasks.multimodal.layout import DatasetLayout
 from tasks.multimodal.run import CONTACT_SHEET, MultimodalRun
 from tasks.multimodal.torchgeo import TORCHGEO_FILENAMES
 
 
-def _dask_settings(parameters: dict[str, Any]):
-    """The cluster of a run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
-    config = parameters.get("config")
-    if not isinstance(config, MultimodalConfig):
-        config = MultimodalConfig.model_validate(config or {})
-    return config.dask_settings()
-
-
-@flow(name="multimodal", task_runner=make_task_runner(settings_from=_dask_settings), log_prints=True)
+@flow(name="multimodal", task_runner=make_task_runner(settings_from=MultimodalConfig.dask_settings_of),
+      log_prints=True)
 @exclusive_output(lambda config=None: (config or MultimodalConfig()).dataset_dir, "dataset folder")
 def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, Any]:
     """Build an MMEarth-compatible dataset into ``config.output_dir/config.name``."""
@@ -69,8 +62,7 @@ def multimodal_flow(config: MultimodalConfig = MultimodalConfig()) -> dict[str, 
 # --------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> MultimodalConfig:
     """The configuration named by ``--config`` with ``--set`` overrides (raises :class:`ConfigError`)."""
-    return parse_config(argv, prog="python -m flows.multimodal", description=__doc__, configs=CONFIGS,
-                        get_config=get_config, model=MultimodalConfig)
+    return parse_config(argv, prog="python -m flows.multimodal", description=__doc__, configs=CONFIGS)
 
 
 def main(argv: list[str] | None = None) -> int:

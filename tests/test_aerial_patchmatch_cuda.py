@@ -102,7 +102,7 @@ def test_the_gpu_task_runs_the_chosen_method(monkeypatch, tmp_path):
                                           "failures": {}})
     monkeypatch.setattr(B, "fuse_and_export", lambda *a, **k: {
         "stats": {"a.jpg": {"seconds": 0.1, "valid_fraction": 0.4}}, "failures": {}, "fusion": {"fused points": 9}})
-    cfg = PL.get_config()
+    cfg = PL.PIPELINES.build()
     out = PL.dense_depths_gpu(PL.scene_paths(tmp_path, "0001", tmp_path / "md", cfg), cfg, ["a.jpg"])
     assert calls == [("photometric", "cuda", ["a.jpg"]), ("geometric", "cuda", ["a.jpg"])]
     assert out["method"] == "patchmatch-cuda" and out["stats"]["a.jpg"]["seconds"] == pytest.approx(2.1)

@@ -23,7 +23,7 @@ def _prepare(root: Path, **world) -> PL.ScenePaths:
     ingest_scene(root, info.scene)
     for entry in load_scene_list(info.scene_list_path):
         preprocess_scene(root / "megadepth", entry, root / "megadepth_processed")
-    return PL.scene_paths(root, info.scene, root / "megadepth_processed", PL.get_config())
+    return PL.scene_paths(root, info.scene, root / "megadepth_processed", PL.PIPELINES.build())
 
 
 def _sfm(paths: PL.ScenePaths, cfg: PL.PipelineConfig):
@@ -51,7 +51,7 @@ def demo(tmp_path_factory):
     ``python -m flows.aerial`` makes it."""
     root = tmp_path_factory.mktemp("aerial_demo")
     paths = _prepare(root)
-    cfg = PL.get_config()
+    cfg = PL.PIPELINES.build()
     out = _run(paths, cfg)
     out["paths"] = paths
     out["cfg"] = cfg
@@ -175,7 +175,7 @@ def test_demo_sgbm_depth_accuracy(demo, tmp_path):
     paths0 = demo["paths"]
     root = tmp_path / "demo"
     shutil.copytree(paths0.root, root, symlinks=True)
-    cfg = PL.get_config(dense={"cpu_method": "sgbm"})
+    cfg = PL.PIPELINES.build(dense={"cpu_method": "sgbm"})
     paths = PL.scene_paths(root, paths0.scene, root / "megadepth_processed", cfg)
     for stale in (paths.dense / "stereo", paths.dense / "depths", paths.dense / "fused.ply", paths.product):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
@@ -299,7 +299,7 @@ def test_rerun_skips_complete_stages(demo):
     assert PL.localize(paths, cfg, info).skipped
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     # a changed setting invalidates the stage (and only then)
-    changed = PL.get_config(sfm={"ref_max_epipolar_error": 3.0})
+    changed = PL.PIPELINES.build(sfm={"ref_max_epipolar_error": 3.0})
     res = PL.reference(paths, changed)
     assert not res.skipped
     assert PL.reference(paths, changed).skipped
@@ -366,7 +366,7 @@ def test_corrupt_and_unregistrable_photos_are_reported(small):
     import cv2
 
     paths = small
-    cfg = PL.get_config()
+    cfg = PL.PIPELINES.build()
     md = sorted((paths.megadepth_out / paths.scene).glob("*/*.jpg.jpg"))
     corrupt, noise = md[0], md[1]
     corrupt.write_bytes(b"not a jpeg at all")
@@ -396,16 +396,16 @@ def test_query_camera_rejects_anisotropic_intrinsics():
 
 def test_unknown_configuration_is_named():
     with pytest.raises(KeyError, match="sift\\+mnn"):
-        PL.get_config("nope")
+        PL.PIPELINES.build("nope")
     with pytest.raises(KeyError, match="bogus"):
-        PL.get_config(bogus=1)
-    assert PL.get_config(dense={"backend": "cpu"}).dense.backend == "cpu"
-    assert os.path.basename(str(PL.get_config("superpoint+superglue").name)) == "superpoint+superglue"
+        PL.PIPELINES.build(bogus=1)
+    assert PL.PIPELINES.build(dense={"backend": "cpu"}).dense.backend == "cpu"
+    assert os.path.basename(str(PL.PIPELINES.build("superpoint+superglue").name)) == "superpoint+superglue"
     # the sfm folder follows the features and matcher actually used
-    assert PL.get_config().tag == "sift+mnn"
-    assert PL.get_config("superpoint+superglue").tag == "superpoint+superglue"
-    assert PL.get_config(backend="hloc", features="disk", matcher="disk+lightglue").tag == "disk+lightglue"
-    paths = PL.scene_paths(Path("/r"), "0001", Path("/md"), PL.get_config("superpoint+superglue"))
+    assert PL.PIPELINES.build().tag == "sift+mnn"
+    assert PL.PIPELINES.build("superpoint+superglue").tag == "superpoint+superglue"
+    assert PL.PIPELINES.build(backend="hloc", features="disk", matcher="disk+lightglue").tag == "disk+lightglue"
+    paths = PL.scene_paths(Path("/r"), "0001", Path("/md"), PL.PIPELINES.build("superpoint+superglue"))
     assert paths.sfm == Path("/r/data/0001/sfm_output_localization/sfm_superpoint+superglue")
 
 
@@ -416,7 +416,7 @@ def test_layout_default_and_modified_configurations():
     settings and the thread count name nothing; file names follow the confs' outputs."""
     root, md = Path("/r"), Path("/md")
     work = root / "data" / "0001" / "sfm_output_localization"
-    d = PL.scene_paths(root, "0001", md, PL.get_config())
+    d = PL.scene_paths(root, "0001", md, PL.PIPELINES.build())
     assert d.product == work / "sfm_sift+mnn" / "localized_dense_metric"
     assert d.localized == work / "sfm_sift+mnn" / "localized_model_mapper_metric"
     assert d.features == work / "feats-sift-colmap.h5"
@@ -427,26 +427,26 @@ def test_layout_default_and_modified_configurations():
                                                         root / "data/0001/ingest.json")
     assert d.reference_empty == work / "reference_empty" and d.ground_truth == root / "ground_truth" / "0001"
     assert d.megadepth_scene == md / "0001"
-    same = [PL.get_config(dense={"cpu_method": "sgbm"}), PL.get_config(sfm={"num_threads": 2})]
+    same = [PL.PIPELINES.build(dense={"cpu_method": "sgbm"}), PL.PIPELINES.build(sfm={"num_threads": 2})]
     assert all(PL.scene_paths(root, "0001", md, c).sfm.name == "sfm_sift+mnn" for c in same)
     mod = {
-        "features": PL.get_config(features="sift"),
-        "matcher": PL.get_config(matcher="NN-mutual"),
-        "pairs": PL.get_config(ref_pairs_num=20),
-        "sfm": PL.get_config(sfm={"abs_pose_max_error": 8.0}),
-        "words": PL.get_config(vlad_words=32),
+        "features": PL.PIPELINES.build(features="sift"),
+        "matcher": PL.PIPELINES.build(matcher="NN-mutual"),
+        "pairs": PL.PIPELINES.build(ref_pairs_num=20),
+        "sfm": PL.PIPELINES.build(sfm={"abs_pose_max_error": 8.0}),
+        "words": PL.PIPELINES.build(vlad_words=32),
     }
     names = {k: PL.scene_paths(root, "0001", md, c).sfm.name for k, c in mod.items()}
     assert all(n.startswith("sfm_sift+mnn-") and len(n) == len("sfm_sift+mnn-") + 8 for n in names.values()), names
     assert len(set(names.values())) == len(names)  # each its own folder
-    assert PL.scene_paths(root, "0001", md, PL.get_config(features="sift")).sfm.name == names["features"]
+    assert PL.scene_paths(root, "0001", md, PL.PIPELINES.build(features="sift")).sfm.name == names["features"]
     assert PL.scene_paths(root, "0001", md, mod["features"]).features.name == "feats-sift.h5"
     assert PL.scene_paths(root, "0001", md, mod["matcher"]).matches.name == \
         "feats-sift-colmap_matches-NN-mutual_pairs-all.h5"
     assert PL.scene_paths(root, "0001", md, mod["words"]).global_features.name == "global-feats-vlad-k32-seed0.h5"
-    assert PL.get_config(features="sift").modified_settings() == {"features": "sift"}
+    assert PL.PIPELINES.build(features="sift").modified_settings() == {"features": "sift"}
     with pytest.raises(KeyError, match="sift-colmap"):
-        PL.scene_paths(root, "0001", md, PL.get_config(features="nope"))
+        PL.scene_paths(root, "0001", md, PL.PIPELINES.build(features="nope"))
 
 
 def test_retrieval_finds_overlapping_frames(demo):
@@ -492,7 +492,7 @@ def test_hloc_backend_calls_hloc_api_and_consumes_its_files(small, monkeypatch, 
 
     ingest_scene(root, small.scene, force=True)
     assert PL.hloc_available()
-    cfg = PL.get_config("superpoint+superglue")
+    cfg = PL.PIPELINES.build("superpoint+superglue")
     paths = PL.scene_paths(root, small.scene, root / "megadepth_processed", cfg)
     _, ref, loc = _sfm(paths, cfg)
     assert [c[0] for c in calls] == ["extract", "extract", "match"]
@@ -509,7 +509,7 @@ def test_scene_without_photos_still_gives_the_aerial_product(small, tmp_path):
     shutil.copytree(small.root / "data", root / "data", ignore=shutil.ignore_patterns("sfm_output_localization"))
     shutil.copytree(small.root / "downloaded_data", root / "downloaded_data")
     ingest_scene(root, small.scene, force=True)
-    cfg = PL.get_config()
+    cfg = PL.PIPELINES.build()
     paths = PL.scene_paths(root, small.scene, root / "megadepth_processed", cfg)
     out = _run(paths, cfg, dense_names=lambda names: names[-2:])
     assert out["info"]["queries"] == {}
@@ -602,7 +602,7 @@ def test_gpu_patchmatch_backend_on_a_small_scene(small, tmp_path):
     root = tmp_path / "gpu"
     shutil.copytree(small.root, root, ignore=shutil.ignore_patterns("sfm_output_localization"))
     ingest_scene(root, small.scene, force=True)
-    cfg = PL.get_config(dense={"backend": "gpu"})
+    cfg = PL.PIPELINES.build(dense={"backend": "gpu"})
     paths = PL.scene_paths(root, small.scene, root / "megadepth_processed", cfg)
     info, _, _ = _sfm(paths, cfg)
     names = PL.prepare_dense(paths, PL.cpu_backend(cfg))

@@ -34,6 +34,7 @@ USES_PREFECT_OR_DASK = {
     "tasks.common.dask_env": "the Dask configuration the task runner applies",
     "tasks.common.slurm": "a dask-jobqueue cluster class",
     # flow configurations: load_dask_block loads a Prefect block
+    "tasks.common.flow_config": "the flows' shared configuration (dask_block: a Prefect block)",
     "tasks.aerial.config": "a flow's configuration (dask_block: a Prefect block)",
     "tasks.multimodal.config": "a flow's configuration (dask_block: a Prefect block)",
     # Prefect blocks and deployments

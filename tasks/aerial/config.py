@@ -6,8 +6,17 @@ pipeline's settings (:class:`PipelineOptions`, derived from the stages' own
 dataclasses ``PipelineConfig``/``SfMConfig``/``DenseConfig``), the training
 exports (:class:`ExportOptions`) and the trajectory's (:class:`TrajectoryOptions`)
 are forms with choices, not free JSON. A field left empty (``None``) keeps the
-named configuration's value. Named configurations live in :data:`CONFIGS`;
-``python -m flows.aerial --config NAME --set key=value`` picks one and overrides fields.
+named configuration's value. Named configurations live in :data:`CONFIGS` (the one
+mechanism of :mod:`tasks.common.config`; the named pipelines of the ``pipeline`` setting are
+:data:`tasks.aerial.pipeline.PIPELINES`); ``python -m flows.aerial --config NAME --set key=value``
+picks one and overrides fields.
+
+How a setting reaches its stage: ``--set pipeline_options.dense.num_sources=6`` (``tasks.common.cli``)
+-> ``CONFIGS.build`` merges it over the named configuration and validates an :class:`AerialConfig`
+(``pipeline_options`` is the generated overrides model of ``PipelineConfig``) ->
+:func:`pipeline_settings` builds the ``PipelineConfig`` dataclass from the named pipeline and
+those overrides (``PIPELINES.build``) -> the flow hands it to the stages, which read
+``config.dense.num_sources``.
 """
 
 from __future__ import annotations
@@ -15,27 +24,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from tasks.aerial import layout
+from tasks.aerial import megadepth
 from tasks.aerial import plan as planning
-from tasks.aerial import layout as L
+from tasks.aerial import training_export
 from tasks.aerial.covisibility import CovisibilityConfig
 from tasks.aerial.dense.config import (CPU_METHODS, DEVICES, GPU_METHODS, SGBM_MODES, VIEW_SELECTIONS, ColmapConfig,
                                        DenseConfig, PatchMatchConfig, SGBMConfig)
-from tasks.aerial.pipeline import CONFS, PipelineConfig
+from tasks.aerial.pipeline import PIPELINES, PipelineConfig
 from tasks.aerial.reconstruction import SfMConfig
+from tasks.aerial.synthetic_world import check_world_options
 from tasks.aerial.training_export import ExportConfig
 from tasks.common import checks
-from tasks.common.cli import ConfigError, build, check_output_folder, merge
-from tasks.common.forms import grouped_titles, markdown_safe_descriptions, overrides_model
-from tasks.common.runtime import DaskSettings, load_dask_block
+from tasks.common.cli import check_output_folder
+from tasks.common.config import ConfigError, NamedConfigs
+from tasks.common.flow_config import DaskBlockField, DaskField, FlowConfig
+from tasks.common.forms import grouped_titles, overrides_model
 
 __all__ = ["CONFIGS", "AerialConfig", "ConfigError", "ExportOptions", "PipelineOptions", "TrajectoryOptions",
            "get_config", "pipeline_settings"]
 
-#: Named pipeline configurations (tasks.aerial.pipeline.CONFS) and trajectories
+#: Named pipelines (tasks.aerial.pipeline.PIPELINES) and trajectories
 #: (tasks.aerial.plan.TRAJECTORIES), as form choices.
-PipelineName = Literal[tuple(CONFS)]  # type: ignore[valid-type]
+PipelineName = Literal[tuple(PIPELINES)]  # type: ignore[valid-type]
 TrajectoryName = Literal[tuple(planning.TRAJECTORIES)]  # type: ignore[valid-type]
 
 SfMOptions = overrides_model(SfMConfig, "SfMOptions", doc="Reference triangulation and photo localization.")
@@ -62,13 +75,12 @@ TrajectoryOptions = overrides_model(planning.Trajectory, "TrajectoryOptions", ex
                                     doc="Overrides of the named trajectory of the planning stage.")
 
 
-class AerialConfig(BaseModel):
-    """Where the inputs are, where the outputs go, and how each stage runs."""
+class AerialConfig(FlowConfig):
+    """Where the inputs are, where the outputs go, and how each stage runs (the rules and the
+    cluster settings ``dask``/``dask_block``: :class:`tasks.common.flow_config.FlowConfig`)."""
 
-    # a misspelt key is an error, never silently ignored; form labels read "Group · field"
-    # NaN and Infinity are refused in every number (tasks.common.checks.FINITE)
-    model_config = ConfigDict(extra="forbid", **checks.FINITE, json_schema_extra=markdown_safe_descriptions,
-                              field_title_generator=grouped_titles({
+    # form labels read "Group · field"
+    model_config = ConfigDict(field_title_generator=grouped_titles({
         "Inputs": ["root", "megadepth", "megadepth_out", "scene_list", "scenes"],
         "Synthetic world": ["synthetic", "world_options"],
         "Pipeline": ["pipeline", "pipeline_options"],
@@ -100,8 +112,9 @@ class AerialConfig(BaseModel):
         default_factory=PipelineOptions, description="overrides of the pipeline's settings (empty: as the "
         "named configuration), e.g. retrieval_num, dense.backend (auto, cpu or gpu), dense.cpu_method (sgbm or "
         "patchmatch), dense.batch, dense.patchmatch.window_radius")
-    fan_out: int | None = Field(None, ge=1, le=10000, description="parts for features/matching (default: Dask "
-                                                                   "workers; 1-10000)")
+    fan_out: int | None = Field(None, ge=1, le=10000, description="pieces the feature extraction and matching "
+                                                                   "of a scene are split into, run side by side "
+                                                                   "(default: one per Dask worker; 1-10000)")
     places: str | None = Field(None, description="places to plan (JSON/YAML list of scene, latitude, longitude, "
                                                  "ground_altitude, radius): writes ROOT/plans/<scene>.esp and .plan.json")
     trajectory: TrajectoryName = Field(
@@ -115,18 +128,12 @@ class AerialConfig(BaseModel):
     exports: ExportOptions = Field(  # type: ignore[valid-type]
         default_factory=ExportOptions, description="training exports settings (empty: the defaults), e.g. root, "
         "covisibility.rel_tolerance")
-    dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
-    dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
-
-    def dask_settings(self) -> DaskSettings:
-        """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
-        return load_dask_block(self.dask_block) if self.dask_block else self.dask
+    dask: DaskField
+    dask_block: DaskBlockField = None
 
     @field_validator("world_options")
     @classmethod
     def _world_options(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from tasks.aerial.synthetic_world import check_world_options
-
         return check_world_options(v, where="")  # the message's prefix is the field's name
 
     @field_validator("scenes")
@@ -138,17 +145,14 @@ class AerialConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "AerialConfig":
-        from tasks.aerial import pipeline as PL
-        from tasks.aerial import training_export as T
-
         options = self.pipeline_options.overrides()
         try:
-            PL.get_config(self.pipeline, **options)
+            PIPELINES.build(self.pipeline, **options)
         except (KeyError, TypeError, ValueError) as exc:
             msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
             raise ValueError(f"pipeline {self.pipeline!r} with pipeline_options {options}: {msg}") from None
         try:
-            T.export_config(**self.exports.overrides())
+            training_export.export_config(**self.exports.overrides())
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"exports: {exc.args[0] if exc.args else exc}") from None
         if self.scenes is not None and not all(isinstance(x, str) and x.strip() for x in self.scenes):
@@ -166,7 +170,7 @@ class AerialConfig(BaseModel):
         Earth Studio exports, nothing is to be planned, and either ``synthetic`` is true or it is
         unset and the root is a named configuration's own (the default run)."""
         p = self.paths()
-        if self.places or (p["root"] / L.DOWNLOADED).is_dir():
+        if self.places or (p["root"] / layout.DOWNLOADED).is_dir():
             return False
         return bool(self.synthetic) if self.synthetic is not None else p["root"] in named_roots()
 
@@ -174,10 +178,8 @@ class AerialConfig(BaseModel):
         """Check the root, MegaDepth folder and scene list this configuration names; raise one
         :class:`ConfigError` naming the path on the first mistake. Cheap: run it before starting any
         server or cluster."""
-        from tasks.aerial import megadepth
-
         p = self.paths()
-        has_data = (p["root"] / L.DOWNLOADED).is_dir()
+        has_data = (p["root"] / layout.DOWNLOADED).is_dir()
         if not has_data and not self.places and not self.builds_world():
             if self.synthetic is False:
                 raise ConfigError(f"root {p['root']}: no downloaded_data/ folder with Earth Studio exports "
@@ -190,7 +192,7 @@ class AerialConfig(BaseModel):
                              ("exports.root", export_root(self))):
             check_output_folder(folder, what)
         if has_data:
-            exports = L.downloaded_scenes(p["root"])
+            exports = layout.downloaded_scenes(p["root"])
             unknown = sorted(set(self.scenes or []) - set(exports))
             if unknown:
                 raise ConfigError(f"scenes {unknown} have no Earth Studio export in {p['root'] / 'downloaded_data'}"
@@ -209,12 +211,12 @@ class AerialConfig(BaseModel):
     def paths(self) -> dict[str, Path]:
         """The run's folders: ``root``, raw ``megadepth``, ``megadepth_out`` and the ``scene_list`` file."""
         root = Path(self.root).expanduser().resolve()
-        md = Path(self.megadepth).expanduser().resolve() if self.megadepth else L.default_megadepth(root)
+        md = Path(self.megadepth).expanduser().resolve() if self.megadepth else layout.default_megadepth(root)
         return {
             "root": root, "megadepth": md,
             "megadepth_out": Path(self.megadepth_out).expanduser().resolve() if self.megadepth_out
-            else L.default_megadepth_out(root),
-            "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else L.default_scene_list(md),
+            else layout.default_megadepth_out(root),
+            "scene_list": Path(self.scene_list).expanduser().resolve() if self.scene_list else layout.default_scene_list(md),
         }
 
 
@@ -232,17 +234,13 @@ def export_root(config: AerialConfig) -> Path:
 
 
 def pipeline_settings(config: AerialConfig) -> PipelineConfig:
-    """The named pipeline configuration with the run's overrides."""
-    from tasks.aerial import pipeline as PL
-
-    return PL.get_config(config.pipeline, **config.pipeline_options.overrides())
+    """The named pipeline with the run's overrides."""
+    return PIPELINES.build(config.pipeline, **config.pipeline_options.overrides())
 
 
 def export_settings(config: AerialConfig) -> ExportConfig:
     """The training exports' settings of this run."""
-    from tasks.aerial import training_export as T
-
-    return T.export_config(**config.exports.overrides())
+    return training_export.export_config(**config.exports.overrides())
 
 
 def trajectory_settings(config: AerialConfig) -> planning.Trajectory:
@@ -250,16 +248,9 @@ def trajectory_settings(config: AerialConfig) -> planning.Trajectory:
     return planning.get_trajectory(config.trajectory, **config.trajectory_options.overrides())
 
 
-def dask_settings_of(parameters: dict[str, Any]) -> DaskSettings:
-    """The cluster of a flow run, from its own ``config`` parameter (local, deployed or scheduled alike)."""
-    config = parameters.get("config")
-    if not isinstance(config, AerialConfig):
-        config = AerialConfig.model_validate(config or {})
-    return config.dask_settings()
-
-
-#: Named configurations of the whole flow (``--config NAME``); fields not given are the defaults.
-CONFIGS: dict[str, dict[str, Any]] = {
+#: Named configurations of the whole flow (``--config NAME``), one line each; fields not given
+#: are the defaults.
+CONFIGS = NamedConfigs("configuration", AerialConfig, {
     # The embedded default: the synthetic world in output/aerial, SIFT + MNN, PatchMatch (numba) on the CPU.
     "default": {},
     # The paper's features and matcher (SuperPoint, SuperGlue, NetVLAD) through hloc.
@@ -269,11 +260,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # A tiny synthetic world, for a quick look (as the tests' smallest scene that registers).
     "smoke": {"root": "output/aerial_smoke", "world_options": {"n_aerial": 24, "n_ground": 5, "size": [480, 360]},
               "image_batch": 2, "pipeline_options": {"dense": {"batch": 8}}},
-}
+})
 
-
-def get_config(name: str = "default", **overrides: Any) -> AerialConfig:
-    """The named configuration ``name`` with ``overrides`` applied (nested dicts merge)."""
-    if name not in CONFIGS:
-        raise ConfigError(f"unknown configuration {name!r}; choose one of {sorted(CONFIGS)}")
-    return build(AerialConfig, merge(CONFIGS[name], overrides))
+#: The named configuration ``name`` (default: "default") with overrides (nested dicts merge).
+get_config = CONFIGS.build

@@ -47,14 +47,21 @@ from tasks.aerial.dense import depth_path, read_depth_h5
 from tasks.aerial.evaluate import gt_depth_on_grid
 from tasks.common.atomic import write_json_atomic, write_npz_atomic
 from tasks.common.fingerprint import fingerprint
+from tasks.common.forms import setting
 
 
 @dataclass
 class CovisibilityConfig:
-    rel_tolerance: float = 0.10  # |z_j - depth_j| <= tol * depth_j
-    stride: int = 1  # every stride-th pixel of i in each direction (1: every pixel)
-    prune_grid: tuple[int, int] = (48, 36)  # sample pixels per image for the frustum test
-    block_pairs: int = 128  # candidate pairs per block (one Dask task each)
+    """Settings of the dense covisibility of the training exports."""
+
+    # the form shows the rule itself: a pixel of i agrees with image j when its depth there
+    # is within this fraction of j's depth (0.1: 10 %, SuperGlue's MegaDepth tolerance)
+    rel_tolerance: float = setting(0.10, "|z_j - depth_j| <= tol * depth_j")
+    stride: int = setting(1, "count every stride-th pixel of each image in each direction (1: every pixel; "
+                             "2: a quarter of them, about 4 times faster)")
+    prune_grid: tuple[int, int] = setting((48, 36), "sample points per image (columns, rows) of the quick test "
+                                                    "that drops pairs whose views cannot overlap")
+    block_pairs: int = setting(128, "image pairs computed per task (one Dask task each)")
 
     def fingerprint(self) -> str:
         return fingerprint(self, length=16)

@@ -29,7 +29,6 @@ of interest instead of using the rotation.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from tasks.aerial import geometry
+from tasks.common import checks
 from tasks.common.atomic import write_json_atomic
 
 MODEL_VERSION = 18
@@ -189,12 +189,9 @@ class _Track:
 def read_esp(path: str | Path) -> EspProject:
     """Read an Earth Studio project; one camera per keyframe time (:class:`EspError` when unreadable)."""
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EspError(f"Earth Studio project not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EspError(f"{path}: not an Earth Studio project (not JSON: {exc})") from None
+    doc = checks.read_json(path, "Earth Studio project", EspError,
+                           fix="a file that is not JSON is not an Earth Studio project (.esp): save it from Earth "
+                               "Studio again")
     where = str(path)
     if not isinstance(doc, dict) or not isinstance(doc.get("scenes"), list) or not doc["scenes"]:
         raise EspError(f"{where}: no 'scenes'; not an Earth Studio project")

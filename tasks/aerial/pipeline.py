@@ -3,7 +3,7 @@ triangulation -> localization -> dense -> export -> evaluation.
 
 hloc's shape: each stage is a function taking a :class:`~tasks.aerial.layout.ScenePaths`
 (where things are; :mod:`tasks.aerial.layout` owns the scene layout) and a
-:class:`PipelineConfig` (named configuration, see :data:`CONFS`), writing files that the
+:class:`PipelineConfig` (a named pipeline of :data:`PIPELINES` with overrides), writing files that the
 next stage reads, re-runnable (a stage whose outputs are complete is skipped). The
 Prefect flow (``flows/aerial.py``) calls them; nothing here needs Prefect.
 
@@ -13,7 +13,7 @@ File and folder names follow the configuration actually used
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +30,44 @@ from tasks.aerial.reconstruction import (Query, SfMConfig, StageResult, localize
                                          triangulate_reference)
 from tasks.common import checks
 from tasks.common.atomic import atomic_dir, link_atomic, remove_partials, write_json_atomic
+from tasks.common.config import NamedConfigs
 from tasks.common.fingerprint import fingerprint
+from tasks.common.forms import setting
 
 
 @dataclass
 class PipelineConfig:
-    """A named configuration of the per-scene stages."""
+    """Settings of the per-scene stages; :data:`PIPELINES` names the methods (``pipeline``)."""
 
-    name: str = "sift+mnn"
-    backend: str = "builtin"  # "builtin" (pycolmap SIFT, numpy matcher, VLAD) | "hloc"
-    features: str = "sift-colmap"  # FEATURE_CONFS key (builtin) or hloc.extract_features.confs key
-    matcher: str = "NN-ratio"  # MATCHER_CONFS key (builtin) or hloc.match_features.confs key
-    retrieval: str = "vlad"  # "vlad" (builtin) or an hloc retrieval conf ("netvlad")
-    ref_pairs_num: int = 50  # reference pairs: nearest frames ...
-    ref_pairs_max_angle: float = 75.0  # ... whose principal axes are within this angle (deg)
-    retrieval_num: int = 50  # photo -> reference pairs by retrieval
-    query_pairs_num: int = 20  # photo -> photo pairs from MegaDepth's poses ...
-    query_pairs_max_angle: float = 75.0
-    vlad_words: int = 64
-    sfm: SfMConfig = field(default_factory=SfMConfig)
-    dense: DenseConfig = field(default_factory=DenseConfig)
+    name: str = setting("sift+mnn", "the named pipeline these settings start from (PIPELINES)")
+    backend: str = setting("builtin", "builtin: pycolmap SIFT, the numpy matcher and VLAD retrieval (offline, CPU); "
+                                      "hloc: features, matcher and retrieval from hloc (must be installed)")
+    features: str = setting("sift-colmap", "feature configuration: a key of tasks.aerial.features.FEATURE_CONFS "
+                                           "(builtin) or of hloc's extract_features.confs (hloc)")
+    matcher: str = setting("NN-ratio", "matcher configuration: a key of tasks.aerial.matching.MATCHER_CONFS "
+                                       "(builtin) or of hloc's match_features.confs (hloc)")
+    retrieval: str = setting("vlad", "global descriptor that finds the reference frames each photo is matched "
+                                     "with: vlad (builtin) or an hloc retrieval configuration such as netvlad")
+    ref_pairs_num: int = setting(50, "reference frames each frame is matched with: its nearest frames by camera "
+                                     "position (1-1000)")
+    ref_pairs_max_angle: float = setting(75.0, "largest angle between the viewing directions of two matched "
+                                               "reference frames, in degrees (0-180)")
+    retrieval_num: int = setting(50, "reference frames each photo is matched with, the most similar by retrieval "
+                                     "(1-1000)")
+    query_pairs_num: int = setting(20, "photos each photo is matched with, the nearest by their MegaDepth poses "
+                                       "(0-1000)")
+    query_pairs_max_angle: float = setting(75.0, "largest angle between the viewing directions of two matched "
+                                                 "photos, in degrees (0-180)")
+    vlad_words: int = setting(64, "visual words of the VLAD vocabulary (vlad retrieval; 2-4096)")
+    sfm: SfMConfig = setting(help="reference triangulation and photo localization", factory=SfMConfig)
+    dense: DenseConfig = setting(help="dense depth maps and their fusion", factory=DenseConfig)
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the field when a count or angle is out of range (or not a
+        finite number of its type), here or in ``sfm`` and ``dense``."""
+        check_bounds(self, PIPELINE_BOUNDS, "pipeline")
+        check_bounds(self.sfm, {}, "sfm")
+        self.dense.check()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -76,7 +94,7 @@ class PipelineConfig:
     def modified_settings(self) -> dict[str, Any]:
         """The sparse settings that differ from the named configuration ``name`` (all the
         sparse settings compared with the defaults when ``name`` is not a named one)."""
-        base = (CONFS.get(self.name) or PipelineConfig()).sparse_settings()
+        base = (PIPELINES.build(self.name) if self.name in PIPELINES else PipelineConfig()).sparse_settings()
         out: dict[str, Any] = {}
         for k, v in self.sparse_settings().items():
             if isinstance(v, dict):
@@ -123,37 +141,14 @@ class PipelineConfig:
         return {"features": feats, "retrieval": global_feats, "matches": f"{feats}_{matcher}_pairs-all", "sfm": sfm}
 
 
-def _conf(**kw) -> PipelineConfig:
-    return PipelineConfig(**kw)
-
-
-#: Named configurations. "sift+mnn" is the default (offline, CPU); "superpoint+superglue"
-#: is the paper's and needs hloc installed from its repository (and its weights).
-CONFS: dict[str, PipelineConfig] = {
-    "sift+mnn": _conf(),
-    "superpoint+superglue": _conf(name="superpoint+superglue", backend="hloc", features="superpoint_max",
-                                  matcher="superglue", retrieval="netvlad"),
-}
-
-
-def get_config(name: str = "sift+mnn", **overrides) -> PipelineConfig:
-    if name not in CONFS:
-        raise KeyError(f"unknown aerial pipeline configuration {name!r}; choose one of {sorted(CONFS)}")
-    cfg = PipelineConfig(**{**asdict(CONFS[name]), "sfm": SfMConfig(**asdict(CONFS[name].sfm)),
-                            "dense": CONFS[name].dense.with_overrides({})})
-    for k, v in overrides.items():
-        if k == "sfm" and isinstance(v, dict):
-            cfg.sfm = SfMConfig(**{**asdict(cfg.sfm), **v})
-        elif k == "dense" and isinstance(v, dict):
-            cfg.dense = cfg.dense.with_overrides(v)
-        elif hasattr(cfg, k):
-            setattr(cfg, k, v)
-        else:
-            raise KeyError(f"unknown aerial pipeline setting {k!r}")
-    check_bounds(cfg, PIPELINE_BOUNDS, "pipeline")  # ValueError naming the field
-    check_bounds(cfg.sfm, {}, "sfm")
-    cfg.dense.check()
-    return cfg
+#: The named pipelines (the flow's ``pipeline`` setting): each a dict of settings over the
+#: defaults. "sift+mnn" is the default (offline, CPU); "superpoint+superglue" is the paper's and
+#: needs hloc installed from its repository (and its weights).
+PIPELINES = NamedConfigs("aerial pipeline configuration", PipelineConfig, {
+    "sift+mnn": {},
+    "superpoint+superglue": {"backend": "hloc", "features": "superpoint_max", "matcher": "superglue",
+                             "retrieval": "netvlad"},
+}, default="sift+mnn", name_field="name")
 
 
 #: Bounds of the pipeline's counts (``field: (low, high)``): pairs per image and VLAD words.
@@ -429,7 +424,7 @@ def _hloc_match(paths: ScenePaths, config: PipelineConfig) -> Path:
     return match_features.main(conf, paths.pairs_all, features=paths.features, matches=paths.matches)
 
 
-__all__ = ["PipelineConfig", "CONFS", "get_config", "ScenePaths", "scene_paths", "collect_images",
+__all__ = ["PipelineConfig", "PIPELINES", "ScenePaths", "scene_paths", "collect_images",
            "queries_of", "extract", "merge_feature_parts", "missing_features", "make_pairs", "match",
            "merge_match_parts", "reference", "localize", "registered_names", "prepare_dense", "dense_depths_cpu",
            "dense_step", "dense_fuse", "dense_depths", "cpu_backend", "depth_dir", "dense_depths_gpu", "fuse_cpu",

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,8 @@ from tasks.aerial import esp, geometry
 from tasks.aerial.layout import SceneLayout
 from tasks.common import checks, trusted
 from tasks.common.atomic import write_json_atomic
+from tasks.common.config import NamedConfigs, UnknownSetting
+from tasks.common.forms import setting
 
 PLAN_VERSION = 1
 MIN_CLEARANCE_M = 0.5  # a camera closer than this to the ground is refused
@@ -122,16 +124,15 @@ def load_places(path: str | Path, errors: list[tuple[str, str]] | None = None) -
     With ``errors`` given, a bad place is appended there as ``(scene or "place <i>", why)``
     and the others are still returned; otherwise the first bad place raises :class:`PlanError`."""
     path = Path(path)
-    if not path.is_file():
-        raise PlanError(f"places file not found: {path}")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            doc = yaml.safe_load(text)
-        else:
-            doc = json.loads(text)
-    except Exception as exc:  # noqa: BLE001 - JSON or YAML syntax
-        raise PlanError(f"{path}: cannot parse ({exc}); expected a JSON/YAML list of places") from None
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        doc = checks.read_json(path, "places", PlanError)
+    elif not path.is_file():
+        raise PlanError(f"{path}: places file not found; check the path")
+    else:
+        try:
+            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise PlanError(f"{path}: cannot parse ({exc}); expected a YAML list of places") from None
     items = doc if isinstance(doc, list) else [doc]
     places: list[Place] = []
     seen: set[str] = set()
@@ -156,27 +157,45 @@ def load_places(path: str | Path, errors: list[tuple[str, str]] | None = None) -
 
 @dataclass(frozen=True)
 class Trajectory:
-    name: str = "spiral+streets"
-    frames: int = 48  # rendered frames (the plan has frames + 1 cameras)
-    fov: float = 50.0  # vertical field of view (degrees)
-    frame_rate: float = 10.0
-    width: int = 640  # render size written into the Earth Studio project
-    height: int = 480
-    spiral_fraction: float = 0.5  # share of the path that is the spiral; the rest is the street pass
-    spiral_turns: float = 2.0
-    spiral_start_rad: float = 0.3
-    spiral_altitudes: tuple[float, float] = (300.0, 40.0)  # above ground, start -> end (geometric)
-    spiral_radii: tuple[float, float] = (2.6, 1.5)  # x radius, start -> end (linear)
-    target_wobble: float = 0.25  # x radius: horizontal wobble of the look-at point around the centre
-    target_height: tuple[float, float] = (8.0, 6.0)  # look-at height above ground: mean, amplitude
-    loop: float = 0.2  # x radius: half-size of the square street loop
-    loop_rotation_deg: float = 0.0
-    loop_coverage: float = 0.9  # share of the loop flown
-    pass_altitudes: tuple[float, float] = (5.0, 2.5)  # above ground, start -> end (linear)
-    pass_yaw_deg: float = 25.0
-    pass_yaw_cycles: float = 3.0
-    pass_pitch_deg: tuple[float, float] = (-4.0, 2.0)  # start -> end (linear)
-    phases: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    """A camera path around a place (the module's docstring draws it); distances in metres,
+    "x radius" settings are multiples of the place's radius."""
+
+    name: str = setting("spiral+streets", "the named trajectory these settings start from (TRAJECTORIES)")
+    frames: int = setting(48, "rendered frames (the plan has one camera more: frames + 1); 1-10000")
+    fov: float = setting(50.0, "vertical field of view of the camera, in degrees")
+    frame_rate: float = setting(10.0, "frames per second of the Earth Studio render (up to 60)")
+    width: int = setting(640, "render width in pixels, written into the Earth Studio project (16-3840)")
+    height: int = setting(480, "render height in pixels (16-3840)")
+    spiral_fraction: float = setting(0.5, "share of the path that is the descending spiral; the rest is the pass "
+                                          "above the streets (1: spiral only, 0: streets only)")
+    spiral_turns: float = setting(2.0, "turns of the spiral around the place")
+    spiral_start_rad: float = setting(0.3, "angle around the place where the spiral starts, in radians")
+    spiral_altitudes: tuple[float, float] = setting(
+        (300.0, 40.0), "spiral altitude above the ground at its start and end, in metres (descends geometrically)")
+    spiral_radii: tuple[float, float] = setting(
+        (2.6, 1.5), "spiral distance from the centre at its start and end, x radius (changes linearly)")
+    target_wobble: float = setting(0.25, "how far the point the camera looks at wanders around the centre "
+                                         "during the spiral, x radius")
+    target_height: tuple[float, float] = setting(
+        (8.0, 6.0), "height above the ground of the point the camera looks at during the spiral: mean and "
+                    "amplitude, in metres")
+    loop: float = setting(0.2, "half-size of the square street loop of the low pass, x radius")
+    loop_rotation_deg: float = setting(0.0, "rotation of the street loop from the east/north axes, in degrees")
+    loop_coverage: float = setting(0.9, "share of the street loop flown (0-1)")
+    pass_altitudes: tuple[float, float] = setting(
+        (5.0, 2.5), "altitude above the ground of the low pass at its start and end, in metres (linear)")
+    pass_yaw_deg: float = setting(25.0, "how far the camera turns left and right of the direction of flight "
+                                        "during the low pass, in degrees")
+    pass_yaw_cycles: float = setting(3.0, "left-right turns of the camera during the low pass")
+    pass_pitch_deg: tuple[float, float] = setting(
+        (-4.0, 2.0), "camera pitch during the low pass at its start and end, in degrees (negative: looking down)")
+    phases: tuple[float, float, float] = setting(
+        (0.0, 0.0, 0.0), "three angles in radians that shift the look-at wobble and the start point on the loop "
+                         "(another path with the same shape)")
+
+    def check(self) -> None:
+        """Raise :class:`PlanError` for settings no camera path can fly (:func:`validate_trajectory`)."""
+        validate_trajectory(self)
 
 
 #: Bounds of a trajectory's render settings: ``field: (low, high, low excluded, unit)``. Earth
@@ -190,35 +209,29 @@ TRAJECTORY_RANGES: dict[str, tuple[float, float, bool, str]] = {
     "height": (16, 3840, False, "px"),
 }
 
-#: Named trajectory configurations.
-TRAJECTORIES: dict[str, Trajectory] = {
-    "spiral+streets": Trajectory(),
-    "spiral": Trajectory(name="spiral", spiral_fraction=1.0),
-    "orbit": Trajectory(name="orbit", spiral_fraction=1.0, spiral_turns=1.0, spiral_altitudes=(150.0, 150.0),
-                        spiral_radii=(2.0, 2.0), target_wobble=0.0, target_height=(0.0, 0.0)),
-    "streets": Trajectory(name="streets", spiral_fraction=0.0),
-}
+#: Named trajectories (``trajectory``; ``--trajectory NAME``): each a dict of settings over the defaults.
+TRAJECTORIES = NamedConfigs("trajectory", Trajectory, {
+    "spiral+streets": {},
+    "spiral": {"spiral_fraction": 1.0},
+    "orbit": {"spiral_fraction": 1.0, "spiral_turns": 1.0, "spiral_altitudes": (150.0, 150.0),
+              "spiral_radii": (2.0, 2.0), "target_wobble": 0.0, "target_height": (0.0, 0.0)},
+    "streets": {"spiral_fraction": 0.0},
+}, default="spiral+streets", name_field="name")
 
 
 def get_trajectory(name: str = "spiral+streets", **overrides: Any) -> Trajectory:
-    """A named configuration with settings overridden; validated (:class:`PlanError`)."""
-    if name not in TRAJECTORIES:
-        raise PlanError(f"unknown trajectory {name!r}; named configurations: {', '.join(TRAJECTORIES)}")
-    known = {f.name: f for f in fields(Trajectory)}
-    bad = sorted(set(overrides) - set(known))
-    if bad:
-        raise PlanError(f"trajectory {name!r}: unknown setting(s) {', '.join(bad)}; settings: {', '.join(known)}")
-    conv = {}
+    """A named trajectory with settings overridden; validated (:class:`PlanError`)."""
+    defaults = Trajectory()
     for k, v in overrides.items():
-        if isinstance(getattr(TRAJECTORIES[name], k), tuple):
+        if isinstance(getattr(defaults, k, None), tuple):  # JSON/YAML lists: the tuples of the settings
             try:
-                v = tuple(float(x) for x in v)
+                overrides[k] = tuple(float(x) for x in v)
             except (TypeError, ValueError):
                 raise PlanError(f"trajectory {name!r}: setting {k} must be a list of numbers, got {v!r}") from None
-        conv[k] = v
-    traj = replace(TRAJECTORIES[name], **conv)
-    validate_trajectory(traj)
-    return traj
+    try:
+        return TRAJECTORIES.build(name, **overrides)  # Trajectory.check: validate_trajectory
+    except UnknownSetting as exc:
+        raise PlanError(f"trajectory {name!r}: {exc}") from None
 
 
 def validate_trajectory(t: Trajectory) -> None:
@@ -241,10 +254,10 @@ def validate_trajectory(t: Trajectory) -> None:
             raise PlanError(f"{exc}{' (the plan has frames + 1 cameras)' if f.name == 'frames' else ''}") from None
     if not 0.0 <= t.spiral_fraction <= 1.0:
         raise bad("spiral_fraction", "must be in [0, 1]")
-    for setting in ("spiral_altitudes", "pass_altitudes", "spiral_radii", "target_height", "pass_pitch_deg"):
-        v = getattr(t, setting)
+    for name in ("spiral_altitudes", "pass_altitudes", "spiral_radii", "target_height", "pass_pitch_deg"):
+        v = getattr(t, name)
         if len(v) != 2 or not all(math.isfinite(x) for x in v):
-            raise bad(setting, "must be two finite numbers (start, end)")
+            raise bad(name, "must be two finite numbers (start, end)")
     if len(t.phases) != 3:
         raise bad("phases", "must be three angles (radians)")
     if t.spiral_fraction > 0:
@@ -404,12 +417,7 @@ def write_plan(plan: Plan, path: str | Path, esp_record: dict[str, Any] | None =
 
 def read_plan(path: str | Path) -> Plan:
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PlanError(f"plan not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise PlanError(f"{path}: not valid JSON ({exc})") from None
+    doc = checks.read_json(path, "plan", PlanError)
     try:
         place = place_from_dict(doc["place"], f"{path}: place")
         tr = dict(doc["trajectory"])

@@ -37,10 +37,11 @@ import h5py
 import numpy as np
 import pycolmap
 
-from tasks.aerial import geometry as G
-from tasks.aerial import io as IO
+from tasks.aerial import geometry
+from tasks.aerial import io as hloc_io
 from tasks.common.atomic import atomic_dir, remove_partials
 from tasks.common.fingerprint import fingerprint
+from tasks.common.forms import setting
 
 log = logging.getLogger(__name__)
 
@@ -49,16 +50,20 @@ log = logging.getLogger(__name__)
 class SfMConfig:
     """Settings of the reference triangulation and the query localization."""
 
-    ref_max_epipolar_error: float = 4.0  # px, match kept when consistent with the known poses
-    ref_min_matches: int = 15  # pairs with fewer pose-consistent matches are dropped
-    min_tri_angle: float = 1.5  # deg, triangulation / filtering
-    verify_min_inliers: int = 15  # query pairs: geometric verification
-    verify_max_error: float = 4.0  # px, RANSAC threshold of the verification
-    abs_pose_min_num_inliers: int = 15  # registration of a photo
-    abs_pose_max_error: float = 12.0  # px
-    max_reg_trials: int = 5
-    num_threads: int = -1
-    seed: int = 0
+    ref_max_epipolar_error: float = setting(
+        4.0, "a match between two reference frames is kept when each point lies within this many pixels of "
+             "the epipolar line given by the known camera poses")
+    ref_min_matches: int = setting(15, "reference frame pairs with fewer pose-consistent matches are dropped")
+    min_tri_angle: float = setting(1.5, "smallest angle in degrees between the rays of a triangulated point; "
+                                        "points seen at a smaller angle are not triangulated or are filtered out")
+    verify_min_inliers: int = setting(15, "matches a photo pair needs after geometric verification to be used")
+    verify_max_error: float = setting(4.0, "RANSAC threshold of the geometric verification of photo pairs, in "
+                                           "pixels")
+    abs_pose_min_num_inliers: int = setting(15, "inlier matches a photo needs to be localized in the model")
+    abs_pose_max_error: float = setting(12.0, "RANSAC threshold of a photo's pose estimation, in pixels")
+    max_reg_trials: int = setting(5, "times COLMAP tries to localize a photo before giving up on it")
+    num_threads: int = setting(-1, "CPU threads of the triangulation and localization (-1: all)")
+    seed: int = setting(0, "random seed of RANSAC and of the VLAD vocabulary (same seed, same result)")
 
 
 @dataclass
@@ -123,7 +128,7 @@ def import_keypoints(db: pycolmap.Database, name_to_id: dict[str, int], feature_
     out: dict[str, np.ndarray] = {}
     with h5py.File(feature_path, "r") as f:
         for name in (names if names is not None else name_to_id):
-            kp = IO.read_keypoints_colmap(f, name, feature_path)
+            kp = hloc_io.read_keypoints_colmap(f, name, feature_path)
             db.write_keypoints(name_to_id[name], kp)
             out[name] = kp
     return out
@@ -146,7 +151,7 @@ def import_matches(db: pycolmap.Database, pairs: Iterable[tuple[str, str]], name
         if ia == ib or key in seen:
             continue
         seen.add(key)
-        m, _ = IO.read_matches(match_path, a, b)
+        m, _ = hloc_io.read_matches(match_path, a, b)
         db.write_matches(ia, ib, m.astype(np.uint32))
         out.append((a, b, ia, ib, m))
     return out
@@ -173,7 +178,7 @@ def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: 
     with _model_dir(out_dir, fp) as tmp:
         db_path = tmp / "database.db"
         name_to_id = write_database_from_model(rec, db_path)
-        pairs = IO.read_pairs(pairs_path)
+        pairs = hloc_io.read_pairs(pairs_path)
         kept_pairs = 0
         kept_matches = 0
         db = pycolmap.Database.open(str(db_path))
@@ -185,9 +190,9 @@ def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: 
                 if len(m) == 0:
                     continue
                 im_a, im_b = rec.images[ia], rec.images[ib]
-                f_mat = G.fundamental_from_poses(rec.cameras[im_a.camera_id].calibration_matrix(), G.cam_from_world(im_a),
-                                                 rec.cameras[im_b.camera_id].calibration_matrix(), G.cam_from_world(im_b))
-                d0, d1 = G.epipolar_errors(f_mat, kps[a][m[:, 0]], kps[b][m[:, 1]])
+                f_mat = geometry.fundamental_from_poses(rec.cameras[im_a.camera_id].calibration_matrix(), geometry.cam_from_world(im_a),
+                                                 rec.cameras[im_b.camera_id].calibration_matrix(), geometry.cam_from_world(im_b))
+                d0, d1 = geometry.epipolar_errors(f_mat, kps[a][m[:, 0]], kps[b][m[:, 1]])
                 inl = m[(d0 < config.ref_max_epipolar_error) & (d1 < config.ref_max_epipolar_error)]
                 if len(inl) < config.ref_min_matches:
                     continue
@@ -304,7 +309,7 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
                     next_cam, next_id, next_rig, next_frame = next_cam + 1, next_id + 1, next_rig + 1, next_frame + 1
             import_keypoints(db, name_to_id, feature_path, q_names)
             # pairs with an image without features are skipped: reported above
-            valid_pairs = [(a, b) for a, b, *_ in import_matches(db, IO.read_pairs(pairs_path), name_to_id, match_path)]
+            valid_pairs = [(a, b) for a, b, *_ in import_matches(db, hloc_io.read_pairs(pairs_path), name_to_id, match_path)]
         finally:
             db.close()
         if not q_names:  # nothing to register: the merged model is the reference
@@ -312,7 +317,7 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
             return StageResult(out_dir, _localization_counts(ref, queries), seconds=time.perf_counter() - t0,
                                problems=problems)
         pairs_tmp = tmp / "pairs-verify.txt"
-        IO.write_pairs(pairs_tmp, valid_pairs)
+        hloc_io.write_pairs(pairs_tmp, valid_pairs)
         t_verify = time.perf_counter()
         vopts = pycolmap.TwoViewGeometryOptions()
         vopts.min_num_inliers = config.verify_min_inliers
@@ -366,7 +371,7 @@ def _check_reference_fixed(ref: pycolmap.Reconstruction, rec: pycolmap.Reconstru
         new = by_name.get(im.name)
         if new is None or not new.has_pose:
             raise RuntimeError(f"reference frame {im.name} lost its pose in the localization")
-        if not np.allclose(G.cam_from_world(im), G.cam_from_world(new), atol=tol * max(1.0, np.abs(G.centre(im)).max())):
+        if not np.allclose(geometry.cam_from_world(im), geometry.cam_from_world(new), atol=tol * max(1.0, np.abs(geometry.centre(im)).max())):
             raise RuntimeError(f"reference frame {im.name} moved in the localization (frames must stay fixed)")
 
 

@@ -30,7 +30,7 @@ import json
 import logging
 import os
 import pickle
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +39,16 @@ import numpy as np
 import pycolmap
 import scipy.sparse
 
+from tasks.aerial import covisibility
 from tasks.aerial import geometry
-from tasks.aerial.covisibility import CovisibilityConfig, Plan, View, covisible_pixels, matrices
+from tasks.aerial.covisibility import CovisibilityConfig
 from tasks.aerial.dense import image_stem, read_depth_h5
 from tasks.aerial.evaluate import gt_depth_on_grid
 from tasks.aerial.layout import PRODUCT, REFERENCE_EMPTY, WORK
 from tasks.common import trusted
-from tasks.common.atomic import (
-    PARTIAL,
-    atomic_path,
-    link_atomic,
-    write_bytes_atomic,
-    write_json_atomic,
-    write_npz_atomic,
-)
+from tasks.common.atomic import PARTIAL, atomic_path, link_atomic, write_bytes_atomic, write_json_atomic, write_npz_atomic
 from tasks.common.fingerprint import fingerprint
+from tasks.common.forms import setting
 
 #: The folder name AerialMegaDepth's preprocessing script reads (fixed in its code).
 AMD_SFM_FOLDER = "sfm_superpoint+superglue"
@@ -78,16 +73,19 @@ SEG_UNKNOWN = 255
 class ExportConfig:
     """Settings of the training exports (flow: ``--set``-style ``exports`` overrides)."""
 
-    root: str | None = None  # export root; default <aerial root>/training
-    covisibility: CovisibilityConfig = field(default_factory=CovisibilityConfig)
-    ranges: tuple[tuple[float, float], ...] = ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7))
-    #: symmetric pair score from the two directions of the dense covisibility: min, mean or max
-    pair_score: str = "min"
-    #: which matrix the score comes from: "covisibility" (the definition) or "known"
-    #: (pixels landing on holes of the other depth map left out; see covisibility.py)
-    score_matrix: str = "covisibility"
-    dust3r: bool = True  # write the DUSt3R layout (jpg/exr/npz per image)
-    dust3r_max_depth: float = 2000.0  # depth beyond this set to 0, as AerialMegaDepth's preprocessing
+    root: str | None = setting(None, "folder of the training exports (default: ROOT/training)")
+    covisibility: CovisibilityConfig = setting(help="dense covisibility of every image pair",
+                                               factory=CovisibilityConfig)
+    ranges: tuple[tuple[float, float], ...] = setting(
+        ((0.1, 0.3), (0.3, 0.5), (0.5, 0.7)), "overlap ranges [low, high) of the pair lists: one list of "
+                                              "image pairs per range")
+    pair_score: str = setting("min", "overlap score of a pair from its two directions: min, mean or max")
+    score_matrix: str = setting("covisibility", "which overlap the score uses: covisibility (pixels of one image "
+                                                "that the other sees at the same depth) or known (pixels landing "
+                                                "on holes of the other depth map left out)")
+    dust3r: bool = setting(True, "also write the DUSt3R layout (a jpg, exr and npz per image)")
+    dust3r_max_depth: float = setting(2000.0, "depths beyond this many metres are written as 0 (no depth) in the "
+                                              "DUSt3R layout, as AerialMegaDepth's preprocessing")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -126,7 +124,7 @@ def _object_array(items: list) -> np.ndarray:
     return out
 
 
-def scene_info(product: Path, views: list[View], image_paths: list[str | None],
+def scene_info(product: Path, views: list[covisibility.View], image_paths: list[str | None],
                depth_paths: list[str | None]) -> dict[str, np.ndarray]:
     """D2-Net's scene info (``megadepth_utils/preprocess_scene.py``) of the product's
     images, in ``views`` order:
@@ -277,7 +275,7 @@ def aerialmegadepth_layout(export: Path, scene: str, product: Path) -> Path:
     return base
 
 
-def dust3r_layout(export: Path, scene: str, product: Path, views: list[View], max_depth: float,
+def dust3r_layout(export: Path, scene: str, product: Path, views: list[covisibility.View], max_depth: float,
                   previous: dict[str, Any] | None = None) -> list[str]:
     """``EXPORT/dust3r/<scene>/0/<name>.jpg`` (the image's bytes), ``.exr`` (float32
     depth, beyond ``max_depth`` set to 0) and ``.npz`` (``intrinsics`` 3x3, ``cam2world``
@@ -310,7 +308,7 @@ def dust3r_layout(export: Path, scene: str, product: Path, views: list[View], ma
     return names
 
 
-def sky_masks(views: list[View], ground_truth: Path | None) -> dict[str, np.ndarray]:
+def sky_masks(views: list[covisibility.View], ground_truth: Path | None) -> dict[str, np.ndarray]:
     """Per image name, the pixels known to be sky, on the product image's grid: where the
     synthetic world's ground truth (``ground_truth/sparse`` + ``depths/<stem>.h5``, 0 where
     a ray hits nothing) has no surface. Images without a ground truth get none: a pixel
@@ -333,7 +331,7 @@ def sky_masks(views: list[View], ground_truth: Path | None) -> dict[str, np.ndar
     return out
 
 
-def segmentation_layout(export: Path, scene: str, views: list[View], ground_truth: Path | None) -> dict[str, int]:
+def segmentation_layout(export: Path, scene: str, views: list[covisibility.View], ground_truth: Path | None) -> dict[str, int]:
     """``EXPORT/megadepth_aerial_processed_segmentation/<scene>/<name>.png`` per image: the
     per-image segmentation AerialMegaDepth's ``MegaDepthAerial`` loader reads
     unconditionally (``<ROOT>_segmentation/<scene>/<name>.png``, 8-bit, ADE20k labels; it
@@ -361,7 +359,7 @@ def segmentation_layout(export: Path, scene: str, views: list[View], ground_trut
 # ----------------------------------------------------------------------------- picture
 
 
-def picture(views: list[View], cov: np.ndarray, is_aerial: np.ndarray, score: np.ndarray, product: Path,
+def picture(views: list[covisibility.View], cov: np.ndarray, is_aerial: np.ndarray, score: np.ndarray, product: Path,
             scene: str, tol: float) -> tuple[bytes, dict[str, Any] | None]:
     """The covisibility matrix (aerial frames first) and the aerial-ground pair of highest
     score with the photo's covisible pixels and where they land in the frame."""
@@ -394,7 +392,7 @@ def picture(views: list[View], cov: np.ndarray, is_aerial: np.ndarray, score: np
             g, a = np.unravel_index(np.argmax(ag), ag.shape)
             vg, va = views[g], views[a]
             dg, da = read_depth_h5(vg.depth_file), read_depth_h5(va.depth_file)
-            rc, uv = covisible_pixels(vg, dg, va, da, tol)
+            rc, uv = covisibility.covisible_pixels(vg, dg, va, da, tol)
             img_g = plt.imread(Path(product) / "images" / vg.name)
             img_a = plt.imread(Path(product) / "images" / va.name)
             axes[1].imshow(img_g)
@@ -436,7 +434,7 @@ def covisibility_work(export: Path, scene: str) -> Path:
     return Path(export) / "work" / scene
 
 
-def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: Plan,
+def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan: covisibility.Plan,
                  config: ExportConfig, features: dict[str, Any] | None = None,
                  ground_truth: Path | None = None) -> dict[str, Any]:
     """Every per-scene file (see the module docstring) from the product and the computed
@@ -467,7 +465,7 @@ def export_scene(export: Path, scene: str, product: Path, aerial: set[str], plan
         log.warning("scene %s: training files changed since they were written (%s%s); exporting the scene again",
                     scene, "; ".join(bad[:3]), f" and {len(bad) - 3} more" if len(bad) > 3 else "")
     views = plan.views
-    strict, known = matrices(plan)
+    strict, known = covisibility.matrices(plan)
     cov = strict if config.score_matrix == "covisibility" else known
     n = len(views)
     is_aerial = np.array([v.name in aerial for v in views])
@@ -561,7 +559,7 @@ def is_partial(f: Path) -> bool:
     return f.name.startswith(".") and PARTIAL in f.name
 
 
-def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[View],
+def _scene_record(export: Path, scene: str, entry: dict[str, Any], views: list[covisibility.View],
                   image_paths: list[str | None], depth_paths: list[str | None], dust3r_names: list[str]) -> dict:
     """The record (:mod:`tasks.common.trusted`) of every file this export of the scene
     wrote: content digests of the files made here, sizes of the links to the product's

@@ -9,6 +9,8 @@
 * :data:`FINITE`: the pydantic setting every configuration model uses (``allow_inf_nan=False``),
   so ``--set tile_size_m=Infinity`` or a NaN in ``split_fractions`` is refused with the
   other settings, before anything starts.
+* :func:`read_json`: a JSON input file parsed, or one error naming the file, the line and
+  column of the mistake and what to do (missing, unreadable, not UTF-8, not JSON).
 * :func:`check_npy_member`: the declared size of an ``.npz`` member and its ``.npy`` header's
   shape are checked before a byte is decompressed (a deflate bomb is refused, not expanded).
 
@@ -18,6 +20,7 @@ the item and the field (``where``) and says what is allowed.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 from pydantic import ConfigDict
 
-__all__ = ["FINITE", "InputError", "check_npy_member", "number", "plain_name", "safe_join", "whole"]
+__all__ = ["FINITE", "InputError", "check_npy_member", "number", "plain_name", "read_json", "safe_join", "whole"]
 
 #: pydantic model configuration of every settings model: NaN and +-Infinity are refused.
 FINITE = ConfigDict(allow_inf_nan=False)
@@ -122,6 +125,25 @@ def safe_join(base: str | os.PathLike, *names: Any, what: str = "name", where: s
         raise InputError(f"{_at(where)}{what} {'/'.join(map(str, names))!r} leads outside {base} "
                          f"(to {real}, through a link); nothing was read or written for it")
     return out
+
+
+def read_json(path: str | os.PathLike, what: str, error: type[ValueError] = InputError, *,
+              missing: str = "check the path", fix: str = "") -> Any:
+    """The parsed JSON file ``path`` (a ``what``: "plan", "tiles GeoJSON"); every failure is one
+    ``error`` naming the file: not found (``missing`` says what to do), unreadable or not UTF-8,
+    not valid JSON at line L column C (``fix`` says what to do; default: fix the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{path}: {what} file not found; {missing}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot read {what} file ({exc}); it must be UTF-8 JSON") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
+                    + (fix or f"fix the {what} file (a JSON validator shows the spot)")) from None
 
 
 def check_npy_member(zf: Any, member: str, *, max_bytes: int, where: str = "") -> None:

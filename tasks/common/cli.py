@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from tasks.common.config import ConfigError, NamedConfigs, merge
+from tasks.common.forms import settings_help
+
+__all__ = ["EXIT_CONFIG", "Alias", "ConfigError", "check_output_folder", "merge", "nest", "parse_config",
+           "parse_sets", "parse_value"]
 
 EXIT_CONFIG = 2  # as argparse's own usage errors
-
-
-class ConfigError(ValueError):
-    """A mistake in the flow's settings or inputs: the message says what and where."""
 
 
 def check_output_folder(path: str | os.PathLike, what: str) -> None:
@@ -86,55 +85,6 @@ def nest(key: str, value: Any) -> dict[str, Any]:
     return out
 
 
-def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``overrides`` over ``base``; nested dicts merge key by key."""
-    out = dict(base)
-    for k, v in overrides.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
-    """The model class that holds the field at ``loc[:-1]`` (for nearest-key hints)."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part)) if isinstance(part, str) else None
-        ann = getattr(field, "annotation", None)
-        candidates = [ann, *getattr(ann, "__args__", ())]
-        nxt = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if nxt is None:
-            return None
-        model = nxt
-    return model
-
-
-def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
-    """One line per mistake, ``field: what is wrong``; unknown keys name the nearest valid key."""
-    lines = []
-    for err in exc.errors():
-        loc = tuple(err.get("loc") or ())
-        where = ".".join(str(p) for p in loc) or "configuration"
-        if err.get("type") == "extra_forbidden":
-            holder = _model_at(model, loc)
-            valid = sorted(holder.model_fields) if holder else []
-            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            prefix = ".".join(str(p) for p in loc[:-1])
-            hint = f"did you mean {(prefix + '.' if prefix else '') + near[0]!r}?" if near else \
-                f"valid keys: {', '.join(valid)}"
-            lines.append(f"{where}: unknown setting; {hint}")
-        else:
-            msg = str(err.get("msg", "")).removeprefix("Value error, ")
-            lines.append(f"{where}: {msg} (got {err.get('input')!r})" if loc else msg)
-    return "invalid configuration: " + "; ".join(lines)
-
-
-def build(model: type[BaseModel], values: dict[str, Any]) -> Any:
-    """``model(**values)``, every mistake as one :class:`ConfigError`."""
-    try:
-        return model(**values)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, model)) from None
-
-
 @dataclass(frozen=True)
 class Alias:
     """A documented flag that is shorthand for ``--set KEY=VALUE`` (built by :func:`parse_config`).
@@ -156,20 +106,18 @@ def _json_arg(text: str) -> Any:
         raise argparse.ArgumentTypeError(f"not valid JSON ({exc.msg} at column {exc.colno}): {text!r}") from None
 
 
-def parse_config(argv: list[str] | None, *, prog: str, description: str | None, configs: Iterable[str],
-                 get_config: Callable[..., Any], aliases: Sequence[Alias] = (), default: str = "default",
-                 model: type[BaseModel] | None = None) -> Any:
-    """The one command line of every flow: ``--config NAME`` (a named configuration), then the
-    ``aliases`` given (documented shorthands for ``--set``), then ``--set KEY=VALUE`` overrides in
-    order, built by ``get_config(NAME, **overrides)`` (which raises :class:`ConfigError` naming
-    the field; unknown keys name the nearest valid key). ``--help`` lists every setting of
-    ``model`` with its default and description (:func:`tasks.common.forms.settings_help`)."""
-    from tasks.common.forms import settings_help
-
-    ap = argparse.ArgumentParser(prog=prog, description=description,
-                                 epilog=settings_help(model) if model is not None else None,
+def parse_config(argv: list[str] | None, *, prog: str, description: str | None, configs: NamedConfigs,
+                 aliases: Sequence[Alias] = ()) -> Any:
+    """The one command line of every flow: ``--config NAME`` (one of ``configs``, the flow's
+    named configurations), then the ``aliases`` given (documented shorthands for ``--set``), then
+    ``--set KEY=VALUE`` overrides in order, built by ``configs.build(NAME, **overrides)`` (which
+    raises :class:`ConfigError` naming the field; unknown keys name the nearest valid key).
+    ``--help`` lists every setting of the configuration model with its default and description
+    (:func:`tasks.common.forms.settings_help`)."""
+    ap = argparse.ArgumentParser(prog=prog, description=description, epilog=settings_help(configs.model),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=default, choices=sorted(configs), help=f"named configuration ({default})")
+    ap.add_argument("--config", default=configs.default, choices=sorted(configs),
+                    help=f"named configuration ({configs.default})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override any field (VALUE parsed as JSON when possible; nested fields with dots), "
                          "e.g. dask.n_workers=2 or dask_block=slurm")
@@ -190,4 +138,4 @@ def parse_config(argv: list[str] | None, *, prog: str, description: str | None, 
     for dest, v in ns.items():
         if dest.startswith("alias:"):
             values = merge(values, nest(dest.removeprefix("alias:"), v if v != [] else None))
-    return get_config(ns["config"], **merge(values, parse_sets(ns["set"])))
+    return configs.build(ns["config"], **merge(values, parse_sets(ns["set"])))

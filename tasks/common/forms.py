@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import re
+import textwrap
+import typing
 from collections.abc import Callable
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic_core import PydanticUndefined
 
 
 def grouped_titles(groups: dict[str, list[str]]) -> Callable[[str, Any], str]:
@@ -42,8 +49,6 @@ def setting(default: Any = None, help: str = "", *, factory: Callable[[], Any] |
     """A dataclass field with its user-facing description: ``name: T = setting(3, "what it does")``.
     The UI form and ``--help`` show ``help`` (explicit field metadata, the one source of a
     setting's description; comments in the source are for developers and never reach a form)."""
-    import dataclasses
-
     meta = {"help": help} if help else {}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
@@ -52,41 +57,18 @@ def setting(default: Any = None, help: str = "", *, factory: Callable[[], Any] |
 
 def field_help(cls: type) -> dict[str, str]:
     """``{field: description}`` of a dataclass: each field's ``metadata["help"]``
-    (:func:`setting`); fields without one fall back to their source comment (transitional)."""
-    import dataclasses
-
-    out = _field_comments(cls)
+    (:func:`setting`), the one source of a setting's description (comments never reach a form)."""
+    out: dict[str, str] = {}
     for f in dataclasses.fields(cls):
         if f.metadata.get("help"):
             out[f.name] = f.metadata["help"]
     return out
 
 
-def _field_comments(cls: type) -> dict[str, str]:
-    """``{field: its comment}`` from a dataclass's source: the trailing comment of
-    ``name: T = v  # comment``, else the comment lines just above the field, so a form derived
-    from the dataclass describes each field in the owner's own words."""
-    import inspect
-
-    try:
-        src = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return {}
-    out: dict[str, str] = {}
-    above: list[str] = []
-    for line in src.splitlines()[1:]:
-        stripped = line.strip()
-        if stripped.startswith("#"):
-            text = stripped.lstrip("#:").strip()
-            above = [] if text.startswith("---") else [*above, text]
-            continue
-        m = re.match(r"([A-Za-z_]\w*)\s*:[^=]*(=.*?)?(\s+#\s*(.*))?$", stripped)
-        if m and not stripped.startswith(("def ", "class ", "@", "return")):
-            text = (m.group(4) or "").strip() or " ".join(above)
-            if text:
-                out.setdefault(m.group(1), text)
-        above = []
-    return out
+def missing_help(cls: type) -> list[str]:
+    """The settings of the dataclass ``cls`` without an explicit description (:func:`setting`);
+    private fields (``_name``) are not settings."""
+    return [f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") and not f.metadata.get("help")]
 
 
 def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, Any] | None = None,
@@ -96,11 +78,6 @@ def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, A
     ``Literal`` choices, ``nested`` gives the override model of a nested dataclass), default
     ``None`` = "the named configuration's value", described by its comment in ``cls``.
     Unknown keys are errors. ``overrides()`` of an instance is the dict of what was set."""
-    import dataclasses
-    import typing
-
-    from pydantic import BaseModel, ConfigDict, Field, create_model
-
     hints = typing.get_type_hints(cls)
     comments = field_help(cls)
     fields: dict[str, Any] = {}
@@ -120,6 +97,7 @@ def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, A
         fields[f.name] = (ann | None, Field(None, description=f"{what} (default: {shown})"))
 
     class Overrides(BaseModel):
+        settings_class: typing.ClassVar[type]
         # NaN/Infinity refused (tasks.common.checks)
         model_config = ConfigDict(extra="forbid", allow_inf_nan=False, json_schema_extra=markdown_safe_descriptions)
 
@@ -137,13 +115,12 @@ def overrides_model(cls: type, name: str, *, doc: str = "", choices: dict[str, A
             return out
 
     model = create_model(name, __base__=Overrides, __doc__=doc or f"Overrides of {cls.__name__}.", **fields)
+    model.settings_class = cls  # the dataclass that owns these settings and their descriptions
     return model
 
 
 def json_default(v: Any) -> str:
     """A default value as the form's description shows it."""
-    import json
-
     try:
         return json.dumps(v)
     except TypeError:
@@ -152,10 +129,6 @@ def json_default(v: Any) -> str:
 
 def _model_of(annotation: Any) -> type | None:
     """The pydantic model class of a field's annotation (``M`` or ``M | None``), else None."""
-    import typing
-
-    from pydantic import BaseModel
-
     for a in (annotation, *typing.get_args(annotation)):
         if isinstance(a, type) and issubclass(a, BaseModel):
             return a
@@ -166,8 +139,6 @@ def settings_rows(model: type, prefix: str = "", group: str = "") -> list[tuple[
     """``(group, key, default, description)`` of every setting of ``model`` (the group of the
     form's "Group · field" label), nested models' fields as dotted keys (``dask.n_workers``),
     from the same field metadata the UI form shows."""
-    from pydantic_core import PydanticUndefined
-
     rows: list[tuple[str, str, str, str]] = []
     title_of = model.model_config.get("field_title_generator")
     for name, info in model.model_fields.items():
@@ -190,8 +161,6 @@ def settings_rows(model: type, prefix: str = "", group: str = "") -> list[tuple[
 
 def settings_help(model: type, width: int = 100) -> str:
     """The ``--help`` epilog: every ``--set`` key with its default and description, by group."""
-    import textwrap
-
     lines = [f"settings (--set KEY=VALUE, nested keys with dots; the defaults of {model.__name__}: "
              "a --config may change some):"]
     by_group: dict[str, list[tuple[str, str, str]]] = {}

@@ -2,8 +2,8 @@
 
 A :class:`MultimodalConfig` is the single parameter of the flow, so the
 Prefect UI renders it as a form and deployments store it as JSON. Named
-presets live in :data:`CONFIGS`; ``python -m flows.multimodal --config NAME``
-picks one and ``--set key=value`` overrides fields.
+configurations live in :data:`CONFIGS` (the one mechanism of :mod:`tasks.common.config`);
+``python -m flows.multimodal --config NAME`` picks one and ``--set key=value`` overrides fields.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from tasks.common import checks
-from tasks.common.cli import ConfigError, build, check_output_folder, merge
-from tasks.common.forms import grouped_titles, markdown_safe_descriptions
-from tasks.common.runtime import DaskSettings, load_dask_block
+from tasks.common.cli import check_output_folder
+from tasks.common.config import ConfigError, NamedConfigs
+from tasks.common.flow_config import DaskBlockField, DaskField, FlowConfig
+from tasks.common.forms import grouped_titles
 from tasks.multimodal import schema
-from tasks.multimodal import tiles as tiles_mod
+from tasks.multimodal import tiles
 
 #: The sampling modes by name (the form shows these) and MMEarth's number of each.
 SAMPLING_MODE_INDEX: dict[str, int] = {"biome-area": 0, "biome-equal": 1, "ecoregion-equal": 2}
@@ -29,18 +30,18 @@ STACK_RESOLUTION_M = 10.0  # metres per pixel of every stack (sources.base.Grid.
 __all__ = ["CONFIGS", "MultimodalConfig", "get_config"]
 
 
-class MultimodalConfig(BaseModel):
-    """Everything the MMEarth flow needs to build one dataset."""
+class MultimodalConfig(FlowConfig):
+    """Everything the MMEarth flow needs to build one dataset (the rules and the cluster
+    settings ``dask``/``dask_block``: :class:`tasks.common.flow_config.FlowConfig`)."""
 
-    # a misspelt key is an error, never silently ignored; form labels read "Group · field"
-    # NaN and Infinity are refused in every number (tasks.common.checks.FINITE)
-    model_config = ConfigDict(extra="forbid", **checks.FINITE, json_schema_extra=markdown_safe_descriptions,
-                              field_title_generator=grouped_titles({
+    # form labels read "Group · field"
+    model_config = ConfigDict(field_title_generator=grouped_titles({
         "Dataset": ["name", "output_dir"],
         "Tiles": ["regions", "eco_labels", "tiles_geojson", "tile_sampler", "n_tiles", "sampling_mode",
                   "tile_size_m", "seed", "batch"],
         "Stacks": ["source", "source_options", "request_ceiling", "request_rate", "request_limit_name",
-                   "fetch_batch_size", "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "stack_compress"],
+                   "fetch_batch_size", "fetch_threads", "fetch_slots", "fetch_retries", "fetch_retry_delay_s", "tasks_in_flight",
+                   "stack_compress"],
         "Packing": ["image_size", "part_size", "keep_parts", "compression_codec", "compression_level"],
         "Splits": ["split_fractions", "split_seed"],
         "Cluster": ["dask", "dask_block"],
@@ -58,9 +59,9 @@ class MultimodalConfig(BaseModel):
                                                                  "million)")
     sampling_mode: SamplingModeName = Field(
         "biome-area", description="how tiles are shared out (MMEarth's modes 0, 1, 2): "
-        + "; ".join(f"{name} ({i}): {tiles_mod.SAMPLING_MODES[i]}" for name, i in SAMPLING_MODE_INDEX.items()))
-    tile_size_m: float = Field(1300.0, gt=0, le=10240.0, description="side of a square tile in metres (128 px at "
-                               "10 m: 1280; at most 10240 m, 1024 px: a stack's memory grows with its square)")
+        + "; ".join(f"{name} ({i}): {tiles.SAMPLING_MODES[i]}" for name, i in SAMPLING_MODE_INDEX.items()))
+    tile_size_m: float = Field(1300.0, gt=0, le=10240.0, description="side of a square tile in metres (at 10 m per "
+                               "pixel, 1280 m gives 128 px; at most 10240 m)")
     seed: int = Field(0, description="random seed of the tile sampling")
     batch: int = Field(0, description="sampling batch: another seed stream for adding tiles to a dataset")
     # stacks
@@ -91,12 +92,12 @@ class MultimodalConfig(BaseModel):
     fetch_retry_delay_s: float = Field(4.0, ge=0, le=3600, description="first retry delay (0-3600 s); doubles each "
                                                                        "retry, with jitter")
     tasks_in_flight: int = Field(
-        32, ge=1, le=10000, description="fetch (and pack) tasks submitted at once (1-10000); the flow holds at "
-                                        "most this many futures (a bounded window), so its memory does not grow "
-                                        "with the tiles")
+        32, ge=1, le=10000, description="fetch (and pack) tasks submitted at once (1-10000); the flow keeps "
+                                        "this many waiting, so more keeps a large cluster busy")
     stack_compress: str | None = Field(None, description="GeoTIFF compression of stacks (None, deflate, zstd, ...)")
     # post-processing
-    image_size: int = Field(128, ge=8, le=1024, description="128, or 64 for the MMEarth64 variant (8-1024 px)")
+    image_size: int = Field(128, ge=8, le=1024, description="side of the dataset's images in pixels: 128, or 64 for "
+                                                            "MMEarth64 (8-1024)")
     part_size: int = Field(64, ge=1, le=100_000, description="tiles per packing partition (1-100000)")
     keep_parts: bool = Field(False, description="keep packed partitions after the h5 is written (uses as much disk again)")
     compression_codec: Literal["isal", "zlib"] = Field(
@@ -105,12 +106,8 @@ class MultimodalConfig(BaseModel):
     split_fractions: tuple[float, float, float] = Field((0.8, 0.1, 0.1), description="train, val, test fractions "
                                                         "(each in [0, 1], summing to 1)")
     split_seed: int = Field(42, description="random seed of the splits")
-    dask: DaskSettings = Field(default_factory=DaskSettings, description="where the tasks run")
-    dask_block: str | None = Field(None, description="name of a saved DaskCluster block; overrides dask")
-
-    def dask_settings(self) -> DaskSettings:
-        """The cluster this run uses: the saved ``dask_block`` if named, else ``dask``."""
-        return load_dask_block(self.dask_block) if self.dask_block else self.dask
+    dask: DaskField
+    dask_block: DaskBlockField = None
 
     @model_validator(mode="after")
     def _cross_field(self) -> "MultimodalConfig":
@@ -134,14 +131,12 @@ class MultimodalConfig(BaseModel):
         """Read the input files this configuration names (regions, eco_labels, tiles) and raise one
         :class:`ConfigError` naming the file and field on the first mistake. Cheap: run it before
         starting any server or cluster."""
-        from tasks.multimodal import tiles as tiles_mod
-
         try:
-            regions, _ = tiles_mod.load_regions_split(Path(self.regions) if self.regions
-                                                      else tiles_mod.DEFAULT_REGIONS)
-            eco_index = tiles_mod.eco_region_index(regions, self.eco_labels)
+            regions, _ = tiles.load_regions_split(Path(self.regions) if self.regions
+                                                      else tiles.DEFAULT_REGIONS)
+            eco_index = tiles.eco_region_index(regions, self.eco_labels)
             if self.tiles_geojson:
-                missing = sorted({t.eco_region for t in tiles_mod.read_tiles_geojson(self.tiles_geojson)}
+                missing = sorted({t.eco_region for t in tiles.read_tiles_geojson(self.tiles_geojson)}
                                  - set(eco_index))
                 if missing and self.tile_sampler != "earthengine":
                     raise ConfigError(f"{self.tiles_geojson}: ecoregion(s) {missing[:5]} have no index; "
@@ -191,7 +186,8 @@ class MultimodalConfig(BaseModel):
         return Path(self.output_dir).expanduser().resolve() / self.name
 
 
-CONFIGS: dict[str, dict[str, Any]] = {
+#: Named configurations (``--config NAME``), one line each; fields not given are the defaults.
+CONFIGS = NamedConfigs("configuration", MultimodalConfig, {
     # The embedded default: synthetic source over the shipped regions.
     "default": {},
     # MMEarth64: 64 px images.
@@ -206,11 +202,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
              "fetch_batch_size": 32, "fetch_threads": 12, "fetch_slots": 8, "dask": {"n_workers": 2, "threads_per_worker": 2}},
     # A few tiles, for a quick look.
     "smoke": {"name": "data_smoke", "n_tiles": 24, "fetch_batch_size": 4, "part_size": 8},
-}
+})
 
-
-def get_config(preset: str = "default", **overrides: Any) -> MultimodalConfig:
-    """The named configuration ``preset`` with ``overrides`` applied (nested dicts merge)."""
-    if preset not in CONFIGS:
-        raise ConfigError(f"unknown configuration {preset!r}; choose one of {sorted(CONFIGS)}")
-    return build(MultimodalConfig, merge(CONFIGS[preset], overrides))
+#: The named configuration ``name`` (default: "default") with overrides (nested dicts merge).
+get_config = CONFIGS.build

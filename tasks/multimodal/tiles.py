@@ -40,6 +40,7 @@ from pyproj import Geod, Transformer
 from shapely.geometry import MultiPolygon, Polygon
 from shapely.validation import explain_validity
 
+from tasks.common import checks
 from tasks.common.atomic import atomic_path
 from tasks.multimodal import schema
 from tasks.multimodal.tile import Tile
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 #: The small embedded default: 10 real ecoregions (10 biomes) plus one Rock & Ice.
 DEFAULT_REGIONS = Path(__file__).parent / "data" / "regions_default.geojson"
 DEFAULT_TILE_SIZE_M = 1300.0
+#: what to do about a missing input file: each is optional in the flow's configuration
+_OPTIONAL_FILE = "check the path (or omit it to use the default)"
 
 #: Sampling modes of the original MMEarth code.
 SAMPLING_MODES: dict[int, str] = {
@@ -104,23 +107,6 @@ def _where(path: Path, index: int | None = None, label: str | None = None,
     if field is not None:
         parts.append(f"field {field!r}")
     return ": ".join(parts)
-
-
-def _read_json(path: Path, error: type[ValueError], what: str) -> Any:
-    """Parse a JSON file, turning every failure into ``error`` naming the file."""
-    if not path.is_file():
-        raise error(f"{path}: {what} file not found; check the path (or omit it to use the default)")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise error(f"{path}: cannot read {what} file ({exc}); it must be UTF-8 JSON") from exc
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise error(
-            f"{path}: not valid JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); "
-            f"fix the {what} file (a GeoJSON/JSON validator shows the spot)"
-        ) from exc
 
 
 def _features(doc: Any, path: Path, error: type[ValueError]) -> list[Any]:
@@ -335,7 +321,7 @@ def load_regions_split(path: str | Path, repair: bool = False) -> tuple[list[Reg
     Raises :class:`RegionsError` naming the file, feature and field.
     """
     path = Path(path)
-    doc = _read_json(path, RegionsError, "ecoregion polygons")
+    doc = checks.read_json(path, "ecoregion polygons", RegionsError, missing=_OPTIONAL_FILE)
     feats = _features(doc, path, RegionsError)
     if not feats:
         raise RegionsError(f"{path}: the FeatureCollection has no features; add ecoregion polygons")
@@ -364,7 +350,7 @@ def load_regions(path: str | Path = DEFAULT_REGIONS, repair: bool = False) -> li
 def load_eco_index(path: str | Path) -> dict[str, int]:
     """Read and validate a ``{ecoregion name: index}`` JSON file (MMEarth's eco_labels.json shape)."""
     path = Path(path)
-    doc = _read_json(path, RegionsError, "ecoregion index mapping")
+    doc = checks.read_json(path, "ecoregion index mapping", RegionsError, missing=_OPTIONAL_FILE)
     if not isinstance(doc, dict) or not doc:
         raise RegionsError(
             f"{path}: the ecoregion index mapping must be a non-empty JSON object "
@@ -844,7 +830,7 @@ def read_tiles_geojson(path: str | Path) -> list[Tile]:
     index, the tile_id and the field.
     """
     path = Path(path)
-    feats = _features(_read_json(path, TilesError, "tiles GeoJSON"), path, TilesError)
+    feats = _features(checks.read_json(path, "tiles GeoJSON", TilesError, missing=_OPTIONAL_FILE), path, TilesError)
     tiles: list[Tile] = []
     first: dict[str, int] = {}
     for i, feat in enumerate(feats):
