@@ -38,7 +38,7 @@ from tasks.aerial import pipeline as PL
 from tasks.aerial import training_export as T
 from tasks.aerial.config import CONFIGS, AerialConfig, dask_settings_of, export_root, export_settings, \
     get_config, pipeline_settings, trajectory_settings
-from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_megadepth
+from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_localization, record_megadepth
 from tasks.aerial.tasks import collect_task, covis_block_task, covis_plan_task, dense_prepare_task, evaluate_task, \
     export_task, features_task, fuse_task, ingest_task, localize_task, matches_task, megadepth_task, \
     merge_features_task, merge_matches_task, needs_fusion_task, pairs_task, plan_task, reference_task, \
@@ -182,9 +182,7 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
         report.counts.update(reference_task.submit(sp, cfg).result().counts)
     with stage("localization"):
         res = localize_task.submit(sp, cfg, info).result()
-    report.counts.update({k: v for k, v in res.counts.items() if "seconds" not in k})
-    for name, why in res.problems.items():
-        report.problem(name, "localization", why)
+    record_localization(report, res)
 
     with stage("dense-prepare", "dense"):
         images = dense_prepare_task.submit(sp, cfg).result()

