@@ -16,10 +16,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the learned extra (pip install -e '.[learned]') is not installed")
 
-from tasks.aerial import features as F  # noqa: E402
+from tasks.aerial import features  # noqa: E402
 from tasks.aerial import learned  # noqa: E402
-from tasks.aerial import matching as M  # noqa: E402
-from tasks.aerial import pipeline as PL  # noqa: E402
+from tasks.aerial import matching  # noqa: E402
+from tasks.aerial import pipeline  # noqa: E402
 from tasks.aerial.evaluate import pose_accuracy  # noqa: E402
 from tests.test_aerial_features import apply_h, homography, texture  # noqa: E402
 from tests.test_aerial_pipeline import _prepare, _sfm  # noqa: E402
@@ -88,23 +88,25 @@ def test_device_choice():
         learned.device("tpu")
 
 
-@pytest.mark.parametrize("features,matcher", [("aliked-n16", "aliked+lightglue"), ("disk", "disk+lightglue")])
-def test_learned_matches_agree_with_the_homography(features, matcher, tmp_path, no_network):
+@pytest.mark.parametrize("feature_conf,matcher_conf", [("aliked-n16", "aliked+lightglue"), ("disk", "disk+lightglue")])
+def test_learned_matches_agree_with_the_homography(feature_conf, matcher_conf, tmp_path, no_network):
     """hloc's layout and keypoint convention: the matches of a warped pair land where the
     homography sends them (keypoints at pixel centres, mapped back from the resized image)."""
     img = cv2.cvtColor(texture(3, 400, 300), cv2.COLOR_GRAY2BGR)
     h = homography(angle_deg=6.0, scale=0.95, tx=20.0, ty=-8.0)
     cv2.imwrite(str(tmp_path / "a.png"), img)
     cv2.imwrite(str(tmp_path / "b.png"), cv2.warpPerspective(img, h, (400, 300), flags=cv2.INTER_LINEAR))
-    conf = {**F.FEATURE_CONFS[features], "model": {**F.FEATURE_CONFS[features]["model"], "max_num_keypoints": 512},
+    base = features.FEATURE_CONFS[feature_conf]
+    conf = {**base, "model": {**base["model"], "max_num_keypoints": 512},
             "preprocessing": {"grayscale": False, "resize_max": 320}}  # resized: tests the mapping back
-    fp = F.extract_features(conf, tmp_path, ["a.png", "b.png"], tmp_path / "feats.h5")
+    fp = features.extract_features(conf, tmp_path, ["a.png", "b.png"], tmp_path / "feats.h5")
     with h5py.File(fp) as f:
         assert f["a.png/descriptors"].shape[0] == 128 and f["a.png/keypoints"].shape[1] == 2
         assert list(f["a.png/image_size"][()]) == [400, 300]
         ka, kb = f["a.png/keypoints"][()], f["b.png/keypoints"][()]
     (tmp_path / "pairs.txt").write_text("a.png b.png\n")
-    mp = M.match_features(M.MATCHER_CONFS[matcher], tmp_path / "pairs.txt", fp, tmp_path / "matches.h5")
+    mp = matching.match_features(matching.MATCHER_CONFS[matcher_conf], tmp_path / "pairs.txt", fp,
+                                 tmp_path / "matches.h5")
     with h5py.File(mp) as f:
         m0 = f["a.png/b.png/matches0"][()]
     valid = m0 >= 0
@@ -116,11 +118,11 @@ def test_learned_matches_agree_with_the_homography(features, matcher, tmp_path, 
 
 
 def test_learned_configuration_names_its_folders():
-    cfg = PL.get_config("aliked+lightglue")
-    assert cfg.tag == "aliked+lightglue" and PL.get_config().tag == "sift+mnn"
+    cfg = pipeline.get_config("aliked+lightglue")
+    assert cfg.tag == "aliked+lightglue" and pipeline.get_config().tag == "sift+mnn"
     names = cfg.folder_names()
     assert names["sfm"] == "sfm_aliked+lightglue"
-    assert names["features"] == F.FEATURE_CONFS["aliked-n16"]["output"]
+    assert names["features"] == features.FEATURE_CONFS["aliked-n16"]["output"]
     assert names["matches"].startswith(names["features"] + "_matches-aliked-lightglue")
 
 
@@ -134,8 +136,8 @@ SMALL_PAIRS = {"ref_pairs_num": 8, "retrieval_num": 8, "query_pairs_num": 4}
 def learned_small(tmp_path_factory):
     root = tmp_path_factory.mktemp("aerial_learned")
     base = _prepare(root, n_aerial=24, n_ground=5, seed=0)
-    cfg = PL.get_config("aliked+lightglue", **SMALL_PAIRS)
-    paths = PL.scene_paths(root, base.scene, root / "megadepth_processed", cfg)
+    cfg = pipeline.get_config("aliked+lightglue", **SMALL_PAIRS)
+    paths = pipeline.scene_paths(root, base.scene, root / "megadepth_processed", cfg)
     return paths, cfg
 
 

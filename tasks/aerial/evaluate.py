@@ -227,5 +227,5 @@ def summary_rows(acc: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(r["metric"], r["value"], r["goal"] + missed(r["met"])) for r in summary_table(acc)]
 
 
-__all__ = ["evaluate_scene", "pose_accuracy", "false_registrations", "FALSE_REGISTRATION", "depth_accuracy", "depth_metrics", "gt_depth_on_grid", "scene_extent",
-           "summary_rows", "summary_table", "DEPTH_GOALS"]
+__all__ = ["evaluate_scene", "pose_accuracy", "false_registrations", "FALSE_REGISTRATION", "depth_accuracy",
+           "depth_metrics", "gt_depth_on_grid", "scene_extent", "summary_rows", "summary_table", "DEPTH_GOALS"]

@@ -54,7 +54,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.aerial import io as IO
+from tasks.aerial import io
 from tasks.common.atomic import atomic_h5
 
 logger = logging.getLogger(__name__)
@@ -344,14 +344,14 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
     Every write is atomic. Returns ``feature_path``.
     """
     feature_path = Path(feature_path)
-    names = IO.unique_names(names)
-    leftovers = IO.resume_chunks(feature_path, overwrite)
+    names = io.unique_names(names)
+    leftovers = io.resume_chunks(feature_path, overwrite)
     if overwrite:
         done: set[str] = set()
     else:
-        done = set(IO.list_h5_names(feature_path))
+        done = set(io.list_h5_names(feature_path))
         for p in [*leftovers, *map(Path, skip_paths)]:
-            done |= set(IO.list_h5_names(p))
+            done |= set(io.list_h5_names(p))
     todo = [n for n in names if n not in done]
     for n in todo:
         p = image_path(image_dir, n)
@@ -359,7 +359,7 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
             raise ValueError(f"Image {n} does not exist: {p}.")
     if not todo and not leftovers:
         logger.info("features: nothing to extract for %s", feature_path.name)
-        return IO.ensure_h5(feature_path)
+        return io.ensure_h5(feature_path)
 
     model_conf = conf.get("model", {})
     preprocessing = conf.get("preprocessing", {})
@@ -367,11 +367,11 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
     chunks = list(leftovers)
     for start in range(0, len(todo), max(1, chunk_size)):
         block = todo[start:start + max(1, chunk_size)]
-        cpath = IO.chunk_path(feature_path, block)
+        cpath = io.chunk_path(feature_path, block)
         with atomic_h5(cpath) as fd:
             for n in block:
                 pred, unc = extract_image(extractor, image_path(image_dir, n), preprocessing, as_half=as_half)
-                IO.write_features(fd, n, pred, unc)
+                io.write_features(fd, n, pred, unc)
         chunks.append(cpath)
     merge_features(chunks, feature_path, overwrite=overwrite, remove_parts=True)
     logger.info("features: extracted %d image(s) into %s", len(todo), feature_path)
@@ -382,10 +382,10 @@ def feature_parts_plan(names: Sequence[str], feature_path: Path, n_parts: int,
                        overwrite: bool = False) -> list[tuple[Path, list[str]]]:
     """Split the names still missing from ``feature_path`` into ``n_parts`` blocks:
     [(part file, names)]. Deterministic for a given final file."""
-    names = IO.unique_names(names)
-    done = set() if overwrite else set(IO.list_h5_names(feature_path))
+    names = io.unique_names(names)
+    done = set() if overwrite else set(io.list_h5_names(feature_path))
     todo = [n for n in names if n not in done]
-    return list(zip(IO.part_paths(feature_path, n_parts), IO.split_even(todo, n_parts)))
+    return list(zip(io.part_paths(feature_path, n_parts), io.split_even(todo, n_parts)))
 
 
 def extract_features_parts(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Path], names: Sequence[str],
@@ -410,4 +410,4 @@ def merge_features(parts: Sequence[Path], feature_path: Path, overwrite: bool = 
                    remove_parts: bool = False) -> Path:
     """Merge part/chunk files into ``feature_path`` atomically; names already present are
     kept unless ``overwrite``. Idempotent; missing part files are ignored."""
-    return IO.merge_h5(parts, feature_path, overwrite=overwrite, remove_parts=remove_parts)
+    return io.merge_h5(parts, feature_path, overwrite=overwrite, remove_parts=remove_parts)

@@ -38,7 +38,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tasks.aerial import io as IO
+from tasks.aerial import io
 from tasks.common.atomic import atomic_h5
 
 logger = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def unique_new_pairs(pairs: Iterable[tuple[str, str]], match_path: Path | None =
         seen.add((i, j))
         out.append((i, j))
     files = ([match_path] if match_path is not None else []) + list(skip_paths)
-    done = IO.pairs_present(files, out)
+    done = io.pairs_present(files, out)
     return [p for p in out if p not in done]
 
 
@@ -241,14 +241,14 @@ def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], f
     if model_conf.get("name", "nearest_neighbor") not in MATCHER_MODELS:
         raise ValueError(f"Unsupported matcher {model_conf.get('name')!r}; supported: {MATCHER_MODELS}")
     keys = ("keypoints", "descriptors", "image_size") if model_conf.get("name") == "lightglue" else ("descriptors",)
-    leftovers = IO.resume_chunks(match_path, overwrite)
+    leftovers = io.resume_chunks(match_path, overwrite)
     if overwrite:
         todo = unique_new_pairs(pairs)
     else:
         todo = unique_new_pairs(pairs, match_path, [*leftovers, *skip_paths])
     if not todo and not leftovers:
         logger.info("matching: nothing to match for %s", match_path.name)
-        return IO.ensure_h5(match_path)
+        return io.ensure_h5(match_path)
     chunks = list(leftovers)
     if todo:
         matcher = make_matcher(model_conf)
@@ -257,12 +257,12 @@ def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], f
         try:
             for start in range(0, len(todo), max(1, chunk_size)):
                 block = todo[start:start + max(1, chunk_size)]
-                cpath = IO.chunk_path(match_path, [IO.names_to_pair(a, b) for a, b in block])
+                cpath = io.chunk_path(match_path, [io.names_to_pair(a, b) for a, b in block])
                 with atomic_h5(cpath) as fd:
                     for a, b in block:
                         f0, f1 = q(a), r(b)
                         m0, s0 = matcher(f0, f1)
-                        IO.write_match(fd, IO.names_to_pair(a, b), m0, s0, f1["descriptors"].shape[1])
+                        io.write_match(fd, io.names_to_pair(a, b), m0, s0, f1["descriptors"].shape[1])
                 chunks.append(cpath)
         finally:
             q.close()
@@ -280,7 +280,7 @@ def match_features(conf: Mapping[str, Any], pairs_path: Path, feature_path: Path
     pairs_path = Path(pairs_path)
     if not pairs_path.exists():
         raise FileNotFoundError(pairs_path)
-    return match_pair_list(conf, IO.read_pairs(pairs_path), feature_path, match_path, overwrite,
+    return match_pair_list(conf, io.read_pairs(pairs_path), feature_path, match_path, overwrite,
                            feature_path_ref=feature_path_ref)
 
 
@@ -288,7 +288,7 @@ def match_parts_plan(pairs: Sequence[tuple[str, str]], match_path: Path, n_parts
                      overwrite: bool = False) -> list[tuple[Path, list[tuple[str, str]]]]:
     """Split the pairs still missing from ``match_path`` into ``n_parts`` blocks."""
     todo = unique_new_pairs(pairs, None if overwrite else match_path)
-    return list(zip(IO.part_paths(match_path, n_parts), IO.split_even(todo, n_parts)))
+    return list(zip(io.part_paths(match_path, n_parts), io.split_even(todo, n_parts)))
 
 
 def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path: Path, match_path: Path,
@@ -297,7 +297,7 @@ def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path
     """Fan-out matching: worker ``part_index`` matches its share of the pairs missing
     from ``match_path`` into its own part file (``None``: every part, here). Merge
     with ``merge_matches(part_paths(match_path, n_parts), match_path, remove_parts=True)``."""
-    plan = match_parts_plan(IO.read_pairs(pairs_path), match_path, n_parts, overwrite)
+    plan = match_parts_plan(io.read_pairs(pairs_path), match_path, n_parts, overwrite)
     idx = range(n_parts) if part_index is None else [part_index]
     out = []
     for i in idx:
@@ -311,5 +311,5 @@ def merge_matches(parts: Sequence[Path], match_path: Path, overwrite: bool = Fal
                   remove_parts: bool = False) -> Path:
     """Merge part/chunk match files into ``match_path`` atomically; a pair present in
     either order is kept unless ``overwrite``. Idempotent."""
-    return IO.merge_h5(parts, match_path, overwrite=overwrite, remove_parts=remove_parts,
-                       equivalents=IO.pair_equivalents)
+    return io.merge_h5(parts, match_path, overwrite=overwrite, remove_parts=remove_parts,
+                       equivalents=io.pair_equivalents)

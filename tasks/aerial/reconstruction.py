@@ -38,8 +38,8 @@ import h5py
 import numpy as np
 import pycolmap
 
-from tasks.aerial import geometry as G
-from tasks.aerial import io as IO
+from tasks.aerial import geometry
+from tasks.aerial import io
 from tasks.aerial.verification import AcceptConfig, verify_registrations
 from tasks.common.atomic import atomic_dir, remove_partials, write_json_atomic
 from tasks.common.fingerprint import fingerprint
@@ -132,7 +132,7 @@ def import_keypoints(db: pycolmap.Database, name_to_id: dict[str, int], feature_
     out: dict[str, np.ndarray] = {}
     with h5py.File(feature_path, "r") as f:
         for name in (names if names is not None else name_to_id):
-            kp = IO.read_keypoints_colmap(f, name, feature_path)
+            kp = io.read_keypoints_colmap(f, name, feature_path)
             db.write_keypoints(name_to_id[name], kp)
             out[name] = kp
     return out
@@ -155,7 +155,7 @@ def import_matches(db: pycolmap.Database, pairs: Iterable[tuple[str, str]], name
         if ia == ib or key in seen:
             continue
         seen.add(key)
-        m, _ = IO.read_matches(match_path, a, b)
+        m, _ = io.read_matches(match_path, a, b)
         db.write_matches(ia, ib, m.astype(np.uint32))
         out.append((a, b, ia, ib, m))
     return out
@@ -182,7 +182,7 @@ def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: 
     with _model_dir(out_dir, fp) as tmp:
         db_path = tmp / "database.db"
         name_to_id = write_database_from_model(rec, db_path)
-        pairs = IO.read_pairs(pairs_path)
+        pairs = io.read_pairs(pairs_path)
         kept_pairs = 0
         kept_matches = 0
         db = pycolmap.Database.open(str(db_path))
@@ -194,9 +194,9 @@ def triangulate_reference(reference_empty: Path, image_dir: Path, feature_path: 
                 if len(m) == 0:
                     continue
                 im_a, im_b = rec.images[ia], rec.images[ib]
-                f_mat = G.fundamental_from_poses(rec.cameras[im_a.camera_id].calibration_matrix(), G.cam_from_world(im_a),
-                                                 rec.cameras[im_b.camera_id].calibration_matrix(), G.cam_from_world(im_b))
-                d0, d1 = G.epipolar_errors(f_mat, kps[a][m[:, 0]], kps[b][m[:, 1]])
+                f_mat = geometry.fundamental_from_poses(rec.cameras[im_a.camera_id].calibration_matrix(), geometry.cam_from_world(im_a),
+                                                 rec.cameras[im_b.camera_id].calibration_matrix(), geometry.cam_from_world(im_b))
+                d0, d1 = geometry.epipolar_errors(f_mat, kps[a][m[:, 0]], kps[b][m[:, 1]])
                 inl = m[(d0 < config.ref_max_epipolar_error) & (d1 < config.ref_max_epipolar_error)]
                 if len(inl) < config.ref_min_matches:
                     continue
@@ -315,7 +315,7 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
                     next_cam, next_id, next_rig, next_frame = next_cam + 1, next_id + 1, next_rig + 1, next_frame + 1
             import_keypoints(db, name_to_id, feature_path, q_names)
             # pairs with an image without features are skipped: reported above
-            valid_pairs = [(a, b) for a, b, *_ in import_matches(db, IO.read_pairs(pairs_path), name_to_id, match_path)]
+            valid_pairs = [(a, b) for a, b, *_ in import_matches(db, io.read_pairs(pairs_path), name_to_id, match_path)]
         finally:
             db.close()
         if not q_names:  # nothing to register: the merged model is the reference
@@ -324,7 +324,7 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
             return StageResult(out_dir, _localization_counts(ref, queries), seconds=time.perf_counter() - t0,
                                problems=problems)
         pairs_tmp = tmp / "pairs-verify.txt"
-        IO.write_pairs(pairs_tmp, valid_pairs)
+        io.write_pairs(pairs_tmp, valid_pairs)
         t_verify = time.perf_counter()
         vopts = pycolmap.TwoViewGeometryOptions()
         vopts.min_num_inliers = config.verify_min_inliers
@@ -397,7 +397,7 @@ def _check_reference_fixed(ref: pycolmap.Reconstruction, rec: pycolmap.Reconstru
         new = by_name.get(im.name)
         if new is None or not new.has_pose:
             raise RuntimeError(f"reference frame {im.name} lost its pose in the localization")
-        if not np.allclose(G.cam_from_world(im), G.cam_from_world(new), atol=tol * max(1.0, np.abs(G.centre(im)).max())):
+        if not np.allclose(geometry.cam_from_world(im), geometry.cam_from_world(new), atol=tol * max(1.0, np.abs(geometry.centre(im)).max())):
             raise RuntimeError(f"reference frame {im.name} moved in the localization (frames must stay fixed)")
 
 

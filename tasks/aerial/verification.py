@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import pycolmap
 
-from tasks.aerial import geometry as G
+from tasks.aerial import geometry
 from tasks.common.forms import setting
 
 
@@ -33,7 +33,7 @@ class AcceptConfig:
     """Thresholds that a registered photo must meet to be kept (the rest are rejected and reported)."""
 
     accept_min_inliers: int = setting(
-        40, "Fewest 2D-3D correspondences a registered photo needs that agree with its pose; a photo with "
+        30, "Fewest 2D-3D correspondences a registered photo needs that agree with its pose; a photo with "
             "fewer is rejected (a lucky pose from few matches is the usual false registration).")
     accept_min_inlier_ratio: float = setting(
         0.25, "Smallest share of a photo's 2D-3D candidate correspondences (its verified matches to points "
@@ -72,7 +72,7 @@ class SceneFrame:
 def scene_frame(reference: pycolmap.Reconstruction) -> SceneFrame:
     """The extent of the triangulated reference (metric ENU: x east, y north, z up)."""
     pts = np.array([p.xyz for p in reference.points3D.values()])
-    centres = np.array([G.centre(im) for im in reference.images.values() if im.has_pose])
+    centres = np.array([geometry.centre(im) for im in reference.images.values() if im.has_pose])
     if len(pts) < 10:  # no surface to speak of: the frames' footprint
         pts = centres
     lo, hi = np.percentile(pts[:, :2], 2, axis=0), np.percentile(pts[:, :2], 98, axis=0)
@@ -83,7 +83,7 @@ def scene_frame(reference: pycolmap.Reconstruction) -> SceneFrame:
 
 def _projection(rec: pycolmap.Reconstruction, image) -> tuple[np.ndarray, np.ndarray]:
     """(K, cam_from_world 3x4) of a registered image (pinhole cameras: the product's)."""
-    return rec.cameras[image.camera_id].calibration_matrix(), G.cam_from_world(image)
+    return rec.cameras[image.camera_id].calibration_matrix(), geometry.cam_from_world(image)
 
 
 def _reproject(k: np.ndarray, cfw: np.ndarray, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +119,7 @@ def check_photo(rec: pycolmap.Reconstruction, db: pycolmap.Database, image, fram
                 registered: set[int], max_error: float, cfg: AcceptConfig) -> dict[str, Any]:
     """The figures of one registered photo and, when it fails, ``reason``."""
     k, cfw = _projection(rec, image)
-    centre = G.centre(image)
+    centre = geometry.centre(image)
     kp = np.array([p.xy for p in image.points2D]).reshape(-1, 2)
     idx, xyz = correspondences(rec, db, image.image_id, registered)
     if len(idx):
