@@ -375,7 +375,8 @@ ALIASES = (
     Alias("--scene-list", "scene_list", "scene list (.npz as the original, JSON or YAML)"),
     Alias("--scenes", "scenes", "only these scene ids", kind="list"),
     Alias("--workers", "dask.n_workers", "local Dask workers", kind="int"),
-    Alias("--pipeline", "pipeline", "sift+mnn (default, CPU) or superpoint+superglue (hloc)"),
+    Alias("--pipeline", "pipeline", "sift+mnn (default, CPU), aliked+lightglue (learned, offline; the learned extra) "
+          "or superpoint+superglue (hloc)"),
     Alias("--dense-backend", "dense_backend", "auto (GPU PatchMatch when a Dask worker declares GPU), cpu, gpu"),
     Alias("--synthetic", "synthetic", "build the synthetic world into ROOT when it has no data (the default run "
                                       "builds it only in output/aerial)", kind="const", const=True),
