@@ -234,8 +234,12 @@ def cast(view: View, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
     Face ids: -2 sky, -1 ground, ``6 * box + k`` with k in (-x, +x, -y, +y, -z, +z).
     Depth is the ray parameter of the camera-z-normalised direction, i.e. the
     distance along the camera z axis."""
-    d = _rays(view)
-    o = view.centre
+    return cast_rays(view.centre, _rays(view), view.r_c2w[:, 2], boxes)
+
+
+def cast_rays(o: np.ndarray, d: np.ndarray, axis_z: np.ndarray, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cast` for rays ``o + t d`` (``d``: (N, 3), scaled so that their component along the
+    camera axis ``axis_z`` is 1; ``t`` is then the depth along that axis)."""
     n = d.shape[0]
     t_best = np.full(n, np.inf)
     fid = np.full(n, -2, dtype=np.int64)
@@ -250,7 +254,7 @@ def cast(view: View, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
     for bi, b in enumerate(boxes):
         # cheap culling: all corners behind the camera
         corners = np.array([[x, y, z] for x in (b.lo[0], b.hi[0]) for y in (b.lo[1], b.hi[1]) for z in (b.lo[2], b.hi[2])])
-        zc = (corners - o) @ view.r_c2w[:, 2]
+        zc = (corners - o) @ axis_z
         if np.all(zc <= 0):
             continue
         t1 = (b.lo - o) * inv
@@ -394,27 +398,38 @@ def render(view: View, boxes: list[Box], sun: np.ndarray, seed: int, sky_tint=(1
     return col.reshape(view.height, view.width, 3), depth.reshape(view.height, view.width)
 
 
-def _render_many(jobs: list[tuple[View, np.ndarray, tuple]], boxes: list[Box], seed: int,
-                 workers: int | None = None, on_each=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Render (view, sun, sky_tint) jobs in order, on up to 2 threads (numpy releases the GIL);
-    ``on_each()`` is called in the calling thread after each render (progress)."""
+def render_stream(fn, items, workers: int | None = None, on_each=None):
+    """``fn(item)`` for each of ``items``, yielded in order as they finish, on up to 2 threads (numpy
+    and OpenCV release the GIL), with at most two renders per thread in flight or waiting: the
+    caller writes each one out and drops it, so memory holds a few views, not the world.
+    ``on_each()`` is called in the calling thread before each result is yielded (progress)."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    out = []
-    if workers == 1 or len(jobs) < 2:
-        results = (render(v, boxes, sun, seed, tint) for v, sun, tint in jobs)
-        for r in results:
-            out.append(r)
+    items = list(items)
+    if workers == 1 or len(items) < 2:
+        for item in items:
+            r = fn(item)
             if on_each is not None:
                 on_each()
-        return out
+            yield r
+        return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for r in pool.map(lambda j: render(j[0], boxes, j[1], seed, j[2]), jobs):
-            out.append(r)
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            r = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
             if on_each is not None:
                 on_each()
-    return out
+            yield r
 
 
 # ----------------------------------------------------------------------------- poses
@@ -460,6 +475,33 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     if np.linalg.det(q) < 0:
         q[:, 0] *= -1
     return q
+
+
+def _tracks(views: list[View], depth_paths: list[Path], points: list[np.ndarray],
+            ) -> tuple[list[list[tuple[float, float, int]]], list[list[tuple[int, int]]]]:
+    """Where each world point is seen: per view its observations ``[(x, y, 0)]`` and per point its
+    track ``[(image id = view index + 1, observation index)]``, both in view then point order. A
+    point is seen where it projects into the view and its depth there (read from ``depth_paths``,
+    one view at a time) is the point's within 1 % + 5 cm."""
+    from tasks.aerial.dense.io import read_depth_h5
+
+    pts2d: list[list[tuple[float, float, int]]] = [[] for _ in views]
+    tracks: list[list[tuple[int, int]]] = [[] for _ in points]
+    for i2, (v2, path) in enumerate(zip(views, depth_paths)):
+        d2 = read_depth_h5(path)
+        for k, x_w in enumerate(points):
+            xc = v2.r_c2w.T @ (x_w - v2.centre)
+            if xc[2] <= 0.1:
+                continue
+            u2 = v2.f * xc[0] / xc[2] + v2.cx
+            y2 = v2.f * xc[1] / xc[2] + v2.cy
+            if not (0 <= u2 < v2.width and 0 <= y2 < v2.height):
+                continue
+            if abs(d2[int(y2), int(u2)] - xc[2]) > 0.01 * xc[2] + 0.05:
+                continue
+            tracks[k].append((i2 + 1, len(pts2d[i2])))
+            pts2d[i2].append((float(u2), float(y2), 0))
+    return pts2d, tracks
 
 
 # ----------------------------------------------------------------------------- writers
@@ -606,13 +648,13 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     gt_cams = []
     aer_views = [View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height) for k in range(n_aerial)]
     t0 = time.perf_counter()
-    aer_renders = _render_many([(v, sun_aerial, (1.0, 1.0, 1.0)) for v in aer_views], boxes, seed, on_each=on_each)
-    render_s += time.perf_counter() - t0
+    aer_renders = render_stream(lambda v: render(v, boxes, sun_aerial, seed, (1.0, 1.0, 1.0)), aer_views,
+                                on_each=on_each)
     with atomic_path(video_path) as tmp_video:
         writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
         if not writer.isOpened():
             raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
-        for k, (rgb, depth) in enumerate(aer_renders):
+        for k, (rgb, depth) in enumerate(aer_renders):  # streamed: written and dropped one by one
             writer.write(_to_u8_bgr(rgb))
             write_depth_h5(gt_depths / f"{Path(frame_names[k]).stem}.h5", depth)
             r_first = a_wf @ aer_rot[k]
@@ -621,6 +663,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
             gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [f_aerial, width / 2.0, height / 2.0]))
             gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
         writer.release()
+    render_s += time.perf_counter() - t0  # rendering and writing interleave: both are counted
     write_json_atomic(json_path, es, indent=2)
 
     # ---- ground photos
@@ -634,7 +677,6 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     img_dir.mkdir(parents=True, exist_ok=True)
     md_depth_dir.mkdir(parents=True, exist_ok=True)
     photo_names: list[str] = []
-    photos = []  # (view, depth, rgb)
     jobs: list[tuple[View, np.ndarray, tuple]] = []
     grades: list[tuple] = []
     for j in range(n_ground):
@@ -662,8 +704,12 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         jobs.append((view, sun, (1.0, 0.95, 0.85)))
         grades.append(grade)
     t0 = time.perf_counter()
-    ground_renders = _render_many(jobs, boxes, seed, on_each=on_each)
-    render_s += time.perf_counter() - t0
+    ground_renders = render_stream(lambda job: render(job[0], boxes, job[1], seed, job[2]), jobs, on_each=on_each)
+    # 3D points with tracks among the ground photos (GT first-frame ENU): each photo's samples are
+    # drawn while it is in memory; the tracks are found afterwards, one photo's depth at a time
+    per_photo = max(1, 400 // max(n_ground, 1))
+    samples: list[tuple[np.ndarray, np.ndarray]] = []  # (world point, colour), in (photo, sample) order
+    views: list[View] = []
     for j, ((rgb, depth), (gamma, cast_, bright)) in enumerate(zip(ground_renders, grades)):
         view, name = jobs[j][0], photo_names[j]
         rgb = np.clip(bright * cast_ * rgb, 0, 1) ** gamma
@@ -671,13 +717,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
             cv2.imwrite(str(tmp), _to_u8_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, 95])
         write_depth_h5(gt_depths / f"{Path(name).stem}.h5", depth)
         write_depth_h5(MD.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
-        photos.append((view, depth, rgb))
-
-    # ---- 3D points with tracks among the ground photos (GT first-frame ENU)
-    pts2d: list[list[tuple[float, float, int]]] = [[] for _ in range(n_ground)]
-    points = []
-    per_photo = max(1, 400 // max(n_ground, 1))
-    for j, (view, depth, rgb) in enumerate(photos):
+        views.append(view)
         vv, uu = np.nonzero(depth > 0)
         if vv.size == 0:
             continue
@@ -686,24 +726,13 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
             u, v = uu[p] + 0.5, vv[p] + 0.5
             dz = depth[vv[p], uu[p]]
             x_w = view.centre + view.r_c2w @ np.array([(u - view.cx) / view.f, (v - view.cy) / view.f, 1.0]) * dz
-            track = []
-            for i2, (v2, d2, _) in enumerate(photos):
-                xc = v2.r_c2w.T @ (x_w - v2.centre)
-                if xc[2] <= 0.1:
-                    continue
-                u2 = v2.f * xc[0] / xc[2] + v2.cx
-                y2 = v2.f * xc[1] / xc[2] + v2.cy
-                if not (0 <= u2 < v2.width and 0 <= y2 < v2.height):
-                    continue
-                if abs(d2[int(y2), int(u2)] - xc[2]) > 0.01 * xc[2] + 0.05:
-                    continue
-                track.append((i2 + 1, len(pts2d[i2])))
-                pts2d[i2].append((float(u2), float(y2), 0))
-            colour = (np.clip(rgb[vv[p], uu[p]], 0, 1) * 255).astype(np.uint8)
-            points.append((a_wf @ x_w + b_wf, colour, track))
+            samples.append((x_w, (np.clip(rgb[vv[p], uu[p]], 0, 1) * 255).astype(np.uint8)))
+    render_s += time.perf_counter() - t0
+    pts2d, tracks = _tracks(views, [gt_depths / f"{Path(n).stem}.h5" for n in photo_names], [x for x, _ in samples])
+    points = [(a_wf @ x_w + b_wf, colour, track) for (x_w, colour), track in zip(samples, tracks)]
 
     md_cams, md_images, gt_photo_cams, gt_photo_images = [], [], [], []
-    for j, (view, _, _) in enumerate(photos):
+    for j, view in enumerate(views):
         iid = j + 1
         params_ = [view.f, view.cx, view.cy, 0.0]
         md_cams.append((iid, "SIMPLE_RADIAL", width, height, params_))
