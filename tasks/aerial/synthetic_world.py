@@ -115,6 +115,7 @@ class WorldInfo:
     render_seconds: float
     total_seconds: float
     params: dict = field(default_factory=dict)
+    distractors: list[str] = field(default_factory=list)  # photos that must stay unregistered (realistic world)
 
     def to_json(self) -> dict:
         """JSON-serialisable dict (paths relative to ``root``)."""
@@ -237,6 +238,35 @@ def cast(view: View, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
     return cast_rays(view.centre, _rays(view), view.r_c2w[:, 2], boxes)
 
 
+def inverse_directions(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``1 / d`` per axis as three contiguous columns (components below 1e-12 taken as 1e-12)."""
+    dd = np.where(np.abs(d) < 1e-12, 1e-12, d)
+    return tuple(np.ascontiguousarray(1.0 / dd[:, k]) for k in range(3))
+
+
+def slab(o: np.ndarray, inv: tuple, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Ray / axis-aligned box slab test, column by column (a reduction over a 3-wide axis is
+    several times slower): ``(t_near, t_far, (t_min per axis))`` for rays from ``o`` (one
+    point, or (N, 3) points) with inverse directions ``inv`` (:func:`inverse_directions`)."""
+    o = np.asarray(o, float)
+    tmin, tmax = [], []
+    for k in range(3):
+        ok_ = o[..., k]
+        t1 = (lo[k] - ok_) * inv[k]
+        t2 = (hi[k] - ok_) * inv[k]
+        tmin.append(np.minimum(t1, t2))
+        tmax.append(np.maximum(t1, t2))
+    return (np.maximum(np.maximum(tmin[0], tmin[1]), tmin[2]), np.minimum(np.minimum(tmax[0], tmax[1]), tmax[2]),
+            tuple(tmin))
+
+
+def entry_axis(tmin: tuple, tnear: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """Axis (0, 1, 2) of the face a ray enters a box through (the first axis whose t_min is
+    t_near, as ``argmax`` picks), for the rays ``sel``."""
+    tn = tnear[sel]
+    return np.where(tmin[0][sel] == tn, 0, np.where(tmin[1][sel] == tn, 1, 2))
+
+
 def cast_rays(o: np.ndarray, d: np.ndarray, axis_z: np.ndarray, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
     """:func:`cast` for rays ``o + t d`` (``d``: (N, 3), scaled so that their component along the
     camera axis ``axis_z`` is 1; ``t`` is then the depth along that axis)."""
@@ -249,24 +279,19 @@ def cast_rays(o: np.ndarray, d: np.ndarray, axis_z: np.ndarray, boxes: list[Box]
         ok = (d[:, 2] < 0) & (tg > 0)
         t_best[ok] = tg[ok]
         fid[ok] = -1
-    dd = np.where(np.abs(d) < 1e-12, 1e-12, d)
-    inv = 1.0 / dd
+    inv = inverse_directions(d)
     for bi, b in enumerate(boxes):
         # cheap culling: all corners behind the camera
         corners = np.array([[x, y, z] for x in (b.lo[0], b.hi[0]) for y in (b.lo[1], b.hi[1]) for z in (b.lo[2], b.hi[2])])
         zc = (corners - o) @ axis_z
         if np.all(zc <= 0):
             continue
-        t1 = (b.lo - o) * inv
-        t2 = (b.hi - o) * inv
-        tmin = np.minimum(t1, t2)
-        tnear = tmin.max(axis=1)
-        tfar = np.maximum(t1, t2).min(axis=1)
+        tnear, tfar, tmin = slab(o, inv, b.lo, b.hi)
         hit = (tnear <= tfar) & (tnear > 1e-9) & (tnear < t_best)
         if not hit.any():
             continue
-        axis = tmin[hit].argmax(axis=1)
-        positive = d[hit, axis] < 0  # ray going -axis enters through the +axis face
+        axis = entry_axis(tmin, tnear, hit)
+        positive = np.choose(axis, [d[hit, 0], d[hit, 1], d[hit, 2]]) < 0  # ray going -axis enters through the +axis face
         t_best[hit] = tnear[hit]
         fid[hit] = 6 * bi + 2 * axis + positive.astype(np.int64)
     depth = np.where(fid == -2, 0.0, t_best)
@@ -538,15 +563,20 @@ def _write_model(out_dir: Path, cams: list[tuple[int, str, int, int, list[float]
 
 
 #: Bounds of the world's settings (``world_options``): ``field: (low, high, unit)``. The renderer
-#: keeps every view in memory: (n_aerial + n_ground) x width x height is at most
-#: :data:`WORLD_MAX_PIXELS` (10x the default world's 64 x 640 x 480 = 19.7 million pixels; about
-#: 4 GB of colour and depth), so a typo cannot drive the flow into the OOM killer.
+#: streams views to disk (a few in memory at a time), so the bound on the world's pixels
+#: (frames x width x height + photos x their size; a realistic world's photos counted at their
+#: largest size) is one of disk and time: :data:`WORLD_MAX_PIXELS` = 2 billion pixels is about
+#: 10 GB of depth maps and images and a few CPU hours, above a paper-sized scene (1000 frames
+#: of 1280x720 and 500 photos of 1600x1200 are 1.9 billion), so a typo cannot fill the disk.
 WORLD_RANGES: dict[str, tuple[float, float, str]] = {
     "seed": (0, 2**32 - 1, ""), "lat0": (-85.0, 85.0, "degrees"), "lon0": (-180.0, 180.0, "degrees"),
     "alt0": (-500.0, 9000.0, "m"), "n_aerial": (2, 1000, "frames"), "n_ground": (1, 500, "photos"),
 }
 WORLD_SIZE_RANGE = (16, 3840)  # px, each of width and height (Earth Studio's 4K at most)
-WORLD_MAX_PIXELS = 200_000_000
+WORLD_MAX_PIXELS = 2_000_000_000
+#: Named worlds: ``easy`` (the CI default: one model, photos like the frames) and ``realistic``
+#: (:mod:`tasks.aerial.synthetic_realistic`: degraded aerial model, real-photo effects, distractors).
+WORLDS = ("easy", "realistic")
 
 
 def check_world_options(options: dict, where: str = "world_options") -> dict:
@@ -578,11 +608,26 @@ def check_world_options(options: dict, where: str = "world_options") -> dict:
     if not isinstance(size, (list, tuple)) or len(size) != 2:
         raise ValueError(f"{name('size')} is {size!r}: must be [width, height] in pixels")
     w, h = (checks.whole(v, name("size"), lo=WORLD_SIZE_RANGE[0], hi=WORLD_SIZE_RANGE[1], unit="px") for v in size)
-    views = int(options.get("n_aerial", params["n_aerial"].default)) + int(options.get("n_ground",
-                                                                                       params["n_ground"].default))
-    if views * w * h > WORLD_MAX_PIXELS:
-        raise ValueError(f"{at}{views} views of {w}x{h} px are {views * w * h:,} pixels, more than the "
-                         f"{WORLD_MAX_PIXELS:,} the renderer may hold; lower n_aerial, n_ground or size")
+    world = options.get("world", params["world"].default)
+    if world not in WORLDS:
+        raise ValueError(f"{name('world')} is {world!r}: must be one of {', '.join(WORLDS)}")
+    n_aerial = int(options.get("n_aerial", params["n_aerial"].default))
+    n_ground = int(options.get("n_ground", params["n_ground"].default))
+    if options.get("distractors") is not None:
+        if world != "realistic":
+            raise ValueError(f"{name('distractors')}: only the realistic world has distractors; "
+                             f"set {name('world')} to realistic or drop it")
+        checks.number(options["distractors"], name("distractors"), lo=0, hi=n_ground - 1, unit="photos", integer=True)
+    photo_px = w * h
+    if world == "realistic":
+        from tasks.aerial.synthetic_realistic import PHOTO_MAX_PIXELS
+
+        photo_px = PHOTO_MAX_PIXELS
+    pixels = n_aerial * w * h + n_ground * photo_px
+    if pixels > WORLD_MAX_PIXELS:
+        raise ValueError(f"{at}{n_aerial} frames of {w}x{h} px and {n_ground} photos of up to {photo_px:,} px are "
+                         f"{pixels:,} pixels, more than the {WORLD_MAX_PIXELS:,} the renderer may hold; "
+                         f"lower n_aerial, n_ground or size")
     traj = options.get("trajectory_options") or {}
     if not isinstance(traj, dict):
         raise ValueError(f"{name('trajectory_options')} must be a mapping of trajectory settings")
@@ -598,9 +643,12 @@ def check_world_options(options: dict, where: str = "world_options") -> dict:
 def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float = 47.3769, lon0: float = 8.5417,
                    alt0: float = 408.0, n_aerial: int = 48, n_ground: int = 16,
                    size: tuple[int, int] = (640, 480), trajectory_options: dict | None = None,
-                   progress=None) -> WorldInfo:
+                   world: str = "easy", distractors: int | None = None, progress=None) -> WorldInfo:
     """Generate the synthetic place under ``root`` (see module docstring); returns its :class:`WorldInfo`.
-    ``progress(done, total)``: called after each of the ``n_aerial + n_ground`` renders."""
+    ``world``: "easy" (this module) or "realistic" (:mod:`tasks.aerial.synthetic_realistic`, with
+    ``distractors`` of the ``n_ground`` photos distractors; default a quarter). ``size``: the
+    aerial frames' (and the easy world's photos'). ``progress(done, total)``: called after each
+    of the ``n_aerial + n_ground`` renders."""
     import cv2
 
     t_start = time.perf_counter()
@@ -608,7 +656,17 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
     params = dict(version=WORLD_VERSION, scene=scene, seed=seed, lat0=lat0, lon0=lon0, alt0=alt0, n_aerial=n_aerial, n_ground=n_ground,
-                  size=list(size), trajectory_options=dict(trajectory_options or {}))
+                  size=list(size), trajectory_options=dict(trajectory_options or {}), world=world, distractors=distractors)
+    if world not in WORLDS:
+        raise ValueError(f"world is {world!r}: must be one of {', '.join(WORLDS)}")
+    if world == "realistic":
+        # imported here: synthetic_realistic builds on this module (a top-level import would be circular)
+        from tasks.aerial.synthetic_realistic import generate_realistic
+
+        return generate_realistic(root, scene, seed, lat0, lon0, alt0, n_aerial, n_ground, size, trajectory_options,
+                                  distractors, params, progress)
+    if distractors:
+        raise ValueError("distractors: only the realistic world has distractors (world='realistic')")
     rng = np.random.default_rng(seed)
     boxes = _make_city(rng)
     rendered = [0]
@@ -772,8 +830,9 @@ def ensure_world(root: Path, progress=None, **kw) -> WorldInfo:
     info_path = root / INFO_NAME
     if SceneLayout(root, scene).camera_export.exists() and (root / MARKER).exists() and info_path.exists():
         info = WorldInfo.from_json(json.loads(info_path.read_text()), root)
-        wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
-        if info.params.get("version") == WORLD_VERSION and all(info.params.get(k) == v for k, v in wanted.items()):
+        wanted = {"world": "easy", "distractors": None, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}}
+        have = {"world": "easy", "distractors": None, **info.params}  # worlds made before worlds had names: easy
+        if info.params.get("version") == WORLD_VERSION and all(have.get(k) == v for k, v in wanted.items()):
             return info
     return generate_world(root, progress=progress, **kw)
 
