@@ -146,14 +146,14 @@ def test_the_report_lists_registered_and_rejected_photos():
     from tasks.common.report import RunReport
 
     res = StageResult(output=None, counts={"photos registered": 1, "mapper seconds": 3.0},
-                      problems={"x.jpg": "rejected after registration: 3 2D-3D inliers < 30"},
+                      problems={"x.jpg": "rejected after registration: 3 2D-3D inliers < 20"},
                       details={"a.jpg": {"status": "registered", "inliers": 812, "inlier ratio": 0.91},
                                "x.jpg": {"status": "rejected", "inliers": 3, "inlier ratio": 0.1,
-                                         "reason": "3 2D-3D inliers < 30"}})
+                                         "reason": "3 2D-3D inliers < 20"}})
     report = RunReport("t")
     record_localization(report, res)
     assert report.extra["registration"] == {"registered": {"a.jpg": {"inliers": 812, "inlier ratio": 0.91}},
-                                            "rejected": {"x.jpg": "3 2D-3D inliers < 30"}}
+                                            "rejected": {"x.jpg": "3 2D-3D inliers < 20"}}
     assert report.problems == [{"item": "x.jpg", "stage": "localization",
-                                "reason": "rejected after registration: 3 2D-3D inliers < 30"}]
+                                "reason": "rejected after registration: 3 2D-3D inliers < 20"}]
     assert "mapper seconds" not in report.counts

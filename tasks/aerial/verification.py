@@ -33,8 +33,9 @@ class AcceptConfig:
     """Thresholds that a registered photo must meet to be kept (the rest are rejected and reported)."""
 
     accept_min_inliers: int = setting(
-        30, "Fewest 2D-3D correspondences a registered photo needs that agree with its pose; a photo with "
-            "fewer is rejected (a lucky pose from few matches is the usual false registration).")
+        20, "Fewest 2D-3D correspondences a registered photo needs that agree with its pose (the mapper "
+            "registers from 15); a photo with fewer is rejected (a lucky pose from few matches is the usual "
+            "false registration).")
     accept_min_inlier_ratio: float = setting(
         0.25, "Smallest share of a photo's 2D-3D candidate correspondences (its verified matches to points "
               "of the model) that must agree with its pose; repeated facades and foreign places give "
