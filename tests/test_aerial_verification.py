@@ -157,3 +157,23 @@ def test_the_report_lists_registered_and_rejected_photos():
     assert report.problems == [{"item": "x.jpg", "stage": "localization",
                                 "reason": "rejected after registration: 3 2D-3D inliers < 20"}]
     assert "mapper seconds" not in report.counts
+
+
+def test_a_photo_turned_round_disagrees_with_its_megadepth_pose():
+    """The realistic world's false registrations were true photos turned by 150-180 deg (a symmetric
+    facade) with plenty of inliers; their MegaDepth orientation, turned onto the model the way the
+    other photos agree on, gives them away. Fewer than 3 agreeing photos: no verdict."""
+    from scipy.spatial.transform import Rotation
+
+    from tasks.aerial.verification import orientation_outliers
+
+    rng = np.random.default_rng(0)
+    align = Rotation.random(random_state=1).as_matrix()  # MegaDepth's frame -> the model's
+    prior = {f"p{i}.jpg": Rotation.random(random_state=10 + i).as_matrix() for i in range(6)}
+    model = {n: align @ r @ Rotation.from_rotvec(rng.normal(0, 0.002, 3)).as_matrix() for n, r in prior.items()}
+    assert orientation_outliers(model, prior, 5.0) == {}
+    model["p3.jpg"] = Rotation.from_euler("z", 170, degrees=True).as_matrix() @ model["p3.jpg"]
+    out = orientation_outliers(model, prior, 5.0)
+    assert list(out) == ["p3.jpg"] and 165 < out["p3.jpg"] < 175
+    two = {n: model[n] for n in ["p0.jpg", "p3.jpg"]}
+    assert orientation_outliers(two, prior, 5.0) == {}

@@ -237,7 +237,8 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
 
 
 def queries_of(info: dict[str, Any]) -> list[Query]:
-    return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"])) for n, q in sorted(info["queries"].items())]
+    return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"]), np.asarray(q["cam2world"]))
+            for n, q in sorted(info["queries"].items())]
 
 
 # ----------------------------------------------------------------------------- stage: features

@@ -250,6 +250,7 @@ class Query:
     width: int
     height: int
     K: np.ndarray  # 3x3
+    cam2world: np.ndarray | None = None  # 4x4, its MegaDepth pose (verification compares orientations)
 
 
 def query_camera(q: Query, camera_id: int) -> pycolmap.Camera:
@@ -273,6 +274,8 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     fp = fingerprint({"sfm": asdict(config), "queries": [[q.name, q.width, q.height, np.asarray(q.K).tolist()]
+                                                         + ([np.asarray(q.cam2world).tolist()]
+                                                            if q.cam2world is not None else [])
                                                          for q in queries]},
                      Path(reference) / ".complete", feature_path, match_path, pairs_path)
     if not overwrite and model_complete(out_dir, fp):
@@ -355,7 +358,8 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
         _check_reference_fixed(ref, rec)
         # every registered photo is verified; those that fail are deregistered before the model is written
         t_accept = time.perf_counter()
-        verdict = verify_registrations(rec, ref, db_path, q_names, config.abs_pose_max_error, config)
+        priors = {q.name: np.asarray(q.cam2world) for q in queries if q.cam2world is not None}
+        verdict = verify_registrations(rec, ref, db_path, q_names, config.abs_pose_max_error, config, priors=priors)
         t_accept = time.perf_counter() - t_accept
         rec.write(str(tmp))
         write_json_atomic(tmp / VERIFICATION_FILE, verdict, indent=1)

@@ -8,7 +8,10 @@ training data and is worse than a photo left out, so every registered photo must
 * the plausibility of its pose against the aerial scene (the triangulated reference): its
   centre inside the horizontal extent of the reference points (with a margin), above the
   ground (a low percentile of the reference points' height) and well below the aerial
-  frames, and the points it observes in front of it, within the scene.
+  frames, and the points it observes in front of it, within the scene;
+* its orientation against its own MegaDepth pose: the MegaDepth model turned onto the aerial
+  frame the way most photos agree on must give the photo the orientation it was registered
+  with (a repeated or symmetric facade registers a photo turned round, with plenty of inliers).
 
 Photos that fail are deregistered (their observations removed) and the checks repeat, since
 a rejected photo may have carried points other photos were registered on. Plain functions of
@@ -51,6 +54,11 @@ class AcceptConfig:
     accept_max_height_share: float = setting(
         0.5, "Highest camera height above the ground of a registered photo, as a share of the aerial "
              "frames' median height: ground photos are taken near the ground.")
+    accept_max_orientation_disagreement_deg: float = setting(
+        5.0, "Largest rotation (degrees) between a photo's registered orientation and the one its own "
+             "MegaDepth pose gives, once the MegaDepth model is turned onto the aerial frame the way most "
+             "photos agree on (needs 3 photos that agree); a repeated or symmetric facade registers a photo "
+             "turned round, which this catches.")
     accept_min_front_share: float = setting(
         0.95, "Smallest share of the 3D points a photo observes that must lie in front of it and within "
               "the scene (twice its diagonal): a photo must look at the reconstructed surface.")
@@ -168,12 +176,38 @@ def check_photo(rec: pycolmap.Reconstruction, db: pycolmap.Database, image, fram
     return out
 
 
+def rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """The angle (degrees) of the rotation between two 3x3 rotation matrices."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(a @ b.T) - 1) / 2, -1.0, 1.0))))
+
+
+def orientation_outliers(world_from_cam: dict[str, np.ndarray], prior_cam2world: dict[str, np.ndarray],
+                         max_deg: float, min_agree: int = 3) -> dict[str, float]:
+    """``{photo: disagreement in degrees}`` of the photos whose registered orientation disagrees with
+    their prior (MegaDepth) orientation by more than ``max_deg`` once the prior's frame is turned onto
+    the model's by the alignment most photos agree on. Each photo gives one alignment
+    (``R_model @ R_prior^T``); the one that the most others agree with (within ``max_deg``) wins,
+    and only when at least ``min_agree`` photos and more than half of them agree: otherwise no
+    verdict (empty)."""
+    names = sorted(n for n in world_from_cam if n in prior_cam2world)
+    if len(names) < min_agree:
+        return {}
+    align = {n: world_from_cam[n] @ prior_cam2world[n].T for n in names}
+    support = {a: [b for b in names if rotation_deg(align[a], align[b]) <= max_deg] for a in names}
+    best = max(names, key=lambda n: (len(support[n]), n))
+    if len(support[best]) < min_agree or 2 * len(support[best]) <= len(names):
+        return {}
+    return {n: d for n in names if (d := rotation_deg(align[n], align[best])) > max_deg}
+
+
 def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Reconstruction, db_path: Path,
                          queries: list[str], max_error: float, cfg: AcceptConfig,
+                         priors: dict[str, np.ndarray] | None = None,
                          max_rounds: int = 5) -> dict[str, dict[str, Any]]:
     """Check every registered photo of ``queries`` in ``rec``; deregister (in place) those that
-    fail and check the rest again, until none fails. Returns per photo its figures, and
-    ``status`` "registered" or "rejected" (with ``reason``)."""
+    fail and check the rest again, until none fails. ``priors``: each photo's own cam2world
+    (MegaDepth's; rotation used, see :func:`orientation_outliers`). Returns per photo its
+    figures, and ``status`` "registered" or "rejected" (with ``reason``)."""
     frame = scene_frame(reference)
     by_name = {im.name: im for im in rec.images.values()}
     result: dict[str, dict[str, Any]] = {}
@@ -190,6 +224,19 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                 result[name] = {"status": "rejected" if "reason" in figures else "registered", **figures}
                 if "reason" in figures:
                     failed.append(im)
+            if priors:
+                current = {n: geometry.cam_from_world(by_name[n])[:, :3].T for n in queries
+                           if n in by_name and by_name[n].image_id in registered}
+                turned = orientation_outliers(current, {n: np.asarray(c)[:3, :3] for n, c in priors.items()},
+                                              cfg.accept_max_orientation_disagreement_deg)
+                for name, deg in turned.items():
+                    why = (f"orientation {deg:.0f} deg away from its MegaDepth pose, where the other photos agree "
+                           f"(> {cfg.accept_max_orientation_disagreement_deg})")
+                    v = result[name]
+                    v["reason"] = f"{v['reason']}; {why}" if "reason" in v else why
+                    if v["status"] != "rejected":
+                        v["status"] = "rejected"
+                        failed.append(by_name[name])
             if not failed:
                 break
             for im in failed:
@@ -199,4 +246,5 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
     return result
 
 
-__all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "verify_registrations"]
+__all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "orientation_outliers",
+           "rotation_deg", "verify_registrations"]
