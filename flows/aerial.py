@@ -38,7 +38,7 @@ from tasks.aerial import plan as planning
 from tasks.aerial.config import CONFIGS, AerialConfig, export_root, export_settings, pipeline_settings, trajectory_settings
 from tasks.aerial.dense.backends import DenseBackend, Selection, resolve_dense_backend, select_backend
 from tasks.aerial.evaluate import summary_rows
-from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_megadepth
+from tasks.aerial.report import finish_scene, record_dense, record_ingest, record_localization, record_megadepth
 from tasks.aerial.synthetic_world import MARKER
 from tasks.aerial.tasks import (collect_task, covis_block_task, covis_plan_task, dense_fuse_task, dense_prepare_task,
                                 dense_step_task, evaluate_task, export_task, features_task, gpu_capabilities_task,
@@ -184,9 +184,7 @@ def scene_stages(run: SceneRun, s: str, report: RunReport, out: SceneOut) -> Non
         report.counts.update(reference_task.submit(sp, cfg).result().counts)
     with stage("localization"):
         res = localize_task.submit(sp, cfg, info).result()
-    report.counts.update({k: v for k, v in res.counts.items() if "seconds" not in k})
-    for name, why in res.problems.items():
-        report.problem(name, "localization", why)
+    record_localization(report, res)
 
     with stage("dense-prepare", "dense"):
         selection = select_dense_backend(cfg)  # the cluster as it is now
@@ -399,7 +397,8 @@ ALIASES = (
     Alias("--scene-list", "scene_list", "scene list (.npz as the original, JSON or YAML)"),
     Alias("--scenes", "scenes", "only these scene ids", kind="list"),
     Alias("--workers", "dask.n_workers", "local Dask workers", kind="int"),
-    Alias("--pipeline", "pipeline", "sift+mnn (default, CPU) or superpoint+superglue (hloc)"),
+    Alias("--pipeline", "pipeline", "sift+mnn (default, CPU), aliked+lightglue (learned, offline; the learned extra) "
+          "or superpoint+superglue (hloc)"),
     Alias("--dense-backend", "pipeline_options.dense.backend", "auto (GPU PatchMatch when a Dask worker declares GPU), cpu, gpu"),
     Alias("--synthetic", "synthetic", "build the synthetic world into ROOT when it has no data (the default run "
                                       "builds it only in output/aerial)", kind="const", const=True),

@@ -99,6 +99,7 @@ def test_demo_registration_accuracy(demo):
     poses = demo["accuracy"]["poses"]
     assert poses["photos attempted"] == 16
     assert poses["photos registered"] == 16, demo["localization"].problems
+    assert poses["false registrations"] == 0, poses["false registration photos"]
     figures = registration_figures(poses, demo["localization"].counts)
     assert registration_failures(figures) == [], figures
 

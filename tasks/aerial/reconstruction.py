@@ -25,6 +25,7 @@ COLMAP's at its corner, hence the +0.5 on import (as hloc).
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -39,7 +40,8 @@ import pycolmap
 
 from tasks.aerial import geometry
 from tasks.aerial import io as hloc_io
-from tasks.common.atomic import atomic_dir, remove_partials
+from tasks.aerial.verification import AcceptConfig, verify_registrations
+from tasks.common.atomic import atomic_dir, remove_partials, write_json_atomic
 from tasks.common.fingerprint import fingerprint
 from tasks.common.forms import setting
 
@@ -47,8 +49,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class SfMConfig:
-    """Settings of the reference triangulation and the query localization."""
+class SfMConfig(AcceptConfig):
+    """Settings of the reference triangulation and the query localization (with the
+    verification thresholds of the localized photos, :class:`AcceptConfig`)."""
 
     ref_max_epipolar_error: float = setting(
         4.0, "a match between two reference frames is kept when each point lies within this many pixels of "
@@ -75,6 +78,12 @@ class StageResult:
     seconds: float = 0.0
     skipped: bool = False
     problems: dict[str, str] = field(default_factory=dict)
+    #: per item figures (the localization: each photo's verification, ``VERIFICATION_FILE``)
+    details: dict[str, dict] = field(default_factory=dict)
+
+
+#: The localization's verdict on each photo it registered (figures, status, reason), in its model folder.
+VERIFICATION_FILE = "verification.json"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -246,6 +255,7 @@ class Query:
     width: int
     height: int
     K: np.ndarray  # 3x3
+    cam2world: np.ndarray | None = None  # 4x4, its MegaDepth pose (verification compares orientations)
 
 
 def query_camera(q: Query, camera_id: int) -> pycolmap.Camera:
@@ -269,11 +279,15 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     fp = fingerprint({"sfm": asdict(config), "queries": [[q.name, q.width, q.height, np.asarray(q.K).tolist()]
+                                                         + ([np.asarray(q.cam2world).tolist()]
+                                                            if q.cam2world is not None else [])
                                                          for q in queries]},
                      Path(reference) / ".complete", feature_path, match_path, pairs_path)
     if not overwrite and model_complete(out_dir, fp):
         rec = pycolmap.Reconstruction(str(out_dir))
-        return StageResult(out_dir, _localization_counts(rec, queries), skipped=True)
+        verdict = _read_verification(out_dir)
+        return StageResult(out_dir, _localization_counts(rec, queries, verdict), skipped=True,
+                           problems=_verification_problems(verdict), details=verdict)
     ref = pycolmap.Reconstruction(str(reference))
     with _model_dir(out_dir, fp) as tmp:
         db_path = tmp / "database.db"
@@ -314,6 +328,7 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
             db.close()
         if not q_names:  # nothing to register: the merged model is the reference
             ref.write(str(tmp))
+            write_json_atomic(tmp / VERIFICATION_FILE, {}, indent=1)
             return StageResult(out_dir, _localization_counts(ref, queries), seconds=time.perf_counter() - t0,
                                problems=problems)
         pairs_tmp = tmp / "pairs-verify.txt"
@@ -344,23 +359,43 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
         if not models:
             raise RuntimeError(f"{out_dir}: the mapper returned no model (reference {reference})")
         rec = max(models.values(), key=lambda r: r.num_reg_images())
-        rec.write(str(tmp))
         shutil.rmtree(work)
         _check_reference_fixed(ref, rec)
+        # every registered photo is verified; those that fail are deregistered before the model is written
+        t_accept = time.perf_counter()
+        priors = {q.name: np.asarray(q.cam2world) for q in queries if q.cam2world is not None}
+        verdict = verify_registrations(rec, ref, db_path, q_names, config.abs_pose_max_error, config, priors=priors)
+        t_accept = time.perf_counter() - t_accept
+        rec.write(str(tmp))
+        write_json_atomic(tmp / VERIFICATION_FILE, verdict, indent=1)
         registered = {im.name for im in rec.images.values() if im.has_pose}
         for name in q_names:
-            if name not in registered:
+            if name not in registered and name not in verdict:
                 problems[name] = "not registered (too few verified matches to the reference or to registered photos)"
-    counts = _localization_counts(rec, queries)
-    counts.update({"verification seconds": t_verify, "mapper seconds": t_map, "query pairs": len(valid_pairs)})
-    return StageResult(out_dir, counts, seconds=time.perf_counter() - t0, problems=problems)
+        problems.update(_verification_problems(verdict))
+    counts = _localization_counts(rec, queries, verdict)
+    counts.update({"verification seconds": t_verify, "mapper seconds": t_map, "acceptance seconds": t_accept,
+                   "query pairs": len(valid_pairs)})
+    return StageResult(out_dir, counts, seconds=time.perf_counter() - t0, problems=problems, details=verdict)
 
 
-def _localization_counts(rec: pycolmap.Reconstruction, queries: list[Query]) -> dict[str, float]:
+def _read_verification(model_dir: Path) -> dict[str, dict]:
+    path = Path(model_dir) / VERIFICATION_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _verification_problems(verdict: dict[str, dict]) -> dict[str, str]:
+    return {name: f"rejected after registration: {v['reason']}" for name, v in verdict.items()
+            if v.get("status") == "rejected"}
+
+
+def _localization_counts(rec: pycolmap.Reconstruction, queries: list[Query],
+                         verdict: dict[str, dict] | None = None) -> dict[str, float]:
     names = {q.name for q in queries}
     reg = [im for im in rec.images.values() if im.has_pose and im.name in names]
     errors = [p.error for p in rec.points3D.values()]
     return {"photos attempted": len(names), "photos registered": len(reg),
+            "photos rejected": sum(v.get("status") == "rejected" for v in (verdict or {}).values()),
             "points": rec.num_points3D(),
             "mean reprojection error px": float(np.mean(errors)) if errors else float("nan")}
 
@@ -375,5 +410,5 @@ def _check_reference_fixed(ref: pycolmap.Reconstruction, rec: pycolmap.Reconstru
             raise RuntimeError(f"reference frame {im.name} moved in the localization (frames must stay fixed)")
 
 
-__all__ = ["SfMConfig", "StageResult", "Query", "triangulate_reference", "localize_queries", "model_complete",
+__all__ = ["SfMConfig", "AcceptConfig", "VERIFICATION_FILE", "StageResult", "Query", "triangulate_reference", "localize_queries", "model_complete",
            "import_keypoints", "import_matches", "write_database_from_model", "query_camera", "fingerprint"]

@@ -44,6 +44,28 @@ def record_megadepth(report: RunReport, results: list) -> None:
             report.problem(r.name, "megadepth", r.reason)
 
 
+def record_localization(report: RunReport, res) -> None:
+    """Counts of the localization (``tasks.aerial.reconstruction.StageResult``), each photo it could
+    not register or rejected after registration as a problem with the reason, and the
+    registration listing (``report.json``'s ``registration``): each registered photo with its
+    inlier count and inlier ratio, each rejected one with its reason."""
+    report.counts.update({k: v for k, v in res.counts.items() if "seconds" not in k})
+    for name, why in res.problems.items():
+        report.problem(name, "localization", why)
+    listing = report.extra.setdefault("registration", {"registered": {}, "rejected": {}})
+    for name, v in sorted(res.details.items()):
+        if v.get("status") == "registered":
+            listing["registered"][name] = {"inliers": v["inliers"], "inlier ratio": round(v["inlier ratio"], 3)}
+        else:
+            listing["rejected"][name] = v.get("reason", "rejected")
+    if res.details:
+        inliers = sorted(v["inliers"] for v in listing["registered"].values())
+        report.notes.append(
+            f"localization: {len(listing['registered'])} photo(s) registered and verified"
+            + (f" (inliers: fewest {inliers[0]}, median {inliers[len(inliers) // 2]})" if inliers else "")
+            + f", {len(listing['rejected'])} rejected after registration (report.json: registration)")
+
+
 def record_dense(report: RunReport, results: list[dict[str, Any]]) -> set[str]:
     """Per-image failures and the depth-map count of a scene's dense tasks; the workers they ran on."""
     for r in results:

@@ -115,6 +115,7 @@ class WorldInfo:
     render_seconds: float
     total_seconds: float
     params: dict = field(default_factory=dict)
+    distractors: list[str] = field(default_factory=list)  # photos that must stay unregistered (realistic world)
 
     def to_json(self) -> dict:
         """JSON-serialisable dict (paths relative to ``root``)."""
@@ -234,8 +235,41 @@ def cast(view: View, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
     Face ids: -2 sky, -1 ground, ``6 * box + k`` with k in (-x, +x, -y, +y, -z, +z).
     Depth is the ray parameter of the camera-z-normalised direction, i.e. the
     distance along the camera z axis."""
-    d = _rays(view)
-    o = view.centre
+    return cast_rays(view.centre, _rays(view), view.r_c2w[:, 2], boxes)
+
+
+def inverse_directions(d: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``1 / d`` per axis as three contiguous columns (components below 1e-12 taken as 1e-12)."""
+    dd = np.where(np.abs(d) < 1e-12, 1e-12, d)
+    return tuple(np.ascontiguousarray(1.0 / dd[:, k]) for k in range(3))
+
+
+def slab(o: np.ndarray, inv: tuple, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple]:
+    """Ray / axis-aligned box slab test, column by column (a reduction over a 3-wide axis is
+    several times slower): ``(t_near, t_far, (t_min per axis))`` for rays from ``o`` (one
+    point, or (N, 3) points) with inverse directions ``inv`` (:func:`inverse_directions`)."""
+    o = np.asarray(o, float)
+    tmin, tmax = [], []
+    for k in range(3):
+        ok_ = o[..., k]
+        t1 = (lo[k] - ok_) * inv[k]
+        t2 = (hi[k] - ok_) * inv[k]
+        tmin.append(np.minimum(t1, t2))
+        tmax.append(np.maximum(t1, t2))
+    return (np.maximum(np.maximum(tmin[0], tmin[1]), tmin[2]), np.minimum(np.minimum(tmax[0], tmax[1]), tmax[2]),
+            tuple(tmin))
+
+
+def entry_axis(tmin: tuple, tnear: np.ndarray, sel: np.ndarray) -> np.ndarray:
+    """Axis (0, 1, 2) of the face a ray enters a box through (the first axis whose t_min is
+    t_near, as ``argmax`` picks), for the rays ``sel``."""
+    tn = tnear[sel]
+    return np.where(tmin[0][sel] == tn, 0, np.where(tmin[1][sel] == tn, 1, 2))
+
+
+def cast_rays(o: np.ndarray, d: np.ndarray, axis_z: np.ndarray, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`cast` for rays ``o + t d`` (``d``: (N, 3), scaled so that their component along the
+    camera axis ``axis_z`` is 1; ``t`` is then the depth along that axis)."""
     n = d.shape[0]
     t_best = np.full(n, np.inf)
     fid = np.full(n, -2, dtype=np.int64)
@@ -245,24 +279,19 @@ def cast(view: View, boxes: list[Box]) -> tuple[np.ndarray, np.ndarray]:
         ok = (d[:, 2] < 0) & (tg > 0)
         t_best[ok] = tg[ok]
         fid[ok] = -1
-    dd = np.where(np.abs(d) < 1e-12, 1e-12, d)
-    inv = 1.0 / dd
+    inv = inverse_directions(d)
     for bi, b in enumerate(boxes):
         # cheap culling: all corners behind the camera
         corners = np.array([[x, y, z] for x in (b.lo[0], b.hi[0]) for y in (b.lo[1], b.hi[1]) for z in (b.lo[2], b.hi[2])])
-        zc = (corners - o) @ view.r_c2w[:, 2]
+        zc = (corners - o) @ axis_z
         if np.all(zc <= 0):
             continue
-        t1 = (b.lo - o) * inv
-        t2 = (b.hi - o) * inv
-        tmin = np.minimum(t1, t2)
-        tnear = tmin.max(axis=1)
-        tfar = np.maximum(t1, t2).min(axis=1)
+        tnear, tfar, tmin = slab(o, inv, b.lo, b.hi)
         hit = (tnear <= tfar) & (tnear > 1e-9) & (tnear < t_best)
         if not hit.any():
             continue
-        axis = tmin[hit].argmax(axis=1)
-        positive = d[hit, axis] < 0  # ray going -axis enters through the +axis face
+        axis = entry_axis(tmin, tnear, hit)
+        positive = np.choose(axis, [d[hit, 0], d[hit, 1], d[hit, 2]]) < 0  # ray going -axis enters through the +axis face
         t_best[hit] = tnear[hit]
         fid[hit] = 6 * bi + 2 * axis + positive.astype(np.int64)
     depth = np.where(fid == -2, 0.0, t_best)
@@ -394,27 +423,38 @@ def render(view: View, boxes: list[Box], sun: np.ndarray, seed: int, sky_tint=(1
     return col.reshape(view.height, view.width, 3), depth.reshape(view.height, view.width)
 
 
-def _render_many(jobs: list[tuple[View, np.ndarray, tuple]], boxes: list[Box], seed: int,
-                 workers: int | None = None, on_each=None) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Render (view, sun, sky_tint) jobs in order, on up to 2 threads (numpy releases the GIL);
-    ``on_each()`` is called in the calling thread after each render (progress)."""
+def render_stream(fn, items, workers: int | None = None, on_each=None):
+    """``fn(item)`` for each of ``items``, yielded in order as they finish, on up to 2 threads (numpy
+    and OpenCV release the GIL), with at most two renders per thread in flight or waiting: the
+    caller writes each one out and drops it, so memory holds a few views, not the world.
+    ``on_each()`` is called in the calling thread before each result is yielded (progress)."""
+    from collections import deque
     from concurrent.futures import ThreadPoolExecutor
 
     workers = workers or max(1, min(2, os.cpu_count() or 1))
-    out = []
-    if workers == 1 or len(jobs) < 2:
-        results = (render(v, boxes, sun, seed, tint) for v, sun, tint in jobs)
-        for r in results:
-            out.append(r)
+    items = list(items)
+    if workers == 1 or len(items) < 2:
+        for item in items:
+            r = fn(item)
             if on_each is not None:
                 on_each()
-        return out
+            yield r
+        return
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for r in pool.map(lambda j: render(j[0], boxes, j[1], seed, j[2]), jobs):
-            out.append(r)
+        pending: deque = deque()
+        it = iter(items)
+        for item in it:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= 2 * workers:
+                break
+        while pending:
+            r = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt))
             if on_each is not None:
                 on_each()
-    return out
+            yield r
 
 
 # ----------------------------------------------------------------------------- poses
@@ -462,6 +502,33 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
+def _tracks(views: list[View], depth_paths: list[Path], points: list[np.ndarray],
+            ) -> tuple[list[list[tuple[float, float, int]]], list[list[tuple[int, int]]]]:
+    """Where each world point is seen: per view its observations ``[(x, y, 0)]`` and per point its
+    track ``[(image id = view index + 1, observation index)]``, both in view then point order. A
+    point is seen where it projects into the view and its depth there (read from ``depth_paths``,
+    one view at a time) is the point's within 1 % + 5 cm."""
+    from tasks.aerial.dense.io import read_depth_h5
+
+    pts2d: list[list[tuple[float, float, int]]] = [[] for _ in views]
+    tracks: list[list[tuple[int, int]]] = [[] for _ in points]
+    for i2, (v2, path) in enumerate(zip(views, depth_paths)):
+        d2 = read_depth_h5(path)
+        for k, x_w in enumerate(points):
+            xc = v2.r_c2w.T @ (x_w - v2.centre)
+            if xc[2] <= 0.1:
+                continue
+            u2 = v2.f * xc[0] / xc[2] + v2.cx
+            y2 = v2.f * xc[1] / xc[2] + v2.cy
+            if not (0 <= u2 < v2.width and 0 <= y2 < v2.height):
+                continue
+            if abs(d2[int(y2), int(u2)] - xc[2]) > 0.01 * xc[2] + 0.05:
+                continue
+            tracks[k].append((i2 + 1, len(pts2d[i2])))
+            pts2d[i2].append((float(u2), float(y2), 0))
+    return pts2d, tracks
+
+
 # ----------------------------------------------------------------------------- writers
 
 
@@ -496,15 +563,20 @@ def _write_model(out_dir: Path, cams: list[tuple[int, str, int, int, list[float]
 
 
 #: Bounds of the world's settings (``world_options``): ``field: (low, high, unit)``. The renderer
-#: keeps every view in memory: (n_aerial + n_ground) x width x height is at most
-#: :data:`WORLD_MAX_PIXELS` (10x the default world's 64 x 640 x 480 = 19.7 million pixels; about
-#: 4 GB of colour and depth), so a typo cannot drive the flow into the OOM killer.
+#: streams views to disk (a few in memory at a time), so the bound on the world's pixels
+#: (frames x width x height + photos x their size; a realistic world's photos counted at their
+#: largest size) is one of disk and time: :data:`WORLD_MAX_PIXELS` = 2 billion pixels is about
+#: 10 GB of depth maps and images and a few CPU hours, above a paper-sized scene (1000 frames
+#: of 1280x720 and 500 photos of 1600x1200 are 1.9 billion), so a typo cannot fill the disk.
 WORLD_RANGES: dict[str, tuple[float, float, str]] = {
     "seed": (0, 2**32 - 1, ""), "lat0": (-85.0, 85.0, "degrees"), "lon0": (-180.0, 180.0, "degrees"),
     "alt0": (-500.0, 9000.0, "m"), "n_aerial": (2, 1000, "frames"), "n_ground": (1, 500, "photos"),
 }
 WORLD_SIZE_RANGE = (16, 3840)  # px, each of width and height (Earth Studio's 4K at most)
-WORLD_MAX_PIXELS = 200_000_000
+WORLD_MAX_PIXELS = 2_000_000_000
+#: Named worlds: ``easy`` (the CI default: one model, photos like the frames) and ``realistic``
+#: (:mod:`tasks.aerial.synthetic_realistic`: degraded aerial model, real-photo effects, distractors).
+WORLDS = ("easy", "realistic")
 
 
 def check_world_options(options: dict, where: str = "world_options") -> dict:
@@ -536,11 +608,26 @@ def check_world_options(options: dict, where: str = "world_options") -> dict:
     if not isinstance(size, (list, tuple)) or len(size) != 2:
         raise ValueError(f"{name('size')} is {size!r}: must be [width, height] in pixels")
     w, h = (checks.whole(v, name("size"), lo=WORLD_SIZE_RANGE[0], hi=WORLD_SIZE_RANGE[1], unit="px") for v in size)
-    views = int(options.get("n_aerial", params["n_aerial"].default)) + int(options.get("n_ground",
-                                                                                       params["n_ground"].default))
-    if views * w * h > WORLD_MAX_PIXELS:
-        raise ValueError(f"{at}{views} views of {w}x{h} px are {views * w * h:,} pixels, more than the "
-                         f"{WORLD_MAX_PIXELS:,} the renderer may hold; lower n_aerial, n_ground or size")
+    world = options.get("world", params["world"].default)
+    if world not in WORLDS:
+        raise ValueError(f"{name('world')} is {world!r}: must be one of {', '.join(WORLDS)}")
+    n_aerial = int(options.get("n_aerial", params["n_aerial"].default))
+    n_ground = int(options.get("n_ground", params["n_ground"].default))
+    if options.get("distractors") is not None:
+        if world != "realistic":
+            raise ValueError(f"{name('distractors')}: only the realistic world has distractors; "
+                             f"set {name('world')} to realistic or drop it")
+        checks.number(options["distractors"], name("distractors"), lo=0, hi=n_ground - 1, unit="photos", integer=True)
+    photo_px = w * h
+    if world == "realistic":
+        from tasks.aerial.synthetic_realistic import PHOTO_MAX_PIXELS
+
+        photo_px = PHOTO_MAX_PIXELS
+    pixels = n_aerial * w * h + n_ground * photo_px
+    if pixels > WORLD_MAX_PIXELS:
+        raise ValueError(f"{at}{n_aerial} frames of {w}x{h} px and {n_ground} photos of up to {photo_px:,} px are "
+                         f"{pixels:,} pixels, more than the {WORLD_MAX_PIXELS:,} the renderer may hold; "
+                         f"lower n_aerial, n_ground or size")
     traj = options.get("trajectory_options") or {}
     if not isinstance(traj, dict):
         raise ValueError(f"{name('trajectory_options')} must be a mapping of trajectory settings")
@@ -556,9 +643,12 @@ def check_world_options(options: dict, where: str = "world_options") -> dict:
 def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float = 47.3769, lon0: float = 8.5417,
                    alt0: float = 408.0, n_aerial: int = 48, n_ground: int = 16,
                    size: tuple[int, int] = (640, 480), trajectory_options: dict | None = None,
-                   progress=None) -> WorldInfo:
+                   world: str = "easy", distractors: int | None = None, progress=None) -> WorldInfo:
     """Generate the synthetic place under ``root`` (see module docstring); returns its :class:`WorldInfo`.
-    ``progress(done, total)``: called after each of the ``n_aerial + n_ground`` renders."""
+    ``world``: "easy" (this module) or "realistic" (:mod:`tasks.aerial.synthetic_realistic`, with
+    ``distractors`` of the ``n_ground`` photos distractors; default a quarter). ``size``: the
+    aerial frames' (and the easy world's photos'). ``progress(done, total)``: called after each
+    of the ``n_aerial + n_ground`` renders."""
     import cv2
 
     t_start = time.perf_counter()
@@ -566,7 +656,17 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     root.mkdir(parents=True, exist_ok=True)
     (root / MARKER).unlink(missing_ok=True)
     params = dict(version=WORLD_VERSION, scene=scene, seed=seed, lat0=lat0, lon0=lon0, alt0=alt0, n_aerial=n_aerial, n_ground=n_ground,
-                  size=list(size), trajectory_options=dict(trajectory_options or {}))
+                  size=list(size), trajectory_options=dict(trajectory_options or {}), world=world, distractors=distractors)
+    if world not in WORLDS:
+        raise ValueError(f"world is {world!r}: must be one of {', '.join(WORLDS)}")
+    if world == "realistic":
+        # imported here: synthetic_realistic builds on this module (a top-level import would be circular)
+        from tasks.aerial.synthetic_realistic import generate_realistic
+
+        return generate_realistic(root, scene, seed, lat0, lon0, alt0, n_aerial, n_ground, size, trajectory_options,
+                                  distractors, params, progress)
+    if distractors:
+        raise ValueError("distractors: only the realistic world has distractors (world='realistic')")
     rng = np.random.default_rng(seed)
     boxes = _make_city(rng)
     rendered = [0]
@@ -606,13 +706,13 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     gt_cams = []
     aer_views = [View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height) for k in range(n_aerial)]
     t0 = time.perf_counter()
-    aer_renders = _render_many([(v, sun_aerial, (1.0, 1.0, 1.0)) for v in aer_views], boxes, seed, on_each=on_each)
-    render_s += time.perf_counter() - t0
+    aer_renders = render_stream(lambda v: render(v, boxes, sun_aerial, seed, (1.0, 1.0, 1.0)), aer_views,
+                                on_each=on_each)
     with atomic_path(video_path) as tmp_video:
         writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
         if not writer.isOpened():
             raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
-        for k, (rgb, depth) in enumerate(aer_renders):
+        for k, (rgb, depth) in enumerate(aer_renders):  # streamed: written and dropped one by one
             writer.write(_to_u8_bgr(rgb))
             write_depth_h5(gt_depths / f"{Path(frame_names[k]).stem}.h5", depth)
             r_first = a_wf @ aer_rot[k]
@@ -621,6 +721,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
             gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [f_aerial, width / 2.0, height / 2.0]))
             gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
         writer.release()
+    render_s += time.perf_counter() - t0  # rendering and writing interleave: both are counted
     write_json_atomic(json_path, es, indent=2)
 
     # ---- ground photos
@@ -634,7 +735,6 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     img_dir.mkdir(parents=True, exist_ok=True)
     md_depth_dir.mkdir(parents=True, exist_ok=True)
     photo_names: list[str] = []
-    photos = []  # (view, depth, rgb)
     jobs: list[tuple[View, np.ndarray, tuple]] = []
     grades: list[tuple] = []
     for j in range(n_ground):
@@ -662,8 +762,12 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
         jobs.append((view, sun, (1.0, 0.95, 0.85)))
         grades.append(grade)
     t0 = time.perf_counter()
-    ground_renders = _render_many(jobs, boxes, seed, on_each=on_each)
-    render_s += time.perf_counter() - t0
+    ground_renders = render_stream(lambda job: render(job[0], boxes, job[1], seed, job[2]), jobs, on_each=on_each)
+    # 3D points with tracks among the ground photos (GT first-frame ENU): each photo's samples are
+    # drawn while it is in memory; the tracks are found afterwards, one photo's depth at a time
+    per_photo = max(1, 400 // max(n_ground, 1))
+    samples: list[tuple[np.ndarray, np.ndarray]] = []  # (world point, colour), in (photo, sample) order
+    views: list[View] = []
     for j, ((rgb, depth), (gamma, cast_, bright)) in enumerate(zip(ground_renders, grades)):
         view, name = jobs[j][0], photo_names[j]
         rgb = np.clip(bright * cast_ * rgb, 0, 1) ** gamma
@@ -671,13 +775,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
             cv2.imwrite(str(tmp), _to_u8_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, 95])
         write_depth_h5(gt_depths / f"{Path(name).stem}.h5", depth)
         write_depth_h5(MD.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
-        photos.append((view, depth, rgb))
-
-    # ---- 3D points with tracks among the ground photos (GT first-frame ENU)
-    pts2d: list[list[tuple[float, float, int]]] = [[] for _ in range(n_ground)]
-    points = []
-    per_photo = max(1, 400 // max(n_ground, 1))
-    for j, (view, depth, rgb) in enumerate(photos):
+        views.append(view)
         vv, uu = np.nonzero(depth > 0)
         if vv.size == 0:
             continue
@@ -686,24 +784,13 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
             u, v = uu[p] + 0.5, vv[p] + 0.5
             dz = depth[vv[p], uu[p]]
             x_w = view.centre + view.r_c2w @ np.array([(u - view.cx) / view.f, (v - view.cy) / view.f, 1.0]) * dz
-            track = []
-            for i2, (v2, d2, _) in enumerate(photos):
-                xc = v2.r_c2w.T @ (x_w - v2.centre)
-                if xc[2] <= 0.1:
-                    continue
-                u2 = v2.f * xc[0] / xc[2] + v2.cx
-                y2 = v2.f * xc[1] / xc[2] + v2.cy
-                if not (0 <= u2 < v2.width and 0 <= y2 < v2.height):
-                    continue
-                if abs(d2[int(y2), int(u2)] - xc[2]) > 0.01 * xc[2] + 0.05:
-                    continue
-                track.append((i2 + 1, len(pts2d[i2])))
-                pts2d[i2].append((float(u2), float(y2), 0))
-            colour = (np.clip(rgb[vv[p], uu[p]], 0, 1) * 255).astype(np.uint8)
-            points.append((a_wf @ x_w + b_wf, colour, track))
+            samples.append((x_w, (np.clip(rgb[vv[p], uu[p]], 0, 1) * 255).astype(np.uint8)))
+    render_s += time.perf_counter() - t0
+    pts2d, tracks = _tracks(views, [gt_depths / f"{Path(n).stem}.h5" for n in photo_names], [x for x, _ in samples])
+    points = [(a_wf @ x_w + b_wf, colour, track) for (x_w, colour), track in zip(samples, tracks)]
 
     md_cams, md_images, gt_photo_cams, gt_photo_images = [], [], [], []
-    for j, (view, _, _) in enumerate(photos):
+    for j, view in enumerate(views):
         iid = j + 1
         params_ = [view.f, view.cx, view.cy, 0.0]
         md_cams.append((iid, "SIMPLE_RADIAL", width, height, params_))
@@ -743,8 +830,9 @@ def ensure_world(root: Path, progress=None, **kw) -> WorldInfo:
     info_path = root / INFO_NAME
     if SceneLayout(root, scene).camera_export.exists() and (root / MARKER).exists() and info_path.exists():
         info = WorldInfo.from_json(json.loads(info_path.read_text()), root)
-        wanted = {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
-        if info.params.get("version") == WORLD_VERSION and all(info.params.get(k) == v for k, v in wanted.items()):
+        wanted = {"world": "easy", "distractors": None, **{k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}}
+        have = {"world": "easy", "distractors": None, **info.params}  # worlds made before worlds had names: easy
+        if info.params.get("version") == WORLD_VERSION and all(have.get(k) == v for k, v in wanted.items()):
             return info
     return generate_world(root, progress=progress, **kw)
 

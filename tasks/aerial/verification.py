@@ -1,0 +1,250 @@
+"""Verification of the localized photos: a photo registered with a wrong pose poisons the
+training data and is worse than a photo left out, so every registered photo must pass
+
+* its 2D-3D evidence: the number of its keypoints whose verified matches lead to a 3D point
+  of the model and that reproject within ``abs_pose_max_error`` under its pose (inliers), and
+  their share of those candidate correspondences (the inlier ratio); the mean reprojection
+  error of its observations;
+* the plausibility of its pose against the aerial scene (the triangulated reference): its
+  centre inside the horizontal extent of the reference points (with a margin), above the
+  ground (a low percentile of the reference points' height) and well below the aerial
+  frames, and the points it observes in front of it, within the scene;
+* its orientation against its own MegaDepth pose: the MegaDepth model turned onto the aerial
+  frame the way most photos agree on must give the photo the orientation it was registered
+  with (a repeated or symmetric facade registers a photo turned round, with plenty of inliers).
+
+Photos that fail are deregistered (their observations removed) and the checks repeat, since
+a rejected photo may have carried points other photos were registered on. Plain functions of
+a ``pycolmap.Reconstruction``, its database and the thresholds (:class:`AcceptConfig`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pycolmap
+
+from tasks.aerial import geometry
+from tasks.common.forms import setting
+
+
+@dataclass
+class AcceptConfig:
+    """Thresholds that a registered photo must meet to be kept (the rest are rejected and reported)."""
+
+    accept_min_inliers: int = setting(
+        20, "Fewest 2D-3D correspondences a registered photo needs that agree with its pose (the mapper "
+            "registers from 15); a photo with fewer is rejected (a lucky pose from few matches is the usual "
+            "false registration).")
+    accept_min_inlier_ratio: float = setting(
+        0.25, "Smallest share of a photo's 2D-3D candidate correspondences (its verified matches to points "
+              "of the model) that must agree with its pose; repeated facades and foreign places give "
+              "many candidates that disagree.")
+    accept_max_reprojection_error: float = setting(
+        3.0, "Largest mean reprojection error (pixels) of a registered photo's observations.")
+    accept_extent_margin: float = setting(
+        0.25, "How far outside the aerial scene's horizontal extent (the reference points, as a share of "
+              "its diagonal) a photo's camera may stand.")
+    accept_min_height_m: float = setting(
+        -2.0, "Lowest camera height above the ground (metres; the ground is a low percentile of the "
+              "reference points) of a registered photo; below it the pose is under the ground.")
+    accept_max_height_share: float = setting(
+        0.5, "Highest camera height above the ground of a registered photo, as a share of the aerial "
+             "frames' median height: ground photos are taken near the ground.")
+    accept_max_orientation_disagreement_deg: float = setting(
+        5.0, "Largest rotation (degrees) between a photo's registered orientation and the one its own "
+             "MegaDepth pose gives, once the MegaDepth model is turned onto the aerial frame the way most "
+             "photos agree on (needs 3 photos that agree); a repeated or symmetric facade registers a photo "
+             "turned round, which this catches.")
+    accept_min_front_share: float = setting(
+        0.95, "Smallest share of the 3D points a photo observes that must lie in front of it and within "
+              "the scene (twice its diagonal): a photo must look at the reconstructed surface.")
+
+
+@dataclass
+class SceneFrame:
+    """What the plausibility checks compare a pose with: the aerial scene's extent and heights."""
+
+    lo: np.ndarray  # (2,) east/north lower corner of the reference points (2nd percentile)
+    hi: np.ndarray  # (2,) upper corner (98th percentile)
+    ground: float  # height of the ground: 5th percentile of the reference points' up coordinate
+    aerial_height: float  # median height of the aerial frames above the ground
+
+    @property
+    def diagonal(self) -> float:
+        return float(np.linalg.norm(self.hi - self.lo))
+
+
+def scene_frame(reference: pycolmap.Reconstruction) -> SceneFrame:
+    """The extent of the triangulated reference (metric ENU: x east, y north, z up)."""
+    pts = np.array([p.xyz for p in reference.points3D.values()])
+    centres = np.array([geometry.centre(im) for im in reference.images.values() if im.has_pose])
+    if len(pts) < 10:  # no surface to speak of: the frames' footprint
+        pts = centres
+    lo, hi = np.percentile(pts[:, :2], 2, axis=0), np.percentile(pts[:, :2], 98, axis=0)
+    ground = float(np.percentile(pts[:, 2], 5))
+    aerial = float(np.median(centres[:, 2]) - ground) if len(centres) else float("inf")
+    return SceneFrame(lo, hi, ground, aerial)
+
+
+def _projection(rec: pycolmap.Reconstruction, image) -> tuple[np.ndarray, np.ndarray]:
+    """(K, cam_from_world 3x4) of a registered image (pinhole cameras: the product's)."""
+    return rec.cameras[image.camera_id].calibration_matrix(), geometry.cam_from_world(image)
+
+
+def _reproject(k: np.ndarray, cfw: np.ndarray, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(pixels (N, 2) in COLMAP's convention, depths (N,)) of world points."""
+    cam = xyz @ cfw[:, :3].T + cfw[:, 3]
+    z = cam[:, 2]
+    uv = cam @ k.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return uv[:, :2] / uv[:, 2:3], z
+
+
+def correspondences(rec: pycolmap.Reconstruction, db: pycolmap.Database, image_id: int,
+                    registered: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The photo's 2D-3D candidates: (its keypoint indices (M,), 3D points (M, 3)) from the inlier
+    matches of its verified pairs with the registered images whose matched keypoint has a 3D point."""
+    idx, xyz = [], []
+    for other in registered:
+        if other == image_id or not db.exists_two_view_geometry(image_id, other):
+            continue
+        inl = np.asarray(db.read_two_view_geometry(image_id, other).inlier_matches).reshape(-1, 2)
+        if not len(inl):
+            continue
+        im_o = rec.images[other]
+        for a, b in inl:
+            p2 = im_o.points2D[int(b)]
+            if p2.has_point3D():
+                idx.append(int(a))
+                xyz.append(rec.points3D[p2.point3D_id].xyz)
+    return np.asarray(idx, np.int64), np.asarray(xyz, np.float64).reshape(-1, 3)
+
+
+def check_photo(rec: pycolmap.Reconstruction, db: pycolmap.Database, image, frame: SceneFrame,
+                registered: set[int], max_error: float, cfg: AcceptConfig) -> dict[str, Any]:
+    """The figures of one registered photo and, when it fails, ``reason``."""
+    k, cfw = _projection(rec, image)
+    centre = geometry.centre(image)
+    kp = np.array([p.xy for p in image.points2D]).reshape(-1, 2)
+    idx, xyz = correspondences(rec, db, image.image_id, registered)
+    if len(idx):
+        uv, z = _reproject(k, cfw, xyz)
+        err = np.linalg.norm(uv - kp[idx], axis=1)
+        ok = (z > 0) & (err < max_error)
+        inliers = len(np.unique(idx[ok]))  # a keypoint counts once
+        candidates = len(np.unique(idx))
+    else:
+        inliers = candidates = 0
+    obs = [(p.xy, rec.points3D[p.point3D_id].xyz) for p in image.points2D if p.has_point3D()]
+    if obs:
+        o_xy = np.array([o[0] for o in obs])
+        o_xyz = np.array([o[1] for o in obs])
+        uv, z = _reproject(k, cfw, o_xyz)
+        reproj = float(np.mean(np.linalg.norm(uv - o_xy, axis=1)))
+        front = float(np.mean((z > 0) & (z < 2 * max(frame.diagonal, 1.0))))
+    else:
+        reproj, front = float("nan"), 0.0
+    height = float(centre[2] - frame.ground)
+    outside = float(np.max(np.r_[frame.lo - centre[:2], centre[:2] - frame.hi, 0.0]))
+    out = {"inliers": int(inliers), "candidates": int(candidates),
+           "inlier ratio": inliers / candidates if candidates else 0.0, "reprojection error px": reproj,
+           "height above ground m": height, "outside extent m": outside, "front share": front}
+    reasons = []
+    if inliers < cfg.accept_min_inliers:
+        reasons.append(f"{inliers} 2D-3D inliers < {cfg.accept_min_inliers}")
+    if candidates and out["inlier ratio"] < cfg.accept_min_inlier_ratio:
+        reasons.append(f"inlier ratio {out['inlier ratio']:.2f} < {cfg.accept_min_inlier_ratio}")
+    if not reproj <= cfg.accept_max_reprojection_error:
+        reasons.append(f"mean reprojection error {reproj:.2f} px > {cfg.accept_max_reprojection_error}")
+    if outside > cfg.accept_extent_margin * frame.diagonal:
+        reasons.append(f"camera {outside:.1f} m outside the aerial scene's extent (> {cfg.accept_extent_margin} "
+                       f"x {frame.diagonal:.0f} m)")
+    if height < cfg.accept_min_height_m:
+        reasons.append(f"camera {-height:.1f} m below the ground")
+    if height > cfg.accept_max_height_share * frame.aerial_height:
+        reasons.append(f"camera {height:.1f} m above the ground, too high for a ground photo (> "
+                       f"{cfg.accept_max_height_share} x the aerial frames' {frame.aerial_height:.0f} m)")
+    if front < cfg.accept_min_front_share:
+        reasons.append(f"only {100 * front:.0f} % of its points lie in front of it within the scene: it does not "
+                       "look at the reconstructed surface")
+    if reasons:
+        out["reason"] = "; ".join(reasons)
+    return out
+
+
+def rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """The angle (degrees) of the rotation between two 3x3 rotation matrices."""
+    return float(np.degrees(np.arccos(np.clip((np.trace(a @ b.T) - 1) / 2, -1.0, 1.0))))
+
+
+def orientation_outliers(world_from_cam: dict[str, np.ndarray], prior_cam2world: dict[str, np.ndarray],
+                         max_deg: float, min_agree: int = 3) -> dict[str, float]:
+    """``{photo: disagreement in degrees}`` of the photos whose registered orientation disagrees with
+    their prior (MegaDepth) orientation by more than ``max_deg`` once the prior's frame is turned onto
+    the model's by the alignment most photos agree on. Each photo gives one alignment
+    (``R_model @ R_prior^T``); the one that the most others agree with (within ``max_deg``) wins,
+    and only when at least ``min_agree`` photos and more than half of them agree: otherwise no
+    verdict (empty)."""
+    names = sorted(n for n in world_from_cam if n in prior_cam2world)
+    if len(names) < min_agree:
+        return {}
+    align = {n: world_from_cam[n] @ prior_cam2world[n].T for n in names}
+    support = {a: [b for b in names if rotation_deg(align[a], align[b]) <= max_deg] for a in names}
+    best = max(names, key=lambda n: (len(support[n]), n))
+    if len(support[best]) < min_agree or 2 * len(support[best]) <= len(names):
+        return {}
+    return {n: d for n in names if (d := rotation_deg(align[n], align[best])) > max_deg}
+
+
+def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Reconstruction, db_path: Path,
+                         queries: list[str], max_error: float, cfg: AcceptConfig,
+                         priors: dict[str, np.ndarray] | None = None,
+                         max_rounds: int = 5) -> dict[str, dict[str, Any]]:
+    """Check every registered photo of ``queries`` in ``rec``; deregister (in place) those that
+    fail and check the rest again, until none fails. ``priors``: each photo's own cam2world
+    (MegaDepth's; rotation used, see :func:`orientation_outliers`). Returns per photo its
+    figures, and ``status`` "registered" or "rejected" (with ``reason``)."""
+    frame = scene_frame(reference)
+    by_name = {im.name: im for im in rec.images.values()}
+    result: dict[str, dict[str, Any]] = {}
+    db = pycolmap.Database.open(str(db_path))
+    try:
+        for _ in range(max_rounds):
+            registered = {im.image_id for im in rec.images.values() if im.has_pose}
+            failed = []
+            for name in queries:
+                im = by_name.get(name)
+                if im is None or im.image_id not in registered:
+                    continue
+                figures = check_photo(rec, db, rec.images[im.image_id], frame, registered, max_error, cfg)
+                result[name] = {"status": "rejected" if "reason" in figures else "registered", **figures}
+                if "reason" in figures:
+                    failed.append(im)
+            if priors:
+                current = {n: geometry.cam_from_world(by_name[n])[:, :3].T for n in queries
+                           if n in by_name and by_name[n].image_id in registered}
+                turned = orientation_outliers(current, {n: np.asarray(c)[:3, :3] for n, c in priors.items()},
+                                              cfg.accept_max_orientation_disagreement_deg)
+                for name, deg in turned.items():
+                    why = (f"orientation {deg:.0f} deg away from its MegaDepth pose, where the other photos agree "
+                           f"(> {cfg.accept_max_orientation_disagreement_deg})")
+                    v = result[name]
+                    v["reason"] = f"{v['reason']}; {why}" if "reason" in v else why
+                    if v["status"] != "rejected":
+                        v["status"] = "rejected"
+                        failed.append(by_name[name])
+            if not failed:
+                break
+            for im in failed:
+                rec.deregister_frame(rec.images[im.image_id].frame_id)
+    finally:
+        db.close()
+    return result
+
+
+__all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "orientation_outliers",
+           "rotation_deg", "verify_registrations"]

@@ -1,0 +1,179 @@
+"""No false registration (tasks.aerial.verification): every localized photo is verified, a
+photo with a wrong pose is rejected with its reason, and a false registration that got past
+verification would fail the suite (the evaluation counts it against the ground truth)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, replace
+
+import numpy as np
+import pycolmap
+import pytest
+
+from tasks.aerial import pipeline
+from tasks.aerial.evaluate import false_registrations, pose_accuracy, summary_table
+from tasks.aerial.reconstruction import VERIFICATION_FILE
+from tasks.aerial.verification import AcceptConfig, verify_registrations
+from tests.test_aerial_pipeline import _prepare, _sfm
+
+
+@pytest.fixture(scope="module")
+def localized(tmp_path_factory):
+    """The small world (24 frames, 5 photos) through the localization, default configuration."""
+    root = tmp_path_factory.mktemp("aerial_verify")
+    paths = _prepare(root, n_aerial=24, n_ground=5, seed=0)
+    cfg = pipeline.get_config()
+    info, _ref, loc = _sfm(paths, cfg)
+    return paths, cfg, info, loc
+
+
+#: No check at all: what the pipeline did before verification existed.
+ACCEPT_ANYTHING = AcceptConfig(accept_min_inliers=0, accept_min_inlier_ratio=0.0,
+                               accept_max_reprojection_error=float("inf"), accept_extent_margin=float("inf"),
+                               accept_min_height_m=-float("inf"), accept_max_height_share=float("inf"),
+                               accept_min_front_share=0.0)
+
+
+def wrong_pose(paths, tmp_path, name: str, yaw_deg: float = 12.0, shift_m=(6.0, -4.0, 0.0)):
+    """A copy of the localized model (and its database) in which photo ``name`` has a wrong pose:
+    turned by ``yaw_deg`` about the vertical and moved by ``shift_m`` (the pose a repeated facade
+    or a lucky RANSAC gives), its observations kept."""
+    model = tmp_path / "model"
+    shutil.copytree(paths.localized, model)
+    rec = pycolmap.Reconstruction(str(model))
+    im = next(i for i in rec.images.values() if i.name == name)
+    frame = rec.frames[im.frame_id]
+    world_from_cam = frame.rig_from_world.inverse()
+    c = np.asarray(world_from_cam.translation)
+    r = np.asarray(world_from_cam.rotation.matrix())
+    t = np.deg2rad(yaw_deg)
+    yaw = np.array([[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]])
+    new = pycolmap.Rigid3d(pycolmap.Rotation3d(yaw @ r), c + np.asarray(shift_m))
+    frame.rig_from_world = new.inverse()
+    return rec, model / "database.db"
+
+
+def loc_names(paths) -> list[str]:
+    """The photos the localization registered (and verification kept)."""
+    rec = pycolmap.Reconstruction(str(paths.localized))
+    return sorted(im.name for im in rec.images.values() if im.has_pose and not im.name.endswith(".jpeg"))
+
+
+def test_every_true_photo_passes_verification(localized):
+    paths, cfg, info, loc = localized
+    # SIFT registers 4 of the 5 photos of this small world (docs/benchmarks.md); none is rejected
+    assert loc.counts["photos registered"] >= 4 and loc.counts["photos rejected"] == 0, loc.problems
+    assert len(loc.details) == loc.counts["photos registered"]
+    for name, v in loc.details.items():
+        assert v["status"] == "registered", (name, v)
+        assert v["inliers"] >= cfg.sfm.accept_min_inliers and v["inlier ratio"] >= cfg.sfm.accept_min_inlier_ratio
+    assert (paths.localized / VERIFICATION_FILE).exists()
+    again = pipeline.localize(paths, cfg, info)  # a rerun reads the verdict back
+    assert again.skipped and again.details == loc.details
+
+
+def test_a_wrong_pose_is_rejected_with_its_reason(localized, tmp_path):
+    paths, cfg, info, _loc = localized
+    name = sorted(loc_names(paths))[0]
+    rec, db = wrong_pose(paths, tmp_path, name)
+    ref = pycolmap.Reconstruction(str(paths.sfm))
+    verdict = verify_registrations(rec, ref, db, sorted(info["queries"]), cfg.sfm.abs_pose_max_error, cfg.sfm)
+    assert verdict[name]["status"] == "rejected", verdict[name]
+    assert "2D-3D inliers" in verdict[name]["reason"] or "inlier ratio" in verdict[name]["reason"], verdict[name]
+    assert not next(i for i in rec.images.values() if i.name == name).has_pose  # deregistered
+    assert all(v["status"] == "registered" for n, v in verdict.items() if n != name), verdict
+
+
+@pytest.mark.parametrize("check,value,reason", [
+    ("accept_max_height_share", 1e-3, "too high for a ground photo"),
+    ("accept_extent_margin", -10.0, "outside the aerial scene"),
+    ("accept_max_reprojection_error", 1e-4, "reprojection error"),
+])
+def test_each_plausibility_check_names_itself(localized, tmp_path, check, value, reason):
+    """Each check rejects on its own and says so (thresholds pushed past the true photos)."""
+    paths, cfg, info, _loc = localized
+    model = tmp_path / "model"
+    shutil.copytree(paths.localized, model)
+    rec = pycolmap.Reconstruction(str(model))
+    ref = pycolmap.Reconstruction(str(paths.sfm))
+    strict = replace(ACCEPT_ANYTHING, **{check: value})
+    verdict = verify_registrations(rec, ref, model / "database.db", sorted(info["queries"]), 12.0, strict)
+    assert verdict and all(v["status"] == "rejected" and reason in v["reason"] for v in verdict.values()), verdict
+
+
+def test_a_false_registration_that_passes_verification_fails_the_suite(localized, tmp_path):
+    """Without verification the wrong pose stays registered, and the evaluation against the ground
+    truth counts it: the suite's check (false registrations == 0, as the accuracy table's goal)
+    fails. With the default thresholds it is rejected and the count is 0."""
+    paths, cfg, info, _loc = localized
+    name = sorted(loc_names(paths))[1]
+    gt = pycolmap.Reconstruction(str(paths.ground_truth / "sparse"))
+    ref = pycolmap.Reconstruction(str(paths.sfm))
+    queries = sorted(info["queries"])
+
+    rec, db = wrong_pose(paths, tmp_path / "off", name)
+    verify_registrations(rec, ref, db, queries, cfg.sfm.abs_pose_max_error, ACCEPT_ANYTHING)
+    acc = pose_accuracy(rec, gt, queries)
+    assert acc["false registrations"] == 1 and name in acc["false registration photos"], acc
+    row = next(r for r in summary_table({"poses": acc, "depth": {}}) if r["metric"] == "false registrations")
+    assert row["met"].startswith("NO") and name in row["met"]
+
+    rec, db = wrong_pose(paths, tmp_path / "on", name)
+    verify_registrations(rec, ref, db, queries, cfg.sfm.abs_pose_max_error, cfg.sfm)
+    acc = pose_accuracy(rec, gt, queries)
+    assert acc["false registrations"] == 0 and acc["photos registered"] == len(loc_names(paths)) - 1, acc
+
+
+def test_a_registered_distractor_counts_as_false():
+    per = {"a.jpg": {"rotation_deg": 0.1, "centre_m": 0.05}, "b.jpg": {"rotation_deg": 9.0, "centre_m": 0.2}}
+    out = false_registrations(per, ["sky.jpg"], extent=100.0)
+    assert sorted(out) == ["b.jpg", "sky.jpg"] and "no true pose" in out["sky.jpg"]
+
+
+def test_thresholds_are_settings_with_help():
+    from tasks.common.forms import field_help
+
+    helps = field_help(AcceptConfig)
+    assert set(helps) == set(asdict(AcceptConfig()))
+    assert all(len(h) > 30 for h in helps.values())
+    assert "accept_min_inliers" in asdict(pipeline.get_config().sfm)
+
+
+def test_the_report_lists_registered_and_rejected_photos():
+    from tasks.aerial.reconstruction import StageResult
+    from tasks.aerial.report import record_localization
+    from tasks.common.report import RunReport
+
+    res = StageResult(output=None, counts={"photos registered": 1, "mapper seconds": 3.0},
+                      problems={"x.jpg": "rejected after registration: 3 2D-3D inliers < 20"},
+                      details={"a.jpg": {"status": "registered", "inliers": 812, "inlier ratio": 0.91},
+                               "x.jpg": {"status": "rejected", "inliers": 3, "inlier ratio": 0.1,
+                                         "reason": "3 2D-3D inliers < 20"}})
+    report = RunReport("t")
+    record_localization(report, res)
+    assert report.extra["registration"] == {"registered": {"a.jpg": {"inliers": 812, "inlier ratio": 0.91}},
+                                            "rejected": {"x.jpg": "3 2D-3D inliers < 20"}}
+    assert report.problems == [{"item": "x.jpg", "stage": "localization",
+                                "reason": "rejected after registration: 3 2D-3D inliers < 20"}]
+    assert "mapper seconds" not in report.counts
+
+
+def test_a_photo_turned_round_disagrees_with_its_megadepth_pose():
+    """The realistic world's false registrations were true photos turned by 150-180 deg (a symmetric
+    facade) with plenty of inliers; their MegaDepth orientation, turned onto the model the way the
+    other photos agree on, gives them away. Fewer than 3 agreeing photos: no verdict."""
+    from scipy.spatial.transform import Rotation
+
+    from tasks.aerial.verification import orientation_outliers
+
+    rng = np.random.default_rng(0)
+    align = Rotation.random(random_state=1).as_matrix()  # MegaDepth's frame -> the model's
+    prior = {f"p{i}.jpg": Rotation.random(random_state=10 + i).as_matrix() for i in range(6)}
+    model = {n: align @ r @ Rotation.from_rotvec(rng.normal(0, 0.002, 3)).as_matrix() for n, r in prior.items()}
+    assert orientation_outliers(model, prior, 5.0) == {}
+    model["p3.jpg"] = Rotation.from_euler("z", 170, degrees=True).as_matrix() @ model["p3.jpg"]
+    out = orientation_outliers(model, prior, 5.0)
+    assert list(out) == ["p3.jpg"] and 165 < out["p3.jpg"] < 175
+    two = {n: model[n] for n in ["p0.jpg", "p3.jpg"]}
+    assert orientation_outliers(two, prior, 5.0) == {}
