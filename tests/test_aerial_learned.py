@@ -118,8 +118,8 @@ def test_learned_matches_agree_with_the_homography(feature_conf, matcher_conf, t
 
 
 def test_learned_configuration_names_its_folders():
-    cfg = pipeline.get_config("aliked+lightglue")
-    assert cfg.tag == "aliked+lightglue" and pipeline.get_config().tag == "sift+mnn"
+    cfg = pipeline.PIPELINES.build("aliked+lightglue")
+    assert cfg.tag == "aliked+lightglue" and pipeline.PIPELINES.build().tag == "sift+mnn"
     names = cfg.folder_names()
     assert names["sfm"] == "sfm_aliked+lightglue"
     assert names["features"] == features.FEATURE_CONFS["aliked-n16"]["output"]
@@ -136,7 +136,7 @@ SMALL_PAIRS = {"features": "aliked-n16-fast", "ref_pairs_num": 6, "retrieval_num
 def learned_small(tmp_path_factory):
     root = tmp_path_factory.mktemp("aerial_learned")
     base = _prepare(root, n_aerial=24, n_ground=5, seed=0)
-    cfg = pipeline.get_config("aliked+lightglue", **SMALL_PAIRS)
+    cfg = pipeline.PIPELINES.build("aliked+lightglue", **SMALL_PAIRS)
     paths = pipeline.scene_paths(root, base.scene, root / "megadepth_processed", cfg)
     return paths, cfg
 

@@ -23,7 +23,7 @@ def localized(tmp_path_factory):
     """The small world (24 frames, 5 photos) through the localization, default configuration."""
     root = tmp_path_factory.mktemp("aerial_verify")
     paths = _prepare(root, n_aerial=24, n_ground=5, seed=0)
-    cfg = pipeline.get_config()
+    cfg = pipeline.PIPELINES.build()
     info, _ref, loc = _sfm(paths, cfg)
     return paths, cfg, info, loc
 
@@ -137,7 +137,7 @@ def test_thresholds_are_settings_with_help():
     helps = field_help(AcceptConfig)
     assert set(helps) == set(asdict(AcceptConfig()))
     assert all(len(h) > 30 for h in helps.values())
-    assert "accept_min_inliers" in asdict(pipeline.get_config().sfm)
+    assert "accept_min_inliers" in asdict(pipeline.PIPELINES.build().sfm)
 
 
 def test_the_report_lists_registered_and_rejected_photos():
