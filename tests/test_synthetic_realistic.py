@@ -197,3 +197,27 @@ def test_world_options_checked() -> None:
         SW.check_world_options({"world": "realistic", "n_ground": 12, "distractors": 12}, where="")
     with pytest.raises(ValueError, match="more than the 2,000,000,000"):
         SW.check_world_options({"world": "realistic", "n_aerial": 1000, "n_ground": 500, "size": [1920, 1080]})
+
+
+def test_evaluation_counts_registered_distractors(world: SW.WorldInfo, tmp_path: Path) -> None:
+    """A product holding a distractor is a false registration: counted apart, the goal missed;
+    the true photos' accuracy is not diluted by the distractors."""
+    import pycolmap
+
+    from tasks.aerial.evaluate import evaluate_scene, summary_table
+
+    gt = pycolmap.Reconstruction(str(world.gt_sparse_dir))
+    name = world.distractors[0]
+    cam = pycolmap.Camera(model="SIMPLE_PINHOLE", width=800, height=600, params=[700.0, 400.0, 300.0],
+                          camera_id=10_000)
+    gt.add_camera_with_trivial_rig(cam)
+    gt.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=10_000, image_id=10_000),
+                                    pycolmap.Rigid3d(pycolmap.Rotation3d(np.eye(3)), np.zeros(3)))
+    (tmp_path / "sparse-txt").mkdir()
+    gt.write_text(str(tmp_path / "sparse-txt"))
+    acc = evaluate_scene(tmp_path, world.gt_sparse_dir.parent, list(world.photo_names))
+    assert acc["distractors"] == {"attempted": 3, "registered": 1,
+                                  "registered names": {name: R.read_distractors(world.gt_sparse_dir.parent)[name]}}
+    assert acc["poses"]["photos attempted"] == 9 and acc["poses"]["photos registered"] == 9
+    row = next(r for r in summary_table(acc) if r["metric"].startswith("distractors registered"))
+    assert row["met"].startswith("NO") and row["value"].startswith("1/3")

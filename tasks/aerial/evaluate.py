@@ -18,6 +18,7 @@ import pycolmap
 
 from tasks.aerial import geometry as G
 from tasks.aerial.dense import image_stem, read_depth_h5
+from tasks.aerial.synthetic_realistic import read_distractors
 
 
 def scene_extent(gt: pycolmap.Reconstruction, trim: float = 5.0) -> float:
@@ -133,8 +134,6 @@ def evaluate_scene(product: Path, gt_dir: Path, queries: list[str]) -> dict[str,
     """Pose and depth accuracy of ``product`` (``sparse-txt`` and ``depths``). Photos the ground
     truth lists as distractors (the realistic world's ``distractors.json``) are left out of the
     accuracy and counted apart: every one in the product is a false registration."""
-    from tasks.aerial.synthetic_realistic import read_distractors
-
     model = pycolmap.Reconstruction(str(Path(product) / "sparse-txt"))
     gt = pycolmap.Reconstruction(str(Path(gt_dir) / "sparse"))
     listed = read_distractors(gt_dir)
