@@ -158,7 +158,7 @@ def test_multimodal_numbers_finite_and_bounded(argv, expected, capsys, no_server
     (["--set", "trajectory_options.width=1e9"], "width is 1000000000 px: must be in [16, 3840] px"),
     (["--set", "world_options.size=[1e9, 1e9]"], "world_options: size is 1000000000.0 px: must be in [16, 3840] px"),
     (["--set", "world_options.size=[3840, 3840]", "--set", "world_options.n_aerial=1000"],
-     "more than the 200,000,000 the renderer may hold"),
+     "more than the 2,000,000,000 the renderer may hold"),
     (["--set", "world_options.n_aerial=true"], "n_aerial is True (bool), not a number"),
     (["--set", "world_options.lat0=NaN"], "lat0 is nan: must be a finite number"),
     (["--set", "world_options.trajectory_options.frames=100000000"], "frames is 100000000: must be in [1, 10000]"),

@@ -18,6 +18,7 @@ import pycolmap
 
 from tasks.aerial import geometry
 from tasks.aerial.dense import image_stem, read_depth_h5
+from tasks.aerial.synthetic_realistic import read_distractors
 
 
 def scene_extent(gt: pycolmap.Reconstruction, trim: float = 5.0) -> float:
@@ -155,11 +156,20 @@ def depth_accuracy(product: Path, model: pycolmap.Reconstruction, gt: pycolmap.R
 
 
 def evaluate_scene(product: Path, gt_dir: Path, queries: list[str]) -> dict[str, Any]:
-    """Pose and depth accuracy of ``product`` (``sparse-txt`` and ``depths``)."""
+    """Pose and depth accuracy of ``product`` (``sparse-txt`` and ``depths``). Photos the ground
+    truth lists as distractors (the realistic world's ``distractors.json``) are left out of the
+    accuracy and counted apart: every one in the product is a false registration."""
     model = pycolmap.Reconstruction(str(Path(product) / "sparse-txt"))
     gt = pycolmap.Reconstruction(str(Path(gt_dir) / "sparse"))
-    return {"poses": pose_accuracy(model, gt, queries),
-            "depth": depth_accuracy(product, model, gt, Path(gt_dir) / "depths", set(queries))}
+    listed = read_distractors(gt_dir)
+    true_queries = [q for q in queries if q not in listed]
+    out = {"poses": pose_accuracy(model, gt, true_queries),
+           "depth": depth_accuracy(product, model, gt, Path(gt_dir) / "depths", set(true_queries))}
+    if listed:
+        registered = sorted(im.name for im in model.images.values() if im.has_pose and im.name in listed)
+        out["distractors"] = {"attempted": sum(q in listed for q in queries), "registered": len(registered),
+                              "registered names": {n: listed[n] for n in registered}}
+    return out
 
 
 #: Depth goals per group (issue 14): coverage of the pixels with a true surface, AbsRel, share within 1.25x.
@@ -205,6 +215,13 @@ def summary_table(acc: dict[str, Any]) -> list[dict[str, str]]:
          "value": f"{p['scale ratio median']:.4f} (max dev {p['scale ratio max deviation']:.4f})", "goal": "within 1 %",
          "met": met(dev < 0.01, f"scale off by {100 * dev:.2f} %")},
     ]
+    if "distractors" in acc:
+        dis = acc["distractors"]
+        rows.append({"metric": "distractors registered (false registrations)",
+                     "value": f"{dis['registered']}/{dis['attempted']}"
+                              + (f" ({', '.join(f'{n}: {k}' for n, k in dis['registered names'].items())})"
+                                 if dis["registered"] else ""),
+                     "goal": "0", "met": met(dis["registered"] == 0, f"{dis['registered']} registered")})
     for group in ("aerial", "photos", "all"):
         if group in d:
             g, goal = d[group], DEPTH_GOALS[group]

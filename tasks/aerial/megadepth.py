@@ -19,7 +19,8 @@ and its centre is at ``(j + 0.5, i + 0.5)``; the image centre is ``(W/2, H/2)``)
    original photo's size); the dense images are already undistorted, so their pinhole ``K`` is
    derived from that camera as DUSt3R's MegaDepth preprocessing does:
    ``cv2.getOptimalNewCameraMatrix(K, distortion, camera size, alpha=0, newImgSize=dense
-   size, centerPrincipalPoint=True)`` (no blank pixels, principal point at the centre). A
+   size, centerPrincipalPoint=True)`` (no blank pixels, principal point at the centre; OpenCV's
+   pixel convention converted to COLMAP's around the call). A
    camera without distortion whose size is the dense image's keeps its ``K`` as it is (the
    crop below centres its principal point). ``cam2world`` is the inverse of the image's
    world-to-camera pose. Camera models OpenCV's distortion cannot express (fisheye) fail
@@ -456,9 +457,11 @@ def dense_intrinsics(entry: ModelEntry | tuple, dense_size: tuple[int, int]) -> 
     if not entry.distortion and size == dense_size:
         return np.asarray(entry.K, np.float64)
     dist = np.asarray(entry.distortion if entry.distortion else (0.0, 0.0, 0.0, 0.0), np.float64)
-    k_new, _ = cv2.getOptimalNewCameraMatrix(np.asarray(entry.K, np.float64), dist, size, 0.0,
-                                             newImgSize=dense_size, centerPrincipalPoint=True)
-    return np.asarray(k_new, np.float64)
+    # OpenCV puts pixel centres at whole numbers, COLMAP (and this module) at half numbers
+    shift = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.0, 0.0, 1.0]])
+    k_cv = np.linalg.inv(shift) @ np.asarray(entry.K, np.float64)
+    k_new, _ = cv2.getOptimalNewCameraMatrix(k_cv, dist, size, 0.0, newImgSize=dense_size, centerPrincipalPoint=True)
+    return shift @ np.asarray(k_new, np.float64)
 
 
 # --------------------------------------------------------------------------------------

@@ -154,6 +154,17 @@ def make_props(rng: np.random.Generator, boxes: list[SW.Box]) -> list[Prop]:
     return props
 
 
+def _models(rng: np.random.Generator) -> tuple[list[SW.Box], list[SW.Box], list[Prop]]:
+    boxes = SW._make_city(rng)
+    return boxes, degraded_copy(boxes, rng), make_props(rng, boxes)
+
+
+def world_models(seed: int) -> tuple[list[SW.Box], list[SW.Box], list[Prop]]:
+    """The realistic world's models for ``seed`` in its render frame: (full model's buildings,
+    the aerial model's buildings, the full model's small objects)."""
+    return _models(np.random.default_rng([seed, 23]))
+
+
 # ----------------------------------------------------------------------------- rays, casting
 
 
@@ -526,25 +537,27 @@ def _contact_sheet(path: Path, video: Path, aerial_views: list[SW.View], photos:
     from tasks.aerial.dense.io import read_depth_h5
 
     rows = []
-    for view, photo_path, spot in photos[:max_rows]:
-        best, best_d = None, np.inf
-        for k, av in enumerate(aerial_views):
-            xc = av.r_c2w.T @ (spot - av.centre)
-            if xc[2] <= 1.0:
-                continue
-            u, v = av.f * xc[0] / xc[2] + av.cx, av.f * xc[1] / xc[2] + av.cy
-            if not (0.1 * av.width <= u < 0.9 * av.width and 0.1 * av.height <= v < 0.9 * av.height):
-                continue
-            dist = float(np.linalg.norm(spot - av.centre))
-            if dist < best_d:
-                best, best_d = (k, u, v, xc[2]), dist
-        if best is None:
-            continue
-        k, u, v, z = best
-        d_gt = read_depth_h5(aer_depth_paths[k])[int(v), int(u)]
-        if not abs(d_gt - z) < 0.05 * z + 1.0:  # the spot is hidden in that frame
-            continue
-        rows.append((k, (u, v), photo_path, view, spot))
+    for view, photo_path, spots in photos:
+        if len(rows) >= max_rows:
+            break
+        found = None
+        for spot in spots:
+            cands = []
+            for k, av in enumerate(aerial_views):
+                xc = av.r_c2w.T @ (spot - av.centre)
+                if xc[2] <= 1.0:
+                    continue
+                u, v = av.f * xc[0] / xc[2] + av.cx, av.f * xc[1] / xc[2] + av.cy
+                if 0.1 * av.width <= u < 0.9 * av.width and 0.1 * av.height <= v < 0.9 * av.height:
+                    cands.append((float(np.linalg.norm(spot - av.centre)), k, u, v, xc[2]))
+            for _, k, u, v, z in sorted(cands)[:8]:  # the nearest frames where the spot is not hidden
+                if abs(read_depth_h5(aer_depth_paths[k])[int(v), int(u)] - z) < 0.03 * z + 0.5:
+                    found = (k, (u, v), photo_path, view, spot)
+                    break
+            if found:
+                break
+        if found:
+            rows.append(found)
     if not rows:
         return
     wanted = {k for k, *_ in rows}
@@ -617,9 +630,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
     n_distractors = n_ground // 4 if distractors is None else int(distractors)
     n_true = n_ground - n_distractors
     rng = np.random.default_rng([seed, 23])
-    boxes = SW._make_city(rng)
-    aerial_boxes = degraded_copy(boxes, rng)
-    props = make_props(rng, boxes)
+    boxes, aerial_boxes, props = _models(rng)
     width, height = int(size[0]), int(size[1])
     done = [0]
 
@@ -727,7 +738,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
         depth, fid = cast_view(view, job["boxes"], job["props"], rays)
         col = shade(view, job["boxes"], job["props"], depth, fid, job["light"], job["tex_seed"], job["boxes"], d=rays)
         bgr, _ = develop(col, np.random.default_rng(job["rng_seed"]))
-        return bgr, depth
+        return bgr, depth, float(np.mean(fid >= PROP_BASE))
 
     per_photo = max(1, 400 // max(n_true, 1))
     samples: list[tuple[np.ndarray, np.ndarray]] = []
@@ -736,22 +747,24 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
     sheet_photos = []
     photo_meta = []
     t0 = time.perf_counter()
-    for job, (bgr, depth) in zip(jobs, SW.render_stream(render_photo, jobs, on_each=on_each)):
+    for job, (bgr, depth, occluded) in zip(jobs, SW.render_stream(render_photo, jobs, on_each=on_each)):
         name, view = job["name"], job["view"]
         _jpeg(MD.raw_image_path(md_root, scene, "0", name), bgr, job["quality"])
         write_depth_h5(MD.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
         photo_meta.append({"name": name, "kind": job["kind"], "size": [view.width, view.height], "model": job["model"],
-                           "params": job["params"], "jpeg_quality": job["quality"]})
+                           "params": job["params"], "jpeg_quality": job["quality"], "occluder_share": occluded})
         if job["kind"] != "true":
             continue
         write_depth_h5(gt_depths / f"{Path(name).stem}.h5", depth)
         true_views.append(view)
         true_jobs.append(job)
-        spot_d = depth[view.height // 2, view.width // 2]
-        if spot_d > 0:
-            u, v = view.width / 2.0, view.height / 2.0
-            spot = view.centre + view.r_c2w @ np.array([(u - view.cx) / view.f, (v - view.cy) / view.f, 1.0]) * spot_d
-            sheet_photos.append((view, MD.raw_image_path(md_root, scene, "0", name), spot))
+        spots = []  # candidate spots for the contact sheet: surface points 5-80 m away
+        for fu, fv in ((0.5, 0.5), (0.5, 0.35), (0.3, 0.45), (0.7, 0.45), (0.5, 0.2)):
+            u, v = fu * view.width, fv * view.height
+            dz = depth[int(v), int(u)]
+            if 5.0 < dz < 80.0:
+                spots.append(view.centre + view.r_c2w @ np.array([(u - view.cx) / view.f, (v - view.cy) / view.f, 1.0]) * dz)
+        sheet_photos.append((view, MD.raw_image_path(md_root, scene, "0", name), spots))
         vv, uu = np.nonzero(depth > 0)
         if vv.size == 0:
             continue
@@ -819,5 +832,5 @@ def read_distractors(gt_dir: Path) -> dict[str, str]:
     return {d["name"]: d["kind"] for d in json.loads(path.read_text())}
 
 
-__all__ = ["generate_realistic", "read_distractors", "degraded_copy", "make_props", "cast_view", "shade",
+__all__ = ["generate_realistic", "read_distractors", "world_models", "degraded_copy", "make_props", "cast_view", "shade",
            "PHOTO_SIZES", "PHOTO_MAX_PIXELS", "DISTRACTOR_KINDS", "DISTRACTORS_NAME", "CONTACT_SHEET"]
