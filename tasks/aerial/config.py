@@ -99,10 +99,13 @@ class AerialConfig(FlowConfig):
         None, description="build the embedded synthetic world into ROOT when ROOT has no downloaded_data/: "
         "unset (the default): only at a named configuration's own root (output/aerial, output/aerial_smoke), "
         "so that a mistyped root is an error; true: into any ROOT (--synthetic); false: never (--no-synthetic)")
-    world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings: seed, "
-                                          "n_aerial (2-1000), n_ground (1-500), size ([width, height], 16-3840 px; "
-                                          "all views together at most 200 million pixels), lat0, lon0, alt0, "
-                                          "trajectory_options")
+    world_options: dict[str, Any] = Field(default_factory=dict, description="synthetic world settings: world "
+                                          "(easy, the fast default, or realistic: aerial frames of a degraded model, "
+                                          "photos under other light with lens distortion, occluders and distractor "
+                                          "photos that must stay unregistered), distractors (realistic only; default "
+                                          "a quarter of n_ground), seed, n_aerial (2-1000), n_ground (1-500), size "
+                                          "([width, height], 16-3840 px; all views together at most 2 billion "
+                                          "pixels), lat0, lon0, alt0, trajectory_options")
     image_batch: int = Field(8, ge=1, le=10000, description="MegaDepth images per Dask task (1-10000)")
     pipeline: PipelineName = Field(
         "sift+mnn", description="named configuration of the SfM and dense stages: sift+mnn (pycolmap SIFT, "
