@@ -11,7 +11,8 @@ Files are sorted into
   sparse models, depth maps, fused points, training exports, images): a difference here is a
   changed result and makes the exit status 1;
 - run records: files that say when and how a run went (logs, report.json, run locks, progress,
-  pictures, Prefect's database): listed, never a failure, because they hold times and paths.
+  pictures, Prefect's database, the resume bookkeeping with file mtimes): listed, never a
+  failure, because they hold times and paths.
 
 Exit status: 0 when every data file is byte-identical or equal in content, 1 otherwise.
 """
@@ -29,7 +30,9 @@ import numpy as np
 #: path parts and suffixes of files that record a run rather than its data
 RECORD_PARTS = {"logs", ".prefect", "__pycache__"}
 RECORD_SUFFIXES = {".log", ".png", ".jpg.lock", ".lock", ".svg", ".html"}
-RECORD_NAMES = {"report.json", "report.md", "run.json", "runlock.json", "problems.json", "progress.json"}
+RECORD_NAMES = {"report.json", "report.md", "run.json", "runlock.json", "problems.json", "progress.json",
+                # resume bookkeeping of the multimodal run: file mtimes, lines in completion order
+                "h5_manifest.json", "stacks_index.jsonl"}
 
 
 def is_record(rel: Path) -> bool:
