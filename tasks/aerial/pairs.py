@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.aerial import io as IO
+from tasks.aerial import io as hloc_io
 
 
 def dedupe_pairs(pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -94,8 +94,8 @@ def pairs_from_retrieval(global_path: Path, query_names: Sequence[str], db_names
     if not query_names or not db_names:
         return []
     paths = [Path(global_path)] + ([Path(db_global_path)] if db_global_path is not None else [])
-    q = IO.read_global_descriptors(paths, query_names)
-    d = IO.read_global_descriptors(paths[::-1], db_names)
+    q = hloc_io.read_global_descriptors(paths, query_names)
+    d = hloc_io.read_global_descriptors(paths[::-1], db_names)
     sim = q @ d.T
     invalid = np.array(query_names)[:, None] == np.array(db_names)[None]
     if min_score is not None:

@@ -32,7 +32,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from tasks.aerial import io as IO
+from tasks.aerial import io as hloc_io
 from tasks.common.atomic import atomic_h5
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ def _sample_descriptors(feature_path: Path, names: Sequence[str], max_descriptor
                         rng: np.random.Generator) -> np.ndarray:
     per_image = max(1, math.ceil(max_descriptors / max(1, len(names))))
     chunks = []
-    for _, f in IO.iter_features(feature_path, names):
+    for _, f in hloc_io.iter_features(feature_path, names):
         d = f["descriptors"].astype(np.float32).T  # (N, D)
         if len(d) > per_image:
             d = d[np.sort(rng.choice(len(d), per_image, replace=False))]
@@ -63,7 +63,7 @@ def build_vocabulary(feature_path: Path, names: Sequence[str], n_words: int = 64
     20x faster than scipy's ``kmeans2`` on 50 000 SIFT descriptors (0.6 s vs 12.6 s)."""
     import cv2
 
-    names = IO.unique_names(names)
+    names = hloc_io.unique_names(names)
     if not names:
         raise ValueError("build_vocabulary needs at least one image")
     rng = np.random.default_rng(seed)
@@ -126,18 +126,18 @@ def compute_global_descriptors(feature_path: Path, names: Sequence[str], vocab: 
     file."""
     out_path = Path(out_path)
     vocab = np.asarray(vocab, dtype=np.float32)
-    names = IO.unique_names(names)
+    names = hloc_io.unique_names(names)
     stored = load_vocabulary(out_path)
     same = stored is not None and stored.shape == vocab.shape and np.array_equal(stored, vocab)
-    if out_path.exists() and IO.list_h5_names(out_path) and not same and not overwrite:
+    if out_path.exists() and hloc_io.list_h5_names(out_path) and not same and not overwrite:
         raise ValueError(f"{out_path} holds descriptors of another (or no) vocabulary; pass overwrite=True")
     fresh = not same  # a new file: the old one (if any) had another vocabulary
-    done = set() if overwrite else set(IO.list_h5_names(out_path))
+    done = set() if overwrite else set(hloc_io.list_h5_names(out_path))
     todo = [n for n in names if n not in done]
     if not todo:
-        return IO.ensure_h5(out_path)
+        return hloc_io.ensure_h5(out_path)
     results = {}
-    for n, f in IO.iter_features(feature_path, todo, keys=("descriptors", "image_size")):
+    for n, f in hloc_io.iter_features(feature_path, todo, keys=("descriptors", "image_size")):
         results[n] = (vlad(f["descriptors"].astype(np.float32).T, vocab), f.get("image_size"))
     base = None if fresh else out_path
     with atomic_h5(out_path, base=base) as out:
@@ -147,7 +147,7 @@ def compute_global_descriptors(feature_path: Path, names: Sequence[str], vocab: 
             if seed is not None:
                 out.attrs["vlad_seed"] = int(seed)
         for n, (g, size) in results.items():
-            IO.write_global(out, n, g, size)
+            hloc_io.write_global(out, n, g, size)
     logger.info("retrieval: %d VLAD descriptor(s) into %s", len(todo), out_path)
     return out_path
 

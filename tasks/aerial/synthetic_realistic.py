@@ -43,8 +43,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from tasks.aerial import megadepth as MD
-from tasks.aerial import synthetic_world as SW
+from tasks.aerial import megadepth
+from tasks.aerial import synthetic_world
 from tasks.aerial.dense.io import write_depth_h5
 from tasks.aerial.earthstudio import export_document, frame_name
 from tasks.aerial.geometry import focal_from_fov, look_at
@@ -94,7 +94,7 @@ class Light:
 # ----------------------------------------------------------------------------- model
 
 
-def degraded_copy(boxes: list[SW.Box], rng: np.random.Generator) -> list[SW.Box]:
+def degraded_copy(boxes: list[synthetic_world.Box], rng: np.random.Generator) -> list[synthetic_world.Box]:
     """The aerial model's buildings: each footprint edge and roof moved by up to
     :data:`AERIAL_FOOTPRINT_ERR` / :data:`AERIAL_HEIGHT_ERR` metres (same textures)."""
     out = []
@@ -103,12 +103,12 @@ def degraded_copy(boxes: list[SW.Box], rng: np.random.Generator) -> list[SW.Box]
         lo[:2] += rng.uniform(-AERIAL_FOOTPRINT_ERR, AERIAL_FOOTPRINT_ERR, 2)
         hi[:2] += rng.uniform(-AERIAL_FOOTPRINT_ERR, AERIAL_FOOTPRINT_ERR, 2)
         hi[2] = max(3.0, hi[2] + rng.uniform(-AERIAL_HEIGHT_ERR, AERIAL_HEIGHT_ERR))
-        out.append(SW.Box(lo=lo, hi=hi, colour=b.colour, roof=b.roof, window_dx=b.window_dx,
+        out.append(synthetic_world.Box(lo=lo, hi=hi, colour=b.colour, roof=b.roof, window_dx=b.window_dx,
                           window_dz=b.window_dz, brick=b.brick))
     return out
 
 
-def make_props(rng: np.random.Generator, boxes: list[SW.Box]) -> list[Prop]:
+def make_props(rng: np.random.Generator, boxes: list[synthetic_world.Box]) -> list[Prop]:
     """People, parked vehicles, trees and poles along the streets of the city centre (both
     sides of every street within 80 m), in front of the facades."""
     props: list[Prop] = []
@@ -132,7 +132,7 @@ def make_props(rng: np.random.Generator, boxes: list[SW.Box]) -> list[Prop]:
                     half = np.array([la, wa]) / 2 if along_x else np.array([wa, la]) / 2
                     lo = np.array([*(centre - half), 0.0])
                     hi = np.array([*(centre + half), h])
-                    if SW._inside_any(0.5 * (lo + hi), boxes, 0.3) or SW._inside_any(np.array([*centre, 0.5]), boxes, 0.3):
+                    if synthetic_world._inside_any(0.5 * (lo + hi), boxes, 0.3) or synthetic_world._inside_any(np.array([*centre, 0.5]), boxes, 0.3):
                         continue
                     if kind == "vehicle":
                         hue = rng.uniform(0, 1)
@@ -154,12 +154,12 @@ def make_props(rng: np.random.Generator, boxes: list[SW.Box]) -> list[Prop]:
     return props
 
 
-def _models(rng: np.random.Generator) -> tuple[list[SW.Box], list[SW.Box], list[Prop]]:
-    boxes = SW._make_city(rng)
+def _models(rng: np.random.Generator) -> tuple[list[synthetic_world.Box], list[synthetic_world.Box], list[Prop]]:
+    boxes = synthetic_world._make_city(rng)
     return boxes, degraded_copy(boxes, rng), make_props(rng, boxes)
 
 
-def world_models(seed: int) -> tuple[list[SW.Box], list[SW.Box], list[Prop]]:
+def world_models(seed: int) -> tuple[list[synthetic_world.Box], list[synthetic_world.Box], list[Prop]]:
     """The realistic world's models for ``seed`` in its render frame: (full model's buildings,
     the aerial model's buildings, the full model's small objects)."""
     return _models(np.random.default_rng([seed, 23]))
@@ -168,15 +168,15 @@ def world_models(seed: int) -> tuple[list[SW.Box], list[SW.Box], list[Prop]]:
 # ----------------------------------------------------------------------------- rays, casting
 
 
-def _grid_rays(view: SW.View) -> np.ndarray:
+def _grid_rays(view: synthetic_world.View) -> np.ndarray:
     """World ray directions (H, W, 3), camera-z component 1."""
-    return SW._rays(view).reshape(view.height, view.width, 3)
+    return synthetic_world._rays(view).reshape(view.height, view.width, 3)
 
 
 _BOX_EDGES = [(a, b) for a in range(8) for b in range(a + 1, 8) if bin(a ^ b).count("1") == 1]
 
 
-def _screen_rect(view: SW.View, lo: np.ndarray, hi: np.ndarray) -> tuple[int, int, int, int] | None:
+def _screen_rect(view: synthetic_world.View, lo: np.ndarray, hi: np.ndarray) -> tuple[int, int, int, int] | None:
     """Pixel rectangle ``(v0, v1, u0, u1)`` holding the projection of the box's part in front
     of the camera (edges clipped at 5 cm), or None when it is behind or off the image."""
     corners = np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
@@ -199,7 +199,7 @@ def _screen_rect(view: SW.View, lo: np.ndarray, hi: np.ndarray) -> tuple[int, in
     return None if u0 >= u1 or v0 >= v1 else (v0, v1, u0, u1)
 
 
-def _cast_props(view: SW.View, d: np.ndarray, depth: np.ndarray, fid: np.ndarray, props: list[Prop]) -> None:
+def _cast_props(view: synthetic_world.View, d: np.ndarray, depth: np.ndarray, fid: np.ndarray, props: list[Prop]) -> None:
     """Add the small objects to ``depth``/``fid`` ((H, W), 0 = nothing), casting each one only
     against the rays of its projected bounding rectangle."""
     o = view.centre
@@ -210,9 +210,9 @@ def _cast_props(view: SW.View, d: np.ndarray, depth: np.ndarray, fid: np.ndarray
         v0, v1, u0, u1 = rect
         sub = d[v0:v1, u0:u1].reshape(-1, 3)
         if pr.sphere is None:
-            tnear, tfar, tmin = SW.slab(o, SW.inverse_directions(sub), pr.lo, pr.hi)
+            tnear, tfar, tmin = synthetic_world.slab(o, synthetic_world.inverse_directions(sub), pr.lo, pr.hi)
             ok = (tnear <= tfar) & (tnear > 1e-6)
-            axis = SW.entry_axis(tmin, tnear, np.ones(len(sub), bool))
+            axis = synthetic_world.entry_axis(tmin, tnear, np.ones(len(sub), bool))
             face = 2 * axis + (np.choose(axis, [sub[:, 0], sub[:, 1], sub[:, 2]]) < 0)
         else:
             c, rad = pr.sphere
@@ -234,12 +234,12 @@ def _cast_props(view: SW.View, d: np.ndarray, depth: np.ndarray, fid: np.ndarray
             fid[v0:v1, u0:u1] = cur_f.reshape(v1 - v0, u1 - u0)
 
 
-def cast_view(view: SW.View, boxes: list[SW.Box], props: list[Prop], d: np.ndarray | None = None
+def cast_view(view: synthetic_world.View, boxes: list[synthetic_world.Box], props: list[Prop], d: np.ndarray | None = None
               ) -> tuple[np.ndarray, np.ndarray]:
     """(depth (H, W), face id (H, W)) of ``view`` in the model of ``boxes`` and ``props``
     (``d``: the view's rays from :func:`_grid_rays`, when already made)."""
     d = _grid_rays(view) if d is None else d
-    depth, fid = SW.cast_rays(view.centre, d.reshape(-1, 3), view.r_c2w[:, 2], boxes)
+    depth, fid = synthetic_world.cast_rays(view.centre, d.reshape(-1, 3), view.r_c2w[:, 2], boxes)
     depth, fid = depth.reshape(view.height, view.width), fid.reshape(view.height, view.width)
     if props:
         _cast_props(view, d, depth, fid, props)
@@ -249,15 +249,15 @@ def cast_view(view: SW.View, boxes: list[SW.Box], props: list[Prop], d: np.ndarr
 # ----------------------------------------------------------------------------- shading
 
 
-def _lit(p: np.ndarray, n: np.ndarray, sun: np.ndarray, boxes: list[SW.Box]) -> np.ndarray:
+def _lit(p: np.ndarray, n: np.ndarray, sun: np.ndarray, boxes: list[synthetic_world.Box]) -> np.ndarray:
     """1 where the point ``p`` (M, 3) with normal ``n`` sees the sun past the buildings, else 0."""
     o = p + 0.05 * n
-    inv = SW.inverse_directions(np.asarray(sun, float)[None])
+    inv = synthetic_world.inverse_directions(np.asarray(sun, float)[None])
     lit = np.ones(len(p), bool)
     for b in boxes:
         if not lit.any():
             break
-        tnear, tfar, _ = SW.slab(o, inv, b.lo, b.hi)
+        tnear, tfar, _ = synthetic_world.slab(o, inv, b.lo, b.hi)
         lit &= ~((tnear <= tfar) & (tfar > 0))
     return lit.astype(np.float64)
 
@@ -272,18 +272,18 @@ def _sky(d: np.ndarray, light: Light, seed: int) -> np.ndarray:
     if light.clouds > 0:
         z = np.maximum(dn[:, 2], 0.03)
         cu, cv = dn[:, 0] / z * 3.0, dn[:, 1] / z * 3.0
-        cl = SW._vnoise(cu, cv, seed) * 0.6 + SW._vnoise(cu * 2.7, cv * 2.7, seed + 1) * 0.4
+        cl = synthetic_world._vnoise(cu, cv, seed) * 0.6 + synthetic_world._vnoise(cu * 2.7, cv * 2.7, seed + 1) * 0.4
         cover = np.clip((cl - (1.0 - light.clouds)) * 3.0, 0, 1)[:, None]
         col = col * (1 - cover) + cover * np.array([0.85, 0.86, 0.88]) * (0.75 + 0.25 * cl[:, None])
     return col
 
 
-def shade(view: SW.View, boxes: list[SW.Box], props: list[Prop], depth: np.ndarray, fid: np.ndarray,
-          light: Light, seed: int, shadow_boxes: list[SW.Box], min_foot: float = 0.0,
+def shade(view: synthetic_world.View, boxes: list[synthetic_world.Box], props: list[Prop], depth: np.ndarray, fid: np.ndarray,
+          light: Light, seed: int, shadow_boxes: list[synthetic_world.Box], min_foot: float = 0.0,
           d: np.ndarray | None = None) -> np.ndarray:
     """Linear colour (H, W, 3) of the cast view: textures (of the easy world's procedural
     materials), sun with cast shadows from ``shadow_boxes``, sky ambient, sky."""
-    d = SW._rays(view) if d is None else d.reshape(-1, 3)
+    d = synthetic_world._rays(view) if d is None else d.reshape(-1, 3)
     dep, fi = depth.reshape(-1), fid.reshape(-1)
     n_px = d.shape[0]
     col = np.zeros((n_px, 3))
@@ -295,7 +295,7 @@ def shade(view: SW.View, boxes: list[SW.Box], props: list[Prop], depth: np.ndarr
         col[sky] = _sky(d[sky], light, seed + 77)
     g = fi == -1
     if g.any():
-        col[g] = SW._ground_colour(p[g, 0], p[g, 1], foot[g], seed)
+        col[g] = synthetic_world._ground_colour(p[g, 0], p[g, 1], foot[g], seed)
         normal[g] = (0.0, 0.0, 1.0)
     for bi, b in enumerate(boxes):
         for k in range(6):
@@ -305,10 +305,10 @@ def shade(view: SW.View, boxes: list[SW.Box], props: list[Prop], depth: np.ndarr
             axis, positive = divmod(k, 2)
             q = p[m]
             if axis == 2:
-                c = SW._roof_colour(q[:, 0], q[:, 1], foot[m], b, seed + 1000 * bi)
+                c = synthetic_world._roof_colour(q[:, 0], q[:, 1], foot[m], b, seed + 1000 * bi)
             else:
                 u = q[:, 1 - axis] * (1 if positive else -1) + 1000.0 * k
-                c = SW._wall_colour(u, q[:, 2], foot[m], b, seed + 1000 * bi + 7 * k, b.hi[2])
+                c = synthetic_world._wall_colour(u, q[:, 2], foot[m], b, seed + 1000 * bi + 7 * k, b.hi[2])
             col[m] = c
             normal[m, axis] = 1.0 if positive else -1.0
     pm = fi >= PROP_BASE
@@ -321,7 +321,7 @@ def shade(view: SW.View, boxes: list[SW.Box], props: list[Prop], depth: np.ndarr
             pr = props[pi]
             q = p[sel]
             zrel = q[:, 2] - pr.lo[2]
-            noise = 0.15 * (SW._vnoise(q[:, 0] * 4 + q[:, 1] * 4, q[:, 2] * 4, seed + 31 * int(pi)) - 0.5)
+            noise = 0.15 * (synthetic_world._vnoise(q[:, 0] * 4 + q[:, 1] * 4, q[:, 2] * 4, seed + 31 * int(pi)) - 0.5)
             c = np.tile(pr.colour, (len(sel), 1)) * (1 + noise[:, None])
             if pr.kind == "person":
                 c[zrel < 0.85] = np.array([0.12, 0.13, 0.2])  # trousers
@@ -332,7 +332,7 @@ def shade(view: SW.View, boxes: list[SW.Box], props: list[Prop], depth: np.ndarr
                 c[zrel < 0.35] = np.array([0.05, 0.05, 0.05])  # wheels / shadow band
             if pr.sphere is not None:
                 nn = (q - pr.sphere[0]) / pr.sphere[1]
-                leaves = SW._vnoise(q[:, 0] * 3 + 50 * q[:, 2], q[:, 1] * 3, seed + 5 + int(pi))
+                leaves = synthetic_world._vnoise(q[:, 0] * 3 + 50 * q[:, 2], q[:, 1] * 3, seed + 5 + int(pi))
                 c = c * (0.6 + 0.8 * leaves[:, None])
             else:
                 nn = np.zeros((len(sel), 3))
@@ -402,7 +402,7 @@ def develop(rgb: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, dict
     sigma = np.sqrt(shot * np.clip(img, 0, None) + read * read)
     img = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
     img = np.clip(img, 0, 1) ** gamma
-    out = SW._to_u8_bgr(img)
+    out = synthetic_world._to_u8_bgr(img)
     return out, {"exposure": exposure, "white_balance": wb.tolist(), "vignette": vignette, "blur_px": blur,
                  "noise_shot": shot, "noise_read": read, "gamma": gamma}
 
@@ -431,14 +431,14 @@ def raw_camera(rng: np.random.Generator, size: tuple[int, int], fov_long_deg: fl
 
 
 def dense_view(r_c2w: np.ndarray, pos: np.ndarray, model: str, params: list[float], dist: tuple,
-               size: tuple[int, int]) -> SW.View:
+               size: tuple[int, int]) -> synthetic_world.View:
     """The pinhole camera of the dense (undistorted) image of a raw camera, by the ingest's rule."""
     k_raw = np.array([[params[0], 0, params[1]], [0, params[0], params[2]], [0, 0, 1.0]])
-    k = MD.dense_intrinsics(MD.ModelEntry(k_raw, np.eye(4), size, dist, model), size)
-    return SW.View(r_c2w, np.asarray(pos, float), float(k[0, 0]), float(k[0, 2]), float(k[1, 2]), size[0], size[1])
+    k = megadepth.dense_intrinsics(megadepth.ModelEntry(k_raw, np.eye(4), size, dist, model), size)
+    return synthetic_world.View(r_c2w, np.asarray(pos, float), float(k[0, 0]), float(k[0, 2]), float(k[1, 2]), size[0], size[1])
 
 
-def distort_points(view: SW.View, params: list[float], dist: tuple, pts: list[tuple[float, float, int]]
+def distort_points(view: synthetic_world.View, params: list[float], dist: tuple, pts: list[tuple[float, float, int]]
                    ) -> list[tuple[float, float, int]]:
     """Dense-image observations mapped to the raw (distorted) photo's pixels."""
     if not pts:
@@ -454,8 +454,8 @@ def distort_points(view: SW.View, params: list[float], dist: tuple, pts: list[tu
 # ----------------------------------------------------------------------------- poses of photos
 
 
-def _clear(pos: np.ndarray, boxes: list[SW.Box], props: list[Prop], margin: float = 1.0) -> bool:
-    if SW._inside_any(pos, boxes, margin):
+def _clear(pos: np.ndarray, boxes: list[synthetic_world.Box], props: list[Prop], margin: float = 1.0) -> bool:
+    if synthetic_world._inside_any(pos, boxes, margin):
         return False
     for pr in props:
         if pr.sphere is not None:
@@ -469,9 +469,9 @@ def _clear(pos: np.ndarray, boxes: list[SW.Box], props: list[Prop], margin: floa
 def _street_pose(rng: np.random.Generator, boxes, props, pitch_deg=(0.0, 18.0), turn_deg=40.0):
     """A photographer on the street loop around the central block: (position, c2w rotation)."""
     for _ in range(1000):
-        xy, d = SW._ring_point(rng.uniform(0, 1))
+        xy, d = synthetic_world._ring_point(rng.uniform(0, 1))
         side = np.array([-d[1], d[0]])
-        xy = xy + side * rng.uniform(-SW.STREET_HALF + 0.8, SW.STREET_HALF - 0.8)
+        xy = xy + side * rng.uniform(-synthetic_world.STREET_HALF + 0.8, synthetic_world.STREET_HALF - 0.8)
         pos = np.array([xy[0], xy[1], rng.uniform(1.4, 1.9)])
         if _clear(pos, boxes, props):
             break
@@ -486,16 +486,16 @@ def _street_pose(rng: np.random.Generator, boxes, props, pitch_deg=(0.0, 18.0), 
     return pos, r @ np.array([[c, -s, 0], [s, c, 0], [0, 0, 1.0]])
 
 
-def _restyled(b: SW.Box, style: SW.Box) -> SW.Box:
-    return SW.Box(lo=b.lo, hi=np.array([b.hi[0], b.hi[1], max(b.hi[2], 12.0)]), colour=style.colour, roof=style.roof,
+def _restyled(b: synthetic_world.Box, style: synthetic_world.Box) -> synthetic_world.Box:
+    return synthetic_world.Box(lo=b.lo, hi=np.array([b.hi[0], b.hi[1], max(b.hi[2], 12.0)]), colour=style.colour, roof=style.roof,
                   window_dx=style.window_dx, window_dz=style.window_dz, brick=style.brick)
 
 
-def distractor_scene(kind: str, rng: np.random.Generator, boxes: list[SW.Box]):
+def distractor_scene(kind: str, rng: np.random.Generator, boxes: list[synthetic_world.Box]):
     """(boxes, props, position, c2w, texture seed) of a distractor of ``kind`` in a foreign city."""
     f_seed = int(rng.integers(10**6, 10**9))
     f_rng = np.random.default_rng(f_seed)
-    f_boxes = SW._make_city(f_rng)
+    f_boxes = synthetic_world._make_city(f_rng)
     f_props = make_props(f_rng, f_boxes) if kind in ("other_place", "repeated_facade") else []
     if kind == "repeated_facade":  # a building of the same style as one of the scene's, seen from the street
         style = boxes[int(rng.integers(len(boxes)))]
@@ -531,7 +531,7 @@ def distractor_scene(kind: str, rng: np.random.Generator, boxes: list[SW.Box]):
 # ----------------------------------------------------------------------------- contact sheet
 
 
-def _contact_sheet(path: Path, video: Path, aerial_views: list[SW.View], photos: list[tuple[SW.View, Path, np.ndarray]],
+def _contact_sheet(path: Path, video: Path, aerial_views: list[synthetic_world.View], photos: list[tuple[synthetic_world.View, Path, np.ndarray]],
                    aer_depth_paths: list[Path], max_rows: int = 6, row_h: int = 240) -> None:
     """PNG: per row an aerial frame and a photo that see the same spot (a red ring on both)."""
     from tasks.aerial.dense.io import read_depth_h5
@@ -622,7 +622,7 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: float, alt0: float, n_aerial: int,
                        n_ground: int, size: tuple[int, int], trajectory_options: dict | None, distractors: int | None,
-                       params: dict, progress=None) -> SW.WorldInfo:
+                       params: dict, progress=None) -> synthetic_world.WorldInfo:
     """Generate the realistic world under ``root`` (module doc); ``n_ground`` photos in the
     scene list, ``distractors`` of them distractors (default: a quarter)."""
     t_start = time.perf_counter()
@@ -642,7 +642,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
     render_s = 0.0
     # ---- aerial frames: the degraded model, textures coarse, one sun baked in
     offs = rng.uniform(0, 2 * math.pi, 3)
-    plan = SW.world_plan(scene, lat0, lon0, alt0, n_aerial, (width, height), offs, **(trajectory_options or {}))
+    plan = synthetic_world.world_plan(scene, lat0, lon0, alt0, n_aerial, (width, height), offs, **(trajectory_options or {}))
     f_aerial = focal_from_fov(height, plan.trajectory.fov)
     from tasks.aerial import esp as esp_format
     from tasks.aerial import plan as planning
@@ -652,19 +652,19 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
     planning.write_plan(plan, plan_path)
     aer_pos = [c.position_enu for c in plan.cameras]
     aer_rot = [c.cam2world_enu for c in plan.cameras]
-    a_wf, b_wf, first_geo = SW._rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
+    a_wf, b_wf, first_geo = synthetic_world._rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
     layout = SceneLayout(root, scene)
     video_path, json_path, gt_depths = layout.video, layout.camera_export, layout.gt_depths
     es = export_document(plan)
     light_a = aerial_light(rng)
     frame_names = [frame_name(scene, k, n_aerial) for k in range(n_aerial)]
-    aer_views = [SW.View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height)
+    aer_views = [synthetic_world.View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height)
                  for k in range(n_aerial)]
 
-    def render_aerial(view: SW.View) -> tuple[np.ndarray, np.ndarray]:
+    def render_aerial(view: synthetic_world.View) -> tuple[np.ndarray, np.ndarray]:
         depth, _ = cast_view(view, aerial_boxes, [])
         hw, hh = max(8, width // 2), max(8, height // 2)
-        small = SW.View(view.r_c2w, view.centre, view.f * hw / width, view.cx * hw / width, view.cy * hh / height, hw, hh)
+        small = synthetic_world.View(view.r_c2w, view.centre, view.f * hw / width, view.cx * hw / width, view.cy * hh / height, hw, hh)
         rays = _grid_rays(small)
         d_s, f_s = cast_view(small, aerial_boxes, [], rays)
         col = shade(small, aerial_boxes, [], d_s, f_s, light_a, seed, aerial_boxes, min_foot=AERIAL_TEXTURE_M, d=rays)
@@ -676,11 +676,11 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
     aer_depth_paths = [gt_depths / f"{Path(n).stem}.h5" for n in frame_names]
     t0 = time.perf_counter()
     with atomic_path(video_path) as tmp_video:
-        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), SW.FRAME_RATE, (width, height))
+        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), synthetic_world.FRAME_RATE, (width, height))
         if not writer.isOpened():
             raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
-        for k, (rgb, depth) in enumerate(SW.render_stream(render_aerial, aer_views, on_each=on_each)):
-            writer.write(SW._to_u8_bgr(rgb))
+        for k, (rgb, depth) in enumerate(synthetic_world.render_stream(render_aerial, aer_views, on_each=on_each)):
+            writer.write(synthetic_world._to_u8_bgr(rgb))
             write_depth_h5(aer_depth_paths[k], depth)
             r_first = a_wf @ aer_rot[k]
             c_first = a_wf @ aer_pos[k] + b_wf
@@ -693,11 +693,11 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
 
     # ---- photos: true ones of the full model, distractors of foreign cities; order shuffled
     sim_s = float(rng.uniform(0.05, 0.5))
-    sim_r = SW._random_rotation(rng)
+    sim_r = synthetic_world._random_rotation(rng)
     sim_t = rng.uniform(-50, 50, 3)
     md_root = default_megadepth(root)
-    sfm_dir = MD.sparse_model_dir(md_root, scene, "0")
-    dense = MD.dense_dir(md_root, scene, "0")
+    sfm_dir = megadepth.sparse_model_dir(md_root, scene, "0")
+    dense = megadepth.dense_dir(md_root, scene, "0")
     img_dir, md_depth_dir = dense / "imgs", dense / "depths"
     img_dir.mkdir(parents=True, exist_ok=True)
     md_depth_dir.mkdir(parents=True, exist_ok=True)
@@ -723,7 +723,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
                 ang = prng.uniform(0, 2 * math.pi)
                 offset = np.array([math.cos(ang), math.sin(ang), 0.0]) * prng.uniform(350, 600)
             else:  # placed by MegaDepth's own reconstruction near the scene's streets
-                near, _ = SW._ring_point(prng.uniform(0, 1))
+                near, _ = synthetic_world._ring_point(prng.uniform(0, 1))
                 offset = np.array([near[0] - pos[0], near[1] - pos[1], 0.0])
         model, cam_params, dist = raw_camera(prng, psize, fov)
         view = dense_view(r_c2w, pos, model, cam_params, dist, psize)
@@ -742,15 +742,15 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
 
     per_photo = max(1, 400 // max(n_true, 1))
     samples: list[tuple[np.ndarray, np.ndarray]] = []
-    true_views: list[SW.View] = []
+    true_views: list[synthetic_world.View] = []
     true_jobs: list[dict] = []
     sheet_photos = []
     photo_meta = []
     t0 = time.perf_counter()
-    for job, (bgr, depth, occluded) in zip(jobs, SW.render_stream(render_photo, jobs, on_each=on_each)):
+    for job, (bgr, depth, occluded) in zip(jobs, synthetic_world.render_stream(render_photo, jobs, on_each=on_each)):
         name, view = job["name"], job["view"]
-        _jpeg(MD.raw_image_path(md_root, scene, "0", name), bgr, job["quality"])
-        write_depth_h5(MD.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
+        _jpeg(megadepth.raw_image_path(md_root, scene, "0", name), bgr, job["quality"])
+        write_depth_h5(megadepth.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
         photo_meta.append({"name": name, "kind": job["kind"], "size": [view.width, view.height], "model": job["model"],
                            "params": job["params"], "jpeg_quality": job["quality"], "occluder_share": occluded})
         if job["kind"] != "true":
@@ -764,7 +764,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
             dz = depth[int(v), int(u)]
             if 5.0 < dz < 80.0:
                 spots.append(view.centre + view.r_c2w @ np.array([(u - view.cx) / view.f, (v - view.cy) / view.f, 1.0]) * dz)
-        sheet_photos.append((view, MD.raw_image_path(md_root, scene, "0", name), spots))
+        sheet_photos.append((view, megadepth.raw_image_path(md_root, scene, "0", name), spots))
         vv, uu = np.nonzero(depth > 0)
         if vv.size == 0:
             continue
@@ -775,7 +775,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
             samples.append((x_w, bgr[vv[p], uu[p], ::-1].copy()))
     render_s += time.perf_counter() - t0
     true_names = [j["name"] for j in true_jobs]
-    pts2d, tracks = SW._tracks(true_views, [gt_depths / f"{Path(n).stem}.h5" for n in true_names], [x for x, _ in samples])
+    pts2d, tracks = synthetic_world._tracks(true_views, [gt_depths / f"{Path(n).stem}.h5" for n in true_names], [x for x, _ in samples])
     points = [(a_wf @ x_w + b_wf, colour, track) for (x_w, colour), track in zip(samples, tracks)]
 
     # ---- models: MegaDepth's (all photos, raw distorted cameras, its similarity frame) and the truth
@@ -801,8 +801,8 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
         md_images.append((iid, name, r_md, t_md, obs))
     points = [(x, c, [(md_ids[i], k) for i, k in tr]) for x, c, tr in points]  # true-photo ids -> image ids
     md_points = [(sim_s * sim_r @ x + sim_t, c, tr) for x, c, tr in points]
-    SW._write_model(sfm_dir, md_cams, md_images, md_points)
-    SW._write_model(layout.gt_sparse, gt_photo_cams + gt_cams, gt_photo_images + gt_images, points)
+    synthetic_world._write_model(sfm_dir, md_cams, md_images, md_points)
+    synthetic_world._write_model(layout.gt_sparse, gt_photo_cams + gt_cams, gt_photo_images + gt_images, points)
     distractor_list = [{"name": j["name"], "kind": j["kind"]} for j in jobs if j["kind"] != "true"]
     write_json_atomic(layout.gt_sparse.parent / DISTRACTORS_NAME, distractor_list, indent=2)
     write_json_atomic(layout.gt_sparse.parent / "photos.json", photo_meta, indent=2)
@@ -811,7 +811,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
     write_json_atomic(scene_list, [{"scene": scene, "subscene": "0", "images": photo_names}], indent=2)
     _contact_sheet(root / CONTACT_SHEET, video_path, aer_views, sheet_photos, aer_depth_paths)
 
-    info = SW.WorldInfo(
+    info = synthetic_world.WorldInfo(
         root=root, scene=scene, seed=seed, origin=(lat0, lon0, alt0), first_frame_origin=first_geo,
         width=width, height=height, n_frames=n_aerial, n_photos=n_ground, video_path=video_path, json_path=json_path,
         megadepth_root=md_root, sfm_dir=sfm_dir, images_dir=img_dir, depths_dir=md_depth_dir,
@@ -819,8 +819,8 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
         frame_names=frame_names, sim_scale=sim_s, sim_rotation=sim_r.tolist(), sim_translation=sim_t.tolist(),
         render_seconds=render_s, total_seconds=time.perf_counter() - t_start, params=params,
         distractors=[d["name"] for d in distractor_list])
-    write_json_atomic(root / SW.INFO_NAME, info.to_json(), indent=2)
-    write_text_atomic(root / SW.MARKER, "ok\n")
+    write_json_atomic(root / synthetic_world.INFO_NAME, info.to_json(), indent=2)
+    write_text_atomic(root / synthetic_world.MARKER, "ok\n")
     return info
 
 

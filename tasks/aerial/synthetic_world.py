@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.aerial import megadepth as MD
+from tasks.aerial import megadepth
 from tasks.aerial.dense.io import write_depth_h5
 from tasks.aerial.earthstudio import export_document, frame_name
 from tasks.aerial.geometry import (
@@ -729,8 +729,8 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     sim_r = _random_rotation(rng)
     sim_t = rng.uniform(-50, 50, 3)
     md_root = default_megadepth(root)
-    sfm_dir = MD.sparse_model_dir(md_root, scene, "0")
-    dense = MD.dense_dir(md_root, scene, "0")
+    sfm_dir = megadepth.sparse_model_dir(md_root, scene, "0")
+    dense = megadepth.dense_dir(md_root, scene, "0")
     img_dir, md_depth_dir = dense / "imgs", dense / "depths"
     img_dir.mkdir(parents=True, exist_ok=True)
     md_depth_dir.mkdir(parents=True, exist_ok=True)
@@ -771,10 +771,10 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     for j, ((rgb, depth), (gamma, cast_, bright)) in enumerate(zip(ground_renders, grades)):
         view, name = jobs[j][0], photo_names[j]
         rgb = np.clip(bright * cast_ * rgb, 0, 1) ** gamma
-        with atomic_path(MD.raw_image_path(md_root, scene, "0", name)) as tmp:
+        with atomic_path(megadepth.raw_image_path(md_root, scene, "0", name)) as tmp:
             cv2.imwrite(str(tmp), _to_u8_bgr(rgb), [cv2.IMWRITE_JPEG_QUALITY, 95])
         write_depth_h5(gt_depths / f"{Path(name).stem}.h5", depth)
-        write_depth_h5(MD.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
+        write_depth_h5(megadepth.raw_depth_path(md_root, scene, "0", name), sim_s * depth)
         views.append(view)
         vv, uu = np.nonzero(depth > 0)
         if vv.size == 0:
