@@ -32,7 +32,9 @@ RECORD_PARTS = {"logs", ".prefect", "__pycache__"}
 RECORD_SUFFIXES = {".log", ".png", ".jpg.lock", ".lock", ".svg", ".html"}
 RECORD_NAMES = {"report.json", "report.md", "run.json", "runlock.json", "problems.json", "progress.json",
                 # resume bookkeeping of the multimodal run: file mtimes, lines in completion order
-                "h5_manifest.json", "stacks_index.jsonl"}
+                "h5_manifest.json", "stacks_index.jsonl",
+                # the synthetic world's record: its root folder and render times
+                "world_info.json"}
 
 
 def is_record(rel: Path) -> bool:

@@ -47,7 +47,7 @@ from tasks.aerial import megadepth
 from tasks.aerial import synthetic_world
 from tasks.aerial.dense.io import write_depth_h5
 from tasks.aerial.earthstudio import export_document, frame_name
-from tasks.aerial.geometry import focal_from_fov, look_at
+from tasks.aerial.geometry import look_at
 from tasks.aerial.layout import SceneLayout, default_megadepth, default_scene_list
 from tasks.common.atomic import atomic_path, write_json_atomic, write_text_atomic
 
@@ -641,18 +641,10 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
 
     render_s = 0.0
     # ---- aerial frames: the degraded model, textures coarse, one sun baked in
-    offs = rng.uniform(0, 2 * math.pi, 3)
-    plan = synthetic_world.world_plan(scene, lat0, lon0, alt0, n_aerial, (width, height), offs, **(trajectory_options or {}))
-    f_aerial = focal_from_fov(height, plan.trajectory.fov)
-    from tasks.aerial import esp as esp_format
-    from tasks.aerial import plan as planning
-
-    plan_path, esp_path = planning.plan_paths(root, scene)
-    esp_format.write_esp(plan, esp_path)
-    planning.write_plan(plan, plan_path)
-    aer_pos = [c.position_enu for c in plan.cameras]
-    aer_rot = [c.cam2world_enu for c in plan.cameras]
-    a_wf, b_wf, first_geo = synthetic_world._rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
+    aerial = synthetic_world.write_aerial_plan(root, scene, lat0, lon0, alt0, n_aerial, (width, height), rng,
+                                               trajectory_options)
+    plan, f_aerial, aer_pos, aer_rot = aerial.plan, aerial.focal, aerial.positions, aerial.rotations
+    a_wf, b_wf, first_geo = aerial.a_wf, aerial.b_wf, aerial.first_geo
     layout = SceneLayout(root, scene)
     video_path, json_path, gt_depths = layout.video, layout.camera_export, layout.gt_depths
     es = export_document(plan)
@@ -672,22 +664,11 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
         col = cv2.GaussianBlur(col, (0, 0), 0.7)
         return np.clip(col ** (1 / 1.1), 0, 1), depth
 
-    gt_cams, gt_images = [], []
     aer_depth_paths = [gt_depths / f"{Path(n).stem}.h5" for n in frame_names]
     t0 = time.perf_counter()
-    with atomic_path(video_path) as tmp_video:
-        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), synthetic_world.FRAME_RATE, (width, height))
-        if not writer.isOpened():
-            raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
-        for k, (rgb, depth) in enumerate(synthetic_world.render_stream(render_aerial, aer_views, on_each=on_each)):
-            writer.write(synthetic_world._to_u8_bgr(rgb))
-            write_depth_h5(aer_depth_paths[k], depth)
-            r_first = a_wf @ aer_rot[k]
-            c_first = a_wf @ aer_pos[k] + b_wf
-            iid = n_ground + 1 + k
-            gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [f_aerial, width / 2.0, height / 2.0]))
-            gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
-        writer.release()
+    gt_cams, gt_images = synthetic_world.write_aerial_footage(
+        video_path, aer_depth_paths, synthetic_world.render_stream(render_aerial, aer_views, on_each=on_each), aerial,
+        frame_names, n_ground + 1, (width, height))
     render_s += time.perf_counter() - t0
     write_json_atomic(json_path, es, indent=2)
 

@@ -27,11 +27,14 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
 
 import numpy as np
 
+from tasks.aerial import esp as esp_format
 from tasks.aerial import megadepth
+from tasks.aerial import plan as planning
 from tasks.aerial.dense.io import write_depth_h5
 from tasks.aerial.earthstudio import export_document, frame_name
 from tasks.aerial.geometry import (
@@ -494,6 +497,66 @@ def _rigid_world_to_first(lat0: float, lon0: float, alt0: float, first_enu_world
     return a, b, (lat_f, lon_f, alt_f)
 
 
+@dataclass
+class AerialPlan:
+    """The aerial frames of a synthetic world: their Earth Studio plan (written as the ``.esp`` and
+    the plan file), focal length in pixels, poses in the world (plan) frame, and the rigid map
+    from that frame to the first frame's (``a_wf @ x + b_wf``) with the first frame's geodetic
+    position."""
+
+    plan: Any
+    focal: float
+    positions: list[np.ndarray]
+    rotations: list[np.ndarray]
+    a_wf: np.ndarray
+    b_wf: np.ndarray
+    first_geo: tuple
+
+
+def write_aerial_plan(root: Path, scene: str, lat0: float, lon0: float, alt0: float, n_aerial: int,
+                      size: tuple[int, int], rng: np.random.Generator, trajectory_options: dict | None) -> AerialPlan:
+    """Plan the aerial frames of a synthetic world (the trajectory's phases drawn from ``rng``),
+    write the plan as Earth Studio's ``.esp`` and the plan file, and return it with its poses
+    (one owner for both worlds)."""
+    offs = rng.uniform(0, 2 * math.pi, 3)
+    plan = world_plan(scene, lat0, lon0, alt0, n_aerial, size, offs, **(trajectory_options or {}))
+    plan_path, esp_path = planning.plan_paths(root, scene)
+    esp_format.write_esp(plan, esp_path)
+    planning.write_plan(plan, plan_path)
+    positions = [c.position_enu for c in plan.cameras]
+    rotations = [c.cam2world_enu for c in plan.cameras]
+    a_wf, b_wf, first_geo = _rigid_world_to_first(lat0, lon0, alt0, positions[0])
+    return AerialPlan(plan, focal_from_fov(size[1], plan.trajectory.fov), positions, rotations, a_wf, b_wf, first_geo)
+
+
+def write_aerial_footage(video_path: Path, depth_paths: list[Path], renders, aerial: AerialPlan,
+                         frame_names: list[str], first_image_id: int,
+                         size: tuple[int, int]) -> tuple[list[tuple], list[tuple]]:
+    """Write the Earth Studio footage (mp4, atomically) and each frame's true depth from the
+    streamed ``renders`` ((rgb, depth) per frame, written and dropped one by one); return the
+    ground-truth cameras and images of the frames (ids from ``first_image_id``, first-frame
+    coordinates) for the ground-truth model."""
+    import cv2  # imported where used, as generate_world (see the PNG note in synthetic_realistic)
+
+    width, height = size
+    gt_cams: list[tuple] = []
+    gt_images: list[tuple] = []
+    with atomic_path(video_path) as tmp_video:
+        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
+        if not writer.isOpened():
+            raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
+        for k, (rgb, depth) in enumerate(renders):
+            writer.write(_to_u8_bgr(rgb))
+            write_depth_h5(depth_paths[k], depth)
+            r_first = aerial.a_wf @ aerial.rotations[k]
+            c_first = aerial.a_wf @ aerial.positions[k] + aerial.b_wf
+            iid = first_image_id + k
+            gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [aerial.focal, width / 2.0, height / 2.0]))
+            gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
+        writer.release()
+    return gt_cams, gt_images
+
+
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
     q = q * np.sign(np.diag(r))
@@ -680,18 +743,9 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     render_s = 0.0
 
     # ---- aerial poses (world frame = the plan frame): rendered from the plan, one source of truth
-    offs = rng.uniform(0, 2 * math.pi, 3)
-    plan = world_plan(scene, lat0, lon0, alt0, n_aerial, (width, height), offs, **(trajectory_options or {}))
-    f_aerial = focal_from_fov(height, plan.trajectory.fov)
-    from tasks.aerial import esp as esp_format
-    from tasks.aerial import plan as planning
-
-    plan_path, esp_path = planning.plan_paths(root, scene)
-    esp_format.write_esp(plan, esp_path)
-    planning.write_plan(plan, plan_path)
-    aer_pos = [c.position_enu for c in plan.cameras]
-    aer_rot = [c.cam2world_enu for c in plan.cameras]
-    a_wf, b_wf, first_geo = _rigid_world_to_first(lat0, lon0, alt0, aer_pos[0])
+    aerial = write_aerial_plan(root, scene, lat0, lon0, alt0, n_aerial, (width, height), rng, trajectory_options)
+    plan, f_aerial, aer_pos, aer_rot = aerial.plan, aerial.focal, aerial.positions, aerial.rotations
+    a_wf, b_wf, first_geo = aerial.a_wf, aerial.b_wf, aerial.first_geo
 
     # ---- Earth Studio export: what Earth Studio exports for that plan (numFrames + 1 entries, Global)
     layout = SceneLayout(root, scene)
@@ -702,25 +756,12 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     sun_aerial /= np.linalg.norm(sun_aerial)
     gt_depths = layout.gt_depths
     frame_names = [frame_name(scene, k, n_aerial) for k in range(n_aerial)]
-    gt_images = []
-    gt_cams = []
     aer_views = [View(aer_rot[k], aer_pos[k], f_aerial, width / 2.0, height / 2.0, width, height) for k in range(n_aerial)]
     t0 = time.perf_counter()
     aer_renders = render_stream(lambda v: render(v, boxes, sun_aerial, seed, (1.0, 1.0, 1.0)), aer_views,
                                 on_each=on_each)
-    with atomic_path(video_path) as tmp_video:
-        writer = cv2.VideoWriter(str(tmp_video), cv2.VideoWriter_fourcc(*"mp4v"), FRAME_RATE, (width, height))
-        if not writer.isOpened():
-            raise RuntimeError("cv2.VideoWriter could not open an mp4v writer")
-        for k, (rgb, depth) in enumerate(aer_renders):  # streamed: written and dropped one by one
-            writer.write(_to_u8_bgr(rgb))
-            write_depth_h5(gt_depths / f"{Path(frame_names[k]).stem}.h5", depth)
-            r_first = a_wf @ aer_rot[k]
-            c_first = a_wf @ aer_pos[k] + b_wf
-            iid = n_ground + 1 + k
-            gt_cams.append((iid, "SIMPLE_PINHOLE", width, height, [f_aerial, width / 2.0, height / 2.0]))
-            gt_images.append((iid, frame_names[k], r_first.T, -r_first.T @ c_first, []))
-        writer.release()
+    gt_cams, gt_images = write_aerial_footage(video_path, [gt_depths / f"{Path(n).stem}.h5" for n in frame_names],
+                                              aer_renders, aerial, frame_names, n_ground + 1, (width, height))
     render_s += time.perf_counter() - t0  # rendering and writing interleave: both are counted
     write_json_atomic(json_path, es, indent=2)
 
