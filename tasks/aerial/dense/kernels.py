@@ -186,11 +186,14 @@ def _geom_error(X0, X1, X2, u, v, s, R, t, Ks, Ksi, Kr, sdepth, sdw, sdh, gmax):
     return e if e < gmax else gmax
 
 
-@njit(cache=True, fastmath=True)
-def _cost(i, j, d, n0, n1, n2, P, costs):
-    """Aggregated cost of hypothesis (d, n) at pixel (i, j); per-source costs into ``costs``."""
-    (Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth,
-     sdwh) = P
+@njit(cache=True, fastmath=True, inline="always")
+def _plane_cost(i, j, d, n0, n1, n2, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom,
+                gw, gmax, sdepth, sdwh, costs, hm):
+    """Aggregated cost of hypothesis (d, n) at pixel (i, j): the mean of the ``k_best`` lowest
+    per-source costs (NCC, plus the weighted forward-backward error in the geometric pass); the
+    per-source costs go into ``costs``, ``hm`` (9 values) is scratch. One definition for both
+    targets: the CPU kernels call it through :func:`_cost`, :mod:`.kernels_cuda` compiles it as a
+    device function (a CUDA thread passes its local arrays)."""
     u = float(j)
     v = float(i)
     rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
@@ -202,7 +205,6 @@ def _cost(i, j, d, n0, n1, n2, P, costs):
     m0 = (Kri[0, 0] * n0) / c
     m1 = (Kri[0, 1] * n0 + Kri[1, 1] * n1) / c
     m2 = (Kri[0, 2] * n0 + Kri[1, 2] * n1 + n2) / c
-    hm = np.empty(9)
     ns = A.shape[0]
     for s in range(ns):
         for r in range(3):
@@ -232,6 +234,16 @@ def _cost(i, j, d, n0, n1, n2, P, costs):
     return tot / kb
 
 
+@njit(cache=True, fastmath=True)
+def _cost(i, j, d, n0, n1, n2, P, costs):
+    """:func:`_plane_cost` with the kernel inputs ``P`` (a tuple) and its own scratch."""
+    (Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth,
+     sdwh) = P
+    hm = np.empty(9)
+    return _plane_cost(i, j, d, n0, n1, n2, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best,
+                       geom, gw, gmax, sdepth, sdwh, costs, hm)
+
+
 @njit(cache=True, fastmath=True, inline="always")
 def _random_normal(seed, i, j, it, k, rx, ry):
     """A random unit normal facing the camera ray (rx, ry, 1)."""
@@ -257,31 +269,121 @@ def _perturb_normal(n0, n1, n2, amount, seed, i, j, it, k, rx, ry):
     return a0, a1, a2
 
 
+@njit(cache=True, fastmath=True)
+def _initialise_pixel(i, j, depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step,
+                      k_best, geom, gw, gmax, sdepth, sdwh, inv_min, inv_max, min_var, seed, costs, hm):
+    """:func:`initialise` at pixel (i, j) (one definition for the CPU rows and the CUDA threads)."""
+    if var[i, j] <= min_var:
+        depth[i, j] = 0.0
+        cost[i, j] = BAD
+        return
+    rx = Kri[0, 0] * j + Kri[0, 1] * i + Kri[0, 2]
+    ry = Kri[1, 1] * i + Kri[1, 2]
+    if depth[i, j] <= 0.0:
+        inv = inv_max + (inv_min - inv_max) * _rand(seed, i, j, 0, 0)
+        depth[i, j] = 1.0 / inv
+        n0, n1, n2 = _random_normal(seed, i, j, 0, 1, rx, ry)
+        normal[i, j, 0] = n0
+        normal[i, j, 1] = n1
+        normal[i, j, 2] = n2
+    cost[i, j] = _plane_cost(i, j, depth[i, j], normal[i, j, 0], normal[i, j, 1], normal[i, j, 2], Kri, Kr, A, b, R, t,
+                             Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth, sdwh, costs,
+                             hm)
+
+
 @njit(parallel=True, cache=True, fastmath=True)
 def initialise(depth, normal, cost, P, inv_min, inv_max, min_var, seed):
     """Random hypotheses (uniform in inverse depth within the range, random facing normals) for
     every textured pixel of ``depth`` that is 0; costs of all hypotheses."""
+    (Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth,
+     sdwh) = P
     h, w = depth.shape
-    Kri = P[0]
-    var = P[12]
-    ns = P[2].shape[0]
+    ns = A.shape[0]
     for i in prange(h):
         costs = np.empty(ns)
+        hm = np.empty(9)
         for j in range(w):
-            if var[i, j] <= min_var:
-                depth[i, j] = 0.0
-                cost[i, j] = BAD
-                continue
-            rx = Kri[0, 0] * j + Kri[0, 1] * i + Kri[0, 2]
-            ry = Kri[1, 1] * i + Kri[1, 2]
-            if depth[i, j] <= 0.0:
-                inv = inv_max + (inv_min - inv_max) * _rand(seed, i, j, 0, 0)
-                depth[i, j] = 1.0 / inv
-                n0, n1, n2 = _random_normal(seed, i, j, 0, 1, rx, ry)
-                normal[i, j, 0] = n0
-                normal[i, j, 1] = n1
-                normal[i, j, 2] = n2
-            cost[i, j] = _cost(i, j, depth[i, j], normal[i, j, 0], normal[i, j, 1], normal[i, j, 2], P, costs)
+            _initialise_pixel(i, j, depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half,
+                              step, k_best, geom, gw, gmax, sdepth, sdwh, inv_min, inv_max, min_var, seed, costs, hm)
+
+
+@njit(cache=True, fastmath=True)
+def _sweep_pixel(i, j, it, depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step,
+                 k_best, geom, gw, gmax, sdepth, sdwh, d_min, d_max, seed, pert, costs, hm):
+    """:func:`sweep` at pixel (i, j): its 8 other-colour neighbours' planes, then 4 refinements,
+    the cheapest kept (one definition for the CPU rows and the CUDA threads)."""
+    h, w = depth.shape
+    inv_min = 1.0 / d_max
+    inv_max = 1.0 / d_min
+    u = float(j)
+    v = float(i)
+    rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
+    ry = Kri[1, 1] * v + Kri[1, 2]
+    bd = float(depth[i, j])
+    b0 = float(normal[i, j, 0])
+    b1 = float(normal[i, j, 1])
+    b2 = float(normal[i, j, 2])
+    bc = float(cost[i, j])
+    for q in range(8):
+        ni = i + _NI[q]
+        nj = j + _NJ[q]
+        if ni < 0 or nj < 0 or ni >= h or nj >= w:
+            continue
+        dq = depth[ni, nj]
+        if dq <= 0.0:
+            continue
+        m0 = normal[ni, nj, 0]
+        m1 = normal[ni, nj, 1]
+        m2 = normal[ni, nj, 2]
+        qx = Kri[0, 0] * nj + Kri[0, 1] * ni + Kri[0, 2]
+        qy = Kri[1, 1] * ni + Kri[1, 2]
+        den = m0 * rx + m1 * ry + m2
+        if den > -1e-6:
+            continue
+        dp = dq * (m0 * qx + m1 * qy + m2) / den
+        if dp < d_min or dp > d_max:
+            continue
+        c = _plane_cost(i, j, dp, m0, m1, m2, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step,
+                        k_best, geom, gw, gmax, sdepth, sdwh, costs, hm)
+        if c < bc:
+            bc = c
+            bd = dp
+            b0 = m0
+            b1 = m1
+            b2 = m2
+    # refinement (COLMAP: a random and a perturbed hypothesis, mixed with the current one)
+    inv = inv_max + (inv_min - inv_max) * _rand(seed, i, j, it, 8)
+    d_rand = 1.0 / inv
+    r0, r1, r2 = _random_normal(seed, i, j, it, 9, rx, ry)
+    d_pert = bd * (1.0 + pert * (2.0 * _rand(seed, i, j, it, 11) - 1.0))
+    if d_pert < d_min or d_pert > d_max:
+        d_pert = bd
+    p0, p1, p2 = _perturb_normal(b0, b1, b2, pert, seed, i, j, it, 12, rx, ry)
+    c0 = b0
+    c1 = b1
+    c2 = b2
+    for q in range(4):
+        if q == 0:
+            dd, e0, e1, e2 = d_rand, c0, c1, c2
+        elif q == 1:
+            dd, e0, e1, e2 = bd, r0, r1, r2
+        elif q == 2:
+            dd, e0, e1, e2 = d_pert, p0, p1, p2
+        else:
+            dd, e0, e1, e2 = d_pert, c0, c1, c2
+        c = _plane_cost(i, j, dd, e0, e1, e2, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step,
+                        k_best, geom, gw, gmax, sdepth, sdwh, costs, hm)
+        if c < bc:
+            bc = c
+            bd = dd
+            b0 = e0
+            b1 = e1
+            b2 = e2
+    depth[i, j] = bd
+    normal[i, j, 0] = b0
+    normal[i, j, 1] = b1
+    normal[i, j, 2] = b2
+    cost[i, j] = bc
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -289,70 +391,74 @@ def sweep(color, it, depth, normal, cost, P, d_min, d_max, min_var, seed, pert):
     """One half-iteration: every pixel of checkerboard ``color`` tries its 8 other-colour
     neighbours' planes (propagation) and 4 random refinements (a new depth, a new normal, and
     both perturbed by ``pert``), keeping the cheapest."""
+    (Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth,
+     sdwh) = P
     h, w = depth.shape
-    Kri = P[0]
-    var = P[12]
-    ns = P[2].shape[0]
-    inv_min = 1.0 / d_max
-    inv_max = 1.0 / d_min
+    ns = A.shape[0]
     for i in prange(h):
         costs = np.empty(ns)
+        hm = np.empty(9)
         for j in range((i + color) % 2, w, 2):
             if var[i, j] <= min_var:
                 continue
-            u = float(j)
-            v = float(i)
-            rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
-            ry = Kri[1, 1] * v + Kri[1, 2]
-            bd = depth[i, j]
-            b0, b1, b2 = normal[i, j, 0], normal[i, j, 1], normal[i, j, 2]
-            bc = cost[i, j]
-            for q in range(8):
-                ni = i + _NI[q]
-                nj = j + _NJ[q]
-                if ni < 0 or nj < 0 or ni >= h or nj >= w:
-                    continue
-                dq = depth[ni, nj]
-                if dq <= 0.0:
-                    continue
-                m0, m1, m2 = normal[ni, nj, 0], normal[ni, nj, 1], normal[ni, nj, 2]
-                qx = Kri[0, 0] * nj + Kri[0, 1] * ni + Kri[0, 2]
-                qy = Kri[1, 1] * ni + Kri[1, 2]
-                den = m0 * rx + m1 * ry + m2
-                if den > -1e-6:
-                    continue
-                dp = dq * (m0 * qx + m1 * qy + m2) / den
-                if dp < d_min or dp > d_max:
-                    continue
-                c = _cost(i, j, dp, m0, m1, m2, P, costs)
-                if c < bc:
-                    bc, bd, b0, b1, b2 = c, dp, m0, m1, m2
-            # refinement (COLMAP: a random and a perturbed hypothesis, mixed with the current one)
-            inv = inv_max + (inv_min - inv_max) * _rand(seed, i, j, it, 8)
-            d_rand = 1.0 / inv
-            r0, r1, r2 = _random_normal(seed, i, j, it, 9, rx, ry)
-            d_pert = bd * (1.0 + pert * (2.0 * _rand(seed, i, j, it, 11) - 1.0))
-            if d_pert < d_min or d_pert > d_max:
-                d_pert = bd
-            p0, p1, p2 = _perturb_normal(b0, b1, b2, pert, seed, i, j, it, 12, rx, ry)
-            c0, c1, c2 = b0, b1, b2
-            for q in range(4):
-                if q == 0:
-                    dd, e0, e1, e2 = d_rand, c0, c1, c2
-                elif q == 1:
-                    dd, e0, e1, e2 = bd, r0, r1, r2
-                elif q == 2:
-                    dd, e0, e1, e2 = d_pert, p0, p1, p2
-                else:
-                    dd, e0, e1, e2 = d_pert, c0, c1, c2
-                c = _cost(i, j, dd, e0, e1, e2, P, costs)
-                if c < bc:
-                    bc, bd, b0, b1, b2 = c, dd, e0, e1, e2
-            depth[i, j] = bd
-            normal[i, j, 0] = b0
-            normal[i, j, 1] = b1
-            normal[i, j, 2] = b2
-            cost[i, j] = bc
+            _sweep_pixel(i, j, it, depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half,
+                         step, k_best, geom, gw, gmax, sdepth, sdwh, d_min, d_max, seed, pert, costs, hm)
+
+
+@njit(cache=True, fastmath=True)
+def _consistent_sources(i, j, depth, normal, cen, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step,
+                        geom, gmax, sdepth, sdwh, min_ncc, geom_max_px, min_angle_cos, min_var, hm):
+    """:func:`consistency` at pixel (i, j): how many sources confirm its depth (0 and the depth set
+    to 0 where it has none or its plane faces away); one definition for both targets."""
+    d = float(depth[i, j])
+    if d <= 0.0 or var[i, j] <= min_var:
+        depth[i, j] = 0.0
+        return 0
+    u = float(j)
+    v = float(i)
+    rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
+    ry = Kri[1, 1] * v + Kri[1, 2]
+    n0 = normal[i, j, 0]
+    n1 = normal[i, j, 1]
+    n2 = normal[i, j, 2]
+    c = d * (n0 * rx + n1 * ry + n2)
+    if c > -1e-9:
+        depth[i, j] = 0.0
+        return 0
+    m0 = (Kri[0, 0] * n0) / c
+    m1 = (Kri[0, 1] * n0 + Kri[1, 1] * n1) / c
+    m2 = (Kri[0, 2] * n0 + Kri[1, 2] * n1 + n2) / c
+    X0 = d * rx
+    X1 = d * ry
+    X2 = d
+    xn = math.sqrt(X0 * X0 + X1 * X1 + X2 * X2)
+    good = 0
+    ns = A.shape[0]
+    for s in range(ns):
+        # triangulation angle at X between the two centres (reference centre at 0)
+        e0 = cen[s, 0] - X0
+        e1 = cen[s, 1] - X1
+        e2 = cen[s, 2] - X2
+        en = math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
+        xe = xn * en
+        cosang = (-X0 * e0 - X1 * e1 - X2 * e2) / (xe if xe > 1e-12 else 1e-12)
+        if cosang > min_angle_cos:
+            continue
+        for r in range(3):
+            hm[3 * r + 0] = A[s, r, 0] + b[s, r] * m0
+            hm[3 * r + 1] = A[s, r, 1] + b[s, r] * m1
+            hm[3 * r + 2] = A[s, r, 2] + b[s, r] * m2
+        cs = _ncc_cost(hm, u, v, srcs, s, swh[s, 0], swh[s, 1], wn, rcw, var[i, j], i, j, half, step)
+        if 1.0 - cs < min_ncc:
+            continue
+        if geom:
+            if sdwh[s, 0] == 0:  # no photometric map of this source: it cannot confirm the depth
+                continue
+            if _geom_error(X0, X1, X2, u, v, s, R, t, Ks, Ksi, Kr, sdepth, sdwh[s, 0], sdwh[s, 1],
+                           gmax) > geom_max_px:
+                continue
+        good += 1
+    return good
 
 
 @njit(parallel=True, cache=True, fastmath=True)
@@ -375,46 +481,9 @@ def consistency(depth, normal, P, min_ncc, geom_max_px, min_angle_cos, min_consi
     for i in prange(h):
         hm = np.empty(9)
         for j in range(w):
-            d = depth[i, j]
-            if d <= 0.0 or var[i, j] <= min_var:
-                depth[i, j] = 0.0
-                continue
-            u = float(j)
-            v = float(i)
-            rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
-            ry = Kri[1, 1] * v + Kri[1, 2]
-            n0, n1, n2 = normal[i, j, 0], normal[i, j, 1], normal[i, j, 2]
-            c = d * (n0 * rx + n1 * ry + n2)
-            if c > -1e-9:
-                depth[i, j] = 0.0
-                continue
-            m0 = (Kri[0, 0] * n0) / c
-            m1 = (Kri[0, 1] * n0 + Kri[1, 1] * n1) / c
-            m2 = (Kri[0, 2] * n0 + Kri[1, 2] * n1 + n2) / c
-            X0, X1, X2 = d * rx, d * ry, d
-            xn = math.sqrt(X0 * X0 + X1 * X1 + X2 * X2)
-            good = 0
-            for s in range(ns):
-                # triangulation angle at X between the two centres (reference centre at 0)
-                e0, e1, e2 = cen[s, 0] - X0, cen[s, 1] - X1, cen[s, 2] - X2
-                en = math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
-                cosang = (-X0 * e0 - X1 * e1 - X2 * e2) / max(xn * en, 1e-12)
-                if cosang > min_angle_cos:
-                    continue
-                for r in range(3):
-                    hm[3 * r + 0] = A[s, r, 0] + b[s, r] * m0
-                    hm[3 * r + 1] = A[s, r, 1] + b[s, r] * m1
-                    hm[3 * r + 2] = A[s, r, 2] + b[s, r] * m2
-                cs = _ncc_cost(hm, u, v, srcs, s, swh[s, 0], swh[s, 1], wn, rcw, var[i, j], i, j, half, step)
-                if 1.0 - cs < min_ncc:
-                    continue
-                if geom:
-                    if sdwh[s, 0] == 0:  # no photometric map of this source: it cannot confirm the depth
-                        continue
-                    if _geom_error(X0, X1, X2, u, v, s, R, t, Ks, Ksi, Kr, sdepth, sdwh[s, 0], sdwh[s, 1],
-                                   gmax) > geom_max_px:
-                        continue
-                good += 1
+            good = _consistent_sources(i, j, depth, normal, cen, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw,
+                                       var, half, step, geom, gmax, sdepth, sdwh, min_ncc, geom_max_px,
+                                       min_angle_cos, min_var, hm)
             count[i, j] = good
             if good < min_consistent:
                 depth[i, j] = 0.0

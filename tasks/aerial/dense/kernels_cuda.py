@@ -7,9 +7,10 @@ The same algorithm, settings and inputs as the CPU path: the host side
 homography terms) and calls :func:`solve` / :func:`consistency` of this module instead of the
 CPU module's. The scalar helpers (counter-based random numbers, bilinear sampling, the NCC cost,
 the forward-backward error, the random and perturbed normals) are the CPU module's own Python
-source compiled for CUDA (:func:`_device`: one definition, two targets); the per-pixel bodies of
-``initialise`` / ``sweep`` / ``consistency`` are written again here because a CUDA thread handles
-one pixel (the CPU versions loop over rows with ``prange``) and cannot allocate arrays
+source compiled for CUDA (:func:`_device`: one definition, two targets), and so are the per-pixel
+bodies of ``initialise`` / ``sweep`` / ``consistency`` (``kernels._initialise_pixel``,
+``_sweep_pixel``, ``_consistent_sources``): the CPU kernels call them row by row under
+``prange``, the CUDA kernels here once per thread with its local scratch arrays
 (``cuda.local.array`` of at most :data:`MAX_SOURCES` sources instead of ``np.empty``).
 
 Determinism: the random numbers are the same hash of (seed, pixel, iteration, draw) as on the CPU
@@ -25,7 +26,6 @@ Importing this module needs ``numba.cuda`` (part of numba, or the numba-cuda pac
 
 from __future__ import annotations
 
-import math
 import types
 
 import numpy as np
@@ -35,8 +35,6 @@ from tasks.aerial.dense import kernels
 
 BAD = kernels.BAD
 MAX_SOURCES = 16  # per-thread cost array (patchmatch.num_sources is 8 by default)
-_NI = kernels._NI
-_NJ = kernels._NJ
 _BLOCK = (16, 8)  # threads per block (columns, rows)
 
 
@@ -67,47 +65,12 @@ _random_normal = _device(kernels._random_normal, _rand=_rand)
 _perturb_normal = _device(kernels._perturb_normal, _rand=_rand)
 
 
-@cuda.jit(device=True)
-def _cost(i, j, d, n0, n1, n2, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw,
-          gmax, sdepth, sdwh, costs, hm):
-    """:func:`.kernels._cost` for one thread (``costs``, ``hm``: its local arrays)."""
-    u = float(j)
-    v = float(i)
-    rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
-    ry = Kri[1, 1] * v + Kri[1, 2]
-    nr = n0 * rx + n1 * ry + n2
-    c = d * nr
-    if c > -1e-9:
-        return BAD
-    m0 = (Kri[0, 0] * n0) / c
-    m1 = (Kri[0, 1] * n0 + Kri[1, 1] * n1) / c
-    m2 = (Kri[0, 2] * n0 + Kri[1, 2] * n1 + n2) / c
-    ns = A.shape[0]
-    for s in range(ns):
-        for r in range(3):
-            hm[3 * r + 0] = A[s, r, 0] + b[s, r] * m0
-            hm[3 * r + 1] = A[s, r, 1] + b[s, r] * m1
-            hm[3 * r + 2] = A[s, r, 2] + b[s, r] * m2
-        cs = _ncc_cost(hm, u, v, srcs, s, swh[s, 0], swh[s, 1], wn, rcw, var[i, j], i, j, half, step)
-        if geom and sdwh[s, 0] > 0:
-            cs += gw * _geom_error(d * rx, d * ry, d, u, v, s, R, t, Ks, Ksi, Kr, sdepth, sdwh[s, 0], sdwh[s, 1],
-                                   gmax)
-        costs[s] = cs
-    kb = k_best if k_best < ns else ns
-    tot = 0.0
-    for q in range(kb):
-        best = 1e30
-        bi = 0
-        for s in range(ns):
-            if costs[s] < best:
-                best = costs[s]
-                bi = s
-        tot += best
-        costs[bi] = 1e30 + costs[bi]
-    for s in range(ns):
-        if costs[s] >= 1e30:
-            costs[s] -= 1e30
-    return tot / kb
+_plane_cost = _device(kernels._plane_cost, _ncc_cost=_ncc_cost, _geom_error=_geom_error)
+_initialise_pixel = _device(kernels._initialise_pixel, _rand=_rand, _random_normal=_random_normal,
+                            _plane_cost=_plane_cost)
+_sweep_pixel = _device(kernels._sweep_pixel, _rand=_rand, _random_normal=_random_normal,
+                       _perturb_normal=_perturb_normal, _plane_cost=_plane_cost)
+_consistent_sources = _device(kernels._consistent_sources, _ncc_cost=_ncc_cost, _geom_error=_geom_error)
 
 
 @cuda.jit
@@ -120,21 +83,8 @@ def _initialise(depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn
         return
     costs = cuda.local.array(MAX_SOURCES, float64)
     hm = cuda.local.array(9, float64)
-    if var[i, j] <= min_var:
-        depth[i, j] = 0.0
-        cost[i, j] = BAD
-        return
-    rx = Kri[0, 0] * j + Kri[0, 1] * i + Kri[0, 2]
-    ry = Kri[1, 1] * i + Kri[1, 2]
-    if depth[i, j] <= 0.0:
-        inv = inv_max + (inv_min - inv_max) * _rand(seed, i, j, 0, 0)
-        depth[i, j] = 1.0 / inv
-        n0, n1, n2 = _random_normal(seed, i, j, 0, 1, rx, ry)
-        normal[i, j, 0] = n0
-        normal[i, j, 1] = n1
-        normal[i, j, 2] = n2
-    cost[i, j] = _cost(i, j, depth[i, j], normal[i, j, 0], normal[i, j, 1], normal[i, j, 2], Kri, Kr, A, b, R, t, Ks,
-                       Ksi, srcs, swh, wn, rcw, var, half, step, k_best, geom, gw, gmax, sdepth, sdwh, costs, hm)
+    _initialise_pixel(i, j, depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step,
+                      k_best, geom, gw, gmax, sdepth, sdwh, inv_min, inv_max, min_var, seed, costs, hm)
 
 
 @cuda.jit
@@ -151,76 +101,8 @@ def _sweep(color, it, depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, s
         return
     costs = cuda.local.array(MAX_SOURCES, float64)
     hm = cuda.local.array(9, float64)
-    inv_min = 1.0 / d_max
-    inv_max = 1.0 / d_min
-    u = float(j)
-    v = float(i)
-    rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
-    ry = Kri[1, 1] * v + Kri[1, 2]
-    bd = float(depth[i, j])
-    b0 = float(normal[i, j, 0])
-    b1 = float(normal[i, j, 1])
-    b2 = float(normal[i, j, 2])
-    bc = float(cost[i, j])
-    for q in range(8):
-        ni = i + _NI[q]
-        nj = j + _NJ[q]
-        if ni < 0 or nj < 0 or ni >= h or nj >= w:
-            continue
-        dq = depth[ni, nj]
-        if dq <= 0.0:
-            continue
-        m0 = normal[ni, nj, 0]
-        m1 = normal[ni, nj, 1]
-        m2 = normal[ni, nj, 2]
-        qx = Kri[0, 0] * nj + Kri[0, 1] * ni + Kri[0, 2]
-        qy = Kri[1, 1] * ni + Kri[1, 2]
-        den = m0 * rx + m1 * ry + m2
-        if den > -1e-6:
-            continue
-        dp = dq * (m0 * qx + m1 * qy + m2) / den
-        if dp < d_min or dp > d_max:
-            continue
-        c = _cost(i, j, dp, m0, m1, m2, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best,
-                  geom, gw, gmax, sdepth, sdwh, costs, hm)
-        if c < bc:
-            bc = c
-            bd = dp
-            b0 = m0
-            b1 = m1
-            b2 = m2
-    inv = inv_max + (inv_min - inv_max) * _rand(seed, i, j, it, 8)
-    d_rand = 1.0 / inv
-    r0, r1, r2 = _random_normal(seed, i, j, it, 9, rx, ry)
-    d_pert = bd * (1.0 + pert * (2.0 * _rand(seed, i, j, it, 11) - 1.0))
-    if d_pert < d_min or d_pert > d_max:
-        d_pert = bd
-    p0, p1, p2 = _perturb_normal(b0, b1, b2, pert, seed, i, j, it, 12, rx, ry)
-    c0 = b0
-    c1 = b1
-    c2 = b2
-    for q in range(4):
-        if q == 0:
-            dd, e0, e1, e2 = d_rand, c0, c1, c2
-        elif q == 1:
-            dd, e0, e1, e2 = bd, r0, r1, r2
-        elif q == 2:
-            dd, e0, e1, e2 = d_pert, p0, p1, p2
-        else:
-            dd, e0, e1, e2 = d_pert, c0, c1, c2
-        c = _cost(i, j, dd, e0, e1, e2, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step, k_best,
-                  geom, gw, gmax, sdepth, sdwh, costs, hm)
-        if c < bc:
-            bc = c
-            bd = dd
-            b0 = e0
-            b1 = e1
-            b2 = e2
-    depth[i, j] = bd
-    normal[i, j, 0] = b0
-    normal[i, j, 1] = b1
-    normal[i, j, 2] = b2
-    cost[i, j] = bc
+    _sweep_pixel(i, j, it, depth, normal, cost, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half, step,
+                 k_best, geom, gw, gmax, sdepth, sdwh, d_min, d_max, seed, pert, costs, hm)
 
 
 @cuda.jit
@@ -233,53 +115,8 @@ def _consistency(depth, normal, count, cen, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, 
     if i >= h or j >= w:
         return
     hm = cuda.local.array(9, float64)
-    d = float(depth[i, j])
-    if d <= 0.0 or var[i, j] <= min_var:
-        depth[i, j] = 0.0
-        return
-    u = float(j)
-    v = float(i)
-    rx = Kri[0, 0] * u + Kri[0, 1] * v + Kri[0, 2]
-    ry = Kri[1, 1] * v + Kri[1, 2]
-    n0 = normal[i, j, 0]
-    n1 = normal[i, j, 1]
-    n2 = normal[i, j, 2]
-    c = d * (n0 * rx + n1 * ry + n2)
-    if c > -1e-9:
-        depth[i, j] = 0.0
-        return
-    m0 = (Kri[0, 0] * n0) / c
-    m1 = (Kri[0, 1] * n0 + Kri[1, 1] * n1) / c
-    m2 = (Kri[0, 2] * n0 + Kri[1, 2] * n1 + n2) / c
-    X0 = d * rx
-    X1 = d * ry
-    X2 = d
-    xn = math.sqrt(X0 * X0 + X1 * X1 + X2 * X2)
-    good = 0
-    ns = A.shape[0]
-    for s in range(ns):
-        e0 = cen[s, 0] - X0
-        e1 = cen[s, 1] - X1
-        e2 = cen[s, 2] - X2
-        en = math.sqrt(e0 * e0 + e1 * e1 + e2 * e2)
-        xe = xn * en
-        cosang = (-X0 * e0 - X1 * e1 - X2 * e2) / (xe if xe > 1e-12 else 1e-12)
-        if cosang > min_angle_cos:
-            continue
-        for r in range(3):
-            hm[3 * r + 0] = A[s, r, 0] + b[s, r] * m0
-            hm[3 * r + 1] = A[s, r, 1] + b[s, r] * m1
-            hm[3 * r + 2] = A[s, r, 2] + b[s, r] * m2
-        cs = _ncc_cost(hm, u, v, srcs, s, swh[s, 0], swh[s, 1], wn, rcw, var[i, j], i, j, half, step)
-        if 1.0 - cs < min_ncc:
-            continue
-        if geom:
-            if sdwh[s, 0] == 0:
-                continue
-            if _geom_error(X0, X1, X2, u, v, s, R, t, Ks, Ksi, Kr, sdepth, sdwh[s, 0], sdwh[s, 1],
-                           gmax) > geom_max_px:
-                continue
-        good += 1
+    good = _consistent_sources(i, j, depth, normal, cen, Kri, Kr, A, b, R, t, Ks, Ksi, srcs, swh, wn, rcw, var, half,
+                               step, geom, gmax, sdepth, sdwh, min_ncc, geom_max_px, min_angle_cos, min_var, hm)
     count[i, j] = good
     if good < min_consistent:
         depth[i, j] = 0.0
