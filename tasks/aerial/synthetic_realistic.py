@@ -48,7 +48,7 @@ from tasks.aerial import synthetic_world
 from tasks.aerial.dense.io import write_depth_h5
 from tasks.aerial.earthstudio import export_document, frame_name
 from tasks.aerial.geometry import look_at
-from tasks.aerial.layout import SceneLayout, default_megadepth, default_scene_list
+from tasks.aerial.layout import SceneLayout, default_scene_list
 from tasks.common.atomic import atomic_path, write_json_atomic, write_text_atomic
 
 #: Pattern detail finer than this (m) is missing from the aerial model's textures.
@@ -673,15 +673,7 @@ def generate_realistic(root: Path, scene: str, seed: int, lat0: float, lon0: flo
     write_json_atomic(json_path, es, indent=2)
 
     # ---- photos: true ones of the full model, distractors of foreign cities; order shuffled
-    sim_s = float(rng.uniform(0.05, 0.5))
-    sim_r = synthetic_world._random_rotation(rng)
-    sim_t = rng.uniform(-50, 50, 3)
-    md_root = default_megadepth(root)
-    sfm_dir = megadepth.sparse_model_dir(md_root, scene, "0")
-    dense = megadepth.dense_dir(md_root, scene, "0")
-    img_dir, md_depth_dir = dense / "imgs", dense / "depths"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    md_depth_dir.mkdir(parents=True, exist_ok=True)
+    sim_s, sim_r, sim_t, md_root, sfm_dir, img_dir, md_depth_dir = synthetic_world.megadepth_frame(root, scene, rng)
     kinds = ["true"] * n_true + [DISTRACTOR_KINDS[i % len(DISTRACTOR_KINDS)] for i in range(n_distractors)]
     order = rng.permutation(n_ground)
     size_order = rng.permutation(len(PHOTO_SIZES))

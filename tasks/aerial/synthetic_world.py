@@ -557,6 +557,23 @@ def write_aerial_footage(video_path: Path, depth_paths: list[Path], renders, aer
     return gt_cams, gt_images
 
 
+def megadepth_frame(root: Path, scene: str, rng: np.random.Generator) -> tuple:
+    """The raw MegaDepth side of a synthetic world: a random similarity (scale, rotation,
+    translation) from the world frame to the MegaDepth model's arbitrary frame, as a real
+    MegaDepth reconstruction has, and the model's folders (created): ``(scale, rotation,
+    translation, megadepth root, sparse model dir, dense images dir, dense depths dir)``."""
+    sim_s = float(rng.uniform(0.05, 0.5))
+    sim_r = _random_rotation(rng)
+    sim_t = rng.uniform(-50, 50, 3)
+    md_root = default_megadepth(root)
+    sfm_dir = megadepth.sparse_model_dir(md_root, scene, "0")
+    dense = megadepth.dense_dir(md_root, scene, "0")
+    img_dir, md_depth_dir = dense / "imgs", dense / "depths"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    md_depth_dir.mkdir(parents=True, exist_ok=True)
+    return sim_s, sim_r, sim_t, md_root, sfm_dir, img_dir, md_depth_dir
+
+
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))
     q = q * np.sign(np.diag(r))
@@ -766,15 +783,7 @@ def generate_world(root: Path, scene: str = "0001", seed: int = 0, lat0: float =
     write_json_atomic(json_path, es, indent=2)
 
     # ---- ground photos
-    sim_s = float(rng.uniform(0.05, 0.5))
-    sim_r = _random_rotation(rng)
-    sim_t = rng.uniform(-50, 50, 3)
-    md_root = default_megadepth(root)
-    sfm_dir = megadepth.sparse_model_dir(md_root, scene, "0")
-    dense = megadepth.dense_dir(md_root, scene, "0")
-    img_dir, md_depth_dir = dense / "imgs", dense / "depths"
-    img_dir.mkdir(parents=True, exist_ok=True)
-    md_depth_dir.mkdir(parents=True, exist_ok=True)
+    sim_s, sim_r, sim_t, md_root, sfm_dir, img_dir, md_depth_dir = megadepth_frame(root, scene, rng)
     photo_names: list[str] = []
     jobs: list[tuple[View, np.ndarray, tuple]] = []
     grades: list[tuple] = []
