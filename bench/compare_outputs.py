@@ -4,7 +4,9 @@
 
 Every file is compared byte for byte (sha256). A file whose bytes differ is compared by content
 where the format allows it: HDF5 (every dataset's dtype, shape and values, every attribute),
-JSON (parsed, key order ignored), GeoTIFF (pixels, transform, CRS, tags through rasterio).
+JSON (parsed, key order ignored; rerun keys, the digests of a stage's inputs and settings, are
+reported apart), npz (every array), SQLite (every table's rows, sorted), GeoTIFF (pixels,
+transform, CRS, tags through rasterio).
 Files are sorted into
 
 - data: what training code or the next stage reads (h5, statistics, splits, tile_info, stacks,
@@ -34,7 +36,9 @@ RECORD_NAMES = {"report.json", "report.md", "run.json", "runlock.json", "problem
                 # resume bookkeeping of the multimodal run: file mtimes, lines in completion order
                 "h5_manifest.json", "stacks_index.jsonl",
                 # the synthetic world's record: its root folder and render times
-                "world_info.json"}
+                "world_info.json",
+                # a stage's completion marker: the digest of its inputs and settings (a rerun key)
+                ".complete"}
 
 
 def is_record(rel: Path) -> bool:
@@ -89,6 +93,38 @@ def _tif_content(path: Path) -> object:
                 hashlib.sha256(data.tobytes()).hexdigest())
 
 
+#: JSON fields that are rerun bookkeeping (digests of a stage's inputs and settings, so a rerun knows
+#: what to redo): they change with any setting or input file's time, not with the data
+RERUN_KEYS = {"key", "signature", "inputs"}
+
+
+def _without_rerun_keys(doc: object) -> object:
+    if isinstance(doc, dict):
+        return {k: _without_rerun_keys(v) for k, v in doc.items() if k not in RERUN_KEYS}
+    if isinstance(doc, list):
+        return [_without_rerun_keys(v) for v in doc]
+    return doc
+
+
+def _npz_content(path: Path) -> dict[str, object]:
+    with np.load(path, allow_pickle=True) as z:  # our own outputs (LoFTR's index files are pickled dicts)
+        return {k: (z[k].dtype.str, z[k].shape, hashlib.sha256(repr(z[k].tolist()).encode() if z[k].dtype == object
+                                                                  else np.ascontiguousarray(z[k]).tobytes()).hexdigest())
+                for k in z.files}
+
+
+def _sqlite_content(path: Path) -> dict[str, str]:
+    import sqlite3
+
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        tables = [t for (t,) in con.execute("select name from sqlite_master where type='table'")]
+        return {t: hashlib.sha256(repr(sorted(map(repr, con.execute(f'select * from "{t}"')))).encode()).hexdigest()
+                for t in tables}
+    finally:
+        con.close()
+
+
 def same_content(a: Path, b: Path) -> tuple[bool, str]:
     """Whether two files with different bytes hold the same content, and how that was judged."""
     suffix = a.suffix.lower()
@@ -99,7 +135,21 @@ def same_content(a: Path, b: Path) -> tuple[bool, str]:
             return not diff, "h5 content" + (f" differs in {diff[:5]}" if diff else " equal")
         if suffix in (".json", ".geojson"):
             ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
-            return ja == jb, "json content " + ("equal" if ja == jb else "differs")
+            if ja == jb:
+                return True, "json content equal"
+            if _without_rerun_keys(ja) == _without_rerun_keys(jb):
+                return True, "json content equal but for rerun keys (" + ", ".join(sorted(RERUN_KEYS)) + ")"
+            return False, "json content differs"
+        if suffix == ".npz":
+            na, nb = _npz_content(a), _npz_content(b)
+            diff = sorted(k for k in set(na) | set(nb) if na.get(k) != nb.get(k))
+            if diff and not set(diff) - RERUN_KEYS:
+                return True, f"npz arrays equal but for rerun keys ({', '.join(diff)})"
+            return not diff, "npz arrays " + (f"differ in {diff[:5]}" if diff else "equal")
+        if suffix == ".db":
+            da, db = _sqlite_content(a), _sqlite_content(b)
+            diff = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+            return not diff, "database rows " + (f"differ in {diff[:5]}" if diff else "equal (sorted per table)")
         if suffix in (".tif", ".tiff"):
             ta, tb = _tif_content(a), _tif_content(b)
             return ta == tb, "raster content " + ("equal" if ta == tb else "differs")

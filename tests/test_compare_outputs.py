@@ -45,3 +45,17 @@ def test_a_missing_data_file_fails(tmp_path):
     b = _tree(tmp_path / "b", 1.0, None, ["x"])
     (b / "ds" / "stats.json").unlink()
     assert compare_outputs.main([str(a), str(b)]) == 1
+
+
+def test_rerun_keys_are_told_apart_from_data(tmp_path, capsys):
+    """A stage's rerun key (digest of its inputs and settings) may change while its data do not;
+    a changed array beside it is a difference."""
+    for name, key, depth in (("a", "k1", 1.0), ("b", "k2", 1.0), ("c", "k2", 2.0)):
+        d = tmp_path / name
+        d.mkdir()
+        np.savez(d / "part.npz", depth=np.full(3, depth), key=np.array(key))
+        (d / "scene.json").write_text(json.dumps({"key": key, "pairs": [1, 2]}))
+    assert compare_outputs.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "equal but for rerun keys" in capsys.readouterr().out
+    assert compare_outputs.main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
+    assert "part.npz (npz arrays differ in ['depth'])" in capsys.readouterr().out
