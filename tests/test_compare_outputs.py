@@ -58,4 +58,4 @@ def test_rerun_keys_are_told_apart_from_data(tmp_path, capsys):
     assert compare_outputs.main([str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "equal but for rerun keys" in capsys.readouterr().out
     assert compare_outputs.main([str(tmp_path / "a"), str(tmp_path / "c")]) == 1
-    assert "part.npz (npz arrays differ in ['depth'])" in capsys.readouterr().out
+    assert "part.npz (npz arrays differ in ['depth', 'key'])" in capsys.readouterr().out
