@@ -89,7 +89,7 @@ def test_aerial_settings_and_inputs_checked_early(tmp_path, capsys, no_server):
     assert rc == EXIT_CONFIG and "no downloaded_data/ folder" in err  # named config, flags, --set together
     rc, err = _main(flows.aerial, ["--pipeline", "sift+nn"], capsys)
     # the pipeline is a choice of the form: the message names the field and the valid names
-    assert rc == EXIT_CONFIG and "pipeline: Input should be 'sift+mnn' or 'superpoint+superglue'" in err
+    assert rc == EXIT_CONFIG and "pipeline: Input should be 'sift+mnn', 'superpoint+superglue' or 'aliked+lightglue'" in err
     assert "(got 'sift+nn')" in err
     rc, err = _main(flows.aerial, ["--root", str(tmp_path / "none"), "--no-synthetic"], capsys)
     assert rc == EXIT_CONFIG and "no downloaded_data/ folder" in err

@@ -234,7 +234,7 @@ def test_forms_have_named_choices_and_descriptions():
     with pytest.raises(ValueError, match="sampling_mode"):
         MultimodalConfig(sampling_mode=3)
     ae = AerialConfig.model_json_schema()["properties"]
-    assert ae["pipeline"]["enum"] == sorted(PIPELINES) == ["aliked+lightglue", "sift+mnn", "superpoint+superglue"]
+    assert ae["pipeline"]["enum"] == list(PIPELINES) == ["sift+mnn", "superpoint+superglue", "aliked+lightglue"]
     dense = AerialConfig.model_json_schema()["$defs"]["DenseOptions"]["properties"]
     assert dense["backend"]["anyOf"][0]["enum"] == ["auto", "cpu", "gpu"]
 
