@@ -499,7 +499,14 @@ def test_hloc_backend_calls_hloc_api_and_consumes_its_files(small, monkeypatch, 
     assert [c[0] for c in calls] == ["extract", "extract", "match"]
     assert paths.sfm.name == "sfm_superpoint+superglue" and paths.localized.is_dir()
     assert ref.counts["reference points"] > 50
-    assert loc.counts["photos registered"] >= 2
+    # the stand-in's features are a few hundred OpenCV SIFT points per image, not SuperPoint's:
+    # after the earlier test of this module broke two of the five photos, the three true ones
+    # reach 106, 15 and 12 2D-3D inliers; verification (tests/test_aerial_verification.py)
+    # keeps the first and rejects the two weak ones with their reason (with the floor at 10,
+    # one of them comes out 6 m below the ground: a wrong pose)
+    rejected = [name for name, reason in loc.problems.items() if "2D-3D inliers" in str(reason)]
+    assert loc.counts["photos registered"] >= 1
+    assert loc.counts["photos registered"] + len(rejected) >= 2, loc.problems  # the mapper placed >= 2 photos
 
 
 def test_scene_without_photos_still_gives_the_aerial_product(small, tmp_path):
