@@ -40,11 +40,11 @@ from tasks.multimodal.layout import DatasetLayout
 from tasks.multimodal.stacks import StackIntegrityError, read_verified_stack, strict_json_value
 from tasks.multimodal.schema import H5_DATASETS, METADATA_DTYPE, N_BIOMES, N_ECOREGIONS
 from tasks.multimodal.sources.base import StackReadError
-from tasks.multimodal.stats import StatsAccumulator
+from tasks.multimodal.stats import ExactStats, StatsAccumulator, tile_stats
 
 log = logging.getLogger(__name__)
 
-PART_FORMAT = 3  # bump when the part content changes, so old parts are stale
+PART_FORMAT = 4  # bump when the part content changes, so old parts are stale
 
 try:  # ISA-L deflate: zlib-compatible streams, ~10x faster than zlib level 4
     from isal import isal_zlib as _isal_zlib
@@ -208,6 +208,42 @@ def tile_rows(
     return rows
 
 
+#: the h5 datasets in the order a packed tile holds its compressed chunks (metadata last)
+CHUNK_DATASETS: tuple[str, ...] = tuple(d.name for d in H5_DATASETS) + ("metadata",)
+
+
+@dataclass
+class PackedTile:
+    """One tile ready for the writer: a compressed chunk per dataset (in
+    :data:`CHUNK_DATASETS` order) and its statistics; or why it has no row."""
+
+    tile_id: str
+    chunks: list[bytes] = field(default_factory=list)
+    stats: dict[str, ExactStats] = field(default_factory=dict)
+    problem: str | None = None
+    integrity: bool = False  # the problem is a stack that is not the one written
+
+
+def pack_tile(tile_id: str, tiles_dir: Path, tile_info: Any, image_size: int, compress) -> PackedTile:
+    """Read one stack (its digest and grid checked against its record), convert it to one row
+    per h5 dataset, compress each row as one chunk and take its statistics. A stack that
+    cannot be used gives a :class:`PackedTile` with ``problem`` set (never an exception)."""
+    info = tile_info.get(tile_id)
+    if info is None:
+        return PackedTile(tile_id, problem="no tile_info entry")
+    try:
+        data, descs = read_verified_stack(tiles_dir / f"{tile_id}.tif", info.get("STACK"))
+        rows = tile_rows(data, descs, info, tile_id, image_size)
+    except StackIntegrityError as exc:
+        return PackedTile(tile_id, problem=str(exc), integrity=True)
+    except (StackReadError, TileProblem) as exc:
+        return PackedTile(tile_id, problem=str(exc))
+    stats = tile_stats(rows, info["S2_type"])
+    rows["metadata"] = np.array([(tile_id.encode(), info["S2_type"].encode())], METADATA_DTYPE)
+    chunks = [compress(np.ascontiguousarray(rows[n]).tobytes()) for n in CHUNK_DATASETS]
+    return PackedTile(tile_id, chunks, stats)
+
+
 # --------------------------------------------------------------------------
 # Partitions
 # --------------------------------------------------------------------------
@@ -285,31 +321,21 @@ def pack_partition(
             log.warning("part %s unreadable (%s); rebuilding", path, exc)
 
     compress = compression.compressor()
-    names = [d.name for d in H5_DATASETS]
-    chunks: dict[str, list[bytes]] = {n: [] for n in names + ["metadata"]}
+    chunks: dict[str, list[bytes]] = {n: [] for n in CHUNK_DATASETS}
     ids: list[str] = []
     problems: dict[str, str] = {}
     integrity: dict[str, str] = {}
     acc = StatsAccumulator()
     for tid in spec.tile_ids:
-        info = tile_info.get(tid)
-        if info is None:
-            problems[tid] = "no tile_info entry"
+        packed = pack_tile(tid, tiles_dir, tile_info, image_size, compress)
+        if packed.problem is not None:
+            problems[tid] = packed.problem
+            if packed.integrity:
+                integrity[tid] = packed.problem
             continue
-        try:
-            data, descs = read_verified_stack(tiles_dir / f"{tid}.tif", info.get("STACK"))
-            rows = tile_rows(data, descs, info, tid, image_size)
-        except StackIntegrityError as exc:
-            problems[tid] = integrity[tid] = str(exc)
-            continue
-        except (StackReadError, TileProblem) as exc:
-            problems[tid] = str(exc)
-            continue
-        acc.add_row(rows, info["S2_type"])
-        for n in names:
-            chunks[n].append(compress(np.ascontiguousarray(rows[n]).tobytes()))
-        meta = np.array([(tid.encode(), info["S2_type"].encode())], METADATA_DTYPE)
-        chunks["metadata"].append(compress(meta.tobytes()))
+        acc.add_tile(packed.stats)
+        for n, blob in zip(CHUNK_DATASETS, packed.chunks):
+            chunks[n].append(blob)
         ids.append(tid)
 
     if integrity and defer_on_mismatch:
@@ -366,30 +392,38 @@ def pack_partitions_local(
 # --------------------------------------------------------------------------
 # The single writer
 # --------------------------------------------------------------------------
+def create_datasets(f: h5py.File, n: int, image_size: int, compression: Compression,
+                    attrs: dict[str, Any] | None = None) -> dict[str, h5py.Dataset]:
+    """The h5's ``n``-row datasets with MMEarth's schema (one chunk per row, gzip), in
+    :data:`CHUNK_DATASETS` order, and ``attrs`` as the file's attributes."""
+    S = image_size
+    f.attrs.update(attrs or {})
+    dsets: dict[str, h5py.Dataset] = {}
+    for d in H5_DATASETS:
+        shape = (n, d.channels, S, S) if d.spatial else (n, d.channels)
+        dsets[d.name] = f.create_dataset(
+            d.name, shape=shape, dtype=d.dtype, chunks=(1,) + shape[1:],
+            maxshape=None if n else (None,) + shape[1:],  # an empty dataset still opens
+            compression="gzip", compression_opts=compression.h5_level,
+            **({"fillvalue": d.fill} if d.fill is not None else {}),
+        )
+    dsets["metadata"] = f.create_dataset(
+        "metadata", shape=(n,), dtype=METADATA_DTYPE, chunks=(1,), maxshape=None if n else (None,),
+        compression="gzip", compression_opts=compression.h5_level,
+    )
+    return dsets
+
+
 def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 128,
                 compression: Compression = Compression(), attrs: dict[str, Any] | None = None) -> int:
     """Write ``NAME.h5`` from parts (in index order) with direct chunk writes, ``attrs`` as the
     file's attributes (e.g. the source and whether it is synthetic). Returns N."""
     parts = sorted(parts, key=lambda p: p.index)
     n = sum(p.n_rows for p in parts)
-    S = image_size
     h5_path = Path(h5_path)
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update(attrs or {})
-            dsets: dict[str, h5py.Dataset] = {}
-            for d in H5_DATASETS:
-                shape = (n, d.channels, S, S) if d.spatial else (n, d.channels)
-                dsets[d.name] = f.create_dataset(
-                    d.name, shape=shape, dtype=d.dtype, chunks=(1,) + shape[1:],
-                    maxshape=None if n else (None,) + shape[1:],  # an empty dataset still opens
-                    compression="gzip", compression_opts=compression.h5_level,
-                    **({"fillvalue": d.fill} if d.fill is not None else {}),
-                )
-            dsets["metadata"] = f.create_dataset(
-                "metadata", shape=(n,), dtype=METADATA_DTYPE, chunks=(1,), maxshape=None if n else (None,),
-                compression="gzip", compression_opts=compression.h5_level,
-            )
+            dsets = create_datasets(f, n, image_size, compression, attrs)
             row = 0
             for p in parts:
                 with np.load(p.path, allow_pickle=False) as z:
@@ -411,15 +445,15 @@ def part_summary(part: PartResult) -> dict[str, Any]:
         return {
             "index": part.index, "key": str(z["key"]), "n_rows": int(z["n_rows"]),
             "tile_ids": [str(t) for t in z["tile_ids"]], "problems": json.loads(str(z["problems"])),
-            "stats": {k: v.to_arrays().tolist() for k, v in stats.stats.items()},
+            "stats": stats.to_state(),
         }
 
 
 def merge_stats(summaries: list[dict[str, Any]]) -> StatsAccumulator:
-    """Merge the statistics of part summaries (in part order)."""
+    """Merge the statistics of part summaries (exact sums: any order gives the same bytes)."""
     acc = StatsAccumulator()
-    for s in sorted(summaries, key=lambda s: s["index"]):
-        acc = acc.merge(StatsAccumulator.from_npz({f"stats_{k}": np.array(v) for k, v in s["stats"].items()}))
+    for s in summaries:
+        acc = acc.merge(StatsAccumulator.from_state(s["stats"]))
     return acc
 
 
