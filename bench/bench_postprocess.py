@@ -131,13 +131,28 @@ def post_process(args, work: Path, ids: list[str], info: dict | None, phases: di
     comp = convert.Compression(args.codec, args.level)
     runner = args.runner
     if runner == "auto":
-        runner = "threads" if convert.packs_locally(len(ids)) else "dask"
+        runner = "writer" if convert.packs_locally(len(ids)) else "dask"
     specs = convert.make_partitions(ids, args.part_size)
 
     def mark(phase: str) -> None:
         phases[phase] = time.perf_counter() - T_START
         if cpu is not None:
             cpu[phase] = cpu_now()
+
+    if runner == "writer":  # one pass: packing threads beside the single writer, no part files
+        mark("imports")
+        t0 = time.perf_counter()
+        res = convert.pack_to_h5(ids, work / "tiles", stacks.TileInfoDir(work), work / "data_bench.h5",
+                                 args.image_size, comp, threads=args.workers)
+        t_pack = time.perf_counter() - t0
+        mark("pack")  # the writer beside the packing: the h5 is written when the last tile is packed
+        band_stats, _ = res.stats.band_stats()
+        splits = convert.make_splits(res.n_rows)
+        if info is None:
+            info = stacks.load_tile_info(ids, work)
+        convert.write_dataset_jsons(work, "data_bench", info, band_stats, splits)
+        mark("stats + jsons")
+        return res.n_rows, t_pack, 0.0
 
     if runner == "threads":
         mark("imports")
@@ -198,9 +213,12 @@ def main() -> int:
     ap.add_argument("--codec", default="isal", choices=["isal", "zlib"])
     ap.add_argument("--level", type=int, default=1)
     ap.add_argument("--work", default="bench_out/postprocess")
-    ap.add_argument("--runner", default="auto", choices=["auto", "dask", "threads"],
-                    help="where parts are packed: auto = local threads up to convert.LOCAL_PACK_MAX_TILES "
-                         "tiles, a Dask LocalCluster above (as the stage decides); --workers threads/workers")
+    ap.add_argument("--runner", default="auto", choices=["auto", "writer", "dask", "threads"],
+                    help="how: writer = packing threads beside the single writer, no part files "
+                         "(convert.pack_to_h5); threads = part files packed in local threads, then "
+                         "assembled; dask = part files packed on a Dask LocalCluster, then assembled; "
+                         "auto = writer up to convert.LOCAL_PACK_MAX_TILES tiles, dask above; "
+                         "--workers threads/workers")
     ap.add_argument("--post-only", action="store_true",
                     help="stacks already built by an earlier run: only post-process, timed from "
                          "this process's start (cold start: imports and the Dask cluster included)")
@@ -214,7 +232,7 @@ def main() -> int:
         cpu: dict[str, tuple[float, float]] = {}
         n, t_pack, t_asm = post_process(args, work, ids, info, phases, cpu)
         total = time.perf_counter() - T_START
-        runner = args.runner if args.runner != "auto" else ("threads" if convert.packs_locally(n) else "dask")
+        runner = args.runner if args.runner != "auto" else ("writer" if convert.packs_locally(n) else "dask")
         print(f"N={n} tiles, {args.image_size} px, {args.workers} {runner}, part size {args.part_size}; "
               f"cold start included: {total:.2f}s = {n / total:.1f} tiles/s")
         prev, pc = 0.0, (0.0, 0.0)
@@ -233,7 +251,7 @@ def main() -> int:
     tif_bytes = sum((work / "tiles" / f"{t}.tif").stat().st_size for t in ids)
     with PeakRSS() as mem:
         n, t_pack, t_asm = post_process(args, work, ids, info, phases)
-    elapsed = phases["stats + jsons"] - phases["cluster up"]
+    elapsed = phases["stats + jsons"] - phases.get("cluster up", phases["imports"])
     plain_ms, verified_ms, pack_cpu_ms = integrity_cost(work, ids, args.image_size, comp)
     h5_mb = h5.stat().st_size / 1e6
     print(f"\nN={n} tiles, {args.image_size} px, {args.workers} workers, codec {args.codec} level {args.level}")

@@ -22,10 +22,13 @@ Streaming and parallel in two steps:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import zlib
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -436,6 +439,99 @@ def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 
                             ds.id.write_direct_chunk((row + i,) + tail, data[off[i]:off[i + 1]], 0)
                 row += k
     return n
+
+
+@dataclass
+class WriteResult:
+    """What :func:`pack_to_h5` wrote: the h5's rows (tile ids in row order), the tiles left out
+    and why (``integrity``: those whose stack is not the one written), and the statistics."""
+
+    tile_ids: list[str]
+    problems: dict[str, str]
+    integrity: dict[str, str]
+    stats: StatsAccumulator
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.tile_ids)
+
+
+def _pack_tile_guarded(tile_id: str, tiles_dir: Path, tile_info: Any, image_size: int, compress) -> PackedTile:
+    """:func:`pack_tile`, with an unexpected error turned into this tile's problem (one bad tile
+    never sinks the dataset)."""
+    try:
+        return pack_tile(tile_id, tiles_dir, tile_info, image_size, compress)
+    except Exception as exc:  # noqa: BLE001 - reported per tile, the others go on
+        return PackedTile(tile_id, problem=f"{type(exc).__name__}: {exc}")
+
+
+def _packed_in_order(tile_ids: list[str], tiles_dir: Path, tile_info: Any, image_size: int, compress,
+                     threads: int) -> Iterator[PackedTile]:
+    """:func:`pack_tile` of every tile in ``threads`` threads, yielded in the order of
+    ``tile_ids``, at most a few tiles per thread ahead of the consumer (bounded memory)."""
+    window = 4 * threads
+    todo = iter(tile_ids)
+    with ThreadPoolExecutor(threads, thread_name_prefix="pack") as pool:
+        pending: deque = deque(pool.submit(_pack_tile_guarded, t, tiles_dir, tile_info, image_size, compress)
+                               for t in itertools.islice(todo, window))
+        try:
+            while pending:
+                done = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_pack_tile_guarded, nxt, tiles_dir, tile_info, image_size, compress))
+                yield done
+        finally:  # the writer stopped (an error, or closed early): drop what has not started
+            for fut in pending:
+                fut.cancel()
+
+
+def pack_to_h5(tile_ids: list[str], tiles_dir: str | Path, tile_info: Any, h5_path: str | Path,
+               image_size: int = 128, compression: Compression = Compression(), threads: int = 2,
+               attrs: dict[str, Any] | None = None) -> WriteResult:
+    """Post-processing in one pass, with no part files: ``threads`` threads pack tiles
+    (:func:`pack_tile`: read, check, convert, compress, statistics) while this thread, the
+    single writer, puts each tile's chunks into ``NAME.h5`` as soon as it is its row's turn,
+    into datasets made for every tile up front, and adds its statistics (exact sums: the same
+    bytes as packing in parts and merging them). Rows follow ``tile_ids``; a tile that cannot
+    be used is left out and reported. The h5 is written under a temporary name and renamed
+    when complete; when tiles were left out it is first copied, chunk by chunk, into datasets
+    of the right length, so it has the same layout as :func:`assemble_h5`'s. On an error the
+    temporary file is removed and an existing ``h5_path`` is left as it was."""
+    tiles_dir, h5_path = Path(tiles_dir), Path(h5_path)
+    compress = compression.compressor()
+    result = WriteResult([], {}, {}, StatsAccumulator())
+    with atomic_path(h5_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            dsets = create_datasets(f, len(tile_ids), image_size, compression, attrs)
+            targets = [(dsets[n].id, (0,) * (dsets[n].ndim - 1)) for n in CHUNK_DATASETS]
+            for packed in _packed_in_order(tile_ids, tiles_dir, tile_info, image_size, compress, threads):
+                if packed.problem is not None:
+                    result.problems[packed.tile_id] = packed.problem
+                    if packed.integrity:
+                        result.integrity[packed.tile_id] = packed.problem
+                    continue
+                row = (result.n_rows,)
+                for (ds, tail), blob in zip(targets, packed.chunks):
+                    ds.write_direct_chunk(row + tail, blob, 0)
+                result.stats.add_tile(packed.stats)
+                result.tile_ids.append(packed.tile_id)
+        if result.n_rows < len(tile_ids):
+            _copy_rows(tmp, result.n_rows, image_size, compression)
+    return result
+
+
+def _copy_rows(h5: Path, n: int, image_size: int, compression: Compression) -> None:
+    """Replace ``h5`` (a temporary file) by a copy holding its first ``n`` rows, chunk by chunk."""
+    with atomic_path(h5) as tmp:
+        with h5py.File(h5, "r") as src, h5py.File(tmp, "w") as dst:
+            dsets = create_datasets(dst, n, image_size, compression, dict(src.attrs))
+            for name, ds in dsets.items():
+                source = src[name].id
+                tail = (0,) * (ds.ndim - 1)
+                for i in range(n):
+                    mask, blob = source.read_direct_chunk((i,) + tail)
+                    ds.id.write_direct_chunk((i,) + tail, blob, mask)
 
 
 def part_summary(part: PartResult) -> dict[str, Any]:
