@@ -198,31 +198,43 @@ class ExactStats:
 
     @classmethod
     def of(cls, x: np.ndarray, valid: np.ndarray) -> "ExactStats":
-        """One tile's statistics of ``x`` (C, P) over ``valid`` (C, P)."""
+        """One tile's statistics of ``x`` (C, P) over ``valid`` (C, P). Integers: exact sums
+        (in float64 when no partial sum can reach 2**53, where every sum is exact, else in
+        int64); floats: mean, then the squared deviations from it, in float64."""
+        n_int = np.count_nonzero(valid, axis=1)
+        count = n_int.tolist()
+        full = n_int == x.shape[1]
+        every = bool(full.all())
         if x.dtype.kind in "ui" and x.dtype.itemsize <= 4:
-            n_int = valid.sum(axis=1)
-            full = n_int == x.shape[1]
-            every = bool(full.all())
-            s1, s2 = _int_sums(x, valid, full, every)
             info = np.iinfo(x.dtype)
+            bound = max(-int(info.min), int(info.max))
+            if x.shape[1] * bound * bound < 2 ** 53:
+                xf = x.astype(np.float64)
+                if not every:
+                    np.copyto(xf, 0.0, where=~valid)
+                s1, s2 = xf.sum(axis=1), np.einsum("ij,ij->i", xf, xf)
+            else:
+                s1, s2 = _int_sums(x, valid, full, every)
             mn, mx = _min_max(x, valid, full, every, info.max, info.min)
             mn[n_int == 0], mx[n_int == 0] = np.inf, -np.inf
             c = [int(v) << FIXED_BITS for v in s1.tolist()]
             b = [int(v) << FIXED_BITS for v in s2.tolist()]
-            return cls([int(k) for k in n_int.tolist()], c, b, [0] * len(c), mn, mx)
-        t = ChannelStats.of(x, valid)
-        count = [int(k) for k in t.count.tolist()]
+            return cls(count, c, b, [0] * len(c), mn, mx)
+        xf = x.astype(np.float64)
+        if not every:
+            np.copyto(xf, 0.0, where=~valid)
+        means = xf.sum(axis=1) / np.maximum(n_int, 1)
+        xf -= means[:, None]
+        if not every:
+            np.copyto(xf, 0.0, where=~valid)
+        m2s = np.einsum("ij,ij->i", xf, xf)
+        mn, mx = _min_max(x, valid, full, every, np.inf, -np.inf)
         c, b, a = [], [], []
-        for k, mean, m2 in zip(count, t.mean.tolist(), t.m2.tolist()):
-            if k:
-                c.append(k * _fixed(mean))
-                b.append(_fixed_square_times(mean, k))
-                a.append(_fixed(m2))
-            else:
-                c.append(0)
-                b.append(0)
-                a.append(0)
-        return cls(count, c, b, a, t.min, t.max)
+        for k, mean, m2 in zip(count, means.tolist(), m2s.tolist()):
+            c.append(k * _fixed(mean) if k else 0)
+            b.append(_fixed_square_times(mean, k) if k else 0)
+            a.append(_fixed(m2) if k else 0)
+        return cls(count, c, b, a, mn, mx)
 
     def add(self, other: "ExactStats") -> None:
         """Add ``other``'s tiles to these (in place)."""
