@@ -1,22 +1,27 @@
 """Post-processing: GeoTIFF stacks -> ``NAME.h5`` rows, statistics and splits.
 
-Streaming and parallel in two steps:
+Every tile goes through :func:`pack_tile`: read its stack once (digest and grid checked
+against what was recorded when it was written), centre-crop, map bands to the h5
+datasets, gzip-compress every row as one HDF5 chunk, and take its statistics (exact sums,
+:mod:`~tasks.multimodal.stats`: the same bytes however tiles are grouped). Two ways put the
+tiles in the h5:
 
-1. :func:`pack_partition` (runs on any Dask worker, or in local threads with
-   :func:`pack_partitions_local` when post-processing a small N alone, see
-   :data:`LOCAL_PACK_MAX_TILES`; one contiguous slice of the tile list): read each stack once, centre-crop, map bands to the h5
-   datasets, gzip-compress every row as one HDF5 chunk, and update mergeable
-   statistics. Each stack's digest and grid are checked against what was
-   recorded when it was written (a mismatch is reported in
-   ``PartResult.integrity`` so the flow fetches the tile again). Writes
-   ``work/parts/part_NNNNN.npz`` (compressed chunks,
-   offsets, tile ids, per-tile problems, statistics) atomically. A part whose
-   inputs did not change (same tiles, same stack files, same tile_info, same
-   settings) is re-used by later runs.
-2. :func:`assemble_h5` (one writer): creates ``NAME.h5`` with the exact schema
-   and appends every part's pre-compressed chunks with
-   ``write_direct_chunk``, so compression ran on all workers and the writer
-   only copies bytes. Memory is bounded by one part, whatever N is.
+* :func:`pack_to_h5`, post-processing a known list of tiles in one pass: threads pack tiles
+  while the calling thread, the single writer, puts each tile's chunks in its row of
+  datasets made for every tile up front, and adds up the statistics. No part files, no
+  second pass; used for post-processing alone up to :data:`LOCAL_PACK_MAX_TILES` tiles.
+* In parts, as the flow runs it beside the fetch: :func:`pack_partition` (on any Dask
+  worker, or in local threads with :func:`pack_partitions_local`; one contiguous slice of
+  the tile list) writes ``work/parts/part_NNNNN.npz`` (compressed chunks, offsets, tile
+  ids, per-tile problems, statistics) atomically; a stack that is not the one written is
+  reported in ``PartResult.integrity`` so the flow fetches the tile again. A part whose
+  inputs did not change (same tiles, same stack files, same tile_info, same settings) is
+  re-used by later runs. Then :func:`assemble_h5` (one writer) creates ``NAME.h5`` and
+  appends every part's pre-compressed chunks with ``write_direct_chunk``, so compression
+  ran on all workers and the writer only copies bytes. Memory is bounded by one part,
+  whatever N is.
+
+Both give the same h5 (datasets, attributes, every chunk's bytes) and the same statistics.
 """
 
 from __future__ import annotations
@@ -243,7 +248,8 @@ def pack_tile(tile_id: str, tiles_dir: Path, tile_info: Any, image_size: int, co
         return PackedTile(tile_id, problem=str(exc))
     stats = tile_stats(rows, info["S2_type"])
     rows["metadata"] = np.array([(tile_id.encode(), info["S2_type"].encode())], METADATA_DTYPE)
-    chunks = [compress(np.ascontiguousarray(rows[n]).tobytes()) for n in CHUNK_DATASETS]
+    # the arrays themselves (buffers) go to the compressor: no copy into bytes first
+    chunks = [compress(np.ascontiguousarray(rows[n])) for n in CHUNK_DATASETS]
     return PackedTile(tile_id, chunks, stats)
 
 
