@@ -199,22 +199,21 @@ class ExactStats:
     @classmethod
     def of(cls, x: np.ndarray, valid: np.ndarray) -> "ExactStats":
         """One tile's statistics of ``x`` (C, P) over ``valid`` (C, P). Integers: exact sums
-        (in float64 when no partial sum can reach 2**53, where every sum is exact, else in
-        int64); floats: mean, then the squared deviations from it, in float64."""
-        n_int = np.count_nonzero(valid, axis=1)
+        in 64-bit integers; floats: mean, then the squared deviations from it, in float64."""
+        if np.count_nonzero(valid) == valid.size:  # the common case, counted in one fast pass
+            n_int = np.full(len(x), x.shape[1])
+        else:
+            n_int = np.count_nonzero(valid, axis=1)
         count = n_int.tolist()
         full = n_int == x.shape[1]
         every = bool(full.all())
         if x.dtype.kind in "ui" and x.dtype.itemsize <= 4:
             info = np.iinfo(x.dtype)
-            bound = max(-int(info.min), int(info.max))
-            if x.shape[1] * bound * bound < 2 ** 53:
-                xf = x.astype(np.float64)
-                if not every:
-                    np.copyto(xf, 0.0, where=~valid)
-                s1, s2 = xf.sum(axis=1), np.einsum("ij,ij->i", xf, xf)
-            else:
-                s1, s2 = _int_sums(x, valid, full, every)
+            # 64-bit integer accumulators, the operands cast in small buffers (no full copy):
+            # exact, as no sum of at most 2**32 squares of 32-bit values overflows them
+            wide = np.uint64 if x.dtype.kind == "u" else np.int64
+            xv = x if every else np.where(valid, x, 0).astype(x.dtype, copy=False)
+            s1, s2 = xv.sum(axis=1, dtype=wide), np.einsum("ij,ij->i", xv, xv, dtype=wide)
             mn, mx = _min_max(x, valid, full, every, info.max, info.min)
             mn[n_int == 0], mx[n_int == 0] = np.inf, -np.inf
             c = [int(v) << FIXED_BITS for v in s1.tolist()]
