@@ -248,8 +248,9 @@ def pack_tile(tile_id: str, tiles_dir: Path, tile_info: Any, image_size: int, co
         return PackedTile(tile_id, problem=str(exc))
     stats = tile_stats(rows, info["S2_type"])
     rows["metadata"] = np.array([(tile_id.encode(), info["S2_type"].encode())], METADATA_DTYPE)
-    # the arrays themselves (buffers) go to the compressor: no copy into bytes first
-    chunks = [compress(np.ascontiguousarray(rows[n])) for n in CHUNK_DATASETS]
+    # bytes, not the arrays' buffers: ISA-L's stream for the same pixels was seen to differ
+    # (both valid) when handed an array instead of bytes, and the chunks must be the same bytes
+    chunks = [compress(np.ascontiguousarray(rows[n]).tobytes()) for n in CHUNK_DATASETS]
     return PackedTile(tile_id, chunks, stats)
 
 
