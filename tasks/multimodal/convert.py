@@ -369,7 +369,8 @@ def make_partitions(tile_ids: list[str], part_size: int) -> list[PartSpec]:
 
 
 #: Post-processing alone (stacks already on disk, no cluster running yet) of at most this many
-#: tiles packs its parts in threads of the calling process (:func:`pack_partitions_local`)
+#: tiles packs in threads of the calling process beside the single writer (:func:`pack_to_h5`:
+#: no part files, no second pass; :func:`pack_partitions_local` packs parts in the same threads)
 #: rather than on a Dask cluster it would first have to start. Starting a local cluster
 #: (2 nannies + 2 spawned workers, each importing numpy, h5py, rasterio and distributed) cost
 #: about 5 s of wall and 3-6 s of CPU on the 2-core machine, and the scheduler about 1 ms of CPU
