@@ -632,3 +632,8 @@ def test_a_failing_tile_never_leaves_a_corrupt_dataset(tmp_path, tiles_dir, monk
         convert.pack_to_h5(ids, tiles_dir, info, h5, IMG, threads=2)
     assert h5.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data_f.h5", "tiles"]
+    monkeypatch.setattr(convert.StatsAccumulator, "add_tile", real_add)
+    res = convert.pack_to_h5(["f1", "f2", "f4"], tiles_dir, info, h5, IMG, threads=2)  # no row at all
+    assert res.n_rows == 0 and set(res.problems) == {"f1", "f2", "f4"}
+    assert h5.read_bytes() == before  # a good dataset is never replaced by an empty one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_f.h5", "tiles"]

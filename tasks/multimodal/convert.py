@@ -505,10 +505,26 @@ def pack_to_h5(tile_ids: list[str], tiles_dir: str | Path, tile_info: Any, h5_pa
     be used is left out and reported. The h5 is written under a temporary name and renamed
     when complete; when tiles were left out it is first copied, chunk by chunk, into datasets
     of the right length, so it has the same layout as :func:`assemble_h5`'s. On an error the
-    temporary file is removed and an existing ``h5_path`` is left as it was."""
+    temporary file is removed and an existing ``h5_path`` is left as it was; so it is when no
+    tile gave a row (a good dataset is never replaced by an empty one)."""
     tiles_dir, h5_path = Path(tiles_dir), Path(h5_path)
     compress = compression.compressor()
     result = WriteResult([], {}, {}, StatsAccumulator())
+    try:
+        _write_h5(tile_ids, tiles_dir, tile_info, h5_path, image_size, compression, threads, attrs, compress, result)
+    except _KeepExisting:
+        pass
+    return result
+
+
+class _KeepExisting(Exception):
+    """No tile gave a row and ``NAME.h5`` exists: it is kept, not replaced by an empty one."""
+
+
+def _write_h5(tile_ids: list[str], tiles_dir: Path, tile_info: Any, h5_path: Path, image_size: int,
+              compression: Compression, threads: int, attrs: dict[str, Any] | None, compress,
+              result: WriteResult) -> None:
+    """:func:`pack_to_h5`'s single writer (fills ``result``)."""
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
             dsets = create_datasets(f, len(tile_ids), image_size, compression, attrs)
@@ -524,9 +540,10 @@ def pack_to_h5(tile_ids: list[str], tiles_dir: str | Path, tile_info: Any, h5_pa
                     ds.write_direct_chunk(row + tail, blob, 0)
                 result.stats.add_tile(packed.stats)
                 result.tile_ids.append(packed.tile_id)
+        if not result.n_rows and h5_path.exists():  # a good dataset is never replaced by 0 rows
+            raise _KeepExisting
         if result.n_rows < len(tile_ids):
             _copy_rows(tmp, result.n_rows, image_size, compression)
-    return result
 
 
 def _copy_rows(h5: Path, n: int, image_size: int, compression: Compression) -> None:
