@@ -180,7 +180,7 @@ def test_exact_stats_same_bytes_for_any_grouping_and_order_and_no_cancellation(d
             results.add(repr(total(parts[::-1]).to_json()))
             results.add(repr(total(parts[1::2]).merge(total(parts[::2])).to_json()))
     assert len(results) == 1
-    js = eval(results.pop())  # noqa: S307 - our own repr of floats
+    js = eval(results.pop())  # our own repr of floats
     for c in range(2):
         v = x[c][valid[c]].astype(np.float64)
         assert js["mean"][c] == pytest.approx(v.mean(), rel=1e-15)

@@ -232,26 +232,27 @@ class PackedTile:
     integrity: bool = False  # the problem is a stack that is not the one written
 
 
-def pack_tile(tile_id: str, tiles_dir: Path, tile_info: Any, image_size: int, compress) -> PackedTile:
+def pack_tile(tid: str, tiles_dir: Path, tile_info: Any, image_size: int, compress) -> PackedTile:
     """Read one stack (its digest and grid checked against its record), convert it to one row
     per h5 dataset, compress each row as one chunk and take its statistics. A stack that
-    cannot be used gives a :class:`PackedTile` with ``problem`` set (never an exception)."""
-    info = tile_info.get(tile_id)
+    cannot be used (unreadable, not the one written, not matching its tile_info) gives a
+    :class:`PackedTile` with ``problem`` set, not an exception."""
+    info = tile_info.get(tid)
     if info is None:
-        return PackedTile(tile_id, problem="no tile_info entry")
+        return PackedTile(tid, problem="no tile_info entry")
     try:
-        data, descs = read_verified_stack(tiles_dir / f"{tile_id}.tif", info.get("STACK"))
-        rows = tile_rows(data, descs, info, tile_id, image_size)
+        data, descs = read_verified_stack(tiles_dir / f"{tid}.tif", info.get("STACK"))
+        rows = tile_rows(data, descs, info, tid, image_size)
     except StackIntegrityError as exc:
-        return PackedTile(tile_id, problem=str(exc), integrity=True)
+        return PackedTile(tid, problem=str(exc), integrity=True)
     except (StackReadError, TileProblem) as exc:
-        return PackedTile(tile_id, problem=str(exc))
+        return PackedTile(tid, problem=str(exc))
     stats = tile_stats(rows, info["S2_type"])
-    rows["metadata"] = np.array([(tile_id.encode(), info["S2_type"].encode())], METADATA_DTYPE)
+    rows["metadata"] = np.array([(tid.encode(), info["S2_type"].encode())], METADATA_DTYPE)
     # bytes, not the arrays' buffers: ISA-L's stream for the same pixels was seen to differ
     # (both valid) when handed an array instead of bytes, and the chunks must be the same bytes
     chunks = [compress(np.ascontiguousarray(rows[n]).tobytes()) for n in CHUNK_DATASETS]
-    return PackedTile(tile_id, chunks, stats)
+    return PackedTile(tid, chunks, stats)
 
 
 # --------------------------------------------------------------------------
@@ -548,15 +549,14 @@ def _write_h5(tile_ids: list[str], tiles_dir: Path, tile_info: Any, h5_path: Pat
 
 def _copy_rows(h5: Path, n: int, image_size: int, compression: Compression) -> None:
     """Replace ``h5`` (a temporary file) by a copy holding its first ``n`` rows, chunk by chunk."""
-    with atomic_path(h5) as tmp:
-        with h5py.File(h5, "r") as src, h5py.File(tmp, "w") as dst:
-            dsets = create_datasets(dst, n, image_size, compression, dict(src.attrs))
-            for name, ds in dsets.items():
-                source = src[name].id
-                tail = (0,) * (ds.ndim - 1)
-                for i in range(n):
-                    mask, blob = source.read_direct_chunk((i,) + tail)
-                    ds.id.write_direct_chunk((i,) + tail, blob, mask)
+    with atomic_path(h5) as tmp, h5py.File(h5, "r") as src, h5py.File(tmp, "w") as dst:
+        dsets = create_datasets(dst, n, image_size, compression, dict(src.attrs))
+        for name, ds in dsets.items():
+            source = src[name].id
+            tail = (0,) * (ds.ndim - 1)
+            for i in range(n):
+                mask, blob = source.read_direct_chunk((i,) + tail)
+                ds.id.write_direct_chunk((i,) + tail, blob, mask)
 
 
 def part_summary(part: PartResult) -> dict[str, Any]:

@@ -186,18 +186,18 @@ class ExactStats:
     ``count`` (valid values), ``c`` = sum of n_t*mean_t, ``b`` = sum of n_t*mean_t**2 and
     ``a`` = sum of M2_t, each times ``2**FIXED_BITS`` (Python integers), ``min`` and ``max``."""
 
-    __slots__ = ("count", "c", "b", "a", "min", "max")
+    __slots__ = ("a", "b", "c", "count", "max", "min")
 
     def __init__(self, count: list[int], c: list[int], b: list[int], a: list[int], mn: np.ndarray, mx: np.ndarray):
         self.count, self.c, self.b, self.a, self.min, self.max = count, c, b, a, mn, mx
 
     @classmethod
-    def empty(cls, channels: int) -> "ExactStats":
+    def empty(cls, channels: int) -> ExactStats:
         zero = [0] * channels
         return cls(list(zero), list(zero), list(zero), list(zero), np.full(channels, np.inf), np.full(channels, -np.inf))
 
     @classmethod
-    def of(cls, x: np.ndarray, valid: np.ndarray) -> "ExactStats":
+    def of(cls, x: np.ndarray, valid: np.ndarray) -> ExactStats:
         """One tile's statistics of ``x`` (C, P) over ``valid`` (C, P). Integers: exact sums
         in 64-bit integers; floats: mean, then the squared deviations from it, in float64."""
         if np.count_nonzero(valid) == valid.size:  # the common case, counted in one fast pass
@@ -235,7 +235,7 @@ class ExactStats:
             a.append(_fixed(m2) if k else 0)
         return cls(count, c, b, a, mn, mx)
 
-    def add(self, other: "ExactStats") -> None:
+    def add(self, other: ExactStats) -> None:
         """Add ``other``'s tiles to these (in place)."""
         self.count = [p + q for p, q in zip(self.count, other.count)]
         self.c = [p + q for p, q in zip(self.c, other.c)]
@@ -244,7 +244,7 @@ class ExactStats:
         self.min = np.minimum(self.min, other.min)
         self.max = np.maximum(self.max, other.max)
 
-    def merge(self, other: "ExactStats") -> "ExactStats":
+    def merge(self, other: ExactStats) -> ExactStats:
         out = ExactStats(list(self.count), list(self.c), list(self.b), list(self.a), self.min.copy(), self.max.copy())
         out.add(other)
         return out
@@ -280,7 +280,7 @@ class ExactStats:
                 "a": [_int_text(v) for v in self.a], "min": self.min.tolist(), "max": self.max.tolist()}
 
     @classmethod
-    def from_state(cls, state: dict[str, list]) -> "ExactStats":
+    def from_state(cls, state: dict[str, list]) -> ExactStats:
         return cls([int(k) for k in state["count"]], [_text_int(t) for t in state["c"]],
                    [_text_int(t) for t in state["b"]], [_text_int(t) for t in state["a"]],
                    np.asarray(state["min"], np.float64), np.asarray(state["max"], np.float64))
@@ -317,7 +317,7 @@ class StatsAccumulator:
         for key, st in stats.items():
             self.stats[key].add(st)
 
-    def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
+    def merge(self, other: StatsAccumulator) -> StatsAccumulator:
         out = StatsAccumulator()
         out.stats = {k: self.stats[k].merge(other.stats[k]) for k in self.stats}
         return out
@@ -327,7 +327,7 @@ class StatsAccumulator:
         return {k: v.to_state() for k, v in self.stats.items()}
 
     @classmethod
-    def from_state(cls, state: dict[str, dict[str, list]]) -> "StatsAccumulator":
+    def from_state(cls, state: dict[str, dict[str, list]]) -> StatsAccumulator:
         out = cls()
         out.stats = {k: ExactStats.from_state(state[k]) for k in STATS_KEYS}
         return out
@@ -336,7 +336,7 @@ class StatsAccumulator:
         return {prefix + k: np.array(json.dumps(v.to_state())) for k, v in self.stats.items()}
 
     @classmethod
-    def from_npz(cls, npz, prefix: str = "stats_") -> "StatsAccumulator":
+    def from_npz(cls, npz, prefix: str = "stats_") -> StatsAccumulator:
         out = cls()
         out.stats = {k: ExactStats.from_state(json.loads(str(npz[prefix + k]))) for k in STATS_KEYS}
         return out
