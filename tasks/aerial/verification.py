@@ -193,7 +193,9 @@ def orientation_outliers(world_from_cam: dict[str, np.ndarray], prior_cam2world:
     their prior (MegaDepth) orientation by more than ``max_deg`` once the prior's frame is turned onto
     the model's by the alignment most photos agree on. Each photo gives one alignment
     (``R_model @ R_prior^T``); the one that the most others agree with (within ``max_deg``) wins,
-    and only when at least ``min_agree`` photos and more than half of them agree: otherwise no
+    and only when at least ``min_agree`` photos agree and no group of as many other photos agrees
+    on another alignment (false registrations rarely agree with each other; measured on the
+    realistic world: 4 true photos agreeing, 4 wrong ones each turned differently): otherwise no
     verdict (empty)."""
     best = orientation_consensus(world_from_cam, prior_cam2world, max_deg, min_agree)
     if best is None:
@@ -208,14 +210,14 @@ def position_outliers(centres: dict[str, np.ndarray], prior_centres: dict[str, n
     from their prior (MegaDepth) centre mapped onto the model by ``rotation`` (the orientation
     consensus, prior frame to model) and the scale and shift most photos agree on. Each pair of
     photos gives a scale and a shift (``c = s R p + t``); the one that the most photos agree
-    with (within ``max_dist``) wins, and only when at least ``min_agree`` photos and more than
-    half of them agree: otherwise no verdict (empty)."""
+    with (within ``max_dist``) wins, and only when at least ``min_agree`` photos agree and no group
+    of as many other photos agrees on another fit: otherwise no verdict (empty)."""
     names = sorted(n for n in centres if n in prior_centres)
     if len(names) < min_agree:
         return {}
     c = np.array([np.asarray(centres[n], np.float64) for n in names])
     p = np.array([np.asarray(rotation, np.float64) @ np.asarray(prior_centres[n], np.float64) for n in names])
-    best: tuple[int, float, np.ndarray] | None = None
+    fits: list[tuple[int, int, np.ndarray]] = []  # (i, j, which photos agree with the fit of photos i and j)
     for i in range(len(names)):
         for j in range(i + 1, len(names)):
             span = np.linalg.norm(p[i] - p[j])
@@ -223,14 +225,15 @@ def position_outliers(centres: dict[str, np.ndarray], prior_centres: dict[str, n
                 continue
             scale = float(np.linalg.norm(c[i] - c[j]) / span)
             shift = np.mean([c[i] - scale * p[i], c[j] - scale * p[j]], axis=0)
-            dist = np.linalg.norm(c - (scale * p + shift), axis=1)
-            support = int(np.sum(dist <= max_dist))
-            if best is None or support > best[0]:
-                best = (support, scale, dist)
-    if best is None or best[0] < min_agree or 2 * best[0] <= len(names):
+            fits.append((i, j, np.linalg.norm(c - (scale * p + shift), axis=1) <= max_dist))
+    if not fits:
+        return {}
+    agree = max(fits, key=lambda f: int(f[2].sum()))[2]
+    # the others' largest group (fits of two photos outside the winner's): a tie means no verdict
+    rival = max((int((f[2] & ~agree).sum()) for f in fits if not agree[f[0]] and not agree[f[1]]), default=0)
+    if agree.sum() < min_agree or rival >= agree.sum():
         return {}
     # refit on the photos that agree (least squares scale and shift), then judge every photo
-    agree = best[2] <= max_dist
     pm, cm = p[agree].mean(axis=0), c[agree].mean(axis=0)
     scale = float(np.sum((p[agree] - pm) * (c[agree] - cm)) / max(np.sum((p[agree] - pm) ** 2), 1e-12))
     dist = np.linalg.norm(c - (scale * (p - pm) + cm), axis=1)
@@ -245,9 +248,11 @@ def orientation_consensus(world_from_cam: dict[str, np.ndarray], prior_cam2world
     if len(names) < min_agree:
         return None
     align = {n: world_from_cam[n] @ prior_cam2world[n].T for n in names}
-    support = {a: [b for b in names if rotation_deg(align[a], align[b]) <= max_deg] for a in names}
+    support = {a: {b for b in names if rotation_deg(align[a], align[b]) <= max_deg} for a in names}
     best = max(names, key=lambda n: (len(support[n]), n))
-    if len(support[best]) < min_agree or 2 * len(support[best]) <= len(names):
+    # the others' largest group (of photos outside the winner's): a tie means no verdict
+    rival = max((len(support[n] - support[best]) for n in names if n not in support[best]), default=0)
+    if len(support[best]) < min_agree or rival >= len(support[best]):
         return None
     return align[best]
 
