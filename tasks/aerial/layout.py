@@ -19,8 +19,6 @@ that says where each file of a scene lives.
             <matches>.h5
             sfm_<tag>[-<hash>]/                          triangulated reference (+ database.db)
                 localized_model_mapper_metric/           reference + registered photos, metric ENU
-                localized_first_pass/                    its first pass (only with a second pass, prior_pairs_num)
-                pairs-query-prior.txt  pairs-query-prior-all.txt   the second pass's pairs
                 dense/                                   dense workspace
                 localized_dense_metric/                  the product: images/ depths/ sparse-txt/
     <root>/ground_truth/<scene>/sparse, depths/          ground truth (synthetic world)
@@ -49,7 +47,6 @@ GROUND_TRUTH = "ground_truth"
 WORK = "sfm_output_localization"
 REFERENCE_EMPTY = "reference_empty"
 LOCALIZED = "localized_model_mapper_metric"
-LOCALIZED_FIRST = "localized_first_pass"
 DENSE = "dense"
 PRODUCT = "localized_dense_metric"
 RECORD_NAME = "ingest.json"
@@ -228,21 +225,6 @@ class ScenePaths(SceneLayout):
     @property
     def localized(self) -> Path:
         return self.sfm / LOCALIZED
-
-    @property
-    def localized_first(self) -> Path:
-        """The first localization pass when a second one follows (``prior_pairs_num``)."""
-        return self.sfm / LOCALIZED_FIRST
-
-    @property
-    def pairs_prior(self) -> Path:
-        """The second pass's photo-frame pairs, from the photos' MegaDepth poses."""
-        return self.sfm / "pairs-query-prior.txt"
-
-    @property
-    def pairs_query_prior_all(self) -> Path:
-        """The second pass's pairs: ``pairs_prior`` and the photo-photo pairs."""
-        return self.sfm / "pairs-query-prior-all.txt"
 
     @property
     def dense(self) -> Path:

@@ -13,8 +13,6 @@ File and folder names follow the configuration actually used
 
 from __future__ import annotations
 
-import logging
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import cv2
 import numpy as np
 import pycolmap
 
-from tasks.aerial import dense, features, geometry, io, matching, pairs, relocalization, retrieval, verification
+from tasks.aerial import dense, features, geometry, io, matching, pairs, retrieval
 from tasks.aerial.dense import DenseConfig
 from tasks.aerial.dense.backends import DenseBackend, DenseResult, gpu_capabilities, run_all, select_backend
 from tasks.aerial.dense.config import check_bounds
@@ -35,8 +33,6 @@ from tasks.common.atomic import atomic_dir, link_atomic, remove_partials, write_
 from tasks.common.config import NamedConfigs
 from tasks.common.fingerprint import fingerprint
 from tasks.common.forms import setting
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -62,13 +58,6 @@ class PipelineConfig:
                                        "(0-1000)")
     query_pairs_max_angle: float = setting(75.0, "largest angle between the viewing directions of two matched "
                                                  "photos, in degrees (0-180)")
-    prior_pairs_num: int = setting(
-        0, "a second localization pass (0: none): once the first pass has registered and verified at least "
-           "3 photos, every photo is matched with this many aerial frames nearest to where its own MegaDepth "
-           "pose puts it, instead of the retrieved ones, and the photos are localized again (0-1000)")
-    prior_max_centre_share: float = setting(
-        0.05, "the second pass runs only when every verified photo stands within this share of the aerial "
-              "scene's diagonal of where its MegaDepth pose puts it (0-1)")
     vlad_words: int = setting(64, "visual words of the VLAD vocabulary (vlad retrieval; 2-4096)")
     sfm: SfMConfig = setting(help="reference triangulation and photo localization", factory=SfMConfig)
     dense: DenseConfig = setting(help="dense depth maps and their fusion", factory=DenseConfig)
@@ -173,8 +162,7 @@ PIPELINES = NamedConfigs("aerial pipeline configuration", PipelineConfig, {
 #: Bounds of the pipeline's counts (``field: (low, high)``): pairs per image and VLAD words.
 PIPELINE_BOUNDS: dict[str, tuple[float, float]] = {
     "ref_pairs_num": (1, 1000), "retrieval_num": (1, 1000), "query_pairs_num": (0, 1000), "vlad_words": (2, 4096),
-    "ref_pairs_max_angle": (0, 180), "query_pairs_max_angle": (0, 180), "prior_pairs_num": (0, 1000),
-    "prior_max_centre_share": (0, 1),
+    "ref_pairs_max_angle": (0, 180), "query_pairs_max_angle": (0, 180),
 }
 
 
@@ -306,17 +294,6 @@ def match(paths: ScenePaths, config: PipelineConfig, part: tuple[int, int] | Non
     return io.part_paths(paths.matches, part[1])[part[0]]
 
 
-def _match_pairs(paths: ScenePaths, config: PipelineConfig, pairs_path: Path) -> Path:
-    """The matches of the pairs listed in ``pairs_path`` added to the scene's matches file (pairs
-    already there are not matched again)."""
-    if config.backend == "hloc":
-        from hloc import match_features  # optional, see the hloc backend below
-
-        return match_features.main(match_features.confs[config.matcher], pairs_path, features=paths.features,
-                                   matches=paths.matches)
-    return matching.match_features(matching.MATCHER_CONFS[config.matcher], pairs_path, paths.features, paths.matches)
-
-
 def merge_match_parts(paths: ScenePaths, n_parts: int) -> Path:
     return matching.merge_matches(io.part_paths(paths.matches, n_parts), paths.matches, remove_parts=True)
 
@@ -330,47 +307,10 @@ def reference(paths: ScenePaths, config: PipelineConfig) -> StageResult:
 
 
 def localize(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) -> StageResult:
-    """The photos localized into the triangulated reference (``localized_model_mapper_metric``).
-    With ``prior_pairs_num`` > 0, this first pass goes to ``localized_first_pass`` and a second
-    pass on pairs from the photos' MegaDepth poses (:mod:`tasks.aerial.relocalization`) writes
-    the model; when the first pass cannot tie the MegaDepth model to the aerial frame, its model
-    is the result (copied)."""
     query_pairs = io.read_pairs(paths.pairs_retrieval) + io.read_pairs(paths.pairs_query)
     io.write_pairs_if_changed(paths.pairs_query_all, query_pairs)
-    queries = queries_of(info)
-    first_dir = paths.localized_first if config.prior_pairs_num > 0 else paths.localized
-    first = localize_queries(paths.sfm, queries, paths.images, paths.features, paths.matches,
-                             paths.pairs_query_all, first_dir, config.sfm)
-    if config.prior_pairs_num <= 0:
-        return first
-    no_features = set(missing_features(paths, [q.name for q in queries]))
-    priors = {q.name: np.asarray(q.cam2world) for q in queries if q.cam2world is not None and q.name not in no_features}
-    first_model = pycolmap.Reconstruction(str(first_dir))
-    align, why = relocalization.align_priors(relocalization.verified_poses(first_model, first.details), priors,
-                                             verification.scene_frame(pycolmap.Reconstruction(str(paths.sfm))).diagonal,
-                                             config.prior_max_centre_share,
-                                             config.sfm.accept_max_orientation_disagreement_deg)
-    if align is None:
-        io.write_pairs_if_changed(paths.pairs_prior, [])
-        marker = (first_dir / ".complete").read_text()
-        if not (model_complete(paths.localized) and (paths.localized / ".complete").read_text() == marker):
-            remove_partials(paths.sfm, paths.localized.name)
-            with atomic_dir(paths.localized) as tmp:  # the first pass's model, verdict and marker, whole
-                shutil.copytree(first_dir, tmp, dirs_exist_ok=True)
-        log.info("%s: no second localization pass: %s", paths.sfm, why)
-        first.counts["second pass"] = 0
-        return first
-    prior = relocalization.prior_pairs(align, priors, geometry.cam2world_from_model(paths.reference_empty),
-                                       config.prior_pairs_num, config.ref_pairs_max_angle)
-    io.write_pairs_if_changed(paths.pairs_prior, prior)
-    _match_pairs(paths, config, paths.pairs_prior)
-    io.write_pairs_if_changed(paths.pairs_query_prior_all, prior + io.read_pairs(paths.pairs_query))
-    second = localize_queries(paths.sfm, queries, paths.images, paths.features, paths.matches,
-                              paths.pairs_query_prior_all, paths.localized, config.sfm)
-    second.counts.update({"second pass": 1, "first pass photos registered": first.counts["photos registered"],
-                          "prior pairs": len(prior), "prior alignment photos": len(align.photos),
-                          "prior alignment max centre residual m": align.max_centre_residual_m})
-    return second
+    return localize_queries(paths.sfm, queries_of(info), paths.images, paths.features, paths.matches,
+                            paths.pairs_query_all, paths.localized, config.sfm)
 
 
 # ----------------------------------------------------------------------------- stage: dense
