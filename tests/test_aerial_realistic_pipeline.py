@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pycolmap
 import pytest
 
@@ -26,12 +27,15 @@ WORLD = {"world": "realistic", "n_aerial": 24, "n_ground": 12, "seed": 0}
 #: one thread for the mapper, whose result with several threads varies from run to run.
 SETTINGS = {"ref_pairs_num": 8, "retrieval_num": 10, "query_pairs_num": 5, "sfm": {"num_threads": 1}}
 
-#: (measured, limit) on this world with SETTINGS (2026-12-07, 9.5 min wall on the loaded 2-core
-#: machine, 216 CPU s: about 3.6 min when quiet). The share may lose one photo (3 of 9 pass, 2 fail:
-#: with 256 keypoints instead of 1024 it fails); the accuracy limits are 2x the measured figures, as
-#: the demo's (tests/test_aerial_pipeline.py). False registrations: none, never loosened.
+#: (measured, limit) on this world with SETTINGS (2026-12-07; the same figures in two runs: one
+#: mapper thread makes it deterministic; 9.5 min wall on the loaded 2-core machine, 216 CPU s, about
+#: 3.6 min when quiet). The share may lose one photo; the accuracy limits are 2x the measured
+#: figures and the kept photos' median 2D-3D inliers half, as the demo's limits
+#: (tests/test_aerial_pipeline.py). Checked once: with 256 keypoints instead of 1024 the share is
+#: 3/9 (passes) but the median inliers 53 (fails). False registrations: none, never loosened.
 LIMITS: dict[str, tuple[float, float]] = {
     "registered fraction": (4 / 9, 3 / 9 - 1e-9),
+    "median inliers": (118.0, 59.0),
     "median rotation error deg": (1.30, 2.6),
     "median centre error / extent": (0.0084, 0.017),
 }
@@ -55,13 +59,15 @@ def test_learned_pipeline_on_the_realistic_world(realistic_small, no_network):
     rec = pycolmap.Reconstruction(str(paths.localized))
     gt = pycolmap.Reconstruction(str(paths.ground_truth / "sparse"))
     acc = pose_accuracy(rec, gt, sorted(info["queries"]))
-    figures = {"registered fraction": acc["registered fraction"],
+    kept = [v["inliers"] for v in loc.details.values() if v["status"] == "registered"]
+    figures = {"registered fraction": acc["registered fraction"], "median inliers": float(np.median(kept)),
                "median rotation error deg": acc["median rotation error deg"],
                "median centre error / extent": acc["median centre error / extent"]}
     assert acc["distractors"] == 3 and acc["photos attempted"] == 9, acc
     # never loosened: a distractor or a wrong pose that gets past verification fails here
     assert acc["false registrations"] == 0, acc["false registration photos"]
-    assert figures["registered fraction"] >= LIMITS["registered fraction"][1], (figures, loc.problems)
+    for key in ("registered fraction", "median inliers"):
+        assert figures[key] >= LIMITS[key][1], (key, figures, loc.problems, loc.details)
     for key in ("median rotation error deg", "median centre error / extent"):
         assert figures[key] <= LIMITS[key][1], (key, figures, acc["per photo"])
     # every photo kept passed verification with its inliers; every rejected one says why
