@@ -202,6 +202,39 @@ def test_a_photo_registered_metres_away_disagrees_with_its_megadepth_position():
     assert position_outliers({n: model[n] for n in ["p0.jpg", "p1.jpg"]}, prior, rotation, 5.6) == {}
 
 
+def test_position_check_at_paper_scale_samples_its_fits():
+    """A paper-sized scene registers hundreds of photos: the position check tries a seeded sample
+    of MAX_POSITION_FITS pair fits instead of all n^2/2 (each judging every photo, n^3 work and
+    memory), and still finds every displaced photo when only a third of them agree."""
+    from scipy.spatial.transform import Rotation
+
+    from tasks.aerial import verification
+
+    rng = np.random.default_rng(3)
+    n = 600
+    rotation = Rotation.random(random_state=2).as_matrix()
+    prior = {f"p{i:03d}.jpg": rng.uniform(-2, 2, 3) for i in range(n)}
+    model = {k: 40.0 * rotation @ p + [10.0, -5.0, 3.0] + rng.normal(0, 0.5, 3) for k, p in prior.items()}
+    moved = sorted(rng.choice(sorted(prior), 400, replace=False))  # two thirds off, each its own way
+    for k in moved:
+        model[k] = model[k] + rng.uniform(20, 200, 3) * rng.choice([-1, 1], 3)
+    calls = []
+    norm = np.linalg.norm
+
+    def counting_norm(*a, **kw):
+        calls.append(1)
+        return norm(*a, **kw)
+
+    verification.np.linalg.norm = counting_norm
+    try:
+        out = verification.position_outliers(model, prior, rotation, max_dist=5.0)
+    finally:
+        verification.np.linalg.norm = norm
+    assert sorted(out) == moved
+    # three norms per fit tried (the span, the scale, the judgement), plus the final refit
+    assert len(calls) <= 3 * verification.MAX_POSITION_FITS + 2, len(calls)
+
+
 def test_the_largest_agreeing_group_wins_without_a_majority():
     """Measured on the realistic world (min_tri_angle 5): 8 photos registered, 4 true ones that
     agree and 4 wrong ones (turned 133 deg, 70 deg, ...) that agree with nobody: a majority rule
