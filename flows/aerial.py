@@ -284,7 +284,7 @@ def training_exports(run: SceneRun, s: str, report: RunReport, out: SceneOut) ->
         plan = covis_plan_task.submit(str(sp.product), str(training_export.covisibility_work(run.export_root, s)), ecfg).result()
         failed: list[BaseException] = []
         blocks = plan.missing_blocks()
-        run_each(lambda k: covis_block_task.submit(plan, k, ecfg), blocks,
+        run_each(lambda k: covis_block_task.submit(plan.block(k), ecfg), blocks,
                  on_result=lambda _k, _r: None, on_error=lambda _k, exc: failed.append(exc),
                  window=max(2, 2 * run.parts), progress=Progress(f"scene {s} covisibility", len(blocks), "blocks"))
         if failed:

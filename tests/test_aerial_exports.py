@@ -309,3 +309,19 @@ def check_pair_files(export: Path, scene: str, config: T.ExportConfig) -> dict:
     assert scene in idx["scenes"] and idx["features used"]
     assert idx["aerialmegadepth_pairs"]["pairs"] == len(a_pairs)
     return {"ranges": counts, "aerial-ground": len(ag), "pairs": len(a_pairs)}
+
+
+def test_a_block_task_gets_its_block_not_the_whole_plan(tmp_path):
+    """At 1000 images (377 000 candidate pairs, 2950 blocks) each block task was handed the whole
+    plan, pickled and walked by Prefect per task: the flow process at 100 % of a core and one
+    block at a time, 15 s each (bench/bench_aerial_scale.py, 750x250). A block's task argument
+    holds the views and its own pairs only."""
+    import pickle
+
+    views = [C.View(f"{k:04d}.jpg", np.eye(3), np.eye(4), 320, 240, None) for k in range(1000)]
+    pairs = [(i, j) for i in range(300) for j in range(i + 1, 1000)]
+    plan = C.Plan(tmp_path, tmp_path, "key", views, pairs, C.blocks(pairs, 128))
+    block = plan.block(7)
+    assert block.pairs.tolist() == [list(p) for p in plan.blocks[7]]
+    assert block.out == C.block_path(tmp_path, 7) and block.key == "key"
+    assert len(pickle.dumps(block)) * 5 < len(pickle.dumps(plan)), (len(pickle.dumps(block)), len(pickle.dumps(plan)))

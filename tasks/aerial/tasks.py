@@ -151,9 +151,9 @@ def covis_plan_task(product: str, work: str, ecfg):
 
 
 @task(name="covisibility-block", cache_policy=NO_CACHE, tags=["aerial", "exports"], retries=1)
-def covis_block_task(plan, index: int, ecfg):
+def covis_block_task(block, ecfg):
     t0 = time.monotonic()
-    covisibility.run_block(plan, index, ecfg.covisibility)
+    covisibility.run(block, ecfg.covisibility)
     return time.monotonic() - t0
 
 
