@@ -132,13 +132,18 @@ def test_learned_configuration_names_its_folders():
 SMALL_PAIRS = {"features": "aliked-n16-fast", "ref_pairs_num": 6, "retrieval_num": 6, "query_pairs_num": 3}
 
 
+def learned_scene(root: Path, world: dict, settings: dict):
+    """A synthetic world prepared under ``root`` (``world``: its options) and the paths of the
+    learned configuration with ``settings`` on it: what a learned-pipeline test starts from."""
+    base = _prepare(root, **world)
+    cfg = pipeline.PIPELINES.build("aliked+lightglue", **settings)
+    return pipeline.scene_paths(root, base.scene, root / "megadepth_processed", cfg), cfg
+
+
 @pytest.fixture(scope="module")
 def learned_small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aerial_learned")
-    base = _prepare(root, n_aerial=24, n_ground=5, seed=0)
-    cfg = pipeline.PIPELINES.build("aliked+lightglue", **SMALL_PAIRS)
-    paths = pipeline.scene_paths(root, base.scene, root / "megadepth_processed", cfg)
-    return paths, cfg
+    return learned_scene(tmp_path_factory.mktemp("aerial_learned"), {"n_aerial": 24, "n_ground": 5, "seed": 0},
+                         SMALL_PAIRS)
 
 
 @pytest.mark.timeout(1500)

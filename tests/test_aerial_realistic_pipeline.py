@@ -14,10 +14,9 @@ import pytest
 
 pytest.importorskip("torch", reason="the learned extra (pip install -e '.[learned]') is not installed")
 
-from tasks.aerial import pipeline  # noqa: E402
 from tasks.aerial.evaluate import pose_accuracy  # noqa: E402
-from tests.test_aerial_learned import no_network  # noqa: E402,F401 - the fixture
-from tests.test_aerial_pipeline import _prepare, _sfm  # noqa: E402
+from tests.test_aerial_learned import learned_scene, no_network  # noqa: E402,F401 - no_network: the fixture
+from tests.test_aerial_pipeline import _sfm  # noqa: E402
 
 #: The small realistic world: 24 Earth Studio frames (11 of them near the ground), 12 photos of
 #: which 3 are distractors, photos up to 1600 px processed to 800 px, frames 640x480.
@@ -43,11 +42,7 @@ LIMITS: dict[str, tuple[float, float]] = {
 
 @pytest.fixture(scope="module")
 def realistic_small(tmp_path_factory):
-    root = tmp_path_factory.mktemp("aerial_realistic")
-    base = _prepare(root, **WORLD)
-    cfg = pipeline.PIPELINES.build("aliked+lightglue", **SETTINGS)
-    paths = pipeline.scene_paths(root, base.scene, root / "megadepth_processed", cfg)
-    return paths, cfg
+    return learned_scene(tmp_path_factory.mktemp("aerial_realistic"), WORLD, SETTINGS)
 
 
 @pytest.mark.timeout(1500)
