@@ -10,9 +10,10 @@ wall-clock from launch to exit (imports, the Dask cluster, everything):
 
 * original: ``python utils/convert_to_h5.py --mode create --data_dir DATA`` then
   ``python -c "from utils.normalization import compute_band_stats; compute_band_stats(data_folder=DATA)"``
-* ours: ``python bench/bench_postprocess.py --n N --post-only`` (packing in local threads
-  up to ``convert.LOCAL_PACK_MAX_TILES`` tiles, else the Dask cluster's start and packing on
-  its workers; the writer, statistics, splits, the JSON files)
+* ours: ``python bench/bench_postprocess.py --n N --post-only`` (up to
+  ``convert.LOCAL_PACK_MAX_TILES`` tiles ``convert.pack_to_h5``: packing threads beside the
+  single writer, statistics added up as tiles are written; above it the Dask cluster's start,
+  packing on its workers and the writer; then splits and the JSON files)
 
 and prints both figures, their ratio and the load average at each run. The machine's
 load changes from minute to minute, so only figures from the same command compare.

@@ -509,3 +509,131 @@ def test_local_threads_pack_the_same_parts_as_one_process(tmp_path, tiles_dir):
                 assert za[k].tobytes() == zb[k].tobytes(), k
     assert convert.packs_locally(convert.LOCAL_PACK_MAX_TILES)
     assert not convert.packs_locally(convert.LOCAL_PACK_MAX_TILES + 1)
+
+
+# --------------------------------------------------------------------------
+# Statistics independent of the partitioning; the writer beside the packing
+# --------------------------------------------------------------------------
+def _varied_stacks(prefix, n):
+    return [make_stack(f"{prefix}{i}", "l2a" if i % 2 else "l1c", seed=20 + i, asc=("VV", "VH") if i % 3 else None,
+                       desc=("VV",) if i % 4 == 1 else None, nan_rows=i % 2, holes=i % 3 == 0) for i in range(n)]
+
+
+def test_statistics_are_the_same_bytes_for_any_partitioning_and_merge_order(tmp_path, tiles_dir):
+    """Parts merge by exact sums: the band_stats JSON is the same bytes whether the tiles were
+    packed one part per tile, in parts of 2 or 4, or all in one, whatever order the parts'
+    summaries are merged in (Dask returns them in any order), and still matches numpy."""
+    stacks = _varied_stacks("q", 9)
+    info = _write(tiles_dir, stacks)
+    ids = [s[0].tile_id for s in stacks]
+    texts = set()
+    for part_size in (1, 2, 4, 9):
+        parts = [convert.pack_partition(spec, tiles_dir, info, tmp_path / f"p{part_size}", IMG)
+                 for spec in convert.make_partitions(ids, part_size)]
+        summaries = [convert.part_summary(p) for p in parts]
+        for order in (summaries, summaries[::-1], summaries[1::2] + summaries[::2]):
+            js, _ = convert.merge_stats(json.loads(json.dumps(order))).band_stats()  # as the manifest keeps them
+            texts.add(json.dumps(js))
+    assert len(texts) == 1
+    js = json.loads(texts.pop())
+    x = np.stack([convert.tile_rows(d, n, st.info, st.tile_id, IMG)["sentinel1"] for st, d, n in stacks])
+    x = np.moveaxis(x, 1, 0).reshape(8, -1).astype(np.float64)
+    valid = valid_mask("sentinel1", x)
+    for c in range(8):
+        v = x[c][valid[c]]
+        if v.size:
+            assert js["sentinel1"]["mean"][c] == pytest.approx(v.mean(), rel=1e-12)
+            assert js["sentinel1"]["std"][c] == pytest.approx(v.std(), rel=1e-10)
+
+
+def _h5_content(path):
+    """Everything a reader sees in an h5, and every chunk's stored bytes."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        out["attrs"] = {k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in f.attrs.items()}
+        out["names"] = list(f.keys())
+        for name in f:
+            ds = f[name]
+            tail = (0,) * (ds.ndim - 1)
+            out[name] = (str(ds.dtype), ds.shape, ds.chunks, ds.compression, ds.compression_opts,
+                         ds.fillvalue.tobytes() if hasattr(ds.fillvalue, "tobytes") else ds.fillvalue,
+                         [ds.id.read_direct_chunk((i,) + tail) for i in range(ds.shape[0])])
+    return out
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_writer_beside_packing_writes_the_same_h5_as_parts_then_assemble(tmp_path, tiles_dir, threads):
+    """convert.pack_to_h5 (packing threads beside the single writer, no part files) gives the
+    same h5 as pack_partition + assemble_h5 (datasets, layout, attributes, every chunk's bytes),
+    the same statistics to the bit, and the same problems; a problem tile is left out."""
+    stacks = _varied_stacks("w", 8)
+    info = _write(tiles_dir, stacks)
+    info["w5"] = {**info["w5"], "BANDS": {**info["w5"]["BANDS"], "sentinel1_desc": ["HH", "HV"]}}  # no such bands
+    ids = [s[0].tile_id for s in stacks]
+    parts = [convert.pack_partition(spec, tiles_dir, info, tmp_path / "parts", IMG)
+             for spec in convert.make_partitions(ids, 3)]
+    attrs = {"source": "test", "synthetic": True}
+    convert.assemble_h5(parts, tmp_path / "parts.h5", IMG, attrs=attrs)
+    res = convert.pack_to_h5(ids, tiles_dir, info, tmp_path / "writer.h5", IMG, threads=threads, attrs=attrs)
+    assert res.n_rows == 7 and res.tile_ids == [t for t in ids if t != "w5"]
+    assert set(res.problems) == {"w5"} and res.problems == {k: v for p in parts for k, v in p.problems.items()}
+    assert _h5_content(tmp_path / "writer.h5") == _h5_content(tmp_path / "parts.h5")
+    assert json.dumps(res.stats.band_stats()) == json.dumps(convert.merge_part_stats(parts).band_stats())
+    assert not list(tmp_path.glob("*.partial*"))
+
+
+def test_a_failing_tile_never_leaves_a_corrupt_dataset(tmp_path, tiles_dir, monkeypatch):
+    """A stack that is not the one written, an unreadable one and a tile whose conversion fails
+    unexpectedly are left out and reported; the h5 holds the other rows, complete. A failure of
+    the writer itself leaves no h5 half written: the earlier one stays as it was."""
+    stacks = _varied_stacks("f", 6)
+    info = _write(tiles_dir, stacks)
+    ids = [s[0].tile_id for s in stacks]
+    raw = (tiles_dir / "f1.tif").read_bytes()
+    info["f1"] = {**info["f1"], "STACK": {"blake2b": "0" * 32, "bytes": len(raw), "crs": "EPSG:32633",
+                                          "transform": [10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0],
+                                          "width": SIZE, "height": SIZE}}
+    (tiles_dir / "f2.tif").write_bytes(b"not a tiff")
+    real = convert.tile_rows
+
+    def flaky(data, names, tile_info, tile_id, image_size):
+        if tile_id == "f4":
+            raise RuntimeError("boom")
+        return real(data, names, tile_info, tile_id, image_size)
+
+    monkeypatch.setattr(convert, "tile_rows", flaky)
+    h5 = tmp_path / "data_f.h5"
+    res = convert.pack_to_h5(ids, tiles_dir, info, h5, IMG, threads=2)
+    assert res.tile_ids == ["f0", "f3", "f5"]
+    assert set(res.problems) == {"f1", "f2", "f4"} and set(res.integrity) == {"f1"}
+    assert "BLAKE2b" in res.problems["f1"] and "RuntimeError: boom" in res.problems["f4"]
+    with h5py.File(h5, "r") as f:
+        assert [m["tile_id"].decode() for m in f["metadata"][:]] == ["f0", "f3", "f5"]
+        for d in schema.H5_DATASETS:
+            assert f[d.name].shape[0] == 3
+            f[d.name][:]  # every chunk decodes
+        for row, tid in enumerate(["f0", "f3", "f5"]):
+            st, data, names = next(s for s in stacks if s[0].tile_id == tid)
+            assert_rows_equal({d.name: f[d.name][row] for d in schema.H5_DATASETS},
+                              expected_rows(data, names, st.info, IMG), tid)
+    before = h5.read_bytes()
+
+    calls = {"n": 0}
+    real_add = convert.StatsAccumulator.add_tile
+
+    def disk_full(self, stats):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_add(self, stats)
+
+    monkeypatch.setattr(convert.StatsAccumulator, "add_tile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        convert.pack_to_h5(ids, tiles_dir, info, h5, IMG, threads=2)
+    assert h5.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_f.h5", "tiles"]
+    monkeypatch.setattr(convert.StatsAccumulator, "add_tile", real_add)
+    res = convert.pack_to_h5(["f1", "f2", "f4"], tiles_dir, info, h5, IMG, threads=2)  # no row at all
+    assert res.n_rows == 0 and set(res.problems) == {"f1", "f2", "f4"}
+    assert h5.read_bytes() == before  # a good dataset is never replaced by an empty one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data_f.h5", "tiles"]

@@ -1,31 +1,39 @@
 """Post-processing: GeoTIFF stacks -> ``NAME.h5`` rows, statistics and splits.
 
-Streaming and parallel in two steps:
+Every tile goes through :func:`pack_tile`: read its stack once (digest and grid checked
+against what was recorded when it was written), centre-crop, map bands to the h5
+datasets, gzip-compress every row as one HDF5 chunk, and take its statistics (exact sums,
+:mod:`~tasks.multimodal.stats`: the same bytes however tiles are grouped). Two ways put the
+tiles in the h5:
 
-1. :func:`pack_partition` (runs on any Dask worker, or in local threads with
-   :func:`pack_partitions_local` when post-processing a small N alone, see
-   :data:`LOCAL_PACK_MAX_TILES`; one contiguous slice of the tile list): read each stack once, centre-crop, map bands to the h5
-   datasets, gzip-compress every row as one HDF5 chunk, and update mergeable
-   statistics. Each stack's digest and grid are checked against what was
-   recorded when it was written (a mismatch is reported in
-   ``PartResult.integrity`` so the flow fetches the tile again). Writes
-   ``work/parts/part_NNNNN.npz`` (compressed chunks,
-   offsets, tile ids, per-tile problems, statistics) atomically. A part whose
-   inputs did not change (same tiles, same stack files, same tile_info, same
-   settings) is re-used by later runs.
-2. :func:`assemble_h5` (one writer): creates ``NAME.h5`` with the exact schema
-   and appends every part's pre-compressed chunks with
-   ``write_direct_chunk``, so compression ran on all workers and the writer
-   only copies bytes. Memory is bounded by one part, whatever N is.
+* :func:`pack_to_h5`, post-processing a known list of tiles in one pass: threads pack tiles
+  while the calling thread, the single writer, puts each tile's chunks in its row of
+  datasets made for every tile up front, and adds up the statistics. No part files, no
+  second pass; used for post-processing alone up to :data:`LOCAL_PACK_MAX_TILES` tiles.
+* In parts, as the flow runs it beside the fetch: :func:`pack_partition` (on any Dask
+  worker, or in local threads with :func:`pack_partitions_local`; one contiguous slice of
+  the tile list) writes ``work/parts/part_NNNNN.npz`` (compressed chunks, offsets, tile
+  ids, per-tile problems, statistics) atomically; a stack that is not the one written is
+  reported in ``PartResult.integrity`` so the flow fetches the tile again. A part whose
+  inputs did not change (same tiles, same stack files, same tile_info, same settings) is
+  re-used by later runs. Then :func:`assemble_h5` (one writer) creates ``NAME.h5`` and
+  appends every part's pre-compressed chunks with ``write_direct_chunk``, so compression
+  ran on all workers and the writer only copies bytes. Memory is bounded by one part,
+  whatever N is.
+
+Both give the same h5 (datasets, attributes, every chunk's bytes) and the same statistics.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import math
 import zlib
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +48,11 @@ from tasks.multimodal.layout import DatasetLayout
 from tasks.multimodal.stacks import StackIntegrityError, read_verified_stack, strict_json_value
 from tasks.multimodal.schema import H5_DATASETS, METADATA_DTYPE, N_BIOMES, N_ECOREGIONS
 from tasks.multimodal.sources.base import StackReadError
-from tasks.multimodal.stats import StatsAccumulator
+from tasks.multimodal.stats import ExactStats, StatsAccumulator, tile_stats
 
 log = logging.getLogger(__name__)
 
-PART_FORMAT = 3  # bump when the part content changes, so old parts are stale
+PART_FORMAT = 4  # bump when the part content changes, so old parts are stale
 
 try:  # ISA-L deflate: zlib-compatible streams, ~10x faster than zlib level 4
     from isal import isal_zlib as _isal_zlib
@@ -208,6 +216,45 @@ def tile_rows(
     return rows
 
 
+#: the h5 datasets in the order a packed tile holds its compressed chunks (metadata last)
+CHUNK_DATASETS: tuple[str, ...] = tuple(d.name for d in H5_DATASETS) + ("metadata",)
+
+
+@dataclass
+class PackedTile:
+    """One tile ready for the writer: a compressed chunk per dataset (in
+    :data:`CHUNK_DATASETS` order) and its statistics; or why it has no row."""
+
+    tile_id: str
+    chunks: list[bytes] = field(default_factory=list)
+    stats: dict[str, ExactStats] = field(default_factory=dict)
+    problem: str | None = None
+    integrity: bool = False  # the problem is a stack that is not the one written
+
+
+def pack_tile(tid: str, tiles_dir: Path, tile_info: Any, image_size: int, compress) -> PackedTile:
+    """Read one stack (its digest and grid checked against its record), convert it to one row
+    per h5 dataset, compress each row as one chunk and take its statistics. A stack that
+    cannot be used (unreadable, not the one written, not matching its tile_info) gives a
+    :class:`PackedTile` with ``problem`` set, not an exception."""
+    info = tile_info.get(tid)
+    if info is None:
+        return PackedTile(tid, problem="no tile_info entry")
+    try:
+        data, descs = read_verified_stack(tiles_dir / f"{tid}.tif", info.get("STACK"))
+        rows = tile_rows(data, descs, info, tid, image_size)
+    except StackIntegrityError as exc:
+        return PackedTile(tid, problem=str(exc), integrity=True)
+    except (StackReadError, TileProblem) as exc:
+        return PackedTile(tid, problem=str(exc))
+    stats = tile_stats(rows, info["S2_type"])
+    rows["metadata"] = np.array([(tid.encode(), info["S2_type"].encode())], METADATA_DTYPE)
+    # bytes, not the arrays' buffers: ISA-L's stream for the same pixels was seen to differ
+    # (both valid) when handed an array instead of bytes, and the chunks must be the same bytes
+    chunks = [compress(np.ascontiguousarray(rows[n]).tobytes()) for n in CHUNK_DATASETS]
+    return PackedTile(tid, chunks, stats)
+
+
 # --------------------------------------------------------------------------
 # Partitions
 # --------------------------------------------------------------------------
@@ -285,31 +332,21 @@ def pack_partition(
             log.warning("part %s unreadable (%s); rebuilding", path, exc)
 
     compress = compression.compressor()
-    names = [d.name for d in H5_DATASETS]
-    chunks: dict[str, list[bytes]] = {n: [] for n in names + ["metadata"]}
+    chunks: dict[str, list[bytes]] = {n: [] for n in CHUNK_DATASETS}
     ids: list[str] = []
     problems: dict[str, str] = {}
     integrity: dict[str, str] = {}
     acc = StatsAccumulator()
     for tid in spec.tile_ids:
-        info = tile_info.get(tid)
-        if info is None:
-            problems[tid] = "no tile_info entry"
+        packed = pack_tile(tid, tiles_dir, tile_info, image_size, compress)
+        if packed.problem is not None:
+            problems[tid] = packed.problem
+            if packed.integrity:
+                integrity[tid] = packed.problem
             continue
-        try:
-            data, descs = read_verified_stack(tiles_dir / f"{tid}.tif", info.get("STACK"))
-            rows = tile_rows(data, descs, info, tid, image_size)
-        except StackIntegrityError as exc:
-            problems[tid] = integrity[tid] = str(exc)
-            continue
-        except (StackReadError, TileProblem) as exc:
-            problems[tid] = str(exc)
-            continue
-        acc.add_row(rows, info["S2_type"])
-        for n in names:
-            chunks[n].append(compress(np.ascontiguousarray(rows[n]).tobytes()))
-        meta = np.array([(tid.encode(), info["S2_type"].encode())], METADATA_DTYPE)
-        chunks["metadata"].append(compress(meta.tobytes()))
+        acc.add_tile(packed.stats)
+        for n, blob in zip(CHUNK_DATASETS, packed.chunks):
+            chunks[n].append(blob)
         ids.append(tid)
 
     if integrity and defer_on_mismatch:
@@ -333,7 +370,8 @@ def make_partitions(tile_ids: list[str], part_size: int) -> list[PartSpec]:
 
 
 #: Post-processing alone (stacks already on disk, no cluster running yet) of at most this many
-#: tiles packs its parts in threads of the calling process (:func:`pack_partitions_local`)
+#: tiles packs in threads of the calling process beside the single writer (:func:`pack_to_h5`:
+#: no part files, no second pass; :func:`pack_partitions_local` packs parts in the same threads)
 #: rather than on a Dask cluster it would first have to start. Starting a local cluster
 #: (2 nannies + 2 spawned workers, each importing numpy, h5py, rasterio and distributed) cost
 #: about 5 s of wall and 3-6 s of CPU on the 2-core machine, and the scheduler about 1 ms of CPU
@@ -366,30 +404,38 @@ def pack_partitions_local(
 # --------------------------------------------------------------------------
 # The single writer
 # --------------------------------------------------------------------------
+def create_datasets(f: h5py.File, n: int, image_size: int, compression: Compression,
+                    attrs: dict[str, Any] | None = None) -> dict[str, h5py.Dataset]:
+    """The h5's ``n``-row datasets with MMEarth's schema (one chunk per row, gzip), in
+    :data:`CHUNK_DATASETS` order, and ``attrs`` as the file's attributes."""
+    S = image_size
+    f.attrs.update(attrs or {})
+    dsets: dict[str, h5py.Dataset] = {}
+    for d in H5_DATASETS:
+        shape = (n, d.channels, S, S) if d.spatial else (n, d.channels)
+        dsets[d.name] = f.create_dataset(
+            d.name, shape=shape, dtype=d.dtype, chunks=(1,) + shape[1:],
+            maxshape=None if n else (None,) + shape[1:],  # an empty dataset still opens
+            compression="gzip", compression_opts=compression.h5_level,
+            **({"fillvalue": d.fill} if d.fill is not None else {}),
+        )
+    dsets["metadata"] = f.create_dataset(
+        "metadata", shape=(n,), dtype=METADATA_DTYPE, chunks=(1,), maxshape=None if n else (None,),
+        compression="gzip", compression_opts=compression.h5_level,
+    )
+    return dsets
+
+
 def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 128,
                 compression: Compression = Compression(), attrs: dict[str, Any] | None = None) -> int:
     """Write ``NAME.h5`` from parts (in index order) with direct chunk writes, ``attrs`` as the
     file's attributes (e.g. the source and whether it is synthetic). Returns N."""
     parts = sorted(parts, key=lambda p: p.index)
     n = sum(p.n_rows for p in parts)
-    S = image_size
     h5_path = Path(h5_path)
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
-            f.attrs.update(attrs or {})
-            dsets: dict[str, h5py.Dataset] = {}
-            for d in H5_DATASETS:
-                shape = (n, d.channels, S, S) if d.spatial else (n, d.channels)
-                dsets[d.name] = f.create_dataset(
-                    d.name, shape=shape, dtype=d.dtype, chunks=(1,) + shape[1:],
-                    maxshape=None if n else (None,) + shape[1:],  # an empty dataset still opens
-                    compression="gzip", compression_opts=compression.h5_level,
-                    **({"fillvalue": d.fill} if d.fill is not None else {}),
-                )
-            dsets["metadata"] = f.create_dataset(
-                "metadata", shape=(n,), dtype=METADATA_DTYPE, chunks=(1,), maxshape=None if n else (None,),
-                compression="gzip", compression_opts=compression.h5_level,
-            )
+            dsets = create_datasets(f, n, image_size, compression, attrs)
             row = 0
             for p in parts:
                 with np.load(p.path, allow_pickle=False) as z:
@@ -404,6 +450,115 @@ def assemble_h5(parts: list[PartResult], h5_path: str | Path, image_size: int = 
     return n
 
 
+@dataclass
+class WriteResult:
+    """What :func:`pack_to_h5` wrote: the h5's rows (tile ids in row order), the tiles left out
+    and why (``integrity``: those whose stack is not the one written), and the statistics."""
+
+    tile_ids: list[str]
+    problems: dict[str, str]
+    integrity: dict[str, str]
+    stats: StatsAccumulator
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.tile_ids)
+
+
+def _pack_tile_guarded(tile_id: str, tiles_dir: Path, tile_info: Any, image_size: int, compress) -> PackedTile:
+    """:func:`pack_tile`, with an unexpected error turned into this tile's problem (one bad tile
+    never sinks the dataset)."""
+    try:
+        return pack_tile(tile_id, tiles_dir, tile_info, image_size, compress)
+    except Exception as exc:  # noqa: BLE001 - reported per tile, the others go on
+        return PackedTile(tile_id, problem=f"{type(exc).__name__}: {exc}")
+
+
+def _packed_in_order(tile_ids: list[str], tiles_dir: Path, tile_info: Any, image_size: int, compress,
+                     threads: int) -> Iterator[PackedTile]:
+    """:func:`pack_tile` of every tile in ``threads`` threads, yielded in the order of
+    ``tile_ids``, at most a few tiles per thread ahead of the consumer (bounded memory)."""
+    window = 4 * threads
+    todo = iter(tile_ids)
+    with ThreadPoolExecutor(threads, thread_name_prefix="pack") as pool:
+        pending: deque = deque(pool.submit(_pack_tile_guarded, t, tiles_dir, tile_info, image_size, compress)
+                               for t in itertools.islice(todo, window))
+        try:
+            while pending:
+                done = pending.popleft().result()
+                nxt = next(todo, None)
+                if nxt is not None:
+                    pending.append(pool.submit(_pack_tile_guarded, nxt, tiles_dir, tile_info, image_size, compress))
+                yield done
+        finally:  # the writer stopped (an error, or closed early): drop what has not started
+            for fut in pending:
+                fut.cancel()
+
+
+def pack_to_h5(tile_ids: list[str], tiles_dir: str | Path, tile_info: Any, h5_path: str | Path,
+               image_size: int = 128, compression: Compression = Compression(), threads: int = 2,
+               attrs: dict[str, Any] | None = None) -> WriteResult:
+    """Post-processing in one pass, with no part files: ``threads`` threads pack tiles
+    (:func:`pack_tile`: read, check, convert, compress, statistics) while this thread, the
+    single writer, puts each tile's chunks into ``NAME.h5`` as soon as it is its row's turn,
+    into datasets made for every tile up front, and adds its statistics (exact sums: the same
+    bytes as packing in parts and merging them). Rows follow ``tile_ids``; a tile that cannot
+    be used is left out and reported. The h5 is written under a temporary name and renamed
+    when complete; when tiles were left out it is first copied, chunk by chunk, into datasets
+    of the right length, so it has the same layout as :func:`assemble_h5`'s. On an error the
+    temporary file is removed and an existing ``h5_path`` is left as it was; so it is when no
+    tile gave a row (a good dataset is never replaced by an empty one)."""
+    tiles_dir, h5_path = Path(tiles_dir), Path(h5_path)
+    compress = compression.compressor()
+    result = WriteResult([], {}, {}, StatsAccumulator())
+    try:
+        _write_h5(tile_ids, tiles_dir, tile_info, h5_path, image_size, compression, threads, attrs, compress, result)
+    except _KeepExisting:
+        pass
+    return result
+
+
+class _KeepExisting(Exception):
+    """No tile gave a row and ``NAME.h5`` exists: it is kept, not replaced by an empty one."""
+
+
+def _write_h5(tile_ids: list[str], tiles_dir: Path, tile_info: Any, h5_path: Path, image_size: int,
+              compression: Compression, threads: int, attrs: dict[str, Any] | None, compress,
+              result: WriteResult) -> None:
+    """:func:`pack_to_h5`'s single writer (fills ``result``)."""
+    with atomic_path(h5_path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            dsets = create_datasets(f, len(tile_ids), image_size, compression, attrs)
+            targets = [(dsets[n].id, (0,) * (dsets[n].ndim - 1)) for n in CHUNK_DATASETS]
+            for packed in _packed_in_order(tile_ids, tiles_dir, tile_info, image_size, compress, threads):
+                if packed.problem is not None:
+                    result.problems[packed.tile_id] = packed.problem
+                    if packed.integrity:
+                        result.integrity[packed.tile_id] = packed.problem
+                    continue
+                row = (result.n_rows,)
+                for (ds, tail), blob in zip(targets, packed.chunks):
+                    ds.write_direct_chunk(row + tail, blob, 0)
+                result.stats.add_tile(packed.stats)
+                result.tile_ids.append(packed.tile_id)
+        if not result.n_rows and h5_path.exists():  # a good dataset is never replaced by 0 rows
+            raise _KeepExisting
+        if result.n_rows < len(tile_ids):
+            _copy_rows(tmp, result.n_rows, image_size, compression)
+
+
+def _copy_rows(h5: Path, n: int, image_size: int, compression: Compression) -> None:
+    """Replace ``h5`` (a temporary file) by a copy holding its first ``n`` rows, chunk by chunk."""
+    with atomic_path(h5) as tmp, h5py.File(h5, "r") as src, h5py.File(tmp, "w") as dst:
+        dsets = create_datasets(dst, n, image_size, compression, dict(src.attrs))
+        for name, ds in dsets.items():
+            source = src[name].id
+            tail = (0,) * (ds.ndim - 1)
+            for i in range(n):
+                mask, blob = source.read_direct_chunk((i,) + tail)
+                ds.id.write_direct_chunk((i,) + tail, blob, mask)
+
+
 def part_summary(part: PartResult) -> dict[str, Any]:
     """What the dataset needs from a part once its chunks are in the h5."""
     with np.load(part.path, allow_pickle=False) as z:
@@ -411,15 +566,15 @@ def part_summary(part: PartResult) -> dict[str, Any]:
         return {
             "index": part.index, "key": str(z["key"]), "n_rows": int(z["n_rows"]),
             "tile_ids": [str(t) for t in z["tile_ids"]], "problems": json.loads(str(z["problems"])),
-            "stats": {k: v.to_arrays().tolist() for k, v in stats.stats.items()},
+            "stats": stats.to_state(),
         }
 
 
 def merge_stats(summaries: list[dict[str, Any]]) -> StatsAccumulator:
-    """Merge the statistics of part summaries (in part order)."""
+    """Merge the statistics of part summaries (exact sums: any order gives the same bytes)."""
     acc = StatsAccumulator()
-    for s in sorted(summaries, key=lambda s: s["index"]):
-        acc = acc.merge(StatsAccumulator.from_npz({f"stats_{k}": np.array(v) for k, v in s["stats"].items()}))
+    for s in summaries:
+        acc = acc.merge(StatsAccumulator.from_state(s["stats"]))
     return acc
 
 
