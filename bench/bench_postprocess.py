@@ -112,11 +112,11 @@ def integrity_cost(work: Path, ids: list[str], image_size: int, comp, n: int = 3
 
 
 def cpu_now() -> tuple[float, float]:
-    """CPU seconds so far of this process (scheduler, client, writer) and of its live
-    child processes (Dask nannies and workers)."""
+    """CPU seconds so far of this process (scheduler, client, writer) and of its child
+    processes (Dask nannies and workers while they live; packing processes once ended)."""
     me = psutil.Process()
     t = me.cpu_times()
-    kids = 0.0
+    kids = t.children_user + t.children_system
     for p in me.children(recursive=True):
         try:
             c = p.cpu_times()
@@ -145,11 +145,11 @@ def post_process(args, work: Path, ids: list[str], info: dict | None, phases: di
         if cpu is not None:
             cpu[phase] = cpu_now()
 
-    if runner == "writer":  # one pass: packing threads beside the single writer, no part files
+    if runner == "writer":  # one pass: packing processes beside the single writer, no part files
         mark("imports")
         t0 = time.perf_counter()
         res = convert.pack_to_h5(ids, work / "tiles", stacks.TileInfoDir(work), work / "data_bench.h5",
-                                 args.image_size, comp, threads=args.workers)
+                                 args.image_size, comp, workers=args.workers)
         t_pack = time.perf_counter() - t0
         mark("pack")  # the writer beside the packing: the h5 is written when the last tile is packed
         band_stats, _ = res.stats.band_stats()

@@ -1,8 +1,10 @@
 """Conversion of GeoTIFF stacks into the MMEarth h5, statistics and splits."""
 
 import json
+import logging
 import math
 import os
+import zlib
 from pathlib import Path
 
 import h5py
@@ -506,7 +508,7 @@ def test_local_threads_pack_the_same_parts_as_one_process(tmp_path, tiles_dir):
         with np.load(a.path) as za, np.load(b.path) as zb:
             assert sorted(za.files) == sorted(zb.files)
             for k in za.files:
-                assert za[k].tobytes() == zb[k].tobytes(), k
+                assert za[k].tobytes() == zb[k].tobytes(), (k, za[k][:8], zb[k][:8])
     assert convert.packs_locally(convert.LOCAL_PACK_MAX_TILES)
     assert not convert.packs_locally(convert.LOCAL_PACK_MAX_TILES + 1)
 
@@ -561,8 +563,24 @@ def _h5_content(path):
     return out
 
 
-@pytest.mark.parametrize("threads", [1, 3])
-def test_writer_beside_packing_writes_the_same_h5_as_parts_then_assemble(tmp_path, tiles_dir, threads):
+def _assert_same_h5(a, b):
+    """The same h5 (see _h5_content); a chunk that differs is named, with whether its pixels
+    (decompressed) differ or only the compressed stream."""
+    ca, cb = _h5_content(a), _h5_content(b)
+    for name in ca.keys() | cb.keys():
+        if name in ("attrs", "names") or name not in ca or name not in cb or ca[name][:-1] != cb[name][:-1]:
+            assert ca.get(name) == cb.get(name), name
+            continue
+        for i, (x, y) in enumerate(zip(ca[name][-1], cb[name][-1])):
+            if x != y:
+                same = x[0] == y[0] and zlib.decompress(x[1]) == zlib.decompress(y[1])
+                raise AssertionError(f"{name} row {i}: chunk bytes differ ({len(x[1])} vs {len(y[1])} bytes, "
+                                     f"filter masks {x[0]}/{y[0]}); decompressed {'the same' if same else 'DIFFERENT'}")
+    assert ca == cb
+
+
+@pytest.mark.parametrize("workers,processes", [(1, False), (3, False), (2, True)])
+def test_writer_beside_packing_writes_the_same_h5_as_parts_then_assemble(tmp_path, tiles_dir, workers, processes):
     """convert.pack_to_h5 (packing threads beside the single writer, no part files) gives the
     same h5 as pack_partition + assemble_h5 (datasets, layout, attributes, every chunk's bytes),
     the same statistics to the bit, and the same problems; a problem tile is left out."""
@@ -574,10 +592,11 @@ def test_writer_beside_packing_writes_the_same_h5_as_parts_then_assemble(tmp_pat
              for spec in convert.make_partitions(ids, 3)]
     attrs = {"source": "test", "synthetic": True}
     convert.assemble_h5(parts, tmp_path / "parts.h5", IMG, attrs=attrs)
-    res = convert.pack_to_h5(ids, tiles_dir, info, tmp_path / "writer.h5", IMG, threads=threads, attrs=attrs)
+    res = convert.pack_to_h5(ids, tiles_dir, info, tmp_path / "writer.h5", IMG, workers=workers, attrs=attrs,
+                             processes=processes)
     assert res.n_rows == 7 and res.tile_ids == [t for t in ids if t != "w5"]
     assert set(res.problems) == {"w5"} and res.problems == {k: v for p in parts for k, v in p.problems.items()}
-    assert _h5_content(tmp_path / "writer.h5") == _h5_content(tmp_path / "parts.h5")
+    _assert_same_h5(tmp_path / "writer.h5", tmp_path / "parts.h5")
     assert json.dumps(res.stats.band_stats()) == json.dumps(convert.merge_part_stats(parts).band_stats())
     assert not list(tmp_path.glob("*.partial*"))
 
@@ -603,7 +622,7 @@ def test_a_failing_tile_never_leaves_a_corrupt_dataset(tmp_path, tiles_dir, monk
 
     monkeypatch.setattr(convert, "tile_rows", flaky)
     h5 = tmp_path / "data_f.h5"
-    res = convert.pack_to_h5(ids, tiles_dir, info, h5, IMG, threads=2)
+    res = convert.pack_to_h5(ids, tiles_dir, info, h5, IMG, workers=2, processes=False)
     assert res.tile_ids == ["f0", "f3", "f5"]
     assert set(res.problems) == {"f1", "f2", "f4"} and set(res.integrity) == {"f1"}
     assert "BLAKE2b" in res.problems["f1"] and "RuntimeError: boom" in res.problems["f4"]
@@ -628,12 +647,43 @@ def test_a_failing_tile_never_leaves_a_corrupt_dataset(tmp_path, tiles_dir, monk
         return real_add(self, stats)
 
     monkeypatch.setattr(convert.StatsAccumulator, "add_tile", disk_full)
-    with pytest.raises(OSError, match="No space left"):
-        convert.pack_to_h5(ids, tiles_dir, info, h5, IMG, threads=2)
+    with pytest.raises(OSError, match="No space left"):  # the writer fails while processes pack
+        convert.pack_to_h5(ids, tiles_dir, info, h5, IMG, workers=2, processes=True)
     assert h5.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data_f.h5", "tiles"]
     monkeypatch.setattr(convert.StatsAccumulator, "add_tile", real_add)
-    res = convert.pack_to_h5(["f1", "f2", "f4"], tiles_dir, info, h5, IMG, threads=2)  # no row at all
+    res = convert.pack_to_h5(["f1", "f2", "f4"], tiles_dir, info, h5, IMG, workers=2, processes=False)  # no row at all
     assert res.n_rows == 0 and set(res.problems) == {"f1", "f2", "f4"}
     assert h5.read_bytes() == before  # a good dataset is never replaced by an empty one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data_f.h5", "tiles"]
+
+
+class _KillsItsPacker(dict):
+    """tile_info whose lookup of one tile ends the packing process that makes it (never the
+    process that made this object): a library crashing on one stack."""
+
+    def __init__(self, info: dict, tile: str):
+        super().__init__(info)
+        self.tile, self.parent = tile, os.getpid()
+
+    def get(self, key, default=None):
+        if key == self.tile and os.getpid() != self.parent:
+            os._exit(3)
+        return super().get(key, default)
+
+
+def test_a_packing_process_that_dies_loses_no_tile(tmp_path, tiles_dir, caplog):
+    """pack_to_h5 packs in processes; when one dies (a crash in a library on some stack), the
+    tiles it had not returned and those not yet started are packed in threads of the writer's
+    process: the h5 is the same as packing in threads from the start, and the log says so."""
+    stacks = _varied_stacks("k", 2 * convert.PACK_CHUNK + 3)
+    info = _write(tiles_dir, stacks)
+    ids = [s[0].tile_id for s in stacks]
+    want = convert.pack_to_h5(ids, tiles_dir, info, tmp_path / "threads.h5", IMG, workers=2, processes=False)
+    with caplog.at_level(logging.WARNING, logger=convert.__name__):
+        got = convert.pack_to_h5(ids, tiles_dir, _KillsItsPacker(info, ids[convert.PACK_CHUNK + 1]),
+                                 tmp_path / "processes.h5", IMG, workers=2, processes=True)
+    assert got.tile_ids == want.tile_ids == ids and not got.problems
+    assert "a packing process died" in caplog.text
+    _assert_same_h5(tmp_path / "processes.h5", tmp_path / "threads.h5")
+    assert json.dumps(got.stats.band_stats()) == json.dumps(want.stats.band_stats())

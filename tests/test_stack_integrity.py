@@ -3,10 +3,12 @@ stays bounded (windowed futures, one-pass index)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -72,7 +74,8 @@ def test_tile_json_records_digest_and_grid(tmp_path, world):
     info = stacks.read_tile_info(tiles[0].tile_id, tmp_path)
     rec = info["STACK"]
     tif = tmp_path / "tiles" / f"{tiles[0].tile_id}.tif"
-    assert rec["bytes"] == tif.stat().st_size and len(rec["blake2b"]) == 32
+    raw = tif.read_bytes()
+    assert rec["bytes"] == len(raw) and rec["crc32"] == f"{zlib.crc32(raw):08x}" and "blake2b" not in rec
     assert rec["crs"] == tiles[0].utm_crs and rec["width"] == rec["height"] == 30 and len(rec["transform"]) == 6
     # the bookkeeping never reaches the dataset's tile_info
     assert set(stacks.load_tile_info([tiles[0].tile_id], tmp_path)[tiles[0].tile_id]) & set(stacks.BOOKKEEPING) == set()
@@ -253,3 +256,24 @@ def test_stack_opens_never_list_the_tiles_folder(tmp_path, world, monkeypatch):
     assert all(v == "EMPTY_DIR" for _, v in seen), seen
     with real_open(tif) as ds:  # a plain GDAL open does read the side-car: the check above means something
         assert ds.tags().get("SIDECAR") == "read"
+
+
+def test_records_from_before_crc32_are_still_checked(tmp_path, world):
+    """Records written before 2026-12-07 hold a BLAKE2b-128 digest instead of a CRC-32: such a
+    stack is read when its digest matches and refused, naming the check, when not; a record
+    with no digest at all is refused (nothing vouches for the bytes)."""
+    tiles, source = world
+    _fetch_all(tiles[:1], source, tmp_path)
+    tif = tmp_path / "tiles" / f"{tiles[0].tile_id}.tif"
+    rec = stacks.read_tile_info(tiles[0].tile_id, tmp_path)["STACK"]
+    raw = tif.read_bytes()
+    old = {k: v for k, v in rec.items() if k != "crc32"} | {"blake2b": hashlib.blake2b(raw, digest_size=16).hexdigest()}
+    data, _ = stacks.read_verified_stack(tif, old)
+    assert np.array_equal(data, stacks.read_verified_stack(tif, rec)[0], equal_nan=True)
+    with pytest.raises(stacks.StackIntegrityError, match="BLAKE2b digest mismatch"):
+        stacks.read_verified_stack(tif, old | {"blake2b": "0" * 32})
+    with pytest.raises(stacks.StackIntegrityError, match="CRC-32 digest mismatch"):
+        stacks.read_verified_stack(tif, rec | {"crc32": "00000000"})
+    with pytest.raises(stacks.StackIntegrityError, match="no content digest"):
+        stacks.read_verified_stack(tif, {k: v for k, v in rec.items() if k != "crc32"})
+    assert stacks._entry(tif, "k", old).digest == old["blake2b"] and stacks._entry(tif, "k", rec).digest == rec["crc32"]

@@ -6,10 +6,11 @@ datasets, gzip-compress every row as one HDF5 chunk, and take its statistics (ex
 :mod:`~tasks.multimodal.stats`: the same bytes however tiles are grouped). Two ways put the
 tiles in the h5:
 
-* :func:`pack_to_h5`, post-processing a known list of tiles in one pass: threads pack tiles
-  while the calling thread, the single writer, puts each tile's chunks in its row of
-  datasets made for every tile up front, and adds up the statistics. No part files, no
-  second pass; used for post-processing alone up to :data:`LOCAL_PACK_MAX_TILES` tiles.
+* :func:`pack_to_h5`, post-processing a known list of tiles in one pass: processes (forked
+  from this one: no start-up) pack tiles while the calling process, the single writer, puts
+  each tile's chunks in its row of datasets made for every tile up front, and adds up the
+  statistics. No part files, no second pass; used for post-processing alone up to
+  :data:`LOCAL_PACK_MAX_TILES` tiles.
 * In parts, as the flow runs it beside the fetch: :func:`pack_partition` (on any Dask
   worker, or in local threads with :func:`pack_partitions_local`; one contiguous slice of
   the tile list) writes ``work/parts/part_NNNNN.npz`` (compressed chunks, offsets, tile
@@ -26,15 +27,19 @@ Both give the same h5 (datasets, attributes, every chunk's bytes) and the same s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import math
+import multiprocessing
+import threading
 import zlib
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -370,20 +375,19 @@ def make_partitions(tile_ids: list[str], part_size: int) -> list[PartSpec]:
 
 
 #: Post-processing alone (stacks already on disk, no cluster running yet) of at most this many
-#: tiles packs in threads of the calling process beside the single writer (:func:`pack_to_h5`:
-#: no part files, no second pass; :func:`pack_partitions_local` packs parts in the same threads)
-#: rather than on a Dask cluster it would first have to start. Starting a local cluster
-#: (2 nannies + 2 spawned workers, each importing numpy, h5py, rasterio and distributed) cost
-#: about 5 s of wall and 3-6 s of CPU on the 2-core machine, and the scheduler about 1 ms of CPU
-#: a tile: at 1000 tiles that was a third of the CPU of the whole stage (see docs/benchmarks.md,
-#: issue 25 part 3). The threads need no start-up (the digest, ISA-L, GDAL's decode and numpy's
-#: reductions release the GIL). Above this size (about 40 s of packing on 2 cores) the start-up
-#: is under a tenth of the stage and a cluster can spread it over more machines.
+#: tiles packs in local processes beside the single writer (:func:`pack_to_h5`: no part files,
+#: no second pass; :func:`pack_partitions_local` packs parts in local threads) rather than on a
+#: Dask cluster it would first have to start. Starting a local cluster (2 nannies + 2 spawned
+#: workers, each importing numpy, h5py, rasterio and distributed) cost about 5 s of wall and 3-6 s
+#: of CPU on the 2-core machine, and the scheduler about 1 ms of CPU a tile: at 1000 tiles that was
+#: a third of the CPU of the whole stage (see docs/benchmarks.md, issue 25 part 3). Forked packing
+#: processes start in milliseconds. Above this size (about 40 s of packing on 2 cores) the
+#: cluster's start-up is under a tenth of the stage and a cluster can spread it over more machines.
 LOCAL_PACK_MAX_TILES = 5000
 
 
 def packs_locally(n_tiles: int) -> bool:
-    """Whether post-processing ``n_tiles`` alone packs in local threads (see
+    """Whether post-processing ``n_tiles`` alone packs locally (see
     :data:`LOCAL_PACK_MAX_TILES`) instead of on a Dask cluster."""
     return n_tiles <= LOCAL_PACK_MAX_TILES
 
@@ -474,31 +478,68 @@ def _pack_tile_guarded(tile_id: str, tiles_dir: Path, tile_info: Any, image_size
         return PackedTile(tile_id, problem=f"{type(exc).__name__}: {exc}")
 
 
-def _packed_in_order(tile_ids: list[str], tiles_dir: Path, tile_info: Any, image_size: int, compress,
-                     threads: int) -> Iterator[PackedTile]:
-    """:func:`pack_tile` of every tile in ``threads`` threads, yielded in the order of
-    ``tile_ids``, at most a few tiles per thread ahead of the consumer (bounded memory)."""
-    window = 4 * threads
-    todo = iter(tile_ids)
-    with ThreadPoolExecutor(threads, thread_name_prefix="pack") as pool:
-        pending: deque = deque(pool.submit(_pack_tile_guarded, t, tiles_dir, tile_info, image_size, compress)
-                               for t in itertools.islice(todo, window))
-        try:
-            while pending:
-                done = pending.popleft().result()
-                nxt = next(todo, None)
-                if nxt is not None:
-                    pending.append(pool.submit(_pack_tile_guarded, nxt, tiles_dir, tile_info, image_size, compress))
-                yield done
-        finally:  # the writer stopped (an error, or closed early): drop what has not started
-            for fut in pending:
-                fut.cancel()
+#: tiles per task handed to a packing process (fewer round trips; the writer waits for at most this many)
+PACK_CHUNK = 8
+
+
+def _pack_tiles(tile_ids: list[str], tiles_dir: Path, tile_info: Any, image_size: int,
+                compression: Compression) -> list[PackedTile]:
+    """:func:`pack_tile` of a few tiles, in a packing process (what its task returns)."""
+    compress = compression.compressor()
+    return [_pack_tile_guarded(t, tiles_dir, tile_info, image_size, compress) for t in tile_ids]
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """Packing processes: forked when this process runs no other thread (no start-up: the
+    modules are already imported), else from a fork server (a forked child of a threaded
+    process may inherit a lock another thread held)."""
+    method = "fork" if threading.active_count() == 1 else "forkserver"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+
+
+def _packed_in_order(tile_ids: list[str], tiles_dir: Path, tile_info: Any, image_size: int,
+                     compression: Compression, workers: int, processes: bool = True) -> Iterator[PackedTile]:
+    """:func:`pack_tile` of every tile in ``workers`` processes (``processes=False``: threads
+    of this process), yielded in the order of ``tile_ids``, a few tasks of :data:`PACK_CHUNK`
+    tiles per worker ahead of the consumer (bounded memory). Packing holds the GIL for most
+    of its time (opening a GeoTIFF, numpy's small reductions, the statistics), so threads use
+    about 1.5 of 2 cores and processes 2. If a packing process dies (a crash in a library on
+    some stack), the tiles not yet packed go on in threads of this process."""
+    workers = max(1, int(workers))
+    chunks = iter([tile_ids[i:i + PACK_CHUNK] for i in range(0, len(tile_ids), PACK_CHUNK)])
+    pool = _process_pool(workers) if processes else ThreadPoolExecutor(workers, thread_name_prefix="pack")
+    pending: deque = deque()
+    try:
+        def submit(part: list[str]) -> None:
+            pending.append((part, pool.submit(_pack_tiles, part, tiles_dir, tile_info, image_size, compression)))
+
+        for part in itertools.islice(chunks, 3 * workers):
+            submit(part)
+        while pending:
+            part, fut = pending.popleft()
+            try:
+                packed = fut.result()
+            except BrokenProcessPool:
+                rest = part + [t for p, _ in pending for t in p] + [t for p in chunks for t in p]
+                log.warning("a packing process died; the %d tiles left are packed in threads", len(rest))
+                pending.clear()
+                pool.shutdown(wait=False, cancel_futures=True)
+                yield from _packed_in_order(rest, tiles_dir, tile_info, image_size, compression, workers, False)
+                return
+            nxt = next(chunks, None)
+            if nxt is not None:
+                submit(nxt)
+            yield from packed
+    finally:  # the writer stopped (an error, or closed early): drop what has not started
+        for _, fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def pack_to_h5(tile_ids: list[str], tiles_dir: str | Path, tile_info: Any, h5_path: str | Path,
-               image_size: int = 128, compression: Compression = Compression(), threads: int = 2,
-               attrs: dict[str, Any] | None = None) -> WriteResult:
-    """Post-processing in one pass, with no part files: ``threads`` threads pack tiles
+               image_size: int = 128, compression: Compression = Compression(), workers: int = 2,
+               attrs: dict[str, Any] | None = None, processes: bool = True) -> WriteResult:
+    """Post-processing in one pass, with no part files: ``workers`` processes (or threads) pack tiles
     (:func:`pack_tile`: read, check, convert, compress, statistics) while this thread, the
     single writer, puts each tile's chunks into ``NAME.h5`` as soon as it is its row's turn,
     into datasets made for every tile up front, and adds its statistics (exact sums: the same
@@ -509,10 +550,9 @@ def pack_to_h5(tile_ids: list[str], tiles_dir: str | Path, tile_info: Any, h5_pa
     temporary file is removed and an existing ``h5_path`` is left as it was; so it is when no
     tile gave a row (a good dataset is never replaced by an empty one)."""
     tiles_dir, h5_path = Path(tiles_dir), Path(h5_path)
-    compress = compression.compressor()
     result = WriteResult([], {}, {}, StatsAccumulator())
     try:
-        _write_h5(tile_ids, tiles_dir, tile_info, h5_path, image_size, compression, threads, attrs, compress, result)
+        _write_h5(tile_ids, tiles_dir, tile_info, h5_path, image_size, compression, workers, processes, attrs, result)
     except _KeepExisting:
         pass
     return result
@@ -523,24 +563,27 @@ class _KeepExisting(Exception):
 
 
 def _write_h5(tile_ids: list[str], tiles_dir: Path, tile_info: Any, h5_path: Path, image_size: int,
-              compression: Compression, threads: int, attrs: dict[str, Any] | None, compress,
+              compression: Compression, workers: int, processes: bool, attrs: dict[str, Any] | None,
               result: WriteResult) -> None:
     """:func:`pack_to_h5`'s single writer (fills ``result``)."""
     with atomic_path(h5_path) as tmp:
         with h5py.File(tmp, "w") as f:
             dsets = create_datasets(f, len(tile_ids), image_size, compression, attrs)
             targets = [(dsets[n].id, (0,) * (dsets[n].ndim - 1)) for n in CHUNK_DATASETS]
-            for packed in _packed_in_order(tile_ids, tiles_dir, tile_info, image_size, compress, threads):
-                if packed.problem is not None:
-                    result.problems[packed.tile_id] = packed.problem
-                    if packed.integrity:
-                        result.integrity[packed.tile_id] = packed.problem
-                    continue
-                row = (result.n_rows,)
-                for (ds, tail), blob in zip(targets, packed.chunks):
-                    ds.write_direct_chunk(row + tail, blob, 0)
-                result.stats.add_tile(packed.stats)
-                result.tile_ids.append(packed.tile_id)
+            packing = contextlib.closing(
+                _packed_in_order(tile_ids, tiles_dir, tile_info, image_size, compression, workers, processes))
+            with packing as in_order:  # closed (its workers stopped) when the writer stops, even on an error
+                for packed in in_order:
+                    if packed.problem is not None:
+                        result.problems[packed.tile_id] = packed.problem
+                        if packed.integrity:
+                            result.integrity[packed.tile_id] = packed.problem
+                        continue
+                    row = (result.n_rows,)
+                    for (ds, tail), blob in zip(targets, packed.chunks):
+                        ds.write_direct_chunk(row + tail, blob, 0)
+                    result.stats.add_tile(packed.stats)
+                    result.tile_ids.append(packed.tile_id)
         if not result.n_rows and h5_path.exists():  # a good dataset is never replaced by 0 rows
             raise _KeepExisting
         if result.n_rows < len(tile_ids):
