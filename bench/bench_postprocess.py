@@ -239,10 +239,10 @@ def main() -> int:
         n, t_pack, t_asm = post_process(args, work, ids, info, phases, cpu)
         total = time.perf_counter() - T_START
         runner = args.runner if args.runner != "auto" else ("writer" if convert.packs_locally(n) else "dask")
-        print(f"N={n} tiles, {args.image_size} px, {args.workers} {runner}, part size {args.part_size}; "
+        print(f"N={n} tiles, {args.image_size} px, {args.workers} workers, runner {runner}, part size {args.part_size}; "
               f"cold start included: {total:.2f}s = {n / total:.1f} tiles/s")
         prev, pc = 0.0, (0.0, 0.0)
-        print(f"  {'phase':15s} {'wall':>7s} {'ends at':>8s}  CPU: this process (scheduler, writer) + Dask processes")
+        print(f"  {'phase':15s} {'wall':>7s} {'ends at':>8s}  CPU: this process (writer) + child processes (packers, Dask)")
         for k, v in phases.items():
             c = cpu.get(k, pc)
             print(f"  {k:15s} {v - prev:6.2f}s {v:7.2f}s  {c[0] - pc[0]:6.2f}s + {c[1] - pc[1]:6.2f}s")
@@ -270,7 +270,7 @@ def main() -> int:
           f"{tif_bytes / 1e6 / elapsed:.1f} MB/s read")
     print(f"peak RSS: {mem.peak / 1e6:.0f} MB in all (this process + workers); "
           f"writer process {mem.peak_main / 1e6:.0f} MB, largest worker {mem.peak_child / 1e6:.0f} MB")
-    print(f"integrity check (digest + grid, CPU, one process): read {plain_ms:.2f} ms/tile plain, "
+    print(f"integrity check (size + digest, CPU, one process): read {plain_ms:.2f} ms/tile plain, "
           f"{verified_ms:.2f} ms/tile verified: +{verified_ms - plain_ms:.2f} ms/tile = "
           f"{(verified_ms - plain_ms) / pack_cpu_ms:.1%} of the CPU of packing a tile ({pack_cpu_ms:.1f} ms, check included)")
     return 0
