@@ -188,20 +188,24 @@ def rotation_deg(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def orientation_outliers(world_from_cam: dict[str, np.ndarray], prior_cam2world: dict[str, np.ndarray],
-                         max_deg: float, min_agree: int = 3) -> dict[str, float]:
+                         max_deg: float, min_agree: int = 2) -> dict[str, float]:
     """``{photo: disagreement in degrees}`` of the photos whose registered orientation disagrees with
     their prior (MegaDepth) orientation by more than ``max_deg`` once the prior's frame is turned onto
     the model's by the alignment most photos agree on. Each photo gives one alignment
-    (``R_model @ R_prior^T``); the one that the most others agree with (within ``max_deg``) wins,
-    and only when at least ``min_agree`` photos agree and no group of as many other photos agrees
-    on another alignment (false registrations rarely agree with each other; measured on the
-    realistic world: 4 true photos agreeing, 4 wrong ones each turned differently): otherwise no
-    verdict (empty)."""
+    (``R_model @ R_prior^T``); the one that the most others agree with (within ``max_deg``) wins
+    when at least ``min_agree`` photos agree and no group of as many other photos agrees on another
+    alignment (false registrations rarely agree with each other; measured on the realistic world:
+    4 true photos agreeing and 4 wrong ones each turned differently; with kornia 0.9.2's ALIKED,
+    2 true photos agreeing and 3 wrong ones). Without such a group, among two photos or more, no
+    photo's orientation is confirmed and every one is an outlier (``nan``): a wrong pose is worse
+    than a photo left out. A single photo has nothing to be compared with (empty)."""
+    names = sorted(n for n in world_from_cam if n in prior_cam2world)
+    if len(names) < 2:
+        return {}
     best = orientation_consensus(world_from_cam, prior_cam2world, max_deg, min_agree)
     if best is None:
-        return {}
-    return {n: d for n in sorted(world_from_cam) if n in prior_cam2world
-            and (d := rotation_deg(world_from_cam[n] @ prior_cam2world[n].T, best)) > max_deg}
+        return {n: float("nan") for n in names}
+    return {n: d for n in names if (d := rotation_deg(world_from_cam[n] @ prior_cam2world[n].T, best)) > max_deg}
 
 
 #: Most photo pairs whose scale-and-shift fit :func:`position_outliers` tries (all pairs up to
@@ -211,15 +215,16 @@ MAX_POSITION_FITS = 4000
 
 
 def position_outliers(centres: dict[str, np.ndarray], prior_centres: dict[str, np.ndarray], rotation: np.ndarray,
-                      max_dist: float, min_agree: int = 3) -> dict[str, float]:
+                      max_dist: float, min_agree: int = 2) -> dict[str, float]:
     """``{photo: distance}`` of the photos whose registered centre lies farther than ``max_dist``
     from their prior (MegaDepth) centre mapped onto the model by ``rotation`` (the orientation
     consensus, prior frame to model) and the scale and shift most photos agree on. Each pair of
     photos gives a scale and a shift (``c = s R p + t``); the one that the most photos agree
-    with (within ``max_dist``) wins, and only when at least ``min_agree`` photos agree and no group
-    of as many other photos agrees on another fit: otherwise no verdict (empty)."""
+    with (within ``max_dist``) wins when at least ``min_agree`` photos agree and no group of as many
+    other photos agrees on another fit; otherwise no photo's position is confirmed and every one is
+    an outlier (``nan``). Two photos always agree with the fit of the pair (empty)."""
     names = sorted(n for n in centres if n in prior_centres)
-    if len(names) < min_agree:
+    if len(names) < 2:
         return {}
     c = np.array([np.asarray(centres[n], np.float64) for n in names])
     p = np.array([np.asarray(rotation, np.float64) @ np.asarray(prior_centres[n], np.float64) for n in names])
@@ -237,13 +242,13 @@ def position_outliers(centres: dict[str, np.ndarray], prior_centres: dict[str, n
         scale = float(np.linalg.norm(c[i] - c[j]) / span)
         shift = np.mean([c[i] - scale * p[i], c[j] - scale * p[j]], axis=0)
         fits.append((i, j, np.linalg.norm(c - (scale * p + shift), axis=1) <= max_dist))
-    if not fits:
+    if not fits:  # every prior centre at one place: nothing to fit
         return {}
     agree = max(fits, key=lambda f: int(f[2].sum()))[2]
-    # the others' largest group (fits of two photos outside the winner's): a tie means no verdict
+    # the others' largest group (fits of two photos outside the winner's): a tie confirms nobody
     rival = max((int((f[2] & ~agree).sum()) for f in fits if not agree[f[0]] and not agree[f[1]]), default=0)
     if agree.sum() < min_agree or rival >= agree.sum():
-        return {}
+        return {n: float("nan") for n in names}
     # refit on the photos that agree (least squares scale and shift), then judge every photo
     pm, cm = p[agree].mean(axis=0), c[agree].mean(axis=0)
     scale = float(np.sum((p[agree] - pm) * (c[agree] - cm)) / max(np.sum((p[agree] - pm) ** 2), 1e-12))
@@ -252,7 +257,7 @@ def position_outliers(centres: dict[str, np.ndarray], prior_centres: dict[str, n
 
 
 def orientation_consensus(world_from_cam: dict[str, np.ndarray], prior_cam2world: dict[str, np.ndarray],
-                          max_deg: float, min_agree: int = 3) -> np.ndarray | None:
+                          max_deg: float, min_agree: int = 2) -> np.ndarray | None:
     """The rotation from the prior frame to the model that most photos agree on (see
     :func:`orientation_outliers`), or None without a consensus."""
     names = sorted(n for n in world_from_cam if n in prior_cam2world)
@@ -298,7 +303,9 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                 prior_rot = {n: np.asarray(c)[:3, :3] for n, c in priors.items()}
                 turned = orientation_outliers(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
                 whys = {name: (f"orientation {deg:.0f} deg away from its MegaDepth pose, where the other photos "
-                               f"agree (> {cfg.accept_max_orientation_disagreement_deg})") for name, deg in turned.items()}
+                               f"agree (> {cfg.accept_max_orientation_disagreement_deg})" if deg == deg else
+                               "orientation not confirmed: no group of registered photos agrees with their MegaDepth "
+                               "poses more than another (a tie, or no two agree)") for name, deg in turned.items()}
                 rotation = orientation_consensus(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
                 if rotation is not None:
                     # the position check judges the photos whose orientation agrees
@@ -309,7 +316,9 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                     for name, dist in moved.items():
                         whys[name] = (f"camera {dist:.1f} m away from where its MegaDepth pose puts it, where the other "
                                       f"photos agree (> {cfg.accept_max_position_disagreement} x the scene's "
-                                      f"{frame.diagonal:.0f} m)")
+                                      f"{frame.diagonal:.0f} m)" if dist == dist else
+                                      "position not confirmed: no group of registered photos agrees with their "
+                                      "MegaDepth positions more than another")
                 for name, why in whys.items():
                     v = result[name]
                     v["reason"] = f"{v['reason']}; {why}" if "reason" in v else why
