@@ -298,8 +298,11 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                 if "reason" in figures:
                     failed.append(im)
             if priors:
+                # the consensus is taken among the photos that passed the checks above (those that
+                # failed go anyway: a wrong pose among them must not outvote or tie the right ones)
+                failing = {im.name for im in failed}
                 current = {n: geometry.cam_from_world(by_name[n])[:, :3].T for n in queries
-                           if n in by_name and by_name[n].image_id in registered}
+                           if n in by_name and by_name[n].image_id in registered and n not in failing}
                 prior_rot = {n: np.asarray(c)[:3, :3] for n, c in priors.items()}
                 turned = orientation_outliers(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
                 whys = {name: (f"orientation {deg:.0f} deg away from its MegaDepth pose, where the other photos "
