@@ -306,7 +306,7 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                 prior_rot = {n: np.asarray(c)[:3, :3] for n, c in priors.items()}
                 turned = orientation_outliers(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
                 whys = {name: (f"orientation {deg:.0f} deg away from its MegaDepth pose, where the other photos "
-                               f"agree (> {cfg.accept_max_orientation_disagreement_deg})" if deg == deg else
+                               f"agree (> {cfg.accept_max_orientation_disagreement_deg})" if not np.isnan(deg) else
                                "orientation not confirmed: no group of registered photos agrees with their MegaDepth "
                                "poses more than another (a tie, or no two agree)") for name, deg in turned.items()}
                 rotation = orientation_consensus(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
@@ -319,7 +319,7 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                     for name, dist in moved.items():
                         whys[name] = (f"camera {dist:.1f} m away from where its MegaDepth pose puts it, where the other "
                                       f"photos agree (> {cfg.accept_max_position_disagreement} x the scene's "
-                                      f"{frame.diagonal:.0f} m)" if dist == dist else
+                                      f"{frame.diagonal:.0f} m)" if not np.isnan(dist) else
                                       "position not confirmed: no group of registered photos agrees with their "
                                       "MegaDepth positions more than another")
                 for name, why in whys.items():
