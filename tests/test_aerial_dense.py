@@ -316,3 +316,42 @@ def test_no_partial_files_left(tmp_path: Path) -> None:
     dense.write_colmap_array(tmp_path / "b.bin", np.ones((3, 3)))
     dense.write_ply_points(tmp_path / "c.ply", np.zeros((2, 3)))
     assert sorted(os.listdir(tmp_path)) == ["a.h5", "b.bin", "c.ply"]
+
+
+def _two_view_model(big: tuple[int, int, float], small: tuple[int, int, float]) -> pycolmap.Reconstruction:
+    """Poses only: image 1 (camera ``big``: width, height, focal) at the origin looking down +z, image 2
+    (``small``) 2 m to the side, turned to the same point 20 m ahead."""
+    rec = pycolmap.Reconstruction()
+    for cid, (w, h, f) in ((1, big), (2, small)):
+        rec.add_camera_with_trivial_rig(pycolmap.Camera(model="SIMPLE_PINHOLE", width=w, height=h,
+                                                        params=[f, w / 2, h / 2], camera_id=cid))
+    z = np.array([-2.0, 0.0, 20.0]) / np.linalg.norm([-2.0, 0.0, 20.0])
+    x = np.cross([0.0, 1.0, 0.0], z)
+    R = np.stack([x / np.linalg.norm(x), [0.0, 1.0, 0.0], z])
+    for iid, rot, centre in ((1, np.eye(3), np.zeros(3)), (2, R, np.array([2.0, 0.0, 0.0]))):
+        im = pycolmap.Image(name=f"{iid}.jpg", camera_id=iid, image_id=iid)
+        rec.add_image_with_trivial_frame(im, pycolmap.Rigid3d(pycolmap.Rotation3d(rot), -rot @ centre))
+    return rec
+
+
+def test_source_scale_ratio_is_measured_at_the_working_size() -> None:
+    """A 1600-pixel photo (focal 1600) and a 640-pixel frame (focal 400) see the same surface 4x apart
+    at full resolution, 1.6x apart once both are shrunk to PatchMatch's 320-pixel working size,
+    where its windows are compared: the frame is a source there, and not at full resolution."""
+    from tasks.aerial.dense import patchmatch as PM
+    from tasks.aerial.dense import views
+    from tasks.aerial.dense.config import DenseConfig
+
+    rec = _two_view_model((1600, 1200, 1600.0), (640, 480, 400.0))
+    assert dense.select_sources(rec, 1, 4) == []  # ratio 4 > max_scale_ratio 2
+    assert dense.select_sources(rec, 1, 4, work_size=320) == [2]
+    assert views.select_sources_covering(rec, 1, 4, work_size=320) == [2]
+    cfg = DenseConfig()
+    assert cfg.patchmatch.max_image_size == 320 and cfg.max_scale_ratio == 2.0
+    assert PM.source_ids(rec, 1, cfg) == [2]
+    # the other way round too, and a working size larger than both images changes nothing
+    assert dense.select_sources(rec, 2, 4, work_size=320) == [1]
+    assert dense.select_sources(rec, 2, 4, work_size=4000) == dense.select_sources(rec, 2, 4) == []
+    # equal image sizes (the easy world): the same sources at any working size
+    same = _two_view_model((640, 480, 500.0), (640, 480, 500.0))
+    assert dense.select_sources(same, 1, 4, work_size=320) == dense.select_sources(same, 1, 4) == [2]

@@ -48,6 +48,22 @@ def _cam(rec: pycolmap.Reconstruction, image_id: int) -> _Cam:
                 int(cam.width), int(cam.height))
 
 
+def _at_size(c: _Cam, max_size: int | None) -> _Cam:
+    """``c`` as the dense method sees it: scaled so that its long side is at most ``max_size``
+    (None: full resolution). Projections are the same points in smaller pixels; what changes is
+    the focal length in those pixels, which the apparent scale ratio of two views compares: a
+    method that shrinks every image to the same long side compares a 1600-pixel photo and a
+    640-pixel frame at equal size, and the ratio must be measured there."""
+    if max_size is None:
+        return c
+    s = min(1.0, max_size / max(c.width, c.height))
+    if s >= 1.0:
+        return c
+    w, h = max(1, round(c.width * s)), max(1, round(c.height * s))
+    K = np.diag([w / c.width, h / c.height, 1.0]) @ c.K
+    return _Cam(c.image_id, c.name, K, c.R, c.t, w, h)
+
+
 def _project(c: _Cam, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(pixels Nx2, depth N) of world points."""
     return project(c.K, c.R, c.t, xyz)
@@ -69,7 +85,7 @@ def _all_points(rec: pycolmap.Reconstruction) -> np.ndarray:
 
 def select_sources(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angle_deg: float = 3.0,
                    max_angle_deg: float = 40.0, max_view_angle_deg: float = 60.0, max_scale_ratio: float = 2.0,
-                   exclude: Iterable[int] = (), min_overlap: float = 0.25) -> list[int]:
+                   exclude: Iterable[int] = (), min_overlap: float = 0.25, work_size: int | None = None) -> list[int]:
     """Up to ``k`` source image ids for reference ``image_id``, best first; deterministic.
 
     1. Images sharing 3D points with the reference (``rec.points3D`` tracks), kept when the median
@@ -83,10 +99,13 @@ def select_sources(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angl
        them, their median triangulation angle must lie in the same range, the axes within
        ``max_view_angle_deg`` and the median apparent scale ratio of the scene in the two views
        within ``max_scale_ratio``; ranked by distance between the camera centres.
+
+    ``work_size``: the long side (pixels) to which the method shrinks every image; the scale ratio
+    is measured at that size (:func:`_at_size`; None: at full resolution).
     """
     if k <= 0:
         return []
-    ref = _cam(rec, image_id)
+    ref = _at_size(_cam(rec, image_id), work_size)
     excluded = set(exclude) | {image_id}
     chosen: list[int] = []
 
@@ -130,7 +149,7 @@ def select_sources(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angl
     for j in _posed_ids(rec):
         if j in excluded or j in chosen:
             continue
-        cj = _cam(rec, j)
+        cj = _at_size(_cam(rec, j), work_size)
         if _angle(ref.axis, cj.axis) > max_view_angle_deg:
             continue
         uv, z = _project(cj, pts)
@@ -169,7 +188,8 @@ def _front_points(c: _Cam, xyz: np.ndarray, cells: tuple[int, int], tolerance: f
 def select_sources_covering(rec: pycolmap.Reconstruction, image_id: int, k: int, min_angle_deg: float = 3.0,
                             max_angle_deg: float = 40.0, max_view_angle_deg: float = 60.0,
                             max_scale_ratio: float = 2.0, exclude: Iterable[int] = (), min_views: int = 2,
-                            cells: tuple[int, int] = (16, 12), tolerance: float = 0.15) -> list[int]:
+                            cells: tuple[int, int] = (16, 12), tolerance: float = 0.15,
+                            work_size: int | None = None) -> list[int]:
     """Up to ``k`` source image ids for reference ``image_id`` chosen for coverage; deterministic.
 
     The reference's scene is sampled by the model's sparse points in front of it (every model
@@ -183,17 +203,18 @@ def select_sources_covering(rec: pycolmap.Reconstruction, image_id: int, k: int,
     raises the weight of the points seen by at least ``min_views`` chosen sources (the geometric
     filter's count), then by ``k``, ties broken by the shared points; none is added that adds
     nothing. Falls back to :func:`select_sources` when the model has too few points in view.
+    ``work_size``: as in :func:`select_sources` (the scale ratio at the method's image size).
     """
     if k <= 0:
         return []
-    ref = _cam(rec, image_id)
+    ref = _at_size(_cam(rec, image_id), work_size)
     excluded = set(exclude) | {image_id}
     ids = list(rec.points3D.keys())
     xyz = np.array([rec.points3D[i].xyz for i in ids], float).reshape(-1, 3)
     front = _front_points(ref, xyz, cells, tolerance) if len(xyz) else np.zeros(0, bool)
     if front.sum() < 20:
         return select_sources(rec, image_id, k, min_angle_deg, max_angle_deg, max_view_angle_deg, max_scale_ratio,
-                              exclude)
+                              exclude, work_size=work_size)
     pts = xyz[front]
     pid = [ids[i] for i in np.flatnonzero(front)]
     uv, _ = _project(ref, pts)
@@ -215,7 +236,7 @@ def select_sources_covering(rec: pycolmap.Reconstruction, image_id: int, k: int,
     for j in _posed_ids(rec):
         if j in excluded:
             continue
-        cj = _cam(rec, j)
+        cj = _at_size(_cam(rec, j), work_size)
         if _angle(ref.axis, cj.axis) > max_view_angle_deg:
             continue
         vis = _front_points(cj, pts, cells, tolerance)
