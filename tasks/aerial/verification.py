@@ -279,9 +279,10 @@ def orientation_consensus(world_from_cam: dict[str, np.ndarray], prior_cam2world
     from scipy.spatial.transform import Rotation
 
     rot = align[best]
+    group = sorted(support[best])
     for _ in range(2):
-        group = [n for n in names if rotation_deg(align[n], rot) <= max_deg]
         rot = Rotation.from_matrix(np.stack([align[n] for n in group])).mean().as_matrix()
+        group = [n for n in names if rotation_deg(align[n], rot) <= max_deg] or group
     return rot
 
 
