@@ -434,6 +434,23 @@ def test_pairs_from_poses_angle_filter_and_k():
     assert len(P.pairs_from_poses(poses, num=50, max_angle_deg=75)) == 28 + 8  # all pairs of c0-c7, tilt with each
 
 
+def test_photo_pairs_from_poses_stay_within_their_megadepth_model():
+    """Two subscenes are two reconstructions in their own frames: a photo of subscene 1 whose pose
+    numbers happen to sit next to subscene 0's cameras is not their neighbour. One model: the same
+    pairs as pairs_from_poses."""
+    poses = {f"a{i}": _look([0, 1, 0], [i * 1.0, 0, 0]) for i in range(5)}
+    poses.update({f"b{i}": _look([0, 1, 0], [i * 1.0 + 0.5, 0, 0]) for i in range(3)})
+    model_of = {n: n[0] for n in poses}
+    by_model = P.pairs_from_poses_by_model(poses, model_of, num=2, max_angle_deg=75)
+    assert by_model and all(a[0] == b[0] for a, b in by_model)  # never across subscenes
+    assert {frozenset(p) for p in by_model} >= {frozenset(("b0", "b1")), frozenset(("a0", "a1"))}
+    mixed = P.pairs_from_poses(poses, num=2, max_angle_deg=75)
+    assert any(a[0] != b[0] for a, b in mixed)  # what pooling the poses gave
+    one = {n: "0" for n in poses}
+    assert P.pairs_from_poses_by_model(poses, one, num=2, max_angle_deg=75) == mixed
+    assert P.pairs_from_poses_by_model(poses, {}, num=2, max_angle_deg=75) == mixed
+
+
 def test_pairs_from_retrieval_rank_and_self_exclusion(tmp_path):
     g = tmp_path / "global.h5"
     vecs = {"q": [1, 0, 0], "a": [0.9, 0.1, 0], "b": [0.5, 0.5, 0], "c": [-0.1, 0, 1], "d": [-1, 0, 0]}

@@ -292,3 +292,52 @@ def test_the_consensus_is_the_mean_of_the_group_not_one_member():
     assert rotation_deg(model["p10.jpg"] @ prior["p10.jpg"].T, model["p00.jpg"] @ prior["p00.jpg"].T) < 5.0
     out = orientation_outliers(model, prior, 5.0)
     assert sorted(out) == ["p10.jpg", "p11.jpg"] and all(6.0 < v < 7.0 for v in out.values())
+
+
+def test_each_megadepth_subscene_is_aligned_on_its_own_photos():
+    """A MegaDepth scene's subscenes are separate reconstructions (``sparse/manhattan/<subscene>``),
+    each in its own frame: judged against one alignment, the photos of the smaller subscene were all
+    rejected as turned and moved. Aligned per subscene, every right photo stays, and a photo turned
+    20 deg within the smaller subscene is still caught."""
+    import pycolmap
+    from scipy.spatial.transform import Rotation
+
+    from tasks.aerial.verification import AcceptConfig, prior_disagreements
+
+    rng = np.random.default_rng(4)
+    rec = pycolmap.Reconstruction()
+    rec.add_camera_with_trivial_rig(pycolmap.Camera(model="SIMPLE_PINHOLE", width=800, height=600,
+                                                    params=[700.0, 400, 300], camera_id=1))
+    models = {"0": (Rotation.random(random_state=5).as_matrix(), 30.0, np.array([10.0, -5.0, 2.0])),
+              "1": (Rotation.random(random_state=6).as_matrix(), 12.0, np.array([-40.0, 8.0, 1.0]))}
+    priors, frames, truth = {}, {}, {}
+    for i in range(8):
+        name, sub = f"p{i}.jpg", "0" if i < 5 else "1"
+        r_wfc = Rotation.random(random_state=30 + i).as_matrix()  # the true (model) pose
+        c = np.r_[rng.uniform(-60, 60, 2), 3.0]
+        rot, scale, shift = models[sub]  # the subscene's frame -> the model's
+        prior = np.eye(4)
+        prior[:3, :3], prior[:3, 3] = rot.T @ r_wfc, rot.T @ (c - shift) / scale
+        priors[name], frames[name], truth[name] = prior, sub, (r_wfc, c)
+
+    def images(turned: str | None = None) -> dict:
+        out = {}
+        for iid, (name, (r_wfc, c)) in enumerate(sorted(truth.items()), start=1):
+            if name == turned:
+                r_wfc = Rotation.from_euler("z", 20, degrees=True).as_matrix() @ r_wfc
+            if iid not in rec.images:
+                rec.add_image_with_trivial_frame(pycolmap.Image(name=name, camera_id=1, image_id=iid),
+                                                 pycolmap.Rigid3d(pycolmap.Rotation3d(r_wfc.T), -r_wfc.T @ c))
+            else:
+                rec.frames[rec.images[iid].frame_id].rig_from_world = pycolmap.Rigid3d(
+                    pycolmap.Rotation3d(r_wfc.T), -r_wfc.T @ c)
+            out[name] = rec.images[iid]
+        return out
+
+    cfg = AcceptConfig()
+    assert prior_disagreements(images(), priors, frames, cfg, diagonal=455.0) == {}
+    # one alignment for both subscenes (what the check did): the smaller one's 3 photos go
+    one = prior_disagreements(images(), priors, {}, cfg, diagonal=455.0)
+    assert sorted(one) == ["p5.jpg", "p6.jpg", "p7.jpg"], one
+    out = prior_disagreements(images(turned="p6.jpg"), priors, frames, cfg, diagonal=455.0)
+    assert list(out) == ["p6.jpg"] and "orientation 20 deg" in out["p6.jpg"], out

@@ -53,6 +53,18 @@ def _top_k(scores: np.ndarray, invalid: np.ndarray, k: int) -> list[tuple[int, i
     return out
 
 
+def pairs_from_poses_by_model(cam2world: Mapping[str, np.ndarray], model_of: Mapping[str, str], num: int,
+                              max_angle_deg: float) -> list[tuple[str, str]]:
+    """:func:`pairs_from_poses` within each model: ``model_of`` names the reconstruction each pose
+    belongs to (a MegaDepth scene's subscenes are separate reconstructions, each in its own frame:
+    the poses of two of them say nothing about each other). One model: the same pairs as
+    :func:`pairs_from_poses`."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    for n, pose in cam2world.items():
+        groups.setdefault(str(model_of.get(n, "")), {})[n] = pose
+    return dedupe_pairs([p for group in groups.values() for p in pairs_from_poses(group, num, max_angle_deg)])
+
+
 def pairs_from_poses(cam2world: Mapping[str, np.ndarray], num: int, max_angle_deg: float,
                      queries: Sequence[str] | None = None) -> list[tuple[str, str]]:
     """Spatially close pairs from camera-to-world poses (4x4, or 3x4).

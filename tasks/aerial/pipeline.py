@@ -224,8 +224,8 @@ def collect_images(paths: ScenePaths) -> dict[str, Any]:
 
 
 def queries_of(info: dict[str, Any]) -> list[Query]:
-    return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"]), np.asarray(q["cam2world"]))
-            for n, q in sorted(info["queries"].items())]
+    return [Query(n, q["width"], q["height"], np.asarray(q["intrinsics"]), np.asarray(q["cam2world"]),
+                  str(q.get("subscene", ""))) for n, q in sorted(info["queries"].items())]
 
 
 # ----------------------------------------------------------------------------- stage: features
@@ -272,7 +272,9 @@ def make_pairs(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) 
         ret_pairs = pairs.pairs_from_retrieval(paths.global_features, qnames, reference,
                                            min(config.retrieval_num, len(reference)))
         md_c2w = {n: np.asarray(info["queries"][n]["cam2world"]) for n in qnames}
-        q_pairs = pairs.pairs_from_poses(md_c2w, config.query_pairs_num, config.query_pairs_max_angle)
+        subscene = {n: str(info["queries"][n].get("subscene", "")) for n in qnames}
+        q_pairs = pairs.pairs_from_poses_by_model(md_c2w, subscene, config.query_pairs_num,
+                                                  config.query_pairs_max_angle)
     else:
         ret_pairs, q_pairs = [], []
     for path, found in ((paths.pairs_reference, ref_pairs), (paths.pairs_retrieval, ret_pairs),

@@ -256,6 +256,7 @@ class Query:
     height: int
     K: np.ndarray  # 3x3
     cam2world: np.ndarray | None = None  # 4x4, its MegaDepth pose (verification compares orientations)
+    frame: str = ""  # the MegaDepth model (subscene) cam2world belongs to: each has its own frame
 
 
 def query_camera(q: Query, camera_id: int) -> pycolmap.Camera:
@@ -279,7 +280,7 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     fp = fingerprint({"sfm": asdict(config), "queries": [[q.name, q.width, q.height, np.asarray(q.K).tolist()]
-                                                         + ([np.asarray(q.cam2world).tolist()]
+                                                         + ([np.asarray(q.cam2world).tolist(), q.frame]
                                                             if q.cam2world is not None else [])
                                                          for q in queries]},
                      Path(reference) / ".complete", feature_path, match_path, pairs_path)
@@ -364,7 +365,8 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
         # every registered photo is verified; those that fail are deregistered before the model is written
         t_accept = time.perf_counter()
         priors = {q.name: np.asarray(q.cam2world) for q in queries if q.cam2world is not None}
-        verdict = verify_registrations(rec, ref, db_path, q_names, config.abs_pose_max_error, config, priors=priors)
+        verdict = verify_registrations(rec, ref, db_path, q_names, config.abs_pose_max_error, config, priors=priors,
+                                       prior_frames={q.name: q.frame for q in queries})
         t_accept = time.perf_counter() - t_accept
         rec.write(str(tmp))
         write_json_atomic(tmp / VERIFICATION_FILE, verdict, indent=1)

@@ -286,14 +286,54 @@ def orientation_consensus(world_from_cam: dict[str, np.ndarray], prior_cam2world
     return rot
 
 
+def prior_disagreements(images: dict[str, Any], priors: dict[str, np.ndarray], prior_frames: dict[str, str],
+                        cfg: AcceptConfig, diagonal: float) -> dict[str, str]:
+    """``{photo: why}`` of the registered ``images`` (name: pycolmap image with a pose) whose pose
+    disagrees with their MegaDepth pose (``priors``: cam2world) once the MegaDepth model is turned
+    (:func:`orientation_outliers`), then scaled and moved (:func:`position_outliers`) onto the model
+    the way most of them agree. Each MegaDepth model (``prior_frames``: photo -> subscene; a scene's
+    subscenes are separate reconstructions, ``sparse/manhattan/<subscene>``, each in its own frame)
+    is aligned on its own photos: the photos of a second subscene are not judged against the
+    first's alignment. A photo without a prior is not judged here."""
+    groups: dict[str, list[str]] = {}
+    for n in sorted(images):
+        if n in priors:
+            groups.setdefault(str(prior_frames.get(n, "")), []).append(n)
+    whys: dict[str, str] = {}
+    for names in groups.values():
+        current = {n: geometry.cam_from_world(images[n])[:, :3].T for n in names}
+        prior_rot = {n: np.asarray(priors[n])[:3, :3] for n in names}
+        turned = orientation_outliers(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
+        whys.update({name: (f"orientation {deg:.0f} deg away from its MegaDepth pose, where the other photos "
+                            f"agree (> {cfg.accept_max_orientation_disagreement_deg})" if not np.isnan(deg) else
+                            "orientation not confirmed: no group of registered photos agrees with their MegaDepth "
+                            "poses more than another (a tie, or no two agree)") for name, deg in turned.items()})
+        rotation = orientation_consensus(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
+        if rotation is None:
+            continue
+        # the position check judges the photos whose orientation agrees
+        upright = [n for n in names if n not in turned]
+        moved = position_outliers({n: geometry.centre(images[n]) for n in upright},
+                                  {n: np.asarray(priors[n])[:3, 3] for n in upright}, rotation,
+                                  cfg.accept_max_position_disagreement * diagonal)
+        for name, dist in moved.items():
+            whys[name] = (f"camera {dist:.1f} m away from where its MegaDepth pose puts it, where the other "
+                          f"photos agree (> {cfg.accept_max_position_disagreement} x the scene's "
+                          f"{diagonal:.0f} m)" if not np.isnan(dist) else
+                          "position not confirmed: no group of registered photos agrees with their "
+                          "MegaDepth positions more than another")
+    return whys
+
+
 def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Reconstruction, db_path: Path,
                          queries: list[str], max_error: float, cfg: AcceptConfig,
                          priors: dict[str, np.ndarray] | None = None,
-                         max_rounds: int = 5) -> dict[str, dict[str, Any]]:
+                         max_rounds: int = 5, prior_frames: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Check every registered photo of ``queries`` in ``rec``; deregister (in place) those that
     fail and check the rest again, until none fails. ``priors``: each photo's own cam2world
-    (MegaDepth's; rotation used, see :func:`orientation_outliers`). Returns per photo its
-    figures, and ``status`` "registered" or "rejected" (with ``reason``)."""
+    (MegaDepth's; see :func:`prior_disagreements`), ``prior_frames``: the MegaDepth model (subscene)
+    each prior belongs to (absent: one model). Returns per photo its figures, and ``status``
+    "registered" or "rejected" (with ``reason``)."""
     frame = scene_frame(reference)
     by_name = {im.name: im for im in rec.images.values()}
     result: dict[str, dict[str, Any]] = {}
@@ -314,27 +354,9 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                 # the consensus is taken among the photos that passed the checks above (those that
                 # failed go anyway: a wrong pose among them must not outvote or tie the right ones)
                 failing = {im.name for im in failed}
-                current = {n: geometry.cam_from_world(by_name[n])[:, :3].T for n in queries
+                current = {n: by_name[n] for n in queries
                            if n in by_name and by_name[n].image_id in registered and n not in failing}
-                prior_rot = {n: np.asarray(c)[:3, :3] for n, c in priors.items()}
-                turned = orientation_outliers(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
-                whys = {name: (f"orientation {deg:.0f} deg away from its MegaDepth pose, where the other photos "
-                               f"agree (> {cfg.accept_max_orientation_disagreement_deg})" if not np.isnan(deg) else
-                               "orientation not confirmed: no group of registered photos agrees with their MegaDepth "
-                               "poses more than another (a tie, or no two agree)") for name, deg in turned.items()}
-                rotation = orientation_consensus(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
-                if rotation is not None:
-                    # the position check judges the photos whose orientation agrees
-                    upright = [n for n in current if n not in turned]
-                    moved = position_outliers({n: geometry.centre(by_name[n]) for n in upright},
-                                              {n: np.asarray(priors[n])[:3, 3] for n in upright if n in priors},
-                                              rotation, cfg.accept_max_position_disagreement * frame.diagonal)
-                    for name, dist in moved.items():
-                        whys[name] = (f"camera {dist:.1f} m away from where its MegaDepth pose puts it, where the other "
-                                      f"photos agree (> {cfg.accept_max_position_disagreement} x the scene's "
-                                      f"{frame.diagonal:.0f} m)" if not np.isnan(dist) else
-                                      "position not confirmed: no group of registered photos agrees with their "
-                                      "MegaDepth positions more than another")
+                whys = prior_disagreements(current, priors, prior_frames or {}, cfg, frame.diagonal)
                 for name, why in whys.items():
                     v = result[name]
                     v["reason"] = f"{v['reason']}; {why}" if "reason" in v else why
@@ -351,5 +373,5 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
 
 
 __all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "orientation_outliers",
-           "orientation_consensus", "position_outliers",
+           "orientation_consensus", "position_outliers", "prior_disagreements",
            "rotation_deg", "verify_registrations"]
