@@ -341,3 +341,68 @@ def test_each_megadepth_subscene_is_aligned_on_its_own_photos():
     assert sorted(one) == ["p5.jpg", "p6.jpg", "p7.jpg"], one
     out = prior_disagreements(images(turned="p6.jpg"), priors, frames, cfg, diagonal=455.0)
     assert list(out) == ["p6.jpg"] and "orientation 20 deg" in out["p6.jpg"], out
+
+
+def split_megadepth_subscene(info, moved: list[str], scale: float = 0.37, angle_deg: float = 70.0,
+                             shift=(3.0, -8.0, 1.5)) -> None:
+    """Turn the synthetic world's one MegaDepth model into two, as real MegaDepth scenes have: the
+    photos ``moved`` go to subscene "1", a copy of the model in another frame (scaled, turned,
+    moved; its depths scaled with it), images and depths under ``dense1``; the scene list names
+    each subscene's photos."""
+    import json
+
+    import h5py
+    from scipy.spatial.transform import Rotation
+
+    from tasks.aerial import megadepth
+
+    rec = pycolmap.Reconstruction(str(info.sfm_dir))
+    rot = Rotation.from_euler("zyx", [angle_deg, 20.0, -10.0], degrees=True).as_matrix()
+    rec.transform(pycolmap.Sim3d(scale, pycolmap.Rotation3d(rot), np.asarray(shift, float)))
+    out = info.sfm_dir.parent / "1"
+    out.mkdir(parents=True)
+    rec.write_text(str(out))
+    md, scene = info.megadepth_root, info.scene
+    for name in moved:
+        img = megadepth.raw_image_path(md, scene, "1", name)
+        img.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(megadepth.raw_image_path(md, scene, "0", name), img)
+        src, dst = megadepth.raw_depth_path(md, scene, "0", name), megadepth.raw_depth_path(md, scene, "1", name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(src, "r") as f:
+            depth = f["depth"][()]
+        with h5py.File(dst, "w") as f:
+            f["depth"] = depth * scale
+        src.unlink()
+    entries = [{"scene": scene, "subscene": "0", "images": [n for n in info.photo_names if n not in moved]},
+               {"scene": scene, "subscene": "1", "images": list(moved)}]
+    info.scene_list_path.write_text(json.dumps(entries, indent=2))
+
+
+def test_photos_of_two_megadepth_subscenes_register_in_one_metric_model(tmp_path):
+    """The small world's photos split between two MegaDepth subscenes (two reconstructions, each in
+    its own frame, as real scenes have them): the photos of both register with their true metric
+    poses, and none is rejected for disagreeing with its MegaDepth pose (one alignment for both
+    rejected the smaller subscene's photos, or every photo on a tie)."""
+    from tasks.aerial.earthstudio import ingest_scene
+    from tasks.aerial.megadepth import load_scene_list, preprocess_scene
+    from tasks.aerial.synthetic_world import ensure_world
+
+    world = ensure_world(tmp_path, n_aerial=24, n_ground=8, seed=0)
+    moved = world.photo_names[1::3]  # 3 of 8
+    split_megadepth_subscene(world, moved)
+    ingest_scene(tmp_path, world.scene)
+    for entry in load_scene_list(world.scene_list_path):
+        preprocess_scene(tmp_path / "megadepth", entry, tmp_path / "megadepth_processed")
+    paths = pipeline.scene_paths(tmp_path, world.scene, tmp_path / "megadepth_processed", pipeline.PIPELINES.build())
+    cfg = pipeline.PIPELINES.build()
+    info, _ref, loc = _sfm(paths, cfg)
+    assert {q["subscene"] for q in info["queries"].values()} == {"0", "1"}
+    reasons = {n: v.get("reason", "") for n, v in loc.details.items()}
+    assert not [n for n, r in reasons.items() if "MegaDepth" in r], reasons
+    rec = pycolmap.Reconstruction(str(paths.localized))
+    registered = {im.name for im in rec.images.values() if im.has_pose and im.name in info["queries"]}
+    assert len(registered & set(moved)) >= 2 and len(registered - set(moved)) >= 3, (registered, reasons)
+    gt = pycolmap.Reconstruction(str(paths.ground_truth / "sparse"))
+    acc = pose_accuracy(rec, gt, sorted(info["queries"]))
+    assert acc["false registrations"] == 0 and acc["median rotation error deg"] < 0.5, acc
