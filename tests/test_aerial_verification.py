@@ -406,3 +406,51 @@ def test_photos_of_two_megadepth_subscenes_register_in_one_metric_model(tmp_path
     gt = pycolmap.Reconstruction(str(paths.ground_truth / "sparse"))
     acc = pose_accuracy(rec, gt, sorted(info["queries"]))
     assert acc["false registrations"] == 0 and acc["median rotation error deg"] < 0.5, acc
+
+
+def test_a_photo_the_mapper_missed_registers_from_its_megadepth_pose(localized):
+    """Second chance (register_from_priors): a verified photo taken out of the model (as if the mapper
+    had not registered it) gets back the pose its MegaDepth pose predicts, refined on its matches,
+    with its observations; given a MegaDepth pose 30 deg off, no match agrees and it stays out."""
+    from scipy.spatial.transform import Rotation
+
+    from tasks.aerial.verification import register_from_priors, scene_frame
+
+    paths, cfg, info, _loc = localized
+    names = loc_names(paths)
+    assert len(names) >= 4, names
+    priors = {n: np.asarray(q["cam2world"]) for n, q in info["queries"].items()}
+    ref = pycolmap.Reconstruction(str(paths.sfm))
+    for turn in (0.0, 30.0):
+        rec = pycolmap.Reconstruction(str(paths.localized))
+        im = next(i for i in rec.images.values() if i.name == names[0])
+        before = geometry_of(im)
+        n_obs = sum(p.has_point3D() for p in im.points2D)
+        rec.deregister_frame(im.frame_id)
+        assert not rec.images[im.image_id].has_pose
+        p = dict(priors)
+        p[names[0]] = priors[names[0]].copy()
+        p[names[0]][:3, :3] = Rotation.from_euler("z", turn, degrees=True).as_matrix() @ p[names[0]][:3, :3]
+        db = pycolmap.Database.open(str(paths.localized / "database.db"))
+        try:
+            out = register_from_priors(rec, db, sorted(info["queries"]), p, {}, cfg.sfm, cfg.sfm.abs_pose_max_error,
+                                       scene_frame(ref))
+        finally:
+            db.close()
+        v = out[names[0]]
+        if turn == 0.0:
+            assert v["status"] == "registered" and v["by prior"] and v["inliers"] >= cfg.sfm.accept_min_inliers, v
+            after = geometry_of(rec.images[im.image_id])
+            assert np.degrees(np.arccos(np.clip((np.trace(after[0] @ before[0].T) - 1) / 2, -1, 1))) < 0.5
+            assert np.linalg.norm(after[1] - before[1]) < 0.5
+            assert sum(q.has_point3D() for q in rec.images[im.image_id].points2D) >= min(n_obs, 20)
+        else:
+            assert v["status"] == "rejected" and "MegaDepth pose predicts" in v["reason"], v
+            assert not rec.images[im.image_id].has_pose
+
+
+def geometry_of(image):
+    """(world-from-camera rotation, centre) of a posed image."""
+    from tasks.aerial import geometry
+
+    return geometry.cam_from_world(image)[:, :3].T, geometry.centre(image)

@@ -70,6 +70,14 @@ class AcceptConfig:
     accept_min_front_share: float = setting(
         0.95, "Smallest share of the 3D points a photo observes that must lie in front of it and within "
               "the scene (twice its diagonal): a photo must look at the reconstructed surface.")
+    prior_registration: bool = setting(
+        True, "Give the photos the mapper did not register, or registered wrongly, a second chance: the pose "
+              "their MegaDepth pose predicts once their subscene is aligned on its verified photos, refined on "
+              "the 2D-3D matches that agree with it, kept when it passes every check above.")
+    prior_max_px: float = setting(
+        16.0, "Prior registration: a 2D-3D match is tried when it lies within this many pixels of the "
+              "predicted pose's projection (MegaDepth poses are a fraction of a degree off; a repeated "
+              "facade's matches lie far off).")
 
 
 @dataclass
@@ -113,10 +121,11 @@ def _reproject(k: np.ndarray, cfw: np.ndarray, xyz: np.ndarray) -> tuple[np.ndar
 
 
 def correspondences(rec: pycolmap.Reconstruction, db: pycolmap.Database, image_id: int,
-                    registered: set[int]) -> tuple[np.ndarray, np.ndarray]:
+                    registered: set[int], with_ids: bool = False):
     """The photo's 2D-3D candidates: (its keypoint indices (M,), 3D points (M, 3)) from the inlier
-    matches of its verified pairs with the registered images whose matched keypoint has a 3D point."""
-    idx, xyz = [], []
+    matches of its verified pairs with the registered images whose matched keypoint has a 3D point
+    (``with_ids``: and the points' ids (M,))."""
+    idx, xyz, ids = [], [], []
     for other in registered:
         if other == image_id or not db.exists_two_view_geometry(image_id, other):
             continue
@@ -129,7 +138,9 @@ def correspondences(rec: pycolmap.Reconstruction, db: pycolmap.Database, image_i
             if p2.has_point3D():
                 idx.append(int(a))
                 xyz.append(rec.points3D[p2.point3D_id].xyz)
-    return np.asarray(idx, np.int64), np.asarray(xyz, np.float64).reshape(-1, 3)
+                ids.append(int(p2.point3D_id))
+    out = np.asarray(idx, np.int64), np.asarray(xyz, np.float64).reshape(-1, 3)
+    return (*out, np.asarray(ids, np.int64)) if with_ids else out
 
 
 def check_photo(rec: pycolmap.Reconstruction, db: pycolmap.Database, image, frame: SceneFrame,
@@ -325,6 +336,111 @@ def prior_disagreements(images: dict[str, Any], priors: dict[str, np.ndarray], p
     return whys
 
 
+def _similarity(images: dict[str, Any], priors: dict[str, np.ndarray], names: list[str], rotation: np.ndarray):
+    """(scale, prior mean, model mean) of the least-squares fit ``c = s (R p - pm) + cm`` of the
+    ``names``' centres to their rotated MegaDepth centres; None when they are all at one place."""
+    c = np.array([geometry.centre(images[n]) for n in names])
+    p = np.array([rotation @ np.asarray(priors[n])[:3, 3] for n in names])
+    pm, cm = p.mean(axis=0), c.mean(axis=0)
+    den = float(np.sum((p - pm) ** 2))
+    if den <= 1e-12:
+        return None
+    return float(np.sum((p - pm) * (c - cm)) / den), pm, cm
+
+
+def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, names: list[str],
+                         priors: dict[str, np.ndarray], prior_frames: dict[str, str], cfg: AcceptConfig,
+                         max_error: float, frame: SceneFrame) -> dict[str, dict[str, Any]]:
+    """Second chance for the photos ``names`` that are in ``rec`` without a pose (not registered, or
+    deregistered by verification): within each MegaDepth subscene with at least 3 verified photos,
+    the subscene's alignment onto the model (the mean rotation of :func:`orientation_consensus`,
+    scale and shift by least squares) predicts the photo's pose from its MegaDepth pose; its 2D-3D
+    candidates (:func:`correspondences`) within ``prior_max_px`` of that prediction give a pose by
+    RANSAC and refinement (pycolmap), which is kept when it stays within the orientation and
+    position tolerances of the prediction and then passes :func:`check_photo`. Registered photos
+    get their inliers as observations of the model's points. Returns per photo tried its figures
+    and ``status`` ("registered" with ``by prior``, or "rejected" with ``reason``)."""
+    by_name = {im.name: im for im in rec.images.values()}
+    registered_names = [n for n, im in by_name.items() if im.has_pose and n in priors]
+    groups: dict[str, list[str]] = {}
+    for n in registered_names:
+        groups.setdefault(str(prior_frames.get(n, "")), []).append(n)
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        im = by_name.get(name)
+        if im is None or im.has_pose or name not in priors:
+            continue
+        group = sorted(groups.get(str(prior_frames.get(name, "")), []))
+        if len(group) < 3:
+            continue
+        images = {n: by_name[n] for n in group}
+        current = {n: geometry.cam_from_world(images[n])[:, :3].T for n in group}
+        rotation = orientation_consensus(current, {n: np.asarray(priors[n])[:3, :3] for n in group},
+                                         cfg.accept_max_orientation_disagreement_deg)
+        fit = _similarity(images, priors, group, rotation) if rotation is not None else None
+        if fit is None:
+            continue
+        scale, pm, cm = fit
+        r_wfc = rotation @ np.asarray(priors[name])[:3, :3]
+        centre = scale * (rotation @ np.asarray(priors[name])[:3, 3] - pm) + cm
+        cfw = np.hstack([r_wfc.T, (-r_wfc.T @ centre)[:, None]])
+        registered = {i for i, x in rec.images.items() if x.has_pose}
+        idx, xyz, pids = correspondences(rec, db, im.image_id, registered, with_ids=True)
+        kp = np.array([p.xy for p in im.points2D]).reshape(-1, 2)
+        camera = rec.cameras[im.camera_id]
+        why = None
+        if len(idx):
+            uv, z = _reproject(camera.calibration_matrix(), cfw, xyz)
+            near = (z > 0) & (np.linalg.norm(uv - kp[idx], axis=1) <= cfg.prior_max_px)
+        else:
+            near = np.zeros(0, bool)
+        if int(near.sum()) < max(cfg.accept_min_inliers, 4):
+            why = f"{int(near.sum())} 2D-3D matches agree with the pose its MegaDepth pose predicts"
+        else:
+            est = pycolmap.AbsolutePoseEstimationOptions()
+            est.ransac.max_error = max_error
+            est.ransac.random_seed = 0
+            ref_opts = pycolmap.AbsolutePoseRefinementOptions()
+            ref_opts.refine_focal_length = False
+            ref_opts.refine_extra_params = False
+            res = pycolmap.estimate_and_refine_absolute_pose(kp[idx[near]], xyz[near], camera, est, ref_opts)
+            if res is None:
+                why = "no pose from the matches that agree with its MegaDepth pose"
+            else:
+                pose = res["cam_from_world"]
+                m = np.asarray(pose.matrix(), np.float64)
+                turn = rotation_deg(m[:, :3].T, r_wfc)
+                moved = float(np.linalg.norm(-m[:, :3].T @ m[:, 3] - centre))
+                if turn > cfg.accept_max_orientation_disagreement_deg or \
+                        moved > cfg.accept_max_position_disagreement * frame.diagonal:
+                    why = (f"the pose from its matches is {turn:.1f} deg and {moved:.1f} m from the one its MegaDepth "
+                           "pose predicts")
+                else:
+                    fr = rec.frames[im.frame_id]
+                    fr.rig_from_world = pose  # trivial rigs: the camera's pose
+                    rec.register_frame(im.frame_id)
+                    inl = np.asarray(res["inlier_mask"], bool)
+                    used: set[int] = set()
+                    for k, pid in zip(idx[near][inl], pids[near][inl]):
+                        k, pid = int(k), int(pid)
+                        if k in used or im.points2D[k].has_point3D() or \
+                                any(el.image_id == im.image_id for el in rec.points3D[pid].track.elements):
+                            continue
+                        rec.add_observation(pid, pycolmap.TrackElement(im.image_id, k))
+                        used.add(k)
+                    registered.add(im.image_id)
+                    figures = check_photo(rec, db, rec.images[im.image_id], frame, registered, max_error, cfg)
+                    if "reason" in figures:
+                        rec.deregister_frame(im.frame_id)
+                        out[name] = {"status": "rejected", **figures,
+                                     "reason": f"prior registration: {figures['reason']}"}
+                    else:
+                        out[name] = {"status": "registered", "by prior": True, **figures}
+                    continue
+        out[name] = {"status": "rejected", "reason": f"prior registration: {why}"}
+    return out
+
+
 def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Reconstruction, db_path: Path,
                          queries: list[str], max_error: float, cfg: AcceptConfig,
                          priors: dict[str, np.ndarray] | None = None,
@@ -367,11 +483,20 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
                 break
             for im in failed:
                 rec.deregister_frame(rec.images[im.image_id].frame_id)
+        if priors and cfg.prior_registration:
+            # a second chance from the photos' MegaDepth poses (register_from_priors); a photo the mapper
+            # never registered keeps its "not registered" unless this registers it
+            second = register_from_priors(rec, db, queries, priors, prior_frames or {}, cfg, max_error, frame)
+            for name, v in second.items():
+                if v["status"] == "registered":
+                    result[name] = v
+                elif name in result:
+                    result[name]["reason"] = f"{result[name]['reason']}; {v['reason']}"
     finally:
         db.close()
     return result
 
 
 __all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "orientation_outliers",
-           "orientation_consensus", "position_outliers", "prior_disagreements",
+           "orientation_consensus", "position_outliers", "prior_disagreements", "register_from_priors",
            "rotation_deg", "verify_registrations"]
