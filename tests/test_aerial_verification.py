@@ -148,12 +148,16 @@ def test_the_report_lists_registered_and_rejected_photos():
     res = StageResult(output=None, counts={"photos registered": 1, "mapper seconds": 3.0},
                       problems={"x.jpg": "rejected after registration: 3 2D-3D inliers < 20"},
                       details={"a.jpg": {"status": "registered", "inliers": 812, "inlier ratio": 0.91},
+                               "b.jpg": {"status": "registered", "inliers": 55, "inlier ratio": 0.33, "by prior": True},
                                "x.jpg": {"status": "rejected", "inliers": 3, "inlier ratio": 0.1,
                                          "reason": "3 2D-3D inliers < 20"}})
     report = RunReport("t")
     record_localization(report, res)
-    assert report.extra["registration"] == {"registered": {"a.jpg": {"inliers": 812, "inlier ratio": 0.91}},
+    assert report.extra["registration"] == {"registered": {"a.jpg": {"inliers": 812, "inlier ratio": 0.91},
+                                                           "b.jpg": {"inliers": 55, "inlier ratio": 0.33,
+                                                                     "by prior": True}},
                                             "rejected": {"x.jpg": "3 2D-3D inliers < 20"}}
+    assert any("1 of them from their MegaDepth pose" in n for n in report.notes), report.notes
     assert report.problems == [{"item": "x.jpg", "stage": "localization",
                                 "reason": "rejected after registration: 3 2D-3D inliers < 20"}]
     assert "mapper seconds" not in report.counts

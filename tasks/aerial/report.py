@@ -48,14 +48,16 @@ def record_localization(report: RunReport, res) -> None:
     """Counts of the localization (``tasks.aerial.reconstruction.StageResult``), each photo it could
     not register or rejected after registration as a problem with the reason, and the
     registration listing (``report.json``'s ``registration``): each registered photo with its
-    inlier count and inlier ratio, each rejected one with its reason."""
+    inlier count and inlier ratio (and ``by prior`` when the second chance registered it,
+    :func:`~tasks.aerial.verification.register_from_priors`), each rejected one with its reason."""
     report.counts.update({k: v for k, v in res.counts.items() if "seconds" not in k})
     for name, why in res.problems.items():
         report.problem(name, "localization", why)
     listing = report.extra.setdefault("registration", {"registered": {}, "rejected": {}})
     for name, v in sorted(res.details.items()):
         if v.get("status") == "registered":
-            listing["registered"][name] = {"inliers": v["inliers"], "inlier ratio": round(v["inlier ratio"], 3)}
+            listing["registered"][name] = {"inliers": v["inliers"], "inlier ratio": round(v["inlier ratio"], 3),
+                                           **({"by prior": True} if v.get("by prior") else {})}
         else:
             listing["rejected"][name] = v.get("reason", "rejected")
     if res.details:
@@ -63,6 +65,8 @@ def record_localization(report: RunReport, res) -> None:
         report.notes.append(
             f"localization: {len(listing['registered'])} photo(s) registered and verified"
             + (f" (inliers: fewest {inliers[0]}, median {inliers[len(inliers) // 2]})" if inliers else "")
+            + (f", {n_prior} of them from their MegaDepth pose (second chance)"
+               if (n_prior := sum("by prior" in v for v in listing["registered"].values())) else "")
             + f", {len(listing['rejected'])} rejected after registration (report.json: registration)")
 
 
