@@ -44,7 +44,7 @@ def write_stereo_config(workspace: Path, config: DenseConfig | None = None,
             continue
         src = select_sources(rec, iid, cfg.num_sources, cfg.min_triangulation_angle, cfg.max_triangulation_angle,
                              cfg.max_view_angle, cfg.max_scale_ratio, exclude=absent,
-                             work_size=cfg.colmap.max_image_size)
+                             work_size=cfg.colmap.max_image_size if cfg.scale_ratio_at_working_size else None)
         if src:
             problems[name] = [rec.images[j].name for j in src]
     stereo = workspace / "stereo"

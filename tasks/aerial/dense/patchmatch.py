@@ -74,28 +74,25 @@ def map_paths(workspace: Path, name: str, kind: str) -> tuple[Path, Path]:
 #: ``threads`` changes only the speed): a map is reused only when all of them are as when it was
 #: computed (``settings_stamp``)
 _SHARED_SETTINGS = ("num_sources", "depth_min", "depth_max", "max_view_angle", "min_triangulation_angle",
-                    "max_triangulation_angle", "max_scale_ratio", "prior_near_pad", "prior_far_pad")
+                    "max_triangulation_angle", "max_scale_ratio", "prior_near_pad", "prior_far_pad",
+                    "scale_ratio_at_working_size")
 #: ... of which the photometric maps do not depend on these when a geometric pass follows (they stay
 #: unfiltered then), so a change of the filter or the geometric pass keeps them
 _GEOMETRIC_ONLY = ("geom_iterations", "min_ncc", "min_consistent", "min_triangulation_angle", "geom_weight",
                    "geom_max_cost", "geom_max_error", "speckle_size", "speckle_tolerance", "region_min_share")
 
 
-#: how sources are chosen, beyond the settings: 2 since the scale ratio is measured at the working
-#: size (2026-12-07; a scene of mixed image sizes may get other sources), so maps made before are redone
-SELECTION_VERSION = 2
-
-
 def settings_stamp(cfg: DenseConfig, phase: str) -> str:
-    """A digest of the settings the ``phase`` maps depend on (see ``_SHARED_SETTINGS``) and of
-    :data:`SELECTION_VERSION`. The PatchMatch's own settings are stamped under their former flat
-    names (``patchmatch.<field>``)."""
+    """A digest of the settings the ``phase`` maps depend on (see ``_SHARED_SETTINGS``). The
+    PatchMatch's own settings are stamped under their former flat names (``patchmatch.<field>``), so the
+    stamps of maps made before the settings were grouped stay valid; ``scale_ratio_at_working_size``
+    only when on (maps made before it existed stay valid)."""
     own = {k: v for k, v in dataclasses.asdict(cfg.patchmatch).items() if k != "threads"}
     if phase == "photometric" and cfg.patchmatch.geom_iterations > 0:
         own = {k: v for k, v in own.items() if k not in _GEOMETRIC_ONLY}
-    shared = {k: getattr(cfg, k) for k in _SHARED_SETTINGS}
-    return fingerprint({"phase": phase, **{f"pm_{k}": v for k, v in own.items()}, **shared,
-                        "selection": SELECTION_VERSION}, length=16)
+    shared = {k: getattr(cfg, k) for k in _SHARED_SETTINGS
+              if k != "scale_ratio_at_working_size" or cfg.scale_ratio_at_working_size}
+    return fingerprint({"phase": phase, **{f"pm_{k}": v for k, v in own.items()}, **shared}, length=16)
 
 
 def stamp_path(workspace: Path, name: str, kind: str) -> Path:
@@ -150,12 +147,12 @@ def depth_range(ws: Workspace, ref: _Cam, cfg: DenseConfig) -> tuple[float, floa
 def source_ids(rec, image_id: int, cfg: DenseConfig, exclude=()) -> list[int]:
     """The PatchMatch sources of an image: ``patchmatch.num_sources`` (else ``num_sources``) views chosen by
     ``patchmatch.view_selection`` ("coverage": :func:`~tasks.aerial.dense.views.select_sources_covering`;
-    "shared": :func:`~tasks.aerial.dense.views.select_sources`) within the selection's angle limits, the
-    scale ratio measured at the working size (``patchmatch.max_image_size``), where windows are compared."""
+    "shared": :func:`~tasks.aerial.dense.views.select_sources`) within the selection's angle limits (with
+    ``scale_ratio_at_working_size``, the scale ratio at ``patchmatch.max_image_size``, where windows are compared)."""
     select = select_sources_covering if cfg.patchmatch.view_selection == "coverage" else select_sources
     return select(rec, image_id, cfg.patchmatch.num_sources or cfg.num_sources, cfg.min_triangulation_angle,
                   cfg.max_triangulation_angle, cfg.max_view_angle, cfg.max_scale_ratio, exclude=exclude,
-                  work_size=cfg.patchmatch.max_image_size)
+                  work_size=cfg.patchmatch.max_image_size if cfg.scale_ratio_at_working_size else None)
 
 
 def kernels_for(device: str):

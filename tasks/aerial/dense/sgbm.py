@@ -437,7 +437,8 @@ def depth_cpu(workspace: Path | Workspace, image_name: str, config: DenseConfig 
     unusable = {iid for iid in _posed_ids(rec) if not (ws.path / "images" / rec.images[iid].name).is_file()}
     cands = select_sources(rec, ref.image_id, max(1, cfg.num_sources) * max(1, cfg.sgbm.candidate_factor),
                            cfg.min_triangulation_angle, cfg.max_triangulation_angle, cfg.max_view_angle,
-                           cfg.max_scale_ratio, exclude=unusable, work_size=cfg.sgbm.max_image_size)
+                           cfg.max_scale_ratio, exclude=unusable,
+                           work_size=cfg.sgbm.max_image_size if cfg.scale_ratio_at_working_size else None)
     prior = _prior_points(rec, ref)
     estimates, pairs = [], []
     for j in cands:
