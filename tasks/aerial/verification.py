@@ -227,6 +227,22 @@ def orientation_outliers(world_from_cam: dict[str, np.ndarray], prior_cam2world:
 MAX_POSITION_FITS = 4000
 
 
+def _fit_scale(p: np.ndarray, c: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, float]:
+    """(scale, mean of p, mean of c, spread of p) of the least-squares fit ``c = s (p - pm) + cm``
+    (N x 3 each); the spread (sum of squares about the mean) is 0 when every p is at one place."""
+    pm, cm = p.mean(axis=0), c.mean(axis=0)
+    den = float(np.sum((p - pm) ** 2))
+    return float(np.sum((p - pm) * (c - cm)) / max(den, 1e-12)), pm, cm, den
+
+
+def _by_subscene(names, prior_frames: dict[str, str]) -> dict[str, list[str]]:
+    """``names`` grouped by their MegaDepth subscene (``prior_frames``; absent: one group), sorted."""
+    groups: dict[str, list[str]] = {}
+    for n in sorted(names):
+        groups.setdefault(str(prior_frames.get(n, "")), []).append(n)
+    return groups
+
+
 def position_outliers(centres: dict[str, np.ndarray], prior_centres: dict[str, np.ndarray], rotation: np.ndarray,
                       max_dist: float, min_agree: int = 2) -> dict[str, float]:
     """``{photo: distance}`` of the photos whose registered centre lies farther than ``max_dist``
@@ -263,8 +279,7 @@ def position_outliers(centres: dict[str, np.ndarray], prior_centres: dict[str, n
     if agree.sum() < min_agree or rival >= agree.sum():
         return {n: float("nan") for n in names}
     # refit on the photos that agree (least squares scale and shift), then judge every photo
-    pm, cm = p[agree].mean(axis=0), c[agree].mean(axis=0)
-    scale = float(np.sum((p[agree] - pm) * (c[agree] - cm)) / max(np.sum((p[agree] - pm) ** 2), 1e-12))
+    scale, pm, cm, _ = _fit_scale(p[agree], c[agree])
     dist = np.linalg.norm(c - (scale * (p - pm) + cm), axis=1)
     return {n: float(d) for n, d in zip(names, dist) if d > max_dist}
 
@@ -306,12 +321,8 @@ def prior_disagreements(images: dict[str, Any], priors: dict[str, np.ndarray], p
     subscenes are separate reconstructions, ``sparse/manhattan/<subscene>``, each in its own frame)
     is aligned on its own photos: the photos of a second subscene are not judged against the
     first's alignment. A photo without a prior is not judged here."""
-    groups: dict[str, list[str]] = {}
-    for n in sorted(images):
-        if n in priors:
-            groups.setdefault(str(prior_frames.get(n, "")), []).append(n)
     whys: dict[str, str] = {}
-    for names in groups.values():
+    for names in _by_subscene([n for n in images if n in priors], prior_frames).values():
         current = {n: geometry.cam_from_world(images[n])[:, :3].T for n in names}
         prior_rot = {n: np.asarray(priors[n])[:3, :3] for n in names}
         turned = orientation_outliers(current, prior_rot, cfg.accept_max_orientation_disagreement_deg)
@@ -336,18 +347,6 @@ def prior_disagreements(images: dict[str, Any], priors: dict[str, np.ndarray], p
     return whys
 
 
-def _similarity(images: dict[str, Any], priors: dict[str, np.ndarray], names: list[str], rotation: np.ndarray):
-    """(scale, prior mean, model mean) of the least-squares fit ``c = s (R p - pm) + cm`` of the
-    ``names``' centres to their rotated MegaDepth centres; None when they are all at one place."""
-    c = np.array([geometry.centre(images[n]) for n in names])
-    p = np.array([rotation @ np.asarray(priors[n])[:3, 3] for n in names])
-    pm, cm = p.mean(axis=0), c.mean(axis=0)
-    den = float(np.sum((p - pm) ** 2))
-    if den <= 1e-12:
-        return None
-    return float(np.sum((p - pm) * (c - cm)) / den), pm, cm
-
-
 def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, names: list[str],
                          priors: dict[str, np.ndarray], prior_frames: dict[str, str], cfg: AcceptConfig,
                          max_error: float, frame: SceneFrame) -> dict[str, dict[str, Any]]:
@@ -361,26 +360,27 @@ def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, na
     get their inliers as observations of the model's points. Returns per photo tried its figures
     and ``status`` ("registered" with ``by prior``, or "rejected" with ``reason``)."""
     by_name = {im.name: im for im in rec.images.values()}
-    registered_names = [n for n, im in by_name.items() if im.has_pose and n in priors]
-    groups: dict[str, list[str]] = {}
-    for n in registered_names:
-        groups.setdefault(str(prior_frames.get(n, "")), []).append(n)
+    # each subscene's alignment onto the model, from its verified photos, once
+    alignment: dict[str, tuple[np.ndarray, float, np.ndarray, np.ndarray] | None] = {}
+    for sub, group in _by_subscene([n for n, im in by_name.items() if im.has_pose and n in priors],
+                                   prior_frames).items():
+        rotation = orientation_consensus({n: geometry.cam_from_world(by_name[n])[:, :3].T for n in group},
+                                         {n: np.asarray(priors[n])[:3, :3] for n in group},
+                                         cfg.accept_max_orientation_disagreement_deg) if len(group) >= 3 else None
+        if rotation is None:
+            continue
+        scale, pm, cm, spread = _fit_scale(np.array([rotation @ np.asarray(priors[n])[:3, 3] for n in group]),
+                                           np.array([geometry.centre(by_name[n]) for n in group]))
+        alignment[sub] = (rotation, scale, pm, cm) if spread > 1e-12 else None
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         im = by_name.get(name)
         if im is None or im.has_pose or name not in priors:
             continue
-        group = sorted(groups.get(str(prior_frames.get(name, "")), []))
-        if len(group) < 3:
-            continue
-        images = {n: by_name[n] for n in group}
-        current = {n: geometry.cam_from_world(images[n])[:, :3].T for n in group}
-        rotation = orientation_consensus(current, {n: np.asarray(priors[n])[:3, :3] for n in group},
-                                         cfg.accept_max_orientation_disagreement_deg)
-        fit = _similarity(images, priors, group, rotation) if rotation is not None else None
+        fit = alignment.get(str(prior_frames.get(name, "")))
         if fit is None:
             continue
-        scale, pm, cm = fit
+        rotation, scale, pm, cm = fit
         r_wfc = rotation @ np.asarray(priors[name])[:3, :3]
         centre = scale * (rotation @ np.asarray(priors[name])[:3, 3] - pm) + cm
         cfw = np.hstack([r_wfc.T, (-r_wfc.T @ centre)[:, None]])
