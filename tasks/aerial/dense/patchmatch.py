@@ -54,7 +54,7 @@ from tasks.aerial.dense import kernels
 from tasks.aerial.dense.config import DenseConfig, DenseError
 from tasks.aerial.dense.io import read_colmap_array, read_colmap_header, write_colmap_array
 from tasks.aerial.dense.views import (_Cam, _cam, _depth_prior, _posed_ids, global_depth_range, select_sources,
-                                      select_sources_covering)
+                                      select_sources_covering, working_size)
 from tasks.aerial.dense.workspace import Workspace, open_workspace
 from tasks.common.atomic import write_json_atomic
 from tasks.common.fingerprint import fingerprint
@@ -100,13 +100,6 @@ def stamp_path(workspace: Path, name: str, kind: str) -> Path:
     written after the pair (outside COLMAP's folders); a map without it, or with another stamp
     (other settings, another backend, an earlier version), is computed again."""
     return Path(workspace) / "stereo" / "patchmatch" / f"{name}.{kind}.json"
-
-
-def working_size(c: _Cam, max_size: int) -> tuple[int, int, float, float]:
-    """(width, height, sx, sy) of camera ``c`` scaled so that its long side is at most ``max_size``."""
-    s = min(1.0, max_size / max(c.width, c.height))
-    w, h = max(1, round(c.width * s)), max(1, round(c.height * s))
-    return w, h, w / c.width, h / c.height
 
 
 def _index_K(c: _Cam, sx: float, sy: float) -> np.ndarray:

@@ -48,20 +48,24 @@ def _cam(rec: pycolmap.Reconstruction, image_id: int) -> _Cam:
                 int(cam.width), int(cam.height))
 
 
+def working_size(c: _Cam, max_size: int) -> tuple[int, int, float, float]:
+    """(width, height, sx, sy) of camera ``c`` scaled so that its long side is at most ``max_size``
+    (the size PatchMatch works at; :func:`_at_size` for the source selection)."""
+    s = min(1.0, max_size / max(c.width, c.height))
+    w, h = max(1, round(c.width * s)), max(1, round(c.height * s))
+    return w, h, w / c.width, h / c.height
+
+
 def _at_size(c: _Cam, max_size: int | None) -> _Cam:
     """``c`` as the dense method sees it: scaled so that its long side is at most ``max_size``
     (None: full resolution). Projections are the same points in smaller pixels; what changes is
     the focal length in those pixels, which the apparent scale ratio of two views compares: a
     method that shrinks every image to the same long side compares a 1600-pixel photo and a
     640-pixel frame at equal size, and the ratio must be measured there."""
-    if max_size is None:
+    if max_size is None or max(c.width, c.height) <= max_size:
         return c
-    s = min(1.0, max_size / max(c.width, c.height))
-    if s >= 1.0:
-        return c
-    w, h = max(1, round(c.width * s)), max(1, round(c.height * s))
-    K = np.diag([w / c.width, h / c.height, 1.0]) @ c.K
-    return _Cam(c.image_id, c.name, K, c.R, c.t, w, h)
+    w, h, sx, sy = working_size(c, max_size)
+    return _Cam(c.image_id, c.name, np.diag([sx, sy, 1.0]) @ c.K, c.R, c.t, w, h)
 
 
 def _project(c: _Cam, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
