@@ -414,7 +414,7 @@ def test_photos_of_two_megadepth_subscenes_register_in_one_metric_model(tmp_path
 
 def test_a_photo_the_mapper_missed_registers_from_its_megadepth_pose(localized):
     """Second chance (register_from_priors): a verified photo taken out of the model (as if the mapper
-    had not registered it) gets back the pose its MegaDepth pose predicts, refined on its matches,
+    had not registered it) gets back the pose its MegaDepth pose predicts, confirmed by its matches,
     with its observations; given a MegaDepth pose 30 deg off, no match agrees and it stays out."""
     from scipy.spatial.transform import Rotation
 
@@ -451,6 +451,68 @@ def test_a_photo_the_mapper_missed_registers_from_its_megadepth_pose(localized):
         else:
             assert v["status"] == "rejected" and "MegaDepth pose predicts" in v["reason"], v
             assert not rec.images[im.image_id].has_pose
+
+
+def test_a_photo_without_matches_to_the_frames_it_sees_registers_from_new_ones(localized, tmp_path):
+    """Second chance with a second matching pass: a verified photo taken out of the model with all its
+    verified pairs deleted (as if retrieval had paired it with look-alike facades elsewhere) is matched
+    with the aerial frames its predicted pose sees (frames_seen) and registers at the predicted pose;
+    without that pass it has no candidate and stays out."""
+    import shutil
+
+    from tasks.aerial import io, matching
+    from tasks.aerial.verification import register_from_priors, scene_frame
+
+    paths, cfg, info, _loc = localized
+    name = loc_names(paths)[0]
+    priors = {n: np.asarray(q["cam2world"]) for n, q in info["queries"].items()}
+    ref = pycolmap.Reconstruction(str(paths.sfm))
+    reference_names = {im.name for im in ref.images.values()}
+    asked: list[tuple[str, str]] = []
+
+    def match_more(pairs):
+        asked.extend(pairs)
+        return matching.match_pair_list(matching.MATCHER_CONFS[cfg.matcher], pairs, paths.features,
+                                        tmp_path / "matches-prior.h5")
+
+    for more in (None, match_more):
+        rec = pycolmap.Reconstruction(str(paths.localized))
+        im = next(i for i in rec.images.values() if i.name == name)
+        before = geometry_of(im)
+        shared: dict[str, int] = {}  # the aerial frames that observe the photo's points, by count
+        for p in im.points2D:
+            if p.has_point3D():
+                for el in rec.points3D[p.point3D_id].track.elements:
+                    other = rec.images[el.image_id].name
+                    if other in reference_names:
+                        shared[other] = shared.get(other, 0) + 1
+        rec.deregister_frame(im.frame_id)
+        db_path = tmp_path / "database.db"
+        shutil.copyfile(paths.localized / "database.db", db_path)
+        db = pycolmap.Database.open(str(db_path))
+        try:
+            for other in rec.images.values():
+                if other.image_id != im.image_id and db.exists_two_view_geometry(im.image_id, other.image_id):
+                    db.delete_two_view_geometry(im.image_id, other.image_id)
+            out = register_from_priors(rec, db, [name], priors, {}, cfg.sfm, cfg.sfm.abs_pose_max_error,
+                                       scene_frame(ref), match_more=more)
+        finally:
+            db.close()
+        v = out[name]
+        if more is None:
+            assert v["status"] == "rejected" and v["candidates"] == 0 and "MegaDepth pose predicts" in v["reason"], v
+            continue
+        assert v["status"] == "registered" and v["by prior"] and v["inliers"] >= cfg.sfm.accept_min_inliers, v
+        frames = [b for a, b in asked]
+        assert {a for a, b in asked} == {name} and 3 <= len(frames) <= cfg.sfm.prior_pairs_num, asked
+        # the frames asked for first are the ones that shared the most points with the photo
+        top = sorted(shared, key=lambda n: -shared[n])[:2]
+        assert len(top) == 2 and set(top) <= set(frames[:3]), (frames, shared)
+        found = {f: len(io.read_matches(tmp_path / "matches-prior.h5", name, f)[0]) for f in frames}
+        assert all(found[f] >= cfg.sfm.accept_min_inliers for f in top), found
+        after = geometry_of(rec.images[im.image_id])
+        assert np.degrees(np.arccos(np.clip((np.trace(after[0] @ before[0].T) - 1) / 2, -1, 1))) < 0.5
+        assert np.linalg.norm(after[1] - before[1]) < 0.5
 
 
 def geometry_of(image):

@@ -311,8 +311,12 @@ def reference(paths: ScenePaths, config: PipelineConfig) -> StageResult:
 def localize(paths: ScenePaths, config: PipelineConfig, info: dict[str, Any]) -> StageResult:
     query_pairs = io.read_pairs(paths.pairs_retrieval) + io.read_pairs(paths.pairs_query)
     io.write_pairs_if_changed(paths.pairs_query_all, query_pairs)
+    prior_matcher = None
+    if config.backend != "hloc":  # the second chance's new pairs, matched like the others (hloc: not offered)
+        conf = matching.MATCHER_CONFS[config.matcher]
+        prior_matcher = (config.matcher, lambda pairs, out: matching.match_pair_list(conf, pairs, paths.features, out))
     return localize_queries(paths.sfm, queries_of(info), paths.images, paths.features, paths.matches,
-                            paths.pairs_query_all, paths.localized, config.sfm)
+                            paths.pairs_query_all, paths.localized, config.sfm, prior_matcher=prior_matcher)
 
 
 # ----------------------------------------------------------------------------- stage: dense

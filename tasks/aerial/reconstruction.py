@@ -31,7 +31,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import h5py
@@ -272,14 +272,19 @@ def query_camera(q: Query, camera_id: int) -> pycolmap.Camera:
 
 def localize_queries(reference: Path, queries: list[Query], image_dir: Path, feature_path: Path, match_path: Path,
                      pairs_path: Path, out_dir: Path, config: SfMConfig = SfMConfig(),
-                     overwrite: bool = False) -> StageResult:
+                     overwrite: bool = False,
+                     prior_matcher: tuple[str, Callable[[list[tuple[str, str]], Path], Path]] | None = None
+                     ) -> StageResult:
     """Register the ground photos into the triangulated reference (its frames fixed).
 
-    ``pairs_path`` lists query-reference and query-query pairs. Writes ``out_dir``:
-    the merged model (binary) in the reference's metric frame and its database."""
+    ``pairs_path`` lists query-reference and query-query pairs. ``prior_matcher``: (its name,
+    f(pairs, matches file) -> matches file), the matcher of the second chance's new pairs
+    (:func:`tasks.aerial.verification.register_from_priors`; kept as ``matches-prior.h5``).
+    Writes ``out_dir``: the merged model (binary) in the reference's metric frame and its database."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    fp = fingerprint({"sfm": asdict(config), "queries": [[q.name, q.width, q.height, np.asarray(q.K).tolist()]
+    fp = fingerprint({"sfm": asdict(config), "prior matcher": prior_matcher[0] if prior_matcher else None,
+                      "queries": [[q.name, q.width, q.height, np.asarray(q.K).tolist()]
                                                          + ([np.asarray(q.cam2world).tolist(), q.frame]
                                                             if q.cam2world is not None else [])
                                                          for q in queries]},
@@ -365,8 +370,9 @@ def localize_queries(reference: Path, queries: list[Query], image_dir: Path, fea
         # every registered photo is verified; those that fail are deregistered before the model is written
         t_accept = time.perf_counter()
         priors = {q.name: np.asarray(q.cam2world) for q in queries if q.cam2world is not None}
+        match_more = (lambda pairs: prior_matcher[1](pairs, tmp / "matches-prior.h5")) if prior_matcher else None
         verdict = verify_registrations(rec, ref, db_path, q_names, config.abs_pose_max_error, config, priors=priors,
-                                       prior_frames={q.name: q.frame for q in queries})
+                                       prior_frames={q.name: q.frame for q in queries}, match_more=match_more)
         t_accept = time.perf_counter() - t_accept
         rec.write(str(tmp))
         write_json_atomic(tmp / VERIFICATION_FILE, verdict, indent=1)

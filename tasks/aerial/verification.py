@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pycolmap
 
-from tasks.aerial import geometry
+from tasks.aerial import geometry, io
 from tasks.common.forms import setting
 
 
@@ -72,12 +72,20 @@ class AcceptConfig:
               "the scene (twice its diagonal): a photo must look at the reconstructed surface.")
     prior_registration: bool = setting(
         True, "Give the photos the mapper did not register, or registered wrongly, a second chance: the pose "
-              "their MegaDepth pose predicts once their subscene is aligned on its verified photos, refined on "
-              "the 2D-3D matches that agree with it, kept when it passes every check above.")
-    prior_max_px: float = setting(
-        16.0, "Prior registration: a 2D-3D match is tried when it lies within this many pixels of the "
-              "predicted pose's projection (MegaDepth poses are a fraction of a degree off; a repeated "
-              "facade's matches lie far off).")
+              "their MegaDepth pose predicts once their subscene is aligned on its verified photos, kept when "
+              "enough of their 2D-3D matches agree with it and it passes the checks above.")
+    # realistic world, 48 frames + 40 photos: at the predicted pose 0.11-0.55 of a true photo's candidates
+    # agree, 0 of a distractor's 89-266
+    prior_min_inlier_ratio: float = setting(
+        0.1, "Prior registration: smallest share of the photo's 2D-3D candidates that must reproject within "
+             "the pose threshold under the predicted pose. Lower than accept_min_inlier_ratio because the pose "
+             "is not fitted to these matches: by chance a candidate lands within 12 px of it about once in "
+             "a thousand (a distractor's: none of 89-266), while the candidates include the matches to "
+             "look-alike facades that made the mapper fail.")
+    prior_pairs_num: int = setting(
+        10, "Prior registration: aerial frames matched anew with each photo given a second chance, the ones "
+            "that see most of the model's points from its predicted pose (retrieval may have paired it with "
+            "look-alike facades elsewhere); 0: only the matches made before.")
 
 
 @dataclass
@@ -144,12 +152,19 @@ def correspondences(rec: pycolmap.Reconstruction, db: pycolmap.Database, image_i
 
 
 def check_photo(rec: pycolmap.Reconstruction, db: pycolmap.Database, image, frame: SceneFrame,
-                registered: set[int], max_error: float, cfg: AcceptConfig) -> dict[str, Any]:
-    """The figures of one registered photo and, when it fails, ``reason``."""
+                registered: set[int], max_error: float, cfg: AcceptConfig,
+                extra: tuple[np.ndarray, np.ndarray] | None = None, fitted: bool = True) -> dict[str, Any]:
+    """The figures of one registered photo and, when it fails, ``reason``. ``extra``: more 2D-3D
+    candidates (keypoint indices, points) than its verified matches give; ``fitted`` False: its pose
+    was not estimated from its observations (a prior registration): their mean reprojection error is
+    reported but not held to ``accept_max_reprojection_error`` (its evidence is its inliers), and its
+    inlier ratio is held to ``prior_min_inlier_ratio``."""
     k, cfw = _projection(rec, image)
     centre = geometry.centre(image)
     kp = np.array([p.xy for p in image.points2D]).reshape(-1, 2)
     idx, xyz = correspondences(rec, db, image.image_id, registered)
+    if extra is not None and len(extra[0]):
+        idx, xyz = np.r_[idx, extra[0]], np.vstack([xyz, extra[1]])
     if len(idx):
         uv, z = _reproject(k, cfw, xyz)
         err = np.linalg.norm(uv - kp[idx], axis=1)
@@ -175,9 +190,10 @@ def check_photo(rec: pycolmap.Reconstruction, db: pycolmap.Database, image, fram
     reasons = []
     if inliers < cfg.accept_min_inliers:
         reasons.append(f"{inliers} 2D-3D inliers < {cfg.accept_min_inliers}")
-    if candidates and out["inlier ratio"] < cfg.accept_min_inlier_ratio:
-        reasons.append(f"inlier ratio {out['inlier ratio']:.2f} < {cfg.accept_min_inlier_ratio}")
-    if not reproj <= cfg.accept_max_reprojection_error:
+    min_ratio = cfg.accept_min_inlier_ratio if fitted else cfg.prior_min_inlier_ratio
+    if candidates and out["inlier ratio"] < min_ratio:
+        reasons.append(f"inlier ratio {out['inlier ratio']:.2f} < {min_ratio}")
+    if fitted and not reproj <= cfg.accept_max_reprojection_error:
         reasons.append(f"mean reprojection error {reproj:.2f} px > {cfg.accept_max_reprojection_error}")
     if outside > cfg.accept_extent_margin * frame.diagonal:
         reasons.append(f"camera {outside:.1f} m outside the aerial scene's extent (> {cfg.accept_extent_margin} "
@@ -347,21 +363,32 @@ def prior_disagreements(images: dict[str, Any], priors: dict[str, np.ndarray], p
     return whys
 
 
-def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, names: list[str],
-                         priors: dict[str, np.ndarray], prior_frames: dict[str, str], cfg: AcceptConfig,
-                         max_error: float, frame: SceneFrame) -> dict[str, dict[str, Any]]:
-    """Second chance for the photos ``names`` that are in ``rec`` without a pose (not registered, or
-    deregistered by verification): within each MegaDepth subscene with at least 3 verified photos,
-    the subscene's alignment onto the model (the mean rotation of :func:`orientation_consensus`,
-    scale and shift by least squares) predicts the photo's pose from its MegaDepth pose; its 2D-3D
-    candidates (:func:`correspondences`) within ``prior_max_px`` of that prediction give a pose by
-    RANSAC and refinement (pycolmap), which is kept when it stays within the orientation and
-    position tolerances of the prediction and then passes :func:`check_photo`. Registered photos
-    get their inliers as observations of the model's points. Returns per photo tried its figures
-    and ``status`` ("registered" with ``by prior``, or "rejected" with ``reason``)."""
+def frames_seen(rec: pycolmap.Reconstruction, camera: pycolmap.Camera, cfw: np.ndarray, among: set[int],
+                num: int) -> list[int]:
+    """The ``num`` images of ``among`` that observe most of the model's points that project into
+    ``camera`` at pose ``cfw`` (3x4 cam_from_world), in front of it: the frames that see what a
+    camera there would see. Most first."""
+    ids = np.fromiter(rec.points3D.keys(), np.int64, len(rec.points3D))
+    if not len(ids) or num <= 0:
+        return []
+    xyz = np.array([rec.points3D[int(i)].xyz for i in ids])
+    uv, z = _reproject(camera.calibration_matrix(), cfw, xyz)
+    inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 1] >= 0) & (uv[:, 0] < camera.width) & (uv[:, 1] < camera.height)
+    count: dict[int, int] = {}
+    for pid in ids[inside]:
+        for el in rec.points3D[int(pid)].track.elements:
+            if el.image_id in among:
+                count[el.image_id] = count.get(el.image_id, 0) + 1
+    return [i for i, _ in sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))[:num]]
+
+
+def _subscene_alignments(rec: pycolmap.Reconstruction, priors: dict[str, np.ndarray], prior_frames: dict[str, str],
+                         cfg: AcceptConfig) -> dict[str, tuple[np.ndarray, float, np.ndarray, np.ndarray]]:
+    """Each MegaDepth subscene's alignment onto the model from its photos posed in ``rec`` (at least 3
+    that agree): (rotation, scale, prior mean, model mean) with model centre = scale * (rotation @
+    prior centre - prior mean) + model mean (:func:`orientation_consensus`, :func:`_fit_scale`)."""
     by_name = {im.name: im for im in rec.images.values()}
-    # each subscene's alignment onto the model, from its verified photos, once
-    alignment: dict[str, tuple[np.ndarray, float, np.ndarray, np.ndarray] | None] = {}
+    out = {}
     for sub, group in _by_subscene([n for n, im in by_name.items() if im.has_pose and n in priors],
                                    prior_frames).items():
         rotation = orientation_consensus({n: geometry.cam_from_world(by_name[n])[:, :3].T for n in group},
@@ -371,8 +398,32 @@ def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, na
             continue
         scale, pm, cm, spread = _fit_scale(np.array([rotation @ np.asarray(priors[n])[:3, 3] for n in group]),
                                            np.array([geometry.centre(by_name[n]) for n in group]))
-        alignment[sub] = (rotation, scale, pm, cm) if spread > 1e-12 else None
-    out: dict[str, dict[str, Any]] = {}
+        if spread > 1e-12:
+            out[sub] = (rotation, scale, pm, cm)
+    return out
+
+
+def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, names: list[str],
+                         priors: dict[str, np.ndarray], prior_frames: dict[str, str], cfg: AcceptConfig,
+                         max_error: float, frame: SceneFrame,
+                         match_more: Callable[[list[tuple[str, str]]], Path] | None = None) -> dict[str, dict[str, Any]]:
+    """Second chance for the photos ``names`` that are in ``rec`` without a pose (not registered, or
+    deregistered by verification): within each MegaDepth subscene with at least 3 verified photos,
+    the subscene's alignment onto the model (:func:`_subscene_alignments`) predicts the photo's pose
+    from its MegaDepth pose. ``match_more`` (pairs -> a matches file) matches the photo with the
+    ``prior_pairs_num`` aerial frames that see what the predicted pose sees (:func:`frames_seen`;
+    retrieval may have paired it with look-alike facades only). The predicted pose is kept when at
+    least ``accept_min_inliers`` of its 2D-3D candidates (verified matches and these new ones), and
+    a share ``prior_min_inlier_ratio`` of them, reproject within ``max_error`` under it and it passes
+    :func:`check_photo`; the inliers become observations. The pose is not re-estimated from these
+    matches: the aerial points a photo sees are mostly one facade tens of metres away, where a pose
+    fitted to them trades rotation for translation (realistic world: poses fitted to 60-250 inliers
+    3.5-23 deg off, the prediction 0.2 deg). Returns per photo tried its figures and ``status``
+    ("registered" with ``by prior``, or "rejected" with ``reason``)."""
+    by_name = {im.name: im for im in rec.images.values()}
+    alignment = _subscene_alignments(rec, priors, prior_frames, cfg)
+    reference = {i for i, x in rec.images.items() if x.has_pose and x.name not in priors}
+    tries: dict[str, np.ndarray] = {}
     for name in names:
         im = by_name.get(name)
         if im is None or im.has_pose or name not in priors:
@@ -383,73 +434,78 @@ def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, na
         rotation, scale, pm, cm = fit
         r_wfc = rotation @ np.asarray(priors[name])[:3, :3]
         centre = scale * (rotation @ np.asarray(priors[name])[:3, 3] - pm) + cm
-        cfw = np.hstack([r_wfc.T, (-r_wfc.T @ centre)[:, None]])
+        tries[name] = np.hstack([r_wfc.T, (-r_wfc.T @ centre)[:, None]])
+    extra_pairs: dict[str, list[int]] = {}
+    if match_more is not None and cfg.prior_pairs_num > 0:
+        for name, cfw in tries.items():
+            im = by_name[name]
+            seen = frames_seen(rec, rec.cameras[im.camera_id], cfw, reference, cfg.prior_pairs_num)
+            extra_pairs[name] = [i for i in seen if not db.exists_two_view_geometry(im.image_id, i)]
+    more = [(n, rec.images[i].name) for n, ids in extra_pairs.items() for i in ids]
+    match_path = match_more(more) if more else None
+    out: dict[str, dict[str, Any]] = {}
+    for name, cfw in tries.items():
+        im = by_name[name]
         registered = {i for i, x in rec.images.items() if x.has_pose}
         idx, xyz, pids = correspondences(rec, db, im.image_id, registered, with_ids=True)
+        e_idx, e_xyz, e_pids = [], [], []
+        for other in extra_pairs.get(name, []):
+            im_o = rec.images[other]
+            for a, b in io.read_matches(match_path, name, im_o.name)[0]:
+                p2 = im_o.points2D[int(b)]
+                if p2.has_point3D():
+                    e_idx.append(int(a))
+                    e_xyz.append(rec.points3D[p2.point3D_id].xyz)
+                    e_pids.append(int(p2.point3D_id))
+        extra = (np.asarray(e_idx, np.int64), np.asarray(e_xyz, np.float64).reshape(-1, 3))
+        idx, xyz, pids = np.r_[idx, extra[0]], np.vstack([xyz, extra[1]]), np.r_[pids, np.asarray(e_pids, np.int64)]
         kp = np.array([p.xy for p in im.points2D]).reshape(-1, 2)
         camera = rec.cameras[im.camera_id]
-        why = None
         if len(idx):
             uv, z = _reproject(camera.calibration_matrix(), cfw, xyz)
-            near = (z > 0) & (np.linalg.norm(uv - kp[idx], axis=1) <= cfg.prior_max_px)
+            err = np.where(z > 0, np.linalg.norm(uv - kp[idx], axis=1), np.inf)
         else:
-            near = np.zeros(0, bool)
-        if int(near.sum()) < max(cfg.accept_min_inliers, 4):
-            why = f"{int(near.sum())} 2D-3D matches agree with the pose its MegaDepth pose predicts"
+            err = np.zeros(0)
+        inliers, candidates = len(np.unique(idx[err < max_error])), len(np.unique(idx))
+        if inliers < cfg.accept_min_inliers or inliers < cfg.prior_min_inlier_ratio * candidates:
+            out[name] = {"status": "rejected", "inliers": inliers, "candidates": candidates,
+                         "reason": f"prior registration: {inliers} of its {candidates} 2D-3D candidates agree with "
+                                   f"the pose its MegaDepth pose predicts (needs {cfg.accept_min_inliers} and a share "
+                                   f"of {cfg.prior_min_inlier_ratio})"}
+            continue
+        rec.frames[im.frame_id].rig_from_world = pycolmap.Rigid3d(cfw)  # trivial rigs: the camera's pose
+        rec.register_frame(im.frame_id)
+        used: set[int] = set()
+        for j in np.argsort(err):  # each inlier keypoint observes its closest point, once
+            if err[j] >= max_error:
+                break
+            k, pid = int(idx[j]), int(pids[j])
+            if k in used or im.points2D[k].has_point3D() or \
+                    any(el.image_id == im.image_id for el in rec.points3D[pid].track.elements):
+                continue
+            rec.add_observation(pid, pycolmap.TrackElement(im.image_id, k))
+            used.add(k)
+        registered.add(im.image_id)
+        figures = check_photo(rec, db, rec.images[im.image_id], frame, registered, max_error, cfg, extra=extra,
+                              fitted=False)
+        if "reason" in figures:
+            rec.deregister_frame(im.frame_id)
+            out[name] = {"status": "rejected", **figures, "reason": f"prior registration: {figures['reason']}"}
         else:
-            est = pycolmap.AbsolutePoseEstimationOptions()
-            est.ransac.max_error = max_error
-            est.ransac.random_seed = 0
-            ref_opts = pycolmap.AbsolutePoseRefinementOptions()
-            ref_opts.refine_focal_length = False
-            ref_opts.refine_extra_params = False
-            res = pycolmap.estimate_and_refine_absolute_pose(kp[idx[near]], xyz[near], camera, est, ref_opts)
-            if res is None:
-                why = "no pose from the matches that agree with its MegaDepth pose"
-            else:
-                pose = res["cam_from_world"]
-                m = np.asarray(pose.matrix(), np.float64)
-                turn = rotation_deg(m[:, :3].T, r_wfc)
-                moved = float(np.linalg.norm(-m[:, :3].T @ m[:, 3] - centre))
-                if turn > cfg.accept_max_orientation_disagreement_deg or \
-                        moved > cfg.accept_max_position_disagreement * frame.diagonal:
-                    why = (f"the pose from its matches is {turn:.1f} deg and {moved:.1f} m from the one its MegaDepth "
-                           "pose predicts")
-                else:
-                    fr = rec.frames[im.frame_id]
-                    fr.rig_from_world = pose  # trivial rigs: the camera's pose
-                    rec.register_frame(im.frame_id)
-                    inl = np.asarray(res["inlier_mask"], bool)
-                    used: set[int] = set()
-                    for k, pid in zip(idx[near][inl], pids[near][inl]):
-                        k, pid = int(k), int(pid)
-                        if k in used or im.points2D[k].has_point3D() or \
-                                any(el.image_id == im.image_id for el in rec.points3D[pid].track.elements):
-                            continue
-                        rec.add_observation(pid, pycolmap.TrackElement(im.image_id, k))
-                        used.add(k)
-                    registered.add(im.image_id)
-                    figures = check_photo(rec, db, rec.images[im.image_id], frame, registered, max_error, cfg)
-                    if "reason" in figures:
-                        rec.deregister_frame(im.frame_id)
-                        out[name] = {"status": "rejected", **figures,
-                                     "reason": f"prior registration: {figures['reason']}"}
-                    else:
-                        out[name] = {"status": "registered", "by prior": True, **figures}
-                    continue
-        out[name] = {"status": "rejected", "reason": f"prior registration: {why}"}
+            out[name] = {"status": "registered", "by prior": True, **figures}
     return out
 
 
 def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Reconstruction, db_path: Path,
                          queries: list[str], max_error: float, cfg: AcceptConfig,
                          priors: dict[str, np.ndarray] | None = None,
-                         max_rounds: int = 5, prior_frames: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+                         max_rounds: int = 5, prior_frames: dict[str, str] | None = None,
+                         match_more: Callable[[list[tuple[str, str]]], Path] | None = None) -> dict[str, dict[str, Any]]:
     """Check every registered photo of ``queries`` in ``rec``; deregister (in place) those that
     fail and check the rest again, until none fails. ``priors``: each photo's own cam2world
     (MegaDepth's; see :func:`prior_disagreements`), ``prior_frames``: the MegaDepth model (subscene)
-    each prior belongs to (absent: one model). Returns per photo its figures, and ``status``
-    "registered" or "rejected" (with ``reason``)."""
+    each prior belongs to (absent: one model); ``match_more``: see :func:`register_from_priors`.
+    Returns per photo its figures, and ``status`` "registered" or "rejected" (with ``reason``)."""
     frame = scene_frame(reference)
     by_name = {im.name: im for im in rec.images.values()}
     result: dict[str, dict[str, Any]] = {}
@@ -486,7 +542,8 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
         if priors and cfg.prior_registration:
             # a second chance from the photos' MegaDepth poses (register_from_priors); a photo the mapper
             # never registered keeps its "not registered" unless this registers it
-            second = register_from_priors(rec, db, queries, priors, prior_frames or {}, cfg, max_error, frame)
+            second = register_from_priors(rec, db, queries, priors, prior_frames or {}, cfg, max_error, frame,
+                                          match_more=match_more)
             for name, v in second.items():
                 if v["status"] == "registered":
                     result[name] = v
@@ -498,5 +555,5 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
 
 
 __all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "orientation_outliers",
-           "orientation_consensus", "position_outliers", "prior_disagreements", "register_from_priors",
+           "orientation_consensus", "position_outliers", "frames_seen", "prior_disagreements", "register_from_priors",
            "rotation_deg", "verify_registrations"]
