@@ -58,14 +58,15 @@ def evidence(paths, config, info: dict, gt, num: int = 10, max_error: float = 12
     from tasks.aerial import geometry, io, matching
     from tasks.aerial import pipeline as PL
     from tasks.aerial.reconstruction import query_camera
-    from tasks.aerial.verification import _reproject, frames_seen
+    from tasks.aerial.verification import _reproject, frames_seen, point_table
 
     ref = pycolmap.Reconstruction(str(paths.sfm))
     by_ref = {im.name: im for im in ref.images.values()}
     queries = {q.name: q for q in PL.queries_of(info)}
     true = {im.name: im for im in gt.images.values() if im.name in queries}
-    chosen = {n: [ref.images[i].name for i in frames_seen(ref, query_camera(queries[n], 1),
-                                                          geometry.cam_from_world(im), set(ref.images), num)]
+    table = point_table(ref, set(ref.images))
+    chosen = {n: [ref.images[i].name for i in frames_seen(table, query_camera(queries[n], 1),
+                                                          geometry.cam_from_world(im), num)]
               for n, im in true.items()}
     out_h5 = paths.localized.parent / "matches-evidence.h5"
     matching.match_pair_list(matching.MATCHER_CONFS[config.matcher], [(n, f) for n in true for f in chosen[n]],

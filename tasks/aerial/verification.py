@@ -363,23 +363,33 @@ def prior_disagreements(images: dict[str, Any], priors: dict[str, np.ndarray], p
     return whys
 
 
-def frames_seen(rec: pycolmap.Reconstruction, camera: pycolmap.Camera, cfw: np.ndarray, among: set[int],
+def point_table(rec: pycolmap.Reconstruction, among: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The model's points for :func:`frames_seen`, read once: their coordinates (N, 3), and per
+    observation by an image of ``among`` the point's row and the image's id (E,), (E,)."""
+    ids = list(rec.points3D.keys())
+    xyz = np.array([rec.points3D[i].xyz for i in ids], np.float64).reshape(-1, 3)
+    rows, images = [], []
+    for row, pid in enumerate(ids):
+        for el in rec.points3D[pid].track.elements:
+            if el.image_id in among:
+                rows.append(row)
+                images.append(el.image_id)
+    return xyz, np.asarray(rows, np.int64), np.asarray(images, np.int64)
+
+
+def frames_seen(table: tuple[np.ndarray, np.ndarray, np.ndarray], camera: pycolmap.Camera, cfw: np.ndarray,
                 num: int) -> list[int]:
-    """The ``num`` images of ``among`` that observe most of the model's points that project into
-    ``camera`` at pose ``cfw`` (3x4 cam_from_world), in front of it: the frames that see what a
-    camera there would see. Most first."""
-    ids = np.fromiter(rec.points3D.keys(), np.int64, len(rec.points3D))
-    if not len(ids) or num <= 0:
+    """The ``num`` images that observe most of the points (``table``, :func:`point_table`) that
+    project into ``camera`` at pose ``cfw`` (3x4 cam_from_world), in front of it: the frames that
+    see what a camera there would see. Most first."""
+    xyz, rows, images = table
+    if not len(rows) or num <= 0:
         return []
-    xyz = np.array([rec.points3D[int(i)].xyz for i in ids])
     uv, z = _reproject(camera.calibration_matrix(), cfw, xyz)
     inside = (z > 0) & (uv[:, 0] >= 0) & (uv[:, 1] >= 0) & (uv[:, 0] < camera.width) & (uv[:, 1] < camera.height)
-    count: dict[int, int] = {}
-    for pid in ids[inside]:
-        for el in rec.points3D[int(pid)].track.elements:
-            if el.image_id in among:
-                count[el.image_id] = count.get(el.image_id, 0) + 1
-    return [i for i, _ in sorted(count.items(), key=lambda kv: (-kv[1], kv[0]))[:num]]
+    found, count = np.unique(images[inside[rows]], return_counts=True)
+    order = np.lexsort((found, -count))[:num]
+    return [int(i) for i in found[order]]
 
 
 def _subscene_alignments(rec: pycolmap.Reconstruction, priors: dict[str, np.ndarray], prior_frames: dict[str, str],
@@ -436,10 +446,11 @@ def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, na
         centre = scale * (rotation @ np.asarray(priors[name])[:3, 3] - pm) + cm
         tries[name] = np.hstack([r_wfc.T, (-r_wfc.T @ centre)[:, None]])
     extra_pairs: dict[str, list[int]] = {}
-    if match_more is not None and cfg.prior_pairs_num > 0:
+    if match_more is not None and cfg.prior_pairs_num > 0 and tries:
+        table = point_table(rec, reference)
         for name, cfw in tries.items():
             im = by_name[name]
-            seen = frames_seen(rec, rec.cameras[im.camera_id], cfw, reference, cfg.prior_pairs_num)
+            seen = frames_seen(table, rec.cameras[im.camera_id], cfw, cfg.prior_pairs_num)
             extra_pairs[name] = [i for i in seen if not db.exists_two_view_geometry(im.image_id, i)]
     more = [(n, rec.images[i].name) for n, ids in extra_pairs.items() for i in ids]
     match_path = match_more(more) if more else None
@@ -555,5 +566,5 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
 
 
 __all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "orientation_outliers",
-           "orientation_consensus", "position_outliers", "frames_seen", "prior_disagreements", "register_from_priors",
+           "orientation_consensus", "position_outliers", "point_table", "frames_seen", "prior_disagreements", "register_from_priors",
            "rotation_deg", "verify_registrations"]
