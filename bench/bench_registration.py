@@ -55,34 +55,25 @@ def evidence(paths, config, info: dict, gt, num: int = 10, max_error: float = 12
     import numpy as np
     import pycolmap
 
-    from tasks.aerial import geometry, io, matching
+    from tasks.aerial import geometry, matching
     from tasks.aerial import pipeline as PL
     from tasks.aerial.reconstruction import query_camera
-    from tasks.aerial.verification import _reproject, frames_seen, point_table
+    from tasks.aerial.verification import _reproject, frames_seen, matched_points, point_table
 
     ref = pycolmap.Reconstruction(str(paths.sfm))
-    by_ref = {im.name: im for im in ref.images.values()}
     queries = {q.name: q for q in PL.queries_of(info)}
     true = {im.name: im for im in gt.images.values() if im.name in queries}
     table = point_table(ref, set(ref.images))
-    chosen = {n: [ref.images[i].name for i in frames_seen(table, query_camera(queries[n], 1),
-                                                          geometry.cam_from_world(im), num)]
+    chosen = {n: frames_seen(table, query_camera(queries[n], 1), geometry.cam_from_world(im), num)
               for n, im in true.items()}
     out_h5 = paths.localized.parent / "matches-evidence.h5"
-    matching.match_pair_list(matching.MATCHER_CONFS[config.matcher], [(n, f) for n in true for f in chosen[n]],
-                             paths.features, out_h5)
+    pairs = [(n, ref.images[i].name) for n in true for i in chosen[n]]
+    matching.match_pair_list(matching.MATCHER_CONFS[config.matcher], pairs, paths.features, out_h5)
     agree = {}
     with h5py.File(paths.features, "r") as ff:
         for n, im in true.items():
             kp = np.asarray(ff[n]["keypoints"])
-            idx, xyz = [], []
-            for f in chosen[n]:
-                for a, b in io.read_matches(out_h5, n, f)[0]:
-                    p2 = by_ref[f].points2D[int(b)]
-                    if p2.has_point3D():
-                        idx.append(int(a))
-                        xyz.append(ref.points3D[p2.point3D_id].xyz)
-            idx, xyz = np.asarray(idx, int), np.asarray(xyz, float).reshape(-1, 3)
+            idx, xyz, _ = matched_points(ref, n, chosen[n], out_h5)
             uv, z = _reproject(query_camera(queries[n], 1).calibration_matrix(), geometry.cam_from_world(im), xyz)
             agree[n] = len(np.unique(idx[(z > 0) & (np.linalg.norm(uv - kp[idx], axis=1) < max_error)]))
     return agree

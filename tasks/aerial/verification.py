@@ -392,6 +392,23 @@ def frames_seen(table: tuple[np.ndarray, np.ndarray, np.ndarray], camera: pycolm
     return [int(i) for i in found[order]]
 
 
+def matched_points(rec: pycolmap.Reconstruction, name: str, others: list[int], match_path: Path | None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 2D-3D candidates of photo ``name`` from its matches (``match_path``, not verified) with the
+    images ``others`` of ``rec``: its keypoint indices (M,), the points (M, 3) and their ids (M,), for
+    the matched keypoints of the others that have a point."""
+    idx, xyz, ids = [], [], []
+    for other in others:
+        im_o = rec.images[other]
+        for a, b in io.read_matches(match_path, name, im_o.name)[0]:
+            p2 = im_o.points2D[int(b)]
+            if p2.has_point3D():
+                idx.append(int(a))
+                xyz.append(rec.points3D[p2.point3D_id].xyz)
+                ids.append(int(p2.point3D_id))
+    return np.asarray(idx, np.int64), np.asarray(xyz, np.float64).reshape(-1, 3), np.asarray(ids, np.int64)
+
+
 def _subscene_alignments(rec: pycolmap.Reconstruction, priors: dict[str, np.ndarray], prior_frames: dict[str, str],
                          cfg: AcceptConfig) -> dict[str, tuple[np.ndarray, float, np.ndarray, np.ndarray]]:
     """Each MegaDepth subscene's alignment onto the model from its photos posed in ``rec`` (at least 3
@@ -459,17 +476,9 @@ def register_from_priors(rec: pycolmap.Reconstruction, db: pycolmap.Database, na
         im = by_name[name]
         registered = {i for i, x in rec.images.items() if x.has_pose}
         idx, xyz, pids = correspondences(rec, db, im.image_id, registered, with_ids=True)
-        e_idx, e_xyz, e_pids = [], [], []
-        for other in extra_pairs.get(name, []):
-            im_o = rec.images[other]
-            for a, b in io.read_matches(match_path, name, im_o.name)[0]:
-                p2 = im_o.points2D[int(b)]
-                if p2.has_point3D():
-                    e_idx.append(int(a))
-                    e_xyz.append(rec.points3D[p2.point3D_id].xyz)
-                    e_pids.append(int(p2.point3D_id))
-        extra = (np.asarray(e_idx, np.int64), np.asarray(e_xyz, np.float64).reshape(-1, 3))
-        idx, xyz, pids = np.r_[idx, extra[0]], np.vstack([xyz, extra[1]]), np.r_[pids, np.asarray(e_pids, np.int64)]
+        e_idx, e_xyz, e_pids = matched_points(rec, name, extra_pairs.get(name, []), match_path)
+        extra = (e_idx, e_xyz)
+        idx, xyz, pids = np.r_[idx, e_idx], np.vstack([xyz, e_xyz]), np.r_[pids, e_pids]
         kp = np.array([p.xy for p in im.points2D]).reshape(-1, 2)
         camera = rec.cameras[im.camera_id]
         if len(idx):
@@ -566,5 +575,5 @@ def verify_registrations(rec: pycolmap.Reconstruction, reference: pycolmap.Recon
 
 
 __all__ = ["AcceptConfig", "SceneFrame", "scene_frame", "check_photo", "correspondences", "orientation_outliers",
-           "orientation_consensus", "position_outliers", "point_table", "frames_seen", "prior_disagreements", "register_from_priors",
+           "orientation_consensus", "position_outliers", "point_table", "frames_seen", "matched_points", "prior_disagreements", "register_from_priors",
            "rotation_deg", "verify_registrations"]
